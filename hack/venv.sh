@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (once per dependency set) the project's virtualenv in the cache, and point it at this
+# checkout. Prints the venv path. Heavy wheels (torch) are downloaded only on a cold machine.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}
+key=$(cat "$root/pyproject.toml" "$root/hack/venv.sh" | sha256sum | cut -c1-12)
+venv="$cache/venv/$key"
+if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
+  rm -rf "$venv"
+  mkdir -p "$cache/venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip >&2
+  # Install every dependency, then only link the code: the same venv serves any checkout.
+  "$venv/bin/pip" install -q -e "$root[operator,trainer,dev]" >&2
+  touch "$venv/.complete"
+fi
+"$venv/bin/pip" install -q --no-deps -e "$root" >&2
+echo "$venv"

@@ -1,0 +1,1 @@
+"""finetune-operator: reconciles FineTuneJobs into gangs of trainer pods."""

@@ -1,0 +1,312 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+Pydantic emits JSON Schema; the API server wants a structural OpenAPI v3 schema. `to_structural`
+rewrites one into the other and raises on anything it cannot translate, rather than emitting a
+schema the API server would reject or silently loosen.
+
+    python -m finetune_operator.api.crd            # rewrite crds/ and the chart's copy
+    python -m finetune_operator.api.crd --check    # exit 1 if either file is stale
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from finetune_operator.api.constants import (
+    CATEGORIES,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+)
+from finetune_operator.api.v1alpha1 import NAME_RULE, FineTuneJobSpec, FineTuneJobStatus
+
+Schema = dict[str, Any]
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CRD_PATHS = (
+    REPO_ROOT / "crds" / f"{GROUP}_{PLURAL}.yaml",
+    REPO_ROOT / "charts" / "finetune-operator" / "crds" / f"{GROUP}_{PLURAL}.yaml",
+)
+
+# Keywords that have no structural-schema counterpart and carry no validation we would lose.
+_DROPPED = {"title", "$defs", "propertyNames"}
+_ALLOWED = {
+    "type",
+    "description",
+    "default",
+    "enum",
+    "format",
+    "pattern",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "items",
+    "properties",
+    "required",
+    "additionalProperties",
+    "nullable",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+}
+
+
+class UntranslatableSchema(ValueError):
+    pass
+
+
+def _resolve(node: Schema, defs: dict[str, Schema], path: str) -> Schema:
+    """Inline `$ref`, keeping sibling keywords such as description."""
+    if "$ref" not in node:
+        return node
+    name = node["$ref"].rsplit("/", 1)[-1]
+    if name not in defs:
+        raise UntranslatableSchema(f"{path}: unresolved $ref {node['$ref']}")
+    merged = copy.deepcopy(defs[name])
+    merged.update({k: v for k, v in node.items() if k != "$ref"})
+    merged["__model__"] = name
+    return merged
+
+
+def _collapse_any_of(node: Schema, path: str) -> Schema:
+    options = node.get("anyOf")
+    if options is None:
+        return node
+    rest = {k: v for k, v in node.items() if k != "anyOf"}
+    non_null = [o for o in options if o != {"type": "null"}]
+    if len(non_null) == 1:  # Optional[T]: nullable in Python, absent on the wire
+        if "default" in rest and rest["default"] is None:
+            del rest["default"]
+        return {**non_null[0], **rest}
+    if sorted(o.get("type") for o in non_null) == ["integer", "string"]:
+        return {**rest, "x-kubernetes-int-or-string": True}
+    raise UntranslatableSchema(f"{path}: union {options} has no structural form")
+
+
+def _convert(node: Schema, defs: dict[str, Schema], models: dict[str, type], path: str) -> Schema:
+    node = _collapse_any_of(_resolve(node, defs, path), path)
+    node = _resolve(node, defs, path)  # Optional[Model] collapses to a $ref first
+    model_name = node.pop("__model__", None)
+    optional = node.pop("__optional__", False)
+    out: Schema = {}
+    for key, value in node.items():
+        if key in _DROPPED:
+            continue
+        if key == "const":
+            out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            bound = "minimum" if key == "exclusiveMinimum" else "maximum"
+            out[bound] = value
+            out[key] = True
+        elif key == "properties":
+            out["properties"] = {
+                name: _convert(sub, defs, models, f"{path}.{name}") for name, sub in value.items()
+            }
+        elif key == "items":
+            out["items"] = _convert(value, defs, models, f"{path}[]")
+        elif key == "additionalProperties":
+            if value is False:
+                continue  # extra="forbid": the API server prunes unknown fields instead
+            if value is True:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            else:
+                out["additionalProperties"] = _convert(value, defs, models, f"{path}{{}}")
+        elif key in _ALLOWED:
+            out[key] = value
+        else:
+            raise UntranslatableSchema(f"{path}: keyword {key!r} has no structural form")
+    if out.get("x-kubernetes-preserve-unknown-fields") and out.get("type") is None:
+        out["type"] = "object"
+    if model_name in models:  # enums are $defs too, but carry no rules
+        _add_rules(out, models[model_name])
+        _default_optional_children(out)
+    if "type" not in out and not out.get("x-kubernetes-int-or-string"):
+        raise UntranslatableSchema(f"{path}: no type")
+    if optional:
+        out["__optional__"] = True
+    return out
+
+
+def _add_rules(out: Schema, model: type[BaseModel]) -> None:
+    rules = [r.to_crd() for r in model.__dict__.get("__rules__", ())]
+    if rules:
+        out["x-kubernetes-validations"] = rules
+
+
+def _default_optional_children(obj: Schema) -> None:
+    """Give optional object/list/map properties an empty default, so that the API server fills
+    in their own defaults and `kubectl get -o yaml` shows them (pydantic's default_factory)."""
+    required = set(obj.get("required", ()))
+    for name, prop in obj.get("properties", {}).items():
+        if name in required or "default" in prop or prop.pop("__optional__", False):
+            continue
+        if prop.get("type") == "array":
+            prop["default"] = []
+        elif prop.get("type") == "object" and not prop.get("x-kubernetes-preserve-unknown-fields"):
+            prop["default"] = {}
+
+
+def _mark_optional_models(schema: Schema) -> None:
+    """Remember which properties were Optional[...] before anyOf collapses: those stay unset."""
+    for container in [schema, *schema.get("$defs", {}).values()]:
+        for prop in container.get("properties", {}).values():
+            if any(o == {"type": "null"} for o in prop.get("anyOf", ())):
+                prop["__optional__"] = True
+
+
+def to_structural(model: type[BaseModel]) -> Schema:
+    """The structural OpenAPI schema of a pydantic model, with its CEL rules."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    _mark_optional_models(schema)
+    defs = schema.get("$defs", {})
+    models = _collect_models(model)
+    schema["__model__"] = model.__name__
+    return _strip_markers(_convert(schema, defs, models, model.__name__))
+
+
+def _strip_markers(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_markers(v) for k, v in node.items() if k != "__optional__"}
+    if isinstance(node, list):
+        return [_strip_markers(v) for v in node]
+    return node
+
+
+def _collect_models(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {}
+
+    def visit(tp: Any) -> None:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp.__name__ in found:
+                return
+            found[tp.__name__] = tp
+            for field in tp.model_fields.values():
+                visit(field.annotation)
+        for arg in getattr(tp, "__args__", ()) or ():
+            visit(arg)
+
+    visit(root)
+    return found
+
+
+def _printer_columns() -> list[Schema]:
+    return [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
+        {
+            "name": "Progress",
+            "type": "integer",
+            "jsonPath": ".status.progress.percent",
+            "description": "Percent of the planned optimizer steps done.",
+        },
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {
+            "name": "Eval",
+            "type": "string",
+            "jsonPath": ".status.evaluationSummary",
+            "description": "The first gated (or first) metric, before and after training.",
+        },
+        {
+            "name": "Revision",
+            "type": "string",
+            "jsonPath": ".status.result.revision",
+            "priority": 0,
+        },
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+def build_crd() -> Schema:
+    spec = to_structural(FineTuneJobSpec)
+    status = to_structural(FineTuneJobStatus)
+    spec["description"] = "FineTuneJobSpec is what to fine-tune, on what, and where it goes."
+    status["description"] = (
+        "FineTuneJobStatus is observed by the operator; conditions are the truth."
+    )
+    root: Schema = {
+        "type": "object",
+        "description": "FineTuneJob fine-tunes a Hugging Face model with LoRA (or fully) on a gang "
+        "of pods, evaluates it, and pushes the result to the Hub.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion: finetune.dev/v1alpha1."},
+            "kind": {"type": "string", "description": "Kind: FineTuneJob."},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [NAME_RULE.to_crd()],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": root},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": _printer_columns(),
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `python -m finetune_operator.api.crd`. Do not edit.\n"
+
+
+def render_crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if a CRD file is stale")
+    args = parser.parse_args(argv)
+    text = render_crd_yaml()
+    stale = [p for p in CRD_PATHS if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"stale: {p.relative_to(REPO_ROOT)} (run python -m finetune_operator.api.crd)")
+        return 1 if stale else 0
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        print(f"wrote {p.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

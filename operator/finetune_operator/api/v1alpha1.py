@@ -1,0 +1,618 @@
+"""FineTuneJob v1alpha1: the one schema behind the CRD, the operator and the trainer.
+
+The CRD's OpenAPI is generated from these models (`python -m finetune_operator.api.crd`), and the
+trainer reads a manifest through them. Field names are the wire (camelCase) names of the public
+contract in docs/api.md. This module imports neither kopf nor torch.
+"""
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+from finetune_operator.api.constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
+from finetune_operator.api.rules import Rule, TransitionRule
+
+# Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
+# the API server's cost budget.
+ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+LongStr = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+Quantity = Annotated[int | str, Field(description="A Kubernetes quantity, such as 2, 500m or 8Gi.")]
+# Hub ids allow an optional namespace: `gpt2` or `org/name`.
+_HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+SOURCE_PATTERN = rf"^(hf://{_HUB_ID}|file:///.+)$"
+REPO_PATTERN = rf"^{_HUB_ID}$"
+UnstructuredObject = Annotated[
+    dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+]
+
+CAUSAL_LM = "causal-lm"
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+Task = Literal["causal-lm", "sequence-classification"]
+CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall")
+# Metrics where lower is better: a gate on one of these is a maximum, not a minimum.
+LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
+DEFAULT_METRICS: dict[str, list[str]] = {
+    CAUSAL_LM: ["perplexity"],
+    SEQUENCE_CLASSIFICATION: ["accuracy"],
+}
+
+
+class ApiModel(BaseModel):
+    """Base for every schema object: camelCase on the wire, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+    __rules__: ClassVar[tuple[Rule | TransitionRule, ...]] = ()
+
+
+class ModelSpec(ApiModel):
+    source: Annotated[str, StringConstraints(max_length=1024, pattern=SOURCE_PATTERN)] = Field(
+        description="source is the base model: hf://<repo id> on the Hub (or the endpoint in "
+        "output.hub.endpoint), or file:///<path> to a model folder in a mounted volume. Required."
+    )
+    revision: ShortStr | None = Field(
+        None, description="revision is the Hub branch, tag or commit to load. Unset: main."
+    )
+    task: Task = Field(
+        CAUSAL_LM,
+        description="task is causal-lm (next-token prediction on text or prompt/response pairs) "
+        "or sequence-classification (a new classification head). Default causal-lm.",
+    )
+    num_labels: int | None = Field(
+        None,
+        ge=2,
+        le=10000,
+        description="numLabels is the number of classes; required for sequence-classification, "
+        "not allowed otherwise.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.numLabels) || self.task == 'sequence-classification'",
+            message="numLabels is only allowed with task sequence-classification",
+            check=lambda m: m.num_labels is None or m.task == SEQUENCE_CLASSIFICATION,
+            field="numLabels",
+        ),
+        Rule(
+            cel="self.task != 'sequence-classification' || has(self.numLabels)",
+            message="numLabels is required with task sequence-classification",
+            check=lambda m: m.task != SEQUENCE_CLASSIFICATION or m.num_labels is not None,
+            field="numLabels",
+        ),
+    )
+
+
+class DatasetSpec(ApiModel):
+    source: Annotated[str, StringConstraints(max_length=1024, pattern=SOURCE_PATTERN)] = Field(
+        description="source is the data: hf://<repo id>, or file:///<file or folder>. The format "
+        "follows the extension: .json, .jsonl, .csv, .parquet (optionally compressed), or a "
+        "folder written by datasets' save_to_disk. Required."
+    )
+    config: ShortStr | None = Field(None, description="config is the Hub dataset config name.")
+    train_split: ShortStr = Field("train", description="trainSplit is the split to train on.")
+    eval_split: ShortStr | None = Field(
+        None,
+        description="evalSplit is the split to evaluate on. Not together with evalFraction. With "
+        "neither, the dataset's test or validation split is used if it has one, else a seeded "
+        "0.1 fraction of the training split.",
+    )
+    eval_fraction: float | None = Field(
+        None,
+        ge=0.001,
+        le=0.5,
+        description="evalFraction holds out this seeded fraction of trainSplit for evaluation. "
+        "Not together with evalSplit.",
+    )
+    text_field: ShortStr = Field(
+        "text", description="textField is the text column for causal-lm and classification."
+    )
+    prompt_field: ShortStr | None = Field(
+        None,
+        description="promptField is the prompt column of instruction data; with responseField "
+        "it replaces textField, and the chat template is applied when the tokenizer has one.",
+    )
+    response_field: ShortStr | None = Field(
+        None, description="responseField is the response column; set together with promptField."
+    )
+    label_field: ShortStr = Field(
+        "label",
+        description="labelField is the label column for sequence-classification: integers "
+        "0..numLabels-1, or strings mapped to ids in sorted order.",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="maxSamples caps the number of training examples, for trials."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!(has(self.evalSplit) && has(self.evalFraction))",
+            message="set evalSplit or evalFraction, not both",
+            check=lambda d: d.eval_split is None or d.eval_fraction is None,
+            field="evalFraction",
+        ),
+        Rule(
+            cel="has(self.promptField) == has(self.responseField)",
+            message="promptField and responseField must be set together",
+            check=lambda d: (d.prompt_field is None) == (d.response_field is None),
+            field="responseField",
+        ),
+    )
+
+
+class PeftSpec(ApiModel):
+    method: Literal["lora", "qlora", "none"] = Field(
+        "lora",
+        description="method is lora, qlora (a 4-bit base through bitsandbytes; needs "
+        "nvidia.com/gpu) or none (full fine-tuning). Default lora.",
+    )
+    r: int = Field(8, ge=1, le=1024, description="r is the LoRA rank. Default 8.")
+    alpha: int = Field(
+        16, ge=1, le=4096, description="alpha is the LoRA scaling alpha. Default 16."
+    )
+    dropout: float = Field(
+        0.05, ge=0, le=0.9, description="dropout on the LoRA input. Default 0.05."
+    )
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="targetModules are module names to adapt. Empty: all linear layers of the "
+        "base model except the output head.",
+    )
+
+
+class TrainingSpec(ApiModel):
+    epochs: int = Field(1, ge=1, le=1000, description="epochs over the training split. Default 1.")
+    max_steps: int | None = Field(
+        None, ge=1, description="maxSteps is the number of optimizer steps; overrides epochs."
+    )
+    learning_rate: float = Field(
+        2.0e-4, gt=0, le=1, description="learningRate is the peak learning rate. Default 2e-4."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="warmupSteps of linear warm-up before linear decay. Default 0."
+    )
+    weight_decay: float = Field(0.0, ge=0, le=1, description="weightDecay for AdamW. Default 0.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="maxGradNorm clips gradients; 0 disables clipping. Default 1."
+    )
+    batch_size_per_device: int = Field(
+        4, ge=1, le=4096, description="batchSizePerDevice is the micro-batch of each rank."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="gradientAccumulationSteps per optimizer step. Default 1."
+    )
+    max_seq_length: int = Field(
+        512, ge=8, le=131072, description="maxSeqLength in tokens; longer text is truncated."
+    )
+    packing: bool = Field(
+        True,
+        description="packing concatenates causal-lm examples into full maxSeqLength blocks so no "
+        "compute is spent on padding. Default true.",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="precision: auto picks bf16 where the hardware has it, else fp32."
+    )
+    seed: int = Field(42, ge=0, description="seed for weights, shuffling and splits. Default 42.")
+    checkpoint_every_steps: int = Field(
+        100, ge=1, description="checkpointEverySteps saves a resumable checkpoint. Default 100."
+    )
+    checkpoints_to_keep: int = Field(
+        2, ge=1, le=100, description="checkpointsToKeep: older checkpoints are deleted. Default 2."
+    )
+
+
+class EvaluationSpec(ApiModel):
+    metrics: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="metrics to compute before and after training. Built in and offline-safe: "
+        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification). "
+        "Other names load through `evaluate` from the Hub. Empty: perplexity for causal-lm, "
+        "accuracy for sequence-classification.",
+    )
+    gates: dict[Annotated[str, StringConstraints(max_length=128)], float] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="gates map a computed metric to its threshold after training: a minimum, or a "
+        "maximum for perplexity and loss. A missed gate pushes nothing and fails the job with "
+        "reason EvaluationGateFailed.",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="maxSamples caps the evaluation split, for trials."
+    )
+
+
+class SecretKeyRef(ApiModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
+        description="name of the Secret in the FineTuneJob's namespace."
+    )
+    key: ShortStr = Field("token", description="key in the Secret. Default token.")
+
+
+class HubOutput(ApiModel):
+    repo: Annotated[str, StringConstraints(max_length=256, pattern=REPO_PATTERN)] = Field(
+        description="repo is the Hub repository id to push to, such as my-org/my-model."
+    )
+    private: bool = Field(True, description="private creates the repo as private. Default true.")
+    merge: bool = Field(
+        False,
+        description="merge pushes the base with the adapter merged in; false pushes the adapter.",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="tokenSecretRef names the Secret key holding the Hub token. It reaches the "
+        "pods as HF_TOKEN and never appears in the spec, status or logs.",
+    )
+    endpoint: Annotated[str, StringConstraints(max_length=1024, pattern=r"^https?://.+")] | None = (
+        Field(
+            None,
+            description="endpoint of a Hub mirror or self-hosted Hub, used for hf:// sources and "
+            "the push. Unset: huggingface.co.",
+        )
+    )
+
+
+class PersistentVolumeClaimRef(ApiModel):
+    claim_name: ShortStr = Field(description="claimName of a PersistentVolumeClaim.")
+
+
+class CheckpointStorage(ApiModel):
+    persistent_volume_claim: PersistentVolumeClaimRef | None = Field(
+        None,
+        description="persistentVolumeClaim keeps checkpoints across gang restarts. Unset: an "
+        "emptyDir, lost with the pod.",
+    )
+
+
+class OutputSpec(ApiModel):
+    hub: HubOutput | None = Field(
+        None, description="hub is where the result is pushed. Unset: no push."
+    )
+    checkpoints: CheckpointStorage | None = Field(
+        None, description="checkpoints storage. Unset: an emptyDir."
+    )
+
+
+class TpuSpec(ApiModel):
+    accelerator: ShortStr = Field(
+        description="accelerator is the GKE TPU type, such as tpu-v5-lite-podslice."
+    )
+    topology: Annotated[str, StringConstraints(max_length=32, pattern=r"^\d+(x\d+){1,2}$")] = Field(
+        description="topology is the GKE TPU topology, such as 2x4."
+    )
+
+
+class AcceleratorSpec(ApiModel):
+    type: Literal["cpu", "nvidia.com/gpu", "google.com/tpu"] = Field(
+        "cpu", description="type is cpu, nvidia.com/gpu or google.com/tpu. Default cpu."
+    )
+    count: int = Field(
+        0, ge=0, le=64, description="count of accelerators per pod; 0 for cpu. Default 0."
+    )
+    tpu: TpuSpec | None = Field(
+        None, description="tpu node selectors; required with, and only with, google.com/tpu."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.type == 'google.com/tpu' ? has(self.tpu) : !has(self.tpu)",
+            message="tpu is required with type google.com/tpu and not allowed otherwise",
+            check=lambda a: (a.type == "google.com/tpu") == (a.tpu is not None),
+            field="tpu",
+        ),
+        Rule(
+            cel="self.type == 'cpu' ? self.count == 0 : self.count >= 1",
+            message="count must be 0 for cpu and at least 1 for an accelerator",
+            check=lambda a: a.count == 0 if a.type == "cpu" else a.count >= 1,
+            field="count",
+        ),
+    )
+
+
+class ResourcesSpec(ApiModel):
+    nodes: int = Field(1, ge=1, le=256, description="nodes is the number of pods in the gang.")
+    processes_per_node: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processesPerNode is the number of ranks per pod, usually its accelerators.",
+    )
+    accelerator: AcceleratorSpec = Field(
+        default_factory=AcceleratorSpec, description="accelerator of each pod. Default cpu."
+    )
+    requests: dict[Annotated[str, StringConstraints(max_length=253)], Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="requests of each pod's trainer container, such as {cpu: 2, memory: 8Gi}.",
+    )
+    limits: dict[Annotated[str, StringConstraints(max_length=253)], Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="limits of each pod's trainer container. The accelerator count is added.",
+    )
+
+
+class EnvVar(ApiModel):
+    name: ShortStr = Field(description="name of the environment variable.")
+    value: Annotated[str, StringConstraints(max_length=32768)] | None = Field(
+        None, description="value of the variable."
+    )
+    value_from: UnstructuredObject | None = Field(
+        None, description="valueFrom, as in a container's env (secretKeyRef, configMapKeyRef...)."
+    )
+
+
+class VolumeMount(ApiModel):
+    name: ShortStr = Field(description="name of a volume in template.volumes.")
+    mount_path: LongStr = Field(description="mountPath in the trainer container.")
+    sub_path: LongStr | None = Field(None, description="subPath within the volume.")
+    read_only: bool = Field(False, description="readOnly mounts the volume read-only.")
+
+
+class TemplateSpec(ApiModel):
+    image: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        None, description="image of the trainer. Unset: the trainer image the operator runs with."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=64, description="env added to the trainer container."
+    )
+    node_selector: dict[Annotated[str, StringConstraints(max_length=317)], LabelValue] = Field(
+        default_factory=dict, max_length=32, description="nodeSelector of the pods."
+    )
+    tolerations: list[UnstructuredObject] = Field(
+        default_factory=list, max_length=32, description="tolerations of the pods."
+    )
+    affinity: UnstructuredObject | None = Field(None, description="affinity of the pods.")
+    priority_class_name: ShortStr | None = Field(None, description="priorityClassName of the pods.")
+    service_account_name: ShortStr | None = Field(
+        None, description="serviceAccountName of the pods. Unset: the namespace's default."
+    )
+    volumes: list[UnstructuredObject] = Field(
+        default_factory=list, max_length=32, description="volumes added to the pods."
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list, max_length=32, description="volumeMounts added to the trainer."
+    )
+
+
+class RunPolicy(ApiModel):
+    suspend: bool = Field(
+        False, description="suspend stops the pods (keeping checkpoints); false resumes. Mutable."
+    )
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="backoffLimit is the number of gang restarts after a failure, each resuming "
+        "from the last checkpoint. Default 3.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="activeDeadlineSeconds bounds each attempt's run time. Mutable."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="ttlSecondsAfterFinished deletes the finished Job and pods after this long. "
+        "Mutable.",
+    )
+    queue_name: Annotated[str, StringConstraints(max_length=63)] | None = Field(
+        None,
+        description="queueName is a Kueue LocalQueue, passed on as the kueue.x-k8s.io/queue-name "
+        "label; the Job is then created suspended for Kueue to admit.",
+    )
+
+    __rules__ = (
+        TransitionRule(
+            cel="self.backoffLimit == oldSelf.backoffLimit"
+            " && has(self.queueName) == has(oldSelf.queueName)"
+            " && (!has(self.queueName) || self.queueName == oldSelf.queueName)",
+            message="runPolicy is immutable except suspend, activeDeadlineSeconds and "
+            "ttlSecondsAfterFinished",
+        ),
+    )
+
+
+# The spec sections that may never change after creation; runPolicy has its own rule.
+IMMUTABLE_SPEC_FIELDS = (
+    "model",
+    "dataset",
+    "peft",
+    "training",
+    "evaluation",
+    "output",
+    "resources",
+    "template",
+)
+
+
+def _effective_metrics(spec: "FineTuneJobSpec") -> list[str]:
+    return spec.evaluation.metrics or DEFAULT_METRICS[spec.model.task]
+
+
+_METRICS_CEL = (
+    "(size(self.evaluation.metrics) > 0 ? self.evaluation.metrics : "
+    "(self.model.task == 'causal-lm' ? ['perplexity'] : ['accuracy']))"
+)
+_CLASSIFICATION_METRICS_CEL = "[" + ", ".join(f"'{m}'" for m in CLASSIFICATION_METRICS) + "]"
+
+
+class FineTuneJobSpec(ApiModel):
+    model: ModelSpec = Field(description="model is the base model and the task.")
+    dataset: DatasetSpec = Field(description="dataset to train and evaluate on.")
+    peft: PeftSpec = Field(default_factory=PeftSpec, description="peft method. Default LoRA r=8.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="training settings.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="evaluation metrics and gates."
+    )
+    output: OutputSpec = Field(
+        default_factory=OutputSpec, description="output: where the result and checkpoints go."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="resources: nodes x processes and hardware."
+    )
+    template: TemplateSpec = Field(
+        default_factory=TemplateSpec, description="template holds pod-level overrides."
+    )
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy, description="runPolicy: suspension, restarts and deadlines."
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.peft.method != 'qlora'"
+            " || self.resources.accelerator.type == 'nvidia.com/gpu'",
+            message="peft.method qlora needs resources.accelerator.type nvidia.com/gpu",
+            check=lambda s: (
+                s.peft.method != "qlora" or s.resources.accelerator.type == "nvidia.com/gpu"
+            ),
+            field="peft.method",
+        ),
+        Rule(
+            cel=f"self.evaluation.gates.all(k, k in {_METRICS_CEL})",
+            message="every evaluation.gates key must be a computed metric (see evaluation.metrics)",
+            check=lambda s: all(k in _effective_metrics(s) for k in s.evaluation.gates),
+            field="evaluation.gates",
+        ),
+        Rule(
+            cel="self.model.task == 'causal-lm' ? self.evaluation.metrics.all(m, !(m in "
+            f"{_CLASSIFICATION_METRICS_CEL})) : !('perplexity' in self.evaluation.metrics)",
+            message="perplexity is for causal-lm; accuracy, f1, precision and recall are for "
+            "sequence-classification",
+            check=lambda s: (
+                not (
+                    set(s.evaluation.metrics)
+                    & (set(CLASSIFICATION_METRICS) if s.model.task == CAUSAL_LM else {"perplexity"})
+                )
+            ),
+            field="evaluation.metrics",
+        ),
+        TransitionRule(
+            cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
+            message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds "
+            "and runPolicy.ttlSecondsAfterFinished",
+        ),
+    )
+
+
+# ---- status -------------------------------------------------------------------------------------
+
+
+class Condition(ApiModel):
+    type: ShortStr = Field(description="type of the condition, such as Running or Succeeded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="status: True, False, Unknown.")
+    reason: Annotated[str, StringConstraints(max_length=1024)] = Field(
+        "", description="reason is a CamelCase word for the last transition."
+    )
+    message: Annotated[str, StringConstraints(max_length=32768)] = Field(
+        "", description="message is a human-readable explanation."
+    )
+    last_transition_time: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="lastTransitionTime is when status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="observedGeneration is the spec generation this reflects."
+    )
+
+
+class Progress(ApiModel):
+    step: int = Field(0, ge=0, description="step is the last optimizer step.")
+    total_steps: int = Field(0, ge=0, description="totalSteps planned.")
+    epoch: float = Field(0.0, ge=0, description="epoch, fractional.")
+    loss: float | None = Field(None, description="loss of the last step.")
+    percent: int = Field(0, ge=0, le=100, description="percent of totalSteps done.")
+    eta_seconds: int | None = Field(None, ge=0, description="etaSeconds at the current speed.")
+    tokens_per_second: float | None = Field(None, ge=0, description="tokensPerSecond, all ranks.")
+    updated_at: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="updatedAt is when progress was last read (RFC 3339)."
+    )
+
+
+class EvaluationScore(ApiModel):
+    before: float | None = Field(None, description="before training.")
+    after: float | None = Field(None, description="after training.")
+
+
+class Result(ApiModel):
+    repo: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="repo the result was pushed to."
+    )
+    revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="revision is the commit sha that the push made."
+    )
+    url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
+        None, description="url of that commit."
+    )
+    artifact: Literal["adapter", "merged", "full"] = Field(
+        "adapter", description="artifact pushed: adapter, merged weights, or full (peft none)."
+    )
+
+
+class Workload(ApiModel):
+    job_name: ShortStr | None = Field(None, description="jobName of the current batch/v1 Job.")
+    service_name: ShortStr | None = Field(None, description="serviceName of the headless Service.")
+
+
+class FineTuneJobStatus(ApiModel):
+    phase: Phase = Field(Phase.PENDING, description="phase summarises the conditions, for display.")
+    observed_generation: int = Field(
+        0, ge=0, description="observedGeneration is the spec generation last acted on."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="conditions are the source of truth."
+    )
+    attempts: int = Field(0, ge=0, description="attempts is the number of Jobs created so far.")
+    start_time: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="startTime of the first attempt's Running."
+    )
+    completion_time: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="completionTime when the job Succeeded or Failed."
+    )
+    progress: Progress = Field(default_factory=Progress, description="progress of training.")
+    evaluation: dict[Annotated[str, StringConstraints(max_length=128)], EvaluationScore] = Field(
+        default_factory=dict, max_length=32, description="evaluation by metric, before and after."
+    )
+    evaluation_summary: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="evaluationSummary is the first gated (or first) metric, for display."
+    )
+    result: Result = Field(default_factory=Result, description="result of the push.")
+    workload: Workload = Field(default_factory=Workload, description="workload children.")
+
+
+# ---- the whole object ---------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the trainer reads; the API server owns the rest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
+    namespace: ShortStr = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(ApiModel):
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+# The root rule that keeps child names valid DNS labels. The API server checks the name itself.
+NAME_RULE = Rule(
+    cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    message=f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters: "
+    "lower-case letters, digits and '-', starting with a letter",
+    check=lambda j: (
+        len(j.metadata.name) <= MAX_NAME_LENGTH
+        and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", j.metadata.name) is not None
+    ),
+)

@@ -1,0 +1,106 @@
+"""The generated CRD: fresh, structural, and faithful to the models."""
+
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator.api import crd
+from finetune_operator.api.constants import GROUP, PLURAL
+
+FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title", "propertyNames"}
+
+
+def walk(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        yield path, node
+        for key in ("properties",):
+            for name, sub in node.get(key, {}).items():
+                yield from walk(sub, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            yield from walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            yield from walk(node["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_crd_files_are_fresh():
+    assert crd.main(["--check"]) == 0, "run: python -m finetune_operator.api.crd"
+
+
+def test_crd_file_is_the_generated_one():
+    text = crd.CRD_PATHS[0].read_text()
+    assert yaml.safe_load(text) == crd.build_crd()
+    assert crd.CRD_PATHS[0].name == f"{GROUP}_{PLURAL}.yaml"
+
+
+def test_every_node_is_structural(schema):
+    for path, node in walk(schema):
+        assert not FORBIDDEN & node.keys(), f"{path} has {FORBIDDEN & node.keys()}"
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        if node.get("default", 0) is None:
+            pytest.fail(f"{path} has default null")
+
+
+def test_every_string_list_and_map_is_bounded(schema):
+    for path, node in walk(schema):
+        if path in ("", ".metadata", ".apiVersion", ".kind"):
+            continue
+        if node.get("type") == "string" and "enum" not in node:
+            assert "maxLength" in node, f"{path} string without maxLength"
+        if node.get("type") == "array":
+            assert "maxItems" in node, f"{path} list without maxItems"
+        if node.get("type") == "object" and "additionalProperties" in node:
+            assert "maxProperties" in node, f"{path} map without maxProperties"
+
+
+def test_every_spec_and_status_field_is_described(schema):
+    for path, node in walk(schema):
+        if path.startswith((".spec.", ".status.")) and not path.endswith(("[]", "{}")):
+            assert node.get("description"), f"{path} has no description for kubectl explain"
+
+
+def test_defaults_are_declared_for_kubectl_get(schema):
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["peft"]["default"] == {}
+    assert spec["peft"]["properties"]["r"]["default"] == 8
+    assert spec["training"]["properties"]["learningRate"]["default"] == 2.0e-4
+    assert spec["runPolicy"]["properties"]["backoffLimit"]["default"] == 3
+    # Optional fields stay unset rather than defaulting to an empty object.
+    assert "default" not in spec["output"]["properties"]["hub"]
+    assert "default" not in spec["dataset"]["properties"]["evalSplit"]
+
+
+def test_cel_rules_are_present(schema):
+    spec = schema["properties"]["spec"]
+    rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
+    assert any("oldSelf.model" in r for r in rules), "spec immutability rule missing"
+    assert any("qlora" in r for r in rules)
+    dataset_rules = spec["properties"]["dataset"]["x-kubernetes-validations"]
+    assert any("evalFraction" in r["rule"] for r in dataset_rules)
+    assert "metadata.name" in schema["x-kubernetes-validations"][0]["rule"]
+    run_policy = spec["properties"]["runPolicy"]["x-kubernetes-validations"][0]["rule"]
+    assert "suspend" not in run_policy and "backoffLimit" in run_policy
+
+
+def test_printer_columns_and_names():
+    version = crd.build_crd()["spec"]["versions"][0]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Nodes", "Progress", "Loss", "Eval", "Revision", "Age"]
+    names = crd.build_crd()["spec"]["names"]
+    assert names["shortNames"] == ["ftj"] and names["categories"] == ["ml"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_untranslatable_union_fails_loudly():
+    from pydantic import BaseModel
+
+    class Bad(BaseModel):
+        value: int | list[int]
+
+    with pytest.raises(crd.UntranslatableSchema, match="value"):
+        crd.to_structural(Bad)

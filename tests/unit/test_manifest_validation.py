@@ -1,0 +1,123 @@
+"""Local manifest validation: every problem reported with its wire field path."""
+
+import copy
+
+import pytest
+
+from finetune_operator.api import ManifestError, parse_manifest
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+
+VALID = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "news-lora"},
+    "spec": {
+        "model": {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "dataset": {"source": "file:///data/news.jsonl"},
+    },
+}
+
+
+def with_changes(**paths):
+    doc = copy.deepcopy(VALID)
+    for dotted, value in paths.items():
+        *parents, leaf = dotted.split("__")
+        node = doc
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return doc
+
+
+DELETE = object()
+
+
+def test_valid_manifest_gets_defaults():
+    job = parse_manifest(VALID)
+    assert job.spec.peft.method == "lora" and job.spec.peft.r == 8
+    assert job.spec.training.learning_rate == 2.0e-4
+    assert job.spec.resources.nodes == 1
+    assert job.metadata.namespace == "default"
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "fragment"),
+    [
+        (with_changes(spec__model__task="translation"), "spec.model.task", "causal-lm"),
+        (with_changes(spec__peft={"r": 0}), "spec.peft.r", "greater than or equal to 1"),
+        (with_changes(spec__training={"learningRate": -1}), "spec.training.learningRate", ""),
+        (with_changes(spec__dataset={"textField": "t"}), "spec.dataset.source", "required"),
+        (with_changes(spec__peft={"method": "qlora"}), "spec.peft.method", "nvidia.com/gpu"),
+        (with_changes(spec__evaluation={"gates": {"accuracy": 0.8}}), "spec.evaluation.gates", ""),
+        (with_changes(spec__peft={"rank": 8}), "spec.peft.rank", "Extra inputs"),
+        (with_changes(metadata__name="Bad_Name"), "metadata.name", "DNS-1035"),
+        (with_changes(spec__model__source="s3://bucket/model"), "spec.model.source", "pattern"),
+        (
+            with_changes(
+                spec__dataset={"source": "hf://x/y", "evalSplit": "t", "evalFraction": 0.1}
+            ),
+            "spec.dataset.evalFraction",
+            "not both",
+        ),
+        (
+            with_changes(spec__model={"source": "hf://x/y", "numLabels": 3}),
+            "spec.model.numLabels",
+            "sequence-classification",
+        ),
+        (
+            with_changes(
+                spec__resources={
+                    "accelerator": {"type": "cpu", "tpu": {"accelerator": "a", "topology": "2x2"}}
+                }
+            ),
+            "spec.resources.accelerator.tpu",
+            "google.com/tpu",
+        ),
+    ],
+)
+def test_bad_manifest_names_the_field(doc, path, fragment):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    paths = [e.path for e in err.value.errors]
+    assert path in paths, f"{path} not in {paths}"
+    assert fragment in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    doc = with_changes(spec__peft={"r": 0, "alpha": 0}, spec__training={"epochs": 0})
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert {e.path for e in err.value.errors} >= {
+        "spec.peft.r",
+        "spec.peft.alpha",
+        "spec.training.epochs",
+    }
+
+
+def test_schema_module_imports_no_heavy_frameworks():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, finetune_operator.api.crd, finetune_operator.api.validation;"
+        "bad = {'torch', 'kopf', 'transformers'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spec_field_names_match_the_contract():
+    wire = {f.alias for f in FineTuneJobSpec.model_fields.values()}
+    assert wire == {
+        "model",
+        "dataset",
+        "peft",
+        "training",
+        "evaluation",
+        "output",
+        "resources",
+        "template",
+        "runPolicy",
+    }
