@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_DISABLE_XET ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-VENV = $(shell hack/venv.sh)
+VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
