@@ -1,0 +1,1 @@
+"""Test helpers for finetune_trainer (test doubles; not used in production code paths)."""

@@ -1,0 +1,887 @@
+"""A local Hugging Face Hub-API **test double** (not a Hub).
+
+A small standard-library HTTP server that speaks the part of the Hub wire protocol that the real
+``huggingface_hub`` client (and so ``transformers``, ``peft`` and ``datasets``) uses to create
+repos, push commits (regular files and Git LFS objects) and download files, so that push/pull code
+can be tested with no network. Point a client at it with these set *before* ``huggingface_hub`` is
+imported (it reads them at import time)::
+
+    HF_ENDPOINT=http://127.0.0.1:<port>  HF_HUB_DISABLE_XET=1  HF_TOKEN=<token, if auth is on>
+
+Storage, under ``root``: content-addressed blobs (``blobs/<sha256>``) and one JSON file per repo
+(``repos/<type>s/<namespace>/<name>/repo.json``) holding a linear history of commits on branch
+``main``; each commit is an immutable snapshot ``path -> blob`` with a 40-hex id. Repo ids must be
+``namespace/name``. Not supported: pull requests, other branches, tags, Xet, gating, pagination.
+
+In-process::
+
+    with HubDouble(tmp_path, tokens=["hf_test"]) as hub:  # or: endpoint = hub.start(); hub.stop()
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_test"}
+
+CLI (also usable as an in-cluster Service)::
+
+    python -m finetune_trainer.testing.hub_double --host 0.0.0.0 --port 8080 --root /data \\
+        --token "$TOKEN" --seed-model org/base=/models/base --seed-dataset org/data=/data/raw
+
+Tokens are never logged: the access log line is ``METHOD /path STATUS`` (no query, no headers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+__all__ = ["HubDouble", "HubError", "Store", "main"]
+
+log = logging.getLogger("finetune_trainer.hub_double")
+
+REPO_TYPES = ("model", "dataset", "space")
+URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_LFS_SUFFIXES = ".safetensors .bin .parquet .arrow .pt .pth .ckpt .h5 .onnx .gguf .msgpack .pkl"
+LFS_SUFFIXES = tuple(
+    f"{_LFS_SUFFIXES} .pickle .npy .npz .zip .gz .bz2 .xz .zst .tar .model".split()
+)
+GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
+DEFAULT_LFS_THRESHOLD = 1_000_000  # bytes; bigger files are uploaded through LFS
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TRUE = ("1", "true", "True")
+_CHUNK = 1 << 20
+
+
+class HubError(Exception):
+    """An error answer: HTTP ``status``, and ``code`` for ``X-Error-Code`` (e.g. EntryNotFound)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, **headers: str):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def git_blob_oid(data: bytes) -> str:
+    """Git's blob id, sha1 of ``blob <size>\\0<data>``: what the Hub reports as a file's oid."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _lfs_pointer(sha256: str, size: int) -> bytes:
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    )
+
+
+def _branch(revision: str) -> str:
+    return revision.removeprefix("refs/heads/")
+
+
+class Store:
+    """Repos and blobs on disk. Writes hold ``lock``; a repo dict is replaced, never mutated."""
+
+    def __init__(self, root: str | os.PathLike[str], lfs_threshold: int = DEFAULT_LFS_THRESHOLD):
+        self.root = Path(root)
+        self.lfs_threshold = lfs_threshold
+        for sub in ("blobs", "tmp", "repos"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self._repos: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def is_lfs(self, path: str, size: int) -> bool:
+        """Upload-mode policy: weights/data suffixes and files over ``lfs_threshold`` use LFS."""
+        return size > 0 and (path.lower().endswith(LFS_SUFFIXES) or size > self.lfs_threshold)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256
+
+    def has_blob(self, sha256: str, size: int | None = None) -> bool:
+        path = self.blob_path(sha256)
+        return (
+            bool(_SHA256.fullmatch(sha256))
+            and path.is_file()
+            and (size is None or path.stat().st_size == size)
+        )
+
+    def put_blob(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.has_blob(sha):
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.blob_path(sha))
+        return sha
+
+    def _meta_path(self, repo_type: str, repo_id: str) -> Path:
+        return self.root / "repos" / f"{repo_type}s" / repo_id / "repo.json"
+
+    def get(self, repo_type: str, repo_id: str) -> dict[str, Any]:
+        """The repo record; 404 ``RepoNotFound`` if there is none."""
+        with self.lock:
+            if (repo_type, repo_id) not in self._repos:
+                path = self._meta_path(repo_type, repo_id)
+                if not path.is_file():
+                    raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+                self._repos[(repo_type, repo_id)] = json.loads(path.read_text())
+            return self._repos[(repo_type, repo_id)]
+
+    def exists(self, repo_type: str, repo_id: str) -> bool:
+        try:
+            return bool(self.get(repo_type, repo_id))
+        except HubError:
+            return False
+
+    def _save(self, repo: dict[str, Any]) -> None:
+        path = self._meta_path(repo["type"], repo["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(repo))
+        os.replace(path.with_suffix(".tmp"), path)
+        self._repos[(repo["type"], repo["id"])] = repo
+
+    def create_repo(
+        self, repo_type: str, repo_id: str, private: bool = False, author: str = ""
+    ) -> bool:
+        """Create a repo with an initial ``.gitattributes`` commit; False if it exists already.
+
+        The initial commit matters: ``ModelCard.load`` and ``push_to_hub`` fail on an empty repo.
+        """
+        with self.lock:
+            if self.exists(repo_type, repo_id):
+                return False
+            self._save(
+                {
+                    "id": repo_id,
+                    "type": repo_type,
+                    "private": private,
+                    "createdAt": _now(),
+                    "refs": {},
+                    "commits": {},
+                }
+            )
+            ops = [("file", ".gitattributes", GITATTRIBUTES.encode())]
+            self.commit(repo_type, repo_id, ops, "initial commit", author=author)
+            return True
+
+    def delete_repo(self, repo_type: str, repo_id: str) -> None:
+        with self.lock:
+            self.get(repo_type, repo_id)
+            shutil.rmtree(self._meta_path(repo_type, repo_id).parent)
+            self._repos.pop((repo_type, repo_id), None)
+
+    def resolve(self, repo: dict[str, Any], revision: str) -> dict[str, Any]:
+        """The commit a branch name (``main``, ``refs/heads/main``) or a full commit id names."""
+        commits: dict[str, dict[str, Any]] = repo["commits"]
+        if _branch(revision) in repo["refs"]:
+            return commits[repo["refs"][_branch(revision)]]
+        if _SHA1.fullmatch(revision) and revision in commits:
+            return commits[revision]
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        ops: Iterable[tuple[str, str, Any]],
+        title: str,
+        description: str = "",
+        parent: str | None = None,
+        author: str = "",
+    ) -> str:
+        """Apply ``ops`` to the head of ``main`` as one new commit and return its id.
+
+        Ops: ``("file", path, bytes)``, ``("lfs", path, (sha256, size))`` for an uploaded LFS
+        object, ``("delete", path, None)``, ``("delete_folder", path, None)``. ``parent``, if
+        given, must be the current head (412 otherwise).
+        """
+        with self.lock:
+            repo = self.get(repo_type, repo_id)
+            head_id = repo["refs"].get("main")
+            if parent is not None and parent != head_id:
+                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+            files: dict[str, dict[str, Any]] = (
+                dict(repo["commits"][head_id]["files"]) if head_id else {}
+            )
+            for kind, path, payload in ops:
+                path = path.strip("/")
+                if not path or ".." in path.split("/") or "\\" in path:
+                    raise HubError(400, f"Invalid path: {path!r}")
+                if kind == "file":
+                    files[path] = {
+                        "sha256": self.put_blob(payload),
+                        "size": len(payload),
+                        "oid": git_blob_oid(payload),
+                        "lfs": False,
+                    }
+                elif kind == "lfs":
+                    sha, size = payload
+                    if not self.has_blob(sha, size):
+                        raise HubError(422, f"LFS object {sha} ({size} bytes) was not uploaded")
+                    oid = git_blob_oid(_lfs_pointer(sha, size))
+                    files[path] = {"sha256": sha, "size": size, "oid": oid, "lfs": True}
+                elif kind == "delete" and files.pop(path, None) is None:
+                    raise HubError(
+                        404, f"A file with this name doesn't exist: {path}", "EntryNotFound"
+                    )
+                elif kind == "delete_folder":
+                    gone = [p for p in files if p.startswith(path + "/")]
+                    if not gone:
+                        raise HubError(404, f"No folder {path} in the repo", "EntryNotFound")
+                    for p in gone:
+                        del files[p]
+                elif kind not in ("file", "lfs", "delete", "delete_folder"):
+                    raise HubError(400, f"Unknown commit operation {kind!r}")
+            date = _now()
+            seed = json.dumps([repo_id, head_id, files, title, date, secrets.token_hex(8)])
+            commit_id = hashlib.sha1(seed.encode()).hexdigest()
+            commit = {
+                "id": commit_id,
+                "parent": head_id,
+                "title": title,
+                "message": description,
+                "date": date,
+                "author": author,
+                "files": files,
+            }
+            commits = {**repo["commits"], commit_id: commit}
+            self._save({**repo, "commits": commits, "refs": {**repo["refs"], "main": commit_id}})
+            return commit_id
+
+    def seed(self, repo_type: str, repo_id: str, directory: str | os.PathLike[str]) -> str:
+        """Create ``repo_id`` if needed and commit the files of ``directory`` that differ.
+
+        Idempotent: returns the head commit id, unchanged when nothing differs.
+        """
+        base = Path(directory)
+        if not base.is_dir():
+            raise ValueError(f"seed directory {base} does not exist")
+        with self.lock:
+            self.create_repo(repo_type, repo_id)
+            repo = self.get(repo_type, repo_id)
+            head = repo["commits"][repo["refs"]["main"]]
+            ops: list[tuple[str, str, Any]] = []
+            for path in sorted(p for p in base.rglob("*") if p.is_file() and ".git" not in p.parts):
+                rel, data = path.relative_to(base).as_posix(), path.read_bytes()
+                current = head["files"].get(rel)
+                if current is None or current["sha256"] != hashlib.sha256(data).hexdigest():
+                    if self.is_lfs(rel, len(data)):
+                        ops.append(("lfs", rel, (self.put_blob(data), len(data))))
+                    else:
+                        ops.append(("file", rel, data))
+            if not ops:
+                return str(head["id"])
+            return self.commit(repo_type, repo_id, ops, f"Seed from {base.name}")
+
+
+class HubDouble:
+    """The test double: ``start()`` serves on ``host:port`` in a daemon thread.
+
+    Args:
+        root: folder for blobs and repos; what it holds survives restarts.
+        host: bind address (127.0.0.1 by default; 0.0.0.0 for a Service).
+        port: 0 picks a free port; ``endpoint`` gives the URL after ``start()``.
+        tokens: accepted bearer tokens, a list (all map to ``user``) or ``{token: user}``. With
+            none, the double is open: anyone may write, and private repos are readable by all.
+            Any accepted token may read and write every repo (no per-user permissions).
+        require_auth_for_read: reads need a valid token too (otherwise only writes, private repos).
+        user: the user name ``whoami-v2`` reports; orgs: the orgs it reports.
+        lfs_threshold: preupload answers ``uploadMode: lfs`` for files bigger than this.
+
+    A request with a token that is not accepted gets 401 on every route (as on the Hub).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: Iterable[str] | Mapping[str, str] | None = None,
+        require_auth_for_read: bool = False,
+        user: str = "hub-double-user",
+        orgs: Iterable[str] = (),
+        lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+    ):
+        self.store = Store(root, lfs_threshold)
+        self.host, self.port = host, port
+        self.tokens = (
+            dict(tokens) if isinstance(tokens, Mapping) else {t: user for t in tokens or ()}
+        )
+        self.require_auth_for_read = require_auth_for_read
+        self.user, self.orgs = user, list(orgs)
+        self.uploads: dict[str, tuple[str, int]] = {}  # LFS upload ticket -> (sha256, size)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``http://host:port`` for ``HF_ENDPOINT`` (127.0.0.1 when bound to all addresses)."""
+        if self._server is None:
+            raise RuntimeError("HubDouble is not started")
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self._server.server_address[1]}"
+
+    def start(self) -> str:
+        """Start serving in a daemon thread; returns ``endpoint``."""
+        self._server = ThreadingHTTPServer(
+            (self.host, self.port), type("H", (_Handler,), {"hub": self})
+        )
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> HubDouble:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def seed(
+        self, repo_id: str, directory: str | os.PathLike[str], repo_type: str = "model"
+    ) -> str:
+        """Create or update ``repo_id`` from a local folder, server side; returns the head."""
+        return self.store.seed(repo_type, repo_id, directory)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request. Routes: ``/api/...`` (JSON API), ``/<repo>/resolve/<rev>/<path>`` (downloads),
+    ``/<repo>.git/info/lfs/objects/batch`` and ``PUT /lfs-upload/<ticket>`` (Git LFS uploads);
+    dataset and space repos are prefixed with ``datasets/`` and ``spaces/``."""
+
+    hub: HubDouble
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client expects: every answer has a length
+    server_version = "HubDouble/1.0"
+    query: dict[str, str]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the default would log the request line with its query string; see _log
+
+    def _log(self, status: int) -> None:
+        log.info("%s %s %d", self.command, urlsplit(self.path).path, status)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():  # header values are latin-1 and on one line
+            v = re.sub(r"[\x00-\x1f]", " ", v).encode("latin-1", "replace").decode("latin-1")
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._log(status)
+
+    def _json(self, obj: Any, status: int = 200, **headers: str) -> None:
+        self._send(status, json.dumps(obj).encode(), headers)
+
+    def _read_body(self) -> bytes:
+        return b"".join(self._iter_body())
+
+    def _iter_body(self) -> Iterator[bytes]:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                yield self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return
+        left = int(self.headers.get("Content-Length") or 0)
+        while left > 0:
+            chunk = self.rfile.read(min(left, _CHUNK))
+            if not chunk:
+                raise HubError(400, "Truncated request body")
+            left -= len(chunk)
+            yield chunk
+
+    def _base(self) -> str:
+        """The URL the client used to reach us, for the URLs we hand back."""
+        host = self.headers.get("Host")
+        return f"http://{host}" if host else self.hub.endpoint
+
+    def _token_user(self) -> str | None:
+        """The user of the bearer token; None without one; 401 for a token not accepted."""
+        auth = self.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token:
+            return None
+        if not self.hub.tokens:
+            return self.hub.user
+        if token not in self.hub.tokens:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return self.hub.tokens[token]
+
+    def _auth(self, write: bool) -> str | None:
+        user = self._token_user()
+        if user is None and self.hub.tokens and (write or self.hub.require_auth_for_read):
+            raise HubError(401, "Authentication required: send 'Authorization: Bearer <token>'")
+        return user
+
+    def _repo(self, repo_type: str, repo_id: str, user: str | None) -> dict[str, Any]:
+        repo = self.hub.store.get(repo_type, repo_id)
+        if repo["private"] and self.hub.tokens and user is None:
+            raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+        return repo
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        parts = url.path.strip("/").split("/")
+        streamed = self.command == "PUT" and len(parts) == 2 and parts[0] == "lfs-upload"
+        body_read = False
+        try:
+            if streamed:
+                return self._lfs_upload(parts[1])  # reads the body itself
+            body, body_read = self._read_body(), True
+            if parts[0] == "api":
+                return self._api(parts[1:], body)
+            repo_type = {"datasets": "dataset", "spaces": "space"}.get(parts[0], "model")
+            rest = parts[1:] if repo_type != "model" else parts
+            if len(rest) >= 5 and rest[2] == "resolve" and self.command in ("GET", "HEAD"):
+                path = unquote("/".join(rest[4:]))
+                return self._resolve(repo_type, f"{rest[0]}/{rest[1]}", unquote(rest[3]), path)
+            if rest[2:] == ["info", "lfs", "objects", "batch"] and rest[1].endswith(".git"):
+                return self._lfs_batch(repo_type, f"{rest[0]}/{rest[1][:-4]}", body)
+            raise HubError(404, f"Not found: {url.path}")
+        except HubError as err:
+            self.close_connection = self.close_connection or not body_read
+            headers = {"X-Error-Message": err.message, **err.headers}
+            if err.code:
+                headers["X-Error-Code"] = err.code
+            self._json({"error": err.message}, err.status, **headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except ValueError as exc:  # bad JSON, base64, numbers or text in the request
+            self.close_connection = self.close_connection or not body_read
+            message = f"Malformed request: {type(exc).__name__}"
+            self._json({"error": message}, 400, **{"X-Error-Message": message})
+        except Exception:  # a bug in the double: log it (never the request headers), answer 500
+            log.exception("hub double failed on %s %s", self.command, url.path)
+            self.close_connection = True
+            self._json({"error": "hub double internal error"}, 500)
+
+    # -- JSON API ----------------------------------------------------------------------------------
+    def _api(self, parts: list[str], body: bytes) -> None:
+        cmd = self.command
+        if parts == ["whoami-v2"] and cmd == "GET":
+            return self._whoami()
+        if parts == ["agent-harnesses"] and cmd == "GET":  # the client fetches this once a day
+            return self._json({"standardEnvVars": [], "harnesses": {}})
+        if parts == ["validate-yaml"] and cmd == "POST":
+            return self._validate_yaml(json.loads(body or b"{}").get("content", ""))
+        if parts in (["repos", "create"], ["repos", "delete"]) and cmd in ("POST", "DELETE"):
+            return self._create_or_delete(parts[1], json.loads(body or b"{}"))
+        if len(parts) < 3 or parts[0] not in ("models", "datasets", "spaces"):
+            raise HubError(404, f"Not found: /api/{'/'.join(parts)}")
+        repo_type, repo_id, rest = parts[0][:-1], f"{parts[1]}/{parts[2]}", parts[3:]
+        op = rest[0] if rest else "revision"
+        user = self._auth(write=op in ("preupload", "commit"))
+        repo = self._repo(repo_type, repo_id, user)
+        rev = unquote(rest[1]) if len(rest) > 1 else "main"
+        if op == "refs" and cmd == "GET":
+            branches = [
+                {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
+                for b, c in repo["refs"].items()
+            ]
+            return self._json(
+                {"branches": branches, "converts": [], "tags": [], "pullRequests": []}
+            )
+        if op == "commit" and cmd == "POST":
+            return self._commit(repo_type, repo_id, rev, body, user)
+        commit = self.hub.store.resolve(repo, rev)
+        if op == "revision" and cmd == "GET":
+            return self._info(repo_type, repo, commit, blobs=self.query.get("blobs") in _TRUE)
+        if op == "tree" and cmd == "GET":
+            recursive = self.query.get("recursive") in _TRUE
+            return self._json(_tree(commit, unquote("/".join(rest[2:])).strip("/"), recursive))
+        if op == "paths-info" and cmd == "POST":
+            if "json" in self.headers.get("Content-Type", ""):
+                paths = json.loads(body or b"{}").get("paths", [])
+            else:  # the client posts a form: paths=a&paths=b
+                paths = parse_qs(body.decode()).get("paths", [])
+            return self._json([e for p in paths for e in _tree(commit, p.strip("/"), stat=True)])
+        if op == "commits" and cmd == "GET":
+            history: list[dict[str, Any]] = []
+            while commit is not None:
+                history.append(
+                    {
+                        "id": commit["id"],
+                        "title": commit["title"],
+                        "message": commit["message"],
+                        "date": commit["date"],
+                        "authors": [{"user": commit["author"] or "unknown"}],
+                    }
+                )
+                commit = repo["commits"].get(commit["parent"] or "")
+            return self._json(history)
+        if op == "preupload" and cmd == "POST":
+            return self._preupload(commit, json.loads(body or b"{}"))
+        raise HubError(404, f"Not found: /api/{'/'.join(parts)}")
+
+    def _whoami(self) -> None:
+        user = self._token_user()
+        if user is None:
+            raise HubError(401, "Authentication required: send 'Authorization: Bearer <token>'")
+        orgs = [
+            {"type": "org", "name": o, "fullname": o, "roleInOrg": "admin"} for o in self.hub.orgs
+        ]
+        token = {"displayName": "hub-double", "role": "write"}
+        self._json(
+            {
+                "type": "user",
+                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
+                "name": user,
+                "fullname": user,
+                "email": None,
+                "emailVerified": False,
+                "isPro": False,
+                "orgs": orgs,
+                "auth": {"type": "access_token", "accessToken": token},
+            }
+        )
+
+    def _validate_yaml(self, content: str) -> None:
+        """The README metadata check a README commit does first; only checks the block is closed."""
+        lines = [line.strip() for line in content.splitlines()]
+        if lines and lines[0] == "---" and "---" not in lines[1:]:
+            error = {"message": "The YAML metadata block is not closed with '---'"}
+            return self._json({"errors": [error], "warnings": []}, 400)
+        return self._json({"errors": [], "warnings": []})
+
+    def _create_or_delete(self, action: str, payload: dict[str, Any]) -> None:
+        user = self._auth(write=True)
+        repo_type = payload.get("type") or "model"
+        name, org = payload.get("name") or "", payload.get("organization") or user or self.hub.user
+        if repo_type not in REPO_TYPES or not re.fullmatch(r"[\w.-]{1,96}", name):
+            raise HubError(400, f"Invalid repo type or name: {repo_type} {name!r}")
+        if not re.fullmatch(r"[\w.-]{1,96}", org):
+            raise HubError(400, f"Invalid namespace: {org!r}")
+        repo_id = f"{org}/{name}"
+        if action == "delete":
+            self.hub.store.delete_repo(repo_type, repo_id)
+            return self._json({})
+        url = f"{self._base()}/{URL_PREFIX[repo_type]}{repo_id}"
+        private = bool(payload.get("private")) or payload.get("visibility") == "private"
+        if not self.hub.store.create_repo(repo_type, repo_id, private, author=user or ""):
+            message = "You already created this repo"  # the client reads "url" on 409 as well
+            return self._json({"error": message, "url": url}, 409, **{"X-Error-Message": message})
+        return self._json({"url": url, "name": repo_id, "id": repo_id})
+
+    def _info(
+        self, repo_type: str, repo: dict[str, Any], commit: dict[str, Any], blobs: bool
+    ) -> None:
+        siblings = []
+        for path, f in sorted(commit["files"].items()):
+            sibling: dict[str, Any] = {"rfilename": path}
+            if blobs:  # files_metadata=True
+                sibling.update(size=f["size"], blobId=f["oid"])
+                if f["lfs"]:
+                    pointer_size = len(_lfs_pointer(f["sha256"], f["size"]))
+                    sibling["lfs"] = {
+                        "size": f["size"],
+                        "sha256": f["sha256"],
+                        "pointerSize": pointer_size,
+                    }
+            siblings.append(sibling)
+        info: dict[str, Any] = {
+            "_id": hashlib.sha1(f"{repo_type}/{repo['id']}".encode()).hexdigest()[:24],
+            "id": repo["id"],
+            "author": repo["id"].split("/")[0],
+            "sha": commit["id"],
+            "lastModified": commit["date"],
+            "createdAt": repo["createdAt"],
+            "private": repo["private"],
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+            "usedStorage": sum(f["size"] for f in commit["files"].values()),
+        }
+        if repo_type == "model" and "config.json" in commit["files"]:
+            info["library_name"] = "transformers"
+        return self._json(info)
+
+    def _preupload(self, commit: dict[str, Any], payload: dict[str, Any]) -> None:
+        """Which files go through LFS; the ``oid`` of a present file lets the client skip it."""
+        files = []
+        for f in payload.get("files", []):
+            existing = commit["files"].get(f["path"])
+            oid = existing and (existing["sha256"] if existing["lfs"] else existing["oid"])
+            mode = "lfs" if self.hub.store.is_lfs(f["path"], int(f["size"])) else "regular"
+            files.append({"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        return self._json({"files": files, "commitOid": commit["id"]})
+
+    def _commit(
+        self, repo_type: str, repo_id: str, rev: str, body: bytes, user: str | None
+    ) -> None:
+        """The NDJSON commit: a header line, then file/lfsFile/deletedFile/deletedFolder lines."""
+        if self.query.get("create_pr") in _TRUE:
+            raise HubError(400, "The hub double does not support pull requests (create_pr)")
+        if _branch(rev) != "main":
+            raise HubError(
+                404, f"Branch not found: {rev} (the double has only main)", "RevisionNotFound"
+            )
+        header: dict[str, Any] = {}
+        ops: list[tuple[str, str, Any]] = []
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key, value = item.get("key"), item.get("value") or {}
+            if key == "header":
+                header = value
+            elif key == "file":
+                content = value.get("content", "")
+                data = (
+                    base64.b64decode(content)
+                    if value.get("encoding") == "base64"
+                    else content.encode()
+                )
+                ops.append(("file", value["path"], data))
+            elif key == "lfsFile":
+                if value.get("algo", "sha256") != "sha256":
+                    raise HubError(400, "Only sha256 LFS objects are supported")
+                size = value.get("size")  # absent when copying an LFS file
+                if size is None and self.hub.store.has_blob(value["oid"]):
+                    size = self.hub.store.blob_path(value["oid"]).stat().st_size
+                ops.append(("lfs", value["path"], (value["oid"], int(size or 0))))
+            elif key in ("deletedFile", "deletedFolder"):
+                kind = "delete" if key == "deletedFile" else "delete_folder"
+                ops.append((kind, value["path"], None))
+            else:
+                raise HubError(400, f"Unknown commit line key {key!r}")
+        commit_id = self.hub.store.commit(
+            repo_type,
+            repo_id,
+            ops,
+            header.get("summary") or "Upload files",
+            header.get("description") or "",
+            header.get("parentCommit"),
+            author=user or "",
+        )
+        url = f"{self._base()}/{URL_PREFIX[repo_type]}{repo_id}/commit/{commit_id}"
+        return self._json(
+            {"success": True, "commitOid": commit_id, "commitUrl": url, "hookOutput": ""}
+        )
+
+    # -- Git LFS -----------------------------------------------------------------------------------
+    def _lfs_batch(self, repo_type: str, repo_id: str, body: bytes) -> None:
+        """LFS batch API, uploads only: an upload href with a one-use ticket per missing object."""
+        request = json.loads(body or b"{}")
+        if request.get("operation") != "upload":
+            raise HubError(400, "The hub double only supports LFS uploads; download via resolve")
+        user = self._auth(write=True)
+        self._repo(repo_type, repo_id, user)
+        objects = []
+        for obj in request.get("objects", []):
+            oid, size = str(obj.get("oid")), int(obj.get("size", 0))
+            entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if not _SHA256.fullmatch(oid):
+                entry["error"] = {"code": 422, "message": "oid must be a sha256 hex digest"}
+            elif not self.hub.store.has_blob(oid, size):  # otherwise no actions: already there
+                ticket = secrets.token_urlsafe(16)
+                with self.hub.store.lock:
+                    self.hub.uploads[ticket] = (oid, size)
+                href = f"{self._base()}/lfs-upload/{ticket}"
+                entry["actions"] = {"upload": {"href": href, "expires_in": 3600}}
+            objects.append(entry)
+        payload = {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
+        return self._send(200, json.dumps(payload).encode(), None, "application/vnd.git-lfs+json")
+
+    def _lfs_upload(self, ticket: str) -> None:
+        """The PUT of one LFS object (the client sends no auth here; the ticket is the credential).
+
+        Stored only if its sha256 and size match what the batch call announced (400 otherwise).
+        """
+        with self.hub.store.lock:
+            expected = self.hub.uploads.pop(ticket, None)
+        if expected is None:
+            raise HubError(403, "Unknown or already used LFS upload ticket")
+        sha, size = expected
+        digest, written = hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=self.hub.store.root / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in self._iter_body():
+                    digest.update(chunk)
+                    written += len(chunk)
+                    f.write(chunk)
+            if (digest.hexdigest(), written) != (sha, size):
+                got = f"sha256 {digest.hexdigest()}, {written} bytes"
+                raise HubError(
+                    400, f"LFS object mismatch: want sha256 {sha}, {size} bytes; got {got}"
+                )
+            os.replace(tmp, self.hub.store.blob_path(sha))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self._send(200)
+
+    # -- downloads ---------------------------------------------------------------------------------
+    def _resolve(self, repo_type: str, repo_id: str, rev: str, path: str) -> None:
+        """A file at a revision, with the headers hf_hub_download relies on; HEAD and Range work."""
+        repo = self._repo(repo_type, repo_id, self._auth(write=False))
+        commit = self.hub.store.resolve(repo, rev)
+        headers = {"X-Repo-Commit": commit["id"], "Accept-Ranges": "bytes"}
+        f = commit["files"].get(path)
+        if f is None:
+            raise HubError(404, f"Entry not found: {path}", "EntryNotFound", **headers)
+        headers["ETag"] = f'"{f["sha256"] if f["lfs"] else f["oid"]}"'
+        if f["lfs"]:
+            headers.update({"X-Linked-Etag": headers["ETag"], "X-Linked-Size": str(f["size"])})
+        size, start, end, status = f["size"], 0, f["size"] - 1, 200
+        if self.headers.get("Range"):
+            match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", self.headers["Range"])
+            if match and match.group(1):
+                start = int(match.group(1))
+                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+            elif match and match.group(2):
+                start = max(size - int(match.group(2)), 0)
+            if not match or not any(match.groups()) or start >= size or start > end:
+                raise HubError(
+                    416, "Range not satisfiable", **headers, **{"Content-Range": f"bytes */{size}"}
+                )
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header(
+            "Content-Disposition", f"inline; filename*=UTF-8''{quote(path.split('/')[-1])}"
+        )
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "GET":
+            with open(self.hub.store.blob_path(f["sha256"]), "rb") as fh:
+                fh.seek(start)
+                left = end - start + 1
+                while left > 0 and (chunk := fh.read(min(left, _CHUNK))):
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+        self._log(status)
+
+
+def _tree(
+    commit: dict[str, Any], path: str, recursive: bool = False, stat: bool = False
+) -> list[dict[str, Any]]:
+    """Tree entries as the Hub lists them: the children of folder ``path`` (all descendants if
+    ``recursive``), or with ``stat`` the entry of ``path`` itself (``[]`` if missing).
+
+    Listing a folder that does not exist is a 404 ``EntryNotFound``, as on the Hub.
+    """
+    files: dict[str, dict[str, Any]] = commit["files"]
+
+    def file_entry(p: str) -> dict[str, Any]:
+        f = files[p]
+        entry: dict[str, Any] = {"type": "file", "oid": f["oid"], "size": f["size"], "path": p}
+        if f["lfs"]:
+            pointer_size = len(_lfs_pointer(f["sha256"], f["size"]))
+            entry["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": pointer_size}
+        return entry
+
+    def dir_entry(p: str) -> dict[str, Any]:
+        inner = sorted((k, v["oid"]) for k, v in files.items() if k.startswith(p + "/"))
+        oid = hashlib.sha1(json.dumps(inner).encode()).hexdigest()
+        return {"type": "directory", "oid": oid, "size": 0, "path": p}
+
+    prefix = path + "/" if path else ""
+    is_dir = not path or any(k.startswith(prefix) for k in files)
+    if stat:
+        return [file_entry(path)] if path in files else [dir_entry(path)] if path and is_dir else []
+    if not is_dir:
+        raise HubError(
+            404, f"Entry not found: {path}", "EntryNotFound", **{"X-Repo-Commit": commit["id"]}
+        )
+    entries: dict[str, dict[str, Any]] = {}
+    for key in sorted(k for k in files if k.startswith(prefix)):
+        segments = key[len(prefix) :].split("/")
+        for depth in range(1, len(segments) if recursive else min(2, len(segments))):
+            folder = prefix + "/".join(segments[:depth])
+            entries.setdefault(folder, dir_entry(folder))
+        if recursive or len(segments) == 1:
+            entries[key] = file_entry(key)
+    return list(entries.values())
+
+
+def _seed_arg(value: str) -> tuple[str, str]:
+    name, _, directory = value.partition("=")
+    if name.count("/") != 1 or not directory:
+        raise argparse.ArgumentTypeError(f"expected NAMESPACE/NAME=DIR, got {value!r}")
+    return name, directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: serve a Hub-API test double until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_trainer.testing.hub_double",
+        description="A local Hugging Face Hub-API test double (not a Hub).",
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    add("--port", type=int, default=8080, help="port; 0 picks a free one (default 8080)")
+    add("--root", required=True, help="folder for repos and blobs (created if missing)")
+    add("--token", action="append", default=[], help="accepted bearer token (repeatable)")
+    add("--token-file", action="append", default=[], help="file of accepted tokens, one a line")
+    add("--require-auth-for-read", action="store_true", help="reads need a valid token too")
+    add("--user", default="hub-double-user", help="user name whoami-v2 reports")
+    add("--org", action="append", default=[], help="org whoami-v2 reports (repeatable)")
+    add("--seed-model", action="append", default=[], type=_seed_arg, metavar="NAME=DIR")
+    add("--seed-dataset", action="append", default=[], type=_seed_arg, metavar="NAME=DIR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tokens = list(args.token)
+    for token_file in args.token_file:
+        tokens += [t.strip() for t in Path(token_file).read_text().splitlines() if t.strip()]
+    hub = HubDouble(
+        args.root, args.host, args.port, tokens, args.require_auth_for_read, args.user, args.org
+    )
+    for repo_type, seeds in (("model", args.seed_model), ("dataset", args.seed_dataset)):
+        for name, directory in seeds:
+            log.info("seeded %s %s at %s", repo_type, name, hub.seed(name, directory, repo_type))
+    port = hub.start().rsplit(":", 1)[1]
+    log.info("hub double serving on %s:%s (auth %s)", args.host, port, "on" if tokens else "off")
+    try:
+        while hub._thread is not None and hub._thread.is_alive():
+            hub._thread.join(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hub.stop()
+
+
+if __name__ == "__main__":
+    main()
