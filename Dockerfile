@@ -1,0 +1,155 @@
+# Two images from one tree:
+#
+#   docker build --target operator -t finetune-operator:0.1.0 .   # kopf operator, no torch
+#   docker build --target trainer  -t finetune-trainer:0.1.0  .   # torch/transformers/peft trainer
+#
+# (hack/images.sh builds both.) Build args:
+#   BASE_IMAGE       any Debian-like image with python3 (3.11+) and the venv module.
+#                    Default: the official python:3.11-slim. Where no registry is reachable, use
+#                    the debootstrap base from hack/kind/build-base-image.sh:
+#                    --build-arg BASE_IMAGE=finetune-local/python-base:bookworm
+#   TORCH_INDEX_URL  empty (default): torch comes from PyPI, whose Linux wheels pull in the CUDA
+#                    libraries (a 6.3 GB trainer image). For CPU-only clusters pass
+#                    https://download.pytorch.org/whl/cpu: its torch wheel is ~200 MB with no
+#                    CUDA libraries. That index must be reachable from the build; in this
+#                    project's sandbox only PyPI is, so the images built here carry CUDA.
+#   EXTRA_CA_CERTS   PEM text of extra CA certificates that pip must trust (a TLS-intercepting
+#                    proxy); used by the build stages only.
+#   VERSION, VCS_REF, BUILD_DATE   go into the org.opencontainers.image.* labels.
+#
+# Both images run as UID/GID 1000 with a read-only root filesystem: nothing writes outside
+# /tmp (an emptyDir in the pod), and all bytecode is compiled here, at build time.
+#
+# No "# syntax=" line and no BuildKit-only features (RUN --mount, COPY --link): the legacy
+# builder must work too, and a syntax line would make BuildKit pull a frontend image from a
+# registry. The legacy builder builds every stage above the target, so the operator stages come
+# first and `--target operator` never touches torch.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build base: an empty venv and pyproject.toml ------------------------------------------------
+FROM ${BASE_IMAGE} AS build-base
+# The base may not declare PATH (an imported rootfs does not), so spell it out in full.
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+# Extra CA certificates (PEM) for a TLS-intercepting proxy between the build and PyPI. Only
+# build stages see them; the final images do not inherit this stage.
+# pip reads /opt/venv/pip.conf; it is deleted again before the venv leaves the build stage.
+ARG EXTRA_CA_CERTS=""
+# Debian's python3 has no pip on PATH; the venv brings its own.
+RUN python3 -m venv /opt/venv \
+ && if [ -n "${EXTRA_CA_CERTS}" ]; then \
+      cat /etc/ssl/certs/ca-certificates.crt >/opt/ca-bundle.pem 2>/dev/null || :; \
+      printf '%s\n' "${EXTRA_CA_CERTS}" >>/opt/ca-bundle.pem; \
+      printf '[global]\ncert = /opt/ca-bundle.pem\n' >/opt/venv/pip.conf; \
+    fi
+WORKDIR /src
+# Only pyproject.toml first: the dependency layers below stay cached until it changes.
+COPY pyproject.toml ./
+
+# ---- operator ------------------------------------------------------------------------------------
+FROM build-base AS operator-build
+# The pinned requirements of the base plus the `operator` extra (tomllib: stdlib from 3.11).
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"]))' \
+      >/tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY README.md ./
+COPY operator ./operator
+COPY trainer ./trainer
+# --no-deps: the dependencies are the layer above. The one distribution holds both packages;
+# the operator image carries the (torch-free) trainer code, which is a few hundred KB.
+# Then drop the installers (nothing installs at run time) and compile every module with
+# unchecked-hash pycs, which stay valid whatever mtimes the copy into the next stage gives.
+# Third-party failures are tolerated (wheels ship files for newer Pythons, e.g. torch's
+# testing/_internal/py312_intrinsics.py, never importable on 3.11 anyway); our own packages
+# are then compiled again, and must compile.
+RUN pip install --no-deps . \
+ && pip uninstall -y -q pip setuptools \
+ && rm -f /opt/venv/pip.conf \
+ && { python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/venv/lib >/dev/null || :; } \
+ && python -m compileall -q -f --invalidation-mode unchecked-hash \
+      /opt/venv/lib/python3*/site-packages/finetune_operator /opt/venv/lib/python3*/site-packages/finetune_trainer
+
+# ---- runtime base: the non-root, read-only-friendly environment ----------------------------------
+FROM ${BASE_IMAGE} AS runtime
+# A passwd entry for UID 1000: getpass.getuser() (torch caches, some HF code) fails without one.
+# The home is /tmp, the only writable place.
+# The official python image strips the standard library's .pyc files; with a read-only root
+# they could never be written, so every start would recompile. Compile them once here
+# (test data with deliberately broken syntax excluded).
+RUN groupadd --gid 1000 finetune \
+ && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin finetune \
+ && python3 -m compileall -q -j 0 -x '/(test|tests|lib2to3|idlelib)/' \
+      "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    VIRTUAL_ENV=/opt/venv \
+    LANG=C.UTF-8 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HOME=/tmp/hf \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+LABEL org.opencontainers.image.source="https://github.com/finetune-operator/finetune-operator" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="finetune-operator"
+WORKDIR /tmp
+USER 1000:1000
+
+# ---- operator image ------------------------------------------------------------------------------
+FROM runtime AS operator
+LABEL org.opencontainers.image.title="finetune-operator" \
+      org.opencontainers.image.description="kopf operator reconciling FineTuneJob (finetune.dev/v1alpha1) into Indexed Jobs"
+# Root-owned and so read-only for UID 1000, even without readOnlyRootFilesystem.
+COPY --from=operator-build /opt/venv /opt/venv
+# 8000: Prometheus /metrics; 8080: kopf liveness /healthz.
+EXPOSE 8000 8080
+ENTRYPOINT ["python", "-m", "finetune_operator"]
+# Per-build labels last, so a new BUILD_DATE or VCS_REF only rebuilds this layer.
+ARG VERSION=0.1.0
+ARG VCS_REF=""
+ARG BUILD_DATE=""
+LABEL org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}"
+
+# ---- trainer -------------------------------------------------------------------------------------
+FROM build-base AS trainer-build
+ARG TORCH_INDEX_URL=""
+# With TORCH_INDEX_URL, install the pinned torch from that index first (it mirrors torch's own
+# dependencies); the PyPI install below then finds e.g. 2.x.y+cpu already satisfying torch==2.x.y.
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["trainer"]))' \
+      >/tmp/requirements.txt \
+ && if [ -n "${TORCH_INDEX_URL}" ]; then \
+      pip install --index-url "${TORCH_INDEX_URL}" "$(grep -E '^torch([=<>~! ]|$)' /tmp/requirements.txt)"; \
+    fi \
+ && pip install -r /tmp/requirements.txt
+COPY README.md ./
+COPY operator ./operator
+COPY trainer ./trainer
+# As in operator-build.
+RUN pip install --no-deps . \
+ && pip uninstall -y -q pip setuptools \
+ && rm -f /opt/venv/pip.conf \
+ && { python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/venv/lib >/dev/null || :; } \
+ && python -m compileall -q -f --invalidation-mode unchecked-hash \
+      /opt/venv/lib/python3*/site-packages/finetune_operator /opt/venv/lib/python3*/site-packages/finetune_trainer
+
+# ---- trainer image -------------------------------------------------------------------------------
+FROM runtime AS trainer
+LABEL org.opencontainers.image.title="finetune-trainer" \
+      org.opencontainers.image.description="LoRA/QLoRA fine-tuning worker (PyTorch, Accelerate, PEFT) started by finetune-operator"
+COPY --from=trainer-build /opt/venv /opt/venv
+# 9400: trainer Prometheus metrics; 29500: torch.distributed rendezvous (MASTER_PORT).
+EXPOSE 9400 29500
+# The operator's pods run `finetune train /etc/finetune/job.yaml`.
+ENTRYPOINT ["finetune"]
+CMD ["--help"]
+# Per-build labels last, so a new BUILD_DATE or VCS_REF only rebuilds this layer.
+ARG VERSION=0.1.0
+ARG VCS_REF=""
+ARG BUILD_DATE=""
+LABEL org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}"
