@@ -4,9 +4,11 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic.alias_generators import to_snake
 
 from finetune_operator.api import crd
 from finetune_operator.api.constants import GROUP, PLURAL
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 
 FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title", "propertyNames"}
 
@@ -66,7 +68,11 @@ def test_every_spec_and_status_field_is_described(schema):
 
 def test_defaults_are_declared_for_kubectl_get(schema):
     spec = schema["properties"]["spec"]["properties"]
-    assert spec["peft"]["default"] == {}
+    # The API server does not default inside a default, so an object's default is spelled out
+    # in full, and it must equal what the models themselves default to.
+    for name in ("peft", "training", "evaluation", "resources", "runPolicy"):
+        model = FineTuneJobSpec.model_fields[to_snake(name)].default_factory()
+        assert spec[name]["default"] == model.model_dump(by_alias=True, exclude_none=True), name
     assert spec["peft"]["properties"]["r"]["default"] == 8
     assert spec["training"]["properties"]["learningRate"]["default"] == 2.0e-4
     assert spec["runPolicy"]["properties"]["backoffLimit"]["default"] == 3

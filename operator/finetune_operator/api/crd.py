@@ -152,8 +152,14 @@ def _add_rules(out: Schema, model: type[BaseModel]) -> None:
 
 
 def _default_optional_children(obj: Schema) -> None:
-    """Give optional object/list/map properties an empty default, so that the API server fills
-    in their own defaults and `kubectl get -o yaml` shows them (pydantic's default_factory)."""
+    """Give optional object/list/map properties a default, so that `kubectl get -o yaml` shows
+    them (pydantic's default_factory).
+
+    An object's default is spelled out in full from its children's defaults, not `{}`: the API
+    server checks a default against the CEL rules as written, without defaulting inside it, so
+    `{}` fails a rule such as `self.type == 'cpu'` with "no such key: type" and the whole CRD is
+    rejected. Children are converted first, so their own defaults are already complete here.
+    """
     required = set(obj.get("required", ()))
     for name, prop in obj.get("properties", {}).items():
         if name in required or "default" in prop or prop.pop("__optional__", False):
@@ -161,7 +167,11 @@ def _default_optional_children(obj: Schema) -> None:
         if prop.get("type") == "array":
             prop["default"] = []
         elif prop.get("type") == "object" and not prop.get("x-kubernetes-preserve-unknown-fields"):
-            prop["default"] = {}
+            prop["default"] = {
+                key: copy.deepcopy(sub["default"])
+                for key, sub in prop.get("properties", {}).items()
+                if "default" in sub
+            }
 
 
 def _mark_optional_models(schema: Schema) -> None:

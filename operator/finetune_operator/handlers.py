@@ -1,0 +1,111 @@
+"""kopf handlers: thin triggers for `Reconciler.reconcile`.
+
+Handler ids are explicit because kopf turns them into annotation keys
+(`finetune.dev/<id>`); renaming one later makes kopf re-handle every object.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from lightkube.core.exceptions import ApiError
+
+from finetune_operator import naming
+from finetune_operator.api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, Phase
+from finetune_operator.apply import Kube
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+FTJ = (GROUP, VERSION, PLURAL)
+# Read at import: timer intervals are fixed when the decorators run.
+SETTINGS = Settings.from_env()
+_state: dict[str, Reconciler] = {}
+
+
+def reconciler() -> Reconciler:
+    if "r" not in _state:
+        _state["r"] = Reconciler(Kube(), SETTINGS, OperatorMetrics())
+    return _state["r"]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Decided once: kopf's bookkeeping lives in annotations under our own prefix, never in status
+    # (the status schema is declared and pruned), and the keys never change.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.WARNING
+    # Watches can die silently; bounded timeouts make kopf reconnect instead of waiting forever.
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 10
+    settings.execution.max_workers = 8
+    reconciler().metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.on.cleanup()
+async def close(**_: Any) -> None:
+    await reconciler().kube.close()
+
+
+async def _run(namespace: str, name: str) -> None:
+    outcome = await reconciler().reconcile(namespace, name)
+    if outcome is None:
+        return
+    if outcome.permanent:
+        raise kopf.PermanentError(outcome.permanent)
+    if outcome.temporary:
+        raise kopf.TemporaryError(outcome.temporary, delay=10)
+
+
+@kopf.on.resume(*FTJ, id="reconcile")
+@kopf.on.create(*FTJ, id="reconcile")
+async def reconcile_ftj(namespace: str, name: str, **_: Any) -> None:
+    await _run(namespace, name)
+
+
+@kopf.on.update(*FTJ, field="spec.runPolicy", id="run-policy")
+async def run_policy_changed(namespace: str, name: str, **_: Any) -> None:
+    await _run(namespace, name)
+
+
+@kopf.on.event(*FTJ, id="forget")
+def forget(event: kopf.RawEvent, namespace: str, name: str, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        reconciler().forget(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, id="job")
+async def job_changed(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+    """A Job moved (or vanished): re-derive its FineTuneJob. Event handlers are not retried."""
+    owner = labels.get(LABEL_JOB_NAME)
+    if owner:
+        try:
+            await reconciler().reconcile(namespace, owner, children=False)
+        except ApiError as exc:
+            # E.g. 403 while the namespace terminates; the resync timer tries again.
+            log.warning("reconcile of %s/%s after a Job event: %s", namespace, owner, exc)
+        except Exception:
+            log.exception("reconcile of %s/%s after a Job event failed", namespace, owner)
+
+
+def _running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == Phase.RUNNING
+
+
+@kopf.timer(*FTJ, id="progress", interval=SETTINGS.progress_seconds, initial_delay=5, when=_running)
+async def progress(namespace: str, name: str, **_: Any) -> None:
+    await reconciler().reconcile(namespace, name, scrape=True, children=False)
+
+
+@kopf.timer(*FTJ, id="resync", interval=SETTINGS.resync_seconds, initial_delay=30)
+async def resync(namespace: str, name: str, **_: Any) -> None:
+    """Lost watch events (kopf#1276, #955) would otherwise leave status stale forever."""
+    await reconciler().reconcile(namespace, name)

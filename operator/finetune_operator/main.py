@@ -1,0 +1,55 @@
+"""`python -m finetune_operator`: run the operator with a liveness endpoint.
+
+`python -m finetune_operator render JOB.yaml` prints the children of a manifest instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import yaml
+
+
+def render_command(path: str) -> int:
+    from finetune_operator.api.validation import ManifestError, load_manifest
+    from finetune_operator.render import render_manifests
+
+    try:
+        job = load_manifest(path)
+    except ManifestError as exc:
+        for err in exc.errors:
+            print(f"error: {err}", file=sys.stderr)
+        return 3
+    yaml.safe_dump_all(render_manifests(job), sys.stdout, sort_keys=False)
+    return 0
+
+
+def run_operator() -> int:
+    import kopf
+
+    from finetune_operator import handlers  # noqa: F401 - registers the handlers
+    from finetune_operator.settings import Settings
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One INFO line per HTTP request drowns everything else at any scale.
+    for noisy in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    kopf.run(
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=settings.liveness_endpoint,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["render"] and len(args) == 2:
+        return render_command(args[1])
+    if args:
+        print("usage: python -m finetune_operator [render JOB.yaml]", file=sys.stderr)
+        return 2
+    return run_operator()

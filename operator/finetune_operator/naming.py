@@ -1,0 +1,72 @@
+"""Child names and labels, in one place.
+
+Every child is named after the FineTuneJob itself: the headless Service, the ConfigMap and the
+Indexed Job are all `<name>`, so rank 0's pod hostname is `<name>-0` and its DNS name
+`<name>-0.<name>` is the same for every attempt (MASTER_ADDR never changes).
+
+Attempts therefore reuse the Job name: attempt n+1 is created only after attempt n's Job is gone
+(foreground deletion, so its pods are gone too and no two gangs share a hostname). The attempt
+number lives in the `finetune.dev/attempt` label on the Job and its pods, and `status.attempts`
+is the attempt that should exist. This makes restarts deterministic and idempotent: whatever the
+operator sees after a crash, "Job attempt < status.attempts" means delete, "no Job" means create
+attempt `status.attempts`.
+"""
+
+from __future__ import annotations
+
+from finetune_operator.api.constants import (
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+)
+
+MANAGER = "finetune-operator"
+FIELD_MANAGER = MANAGER
+COMPONENT_TRAINER = "trainer"
+CONFIG_KEY = "job.yaml"
+CONFIG_DIR = "/etc/finetune"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+CHECKPOINT_DIR = "/checkpoints"
+CONTAINER_NAME = "trainer"
+# The Job controller's annotation/label carrying a pod's completion index.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def service_name(job_name: str) -> str:
+    return job_name
+
+
+def configmap_name(job_name: str) -> str:
+    return job_name
+
+
+def batch_job_name(job_name: str) -> str:
+    return job_name
+
+
+def master_addr(job_name: str) -> str:
+    """Rank 0's stable DNS name through the headless Service."""
+    return f"{batch_job_name(job_name)}-0.{service_name(job_name)}"
+
+
+def selector_labels(job_name: str) -> dict[str, str]:
+    """Labels that select every child of one FineTuneJob (and nothing else)."""
+    return {LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: job_name}
+
+
+def child_labels(job_name: str) -> dict[str, str]:
+    return {**selector_labels(job_name), LABEL_COMPONENT: COMPONENT_TRAINER}
+
+
+def attempt_labels(job_name: str, attempt: int) -> dict[str, str]:
+    return {**child_labels(job_name), LABEL_ATTEMPT: str(attempt)}
+
+
+def attempt_of(obj: dict) -> int:
+    """The attempt a Job or pod belongs to; 0 when unlabeled (not ours)."""
+    raw = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_ATTEMPT, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        return 0

@@ -1,0 +1,224 @@
+"""One reconcile pass: read → plan → act → write status → post Events.
+
+Every trigger (create/resume/update, a Job event, the progress timer, the resync timer) ends up
+here with the FineTuneJob's body. A per-object lock keeps two triggers from interleaving, and the
+pass always re-derives status at its end, because kopf does not retry event handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from finetune_operator import render, scrape
+from finetune_operator.api.constants import ConditionType, Phase, Reason
+from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobStatus
+from finetune_operator.api.validation import ManifestError, parse_manifest
+from finetune_operator.apply import ApplyRejected, Kube
+from finetune_operator.lifecycle import State, observe_job
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.settings import Settings
+from finetune_operator.status import Observed, Plan, plan
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+SECRET_NOT_FOUND = "SecretNotFound"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan
+    # Set when the caller should raise kopf.TemporaryError / PermanentError.
+    temporary: str | None = None
+    permanent: str | None = None
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _normal(status: Obj) -> Obj:
+    return FineTuneJobStatus.model_validate(status).model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, settings: Settings, metrics: OperatorMetrics) -> None:
+        self.kube, self.settings, self.metrics = kube, settings, metrics
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop((namespace, name), None)
+        self.metrics.observe_phase((namespace, name), None)
+
+    async def reconcile(
+        self, namespace: str, name: str, *, scrape: bool = False, children: bool = True
+    ) -> Outcome | None:
+        """One pass over the freshest copy of the object; None when it no longer exists.
+
+        The body is re-read inside the lock: a trigger's copy may predate the previous pass's
+        status write, and planning from a stale attempt counter could recreate an old attempt.
+        `children=False` (Job events, progress) skips re-applying the ConfigMap and Service
+        while a Job exists: they cannot have changed, and at scale those writes dominate.
+        """
+        started = time.perf_counter()
+        async with self._locks[(namespace, name)]:
+            try:
+                body = await self.kube.get_finetunejob(namespace, name)
+                if body is None:
+                    return None
+                return await self._reconcile(body, scrape, children)
+            except Exception as exc:
+                self.metrics.reconcile_errors.labels(kind=type(exc).__name__).inc()
+                raise
+            finally:
+                self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def _blocker(self, job: FineTuneJob) -> tuple[str, str, bool] | None:
+        hub = job.spec.output.hub
+        if hub is None or hub.token_secret_ref is None:
+            return None
+        ref = hub.token_secret_ref
+        found = await self.kube.secret_key_exists(job.metadata.namespace, ref.name, ref.key)
+        if found is None:
+            return (
+                SECRET_NOT_FOUND,
+                f"Secret {ref.name} (output.hub.tokenSecretRef) not found",
+                False,
+            )
+        if not found:
+            return SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}", False
+        return None
+
+    async def _observe(self, job: FineTuneJob, scrape_now: bool) -> Observed:
+        ns, name = job.metadata.namespace, job.metadata.name
+        batch = await self.kube.get_job(ns, name)
+        pods = await self.kube.list_pods(ns, name, _attempt(batch)) if batch else []
+        outcome = observe_job(batch, pods)
+        progress = None
+        now = now_rfc3339()
+        if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:
+            values = await scrape.scrape(outcome.rank0_ip, self.settings.scrape_timeout_seconds)
+            previous = (
+                job.status.progress.model_dump(mode="json", by_alias=True) if job.status else None
+            )
+            progress = scrape.progress_from_metrics(values, previous, now)
+        return Observed(now=now, job=batch, outcome=outcome, progress=progress)
+
+    async def _reconcile(self, body: Obj, scrape_now: bool, children: bool) -> Outcome:
+        try:
+            job = parse_manifest(body)
+        except ManifestError as exc:
+            # The CRD admitted it, so Python and CEL disagree; say so rather than loop.
+            return await self._fail_unparsable(body, str(exc))
+        name = job.metadata.name
+        previous = _normal(body.get("status") or {})
+        terminal = previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
+        observed = await self._observe(job, scrape_now)
+        blocker, permanent = None, None
+        if not terminal and (children or observed.outcome.state is State.ABSENT):
+            blocker = await self._blocker(job)
+            if blocker is None:
+                owner = render.owner_reference(name, job.metadata.uid or "")
+                try:
+                    await self.kube.apply(render.render_configmap(job, owner))
+                    await self.kube.apply(render.render_service(job, owner))
+                except ApplyRejected as exc:
+                    blocker, permanent = (Reason.APPLY_REJECTED, str(exc), True), str(exc)
+        observed = replace(observed, blocker=blocker)
+        result = plan(job, observed)
+        for _ in range(3):  # act, then look again so this pass writes the status it caused
+            if not result.actions:
+                break
+            try:
+                created = await self._act(job, result)
+            except ApplyRejected as exc:
+                permanent = str(exc)
+                observed = replace(observed, blocker=(Reason.APPLY_REJECTED, str(exc), True))
+                result = plan(job, observed)
+                break
+            job = job.model_copy(update={"status": FineTuneJobStatus.model_validate(result.status)})
+            transitions = result.transitions
+            if created is not None:  # a Job just born has no pods: no need to read it back
+                observed = Observed(
+                    now=now_rfc3339(), job=created, outcome=observe_job(created, [])
+                )
+            else:
+                observed = await self._observe(job, False)
+            result = plan(job, replace(observed, blocker=blocker))
+            result = replace(result, transitions=transitions + result.transitions)
+        await self._write(body, previous, result)
+        temporary = blocker[1] if blocker and not blocker[2] else None
+        return Outcome(plan=result, temporary=temporary, permanent=permanent)
+
+    async def _act(self, job: FineTuneJob, result: Plan) -> Obj | None:
+        """Carry out the plan; returns the Job this pass created, if it created one."""
+        ns, name = job.metadata.namespace, job.metadata.name
+        created = None
+        for action in result.actions:
+            if action.kind == "create":
+                owner = render.owner_reference(name, job.metadata.uid or "")
+                manifest = render.render_job(job, owner, action.attempt, self.settings)
+                created = await self.kube.create_job(manifest)
+                if created is not None:
+                    self.metrics.job_attempts.inc()
+                    if action.attempt > 1:
+                        self.metrics.restarts.inc()
+            elif action.kind == "delete":
+                await self.kube.delete_job(ns, name)
+            elif action.kind == "patch":
+                await self.kube.patch_job(ns, name, action.patch)
+        return created
+
+    async def _write(self, body: Obj, previous: Obj, result: Plan) -> None:
+        meta = body["metadata"]
+        status = _normal(result.status)
+        key = (meta["namespace"], meta["name"])
+        if status != previous:
+            await self.kube.patch_status(meta["namespace"], meta["name"], status)
+        self.metrics.observe_phase(key, status.get("phase"))
+        if status.get("phase") == Phase.RUNNING and previous.get("phase") != Phase.RUNNING:
+            created = meta.get("creationTimestamp")
+            if created:
+                elapsed = datetime.now(UTC) - datetime.fromisoformat(created.replace("Z", "+00:00"))
+                self.metrics.time_to_running.observe(max(elapsed.total_seconds(), 0.0))
+        for type_, reason, message in result.transitions:
+            warning = type_ == ConditionType.FAILED or reason == Reason.RESTARTING
+            await self.kube.post_event(
+                body, "Warning" if warning else "Normal", reason, message or type_
+            )
+
+    async def _fail_unparsable(self, body: Obj, message: str) -> Outcome:
+        meta = body["metadata"]
+        now = now_rfc3339()
+        status = {
+            "phase": Phase.FAILED,
+            "observedGeneration": meta.get("generation") or 0,
+            "conditions": [
+                {
+                    "type": ConditionType.FAILED,
+                    "status": "True",
+                    "reason": Reason.INVALID_SPEC,
+                    "message": message[:32768],
+                    "lastTransitionTime": now,
+                    "observedGeneration": meta.get("generation") or 0,
+                }
+            ],
+        }
+        previous = body.get("status") or {}
+        if previous.get("phase") != Phase.FAILED:
+            await self.kube.patch_status(meta["namespace"], meta["name"], status)
+            await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
+        return Outcome(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
+
+
+def _attempt(job: Obj | None) -> int:
+    from finetune_operator.naming import attempt_of
+
+    return attempt_of(job) if job else 0

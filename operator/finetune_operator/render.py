@@ -1,0 +1,164 @@
+"""Pure renderers: a FineTuneJob in, Kubernetes manifests (plain dicts) out.
+
+No kopf, no client, no clock: the same input always gives the same output, so golden files can
+pin every byte. The owner reference is passed in explicitly rather than taken from kopf's context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from finetune_operator import naming
+from finetune_operator.api.constants import (
+    API_VERSION,
+    KIND,
+    LABEL_KUEUE_QUEUE,
+    PERMANENT_EXIT_CODES,
+    RENDEZVOUS_PORT,
+    TRAINER_METRICS_PORT,
+)
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.podspec import pod_spec
+from finetune_operator.settings import Settings
+
+Manifest = dict[str, Any]
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def owner_reference(name: str, uid: str) -> Manifest:
+    """A controller owner reference to a FineTuneJob, so deleting it garbage-collects children."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str, owner: Manifest, labels: dict[str, str]) -> Manifest:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": labels,
+        "ownerReferences": [owner],
+    }
+
+
+def trainer_manifest(job: FineTuneJob) -> Manifest:
+    """The document the trainer reads: identity and spec only.
+
+    Status is the operator's business, and template.env is dropped because it may carry values
+    the user meant only for the container; the env reaches the pod through the pod spec anyway.
+    """
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec.get("template", {}).pop("env", None)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
+        "spec": spec,
+    }
+
+
+def render_configmap(job: FineTuneJob, owner: Manifest) -> Manifest:
+    name = job.metadata.name
+    text = yaml.safe_dump(trainer_manifest(job), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, naming.configmap_name(name), owner, naming.child_labels(name)),
+        "data": {naming.CONFIG_KEY: text},
+    }
+
+
+def render_service(job: FineTuneJob, owner: Manifest) -> Manifest:
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, naming.service_name(name), owner, naming.child_labels(name)),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve rank 0 before any pod is Ready: rendezvous is what makes it ready.
+            "publishNotReadyAddresses": True,
+            "selector": naming.selector_labels(name),
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT},
+                {"name": "metrics", "port": TRAINER_METRICS_PORT, "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settings) -> Manifest:
+    """The Indexed Job of one attempt: one pod per node, and the whole gang fails together."""
+    name, spec = job.metadata.name, job.spec
+    policy = spec.run_policy
+    nodes = spec.resources.nodes
+    labels = naming.attempt_labels(name, attempt)
+    job_labels = dict(labels)
+    if policy.queue_name:
+        job_labels[LABEL_KUEUE_QUEUE] = policy.queue_name
+    job_spec: Manifest = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        # A gang cannot survive one rank's death: no per-pod retries, the operator restarts the
+        # whole gang (from its checkpoint) as a new attempt.
+        "backoffLimit": 0,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": naming.CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [int(c) for c in PERMANENT_EXIT_CODES],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        # Kueue admits a queued Job by unsuspending it, so it must be born suspended.
+        "suspend": bool(policy.suspend or policy.queue_name),
+        "template": {
+            "metadata": {
+                "labels": labels,
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(TRAINER_METRICS_PORT),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
+            "spec": pod_spec(job, settings),
+        },
+    }
+    if policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, naming.batch_job_name(name), owner, job_labels),
+        "spec": job_spec,
+    }
+
+
+def render_manifests(job: FineTuneJob, settings: Settings | None = None) -> list[Manifest]:
+    """Every child of a FineTuneJob's first attempt, for `finetune render` (placeholder owner).
+
+    Without explicit settings the operator's environment applies (FINETUNE_TRAINER_IMAGE...),
+    so the CLI shows what the installed operator would create.
+    """
+    settings = settings or Settings.from_env()
+    owner = owner_reference(job.metadata.name, job.metadata.uid or PLACEHOLDER_UID)
+    return [
+        render_configmap(job, owner),
+        render_service(job, owner),
+        render_job(job, owner, attempt=1, settings=settings),
+    ]

@@ -1,0 +1,97 @@
+"""Training progress from rank 0's Prometheus endpoint.
+
+The scrape has a short timeout and never raises: a slow or restarting trainer must not stall the
+operator, it just leaves the last known progress in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from finetune_operator.api.constants import TRAINER_METRICS_PORT
+
+log = logging.getLogger(__name__)
+MAX_BODY = 1 << 20
+_GAUGES = {
+    "finetune_train_step": "step",
+    "finetune_train_total_steps": "totalSteps",
+    "finetune_train_epoch": "epoch",
+    "finetune_train_loss": "loss",
+    "finetune_train_tokens_per_second": "tokensPerSecond",
+}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Rank 0's values of the trainer gauges (samples of other ranks are skipped)."""
+    values: dict[str, float] = {}
+    try:
+        families = list(text_string_to_metric_families(text))
+    except (ValueError, TypeError):
+        return values
+    for family in families:
+        key = _GAUGES.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("rank", "0") == "0":
+                values[key] = float(sample.value)
+                break
+    return values
+
+
+def _seconds_between(earlier: str, later: str) -> float | None:
+    try:
+        a = datetime.fromisoformat(earlier.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(later.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (b - a).total_seconds()
+
+
+def progress_from_metrics(
+    values: dict[str, float], previous: dict[str, Any] | None, now: str
+) -> dict[str, Any] | None:
+    """A status.progress object; the ETA comes from the step rate since the previous reading."""
+    if "step" not in values:
+        return None
+    step = int(values["step"])
+    total = int(values.get("totalSteps", 0))
+    progress: dict[str, Any] = {
+        "step": step,
+        "totalSteps": total,
+        "epoch": round(max(values.get("epoch", 0.0), 0.0), 4),
+        "percent": min(100, int(step * 100 / total)) if total > 0 else 0,
+        "updatedAt": now,
+    }
+    if (loss := values.get("loss")) is not None and loss == loss:  # NaN != NaN
+        progress["loss"] = round(loss, 6)
+    if (tps := values.get("tokensPerSecond")) is not None and tps >= 0:
+        progress["tokensPerSecond"] = round(tps, 2)
+    prev_step = (previous or {}).get("step")
+    prev_at = (previous or {}).get("updatedAt")
+    if isinstance(prev_step, int) and prev_at and step > prev_step and total > step:
+        elapsed = _seconds_between(prev_at, now)
+        if elapsed and elapsed > 0:
+            progress["etaSeconds"] = int((total - step) * elapsed / (step - prev_step))
+    return progress
+
+
+async def scrape(ip: str, timeout: float, port: int = TRAINER_METRICS_PORT) -> dict[str, float]:
+    url = f"http://{ip}:{port}/metrics"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url) as resp,
+        ):
+            if resp.status != 200:
+                return {}
+            body = await resp.content.read(MAX_BODY)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        log.debug("scrape %s failed: %s", url, exc)
+        return {}
+    return parse_metrics(body.decode("utf-8", "replace"))

@@ -1,0 +1,47 @@
+"""Operator configuration, read once from the environment at start-up.
+
+Render functions take a `Settings` explicitly, so they stay pure and tests pass their own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    # Empty: cluster-wide. Otherwise the operator only watches these namespaces.
+    namespaces: tuple[str, ...] = ()
+    metrics_port: int = 8000
+    liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
+    # A resync pass re-derives status even if a watch event was lost (kopf#1276, #955).
+    resync_seconds: float = 60.0
+    progress_seconds: float = 10.0
+    scrape_timeout_seconds: float = 2.0
+    # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
+    shm_size: str = "1Gi"
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            trainer_image=env.get("FINETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+            image_pull_policy=env.get("FINETUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
+            namespaces=_csv(env.get("FINETUNE_WATCH_NAMESPACES")),
+            metrics_port=int(env.get("FINETUNE_METRICS_PORT", "8000")),
+            liveness_endpoint=env.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8080/healthz"),
+            resync_seconds=float(env.get("FINETUNE_RESYNC_SECONDS", "60")),
+            progress_seconds=float(env.get("FINETUNE_PROGRESS_SECONDS", "10")),
+            scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
+            shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
+        )

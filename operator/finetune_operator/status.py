@@ -1,0 +1,240 @@
+"""`plan(job, observed)`: the next status and the actions that lead there. Pure.
+
+Conditions are the truth; `phase` is a summary of them for the printer column. Each condition
+keeps its lastTransitionTime while its status stays the same, so re-deriving the same situation
+twice gives the same status and the operator writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator import naming
+from finetune_operator.api.constants import ConditionType, Phase, Reason
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.lifecycle import Action, Obj, Outcome, State, job_patch
+
+CT = ConditionType
+TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator read from the cluster in one pass."""
+
+    now: str
+    job: Obj | None = None
+    outcome: Outcome = field(default_factory=lambda: Outcome(State.ABSENT))
+    progress: Obj | None = None
+    # A problem found before the Job could be made: (condition reason, message, permanent).
+    blocker: tuple[str, str, bool] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: Obj
+    actions: list[Action]
+    # (type, reason, message) of conditions whose status changed: one Event each.
+    transitions: list[tuple[str, str, str]]
+
+
+class _Conditions:
+    def __init__(self, previous: list[Obj], now: str, generation: int) -> None:
+        self.by_type = {c["type"]: dict(c) for c in previous if "type" in c}
+        self.now, self.generation = now, generation
+
+    def set(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        value = "True" if status else "False"
+        old = self.by_type.get(type_)
+        changed = old is None or old.get("status") != value
+        self.by_type[type_] = {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message[:32768],
+            "lastTransitionTime": self.now if changed else old.get("lastTransitionTime", self.now),
+            "observedGeneration": self.generation,
+        }
+
+    def is_true(self, type_: str) -> bool:
+        return self.by_type.get(type_, {}).get("status") == "True"
+
+    def ordered(self) -> list[Obj]:
+        order = [str(t) for t in CT]
+        return sorted(
+            self.by_type.values(),
+            key=lambda c: order.index(c["type"]) if c["type"] in order else 99,
+        )
+
+
+def phase_of(conditions: _Conditions) -> Phase:
+    for type_, phase in (
+        (CT.FAILED, Phase.FAILED),
+        (CT.SUCCEEDED, Phase.SUCCEEDED),
+        (CT.SUSPENDED, Phase.SUSPENDED),
+        (CT.RUNNING, Phase.RUNNING),
+    ):
+        if conditions.is_true(type_):
+            return phase
+    return Phase.PENDING
+
+
+def evaluation_summary(evaluation: dict[str, Obj], gates: dict[str, float]) -> str | None:
+    if not evaluation:
+        return None
+    name = next((g for g in gates if g in evaluation), next(iter(evaluation)))
+    before, after = evaluation[name].get("before"), evaluation[name].get("after")
+    if before is not None and after is not None:
+        return f"{name} {before:.4g}→{after:.4g}"
+    value = after if after is not None else before
+    return f"{name} {value:.4g}" if value is not None else name
+
+
+def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
+    result = outcome.result
+    if result is None:
+        return
+    if result.evaluation:
+        status["evaluation"] = result.evaluation
+        conds.set(CT.EVALUATED, True, Reason.EVALUATED, ", ".join(result.evaluation))
+    if result.revision:
+        status["result"] = {
+            "repo": result.repo,
+            "revision": result.revision,
+            "url": result.url,
+            "artifact": result.artifact
+            if result.artifact in ("adapter", "merged", "full")
+            else "adapter",
+        }
+        conds.set(CT.PUSHED, True, Reason.PUSHED, f"{result.repo}@{result.revision}")
+    if result.steps is not None or result.train_loss is not None:
+        progress = dict(status.get("progress") or {})
+        if result.steps is not None:
+            progress["step"] = result.steps
+            progress["totalSteps"] = max(progress.get("totalSteps") or 0, result.steps)
+        if result.train_loss is not None:
+            progress["loss"] = result.train_loss
+        status["progress"] = progress
+
+
+def _finish(status: Obj, conds: _Conditions, now: str, ok: bool, reason: str, msg: str) -> None:
+    conds.set(CT.RUNNING, False, reason, msg)
+    conds.set(CT.SUCCEEDED if ok else CT.FAILED, True, reason, msg)
+    if conds.by_type.get(CT.SUSPENDED, {}).get("status") == "True":
+        conds.set(CT.SUSPENDED, False, reason, "finished")
+    status["completionTime"] = status.get("completionTime") or now
+    if ok:
+        status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}
+
+
+def plan(job: FineTuneJob, observed: Observed) -> Plan:
+    prev: Obj = (
+        job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
+    )
+    generation = job.metadata.generation or 0
+    name, policy = job.metadata.name, job.spec.run_policy
+    conds = _Conditions(prev.get("conditions") or [], observed.now, generation)
+    status: Obj = {**prev, "observedGeneration": generation}
+    status["workload"] = {
+        "jobName": naming.batch_job_name(name),
+        "serviceName": naming.service_name(name),
+    }
+    attempts = max(int(prev.get("attempts") or 0), 1)
+    actions: list[Action] = []
+    out = observed.outcome
+    if out.state is not State.ABSENT and out.attempt > attempts:
+        attempts = out.attempt  # created, then crashed before the status write
+    status["attempts"] = attempts
+    terminal = prev.get("phase") in TERMINAL and (
+        conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
+    )
+
+    if terminal:
+        pass  # a finished FineTuneJob never starts again (even when the Job's TTL removes it)
+    elif observed.blocker is not None:
+        reason, message, permanent = observed.blocker
+        if permanent:
+            _finish(status, conds, observed.now, False, reason, message)
+        else:
+            conds.set(CT.CREATED, False, reason, message)
+    elif out.state is State.ABSENT:
+        actions.append(Action("create", attempt=attempts))
+    elif out.deleting:
+        pass  # the old gang is going; its DELETED event brings the next pass
+    elif out.attempt < attempts:
+        actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+    elif out.state is State.SUCCEEDED:
+        _apply_result(status, out, conds)
+        _finish(status, conds, observed.now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
+    elif out.state is State.FAILED:
+        _apply_result(status, out, conds)
+        if out.permanent:
+            _finish(status, conds, observed.now, False, out.reason, out.message)
+        elif attempts <= policy.backoff_limit:
+            # Record the next attempt before deleting, so a crash in between still restarts.
+            status["attempts"] = attempts + 1
+            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+            conds.set(
+                CT.RUNNING,
+                False,
+                Reason.RESTARTING,
+                f"attempt {attempts} failed ({out.message[:512]}); starting attempt {attempts + 1}",
+            )
+        else:
+            msg = f"{attempts} attempt(s) failed; last: {out.message[:512]}"
+            _finish(status, conds, observed.now, False, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
+    else:
+        conds.set(
+            CT.CREATED,
+            True,
+            Reason.WORKLOAD_CREATED,
+            f"Job {naming.batch_job_name(name)} attempt {out.attempt}",
+        )
+        if observed.job is not None and (patch := job_patch(observed.job, policy)):
+            actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
+        if policy.suspend:
+            conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, "runPolicy.suspend is true")
+            conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
+        else:
+            if conds.is_true(CT.SUSPENDED):
+                conds.set(CT.SUSPENDED, False, Reason.RESUMED, "runPolicy.suspend is false")
+            if out.state is State.RUNNING:
+                conds.set(
+                    CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running"
+                )
+                status["startTime"] = status.get("startTime") or observed.now
+            elif out.state is State.SUSPENDED and policy.queue_name:
+                conds.set(
+                    CT.RUNNING, False, "Queued", f"waiting for Kueue queue {policy.queue_name}"
+                )
+        if observed.progress and out.state is State.RUNNING:
+            status["progress"] = observed.progress
+
+    status["conditions"] = conds.ordered()
+    status["phase"] = str(phase_of(conds))
+    if status.get("evaluation"):
+        summary = evaluation_summary(status["evaluation"], job.spec.evaluation.gates)
+        if summary:
+            status["evaluationSummary"] = summary[:256]
+    return Plan(status=status, actions=actions, transitions=_transitions(prev, status))
+
+
+def _transitions(prev: Obj, new: Obj) -> list[tuple[str, str, str]]:
+    before = {c["type"]: (c.get("status"), c.get("reason")) for c in prev.get("conditions") or []}
+    out = []
+    for c in new["conditions"]:
+        if before.get(c["type"]) != (c["status"], c["reason"]):
+            out.append(
+                (
+                    c["type"] if c["status"] == "True" else f"Not{c['type']}",
+                    c["reason"],
+                    c["message"],
+                )
+            )
+    return out
+
+
+def derive_status(job: FineTuneJob, observed: Observed) -> dict[str, Any]:
+    """The status the FineTuneJob should have after this pass."""
+    return plan(job, observed).status

@@ -1,0 +1,357 @@
+"""The operator as a subprocess against a real API server, Job controller and GC.
+
+There is no kubelet: the tests play it by patching pods/status, and the real Job controller
+reacts. Every wait polls with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from fixtures.cluster import (
+    ftj_manifest,
+    patch_pod_status,
+    running_status,
+    terminated_status,
+)
+
+if TYPE_CHECKING:
+    from fixtures.operator import Operator
+
+pytest_plugins = ["fixtures.operator"]
+
+WaitUntil = Callable[..., Any]
+GOLDEN = Path(__file__).resolve().parents[1] / "unit" / "golden"
+RESULT = {
+    "status": "Succeeded",
+    "reason": "PushedToHub",
+    "message": "pushed",
+    "evaluation": {"accuracy": {"before": 0.52, "after": 0.81}},
+    "repo": "org/x",
+    "revision": "0123456789abcdef",
+    "url": "https://huggingface.co/org/x/commit/0123456789abcdef",
+    "artifact": "adapter",
+    "steps": 30,
+    "trainLoss": 0.4,
+}
+
+
+def get(kubectl: Any, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    proc = kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def ftj_status(kubectl: Any, namespace: str, name: str) -> dict[str, Any]:
+    return (get(kubectl, namespace, "finetunejob", name) or {}).get("status") or {}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def pods(kubectl: Any, namespace: str, name: str, attempt: int) -> list[dict[str, Any]]:
+    sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
+    items = kubectl.json("-n", namespace, "get", "pods", "-l", sel)["items"]
+    return sorted(
+        items,
+        key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]),
+    )
+
+
+def wait_pods(kubectl: Any, wait_until: WaitUntil, ns: str, name: str, attempt: int, n: int):
+    return wait_until(
+        lambda: (p := pods(kubectl, ns, name, attempt)) and len(p) == n and p,
+        timeout=60,
+        message=f"{n} pods of attempt {attempt}",
+    )
+
+
+def wait_phase(kubectl: Any, wait_until: WaitUntil, ns: str, name: str, phase: str, timeout=90):
+    return wait_until(
+        lambda: (s := ftj_status(kubectl, ns, name)).get("phase") == phase and s,
+        timeout=timeout,
+        message=f"{ns}/{name} phase {phase} (now {ftj_status(kubectl, ns, name).get('phase')})",
+    )
+
+
+def finish_pods(kubectl: Any, ns: str, pod_list: list[dict[str, Any]], exit_code: int, msg=""):
+    for i, pod in enumerate(pod_list):
+        message = msg if i == 0 else ""
+        status = terminated_status(pod, exit_code if i == 0 else (exit_code or 0), message)
+        patch_pod_status(kubectl, ns, pod["metadata"]["name"], status)
+
+
+@pytest.fixture
+def hf_secret(kubectl: Any, namespace: str) -> str:
+    kubectl(
+        "-n", namespace, "create", "secret", "generic", "hf-token", "--from-literal=token=s3cr3t"
+    )
+    return "hf-token"
+
+
+@pytest.fixture
+def metrics_endpoint() -> Iterator[None]:
+    """A stand-in for rank 0's trainer metrics on 127.0.0.1:9400 (the pod IP the test sets)."""
+    body = "\n".join(
+        [
+            "# TYPE finetune_train_step gauge",
+            'finetune_train_step{finetunejob="x",namespace="n",rank="0"} 25',
+            "# TYPE finetune_train_total_steps gauge",
+            'finetune_train_total_steps{finetunejob="x",namespace="n",rank="0"} 100',
+            "# TYPE finetune_train_loss gauge",
+            'finetune_train_loss{finetunejob="x",namespace="n",rank="0"} 1.5',
+        ]
+    ).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    try:
+        server = HTTPServer(("127.0.0.1", 9400), Handler)
+    except OSError:
+        pytest.skip("port 9400 busy")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield
+    server.shutdown()
+
+
+def test_create_renders_children(operator: Operator, kubectl, namespace, wait_until, hf_secret):
+    manifest = ftj_manifest(
+        "demo",
+        namespace,
+        output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": hf_secret}}},
+    )
+    kubectl.apply(manifest)
+    job = wait_until(lambda: get(kubectl, namespace, "job", "demo"), timeout=30, message="Job")
+    svc = get(kubectl, namespace, "service", "demo")
+    cm = get(kubectl, namespace, "configmap", "demo")
+    assert svc and cm
+    ftj = get(kubectl, namespace, "finetunejob", "demo")
+    uid = ftj["metadata"]["uid"]  # type: ignore[index]
+    for obj in (job, svc, cm):
+        ref = obj["metadata"]["ownerReferences"][0]
+        assert (ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == (uid, True, True)
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 2
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "demo"
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MASTER_ADDR"]["value"] == "demo-0.demo"
+    assert env["NNODES"]["value"] == "2"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    doc = yaml.safe_load(cm["data"]["job.yaml"])  # type: ignore[index]
+    assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    assert "s3cr3t" not in json.dumps(cm) + json.dumps(job)
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kubectl, namespace, "demo")).get("attempts") == 1
+            and condition(s, "Created").get("status") == "True"
+            and s
+        ),
+        timeout=30,
+        message="Created condition",
+    )
+    assert status["phase"] == "Pending"
+    assert status["workload"] == {"jobName": "demo", "serviceName": "demo"}
+    assert status["observedGeneration"] == ftj["metadata"]["generation"]  # type: ignore[index]
+    table = kubectl("-n", namespace, "get", "ftj").stdout
+    assert table.split("\n")[0].split()[:3] == ["NAME", "PHASE", "NODES"]
+    assert "Pending" in table
+
+
+def test_success_progress_and_result(
+    operator: Operator, kubectl, namespace, wait_until, metrics_endpoint
+):
+    kubectl.apply(ftj_manifest("ok", namespace))
+    pod_list = wait_pods(kubectl, wait_until, namespace, "ok", 1, 2)
+    for pod in pod_list:
+        patch_pod_status(
+            kubectl, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1")
+        )
+    status = wait_phase(kubectl, wait_until, namespace, "ok", "Running")
+    assert status["startTime"]
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kubectl, namespace, "ok")).get("progress", {}).get("step") == 25 and s
+        ),
+        timeout=60,
+        message="progress scraped from rank 0",
+    )
+    assert status["progress"]["percent"] == 25
+    finish_pods(kubectl, namespace, pod_list, 0, json.dumps(RESULT))
+    status = wait_phase(kubectl, wait_until, namespace, "ok", "Succeeded")
+    assert status["evaluation"]["accuracy"] == {"before": 0.52, "after": 0.81}
+    assert status["evaluationSummary"] == "accuracy 0.52→0.81"
+    assert status["result"]["revision"] == RESULT["revision"]
+    assert status["completionTime"]
+    assert condition(status, "Pushed")["status"] == "True"
+    row = kubectl("-n", namespace, "get", "ftj", "ok", "--no-headers").stdout
+    assert "Succeeded" in row and RESULT["revision"] in row and "100" in row
+    events = kubectl("-n", namespace, "get", "events", "--field-selector=involvedObject.name=ok")
+    assert "TrainingCompleted" in events.stdout
+    assert "finetune_operator_jobs" in operator.metrics()
+
+
+def test_retry_then_backoff_limit(operator: Operator, kubectl, namespace, wait_until):
+    kubectl.apply(ftj_manifest("retry", namespace, runPolicy={"backoffLimit": 1}))
+    first = wait_pods(kubectl, wait_until, namespace, "retry", 1, 2)
+    finish_pods(kubectl, namespace, first[:1], 1, "CUDA error: retryable")
+    second = wait_pods(kubectl, wait_until, namespace, "retry", 2, 2)
+    job = get(kubectl, namespace, "job", "retry")
+    assert job and job["metadata"]["labels"]["finetune.dev/attempt"] == "2"
+    assert ftj_status(kubectl, namespace, "retry")["attempts"] == 2
+    finish_pods(kubectl, namespace, second[:1], 137)
+    status = wait_phase(kubectl, wait_until, namespace, "retry", "Failed")
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert status["attempts"] == 2
+
+
+def test_permanent_exit_code_fails_at_once(operator: Operator, kubectl, namespace, wait_until):
+    kubectl.apply(ftj_manifest("gate", namespace, runPolicy={"backoffLimit": 3}))
+    pod_list = wait_pods(kubectl, wait_until, namespace, "gate", 1, 2)
+    msg = json.dumps({"status": "Failed", "reason": "EvaluationGateFailed", "message": "acc 0.3"})
+    finish_pods(kubectl, namespace, pod_list[:1], 4, msg)
+    status = wait_phase(kubectl, wait_until, namespace, "gate", "Failed")
+    assert condition(status, "Failed")["reason"] == "EvaluationGateFailed"
+    assert status["attempts"] == 1
+
+
+def test_suspend_and_resume(operator: Operator, kubectl, namespace, wait_until):
+    kubectl.apply(ftj_manifest("sus", namespace, runPolicy={"suspend": True}))
+    wait_until(
+        lambda: (j := get(kubectl, namespace, "job", "sus")) and j["spec"]["suspend"] is True,
+        timeout=30,
+        message="suspended Job",
+    )
+    wait_phase(kubectl, wait_until, namespace, "sus", "Suspended")
+    kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "ftj",
+        "sus",
+        "--type=merge",
+        "-p",
+        '{"spec": {"runPolicy": {"suspend": false}}}',
+    )
+    wait_until(
+        lambda: (j := get(kubectl, namespace, "job", "sus")) and j["spec"]["suspend"] is False,
+        timeout=30,
+        message="resumed Job",
+    )
+    status = wait_phase(kubectl, wait_until, namespace, "sus", "Pending")
+    assert condition(status, "Suspended")["reason"] == "Resumed"
+
+
+def test_kueue_queue_label(operator: Operator, kubectl, namespace, wait_until):
+    kubectl.apply(ftj_manifest("queued", namespace, runPolicy={"queueName": "team-a"}))
+    job = wait_until(lambda: get(kubectl, namespace, "job", "queued"), timeout=30, message="Job")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+
+
+def test_missing_secret_then_created(operator: Operator, kubectl, namespace, wait_until):
+    manifest = ftj_manifest(
+        "nosecret", namespace, output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": "hf"}}}
+    )
+    kubectl.apply(manifest)
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kubectl, namespace, "nosecret"))
+            and condition(s, "Created").get("reason") == "SecretNotFound"
+            and s
+        ),
+        timeout=30,
+        message="SecretNotFound condition",
+    )
+    assert "hf" in condition(status, "Created")["message"]
+    assert get(kubectl, namespace, "job", "nosecret") is None
+    kubectl("-n", namespace, "create", "secret", "generic", "hf", "--from-literal=token=x")
+    wait_until(lambda: get(kubectl, namespace, "job", "nosecret"), timeout=60, message="Job")
+
+
+def test_delete_garbage_collects_children(operator: Operator, kubectl, namespace, wait_until):
+    kubectl.apply(ftj_manifest("gc", namespace))
+    wait_until(lambda: get(kubectl, namespace, "job", "gc"), timeout=30, message="Job")
+    kubectl("-n", namespace, "delete", "ftj", "gc", "--wait=false")
+    for kind in ("job", "service", "configmap"):
+        wait_until(
+            lambda kind=kind: get(kubectl, namespace, kind, "gc") is None,
+            timeout=60,
+            message=f"{kind} collected",
+        )
+
+
+def test_gpu_and_tpu_renders_are_accepted(operator: Operator, kubectl, namespace, wait_until):
+    for case in ("gpu", "tpu"):
+        doc = yaml.safe_load((GOLDEN / f"{case}.input.yaml").read_text())
+        doc["metadata"]["namespace"] = namespace
+        kubectl.apply(doc)
+    for name in ("llama-qlora", "gemma-tpu"):
+        job = wait_until(lambda n=name: get(kubectl, namespace, "job", n), timeout=30, message=name)
+        assert job["spec"]["suspend"] is True
+    gpu = get(kubectl, namespace, "job", "llama-qlora")
+    limits = gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]  # type: ignore[index]
+    assert limits["nvidia.com/gpu"] == "8"
+
+
+def test_kill_and_restart_makes_no_duplicates(operator: Operator, kubectl, namespace, wait_until):
+    names = [f"k{i}" for i in range(6)]
+    kubectl.apply(
+        {"apiVersion": "v1", "kind": "List", "items": [ftj_manifest(n, namespace) for n in names]}
+    )
+    operator.kill()
+    operator.start()
+    for n in names:
+        wait_until(
+            lambda n=n: (
+                ftj_status(kubectl, namespace, n).get("attempts") == 1
+                and get(kubectl, namespace, "job", n)
+            ),
+            timeout=60,
+            message=f"{n} Job after restart",
+        )
+    uids = {n: get(kubectl, namespace, "job", n)["metadata"]["uid"] for n in names}  # type: ignore[index]
+    operator.kill()
+    operator.start()
+    for n in names:
+        wait_until(lambda n=n: len(pods(kubectl, namespace, n, 1)) == 2, timeout=30, message=n)
+    jobs = kubectl.json("-n", namespace, "get", "jobs")["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(names)
+    assert {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs} == uids
+    for n in names:
+        assert ftj_status(kubectl, namespace, n)["attempts"] == 1
+        assert len(pods(kubectl, namespace, n, 1)) == 2
+
+
+def test_rejected_render_fails_with_apply_rejected(
+    operator: Operator, kubectl, namespace, wait_until
+):
+    # The schema passes template.volumes through unchecked; the API server refuses the Job.
+    bad = ftj_manifest("rejected", namespace, template={"volumes": [{"name": "Not_A_DNS_Label"}]})
+    kubectl.apply(bad)
+    status = wait_phase(kubectl, wait_until, namespace, "rejected", "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "ApplyRejected"
+    assert "Not_A_DNS_Label" in failed["message"]
+    assert get(kubectl, namespace, "job", "rejected") is None

@@ -1,0 +1,175 @@
+"""Bad input: the API server (schema + CEL) and parse_manifest reject the same manifests.
+
+Each row is applied with kubectl to the real API server and must be refused with a message
+naming the field, and must also be refused by `parse_manifest`, which proves the CRD's rules
+and the Python rules agree. No operator runs here; only the CRD is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from finetune_operator.api.validation import ManifestError, parse_manifest
+
+pytest_plugins = ["fixtures.operator"]
+
+BASE: dict[str, Any] = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "bad"},
+    "spec": {"model": {"source": "hf://org/model"}, "dataset": {"source": "hf://org/data"}},
+}
+
+
+def _set(doc: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = doc
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+
+
+_DELETE = object()
+CLS = {"spec.model.task": "sequence-classification", "spec.model.numLabels": 2}
+# id, changes (dotted path -> value), substring the error must contain
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("no-model", {"spec.model": _DELETE}, "model"),
+    ("no-model-source", {"spec.model.source": _DELETE}, "source"),
+    ("model-source-scheme", {"spec.model.source": "s3://bucket/m"}, "spec.model.source"),
+    ("dataset-source-scheme", {"spec.dataset.source": "http://x/d"}, "spec.dataset.source"),
+    ("task-enum", {"spec.model.task": "translation"}, "task"),
+    ("numlabels-on-causal", {"spec.model.numLabels": 3}, "numLabels"),
+    ("cls-needs-numlabels", {"spec.model.task": "sequence-classification"}, "numLabels"),
+    ("numlabels-min", {**CLS, "spec.model.numLabels": 1}, "numLabels"),
+    (
+        "split-and-fraction",
+        {"spec.dataset.evalSplit": "test", "spec.dataset.evalFraction": 0.1},
+        "evalFraction",
+    ),
+    ("fraction-max", {"spec.dataset.evalFraction": 0.9}, "evalFraction"),
+    ("prompt-without-response", {"spec.dataset.promptField": "q"}, "responseField"),
+    ("peft-method-enum", {"spec.peft.method": "prefix"}, "method"),
+    ("peft-r-min", {"spec.peft.r": 0}, "r"),
+    ("peft-dropout-max", {"spec.peft.dropout": 0.95}, "dropout"),
+    (
+        "target-modules-max",
+        {"spec.peft.targetModules": [f"m{i}" for i in range(65)]},
+        "targetModules",
+    ),
+    ("epochs-min", {"spec.training.epochs": 0}, "epochs"),
+    ("max-steps-min", {"spec.training.maxSteps": 0}, "maxSteps"),
+    ("lr-positive", {"spec.training.learningRate": 0}, "learningRate"),
+    ("precision-enum", {"spec.training.precision": "int8"}, "precision"),
+    ("seq-length-min", {"spec.training.maxSeqLength": 4}, "maxSeqLength"),
+    ("qlora-needs-gpu", {"spec.peft.method": "qlora"}, "peft.method"),
+    ("gate-not-computed", {"spec.evaluation.gates": {"bleu": 0.5}}, "gates"),
+    ("perplexity-on-cls", {**CLS, "spec.evaluation.metrics": ["perplexity"]}, "metrics"),
+    ("accuracy-on-causal", {"spec.evaluation.metrics": ["accuracy"]}, "metrics"),
+    ("hub-repo-pattern", {"spec.output.hub": {"repo": "bad repo!"}}, "repo"),
+    (
+        "hub-endpoint-pattern",
+        {"spec.output.hub": {"repo": "o/r", "endpoint": "ftp://x"}},
+        "endpoint",
+    ),
+    (
+        "secret-name-empty",
+        {"spec.output.hub": {"repo": "o/r", "tokenSecretRef": {"name": ""}}},
+        "name",
+    ),
+    ("accelerator-enum", {"spec.resources.accelerator": {"type": "amd.com/gpu"}}, "type"),
+    ("cpu-count", {"spec.resources.accelerator": {"type": "cpu", "count": 2}}, "count"),
+    ("gpu-count", {"spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 0}}, "count"),
+    (
+        "tpu-needs-tpu",
+        {"spec.resources.accelerator": {"type": "google.com/tpu", "count": 4}},
+        "tpu",
+    ),
+    (
+        "tpu-topology",
+        {
+            "spec.resources.accelerator": {
+                "type": "google.com/tpu",
+                "count": 4,
+                "tpu": {"accelerator": "v5", "topology": "big"},
+            }
+        },
+        "topology",
+    ),
+    ("nodes-min", {"spec.resources.nodes": 0}, "nodes"),
+    ("nodes-max", {"spec.resources.nodes": 300}, "nodes"),
+    ("backoff-min", {"spec.runPolicy.backoffLimit": -1}, "backoffLimit"),
+    ("deadline-min", {"spec.runPolicy.activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
+    ("queue-name-length", {"spec.runPolicy.queueName": "q" * 64}, "queueName"),
+    ("name-too-long", {"metadata.name": "a" * 51}, "metadata.name"),
+    ("name-with-dots", {"metadata.name": "a.b"}, "metadata.name"),
+    ("unknown-field", {"spec.model.flavour": "x"}, "flavour"),
+]
+
+
+def manifest(changes: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        _set(doc, path, value)
+    if namespace:
+        doc["metadata"]["namespace"] = namespace
+    return doc
+
+
+@pytest.fixture(scope="module")
+def bad_ns(kubectl: Any) -> Iterator[str]:
+    """One namespace for the whole table: rejected objects leave nothing behind to isolate."""
+    name = f"ftj-bad-{secrets.token_hex(4)}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+def test_table_is_big_enough() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize(("changes", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rejected_by_api_server_and_python(
+    crd: str, kubectl: Any, bad_ns: str, changes: dict[str, Any], field: str
+) -> None:
+    doc = manifest(changes, bad_ns)
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(doc)
+    assert field in str(info.value), f"python: {info.value}"
+    proc = kubectl.apply(doc, check=False)
+    assert proc.returncode != 0, f"API server accepted {json.dumps(doc)}"
+    assert field in proc.stderr, proc.stderr
+
+
+def test_valid_base_is_accepted(crd: str, kubectl: Any, namespace: str) -> None:
+    doc = manifest({}, namespace)
+    parse_manifest(doc)
+    kubectl.apply(doc)
+
+
+def test_spec_is_immutable_but_suspend_is_not(crd: str, kubectl: Any, namespace: str) -> None:
+    kubectl.apply(manifest({}, namespace))
+    patch = json.dumps({"spec": {"model": {"source": "hf://org/other"}}})
+    proc = kubectl("-n", namespace, "patch", "ftj", "bad", "--type=merge", "-p", patch, check=False)
+    assert proc.returncode != 0 and "immutable" in proc.stderr, proc.stderr
+    patch = json.dumps({"spec": {"runPolicy": {"backoffLimit": 7}}})
+    proc = kubectl("-n", namespace, "patch", "ftj", "bad", "--type=merge", "-p", patch, check=False)
+    assert proc.returncode != 0 and "immutable" in proc.stderr, proc.stderr
+    for field, value in (
+        ("suspend", True),
+        ("activeDeadlineSeconds", 60),
+        ("ttlSecondsAfterFinished", 5),
+    ):
+        patch = json.dumps({"spec": {"runPolicy": {field: value}}})
+        kubectl("-n", namespace, "patch", "ftj", "bad", "--type=merge", "-p", patch)
+    got = kubectl.json("-n", namespace, "get", "ftj", "bad")
+    assert got["spec"]["runPolicy"]["suspend"] is True
