@@ -1,0 +1,230 @@
+"""push_to_hub against the local Hub-API test double, with the real huggingface_hub and peft.
+
+The push itself passes the endpoint to HfApi explicitly. The checks that read the result back
+(ModelCard.load, PeftModel.from_pretrained) use huggingface_hub's module-level endpoint, which is
+read from HF_ENDPOINT at import time (possibly by another test module), so those constants are
+patched for the duration of a test.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_trainer.publish import PushError, PushResult, push_to_hub, redact
+
+hub_double = pytest.importorskip("finetune_trainer.testing.hub_double")
+torch = pytest.importorskip("torch")
+
+TOKEN = "hf_publishtest_good_0123456789abcdef"
+BAD_TOKEN = "hf_publishtest_bad_9876543210fedcba"
+REPO = "test-org/tiny-gpt2-lora"
+SCORES = {"perplexity": {"before": 60.0, "after": 42.0}}
+
+
+def make_job(endpoint: str | None, repo: str = REPO) -> FineTuneJob:
+    hub: dict[str, Any] = {"repo": repo, "private": True}
+    if endpoint:
+        hub["endpoint"] = endpoint
+    return FineTuneJob.model_validate(
+        {
+            "metadata": {"name": "tiny-gpt2", "namespace": "ml"},
+            "spec": {
+                "model": {"source": "hf://test-org/tiny-gpt2"},
+                "dataset": {"source": "hf://test-org/tiny-text", "evalSplit": "test"},
+                "peft": {"r": 2, "alpha": 4, "targetModules": ["c_attn"]},
+                "evaluation": {"metrics": ["perplexity"], "gates": {"perplexity": 100}},
+                "output": {"hub": hub},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # A low LFS threshold sends the adapter weights through the LFS upload path, as on the Hub.
+    double = hub_double.HubDouble(
+        tmp_path_factory.mktemp("hub-root"), tokens=[TOKEN], lfs_threshold=1000
+    )
+    endpoint = double.start()
+    yield endpoint
+    double.stop()
+
+
+@pytest.fixture
+def hf_env(hub: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Handler]:
+    """Point huggingface_hub at the double and capture every log record at DEBUG."""
+    from huggingface_hub import constants, hf_api
+    from huggingface_hub.utils import logging as hf_logging
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    # hf_api's module-level functions (file_exists, used by peft) are bound to a singleton HfApi
+    # whose endpoint was fixed when hf_api was first imported.
+    monkeypatch.setattr(hf_api.api, "endpoint", hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    handler = Collect(logging.DEBUG)
+    handler.records = records  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    old_root, old_hf = root.level, hf_logging.get_verbosity()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    hf_logging.set_verbosity_debug()
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(old_root)
+    hf_logging.set_verbosity(old_hf)
+
+
+def tiny_adapter(tmp_path: Path) -> tuple[Any, Path, Path]:
+    """A tiny GPT-2 base (saved) and a non-trivial LoRA r=2 adapter on it (saved)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "artifact"
+    GPT2LMHeadModel(config).save_pretrained(base_dir)
+    base = GPT2LMHeadModel.from_pretrained(base_dir)
+    # init_lora_weights=False: random B too, so the adapter changes the logits and a wrong or
+    # missing download would show.
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, lora).eval()
+    model.save_pretrained(adapter_dir)
+    return model, base_dir, adapter_dir
+
+
+def test_push_adapter_round_trip(hub: str, hf_env: logging.Handler, tmp_path: Path, capfd) -> None:
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download, metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    model, base_dir, adapter_dir = tiny_adapter(tmp_path)
+    result = push_to_hub(make_job(hub), adapter_dir, SCORES, "adapter")
+
+    assert isinstance(result, PushResult)
+    api = HfApi(endpoint=hub, token=TOKEN)
+    info = api.repo_info(REPO)
+    assert result.repo == REPO
+    assert result.revision == info.sha
+    assert result.url == f"{hub}/{REPO}/commit/{info.sha}"
+    assert info.private is True
+    files = set(api.list_repo_files(REPO, revision=result.revision))
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= files
+    assert (adapter_dir / "README.md").is_file()
+    (weights,) = api.get_paths_info(REPO, ["adapter_model.safetensors"], revision=result.revision)
+    assert weights.lfs is not None  # went through the LFS upload path
+
+    card = ModelCard.load(REPO, token=TOKEN)
+    assert card.data.base_model == "test-org/tiny-gpt2"
+    assert card.data.library_name == "peft"
+    readme = hf_hub_download(REPO, "README.md", revision=result.revision, token=TOKEN)
+    meta = metadata_load(readme)
+    assert meta is not None
+    _, results = model_index_to_eval_results(meta["model-index"])
+    assert [(r.metric_type, r.metric_value) for r in results] == [("perplexity", 42.0)]
+
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        base = GPT2LMHeadModel.from_pretrained(base_dir)
+        plain = base(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(base, REPO, revision=result.revision, token=TOKEN)
+        got = loaded.eval()(input_ids=ids).logits
+    assert not torch.allclose(plain, expected)  # the adapter matters
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    out, err = capfd.readouterr()
+    logs = "\n".join(hf_env.records)  # type: ignore[attr-defined]
+    assert logs  # DEBUG logging was on, so the check below means something
+    for text in (logs, out, err):
+        assert TOKEN not in text
+
+
+def test_second_push_is_a_new_commit_on_the_same_repo(
+    hub: str, hf_env: logging.Handler, tmp_path: Path
+) -> None:
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    job = make_job(hub, repo="test-org/twice")
+    first = push_to_hub(job, folder, SCORES, "adapter")
+    (folder / "adapter_config.json").write_text('{"r": 2}')
+    second = push_to_hub(job, folder, SCORES, "adapter")
+    assert first.revision != second.revision
+    from huggingface_hub import HfApi
+
+    assert HfApi(endpoint=hub, token=TOKEN).repo_info("test-org/twice").sha == second.revision
+
+
+def test_endpoint_from_env_when_spec_has_none(
+    hub: str, hf_env: logging.Handler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub + "/")
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    result = push_to_hub(make_job(None, repo="test-org/from-env"), folder, {}, "merged")
+    assert result.url.startswith(hub + "/test-org/from-env/commit/")
+
+
+def test_bad_token_is_redacted(
+    hub: str,
+    hf_env: logging.Handler,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BAD_TOKEN)
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    with pytest.raises(PushError) as info:
+        push_to_hub(make_job(hub, repo="test-org/rejected"), folder, SCORES, "adapter")
+    message = str(info.value)
+    assert "401" in message or "nauthorized" in message or "credentials" in message.lower()
+    assert info.value.__suppress_context__
+    out, err = capfd.readouterr()
+    logs = "\n".join(hf_env.records)  # type: ignore[attr-defined]
+    for text in (message, repr(info.value), logs, out, err):
+        assert BAD_TOKEN not in text
+
+
+def test_no_hub_output_or_folder_is_an_error(tmp_path: Path) -> None:
+    job = make_job(None)
+    job.spec.output.hub = None
+    with pytest.raises(PushError, match=r"output\.hub"):
+        push_to_hub(job, tmp_path, {}, "adapter")
+    with pytest.raises(PushError, match="does not exist"):
+        push_to_hub(make_job(None), tmp_path / "missing", {}, "adapter")
+
+
+def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "s3cr3t-value")
+    assert redact("token=s3cr3t-value here") == "token=*** here"
+    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
+    assert redact("leaked hf_abcdefghijklmnopqrstuvwxyz0123") == "leaked ***"
+    monkeypatch.delenv("HF_TOKEN")
+    assert redact("nothing to hide") == "nothing to hide"

@@ -1,0 +1,161 @@
+"""TrainerMetrics: two rank exporters in one process, scraped over HTTP."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from finetune_trainer.telemetry import STARTUP_PHASES, TrainerMetrics, flops_per_token
+
+LABELS = {"finetunejob": "tiny-lora", "namespace": "ml"}
+
+
+def scrape(port: int) -> dict[str, list]:
+    """Sample name -> list of (labels, value) from a live /metrics endpoint."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def value(samples: dict[str, list], name: str, **labels: str) -> float:
+    matches = [v for lb, v in samples[name] if all(lb.get(k) == x for k, x in labels.items())]
+    assert len(matches) == 1, (name, labels, samples.get(name))
+    return matches[0]
+
+
+@pytest.fixture
+def ranks() -> Iterator[tuple[TrainerMetrics, TrainerMetrics, int, int]]:
+    r0 = TrainerMetrics("tiny-lora", "ml", 0)
+    r1 = TrainerMetrics("tiny-lora", "ml", 1)
+    p0, p1 = r0.start_server(0, "127.0.0.1"), r1.start_server(0, "127.0.0.1")
+    yield r0, r1, p0, p1
+    r0.stop_server()
+    r1.stop_server()
+
+
+def test_each_instance_has_its_own_registry_and_port(ranks) -> None:
+    r0, r1, p0, p1 = ranks
+    assert p0 > 0 and p1 > 0 and p0 != p1
+    assert r0.registry is not r1.registry
+
+
+def test_initial_series_and_constant_labels(ranks) -> None:
+    _, _, p0, p1 = ranks
+    for rank, port in (("0", p0), ("1", p1)):
+        s = scrape(port)
+        assert value(s, "finetune_train_tokens_total", **LABELS, rank=rank) == 0
+        assert value(s, "finetune_train_step_duration_seconds_count", rank=rank) == 0
+        started = value(
+            s, "finetune_startup_phase_timestamp_seconds", phase="process_started", rank=rank
+        )
+        assert abs(started - time.time()) < 60
+        for name, samples in s.items():
+            if name.startswith("finetune_"):
+                for labels, _ in samples:
+                    assert labels["finetunejob"] == "tiny-lora", name
+                    assert labels["namespace"] == "ml", name
+                    assert labels["rank"] == rank, name
+                    assert "job" not in labels, name
+        assert "process_cpu_seconds_total" in s or "python_info" in s
+
+
+def test_steps_eval_and_counters_grow(ranks) -> None:
+    r0, r1, p0, p1 = ranks
+    r0.record_phase("model_loaded")
+    r0.record_phase("data_loaded")
+    r0.record_phase("rendezvous")
+    r0.set_status("training")
+    r0.record_step(1, 0.1, 2.5, 1e-4, 0.9, tokens=512, samples=4, duration_s=0.5, total_steps=10)
+    first = scrape(p0)
+    r0.record_step(2, 0.2, 2.0, 9e-5, None, tokens=512, samples=4, duration_s=1.5, total_steps=10)
+    r1.record_step(1, 0.1, 2.6, 1e-4, 0.8, tokens=100, samples=1, duration_s=2.0, total_steps=10)
+    r0.record_eval("before", {"accuracy": 0.5, "f1": float("nan")})
+    r0.record_eval("after", {"accuracy": 0.8})
+    r0.record_checkpoint(1.25)
+    r0.record_peak_memory(3 * 2**30)
+    r0.record_flops(flops_per_token(1000, 10) * r0.tokens_per_second, peak_flops_per_second=1e9)
+    r0.set_status("pushing")
+    s, s1 = scrape(p0), scrape(p1)
+
+    rank0 = {**LABELS, "rank": "0"}
+    assert value(first, "finetune_train_tokens_total", **rank0) == 512
+    assert value(s, "finetune_train_tokens_total", **rank0) == 1024
+    assert value(s, "finetune_train_samples_total", **rank0) == 8
+    assert value(s1, "finetune_train_tokens_total", rank="1") == 100
+    assert value(s, "finetune_train_step", **rank0) == 2
+    assert value(s, "finetune_train_total_steps", **rank0) == 10
+    assert value(s, "finetune_train_epoch", **rank0) == pytest.approx(0.2)
+    assert value(s, "finetune_train_loss", **rank0) == 2.0
+    assert value(s, "finetune_train_learning_rate", **rank0) == pytest.approx(9e-5)
+    # None keeps the last known gradient norm rather than exporting a fake value.
+    assert value(s, "finetune_train_grad_norm", **rank0) == pytest.approx(0.9)
+    assert value(s, "finetune_train_tokens_per_second", **rank0) == pytest.approx(1024 / 2.0)
+    assert r0.tokens_per_second == pytest.approx(512.0)
+    assert value(s, "finetune_train_step_duration_seconds_count", **rank0) == 2
+    assert value(s, "finetune_train_step_duration_seconds_sum", **rank0) == 2.0
+    assert value(s, "finetune_train_step_duration_seconds_bucket", le="1.0", rank="0") == 1
+    assert value(s, "finetune_train_step_duration_seconds_bucket", le="+Inf", rank="0") == 2
+    assert abs(value(s, "finetune_train_last_step_timestamp_seconds", rank="0") - time.time()) < 60
+    assert value(s, "finetune_eval_score", metric="accuracy", stage="before") == 0.5
+    assert value(s, "finetune_eval_score", metric="accuracy", stage="after") == 0.8
+    assert not [lb for lb, _ in s["finetune_eval_score"] if lb["metric"] == "f1"]
+    assert value(s, "finetune_checkpoint_save_duration_seconds_count", rank="0") == 1
+    assert value(s, "finetune_checkpoint_save_duration_seconds_sum", rank="0") == 1.25
+    assert value(s, "finetune_accelerator_memory_peak_bytes", rank="0") == 3 * 2**30
+    assert value(s, "finetune_train_achieved_flops_per_second", rank="0") == 4020 * 512
+    assert value(s, "finetune_train_model_flops_utilization_ratio", rank="0") == pytest.approx(
+        4020 * 512 / 1e9
+    )
+    assert value(s, "finetune_trainer_status", status="pushing") == 1
+    assert value(s, "finetune_trainer_status", status="training") == 0
+
+    stamps = {lb["phase"]: v for lb, v in s["finetune_startup_phase_timestamp_seconds"]}
+    assert set(stamps) == set(STARTUP_PHASES)
+    assert stamps["process_started"] <= stamps["model_loaded"] <= stamps["first_step"]
+    # record_step set first_step once; later steps do not move it.
+    first_stamps = {lb["phase"]: v for lb, v in first["finetune_startup_phase_timestamp_seconds"]}
+    assert stamps["first_step"] == first_stamps["first_step"]
+    # rank 1 reports only its own phases
+    assert {lb["phase"] for lb, _ in s1["finetune_startup_phase_timestamp_seconds"]} == {
+        "process_started",
+        "first_step",
+    }
+
+
+def test_throughput_window_smooths_over_recent_steps() -> None:
+    m = TrainerMetrics("j", "ns", 0, process_metrics=False)
+    for step in range(1, 41):
+        m.record_step(step, 0.0, 1.0, 1e-4, None, 100, 1, 1.0, 40)
+    assert m.tokens_per_second == pytest.approx(100.0)
+    for step in range(41, 61):  # a full window of slower steps replaces the old rate
+        m.record_step(step, 0.0, 1.0, 1e-4, None, 100, 1, 2.0, 60)
+    assert m.tokens_per_second == pytest.approx(50.0)
+
+
+def test_bad_stage_rejected_and_server_not_started_twice() -> None:
+    m = TrainerMetrics("j", "ns", 0, process_metrics=False)
+    with pytest.raises(ValueError):
+        m.record_eval("during", {"accuracy": 1.0})  # type: ignore[arg-type]
+    m.start_server(0, "127.0.0.1")
+    try:
+        with pytest.raises(RuntimeError):
+            m.start_server(0, "127.0.0.1")
+    finally:
+        m.stop_server()
+
+
+def test_flops_per_token() -> None:
+    # LoRA: frozen base costs forward + activation gradients only.
+    assert flops_per_token(1_000_000, 10_000) == 4_000_000 + 20_000
+    # Full fine-tuning reduces to the familiar 6N.
+    assert flops_per_token(1_000_000, 1_000_000) == 6_000_000
+    assert flops_per_token(100, 0, n_layers=2, seq_length=8, d_model=4) == 400 + 12 * 2 * 8 * 4
+    with pytest.raises(ValueError):
+        flops_per_token(10, 11)

@@ -1,0 +1,117 @@
+"""Push a fine-tuning result to a Hugging Face Hub, in one commit.
+
+The token comes only from the environment variable HF_TOKEN (set in the pod from the Secret in
+`output.hub.tokenSecretRef`): never from an argument, the spec or a file, so that it cannot end in
+the FineTuneJob, a command line or a log. Error messages that leave this module are passed through
+`redact`, which other modules should use on anything that might quote an HTTP request.
+
+huggingface_hub is imported inside functions: it reads HF_ENDPOINT and HF_HUB_DISABLE_XET when
+first imported, and the endpoint here is passed to `HfApi` explicitly instead. Set
+HF_HUB_DISABLE_XET=1 before huggingface_hub is first imported when the endpoint does not speak
+Xet (a mirror or the test double); otherwise uploads try Xet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_trainer.model_card import render_model_card
+
+__all__ = ["DEFAULT_ENDPOINT", "PushError", "PushResult", "hub_endpoint", "push_to_hub", "redact"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+TOKEN_ENV = "HF_TOKEN"
+# User access tokens look like hf_<34 alphanumerics>; scrub any, not only ours, and bearer headers.
+_TOKEN_PATTERNS = (
+    re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo: str
+    revision: str  # the commit sha the push made
+    url: str  # {endpoint}/{repo}/commit/{sha}
+
+
+class PushError(RuntimeError):
+    """The push failed; the message is already redacted."""
+
+
+def redact(text: str) -> str:
+    """Replace the value of HF_TOKEN, anything shaped like a Hub token, and bearer credentials
+    in `text` with ***."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        text = text.replace(token, "***")
+    text = _TOKEN_PATTERNS[0].sub("***", text)
+    return _TOKEN_PATTERNS[1].sub(r"\1***", text)
+
+
+def hub_endpoint(job: FineTuneJob) -> str:
+    """spec.output.hub.endpoint, else HF_ENDPOINT, else huggingface.co; no trailing slash."""
+    hub = job.spec.output.hub
+    endpoint = (hub.endpoint if hub else None) or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    return endpoint.rstrip("/")
+
+
+def push_to_hub(
+    job: FineTuneJob,
+    artifact_dir: Path,
+    scores: Mapping[str, Mapping[str, float | None]],
+    artifact: str,
+) -> PushResult:
+    """Write the model card into artifact_dir and push the folder to spec.output.hub.repo.
+
+    Creates the repo if needed (private as the spec says; an existing repo is reused as is) and
+    uploads the whole folder as one commit, so that the returned revision names exactly this
+    result. Raises PushError, with the token redacted, on any failure.
+    """
+    hub = job.spec.output.hub
+    if hub is None:
+        raise PushError("spec.output.hub is not set: there is nowhere to push")
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise PushError(f"artifact folder {artifact_dir} does not exist")
+    endpoint = hub_endpoint(job)
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None:
+        log.warning("HF_TOKEN is not set: pushing to %s anonymously", endpoint)
+    try:
+        (artifact_dir / "README.md").write_text(
+            render_model_card(job, scores, artifact), encoding="utf-8"
+        )
+        from huggingface_hub import HfApi, constants
+
+        # huggingface_hub read HF_HUB_DISABLE_XET when first imported, possibly before the
+        # caller set it; honour it now too, or uploads to a non-Xet endpoint fail.
+        if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in ("1", "ON", "YES", "TRUE"):
+            constants.HF_HUB_DISABLE_XET = True
+
+        api = HfApi(endpoint=endpoint, token=token)
+        api.create_repo(hub.repo, private=hub.private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=hub.repo,
+            folder_path=artifact_dir,
+            repo_type="model",
+            commit_message=f"finetune-operator: {artifact} from FineTuneJob "
+            f"{job.metadata.namespace}/{job.metadata.name}",
+        )
+    except Exception as exc:
+        # `from None`: the original exception (and its traceback text) could quote the request.
+        raise PushError(
+            redact(f"push to {endpoint}/{hub.repo} failed: {type(exc).__name__}: {exc}")
+        ) from None
+    revision = info.oid
+    url = f"{endpoint}/{hub.repo}/commit/{revision}"
+    log.info("pushed %s to %s at %s", artifact, hub.repo, revision)
+    return PushResult(repo=hub.repo, revision=revision, url=url)

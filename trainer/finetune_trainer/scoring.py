@@ -1,0 +1,111 @@
+"""Evaluation metrics and quality gates.
+
+Built-in metrics (`BUILTIN_METRICS`) are offline-safe `evaluate` modules that ship in this
+package under `metrics/<name>/<name>.py` and load by path; any other name goes to
+`evaluate.load(name)`, which needs the Hub. evaluate copies a module into its cache under
+`HF_HOME` (`HF_MODULES_CACHE`) before importing it, so the caller's HF_HOME must be writable; the
+trainer's entry point sets it, and this module leaves the environment alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_operator.api.v1alpha1 import LOWER_IS_BETTER
+
+if TYPE_CHECKING:
+    import evaluate
+
+__all__ = [
+    "BUILTIN_METRICS",
+    "METRICS_DIR",
+    "MetricUnavailable",
+    "compute_perplexity",
+    "gate_failures",
+    "load_metric",
+    "metric_path",
+]
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+BUILTIN_METRICS: tuple[str, ...] = ("accuracy", "f1", "precision", "recall", "perplexity")
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric could not be loaded; `hint` says what to do about it."""
+
+    def __init__(self, name: str, hint: str) -> None:
+        super().__init__(f"metric {name!r} is unavailable: {hint}")
+        self.name = name
+        self.hint = hint
+
+
+def metric_path(name: str) -> Path:
+    """Folder of a built-in metric module, as `evaluate.load` takes it."""
+    if name not in BUILTIN_METRICS:
+        raise KeyError(f"{name!r} is not a built-in metric; built in: {', '.join(BUILTIN_METRICS)}")
+    return METRICS_DIR / name
+
+
+def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
+    """Load a metric: a built-in by path (no network), anything else through `evaluate.load`.
+
+    Keyword arguments go to `evaluate.load` (e.g. `experiment_id`, `num_process`, `process_id`).
+    Raises MetricUnavailable when the metric cannot be loaded, e.g. a Hub name with no Hub.
+    """
+    import evaluate  # lazily: evaluate imports datasets, which is slow to import
+
+    if name in BUILTIN_METRICS:
+        return evaluate.load(str(metric_path(name)), **kwargs)
+    try:
+        return evaluate.load(name, **kwargs)
+    except Exception as exc:
+        # evaluate raises FileNotFoundError, ConnectionError or an HTTP error depending on whether
+        # the Hub is unreachable, offline mode is on, or the name does not exist.
+        raise MetricUnavailable(
+            name,
+            f"evaluate.load({name!r}) failed ({type(exc).__name__}: {exc}). Non-built-in metrics "
+            "are downloaded from the Hugging Face Hub, which must be reachable (HF_ENDPOINT) with "
+            "HF_HUB_OFFLINE unset; offline, use a built-in metric: " + ", ".join(BUILTIN_METRICS),
+        ) from exc
+
+
+def compute_perplexity(total_nll: float, total_tokens: int) -> float:
+    """exp(total_nll / total_tokens): per-token perplexity from summed NLL in nats.
+
+    Sum NLL and tokens over all batches (and ranks) first; averaging per-batch perplexities
+    would overweight short batches. Overflow gives inf rather than an exception, so a diverged
+    model still reports (and fails a perplexity gate) instead of crashing evaluation.
+    """
+    if total_tokens <= 0:
+        raise ValueError(f"total_tokens must be positive, got {total_tokens}")
+    try:
+        return math.exp(total_nll / total_tokens)
+    except OverflowError:
+        return math.inf
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def gate_failures(gates: Mapping[str, float], scores: Mapping[str, float | None]) -> list[str]:
+    """Return one human-readable line per missed gate; empty when every gate passes.
+
+    A gate on a metric in LOWER_IS_BETTER (perplexity, loss) is a maximum, on any other a
+    minimum; a score equal to its threshold passes. A missing, None or NaN score fails its gate,
+    because an unmeasured model must not be pushed.
+    """
+    failures: list[str] = []
+    for metric, threshold in gates.items():
+        value = scores.get(metric)
+        if value is None or math.isnan(value):
+            failures.append(f"{metric}: no score was computed (gate {_fmt(threshold)})")
+        elif metric in LOWER_IS_BETTER:
+            if value > threshold:
+                failures.append(f"{metric} {_fmt(value)} is above the maximum {_fmt(threshold)}")
+        elif value < threshold:
+            failures.append(f"{metric} {_fmt(value)} is below the minimum {_fmt(threshold)}")
+    return failures
