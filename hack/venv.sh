@@ -12,7 +12,7 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >&2
   # Install every dependency, then only link the code: the same venv serves any checkout.
-  "$venv/bin/pip" install -q -e "$root[operator,trainer,dev]" >&2
+  "$venv/bin/pip" install -q -e "${root}[operator,trainer,dev]" >&2
   touch "$venv/.complete"
 fi
 "$venv/bin/pip" install -q --no-deps -e "$root" >&2
