@@ -1,0 +1,158 @@
+"""Two pods, each a real `finetune train` process with the env the operator gives it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import Gang, deep_update
+
+pytestmark = pytest.mark.slow
+# LoRA dropout draws random numbers every step, so an exact resume needs the RNG state back too.
+DROPOUT = {"peft": {"dropout": 0.1}}
+STEP_SERIES = re.compile(r'^finetune_train_step\{[^}]*rank="1"[^}]*\} (\S+)$', re.M)
+
+
+@dataclass
+class Run:
+    gang: Gang
+    codes: list[int]
+    steps_seen: list[float]
+    workdir: Path
+
+
+def _scrape_steps(port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    match = STEP_SERIES.search(text)
+    return float(match.group(1)) if match else None
+
+
+@pytest.fixture(scope="module")
+def two_pods(
+    tmp_path_factory: pytest.TempPathFactory,
+    causal_manifest: dict[str, Any],
+    base_env: dict[str, str],
+) -> Run:
+    workdir = tmp_path_factory.mktemp("two-pods")
+    doc = deep_update(
+        causal_manifest,
+        {"spec": {"training": {"maxSteps": 150, "checkpointEverySteps": 50}, **DROPOUT}},
+    )
+    import yaml
+
+    manifest = workdir / "job.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    gang = Gang(manifest, workdir, base_env, nodes=2).start()
+    # Scrape rank 1's exporter while it trains, as Prometheus would.
+    steps_seen: list[float] = []
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in gang.procs) and time.monotonic() < deadline:
+        value = _scrape_steps(gang.metrics_ports[1])
+        if value is not None and (not steps_seen or value != steps_seen[-1]):
+            steps_seen.append(value)
+        time.sleep(0.05)
+    codes = gang.wait(timeout=60)
+    return Run(gang, codes, steps_seen, workdir)
+
+
+def test_both_pods_succeed(two_pods: Run) -> None:
+    assert two_pods.codes == [0, 0], two_pods.gang.log_text()[-4000:]
+
+
+def test_lora_weights_identical_on_both_ranks(two_pods: Run) -> None:
+    hashes = [(two_pods.workdir / f"params-{r}.sha256").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1]
+
+
+def test_result_file_from_rank_0(two_pods: Run) -> None:
+    result = two_pods.gang.result(0)
+    assert result["status"] == "Succeeded"
+    assert result["reason"] == "TrainingCompleted"
+    assert result["steps"] == 150
+    assert result["artifact"] == "adapter"
+    assert result["resumedFromStep"] is None
+    ppl = result["evaluation"]["perplexity"]
+    assert ppl["before"] > ppl["after"] > 0, ppl  # the model learnt something
+    # The other pod writes only a small status of its own.
+    assert two_pods.gang.result(1) == {"rank": 1, "status": "Succeeded"}
+    assert (two_pods.workdir / "output" / "adapter_config.json").is_file()
+
+
+def test_training_loss_went_down(two_pods: Run) -> None:
+    losses = [float(m) for m in re.findall(r"step=\d+/\d+ loss=([\d.]+)", two_pods.gang.log_text())]
+    assert len(losses) >= 10
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_metrics_endpoint_shows_steps_moving(two_pods: Run) -> None:
+    # At least two scrapes during training saw different, increasing step counts.
+    moving = [s for s in two_pods.steps_seen if s > 0]
+    assert len(moving) >= 2, two_pods.steps_seen
+    assert moving == sorted(moving)
+
+
+def test_resume_after_the_gang_is_killed(
+    two_pods: Run,
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+    tmp_path: Path,
+) -> None:
+    # The two_pods job, checkpointing more often: checkpoints must not change the training.
+    doc = deep_update(
+        causal_manifest,
+        {"spec": {"training": {"maxSteps": 150, "checkpointEverySteps": 10}, **DROPOUT}},
+    )
+    pods = gang(write_manifest(doc)).start()
+    deadline = time.monotonic() + 240
+    markers: list[Path] = []
+    while not markers:
+        assert time.monotonic() < deadline, pods.log_text()[-4000:]
+        assert all(p.poll() is None for p in pods.procs), pods.log_text()[-4000:]
+        markers = list((tmp_path / "checkpoints").glob("*/checkpoint-*/COMPLETE"))
+        time.sleep(0.02)
+    pods.kill()  # SIGKILL, mid-training: no chance to clean up
+    assert not pods.results[0].exists() or "Succeeded" not in pods.results[0].read_text()
+
+    pods.start()
+    assert pods.wait(timeout=240) == [0, 0], pods.log_text()[-4000:]
+    result = pods.result(0)
+    assert result["status"] == "Succeeded"
+    assert result["steps"] == 150
+    assert 10 <= result["resumedFromStep"] < 150, (result, pods.log_text()[-3000:])
+    assert result["resumedFromStep"] % 10 == 0
+    assert f"resumed from step {result['resumedFromStep']}" in pods.log_text()
+    # Weights, optimizer, schedule, data position and RNG all came back: the interrupted run
+    # ends bit-identical to the uninterrupted one.
+    resumed = (tmp_path / "params-0.sha256").read_text()
+    assert resumed == (two_pods.workdir / "params-0.sha256").read_text(), result
+
+
+def test_sigterm_reaches_the_ranks(
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+) -> None:
+    """A pod being deleted gets SIGTERM; the launcher passes it on and reports retryable."""
+    doc = deep_update(causal_manifest, {"spec": {"training": {"maxSteps": 100000}}})
+    pod = gang(write_manifest(doc), nodes=1).start()
+    deadline = time.monotonic() + 180
+    while "step=" not in pod.log_text():
+        assert time.monotonic() < deadline and pod.procs[0].poll() is None, pod.log_text()[-4000:]
+        time.sleep(0.1)
+    pod.procs[0].send_signal(signal.SIGTERM)  # the launcher only, as the kubelet does
+    assert pod.wait(timeout=60) == [1]
+    with pytest.raises(ProcessLookupError):  # no rank outlived it
+        os.killpg(pod.procs[0].pid, 0)

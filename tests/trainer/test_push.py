@@ -1,0 +1,161 @@
+"""Push to a Hub: the local Hub-API test double, the real huggingface_hub client, real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import Gang, deep_update
+
+from finetune_trainer.testing.hub_double import HubDouble
+
+pytestmark = pytest.mark.slow
+TOKEN = "hf_pushtesttoken0123456789abcdef"
+
+READ_BACK = """
+import json, sys, torch
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base_dir, repo, revision, local = sys.argv[1:]
+ids = torch.arange(3, 19).reshape(2, 8)
+def logits(source, **kw):
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    return PeftModel.from_pretrained(base, source, **kw).eval()(input_ids=ids).logits
+card = open(hf_hub_download(repo, "README.md", revision=revision)).read()
+diff = (logits(repo, revision=revision) - logits(local)).abs().max().item()
+print(json.dumps({"diff": diff, "card": card}))
+"""
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubDouble]:
+    with HubDouble(tmp_path / "hub", tokens=[TOKEN]) as double:
+        yield double
+
+
+def _repo_exists(endpoint: str, repo: str) -> bool:
+    request = urllib.request.Request(
+        f"{endpoint}/api/models/{repo}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return True
+    except urllib.error.HTTPError as exc:
+        assert exc.code in (401, 404)
+        return False
+
+
+def test_push_then_read_back_and_gate_blocks_push(
+    hub: HubDouble,
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+    tiny_model_dir: Path,
+    base_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    online = {"HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN}
+    doc = deep_update(
+        causal_manifest,
+        {
+            "spec": {
+                "output": {"hub": {"repo": "tests/tiny-lora", "endpoint": hub.endpoint}},
+                "resources": {"nodes": 1},
+            }
+        },
+    )
+    pods = gang(write_manifest(doc), nodes=1, env=online).start()
+    assert pods.wait() == [0], pods.log_text()[-4000:]
+    result = pods.result(0)
+    assert (result["status"], result["reason"]) == ("Succeeded", "PushedToHub")
+    assert result["repo"] == "tests/tiny-lora"
+    assert len(result["revision"]) == 40
+    assert TOKEN not in pods.log_text() and TOKEN not in json.dumps(result)
+
+    # The pushed adapter, read back through the Hub client, equals the one saved locally.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            READ_BACK,
+            str(tiny_model_dir),
+            "tests/tiny-lora",
+            result["revision"],
+            str(tmp_path / "output"),
+        ],
+        env={**base_env, **online, "HF_ENDPOINT": hub.endpoint},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    read = json.loads(done.stdout.strip().splitlines()[-1])
+    assert read["diff"] == 0.0
+    assert "model-index" in read["card"]
+
+    # A missed gate (perplexity is a maximum) pushes nothing and exits 4.
+    gated = deep_update(
+        doc,
+        {
+            "spec": {
+                "output": {"hub": {"repo": "tests/gated-lora"}},
+                "evaluation": {"gates": {"perplexity": 1.0}},
+            }
+        },
+    )
+    pods = gang(write_manifest(gated, "gated.yaml"), nodes=1, env=online).start()
+    assert pods.wait() == [4], pods.log_text()[-4000:]
+    result = pods.result(0)
+    assert (result["status"], result["reason"]) == ("Failed", "EvaluationGateFailed")
+    assert "perplexity" in result["message"]
+    assert result["revision"] is None
+    assert not _repo_exists(hub.endpoint, "tests/gated-lora")
+
+
+def test_hub_sources_honour_revision_and_endpoint(
+    hub: HubDouble,
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+    tiny_model_dir: Path,
+    tiny_text_data: Path,
+    tmp_path: Path,
+) -> None:
+    """hf:// model and dataset from the endpoint in the spec, at the pinned model revision."""
+    good = hub.seed("tests/tiny-base", tiny_model_dir)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert hub.seed("tests/tiny-base", broken) != good  # main is now unloadable
+    data = tmp_path / "dataset"
+    (data / "data").mkdir(parents=True)
+    (data / "data" / "train.jsonl").write_text(tiny_text_data.read_text())
+    hub.seed("tests/tiny-text", data, repo_type="dataset")
+    doc = deep_update(
+        causal_manifest,
+        {
+            "spec": {
+                "model": {"source": "hf://tests/tiny-base", "revision": good},
+                "dataset": {"source": "hf://tests/tiny-text"},
+                "training": {"maxSteps": 3},
+                "output": {"hub": {"repo": "tests/from-hub", "endpoint": hub.endpoint}},
+                "resources": {"nodes": 1},
+            }
+        },
+    )
+    pods = gang(
+        write_manifest(doc),
+        nodes=1,
+        env={"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_TOKEN": TOKEN},
+    )
+    pods.start()
+    assert pods.wait() == [0], pods.log_text()[-4000:]
+    assert pods.result(0)["reason"] == "PushedToHub"

@@ -1,0 +1,231 @@
+"""Fast, in-process tests of the trainer's pure parts: no training, no processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_operator.api import ManifestError, parse_manifest
+from finetune_operator.api.v1alpha1 import PeftSpec
+from finetune_trainer.env import Rendezvous, omp_threads
+from finetune_trainer.launch import worst_exit
+from finetune_trainer.result import MAX_BYTES, TrainResult
+
+MINIMAL = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "unit"},
+    "spec": {
+        "model": {"source": "hf://org/model"},
+        "dataset": {"source": "hf://org/data"},
+        "resources": {"nodes": 3, "processesPerNode": 2},
+    },
+}
+
+
+def test_cli_imports_no_torch() -> None:
+    code = "import sys, finetune_trainer.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_lora_config_is_a_pure_function_of_the_spec() -> None:
+    from finetune_trainer.modeling import lora_config
+
+    cfg = lora_config(PeftSpec(r=4, alpha=8, dropout=0.1), "causal-lm")
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.1)
+    assert cfg.target_modules == "all-linear"
+    assert cfg.task_type == "CAUSAL_LM"
+    named = lora_config(PeftSpec(target_modules=["q_proj", "v_proj"]), "sequence-classification")
+    assert set(named.target_modules) == {"q_proj", "v_proj"}
+    assert named.task_type == "SEQ_CLS"
+
+
+def test_precision_auto_is_fp32_on_cpu() -> None:
+    from finetune_trainer.modeling import mixed_precision
+
+    assert mixed_precision("auto", cuda=False) == "no"
+    assert mixed_precision("fp32", cuda=False) == "no"
+    assert mixed_precision("bf16", cuda=False) == "bf16"
+
+
+def test_rendezvous_from_pod_env() -> None:
+    job = parse_manifest(MINIMAL)
+    env = {"NODE_RANK": "2", "NNODES": "3", "MASTER_ADDR": "unit-0.unit", "MASTER_PORT": "29500"}
+    rdzv = Rendezvous.from_env(job, env)
+    assert rdzv.nproc_per_node == 2  # from the spec
+    assert rdzv.rank_env(1) == {
+        "RANK": "5",
+        "WORLD_SIZE": "6",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "NODE_RANK": "2",
+        "MASTER_ADDR": "unit-0.unit",
+        "MASTER_PORT": "29500",
+    }
+    with pytest.raises(ManifestError, match="NODE_RANK"):
+        Rendezvous.from_env(job, {**env, "NODE_RANK": "3"})
+
+
+def test_omp_threads_split_cores_unless_set() -> None:
+    assert omp_threads(1, {"OMP_NUM_THREADS": "7"}) == "7"
+    assert int(omp_threads(64, {})) == 1
+
+
+def test_worst_exit_prefers_permanent_verdicts() -> None:
+    assert worst_exit([0, 0]) == 0
+    assert worst_exit([0, 1]) == 1
+    assert worst_exit([1, 4]) == 4
+    assert worst_exit([4, 3, 1]) == 3
+
+
+def test_result_fits_a_termination_message_and_hides_the_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secretsecretsecret")
+    result = TrainResult(
+        status="Failed",
+        reason="TrainingFailed",
+        message="auth hf_secretsecretsecret failed " + "x" * 10_000,
+    )
+    text = result.to_json()
+    assert len(text.encode()) <= MAX_BYTES
+    assert "hf_secret" not in text
+    assert json.loads(text)["reason"] == "TrainingFailed"
+
+
+def test_checkpoints_atomic_discovery_and_rotation(tmp_path: Path) -> None:
+    import torch
+
+    from finetune_trainer import checkpoint
+
+    def ckpt(step: int) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(
+            state=checkpoint.TrainerState(step=step, epoch=0, batches_in_epoch=step, world_size=1),
+            trainable={"w": torch.full((2,), float(step))},
+            optimizer={"state": {}, "param_groups": []},
+            scheduler={"last_epoch": step},
+            rng=[checkpoint.capture_rng()],
+        )
+
+    for step in (10, 20, 30):
+        checkpoint.save(tmp_path, ckpt(step), keep=2)
+    # A half-written checkpoint (no marker) with a higher step must be ignored.
+    half = tmp_path / "checkpoint-99999999"
+    half.mkdir()
+    (half / checkpoint.STATE_FILE).write_text(json.dumps({"step": 999}))
+    assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [20, 30]
+    newest = checkpoint.latest(tmp_path)
+    assert newest is not None
+    loaded = checkpoint.load(newest)
+    assert loaded.state.step == 30
+    assert torch.equal(loaded.trainable["w"], torch.full((2,), 30.0))
+    checkpoint.restore_rng(loaded.rng[0])
+
+
+def test_sharded_batches_are_disjoint_equal_and_resumable() -> None:
+    from finetune_trainer.data import ShardedBatches
+
+    shards = [ShardedBatches(103, 4, rank, 2, 3, seed=1) for rank in range(2)]
+    assert shards[0].batches_per_epoch == 12  # 103 // 8 = 12 per rank, a multiple of 3
+    epochs = [list(s.epoch(0)) for s in shards]
+    seen = [i for rank in epochs for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) == 96
+    assert list(shards[0].epoch(0, start=5)) == epochs[0][5:]
+    assert list(shards[0].epoch(1)) != epochs[0]
+
+
+def test_split_rules(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    from finetune_operator.api.v1alpha1 import DatasetSpec
+    from finetune_trainer.data import split
+
+    rows = Dataset.from_dict({"text": [str(i) for i in range(100)]})
+    with_test = DatasetDict({"train": rows, "test": rows.select(range(7))})
+    spec = DatasetSpec(source="file:///x")
+    assert len(split(with_test, spec, 0)[1]) == 7
+    train, evaluation = split(DatasetDict({"train": rows}), spec, 0)
+    assert (len(train), len(evaluation)) == (90, 10)
+    frac = DatasetSpec(source="file:///x", eval_fraction=0.2)
+    assert len(split(with_test, frac, 0)[1]) == 20
+    with pytest.raises(ManifestError, match=r"spec\.dataset\.evalSplit"):
+        split(with_test, DatasetSpec(source="file:///x", eval_split="dev"), 0)
+
+
+def test_compressed_file_formats() -> None:
+    from finetune_trainer.data import file_builder
+
+    assert file_builder(Path("a.jsonl.gz")) == "json"
+    assert file_builder(Path("a.csv.bz2")) == "csv"
+    assert file_builder(Path("a.parquet")) == "parquet"
+    assert file_builder(Path("a.txt")) is None
+
+
+def test_example_manifest_is_valid(tmp_path: Path) -> None:
+    from finetune_operator.api import load_manifest
+    from finetune_trainer.cli import example_manifest
+
+    path = tmp_path / "job.yaml"
+    path.write_text(example_manifest("minilm-sentiment", tmp_path / "data"))
+    job = load_manifest(path)
+    assert os.path.isdir(job.spec.model.source.removeprefix("file://"))
+    assert (tmp_path / "data" / "train.jsonl").is_file()
+
+
+def _spec(**dataset: object) -> object:
+    doc = {**MINIMAL, "spec": {**MINIMAL["spec"], "dataset": {"source": "hf://o/d", **dataset}}}
+    return parse_manifest(doc).spec
+
+
+def test_prompt_response_trains_only_on_the_response(tiny_model_dir: Path) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.data import IGNORE_INDEX, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = _spec(promptField="q", responseField="a")
+    rows = Dataset.from_dict({"q": ["red green blue"], "a": ["cat dog"]})
+    out = tokenize(rows, spec, tokenizer, None, pack=False)[0]
+    masked = [i for i, y in enumerate(out["labels"]) if y == IGNORE_INDEX]
+    assert masked == list(range(len(masked))) and 0 < len(masked) < len(out["labels"])
+    answer = [t for t, y in zip(out["input_ids"], out["labels"], strict=True) if y != IGNORE_INDEX]
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "cat dog"
+
+
+def test_packing_makes_full_blocks(tiny_model_dir: Path) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.data import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = _spec()
+    spec.training.max_seq_length = 16
+    rows = Dataset.from_dict({"text": ["red green blue cat " * n for n in range(1, 12)]})
+    packed = tokenize(rows, spec, tokenizer, None, pack=True)
+    assert len(packed) > 1
+    assert {len(ids) for ids in packed["input_ids"]} == {16}
+
+
+def test_string_labels_map_to_ids_in_sorted_order() -> None:
+    from datasets import Dataset
+
+    from finetune_trainer.data import label_names
+
+    doc = {
+        **MINIMAL,
+        "spec": {
+            **MINIMAL["spec"],
+            "model": {"source": "hf://o/m", "task": "sequence-classification", "numLabels": 3},
+        },
+    }
+    spec = parse_manifest(doc).spec
+    train = Dataset.from_dict({"label": ["rotten", "fresh", "rotten"]})
+    evaluation = Dataset.from_dict({"label": ["plot"]})
+    assert label_names(train, evaluation, spec) == ["fresh", "plot", "rotten"]

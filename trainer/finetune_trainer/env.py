@@ -1,0 +1,151 @@
+"""Process environment: Hub settings, thread counts and the rendezvous a pod is given.
+
+Nothing here imports torch or huggingface_hub. `huggingface_hub` reads HF_ENDPOINT and friends when
+it is first imported, so `configure_hub_env` must run before any Hugging Face module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+from finetune_operator.api import FieldError, FineTuneJob, ManifestError
+
+RESULT_FILE_ENV = "FINETUNE_RESULT_FILE"
+CHECKPOINT_DIR_ENV = "FINETUNE_CHECKPOINT_DIR"
+METRICS_PORT_ENV = "FINETUNE_METRICS_PORT"
+# Test hook: each rank writes a hash of its trainable parameters to this path (see train.py).
+PARAM_HASH_ENV = "FINETUNE_DEBUG_PARAM_HASH_FILE"
+DEFAULT_CHECKPOINT_DIR = "/checkpoints"
+
+
+def configure_hub_env(job: FineTuneJob, env: MutableMapping[str, str] = os.environ) -> None:
+    """Point the Hub client at the job's endpoint; an explicit HF_ENDPOINT wins."""
+    hub = job.spec.output.hub
+    if hub is not None and hub.endpoint and "HF_ENDPOINT" not in env:
+        env["HF_ENDPOINT"] = hub.endpoint.rstrip("/")
+    # Progress bars from every rank interleave into noise in pod logs.
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def omp_threads(local_ranks: int, env: Mapping[str, str] = os.environ) -> str:
+    """Threads per rank: oversubscribed cores cost ~17% on CPU, so split them unless told."""
+    return env.get("OMP_NUM_THREADS") or str(max(1, available_cores() // max(1, local_ranks)))
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this pod sits in the gang, from the env the operator gives each pod."""
+
+    node_rank: int
+    nnodes: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @classmethod
+    def from_env(cls, job: FineTuneJob, env: Mapping[str, str] = os.environ) -> Rendezvous:
+        from finetune_operator.api.constants import RENDEZVOUS_PORT
+
+        def integer(name: str, default: int, minimum: int) -> int:
+            raw = env.get(name)
+            try:
+                value = default if raw in (None, "") else int(raw)
+            except ValueError:
+                raise ManifestError(
+                    [FieldError(name, f"must be an integer, got {raw!r}")]
+                ) from None
+            if value < minimum:
+                raise ManifestError([FieldError(name, f"must be at least {minimum}")])
+            return value
+
+        resources = job.spec.resources
+        rdzv = cls(
+            node_rank=integer("NODE_RANK", 0, 0),
+            nnodes=integer("NNODES", resources.nodes, 1),
+            nproc_per_node=integer("NPROC_PER_NODE", resources.processes_per_node, 1),
+            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=integer("MASTER_PORT", RENDEZVOUS_PORT, 1),
+        )
+        if rdzv.node_rank >= rdzv.nnodes:
+            raise ManifestError([FieldError("NODE_RANK", f"must be below NNODES={rdzv.nnodes}")])
+        return rdzv
+
+    def rank_env(self, local_rank: int) -> dict[str, str]:
+        """The torch.distributed variables of one local rank."""
+        return {
+            "RANK": str(self.node_rank * self.nproc_per_node + local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(self.nproc_per_node),
+            "NODE_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def global_rank(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get("RANK", "0"))
+
+
+def runtime_errors(job: FineTuneJob) -> list[FieldError]:
+    """What the schema cannot know: this machine's hardware and its files."""
+    errors = []
+    spec = job.spec
+    for section, source in (("model", spec.model.source), ("dataset", spec.dataset.source)):
+        if source.startswith("file://"):
+            path = source.removeprefix("file://")
+            if not os.path.exists(path):
+                errors.append(FieldError(f"spec.{section}.source", f"{path} does not exist"))
+    needs_cuda = []
+    if spec.peft.method == "qlora":
+        needs_cuda.append(("spec.peft.method", "qlora (bitsandbytes 4-bit) needs a CUDA GPU"))
+    if spec.training.precision == "fp16":
+        needs_cuda.append(("spec.training.precision", "fp16 needs a CUDA GPU"))
+    if needs_cuda:
+        import torch  # only here: validating a plain LoRA spec stays torch-free
+
+        if not torch.cuda.is_available():
+            errors += [FieldError(p, f"{m}, and none is visible") for p, m in needs_cuda]
+    return errors
+
+
+def ensure_writable_hf_home(env: MutableMapping[str, str] = os.environ) -> None:
+    """evaluate copies metric modules into HF_HOME; a read-only home in a pod must not break it."""
+    home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    try:
+        os.makedirs(home, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return
+    except OSError:
+        pass
+    import tempfile
+
+    env["HF_HOME"] = os.path.join(tempfile.gettempdir(), "hf-home")
+
+
+def setup_logging(rank: int) -> None:
+    """One format for every rank, so interleaved pod and local-mode logs stay attributable."""
+    import logging
+
+    logging.basicConfig(
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO"),
+        force=True,
+    )
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

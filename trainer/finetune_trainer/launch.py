@@ -1,0 +1,196 @@
+"""Process spawning: the ranks of one pod, and the whole gang on one machine.
+
+`train_pod` is what a pod runs: it reads the rendezvous the operator gave it and starts one
+process per local rank. `run_local` plays every pod on this machine with exactly the env pods
+get, each pod being a `finetune train` of its own, and shows their progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from finetune_operator.api import FineTuneJob
+from finetune_operator.api.constants import ExitCode
+from finetune_trainer.env import (
+    CHECKPOINT_DIR_ENV,
+    METRICS_PORT_ENV,
+    RESULT_FILE_ENV,
+    Rendezvous,
+    configure_hub_env,
+    omp_threads,
+)
+
+# After one rank fails, the others are usually stuck in a collective; give them this long to
+# notice on their own before they are terminated.
+FAILURE_GRACE_S = 15.0
+_STEP_LINE = re.compile(r"\[rank 0\].*step=(\d+)/(\d+)")
+
+
+def _rank_command(manifest: Path) -> list[str]:
+    return [sys.executable, "-m", "finetune_trainer.cli", "rank", str(manifest)]
+
+
+def worst_exit(codes: Sequence[int]) -> int:
+    """A permanent verdict wins over a retryable one: retrying cannot fix a bad spec or a gate."""
+    for code in (ExitCode.INVALID_SPEC, ExitCode.GATE_FAILED):
+        if code in codes:
+            return int(code)
+    return int(ExitCode.RETRYABLE) if any(codes) else int(ExitCode.OK)
+
+
+def supervise(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Wait for every child, forwarding SIGTERM/SIGINT; a failed child ends its siblings."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    failed_at: float | None = None
+    try:
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                failed_at = time.monotonic() + 3600  # terminate once; wait() below reaps them
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # A rank killed by a signal reports a negative code: retryable.
+    return worst_exit([p.returncode if p.returncode >= 0 else 1 for p in procs])
+
+
+def train_pod(manifest: Path, job: FineTuneJob) -> int:
+    """`finetune train`: start this pod's local ranks and join the gang."""
+    rdzv = Rendezvous.from_env(job)
+    env = dict(os.environ)
+    configure_hub_env(job, env)
+    env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
+    procs = [
+        subprocess.Popen(_rank_command(manifest), env={**env, **rdzv.rank_env(i)})
+        for i in range(rdzv.nproc_per_node)
+    ]
+    return supervise(procs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> int:
+    """`finetune run`: every node of the gang as a local `finetune train`, like pods."""
+    res = job.spec.resources
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = dict(os.environ)
+    base.setdefault(CHECKPOINT_DIR_ENV, str(workdir / "checkpoints"))
+    base.setdefault("FINETUNE_OUTPUT_DIR", str(workdir / "output"))
+    base.setdefault(METRICS_PORT_ENV, "0")  # many ranks share this host's ports
+    base["OMP_NUM_THREADS"] = omp_threads(res.nodes * res.processes_per_node, base)
+    port = free_port()
+    procs, results = [], []
+    for node in range(res.nodes):
+        results.append(workdir / f"node-{node}" / "result.json")
+        results[-1].parent.mkdir(exist_ok=True)
+        env = {
+            **base,
+            "NODE_RANK": str(node),
+            "NNODES": str(res.nodes),
+            "NPROC_PER_NODE": str(res.processes_per_node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            RESULT_FILE_ENV: str(results[-1]),
+        }
+        command = [sys.executable, "-m", "finetune_trainer.cli", "train", str(manifest)]
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    print(f"workdir: {workdir}", file=sys.stderr)
+    finish_logs = _stream_logs(procs)
+    code = supervise(procs)
+    finish_logs()
+    _print_summary(results[0], code)
+    return code
+
+
+def _stream_logs(procs: list[subprocess.Popen[bytes]]) -> Callable[[], None]:
+    """Echo every node's log, with a progress bar driven by rank 0's step lines; returns the
+    function that waits for the last lines once the processes have ended."""
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []  # created at rank 0's first step line, when the total is known
+    lock = threading.Lock()
+
+    def pump(proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            with lock:
+                tqdm.write(line, file=sys.stderr)
+                match = _STEP_LINE.search(line)
+                if match:
+                    if not bars:
+                        bars.append(
+                            tqdm(
+                                total=int(match.group(2)),
+                                unit="step",
+                                file=sys.stderr,
+                                disable=None,
+                            )
+                        )
+                    bars[0].n = int(match.group(1))
+                    bars[0].refresh()
+
+    threads = [threading.Thread(target=pump, args=(p,), daemon=True) for p in procs]
+    for t in threads:
+        t.start()
+
+    def finish() -> None:
+        for t in threads:
+            t.join(timeout=5)
+        for bar in bars:
+            bar.close()
+
+    return finish
+
+
+def _print_summary(result_file: Path, code: int) -> None:
+    try:
+        doc = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        print(f"no result from rank 0 (exit code {code})", file=sys.stderr)
+        return
+    print(json.dumps(doc, indent=2))
+    for metric, scores in (doc.get("evaluation") or {}).items():
+        print(
+            f"{metric}: {_fmt(scores.get('before'))} -> {_fmt(scores.get('after'))}",
+            file=sys.stderr,
+        )
+    if doc.get("revision"):
+        print(
+            f"pushed {doc.get('artifact')} to {doc['repo']} at {doc['revision']}", file=sys.stderr
+        )
+    print(f"{doc.get('status')} ({doc.get('reason')}), exit code {code}", file=sys.stderr)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,478 @@
+"""Fine-tune the model of one FineTuneJob: the script every rank runs.
+
+    finetune run job.yaml                    # local mode: every node and rank on this machine
+    NODE_RANK=0 NNODES=1 finetune train job.yaml   # one pod of the gang
+
+`finetune train` starts one process per local rank with RANK, WORLD_SIZE and MASTER_* set, and
+each runs `main(job)`: seed, Accelerator, data (under main_process_first), model with a pure
+`lora_config`, resume from the newest complete checkpoint, train with `accelerator.accumulate`
+and rotated checkpoints, evaluate, and on rank 0 save, push and write the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import (
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+
+from finetune_operator.api import FineTuneJob, ManifestError
+from finetune_operator.api.constants import TRAINER_METRICS_PORT, ExitCode, Reason
+from finetune_operator.api.v1alpha1 import CAUSAL_LM, DEFAULT_METRICS
+from finetune_trainer import checkpoint, data, modeling
+from finetune_trainer.env import (
+    CHECKPOINT_DIR_ENV,
+    DEFAULT_CHECKPOINT_DIR,
+    METRICS_PORT_ENV,
+    PARAM_HASH_ENV,
+    runtime_errors,
+    setup_logging,
+)
+from finetune_trainer.evaluation import evaluate_model
+from finetune_trainer.result import TrainResult, scrub, write_result
+from finetune_trainer.scoring import gate_failures
+from finetune_trainer.telemetry import TrainerMetrics
+
+log = get_logger(__name__)
+# Before the Accelerator exists (and when it failed to), accelerate's logger refuses to log.
+plain_log = logging.getLogger(__name__)
+OUTPUT_DIR_ENV = "FINETUNE_OUTPUT_DIR"
+
+
+@dataclass
+class Prepared:
+    """Everything a training run needs, after the one `accelerator.prepare`."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_ds: Dataset
+    eval_dl: DataLoader
+    batches: data.ShardedBatches
+    collate: data.Collator
+    total_steps: int
+    metrics: list[str]
+
+
+def main(job: FineTuneJob) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:
+        errors = runtime_errors(job)
+        if errors:
+            raise ManifestError(errors)
+        return _train(job)
+    except ManifestError as exc:
+        for error in exc.errors:
+            plain_log.error("invalid spec: %s", error)
+        _write_failure(rank, Reason.INVALID_SPEC, str(exc))
+        return ExitCode.INVALID_SPEC
+    except Exception as exc:
+        plain_log.error("training failed: %s", scrub(f"{type(exc).__name__}: {exc}"))
+        _write_failure(rank, Reason.TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
+        return ExitCode.RETRYABLE
+
+
+def _write_failure(rank: int, reason: str, message: str) -> None:
+    if rank == 0:
+        write_result(TrainResult(status="Failed", reason=reason, message=message))
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        write_result({"rank": rank, "status": "Failed", "reason": reason})
+
+
+def _train(job: FineTuneJob) -> int:
+    spec = job.spec
+    rank = int(os.environ.get("RANK", "0"))
+    telemetry = TrainerMetrics(job.metadata.name, job.metadata.namespace, rank)
+    _start_metrics_server(telemetry)
+
+    set_seed(spec.training.seed)
+    accelerator = Accelerator(
+        cpu=spec.resources.accelerator.type == "cpu" or not torch.cuda.is_available(),
+        mixed_precision=modeling.mixed_precision(spec.training.precision),
+        # Our train batches do not come from a prepared loader, so sync on the step count only.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=spec.training.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+    )
+    telemetry.record_phase("rendezvous")
+    log.info(
+        "rank %d of %d on %s, mixed precision %s",
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+        main_process_only=False,
+    )
+
+    telemetry.set_status("loading")
+    run = _prepare(job, accelerator, telemetry)
+    ckpt_root = checkpoint_root(job)
+    state, resumed_from = _resume(run, ckpt_root)
+
+    telemetry.set_status("evaluating")
+    if not state.before_scores:
+        state.before_scores = _evaluate(run, spec.model.num_labels)
+        log.info("before training: %s", state.before_scores)
+    telemetry.record_eval("before", state.before_scores)
+
+    telemetry.set_status("training")
+    tokens_per_second = _train_loop(job, run, state, ckpt_root, telemetry)
+    accelerator.wait_for_everyone()
+
+    telemetry.set_status("evaluating")
+    after = _evaluate(run, spec.model.num_labels)
+    telemetry.record_eval("after", after)
+    log.info("after training: %s", after)
+    _write_param_hash(run)
+
+    evaluation = {
+        name: {"before": state.before_scores.get(name), "after": after.get(name)}
+        for name in run.metrics
+    }
+    result = TrainResult(
+        status="Succeeded",
+        reason=Reason.TRAINING_COMPLETED,
+        evaluation=evaluation,
+        artifact=modeling.artifact_kind(spec),
+        steps=state.step,
+        train_loss=_recent_loss(state.loss_history),
+        resumed_from_step=resumed_from,
+        tokens_per_second=tokens_per_second,
+    )
+    code = ExitCode.OK
+    if accelerator.is_main_process:
+        code = _finish(job, run, result, after, telemetry)
+    # Every rank leaves with rank 0's verdict, so a pod's exit code tells the whole story.
+    code = ExitCode(broadcast_object_list([int(code)], from_process=0)[0])
+    telemetry.set_status("succeeded" if code == ExitCode.OK else "failed")
+    if not accelerator.is_main_process and accelerator.is_local_main_process:
+        status = "Succeeded" if code == ExitCode.OK else "Failed"
+        write_result({"rank": accelerator.process_index, "status": status})
+    accelerator.end_training()
+    return code
+
+
+def _start_metrics_server(telemetry: TrainerMetrics) -> None:
+    base = int(os.environ.get(METRICS_PORT_ENV, TRAINER_METRICS_PORT))
+    # Ranks of one pod share its network namespace, so each takes its own port.
+    port = base + int(os.environ.get("LOCAL_RANK", "0")) if base else 0
+    try:
+        actual = telemetry.start_server(port)
+        plain_log.info("metrics on :%d/metrics", actual)
+    except OSError as exc:
+        plain_log.warning("no metrics server on port %d: %s", port, exc)
+
+
+def _prepare(job: FineTuneJob, accelerator: Accelerator, telemetry: TrainerMetrics) -> Prepared:
+    spec = job.spec
+    causal = spec.model.task == CAUSAL_LM
+    with accelerator.local_main_process_first():
+        tokenizer = modeling.load_tokenizer(spec.model)
+
+    with accelerator.main_process_first():
+        raw = data.load_raw(spec.dataset)
+        train_raw, eval_raw = data.split(raw, spec.dataset, spec.training.seed)
+        train_raw = data.cap(train_raw, spec.dataset.max_samples)
+        eval_raw = data.cap(eval_raw, spec.evaluation.max_samples)
+        labels = None if causal else data.label_names(train_raw, eval_raw, spec)
+        pack = causal and spec.training.packing
+        train_ds = data.tokenize(train_raw, spec, tokenizer, labels, pack=pack, drop_last=True)
+        eval_ds = data.tokenize(eval_raw, spec, tokenizer, labels, pack=pack, drop_last=False)
+    telemetry.record_phase("data_loaded")
+    log.info("%d training and %d evaluation rows", len(train_ds), len(eval_ds))
+
+    with accelerator.local_main_process_first():
+        model = modeling.load_model(spec, tokenizer, labels)
+    # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
+    set_seed(spec.training.seed + accelerator.process_index)
+    telemetry.record_phase("model_loaded")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    t = spec.training
+    batches = data.ShardedBatches(
+        len(train_ds),
+        t.batch_size_per_device,
+        accelerator.process_index,
+        accelerator.num_processes,
+        t.gradient_accumulation_steps,
+        t.seed,
+    )
+    steps_per_epoch = batches.batches_per_epoch // t.gradient_accumulation_steps
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    collate = data.Collator(tokenizer.pad_token_id, causal)
+    eval_dl = DataLoader(eval_ds, batch_size=t.batch_size_per_device, collate_fn=collate)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=t.learning_rate,
+        weight_decay=t.weight_decay,
+    )
+    # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step.
+    scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
+    model, optimizer, eval_dl = accelerator.prepare(model, optimizer, eval_dl)
+    return Prepared(
+        accelerator,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train_ds,
+        eval_dl,
+        batches,
+        collate,
+        total_steps,
+        list(spec.evaluation.metrics or DEFAULT_METRICS[spec.model.task]),
+    )
+
+
+def checkpoint_root(job: FineTuneJob) -> Path:
+    """The job's checkpoint folder, keyed by what shapes training: a changed spec on a reused
+    volume starts afresh instead of resuming someone else's run."""
+    base = Path(os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR)
+    s = job.spec
+    shape = [
+        *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft, s.training)),
+        s.evaluation.metrics,
+        s.resources.nodes,
+        s.resources.processes_per_node,
+    ]
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+    return base / f"{job.metadata.name}-{digest}"
+
+
+def _resume(run: Prepared, root: Path) -> tuple[checkpoint.TrainerState, int | None]:
+    acc = run.accelerator
+    payload: list[checkpoint.Checkpoint | None] = [None]
+    if acc.is_main_process:
+        folder = checkpoint.latest(root)
+        if folder is not None:
+            log.info("resuming from %s", folder)
+            payload[0] = checkpoint.load(folder)
+    # Only rank 0 reads the volume; the others get the state over the wire.
+    ckpt = broadcast_object_list(payload, from_process=0)[0]
+    if ckpt is None:
+        fresh = checkpoint.TrainerState(
+            step=0, epoch=0, batches_in_epoch=0, world_size=acc.num_processes
+        )
+        return fresh, None
+    params = dict(acc.unwrap_model(run.model).named_parameters())
+    with torch.no_grad():
+        for name, value in ckpt.trainable.items():
+            params[name].copy_(value.to(params[name].device))
+    run.optimizer.load_state_dict(ckpt.optimizer)
+    run.scheduler.load_state_dict(ckpt.scheduler)
+    if len(ckpt.rng) == acc.num_processes:
+        checkpoint.restore_rng(ckpt.rng[acc.process_index])
+    log.info("resumed from step %d", ckpt.state.step)
+    return ckpt.state, ckpt.state.step
+
+
+def _evaluate(run: Prepared, num_labels: int | None) -> dict[str, float]:
+    return evaluate_model(
+        run.accelerator,
+        run.model,
+        run.eval_dl,
+        run.metrics,
+        causal=run.collate.causal,
+        num_labels=num_labels or 2,
+    )
+
+
+def _train_loop(
+    job: FineTuneJob,
+    run: Prepared,
+    state: checkpoint.TrainerState,
+    ckpt_root: Path,
+    telemetry: TrainerMetrics,
+) -> float | None:
+    """Train to the last step; returns the gang's real (non-pad) tokens per second."""
+    acc, t = run.accelerator, job.spec.training
+    accumulation = t.gradient_accumulation_steps
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    log_every = max(1, run.total_steps // 50)
+    run.model.train()
+    step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
+    loop_started, loop_tokens = started, 0
+    while state.step < run.total_steps:
+        for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
+            rows = run.train_ds[index]
+            batch = run.collate(
+                [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
+            )
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            grad_norm = None
+            with acc.accumulate(run.model):
+                loss = run.model(**batch).loss
+                acc.backward(loss)
+                if acc.sync_gradients and t.max_grad_norm > 0:
+                    grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+            state.batches_in_epoch += 1
+            step_loss += float(loss.detach()) / accumulation
+            real_tokens = int(batch["attention_mask"].sum())
+            tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
+            samples += len(index)
+            if not acc.sync_gradients:
+                continue
+            run.scheduler.step()
+            state.step += 1
+            mean_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "mean"))
+            # Bounded: the history travels in every checkpoint's JSON.
+            state.loss_history = [*state.loss_history[-99:], mean_loss]
+            duration = time.perf_counter() - started
+            epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
+            lr = run.scheduler.get_last_lr()[0]
+            telemetry.record_step(
+                state.step,
+                epoch,
+                mean_loss,
+                lr,
+                grad_norm,
+                tokens,
+                samples,
+                duration,
+                run.total_steps,
+            )
+            if state.step % log_every == 0 or state.step == run.total_steps:
+                # launch.py's progress bar parses this line; keep the `step=i/n` shape.
+                log.info(
+                    "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
+                    state.step,
+                    run.total_steps,
+                    mean_loss,
+                    lr,
+                    epoch,
+                    tokens / max(duration, 1e-9),
+                )
+            # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
+            if state.batches_in_epoch == run.batches.batches_per_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps:
+                _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
+            step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
+            if state.step >= run.total_steps:
+                break
+    telemetry.record_peak_memory(_peak_memory(acc))
+    seconds = time.perf_counter() - loop_started
+    total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
+    return total / seconds if total and seconds > 0 else None
+
+
+def _save_checkpoint(
+    run: Prepared,
+    state: checkpoint.TrainerState,
+    root: Path,
+    keep: int,
+    telemetry: TrainerMetrics,
+) -> None:
+    acc = run.accelerator
+    started = time.perf_counter()
+    rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
+    if acc.is_main_process:
+        folder = checkpoint.save(
+            root,
+            checkpoint.Checkpoint(
+                state=checkpoint.TrainerState(**asdict(state)),
+                trainable=modeling.trainable_state(acc.unwrap_model(run.model)),
+                optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict(),
+                rng=rng,
+            ),
+            keep,
+        )
+        log.info("checkpoint at step %d: %s", state.step, folder)
+    telemetry.record_checkpoint(time.perf_counter() - started)
+
+
+def _peak_memory(acc: Accelerator) -> int:
+    if acc.device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(acc.device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _recent_loss(history: list[float], window: int = 10) -> float | None:
+    recent = history[-window:]
+    return sum(recent) / len(recent) if recent else None
+
+
+def _write_param_hash(run: Prepared) -> None:
+    """Test hook (FINETUNE_DEBUG_PARAM_HASH_FILE): a digest of this rank's trainable weights, so
+    a test can check that every rank ended with the same ones. `{rank}` in the path is filled."""
+    target = os.environ.get(PARAM_HASH_ENV)
+    if not target:
+        return
+    digest = hashlib.sha256()
+    state = modeling.trainable_state(run.accelerator.unwrap_model(run.model))
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].float().cpu().numpy().tobytes())
+    rank = run.accelerator.process_index
+    path = target.format(rank=rank) if "{rank}" in target else f"{target}.{rank}"
+    Path(path).write_text(digest.hexdigest())
+
+
+def _finish(
+    job: FineTuneJob,
+    run: Prepared,
+    result: TrainResult,
+    after: dict[str, float],
+    telemetry: TrainerMetrics,
+) -> ExitCode:
+    """Rank 0: save the artifact, judge the gates, push, and write the result."""
+    out = Path(os.environ.get(OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = run.accelerator.unwrap_model(run.model)
+    result.artifact = modeling.save_artifact(model, run.tokenizer, job.spec, out)
+    log.info("saved %s to %s", result.artifact, out)
+    code = ExitCode.OK
+    missed = gate_failures(job.spec.evaluation.gates, after)
+    if missed:
+        result.status, result.reason = "Failed", Reason.EVALUATION_GATE_FAILED
+        result.message = "; ".join(missed) + "; nothing was pushed"
+        log.warning("evaluation gate missed: %s", result.message)
+        code = ExitCode.GATE_FAILED
+    elif job.spec.output.hub is not None:
+        telemetry.set_status("pushing")
+        code = _push(job, out, result)
+    write_result(result)
+    log.info("result: %s", result.to_json())
+    return code
+
+
+def _push(job: FineTuneJob, out: Path, result: TrainResult) -> ExitCode:
+    from finetune_trainer.publish import PushError, push_to_hub
+
+    try:
+        pushed = push_to_hub(job, out, result.evaluation, result.artifact)
+    except PushError as exc:
+        result.status, result.reason, result.message = "Failed", Reason.PUSH_FAILED, str(exc)
+        log.error("%s", exc)
+        return ExitCode.RETRYABLE
+    result.repo, result.revision, result.url = pushed.repo, pushed.revision, pushed.url
+    result.reason = Reason.PUSHED
+    log.info("pushed %s to %s at revision %s", result.artifact, pushed.repo, pushed.revision)
+    return ExitCode.OK
