@@ -56,7 +56,9 @@ if [[ -n "$EXTRA_CA_DIR" && -d "$EXTRA_CA_DIR" ]]; then
   [[ -z "$extra_ca" ]] || log "passing the CA certificates in ${EXTRA_CA_DIR} to the build"
 fi
 vcs_ref=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true)
-build_date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# The commit date, not now: an unchanged tree must give the same image ID, or every build
+# forces a multi-GB reload into kind.
+build_date=$(git -C "$(dirname "$0")/.." log -1 --format=%cd --date=iso-strict 2>/dev/null || echo unknown)
 
 for target in "${targets[@]}"; do
   case "$target" in

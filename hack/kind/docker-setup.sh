@@ -41,7 +41,8 @@ if [ -z "$(dockerd_pids)" ]; then
   # Debian's containerd package may not be running either; dockerd starts its own
   # managed containerd when /run/containerd/containerd.sock is absent.
   log "starting dockerd (log: /var/log/dockerd.log)"
-  nohup /usr/sbin/dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
+  # setsid: dockerd must outlive the process group of whatever ran this script.
+  setsid nohup /usr/sbin/dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
 fi
 
 for _ in $(seq 60); do

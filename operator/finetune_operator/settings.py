@@ -29,6 +29,7 @@ class Settings:
     scrape_timeout_seconds: float = 2.0
     # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
     shm_size: str = "1Gi"
+    log_level: str = "INFO"
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -44,4 +45,5 @@ class Settings:
             progress_seconds=float(env.get("FINETUNE_PROGRESS_SECONDS", "10")),
             scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
+            log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
         )

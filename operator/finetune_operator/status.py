@@ -114,7 +114,7 @@ def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
             progress["step"] = result.steps
             progress["totalSteps"] = max(progress.get("totalSteps") or 0, result.steps)
         if result.train_loss is not None:
-            progress["loss"] = result.train_loss
+            progress["loss"] = round(result.train_loss, 6)
         status["progress"] = progress
 
 
