@@ -15,5 +15,9 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   "$venv/bin/pip" install -q -e "${root}[operator,trainer,dev]" >&2
   touch "$venv/.complete"
 fi
-"$venv/bin/pip" install -q --no-deps -e "$root" >&2
+# Point the venv at this checkout, unless it already is (CI clones to a new folder each run).
+where=$("$venv/bin/python" -c 'import finetune_operator, os; print(os.path.dirname(os.path.dirname(finetune_operator.__file__)))' 2>/dev/null || true)
+if [[ "$where" != "$root/operator" ]]; then
+  "$venv/bin/pip" install -q --no-deps -e "$root" >&2
+fi
 echo "$venv"
