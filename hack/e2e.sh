@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# The kind end-to-end flow, step by step, for people (and a future `make demo`): the same steps
+# tests/kind/test_e2e.py automates and asserts on.
+#
+#   hack/e2e.sh            # all steps: cluster, images, chart, Hub double, example job, result
+#   hack/e2e.sh clean      # delete the demo namespace (the cluster and the release stay)
+#
+# Steps (each idempotent; a warm re-run skips the build and image loads):
+#   1. hack/kind/cluster.sh up
+#   2. hack/images.sh all                       (SKIP_BUILD=1 to use the local images as they are)
+#   3. cluster.sh load, only where a node lacks the local image ID (the trainer image is ~6 GB)
+#   4. the chart's CRD, then helm upgrade --install into finetune-system, wait for Available
+#   5. namespace $NS: Secret hub-token (random), the Hub-API test double seeded with
+#      hf://org/tiny and hf://org/tiny-data (tests/kind/manifests/hub.yaml)
+#   6. examples/tiny-cpu.yaml applied there, watched until Succeeded or Failed
+#   7. the pushed revision's files, as the Hub double lists them
+#
+# Env: NS (default finetune-demo), SKIP_BUILD=1 (never build), TIMEOUT (seconds for the job, default 1800),
+#      VERSION (image tag, default from pyproject.toml).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FINETUNE_CACHE="${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}"
+NS="${NS:-finetune-demo}"
+TIMEOUT="${TIMEOUT:-1800}"
+VERSION="${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "${ROOT}/pyproject.toml" | head -n1)}"
+OPERATOR_IMAGE="finetune-operator:${VERSION}"
+TRAINER_IMAGE="finetune-trainer:${VERSION}"
+CLUSTER_NAME="${CLUSTER_NAME:-finetune}"
+DOCKER=docker; [[ -x /usr/bin/docker ]] && DOCKER=/usr/bin/docker
+KUBECTL="${FINETUNE_CACHE}/k8s/${K8S_VERSION:-v1.34.4}/bin/kubectl"
+[[ -x "$KUBECTL" ]] || KUBECTL=$(command -v kubectl)
+KUBECONFIG="$("${ROOT}/hack/kind/cluster.sh" kubeconfig)"
+export KUBECONFIG
+
+log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+kc() { "$KUBECTL" "$@"; }
+step() { STEP_T0=$SECONDS; log "== $*"; }
+done_step() { log "   took $((SECONDS - STEP_T0))s"; }
+
+if [[ "${1:-}" == clean ]]; then
+  kc delete namespace "$NS" --ignore-not-found --wait=false
+  exit 0
+fi
+
+# containerd's image ID on a kind node for a bare docker ref (docker.io/library/NAME:TAG).
+node_image_id() {
+  "$DOCKER" exec "$1" crictl inspecti -o json "docker.io/library/$2" 2>/dev/null | jq -r '.status.id // empty' || true
+}
+
+load_if_needed() {
+  local ref=$1 want node missing=()
+  want=$("$DOCKER" image inspect -f '{{.Id}}' "$ref")
+  for node in $("$DOCKER" ps --filter "label=io.x-k8s.kind.cluster=${CLUSTER_NAME}" --format '{{.Names}}'); do
+    [[ "$(node_image_id "$node" "$ref")" == "$want" ]] || missing+=("$node")
+  done
+  if ((${#missing[@]} == 0)); then
+    log "   ${ref} (${want:7:12}) already on every node"
+  else
+    for node in "${missing[@]}"; do
+      # Drop the node's older version of the tag first, with the import-<date>@<digest> and
+      # sha256:<id> records kind's `ctr import --digests` and CRI add beside it; any of them
+      # left keeps ~13 GB (trainer content + snapshot) alive per node and version.
+      digest=$("$DOCKER" exec "$node" ctr -n k8s.io images ls | awk -v r="docker.io/library/$ref" '$1 == r {print $3}')
+      if [[ -n "$digest" ]]; then
+        # shellcheck disable=SC2046 # one name per word
+        "$DOCKER" exec "$node" ctr -n k8s.io images rm --sync $("$DOCKER" exec "$node" ctr -n k8s.io images ls | awk -v d="$digest" '$3 == d {print $1}') >/dev/null
+      fi
+    done
+    log "   loading ${ref} (${want:7:12}) into ${missing[*]}"
+    "${ROOT}/hack/kind/cluster.sh" load "$ref"
+  fi
+}
+
+T0=$SECONDS
+step "1. cluster"
+"${ROOT}/hack/kind/cluster.sh" up
+done_step
+
+step "2. images"
+# images.sh labels each build with its date, so every build is a new image ID and a new multi-GB
+# kind load. Build only when the sources (the .dockerignore allow-list) or the base changed.
+context_hash() {
+  { "$DOCKER" image inspect -f '{{.Id}}' "${BASE_IMAGE:-finetune-local/python-base:bookworm}" 2>/dev/null || true
+    echo "${TORCH_INDEX_URL:-}"
+    cd "$ROOT" && find Dockerfile .dockerignore pyproject.toml README.md operator trainer -type f \
+      ! -path '*/__pycache__/*' ! -name '*.py[co]' ! -path '*.egg-info/*' -print0 | sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -c1-64
+}
+STAMPS="${FINETUNE_CACHE}/kind-e2e/images-sh"
+mkdir -p "$STAMPS"
+if [[ "${SKIP_BUILD:-}" != 1 ]]; then
+  ctx=$(context_hash)
+  for target in operator trainer; do
+    ref="finetune-${target}:${VERSION}"
+    id=$("$DOCKER" image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true)
+    if [[ -n "$id" && "$(cat "${STAMPS}/${ref/:/_}" 2>/dev/null)" == "${ctx} ${id}" ]]; then
+      log "   ${ref}: sources unchanged since its build; not rebuilding"
+    else
+      "${ROOT}/hack/images.sh" "$target" >/dev/null
+      echo "${ctx} $("$DOCKER" image inspect -f '{{.Id}}' "$ref")" >"${STAMPS}/${ref/:/_}"
+    fi
+  done
+fi
+done_step
+
+step "3. images on the nodes"
+load_if_needed "$OPERATOR_IMAGE"
+load_if_needed "$TRAINER_IMAGE"
+done_step
+
+step "4. operator chart"
+HELM="$("${ROOT}/hack/helm.sh")"
+kc apply --server-side --force-conflicts -f "${ROOT}/charts/finetune-operator/crds"
+image_id=$("$DOCKER" image inspect -f '{{.Id}}' "$OPERATOR_IMAGE")
+"$HELM" upgrade --install finetune-operator "${ROOT}/charts/finetune-operator" \
+  --namespace finetune-system --create-namespace \
+  --set image.repository=finetune-operator --set-string image.tag="$VERSION" \
+  --set image.pullPolicy=IfNotPresent \
+  --set trainer.image.repository=finetune-trainer --set-string trainer.image.tag="$VERSION" \
+  --set trainer.image.pullPolicy=IfNotPresent \
+  --set-json 'extraEnv=[{"name":"FINETUNE_PROGRESS_SECONDS","value":"2"}]' \
+  --set-string "podAnnotations.finetune\.dev/image-id=${image_id/:/-}" \
+  --wait --timeout 5m
+kc -n finetune-system wait --for=condition=Available deployment/finetune-operator --timeout=300s
+done_step
+
+step "5. namespace ${NS}: Hub token and the Hub-API test double"
+kc create namespace "$NS" --dry-run=client -o yaml | kc apply -f -
+if ! kc -n "$NS" get secret hub-token >/dev/null 2>&1; then
+  # From stdin: the token is in no command line.
+  head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n' | sed 's/^/demo/' \
+    | kc -n "$NS" create secret generic hub-token --from-file=token=/dev/stdin
+fi
+kc -n "$NS" create configmap hub-seed --from-file="${ROOT}/tests/kind/manifests/seed_tiny.py" \
+  --dry-run=client -o yaml | kc -n "$NS" apply -f -
+kc -n "$NS" apply -f "${ROOT}/tests/kind/manifests/hub.yaml"
+kc -n "$NS" rollout status deployment/hub --timeout=600s
+done_step
+
+step "6. examples/tiny-cpu.yaml"
+sed -e "s/namespace: finetune-demo/namespace: ${NS}/" \
+    -e "s#http://hub.finetune-demo.svc#http://hub.${NS}.svc#" "${ROOT}/examples/tiny-cpu.yaml" \
+  | kc apply -f -
+deadline=$((SECONDS + TIMEOUT)); last=""
+while :; do
+  phase=$(kc -n "$NS" get ftj tiny-cpu -o jsonpath='{.status.phase}')
+  line=$(kc -n "$NS" get ftj tiny-cpu --no-headers)
+  [[ "$line" == "$last" ]] || { log "   ${line}"; last=$line; }
+  [[ "$phase" == Succeeded || "$phase" == Failed ]] && break
+  ((SECONDS < deadline)) || { log "timed out after ${TIMEOUT}s"; exit 1; }
+  sleep 3
+done
+kc -n "$NS" get ftj tiny-cpu -o wide
+kc -n "$NS" get pods -o wide
+kc -n "$NS" get ftj tiny-cpu -o jsonpath='{.status}' | jq .
+done_step
+[[ "$phase" == Succeeded ]] || { log "FineTuneJob ${phase}: kubectl -n ${NS} describe ftj tiny-cpu"; exit 1; }
+
+step "7. the pushed revision in the Hub double"
+revision=$(kc -n "$NS" get ftj tiny-cpu -o jsonpath='{.status.result.revision}')
+repo=$(kc -n "$NS" get ftj tiny-cpu -o jsonpath='{.status.result.repo}')
+kc -n "$NS" exec deploy/hub -c hub -- python -c '
+import json, sys, urllib.request
+repo, rev = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(f"http://127.0.0.1:8080/api/models/{repo}/revision/{rev}")
+req.add_header("Authorization", "Bearer " + open("/secrets/token").read().strip())
+info = json.load(urllib.request.urlopen(req, timeout=10))
+print(f"{repo}@{rev}:", ", ".join(sorted(s["rfilename"] for s in info["siblings"])))
+' "$repo" "$revision"
+done_step
+log "e2e flow done in $((SECONDS - T0))s (hack/e2e.sh clean removes namespace ${NS})"

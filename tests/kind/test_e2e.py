@@ -1,0 +1,347 @@
+"""End to end on kind: the chart installed, a 2-node CPU FineTuneJob trained and pushed to a Hub.
+
+    pytest -m kind tests/kind/test_e2e.py -s     # fixtures: tests/kind/conftest.py
+
+What happens, in a fresh namespace:
+1. a Secret with a random Hub token, and the Hub-API test double (tests/kind/manifests/hub.yaml)
+   as a Deployment + Service whose init container builds a tiny Llama + tokenizer and a jsonl
+   dataset, served as hf://org/tiny and hf://org/tiny-data; the double accepts only that token,
+   for reads too;
+2. examples/tiny-cpu.yaml applied (2 pods x 1 process, CPU, 40 steps), its endpoint pointed at
+   the double;
+3. while it runs: `kubectl get ftj` polled (Progress > 0 must show before the end), and the
+   operator's (:8000) and a trainer pod's (:9400) metrics scraped from inside the cluster;
+4. at the end: Succeeded, evaluation before/after and the pushed revision in status; the two
+   pods on different nodes, one gang (both ranks log world size 2); the revision in the double
+   holds the adapter and the model card; the token in no pod log, Event, or the FineTuneJob.
+
+A failure leaves diagnostics in test-results/kind-logs/ (see conftest.py). Waits poll with
+deadlines; nothing sleeps as an assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.kind]
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = Path(__file__).resolve().parent / "manifests"
+EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+HUB_READY_TIMEOUT_S = 600
+FTJ_TIMEOUT_S = 1500
+POLL_S = 1.0
+JOB_LABEL = "finetune.dev/job-name"
+RANK_LINE = re.compile(r"\[rank (\d+)\].*\brank (\d+) of (\d+) on (\S+)")
+
+# Runs inside the hub pod (python, in-cluster DNS and pod IPs): GET a URL, optionally with the
+# double's token read from its mounted file (the token never travels through argv or stdout).
+FETCH = r"""
+import json, sys, urllib.request, urllib.error
+url, auth, limit = sys.argv[1], sys.argv[2] == "auth", int(sys.argv[3])
+req = urllib.request.Request(url)
+if auth:
+    req.add_header("Authorization", "Bearer " + open("/secrets/token").read().strip())
+try:
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body, status = r.read(), r.status
+except urllib.error.HTTPError as e:
+    body, status = e.read(), e.code
+except Exception as e:
+    print(json.dumps({"status": 0, "error": repr(e)})); sys.exit(0)
+print(json.dumps({"status": status, "body": body[:limit].decode("utf-8", "replace")}))
+"""
+
+
+class HubPod:
+    def __init__(self, kube: Any, namespace: str) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.endpoint = f"http://hub.{namespace}.svc.cluster.local:8080"
+
+    def fetch(self, url: str, auth: bool = False, limit: int = 200_000) -> dict[str, Any]:
+        out = self.kube(
+            "-n",
+            self.namespace,
+            "exec",
+            "deploy/hub",
+            "-c",
+            "hub",
+            "--",
+            "python",
+            "-c",
+            FETCH,
+            url,
+            "auth" if auth else "-",
+            str(limit),
+            timeout=60,
+        )
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def operator_scrape(kube: Any, release: dict[str, str], running: list[dict]) -> dict[str, Any]:
+    """Rank 0's :9400 as the operator pod sees it (a diagnostic for missing progress)."""
+    rank0 = [
+        p
+        for p in running
+        if p["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index")
+        == "0"
+    ]
+    if not rank0 or not rank0[0]["status"].get("podIP"):
+        return {"status": 0, "error": "rank 0 not running"}
+    url = f"http://{rank0[0]['status']['podIP']}:9400/metrics"
+    proc = kube(
+        "-n", release["namespace"], "exec", release["pod"], "--",
+        "python", "-c", FETCH, url, "-", "300", timeout=60, check=False,
+    )  # fmt: skip
+    try:
+        return {"url": url, **json.loads(proc.strip().splitlines()[-1])}
+    except (ValueError, IndexError):
+        return {"url": url, "error": proc[-300:]}
+
+
+def printer_columns(kube: Any, namespace: str, name: str) -> dict[str, str]:
+    """`kubectl get ftj NAME` as {HEADER: cell} (kubectl prints headers upper-case); cells are
+    cut at the header's offsets, so an empty column (LOSS, EVAL, REVISION early on) does not
+    shift the others."""
+    lines = kube("-n", namespace, "get", "finetunejob", name).rstrip("\n").splitlines()
+    header, row = lines[0], lines[1]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    cells = {}
+    for i, col in enumerate(names):
+        end = starts[i + 1] if i + 1 < len(starts) else None
+        cells[col] = row[starts[i] : end].strip()
+    return cells
+
+
+def setup_hub(kube: Any, namespace: str, token: str, timing: Any) -> HubPod:
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "hub-token"},
+            "type": "Opaque",
+            "stringData": {"token": token},
+        },
+        namespace,
+    )
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "hub-seed"},
+            "data": {"seed_tiny.py": (MANIFESTS / "seed_tiny.py").read_text()},
+        },
+        namespace,
+    )
+    kube("-n", namespace, "apply", "-f", str(MANIFESTS / "hub.yaml"))
+    with timing.stopwatch("hub_double_ready"):
+        kube(
+            "-n",
+            namespace,
+            "rollout",
+            "status",
+            "deployment/hub",
+            f"--timeout={HUB_READY_TIMEOUT_S}s",
+            timeout=HUB_READY_TIMEOUT_S + 30,
+        )
+    hub = HubPod(kube, namespace)
+    # Seeded and answering, and really closed to anonymous reads.
+    anon = hub.fetch(f"{hub.endpoint}/api/models/org/tiny")
+    assert anon["status"] == 401, anon
+    for kind, repo in (("models", "org/tiny"), ("datasets", "org/tiny-data")):
+        info = hub.fetch(f"{hub.endpoint}/api/{kind}/{repo}", auth=True)
+        assert info["status"] == 200, (repo, info)
+    return hub
+
+
+def example_job(namespace: str, endpoint: str) -> dict[str, Any]:
+    job = yaml.safe_load(EXAMPLE.read_text())
+    job["metadata"]["namespace"] = namespace
+    job["spec"]["output"]["hub"]["endpoint"] = endpoint
+    return job
+
+
+def test_finetunejob_end_to_end(
+    kube: Any,
+    operator_release: dict[str, str],
+    test_namespace: str,
+    diagnostics: dict[str, str],
+    timing: Any,
+) -> None:
+    t_test = time.monotonic()
+    ns = test_namespace
+    diagnostics["namespace"] = ns
+    # Random, and not hf_-shaped: a leak must not hide behind pattern-based redaction.
+    token = f"e2etok{secrets.token_hex(20)}"
+
+    hub = setup_hub(kube, ns, token, timing)
+    job = example_job(ns, hub.endpoint)
+    name = job["metadata"]["name"]
+    repo = job["spec"]["output"]["hub"]["repo"]
+
+    # ---- run, watching ------------------------------------------------------------------------
+    t_apply = time.monotonic()
+    kube.apply(job, ns)
+    phases: list[str] = []
+    progress_seen: list[tuple[str, str]] = []  # (Progress, Phase) cells while not finished
+    operator_metrics: dict[str, Any] | None = None
+    trainer_metrics: dict[str, Any] | None = None
+    pod_nodes: dict[str, str] = {}
+    first_running: float | None = None
+    operator_view: dict[str, Any] | str = "not tried"
+    deadline = time.monotonic() + FTJ_TIMEOUT_S
+    ftj: dict[str, Any] = {}
+    while True:
+        ftj = kube.json("-n", ns, "get", "finetunejob", name)
+        phase = ftj.get("status", {}).get("phase", "")
+        if not phases or phases[-1] != phase:
+            phases.append(phase)
+            print(f"[{time.monotonic() - t_apply:6.1f}s] phase {phase or '-'}", flush=True)
+        if phase in ("Succeeded", "Failed"):
+            break
+        cells = printer_columns(kube, ns, name)
+        if cells.get("PROGRESS", "") not in ("", "<none>", "0") and cells["PHASE"] != "Succeeded":
+            seen = (cells["PROGRESS"], cells["PHASE"])
+            if not progress_seen or progress_seen[-1] != seen:
+                print(f"[{time.monotonic() - t_apply:6.1f}s] kubectl get ftj: {cells}", flush=True)
+            progress_seen.append(seen)
+        pods = kube.json("-n", ns, "get", "pods", "-l", f"{JOB_LABEL}={name}")["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        for p in pods:
+            if p["spec"].get("nodeName"):
+                pod_nodes[p["metadata"]["name"]] = p["spec"]["nodeName"]
+        if phase == "Running" and first_running is None:
+            first_running = time.monotonic()
+        if phase == "Running" and operator_metrics is None:
+            got = hub.fetch(operator_release["metrics_url"])
+            if got["status"] == 200:
+                operator_metrics = got
+        if running and trainer_metrics is None:
+            ip = running[0]["status"].get("podIP")
+            if ip:
+                got = hub.fetch(f"http://{ip}:9400/metrics")
+                if got["status"] == 200 and "finetune_" in got["body"]:
+                    trainer_metrics = {**got, "pod": running[0]["metadata"]["name"]}
+                    operator_view = operator_scrape(kube, operator_release, running)
+        assert time.monotonic() < deadline, (
+            f"FineTuneJob not finished after {FTJ_TIMEOUT_S}s; phases {phases}, "
+            f"status {json.dumps(ftj.get('status'), indent=1)}"
+        )
+        time.sleep(POLL_S)
+    wall = time.monotonic() - t_apply
+    timing.record("ftj_wall_apply_to_done", wall)
+    if first_running is not None:
+        timing.record("ftj_running_to_done", time.monotonic() - first_running)
+    status = ftj["status"]
+    print(json.dumps(status, indent=1), flush=True)
+
+    # Checks that do not depend on each other are collected, so one red run reports them all.
+    problems: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    # ---- outcome ------------------------------------------------------------------------------
+    assert status["phase"] == "Succeeded", (phases, json.dumps(status, indent=1))
+    evaluation = status.get("evaluation") or {}
+    ppl = evaluation.get("perplexity") or {}
+    check(
+        ppl.get("before") is not None and ppl.get("after") is not None,
+        f"status.evaluation lacks perplexity before/after: {evaluation}",
+    )
+    if ppl.get("before") is not None and ppl.get("after") is not None:
+        check(ppl["after"] < ppl["before"], f"training did not lower perplexity: {ppl}")
+    result = status.get("result") or {}
+    revision = result.get("revision") or ""
+    check(bool(re.fullmatch(r"[0-9a-f]{40}", revision)), f"no pushed revision: {result}")
+    check(result.get("repo") == repo, f"status.result.repo is not {repo}: {result}")
+    check(result.get("artifact") == "adapter", f"status.result.artifact: {result}")
+
+    # ---- progress was visible while it ran ----------------------------------------------------
+    check(
+        bool(progress_seen),
+        f"`kubectl get ftj` never showed Progress > 0 before the end (phases {phases}; the "
+        f"operator's own scrape of rank 0's :9400 while Running: {operator_view})",
+    )
+
+    # ---- the gang: two pods, two nodes, one world ---------------------------------------------
+    pods = kube.json("-n", ns, "get", "pods", "-l", f"{JOB_LABEL}={name}")["items"]
+    nodes = {p["metadata"]["name"]: p["spec"].get("nodeName") for p in pods}
+    check(len(pods) == 2, f"expected 2 trainer pods, found {sorted(nodes)}")
+    check(len(set(nodes.values())) == 2, f"the pods did not land on two nodes: {nodes}")
+    ranks: dict[int, int] = {}
+    for p in pods:
+        log_text = kube("-n", ns, "logs", p["metadata"]["name"], "--all-containers")
+        found = [m.groups() for m in RANK_LINE.finditer(log_text)]
+        check(bool(found), f"no 'rank N of M' line in {p['metadata']['name']}")
+        for prefix_rank, rank, world, _device in found:
+            check(prefix_rank == rank, f"log prefix rank {prefix_rank} != rank {rank}")
+            ranks[int(rank)] = int(world)
+    check(ranks == {0: 2, 1: 2}, f"not one gang of world size 2 (rank -> world): {ranks}")
+
+    # ---- the push, as the Hub double sees it --------------------------------------------------
+    if revision:
+        info = hub.fetch(f"{hub.endpoint}/api/models/{repo}/revision/{revision}", auth=True)
+        check(info["status"] == 200, f"revision {revision} not in the Hub double: {info}")
+        if info["status"] == 200:
+            files = {s["rfilename"] for s in json.loads(info["body"]).get("siblings", [])}
+            for required in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+                check(required in files, f"{required} missing at {revision}: {sorted(files)}")
+        card = hub.fetch(f"{hub.endpoint}/{repo}/resolve/{revision}/README.md", auth=True)
+        check(card["status"] == 200, f"no README.md at {revision}: {card}")
+        body = card.get("body", "")
+        check("org/tiny" in body, f"model card does not name the base model:\n{body[:1500]}")
+        check("perplexity" in body.lower(), f"model card has no evaluation:\n{body[:1500]}")
+
+    # ---- metrics endpoints answered while it ran ----------------------------------------------
+    check(operator_metrics is not None, "the operator's :8000/metrics never answered while Running")
+    if operator_metrics is not None:
+        check("# TYPE" in operator_metrics["body"], "operator /metrics is not Prometheus text")
+    check(trainer_metrics is not None, "no trainer pod's :9400/metrics answered while Running")
+    if trainer_metrics is not None:
+        check("finetune_train" in trainer_metrics["body"], "trainer /metrics lacks finetune_train*")
+
+    # ---- the token leaked nowhere -------------------------------------------------------------
+    places: dict[str, str] = {
+        "FineTuneJob": kube("-n", ns, "get", "finetunejob", name, "-o", "yaml"),
+        "events": kube("get", "events", "-A", "-o", "yaml"),
+        "configmaps": kube("-n", ns, "get", "configmaps", "-o", "yaml"),
+        "jobs": kube("-n", ns, "get", "jobs", "-o", "yaml"),
+        "operator log": kube(
+            "-n",
+            operator_release["namespace"],
+            "logs",
+            f"deployment/{operator_release['deployment']}",
+            "--all-containers",
+            "--tail=-1",
+        ),
+    }
+    for p in kube.json("-n", ns, "get", "pods")["items"]:
+        pod = p["metadata"]["name"]
+        places[f"log of {pod}"] = kube("-n", ns, "logs", pod, "--all-containers", "--tail=-1")
+        places[f"pod {pod}"] = json.dumps(p)
+    leaks = [where for where, text in places.items() if token in text]
+    check(not leaks, f"the Hub token appears in: {leaks}")
+
+    timing.record("e2e_test_total", time.monotonic() - t_test)
+    timing.record("ftj_steps", str(status.get("progress", {}).get("step")))
+    timing.record("ftj_perplexity", f"{ppl.get('before')} -> {ppl.get('after')}")
+    timing.record("ftj_pod_nodes", json.dumps(nodes))
+    timing.record(
+        "ftj_progress_seen_while_running", " ".join(dict.fromkeys(p for p, _ in progress_seen))
+    )
+    timing.record(
+        "ftj_status_start_to_completion",
+        f"{status.get('startTime')} -> {status.get('completionTime')}",
+    )
+    assert not problems, "\n".join(f"- {m}" for m in problems)
