@@ -42,6 +42,14 @@ class OperatorMetrics:
             "Gang restarts after a retryable failure.",
             registry=registry,
         )
+        # Per reason (a closed set: the Reason constants), so alerts can tell a failed
+        # evaluation gate from a crash without a per-job label.
+        self.jobs_failed = Counter(
+            "finetune_operator_jobs_failed_total",
+            "FineTuneJobs that reached Failed, by condition reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.time_to_running = Histogram(
             "finetune_operator_time_to_running_seconds",
             "From FineTuneJob creation to its first Running.",

@@ -189,6 +189,8 @@ class Reconciler:
                 elapsed = datetime.now(UTC) - datetime.fromisoformat(created.replace("Z", "+00:00"))
                 self.metrics.time_to_running.observe(max(elapsed.total_seconds(), 0.0))
         for type_, reason, message in result.transitions:
+            if type_ == ConditionType.FAILED:
+                self.metrics.jobs_failed.labels(reason=reason).inc()
             warning = type_ == ConditionType.FAILED or reason == Reason.RESTARTING
             await self.kube.post_event(
                 body, "Warning" if warning else "Normal", reason, message or type_
@@ -214,6 +216,7 @@ class Reconciler:
         previous = body.get("status") or {}
         if previous.get("phase") != Phase.FAILED:
             await self.kube.patch_status(meta["namespace"], meta["name"], status)
+            self.metrics.jobs_failed.labels(reason=Reason.INVALID_SPEC).inc()
             await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         return Outcome(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
 

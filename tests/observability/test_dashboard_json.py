@@ -1,0 +1,188 @@
+"""The Grafana dashboard, without Grafana: its shape, its variables, PromQL that parses, and
+metric names that the trainer and operator code really export."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from obs_helpers import (
+    REPO,
+    alert_rules,
+    dashboard_targets,
+    load_dashboard,
+    metric_names,
+    panels,
+    substitute,
+    variable_queries,
+)
+from prometheus_client import CollectorRegistry
+
+pytestmark = pytest.mark.observability
+
+DASHBOARD = load_dashboard()
+BUILTIN_VARS = {"__rate_interval", "__interval", "__range"}
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name the trainer's and the operator's metrics classes expose."""
+    from finetune_operator.metrics import OperatorMetrics
+    from finetune_trainer.telemetry import TrainerMetrics
+
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    TrainerMetrics("job", "ns", 0, registry=registries[0], process_metrics=False)
+    OperatorMetrics(registry=registries[1])
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "summary": ["_sum", "_count"],
+        "gauge": [""],
+        "info": ["_info"],
+    }
+    names = set()
+    for registry in registries:
+        for family in registry.collect():
+            names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    return names
+
+
+def used_metric_names() -> set[str]:
+    used = set()
+    for _, target in dashboard_targets(DASHBOARD):
+        used |= metric_names(target["expr"])
+    for query in variable_queries(DASHBOARD).values():
+        used |= metric_names(query)
+    for rule in alert_rules():
+        used |= metric_names(rule["expr"])
+    return used
+
+
+def test_identity_and_datasource_variable() -> None:
+    assert DASHBOARD["uid"] == "finetune-operator"
+    assert DASHBOARD["title"]
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    for name in ("namespace", "finetunejob", "rank"):
+        var = variables[name]
+        assert var["type"] == "query" and var["includeAll"] and var["multi"]
+        assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        # A plain string: every Grafana version reads it (10+ converts it on first edit).
+        assert var["query"] == var["definition"] and var["query"].startswith("label_values(")
+
+
+def test_every_panel_uses_the_datasource_variable() -> None:
+    for panel in panels(DASHBOARD):
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_panel_ids_unique_and_layout_does_not_overlap() -> None:
+    everything = DASHBOARD["panels"]
+    ids = [p["id"] for p in everything]
+    assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for p in everything:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
+
+
+def test_only_defined_variables_are_used() -> None:
+    defined = {v["name"] for v in DASHBOARD["templating"]["list"]} | BUILTIN_VARS
+    texts = [t["expr"] for _, t in dashboard_targets(DASHBOARD)]
+    texts += list(variable_queries(DASHBOARD).values())
+    for text in texts:
+        for name in re.findall(r"\$\{?(\w+)", text):
+            assert name in defined, f"${name} in {text}"
+
+
+def test_rates_use_grafana_windows() -> None:
+    """Windows are $__rate_interval (or $__range for totals), never hard-coded."""
+    for panel, target in dashboard_targets(DASHBOARD):
+        for window in re.findall(r"\[([^\]]+)\]", target["expr"]):
+            assert window in ("$__rate_interval", "$__range"), (panel["title"], window)
+
+
+def test_the_issue_panels_exist() -> None:
+    exprs = "\n".join(t["expr"] for _, t in dashboard_targets(DASHBOARD))
+    for needle in [
+        "finetune_operator_jobs",
+        "finetune_train_loss",
+        "finetune_train_learning_rate",
+        "finetune_train_tokens_per_second",
+        "rate(finetune_train_tokens_total",
+        "histogram_quantile(0.5, sum by (namespace, finetunejob, le) "
+        "(rate(finetune_train_step_duration_seconds_bucket",
+        "histogram_quantile(0.99, sum by (namespace, finetunejob, le) "
+        "(rate(finetune_train_step_duration_seconds_bucket",
+        'stage="before"',
+        'stage="after"',
+        "finetune_startup_phase_timestamp_seconds",
+        "finetune_checkpoint_save_duration_seconds",
+        "finetune_accelerator_memory_peak_bytes",
+        "histogram_quantile(0.99, sum by (le) "
+        "(rate(finetune_operator_reconcile_duration_seconds_bucket",
+        "rate(finetune_operator_reconcile_errors_total",
+        "finetune_operator_job_restarts_total",
+    ]:
+        assert needle in exprs, needle
+
+
+def test_every_query_parses(promtool: str, tmp_path: Path) -> None:
+    """promtool parses each query (variables substituted) as a recording rule's expression."""
+    rules = [
+        {
+            "record": f"dashboard:panel_{panel['id']}:{target['refId']}",
+            "expr": substitute(target["expr"], range_s=60),
+        }
+        for panel, target in dashboard_targets(DASHBOARD)
+    ]
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_used_metrics_exist_in_code() -> None:
+    missing = used_metric_names() - exported_sample_names()
+    assert not missing, f"the dashboard or alerts use metrics the code does not export: {missing}"
+
+
+def test_startup_breakdown_follows_the_trainer_phase_order() -> None:
+    """The time-to-first-step segments chain the phases in the order train.py records them."""
+    tree = ast.parse((REPO / "trainer" / "finetune_trainer" / "train.py").read_text())
+    calls = [
+        (node.lineno, node.args[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", "") == "record_phase"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    ]
+    # process_started is stamped by TrainerMetrics() and first_step by the first record_step.
+    trainer_order = ["process_started", *[p for _, p in sorted(calls)], "first_step"]
+    panel = next(p for p in panels(DASHBOARD) if p["title"].startswith("Time to first step, by"))
+    chain: list[str] = []
+    for target in panel["targets"]:
+        phases = re.findall(r'phase="(\w+)"', target["expr"])
+        if "process_start_time_seconds" in target["expr"]:  # the process itself starting
+            (later,), earlier = phases, "process_start"
+        else:
+            later, earlier = phases
+        if not chain:
+            chain.append(earlier)
+        assert chain[-1] == earlier, f"segments do not chain: {chain} then {earlier}->{later}"
+        chain.append(later)
+    assert chain == ["process_start", *trainer_order]

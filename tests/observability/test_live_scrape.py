@@ -1,0 +1,370 @@
+"""Live: a real Prometheus scrapes two trainer ranks of a real (tiny) training run and the
+operator's metrics, with scrape jobs derived from the chart's PodMonitor and ServiceMonitor and
+the chart's alert rules loaded. Every query of the dashboard must return data, the loss must be
+sampled once per scrape with the expected labels, no alert may fire on the healthy run, and
+the main panels are drawn to test-results/dashboards/*.png for a person to look at.
+
+The operator's metrics object is driven the way reconcile.py drives it (phases, attempts, the
+time to Running, and reconcile passes timed around the operator's real render functions); a
+real operator needs a cluster, which tests/controlplane has.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from obs_helpers import (
+    RESULTS_DIR,
+    RULES_FILE,
+    Prometheus,
+    alert_rules,
+    chart_values,
+    dashboard_targets,
+    finite_values,
+    grafana_label_values,
+    helm_binary,
+    helm_template,
+    legend,
+    load_dashboard,
+    panels,
+    render_simple_template,
+    scrape_job_from_monitor,
+    substitute,
+    variable_queries,
+)
+from prometheus_client import CollectorRegistry, start_http_server
+from tiny_training import TinyRun
+
+pytestmark = pytest.mark.observability
+
+T = TypeVar("T")
+SCRAPE_INTERVAL_S = 1
+DASHBOARD = load_dashboard()
+TARGETS = list(dashboard_targets(DASHBOARD))
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Live:
+    prom: Prometheus
+    namespace: str
+    job: str
+    trainer_targets: list[str]
+    start: float  # first scrape (unix time)
+    end: float  # when the queries are evaluated
+    run: TinyRun
+    rendered_by: str  # what rendered the monitors the scrape jobs come from
+
+    @property
+    def range_s(self) -> int:
+        return max(int(self.end - self.start), 10)
+
+
+def _monitors() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The chart's PodMonitor and ServiceMonitor, rendered by helm when it is at hand."""
+    values = chart_values()
+    for key in ("podMonitor", "serviceMonitor"):
+        values["monitoring"][key]["enabled"] = True
+    try:
+        helm = helm_binary()
+    except RuntimeError:
+        helm = None
+    if helm:
+        docs = helm_template(helm, values, ["podmonitor.yaml", "servicemonitor.yaml"])
+        by_kind = {d["kind"]: d for d in docs}
+        return by_kind["PodMonitor"], by_kind["ServiceMonitor"], "helm template"
+    pod = render_simple_template("podmonitor.yaml", values)
+    service = render_simple_template("servicemonitor.yaml", values)
+    assert pod and service
+    return pod, service, "the stand-in renderer (no helm)"
+
+
+class OperatorDriver(threading.Thread):
+    """Calls OperatorMetrics as reconcile.py does, every half second, until stopped."""
+
+    def __init__(self, metrics: Any, namespace: str, job: str, run: TinyRun) -> None:
+        super().__init__(daemon=True, name="operator-metrics")
+        self.metrics, self.namespace, self.job, self.run_ = metrics, namespace, job, run
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        from finetune_operator.api.validation import load_manifest
+        from finetune_operator.render import render_manifests
+        from finetune_operator.settings import Settings
+
+        examples = Path(__file__).resolve().parents[2] / "trainer" / "finetune_trainer" / "examples"
+        manifest = load_manifest(sorted(examples.glob("*.yaml"))[0])
+        m = self.metrics
+        created = time.monotonic()
+        key, other = (self.namespace, self.job), (self.namespace, "restarted-once")
+        m.observe_phase(other, "Running")
+        m.job_attempts.inc()  # our job's first attempt
+        running = restarted = failed = False
+        while not self.stop_event.is_set():
+            started = time.perf_counter()
+            render_manifests(manifest, Settings())  # a reconcile pass's pure part
+            if not restarted and len(self.run_.losses) >= 40:
+                restarted = True  # the other job's gang fails once and is re-created ...
+                m.job_attempts.inc()
+                m.restarts.inc()
+            if restarted and not failed and len(self.run_.losses) >= 80:
+                failed = True  # ... then runs out of restarts
+                m.jobs_failed.labels(reason="BackoffLimitExceeded").inc()
+                m.observe_phase(other, "Failed")
+            if not running and self.run_.losses:
+                running = True
+                m.time_to_running.observe(time.monotonic() - created)
+            phase = (
+                "Succeeded" if self.run_.finished.is_set() else "Running" if running else "Pending"
+            )
+            m.observe_phase(key, phase)
+            m.reconcile_duration.observe(time.perf_counter() - started)
+            self.stop_event.wait(0.5)
+
+
+@pytest.fixture(scope="module")
+def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    from finetune_operator.metrics import OperatorMetrics
+    from finetune_trainer.telemetry import TrainerMetrics
+
+    workdir = tmp_path_factory.mktemp("live")
+    namespace, job = f"obs-{secrets.token_hex(3)}", "tiny-lm"
+    ranks = [TrainerMetrics(job, namespace, rank) for rank in (0, 1)]
+    ports = [r.start_server(0, "127.0.0.1") for r in ranks]
+    operator = OperatorMetrics(registry=CollectorRegistry())
+    op_server, _ = start_http_server(0, addr="127.0.0.1", registry=operator.registry)
+    trainer_targets = [f"127.0.0.1:{p}" for p in ports]
+
+    pod_monitor, service_monitor, rendered_by = _monitors()
+    interval = f"{SCRAPE_INTERVAL_S}s"
+    config = {
+        "global": {
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "evaluation_interval": interval,
+        },
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [
+            scrape_job_from_monitor(pod_monitor, trainer_targets, interval),
+            scrape_job_from_monitor(
+                service_monitor, [f"127.0.0.1:{op_server.server_port}"], interval
+            ),
+        ],
+    }
+    run = TinyRun(ranks, workdir / "checkpoints")
+    driver = OperatorDriver(operator, namespace, job, run)
+    prom = Prometheus(prometheus_bin, workdir / "prometheus", config)
+    try:
+        prom.wait_ready()
+        # Every target scraped once before anything happens, so counters start at 0 in the TSDB.
+        wait_until(lambda: len(prom.instant("up == 1")) == 3, 30, "the first scrape of 3 targets")
+        start = time.time()
+        run.start()
+        driver.start()
+        run.finished.wait(timeout=60)
+        assert run.finished.is_set(), "the tiny training run did not finish in 60 s"
+        if run.error:
+            raise run.error
+        # The final evaluation has been scraped, and a few scrapes follow it.
+        wait_until(
+            lambda: prom.instant(f'finetune_eval_score{{namespace="{namespace}", stage="after"}}'),
+            20,
+            "the after-training scores",
+        )
+        seen = time.time()
+        wait_until(
+            lambda: (
+                float(prom.instant("min(timestamp(up))")[0]["value"][1])
+                > seen + 2 * SCRAPE_INTERVAL_S
+            ),
+            20,
+            "3 more scrapes of every target",
+        )
+        yield Live(prom, namespace, job, trainer_targets, start, time.time(), run, rendered_by)
+    finally:
+        run.stop_event.set()
+        driver.stop_event.set()
+        prom.stop()
+        for r in ranks:
+            r.stop_server()
+        op_server.shutdown()
+        op_server.server_close()
+
+
+def test_training_learned_something(live: Live) -> None:
+    before, after = live.run.scores["before"], live.run.scores["after"]
+    assert after["loss"] < before["loss"] and after["accuracy"] > before["accuracy"]
+    assert len(live.run.losses) >= 50
+
+
+@pytest.mark.parametrize("name", sorted(variable_queries(DASHBOARD)))
+def test_template_variable_lists_the_run(live: Live, name: str) -> None:
+    label, selector = grafana_label_values(variable_queries(DASHBOARD)[name])
+    values = live.prom.label_values(label, substitute(selector, live.range_s))
+    expected = {"namespace": {live.namespace}, "finetunejob": {live.job}, "rank": {"0", "1"}}
+    assert expected[name] <= set(values)
+
+
+@pytest.mark.parametrize(
+    ("panel", "target"),
+    TARGETS,
+    ids=[
+        f"{p['id']}{t['refId']}-{re.sub(r'[^a-z0-9]+', '-', p['title'].lower()).strip('-')}"
+        for p, t in TARGETS
+    ],
+)
+def test_dashboard_query_returns_data(live: Live, panel: dict, target: dict) -> None:
+    expr = substitute(target["expr"], live.range_s)
+    if target.get("instant"):
+        result = live.prom.instant(expr, at=live.end)
+    else:
+        result = live.prom.range(expr, live.start, live.end, step=SCRAPE_INTERVAL_S)
+    assert result, f"{panel['title']!r} {target['refId']}: no series for\n{expr}"
+    assert finite_values(result), f"{panel['title']!r} {target['refId']}: only NaN/Inf for\n{expr}"
+
+
+def test_loss_sampled_once_per_scrape_with_the_expected_labels(live: Live) -> None:
+    window = 10
+    ns = live.namespace
+    series = live.prom.instant(f'finetune_train_loss{{namespace="{ns}"}}', at=live.end)
+    assert {s["metric"]["rank"] for s in series} == {"0", "1"}
+    for s in series:
+        labels = s["metric"]
+        assert labels["finetunejob"] == live.job and labels["namespace"] == ns
+        assert labels["job"].startswith("podMonitor/")
+        assert labels["instance"] in live.trainer_targets
+        loss_count = live.prom.instant(
+            f'count_over_time(finetune_train_loss{{namespace="{ns}", rank="{labels["rank"]}"}}'
+            f"[{window}s])",
+            at=live.end,
+        )
+        scrapes = live.prom.instant(
+            f'count_over_time(up{{instance="{labels["instance"]}"}}[{window}s])', at=live.end
+        )
+        n_loss, n_up = float(loss_count[0]["value"][1]), float(scrapes[0]["value"][1])
+        assert abs(n_loss - n_up) <= 1, (n_loss, n_up)
+        assert abs(n_loss - window / SCRAPE_INTERVAL_S) <= 1, n_loss
+    # What was scraped is what was trained: the last exported loss is the run's last loss.
+    assert math.isclose(float(series[0]["value"][1]), live.run.losses[-1], rel_tol=1e-9)
+
+
+def test_alert_rules_load_and_stay_silent(live: Live) -> None:
+    groups = live.prom.api("rules")["groups"]
+    loaded = {r["name"]: r for g in groups for r in g["rules"]}
+    assert set(loaded) == {r["alert"] for r in alert_rules()}
+    for name, rule in loaded.items():
+        assert rule["health"] == "ok", (name, rule.get("lastError"))
+    # The healthy job raises nothing; the other job's failure (a reason series born at 1)
+    # raises exactly FineTuneJobFailed.
+    alerts = live.prom.api("alerts")["alerts"]
+    assert [(a["labels"]["alertname"], a["labels"].get("reason"), a["state"]) for a in alerts] == [
+        ("FineTuneJobFailed", "BackoffLimitExceeded", "firing")
+    ], alerts
+    # The stall alert's joins (status, up) match real target labels: while training, its
+    # condition without the threshold yields the job; once training ended, nothing.
+    stalled = next(r for r in alert_rules() if r["alert"] == "FineTuneJobStalled")
+    inner = stalled["expr"].rsplit(">", 1)[0]
+    run = live.run
+    while_training = live.prom.instant(inner, at=(run.training_started + run.training_ended) / 2)
+    assert [(s["metric"]["namespace"], s["metric"]["finetunejob"]) for s in while_training] == [
+        (live.namespace, live.job)
+    ]
+    assert 0 <= float(while_training[0]["value"][1]) < 10
+    assert live.prom.instant(inner, at=live.end) == []
+
+
+def _panel_data(live: Live, panel: dict) -> list[tuple[str, list[float], list[float]]]:
+    """(legend, times relative to the first scrape, values) of each series of a panel."""
+    out = []
+    for target in panel["targets"]:
+        expr = substitute(target["expr"], live.range_s)
+        if target.get("instant"):
+            result = live.prom.instant(expr, at=live.end)
+            rows = [(s["metric"], [s["value"]]) for s in result]
+        else:
+            result = live.prom.range(expr, live.start, live.end, step=SCRAPE_INTERVAL_S)
+            rows = [(s["metric"], s["values"]) for s in result]
+        for labels, samples in rows:
+            ts = [float(t) - live.start for t, _ in samples]
+            vs = [float(v) for _, v in samples]
+            out.append((legend(target["legendFormat"], labels), ts, vs))
+    return out
+
+
+def _draw(ax: Any, panel: dict, data: list, small: bool = False) -> None:
+    unit = panel["fieldConfig"]["defaults"].get("unit", "")
+    ax.set_title(panel["title"], fontsize=8 if small else 11)
+    if panel["type"] == "timeseries":
+        for name, ts, vs in data:
+            ax.plot(ts, vs, label=name, linewidth=1)
+        ax.set_xlabel("seconds since the first scrape", fontsize=7 if small else 9)
+    else:
+        names = [name for name, _, _ in data]
+        values = [vs[-1] for _, _, vs in data]
+        ax.barh(range(len(values)), values)
+        ax.set_yticks(range(len(values)), names, fontsize=6 if small else 8)
+        ax.invert_yaxis()
+    if unit:
+        label = ax.set_ylabel if panel["type"] == "timeseries" else ax.set_xlabel
+        label(unit, fontsize=7 if small else 9)
+    if panel["type"] == "timeseries" and not small:
+        ax.legend(fontsize=7, loc="best")
+    ax.tick_params(labelsize=6 if small else 8)
+    ax.grid(alpha=0.3)
+
+
+def test_render_dashboard_panels_to_png(live: Live) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for old in RESULTS_DIR.glob("*.png"):
+        old.unlink()
+    all_panels = list(panels(DASHBOARD))
+    data = {p["id"]: _panel_data(live, p) for p in all_panels}
+    written = []
+    for panel in all_panels:
+        fig, ax = plt.subplots(figsize=(8, 3.6), dpi=90, layout="constrained")
+        _draw(ax, panel, data[panel["id"]])
+        slug = re.sub(r"[^a-z0-9]+", "-", panel["title"].lower()).strip("-")
+        path = RESULTS_DIR / f"{panel['id']:02d}-{slug}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    cols = 4
+    rows = math.ceil(len(all_panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(18, 3 * rows), dpi=70, layout="constrained")
+    for ax, panel in zip(axes.flat, all_panels, strict=False):
+        _draw(ax, panel, data[panel["id"]], small=True)
+    for ax in list(axes.flat)[len(all_panels) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"{DASHBOARD['title']}: {live.namespace}/{live.job}, a live run scraped with "
+        f"the chart's monitors ({live.rendered_by})"
+    )
+    overview = RESULTS_DIR / "overview.png"
+    fig.savefig(overview)
+    plt.close(fig)
+    written.append(overview)
+    for path in written:
+        assert path.stat().st_size > 5_000, path
