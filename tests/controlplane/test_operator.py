@@ -123,7 +123,7 @@ def metrics_endpoint() -> Iterator[None]:
     try:
         server = HTTPServer(("127.0.0.1", 9400), Handler)
     except OSError:
-        pytest.skip("port 9400 busy")
+        pytest.fail("port 9400 is busy: the operator scrapes rank 0 there, so the test needs it")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield

@@ -39,5 +39,5 @@ def prometheus_bin() -> str:
 def helm() -> str:
     path = obs_helpers.helm_binary()
     if path is None:
-        pytest.skip("no helm: neither $HELM, helm on PATH, nor hack/helm.sh")
+        pytest.fail("no helm: neither $HELM, helm on PATH, nor hack/helm.sh (make prereqs)")
     return path

@@ -50,7 +50,7 @@ class Helm:
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     """The helm binary from hack/helm.sh, with its own config/cache/data dirs and no cluster."""
     if shutil.which("go") is None:
-        pytest.skip("go is not installed: hack/helm.sh cannot build helm")
+        pytest.fail("go is not installed: hack/helm.sh cannot build helm")
     proc = subprocess.run(
         [str(ROOT / "hack" / "helm.sh")], capture_output=True, text=True, timeout=1800
     )

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_trainer.publish import PushError, PushResult, push_to_hub, redact
-
-hub_double = pytest.importorskip("finetune_trainer.testing.hub_double")
-torch = pytest.importorskip("torch")
+from finetune_trainer.testing import hub_double
 
 TOKEN = "hf_publishtest_good_0123456789abcdef"
 BAD_TOKEN = "hf_publishtest_bad_9876543210fedcba"
