@@ -62,6 +62,7 @@ def _env(job: FineTuneJob, settings: Settings) -> list[Manifest]:
         # The root filesystem is read-only: caches and home go to the /tmp emptyDir.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "FINETUNE_METRICS_LINGER_SECONDS", "value": str(settings.metrics_linger_seconds)},
     ]
     hub = spec.output.hub
     if hub is not None and hub.token_secret_ref is not None:

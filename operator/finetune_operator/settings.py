@@ -30,6 +30,9 @@ class Settings:
     # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
     shm_size: str = "1Gi"
     log_level: str = "INFO"
+    # Trainers keep serving metrics this long after training, so that a scrape (the PodMonitor's
+    # default interval is 15 s) sees the final step and the after-training scores.
+    metrics_linger_seconds: int = 20
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -46,4 +49,5 @@ class Settings:
             scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
+            metrics_linger_seconds=int(env.get("FINETUNE_METRICS_LINGER_SECONDS", "20")),
         )

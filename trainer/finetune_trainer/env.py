@@ -15,6 +15,10 @@ from finetune_operator.api import FieldError, FineTuneJob, ManifestError
 RESULT_FILE_ENV = "FINETUNE_RESULT_FILE"
 CHECKPOINT_DIR_ENV = "FINETUNE_CHECKPOINT_DIR"
 METRICS_PORT_ENV = "FINETUNE_METRICS_PORT"
+# Seconds the metrics server stays up after training, so a final scrape sees the last values.
+METRICS_LINGER_ENV = "FINETUNE_METRICS_LINGER_SECONDS"
+# Peak FLOP/s of one accelerator at the training precision; with it the trainer exports MFU.
+PEAK_FLOPS_ENV = "FINETUNE_PEAK_FLOPS_PER_SECOND"
 # Test hook: each rank writes a hash of its trainable parameters to this path (see train.py).
 PARAM_HASH_ENV = "FINETUNE_DEBUG_PARAM_HASH_FILE"
 DEFAULT_CHECKPOINT_DIR = "/checkpoints"

@@ -42,15 +42,17 @@ from finetune_trainer import checkpoint, data, modeling
 from finetune_trainer.env import (
     CHECKPOINT_DIR_ENV,
     DEFAULT_CHECKPOINT_DIR,
+    METRICS_LINGER_ENV,
     METRICS_PORT_ENV,
     PARAM_HASH_ENV,
+    PEAK_FLOPS_ENV,
     runtime_errors,
     setup_logging,
 )
 from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.result import TrainResult, scrub, write_result
 from finetune_trainer.scoring import gate_failures
-from finetune_trainer.telemetry import TrainerMetrics
+from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
 
 log = get_logger(__name__)
 # Before the Accelerator exists (and when it failed to), accelerate's logger refuses to log.
@@ -171,6 +173,9 @@ def _train(job: FineTuneJob) -> int:
         status = "Succeeded" if code == ExitCode.OK else "Failed"
         write_result({"rank": accelerator.process_index, "status": status})
     accelerator.end_training()
+    # Prometheus scrapes on its own clock; without a pause the after-training scores and the
+    # final step would vanish with the process before any scrape saw them.
+    time.sleep(float(os.environ.get(METRICS_LINGER_ENV, "0")))
     return code
 
 
@@ -312,6 +317,10 @@ def _train_loop(
     acc, t = run.accelerator, job.spec.training
     accumulation = t.gradient_accumulation_steps
     params = [p for p in run.model.parameters() if p.requires_grad]
+    model_flops = flops_per_token(
+        sum(p.numel() for p in run.model.parameters()), sum(p.numel() for p in params)
+    )
+    peak_flops = float(os.environ.get(PEAK_FLOPS_ENV) or 0) or None
     log_every = max(1, run.total_steps // 50)
     run.model.train()
     step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -357,6 +366,8 @@ def _train_loop(
                 duration,
                 run.total_steps,
             )
+            telemetry.record_flops(model_flops * tokens / max(duration, 1e-9), peak_flops)
+            telemetry.record_peak_memory(_peak_memory(acc))
             if state.step % log_every == 0 or state.step == run.total_steps:
                 # launch.py's progress bar parses this line; keep the `step=i/n` shape.
                 log.info(
@@ -376,7 +387,6 @@ def _train_loop(
             step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
             if state.step >= run.total_steps:
                 break
-    telemetry.record_peak_memory(_peak_memory(acc))
     seconds = time.perf_counter() - loop_started
     total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
     return total / seconds if total and seconds > 0 else None
