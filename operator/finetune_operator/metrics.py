@@ -11,7 +11,17 @@ from prometheus_client import (
     start_http_server,
 )
 
-from finetune_operator.api.constants import Phase
+from finetune_operator.api.constants import Phase, Reason
+
+FAILURE_REASONS = (
+    Reason.INVALID_SPEC,
+    Reason.APPLY_REJECTED,
+    Reason.EVALUATION_GATE_FAILED,
+    Reason.PUSH_FAILED,
+    Reason.TRAINING_FAILED,
+    Reason.BACKOFF_LIMIT_EXCEEDED,
+    Reason.DEADLINE_EXCEEDED,
+)
 
 
 class OperatorMetrics:
@@ -50,6 +60,9 @@ class OperatorMetrics:
             ["reason"],
             registry=registry,
         )
+        # Series that exist at 0 from the start let increase() see a reason's first failure.
+        for reason in FAILURE_REASONS:
+            self.jobs_failed.labels(reason=reason)
         self.time_to_running = Histogram(
             "finetune_operator_time_to_running_seconds",
             "From FineTuneJob creation to its first Running.",
