@@ -1,5 +1,6 @@
-"""Live: a real Prometheus scrapes two trainer ranks of a real (tiny) training run and the
-operator's metrics, with scrape jobs derived from the chart's PodMonitor and ServiceMonitor and
+"""Live: a real Prometheus scrapes a real training job of this project's trainer (two pods, each
+a `finetune train` process with a pod's env, on a tiny model built here) and the operator's
+metrics, with scrape jobs derived from the chart's PodMonitor and ServiceMonitor and
 the chart's alert rules loaded. Every query of the dashboard must return data, the loss must be
 sampled once per scrape with the expected labels, no alert may fire on the healthy run, and
 the main panels are drawn to test-results/dashboards/*.png for a person to look at.
@@ -11,6 +12,7 @@ real operator needs a cluster, which tests/controlplane has.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
@@ -42,7 +44,7 @@ from obs_helpers import (
     variable_queries,
 )
 from prometheus_client import CollectorRegistry, start_http_server
-from tiny_training import TinyRun
+from real_training import RealRun, build_tiny_model, manifest, sentences
 
 pytestmark = pytest.mark.observability
 
@@ -70,12 +72,15 @@ class Live:
     trainer_targets: list[str]
     start: float  # first scrape (unix time)
     end: float  # when the queries are evaluated
-    run: TinyRun
+    run: RealRun
     rendered_by: str  # what rendered the monitors the scrape jobs come from
+    training_started: float  # unix time of the first step
+    training_ended: float  # unix time of the last step
 
     @property
     def range_s(self) -> int:
-        return max(int(self.end - self.start), 10)
+        # A few seconds before the first scrape after start, so windows see counters at 0.
+        return max(int(self.end - self.start) + 3, 10)
 
 
 def _monitors() -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -100,7 +105,7 @@ def _monitors() -> tuple[dict[str, Any], dict[str, Any], str]:
 class OperatorDriver(threading.Thread):
     """Calls OperatorMetrics as reconcile.py does, every half second, until stopped."""
 
-    def __init__(self, metrics: Any, namespace: str, job: str, run: TinyRun) -> None:
+    def __init__(self, metrics: Any, namespace: str, job: str, run: RealRun) -> None:
         super().__init__(daemon=True, name="operator-metrics")
         self.metrics, self.namespace, self.job, self.run_ = metrics, namespace, job, run
         self.stop_event = threading.Event()
@@ -121,37 +126,47 @@ class OperatorDriver(threading.Thread):
         while not self.stop_event.is_set():
             started = time.perf_counter()
             render_manifests(manifest, Settings())  # a reconcile pass's pure part
-            if not restarted and len(self.run_.losses) >= 40:
+            step = self.run_.scrape(0, "finetune_train_step") or 0
+            total = self.run_.doc["spec"]["training"]["maxSteps"]
+            if not restarted and step >= 0.3 * total:
                 restarted = True  # the other job's gang fails once and is re-created ...
                 m.job_attempts.inc()
                 m.restarts.inc()
-            if restarted and not failed and len(self.run_.losses) >= 80:
+            if restarted and not failed and step >= 0.6 * total:
                 failed = True  # ... then runs out of restarts
                 m.jobs_failed.labels(reason="BackoffLimitExceeded").inc()
                 m.observe_phase(other, "Failed")
-            if not running and self.run_.losses:
+            if not running and step:
                 running = True
                 m.time_to_running.observe(time.monotonic() - created)
-            phase = (
-                "Succeeded" if self.run_.finished.is_set() else "Running" if running else "Pending"
-            )
+            phase = "Succeeded" if self.run_.finished() else "Running" if running else "Pending"
             m.observe_phase(key, phase)
             m.reconcile_duration.observe(time.perf_counter() - started)
             self.stop_event.wait(0.5)
 
 
+MAX_STEPS = 700  # about 15-25 s of training on two busy cores
+
+
+def _last_sample_time(prom: Prometheus, selector: str) -> float:
+    """The time of the newest raw sample of every series of selector, the earliest of them."""
+    series = prom.instant(f"{selector}[10m]")
+    return min(float(s["values"][-1][0]) for s in series)
+
+
 @pytest.fixture(scope="module")
 def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from finetune_operator.metrics import OperatorMetrics
-    from finetune_trainer.telemetry import TrainerMetrics
 
     workdir = tmp_path_factory.mktemp("live")
     namespace, job = f"obs-{secrets.token_hex(3)}", "tiny-lm"
-    ranks = [TrainerMetrics(job, namespace, rank) for rank in (0, 1)]
-    ports = [r.start_server(0, "127.0.0.1") for r in ranks]
+    model_dir = build_tiny_model(workdir / "tiny-llama")
+    data_file = workdir / "text.jsonl"
+    data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(600, 1)))
+    run = RealRun(workdir, manifest(job, namespace, model_dir, data_file, MAX_STEPS))
     operator = OperatorMetrics(registry=CollectorRegistry())
     op_server, _ = start_http_server(0, addr="127.0.0.1", registry=operator.registry)
-    trainer_targets = [f"127.0.0.1:{p}" for p in ports]
+    trainer_targets = run.targets
 
     pod_monitor, service_monitor, rendered_by = _monitors()
     interval = f"{SCRAPE_INTERVAL_S}s"
@@ -169,50 +184,51 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             ),
         ],
     }
-    run = TinyRun(ranks, workdir / "checkpoints")
     driver = OperatorDriver(operator, namespace, job, run)
     prom = Prometheus(prometheus_bin, workdir / "prometheus", config)
     try:
         prom.wait_ready()
-        # Every target scraped once before anything happens, so counters start at 0 in the TSDB.
-        wait_until(lambda: len(prom.instant("up == 1")) == 3, 30, "the first scrape of 3 targets")
-        start = time.time()
         run.start()
+        # Every target scraped once before training starts: the trainer's exporter is up (and
+        # its counters at 0) long before the first step, so counters start at 0 in the TSDB.
+        wait_until(lambda: len(prom.instant("up == 1")) == 3, 120, "the first scrape of 3 targets")
+        start = time.time()
         driver.start()
-        run.finished.wait(timeout=60)
-        assert run.finished.is_set(), "the tiny training run did not finish in 60 s"
-        if run.error:
-            raise run.error
-        # The final evaluation has been scraped, and a few scrapes follow it.
-        wait_until(
-            lambda: prom.instant(f'finetune_eval_score{{namespace="{namespace}", stage="after"}}'),
-            20,
-            "the after-training scores",
+        codes = run.wait(timeout=180)
+        assert codes == [0, 0], run.log_text()[-4000:]
+        ns = f'namespace="{namespace}"'
+        # The pods are gone: evaluate the queries at the last scrape of both of them.
+        end = _last_sample_time(prom, f"finetune_train_loss{{{ns}}}")
+        phases = f"finetune_startup_phase_timestamp_seconds{{{ns}, phase='first_step'}}"
+        training_started = float(prom.instant(f"min({phases})", at=end)[0]["value"][1])
+        last_step = f"finetune_train_last_step_timestamp_seconds{{{ns}}}"
+        training_ended = float(prom.instant(f"max({last_step})", at=end)[0]["value"][1])
+        yield Live(
+            prom,
+            namespace,
+            job,
+            trainer_targets,
+            start,
+            end,
+            run,
+            rendered_by,
+            training_started,
+            training_ended,
         )
-        seen = time.time()
-        wait_until(
-            lambda: (
-                float(prom.instant("min(timestamp(up))")[0]["value"][1])
-                > seen + 2 * SCRAPE_INTERVAL_S
-            ),
-            20,
-            "3 more scrapes of every target",
-        )
-        yield Live(prom, namespace, job, trainer_targets, start, time.time(), run, rendered_by)
     finally:
-        run.stop_event.set()
+        run.kill()
         driver.stop_event.set()
         prom.stop()
-        for r in ranks:
-            r.stop_server()
         op_server.shutdown()
         op_server.server_close()
 
 
 def test_training_learned_something(live: Live) -> None:
-    before, after = live.run.scores["before"], live.run.scores["after"]
-    assert after["loss"] < before["loss"] and after["accuracy"] > before["accuracy"]
-    assert len(live.run.losses) >= 50
+    result = live.run.result(0)
+    assert result["status"] == "Succeeded" and result["steps"] == MAX_STEPS, result
+    ppl = result["evaluation"]["perplexity"]
+    assert ppl["before"] > ppl["after"] > 0, ppl
+    assert live.run.result(1) == {"rank": 1, "status": "Succeeded"}
 
 
 @pytest.mark.parametrize("name", sorted(variable_queries(DASHBOARD)))
@@ -262,8 +278,15 @@ def test_loss_sampled_once_per_scrape_with_the_expected_labels(live: Live) -> No
         n_loss, n_up = float(loss_count[0]["value"][1]), float(scrapes[0]["value"][1])
         assert abs(n_loss - n_up) <= 1, (n_loss, n_up)
         assert abs(n_loss - window / SCRAPE_INTERVAL_S) <= 1, n_loss
-    # What was scraped is what was trained: the last exported loss is the run's last loss.
-    assert math.isclose(float(series[0]["value"][1]), live.run.losses[-1], rel_tol=1e-9)
+    # What was scraped is what was trained: the last exported loss is what rank 0 logged for
+    # that step (its final step, when the exporter is scraped after training).
+    logged = dict(live.run.logged_losses())
+    step = live.prom.instant(f'finetune_train_step{{namespace="{ns}", rank="0"}}', at=live.end)
+    assert int(float(step[0]["value"][1])) in logged, (step, sorted(logged)[-5:])
+    loss0 = next(s for s in series if s["metric"]["rank"] == "0")
+    assert math.isclose(
+        float(loss0["value"][1]), logged[int(float(step[0]["value"][1]))], abs_tol=5e-5
+    )
 
 
 def test_alert_rules_load_and_stay_silent(live: Live) -> None:
@@ -282,8 +305,7 @@ def test_alert_rules_load_and_stay_silent(live: Live) -> None:
     # condition without the threshold yields the job; once training ended, nothing.
     stalled = next(r for r in alert_rules() if r["alert"] == "FineTuneJobStalled")
     inner = stalled["expr"].rsplit(">", 1)[0]
-    run = live.run
-    while_training = live.prom.instant(inner, at=(run.training_started + run.training_ended) / 2)
+    while_training = live.prom.instant(inner, at=(live.training_started + live.training_ended) / 2)
     assert [(s["metric"]["namespace"], s["metric"]["finetunejob"]) for s in while_training] == [
         (live.namespace, live.job)
     ]

@@ -1,0 +1,223 @@
+"""A real training job of this project's trainer for the live dashboard test: two pods, each a
+`finetune train JOB.yaml` process with the env the operator gives a pod, on a tiny Llama, a
+byte-level BPE tokenizer and a jsonl corpus built here (as tests/trainer/conftest.py does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WORDS = [
+    *("red", "green", "blue", "cat", "dog", "bird", "sun", "moon", "tree", "river", "stone"),
+    *("cloud", "fire", "water", "north", "south", "east", "west", "apple", "bread", "milk"),
+    "honey",
+]
+FINETUNE = [sys.executable, "-m", "finetune_trainer.cli"]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """Short, learnable text: each row repeats a small pattern of words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        pattern = rng.sample(WORDS, 3)
+        rows.append(" ".join(pattern * rng.randint(2, 6)))
+    return rows
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer Llama with hidden size 32 and a byte-level BPE tokenizer trained here."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(sentences(500, 0), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def manifest(
+    name: str, namespace: str, model_dir: Path, data_file: Path, max_steps: int
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": f"file://{model_dir}", "task": "causal-lm"},
+            "dataset": {"source": f"file://{data_file}", "evalFraction": 0.1},
+            "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {
+                "maxSteps": max_steps,
+                "learningRate": 3.0e-3,
+                "batchSizePerDevice": 4,
+                "maxSeqLength": 32,
+                "checkpointEverySteps": max(1, max_steps // 3),
+                "seed": 7,
+            },
+            "evaluation": {"metrics": ["perplexity"], "maxSamples": 40},
+            "resources": {"nodes": 2, "processesPerNode": 1},
+        },
+    }
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all are held open together, so none is handed out twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def pod_env(workdir: Path) -> dict[str, str]:
+    """Offline Hugging Face settings and one thread per rank: the machine is small and shared."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FINETUNE_", "RANK"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(workdir / "hf-home"),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+class RealRun:
+    """Two pods of one FineTuneJob, each a `finetune train` process in its own session."""
+
+    STEP_LINE = re.compile(r"step=(\d+)/(\d+) loss=([\d.]+)")
+
+    def __init__(self, workdir: Path, doc: dict[str, Any], nodes: int = 2) -> None:
+        self.workdir, self.doc, self.nodes = workdir, doc, nodes
+        self.manifest = workdir / "job.yaml"
+        self.manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+        master, *self.metrics_ports = free_ports(1 + nodes)
+        self.master_port = master
+        self.logs = [workdir / f"node-{i}.log" for i in range(nodes)]
+        self.results = [workdir / f"node-{i}" / "result.json" for i in range(nodes)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.metrics_ports]
+
+    def start(self) -> RealRun:
+        base = pod_env(self.workdir)
+        for i in range(self.nodes):
+            self.results[i].parent.mkdir(parents=True, exist_ok=True)
+            env = {
+                **base,
+                "NODE_RANK": str(i),
+                "NNODES": str(self.nodes),
+                "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(self.master_port),
+                "FINETUNE_RESULT_FILE": str(self.results[i]),
+                "FINETUNE_CHECKPOINT_DIR": str(self.workdir / f"node-{i}" / "checkpoints"),
+                "FINETUNE_OUTPUT_DIR": str(self.workdir / f"node-{i}" / "output"),
+                # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
+                "FINETUNE_METRICS_PORT": str(self.metrics_ports[i]),
+                # As the operator renders into pods: stay up for a final scrape (1 s here)...
+                "FINETUNE_METRICS_LINGER_SECONDS": "3",
+                # ...and a peak to measure MFU against; a CPU has no published one, so a
+                # nominal 1 TFLOP/s stands in.
+                "FINETUNE_PEAK_FLOPS_PER_SECOND": "1e12",
+            }
+            with self.logs[i].open("ab") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        [*FINETUNE, "train", str(self.manifest)],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        return self
+
+    def finished(self) -> bool:
+        return bool(self.procs) and all(p.poll() is not None for p in self.procs)
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise TimeoutError(f"ran past {timeout}s:\n{self.log_text()[-4000:]}") from None
+        return [p.returncode for p in self.procs]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+    def log_text(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in self.logs if path.exists())
+
+    def result(self, node: int = 0) -> dict[str, Any]:
+        return json.loads(self.results[node].read_text())
+
+    def logged_losses(self) -> list[tuple[int, float]]:
+        """(step, loss) of rank 0's step lines, in order."""
+        text = self.logs[0].read_text(errors="replace") if self.logs[0].exists() else ""
+        return [(int(s), float(loss)) for s, _, loss in self.STEP_LINE.findall(text)]
+
+    def scrape(self, node: int, metric: str) -> float | None:
+        """The value of a (single-series) metric on a pod's exporter, None if not there."""
+        try:
+            url = f"http://127.0.0.1:{self.metrics_ports[node]}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        match = re.search(rf"^{re.escape(metric)}\{{[^}}]*\}} (\S+)$", text, re.M)
+        return float(match.group(1)) if match else None
