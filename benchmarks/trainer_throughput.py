@@ -35,34 +35,6 @@ import yaml
 HERE = Path(__file__).resolve().parent
 SEQ_LEN = 128
 GLOBAL_BATCH = 8
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "river",
-    "stone",
-    "cloud",
-    "fire",
-    "water",
-    "north",
-    "south",
-    "east",
-    "west",
-    "apple",
-    "bread",
-    "milk",
-    "honey",
-    "red",
-    "green",
-    "blue",
-    "cat",
-    "dog",
-    "bird",
-    "sun",
-    "moon",
-    "tree",
-]
 
 
 def _free_port() -> int:
@@ -73,45 +45,24 @@ def _free_port() -> int:
 
 def build_assets(root: Path) -> tuple[Path, Path]:
     """A 4-layer Llama (hidden 128), a BPE tokenizer, and 2000 documents of 5-150 words."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from finetune_trainer.testing.tiny import WORDS, save_tiny_model
 
     rng = random.Random(0)
-    docs = [" ".join(rng.choices(WORDS, k=rng.randint(5, 150))) for _ in range(2000)]
+    # The shared words, in the order this benchmark has always drawn them from.
+    words = ["alpha", "beta", "gamma", "delta", *WORDS[9:], *WORDS[:9]]
+    docs = [" ".join(rng.choices(words, k=rng.randint(5, 150))) for _ in range(2000)]
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
+    model_dir = save_tiny_model(
+        root / "model",
         docs,
-        trainers.BpeTrainer(
-            vocab_size=1000,
-            special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=344,
+        layers=4,
+        heads=4,
+        max_positions=SEQ_LEN,
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    model_dir = root / "model"
-    tokenizer.save_pretrained(model_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=344,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=SEQ_LEN,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
-        )
-    ).save_pretrained(model_dir)
     return model_dir, data
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,30 +15,7 @@ import pytest
 import yaml
 from trainer_helpers import Gang
 
-WORDS = [
-    "red",
-    "green",
-    "blue",
-    "cat",
-    "dog",
-    "bird",
-    "sun",
-    "moon",
-    "tree",
-    "river",
-    "stone",
-    "cloud",
-    "fire",
-    "water",
-    "north",
-    "south",
-    "east",
-    "west",
-    "apple",
-    "bread",
-    "milk",
-    "honey",
-]
+from finetune_trainer.testing.tiny import save_tiny_model, sentences
 
 
 @pytest.fixture(scope="session")
@@ -63,60 +39,25 @@ def base_env(session_dir: Path) -> dict[str, str]:
     return env
 
 
-def _sentences(n: int, seed: int) -> list[str]:
-    """Short, learnable text: each row repeats a small pattern of words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        pattern = rng.sample(WORDS, 3)
-        rows.append(" ".join(pattern * rng.randint(2, 6)))
-    return rows
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_dir: Path) -> Path:
     """A 2-layer Llama with hidden size 32 and a byte-level BPE tokenizer trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = session_dir / "tiny-llama"
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return save_tiny_model(
+        session_dir / "tiny-llama",
+        sentences(500, 0),
         vocab_size=400,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_sentences(500, 0), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    tokenizer.save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        layers=2,
+        heads=2,
+        max_positions=256,
     )
-    import torch
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_text_data(session_dir: Path) -> Path:
     out = session_dir / "text.jsonl"
-    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in _sentences(600, 1)))
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(600, 1)))
     return out
 
 

@@ -4,9 +4,10 @@ An offline-safe stand-in for the Hub's `accuracy` metric, loaded by path
 (`evaluate.load("<this folder>")`). It needs only numpy, so no Hub download and no scikit-learn.
 """
 
-import datasets
 import evaluate
 import numpy as np
+
+from finetune_trainer.classification_metrics import label_arrays, metric_info
 
 _DESCRIPTION = "Accuracy is the fraction of predictions that equal their reference labels."
 
@@ -27,13 +28,8 @@ Examples:
 
 class Accuracy(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+        return metric_info(
+            _DESCRIPTION, _KWARGS_DESCRIPTION, predictions="int64", references="int64"
         )
 
     def _compute(
@@ -43,12 +39,7 @@ class Accuracy(evaluate.Metric):
         normalize: bool = True,
         sample_weight: list[float] | None = None,
     ) -> dict[str, float]:
-        preds = np.asarray(predictions, dtype=np.int64)
-        refs = np.asarray(references, dtype=np.int64)
-        if preds.shape != refs.shape:
-            raise ValueError(f"{preds.shape[0]} predictions but {refs.shape[0]} references")
-        if preds.size == 0:
-            raise ValueError("accuracy needs at least one prediction")
+        preds, refs = label_arrays(predictions, references, "accuracy")
         weights = (
             np.ones(preds.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
         )

@@ -8,9 +8,10 @@ exp(sum nll / sum tokens), i.e. per-token, not a mean of per-batch perplexities.
 
 import math
 
-import datasets
 import evaluate
 import numpy as np
+
+from finetune_trainer.classification_metrics import metric_info
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -28,14 +29,7 @@ Examples:
 
 class Perplexity(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=__doc__ or "",
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"nll": datasets.Value("float64"), "tokens": datasets.Value("int64")}
-            ),
-        )
+        return metric_info(__doc__ or "", _KWARGS_DESCRIPTION, nll="float64", tokens="int64")
 
     def _compute(self, nll: list[float], tokens: list[int]) -> dict[str, float]:
         total_tokens = int(np.sum(np.asarray(tokens, dtype=np.int64)))

@@ -1,0 +1,93 @@
+"""Tiny random causal LMs for tests and benchmarks: a Llama and a BPE tokenizer trained on the spot.
+
+No download: the byte-level BPE tokenizer is trained on the caller's texts, with special tokens
+`<s>` (bos, id 0), `</s>` (eos, id 1) and `<pad>` (pad, id 2), and the Llama's weights are random
+(seeded, so a given size and seed always gives the same model).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+__all__ = ["WORDS", "save_tiny_model", "sentences", "tiny_llama", "train_tokenizer"]
+
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+WORDS = (
+    "red", "green", "blue", "cat", "dog", "bird", "sun", "moon", "tree", "river", "stone",
+    "cloud", "fire", "water", "north", "south", "east", "west", "apple", "bread", "milk", "honey",
+)  # fmt: skip
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """Short, learnable text: each row repeats a small pattern of three of `WORDS`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        pattern = rng.sample(WORDS, 3)
+        rows.append(" ".join(pattern * rng.randint(2, 6)))
+    return rows
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with bos `<s>`, eos `</s>`, pad `<pad>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos, eos, pad = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad
+    )
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    heads: int,
+    max_positions: int,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama (untied embeddings, no GQA) sized for `tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(out: Path, texts: Iterable[str], *, vocab_size: int, **llama: int) -> Path:
+    """Train a tokenizer on `texts`, build `tiny_llama(tokenizer, **llama)`, save both to `out`."""
+    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer.save_pretrained(out)
+    tiny_llama(tokenizer, **llama).save_pretrained(out)
+    return out
