@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -20,59 +19,23 @@ from typing import Any
 
 import yaml
 
-WORDS = [
-    *("red", "green", "blue", "cat", "dog", "bird", "sun", "moon", "tree", "river", "stone"),
-    *("cloud", "fire", "water", "north", "south", "east", "west", "apple", "bread", "milk"),
-    "honey",
-]
+from finetune_trainer.testing.tiny import save_tiny_model, sentences
+
 FINETUNE = [sys.executable, "-m", "finetune_trainer.cli"]
-
-
-def sentences(n: int, seed: int) -> list[str]:
-    """Short, learnable text: each row repeats a small pattern of words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        pattern = rng.sample(WORDS, 3)
-        rows.append(" ".join(pattern * rng.randint(2, 6)))
-    return rows
 
 
 def build_tiny_model(out: Path) -> Path:
     """A 2-layer Llama with hidden size 32 and a byte-level BPE tokenizer trained here."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return save_tiny_model(
+        out,
+        sentences(500, 0),
         vocab_size=400,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(sentences(500, 0), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    tokenizer.save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        layers=2,
+        heads=2,
+        max_positions=256,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 def manifest(
