@@ -5,20 +5,17 @@ byte-level BPE tokenizer and a jsonl corpus built here (as tests/trainer/conftes
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from finetune_trainer.testing.gang import LocalGang
 from finetune_trainer.testing.tiny import save_tiny_model, sentences
 
 FINETUNE = [sys.executable, "-m", "finetune_trainer.cli"]
@@ -63,18 +60,6 @@ def manifest(
     }
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all are held open together, so none is handed out twice."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def pod_env(workdir: Path) -> dict[str, str]:
     """Offline Hugging Face settings and one thread per rank: the machine is small and shared."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FINETUNE_", "RANK"))}
@@ -90,84 +75,32 @@ def pod_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-class RealRun:
+class RealRun(LocalGang):
     """Two pods of one FineTuneJob, each a `finetune train` process in its own session."""
 
     STEP_LINE = re.compile(r"step=(\d+)/(\d+) loss=([\d.]+)")
 
     def __init__(self, workdir: Path, doc: dict[str, Any], nodes: int = 2) -> None:
-        self.workdir, self.doc, self.nodes = workdir, doc, nodes
-        self.manifest = workdir / "job.yaml"
-        self.manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
-        master, *self.metrics_ports = free_ports(1 + nodes)
-        self.master_port = master
-        self.logs = [workdir / f"node-{i}.log" for i in range(nodes)]
-        self.results = [workdir / f"node-{i}" / "result.json" for i in range(nodes)]
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.doc = doc
+        manifest = workdir / "job.yaml"
+        manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+        super().__init__(manifest, workdir, pod_env(workdir), nodes)
 
     @property
     def targets(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.metrics_ports]
 
-    def start(self) -> RealRun:
-        base = pod_env(self.workdir)
-        for i in range(self.nodes):
-            self.results[i].parent.mkdir(parents=True, exist_ok=True)
-            env = {
-                **base,
-                "NODE_RANK": str(i),
-                "NNODES": str(self.nodes),
-                "NPROC_PER_NODE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(self.master_port),
-                "FINETUNE_RESULT_FILE": str(self.results[i]),
-                "FINETUNE_CHECKPOINT_DIR": str(self.workdir / f"node-{i}" / "checkpoints"),
-                "FINETUNE_OUTPUT_DIR": str(self.workdir / f"node-{i}" / "output"),
-                # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
-                "FINETUNE_METRICS_PORT": str(self.metrics_ports[i]),
+    def start(self, extra_env: Mapping[str, str] | None = None) -> RealRun:
+        return super().start(
+            {
                 # As the operator renders into pods: stay up for a final scrape (1 s here)...
                 "FINETUNE_METRICS_LINGER_SECONDS": "3",
                 # ...and a peak to measure MFU against; a CPU has no published one, so a
                 # nominal 1 TFLOP/s stands in.
                 "FINETUNE_PEAK_FLOPS_PER_SECOND": "1e12",
+                **(extra_env or {}),
             }
-            with self.logs[i].open("ab") as log:
-                self.procs.append(
-                    subprocess.Popen(
-                        [*FINETUNE, "train", str(self.manifest)],
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        return self
-
-    def finished(self) -> bool:
-        return bool(self.procs) and all(p.poll() is not None for p in self.procs)
-
-    def wait(self, timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise TimeoutError(f"ran past {timeout}s:\n{self.log_text()[-4000:]}") from None
-        return [p.returncode for p in self.procs]
-
-    def kill(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        for p in self.procs:
-            p.wait()
-
-    def log_text(self) -> str:
-        return "\n".join(path.read_text(errors="replace") for path in self.logs if path.exists())
-
-    def result(self, node: int = 0) -> dict[str, Any]:
-        return json.loads(self.results[node].read_text())
+        )
 
     def logged_losses(self) -> list[tuple[int, float]]:
         """(step, loss) of rank 0's step lines, in order."""

@@ -109,8 +109,17 @@ class OperatorDriver(threading.Thread):
         super().__init__(daemon=True, name="operator-metrics")
         self.metrics, self.namespace, self.job, self.run_ = metrics, namespace, job, run
         self.stop_event = threading.Event()
+        # A thread's exception is only printed; the fixture asserts this stayed None.
+        self.error: BaseException | None = None
 
     def run(self) -> None:
+        try:
+            self._drive()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def _drive(self) -> None:
         from finetune_operator.api.validation import load_manifest
         from finetune_operator.render import render_manifests
         from finetune_operator.settings import Settings
@@ -196,6 +205,7 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         driver.start()
         codes = run.wait(timeout=180)
         assert codes == [0, 0], run.log_text()[-4000:]
+        assert driver.error is None, f"the operator metrics driver died: {driver.error!r}"
         ns = f'namespace="{namespace}"'
         # The pods are gone: evaluate the queries at the last scrape of both of them.
         end = _last_sample_time(prom, f"finetune_train_loss{{{ns}}}")

@@ -84,6 +84,7 @@ def test_average_none_and_zero_division(metrics: dict) -> None:
 @pytest.mark.parametrize("average", ["macro", "micro", "weighted", None])
 def test_matches_scikit_learn(metrics: dict, name: str, average: str | None) -> None:
     import sklearn.metrics as sk
+
     fn = getattr(sk, f"{name}_score")
     rng = np.random.default_rng(7)
     for n_classes in (2, 4):

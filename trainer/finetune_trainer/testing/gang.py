@@ -1,0 +1,106 @@
+"""The pods of one FineTuneJob as local processes, for tests and benchmarks.
+
+Each node is one `finetune train` process in its own session, with exactly the rendezvous env
+that the operator renders into a pod; a node loss is a SIGKILL of that session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+FINETUNE = [sys.executable, "-m", "finetune_trainer.cli"]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all are held open together, so none is handed out twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class LocalGang:
+    """`finetune train` once per node. Rank 0 alone writes checkpoints and the output, so the
+    nodes share `workdir/checkpoints` and `workdir/output`; each has its own log and result."""
+
+    def __init__(self, manifest: Path, workdir: Path, env: Mapping[str, str], nodes: int) -> None:
+        self.manifest, self.workdir, self.env, self.nodes = manifest, workdir, dict(env), nodes
+        self.procs: list[subprocess.Popen[bytes]] = []
+        # Known before start, so a scraper can be pointed at the pods first.
+        self.master_port, *self.metrics_ports = free_ports(1 + nodes)
+        self.logs = [workdir / f"node-{i}.log" for i in range(nodes)]
+        self.results = [workdir / f"node-{i}" / "result.json" for i in range(nodes)]
+
+    def start(self, extra_env: Mapping[str, str] | None = None) -> Self:
+        if self.procs:  # a restarted gang: the old ports may still be in TIME_WAIT
+            self.master_port, *self.metrics_ports = free_ports(1 + self.nodes)
+        self.procs = []
+        for i in range(self.nodes):
+            self.results[i].parent.mkdir(parents=True, exist_ok=True)
+            env = {
+                **self.env,
+                "NODE_RANK": str(i),
+                "NNODES": str(self.nodes),
+                "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(self.master_port),
+                "FINETUNE_RESULT_FILE": str(self.results[i]),
+                "FINETUNE_CHECKPOINT_DIR": str(self.workdir / "checkpoints"),
+                "FINETUNE_OUTPUT_DIR": str(self.workdir / "output"),
+                # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
+                "FINETUNE_METRICS_PORT": str(self.metrics_ports[i]),
+                **(extra_env or {}),
+            }
+            with self.logs[i].open("ab") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        [*FINETUNE, "train", str(self.manifest)],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        return self
+
+    def finished(self) -> bool:
+        return bool(self.procs) and all(p.poll() is not None for p in self.procs)
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise TimeoutError(
+                    f"gang did not finish in {timeout}s:\n{self.log_text()[-4000:]}"
+                ) from None
+        return [p.returncode for p in self.procs]
+
+    def kill(self) -> None:
+        """SIGKILL every pod's whole process group, as a node loss would."""
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+    def log_text(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in self.logs if path.exists())
+
+    def result(self, node: int = 0) -> dict[str, Any]:
+        return json.loads(self.results[node].read_text())
