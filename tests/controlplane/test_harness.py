@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from fixtures.cluster import terminated_status
 
 if TYPE_CHECKING:  # conftest helpers reach the tests as fixtures, not imports
     from conftest import Kubectl
@@ -99,28 +100,7 @@ def job_condition(job: dict[str, Any], ctype: str) -> bool:
 
 def mark_pod_succeeded(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> None:
     """Do what a kubelet would: report the pod's containers terminated with exit code 0."""
-    now = "2026-01-01T00:00:00Z"
-    status = {
-        "phase": "Succeeded",
-        "containerStatuses": [
-            {
-                "name": c["name"],
-                "image": c["image"],
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "state": {
-                    "terminated": {
-                        "exitCode": 0,
-                        "reason": "Completed",
-                        "startedAt": now,
-                        "finishedAt": now,
-                    }
-                },
-            }
-            for c in pod["spec"]["containers"]
-        ],
-    }
+    status = terminated_status(pod, exit_code=0)
     kubectl(
         "-n",
         namespace,

@@ -41,7 +41,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kind_tools
 import pytest
+from kind_tools import kubectl_path
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "hack" / "kind" / "cluster.sh"
@@ -49,8 +51,7 @@ IMAGES_SH = REPO / "hack" / "images.sh"
 HELM_SH = REPO / "hack" / "helm.sh"
 CHART = REPO / "charts" / "finetune-operator"
 RESULTS = REPO / "test-results"
-CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
-K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
+CACHE, K8S_VERSION = kind_tools.CACHE, kind_tools.K8S_VERSION
 CLUSTER_NAME = os.environ.get("CLUSTER_NAME", "finetune")
 CONTEXT = os.environ.get("FINETUNE_KUBE_CONTEXT")
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
@@ -74,23 +75,7 @@ TIMEOUT_S = 300
 def run(
     args: list[str], timeout: float = TIMEOUT_S, input: str | None = None, check: bool = True
 ) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-4000:]}"
-        )
-    return proc.stdout
-
-
-def kubectl_path() -> str:
-    built = CACHE / "k8s" / K8S_VERSION / "bin" / "kubectl"
-    if built.is_file():
-        return str(built)
-    found = shutil.which("kubectl")
-    if not found:
-        pytest.fail(f"kubectl not found ({built} nor PATH)")
-    return found
+    return kind_tools.run(args, timeout, input, check)
 
 
 def kind_path() -> str:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
+import kind_tools
 import pytest
 
 pytestmark = [
@@ -28,37 +27,21 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "hack" / "kind" / "cluster.sh"
-CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
-K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
+K8S_VERSION = kind_tools.K8S_VERSION
 WORKLOAD_IMAGE = "finetune-local/python-base:bookworm"
 SERVICE = "peers"
 PORT = 8080
 TIMEOUT_S = 240
 
 
-def _kubectl_path() -> str:
-    built = CACHE / "k8s" / K8S_VERSION / "bin" / "kubectl"
-    if built.is_file():
-        return str(built)
-    found = shutil.which("kubectl")
-    if not found:
-        pytest.fail(f"kubectl not found ({built} nor PATH)")
-    return found
-
-
 def _run(args: list[str], timeout: float = TIMEOUT_S, input: str | None = None) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc.stdout
+    return kind_tools.run(args, timeout, input)
 
 
 class Kubectl:
     def __init__(self, kubeconfig: str | None, context: str | None) -> None:
         # With a given context, kubectl's own loading rules apply ($KUBECONFIG may be a list).
-        self.base = [_kubectl_path()]
+        self.base = [kind_tools.kubectl_path()]
         if kubeconfig:
             self.base += ["--kubeconfig", kubeconfig]
         if context:

@@ -1,0 +1,34 @@
+"""Process helpers shared by the kind suite's conftest and test modules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
+K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
+
+
+def run(args: list[str], timeout: float, input: str | None = None, check: bool = True) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return proc.stdout
+
+
+def kubectl_path() -> str:
+    """The kubectl built for this Kubernetes version, else the one on PATH."""
+    built = CACHE / "k8s" / K8S_VERSION / "bin" / "kubectl"
+    if built.is_file():
+        return str(built)
+    found = shutil.which("kubectl")
+    if not found:
+        pytest.fail(f"kubectl not found ({built} nor PATH)")
+    return found
