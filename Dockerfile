@@ -22,8 +22,8 @@
 #
 # No "# syntax=" line and no BuildKit-only features (RUN --mount, COPY --link): the legacy
 # builder must work too, and a syntax line would make BuildKit pull a frontend image from a
-# registry. The legacy builder builds every stage above the target, so the operator stages come
-# first and `--target operator` never touches torch.
+# registry. The legacy builder builds every stage above the target, so the trainer's dependency
+# stage comes last and `--target operator` never touches torch.
 
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -46,31 +46,27 @@ RUN python3 -m venv /opt/venv \
       printf '[global]\ncert = /opt/ca-bundle.pem\n' >/opt/venv/pip.conf; \
     fi
 WORKDIR /src
-# Only pyproject.toml first: the dependency layers below stay cached until it changes.
+# Only pyproject.toml and the installer first: the dependency layers stay cached until they change.
 COPY pyproject.toml ./
+COPY hack/docker/install-deps.sh /usr/local/bin/
 
-# ---- operator ------------------------------------------------------------------------------------
-FROM build-base AS operator-build
-# The pinned requirements of the base plus the `operator` extra (tomllib: stdlib from 3.11).
-RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"]))' \
-      >/tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+# ---- dependencies: one venv per image, cached until pyproject.toml changes ----------------------
+# install-deps.sh installs the pinned requirements plus one extra, then drops the installers
+# (nothing installs at run time) and compiles everything.
+FROM build-base AS operator-deps
+RUN install-deps.sh operator
+
+# ---- our code: one small layer shared by both images ---------------------------------------------
+# Installed under its own prefix and merged into /opt/venv by the images' last COPY, so a code
+# change rebuilds a layer of a few hundred KB, never the multi-GB dependency layer beneath it.
+# The pycs are unchecked-hash (valid whatever mtimes the COPY gives) and name their installed
+# paths in tracebacks (-s/-p). The operator image carries the torch-free trainer code too.
+FROM build-base AS app
 COPY README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
-# --no-deps: the dependencies are the layer above. The one distribution holds both packages;
-# the operator image carries the (torch-free) trainer code, which is a few hundred KB.
-# Then drop the installers (nothing installs at run time) and compile every module with
-# unchecked-hash pycs, which stay valid whatever mtimes the copy into the next stage gives.
-# Third-party failures are tolerated (wheels ship files for newer Pythons, e.g. torch's
-# testing/_internal/py312_intrinsics.py, never importable on 3.11 anyway); our own packages
-# are then compiled again, and must compile.
-RUN pip install --no-deps . \
- && pip uninstall -y -q pip setuptools \
- && rm -f /opt/venv/pip.conf \
- && { python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/venv/lib >/dev/null || :; } \
- && python -m compileall -q -f --invalidation-mode unchecked-hash \
-      /opt/venv/lib/python3*/site-packages/finetune_operator /opt/venv/lib/python3*/site-packages/finetune_trainer
+RUN pip install --no-deps --prefix /opt/app . \
+ && python -m compileall -q -f --invalidation-mode unchecked-hash -s /opt/app -p /opt/venv /opt/app/lib
 
 # ---- runtime base: the non-root, read-only-friendly environment ----------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -102,7 +98,8 @@ FROM runtime AS operator
 LABEL org.opencontainers.image.title="finetune-operator" \
       org.opencontainers.image.description="kopf operator reconciling FineTuneJob (finetune.dev/v1alpha1) into Indexed Jobs"
 # Root-owned and so read-only for UID 1000, even without readOnlyRootFilesystem.
-COPY --from=operator-build /opt/venv /opt/venv
+COPY --from=operator-deps /opt/venv /opt/venv
+COPY --from=app /opt/app /opt/venv
 # 8000: Prometheus /metrics; 8080: kopf liveness /healthz.
 EXPOSE 8000 8080
 ENTRYPOINT ["python", "-m", "finetune_operator"]
@@ -114,33 +111,19 @@ LABEL org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}"
 
-# ---- trainer -------------------------------------------------------------------------------------
-FROM build-base AS trainer-build
+# ---- trainer dependencies ------------------------------------------------------------------------
+# Last, so that the legacy builder (which builds every stage above the target) never installs
+# torch for `--target operator`.
+FROM build-base AS trainer-deps
 ARG TORCH_INDEX_URL=""
-# With TORCH_INDEX_URL, install the pinned torch from that index first (it mirrors torch's own
-# dependencies); the PyPI install below then finds e.g. 2.x.y+cpu already satisfying torch==2.x.y.
-RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["trainer"]))' \
-      >/tmp/requirements.txt \
- && if [ -n "${TORCH_INDEX_URL}" ]; then \
-      pip install --index-url "${TORCH_INDEX_URL}" "$(grep -E '^torch([=<>~! ]|$)' /tmp/requirements.txt)"; \
-    fi \
- && pip install -r /tmp/requirements.txt
-COPY README.md ./
-COPY operator ./operator
-COPY trainer ./trainer
-# As in operator-build.
-RUN pip install --no-deps . \
- && pip uninstall -y -q pip setuptools \
- && rm -f /opt/venv/pip.conf \
- && { python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/venv/lib >/dev/null || :; } \
- && python -m compileall -q -f --invalidation-mode unchecked-hash \
-      /opt/venv/lib/python3*/site-packages/finetune_operator /opt/venv/lib/python3*/site-packages/finetune_trainer
+RUN install-deps.sh trainer
 
 # ---- trainer image -------------------------------------------------------------------------------
 FROM runtime AS trainer
 LABEL org.opencontainers.image.title="finetune-trainer" \
       org.opencontainers.image.description="LoRA/QLoRA fine-tuning worker (PyTorch, Accelerate, PEFT) started by finetune-operator"
-COPY --from=trainer-build /opt/venv /opt/venv
+COPY --from=trainer-deps /opt/venv /opt/venv
+COPY --from=app /opt/app /opt/venv
 # 9400: trainer Prometheus metrics; 29500: torch.distributed rendezvous (MASTER_PORT).
 EXPOSE 9400 29500
 # The operator's pods run `finetune train /etc/finetune/job.yaml`.

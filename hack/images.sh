@@ -76,10 +76,10 @@ for target in "${targets[@]}"; do
     --build-arg VERSION="$VERSION" \
     --build-arg VCS_REF="$vcs_ref" \
     --build-arg BUILD_DATE="$build_date" >&2
-  # Tag the build stage too (a cache hit, so instant): the legacy builder keeps stages as
+  # Tag the dependency stage too (a cache hit, so instant): the legacy builder keeps stages as
   # untagged images, and only a tag tells this build's cache from the superseded ones, which
-  # (multi-GB for the trainer) are pruned next. Without that, each rebuild leaks ~13 GB of disk.
-  "$DOCKER" build "$ROOT" --target "${target}-build" --tag "${ref%:*}-build:cache" \
+  # (multi-GB for the trainer) are pruned next. Without that, each rebuild leaks ~6 GB of disk.
+  "$DOCKER" build "$ROOT" --target "${target}-deps" --tag "${ref%:*}-deps:cache" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
     --build-arg EXTRA_CA_CERTS="$extra_ca" >/dev/null
   "$DOCKER" image prune --force >/dev/null

@@ -14,6 +14,8 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   # Install every dependency, then only link the code: the same venv serves any checkout.
   "$venv/bin/pip" install -q -e "${root}[operator,trainer,dev]" >&2
   touch "$venv/.complete"
+  # A new dependency set supersedes the old venvs (6+ GB each): keep only this one.
+  find "$cache/venv" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} + >&2
 fi
 # Point the venv at this checkout, unless it already is (CI clones to a new folder each run).
 where=$("$venv/bin/python" -c 'import finetune_operator, os; print(os.path.dirname(os.path.dirname(finetune_operator.__file__)))' 2>/dev/null || true)

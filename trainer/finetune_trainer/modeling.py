@@ -66,9 +66,13 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 def load_model(
     spec: FineTuneJobSpec,
     tokenizer: PreTrainedTokenizerBase,
-    label_names: list[str] | None = None,
+    label_names: list[str] | None,
+    device: torch.device,
 ) -> PreTrainedModel:
-    """The base model for the task, wrapped for PEFT unless the method is `none`."""
+    """The base model for the task, wrapped for PEFT unless the method is `none`.
+
+    `device` is where this rank computes; qlora quantizes the base as it loads, straight onto it.
+    """
     location = source_location(spec.model.source)
     kwargs: dict[str, object] = {"revision": _revision(spec.model), "dtype": torch.float32}
     if spec.peft.method == "qlora":
@@ -80,7 +84,7 @@ def load_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": device}
     if spec.model.task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     else:

@@ -209,7 +209,7 @@ def _prepare(job: FineTuneJob, accelerator: Accelerator, telemetry: TrainerMetri
     log.info("%d training and %d evaluation rows", len(train_ds), len(eval_ds))
 
     with accelerator.local_main_process_first():
-        model = modeling.load_model(spec, tokenizer, labels)
+        model = modeling.load_model(spec, tokenizer, labels, accelerator.device)
     # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
     set_seed(spec.training.seed + accelerator.process_index)
     telemetry.record_phase("model_loaded")
