@@ -43,7 +43,8 @@ demo: prereqs
 	PATH="$(VENV)/bin:$$PATH" hack/e2e.sh
 
 # The same kind of job in local mode, no cluster: two ranks on this machine, a real
-# pretrained MiniLM fine-tuned for sentiment, scores before and after, pushed to a local Hub.
+# pretrained MiniLM fine-tuned on real review snippets, scores before and after, pushed to a
+# local Hub.
 demo-local:
 	$(VENV)/bin/finetune demo
 

