@@ -8,10 +8,9 @@ imported (it reads them at import time)::
 
     HF_ENDPOINT=http://127.0.0.1:<port>  HF_HUB_DISABLE_XET=1  HF_TOKEN=<token, if auth is on>
 
-Storage, under ``root``: content-addressed blobs (``blobs/<sha256>``) and one JSON file per repo
-(``repos/<type>s/<namespace>/<name>/repo.json``) holding a linear history of commits on branch
-``main``; each commit is an immutable snapshot ``path -> blob`` with a 40-hex id. Repo ids must be
-``namespace/name``. Not supported: pull requests, other branches, tags, Xet, gating, pagination.
+Repos, blobs and commit history are kept on disk by ``hub_store.Store`` (see that module).
+Repo ids must be ``namespace/name``. Not supported: pull requests, other branches, tags, Xet,
+gating, pagination.
 
 In-process::
 
@@ -36,15 +35,22 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from finetune_trainer.testing.hub_store import (
+    DEFAULT_LFS_THRESHOLD,
+    SHA256_HEX,
+    HubError,
+    Store,
+    branch_name,
+    lfs_pointer,
+)
 
 __all__ = ["HubDouble", "HubError", "Store", "main"]
 
@@ -52,239 +58,8 @@ log = logging.getLogger("finetune_trainer.hub_double")
 
 REPO_TYPES = ("model", "dataset", "space")
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_LFS_SUFFIXES = ".safetensors .bin .parquet .arrow .pt .pth .ckpt .h5 .onnx .gguf .msgpack .pkl"
-LFS_SUFFIXES = tuple(
-    f"{_LFS_SUFFIXES} .pickle .npy .npz .zip .gz .bz2 .xz .zst .tar .model".split()
-)
-GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
-DEFAULT_LFS_THRESHOLD = 1_000_000  # bytes; bigger files are uploaded through LFS
-_SHA1 = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = ("1", "true", "True")
 _CHUNK = 1 << 20
-
-
-class HubError(Exception):
-    """An error answer: HTTP ``status``, and ``code`` for ``X-Error-Code`` (e.g. EntryNotFound)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, **headers: str):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers
-
-
-def _now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
-
-
-def git_blob_oid(data: bytes) -> str:
-    """Git's blob id, sha1 of ``blob <size>\\0<data>``: what the Hub reports as a file's oid."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _lfs_pointer(sha256: str, size: int) -> bytes:
-    return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-    )
-
-
-def _branch(revision: str) -> str:
-    return revision.removeprefix("refs/heads/")
-
-
-class Store:
-    """Repos and blobs on disk. Writes hold ``lock``; a repo dict is replaced, never mutated."""
-
-    def __init__(self, root: str | os.PathLike[str], lfs_threshold: int = DEFAULT_LFS_THRESHOLD):
-        self.root = Path(root)
-        self.lfs_threshold = lfs_threshold
-        for sub in ("blobs", "tmp", "repos"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.lock = threading.RLock()
-        self._repos: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def is_lfs(self, path: str, size: int) -> bool:
-        """Upload-mode policy: weights/data suffixes and files over ``lfs_threshold`` use LFS."""
-        return size > 0 and (path.lower().endswith(LFS_SUFFIXES) or size > self.lfs_threshold)
-
-    def blob_path(self, sha256: str) -> Path:
-        return self.root / "blobs" / sha256
-
-    def has_blob(self, sha256: str, size: int | None = None) -> bool:
-        path = self.blob_path(sha256)
-        return (
-            bool(_SHA256.fullmatch(sha256))
-            and path.is_file()
-            and (size is None or path.stat().st_size == size)
-        )
-
-    def put_blob(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        if not self.has_blob(sha):
-            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.blob_path(sha))
-        return sha
-
-    def _meta_path(self, repo_type: str, repo_id: str) -> Path:
-        return self.root / "repos" / f"{repo_type}s" / repo_id / "repo.json"
-
-    def get(self, repo_type: str, repo_id: str) -> dict[str, Any]:
-        """The repo record; 404 ``RepoNotFound`` if there is none."""
-        with self.lock:
-            if (repo_type, repo_id) not in self._repos:
-                path = self._meta_path(repo_type, repo_id)
-                if not path.is_file():
-                    raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
-                self._repos[(repo_type, repo_id)] = json.loads(path.read_text())
-            return self._repos[(repo_type, repo_id)]
-
-    def exists(self, repo_type: str, repo_id: str) -> bool:
-        try:
-            return bool(self.get(repo_type, repo_id))
-        except HubError:
-            return False
-
-    def _save(self, repo: dict[str, Any]) -> None:
-        path = self._meta_path(repo["type"], repo["id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(repo))
-        os.replace(path.with_suffix(".tmp"), path)
-        self._repos[(repo["type"], repo["id"])] = repo
-
-    def create_repo(
-        self, repo_type: str, repo_id: str, private: bool = False, author: str = ""
-    ) -> bool:
-        """Create a repo with an initial ``.gitattributes`` commit; False if it exists already.
-
-        The initial commit matters: ``ModelCard.load`` and ``push_to_hub`` fail on an empty repo.
-        """
-        with self.lock:
-            if self.exists(repo_type, repo_id):
-                return False
-            self._save(
-                {
-                    "id": repo_id,
-                    "type": repo_type,
-                    "private": private,
-                    "createdAt": _now(),
-                    "refs": {},
-                    "commits": {},
-                }
-            )
-            ops = [("file", ".gitattributes", GITATTRIBUTES.encode())]
-            self.commit(repo_type, repo_id, ops, "initial commit", author=author)
-            return True
-
-    def delete_repo(self, repo_type: str, repo_id: str) -> None:
-        with self.lock:
-            self.get(repo_type, repo_id)
-            shutil.rmtree(self._meta_path(repo_type, repo_id).parent)
-            self._repos.pop((repo_type, repo_id), None)
-
-    def resolve(self, repo: dict[str, Any], revision: str) -> dict[str, Any]:
-        """The commit a branch name (``main``, ``refs/heads/main``) or a full commit id names."""
-        commits: dict[str, dict[str, Any]] = repo["commits"]
-        if _branch(revision) in repo["refs"]:
-            return commits[repo["refs"][_branch(revision)]]
-        if _SHA1.fullmatch(revision) and revision in commits:
-            return commits[revision]
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-
-    def commit(
-        self,
-        repo_type: str,
-        repo_id: str,
-        ops: Iterable[tuple[str, str, Any]],
-        title: str,
-        description: str = "",
-        parent: str | None = None,
-        author: str = "",
-    ) -> str:
-        """Apply ``ops`` to the head of ``main`` as one new commit and return its id.
-
-        Ops: ``("file", path, bytes)``, ``("lfs", path, (sha256, size))`` for an uploaded LFS
-        object, ``("delete", path, None)``, ``("delete_folder", path, None)``. ``parent``, if
-        given, must be the current head (412 otherwise).
-        """
-        with self.lock:
-            repo = self.get(repo_type, repo_id)
-            head_id = repo["refs"].get("main")
-            if parent is not None and parent != head_id:
-                raise HubError(412, "A commit has happened since. Please refresh and try again.")
-            files: dict[str, dict[str, Any]] = (
-                dict(repo["commits"][head_id]["files"]) if head_id else {}
-            )
-            for kind, path, payload in ops:
-                path = path.strip("/")
-                if not path or ".." in path.split("/") or "\\" in path:
-                    raise HubError(400, f"Invalid path: {path!r}")
-                if kind == "file":
-                    files[path] = {
-                        "sha256": self.put_blob(payload),
-                        "size": len(payload),
-                        "oid": git_blob_oid(payload),
-                        "lfs": False,
-                    }
-                elif kind == "lfs":
-                    sha, size = payload
-                    if not self.has_blob(sha, size):
-                        raise HubError(422, f"LFS object {sha} ({size} bytes) was not uploaded")
-                    oid = git_blob_oid(_lfs_pointer(sha, size))
-                    files[path] = {"sha256": sha, "size": size, "oid": oid, "lfs": True}
-                elif kind == "delete" and files.pop(path, None) is None:
-                    raise HubError(
-                        404, f"A file with this name doesn't exist: {path}", "EntryNotFound"
-                    )
-                elif kind == "delete_folder":
-                    gone = [p for p in files if p.startswith(path + "/")]
-                    if not gone:
-                        raise HubError(404, f"No folder {path} in the repo", "EntryNotFound")
-                    for p in gone:
-                        del files[p]
-                elif kind not in ("file", "lfs", "delete", "delete_folder"):
-                    raise HubError(400, f"Unknown commit operation {kind!r}")
-            date = _now()
-            seed = json.dumps([repo_id, head_id, files, title, date, secrets.token_hex(8)])
-            commit_id = hashlib.sha1(seed.encode()).hexdigest()
-            commit = {
-                "id": commit_id,
-                "parent": head_id,
-                "title": title,
-                "message": description,
-                "date": date,
-                "author": author,
-                "files": files,
-            }
-            commits = {**repo["commits"], commit_id: commit}
-            self._save({**repo, "commits": commits, "refs": {**repo["refs"], "main": commit_id}})
-            return commit_id
-
-    def seed(self, repo_type: str, repo_id: str, directory: str | os.PathLike[str]) -> str:
-        """Create ``repo_id`` if needed and commit the files of ``directory`` that differ.
-
-        Idempotent: returns the head commit id, unchanged when nothing differs.
-        """
-        base = Path(directory)
-        if not base.is_dir():
-            raise ValueError(f"seed directory {base} does not exist")
-        with self.lock:
-            self.create_repo(repo_type, repo_id)
-            repo = self.get(repo_type, repo_id)
-            head = repo["commits"][repo["refs"]["main"]]
-            ops: list[tuple[str, str, Any]] = []
-            for path in sorted(p for p in base.rglob("*") if p.is_file() and ".git" not in p.parts):
-                rel, data = path.relative_to(base).as_posix(), path.read_bytes()
-                current = head["files"].get(rel)
-                if current is None or current["sha256"] != hashlib.sha256(data).hexdigest():
-                    if self.is_lfs(rel, len(data)):
-                        ops.append(("lfs", rel, (self.put_blob(data), len(data))))
-                    else:
-                        ops.append(("file", rel, data))
-            if not ops:
-                return str(head["id"])
-            return self.commit(repo_type, repo_id, ops, f"Seed from {base.name}")
 
 
 class HubDouble:
@@ -607,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
             if blobs:  # files_metadata=True
                 sibling.update(size=f["size"], blobId=f["oid"])
                 if f["lfs"]:
-                    pointer_size = len(_lfs_pointer(f["sha256"], f["size"]))
+                    pointer_size = len(lfs_pointer(f["sha256"], f["size"]))
                     sibling["lfs"] = {
                         "size": f["size"],
                         "sha256": f["sha256"],
@@ -650,7 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
         """The NDJSON commit: a header line, then file/lfsFile/deletedFile/deletedFolder lines."""
         if self.query.get("create_pr") in _TRUE:
             raise HubError(400, "The hub double does not support pull requests (create_pr)")
-        if _branch(rev) != "main":
+        if branch_name(rev) != "main":
             raise HubError(
                 404, f"Branch not found: {rev} (the double has only main)", "RevisionNotFound"
             )
@@ -709,7 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
         for obj in request.get("objects", []):
             oid, size = str(obj.get("oid")), int(obj.get("size", 0))
             entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if not _SHA256.fullmatch(oid):
+            if not SHA256_HEX.fullmatch(oid):
                 entry["error"] = {"code": 422, "message": "oid must be a sha256 hex digest"}
             elif not self.hub.store.has_blob(oid, size):  # otherwise no actions: already there
                 ticket = secrets.token_urlsafe(16)
@@ -809,7 +584,7 @@ def _tree(
         f = files[p]
         entry: dict[str, Any] = {"type": "file", "oid": f["oid"], "size": f["size"], "path": p}
         if f["lfs"]:
-            pointer_size = len(_lfs_pointer(f["sha256"], f["size"]))
+            pointer_size = len(lfs_pointer(f["sha256"], f["size"]))
             entry["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": pointer_size}
         return entry
 
