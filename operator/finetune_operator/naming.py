@@ -33,6 +33,12 @@ CONTAINER_NAME = "trainer"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
+def metrics_port_name(local_rank: int) -> str:
+    """The container port of a pod's local rank's metrics (TRAINER_METRICS_PORT + local_rank):
+    `metrics`, then `metrics-1`, `metrics-2`... The chart's PodMonitor has one endpoint each."""
+    return "metrics" if local_rank == 0 else f"metrics-{local_rank}"
+
+
 def service_name(job_name: str) -> str:
     return job_name
 

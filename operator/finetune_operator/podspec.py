@@ -115,8 +115,16 @@ def _container(job: FineTuneJob, settings: Settings, mounts: list[Manifest]) -> 
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["finetune", "train", naming.CONFIG_PATH],
         "env": _env(job, settings),
+        # Every local rank serves its own metrics, so each gets a named port to scrape.
         "ports": [
-            {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
+            *(
+                {
+                    "name": naming.metrics_port_name(r),
+                    "containerPort": TRAINER_METRICS_PORT + r,
+                    "protocol": "TCP",
+                }
+                for r in range(job.spec.resources.processes_per_node)
+            ),
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
         "volumeMounts": mounts,

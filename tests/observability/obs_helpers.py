@@ -1,5 +1,5 @@
 """Helpers of the observability tests: the chart's monitoring files, PromQL in the dashboard,
-the chart rendered (with helm, or a small stand-in for the monitoring templates), a real
+the chart rendered with helm, a real
 Prometheus process, and its HTTP API.
 """
 
@@ -169,43 +169,6 @@ def helm_template(helm: str, values: dict[str, Any], show_only: list[str]) -> li
     if out.returncode != 0:
         raise AssertionError(f"helm template failed:\n{out.stderr}")
     return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def _lookup(values: dict[str, Any], dotted: str) -> Any:
-    node: Any = values
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def render_simple_template(name: str, values: dict[str, Any]) -> dict[str, Any] | None:
-    """A stand-in for `helm template` that knows just enough for podmonitor.yaml and
-    servicemonitor.yaml (used when helm is not available): the `enabled` gate, whole-line
-    actions (dropped: labels from helpers and values), `{{ .Values.x | default "y" }}` and the
-    fullname include. Anything else fails, so the stand-in cannot drift silently."""
-    text = (CHART / "templates" / name).read_text()
-    lines = text.splitlines()
-    gate = re.fullmatch(r"\{\{- if (\.Values\.[\w.]+) \}\}", lines[0].strip())
-    assert gate, f"{name}: first line is not an `if .Values...` gate"
-    if not _lookup(values, gate.group(1).removeprefix(".Values.")):
-        return None
-    fullname = "obs-finetune-operator"
-    kept = []
-    for line in lines[1:]:
-        stripped = line.strip()
-        if re.fullmatch(r"\{\{-.*\}\}", stripped):  # whole-line action: if/with/end/include
-            continue
-        line = line.replace('{{ include "finetune-operator.fullname" . }}', fullname)
-        line = line.replace("{{ .Release.Namespace }}", "monitoring")
-
-        def value(m: re.Match[str]) -> str:
-            got = _lookup(values, m.group(1))
-            return str(got if got not in (None, "") else (m.group(2) or ""))
-
-        line = re.sub(r'\{\{ \.Values\.([\w.]+)(?: \| default "([^"]*)")? \}\}', value, line)
-        assert "{{" not in line, f"{name}: the stand-in renderer cannot render {line!r}"
-        kept.append(line)
-    return yaml.safe_load("\n".join(kept))
 
 
 def chart_values() -> dict[str, Any]:

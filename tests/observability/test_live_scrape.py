@@ -38,7 +38,6 @@ from obs_helpers import (
     legend,
     load_dashboard,
     panels,
-    render_simple_template,
     scrape_job_from_monitor,
     substitute,
     variable_queries,
@@ -73,7 +72,6 @@ class Live:
     start: float  # first scrape (unix time)
     end: float  # when the queries are evaluated
     run: RealRun
-    rendered_by: str  # what rendered the monitors the scrape jobs come from
     training_started: float  # unix time of the first step
     training_ended: float  # unix time of the last step
 
@@ -83,23 +81,16 @@ class Live:
         return max(int(self.end - self.start) + 3, 10)
 
 
-def _monitors() -> tuple[dict[str, Any], dict[str, Any], str]:
-    """The chart's PodMonitor and ServiceMonitor, rendered by helm when it is at hand."""
+def _monitors() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chart's PodMonitor and ServiceMonitor, as `helm template` renders them."""
     values = chart_values()
     for key in ("podMonitor", "serviceMonitor"):
         values["monitoring"][key]["enabled"] = True
-    try:
-        helm = helm_binary()
-    except RuntimeError:
-        helm = None
-    if helm:
-        docs = helm_template(helm, values, ["podmonitor.yaml", "servicemonitor.yaml"])
-        by_kind = {d["kind"]: d for d in docs}
-        return by_kind["PodMonitor"], by_kind["ServiceMonitor"], "helm template"
-    pod = render_simple_template("podmonitor.yaml", values)
-    service = render_simple_template("servicemonitor.yaml", values)
-    assert pod and service
-    return pod, service, "the stand-in renderer (no helm)"
+    helm = helm_binary()
+    assert helm, "no helm: neither $HELM, helm on PATH, nor hack/helm.sh (make prereqs)"
+    docs = helm_template(helm, values, ["podmonitor.yaml", "servicemonitor.yaml"])
+    by_kind = {d["kind"]: d for d in docs}
+    return by_kind["PodMonitor"], by_kind["ServiceMonitor"]
 
 
 class OperatorDriver(threading.Thread):
@@ -177,7 +168,7 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     op_server, _ = start_http_server(0, addr="127.0.0.1", registry=operator.registry)
     trainer_targets = run.targets
 
-    pod_monitor, service_monitor, rendered_by = _monitors()
+    pod_monitor, service_monitor = _monitors()
     interval = f"{SCRAPE_INTERVAL_S}s"
     config = {
         "global": {
@@ -221,7 +212,6 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             start,
             end,
             run,
-            rendered_by,
             training_started,
             training_ended,
         )
@@ -394,7 +384,7 @@ def test_render_dashboard_panels_to_png(live: Live) -> None:
         ax.axis("off")
     fig.suptitle(
         f"{DASHBOARD['title']}: {live.namespace}/{live.job}, a live run scraped with "
-        f"the chart's monitors ({live.rendered_by})"
+        "the chart's monitors"
     )
     overview = RESULTS_DIR / "overview.png"
     fig.savefig(overview)

@@ -10,9 +10,7 @@ import pytest
 from obs_helpers import (
     CHART,
     DASHBOARD_FILE,
-    chart_values,
     helm_template,
-    render_simple_template,
 )
 
 pytestmark = pytest.mark.observability
@@ -32,14 +30,15 @@ MONITORING_ON = {
 }
 
 
-def _rendered_trainer_job() -> dict:
+def _rendered_trainer_job(processes_per_node: int = 1) -> dict:
     from finetune_operator.api.validation import load_manifest
     from finetune_operator.render import render_manifests
     from finetune_operator.settings import Settings
 
     example = CHART.parents[1] / "trainer" / "finetune_trainer" / "examples"
-    manifest = sorted(example.glob("*.yaml"))[0]
-    docs = render_manifests(load_manifest(manifest), Settings())
+    job = load_manifest(sorted(example.glob("*.yaml"))[0])
+    job.spec.resources.processes_per_node = processes_per_node
+    docs = render_manifests(job, Settings())
     return next(d for d in docs if d["kind"] == "Job")
 
 
@@ -73,6 +72,35 @@ def test_podmonitor_selects_the_rendered_trainer_pods(helm: str) -> None:
     wanted = "__meta_kubernetes_pod_label_" + LABEL_ATTEMPT.replace(".", "_").replace("/", "_")
     assert source == wanted and LABEL_ATTEMPT in pod_labels
     assert monitor["metadata"]["labels"]["release"] == "prom"
+
+
+@pytest.mark.parametrize("ranks", [1, 4, 8])
+def test_podmonitor_scrapes_every_local_rank(helm: str, ranks: int) -> None:
+    """Each local rank serves metrics on TRAINER_METRICS_PORT + local rank; the PodMonitor has
+    an endpoint for every such port of a pod with up to `processesPerNode` (default 8) ranks."""
+    from finetune_operator.api.constants import TRAINER_METRICS_PORT
+
+    monitor = _by_kind(helm_template(helm, MONITORING_ON, ["podmonitor.yaml"]))["PodMonitor"]
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert len(endpoints) == 8
+    assert all(e["relabelings"] == endpoints[0]["relabelings"] for e in endpoints)
+    template = _rendered_trainer_job(ranks)["spec"]["template"]
+    metrics_ports = {
+        p["name"]: p["containerPort"]
+        for c in template["spec"]["containers"]
+        for p in c["ports"]
+        if p["name"] != "rendezvous"
+    }
+    assert sorted(metrics_ports.values()) == [TRAINER_METRICS_PORT + r for r in range(ranks)]
+    assert set(metrics_ports) <= {e["port"] for e in endpoints}
+
+
+def test_podmonitor_endpoints_follow_processes_per_node(helm: str) -> None:
+    values = json.loads(json.dumps(MONITORING_ON))
+    values["monitoring"]["podMonitor"]["processesPerNode"] = 3
+    monitor = _by_kind(helm_template(helm, values, ["podmonitor.yaml"]))["PodMonitor"]
+    ports = [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]]
+    assert ports == ["metrics", "metrics-1", "metrics-2"]
 
 
 def test_servicemonitor_selects_the_metrics_service(helm: str) -> None:
@@ -111,19 +139,3 @@ def test_defaults_render_no_prometheus_operator_objects(helm: str) -> None:
     kinds = {d["kind"] for d in helm_template(helm, {}, [])}
     assert not kinds & {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
     assert "ConfigMap" in kinds  # dashboards are on by default: they need no CRD
-
-
-@pytest.mark.parametrize("template", ["podmonitor.yaml", "servicemonitor.yaml"])
-def test_the_stand_in_renderer_agrees_with_helm(helm: str, template: str) -> None:
-    """The live test renders the monitors without helm when it has none; check it is faithful
-    (apart from the labels it leaves out)."""
-    values = chart_values()
-    for key in ("podMonitor", "serviceMonitor"):
-        values["monitoring"][key]["enabled"] = True
-    ours = render_simple_template(template, values)
-    theirs = helm_template(helm, values, [template])[0]
-    assert ours is not None
-    ours["metadata"].pop("labels", None)
-    theirs["metadata"].pop("labels")
-    ours["spec"]["selector"] = theirs["spec"]["selector"] = None  # helper labels: left out
-    assert ours == theirs

@@ -356,7 +356,7 @@ def test_monitoring_values_contract() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["monitoring"] == {
         "serviceMonitor": {"enabled": False, "interval": "30s", "labels": {}},
-        "podMonitor": {"enabled": False, "interval": "15s", "labels": {}},
+        "podMonitor": {"enabled": False, "interval": "15s", "labels": {}, "processesPerNode": 8},
         "prometheusRule": {"enabled": False, "labels": {}, "stalledMinutes": 10},
         "dashboards": {
             "enabled": True, "label": "grafana_dashboard", "labelValue": "1", "namespace": "",
