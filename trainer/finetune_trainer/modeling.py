@@ -111,7 +111,11 @@ def load_model(
     if spec.peft.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks on the
+        # frozen 4-bit base (TRL passes the same for multi-GPU QLoRA).
+        model = prepare_model_for_kbit_training(
+            model, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     return get_peft_model(model, lora_config(spec.peft, spec.model.task))
 
 
