@@ -5,8 +5,9 @@
 
 `finetune train` starts one process per local rank with RANK, WORLD_SIZE and MASTER_* set, and
 each runs `main(job)`: seed, Accelerator, data (under main_process_first), model with a pure
-`lora_config`, resume from the newest complete checkpoint, train with `accelerator.accumulate`
-and rotated checkpoints, evaluate, and on rank 0 save, push and write the result.
+`lora_config`, resume from the newest complete checkpoint, train (`loop.train_steps`: accumulated
+steps, rotated checkpoints, a gang-wide stop on SIGTERM), evaluate, and on rank 0 save, push and
+write the result.
 """
 
 from __future__ import annotations
@@ -15,14 +16,9 @@ import hashlib
 import json
 import logging
 import os
-import resource
-import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -30,10 +26,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     GradientAccumulationPlugin,
     broadcast_object_list,
-    gather_object,
     set_seed,
 )
-from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
@@ -47,65 +41,19 @@ from finetune_trainer.env import (
     METRICS_LINGER_ENV,
     METRICS_PORT_ENV,
     PARAM_HASH_ENV,
-    PEAK_FLOPS_ENV,
     runtime_errors,
     setup_logging,
 )
 from finetune_trainer.evaluation import evaluate_model
+from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import TrainResult, scrub, write_result
 from finetune_trainer.scoring import gate_failures
-from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
+from finetune_trainer.telemetry import TrainerMetrics
 
 log = get_logger(__name__)
 # Before the Accelerator exists (and when it failed to), accelerate's logger refuses to log.
 plain_log = logging.getLogger(__name__)
 OUTPUT_DIR_ENV = "FINETUNE_OUTPUT_DIR"
-
-
-class Interrupted(Exception):
-    """The gang stopped on SIGTERM, after saving a checkpoint at `step`."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped by SIGTERM at step {step}; the next attempt resumes there")
-        self.step = step
-
-
-class StopRequest:
-    """SIGTERM (a pod deleted, evicted or preempted) while the loop runs: finish the step, then
-    the whole gang checkpoints and leaves. Outside the loop SIGTERM keeps its default action."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> StopRequest:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-
-
-@dataclass
-class Prepared:
-    """Everything a training run needs, after the one `accelerator.prepare`."""
-
-    accelerator: Accelerator
-    model: torch.nn.Module
-    tokenizer: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_ds: Dataset
-    eval_dl: DataLoader
-    batches: data.ShardedBatches
-    collate: data.Collator
-    total_steps: int
-    metrics: list[str]
 
 
 def main(job: FineTuneJob) -> int:
@@ -175,7 +123,7 @@ def _train(job: FineTuneJob) -> int:
     telemetry.record_eval("before", state.before_scores)
 
     telemetry.set_status("training")
-    tokens_per_second = _train_loop(job, run, state, ckpt_root, telemetry)
+    tokens_per_second = train_steps(job, run, state, ckpt_root, telemetry)
     accelerator.wait_for_everyone()
 
     telemetry.set_status("evaluating")
@@ -339,133 +287,6 @@ def _evaluate(run: Prepared, num_labels: int | None) -> dict[str, float]:
         causal=run.collate.causal,
         num_labels=num_labels or 2,
     )
-
-
-def _train_loop(
-    job: FineTuneJob,
-    run: Prepared,
-    state: checkpoint.TrainerState,
-    ckpt_root: Path,
-    telemetry: TrainerMetrics,
-) -> float | None:
-    """Train to the last step; returns the gang's real (non-pad) tokens per second."""
-    acc, t = run.accelerator, job.spec.training
-    accumulation = t.gradient_accumulation_steps
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    model_flops = flops_per_token(
-        sum(p.numel() for p in run.model.parameters()), sum(p.numel() for p in params)
-    )
-    peak_flops = float(os.environ.get(PEAK_FLOPS_ENV) or 0) or None
-    log_every = max(1, run.total_steps // 50)
-    run.model.train()
-    step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
-    loop_started, loop_tokens = started, 0
-    with StopRequest() as stop:
-        while state.step < run.total_steps:
-            for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
-                rows = run.train_ds[index]
-                batch = run.collate(
-                    [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
-                )
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                grad_norm = None
-                with acc.accumulate(run.model):
-                    loss = run.model(**batch).loss
-                    acc.backward(loss)
-                    if acc.sync_gradients and t.max_grad_norm > 0:
-                        grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
-                    run.optimizer.step()
-                    run.optimizer.zero_grad()
-                state.batches_in_epoch += 1
-                step_loss += float(loss.detach()) / accumulation
-                real_tokens = int(batch["attention_mask"].sum())
-                tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
-                samples += len(index)
-                if not acc.sync_gradients:
-                    continue
-                run.scheduler.step()
-                state.step += 1
-                # One collective carries the loss and whether any rank got SIGTERM, so every
-                # rank stops after the same step.
-                totals = acc.reduce(
-                    torch.tensor([step_loss, float(stop.requested)], device=acc.device), "sum"
-                )
-                mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
-                # Bounded: the history travels in every checkpoint's JSON.
-                state.loss_history = [*state.loss_history[-99:], mean_loss]
-                duration = time.perf_counter() - started
-                epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
-                lr = run.scheduler.get_last_lr()[0]
-                telemetry.record_step(
-                    state.step,
-                    epoch,
-                    mean_loss,
-                    lr,
-                    grad_norm,
-                    tokens,
-                    samples,
-                    duration,
-                    run.total_steps,
-                )
-                telemetry.record_flops(model_flops * tokens / max(duration, 1e-9), peak_flops)
-                telemetry.record_peak_memory(_peak_memory(acc))
-                if state.step % log_every == 0 or state.step == run.total_steps:
-                    # launch.py's progress bar parses this line; keep the `step=i/n` shape.
-                    log.info(
-                        "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
-                        state.step,
-                        run.total_steps,
-                        mean_loss,
-                        lr,
-                        epoch,
-                        tokens / max(duration, 1e-9),
-                    )
-                # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
-                if state.batches_in_epoch == run.batches.batches_per_epoch:
-                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
-                if due or stopping:
-                    _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
-                if stopping:
-                    raise Interrupted(state.step)
-                step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
-                if state.step >= run.total_steps:
-                    break
-    seconds = time.perf_counter() - loop_started
-    total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
-    return total / seconds if total and seconds > 0 else None
-
-
-def _save_checkpoint(
-    run: Prepared,
-    state: checkpoint.TrainerState,
-    root: Path,
-    keep: int,
-    telemetry: TrainerMetrics,
-) -> None:
-    acc = run.accelerator
-    started = time.perf_counter()
-    rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
-    if acc.is_main_process:
-        folder = checkpoint.save(
-            root,
-            checkpoint.Checkpoint(
-                state=checkpoint.TrainerState(**asdict(state)),
-                trainable=modeling.trainable_state(acc.unwrap_model(run.model)),
-                optimizer=run.optimizer.state_dict(),
-                scheduler=run.scheduler.state_dict(),
-                rng=rng,
-            ),
-            keep,
-        )
-        log.info("checkpoint at step %d: %s", state.step, folder)
-    telemetry.record_checkpoint(time.perf_counter() - started)
-
-
-def _peak_memory(acc: Accelerator) -> int:
-    if acc.device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(acc.device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _recent_loss(history: list[float], window: int = 10) -> float | None:

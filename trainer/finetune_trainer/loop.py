@@ -1,0 +1,203 @@
+"""The training loop of one rank: optimizer steps from the sharded batches, with telemetry,
+periodic checkpoints, and a gang-wide stop on SIGTERM that checkpoints first.
+
+`finetune_trainer.train` builds a `Prepared` run and calls `train_steps` between the evaluations.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from finetune_operator.api import FineTuneJob
+from finetune_trainer import checkpoint, data, modeling
+from finetune_trainer.env import PEAK_FLOPS_ENV
+from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
+
+log = get_logger(__name__)
+
+
+class Interrupted(Exception):
+    """The gang stopped on SIGTERM, after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; the next attempt resumes there")
+        self.step = step
+
+
+class StopRequest:
+    """SIGTERM (a pod deleted, evicted or preempted) while the loop runs: finish the step, then
+    the whole gang checkpoints and leaves. Outside the loop SIGTERM keeps its default action."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+@dataclass
+class Prepared:
+    """Everything a training run needs, after the one `accelerator.prepare`."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_ds: Dataset
+    eval_dl: DataLoader
+    batches: data.ShardedBatches
+    collate: data.Collator
+    total_steps: int
+    metrics: list[str]
+
+
+def train_steps(
+    job: FineTuneJob,
+    run: Prepared,
+    state: checkpoint.TrainerState,
+    ckpt_root: Path,
+    telemetry: TrainerMetrics,
+) -> float | None:
+    """Train to the last step; returns the gang's real (non-pad) tokens per second."""
+    acc, t = run.accelerator, job.spec.training
+    accumulation = t.gradient_accumulation_steps
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    model_flops = flops_per_token(
+        sum(p.numel() for p in run.model.parameters()), sum(p.numel() for p in params)
+    )
+    peak_flops = float(os.environ.get(PEAK_FLOPS_ENV) or 0) or None
+    log_every = max(1, run.total_steps // 50)
+    run.model.train()
+    step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
+    loop_started, loop_tokens = started, 0
+    with StopRequest() as stop:
+        while state.step < run.total_steps:
+            for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
+                rows = run.train_ds[index]
+                batch = run.collate(
+                    [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
+                )
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                grad_norm = None
+                with acc.accumulate(run.model):
+                    loss = run.model(**batch).loss
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.max_grad_norm > 0:
+                        grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
+                    run.optimizer.step()
+                    run.optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                step_loss += float(loss.detach()) / accumulation
+                real_tokens = int(batch["attention_mask"].sum())
+                tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
+                samples += len(index)
+                if not acc.sync_gradients:
+                    continue
+                run.scheduler.step()
+                state.step += 1
+                # One collective carries the loss and whether any rank got SIGTERM, so every
+                # rank stops after the same step.
+                totals = acc.reduce(
+                    torch.tensor([step_loss, float(stop.requested)], device=acc.device), "sum"
+                )
+                mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
+                # Bounded: the history travels in every checkpoint's JSON.
+                state.loss_history = [*state.loss_history[-99:], mean_loss]
+                duration = time.perf_counter() - started
+                epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
+                lr = run.scheduler.get_last_lr()[0]
+                telemetry.record_step(
+                    state.step,
+                    epoch,
+                    mean_loss,
+                    lr,
+                    grad_norm,
+                    tokens,
+                    samples,
+                    duration,
+                    run.total_steps,
+                )
+                telemetry.record_flops(model_flops * tokens / max(duration, 1e-9), peak_flops)
+                telemetry.record_peak_memory(_peak_memory(acc))
+                if state.step % log_every == 0 or state.step == run.total_steps:
+                    # launch.py's progress bar parses this line; keep the `step=i/n` shape.
+                    log.info(
+                        "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
+                        state.step,
+                        run.total_steps,
+                        mean_loss,
+                        lr,
+                        epoch,
+                        tokens / max(duration, 1e-9),
+                    )
+                # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
+                if state.batches_in_epoch == run.batches.batches_per_epoch:
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
+                if due or stopping:
+                    _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
+                if stopping:
+                    raise Interrupted(state.step)
+                step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
+                if state.step >= run.total_steps:
+                    break
+    seconds = time.perf_counter() - loop_started
+    total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
+    return total / seconds if total and seconds > 0 else None
+
+
+def _save_checkpoint(
+    run: Prepared,
+    state: checkpoint.TrainerState,
+    root: Path,
+    keep: int,
+    telemetry: TrainerMetrics,
+) -> None:
+    acc = run.accelerator
+    started = time.perf_counter()
+    rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
+    if acc.is_main_process:
+        folder = checkpoint.save(
+            root,
+            checkpoint.Checkpoint(
+                state=checkpoint.TrainerState(**asdict(state)),
+                trainable=modeling.trainable_state(acc.unwrap_model(run.model)),
+                optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict(),
+                rng=rng,
+            ),
+            keep,
+        )
+        log.info("checkpoint at step %d: %s", state.step, folder)
+    telemetry.record_checkpoint(time.perf_counter() - started)
+
+
+def _peak_memory(acc: Accelerator) -> int:
+    if acc.device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(acc.device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
