@@ -5,8 +5,8 @@
 #                                            networking, wait for nodes + CoreDNS Ready
 #   hack/kind/cluster.sh down                delete it
 #   hack/kind/cluster.sh kubeconfig          print the kubeconfig path to use
-#   hack/kind/cluster.sh load IMAGE...       kind load docker-image where a node lacks that image
-#                                            ID, then drop what the reloaded tags superseded
+#   hack/kind/cluster.sh load IMAGE...       import IMAGE into the nodes that lack that image ID,
+#                                            then drop what the reloaded tags superseded
 #   hack/kind/cluster.sh network             (re)apply the CNI conflists and routes only
 #
 # If FINETUNE_KUBE_CONTEXT is set, an existing cluster is used: nothing is created or
@@ -65,10 +65,35 @@ load_images() {
       continue
     fi
     log "loading $ref (${want:7:12}) into ${missing[*]}"
-    # kind compares the IDs per node too, and imports only where they differ.
-    "$KIND" load docker-image --name "$CLUSTER_NAME" "$ref"
+    import_image "$ref" "${missing[@]}"
   done
   prune_superseded
+}
+
+# What `kind load docker-image` does, but with one `docker save` streamed into every node's
+# containerd at once: kind writes the tar to disk, then imports it node by node, and an import
+# reads and hashes all of it even when only the top layer is new (6 GB, about a minute each).
+import_image() {
+  local ref=$1 node dir status=0
+  shift
+  dir=$(mktemp -d)
+  local fifos=() pids=()
+  for node in "$@"; do
+    mkfifo "$dir/$node"
+    fifos+=("$dir/$node")
+    $DOCKER exec -i "$node" ctr --namespace=k8s.io images import --all-platforms --digests \
+      --snapshotter=overlayfs - <"$dir/$node" >"$dir/$node.log" 2>&1 &
+    pids+=($!)
+  done
+  $DOCKER save "$ref" | tee "${fifos[@]}" >/dev/null || status=$?
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+      status=1
+      log "import into ${fifos[$i]##*/} failed: $(tail -n 5 "${fifos[$i]}.log")"
+    fi
+  done
+  rm -rf "$dir"
+  [ "$status" -eq 0 ] || die "loading $ref failed"
 }
 
 render_config() {
