@@ -26,10 +26,15 @@ def _quantities(values: dict[str, int | str]) -> dict[str, str]:
     return {k: str(v) for k, v in sorted(values.items())}
 
 
-def _resources(job: FineTuneJob) -> Manifest:
+def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
+    """The job's requests and limits, or the operator's defaults when it sets neither; the
+    accelerator's extended resource on top."""
     res = job.spec.resources
     requests = _quantities(res.requests)
     limits = _quantities(res.limits)
+    if not requests and not limits:
+        requests = dict(settings.trainer_default_resources.get("requests", {}))
+        limits = dict(settings.trainer_default_resources.get("limits", {}))
     acc = res.accelerator
     if acc.type != "cpu":
         # Extended resources cannot be overcommitted: requests must equal limits.
@@ -138,7 +143,7 @@ def _container(job: FineTuneJob, settings: Settings, mounts: list[Manifest]) -> 
             "runAsNonRoot": True,
         },
     }
-    resources = _resources(job)
+    resources = _resources(job, settings)
     if resources:
         container["resources"] = resources
     return container

@@ -5,14 +5,36 @@ Render functions take a `Settings` explicitly, so they stay pure and tests pass 
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _resources(value: str | None) -> dict[str, dict[str, str]]:
+    """{"requests": {...}, "limits": {...}} from JSON (the chart's trainer.defaultResources).
+    A malformed value stops the operator at start-up: silently ignoring it would leave every
+    trainer pod without the requests the platform team asked for."""
+    name = "FINETUNE_TRAINER_DEFAULT_RESOURCES"
+    try:
+        parsed: Any = json.loads(value) if value else {}
+    except ValueError as exc:
+        raise ValueError(f"{name} is not JSON: {exc}") from None
+    if not isinstance(parsed, dict) or not set(parsed) <= {"requests", "limits"}:
+        raise ValueError(f"{name} must be an object with only requests and limits")
+    for key, quantities in parsed.items():
+        if not isinstance(quantities, dict) or not all(
+            isinstance(v, str | int) and not isinstance(v, bool) for v in quantities.values()
+        ):
+            raise ValueError(f"{name}: {key} must map resource names to quantities")
+    return {key: {k: str(v) for k, v in q.items()} for key, q in parsed.items()}
 
 
 @dataclass(frozen=True)
@@ -30,17 +52,19 @@ class Settings:
     # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
     shm_size: str = "1Gi"
     log_level: str = "INFO"
+    # Requests and limits for trainer containers of FineTuneJobs that set none themselves.
+    trainer_default_resources: dict[str, dict[str, str]] = field(default_factory=dict)
     # Trainers keep serving metrics this long after training, so that a scrape (the PodMonitor's
     # default interval is 15 s) sees the final step and the after-training scores.
     metrics_linger_seconds: int = 20
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
         return cls(
             trainer_image=env.get("FINETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
-            image_pull_policy=env.get("FINETUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
+            image_pull_policy=env.get("FINETUNE_TRAINER_IMAGE_PULL_POLICY", "IfNotPresent"),
             namespaces=_csv(env.get("FINETUNE_WATCH_NAMESPACES")),
             metrics_port=int(env.get("FINETUNE_METRICS_PORT", "8000")),
             liveness_endpoint=env.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8080/healthz"),
@@ -49,5 +73,6 @@ class Settings:
             scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
+            trainer_default_resources=_resources(env.get("FINETUNE_TRAINER_DEFAULT_RESOURCES")),
             metrics_linger_seconds=int(env.get("FINETUNE_METRICS_LINGER_SECONDS", "20")),
         )

@@ -135,6 +135,30 @@ def test_deployment_runs_one_recreated_replica(helm: Helm) -> None:
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+def test_the_operator_reads_every_setting_the_chart_passes(helm: Helm) -> None:
+    """Each environment variable the Deployment sets is one `Settings.from_env` reads, and the
+    values arrive: a chart value the operator ignored would fail here, not in production."""
+    from finetune_operator.settings import Settings
+
+    container = operator_container(
+        template(helm, *VALUE_SETS["monitoring"], "--set", "trainer.image.pullPolicy=Always")
+    )
+    env = {e["name"]: e["value"] for e in container["env"]}
+    read: set[str] = set()
+
+    class Recording(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return super().get(key, default)
+
+    settings = Settings.from_env(Recording(env))
+    assert set(env) <= read, f"set by the chart, read by nobody: {sorted(set(env) - read)}"
+    assert settings.trainer_image == "finetune-trainer:0.1.0"
+    assert settings.image_pull_policy == "Always"
+    assert settings.trainer_default_resources == {"requests": {"cpu": "2", "memory": "8Gi"}}
+    assert settings.log_level == "INFO" and settings.namespaces == ()
+
+
 def test_liveness_probe_and_no_readiness_probe(helm: Helm) -> None:
     container = operator_container(template(helm))
     assert "readinessProbe" not in container

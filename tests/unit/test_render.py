@@ -164,3 +164,40 @@ def test_children_are_owned_and_labelled() -> None:
 
 def test_render_is_deterministic() -> None:
     assert _render("gpu") == _render("gpu")
+
+
+def test_default_resources_apply_only_to_jobs_that_set_none() -> None:
+    defaults = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+    settings = Settings(trainer_default_resources=defaults)
+    own = load_manifest(GOLDEN / "gpu.input.yaml")
+    assert own.spec.resources.requests
+    # The job's own requests and limits win whole; the defaults are not merged into them.
+    mine = _container(render_manifests(own, settings)[2])["resources"]
+    assert mine == _container(_render("gpu")[2])["resources"]
+
+    bare = own.model_copy(deep=True)
+    bare.spec.resources.requests, bare.spec.resources.limits = {}, {}
+    res = _container(render_manifests(bare, settings)[2])["resources"]
+    # The accelerator's extended resource still goes on top.
+    assert res == {
+        "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "8"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "8"},
+    }
+    without_defaults = _container(render_manifests(bare, Settings())[2])["resources"]
+    assert without_defaults == {
+        "requests": {"nvidia.com/gpu": "8"},
+        "limits": {"nvidia.com/gpu": "8"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{cpu: 2}", "is not JSON"),
+        ('{"request": {"cpu": "2"}}', "only requests and limits"),
+        ('{"requests": {"cpu": true}}', "requests must map resource names to quantities"),
+    ],
+)
+def test_malformed_default_resources_stop_the_operator(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env({"FINETUNE_TRAINER_DEFAULT_RESOURCES": value})
