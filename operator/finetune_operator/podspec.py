@@ -62,6 +62,7 @@ def _env(job: FineTuneJob, settings: Settings) -> list[Manifest]:
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "FINETUNE_CHECKPOINT_DIR", "value": naming.CHECKPOINT_DIR},
         {"name": "FINETUNE_RESULT_FILE", "value": DEFAULT_RESULT_FILE},
+        # The trainer takes both from the manifest; these are for code and shells in the pod.
         {"name": "FINETUNE_JOB_NAME", "value": name},
         {"name": "FINETUNE_JOB_NAMESPACE", "value": job.metadata.namespace},
         # The root filesystem is read-only: caches and home go to the /tmp emptyDir.
