@@ -53,7 +53,7 @@ prune_superseded() {
 }
 
 load_images() {
-  local ref want node missing
+  local ref want node missing status
   for ref in "$@"; do
     want=$($DOCKER image inspect -f '{{.Id}}' "$ref") || die "no local image $ref"
     missing=()
@@ -65,15 +65,21 @@ load_images() {
       continue
     fi
     log "loading $ref (${want:7:12}) into ${missing[*]}"
-    import_image "$ref" "${missing[@]}"
+    # Most reloads follow a code-only rebuild: send only the layers the nodes lack.
+    status=0
+    python3 "$KIND_DIR/load_layers.py" "$DOCKER" "$ref" "${missing[@]}" || status=$?
+    case $status in
+      0) ;;
+      3) import_image "$ref" "${missing[@]}" ;;
+      *) die "loading $ref failed" ;;
+    esac
   done
   prune_superseded
 }
 
-# What `kind load docker-image` does, but with one `docker save` streamed into every node's
-# containerd at once, where kind first writes the whole tar to disk (6 GB for the trainer, on a
-# disk the nodes already fill). containerd still reads and stores every layer it is sent, even
-# one it has: a code-only rebuild reloads in about the time of a cold one (~150 s).
+# The whole image, for nodes that have none of it: what `kind load docker-image` does, but with
+# one `docker save` streamed into every node's containerd at once, where kind first writes the
+# whole tar to disk (6 GB for the trainer, on a disk the nodes already fill).
 import_image() {
   local ref=$1 node dir status=0
   shift
