@@ -1,7 +1,8 @@
 """The training loop of one rank: optimizer steps from the sharded batches, with telemetry,
 periodic checkpoints, and a gang-wide stop on SIGTERM that checkpoints first.
 
-`finetune_trainer.train` builds a `Prepared` run and calls `train_steps` between the evaluations.
+`finetune_trainer.train` builds a `Prepared` run and calls `train_steps` between the evaluations;
+an `Interrupted` from it means the gang saved a checkpoint and should exit retryable.
 """
 
 from __future__ import annotations
