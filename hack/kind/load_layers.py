@@ -11,8 +11,9 @@ layers it lacks (containerd keeps `kind load`'s uncompressed layers under their 
 
 Which layer a file in `docker save` holds is only known once it is hashed. A file whose size is
 that of a layer every node has is taken to be that layer and only hashed; any other is kept in
-memory. Exit 3 (the caller then loads the whole image) when a node has none of the image's
-layers, a layer to send is too big to hold in memory, or a hash breaks the size's promise.
+memory. Exit 3 (the caller then loads the whole image) when the layers a node lacks come to
+more than fits in memory (a fresh node, a changed dependency layer), or a hash breaks the
+size's promise.
 Standard library only: it runs before any venv exists.
 """
 
@@ -152,8 +153,10 @@ def load(docker: str, ref: str, nodes: list[str]) -> None:
     )
     config_digest, diff_ids = image["Id"], list(image["RootFS"]["Layers"])
     present = {node: node_layers(docker, node, set(diff_ids)) for node in nodes}
-    if any(not have for have in present.values()):
-        raise NotApplicable("a node has none of its layers")
+    # Decided before reading: a fresh node, or a changed dependency layer, is a whole load.
+    to_send = image["Size"] - min(sum(have.values()) for have in present.values())
+    if to_send > IN_MEMORY_MAX:
+        raise NotApplicable(f"about {to_send >> 20} MiB of layers to send")
     everywhere = set.intersection(*(set(have) for have in present.values()))
     sizes_present = {present[nodes[0]][d]: d for d in everywhere}
     kept, sizes = read_save(docker, ref, config_digest, diff_ids, sizes_present)
