@@ -12,7 +12,6 @@ real operator needs a cluster, which tests/controlplane has.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import secrets
@@ -43,7 +42,9 @@ from obs_helpers import (
     variable_queries,
 )
 from prometheus_client import CollectorRegistry, start_http_server
-from real_training import RealRun, build_tiny_model, manifest, sentences
+from real_training import RealRun
+
+from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
 
 pytestmark = pytest.mark.observability
 
@@ -160,10 +161,15 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     workdir = tmp_path_factory.mktemp("live")
     namespace, job = f"obs-{secrets.token_hex(3)}", "tiny-lm"
-    model_dir = build_tiny_model(workdir / "tiny-llama")
-    data_file = workdir / "text.jsonl"
-    data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(600, 1)))
-    run = RealRun(workdir, manifest(job, namespace, model_dir, data_file, MAX_STEPS))
+    doc = causal_job(
+        save_test_llama(workdir / "tiny-llama"),
+        save_test_text(workdir / "text.jsonl"),
+        name=job,
+        namespace=namespace,
+        max_steps=MAX_STEPS,
+        checkpoint_every=max(1, MAX_STEPS // 3),
+    )
+    run = RealRun(workdir, doc)
     operator = OperatorMetrics(registry=CollectorRegistry())
     op_server, _ = start_http_server(0, addr="127.0.0.1", registry=operator.registry)
     trainer_targets = run.targets

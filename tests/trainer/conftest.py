@@ -5,8 +5,6 @@ Everything is offline and runs real processes: `finetune train` started with the
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,8 @@ import pytest
 import yaml
 from trainer_helpers import Gang
 
-from finetune_trainer.testing.tiny import save_tiny_model, sentences
+from finetune_trainer.testing.gang import offline_env
+from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
 
 
 @pytest.fixture(scope="session")
@@ -25,65 +24,23 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_env(session_dir: Path) -> dict[str, str]:
-    """Offline Hugging Face settings and one thread per rank: the machine is small and shared."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FINETUNE_", "RANK"))}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_DISABLE_XET="1",
-        HF_HOME=str(session_dir / "hf-home"),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
+    return offline_env(session_dir / "hf-home")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_dir: Path) -> Path:
-    """A 2-layer Llama with hidden size 32 and a byte-level BPE tokenizer trained here."""
-    return save_tiny_model(
-        session_dir / "tiny-llama",
-        sentences(500, 0),
-        vocab_size=400,
-        hidden_size=32,
-        intermediate_size=64,
-        layers=2,
-        heads=2,
-        max_positions=256,
-    )
+    return save_test_llama(session_dir / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_text_data(session_dir: Path) -> Path:
-    out = session_dir / "text.jsonl"
-    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(600, 1)))
-    return out
+    return save_test_text(session_dir / "text.jsonl")
 
 
 @pytest.fixture(scope="session")
 def causal_manifest(tiny_model_dir: Path, tiny_text_data: Path) -> dict[str, Any]:
     """A valid FineTuneJob for the tiny model; tests copy and adjust it."""
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "tiny", "namespace": "tests"},
-        "spec": {
-            "model": {"source": f"file://{tiny_model_dir}", "task": "causal-lm"},
-            "dataset": {"source": f"file://{tiny_text_data}", "evalFraction": 0.1},
-            "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "training": {
-                "maxSteps": 20,
-                "learningRate": 3.0e-3,
-                "batchSizePerDevice": 4,
-                "maxSeqLength": 32,
-                "checkpointEverySteps": 10,
-                "seed": 7,
-            },
-            "evaluation": {"metrics": ["perplexity"], "maxSamples": 40},
-            "resources": {"nodes": 2, "processesPerNode": 1},
-        },
-    }
+    return causal_job(tiny_model_dir, tiny_text_data)
 
 
 @pytest.fixture

@@ -17,21 +17,16 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import conftest
 import trainer_helpers
 
-
-def _fixture(fn):
-    return getattr(fn, "__wrapped__", None) or fn.__pytest_wrapped__.obj
+from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
 
 
 def main(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     assets = out / "assets"
     assets.mkdir(exist_ok=True)
-    model = _fixture(conftest.tiny_model_dir)(assets)
-    data = _fixture(conftest.tiny_text_data)(assets)
-    base = _fixture(conftest.causal_manifest)(model, data)
+    base = causal_job(save_test_llama(assets / "tiny-llama"), save_test_text(assets / "text.jsonl"))
     gpu = {"nodes": 1, "processesPerNode": 1, "accelerator": {"type": "nvidia.com/gpu", "count": 1}}
     variants = {"lora-auto": {"peft": {"method": "lora"}}}
     try:

@@ -32,6 +32,22 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def offline_env(hf_home: Path) -> dict[str, str]:
+    """This process's env for local pods: the Hub offline, the caller's HF_*, FINETUNE_* and
+    RANK* settings dropped, and one thread per rank (the machine is small and shared)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FINETUNE_", "RANK"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(hf_home),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
 class LocalGang:
     """`finetune train` once per node. Rank 0 alone writes checkpoints and the output, so the
     nodes share `workdir/checkpoints` and `workdir/output`; each has its own log and result."""

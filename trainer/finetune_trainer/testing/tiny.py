@@ -7,15 +7,25 @@ No download: the byte-level BPE tokenizer is trained on the caller's texts, with
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-__all__ = ["WORDS", "save_tiny_model", "sentences", "tiny_llama", "train_tokenizer"]
+__all__ = [
+    "WORDS",
+    "causal_job",
+    "save_test_llama",
+    "save_test_text",
+    "save_tiny_model",
+    "sentences",
+    "tiny_llama",
+    "train_tokenizer",
+]
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 WORDS = (
@@ -91,3 +101,55 @@ def save_tiny_model(out: Path, texts: Iterable[str], *, vocab_size: int, **llama
     tokenizer.save_pretrained(out)
     tiny_llama(tokenizer, **llama).save_pretrained(out)
     return out
+
+
+def save_test_llama(out: Path) -> Path:
+    """The test suites' model: a 2-layer Llama with hidden size 32, and its tokenizer."""
+    return save_tiny_model(
+        out,
+        sentences(500, 0),
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        layers=2,
+        heads=2,
+        max_positions=256,
+    )
+
+
+def save_test_text(out: Path) -> Path:
+    """The test suites' causal-LM data: 600 sentences as {"text": ...} JSON lines."""
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(600, 1)))
+    return out
+
+
+def causal_job(
+    model_dir: Path,
+    data_file: Path,
+    *,
+    name: str = "tiny",
+    namespace: str = "tests",
+    max_steps: int = 20,
+    checkpoint_every: int = 10,
+) -> dict[str, Any]:
+    """A valid 2-node LoRA FineTuneJob for `save_test_llama` and `save_test_text`."""
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": f"file://{model_dir}", "task": "causal-lm"},
+            "dataset": {"source": f"file://{data_file}", "evalFraction": 0.1},
+            "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {
+                "maxSteps": max_steps,
+                "learningRate": 3.0e-3,
+                "batchSizePerDevice": 4,
+                "maxSeqLength": 32,
+                "checkpointEverySteps": checkpoint_every,
+                "seed": 7,
+            },
+            "evaluation": {"metrics": ["perplexity"], "maxSamples": 40},
+            "resources": {"nodes": 2, "processesPerNode": 1},
+        },
+    }
