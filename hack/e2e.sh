@@ -26,7 +26,6 @@ TIMEOUT="${TIMEOUT:-1800}"
 VERSION="${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "${ROOT}/pyproject.toml" | head -n1)}"
 OPERATOR_IMAGE="finetune-operator:${VERSION}"
 TRAINER_IMAGE="finetune-trainer:${VERSION}"
-CLUSTER_NAME="${CLUSTER_NAME:-finetune}"
 DOCKER=docker; [[ -x /usr/bin/docker ]] && DOCKER=/usr/bin/docker
 KUBECTL="${FINETUNE_CACHE}/k8s/${K8S_VERSION:-v1.34.4}/bin/kubectl"
 [[ -x "$KUBECTL" ]] || KUBECTL=$(command -v kubectl)
