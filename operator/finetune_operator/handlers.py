@@ -12,8 +12,8 @@ from typing import Any
 import kopf
 from lightkube.core.exceptions import ApiError
 
+from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, Phase
 from finetune_operator import naming
-from finetune_operator.api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, Phase
 from finetune_operator.apply import Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import Reconciler

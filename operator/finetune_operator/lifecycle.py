@@ -1,22 +1,26 @@
-"""Classify what the cluster shows for one attempt, and decide the next step. Pure.
+"""Classify what the cluster shows for one attempt. Pure.
 
-`observe_job` turns a batch Job and its pods into an `Outcome`; `next_action` compares that with
-the FineTuneJob's wishes and the attempt counter and says what the operator should do.
+`observe_job` turns a batch Job and its pods into an `Outcome`: its state and, once it ended,
+the verdict. The verdict comes from the trainer's typed result (rank 0's termination message);
+exit codes only drove the Job's podFailurePolicy. `finetune_operator.status.plan` decides what
+to do about it.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from finetune_api.constants import Reason
+from finetune_api.pod import CONTAINER_NAME
+from finetune_api.result import TrainerResult
 from finetune_operator import naming
-from finetune_operator.api.constants import PERMANENT_EXIT_CODES, ExitCode, Reason
-from finetune_operator.termination import TrainerResult, parse_termination_message
 
 Obj = dict[str, Any]
-_EXIT_CODE_IN_MESSAGE = re.compile(r"exit code (\d+)")
+# The Job controller's reason for a Job that a podFailurePolicy FailJob rule ended; ours has
+# such rules for the permanent exit codes only.
+POD_FAILURE_POLICY = "PodFailurePolicy"
 
 
 class State(StrEnum):
@@ -30,6 +34,8 @@ class State(StrEnum):
 
 @dataclass(frozen=True)
 class Outcome:
+    """One attempt as the cluster shows it."""
+
     state: State
     attempt: int = 0
     uid: str | None = None
@@ -61,70 +67,65 @@ def _index(pod: Obj) -> int:
 
 def _terminated(pod: Obj) -> Obj | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == naming.CONTAINER_NAME:
+        if cs.get("name") == CONTAINER_NAME:
             return (cs.get("state") or {}).get("terminated")
     return None
 
 
-def _permanent_reason(code: int) -> str:
-    return Reason.INVALID_SPEC if code == ExitCode.INVALID_SPEC else Reason.EVALUATION_GATE_FAILED
-
-
 def _trainer_result(pods: list[Obj]) -> TrainerResult | None:
-    """Rank 0 writes the result; fall back to any pod's message if rank 0's is unreadable."""
+    """Rank 0's result: it alone writes the whole account (other ranks report only their rank),
+    so another pod's result stands in only when rank 0's is unreadable."""
+    results = [
+        r
+        for pod in sorted(pods, key=_index)
+        if (term := _terminated(pod)) and (r := TrainerResult.parse(term.get("message")))
+    ]
+    return next((r for r in results if r.rank is None), results[0] if results else None)
+
+
+def _crash_message(pods: list[Obj]) -> str:
+    """For a pod that died without a result: its exit code and, with FallbackToLogsOnError, the
+    tail of its log that the kubelet kept."""
     for pod in sorted(pods, key=_index):
         term = _terminated(pod)
-        result = parse_termination_message(term.get("message")) if term else None
-        if result is not None:
-            return result
-    return None
+        if term and term.get("exitCode"):
+            tail = (term.get("message") or "").strip()[-256:]
+            return f"exit code {term['exitCode']}" + (f": {tail}" if tail else "")
+    return ""
 
 
-def _failure(job: Obj, cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
+def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     result = _trainer_result(pods)
-    codes = [t.get("exitCode") for p in pods if (t := _terminated(p)) and t.get("exitCode")]
-    permanent_codes = [c for c in codes if c in PERMANENT_EXIT_CODES]
-    job_reason = cond.get("reason", "")
-    job_message = cond.get("message", "")
-    if not permanent_codes and job_reason == "PodFailurePolicy":
-        # The failed pods may already be gone; the Job's message still names the exit code.
-        m = _EXIT_CODE_IN_MESSAGE.search(job_message)
-        if m and int(m.group(1)) in PERMANENT_EXIT_CODES:
-            permanent_codes = [int(m.group(1))]
-    if permanent_codes:
-        reason = _permanent_reason(permanent_codes[0])
-        if result is not None and result.reason in (
-            Reason.INVALID_SPEC,
-            Reason.EVALUATION_GATE_FAILED,
-        ):
-            reason = result.reason
-        message = (result.message if result and result.message else "") or (
-            f"trainer exited with code {permanent_codes[0]}"
+    job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
+    if result is not None and not result.succeeded and result.permanent:
+        return replace(
+            base,
+            state=State.FAILED,
+            permanent=True,
+            reason=result.reason,
+            message=result.message,
+            result=result,
         )
-        return _replace(
-            base, state=State.FAILED, permanent=True, reason=reason, message=message, result=result
+    if job_reason == POD_FAILURE_POLICY:
+        # A permanent exit code, but its result is gone (the pods were removed): still final.
+        return replace(
+            base,
+            state=State.FAILED,
+            permanent=True,
+            reason=Reason.TRAINING_FAILED,
+            message=f"a rank exited with a permanent exit code and its result was lost: "
+            f"{job_message}"[:1024],
+            result=result,
         )
-    if result is not None and result.message:
-        message = result.message
-    elif codes:
-        # Not a result document: with FallbackToLogsOnError it is the log tail, worth a glance.
-        failed = (t for p in pods if (t := _terminated(p)) and t.get("exitCode"))
-        tail = next((t.get("message") or "" for t in failed), "")
-        message = f"exit code {codes[0]}" + (f": {tail.strip()[-256:]}" if tail.strip() else "")
-    else:
-        message = job_message
+    message = (result.message if result else "") or _crash_message(pods) or job_message
     detail = f"{job_reason}: {message}" if job_reason else message
-    return _replace(
+    return replace(
         base,
         state=State.FAILED,
-        reason=Reason.TRAINING_FAILED,
+        reason=(result.reason if result and result.reason else Reason.TRAINING_FAILED),
         message=detail[:1024],
         result=result,
     )
-
-
-def _replace(base: Outcome, **changes: Any) -> Outcome:
-    return replace(base, **changes)
 
 
 def observe_job(job: Obj | None, pods: list[Obj]) -> Outcome:
@@ -134,12 +135,12 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Outcome:
     base = Outcome(State.PENDING, attempt=naming.attempt_of(job), uid=meta.get("uid"))
     if meta.get("deletionTimestamp"):
         # Foreground deletion keeps the Job until its pods are gone: wait, never act on it.
-        return _replace(base, deleting=True)
+        return replace(base, deleting=True)
     conds = _true_conditions(job)
     if "Complete" in conds:
         result = _trainer_result(pods)
-        if result is not None and result.status == "Failed":
-            return _replace(
+        if result is not None and not result.succeeded:
+            return replace(
                 base,
                 state=State.FAILED,
                 permanent=True,
@@ -147,40 +148,14 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Outcome:
                 message=result.message or "",
                 result=result,
             )
-        return _replace(
-            base, state=State.SUCCEEDED, reason=Reason.TRAINING_COMPLETED, result=result
-        )
+        return replace(base, state=State.SUCCEEDED, reason=Reason.TRAINING_COMPLETED, result=result)
     for kind in ("Failed", "FailureTarget"):
         if kind in conds:
-            return _failure(job, conds[kind], pods, base)
+            return _failure(conds[kind], pods, base)
     if (job.get("spec") or {}).get("suspend"):
-        return _replace(base, state=State.SUSPENDED)
+        return replace(base, state=State.SUSPENDED)
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     rank0 = next((p for p in running if _index(p) == 0), None)
     ip = (rank0.get("status") or {}).get("podIP") if rank0 else None
     state = State.RUNNING if running else State.PENDING
-    return _replace(base, state=state, running_pods=len(running), rank0_ip=ip)
-
-
-# ---- actions ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: str  # "create" | "delete" | "patch"
-    attempt: int = 0
-    uid: str | None = None
-    patch: Obj = field(default_factory=dict)
-
-
-def job_patch(spec_job: Obj, run_policy: Any) -> Obj:
-    """The mutable Job fields that drifted from runPolicy (a merge patch), or {}."""
-    spec = spec_job.get("spec") or {}
-    want: Obj = {
-        "activeDeadlineSeconds": run_policy.active_deadline_seconds,
-        "ttlSecondsAfterFinished": run_policy.ttl_seconds_after_finished,
-    }
-    # Kueue owns .spec.suspend of a queued Job; fighting it would evict the workload.
-    if not run_policy.queue_name:
-        want["suspend"] = bool(run_policy.suspend)
-    return {k: v for k, v in want.items() if spec.get(k) != v and not (v is None and k not in spec)}
+    return replace(base, state=state, running_pods=len(running), rank0_ip=ip)

@@ -12,8 +12,9 @@ import yaml
 
 
 def render_command(path: str) -> int:
-    from finetune_operator.api.validation import ManifestError, load_manifest
+    from finetune_api.validation import ManifestError, load_manifest
     from finetune_operator.render import render_manifests
+    from finetune_operator.settings import Settings
 
     try:
         job = load_manifest(path)
@@ -21,7 +22,8 @@ def render_command(path: str) -> int:
         for err in exc.errors:
             print(f"error: {err}", file=sys.stderr)
         return 3
-    yaml.safe_dump_all(render_manifests(job), sys.stdout, sort_keys=False)
+    # This process's environment is the operator's: render what it would create.
+    yaml.safe_dump_all(render_manifests(job, Settings.from_env()), sys.stdout, sort_keys=False)
     return 0
 
 

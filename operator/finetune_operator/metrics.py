@@ -11,7 +11,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from finetune_operator.api.constants import Phase, Reason
+from finetune_api.constants import Phase, Reason
 
 FAILURE_REASONS = (
     Reason.INVALID_SPEC,

@@ -14,7 +14,7 @@ attempt `status.attempts`.
 
 from __future__ import annotations
 
-from finetune_operator.api.constants import (
+from finetune_api.constants import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_JOB_NAME,
@@ -24,19 +24,8 @@ from finetune_operator.api.constants import (
 MANAGER = "finetune-operator"
 FIELD_MANAGER = MANAGER
 COMPONENT_TRAINER = "trainer"
-CONFIG_KEY = "job.yaml"
-CONFIG_DIR = "/etc/finetune"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-CHECKPOINT_DIR = "/checkpoints"
-CONTAINER_NAME = "trainer"
 # The Job controller's annotation/label carrying a pod's completion index.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-def metrics_port_name(local_rank: int) -> str:
-    """The container port of a pod's local rank's metrics (TRAINER_METRICS_PORT + local_rank):
-    `metrics`, then `metrics-1`, `metrics-2`... The chart's PodMonitor has one endpoint each."""
-    return "metrics" if local_rank == 0 else f"metrics-{local_rank}"
 
 
 def service_name(job_name: str) -> str:

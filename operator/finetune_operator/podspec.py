@@ -7,19 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune_api import pod
+from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
-from finetune_operator.api.constants import (
-    DEFAULT_RESULT_FILE,
-    RENDEZVOUS_PORT,
-    TRAINER_METRICS_PORT,
-)
-from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.settings import Settings
 
 Manifest = dict[str, Any]
 TPU_ACCELERATOR_SELECTOR = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY_SELECTOR = "cloud.google.com/gke-tpu-topology"
-HF_HOME = "/tmp/hf"
 
 
 def _quantities(values: dict[str, int | str]) -> dict[str, str]:
@@ -49,33 +44,33 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
 
 def _env(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     name, spec = job.metadata.name, job.spec
+    rendezvous = pod.rendezvous_env(
+        nnodes=spec.resources.nodes,
+        nproc_per_node=spec.resources.processes_per_node,
+        master_addr=naming.master_addr(name),
+    )
+    values = {
+        **rendezvous,
+        pod.CHECKPOINT_DIR_ENV: pod.CHECKPOINT_DIR,
+        pod.RESULT_FILE_ENV: pod.RESULT_FILE,
+        pod.JOB_NAME_ENV: name,
+        pod.JOB_NAMESPACE_ENV: job.metadata.namespace,
+        "HOME": pod.HOME_DIR,
+        "HF_HOME": pod.HF_HOME,
+        pod.METRICS_LINGER_ENV: str(settings.metrics_linger_seconds),
+    }
+    # The node rank is the pod's completion index, which only the pod knows.
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX}']"}}
     env: list[Manifest] = [
-        {
-            "name": "NODE_RANK",
-            "valueFrom": {
-                "fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX}']"}
-            },
-        },
-        {"name": "NNODES", "value": str(spec.resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(spec.resources.processes_per_node)},
-        {"name": "MASTER_ADDR", "value": naming.master_addr(name)},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        {"name": "FINETUNE_CHECKPOINT_DIR", "value": naming.CHECKPOINT_DIR},
-        {"name": "FINETUNE_RESULT_FILE", "value": DEFAULT_RESULT_FILE},
-        # The trainer takes both from the manifest; these are for code and shells in the pod.
-        {"name": "FINETUNE_JOB_NAME", "value": name},
-        {"name": "FINETUNE_JOB_NAMESPACE", "value": job.metadata.namespace},
-        # The root filesystem is read-only: caches and home go to the /tmp emptyDir.
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": HF_HOME},
-        {"name": "FINETUNE_METRICS_LINGER_SECONDS", "value": str(settings.metrics_linger_seconds)},
+        {"name": pod.NODE_RANK, "valueFrom": index},
+        *({"name": k, "value": v} for k, v in values.items()),
     ]
     hub = spec.output.hub
     if hub is not None and hub.token_secret_ref is not None:
         ref = hub.token_secret_ref
         env.append(
             {
-                "name": "HF_TOKEN",
+                "name": pod.HF_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
             }
         )
@@ -102,8 +97,8 @@ def _volumes(job: FineTuneJob, settings: Settings) -> tuple[list[Manifest], list
         *spec.template.volumes,
     ]
     mounts: list[Manifest] = [
-        {"name": "config", "mountPath": naming.CONFIG_DIR, "readOnly": True},
-        {"name": "checkpoints", "mountPath": naming.CHECKPOINT_DIR},
+        {"name": "config", "mountPath": pod.CONFIG_DIR, "readOnly": True},
+        {"name": "checkpoints", "mountPath": pod.CHECKPOINT_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
         *(
@@ -116,26 +111,26 @@ def _volumes(job: FineTuneJob, settings: Settings) -> tuple[list[Manifest], list
 
 def _container(job: FineTuneJob, settings: Settings, mounts: list[Manifest]) -> Manifest:
     container: Manifest = {
-        "name": naming.CONTAINER_NAME,
+        "name": pod.CONTAINER_NAME,
         "image": job.spec.template.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["finetune", "train", naming.CONFIG_PATH],
+        "command": ["finetune", "train", pod.CONFIG_PATH],
         "env": _env(job, settings),
         # Every local rank serves its own metrics, so each gets a named port to scrape.
         "ports": [
             *(
                 {
-                    "name": naming.metrics_port_name(r),
-                    "containerPort": TRAINER_METRICS_PORT + r,
+                    "name": pod.metrics_port_name(r),
+                    "containerPort": pod.METRICS_PORT + r,
                     "protocol": "TCP",
                 }
                 for r in range(job.spec.resources.processes_per_node)
             ),
-            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": pod.RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
         "volumeMounts": mounts,
         # The result JSON is the termination message; a crash before it falls back to the log tail.
-        "terminationMessagePath": DEFAULT_RESULT_FILE,
+        "terminationMessagePath": pod.RESULT_FILE,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

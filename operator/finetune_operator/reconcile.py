@@ -15,23 +15,24 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator import render, scrape
-from finetune_operator.api.constants import ConditionType, Phase, Reason
-from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobStatus
-from finetune_operator.api.validation import ManifestError, parse_manifest
+from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
+from finetune_api.validation import ManifestError, parse_manifest
+from finetune_operator import naming, render, scrape
 from finetune_operator.apply import ApplyRejected, Kube
 from finetune_operator.lifecycle import State, observe_job
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
-from finetune_operator.status import Observed, Plan, plan
+from finetune_operator.status import Blocker, Observed, Plan, invalid_status, plan
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
-SECRET_NOT_FOUND = "SecretNotFound"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class PassResult:
+    """What one reconcile pass planned, and what the kopf handler should raise about it."""
+
     plan: Plan
     # Set when the caller should raise kopf.TemporaryError / PermanentError.
     temporary: str | None = None
@@ -59,7 +60,7 @@ class Reconciler:
 
     async def reconcile(
         self, namespace: str, name: str, *, scrape: bool = False, children: bool = True
-    ) -> Outcome | None:
+    ) -> PassResult | None:
         """One pass over the freshest copy of the object; None when it no longer exists.
 
         The body is re-read inside the lock: a trigger's copy may predate the previous pass's
@@ -80,26 +81,23 @@ class Reconciler:
             finally:
                 self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
-    async def _blocker(self, job: FineTuneJob) -> tuple[str, str, bool] | None:
+    async def _blocker(self, job: FineTuneJob) -> Blocker | None:
         hub = job.spec.output.hub
         if hub is None or hub.token_secret_ref is None:
             return None
         ref = hub.token_secret_ref
         found = await self.kube.secret_key_exists(job.metadata.namespace, ref.name, ref.key)
         if found is None:
-            return (
-                SECRET_NOT_FOUND,
-                f"Secret {ref.name} (output.hub.tokenSecretRef) not found",
-                False,
-            )
+            message = f"Secret {ref.name} (output.hub.tokenSecretRef) not found"
+            return Blocker(Reason.SECRET_NOT_FOUND, message)
         if not found:
-            return SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}", False
+            return Blocker(Reason.SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}")
         return None
 
     async def _observe(self, job: FineTuneJob, scrape_now: bool) -> Observed:
         ns, name = job.metadata.namespace, job.metadata.name
         batch = await self.kube.get_job(ns, name)
-        pods = await self.kube.list_pods(ns, name, _attempt(batch)) if batch else []
+        pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
         outcome = observe_job(batch, pods)
         progress = None
         now = now_rfc3339()
@@ -111,7 +109,7 @@ class Reconciler:
             progress = scrape.progress_from_metrics(values, previous, now)
         return Observed(now=now, job=batch, outcome=outcome, progress=progress)
 
-    async def _reconcile(self, body: Obj, scrape_now: bool, children: bool) -> Outcome:
+    async def _reconcile(self, body: Obj, scrape_now: bool, children: bool) -> PassResult:
         try:
             job = parse_manifest(body)
         except ManifestError as exc:
@@ -130,7 +128,8 @@ class Reconciler:
                     await self.kube.apply(render.render_configmap(job, owner))
                     await self.kube.apply(render.render_service(job, owner))
                 except ApplyRejected as exc:
-                    blocker, permanent = (Reason.APPLY_REJECTED, str(exc), True), str(exc)
+                    blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
+                    permanent = str(exc)
         observed = replace(observed, blocker=blocker)
         result = plan(job, observed)
         for _ in range(3):  # act, then look again so this pass writes the status it caused
@@ -140,7 +139,8 @@ class Reconciler:
                 created = await self._act(job, result)
             except ApplyRejected as exc:
                 permanent = str(exc)
-                observed = replace(observed, blocker=(Reason.APPLY_REJECTED, str(exc), True))
+                blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
+                observed = replace(observed, blocker=blocker)
                 result = plan(job, observed)
                 break
             job = job.model_copy(update={"status": FineTuneJobStatus.model_validate(result.status)})
@@ -154,8 +154,8 @@ class Reconciler:
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         await self._write(body, previous, result)
-        temporary = blocker[1] if blocker and not blocker[2] else None
-        return Outcome(plan=result, temporary=temporary, permanent=permanent)
+        temporary = blocker.message if blocker and not blocker.permanent else None
+        return PassResult(plan=result, temporary=temporary, permanent=permanent)
 
     async def _act(self, job: FineTuneJob, result: Plan) -> Obj | None:
         """Carry out the plan; returns the Job this pass created, if it created one."""
@@ -196,32 +196,12 @@ class Reconciler:
                 body, "Warning" if warning else "Normal", reason, message or type_
             )
 
-    async def _fail_unparsable(self, body: Obj, message: str) -> Outcome:
+    async def _fail_unparsable(self, body: Obj, message: str) -> PassResult:
         meta = body["metadata"]
-        now = now_rfc3339()
-        status = {
-            "phase": Phase.FAILED,
-            "observedGeneration": meta.get("generation") or 0,
-            "conditions": [
-                {
-                    "type": ConditionType.FAILED,
-                    "status": "True",
-                    "reason": Reason.INVALID_SPEC,
-                    "message": message[:32768],
-                    "lastTransitionTime": now,
-                    "observedGeneration": meta.get("generation") or 0,
-                }
-            ],
-        }
         previous = body.get("status") or {}
+        status = invalid_status(previous, meta.get("generation") or 0, now_rfc3339(), message)
         if previous.get("phase") != Phase.FAILED:
             await self.kube.patch_status(meta["namespace"], meta["name"], status)
             self.metrics.jobs_failed.labels(reason=Reason.INVALID_SPEC).inc()
             await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
-        return Outcome(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
-
-
-def _attempt(job: Obj | None) -> int:
-    from finetune_operator.naming import attempt_of
-
-    return attempt_of(job) if job else 0
+        return PassResult(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)

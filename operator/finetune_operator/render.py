@@ -10,16 +10,10 @@ from typing import Any
 
 import yaml
 
+from finetune_api import pod
+from finetune_api.constants import API_VERSION, KIND, LABEL_KUEUE_QUEUE
+from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
-from finetune_operator.api.constants import (
-    API_VERSION,
-    KIND,
-    LABEL_KUEUE_QUEUE,
-    PERMANENT_EXIT_CODES,
-    RENDEZVOUS_PORT,
-    TRAINER_METRICS_PORT,
-)
-from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.podspec import pod_spec
 from finetune_operator.settings import Settings
 
@@ -71,7 +65,7 @@ def render_configmap(job: FineTuneJob, owner: Manifest) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, naming.configmap_name(name), owner, naming.child_labels(name)),
-        "data": {naming.CONFIG_KEY: text},
+        "data": {pod.CONFIG_KEY: text},
     }
 
 
@@ -87,8 +81,12 @@ def render_service(job: FineTuneJob, owner: Manifest) -> Manifest:
             "publishNotReadyAddresses": True,
             "selector": naming.selector_labels(name),
             "ports": [
-                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT},
-                {"name": "metrics", "port": TRAINER_METRICS_PORT, "targetPort": "metrics"},
+                {
+                    "name": "rendezvous",
+                    "port": pod.RENDEZVOUS_PORT,
+                    "targetPort": pod.RENDEZVOUS_PORT,
+                },
+                {"name": "metrics", "port": pod.METRICS_PORT, "targetPort": "metrics"},
             ],
         },
     }
@@ -115,9 +113,9 @@ def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settin
                 {
                     "action": "FailJob",
                     "onExitCodes": {
-                        "containerName": naming.CONTAINER_NAME,
+                        "containerName": pod.CONTAINER_NAME,
                         "operator": "In",
-                        "values": [int(c) for c in PERMANENT_EXIT_CODES],
+                        "values": [int(c) for c in pod.PERMANENT_EXIT_CODES],
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
@@ -130,7 +128,7 @@ def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settin
                 "labels": labels,
                 "annotations": {
                     "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(TRAINER_METRICS_PORT),
+                    "prometheus.io/port": str(pod.METRICS_PORT),
                     "prometheus.io/path": "/metrics",
                 },
             },
@@ -149,13 +147,8 @@ def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settin
     }
 
 
-def render_manifests(job: FineTuneJob, settings: Settings | None = None) -> list[Manifest]:
-    """Every child of a FineTuneJob's first attempt, for `finetune render` (placeholder owner).
-
-    Without explicit settings the operator's environment applies (FINETUNE_TRAINER_IMAGE...),
-    so the CLI shows what the installed operator would create.
-    """
-    settings = settings or Settings.from_env()
+def render_manifests(job: FineTuneJob, settings: Settings) -> list[Manifest]:
+    """Every child of a FineTuneJob's first attempt, for `finetune render` (placeholder owner)."""
     owner = owner_reference(job.metadata.name, job.metadata.uid or PLACEHOLDER_UID)
     return [
         render_configmap(job, owner),

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_operator.api.constants import TRAINER_METRICS_PORT
+from finetune_api.pod import METRICS_PORT
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
@@ -81,7 +81,7 @@ def progress_from_metrics(
     return progress
 
 
-async def scrape(ip: str, timeout: float, port: int = TRAINER_METRICS_PORT) -> dict[str, float]:
+async def scrape(ip: str, timeout: float, port: int = METRICS_PORT) -> dict[str, float]:
     url = f"http://{ip}:{port}/metrics"
     try:
         async with (

@@ -57,7 +57,6 @@ class Settings:
     # Trainers keep serving metrics this long after training, so that a scrape (the PodMonitor's
     # default interval is 15 s) sees the final step and the after-training scores.
     metrics_linger_seconds: int = 20
-    extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -10,13 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_api.v1alpha1 import FineTuneJob, RunPolicy
 from finetune_operator import naming
-from finetune_operator.api.constants import ConditionType, Phase, Reason
-from finetune_operator.api.v1alpha1 import FineTuneJob
-from finetune_operator.lifecycle import Action, Obj, Outcome, State, job_patch
+from finetune_operator.lifecycle import Obj, Outcome, State
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A problem found before the Job could be made."""
+
+    reason: Reason
+    message: str
+    # Permanent: the FineTuneJob fails. Otherwise it waits (Created=False) and is retried.
+    permanent: bool = False
 
 
 @dataclass(frozen=True)
@@ -27,8 +37,28 @@ class Observed:
     job: Obj | None = None
     outcome: Outcome = field(default_factory=lambda: Outcome(State.ABSENT))
     progress: Obj | None = None
-    # A problem found before the Job could be made: (condition reason, message, permanent).
-    blocker: tuple[str, str, bool] | None = None
+    blocker: Blocker | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "create" | "delete" | "patch"
+    attempt: int = 0
+    uid: str | None = None
+    patch: Obj = field(default_factory=dict)
+
+
+def job_patch(spec_job: Obj, run_policy: RunPolicy) -> Obj:
+    """The mutable Job fields that drifted from runPolicy (a merge patch), or {}."""
+    spec = spec_job.get("spec") or {}
+    want: Obj = {
+        "activeDeadlineSeconds": run_policy.active_deadline_seconds,
+        "ttlSecondsAfterFinished": run_policy.ttl_seconds_after_finished,
+    }
+    # Kueue owns .spec.suspend of a queued Job; fighting it would evict the workload.
+    if not run_policy.queue_name:
+        want["suspend"] = bool(run_policy.suspend)
+    return {k: v for k, v in want.items() if spec.get(k) != v and not (v is None and k not in spec)}
 
 
 @dataclass(frozen=True)
@@ -152,12 +182,11 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
 
     if terminal:
         pass  # a finished FineTuneJob never starts again (even when the Job's TTL removes it)
-    elif observed.blocker is not None:
-        reason, message, permanent = observed.blocker
-        if permanent:
-            _finish(status, conds, observed.now, False, reason, message)
+    elif (blocker := observed.blocker) is not None:
+        if blocker.permanent:
+            _finish(status, conds, observed.now, False, blocker.reason, blocker.message)
         else:
-            conds.set(CT.CREATED, False, reason, message)
+            conds.set(CT.CREATED, False, blocker.reason, blocker.message)
     elif out.state is State.ABSENT:
         actions.append(Action("create", attempt=attempts))
     elif out.deleting:
@@ -206,7 +235,10 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
                 status["startTime"] = status.get("startTime") or observed.now
             elif out.state is State.SUSPENDED and policy.queue_name:
                 conds.set(
-                    CT.RUNNING, False, "Queued", f"waiting for Kueue queue {policy.queue_name}"
+                    CT.RUNNING,
+                    False,
+                    Reason.QUEUED,
+                    f"waiting for Kueue queue {policy.queue_name}",
                 )
         if observed.progress and out.state is State.RUNNING:
             status["progress"] = observed.progress
@@ -233,6 +265,18 @@ def _transitions(prev: Obj, new: Obj) -> list[tuple[str, str, str]]:
                 )
             )
     return out
+
+
+def invalid_status(prev: Obj, generation: int, now: str, message: str) -> Obj:
+    """The status of a FineTuneJob the API server admitted but the models reject: Failed with
+    InvalidSpec, nothing else planned (the CRD and the Python rules disagree; say so)."""
+    conds = _Conditions(prev.get("conditions") or [], now, generation)
+    conds.set(CT.FAILED, True, Reason.INVALID_SPEC, message)
+    return {
+        "phase": str(Phase.FAILED),
+        "observedGeneration": generation,
+        "conditions": conds.ordered(),
+    }
 
 
 def derive_status(job: FineTuneJob, observed: Observed) -> dict[str, Any]:

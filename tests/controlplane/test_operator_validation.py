@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api.validation import ManifestError, parse_manifest
+from finetune_api.validation import ManifestError, parse_manifest
 
 pytest_plugins = ["fixtures.operator"]
 

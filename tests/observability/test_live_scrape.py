@@ -112,7 +112,7 @@ class OperatorDriver(threading.Thread):
             raise
 
     def _drive(self) -> None:
-        from finetune_operator.api.validation import load_manifest
+        from finetune_api.validation import load_manifest
         from finetune_operator.render import render_manifests
         from finetune_operator.settings import Settings
 

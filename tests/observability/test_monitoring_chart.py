@@ -31,7 +31,7 @@ MONITORING_ON = {
 
 
 def _rendered_trainer_job(processes_per_node: int = 1) -> dict:
-    from finetune_operator.api.validation import load_manifest
+    from finetune_api.validation import load_manifest
     from finetune_operator.render import render_manifests
     from finetune_operator.settings import Settings
 
@@ -48,7 +48,7 @@ def _by_kind(docs: list[dict]) -> dict[str, dict]:
 
 def test_podmonitor_selects_the_rendered_trainer_pods(helm: str) -> None:
     monitor = _by_kind(helm_template(helm, MONITORING_ON, ["podmonitor.yaml"]))["PodMonitor"]
-    from finetune_operator.api.constants import LABEL_ATTEMPT, TRAINER_METRICS_PORT
+    from finetune_api.constants import LABEL_ATTEMPT, TRAINER_METRICS_PORT
 
     template = _rendered_trainer_job()["spec"]["template"]
     pod_labels = template["metadata"]["labels"]
@@ -78,7 +78,7 @@ def test_podmonitor_selects_the_rendered_trainer_pods(helm: str) -> None:
 def test_podmonitor_scrapes_every_local_rank(helm: str, ranks: int) -> None:
     """Each local rank serves metrics on TRAINER_METRICS_PORT + local rank; the PodMonitor has
     an endpoint for every such port of a pod with up to `processesPerNode` (default 8) ranks."""
-    from finetune_operator.api.constants import TRAINER_METRICS_PORT
+    from finetune_api.constants import TRAINER_METRICS_PORT
 
     monitor = _by_kind(helm_template(helm, MONITORING_ON, ["podmonitor.yaml"]))["PodMonitor"]
     endpoints = monitor["spec"]["podMetricsEndpoints"]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from trainer_helpers import Gang, deep_update
 
-from finetune_trainer.testing.hub_double import HubDouble
+from finetune_hub_double import HubDouble
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_pushtesttoken0123456789abcdef"

@@ -18,8 +18,8 @@ import pytest
 import torch
 from trainer_helpers import deep_update
 
-from finetune_operator.api import parse_manifest
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_api import parse_manifest
+from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import modeling
 from finetune_trainer.testing.tiny import sentences
 

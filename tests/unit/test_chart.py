@@ -406,7 +406,7 @@ def render_notes(helm: Helm, tmp_path: Path, *args: str) -> str:
 
 
 def test_notes_example_is_a_valid_finetunejob(helm: Helm, tmp_path: Path) -> None:
-    from finetune_operator.api.validation import load_manifest
+    from finetune_api.validation import load_manifest
 
     notes = render_notes(helm, tmp_path, "--set", "watchNamespaces={team-a}")
     assert "kubectl -n team-a get ftj -w" in notes

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from pydantic.alias_generators import to_snake
 
-from finetune_operator.api import crd
-from finetune_operator.api.constants import GROUP, PLURAL
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_api import crd
+from finetune_api.constants import GROUP, PLURAL
+from finetune_api.v1alpha1 import FineTuneJobSpec
 
 FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title", "propertyNames"}
 
@@ -31,7 +31,7 @@ def schema() -> dict:
 
 
 def test_crd_files_are_fresh():
-    assert crd.main(["--check"]) == 0, "run: python -m finetune_operator.api.crd"
+    assert crd.main(["--check"]) == 0, "run: python -m finetune_api.crd"
 
 
 def test_crd_file_is_the_generated_one():

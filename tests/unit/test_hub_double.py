@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from finetune_trainer.testing.hub_double import HubDouble
+from finetune_hub_double import HubDouble
 
 TOKEN = "hf_double_good_token_0123456789"
 BAD_TOKEN = "hf_double_bad_token_9876543210"
@@ -44,7 +44,7 @@ class _Lines(logging.Handler):
 
 @pytest.fixture(scope="module")
 def server_log() -> Iterator[_Lines]:
-    handler, logger = _Lines(), logging.getLogger("finetune_trainer.hub_double")
+    handler, logger = _Lines(), logging.getLogger("finetune_hub_double")
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -370,7 +370,7 @@ def test_cli_auth_and_token_never_logged(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "finetune_trainer.testing.hub_double",
+        "finetune_hub_double",
         "--port",
         "0",
         "--root",

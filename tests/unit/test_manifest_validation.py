@@ -4,8 +4,8 @@ import copy
 
 import pytest
 
-from finetune_operator.api import ManifestError, parse_manifest
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_api import ManifestError, parse_manifest
+from finetune_api.v1alpha1 import FineTuneJobSpec
 
 VALID = {
     "apiVersion": "finetune.dev/v1alpha1",
@@ -102,7 +102,7 @@ def test_schema_module_imports_no_heavy_frameworks():
     import sys
 
     code = (
-        "import sys, finetune_operator.api.crd, finetune_operator.api.validation;"
+        "import sys, finetune_api.crd, finetune_api.validation;"
         "bad = {'torch', 'kopf', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

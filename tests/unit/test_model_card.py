@@ -9,7 +9,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_api.v1alpha1 import FineTuneJob
 from finetune_trainer.model_card import render_model_card
 
 

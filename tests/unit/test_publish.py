@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_operator.api.v1alpha1 import FineTuneJob
-from finetune_trainer.publish import PushError, PushResult, push_to_hub, redact
-from finetune_trainer.testing import hub_double
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_hub_double import server as hub_double
+from finetune_trainer.publish import PushError, PushResult, push_to_hub
 
 TOKEN = "hf_publishtest_good_0123456789abcdef"
 BAD_TOKEN = "hf_publishtest_bad_9876543210fedcba"
@@ -218,12 +218,3 @@ def test_no_hub_output_or_folder_is_an_error(tmp_path: Path) -> None:
         push_to_hub(job, tmp_path, {}, "adapter")
     with pytest.raises(PushError, match="does not exist"):
         push_to_hub(make_job(None), tmp_path / "missing", {}, "adapter")
-
-
-def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "s3cr3t-value")
-    assert redact("token=s3cr3t-value here") == "token=*** here"
-    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
-    assert redact("leaked hf_abcdefghijklmnopqrstuvwxyz0123") == "leaked ***"
-    monkeypatch.delenv("HF_TOKEN")
-    assert redact("nothing to hide") == "nothing to hide"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator.api.validation import load_manifest
+from finetune_api.validation import load_manifest
 from finetune_operator.render import (
     owner_reference,
     render_configmap,
@@ -139,7 +139,7 @@ def test_configmap_holds_spec_only_never_status_or_env_values() -> None:
     assert doc["metadata"] == {"name": "smollm2-news-lora", "namespace": "ml"}
     assert "env" not in doc["spec"]["template"]
     # The trainer must be able to read it back.
-    from finetune_operator.api.validation import parse_manifest
+    from finetune_api.validation import parse_manifest
 
     assert parse_manifest(doc).spec == ftj.spec.model_copy(
         update={"template": ftj.spec.template.model_copy(update={"env": []})}

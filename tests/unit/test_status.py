@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.api.v1alpha1 import FineTuneJob
-from finetune_operator.api.validation import parse_manifest
+from finetune_api.constants import Reason
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_api.validation import parse_manifest
 from finetune_operator.lifecycle import State, observe_job
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
-from finetune_operator.status import Observed, derive_status, evaluation_summary, plan
-from finetune_operator.termination import parse_termination_message
+from finetune_operator.status import Blocker, Observed, derive_status, evaluation_summary, plan
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:01:00Z"
@@ -150,7 +150,7 @@ CASES = [
         1,
     ),
     (
-        "permanent from the Job message when pods are gone",
+        "permanent by the podFailurePolicy when the pods and their result are gone",
         {"attempts": 1},
         batch_job(
             cond=(
@@ -226,10 +226,31 @@ def test_gate_failure_reason_comes_from_the_trainer() -> None:
     assert "accuracy 0.3" in failed["message"]
 
 
-def test_invalid_spec_from_job_message() -> None:
+def test_permanent_failure_without_a_result_is_final_and_says_the_result_was_lost() -> None:
+    # The verdict's reason travels only in the result; the exit code in the Job's message is
+    # not parsed. The podFailurePolicy ended the Job, so no attempt is retried either way.
     case = CASES[7]
     status = derive_status(ftj(case[1]), observed(case[2], case[3]))
-    assert cond(status, "Failed")["reason"] == "InvalidSpec"  # type: ignore[index]
+    failed = cond(status, "Failed")
+    assert failed is not None and failed["reason"] == "TrainingFailed"
+    assert "result was lost" in failed["message"] and "exit code 3" in failed["message"]
+
+
+def test_retryable_failure_keeps_the_trainers_reason() -> None:
+    pushed = {"status": "Failed", "reason": "PushFailed", "message": "503 from the Hub"}
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    out = observe_job(job, [pod(0, "Failed", 1, json.dumps(pushed))])
+    assert out.state is State.FAILED and not out.permanent
+    assert out.reason == "PushFailed" and out.message.endswith("503 from the Hub")
+
+
+def test_rank0_result_wins_over_other_ranks() -> None:
+    rank1 = {"status": "Failed", "reason": "TrainingFailed", "rank": 1}
+    gate = {"status": "Failed", "reason": "EvaluationGateFailed", "message": "f1 too low"}
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 4"))
+    pods = [pod(1, "Failed", 4, json.dumps(rank1)), pod(0, "Failed", 4, json.dumps(gate))]
+    out = observe_job(job, pods)
+    assert out.permanent and out.reason == "EvaluationGateFailed"
 
 
 def test_backoff_exceeded_reason() -> None:
@@ -276,7 +297,7 @@ def test_queued_job_suspend_is_left_to_kueue() -> None:
 
 def test_missing_secret_blocks_without_failing() -> None:
     result = plan(
-        ftj(), Observed(now=NOW, blocker=("SecretNotFound", "Secret hf not found", False))
+        ftj(), Observed(now=NOW, blocker=Blocker(Reason.SECRET_NOT_FOUND, "Secret hf not found"))
     )
     assert result.actions == []
     assert cond(result.status, "Created")["reason"] == "SecretNotFound"  # type: ignore[index]
@@ -284,7 +305,9 @@ def test_missing_secret_blocks_without_failing() -> None:
 
 
 def test_apply_rejected_fails() -> None:
-    result = plan(ftj(), Observed(now=NOW, blocker=("ApplyRejected", "422", True)))
+    result = plan(
+        ftj(), Observed(now=NOW, blocker=Blocker(Reason.APPLY_REJECTED, "422", permanent=True))
+    )
     assert result.status["phase"] == "Failed"
 
 
@@ -294,21 +317,6 @@ def test_deleting_job_waits() -> None:
     result = plan(ftj({"attempts": 2}), observed(job))
     assert result.actions == []
     assert observe_job(job, []).deleting
-
-
-@pytest.mark.parametrize(
-    "message",
-    [None, "", "not json", "[1,2]", '{"evaluation": "x"}', "x" * 100_000, '{"steps": true}'],
-)
-def test_termination_message_is_parsed_safely(message: str | None) -> None:
-    result = parse_termination_message(message)
-    assert result is None or (result.evaluation == {} and result.steps is None)
-
-
-def test_termination_message_fields() -> None:
-    result = parse_termination_message(OK_MSG)
-    assert result is not None
-    assert result.revision == "abc123" and result.steps == 30 and result.train_loss == 0.4
 
 
 def test_evaluation_summary_prefers_gated_metric() -> None:

@@ -19,11 +19,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune_operator.api import FieldError, FineTuneJob, ManifestError, load_manifest
-from finetune_operator.api.constants import ExitCode, Reason
+from finetune_api import FieldError, FineTuneJob, ManifestError, load_manifest
+from finetune_api.constants import Reason
+from finetune_api.pod import ExitCode
+from finetune_api.result import TrainerResult
 from finetune_trainer.env import configure_hub_env, ensure_writable_hf_home, runtime_errors
 from finetune_trainer.example_data import EXAMPLES, example_manifest
-from finetune_trainer.result import TrainResult, write_result
+from finetune_trainer.result import write_result
 
 
 def _load(path: Path, *, runtime: bool = True) -> FineTuneJob:
@@ -61,7 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         if os.environ.get("NODE_RANK", "0") == "0":
             # The operator reads the reason from rank 0's termination message.
-            write_result(TrainResult(status="Failed", reason=Reason.INVALID_SPEC, message=str(exc)))
+            write_result(
+                TrainerResult(status="Failed", reason=Reason.INVALID_SPEC, message=str(exc))
+            )
         return _invalid(exc)
 
 
@@ -122,8 +126,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from finetune_hub_double import HubDouble
     from finetune_trainer.launch import run_local
-    from finetune_trainer.testing.hub_double import HubDouble
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="finetune-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from finetune_operator.api import FieldError, ManifestError
-from finetune_operator.api.v1alpha1 import CAUSAL_LM, DatasetSpec, FineTuneJobSpec
+from finetune_api import FieldError, ManifestError
+from finetune_api.v1alpha1 import CAUSAL_LM, DatasetSpec, FineTuneJobSpec
 from finetune_trainer.modeling import source_location
 
 IGNORE_INDEX = -100

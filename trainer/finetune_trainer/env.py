@@ -10,18 +10,10 @@ import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-from finetune_operator.api import FieldError, FineTuneJob, ManifestError
+from finetune_api import FieldError, FineTuneJob, ManifestError, pod
 
-RESULT_FILE_ENV = "FINETUNE_RESULT_FILE"
-CHECKPOINT_DIR_ENV = "FINETUNE_CHECKPOINT_DIR"
-METRICS_PORT_ENV = "FINETUNE_METRICS_PORT"
-# Seconds the metrics server stays up after training, so a final scrape sees the last values.
-METRICS_LINGER_ENV = "FINETUNE_METRICS_LINGER_SECONDS"
-# Peak FLOP/s of one accelerator at the training precision; with it the trainer exports MFU.
-PEAK_FLOPS_ENV = "FINETUNE_PEAK_FLOPS_PER_SECOND"
 # Test hook: each rank writes a hash of its trainable parameters to this path (see train.py).
 PARAM_HASH_ENV = "FINETUNE_DEBUG_PARAM_HASH_FILE"
-DEFAULT_CHECKPOINT_DIR = "/checkpoints"
 
 
 def configure_hub_env(job: FineTuneJob, env: MutableMapping[str, str] = os.environ) -> None:
@@ -63,8 +55,6 @@ class Rendezvous:
 
     @classmethod
     def from_env(cls, job: FineTuneJob, env: Mapping[str, str] = os.environ) -> Rendezvous:
-        from finetune_operator.api.constants import RENDEZVOUS_PORT
-
         def integer(name: str, default: int, minimum: int) -> int:
             raw = env.get(name)
             try:
@@ -79,14 +69,16 @@ class Rendezvous:
 
         resources = job.spec.resources
         rdzv = cls(
-            node_rank=integer("NODE_RANK", 0, 0),
-            nnodes=integer("NNODES", resources.nodes, 1),
-            nproc_per_node=integer("NPROC_PER_NODE", resources.processes_per_node, 1),
-            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
-            master_port=integer("MASTER_PORT", RENDEZVOUS_PORT, 1),
+            node_rank=integer(pod.NODE_RANK, 0, 0),
+            nnodes=integer(pod.NNODES, resources.nodes, 1),
+            nproc_per_node=integer(pod.NPROC_PER_NODE, resources.processes_per_node, 1),
+            master_addr=env.get(pod.MASTER_ADDR) or "127.0.0.1",
+            master_port=integer(pod.MASTER_PORT, pod.RENDEZVOUS_PORT, 1),
         )
         if rdzv.node_rank >= rdzv.nnodes:
-            raise ManifestError([FieldError("NODE_RANK", f"must be below NNODES={rdzv.nnodes}")])
+            raise ManifestError(
+                [FieldError(pod.NODE_RANK, f"must be below {pod.NNODES}={rdzv.nnodes}")]
+            )
         return rdzv
 
     def rank_env(self, local_rank: int) -> dict[str, str]:
@@ -100,10 +92,6 @@ class Rendezvous:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
         }
-
-
-def global_rank(env: Mapping[str, str] = os.environ) -> int:
-    return int(env.get("RANK", "0"))
 
 
 def runtime_errors(job: FineTuneJob) -> list[FieldError]:

@@ -16,7 +16,7 @@ import random
 import zlib
 from pathlib import Path
 
-from finetune_operator.api import FieldError, ManifestError
+from finetune_api import FieldError, ManifestError
 
 EXAMPLES = ("minilm-sentiment",)
 _TEMPLATES = Path(__file__).resolve().parent / "examples"

@@ -21,16 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from finetune_operator.api import FineTuneJob
-from finetune_operator.api.constants import ExitCode
-from finetune_trainer.env import (
-    CHECKPOINT_DIR_ENV,
-    METRICS_PORT_ENV,
-    RESULT_FILE_ENV,
-    Rendezvous,
-    configure_hub_env,
-    omp_threads,
-)
+from finetune_api import FineTuneJob, pod
+from finetune_api.pod import ExitCode
+from finetune_trainer.env import Rendezvous, configure_hub_env, omp_threads
 
 # After one rank fails, the others are usually stuck in a collective; give them this long to
 # notice on their own before they are terminated.
@@ -102,9 +95,9 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = dict(os.environ)
-    base.setdefault(CHECKPOINT_DIR_ENV, str(workdir / "checkpoints"))
-    base.setdefault("FINETUNE_OUTPUT_DIR", str(workdir / "output"))
-    base.setdefault(METRICS_PORT_ENV, "0")  # many ranks share this host's ports
+    base.setdefault(pod.CHECKPOINT_DIR_ENV, str(workdir / "checkpoints"))
+    base.setdefault(pod.OUTPUT_DIR_ENV, str(workdir / "output"))
+    base.setdefault(pod.METRICS_PORT_ENV, "0")  # many ranks share this host's ports
     base["OMP_NUM_THREADS"] = omp_threads(res.nodes * res.processes_per_node, base)
     port = free_port()
     procs, results = [], []
@@ -113,12 +106,14 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
         results[-1].parent.mkdir(exist_ok=True)
         env = {
             **base,
-            "NODE_RANK": str(node),
-            "NNODES": str(res.nodes),
-            "NPROC_PER_NODE": str(res.processes_per_node),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            RESULT_FILE_ENV: str(results[-1]),
+            **pod.rendezvous_env(
+                node_rank=node,
+                nnodes=res.nodes,
+                nproc_per_node=res.processes_per_node,
+                master_addr="127.0.0.1",
+                master_port=port,
+            ),
+            pod.RESULT_FILE_ENV: str(results[-1]),
         }
         command = [sys.executable, "-m", "finetune_trainer.cli", "train", str(manifest)]
         procs.append(

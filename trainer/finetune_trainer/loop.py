@@ -23,9 +23,9 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from finetune_operator.api import FineTuneJob
+from finetune_api import FineTuneJob
+from finetune_api.pod import PEAK_FLOPS_ENV
 from finetune_trainer import checkpoint, data, modeling
-from finetune_trainer.env import PEAK_FLOPS_ENV
 from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
 
 log = get_logger(__name__)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 
-from finetune_operator.api.v1alpha1 import CAUSAL_LM, LOWER_IS_BETTER, FineTuneJob
+from finetune_api.v1alpha1 import CAUSAL_LM, LOWER_IS_BETTER, FineTuneJob
 
 __all__ = ["TASK_TYPES", "card_metadata", "render_model_card", "source_id"]
 

@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune_operator.api.v1alpha1 import CAUSAL_LM, FineTuneJobSpec, ModelSpec, PeftSpec, Task
+from finetune_api.v1alpha1 import CAUSAL_LM, FineTuneJobSpec, ModelSpec, PeftSpec, Task
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 

@@ -3,7 +3,7 @@
 The token comes only from the environment variable HF_TOKEN (set in the pod from the Secret in
 `output.hub.tokenSecretRef`): never from an argument, the spec or a file, so that it cannot end in
 the FineTuneJob, a command line or a log. Error messages that leave this module are passed through
-`redact`, which other modules should use on anything that might quote an HTTP request.
+`finetune_api.result.scrub`, the one token scrubber.
 
 huggingface_hub is imported inside functions: it reads HF_ENDPOINT and HF_HUB_DISABLE_XET when
 first imported, and the endpoint here is passed to `HfApi` explicitly instead. Set
@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_api.pod import HF_TOKEN_ENV
+from finetune_api.result import scrub
+from finetune_api.v1alpha1 import FineTuneJob
 from finetune_trainer.model_card import render_model_card
 
-__all__ = ["DEFAULT_ENDPOINT", "PushError", "PushResult", "hub_endpoint", "push_to_hub", "redact"]
+__all__ = ["DEFAULT_ENDPOINT", "PushError", "PushResult", "hub_endpoint", "push_to_hub"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TOKEN_ENV = "HF_TOKEN"
-# User access tokens look like hf_<34 alphanumerics>; scrub any, not only ours, and bearer headers.
-_TOKEN_PATTERNS = (
-    re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-)
 
 
 @dataclass(frozen=True)
@@ -45,16 +40,6 @@ class PushResult:
 
 class PushError(RuntimeError):
     """The push failed; the message is already redacted."""
-
-
-def redact(text: str) -> str:
-    """Replace the value of HF_TOKEN, anything shaped like a Hub token, and bearer credentials
-    in `text` with ***."""
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    if token:
-        text = text.replace(token, "***")
-    text = _TOKEN_PATTERNS[0].sub("***", text)
-    return _TOKEN_PATTERNS[1].sub(r"\1***", text)
 
 
 def hub_endpoint(job: FineTuneJob) -> str:
@@ -83,7 +68,7 @@ def push_to_hub(
     if not artifact_dir.is_dir():
         raise PushError(f"artifact folder {artifact_dir} does not exist")
     endpoint = hub_endpoint(job)
-    token = os.environ.get(TOKEN_ENV) or None
+    token = os.environ.get(HF_TOKEN_ENV) or None
     if token is None:
         log.warning("HF_TOKEN is not set: pushing to %s anonymously", endpoint)
     try:
@@ -109,7 +94,7 @@ def push_to_hub(
     except Exception as exc:
         # `from None`: the original exception (and its traceback text) could quote the request.
         raise PushError(
-            redact(f"push to {endpoint}/{hub.repo} failed: {type(exc).__name__}: {exc}")
+            scrub(f"push to {endpoint}/{hub.repo} failed: {type(exc).__name__}: {exc}")
         ) from None
     revision = info.oid
     url = f"{endpoint}/{hub.repo}/commit/{revision}"

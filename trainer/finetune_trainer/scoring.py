@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.api.v1alpha1 import LOWER_IS_BETTER
+from finetune_api.v1alpha1 import LOWER_IS_BETTER
 
 if TYPE_CHECKING:
     import evaluate

@@ -31,29 +31,22 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from finetune_operator.api import FineTuneJob, ManifestError
-from finetune_operator.api.constants import TRAINER_METRICS_PORT, ExitCode, Reason
-from finetune_operator.api.v1alpha1 import CAUSAL_LM, DEFAULT_METRICS
+from finetune_api import FineTuneJob, ManifestError, pod
+from finetune_api.constants import Reason
+from finetune_api.pod import ExitCode
+from finetune_api.result import TrainerResult, scrub
+from finetune_api.v1alpha1 import CAUSAL_LM, DEFAULT_METRICS
 from finetune_trainer import checkpoint, data, modeling
-from finetune_trainer.env import (
-    CHECKPOINT_DIR_ENV,
-    DEFAULT_CHECKPOINT_DIR,
-    METRICS_LINGER_ENV,
-    METRICS_PORT_ENV,
-    PARAM_HASH_ENV,
-    runtime_errors,
-    setup_logging,
-)
+from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
 from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
-from finetune_trainer.result import TrainResult, scrub, write_result
+from finetune_trainer.result import write_result
 from finetune_trainer.scoring import gate_failures
 from finetune_trainer.telemetry import TrainerMetrics
 
 log = get_logger(__name__)
 # Before the Accelerator exists (and when it failed to), accelerate's logger refuses to log.
 plain_log = logging.getLogger(__name__)
-OUTPUT_DIR_ENV = "FINETUNE_OUTPUT_DIR"
 
 
 def main(job: FineTuneJob) -> int:
@@ -81,9 +74,9 @@ def main(job: FineTuneJob) -> int:
 
 def _write_failure(rank: int, reason: str, message: str) -> None:
     if rank == 0:
-        write_result(TrainResult(status="Failed", reason=reason, message=message))
+        write_result(TrainerResult(status="Failed", reason=reason, message=message))
     elif os.environ.get("LOCAL_RANK", "0") == "0":
-        write_result({"rank": rank, "status": "Failed", "reason": reason})
+        write_result(TrainerResult(status="Failed", reason=reason, rank=rank))
 
 
 def _train(job: FineTuneJob) -> int:
@@ -136,7 +129,7 @@ def _train(job: FineTuneJob) -> int:
         name: {"before": state.before_scores.get(name), "after": after.get(name)}
         for name in run.metrics
     }
-    result = TrainResult(
+    result = TrainerResult(
         status="Succeeded",
         reason=Reason.TRAINING_COMPLETED,
         evaluation=evaluation,
@@ -154,16 +147,16 @@ def _train(job: FineTuneJob) -> int:
     telemetry.set_status("succeeded" if code == ExitCode.OK else "failed")
     if not accelerator.is_main_process and accelerator.is_local_main_process:
         status = "Succeeded" if code == ExitCode.OK else "Failed"
-        write_result({"rank": accelerator.process_index, "status": status})
+        write_result(TrainerResult(status=status, rank=accelerator.process_index))
     accelerator.end_training()
     # Prometheus scrapes on its own clock; without a pause the after-training scores and the
     # final step would vanish with the process before any scrape saw them.
-    time.sleep(float(os.environ.get(METRICS_LINGER_ENV, "0")))
+    time.sleep(float(os.environ.get(pod.METRICS_LINGER_ENV, "0")))
     return code
 
 
 def _start_metrics_server(telemetry: TrainerMetrics) -> None:
-    base = int(os.environ.get(METRICS_PORT_ENV, TRAINER_METRICS_PORT))
+    base = int(os.environ.get(pod.METRICS_PORT_ENV, pod.METRICS_PORT))
     # Ranks of one pod share its network namespace, so each takes its own port.
     port = base + int(os.environ.get("LOCAL_RANK", "0")) if base else 0
     try:
@@ -239,7 +232,7 @@ def _prepare(job: FineTuneJob, accelerator: Accelerator, telemetry: TrainerMetri
 def checkpoint_root(job: FineTuneJob) -> Path:
     """The job's checkpoint folder, keyed by what shapes training: a changed spec on a reused
     volume starts afresh instead of resuming someone else's run."""
-    base = Path(os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR)
+    base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
     shape = [
         *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft, s.training)),
@@ -313,12 +306,12 @@ def _write_param_hash(run: Prepared) -> None:
 def _finish(
     job: FineTuneJob,
     run: Prepared,
-    result: TrainResult,
+    result: TrainerResult,
     after: dict[str, float],
     telemetry: TrainerMetrics,
 ) -> ExitCode:
     """Rank 0: save the artifact, judge the gates, push, and write the result."""
-    out = Path(os.environ.get(OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
+    out = Path(os.environ.get(pod.OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
     out.mkdir(parents=True, exist_ok=True)
     model = run.accelerator.unwrap_model(run.model)
     result.artifact = modeling.save_artifact(model, run.tokenizer, job.spec, out)
@@ -334,11 +327,11 @@ def _finish(
         telemetry.set_status("pushing")
         code = _push(job, out, result)
     write_result(result)
-    log.info("result: %s", result.to_json())
+    log.info("result: %s", result.to_message())
     return code
 
 
-def _push(job: FineTuneJob, out: Path, result: TrainResult) -> ExitCode:
+def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
     from finetune_trainer.publish import PushError, push_to_hub
 
     try:

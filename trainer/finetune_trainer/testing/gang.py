@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
+from finetune_api import pod
+
 FINETUNE = [sys.executable, "-m", "finetune_trainer.cli"]
 
 
@@ -68,16 +70,18 @@ class LocalGang:
             self.results[i].parent.mkdir(parents=True, exist_ok=True)
             env = {
                 **self.env,
-                "NODE_RANK": str(i),
-                "NNODES": str(self.nodes),
-                "NPROC_PER_NODE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(self.master_port),
-                "FINETUNE_RESULT_FILE": str(self.results[i]),
-                "FINETUNE_CHECKPOINT_DIR": str(self.workdir / "checkpoints"),
-                "FINETUNE_OUTPUT_DIR": str(self.workdir / "output"),
+                **pod.rendezvous_env(
+                    node_rank=i,
+                    nnodes=self.nodes,
+                    nproc_per_node=1,
+                    master_addr="127.0.0.1",
+                    master_port=self.master_port,
+                ),
+                pod.RESULT_FILE_ENV: str(self.results[i]),
+                pod.CHECKPOINT_DIR_ENV: str(self.workdir / "checkpoints"),
+                pod.OUTPUT_DIR_ENV: str(self.workdir / "output"),
                 # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
-                "FINETUNE_METRICS_PORT": str(self.metrics_ports[i]),
+                pod.METRICS_PORT_ENV: str(self.metrics_ports[i]),
                 **(extra_env or {}),
             }
             with self.logs[i].open("ab") as log:

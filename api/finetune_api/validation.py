@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune_operator.api.rules import Rule
-from finetune_operator.api.v1alpha1 import NAME_RULE, FineTuneJob
+from finetune_api.rules import Rule
+from finetune_api.v1alpha1 import NAME_RULE, FineTuneJob
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Storage for the Hub-API test double (:mod:`finetune_trainer.testing.hub_double`).
+"""Storage for the Hub-API test double (:mod:`finetune_hub_double`).
 
 Storage, under ``root``: content-addressed blobs (``blobs/<sha256>``) and one JSON file per repo
 (``repos/<type>s/<namespace>/<name>/repo.json``) holding a linear history of commits on branch

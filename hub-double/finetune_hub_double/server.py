@@ -19,7 +19,7 @@ In-process::
 
 CLI (also usable as an in-cluster Service)::
 
-    python -m finetune_trainer.testing.hub_double --host 0.0.0.0 --port 8080 --root /data \\
+    python -m finetune_hub_double --host 0.0.0.0 --port 8080 --root /data \\
         --token "$TOKEN" --seed-model org/base=/models/base --seed-dataset org/data=/data/raw
 
 Tokens are never logged: the access log line is ``METHOD /path STATUS`` (no query, no headers).
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from finetune_trainer.testing.hub_store import (
+from finetune_hub_double.store import (
     DEFAULT_LFS_THRESHOLD,
     SHA256_HEX,
     HubError,
@@ -54,7 +54,7 @@ from finetune_trainer.testing.hub_store import (
 
 __all__ = ["HubDouble", "HubError", "Store", "main"]
 
-log = logging.getLogger("finetune_trainer.hub_double")
+log = logging.getLogger("finetune_hub_double")
 
 REPO_TYPES = ("model", "dataset", "space")
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -622,7 +622,7 @@ def _seed_arg(value: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> None:
     """CLI: serve a Hub-API test double until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m finetune_trainer.testing.hub_double",
+        prog="python -m finetune_hub_double",
         description="A local Hugging Face Hub-API test double (not a Hub).",
     )
     add = parser.add_argument

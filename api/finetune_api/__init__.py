@@ -1,7 +1,7 @@
 """The FineTuneJob API: one schema for the CRD, the operator and the trainer."""
 
-from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
-from finetune_operator.api.validation import (
+from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+from finetune_api.validation import (
     FieldError,
     ManifestError,
     load_manifest,

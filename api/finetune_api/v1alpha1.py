@@ -1,6 +1,6 @@
 """FineTuneJob v1alpha1: the one schema behind the CRD, the operator and the trainer.
 
-The CRD's OpenAPI is generated from these models (`python -m finetune_operator.api.crd`), and the
+The CRD's OpenAPI is generated from these models (`python -m finetune_api.crd`), and the
 trainer reads a manifest through them. Field names are the wire (camelCase) names of the public
 contract in docs/api.md. This module imports neither kopf nor torch.
 """
@@ -11,8 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
-from finetune_operator.api.constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
-from finetune_operator.api.rules import Rule, TransitionRule
+from finetune_api.constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
+from finetune_api.rules import Rule, TransitionRule
 
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
 # the API server's cost budget.

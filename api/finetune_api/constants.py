@@ -1,6 +1,6 @@
 """Names that the CRD, the operator and the trainer must agree on."""
 
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Final
 
 GROUP: Final = "finetune.dev"
@@ -16,18 +16,11 @@ CATEGORIES: Final = ("ml",)
 # is `<job name>-<index>`: 50 characters leave room for both inside a 63-character DNS label.
 MAX_NAME_LENGTH: Final = 50
 
-LABEL_PREFIX: Final = GROUP
 LABEL_JOB_NAME: Final = f"{GROUP}/job-name"
 LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
-
-# The trainer serves Prometheus metrics here in every pod; the operator scrapes rank 0's.
-TRAINER_METRICS_PORT: Final = 9400
-# torch.distributed rendezvous port on rank 0's pod.
-RENDEZVOUS_PORT: Final = 29500
-DEFAULT_RESULT_FILE: Final = "/dev/termination-log"
 
 
 class Phase(StrEnum):
@@ -49,11 +42,14 @@ class ConditionType(StrEnum):
 
 
 class Reason(StrEnum):
-    """CamelCase condition reasons, shared by the trainer's result and the operator's status."""
+    """Every CamelCase condition reason: the closed set that the trainer's result and the
+    operator's status draw from (the Failed reasons are also the jobs_failed_total labels)."""
 
     INVALID_SPEC = "InvalidSpec"
     APPLY_REJECTED = "ApplyRejected"
+    SECRET_NOT_FOUND = "SecretNotFound"
     WORKLOAD_CREATED = "WorkloadCreated"
+    QUEUED = "Queued"
     PODS_RUNNING = "PodsRunning"
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
@@ -67,15 +63,3 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     RESTARTING = "Restarting"
-
-
-class ExitCode(IntEnum):
-    """Trainer exit codes; the Job's podFailurePolicy fails the gang at once on permanent ones."""
-
-    OK = 0
-    RETRYABLE = 1
-    INVALID_SPEC = 3
-    GATE_FAILED = 4
-
-
-PERMANENT_EXIT_CODES: Final = (ExitCode.INVALID_SPEC, ExitCode.GATE_FAILED)

@@ -1,0 +1,98 @@
+"""The contract between the operator and the trainer pods it runs: env, paths, ports, exit codes.
+
+The operator renders these into every pod (finetune_operator.podspec); the trainer reads them
+(finetune_trainer.env, launch); local mode and the test gang set the same names on processes.
+Each name is spelled here once. What a pod reports back is `finetune_api.result.TrainerResult`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+# ---- paths inside the pod -----------------------------------------------------------------------
+CONTAINER_NAME: Final = "trainer"
+CONFIG_DIR: Final = "/etc/finetune"
+CONFIG_KEY: Final = "job.yaml"
+# The FineTuneJob manifest, from the job's ConfigMap; the container runs `finetune train` on it.
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
+CHECKPOINT_DIR: Final = "/checkpoints"
+# The root filesystem is read-only: home and the Hugging Face cache live in the /tmp emptyDir.
+HOME_DIR: Final = "/tmp"
+HF_HOME: Final = "/tmp/hf"
+# Rank 0 writes its TrainerResult here; the kubelet turns it into the termination message.
+RESULT_FILE: Final = "/dev/termination-log"
+
+# ---- ports --------------------------------------------------------------------------------------
+# Every local rank serves Prometheus metrics on METRICS_PORT + its local rank.
+METRICS_PORT: Final = 9400
+# torch.distributed's rendezvous on rank 0's pod.
+RENDEZVOUS_PORT: Final = 29500
+
+
+def metrics_port_name(local_rank: int) -> str:
+    """The container port name of a local rank's metrics: `metrics`, `metrics-1`, ... (the
+    chart's PodMonitor has one endpoint per name)."""
+    return "metrics" if local_rank == 0 else f"metrics-{local_rank}"
+
+
+# ---- environment --------------------------------------------------------------------------------
+# The rendezvous: where this pod sits in the gang (torchrun's names).
+NODE_RANK: Final = "NODE_RANK"
+NNODES: Final = "NNODES"
+NPROC_PER_NODE: Final = "NPROC_PER_NODE"
+MASTER_ADDR: Final = "MASTER_ADDR"
+MASTER_PORT: Final = "MASTER_PORT"
+# Where the trainer keeps checkpoints, writes its result and saves the final artifact.
+CHECKPOINT_DIR_ENV: Final = "FINETUNE_CHECKPOINT_DIR"
+RESULT_FILE_ENV: Final = "FINETUNE_RESULT_FILE"
+OUTPUT_DIR_ENV: Final = "FINETUNE_OUTPUT_DIR"
+# Base port of the metrics servers (0: any free port, for many local ranks on one host).
+METRICS_PORT_ENV: Final = "FINETUNE_METRICS_PORT"
+# Seconds the metrics servers stay up after training, so that a final scrape sees the end.
+METRICS_LINGER_ENV: Final = "FINETUNE_METRICS_LINGER_SECONDS"
+# The FineTuneJob's identity, for code and shells in the pod (the trainer reads the manifest).
+JOB_NAME_ENV: Final = "FINETUNE_JOB_NAME"
+JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"
+# Peak FLOP/s of one accelerator at the training precision; with it the trainer exports MFU.
+PEAK_FLOPS_ENV: Final = "FINETUNE_PEAK_FLOPS_PER_SECOND"
+# The Hub token, from output.hub.tokenSecretRef. Only ever an env var: never an argument or file.
+HF_TOKEN_ENV: Final = "HF_TOKEN"
+
+
+def rendezvous_env(
+    *,
+    nnodes: int,
+    nproc_per_node: int,
+    master_addr: str,
+    master_port: int = RENDEZVOUS_PORT,
+    node_rank: int | None = None,
+) -> dict[str, str]:
+    """The rendezvous variables of one pod of the gang.
+
+    `node_rank=None` leaves NODE_RANK out: in a cluster it comes from the pod's completion index
+    (a downward-API fieldRef), which only the pod knows.
+    """
+    env = {
+        NNODES: str(nnodes),
+        NPROC_PER_NODE: str(nproc_per_node),
+        MASTER_ADDR: master_addr,
+        MASTER_PORT: str(master_port),
+    }
+    if node_rank is not None:
+        env = {NODE_RANK: str(node_rank), **env}
+    return env
+
+
+# ---- exit codes ---------------------------------------------------------------------------------
+class ExitCode(IntEnum):
+    """How a trainer pod exits. The Job's podFailurePolicy fails the gang at once on a permanent
+    code, so no attempt is wasted; the verdict itself (which reason) is in the TrainerResult."""
+
+    OK = 0
+    RETRYABLE = 1
+    INVALID_SPEC = 3
+    GATE_FAILED = 4
+
+
+PERMANENT_EXIT_CODES: Final = (ExitCode.INVALID_SPEC, ExitCode.GATE_FAILED)

@@ -1,0 +1,154 @@
+"""What a trainer pod reports: one `TrainerResult`, carried as the pod's termination message.
+
+The trainer writes `result.to_message()` to the result file; the kubelet keeps at most 4 KiB of
+it, and with FallbackToLogsOnError a crash before it leaves the log tail instead. The operator
+reads it back with `TrainerResult.parse`, which never raises: whatever the message holds, it gets
+a result or None. The verdict (reason) travels here, typed; exit codes only tell the Job's
+podFailurePolicy whether another attempt could help.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from finetune_api.constants import Reason
+from finetune_api.pod import HF_TOKEN_ENV, PERMANENT_EXIT_CODES, ExitCode
+
+# The kubelet's cap on one container's termination message.
+MAX_MESSAGE_BYTES = 4096
+# parse() reads no more than this: anything longer did not come from to_message().
+MAX_PARSE_BYTES = 16 * 1024
+MAX_METRICS = 32
+
+# Hub user tokens (hf_ and alphanumerics; scrub any, not only ours) and bearer credentials.
+_HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+
+
+def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` with the Hub token of `env` (default: this process's HF_TOKEN), anything shaped like
+    a Hub token, and bearer credentials replaced by ***. The one scrubber: everything that may
+    quote a request or an exception passes through it before a log, result or status."""
+    token = (os.environ if env is None else env).get(HF_TOKEN_ENV, "").strip()
+    if token:
+        text = text.replace(token, "***")
+    return _BEARER.sub(r"\1***", _HUB_TOKEN.sub("***", text))
+
+
+def _clipped(limit: int) -> BeforeValidator:
+    """Cut over-long text instead of rejecting it: a long message must not lose the verdict."""
+
+    def clip(value: Any) -> Any:
+        return value[:limit] if isinstance(value, str) else value
+
+    return BeforeValidator(clip)
+
+
+Text = Annotated[str, _clipped(1024)]
+
+
+class Score(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    before: float | None = None
+    after: float | None = None
+
+
+class TrainerResult(BaseModel):
+    """Rank 0's account of one attempt; other ranks report only their rank and status."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    status: Literal["Succeeded", "Failed"]
+    # A finetune_api.constants.Reason value.
+    reason: Annotated[str, _clipped(128)] = ""
+    message: Text = ""
+    evaluation: dict[Annotated[str, _clipped(128)], Score] = Field(default_factory=dict)
+    repo: Annotated[str, _clipped(256)] | None = None
+    revision: Annotated[str, _clipped(64)] | None = None
+    url: Annotated[str, _clipped(2048)] | None = None
+    artifact: Literal["adapter", "merged", "full"] = "adapter"
+    steps: int | None = Field(None, ge=0)
+    train_loss: float | None = None
+    resumed_from_step: int | None = Field(None, ge=0)
+    # Real (non-pad) tokens per second over all ranks, for this attempt's training loop.
+    tokens_per_second: float | None = Field(None, ge=0)
+    # Set by ranks other than 0, whose result says only that they finished.
+    rank: int | None = Field(None, ge=0)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "Succeeded"
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The exit code that carries this verdict to the Job's podFailurePolicy."""
+        if self.succeeded:
+            return ExitCode.OK
+        return _PERMANENT.get(self.reason, ExitCode.RETRYABLE)
+
+    @property
+    def permanent(self) -> bool:
+        """Whether another attempt could not change the verdict (a bad spec, a missed gate)."""
+        return self.exit_code in PERMANENT_EXIT_CODES
+
+    def to_message(self) -> str:
+        """Compact JSON of at most MAX_MESSAGE_BYTES with the message scrubbed. The message is
+        cut first, then the last metrics: what the operator acts on is kept whole."""
+        doc = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        doc["message"] = scrub(doc.get("message", ""))
+        text = _compact(doc)
+        overflow = len(text.encode()) - MAX_MESSAGE_BYTES
+        if overflow > 0:
+            message = doc["message"].encode()
+            doc["message"] = message[: max(0, len(message) - overflow - 8)].decode(
+                errors="ignore"
+            ) + ("…" if message else "")
+            text = _compact(doc)
+        while len(text.encode()) > MAX_MESSAGE_BYTES and doc.get("evaluation"):
+            doc["evaluation"].popitem()
+            text = _compact(doc)
+        return text
+
+    @classmethod
+    def parse(cls, message: str | None) -> TrainerResult | None:
+        """The result in a termination message, or None; never raises. A field that does not
+        validate is dropped rather than costing the whole result."""
+        if not message or len(message) > MAX_PARSE_BYTES:
+            return None
+        try:
+            data = json.loads(message)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        if isinstance(data.get("evaluation"), dict):
+            data["evaluation"] = dict(list(data["evaluation"].items())[:MAX_METRICS])
+        for _ in range(2):
+            try:
+                return cls.model_validate(data)
+            except ValidationError as exc:
+                bad = {e["loc"][0] for e in exc.errors() if e["loc"]}
+                if "status" in bad or not bad:
+                    return None
+                data = {k: v for k, v in data.items() if k not in bad}
+            except (TypeError, ValueError, RecursionError):
+                return None
+        return None
+
+
+_PERMANENT = {
+    Reason.INVALID_SPEC: ExitCode.INVALID_SPEC,
+    Reason.EVALUATION_GATE_FAILED: ExitCode.GATE_FAILED,
+}
+
+
+def _compact(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)

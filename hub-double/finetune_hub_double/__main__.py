@@ -1,0 +1,3 @@
+from finetune_hub_double.server import main
+
+main()
