@@ -499,18 +499,27 @@ class FineTuneJobSpec(ApiModel):
 
 
 # ---- status -------------------------------------------------------------------------------------
+# An RFC 3339 timestamp, as metav1.Time is on the wire; the API server checks the format.
+Timestamp = Annotated[
+    str, StringConstraints(max_length=64), Field(json_schema_extra={"format": "date-time"})
+]
 
 
 class Condition(ApiModel):
-    type: ShortStr = Field(description="type of the condition, such as Running or Succeeded.")
-    status: Literal["True", "False", "Unknown"] = Field(description="status: True, False, Unknown.")
+    type: ShortStr = Field(
+        description="type of the condition: Created, Running, Evaluated, Pushed, Succeeded, "
+        "Failed or Suspended. Unique in the list."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(
+        description="status of the condition: True, False or Unknown."
+    )
     reason: Annotated[str, StringConstraints(max_length=1024)] = Field(
         "", description="reason is a CamelCase word for the last transition."
     )
     message: Annotated[str, StringConstraints(max_length=32768)] = Field(
         "", description="message is a human-readable explanation."
     )
-    last_transition_time: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+    last_transition_time: Timestamp | None = Field(
         None, description="lastTransitionTime is when status last changed (RFC 3339)."
     )
     observed_generation: int | None = Field(
@@ -526,7 +535,7 @@ class Progress(ApiModel):
     percent: int = Field(0, ge=0, le=100, description="percent of totalSteps done.")
     eta_seconds: int | None = Field(None, ge=0, description="etaSeconds at the current speed.")
     tokens_per_second: float | None = Field(None, ge=0, description="tokensPerSecond, all ranks.")
-    updated_at: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+    updated_at: Timestamp | None = Field(
         None, description="updatedAt is when progress was last read (RFC 3339)."
     )
 
@@ -562,14 +571,19 @@ class FineTuneJobStatus(ApiModel):
         0, ge=0, description="observedGeneration is the spec generation last acted on."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, max_length=16, description="conditions are the source of truth."
+        default_factory=list,
+        max_length=16,
+        description="conditions are the source of truth, one per type; phase summarises them.",
+        # A map keyed by type, as metav1.Condition lists are: server-side apply and strategic
+        # merges then treat each condition as its own entry.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     attempts: int = Field(0, ge=0, description="attempts is the number of Jobs created so far.")
-    start_time: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        None, description="startTime of the first attempt's Running."
+    start_time: Timestamp | None = Field(
+        None, description="startTime is when the first attempt started Running (RFC 3339)."
     )
-    completion_time: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        None, description="completionTime when the job Succeeded or Failed."
+    completion_time: Timestamp | None = Field(
+        None, description="completionTime is when the job Succeeded or Failed (RFC 3339)."
     )
     progress: Progress = Field(default_factory=Progress, description="progress of training.")
     evaluation: dict[Annotated[str, StringConstraints(max_length=128)], EvaluationScore] = Field(

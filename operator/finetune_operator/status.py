@@ -126,16 +126,14 @@ def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
     if result is None:
         return
     if result.evaluation:
-        status["evaluation"] = result.evaluation
+        status["evaluation"] = {name: s.model_dump() for name, s in result.evaluation.items()}
         conds.set(CT.EVALUATED, True, Reason.EVALUATED, ", ".join(result.evaluation))
     if result.revision:
         status["result"] = {
             "repo": result.repo,
             "revision": result.revision,
             "url": result.url,
-            "artifact": result.artifact
-            if result.artifact in ("adapter", "merged", "full")
-            else "adapter",
+            "artifact": result.artifact,
         }
         conds.set(CT.PUSHED, True, Reason.PUSHED, f"{result.repo}@{result.revision}")
     if result.steps is not None or result.train_loss is not None:

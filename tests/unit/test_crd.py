@@ -110,3 +110,19 @@ def test_untranslatable_union_fails_loudly():
 
     with pytest.raises(crd.UntranslatableSchema, match="value"):
         crd.to_structural(Bad)
+
+
+def test_conditions_are_a_map_keyed_by_type_with_rfc3339_times(schema):
+    status = schema["properties"]["status"]["properties"]
+    conditions = status["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    # A map key must be required, or the API server rejects the CRD.
+    assert "type" in conditions["items"]["required"]
+    times = [
+        conditions["items"]["properties"]["lastTransitionTime"],
+        status["startTime"],
+        status["completionTime"],
+        status["progress"]["properties"]["updatedAt"],
+    ]
+    assert all(t["format"] == "date-time" for t in times)
