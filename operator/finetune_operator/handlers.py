@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 import kopf
-from lightkube.core.exceptions import ApiError
+from kubernetes.client.exceptions import ApiException
 
 from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, Phase
 from finetune_operator import naming
@@ -89,7 +89,7 @@ async def job_changed(labels: kopf.Labels, namespace: str, **_: Any) -> None:
     if owner:
         try:
             await reconciler().reconcile(namespace, owner, children=False)
-        except ApiError as exc:
+        except ApiException as exc:
             # E.g. 403 while the namespace terminates; the resync timer tries again.
             log.warning("reconcile of %s/%s after a Job event: %s", namespace, owner, exc)
         except Exception:
