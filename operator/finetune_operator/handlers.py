@@ -31,8 +31,8 @@ _state: dict[str, Reconciler] = {}
 # allocating anything and finish in arrival order.
 MAX_PASSES = 4 * MAX_REQUESTS
 # Periodic passes (resync, progress) get this many of those at most. Objects created together
-# have their timers fire together, and an unbounded wave over thousands of objects queued ahead
-# of a new object's first pass (measured with 600 objects: 46 s from apply to Job).
+# have their timers fire together; unbounded, a wave over thousands of objects would queue its
+# requests ahead of a new object's first pass.
 PERIODIC_PASSES = 4
 _passes = asyncio.Semaphore(MAX_PASSES)
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
