@@ -122,10 +122,13 @@ def printer_columns(kube: Any, namespace: str, name: str) -> dict[str, str]:
     return cells
 
 
-def hub_manifests(images: dict[str, str]) -> list[dict[str, Any]]:
-    """hub.yaml with the image refs this session loaded: the seed init container needs the
-    trainer image (torch, transformers), the double runs from its own image."""
+def hub_manifests(images: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """hub.yaml, with the image refs this session loaded when given (the `images` fixture): the
+    seed init container needs the trainer image (torch, transformers), the double runs from its
+    own image. Without them, hub.yaml's own refs (hack/images.sh's default tags)."""
     docs = [d for d in yaml.safe_load_all((MANIFESTS / "hub.yaml").read_text()) if d]
+    if images is None:
+        return docs
     refs = {"seed": images["trainer"], "hub": images["hub-double"]}
     for doc in docs:
         if doc["kind"] == "Deployment":
@@ -135,7 +138,9 @@ def hub_manifests(images: dict[str, str]) -> list[dict[str, Any]]:
     return docs
 
 
-def setup_hub(kube: Any, namespace: str, token: str, images: dict[str, str], timing: Any) -> HubPod:
+def setup_hub(
+    kube: Any, namespace: str, token: str, timing: Any, images: dict[str, str] | None = None
+) -> HubPod:
     kube.apply(
         {
             "apiVersion": "v1",
@@ -197,7 +202,7 @@ def test_finetunejob_end_to_end(
     # Random, and not hf_-shaped: a leak must not hide behind pattern-based redaction.
     token = f"e2etok{secrets.token_hex(20)}"
 
-    hub = setup_hub(kube, ns, token, images, timing)
+    hub = setup_hub(kube, ns, token, timing, images)
     job = example_job(ns, hub.endpoint)
     name = job["metadata"]["name"]
     repo = job["spec"]["output"]["hub"]["repo"]
