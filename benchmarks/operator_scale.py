@@ -1,11 +1,21 @@
 """Operator scale benchmark against the local control plane (no kubelet).
 
-    python benchmarks/operator_scale.py [--latency-jobs 100] [--burst-jobs 500]
+    python benchmarks/operator_scale.py [--label after] [--scenarios published,scale]
 
-Uses $KUBECONFIG if set, else starts the control plane with hack/controlplane.sh (binaries from
-hack/k8s-build.sh). Measures: apply → Job-exists latency (p50/p99) for jobs applied one at a time;
-the time until a burst of FineTuneJobs all have their Jobs; and the operator subprocess's peak RSS
-and CPU seconds from /proc. Writes benchmarks/results/operator_scale.json.
+Each scenario gets a fresh control plane (hack/controlplane.sh, binaries from hack/k8s-build.sh)
+and a fresh operator subprocess, unless $KUBECONFIG is set, in which case every scenario shares
+that cluster. The operator is `python -m finetune_operator` as $PYTHONPATH finds it, so the same
+driver measures any tree: point PYTHONPATH at another checkout to measure it.
+
+- published: apply → Job-exists latency (p50/p99) for 100 FineTuneJobs applied one at a time on
+  an empty cluster, then the time until a burst of 500 all have their Jobs.
+- scale: a burst of 2,000 FineTuneJobs and the time until all have their Jobs; once the operator
+  has digested the burst (its CPU drops under --settle-busy of a core), apply → Job latency one
+  at a time again while the 2,000 exist, their resync timers running.
+
+Bursts are created from --clients threads. Each reports the operator's peak RSS and CPU seconds
+from /proc. Jobs are seen through a watch, not by polling. Results are merged into
+benchmarks/results/operator_scale.json under --label, so one file holds before and after runs.
 """
 
 from __future__ import annotations
@@ -13,66 +23,78 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from lightkube import Client, codecs
-from lightkube.config.kubeconfig import KubeConfig
-from lightkube.generic_resource import create_namespaced_resource
-from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Namespace  # noqa: F401 - registers the kind
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "controlplane"))
 from fixtures.cluster import ftj_manifest  # noqa: E402
-from fixtures.operator import Operator  # noqa: E402
+from fixtures.kube import Kube  # noqa: E402
+from fixtures.operator import Operator, install_crd  # noqa: E402
 
-FTJ = create_namespaced_resource("finetune.dev", "v1alpha1", "FineTuneJob", "finetunejobs")
 OUT = REPO / "benchmarks" / "results" / "operator_scale.json"
 
 
-def start_control_plane() -> tuple[str, dict[str, str] | None]:
+@contextmanager
+def control_plane() -> Iterator[str]:
+    """A kubeconfig: $KUBECONFIG's cluster, or a fresh local control plane torn down after."""
     if os.environ.get("KUBECONFIG"):
-        return os.environ["KUBECONFIG"], None
+        yield os.environ["KUBECONFIG"]
+        return
     subprocess.run([str(REPO / "hack" / "k8s-build.sh"), "controlplane"], check=True)
     env = dict(os.environ, CONTROLPLANE_DIR=tempfile.mkdtemp(prefix="ft-bench-"))
     env["CONTROLPLANE_WATCH_PID"] = str(os.getpid())
-    up = subprocess.run(
-        [str(REPO / "hack" / "controlplane.sh"), "up"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return up.stdout.strip().splitlines()[-1], env
+    script = str(REPO / "hack" / "controlplane.sh")
+    up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, check=True)
+    try:
+        yield up.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([script, "down"], env=env, capture_output=True)
 
 
 class JobWatcher(threading.Thread):
-    """Records when each Job is first seen, from a watch (not polling)."""
+    """Records when each Job of one namespace is first seen, from a watch."""
 
-    def __init__(self, client: Client, namespace: str) -> None:
+    def __init__(self, kube: Kube, namespace: str) -> None:
         super().__init__(daemon=True)
-        self.client, self.namespace = client, namespace
+        self.kube, self.namespace = kube, namespace
         self.seen: dict[str, float] = {}
-        self.lock = threading.Lock()
+        self.changed = threading.Condition()
+        # Start from a list's resourceVersion, so no Job created after it can be missed.
+        listing = kube.request("GET", kube.path("Job", namespace))
+        self.resource_version = listing["metadata"]["resourceVersion"]
 
     def run(self) -> None:
         try:
-            for _op, job in self.client.watch(Job, namespace=self.namespace):
-                with self.lock:
-                    self.seen.setdefault(job.metadata.name, time.perf_counter())
+            for event in self.kube.watch("Job", self.namespace, self.resource_version):
+                name = event["object"]["metadata"]["name"]
+                if name not in self.seen:
+                    with self.changed:
+                        self.seen[name] = time.perf_counter()
+                        self.changed.notify_all()
         except Exception:  # the control plane goes away at the end of the run
             return
 
-    def count(self, names: set[str]) -> int:
-        with self.lock:
+    def wait_for(self, names: set[str], timeout: float) -> int:
+        """Block until every name has a Job or `timeout` passes; how many have one."""
+        deadline = time.perf_counter() + timeout
+        with self.changed:
+            while not names <= self.seen.keys():
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.changed.wait(min(left, 1.0))
             return len(names & self.seen.keys())
 
 
@@ -90,98 +112,141 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def settle(pid: int, busy: float, window: float = 5, timeout: float = 300) -> float:
+    """Seconds until the operator uses under `busy` of a core over `window` seconds: when it
+    has digested a burst (the Job controller's status updates each trigger a pass)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        before = proc_stats(pid)["cpu_seconds"]
+        time.sleep(window)
+        if (proc_stats(pid)["cpu_seconds"] - before) / window < busy:
+            break
+    return round(time.perf_counter() - started, 2)
+
+
+def latency(
+    kube: Kube, watcher: JobWatcher, ns: str, prefix: str, n: int, timeout: float
+) -> dict[str, Any]:
+    """Apply FineTuneJobs one at a time; each waits for its Job before the next is applied.
+    A Job not seen within `timeout` counts as `timeout` and in `timed_out`."""
+    latencies, timed_out = [], 0
+    for i in range(n):
+        name = f"{prefix}-{i}"
+        started = time.perf_counter()
+        kube.create(ftj_manifest(name, ns, resources={"nodes": 1}))
+        if not watcher.wait_for({name}, timeout):
+            timed_out += 1
+        latencies.append(min(watcher.seen.get(name, float("inf")) - started, timeout))
+    return {
+        "jobs": n,
+        "timed_out": timed_out,
+        "p50": round(statistics.median(latencies), 3),
+        "p99": round(percentile(latencies, 0.99), 3),
+        "max": round(max(latencies), 3),
+        "samples": [round(x, 3) for x in latencies],
+    }
+
+
+def burst(
+    kube: Kube, watcher: JobWatcher, ns: str, prefix: str, n: int, timeout: float, clients: int
+) -> dict[str, Any]:
+    """Create n FineTuneJobs from `clients` threads; time until every one has its Job."""
+    names = [f"{prefix}-{i}" for i in range(n)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(
+            pool.map(
+                lambda name: kube.create(ftj_manifest(name, ns, resources={"nodes": 1})), names
+            )
+        )
+    applied = time.perf_counter() - started
+    created = watcher.wait_for(set(names), timeout)
+    return {
+        "jobs": n,
+        "apply_seconds": round(applied, 2),
+        "all_jobs_exist_seconds": round(time.perf_counter() - started, 2),
+        "jobs_created": created,
+    }
+
+
+def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    with control_plane() as kubeconfig:
+        # The burst's threads, the watch and the latency loop each hold a connection.
+        kube = Kube(kubeconfig, connections=args.clients + 2)
+        install_crd(kube)
+        ns = kube.create_namespace(f"bench-{name}")
+        op = Operator(kubeconfig, Path(tempfile.mkdtemp()) / "operator.log")
+        op.start()
+        assert op.proc is not None
+        watcher = JobWatcher(kube, ns)
+        watcher.start()
+        result: dict[str, Any] = {}
+        try:
+            if name == "published":
+                result["apply_to_job_latency_seconds"] = latency(
+                    kube, watcher, ns, "lat", args.latency_jobs, args.latency_timeout
+                )
+                result["after_latency_phase"] = proc_stats(op.proc.pid)
+                result["burst"] = burst(
+                    kube, watcher, ns, "burst", args.burst_jobs, args.timeout, args.clients
+                )
+            else:
+                result["burst"] = burst(
+                    kube, watcher, ns, "scale", args.scale_jobs, args.timeout, args.clients
+                )
+                result["after_burst"] = proc_stats(op.proc.pid)
+                # Jobs exist before the operator has digested the burst; the latency below is
+                # that of an operator that has, with the 2,000 and their resync timers.
+                result["settle_seconds"] = settle(op.proc.pid, args.settle_busy)
+                result["apply_to_job_latency_seconds_while_scale_jobs_exist"] = latency(
+                    kube, watcher, ns, "lat", args.scale_latency_jobs, args.latency_timeout
+                )
+            result["operator"] = proc_stats(op.proc.pid)
+        finally:
+            op.stop()
+            kube.delete("Namespace", ns, missing_ok=True)
+            kube.close()
+        return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--label", default="after", help="key of this run in the results file")
+    parser.add_argument("--scenarios", default="published,scale")
     parser.add_argument("--latency-jobs", type=int, default=100)
     parser.add_argument("--burst-jobs", type=int, default=500)
+    parser.add_argument("--scale-jobs", type=int, default=2000)
+    parser.add_argument("--scale-latency-jobs", type=int, default=50)
+    parser.add_argument("--latency-timeout", type=float, default=30)
+    parser.add_argument("--clients", type=int, default=4, help="threads creating a burst")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--settle-busy", type=float, default=0.5, help="operator CPU share that counts as settled"
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--note", default="", help="free text stored with the run")
     args = parser.parse_args()
 
-    kubeconfig, cp_env = start_control_plane()
-    kubectl = [
-        str(Path.home() / ".cache/finetune-operator/k8s/v1.34.4/bin/kubectl"),
-        f"--kubeconfig={kubeconfig}",
-    ]
-    subprocess.run(
-        [
-            *kubectl,
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            str(REPO / "crds" / "finetune.dev_finetunejobs.yaml"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *kubectl,
-            "wait",
-            "--for=condition=Established",
-            "crd/finetunejobs.finetune.dev",
-            "--timeout=60s",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    client = Client(config=KubeConfig.from_file(kubeconfig), field_manager="benchmark")
-    ns = f"bench-{secrets.token_hex(3)}"
-    client.create(
-        codecs.from_dict({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    )
-    log = Path(tempfile.mkdtemp()) / "operator.log"
-    op = Operator(kubeconfig, log)
-    op.start()
-    assert op.proc is not None
-    watcher = JobWatcher(client, ns)
-    watcher.start()
-    time.sleep(1)  # let the watch establish before the first apply
-    result: dict[str, Any] = {"kubernetes": "v1.34.4", "cpus": os.cpu_count()}
-    try:
-        latencies = []
-        for i in range(args.latency_jobs):
-            name = f"lat-{i}"
-            doc = ftj_manifest(name, ns, resources={"nodes": 1})
-            started = time.perf_counter()
-            client.create(FTJ.from_dict(doc))  # type: ignore[attr-defined]
-            deadline = started + 60
-            while name not in watcher.seen and time.perf_counter() < deadline:
-                time.sleep(0.005)
-            latencies.append(watcher.seen.get(name, float("nan")) - started)
-        result["apply_to_job_latency_seconds"] = {
-            "jobs": len(latencies),
-            "p50": round(statistics.median(latencies), 3),
-            "p99": round(percentile(latencies, 0.99), 3),
-            "max": round(max(latencies), 3),
-        }
-        result["after_latency_phase"] = proc_stats(op.proc.pid)
+    run: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "note": args.note,
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    for name in args.scenarios.split(","):
+        run[name] = scenario(name, args)
+        print(json.dumps({name: run[name]}, indent=2), flush=True)
+    run["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-        names = {f"burst-{i}" for i in range(args.burst_jobs)}
-        started = time.perf_counter()
-        for name in sorted(names):
-            client.create(FTJ.from_dict(ftj_manifest(name, ns, resources={"nodes": 1})))  # type: ignore[attr-defined]
-        applied = time.perf_counter() - started
-        deadline = started + args.timeout
-        while watcher.count(names) < len(names) and time.perf_counter() < deadline:
-            time.sleep(0.1)
-        result["burst"] = {
-            "jobs": len(names),
-            "apply_seconds": round(applied, 2),
-            "all_jobs_exist_seconds": round(time.perf_counter() - started, 2),
-            "jobs_created": watcher.count(names),
-        }
-        result["operator"] = proc_stats(op.proc.pid)
-    finally:
-        op.stop()
-        subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=false"], capture_output=True)
-        if cp_env is not None:
-            subprocess.run(
-                [str(REPO / "hack" / "controlplane.sh"), "down"], env=cp_env, capture_output=True
-            )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results.setdefault("runs", {})[args.label] = run
+    results["machine"] = {
+        "kubernetes": "v1.34.4",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

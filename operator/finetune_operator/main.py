@@ -37,8 +37,9 @@ def run_operator() -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    # One INFO line per HTTP request drowns everything else at any scale.
-    for noisy in ("httpx", "httpx2", "httpcore"):
+    # The kubernetes client's HTTP stack logs every request and connection at DEBUG, which at
+    # scale drowns the operator's own DEBUG lines; its warnings (retries, a full pool) still show.
+    for noisy in ("urllib3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
         standalone=True,

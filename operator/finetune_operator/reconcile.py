@@ -171,7 +171,7 @@ class Reconciler:
                     if action.attempt > 1:
                         self.metrics.restarts.inc()
             elif action.kind == "delete":
-                await self.kube.delete_job(ns, name)
+                await self.kube.delete_job(ns, name, action.uid)
             elif action.kind == "patch":
                 await self.kube.patch_job(ns, name, action.patch)
         return created

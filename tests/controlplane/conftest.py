@@ -4,7 +4,11 @@ If ``KUBECONFIG`` is set, the tests use that cluster. Otherwise the session buil
 (or reuses from the cache) etcd + kube-apiserver + kube-controller-manager +
 kube-scheduler + kubectl with ``hack/k8s-build.sh controlplane`` and runs them as
 local processes with ``hack/controlplane.sh up`` in a fresh temporary dir, torn down
-at the end of the session. Only ``subprocess`` and the built ``kubectl`` are used.
+at the end of the session.
+
+Tests talk to the API server through ``fixtures.kube.Kube`` (the ``kube`` fixture: the
+``kubernetes`` client, plain dicts). The built ``kubectl`` is kept for what is about kubectl
+itself, such as the columns ``kubectl get`` prints.
 
 Without a kubelet, pods are created (e.g. by the Job controller) but stay Pending;
 tests drive pod phases by patching the pod ``status`` subresource.
@@ -12,9 +16,7 @@ tests drive pod phases by patching the pod ``status`` subresource.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from fixtures.kube import Kube
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HACK_DIR = REPO_ROOT / "hack"
@@ -69,7 +72,8 @@ def wait_until(
 
 
 class Kubectl:
-    """Runs kubectl against one cluster: ``kubectl("get", "pods", "-n", ns)``."""
+    """Runs kubectl against one cluster: ``kubectl("get", "ftj", "-n", ns)``. Only for what is
+    about kubectl itself; everything else goes through the ``kube`` fixture."""
 
     def __init__(self, kubeconfig: str, cache_dir: str | None = None) -> None:
         self.kubeconfig = kubeconfig
@@ -100,17 +104,6 @@ class Kubectl:
                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
             )
         return proc
-
-    def json(self, *args: str, **kwargs: Any) -> Any:
-        """Run ``kubectl ... -o json`` and parse the output."""
-        return json.loads(self(*args, "-o", "json", **kwargs).stdout)
-
-    def apply(
-        self, manifest: str | dict[str, Any], *args: str, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        """``kubectl apply -f - <args>`` with a YAML/JSON string or a dict."""
-        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-        return self("apply", "-f", "-", *args, input=text, check=check)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -159,8 +152,18 @@ def kubeconfig() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def kube(kubeconfig: str) -> Iterator[Kube]:
+    """The API client (:class:`fixtures.kube.Kube`) bound to the session's cluster."""
+    api = Kube(kubeconfig)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture(scope="session")
 def kubectl(kubeconfig: str, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
-    """A :class:`Kubectl` bound to the session's cluster."""
+    """A :class:`Kubectl` bound to the session's cluster, for tests about kubectl's output."""
     return Kubectl(kubeconfig, cache_dir=str(tmp_path_factory.mktemp("kubectl-cache")))
 
 
@@ -171,27 +174,28 @@ def wait_until_fixture() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
+def namespace(kube: Kube) -> Iterator[str]:
     """A fresh namespace ``ftj-test-<random>`` with its ``default`` ServiceAccount."""
-    name = f"ftj-test-{secrets.token_hex(4)}"
-    kubectl("create", "namespace", name)
-    wait_until(
-        lambda: (
-            kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0
-        ),
-        timeout=60,
-        message=f"ServiceAccount {name}/default",
-    )
+    name = kube.create_namespace("ftj-test")
     try:
+        wait_until(
+            lambda: kube.get("ServiceAccount", "default", name),
+            timeout=60,
+            message=f"ServiceAccount {name}/default",
+        )
         yield name
     finally:
-        kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+        kube.delete("Namespace", name, missing_ok=True)
 
 
 # --------------------------------------------------------------------------- markers
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # kubernetes 34.1.0 builds every ApiException with urllib3 2's deprecated getheaders().
+    config.addinivalue_line(
+        "filterwarnings", "ignore:HTTPResponse.getheaders:DeprecationWarning:kubernetes"
+    )
     config.addinivalue_line(
         "markers",
         "controlplane: needs a real Kubernetes control plane (etcd, apiserver, "

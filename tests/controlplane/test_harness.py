@@ -6,16 +6,15 @@ patching ``pods/status`` (phase + a terminated container status).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import textwrap
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from fixtures.cluster import terminated_status
-
-if TYPE_CHECKING:  # conftest helpers reach the tests as fixtures, not imports
-    from conftest import Kubectl
+import yaml
+from fixtures.cluster import patch_pod_status, terminated_status
+from fixtures.kube import ApiError, Kube, refusal
 
 WaitUntil = Callable[..., Any]
 
@@ -88,9 +87,9 @@ def job_manifest(name: str, *, indexed: bool, completions: int) -> dict[str, Any
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": spec}
 
 
-def job_pods(kubectl: Kubectl, namespace: str, job: str) -> list[dict[str, Any]]:
-    pods = kubectl.json("-n", namespace, "get", "pods", "-l", f"batch.kubernetes.io/job-name={job}")
-    return [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
+def job_pods(kube: Kube, namespace: str, job: str) -> list[dict[str, Any]]:
+    pods = kube.list("Pod", namespace, labels=f"batch.kubernetes.io/job-name={job}")
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def job_condition(job: dict[str, Any], ctype: str) -> bool:
@@ -98,61 +97,62 @@ def job_condition(job: dict[str, Any], ctype: str) -> bool:
     return any(c["type"] == ctype and c["status"] == "True" for c in conditions)
 
 
-def mark_pod_succeeded(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> None:
+def mark_pod_succeeded(kube: Kube, namespace: str, pod: dict[str, Any]) -> None:
     """Do what a kubelet would: report the pod's containers terminated with exit code 0."""
-    status = terminated_status(pod, exit_code=0)
-    kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "pod",
-        pod["metadata"]["name"],
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": status}),
-    )
+    patch_pod_status(kube, namespace, pod["metadata"]["name"], terminated_status(pod, exit_code=0))
 
 
 @pytest.fixture
-def widget_crd(kubectl: Kubectl):
-    kubectl.apply(CRD)
-    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+def widget_crd(kube: Kube, wait_until: WaitUntil) -> Iterator[str]:
+    Kube.register("Widget", f"{CRD_GROUP}/v1", "widgets")
+    kube.apply(yaml.safe_load(CRD))
+    kube.wait_condition("CustomResourceDefinition", CRD_NAME, "Established", timeout=60)
     yield CRD_NAME
     # Wait, so that a later run against the same cluster does not meet a terminating CRD.
-    kubectl(
-        "delete", "crd", CRD_NAME, "--ignore-not-found", "--timeout=60s", check=False, timeout=90
-    )
+    kube.delete("CustomResourceDefinition", CRD_NAME, missing_ok=True)
+    # As kubectl delete --timeout=60s: a slow finaliser is the next run's wait, not a failure.
+    with contextlib.suppress(TimeoutError):
+        wait_until(
+            lambda: kube.get("CustomResourceDefinition", CRD_NAME) is None,
+            timeout=60,
+            message=f"CRD {CRD_NAME} deleted",
+        )
+
+
+def accepted(kube: Kube, obj: dict[str, Any], namespace: str) -> bool:
+    try:
+        kube.apply(obj, namespace)
+    except ApiError:
+        return False
+    return True
 
 
 def test_crd_cel_validation_rejects_invalid_object(
-    kubectl: Kubectl, namespace: str, widget_crd: str, wait_until: WaitUntil
+    kube: Kube, namespace: str, widget_crd: str, wait_until: WaitUntil
 ) -> None:
-    # Established does not mean every client's discovery knows the kind yet: retry the
+    # Established does not mean the API server serves the kind on every path yet: retry the
     # valid create until it succeeds.
     wait_until(
-        lambda: kubectl.apply(widget("ok", 1, 3), "-n", namespace, check=False).returncode == 0,
+        lambda: accepted(kube, widget("ok", 1, 3), namespace),
         timeout=30,
         message="valid Widget accepted",
     )
 
-    bad = kubectl.apply(widget("bad", 5, 2), "-n", namespace, check=False)
-    assert bad.returncode != 0
-    assert "minReplicas must not exceed maxReplicas" in bad.stderr, bad.stderr
-    assert "Invalid value" in bad.stderr or "invalid" in bad.stderr.lower(), bad.stderr
+    bad = refusal(lambda: kube.apply(widget("bad", 5, 2), namespace), "Widget bad (5 > 2)")
+    assert bad.status == 422, bad
+    assert "minReplicas must not exceed maxReplicas" in bad.message, bad.message
+    assert "Invalid value" in bad.message or "invalid" in bad.message.lower(), bad.message
 
-    got = kubectl("-n", namespace, "get", "widgets", "-o", "name").stdout.split()
-    assert got == [f"widget.{CRD_GROUP}/ok"]
+    got = [w["metadata"]["name"] for w in kube.list("Widget", namespace)]
+    assert got == ["ok"]
 
 
-def test_indexed_job_pods_and_completion(
-    kubectl: Kubectl, namespace: str, wait_until: WaitUntil
-) -> None:
+def test_indexed_job_pods_and_completion(kube: Kube, namespace: str, wait_until: WaitUntil) -> None:
     name = "harness-indexed"
-    kubectl.apply(job_manifest(name, indexed=True, completions=2), "-n", namespace)
+    kube.apply(job_manifest(name, indexed=True, completions=2), namespace)
 
     pods = wait_until(
-        lambda: (p := job_pods(kubectl, namespace, name)) and len(p) == 2 and p,
+        lambda: (p := job_pods(kube, namespace, name)) and len(p) == 2 and p,
         timeout=60,
         message="2 pods created by the Job controller",
     )
@@ -167,14 +167,10 @@ def test_indexed_job_pods_and_completion(
         assert (owner["kind"], owner["name"], owner["controller"]) == ("Job", name, True)
 
     for p in pods:
-        mark_pod_succeeded(kubectl, namespace, p)
+        mark_pod_succeeded(kube, namespace, p)
 
     job = wait_until(
-        lambda: (
-            (j := kubectl.json("-n", namespace, "get", "job", name))
-            and job_condition(j, "Complete")
-            and j
-        ),
+        lambda: (j := kube.get("Job", name, namespace)) and job_condition(j, "Complete") and j,
         timeout=60,
         message="Job condition Complete",
     )
@@ -183,22 +179,21 @@ def test_indexed_job_pods_and_completion(
 
 
 def test_job_delete_garbage_collects_pods(
-    kubectl: Kubectl, namespace: str, wait_until: WaitUntil
+    kube: Kube, namespace: str, wait_until: WaitUntil
 ) -> None:
     name = "harness-gc"
-    kubectl.apply(job_manifest(name, indexed=False, completions=2), "-n", namespace)
+    kube.apply(job_manifest(name, indexed=False, completions=2), namespace)
     wait_until(
-        lambda: len(job_pods(kubectl, namespace, name)) == 2,
+        lambda: len(job_pods(kube, namespace, name)) == 2,
         timeout=60,
         message="2 pods created by the Job controller",
     )
 
-    kubectl("-n", namespace, "delete", "job", name, "--cascade=background", "--wait=false")
+    kube.delete("Job", name, namespace, propagation="Background")
 
     def pods_gone() -> bool:
         selector = f"batch.kubernetes.io/job-name={name}"
-        return not kubectl.json("-n", namespace, "get", "pods", "-l", selector)["items"]
+        return not kube.list("Pod", namespace, labels=selector)
 
     wait_until(pods_gone, timeout=60, message="garbage collector deleting the Job's pods")
-    gone = kubectl("-n", namespace, "get", "job", name, check=False)
-    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    assert kube.get("Job", name, namespace) is None  # None only on 404 NotFound

@@ -21,6 +21,7 @@ from fixtures.cluster import (
     running_status,
     terminated_status,
 )
+from fixtures.kube import Kube
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -43,56 +44,61 @@ RESULT = {
 }
 
 
-def get(kubectl: Any, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    proc = kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
+def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    return kube.get(kind, name, namespace)
 
 
-def ftj_status(kubectl: Any, namespace: str, name: str) -> dict[str, Any]:
-    return (get(kubectl, namespace, "finetunejob", name) or {}).get("status") or {}
+def ftj_status(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return (get(kube, namespace, "FineTuneJob", name) or {}).get("status") or {}
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
 
 
-def pods(kubectl: Any, namespace: str, name: str, attempt: int) -> list[dict[str, Any]]:
+def pods(kube: Kube, namespace: str, name: str, attempt: int) -> list[dict[str, Any]]:
     sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
-    items = kubectl.json("-n", namespace, "get", "pods", "-l", sel)["items"]
+    items = kube.list("Pod", namespace, labels=sel)
     return sorted(
         items,
         key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]),
     )
 
 
-def wait_pods(kubectl: Any, wait_until: WaitUntil, ns: str, name: str, attempt: int, n: int):
+def wait_pods(kube: Kube, wait_until: WaitUntil, ns: str, name: str, attempt: int, n: int):
     return wait_until(
-        lambda: (p := pods(kubectl, ns, name, attempt)) and len(p) == n and p,
+        lambda: (p := pods(kube, ns, name, attempt)) and len(p) == n and p,
         timeout=60,
         message=f"{n} pods of attempt {attempt}",
     )
 
 
-def wait_phase(kubectl: Any, wait_until: WaitUntil, ns: str, name: str, phase: str, timeout=90):
+def wait_phase(kube: Kube, wait_until: WaitUntil, ns: str, name: str, phase: str, timeout=90):
     return wait_until(
-        lambda: (s := ftj_status(kubectl, ns, name)).get("phase") == phase and s,
+        lambda: (s := ftj_status(kube, ns, name)).get("phase") == phase and s,
         timeout=timeout,
-        message=f"{ns}/{name} phase {phase} (now {ftj_status(kubectl, ns, name).get('phase')})",
+        message=f"{ns}/{name} phase {phase} (now {ftj_status(kube, ns, name).get('phase')})",
     )
 
 
-def finish_pods(kubectl: Any, ns: str, pod_list: list[dict[str, Any]], exit_code: int, msg=""):
+def finish_pods(kube: Kube, ns: str, pod_list: list[dict[str, Any]], exit_code: int, msg=""):
     for i, pod in enumerate(pod_list):
         message = msg if i == 0 else ""
         status = terminated_status(pod, exit_code if i == 0 else (exit_code or 0), message)
-        patch_pod_status(kubectl, ns, pod["metadata"]["name"], status)
+        patch_pod_status(kube, ns, pod["metadata"]["name"], status)
+
+
+def create_secret(kube: Kube, namespace: str, name: str, key: str, value: str) -> None:
+    """As `kubectl create secret generic NAME --from-literal=KEY=VALUE`."""
+    meta = {"name": name, "namespace": namespace}
+    kube.create(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": {key: value}}
+    )
 
 
 @pytest.fixture
-def hf_secret(kubectl: Any, namespace: str) -> str:
-    kubectl(
-        "-n", namespace, "create", "secret", "generic", "hf-token", "--from-literal=token=s3cr3t"
-    )
+def hf_secret(kube: Kube, namespace: str) -> str:
+    create_secret(kube, namespace, "hf-token", "token", "s3cr3t")
     return "hf-token"
 
 
@@ -130,18 +136,20 @@ def metrics_endpoint() -> Iterator[None]:
     server.shutdown()
 
 
-def test_create_renders_children(operator: Operator, kubectl, namespace, wait_until, hf_secret):
+def test_create_renders_children(
+    operator: Operator, kube, kubectl, namespace, wait_until, hf_secret
+):
     manifest = ftj_manifest(
         "demo",
         namespace,
         output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": hf_secret}}},
     )
-    kubectl.apply(manifest)
-    job = wait_until(lambda: get(kubectl, namespace, "job", "demo"), timeout=30, message="Job")
-    svc = get(kubectl, namespace, "service", "demo")
-    cm = get(kubectl, namespace, "configmap", "demo")
+    kube.apply(manifest)
+    job = wait_until(lambda: get(kube, namespace, "Job", "demo"), timeout=30, message="Job")
+    svc = get(kube, namespace, "Service", "demo")
+    cm = get(kube, namespace, "ConfigMap", "demo")
     assert svc and cm
-    ftj = get(kubectl, namespace, "finetunejob", "demo")
+    ftj = get(kube, namespace, "FineTuneJob", "demo")
     uid = ftj["metadata"]["uid"]  # type: ignore[index]
     for obj in (job, svc, cm):
         ref = obj["metadata"]["ownerReferences"][0]
@@ -164,7 +172,7 @@ def test_create_renders_children(operator: Operator, kubectl, namespace, wait_un
     assert "s3cr3t" not in json.dumps(cm) + json.dumps(job)
     status = wait_until(
         lambda: (
-            (s := ftj_status(kubectl, namespace, "demo")).get("attempts") == 1
+            (s := ftj_status(kube, namespace, "demo")).get("attempts") == 1
             and condition(s, "Created").get("status") == "True"
             and s
         ),
@@ -174,32 +182,31 @@ def test_create_renders_children(operator: Operator, kubectl, namespace, wait_un
     assert status["phase"] == "Pending"
     assert status["workload"] == {"jobName": "demo", "serviceName": "demo"}
     assert status["observedGeneration"] == ftj["metadata"]["generation"]  # type: ignore[index]
+    # The CRD's printer columns, as kubectl shows them.
     table = kubectl("-n", namespace, "get", "ftj").stdout
     assert table.split("\n")[0].split()[:3] == ["NAME", "PHASE", "NODES"]
     assert "Pending" in table
 
 
 def test_success_progress_and_result(
-    operator: Operator, kubectl, namespace, wait_until, metrics_endpoint
+    operator: Operator, kube, kubectl, namespace, wait_until, metrics_endpoint
 ):
-    kubectl.apply(ftj_manifest("ok", namespace))
-    pod_list = wait_pods(kubectl, wait_until, namespace, "ok", 1, 2)
+    kube.apply(ftj_manifest("ok", namespace))
+    pod_list = wait_pods(kube, wait_until, namespace, "ok", 1, 2)
     for pod in pod_list:
-        patch_pod_status(
-            kubectl, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1")
-        )
-    status = wait_phase(kubectl, wait_until, namespace, "ok", "Running")
+        patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1"))
+    status = wait_phase(kube, wait_until, namespace, "ok", "Running")
     assert status["startTime"]
     status = wait_until(
         lambda: (
-            (s := ftj_status(kubectl, namespace, "ok")).get("progress", {}).get("step") == 25 and s
+            (s := ftj_status(kube, namespace, "ok")).get("progress", {}).get("step") == 25 and s
         ),
         timeout=60,
         message="progress scraped from rank 0",
     )
     assert status["progress"]["percent"] == 25
-    finish_pods(kubectl, namespace, pod_list, 0, json.dumps(RESULT))
-    status = wait_phase(kubectl, wait_until, namespace, "ok", "Succeeded")
+    finish_pods(kube, namespace, pod_list, 0, json.dumps(RESULT))
+    status = wait_phase(kube, wait_until, namespace, "ok", "Succeeded")
     assert status["evaluation"]["accuracy"] == {"before": 0.52, "after": 0.81}
     assert status["evaluationSummary"] == "accuracy 0.52→0.81"
     assert status["result"]["revision"] == RESULT["revision"]
@@ -207,77 +214,68 @@ def test_success_progress_and_result(
     assert condition(status, "Pushed")["status"] == "True"
     row = kubectl("-n", namespace, "get", "ftj", "ok", "--no-headers").stdout
     assert "Succeeded" in row and RESULT["revision"] in row and "100" in row
-    events = kubectl("-n", namespace, "get", "events", "--field-selector=involvedObject.name=ok")
-    assert "TrainingCompleted" in events.stdout
+    events = kube.list("Event", namespace, fields="involvedObject.name=ok")
+    assert "TrainingCompleted" in {e["reason"] for e in events}
     assert "finetune_operator_jobs" in operator.metrics()
 
 
-def test_retry_then_backoff_limit(operator: Operator, kubectl, namespace, wait_until):
-    kubectl.apply(ftj_manifest("retry", namespace, runPolicy={"backoffLimit": 1}))
-    first = wait_pods(kubectl, wait_until, namespace, "retry", 1, 2)
-    finish_pods(kubectl, namespace, first[:1], 1, "CUDA error: retryable")
-    second = wait_pods(kubectl, wait_until, namespace, "retry", 2, 2)
-    job = get(kubectl, namespace, "job", "retry")
+def test_retry_then_backoff_limit(operator: Operator, kube, namespace, wait_until):
+    kube.apply(ftj_manifest("retry", namespace, runPolicy={"backoffLimit": 1}))
+    first = wait_pods(kube, wait_until, namespace, "retry", 1, 2)
+    finish_pods(kube, namespace, first[:1], 1, "CUDA error: retryable")
+    second = wait_pods(kube, wait_until, namespace, "retry", 2, 2)
+    job = get(kube, namespace, "Job", "retry")
     assert job and job["metadata"]["labels"]["finetune.dev/attempt"] == "2"
-    assert ftj_status(kubectl, namespace, "retry")["attempts"] == 2
-    finish_pods(kubectl, namespace, second[:1], 137)
-    status = wait_phase(kubectl, wait_until, namespace, "retry", "Failed")
+    assert ftj_status(kube, namespace, "retry")["attempts"] == 2
+    finish_pods(kube, namespace, second[:1], 137)
+    status = wait_phase(kube, wait_until, namespace, "retry", "Failed")
     assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
     assert status["attempts"] == 2
 
 
-def test_permanent_exit_code_fails_at_once(operator: Operator, kubectl, namespace, wait_until):
-    kubectl.apply(ftj_manifest("gate", namespace, runPolicy={"backoffLimit": 3}))
-    pod_list = wait_pods(kubectl, wait_until, namespace, "gate", 1, 2)
+def test_permanent_exit_code_fails_at_once(operator: Operator, kube, namespace, wait_until):
+    kube.apply(ftj_manifest("gate", namespace, runPolicy={"backoffLimit": 3}))
+    pod_list = wait_pods(kube, wait_until, namespace, "gate", 1, 2)
     msg = json.dumps({"status": "Failed", "reason": "EvaluationGateFailed", "message": "acc 0.3"})
-    finish_pods(kubectl, namespace, pod_list[:1], 4, msg)
-    status = wait_phase(kubectl, wait_until, namespace, "gate", "Failed")
+    finish_pods(kube, namespace, pod_list[:1], 4, msg)
+    status = wait_phase(kube, wait_until, namespace, "gate", "Failed")
     assert condition(status, "Failed")["reason"] == "EvaluationGateFailed"
     assert status["attempts"] == 1
 
 
-def test_suspend_and_resume(operator: Operator, kubectl, namespace, wait_until):
-    kubectl.apply(ftj_manifest("sus", namespace, runPolicy={"suspend": True}))
+def test_suspend_and_resume(operator: Operator, kube, namespace, wait_until):
+    kube.apply(ftj_manifest("sus", namespace, runPolicy={"suspend": True}))
     wait_until(
-        lambda: (j := get(kubectl, namespace, "job", "sus")) and j["spec"]["suspend"] is True,
+        lambda: (j := get(kube, namespace, "Job", "sus")) and j["spec"]["suspend"] is True,
         timeout=30,
         message="suspended Job",
     )
-    wait_phase(kubectl, wait_until, namespace, "sus", "Suspended")
-    kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "ftj",
-        "sus",
-        "--type=merge",
-        "-p",
-        '{"spec": {"runPolicy": {"suspend": false}}}',
-    )
+    wait_phase(kube, wait_until, namespace, "sus", "Suspended")
+    kube.patch("FineTuneJob", "sus", namespace, {"spec": {"runPolicy": {"suspend": False}}})
     wait_until(
-        lambda: (j := get(kubectl, namespace, "job", "sus")) and j["spec"]["suspend"] is False,
+        lambda: (j := get(kube, namespace, "Job", "sus")) and j["spec"]["suspend"] is False,
         timeout=30,
         message="resumed Job",
     )
-    status = wait_phase(kubectl, wait_until, namespace, "sus", "Pending")
+    status = wait_phase(kube, wait_until, namespace, "sus", "Pending")
     assert condition(status, "Suspended")["reason"] == "Resumed"
 
 
-def test_kueue_queue_label(operator: Operator, kubectl, namespace, wait_until):
-    kubectl.apply(ftj_manifest("queued", namespace, runPolicy={"queueName": "team-a"}))
-    job = wait_until(lambda: get(kubectl, namespace, "job", "queued"), timeout=30, message="Job")
+def test_kueue_queue_label(operator: Operator, kube, namespace, wait_until):
+    kube.apply(ftj_manifest("queued", namespace, runPolicy={"queueName": "team-a"}))
+    job = wait_until(lambda: get(kube, namespace, "Job", "queued"), timeout=30, message="Job")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["spec"]["suspend"] is True
 
 
-def test_missing_secret_then_created(operator: Operator, kubectl, namespace, wait_until):
+def test_missing_secret_then_created(operator: Operator, kube, namespace, wait_until):
     manifest = ftj_manifest(
         "nosecret", namespace, output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": "hf"}}}
     )
-    kubectl.apply(manifest)
+    kube.apply(manifest)
     status = wait_until(
         lambda: (
-            (s := ftj_status(kubectl, namespace, "nosecret"))
+            (s := ftj_status(kube, namespace, "nosecret"))
             and condition(s, "Created").get("reason") == "SecretNotFound"
             and s
         ),
@@ -285,73 +283,70 @@ def test_missing_secret_then_created(operator: Operator, kubectl, namespace, wai
         message="SecretNotFound condition",
     )
     assert "hf" in condition(status, "Created")["message"]
-    assert get(kubectl, namespace, "job", "nosecret") is None
-    kubectl("-n", namespace, "create", "secret", "generic", "hf", "--from-literal=token=x")
-    wait_until(lambda: get(kubectl, namespace, "job", "nosecret"), timeout=60, message="Job")
+    assert get(kube, namespace, "Job", "nosecret") is None
+    create_secret(kube, namespace, "hf", "token", "x")
+    wait_until(lambda: get(kube, namespace, "Job", "nosecret"), timeout=60, message="Job")
 
 
-def test_delete_garbage_collects_children(operator: Operator, kubectl, namespace, wait_until):
-    kubectl.apply(ftj_manifest("gc", namespace))
-    wait_until(lambda: get(kubectl, namespace, "job", "gc"), timeout=30, message="Job")
-    kubectl("-n", namespace, "delete", "ftj", "gc", "--wait=false")
-    for kind in ("job", "service", "configmap"):
+def test_delete_garbage_collects_children(operator: Operator, kube, namespace, wait_until):
+    kube.apply(ftj_manifest("gc", namespace))
+    wait_until(lambda: get(kube, namespace, "Job", "gc"), timeout=30, message="Job")
+    kube.delete("FineTuneJob", "gc", namespace)
+    for kind in ("Job", "Service", "ConfigMap"):
         wait_until(
-            lambda kind=kind: get(kubectl, namespace, kind, "gc") is None,
+            lambda kind=kind: get(kube, namespace, kind, "gc") is None,
             timeout=60,
             message=f"{kind} collected",
         )
 
 
-def test_gpu_and_tpu_renders_are_accepted(operator: Operator, kubectl, namespace, wait_until):
+def test_gpu_and_tpu_renders_are_accepted(operator: Operator, kube, namespace, wait_until):
     for case in ("gpu", "tpu"):
         doc = yaml.safe_load((GOLDEN / f"{case}.input.yaml").read_text())
         doc["metadata"]["namespace"] = namespace
-        kubectl.apply(doc)
+        kube.apply(doc)
     for name in ("llama-qlora", "gemma-tpu"):
-        job = wait_until(lambda n=name: get(kubectl, namespace, "job", n), timeout=30, message=name)
+        job = wait_until(lambda n=name: get(kube, namespace, "Job", n), timeout=30, message=name)
         assert job["spec"]["suspend"] is True
-    gpu = get(kubectl, namespace, "job", "llama-qlora")
+    gpu = get(kube, namespace, "Job", "llama-qlora")
     limits = gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]  # type: ignore[index]
     assert limits["nvidia.com/gpu"] == "8"
 
 
-def test_kill_and_restart_makes_no_duplicates(operator: Operator, kubectl, namespace, wait_until):
+def test_kill_and_restart_makes_no_duplicates(operator: Operator, kube, namespace, wait_until):
     names = [f"k{i}" for i in range(6)]
-    kubectl.apply(
-        {"apiVersion": "v1", "kind": "List", "items": [ftj_manifest(n, namespace) for n in names]}
-    )
+    for n in names:  # one after another, as kubectl applies a List
+        kube.apply(ftj_manifest(n, namespace))
     operator.kill()
     operator.start()
     for n in names:
         wait_until(
             lambda n=n: (
-                ftj_status(kubectl, namespace, n).get("attempts") == 1
-                and get(kubectl, namespace, "job", n)
+                ftj_status(kube, namespace, n).get("attempts") == 1
+                and get(kube, namespace, "Job", n)
             ),
             timeout=60,
             message=f"{n} Job after restart",
         )
-    uids = {n: get(kubectl, namespace, "job", n)["metadata"]["uid"] for n in names}  # type: ignore[index]
+    uids = {n: get(kube, namespace, "Job", n)["metadata"]["uid"] for n in names}  # type: ignore[index]
     operator.kill()
     operator.start()
     for n in names:
-        wait_until(lambda n=n: len(pods(kubectl, namespace, n, 1)) == 2, timeout=30, message=n)
-    jobs = kubectl.json("-n", namespace, "get", "jobs")["items"]
+        wait_until(lambda n=n: len(pods(kube, namespace, n, 1)) == 2, timeout=30, message=n)
+    jobs = kube.list("Job", namespace)
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted(names)
     assert {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs} == uids
     for n in names:
-        assert ftj_status(kubectl, namespace, n)["attempts"] == 1
-        assert len(pods(kubectl, namespace, n, 1)) == 2
+        assert ftj_status(kube, namespace, n)["attempts"] == 1
+        assert len(pods(kube, namespace, n, 1)) == 2
 
 
-def test_rejected_render_fails_with_apply_rejected(
-    operator: Operator, kubectl, namespace, wait_until
-):
+def test_rejected_render_fails_with_apply_rejected(operator: Operator, kube, namespace, wait_until):
     # The schema passes template.volumes through unchecked; the API server refuses the Job.
     bad = ftj_manifest("rejected", namespace, template={"volumes": [{"name": "Not_A_DNS_Label"}]})
-    kubectl.apply(bad)
-    status = wait_phase(kubectl, wait_until, namespace, "rejected", "Failed")
+    kube.apply(bad)
+    status = wait_phase(kube, wait_until, namespace, "rejected", "Failed")
     failed = condition(status, "Failed")
     assert failed["reason"] == "ApplyRejected"
     assert "Not_A_DNS_Label" in failed["message"]
-    assert get(kubectl, namespace, "job", "rejected") is None
+    assert get(kube, namespace, "Job", "rejected") is None

@@ -1,0 +1,363 @@
+"""apply.Kube against a scripted API server on loopback: the wire format of every call, how
+each error status is translated, and that blocking calls stay off the event loop.
+
+The control-plane tests prove the same calls against a real kube-apiserver; these pin the
+details that a real server accepts either way (content types, query parameters, preconditions)
+and the error paths that are hard to provoke there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.apply import ApplyRejected, Kube, load_configuration
+
+# kubernetes 34.1.0 builds every ApiException with urllib3 2's deprecated getheaders().
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:HTTPResponse.getheaders:DeprecationWarning:kubernetes"
+)
+Obj = dict[str, Any]
+NS = "team-a"
+JOB_PATH = f"/apis/batch/v1/namespaces/{NS}/jobs/demo"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    content_type: str
+    body: Any
+
+
+@dataclass
+class FakeApiServer:
+    """Answers (method, path) from `routes` (default 200 {}), records every request."""
+
+    routes: dict[tuple[str, str], tuple[int, Obj]] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    # Set to hold every request until the test releases it.
+    gate: threading.Event | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+    def answer(self, method: str, path: str, body: bytes, headers: Any) -> tuple[int, Obj]:
+        url = urlsplit(path)
+        parsed = json.loads(body) if body else None
+        self.seen.append(
+            Seen(method, url.path, parse_qs(url.query), headers.get("Content-Type", ""), parsed)
+        )
+        self.arrived.set()
+        if self.gate is not None and not self.gate.wait(10):
+            return 500, {"message": "the test never released the request"}
+        return self.routes.get((method, url.path), (200, {}))
+
+
+def status(code: int, message: str) -> tuple[int, Obj]:
+    return code, {"kind": "Status", "apiVersion": "v1", "code": code, "message": message}
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[FakeApiServer, str]]:
+    fake = FakeApiServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            code, body = fake.answer(self.command, self.path, self.rfile.read(length), self.headers)
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _serve
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield fake, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        if fake.gate is not None:
+            fake.gate.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def run(server: tuple[FakeApiServer, str], call: Callable[[Kube], Any]) -> Any:
+    """One Kube against the fake, one call on a fresh event loop, the Kube closed after."""
+    _, host = server
+
+    async def go() -> Any:
+        kube = Kube(client.Configuration(host=host), max_requests=4)
+        try:
+            return await call(kube)
+        finally:
+            await kube.close()
+
+    return asyncio.run(go())
+
+
+def manifest(kind: str) -> Obj:
+    return {"apiVersion": "v1", "kind": kind, "metadata": {"name": "demo", "namespace": NS}}
+
+
+# ---- writes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("ConfigMap", f"/api/v1/namespaces/{NS}/configmaps/demo"),
+        ("Service", f"/api/v1/namespaces/{NS}/services/demo"),
+    ],
+)
+def test_apply_is_a_forced_server_side_apply(server, kind: str, path: str) -> None:
+    fake, _ = server
+    run(server, lambda kube: kube.apply(manifest(kind)))
+    (req,) = fake.seen
+    assert (req.method, req.path) == ("PATCH", path)
+    assert req.content_type == "application/apply-patch+yaml"
+    assert req.query == {"fieldManager": ["finetune-operator"], "force": ["true"]}
+    assert req.body == manifest(kind)
+
+
+@pytest.mark.parametrize("code", [400, 422])
+def test_apply_refused_render_is_apply_rejected_with_the_servers_message(server, code) -> None:
+    fake, _ = server
+    path = f"/api/v1/namespaces/{NS}/services/demo"
+    fake.routes[("PATCH", path)] = status(code, 'Service "demo" is invalid: spec.ports: Required')
+    with pytest.raises(ApplyRejected, match=r"Service demo: .*spec\.ports: Required"):
+        run(server, lambda kube: kube.apply(manifest("Service")))
+
+
+@pytest.mark.parametrize("code", [403, 429, 500])
+def test_apply_other_errors_propagate_for_kopf_to_retry(server, code: int) -> None:
+    fake, _ = server
+    fake.routes[("PATCH", f"/api/v1/namespaces/{NS}/configmaps/demo")] = status(code, "no")
+    with pytest.raises(ApiException) as info:
+        run(server, lambda kube: kube.apply(manifest("ConfigMap")))
+    assert not isinstance(info.value, ApplyRejected)
+    assert info.value.status == code
+
+
+def test_create_job_returns_the_created_job_as_a_dict(server) -> None:
+    fake, _ = server
+    job = {**manifest("Job"), "apiVersion": "batch/v1", "spec": {"completions": 2}}
+    created = {**job, "metadata": {**job["metadata"], "uid": "u-1"}}
+    fake.routes[("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")] = (201, created)
+    got = run(server, lambda kube: kube.create_job(job))
+    assert got == created
+    (req,) = fake.seen
+    assert req.query == {"fieldManager": ["finetune-operator"]}
+    assert req.body == job
+
+
+@pytest.mark.parametrize(
+    ("code", "expect"), [(409, None), (422, ApplyRejected), (500, ApiException)]
+)
+def test_create_job_errors(server, code: int, expect: Any) -> None:
+    fake, _ = server
+    fake.routes[("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")] = status(code, "x")
+    job = {**manifest("Job"), "apiVersion": "batch/v1"}
+    if expect is None:
+        assert run(server, lambda kube: kube.create_job(job)) is None
+    else:
+        with pytest.raises(expect):
+            run(server, lambda kube: kube.create_job(job))
+
+
+def test_patch_job_and_patch_status_are_merge_patches(server) -> None:
+    fake, _ = server
+
+    async def both(kube: Kube) -> None:
+        await kube.patch_job(NS, "demo", {"suspend": False})
+        await kube.patch_status(NS, "demo", {"phase": "Running"})
+
+    run(server, both)
+    job, status_ = fake.seen
+    assert (job.method, job.path, job.body) == ("PATCH", JOB_PATH, {"spec": {"suspend": False}})
+    assert job.content_type == "application/merge-patch+json"
+    ftj = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/demo/status"
+    assert (status_.method, status_.path) == ("PATCH", ftj)
+    assert status_.body == {"status": {"phase": "Running"}}
+    assert status_.content_type == "application/merge-patch+json"
+
+
+def test_delete_job_is_foreground_and_only_for_that_uid(server) -> None:
+    fake, _ = server
+    run(server, lambda kube: kube.delete_job(NS, "demo", "uid-7"))
+    (req,) = fake.seen
+    assert (req.method, req.path) == ("DELETE", JOB_PATH)
+    assert req.body["propagationPolicy"] == "Foreground"
+    assert req.body["preconditions"] == {"uid": "uid-7"}
+
+
+@pytest.mark.parametrize("code", [404, 409])
+def test_delete_job_already_gone_is_fine(server, code: int) -> None:
+    fake, _ = server
+    fake.routes[("DELETE", JOB_PATH)] = status(code, "Precondition failed: UID in precondition")
+    assert run(server, lambda kube: kube.delete_job(NS, "demo", "uid-7")) is None
+
+
+@pytest.mark.parametrize("code", [403, 500])
+def test_delete_job_other_errors_propagate(server, code: int) -> None:
+    fake, _ = server
+    fake.routes[("DELETE", JOB_PATH)] = status(code, "no")
+    with pytest.raises(ApiException) as info:
+        run(server, lambda kube: kube.delete_job(NS, "demo", "uid-7"))
+    assert info.value.status == code
+
+
+def test_delete_job_without_a_uid_sends_nothing(server) -> None:
+    fake, _ = server
+    with pytest.raises(ValueError, match="without its uid"):
+        run(server, lambda kube: kube.delete_job(NS, "demo", None))
+    assert fake.seen == []
+
+
+def test_post_event_is_best_effort(server) -> None:
+    fake, _ = server
+    fake.routes[("POST", f"/api/v1/namespaces/{NS}/events")] = status(500, "etcd is sad")
+    owner = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": NS, "uid": "u-1"},
+    }
+    run(server, lambda kube: kube.post_event(owner, "Normal", "Created", "x" * 2000))
+    (req,) = fake.seen
+    assert req.body["involvedObject"]["uid"] == "u-1"
+    assert req.body["metadata"]["generateName"] == "demo."
+    assert len(req.body["message"]) == 1024
+
+
+# ---- reads -------------------------------------------------------------------------------------
+
+
+def test_reads_return_dicts_and_none_for_404(server) -> None:
+    fake, _ = server
+    ftj_path = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/demo"
+    ftj = {"kind": "FineTuneJob", "metadata": {"name": "demo"}, "spec": {"x": 1}}
+    fake.routes[("GET", ftj_path)] = (200, ftj)
+    fake.routes[("GET", JOB_PATH)] = status(404, "not found")
+
+    async def reads(kube: Kube) -> tuple[Any, Any]:
+        return await kube.get_finetunejob(NS, "demo"), await kube.get_job(NS, "demo")
+
+    assert run(server, reads) == (ftj, None)
+
+
+def test_read_errors_other_than_404_propagate(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", JOB_PATH)] = status(403, "forbidden")
+    with pytest.raises(ApiException) as info:
+        run(server, lambda kube: kube.get_job(NS, "demo"))
+    assert info.value.status == 403
+
+
+def test_list_pods_selects_one_attempt_of_one_job(server) -> None:
+    fake, _ = server
+    pods = [{"metadata": {"name": "demo-0"}}, {"metadata": {"name": "demo-1"}}]
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/pods")] = (200, {"items": pods})
+    assert run(server, lambda kube: kube.list_pods(NS, "demo", 3)) == pods
+    (req,) = fake.seen
+    (selector,) = req.query["labelSelector"]
+    assert set(selector.split(",")) == {
+        "app.kubernetes.io/managed-by=finetune-operator",
+        "finetune.dev/job-name=demo",
+        "finetune.dev/attempt=3",
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "expect"),
+    [
+        ((200, {"data": {"token": "czNjcjN0"}}), True),
+        ((200, {"data": {"other": "eA=="}}), False),
+        ((200, {}), False),
+        (status(404, "not found"), None),
+    ],
+)
+def test_secret_key_exists(server, answer: tuple[int, Obj], expect: bool | None) -> None:
+    fake, _ = server
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/secrets/hf")] = answer
+    assert run(server, lambda kube: kube.secret_key_exists(NS, "hf", "token")) is expect
+
+
+# ---- the event loop and the pool ---------------------------------------------------------------
+
+
+def test_a_request_in_flight_does_not_block_the_event_loop(server) -> None:
+    """The server holds the request until the event loop itself releases it: a call made on the
+    loop's thread would never let the loop run, the server would give up, and get_job raise."""
+    fake, _ = server
+    fake.gate = threading.Event()
+    fake.routes[("GET", JOB_PATH)] = (200, {"metadata": {"name": "demo"}})
+
+    async def concurrently(kube: Kube) -> Any:
+        pending = asyncio.ensure_future(kube.get_job(NS, "demo"))
+        assert await asyncio.to_thread(fake.arrived.wait, 10)
+        fake.gate.set()  # type: ignore[union-attr]
+        return await pending
+
+    assert run(server, concurrently) == {"metadata": {"name": "demo"}}
+
+
+def test_the_connection_pool_matches_the_thread_pool(server) -> None:
+    _, host = server
+    kube = Kube(client.Configuration(host=host), max_requests=6)
+    assert kube.api.configuration.connection_pool_maxsize == 6
+    assert kube.api.rest_client.pool_manager.connection_pool_kw["maxsize"] == 6
+    asyncio.run(kube.close())
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://kubeconfig.example:6443"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+
+
+def test_outside_a_pod_the_kubeconfig_is_used(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "config").write_text(KUBECONFIG)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert load_configuration().host == "https://kubeconfig.example:6443"
+
+
+def test_in_a_pod_the_service_account_wins(tmp_path: Path, monkeypatch) -> None:
+    """The same order as kopf's login, so the watch and the writes reach the same cluster."""
+    from kubernetes.config import incluster_config
+
+    (tmp_path / "config").write_text(KUBECONFIG)
+    (tmp_path / "token").write_text("sa-token")
+    (tmp_path / "ca.crt").write_text("not-really-a-cert")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(tmp_path / "ca.crt"))
+    configuration = load_configuration()
+    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.api_key["authorization"].lower() == "bearer sa-token"
