@@ -27,8 +27,8 @@ MINIMAL = {
 }
 
 
-def test_cli_imports_no_torch() -> None:
-    code = "import sys, finetune_trainer.cli; assert 'torch' not in sys.modules, 'torch imported'"
+def test_launcher_imports_no_torch() -> None:
+    code = "import sys, finetune_trainer.launch; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -155,7 +155,7 @@ def test_compressed_file_formats() -> None:
 
 def test_example_manifest_is_valid(tmp_path: Path) -> None:
     from finetune_api import load_manifest
-    from finetune_trainer.cli import example_manifest
+    from finetune_trainer.example_data import example_manifest
 
     path = tmp_path / "job.yaml"
     path.write_text(example_manifest("minilm-sentiment", tmp_path / "data"))
