@@ -1,9 +1,10 @@
-# Two images from one tree:
+# Three images from one tree:
 #
-#   docker build --target operator -t finetune-operator:0.1.0 .   # kopf operator, no torch
-#   docker build --target trainer  -t finetune-trainer:0.1.0  .   # torch/transformers/peft trainer
+#   docker build --target operator   -t finetune-operator:0.1.0   .  # kopf operator, no torch
+#   docker build --target trainer    -t finetune-trainer:0.1.0    .  # torch/transformers/peft
+#   docker build --target hub-double -t finetune-hub-double:0.1.0 .  # Hub-API test double (tests)
 #
-# (hack/images.sh builds both.) Build args:
+# (hack/images.sh builds them.) Build args:
 #   BASE_IMAGE       any Debian-like image with python3 (3.11+) and the venv module.
 #                    Default: the official python:3.11-slim. Where no registry is reachable, use
 #                    the debootstrap base from hack/kind/build-base-image.sh:
@@ -17,13 +18,13 @@
 #                    proxy); used by the build stages only.
 #   VERSION, VCS_REF, BUILD_DATE   go into the org.opencontainers.image.* labels.
 #
-# Both images run as UID/GID 1000 with a read-only root filesystem: nothing writes outside
+# All images run as UID/GID 1000 with a read-only root filesystem: nothing writes outside
 # /tmp (an emptyDir in the pod), and all bytecode is compiled here, at build time.
 #
 # No "# syntax=" line and no BuildKit-only features (RUN --mount, COPY --link): the legacy
 # builder must work too, and a syntax line would make BuildKit pull a frontend image from a
 # registry. The legacy builder builds every stage above the target, so the trainer's dependency
-# stage comes last and `--target operator` never touches torch.
+# stage comes last and `--target operator` or `--target hub-double` never touches torch.
 
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -56,16 +57,23 @@ COPY hack/docker/install-deps.sh /usr/local/bin/
 FROM build-base AS operator-deps
 RUN install-deps.sh operator
 
-# ---- our code: one small layer shared by both images ---------------------------------------------
+# ---- our code: one small layer shared by both product images -------------------------------------
 # Installed under its own prefix and merged into /opt/venv by the images' last COPY, so a code
 # change rebuilds a layer of a few hundred KB, never the multi-GB dependency layer beneath it.
 # The pycs are unchecked-hash (valid whatever mtimes the COPY gives) and name their installed
-# paths in tracebacks (-s/-p). The operator image carries the torch-free trainer code too.
+# paths in tracebacks (-s/-p). The operator image carries the torch-free trainer code too;
+# the packages live in api/, operator/, trainer/ and cli/ (pyproject.toml's packages.find).
 FROM build-base AS app
 COPY README.md ./
+COPY api ./api
 COPY operator ./operator
 COPY trainer ./trainer
-RUN pip install --no-deps --prefix /opt/app . \
+# cli/ (the `finetune` command) through a wildcard, so that a tree without it still builds: the
+# legacy builder refuses only a COPY none of whose sources match, hence README.md beside it,
+# dropped again before the install.
+COPY README.md cl[i] ./cli/
+RUN rm cli/README.md \
+ && pip install --no-deps --prefix /opt/app . \
  && python -m compileall -q -f --invalidation-mode unchecked-hash -s /opt/app -p /opt/venv /opt/app/lib
 
 # ---- runtime base: the non-root, read-only-friendly environment ----------------------------------
@@ -111,9 +119,37 @@ LABEL org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}"
 
+# ---- Hub-API test double -------------------------------------------------------------------------
+# The in-cluster Hugging Face Hub double of the kind e2e (tests/kind/manifests/hub.yaml). A
+# distribution of its own (hub-double/, standard library only): none of our product code, no
+# torch, no dependencies. Installed into the build stage's venv, whose installers then go as in
+# install-deps.sh; its code changes rebuild only these few-KB layers. Above trainer-deps, so
+# `--target hub-double` builds no torch either.
+FROM build-base AS hub-double-build
+COPY hub-double ./hub-double
+RUN pip install --no-deps ./hub-double \
+ && pip uninstall -y -q pip setuptools \
+ && rm -f /opt/venv/pip.conf \
+ && python -m compileall -q -f --invalidation-mode unchecked-hash /opt/venv/lib
+
+FROM runtime AS hub-double
+LABEL org.opencontainers.image.title="finetune-hub-double" \
+      org.opencontainers.image.description="Hugging Face Hub-API test double for finetune-operator's end-to-end tests (not a Hub)"
+COPY --from=hub-double-build /opt/venv /opt/venv
+EXPOSE 8080
+ENTRYPOINT ["python", "-m", "finetune_hub_double"]
+CMD ["--help"]
+# Per-build labels last, so a new BUILD_DATE or VCS_REF only rebuilds this layer.
+ARG VERSION=0.1.0
+ARG VCS_REF=""
+ARG BUILD_DATE=""
+LABEL org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}"
+
 # ---- trainer dependencies ------------------------------------------------------------------------
 # Last, so that the legacy builder (which builds every stage above the target) never installs
-# torch for `--target operator`.
+# torch for `--target operator` or `--target hub-double`.
 FROM build-base AS trainer-deps
 ARG TORCH_INDEX_URL=""
 RUN install-deps.sh trainer

@@ -123,7 +123,7 @@ def run_finetune(
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "finetune_trainer.cli", "train", str(manifest)],
+                [sys.executable, "-m", "finetune_cli", "train", str(manifest)],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

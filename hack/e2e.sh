@@ -7,7 +7,8 @@
 #
 # Steps (each idempotent; a warm re-run skips the build and image loads):
 #   1. hack/kind/cluster.sh up
-#   2. hack/images.sh all                       (SKIP_BUILD=1 to use the local images as they are)
+#   2. hack/images.sh operator|trainer|hub-double, each only when its sources changed since its
+#      last build                               (SKIP_BUILD=1 to use the local images as they are)
 #   3. cluster.sh load, only where a node lacks the local image ID (the trainer image is ~6 GB)
 #   4. the chart's CRD, then helm upgrade --install into finetune-system, wait for Available
 #   5. namespace $NS: Secret hub-token (random), the Hub-API test double seeded with
@@ -26,6 +27,7 @@ TIMEOUT="${TIMEOUT:-1800}"
 VERSION="${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "${ROOT}/pyproject.toml" | head -n1)}"
 OPERATOR_IMAGE="finetune-operator:${VERSION}"
 TRAINER_IMAGE="finetune-trainer:${VERSION}"
+HUB_DOUBLE_IMAGE="finetune-hub-double:${VERSION}"
 DOCKER=docker; [[ -x /usr/bin/docker ]] && DOCKER=/usr/bin/docker
 KUBECTL="${FINETUNE_CACHE}/k8s/${K8S_VERSION:-v1.34.4}/bin/kubectl"
 [[ -x "$KUBECTL" ]] || KUBECTL=$(command -v kubectl)
@@ -48,20 +50,30 @@ step "1. cluster"
 done_step
 
 step "2. images"
-# images.sh labels each build with its date, so every build is a new image ID and a new multi-GB
-# kind load. Build only when the sources (the .dockerignore allow-list) or the base changed.
+# images.sh labels each build with its commit, so a build after any commit is a new image ID and
+# a new kind load (multi-GB for the trainer). Build an image only when its own sources (its part
+# of the .dockerignore allow-list) or the base changed: the product images from the project, the
+# Hub double from hub-double/ alone.
 context_hash() {
+  local src sources=()
+  case "$1" in
+    hub-double) set -- "$1" hub-double ;;
+    *) set -- "$1" pyproject.toml README.md api operator trainer cli hack/docker ;;
+  esac
+  for src in Dockerfile .dockerignore "${@:2}"; do
+    [[ -e "${ROOT}/${src}" ]] && sources+=("$src")
+  done
   { "$DOCKER" image inspect -f '{{.Id}}' "${BASE_IMAGE:-finetune-local/python-base:bookworm}" 2>/dev/null || true
-    echo "${TORCH_INDEX_URL:-}"
-    cd "$ROOT" && find Dockerfile .dockerignore pyproject.toml README.md operator trainer -type f \
+    echo "$1 ${TORCH_INDEX_URL:-}"
+    cd "$ROOT" && find "${sources[@]}" -type f \
       ! -path '*/__pycache__/*' ! -name '*.py[co]' ! -path '*.egg-info/*' -print0 | sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-64
 }
 STAMPS="${FINETUNE_CACHE}/kind-e2e/images-sh"
 mkdir -p "$STAMPS"
 if [[ "${SKIP_BUILD:-}" != 1 ]]; then
-  ctx=$(context_hash)
-  for target in operator trainer; do
+  for target in operator trainer hub-double; do
+    ctx=$(context_hash "$target")
     ref="finetune-${target}:${VERSION}"
     id=$("$DOCKER" image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true)
     if [[ -n "$id" && "$(cat "${STAMPS}/${ref/:/_}" 2>/dev/null)" == "${ctx} ${id}" ]]; then
@@ -75,7 +87,8 @@ fi
 done_step
 
 step "3. images on the nodes"
-"${ROOT}/hack/kind/cluster.sh" load "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
+# The Hub double last: below its few-KB venv it is the runtime base the other two brought.
+"${ROOT}/hack/kind/cluster.sh" load "$OPERATOR_IMAGE" "$TRAINER_IMAGE" "$HUB_DOUBLE_IMAGE"
 done_step
 
 step "4. operator chart"
@@ -103,7 +116,10 @@ if ! kc -n "$NS" get secret hub-token >/dev/null 2>&1; then
 fi
 kc -n "$NS" create configmap hub-seed --from-file="${ROOT}/tests/kind/manifests/seed_tiny.py" \
   --dry-run=client -o yaml | kc -n "$NS" apply -f -
-kc -n "$NS" apply -f "${ROOT}/tests/kind/manifests/hub.yaml"
+# The seed init container runs from the trainer image (torch), the double from its own.
+sed -e "s#image: finetune-trainer:.*#image: ${TRAINER_IMAGE}#" \
+    -e "s#image: finetune-hub-double:.*#image: ${HUB_DOUBLE_IMAGE}#" \
+    "${ROOT}/tests/kind/manifests/hub.yaml" | kc -n "$NS" apply -f -
 kc -n "$NS" rollout status deployment/hub --timeout=600s
 done_step
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Build the operator and trainer images from the Dockerfile, tagged with pinned versions.
+# Build the operator, trainer and Hub-double images from the Dockerfile, with pinned version tags.
 #
-#   hack/images.sh [operator|trainer|all]      (default: all)
+#   hack/images.sh [operator|trainer|hub-double|all]      (default: all: the three)
+#
+# hub-double is the Hub-API test double the kind e2e runs in-cluster (tests/kind/manifests/
+# hub.yaml): standard library only, a few MB on top of the base; it ships with no release.
 #
 # Env:
 #   BASE_IMAGE       python base (default: finetune-local/python-base:bookworm, the debootstrap
@@ -12,6 +15,7 @@
 #   VERSION          image tag (default: the version in pyproject.toml, 0.1.0)
 #   OPERATOR_IMAGE / TRAINER_IMAGE   repositories (default finetune-operator / finetune-trainer,
 #                    the chart's defaults)
+#   HUB_DOUBLE_IMAGE repository of the test double (default finetune-hub-double)
 #   EXTRA_CA_DIR     PEM *.crt files that pip inside the build must trust, passed as the
 #                    EXTRA_CA_CERTS build arg (default /usr/local/share/ca-certificates, where
 #                    update-ca-certificates takes local CAs from; a TLS-intercepting proxy's CA
@@ -32,15 +36,16 @@ VERSION="${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "${ROOT}/pyproject.to
 [[ -n "$VERSION" ]] || die "no version in pyproject.toml; set VERSION"
 OPERATOR_IMAGE="${OPERATOR_IMAGE:-finetune-operator}"
 TRAINER_IMAGE="${TRAINER_IMAGE:-finetune-trainer}"
+HUB_DOUBLE_IMAGE="${HUB_DOUBLE_IMAGE:-finetune-hub-double}"
 
 targets=()
 [[ $# -gt 0 ]] || set -- all
 for arg in "$@"; do
   case "$arg" in
-    all) targets+=(operator trainer) ;;
-    operator | trainer) targets+=("$arg") ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) die "unknown target: $arg (operator|trainer|all)" ;;
+    all) targets+=(operator trainer hub-double) ;;
+    operator | trainer | hub-double) targets+=("$arg") ;;
+    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) die "unknown target: $arg (operator|trainer|hub-double|all)" ;;
   esac
 done
 
@@ -62,8 +67,9 @@ build_date=$(git -C "$(dirname "$0")/.." log -1 --format=%cd --date=iso-strict 2
 
 for target in "${targets[@]}"; do
   case "$target" in
-    operator) ref="${OPERATOR_IMAGE}:${VERSION}" ;;
-    trainer) ref="${TRAINER_IMAGE}:${VERSION}" ;;
+    operator) ref="${OPERATOR_IMAGE}:${VERSION}" cache_stage=operator-deps ;;
+    trainer) ref="${TRAINER_IMAGE}:${VERSION}" cache_stage=trainer-deps ;;
+    hub-double) ref="${HUB_DOUBLE_IMAGE}:${VERSION}" cache_stage=hub-double-build ;;
   esac
   log "building ${ref} (target ${target}, base ${BASE_IMAGE})"
   start=$(date +%s)
@@ -79,7 +85,8 @@ for target in "${targets[@]}"; do
   # Tag the dependency stage too (a cache hit, so instant): the legacy builder keeps stages as
   # untagged images, and only a tag tells this build's cache from the superseded ones, which
   # (multi-GB for the trainer) are pruned next. Without that, each rebuild leaks ~6 GB of disk.
-  "$DOCKER" build "$ROOT" --target "${target}-deps" --tag "${ref%:*}-deps:cache" \
+  # (The Hub double has no dependencies: its tagged stage is its install, kept for the same reason.)
+  "$DOCKER" build "$ROOT" --target "$cache_stage" --tag "${ref%:*}-${cache_stage##*-}:cache" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
     --build-arg EXTRA_CA_CERTS="$extra_ca" >/dev/null
   "$DOCKER" image prune --force >/dev/null

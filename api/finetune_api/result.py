@@ -102,6 +102,8 @@ class TrainerResult(BaseModel):
     def to_message(self) -> str:
         """Compact JSON of at most MAX_MESSAGE_BYTES with the message scrubbed. The message is
         cut first, then the last metrics: what the operator acts on is kept whole."""
+        if self.rank is not None:  # the other ranks report only what they set
+            return _compact(self.model_dump(mode="json", by_alias=True, exclude_defaults=True))
         doc = self.model_dump(mode="json", by_alias=True, exclude_none=True)
         doc["message"] = scrub(doc.get("message", ""))
         text = _compact(doc)

@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from finetune_api.constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
+from finetune_api.metrics import (
+    CLASSIFICATION_METRICS,
+    DEFAULT_METRICS,
+    effective_metrics,
+    foreign_metrics,
+)
 from finetune_api.rules import Rule, TransitionRule
 
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
@@ -31,13 +37,6 @@ UnstructuredObject = Annotated[
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 Task = Literal["causal-lm", "sequence-classification"]
-CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall")
-# Metrics where lower is better: a gate on one of these is a maximum, not a minimum.
-LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
-DEFAULT_METRICS: dict[str, list[str]] = {
-    CAUSAL_LM: ["perplexity"],
-    SEQUENCE_CLASSIFICATION: ["accuracy"],
-}
 
 
 class ApiModel(BaseModel):
@@ -429,15 +428,20 @@ IMMUTABLE_SPEC_FIELDS = (
 )
 
 
-def _effective_metrics(spec: "FineTuneJobSpec") -> list[str]:
-    return spec.evaluation.metrics or DEFAULT_METRICS[spec.model.task]
+# The metric vocabulary lives in finetune_api.metrics; these spell it in CEL.
+def _cel_list(names: list[str] | tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{m}'" for m in names) + "]"
 
 
 _METRICS_CEL = (
     "(size(self.evaluation.metrics) > 0 ? self.evaluation.metrics : "
-    "(self.model.task == 'causal-lm' ? ['perplexity'] : ['accuracy']))"
+    f"(self.model.task == '{CAUSAL_LM}' ? {_cel_list(DEFAULT_METRICS[CAUSAL_LM])} : "
+    f"{_cel_list(DEFAULT_METRICS[SEQUENCE_CLASSIFICATION])}))"
 )
-_CLASSIFICATION_METRICS_CEL = "[" + ", ".join(f"'{m}'" for m in CLASSIFICATION_METRICS) + "]"
+_CLASSIFICATION_METRICS_CEL = _cel_list(CLASSIFICATION_METRICS)
+_WITHOUT_CAUSAL_LM_METRICS_CEL = " && ".join(
+    f"!('{m}' in self.evaluation.metrics)" for m in foreign_metrics(SEQUENCE_CLASSIFICATION)
+)
 
 
 class FineTuneJobSpec(ApiModel):
@@ -474,20 +478,18 @@ class FineTuneJobSpec(ApiModel):
         Rule(
             cel=f"self.evaluation.gates.all(k, k in {_METRICS_CEL})",
             message="every evaluation.gates key must be a computed metric (see evaluation.metrics)",
-            check=lambda s: all(k in _effective_metrics(s) for k in s.evaluation.gates),
+            check=lambda s: all(
+                k in effective_metrics(s.model.task, s.evaluation.metrics)
+                for k in s.evaluation.gates
+            ),
             field="evaluation.gates",
         ),
         Rule(
             cel="self.model.task == 'causal-lm' ? self.evaluation.metrics.all(m, !(m in "
-            f"{_CLASSIFICATION_METRICS_CEL})) : !('perplexity' in self.evaluation.metrics)",
+            f"{_CLASSIFICATION_METRICS_CEL})) : {_WITHOUT_CAUSAL_LM_METRICS_CEL}",
             message="perplexity is for causal-lm; accuracy, f1, precision and recall are for "
             "sequence-classification",
-            check=lambda s: (
-                not (
-                    set(s.evaluation.metrics)
-                    & (set(CLASSIFICATION_METRICS) if s.model.task == CAUSAL_LM else {"perplexity"})
-                )
-            ),
+            check=lambda s: not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task)),
             field="evaluation.metrics",
         ),
         TransitionRule(

@@ -75,3 +75,30 @@ class Settings:
             trainer_default_resources=_resources(env.get("FINETUNE_TRAINER_DEFAULT_RESOURCES")),
             metrics_linger_seconds=int(env.get("FINETUNE_METRICS_LINGER_SECONDS", "20")),
         )
+
+    @classmethod
+    def from_chart_values(cls, values: Mapping[str, Any], *, app_version: str) -> Settings:
+        """The Settings the chart's operator runs with: the env that templates/deployment.yaml
+        renders from `values` (the chart's values.yaml merged with the user's), read by
+        from_env, so the two cannot drift apart without tests/unit/test_settings_chart.py
+        noticing. `app_version` is Chart.yaml's appVersion, the default image tag.
+
+        extraEnv entries with valueFrom are left out: only the cluster can resolve them.
+        """
+        trainer = values["trainer"]
+        image = trainer["image"]
+        env = {
+            "FINETUNE_TRAINER_IMAGE": f"{image['repository']}:{image.get('tag') or app_version}",
+            "FINETUNE_TRAINER_IMAGE_PULL_POLICY": str(image["pullPolicy"]),
+            "FINETUNE_WATCH_NAMESPACES": ",".join(values.get("watchNamespaces") or ()),
+            "FINETUNE_METRICS_PORT": str(values["metrics"]["port"]),
+            "FINETUNE_LIVENESS_ENDPOINT": f"http://0.0.0.0:{values['livenessProbe']['port']}/healthz",
+            "FINETUNE_LOG_LEVEL": str(values["logLevel"]),
+        }
+        if trainer.get("defaultResources"):  # the template's `with` skips an empty map
+            env["FINETUNE_TRAINER_DEFAULT_RESOURCES"] = json.dumps(trainer["defaultResources"])
+        # Appended after the chart's own entries; for a repeated name the kubelet keeps the last.
+        for var in values.get("extraEnv") or ():
+            if "valueFrom" not in var:
+                env[var["name"]] = str(var.get("value", ""))
+        return cls.from_env(env)

@@ -6,9 +6,10 @@
 Session fixtures, each idempotent (a warm run takes seconds, not minutes):
 
 - `kube`: `hack/kind/cluster.sh up` (reuses a running cluster) and a kubectl wrapper.
-- `images`: `hack/images.sh all` (docker's layer cache makes an unchanged tree a no-op; skipped
-  with FINETUNE_E2E_SKIP_BUILD=1), then `cluster.sh load` only for the nodes whose containerd
-  lacks that exact image ID (the trainer image is ~6 GB: a load is minutes, a check is 0.1 s).
+- `images`: the operator, trainer and Hub-double images, each built by `hack/images.sh <target>`
+  only when its own sources changed since its last build (`context_hash`; skipped with
+  FINETUNE_E2E_SKIP_BUILD=1), then `cluster.sh load` only for the nodes whose containerd lacks
+  that exact image ID (the trainer image is ~6 GB: a load is minutes, a check is 0.1 s).
 - `operator_release`: the chart's CRD applied (helm never upgrades CRDs), then
   `helm upgrade --install` into finetune-system with the local images (pinned tag,
   IfNotPresent) and the operator Deployment Available. The pod template carries the operator
@@ -19,8 +20,9 @@ On a failed test, `diagnostics` exports `kind export logs` plus describe/logs of
 test touched into test-results/kind-logs/<test>-<time>/.
 
 With FINETUNE_KUBE_CONTEXT set, that context is used as is: nothing is created, built or loaded
-(the images named by FINETUNE_E2E_OPERATOR_IMAGE / FINETUNE_E2E_TRAINER_IMAGE, default
-finetune-operator:0.1.0 / finetune-trainer:0.1.0, must be pullable by its nodes).
+(the images named by FINETUNE_E2E_OPERATOR_IMAGE / FINETUNE_E2E_TRAINER_IMAGE /
+FINETUNE_E2E_HUB_DOUBLE_IMAGE, default finetune-operator:0.1.0 / finetune-trainer:0.1.0 /
+finetune-hub-double:0.1.0, must be pullable by its nodes).
 Skipped only when FINETUNE_SKIP_KIND=1.
 
 test_cluster.py keeps its own module-scoped `kubectl` fixture; the fixtures here are named
@@ -61,6 +63,10 @@ VERSION = os.environ.get("VERSION") or re.search(
 ).group(1)  # type: ignore[union-attr]
 OPERATOR_IMAGE = os.environ.get("FINETUNE_E2E_OPERATOR_IMAGE", f"finetune-operator:{VERSION}")
 TRAINER_IMAGE = os.environ.get("FINETUNE_E2E_TRAINER_IMAGE", f"finetune-trainer:{VERSION}")
+HUB_DOUBLE_IMAGE = os.environ.get("FINETUNE_E2E_HUB_DOUBLE_IMAGE", f"finetune-hub-double:{VERSION}")
+# hack/images.sh target -> image ref, in build and load order (the Hub double last: its layers
+# below the few-KB venv are the runtime base's, which the other two have brought to the nodes).
+IMAGE_REFS = {"operator": OPERATOR_IMAGE, "trainer": TRAINER_IMAGE, "hub-double": HUB_DOUBLE_IMAGE}
 OPERATOR_NAMESPACE = "finetune-system"
 RELEASE = "finetune-operator"
 # The chart's fullname: the release name already contains the chart name.
@@ -239,29 +245,52 @@ def ensure_loaded(ref: str) -> dict[str, Any]:
     return info
 
 
-def context_hash() -> str:
-    """A hash of what the Dockerfile builds from (the .dockerignore allow-list) and the base image.
+# What each image is built from, in the .dockerignore allow-list (files or folders), besides the
+# Dockerfile and .dockerignore themselves: the product images from the pyproject.toml project
+# (whose build stage also copies hack/docker/), the Hub double from its own distribution only.
+PRODUCT_SOURCES = (
+    *("pyproject.toml", "README.md", "hack/docker"),
+    *("api", "operator", "trainer", "cli"),
+)
+IMAGE_SOURCES = {
+    "operator": PRODUCT_SOURCES,
+    "trainer": PRODUCT_SOURCES,
+    "hub-double": ("hub-double",),
+}
 
-    hack/images.sh stamps BUILD_DATE into a label, so every build gets a new image ID even from an
-    unchanged tree, and a new ID means another multi-GB `kind load`. Building only when this hash
-    moved keeps warm runs warm.
+
+def _source_files(top: Path) -> list[Path]:
+    if top.is_file():
+        return [top]
+    return [
+        f
+        for f in top.rglob("*")
+        if f.is_file()
+        and "__pycache__" not in f.parts
+        and f.suffix not in (".pyc", ".pyo")
+        and not any(part.endswith(".egg-info") for part in f.parts)
+    ]
+
+
+def context_hash(target: str) -> str:
+    """A hash of what the Dockerfile builds `target` from (its part of the .dockerignore
+    allow-list, see IMAGE_SOURCES) and the base image.
+
+    hack/images.sh stamps the commit (VCS_REF, BUILD_DATE) into labels, so a build after any new
+    commit gets a new image ID even from unchanged sources, and a new ID means another `kind
+    load` (multi-GB for the trainer). Building an image only when its own hash moved keeps warm
+    runs warm, and a Hub-double edit from rebuilding the product images (and the reverse).
     """
     digest = hashlib.sha256()
     base = os.environ.get("BASE_IMAGE", "finetune-local/python-base:bookworm")
     base_id = subprocess.run(
         [DOCKER, "image", "inspect", "-f", "{{.Id}}", base], capture_output=True, text=True
     ).stdout.strip()
-    digest.update(f"base={base_id}\0torch={os.environ.get('TORCH_INDEX_URL', '')}\0".encode())
-    files = [REPO / n for n in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")]
-    for top in ("operator", "trainer"):
-        files += [
-            f
-            for f in (REPO / top).rglob("*")
-            if f.is_file()
-            and "__pycache__" not in f.parts
-            and f.suffix not in (".pyc", ".pyo")
-            and not any(part.endswith(".egg-info") for part in f.parts)
-        ]
+    torch = os.environ.get("TORCH_INDEX_URL", "") if target == "trainer" else ""
+    digest.update(f"target={target}\0base={base_id}\0torch={torch}\0".encode())
+    files = [REPO / "Dockerfile", REPO / ".dockerignore"]
+    for top in IMAGE_SOURCES[target]:
+        files += _source_files(REPO / top)
     for f in sorted(files):
         if f.is_file():
             digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
@@ -315,22 +344,24 @@ def check_disk_for_build(targets: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def images(kube: Kube) -> dict[str, str]:
-    """Image refs on the cluster's nodes: {'operator': ref, 'trainer': ref, '<ref>': id}."""
-    refs = {"operator": OPERATOR_IMAGE, "trainer": TRAINER_IMAGE}
+    """Image refs on the cluster's nodes: {'operator': ref, 'trainer': ref, 'hub-double': ref,
+    '<ref>': id}."""
+    refs = dict(IMAGE_REFS)
     if CONTEXT:
         return refs
     if os.environ.get("FINETUNE_E2E_SKIP_BUILD") != "1":
-        context = context_hash()
-        stale = [kind for kind, ref in refs.items() if not image_is_current(ref, context)]
+        contexts = {target: context_hash(target) for target in refs}
+        stale = [t for t, ref in refs.items() if not image_is_current(ref, contexts[t])]
         with Stopwatch("image_build_total"):
             if stale:
                 check_disk_for_build(stale)
                 run([str(IMAGES_SH), *stale], timeout=3600)
-                for kind in stale:
-                    stamp_image(refs[kind], context)
-                    # The previous build of this image is now untagged: free its ~6 GB layer.
-                    # Only final images carry this label; build-stage caches are kept.
-                    title = refs[kind].rsplit(":", 1)[0].rsplit("/", 1)[-1]
+                for target in stale:
+                    stamp_image(refs[target], contexts[target])
+                    # The previous build of this image is now untagged: free its layers (~6 GB
+                    # for the trainer). Only final images carry this label; build-stage caches
+                    # are kept.
+                    title = refs[target].rsplit(":", 1)[0].rsplit("/", 1)[-1]
                     subprocess.run(
                         [DOCKER, "image", "prune", "-f", "--filter",
                          f"label=org.opencontainers.image.title={title}"],
@@ -338,11 +369,12 @@ def images(kube: Kube) -> dict[str, str]:
                     )  # fmt: skip
         record("image_build_targets", ",".join(stale) or "none (sources unchanged)")
     out = dict(refs)
-    for kind, ref in refs.items():
+    for target, ref in refs.items():
         info = ensure_loaded(ref)
         state = "cold" if info["nodes_missing"] else "warm"
-        record(f"kind_load_{kind}_{state}", info["seconds"])
-        record(f"kind_load_{kind}_nodes_loaded", ",".join(info["nodes_missing"]) or "none")
+        key = target.replace("-", "_")
+        record(f"kind_load_{key}_{state}", info["seconds"])
+        record(f"kind_load_{key}_nodes_loaded", ",".join(info["nodes_missing"]) or "none")
         out[ref] = info["id"]
     return out
 

@@ -4,9 +4,9 @@
 
 What happens, in a fresh namespace:
 1. a Secret with a random Hub token, and the Hub-API test double (tests/kind/manifests/hub.yaml)
-   as a Deployment + Service whose init container builds a tiny Llama + tokenizer and a jsonl
-   dataset, served as hf://org/tiny and hf://org/tiny-data; the double accepts only that token,
-   for reads too;
+   as a Deployment + Service whose init container (trainer image) builds a tiny Llama + tokenizer
+   and a jsonl dataset, served by the double (its own image) as hf://org/tiny and
+   hf://org/tiny-data; the double accepts only that token, for reads too;
 2. examples/tiny-cpu.yaml applied (2 pods x 1 process, CPU, 40 steps), its endpoint pointed at
    the double;
 3. while it runs: `kubectl get ftj` polled (Progress > 0 must show before the end), and the
@@ -122,7 +122,25 @@ def printer_columns(kube: Any, namespace: str, name: str) -> dict[str, str]:
     return cells
 
 
-def setup_hub(kube: Any, namespace: str, token: str, timing: Any) -> HubPod:
+def hub_manifests(images: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """hub.yaml, with the image refs this session loaded when given (the `images` fixture): the
+    seed init container needs the trainer image (torch, transformers), the double runs from its
+    own image. Without them, hub.yaml's own refs (hack/images.sh's default tags)."""
+    docs = [d for d in yaml.safe_load_all((MANIFESTS / "hub.yaml").read_text()) if d]
+    if images is None:
+        return docs
+    refs = {"seed": images["trainer"], "hub": images["hub-double"]}
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            pod = doc["spec"]["template"]["spec"]
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                container["image"] = refs[container["name"]]
+    return docs
+
+
+def setup_hub(
+    kube: Any, namespace: str, token: str, timing: Any, images: dict[str, str] | None = None
+) -> HubPod:
     kube.apply(
         {
             "apiVersion": "v1",
@@ -142,7 +160,7 @@ def setup_hub(kube: Any, namespace: str, token: str, timing: Any) -> HubPod:
         },
         namespace,
     )
-    kube("-n", namespace, "apply", "-f", str(MANIFESTS / "hub.yaml"))
+    kube.apply(hub_manifests(images), namespace)
     with timing.stopwatch("hub_double_ready"):
         kube(
             "-n",
@@ -172,6 +190,7 @@ def example_job(namespace: str, endpoint: str) -> dict[str, Any]:
 
 def test_finetunejob_end_to_end(
     kube: Any,
+    images: dict[str, str],
     operator_release: dict[str, str],
     test_namespace: str,
     diagnostics: dict[str, str],
@@ -183,7 +202,7 @@ def test_finetunejob_end_to_end(
     # Random, and not hf_-shaped: a leak must not hide behind pattern-based redaction.
     token = f"e2etok{secrets.token_hex(20)}"
 
-    hub = setup_hub(kube, ns, token, timing)
+    hub = setup_hub(kube, ns, token, timing, images)
     job = example_job(ns, hub.endpoint)
     name = job["metadata"]["name"]
     repo = job["spec"]["output"]["hub"]["repo"]

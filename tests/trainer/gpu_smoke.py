@@ -50,7 +50,7 @@ def main(out: Path) -> int:
             [
                 sys.executable,
                 "-m",
-                "finetune_trainer.cli",
+                "finetune_cli",
                 "run",
                 str(manifest),
                 "--workdir",

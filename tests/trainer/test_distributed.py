@@ -82,7 +82,7 @@ def test_result_file_from_rank_0(two_pods: Run) -> None:
     assert result["reason"] == "TrainingCompleted"
     assert result["steps"] == 150
     assert result["artifact"] == "adapter"
-    assert result["resumedFromStep"] is None
+    assert "resumedFromStep" not in result  # the result message leaves out what is unset
     ppl = result["evaluation"]["perplexity"]
     assert ppl["before"] > ppl["after"] > 0, ppl  # the model learnt something
     # The other pod writes only a small status of its own.

@@ -1,4 +1,7 @@
-"""`finetune run`: the README demo's path, the example manifest as a 2-node local gang."""
+"""`finetune run`: the README demo's path, the example manifest as a 2-node local gang.
+
+Each node's ranks are `python -m finetune_trainer.rank` processes started by local mode with
+the env a pod of that node gets (launch.run_local)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from trainer_helpers import FINETUNE
+
+from finetune_api.result import TrainerResult
 
 pytestmark = pytest.mark.slow
 
@@ -48,5 +53,7 @@ def test_example_runs_locally_with_two_nodes(base_env: dict[str, str], tmp_path:
     assert "accuracy: " in done.stderr  # the before -> after summary
     labels = json.loads((tmp_path / "work" / "output" / "adapter_config.json").read_text())
     assert labels["task_type"] == "SEQ_CLS"
-    node1 = json.loads((tmp_path / "work" / "node-1" / "result.json").read_text())
-    assert node1 == {"rank": 1, "status": "Succeeded"}
+    # Rank 1 reports only its own verdict: scores, the push and the artifacts are rank 0's.
+    node1 = TrainerResult.parse((tmp_path / "work" / "node-1" / "result.json").read_text())
+    assert node1 is not None and (node1.rank, node1.status) == (1, "Succeeded")
+    assert not node1.evaluation and node1.revision is None and node1.steps is None

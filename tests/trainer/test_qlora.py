@@ -21,6 +21,8 @@ from trainer_helpers import deep_update
 from finetune_api import parse_manifest
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import modeling
+from finetune_trainer.tasks import TaskData
+from finetune_trainer.tasks.causal_lm import CausalLM
 from finetune_trainer.testing.tiny import sentences
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the trainer extra")
@@ -45,9 +47,16 @@ def _spec(manifest: dict[str, Any], merge: bool) -> FineTuneJobSpec:
     return parse_manifest(doc).spec
 
 
+def _data(spec: FineTuneJobSpec) -> TaskData:
+    """The task's data for the spec, on a few rows: the model and the save need its tokenizer."""
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"text": sentences(8, 3)})
+    return CausalLM(spec).build_data(rows, rows)
+
+
 def _trained(spec: FineTuneJobSpec, batch: dict[str, torch.Tensor]) -> tuple[Any, list[float]]:
-    tokenizer = modeling.load_tokenizer(spec.model)
-    model = modeling.load_model(spec, tokenizer, None, CPU)
+    model = CausalLM(spec).load_model(_data(spec), CPU)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(20):
@@ -91,8 +100,7 @@ def test_qlora_adapter_reloads_onto_the_full_precision_base(
 
     spec = _spec(causal_manifest, merge=False)
     model, _ = _trained(spec, batch)
-    tokenizer = modeling.load_tokenizer(spec.model)
-    assert modeling.save_artifact(model, tokenizer, spec, tmp_path) == "adapter"
+    assert CausalLM(spec).save(model, _data(spec), tmp_path) == "adapter"
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == spec.peft.r
@@ -116,8 +124,7 @@ def test_qlora_merge_happens_at_full_precision(
     model, _ = _trained(spec, batch)
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter, save_embedding_layers=False)
-    tokenizer = modeling.load_tokenizer(spec.model)
-    assert modeling.save_artifact(model, tokenizer, spec, tmp_path / "merged") == "merged"
+    assert CausalLM(spec).save(model, _data(spec), tmp_path / "merged") == "merged"
 
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config

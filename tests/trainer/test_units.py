@@ -27,19 +27,22 @@ MINIMAL = {
 }
 
 
-def test_cli_imports_no_torch() -> None:
-    code = "import sys, finetune_trainer.cli; assert 'torch' not in sys.modules, 'torch imported'"
+def test_launcher_imports_no_torch() -> None:
+    code = "import sys, finetune_trainer.launch; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_lora_config_is_a_pure_function_of_the_spec() -> None:
     from finetune_trainer.modeling import lora_config
+    from finetune_trainer.tasks.causal_lm import CausalLM
+    from finetune_trainer.tasks.sequence_classification import SequenceClassification
 
-    cfg = lora_config(PeftSpec(r=4, alpha=8, dropout=0.1), "causal-lm")
+    cfg = lora_config(PeftSpec(r=4, alpha=8, dropout=0.1), CausalLM.peft_task_type)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.1)
     assert cfg.target_modules == "all-linear"
     assert cfg.task_type == "CAUSAL_LM"
-    named = lora_config(PeftSpec(target_modules=["q_proj", "v_proj"]), "sequence-classification")
+    classification = SequenceClassification.peft_task_type
+    named = lora_config(PeftSpec(target_modules=["q_proj", "v_proj"]), classification)
     assert set(named.target_modules) == {"q_proj", "v_proj"}
     assert named.task_type == "SEQ_CLS"
 
@@ -152,7 +155,7 @@ def test_compressed_file_formats() -> None:
 
 def test_example_manifest_is_valid(tmp_path: Path) -> None:
     from finetune_api import load_manifest
-    from finetune_trainer.cli import example_manifest
+    from finetune_trainer.example_data import example_manifest
 
     path = tmp_path / "job.yaml"
     path.write_text(example_manifest("minilm-sentiment", tmp_path / "data"))
@@ -170,12 +173,12 @@ def test_prompt_response_trains_only_on_the_response(tiny_model_dir: Path) -> No
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from finetune_trainer.data import IGNORE_INDEX, tokenize
+    from finetune_trainer.tasks.causal_lm import IGNORE_INDEX, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     spec = _spec(promptField="q", responseField="a")
     rows = Dataset.from_dict({"q": ["red green blue"], "a": ["cat dog"]})
-    out = tokenize(rows, spec, tokenizer, None, pack=False)[0]
+    out = tokenize(rows, spec, tokenizer, pack=False)[0]
     masked = [i for i, y in enumerate(out["labels"]) if y == IGNORE_INDEX]
     assert masked == list(range(len(masked))) and 0 < len(masked) < len(out["labels"])
     answer = [t for t, y in zip(out["input_ids"], out["labels"], strict=True) if y != IGNORE_INDEX]
@@ -186,13 +189,13 @@ def test_packing_makes_full_blocks(tiny_model_dir: Path) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from finetune_trainer.data import tokenize
+    from finetune_trainer.tasks.causal_lm import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     spec = _spec()
     spec.training.max_seq_length = 16
     rows = Dataset.from_dict({"text": ["red green blue cat " * n for n in range(1, 12)]})
-    packed = tokenize(rows, spec, tokenizer, None, pack=True)
+    packed = tokenize(rows, spec, tokenizer, pack=True)
     assert len(packed) > 1
     assert {len(ids) for ids in packed["input_ids"]} == {16}
 
@@ -200,7 +203,7 @@ def test_packing_makes_full_blocks(tiny_model_dir: Path) -> None:
 def test_string_labels_map_to_ids_in_sorted_order() -> None:
     from datasets import Dataset
 
-    from finetune_trainer.data import label_names
+    from finetune_trainer.tasks.sequence_classification import label_names
 
     doc = {
         **MINIMAL,

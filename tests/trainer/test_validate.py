@@ -1,4 +1,8 @@
-"""`finetune validate`: every broken manifest exits 3 and names the field that is wrong."""
+"""`finetune validate` and `finetune train`: every broken manifest exits 3 naming the bad field.
+
+The schema checks run by default; what only this machine can answer (local files, a CUDA GPU)
+runs behind --local, and `finetune train` (the pod) always runs both.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Any
 import pytest
 from trainer_helpers import FINETUNE, deep_update
 
-BROKEN: dict[str, tuple[dict[str, Any], str]] = {
+# (change, the field named) for manifests the schema itself rejects.
+SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
     "unknown task": ({"spec": {"model": {"task": "translation"}}}, "spec.model.task"),
     "lora rank zero": ({"spec": {"peft": {"r": 0}}}, "spec.peft.r"),
     "negative learning rate": (
@@ -20,6 +25,13 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "no dataset source": ({"spec": {"dataset": {"textField": "text"}}}, "spec.dataset.source"),
     "qlora on a cpu gang": ({"spec": {"peft": {"method": "qlora"}}}, "spec.peft.method"),
+    "gate on an uncomputed metric": (
+        {"spec": {"evaluation": {"metrics": ["perplexity"], "gates": {"accuracy": 0.9}}}},
+        "spec.evaluation.gates",
+    ),
+}
+# Valid for the schema (and so for a cluster), wrong for this machine.
+LOCAL: dict[str, tuple[dict[str, Any], str]] = {
     "qlora without cuda here": (
         {
             "spec": {
@@ -37,17 +49,20 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
         {"spec": {"dataset": {"source": "file:///nonexistent/data.jsonl"}}},
         "spec.dataset.source",
     ),
-    "gate on an uncomputed metric": (
-        {"spec": {"evaluation": {"metrics": ["perplexity"], "gates": {"accuracy": 0.9}}}},
-        "spec.evaluation.gates",
-    ),
 }
 
 
-def _validate(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _validate(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*FINETUNE, "validate", str(path)], env=env, capture_output=True, text=True, timeout=120
+        [*FINETUNE, "validate", *args], env=env, capture_output=True, text=True, timeout=120
     )
+
+
+def _broken(doc: dict[str, Any], change: dict[str, Any], case: str) -> dict[str, Any]:
+    doc = deep_update(doc, change)
+    if case == "no dataset source":
+        del doc["spec"]["dataset"]["source"]
+    return doc
 
 
 def test_valid_manifest(
@@ -55,26 +70,43 @@ def test_valid_manifest(
     write_manifest: Callable[..., Path],
     base_env: dict[str, str],
 ) -> None:
-    done = _validate(write_manifest(causal_manifest), base_env)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "valid"
+    path = write_manifest(causal_manifest)
+    for extra in ([], ["--local"]):
+        done = _validate(str(path), *extra, env=base_env)
+        assert done.returncode == 0, done.stderr
+        name = causal_manifest["metadata"]["name"]
+        assert done.stdout.strip() == f"{path}: FineTuneJob {name} is valid"
 
 
-@pytest.mark.parametrize("case", list(BROKEN), ids=list(BROKEN))
-def test_broken_manifest_exits_3_naming_the_field(
+@pytest.mark.parametrize("case", list(SCHEMA), ids=list(SCHEMA))
+def test_schema_error_exits_3_naming_the_field(
     case: str,
     causal_manifest: dict[str, Any],
     write_manifest: Callable[..., Path],
     base_env: dict[str, str],
 ) -> None:
-    change, field = BROKEN[case]
-    doc = deep_update(causal_manifest, change)
-    if case == "no dataset source":
-        del doc["spec"]["dataset"]["source"]
-    done = _validate(write_manifest(doc), base_env)
+    change, field = SCHEMA[case]
+    path = write_manifest(_broken(causal_manifest, change, case))
+    done = _validate(str(path), env=base_env)
     assert done.returncode == 3, done.stdout + done.stderr
     lines = done.stderr.splitlines()
-    assert any(line.startswith(f"{field}: ") for line in lines), lines
+    assert any(line.startswith(f"{path}: {field}: ") for line in lines), lines
+
+
+@pytest.mark.parametrize("case", list(LOCAL), ids=list(LOCAL))
+def test_machine_checks_run_only_with_local(
+    case: str,
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    base_env: dict[str, str],
+) -> None:
+    change, field = LOCAL[case]
+    path = write_manifest(_broken(causal_manifest, change, case))
+    schema_only = _validate(str(path), env=base_env)
+    assert schema_only.returncode == 0, schema_only.stderr
+    done = _validate("--local", str(path), env=base_env)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert any(line.startswith(f"{path}: {field}: ") for line in done.stderr.splitlines())
 
 
 def test_every_error_is_listed(
@@ -83,10 +115,13 @@ def test_every_error_is_listed(
     base_env: dict[str, str],
 ) -> None:
     doc = deep_update(causal_manifest, {"spec": {"peft": {"r": 0}, "training": {"epochs": 0}}})
-    done = _validate(write_manifest(doc), base_env)
+    path = write_manifest(doc)
+    done = _validate(str(path), "-o", "json", env=base_env)
     assert done.returncode == 3
-    fields = {line.split(": ", 1)[0] for line in done.stderr.splitlines()}
-    assert {"spec.peft.r", "spec.training.epochs"} <= fields
+    report = json.loads(done.stdout)
+    assert report["valid"] is False
+    [entry] = report["documents"]
+    assert {e["path"] for e in entry["errors"]} >= {"spec.peft.r", "spec.training.epochs"}
 
 
 def test_train_refuses_a_bad_spec_before_starting_ranks(

@@ -9,6 +9,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from finetune_api.metrics import METRICS
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_trainer.model_card import render_model_card
 
@@ -74,6 +75,8 @@ def test_body_tables() -> None:
     assert "| perplexity (lower is better) | 40 | 21.5 | -18.5 |" in body
     assert "perplexity ≤ 30" in body
     assert "PeftModel.from_pretrained" in body
+    # Each built-in score says what it measures, in the contract's words.
+    assert f"- perplexity: {METRICS['perplexity'].description}." in body
 
 
 def test_classification_merged_and_local_sources() -> None:

@@ -1,4 +1,5 @@
-"""Built-in evaluate metrics, metric loading and quality gates (no network, no model)."""
+"""Built-in scorers (offline evaluate modules), scorer loading and quality gates (no network, no
+model)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import math
 import numpy as np
 import pytest
 
+from finetune_api.metrics import METRICS
 from finetune_trainer.scoring import (
-    BUILTIN_METRICS,
-    METRICS_DIR,
-    MetricUnavailable,
-    compute_perplexity,
+    BUILTIN_SCORERS,
+    SCORERS_DIR,
+    ScorerUnavailable,
     gate_failures,
-    load_metric,
+    load_scorer,
+    perplexity,
 )
 
 CLASSIFICATION = ("f1", "precision", "recall")
@@ -21,12 +23,20 @@ CLASSIFICATION = ("f1", "precision", "recall")
 
 @pytest.fixture(scope="module")
 def metrics() -> dict[str, object]:
-    return {name: load_metric(name) for name in BUILTIN_METRICS}
+    return {name: load_scorer(name) for name in BUILTIN_SCORERS}
 
 
 def test_builtin_modules_ship_in_package() -> None:
-    for name in BUILTIN_METRICS:
-        assert (METRICS_DIR / name / f"{name}.py").is_file()
+    for name in BUILTIN_SCORERS:
+        assert (SCORERS_DIR / name / f"{name}.py").is_file()
+
+
+def test_every_builtin_score_but_loss_has_a_scorer() -> None:
+    # `loss` is the model's own; every other score of the contract's vocabulary ships a scorer,
+    # and no scorer computes a score the vocabulary does not define.
+    assert set(BUILTIN_SCORERS) == set(METRICS) - {"loss"}
+    shipped = {p.name for p in SCORERS_DIR.iterdir() if (p / f"{p.name}.py").is_file()}
+    assert shipped == set(BUILTIN_SCORERS)
 
 
 def test_builtins_load_as_evaluate_modules(metrics: dict) -> None:
@@ -109,11 +119,20 @@ def test_perplexity_metric_is_per_token(metrics: dict) -> None:
 
 
 def test_compute_perplexity() -> None:
-    assert compute_perplexity(0.0, 10) == 1.0
-    assert compute_perplexity(20.0, 10) == pytest.approx(math.exp(2.0))
-    assert compute_perplexity(1e6, 1) == math.inf
+    assert perplexity(0.0, 10) == 1.0
+    assert perplexity(20.0, 10) == pytest.approx(math.exp(2.0))
+    assert perplexity(1e6, 1) == math.inf
     with pytest.raises(ValueError):
-        compute_perplexity(1.0, 0)
+        perplexity(1.0, 0)
+
+
+def test_perplexity_scorer_and_trainer_agree(metrics: dict) -> None:
+    # One implementation: the scorer's result is the trainer's function of the same sums.
+    ppl = metrics["perplexity"]
+    assert ppl.compute(nll=[3.0, 4.5], tokens=[2, 3])["perplexity"] == perplexity(7.5, 5)
+    assert ppl.compute(nll=[1e6], tokens=[1])["perplexity"] == math.inf
+    with pytest.raises(ValueError):
+        ppl.compute(nll=[1.0], tokens=[0])
 
 
 def test_unknown_metric_without_hub_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,8 +140,8 @@ def test_unknown_metric_without_hub_is_unavailable(monkeypatch: pytest.MonkeyPat
 
     # Offline mode makes evaluate fail at once instead of timing out against the Hub.
     monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
-    with pytest.raises(MetricUnavailable) as info:
-        load_metric("no-such-metric-xyz")
+    with pytest.raises(ScorerUnavailable) as info:
+        load_scorer("no-such-metric-xyz")
     assert info.value.name == "no-such-metric-xyz"
     assert "Hub" in info.value.hint and "accuracy" in info.value.hint
 

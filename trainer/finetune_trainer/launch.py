@@ -1,8 +1,9 @@
 """Process spawning: the ranks of one pod, and the whole gang on one machine.
 
-`train_pod` is what a pod runs: it reads the rendezvous the operator gave it and starts one
-process per local rank. `run_local` plays every pod on this machine with exactly the env pods
-get, each pod being a `finetune train` of its own, and shows their progress.
+`train_pod` is what a pod runs (`finetune train`): it reads the rendezvous the operator gave it
+and starts one `python -m finetune_trainer.rank` per local rank. `run_local` (`finetune run`)
+plays every pod on this machine: it gives each node exactly the env a pod gets, derives its
+rendezvous the way a pod does, starts that node's ranks, and shows their progress.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
@@ -31,8 +33,20 @@ FAILURE_GRACE_S = 15.0
 _STEP_LINE = re.compile(r"\[rank 0\].*step=(\d+)/(\d+)")
 
 
-def _rank_command(manifest: Path) -> list[str]:
-    return [sys.executable, "-m", "finetune_trainer.cli", "rank", str(manifest)]
+def rank_command(manifest: Path) -> list[str]:
+    return [sys.executable, "-m", "finetune_trainer.rank", str(manifest)]
+
+
+def start_ranks(
+    manifest: Path, rdzv: Rendezvous, env: Mapping[str, str], **popen: Any
+) -> list[subprocess.Popen[bytes]]:
+    """One process per local rank of one node, each with its torch.distributed variables."""
+    # Unbuffered, so that the ranks' lines reach the pod log (or local mode's echo) as written.
+    base = {**env, "PYTHONUNBUFFERED": "1"}
+    return [
+        subprocess.Popen(rank_command(manifest), env={**base, **rdzv.rank_env(i)}, **popen)
+        for i in range(rdzv.nproc_per_node)
+    ]
 
 
 def worst_exit(codes: Sequence[int]) -> int:
@@ -76,11 +90,7 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     env = dict(os.environ)
     configure_hub_env(job, env)
     env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
-    procs = [
-        subprocess.Popen(_rank_command(manifest), env={**env, **rdzv.rank_env(i)})
-        for i in range(rdzv.nproc_per_node)
-    ]
-    return supervise(procs)
+    return supervise(start_ranks(manifest, rdzv, env))
 
 
 def free_port() -> int:
@@ -90,17 +100,19 @@ def free_port() -> int:
 
 
 def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> int:
-    """`finetune run`: every node of the gang as a local `finetune train`, like pods."""
+    """`finetune run`: every node of the gang on this machine, each with a pod's env."""
     res = job.spec.resources
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = dict(os.environ)
+    configure_hub_env(job, base)
     base.setdefault(pod.CHECKPOINT_DIR_ENV, str(workdir / "checkpoints"))
     base.setdefault(pod.OUTPUT_DIR_ENV, str(workdir / "output"))
     base.setdefault(pod.METRICS_PORT_ENV, "0")  # many ranks share this host's ports
     base["OMP_NUM_THREADS"] = omp_threads(res.nodes * res.processes_per_node, base)
     port = free_port()
-    procs, results = [], []
+    procs: list[subprocess.Popen[bytes]] = []
+    results = []
     for node in range(res.nodes):
         results.append(workdir / f"node-{node}" / "result.json")
         results[-1].parent.mkdir(exist_ok=True)
@@ -115,10 +127,8 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
             ),
             pod.RESULT_FILE_ENV: str(results[-1]),
         }
-        command = [sys.executable, "-m", "finetune_trainer.cli", "train", str(manifest)]
-        procs.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
+        rdzv = Rendezvous.from_env(job, env)  # as the node's pod would read it
+        procs += start_ranks(manifest, rdzv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(f"workdir: {workdir}", file=sys.stderr)
     finish_logs = _stream_logs(procs)
     code = supervise(procs)

@@ -20,12 +20,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
-from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from finetune_api import FineTuneJob
 from finetune_api.pod import PEAK_FLOPS_ENV
 from finetune_trainer import checkpoint, data, modeling
+from finetune_trainer.tasks import Batch, Task, TaskData
 from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
 
 log = get_logger(__name__)
@@ -65,16 +65,22 @@ class Prepared:
     """Everything a training run needs, after the one `accelerator.prepare`."""
 
     accelerator: Accelerator
+    task: Task
+    data: TaskData
     model: torch.nn.Module
-    tokenizer: Any
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_ds: Dataset
     eval_dl: DataLoader
     batches: data.ShardedBatches
-    collate: data.Collator
     total_steps: int
-    metrics: list[str]
+
+    def micro_batch(self, index: list[int]) -> Batch:
+        """The training rows at `index`, collated and on this rank's device."""
+        rows = self.data.train[index]
+        batch = self.data.collate(
+            [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
+        )
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
 
 def train_steps(
@@ -86,34 +92,25 @@ def train_steps(
 ) -> float | None:
     """Train to the last step; returns the gang's real (non-pad) tokens per second."""
     acc, t = run.accelerator, job.spec.training
-    accumulation = t.gradient_accumulation_steps
     params = [p for p in run.model.parameters() if p.requires_grad]
-    model_flops = flops_per_token(
-        sum(p.numel() for p in run.model.parameters()), sum(p.numel() for p in params)
-    )
-    peak_flops = float(os.environ.get(PEAK_FLOPS_ENV) or 0) or None
-    log_every = max(1, run.total_steps // 50)
+    report = _StepReport(run, telemetry, params)
     run.model.train()
     step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
     loop_started, loop_tokens = started, 0
     with StopRequest() as stop:
         while state.step < run.total_steps:
             for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
-                rows = run.train_ds[index]
-                batch = run.collate(
-                    [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
-                )
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = run.micro_batch(index)
                 grad_norm = None
                 with acc.accumulate(run.model):
-                    loss = run.model(**batch).loss
+                    loss = run.task.loss(run.model, batch)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm > 0:
                         grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
                     run.optimizer.step()
                     run.optimizer.zero_grad()
                 state.batches_in_epoch += 1
-                step_loss += float(loss.detach()) / accumulation
+                step_loss += float(loss.detach()) / t.gradient_accumulation_steps
                 real_tokens = int(batch["attention_mask"].sum())
                 tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
                 samples += len(index)
@@ -129,33 +126,8 @@ def train_steps(
                 mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
                 # Bounded: the history travels in every checkpoint's JSON.
                 state.loss_history = [*state.loss_history[-99:], mean_loss]
-                duration = time.perf_counter() - started
                 epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
-                lr = run.scheduler.get_last_lr()[0]
-                telemetry.record_step(
-                    state.step,
-                    epoch,
-                    mean_loss,
-                    lr,
-                    grad_norm,
-                    tokens,
-                    samples,
-                    duration,
-                    run.total_steps,
-                )
-                telemetry.record_flops(model_flops * tokens / max(duration, 1e-9), peak_flops)
-                telemetry.record_peak_memory(_peak_memory(acc))
-                if state.step % log_every == 0 or state.step == run.total_steps:
-                    # launch.py's progress bar parses this line; keep the `step=i/n` shape.
-                    log.info(
-                        "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
-                        state.step,
-                        run.total_steps,
-                        mean_loss,
-                        lr,
-                        epoch,
-                        tokens / max(duration, 1e-9),
-                    )
+                report(state.step, epoch, mean_loss, grad_norm, tokens, samples, started)
                 # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
                 if state.batches_in_epoch == run.batches.batches_per_epoch:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
@@ -170,6 +142,51 @@ def train_steps(
     seconds = time.perf_counter() - loop_started
     total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
     return total / seconds if total and seconds > 0 else None
+
+
+class _StepReport:
+    """After each optimizer step: the telemetry, and every so often the progress log line."""
+
+    def __init__(
+        self, run: Prepared, telemetry: TrainerMetrics, params: list[torch.nn.Parameter]
+    ) -> None:
+        self.run, self.telemetry = run, telemetry
+        self.model_flops = flops_per_token(
+            sum(p.numel() for p in run.model.parameters()), sum(p.numel() for p in params)
+        )
+        self.peak_flops = float(os.environ.get(PEAK_FLOPS_ENV) or 0) or None
+        self.log_every = max(1, run.total_steps // 50)
+
+    def __call__(
+        self,
+        step: int,
+        epoch: float,
+        loss: float,
+        grad_norm: float | None,
+        tokens: int,
+        samples: int,
+        started: float,
+    ) -> None:
+        """`tokens` and `samples` are this rank's for the step that began at `started`."""
+        run, telemetry = self.run, self.telemetry
+        duration = time.perf_counter() - started
+        lr = run.scheduler.get_last_lr()[0]
+        telemetry.record_step(
+            step, epoch, loss, lr, grad_norm, tokens, samples, duration, run.total_steps
+        )
+        telemetry.record_flops(self.model_flops * tokens / max(duration, 1e-9), self.peak_flops)
+        telemetry.record_peak_memory(_peak_memory(run.accelerator))
+        if step % self.log_every == 0 or step == run.total_steps:
+            # launch.py's progress bar parses this line; keep the `step=i/n` shape.
+            log.info(
+                "step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokens/s=%.0f",
+                step,
+                run.total_steps,
+                loss,
+                lr,
+                epoch,
+                tokens / max(duration, 1e-9),
+            )
 
 
 def _save_checkpoint(

@@ -2,7 +2,9 @@
 
 The YAML front matter is built with huggingface_hub's `ModelCardData`, so that `model-index` has
 exactly the shape the Hub (and `metadata_load`/`ModelCard.load`) parses: one result per metric
-with its `after` score. The body is plain Markdown.
+with its `after` score. The body is plain Markdown. What differs per task (pipeline tag, library,
+usage, task settings) comes from the task module's `card()`; score names, directions and
+descriptions from the contract's vocabulary (`finetune_api.metrics`).
 """
 
 from __future__ import annotations
@@ -10,26 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import PurePosixPath
+from typing import cast, get_args
 
-from finetune_api.v1alpha1 import CAUSAL_LM, LOWER_IS_BETTER, FineTuneJob
+from finetune_api.metrics import METRICS, display_name, lower_is_better
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_trainer.tasks import Artifact, CardInfo, task_for
 
-__all__ = ["TASK_TYPES", "card_metadata", "render_model_card", "source_id"]
+__all__ = ["card_metadata", "render_model_card", "source_id", "transformers_usage"]
 
-# FineTuneJob task -> Hub pipeline / model-index task type.
-TASK_TYPES: dict[str, str] = {
-    "causal-lm": "text-generation",
-    "sequence-classification": "text-classification",
-}
-_TASK_NAMES = {"text-generation": "Text Generation", "text-classification": "Text Classification"}
-_METRIC_NAMES = {
-    "accuracy": "Accuracy",
-    "f1": "F1",
-    "precision": "Precision",
-    "recall": "Recall",
-    "perplexity": "Perplexity",
-    "loss": "Loss",
-}
-_ARTIFACTS = ("adapter", "merged", "full")
+_ARTIFACTS: tuple[str, ...] = get_args(Artifact)
 _METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "none": "full"}
 
 
@@ -58,16 +49,53 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def transformers_usage(auto_class: str, base_id: str | None, repo: str, artifact: str) -> str:
+    """Python that loads a pushed transformers artifact with `auto_class` (and peft for an
+    adapter), for a task's `CardInfo.usage`."""
+    if artifact == "adapter":
+        lines = [
+            "from peft import PeftModel",
+            f"from transformers import {auto_class}",
+            "",
+            f'base = {auto_class}.from_pretrained("{base_id or "<base model>"}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+        ]
+    else:
+        lines = [
+            f"from transformers import {auto_class}",
+            "",
+            f'model = {auto_class}.from_pretrained("{repo}")',
+        ]
+    return "\n".join(lines)
+
+
+def _repo(job: FineTuneJob) -> str:
+    return job.spec.output.hub.repo if job.spec.output.hub else "<repo>"
+
+
+def _card_info(job: FineTuneJob, artifact: str) -> CardInfo:
+    if artifact not in _ARTIFACTS:
+        raise ValueError(f"artifact must be one of {', '.join(_ARTIFACTS)}, not {artifact!r}")
+    return task_for(job.spec).card(cast(Artifact, artifact), _repo(job))
+
+
 def card_metadata(
     job: FineTuneJob, scores: Mapping[str, Mapping[str, float | None]], artifact: str
 ) -> dict[str, object]:
     """The front matter as a dict (what `ModelCardData.to_dict()` gives)."""
+    return _front_matter(job, scores, artifact, _card_info(job, artifact))
+
+
+def _front_matter(
+    job: FineTuneJob,
+    scores: Mapping[str, Mapping[str, float | None]],
+    artifact: str,
+    info: CardInfo,
+) -> dict[str, object]:
     from huggingface_hub import EvalResult, ModelCardData
 
-    if artifact not in _ARTIFACTS:
-        raise ValueError(f"artifact must be one of {', '.join(_ARTIFACTS)}, not {artifact!r}")
     spec = job.spec
-    task_type = TASK_TYPES[spec.model.task]
+    task_type = info.pipeline_tag
     base = source_id(spec.model.source)
     dataset = source_id(spec.dataset.source)
     dataset_name = _source_name(spec.dataset.source)
@@ -81,7 +109,7 @@ def card_metadata(
         eval_results.append(
             EvalResult(
                 task_type=task_type,
-                task_name=_TASK_NAMES.get(task_type),
+                task_name=info.task_name,
                 # model-index wants a dataset type; for a file:// dataset there is no Hub id, and
                 # the folder's name is the best reference the card can give.
                 dataset_type=dataset or dataset_name,
@@ -90,7 +118,7 @@ def card_metadata(
                 dataset_split=spec.dataset.eval_split,
                 metric_type=metric,
                 metric_value=after,
-                metric_name=_METRIC_NAMES.get(metric, metric),
+                metric_name=display_name(metric),
             )
         )
 
@@ -106,7 +134,7 @@ def card_metadata(
         base_model_relation=(
             None if base is None else "adapter" if artifact == "adapter" else "finetune"
         ),
-        library_name="peft" if artifact == "adapter" else "transformers",
+        library_name=info.library_name,
         pipeline_tag=task_type,
         tags=list(dict.fromkeys(tags)),
         datasets=[dataset] if dataset else None,
@@ -128,7 +156,8 @@ def render_model_card(
     """
     import yaml
 
-    meta = card_metadata(job, scores, artifact)
+    info = _card_info(job, artifact)
+    meta = _front_matter(job, scores, artifact, info)
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
     spec = job.spec
     title = spec.output.hub.repo if spec.output.hub else job.metadata.name
@@ -137,17 +166,59 @@ def render_model_card(
     base_ref = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base}`"
     if spec.model.revision:
         base_ref += f" at revision `{spec.model.revision}`"
-    data_ref = _cell(spec.dataset.source)
     kind = {
         "adapter": f"a {_METHOD_NAMES[spec.peft.method]} adapter for",
         "merged": f"{_METHOD_NAMES[spec.peft.method]}-fine-tuned and merged into",
         "full": "fully fine-tuned from",
     }[artifact]
+    lines = [
+        "---",
+        front,
+        "---",
+        "",
+        f"# {_cell(title)}",
+        "",
+        f"This model is {kind} {base_ref}, trained on `{_cell(spec.dataset.source)}` by "
+        "finetune-operator (FineTuneJob "
+        f"`{job.metadata.namespace}/{job.metadata.name}`).",
+        "",
+        *_data_section(job),
+        "",
+        *_training_section(job, artifact, info),
+        "",
+        *_evaluation_section(job, scores),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        info.usage,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
-    t, p, d = spec.training, spec.peft, spec.dataset
+
+def _data_section(job: FineTuneJob) -> list[str]:
+    d, seed = job.spec.dataset, job.spec.training.seed
+    lines = ["## Data", "", "| | |", "|---|---|", f"| Dataset | `{_cell(d.source)}` |"]
+    if d.config:
+        lines.append(f"| Config | {_cell(d.config)} |")
+    lines.append(f"| Train split | {_cell(d.train_split)} |")
+    if d.eval_split:
+        lines.append(f"| Evaluation split | {_cell(d.eval_split)} |")
+    elif d.eval_fraction:
+        lines.append(f"| Evaluation | {d.eval_fraction:g} of the train split, seed {seed} |")
+    if d.max_samples:
+        lines.append(f"| Training examples | at most {d.max_samples} |")
+    return lines
+
+
+def _training_section(job: FineTuneJob, artifact: str, info: CardInfo) -> list[str]:
+    spec = job.spec
+    t, p = spec.training, spec.peft
     world = spec.resources.nodes * spec.resources.processes_per_node
     rows: list[tuple[str, object]] = [
-        ("Task", f"{spec.model.task} ({TASK_TYPES[spec.model.task]})"),
+        ("Task", f"{spec.model.task} ({info.pipeline_tag})"),
         ("Artifact", artifact),
         ("PEFT method", p.method),
     ]
@@ -164,78 +235,34 @@ def render_model_card(
         ("Batch size per device", t.batch_size_per_device),
         ("Gradient accumulation", t.gradient_accumulation_steps),
         ("Processes", world),
-        (
-            "Global batch size",
-            t.batch_size_per_device * t.gradient_accumulation_steps * world,
-        ),
+        ("Global batch size", t.batch_size_per_device * t.gradient_accumulation_steps * world),
         ("Max sequence length", t.max_seq_length),
         ("Precision", t.precision),
         ("Seed", t.seed),
+        *info.settings,
     ]
-    if spec.model.task == CAUSAL_LM:
-        rows.append(("Packing", t.packing))
+    header = ["## Training", "", "| Setting | Value |", "|---|---|"]
+    return header + [f"| {name} | {_cell(value)} |" for name, value in rows]
 
-    lines = [
-        "---",
-        front,
-        "---",
-        "",
-        f"# {_cell(title)}",
-        "",
-        f"This model is {kind} {base_ref}, trained on `{data_ref}` by "
-        "finetune-operator (FineTuneJob "
-        f"`{job.metadata.namespace}/{job.metadata.name}`).",
-        "",
-        "## Data",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Dataset | `{data_ref}` |",
-    ]
-    if d.config:
-        lines.append(f"| Config | {_cell(d.config)} |")
-    lines.append(f"| Train split | {_cell(d.train_split)} |")
-    if d.eval_split:
-        lines.append(f"| Evaluation split | {_cell(d.eval_split)} |")
-    elif d.eval_fraction:
-        lines.append(f"| Evaluation | {d.eval_fraction:g} of the train split, seed {t.seed} |")
-    if d.max_samples:
-        lines.append(f"| Training examples | at most {d.max_samples} |")
-    lines += ["", "## Training", "", "| Setting | Value |", "|---|---|"]
-    lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
-    lines += ["", "## Evaluation", ""]
-    if scores:
-        lines += ["| Metric | Before | After | Change |", "|---|---|---|---|"]
-        for metric, stages in scores.items():
-            before, after = _score(stages.get("before")), _score(stages.get("after"))
-            change = "-" if before is None or after is None else f"{after - before:+.4g}"
-            arrow = " (lower is better)" if metric in LOWER_IS_BETTER else ""
-            lines.append(f"| {_cell(metric)}{arrow} | {_fmt(before)} | {_fmt(after)} | {change} |")
-        gates = spec.evaluation.gates
-        if gates:
-            lines += ["", "Gates: " + ", ".join(
-                f"{m} {'≤' if m in LOWER_IS_BETTER else '≥'} {v:g}" for m, v in gates.items()
-            ) + "."]  # fmt: skip
-    else:
-        lines.append("No evaluation was run.")
-    lines += ["", "## Usage", "", "```python"]
-    repo = spec.output.hub.repo if spec.output.hub else "<repo>"
-    auto = "AutoModelForCausalLM" if spec.model.task == CAUSAL_LM else (
-        "AutoModelForSequenceClassification"
-    )  # fmt: skip
-    if artifact == "adapter":
-        lines += [
-            "from peft import PeftModel",
-            f"from transformers import {auto}",
-            "",
-            f'base = {auto}.from_pretrained("{base_id or "<base model>"}")',
-            f'model = PeftModel.from_pretrained(base, "{repo}")',
-        ]
-    else:
-        lines += [
-            f"from transformers import {auto}",
-            "",
-            f'model = {auto}.from_pretrained("{repo}")',
-        ]
-    lines += ["```", ""]
-    return "\n".join(lines)
+
+def _evaluation_section(
+    job: FineTuneJob, scores: Mapping[str, Mapping[str, float | None]]
+) -> list[str]:
+    if not scores:
+        return ["## Evaluation", "", "No evaluation was run."]
+    lines = ["## Evaluation", "", "| Metric | Before | After | Change |", "|---|---|---|---|"]
+    for metric, stages in scores.items():
+        before, after = _score(stages.get("before")), _score(stages.get("after"))
+        change = "-" if before is None or after is None else f"{after - before:+.4g}"
+        arrow = " (lower is better)" if lower_is_better(metric) else ""
+        lines.append(f"| {_cell(metric)}{arrow} | {_fmt(before)} | {_fmt(after)} | {change} |")
+    gates = job.spec.evaluation.gates
+    if gates:
+        lines += ["", "Gates: " + ", ".join(
+            f"{m} {'≤' if lower_is_better(m) else '≥'} {v:g}" for m, v in gates.items()
+        ) + "."]  # fmt: skip
+    # What each built-in score measures; a Hub metric's own card says what it does.
+    defined = [m for m in scores if m in METRICS]
+    if defined:
+        lines += ["", *(f"- {m}: {METRICS[m].description}." for m in defined)]
+    return lines

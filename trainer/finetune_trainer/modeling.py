@@ -1,24 +1,28 @@
-"""The base model, its tokenizer, the PEFT wrapping and the precision."""
+"""What every transformers task shares about its model: the tokenizer, the precision, the PEFT
+wrapping (LoRA, QLoRA's 4-bit base, or none) and the saved artifact.
+
+A task module says which auto class and arguments load its base (`base_loader`); the rest is here.
+"""
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune_api.v1alpha1 import CAUSAL_LM, FineTuneJobSpec, ModelSpec, PeftSpec, Task
+from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
+from finetune_trainer.tasks.base import Artifact
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
+# `from_pretrained` of a task's auto class with the source, revision and task arguments bound;
+# called with the dtype and quantization arguments.
+BaseLoader = Callable[..., PreTrainedModel]
 
 
 def source_location(source: str) -> str:
@@ -42,15 +46,16 @@ def mixed_precision(precision: str, cuda: bool | None = None) -> MixedPrecision:
     return "no" if precision == "fp32" else precision  # type: ignore[return-value]
 
 
-def lora_config(peft: PeftSpec, task: Task) -> LoraConfig:
-    """The LoRA settings of a spec. Empty targetModules means every linear layer but the head,
-    which is peft's "all-linear"; a classification head is trained in full (modules_to_save)."""
+def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
+    """The LoRA settings of a spec, for the task's peft `task_type`. Empty targetModules means
+    every linear layer but the head, which is peft's "all-linear"; with TaskType.SEQ_CLS the
+    classification head is trained in full (modules_to_save)."""
     return LoraConfig(
         r=peft.r,
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
         target_modules=list(peft.target_modules) or "all-linear",
-        task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
+        task_type=task_type,
     )
 
 
@@ -64,31 +69,25 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _base_model(
-    spec: FineTuneJobSpec, label_names: list[str] | None, **kwargs: object
-) -> PreTrainedModel:
-    location = source_location(spec.model.source)
-    revision = _revision(spec.model)
-    if spec.model.task == CAUSAL_LM:
-        return AutoModelForCausalLM.from_pretrained(location, revision=revision, **kwargs)
-    names = label_names or [str(i) for i in range(spec.model.num_labels or 2)]
-    return AutoModelForSequenceClassification.from_pretrained(
-        location,
-        revision=revision,
-        num_labels=spec.model.num_labels,
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-        **kwargs,
+def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> BaseLoader:
+    """`auto_class.from_pretrained` for the spec's source and revision, with the task's own
+    arguments (e.g. the labels of a classification head) bound."""
+    return functools.partial(
+        auto_class.from_pretrained,
+        source_location(spec.source),
+        revision=_revision(spec),
+        **task_kwargs,
     )
 
 
 def load_model(
     spec: FineTuneJobSpec,
-    tokenizer: PreTrainedTokenizerBase,
-    label_names: list[str] | None,
+    load_base: BaseLoader,
+    pad_token_id: int | None,
+    task_type: TaskType,
     device: torch.device,
 ) -> PreTrainedModel:
-    """The base model for the task, wrapped for PEFT unless the method is `none`.
+    """The base model, wrapped for PEFT unless the method is `none`.
 
     `device` is where this rank computes; qlora quantizes the base as it loads, straight onto it.
     """
@@ -103,9 +102,9 @@ def load_model(
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": device}
-    model = _base_model(spec, label_names, **kwargs)
+    model = load_base(**kwargs)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = pad_token_id
     if spec.peft.method == "none":
         return model
     if spec.peft.method == "qlora":
@@ -116,10 +115,10 @@ def load_model(
         model = prepare_model_for_kbit_training(
             model, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    return get_peft_model(model, lora_config(spec.peft, spec.model.task))
+    return get_peft_model(model, lora_config(spec.peft, task_type))
 
 
-def _merged_at_full_precision(model: torch.nn.Module, spec: FineTuneJobSpec) -> PreTrainedModel:
+def _merged_at_full_precision(model: torch.nn.Module, load_base: BaseLoader) -> PreTrainedModel:
     """A QLoRA adapter merged into the base as the checkpoint stores it (e.g. bf16), on CPU.
 
     Merging into the 4-bit base would quantize the sum again and ship the quantization error
@@ -127,11 +126,9 @@ def _merged_at_full_precision(model: torch.nn.Module, spec: FineTuneJobSpec) -> 
     """
     from peft import PeftModel
 
-    config = model.config  # type: ignore[union-attr]
-    labels = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
-    base = _base_model(spec, labels, dtype="auto")
+    base = load_base(dtype="auto")
     if base.config.pad_token_id is None:
-        base.config.pad_token_id = config.pad_token_id
+        base.config.pad_token_id = model.config.pad_token_id  # type: ignore[union-attr]
     with tempfile.TemporaryDirectory() as adapter:
         model.save_pretrained(adapter, save_embedding_layers=False)  # type: ignore[operator]
         return PeftModel.from_pretrained(base, adapter).merge_and_unload()
@@ -141,7 +138,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def artifact_kind(spec: FineTuneJobSpec) -> Literal["adapter", "merged", "full"]:
+def artifact_kind(spec: FineTuneJobSpec) -> Artifact:
     if spec.peft.method == "none":
         return "full"
     hub = spec.output.hub
@@ -153,11 +150,13 @@ def save_artifact(
     tokenizer: PreTrainedTokenizerBase,
     spec: FineTuneJobSpec,
     out: Path,
-) -> Literal["adapter", "merged", "full"]:
-    """Save what gets pushed: the adapter, the merged model, or the fully tuned model."""
+    load_base: BaseLoader,
+) -> Artifact:
+    """Save what gets pushed: the adapter, the merged model, or the fully tuned model.
+    `load_base` reloads the base for a QLoRA merge; nothing else calls it."""
     kind = artifact_kind(spec)
     if kind == "merged" and spec.peft.method == "qlora":
-        model = _merged_at_full_precision(model, spec)
+        model = _merged_at_full_precision(model, load_base)
     elif kind == "merged":
         # Merging rewrites the base weights in place; this is the last use of the model.
         model = model.merge_and_unload()  # type: ignore[operator]

@@ -1,10 +1,14 @@
-"""Evaluation metrics and quality gates.
+"""Evaluation scores: the scorers that compute them, perplexity and loss, and the quality gates.
 
-Built-in metrics (`BUILTIN_METRICS`) are offline-safe `evaluate` modules that ship in this
-package under `metrics/<name>/<name>.py` and load by path; any other name goes to
-`evaluate.load(name)`, which needs the Hub. evaluate copies a module into its cache under
-`HF_HOME` (`HF_MODULES_CACHE`) before importing it, so the caller's HF_HOME must be writable; the
-trainer's entry point sets it, and this module leaves the environment alone.
+The score names, their direction and which task computes which are the contract's
+(`finetune_api.metrics`). A built-in scorer (`BUILTIN_SCORERS`) is an offline-safe `evaluate`
+module that ships in this package under `scorers/<name>/<name>.py` and loads by path; any other
+name goes to `evaluate.load(name)`, which needs the Hub. evaluate copies a module into its cache
+under `HF_HOME` (`HF_MODULES_CACHE`) before importing it, so the caller's HF_HOME must be
+writable; the trainer's entry point sets it, and this module leaves the environment alone.
+
+The task modules decide what they feed a scorer; this module imports neither torch nor evaluate
+until a scorer is loaded.
 """
 
 from __future__ import annotations
@@ -14,27 +18,30 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_api.v1alpha1 import LOWER_IS_BETTER
+from finetune_api.metrics import METRICS, lower_is_better
 
 if TYPE_CHECKING:
     import evaluate
 
 __all__ = [
-    "BUILTIN_METRICS",
-    "METRICS_DIR",
-    "MetricUnavailable",
-    "compute_perplexity",
+    "BUILTIN_SCORERS",
+    "SCORERS_DIR",
+    "ScorerUnavailable",
     "gate_failures",
-    "load_metric",
-    "metric_path",
+    "load_scorer",
+    "mean_loss",
+    "perplexity",
+    "score",
+    "scorer_path",
 ]
 
-METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-BUILTIN_METRICS: tuple[str, ...] = ("accuracy", "f1", "precision", "recall", "perplexity")
+SCORERS_DIR = Path(__file__).resolve().parent / "scorers"
+# Every built-in score but `loss`, which is the model's own loss and needs no scorer.
+BUILTIN_SCORERS: tuple[str, ...] = tuple(name for name in METRICS if name != "loss")
 
 
-class MetricUnavailable(RuntimeError):
-    """A metric could not be loaded; `hint` says what to do about it."""
+class ScorerUnavailable(RuntimeError):
+    """A scorer could not be loaded; `hint` says what to do about it."""
 
     def __init__(self, name: str, hint: str) -> None:
         super().__init__(f"metric {name!r} is unavailable: {hint}")
@@ -42,37 +49,44 @@ class MetricUnavailable(RuntimeError):
         self.hint = hint
 
 
-def metric_path(name: str) -> Path:
-    """Folder of a built-in metric module, as `evaluate.load` takes it."""
-    if name not in BUILTIN_METRICS:
-        raise KeyError(f"{name!r} is not a built-in metric; built in: {', '.join(BUILTIN_METRICS)}")
-    return METRICS_DIR / name
+def scorer_path(name: str) -> Path:
+    """Folder of a built-in scorer, as `evaluate.load` takes it."""
+    if name not in BUILTIN_SCORERS:
+        raise KeyError(f"{name!r} is not a built-in metric; built in: {', '.join(BUILTIN_SCORERS)}")
+    return SCORERS_DIR / name
 
 
-def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
-    """Load a metric: a built-in by path (no network), anything else through `evaluate.load`.
+def load_scorer(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
+    """Load a scorer: a built-in by path (no network), anything else through `evaluate.load`.
 
     Keyword arguments go to `evaluate.load` (e.g. `experiment_id`, `num_process`, `process_id`).
-    Raises MetricUnavailable when the metric cannot be loaded, e.g. a Hub name with no Hub.
+    Raises ScorerUnavailable when the scorer cannot be loaded, e.g. a Hub name with no Hub.
     """
     import evaluate  # lazily: evaluate imports datasets, which is slow to import
 
-    if name in BUILTIN_METRICS:
-        return evaluate.load(str(metric_path(name)), **kwargs)
+    if name in BUILTIN_SCORERS:
+        return evaluate.load(str(scorer_path(name)), **kwargs)
     try:
         return evaluate.load(name, **kwargs)
     except Exception as exc:
         # evaluate raises FileNotFoundError, ConnectionError or an HTTP error depending on whether
         # the Hub is unreachable, offline mode is on, or the name does not exist.
-        raise MetricUnavailable(
+        raise ScorerUnavailable(
             name,
             f"evaluate.load({name!r}) failed ({type(exc).__name__}: {exc}). Non-built-in metrics "
             "are downloaded from the Hugging Face Hub, which must be reachable (HF_ENDPOINT) with "
-            "HF_HUB_OFFLINE unset; offline, use a built-in metric: " + ", ".join(BUILTIN_METRICS),
+            "HF_HUB_OFFLINE unset; offline, use a built-in metric: " + ", ".join(BUILTIN_SCORERS),
         ) from exc
 
 
-def compute_perplexity(total_nll: float, total_tokens: int) -> float:
+def score(name: str, **inputs: Any) -> float:
+    """One score from its scorer: the value it returns under `name`, else its first value."""
+    result = load_scorer(name).compute(**inputs)
+    value = result.get(name, next(iter(result.values()))) if result else math.nan
+    return float(value)
+
+
+def perplexity(total_nll: float, total_tokens: int) -> float:
     """exp(total_nll / total_tokens): per-token perplexity from summed NLL in nats.
 
     Sum NLL and tokens over all batches (and ranks) first; averaging per-batch perplexities
@@ -87,6 +101,11 @@ def compute_perplexity(total_nll: float, total_tokens: int) -> float:
         return math.inf
 
 
+def mean_loss(total_nll: float, count: int) -> float:
+    """The `loss` score: summed NLL over the tokens or examples it covers; NaN for none."""
+    return total_nll / count if count else math.nan
+
+
 def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
@@ -94,16 +113,16 @@ def _fmt(value: float) -> str:
 def gate_failures(gates: Mapping[str, float], scores: Mapping[str, float | None]) -> list[str]:
     """Return one human-readable line per missed gate; empty when every gate passes.
 
-    A gate on a metric in LOWER_IS_BETTER (perplexity, loss) is a maximum, on any other a
-    minimum; a score equal to its threshold passes. A missing, None or NaN score fails its gate,
-    because an unmeasured model must not be pushed.
+    A gate on a lower-is-better score (perplexity, loss) is a maximum, on any other a minimum; a
+    score equal to its threshold passes. A missing, None or NaN score fails its gate, because an
+    unmeasured model must not be pushed.
     """
     failures: list[str] = []
     for metric, threshold in gates.items():
         value = scores.get(metric)
         if value is None or math.isnan(value):
             failures.append(f"{metric}: no score was computed (gate {_fmt(threshold)})")
-        elif metric in LOWER_IS_BETTER:
+        elif lower_is_better(metric):
             if value > threshold:
                 failures.append(f"{metric} {_fmt(value)} is above the maximum {_fmt(threshold)}")
         elif value < threshold:

@@ -6,8 +6,11 @@
 `finetune train` starts one process per local rank with RANK, WORLD_SIZE and MASTER_* set, and
 each runs `main(job)`: seed, Accelerator, data (under main_process_first), model with a pure
 `lora_config`, resume from the newest complete checkpoint, train (`loop.train_steps`: accumulated
-steps, rotated checkpoints, a gang-wide stop on SIGTERM), evaluate, and on rank 0 save, push and
-write the result.
+steps, rotated checkpoints, a gang-wide stop on SIGTERM), wait for everyone, evaluate, and on
+rank 0 save, judge the gates, push and write the result.
+
+What differs between task types (data, model, loss, scores, artifact, card) is the job's task
+module's, from `finetune_trainer.tasks`; telemetry is recorded at the boundaries of these steps.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -31,17 +35,17 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from finetune_api import FineTuneJob, ManifestError, pod
+from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import TrainerResult, scrub
-from finetune_api.v1alpha1 import CAUSAL_LM, DEFAULT_METRICS
-from finetune_trainer import checkpoint, data, modeling
+from finetune_trainer import checkpoint, modeling
+from finetune_trainer.data import ShardedBatches, load_splits
 from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
-from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import write_result
 from finetune_trainer.scoring import gate_failures
+from finetune_trainer.tasks import Task, TaskData, task_for
 from finetune_trainer.telemetry import TrainerMetrics
 
 log = get_logger(__name__)
@@ -81,69 +85,56 @@ def _write_failure(rank: int, reason: str, message: str) -> None:
 
 def _train(job: FineTuneJob) -> int:
     spec = job.spec
-    rank = int(os.environ.get("RANK", "0"))
-    telemetry = TrainerMetrics(job.metadata.name, job.metadata.namespace, rank)
-    _start_metrics_server(telemetry)
+    telemetry = _start_telemetry(job)
+    task = task_for(spec)
 
     set_seed(spec.training.seed)
-    accelerator = Accelerator(
-        cpu=spec.resources.accelerator.type == "cpu" or not torch.cuda.is_available(),
-        mixed_precision=modeling.mixed_precision(spec.training.precision),
-        # Our train batches do not come from a prepared loader, so sync on the step count only.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=spec.training.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-    )
+    accelerator = _accelerator(spec)
     telemetry.record_phase("rendezvous")
-    log.info(
-        "rank %d of %d on %s, mixed precision %s",
-        accelerator.process_index,
-        accelerator.num_processes,
-        accelerator.device,
-        accelerator.mixed_precision,
-        main_process_only=False,
-    )
 
     telemetry.set_status("loading")
-    run = _prepare(job, accelerator, telemetry)
+    with accelerator.main_process_first():
+        data = task.build_data(*load_splits(spec))
+    telemetry.record_phase("data_loaded")
+    log.info("%d training and %d evaluation rows", len(data.train), len(data.evaluation))
+    with accelerator.local_main_process_first():
+        model = task.load_model(data, accelerator.device)
+    # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
+    set_seed(spec.training.seed + accelerator.process_index)
+    telemetry.record_phase("model_loaded")
+    run = _prepare(job, accelerator, task, data, model)
     ckpt_root = checkpoint_root(job)
     state, resumed_from = _resume(run, ckpt_root)
-
-    telemetry.set_status("evaluating")
-    if not state.before_scores:
-        state.before_scores = _evaluate(run, spec.model.num_labels)
-        log.info("before training: %s", state.before_scores)
-    telemetry.record_eval("before", state.before_scores)
+    # A resumed run keeps the before-training scores of its first attempt.
+    state.before_scores = _evaluate(run, telemetry, "before", state.before_scores)
 
     telemetry.set_status("training")
     tokens_per_second = train_steps(job, run, state, ckpt_root, telemetry)
     accelerator.wait_for_everyone()
 
-    telemetry.set_status("evaluating")
-    after = _evaluate(run, spec.model.num_labels)
-    telemetry.record_eval("after", after)
-    log.info("after training: %s", after)
+    after = _evaluate(run, telemetry, "after")
     _write_param_hash(run)
-
-    evaluation = {
-        name: {"before": state.before_scores.get(name), "after": after.get(name)}
-        for name in run.metrics
-    }
     result = TrainerResult(
         status="Succeeded",
         reason=Reason.TRAINING_COMPLETED,
-        evaluation=evaluation,
+        evaluation={
+            name: {"before": state.before_scores.get(name), "after": after.get(name)}
+            for name in task.metrics
+        },
         artifact=modeling.artifact_kind(spec),
         steps=state.step,
         train_loss=_recent_loss(state.loss_history),
         resumed_from_step=resumed_from,
         tokens_per_second=tokens_per_second,
     )
-    code = ExitCode.OK
-    if accelerator.is_main_process:
-        code = _finish(job, run, result, after, telemetry)
-    # Every rank leaves with rank 0's verdict, so a pod's exit code tells the whole story.
-    code = ExitCode(broadcast_object_list([int(code)], from_process=0)[0])
+    code = _finish(job, run, result, after, telemetry) if accelerator.is_main_process else None
+    return _leave(accelerator, telemetry, code)
+
+
+def _leave(accelerator: Accelerator, telemetry: TrainerMetrics, code: ExitCode | None) -> ExitCode:
+    """Every rank leaves with rank 0's verdict (`code`), so a pod's exit code tells the whole
+    story; each other pod writes a small result of its own."""
+    code = ExitCode(broadcast_object_list([None if code is None else int(code)], from_process=0)[0])
     telemetry.set_status("succeeded" if code == ExitCode.OK else "failed")
     if not accelerator.is_main_process and accelerator.is_local_main_process:
         status = "Succeeded" if code == ExitCode.OK else "Failed"
@@ -155,7 +146,10 @@ def _train(job: FineTuneJob) -> int:
     return code
 
 
-def _start_metrics_server(telemetry: TrainerMetrics) -> None:
+def _start_telemetry(job: FineTuneJob) -> TrainerMetrics:
+    """This rank's Prometheus metrics, served from the start so a scrape sees it load."""
+    rank = int(os.environ.get("RANK", "0"))
+    telemetry = TrainerMetrics(job.metadata.name, job.metadata.namespace, rank)
     base = int(os.environ.get(pod.METRICS_PORT_ENV, pod.METRICS_PORT))
     # Ranks of one pod share its network namespace, so each takes its own port.
     port = base + int(os.environ.get("LOCAL_RANK", "0")) if base else 0
@@ -164,38 +158,44 @@ def _start_metrics_server(telemetry: TrainerMetrics) -> None:
         plain_log.info("metrics on :%d/metrics", actual)
     except OSError as exc:
         plain_log.warning("no metrics server on port %d: %s", port, exc)
+    return telemetry
 
 
-def _prepare(job: FineTuneJob, accelerator: Accelerator, telemetry: TrainerMetrics) -> Prepared:
-    spec = job.spec
-    causal = spec.model.task == CAUSAL_LM
-    with accelerator.local_main_process_first():
-        tokenizer = modeling.load_tokenizer(spec.model)
+def _accelerator(spec: FineTuneJobSpec) -> Accelerator:
+    """The Accelerator; creating it forms the process group (the gang's rendezvous)."""
+    accelerator = Accelerator(
+        cpu=spec.resources.accelerator.type == "cpu" or not torch.cuda.is_available(),
+        mixed_precision=modeling.mixed_precision(spec.training.precision),
+        # Our train batches do not come from a prepared loader, so sync on the step count only.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=spec.training.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+    )
+    log.info(
+        "rank %d of %d on %s, mixed precision %s",
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+        main_process_only=False,
+    )
+    return accelerator
 
-    with accelerator.main_process_first():
-        raw = data.load_raw(spec.dataset)
-        train_raw, eval_raw = data.split(raw, spec.dataset, spec.training.seed)
-        train_raw = data.cap(train_raw, spec.dataset.max_samples)
-        eval_raw = data.cap(eval_raw, spec.evaluation.max_samples)
-        labels = None if causal else data.label_names(train_raw, eval_raw, spec)
-        pack = causal and spec.training.packing
-        train_ds = data.tokenize(train_raw, spec, tokenizer, labels, pack=pack, drop_last=True)
-        eval_ds = data.tokenize(eval_raw, spec, tokenizer, labels, pack=pack, drop_last=False)
-    telemetry.record_phase("data_loaded")
-    log.info("%d training and %d evaluation rows", len(train_ds), len(eval_ds))
 
-    with accelerator.local_main_process_first():
-        model = modeling.load_model(spec, tokenizer, labels, accelerator.device)
-    # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
-    set_seed(spec.training.seed + accelerator.process_index)
-    telemetry.record_phase("model_loaded")
+def _prepare(
+    job: FineTuneJob,
+    accelerator: Accelerator,
+    task: Task,
+    data: TaskData,
+    model: torch.nn.Module,
+) -> Prepared:
+    """This rank's batches, the optimizer and schedule, and the one `accelerator.prepare`."""
+    t = job.spec.training
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-
-    t = spec.training
-    batches = data.ShardedBatches(
-        len(train_ds),
+    batches = ShardedBatches(
+        len(data.train),
         t.batch_size_per_device,
         accelerator.process_index,
         accelerator.num_processes,
@@ -204,8 +204,9 @@ def _prepare(job: FineTuneJob, accelerator: Accelerator, telemetry: TrainerMetri
     )
     steps_per_epoch = batches.batches_per_epoch // t.gradient_accumulation_steps
     total_steps = t.max_steps or t.epochs * steps_per_epoch
-    collate = data.Collator(tokenizer.pad_token_id, causal)
-    eval_dl = DataLoader(eval_ds, batch_size=t.batch_size_per_device, collate_fn=collate)
+    eval_dl = DataLoader(
+        data.evaluation, batch_size=t.batch_size_per_device, collate_fn=data.collate
+    )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=t.learning_rate,
@@ -215,17 +216,7 @@ def _prepare(job: FineTuneJob, accelerator: Accelerator, telemetry: TrainerMetri
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
     model, optimizer, eval_dl = accelerator.prepare(model, optimizer, eval_dl)
     return Prepared(
-        accelerator,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        train_ds,
-        eval_dl,
-        batches,
-        collate,
-        total_steps,
-        list(spec.evaluation.metrics or DEFAULT_METRICS[spec.model.task]),
+        accelerator, task, data, model, optimizer, scheduler, eval_dl, batches, total_steps
     )
 
 
@@ -271,15 +262,18 @@ def _resume(run: Prepared, root: Path) -> tuple[checkpoint.TrainerState, int | N
     return ckpt.state, ckpt.state.step
 
 
-def _evaluate(run: Prepared, num_labels: int | None) -> dict[str, float]:
-    return evaluate_model(
-        run.accelerator,
-        run.model,
-        run.eval_dl,
-        run.metrics,
-        causal=run.collate.causal,
-        num_labels=num_labels or 2,
-    )
+def _evaluate(
+    run: Prepared,
+    telemetry: TrainerMetrics,
+    stage: Literal["before", "after"],
+    known: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """The task's scores on the evaluation split (or the `known` ones), exported and logged."""
+    telemetry.set_status("evaluating")
+    scores = known or run.task.evaluate(run.accelerator, run.model, run.eval_dl)
+    telemetry.record_eval(stage, scores)
+    log.info("%s training: %s", stage, scores)
+    return scores
 
 
 def _recent_loss(history: list[float], window: int = 10) -> float | None:
@@ -313,8 +307,7 @@ def _finish(
     """Rank 0: save the artifact, judge the gates, push, and write the result."""
     out = Path(os.environ.get(pod.OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
     out.mkdir(parents=True, exist_ok=True)
-    model = run.accelerator.unwrap_model(run.model)
-    result.artifact = modeling.save_artifact(model, run.tokenizer, job.spec, out)
+    result.artifact = run.task.save(run.accelerator.unwrap_model(run.model), run.data, out)
     log.info("saved %s to %s", result.artifact, out)
     code = ExitCode.OK
     missed = gate_failures(job.spec.evaluation.gates, after)
@@ -335,7 +328,8 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
     from finetune_trainer.publish import PushError, push_to_hub
 
     try:
-        pushed = push_to_hub(job, out, result.evaluation, result.artifact)
+        scores = {name: score.model_dump() for name, score in result.evaluation.items()}
+        pushed = push_to_hub(job, out, scores, result.artifact)
     except PushError as exc:
         result.status, result.reason, result.message = "Failed", Reason.PUSH_FAILED, str(exc)
         log.error("%s", exc)

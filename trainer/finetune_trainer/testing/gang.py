@@ -1,7 +1,9 @@
 """The pods of one FineTuneJob as local processes, for tests and benchmarks.
 
 Each node is one `finetune train` process in its own session, with exactly the rendezvous env
-that the operator renders into a pod; a node loss is a SIGKILL of that session.
+that the operator renders into a pod; a node loss is a SIGKILL of that session. `finetune` is
+the pod's command, so it is started here by its module name (the console script may not be on
+PATH); this is a command line, not an import: the trainer package still imports no CLI.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, Self
 
 from finetune_api import pod
 
-FINETUNE = [sys.executable, "-m", "finetune_trainer.cli"]
+# The `finetune` command (finetune_cli), as this interpreter runs it.
+FINETUNE = [sys.executable, "-m", "finetune_cli"]
 
 
 def free_ports(n: int) -> list[int]:

@@ -6,12 +6,11 @@ the summed token NLL (natural log) and the number of tokens it covers; perplexit
 exp(sum nll / sum tokens), i.e. per-token, not a mean of per-batch perplexities.
 """
 
-import math
-
 import evaluate
 import numpy as np
 
-from finetune_trainer.classification_metrics import metric_info
+from finetune_trainer.scorers.common import metric_info
+from finetune_trainer.scoring import perplexity
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -20,7 +19,7 @@ Args:
 Returns:
     perplexity (float): exp(sum(nll) / sum(tokens)); inf when that overflows.
 Examples:
-    >>> ppl = evaluate.load("finetune_trainer/metrics/perplexity")
+    >>> ppl = evaluate.load("finetune_trainer/scorers/perplexity")
     >>> ppl.add_batch(nll=[6.0], tokens=[3])
     >>> ppl.compute()
     {'perplexity': 7.38905609893065}
@@ -32,11 +31,6 @@ class Perplexity(evaluate.Metric):
         return metric_info(__doc__ or "", _KWARGS_DESCRIPTION, nll="float64", tokens="int64")
 
     def _compute(self, nll: list[float], tokens: list[int]) -> dict[str, float]:
-        total_tokens = int(np.sum(np.asarray(tokens, dtype=np.int64)))
-        if total_tokens <= 0:
-            raise ValueError("perplexity needs a positive token count")
+        # The trainer computes perplexity with the same function, straight from its sums.
         total_nll = float(np.sum(np.asarray(nll, dtype=np.float64)))
-        try:
-            return {"perplexity": math.exp(total_nll / total_tokens)}
-        except OverflowError:
-            return {"perplexity": math.inf}
+        return {"perplexity": perplexity(total_nll, int(np.sum(np.asarray(tokens, np.int64))))}

@@ -7,7 +7,7 @@ An offline-safe stand-in for the Hub's `accuracy` metric, loaded by path
 import evaluate
 import numpy as np
 
-from finetune_trainer.classification_metrics import label_arrays, metric_info
+from finetune_trainer.scorers.common import label_arrays, metric_info
 
 _DESCRIPTION = "Accuracy is the fraction of predictions that equal their reference labels."
 
@@ -20,7 +20,7 @@ Args:
 Returns:
     accuracy (float): in [0, 1] when normalize is true.
 Examples:
-    >>> accuracy = evaluate.load("finetune_trainer/metrics/accuracy")
+    >>> accuracy = evaluate.load("finetune_trainer/scorers/accuracy")
     >>> accuracy.compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666}
 """

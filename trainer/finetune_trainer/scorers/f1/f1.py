@@ -9,7 +9,7 @@ from typing import Any
 
 import evaluate
 
-from finetune_trainer.classification_metrics import classification_info, classification_scores
+from finetune_trainer.scorers.common import classification_info, classification_scores
 
 
 class F1(evaluate.Metric):

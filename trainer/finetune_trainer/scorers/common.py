@@ -1,7 +1,7 @@
-"""Numpy code shared by the built-in `evaluate` metrics under `metrics/` (no scikit-learn).
+"""Numpy code shared by the built-in scorers in this folder (no scikit-learn).
 
-The metric modules are loaded by path (`evaluate.load("<folder>")`); evaluate copies only the one
-script into its module cache, so they import this module absolutely, from the installed package.
+The scorers are loaded by path (`evaluate.load("<folder>")`); evaluate copies only the one script
+into its module cache, so they import this module absolutely, from the installed package.
 Precision, recall and f1 match scikit-learn's `*_score` with `zero_division=0`.
 
 `average` and `labels` work as AVERAGE_DOC says.

@@ -1,0 +1,117 @@
+"""The evaluation vocabulary of the schema: the built-in score names, their direction, the task
+that computes each, and the defaults of `spec.evaluation.metrics`.
+
+"metrics" here means evaluation scores, as the spec field is named; the trainer's Prometheus
+series are its telemetry and have names of their own. Any other name in `evaluation.metrics` is
+loaded by the trainer through `evaluate` from the Hub and counts as higher-is-better.
+
+Task names are spelled here as on the wire (`v1alpha1.Task`): v1alpha1 imports this module, so
+this one cannot import it back. tests/unit/test_tasks.py checks the two agree.
+"""
+
+from dataclasses import dataclass
+from typing import Final
+
+_CAUSAL_LM: Final = "causal-lm"
+_SEQUENCE_CLASSIFICATION: Final = "sequence-classification"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A built-in evaluation score: computed offline, before and after training."""
+
+    name: str
+    display_name: str
+    tasks: tuple[str, ...]
+    lower_is_better: bool
+    description: str
+
+
+BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
+    Metric(
+        "perplexity",
+        "Perplexity",
+        (_CAUSAL_LM,),
+        lower_is_better=True,
+        description="exp of the mean next-token negative log-likelihood over every scored token "
+        "of the evaluation split",
+    ),
+    Metric(
+        "loss",
+        "Loss",
+        (_CAUSAL_LM, _SEQUENCE_CLASSIFICATION),
+        lower_is_better=True,
+        description="mean negative log-likelihood (nats): per scored token for causal-lm, per "
+        "example for sequence-classification",
+    ),
+    Metric(
+        "accuracy",
+        "Accuracy",
+        (_SEQUENCE_CLASSIFICATION,),
+        lower_is_better=False,
+        description="fraction of evaluation examples whose predicted class is their label",
+    ),
+    Metric(
+        "f1",
+        "F1",
+        (_SEQUENCE_CLASSIFICATION,),
+        lower_is_better=False,
+        description="harmonic mean of precision and recall; of class 1 with two classes, "
+        "macro-averaged over the classes beyond two",
+    ),
+    Metric(
+        "precision",
+        "Precision",
+        (_SEQUENCE_CLASSIFICATION,),
+        lower_is_better=False,
+        description="fraction of predictions of a class that are right; of class 1 with two "
+        "classes, macro-averaged beyond two",
+    ),
+    Metric(
+        "recall",
+        "Recall",
+        (_SEQUENCE_CLASSIFICATION,),
+        lower_is_better=False,
+        description="fraction of examples of a class predicted as that class; of class 1 with "
+        "two classes, macro-averaged beyond two",
+    ),
+)
+METRICS: Final[dict[str, Metric]] = {m.name: m for m in BUILTIN_METRICS}
+
+# A gate on one of these is a maximum, not a minimum.
+LOWER_IS_BETTER: Final = frozenset(m.name for m in BUILTIN_METRICS if m.lower_is_better)
+# The scores only sequence-classification computes, in the order the CRD's CEL rule lists them.
+CLASSIFICATION_METRICS: Final = tuple(
+    m.name for m in BUILTIN_METRICS if m.tasks == (_SEQUENCE_CLASSIFICATION,)
+)
+# What an empty `evaluation.metrics` means, per task.
+DEFAULT_METRICS: Final[dict[str, list[str]]] = {
+    _CAUSAL_LM: ["perplexity"],
+    _SEQUENCE_CLASSIFICATION: ["accuracy"],
+}
+
+
+def metrics_of(task: str) -> tuple[str, ...]:
+    """The built-in scores that `task` computes."""
+    return tuple(m.name for m in BUILTIN_METRICS if task in m.tasks)
+
+
+def foreign_metrics(task: str) -> tuple[str, ...]:
+    """The built-in scores of other tasks, which `task` cannot compute: the spec rejects them."""
+    return tuple(m.name for m in BUILTIN_METRICS if task not in m.tasks)
+
+
+def effective_metrics(task: str, requested: list[str]) -> list[str]:
+    """The scores a job computes: `evaluation.metrics`, or the task's defaults when empty."""
+    return list(requested or DEFAULT_METRICS[task])
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether a smaller score is the better one; False for names outside the vocabulary."""
+    return name in LOWER_IS_BETTER
+
+
+def display_name(name: str) -> str:
+    """The display name of a score: "Perplexity" for perplexity, a Hub metric's own name as is."""
+    metric = METRICS.get(name)
+    return metric.display_name if metric else name

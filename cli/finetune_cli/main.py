@@ -1,0 +1,221 @@
+"""The `finetune` command line: the parser, and a lazy hand-off to each command's module.
+
+    finetune validate job.yaml [more.yaml | -] [--local] [-o json]
+    finetune run job.yaml [--workdir DIR]       # local mode: the whole gang on this machine
+    finetune train job.yaml                     # one pod of the gang: what the operator's pods run
+    finetune render job.yaml [--values FILE]    # the objects the installed chart's operator makes
+    finetune example minilm-sentiment > job.yaml
+    finetune demo
+    finetune submit job.yaml                    # the cluster side: kubeconfig as kubectl reads it
+    finetune status NAME [-o json|yaml]
+    finetune logs NAME [-f] [--attempt N]
+    finetune wait NAME [--timeout S]
+
+Commands are named here as "module:function" and imported only when chosen, so `validate` loads
+no torch and no Kubernetes client, and `train` runs where only the trainer is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from finetune_cli.exits import EXIT_CODES_HELP, CommandError
+
+DISTRIBUTION = "finetune-operator"
+
+
+class VersionAction(argparse.Action):
+    """--version, read from the installed distribution only when asked (it scans sys.path)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version(DISTRIBUTION)
+        except PackageNotFoundError:
+            number = "unknown (not installed)"
+        print(f"finetune {number}")
+        parser.exit()
+
+
+def _cluster_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("cluster (as kubectl reads them)")
+    group.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)"
+    )
+    group.add_argument("--context", help="kubeconfig context (default: the current one)")
+    group.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Validate, run and render FineTuneJobs (finetune.dev/v1alpha1) locally, "
+        "and submit and follow them on a cluster.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, target: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=kwargs.pop("description", text),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,
+        )
+        p.set_defaults(target=target)
+        return p
+
+    # ---- local ----------------------------------------------------------------------------------
+    p = command(
+        "validate",
+        "finetune_cli.local:cmd_validate",
+        "check FineTuneJob manifests against the schema; exit 3 naming every bad field",
+        description="Check FineTuneJob manifests against the schema (the CRD's own rules). "
+        "Every FineTuneJob document of every file is checked; each error is printed as "
+        "FILE[#DOCUMENT]: FIELD.PATH: message. Exit 3 if any is invalid.",
+    )
+    p.add_argument("manifests", nargs="+", metavar="FILE", help="manifest files; - reads stdin")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="also check that this machine can run them: local files exist, a CUDA GPU for "
+        "qlora or fp16 (imports torch for those)",
+    )
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    p = command(
+        "run",
+        "finetune_cli.local:cmd_run",
+        "local mode: run the whole gang on this machine",
+    )
+    p.add_argument("manifest", type=Path, metavar="FILE")
+    p.add_argument(
+        "--workdir", type=Path, help="checkpoints, outputs and results; reuse it to resume"
+    )
+
+    p = command(
+        "train",
+        "finetune_cli.local:cmd_train",
+        "run this pod's ranks of the gang (the command of the operator's pods)",
+        description="One pod of the gang: check the manifest, then start this pod's ranks "
+        "from the rendezvous env (NODE_RANK, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT).",
+    )
+    p.add_argument("manifest", type=Path, metavar="FILE")
+
+    p = command(
+        "render",
+        "finetune_cli.render:cmd_render",
+        "print the objects the installed chart's operator would create for a FineTuneJob",
+        description="Print the Service, ConfigMap and Job the operator would create, with the "
+        "operator settings the chart gives it: the chart's values.yaml with each --values file "
+        "merged over it, as helm merges them.",
+    )
+    p.add_argument("manifest", type=Path, metavar="FILE")
+    p.add_argument(
+        "-f",
+        "--values",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a helm values file, as given to helm install (repeatable; later files win)",
+    )
+    p.add_argument(
+        "--chart", type=Path, help="the chart directory (default: this checkout's chart)"
+    )
+
+    p = command(
+        "example",
+        "finetune_cli.local:cmd_example",
+        "print an example manifest with local paths filled in",
+    )
+    p.add_argument("name", help="minilm-sentiment")
+    p.add_argument(
+        "--data-dir", type=Path, help="where to write the example's data (default: a cache folder)"
+    )
+
+    p = command(
+        "demo",
+        "finetune_cli.local:cmd_demo",
+        "train the MiniLM example on 2 local ranks and push it to a local Hub double",
+    )
+    p.add_argument("--workdir", type=Path)
+
+    # ---- cluster --------------------------------------------------------------------------------
+    cluster = [_cluster_flags()]
+    p = command(
+        "submit",
+        "finetune_cli.submit:cmd_submit",
+        "validate, then apply FineTuneJobs to the cluster (server-side apply)",
+        parents=cluster,
+    )
+    p.add_argument("manifest", metavar="FILE", help="manifest file; - reads stdin")
+    p.add_argument(
+        "--force-conflicts",
+        action="store_true",
+        help="take over fields another field manager owns",
+    )
+
+    p = command(
+        "status",
+        "finetune_cli.status:cmd_status",
+        "phase and why, progress, evaluation before and after, attempts, the pushed revision",
+        parents=cluster,
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+
+    p = command(
+        "logs",
+        "finetune_cli.logs:cmd_logs",
+        "every rank's pod log, each line prefixed with [pod N] (its completion index)",
+        parents=cluster,
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="stream until every pod's trainer ends"
+    )
+    p.add_argument(
+        "--attempt", type=int, help="the attempt whose pods to read (default: the current one)"
+    )
+
+    p = command(
+        "wait",
+        "finetune_cli.wait:cmd_wait",
+        "wait until a FineTuneJob finishes; exit 0 Succeeded, 1 Failed, 124 timed out",
+        description="Watch a FineTuneJob until it finishes and print its final phase and "
+        "reason.\n\nexit codes: 0 Succeeded, 1 Failed, 124 --timeout passed first, "
+        "5 not found or the cluster could not answer",
+        parents=cluster,
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--timeout", type=float, metavar="S", help="give up after S seconds (default: never)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, function = args.target.partition(":")
+    try:
+        return int(getattr(importlib.import_module(module), function)(args))
+    except CommandError as exc:
+        print(f"finetune {args.command}: {exc}", file=sys.stderr)
+        return int(exc.code)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,75 @@
+"""The Hub double's image (Dockerfile target hub-double): only the double, run as the pod runs it.
+
+    pytest -m kind tests/kind/test_images.py      # the `images` fixture builds it if stale
+
+In a container like the e2e's hub container (UID 1000, read-only root, /tmp the only writable
+place): finetune_hub_double imports and answers --help; torch, pip, setuptools and our product
+packages are absent; every module of the double has its compiled bytecode; and the double adds
+little to the runtime base it shares with the product images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from kind_tools import run
+
+pytestmark = [pytest.mark.kind]
+
+DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+BASE_IMAGE = os.environ.get("BASE_IMAGE", "finetune-local/python-base:bookworm")
+# The double's venv is ~150 KB; the rest of the budget is the runtime stage's passwd entry and
+# stdlib bytecode.
+MAX_OVER_BASE_MB = 20
+
+PROBE = r"""
+import importlib.util, json, pathlib, sys, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+pkg = site / "finetune_hub_double"
+print(json.dumps({
+    "found": {m: importlib.util.find_spec(m) is not None for m in (
+        "finetune_hub_double", "torch", "transformers", "pip", "setuptools",
+        "finetune_api", "finetune_operator", "finetune_trainer", "finetune_cli")},
+    "site_packages": sorted(p.name for p in site.iterdir()),
+    "without_pyc": [str(p) for p in pkg.glob("*.py")
+                    if not pathlib.Path(importlib.util.cache_from_source(str(p))).is_file()],
+}))
+"""
+
+
+def docker_run(image: str, entrypoint: str, *args: str) -> str:
+    return run(
+        [
+            DOCKER, "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--entrypoint", entrypoint, image, *args,
+        ],
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_hub_double_image_holds_only_the_double(images: dict[str, str]) -> None:
+    image = images["hub-double"]
+    config = json.loads(run([DOCKER, "image", "inspect", image], timeout=60))[0]["Config"]
+    assert config["User"] == "1000:1000", config["User"]
+    assert config["Entrypoint"] == ["python", "-m", "finetune_hub_double"], config["Entrypoint"]
+
+    probe = json.loads(docker_run(image, "python", "-c", PROBE).strip().splitlines()[-1])
+    found = probe["found"]
+    assert found.pop("finetune_hub_double"), probe
+    assert not any(found.values()), f"the Hub-double image must not hold {found}"
+    extra = [n for n in probe["site_packages"] if not n.startswith("finetune_hub_double")]
+    assert not extra, f"site-packages holds more than the double: {extra}"
+    assert not probe["without_pyc"], f"not compiled at build time: {probe['without_pyc']}"
+
+    usage = docker_run(image, "python", "-m", "finetune_hub_double", "--help")
+    assert "--seed-model" in usage and "--token-file" in usage, usage
+
+    size = int(run([DOCKER, "image", "inspect", "-f", "{{.Size}}", image], timeout=60))
+    base = int(run([DOCKER, "image", "inspect", "-f", "{{.Size}}", BASE_IMAGE], timeout=60))
+    assert size - base < MAX_OVER_BASE_MB * 2**20, (
+        f"{image} is {(size - base) / 2**20:.1f} MiB over {BASE_IMAGE}"
+    )

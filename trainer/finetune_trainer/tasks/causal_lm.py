@@ -1,0 +1,215 @@
+"""causal-lm: next-token prediction on text, or on prompt/response pairs with loss on the
+response only; optionally packed into full maxSeqLength blocks. Scored by perplexity and loss
+over every scored token of the evaluation split."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from peft import TaskType
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from finetune_api.v1alpha1 import CAUSAL_LM, FineTuneJobSpec
+from finetune_trainer import data, modeling
+from finetune_trainer.evaluation import evaluating, scores_from_main
+from finetune_trainer.model_card import source_id, transformers_usage
+from finetune_trainer.scoring import ScorerUnavailable, mean_loss, perplexity
+from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+
+__all__ = ["IGNORE_INDEX", "CausalLM", "Collator", "token_nll", "tokenize"]
+
+# Label of a position that is not scored (prompt tokens, padding), as transformers' loss skips.
+IGNORE_INDEX = -100
+Columns = dict[str, list[Any]]
+
+
+def _tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = [*ids, tokenizer.eos_token_id]  # documents end explicitly once packed together
+    return ids
+
+
+def _tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
+) -> tuple[list[int], list[int]]:
+    """Prompt and response tokens, with loss only on the response."""
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": response}], tokenize=True
+        )
+        head, full = _as_ids(head), _as_ids(full)
+        if full[: len(head)] != head:  # a template that rewrites the prompt: train on it all
+            head = []
+    else:
+        head = tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+        full = head + tokenizer(response, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            full = [*full, tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(head) + full[len(head) :]
+    return full, labels
+
+
+def _as_ids(out: Any) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def tokenize(
+    ds: Dataset,
+    spec: FineTuneJobSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    pack: bool,
+    drop_last: bool = True,
+) -> Dataset:
+    """Token ids and labels per row; with `pack`, rows become maxSeqLength blocks, the short tail
+    kept only when `drop_last` is false (evaluation scores every token)."""
+    d, max_len = spec.dataset, spec.training.max_seq_length
+    encode: Callable[[Columns], Columns]
+    if d.prompt_field is not None and d.response_field is not None:
+        prompt_field, response_field = d.prompt_field, d.response_field
+        data.require_columns(ds, {"promptField": prompt_field, "responseField": response_field})
+
+        def encode(batch: Columns) -> Columns:
+            pairs = [
+                _tokenize_pair(tokenizer, str(p), str(r))
+                for p, r in zip(batch[prompt_field], batch[response_field], strict=True)
+            ]
+            return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
+    else:
+        data.require_columns(ds, {"textField": d.text_field})
+
+        def encode(batch: Columns) -> Columns:
+            ids = [_tokenize_text(tokenizer, str(t)) for t in batch[d.text_field]]
+            return {"input_ids": ids, "labels": ids}
+
+    out = ds.map(encode, batched=True, remove_columns=ds.column_names)
+    if pack:
+        return out.map(
+            _packer(max_len, drop_last=drop_last),
+            batched=True,
+            batch_size=1000,
+            remove_columns=out.column_names,
+        )
+    return out.map(
+        lambda b: {k: [v[:max_len] for v in b[k]] for k in ("input_ids", "labels")}, batched=True
+    )
+
+
+def _packer(block: int, *, drop_last: bool) -> Callable[[Columns], Columns]:
+    def pack(batch: Columns) -> Columns:
+        ids = list(itertools.chain.from_iterable(batch["input_ids"]))
+        labels = list(itertools.chain.from_iterable(batch["labels"]))
+        end = len(ids) - len(ids) % block if drop_last else len(ids)
+        starts = range(0, end, block)
+        return {
+            "input_ids": [ids[i : i + block] for i in starts],
+            "labels": [labels[i : i + block] for i in starts],
+        }
+
+    return pack
+
+
+@dataclass
+class Collator:
+    """Pads a micro-batch to its longest row, padded labels unscored; packed rows need none."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        batch = data.pad_inputs(rows, self.pad_token_id)
+        labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(rows):
+            labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
+        batch["labels"] = labels
+        return batch
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token NLL and the number of scored tokens."""
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+class CausalLM(Task):
+    name = CAUSAL_LM
+    peft_task_type: ClassVar[TaskType] = TaskType.CAUSAL_LM
+
+    def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
+        tokenizer = modeling.load_tokenizer(self.spec.model)
+        pack = self.spec.training.packing
+        return TaskData(
+            processor=tokenizer,
+            train=tokenize(train, self.spec, tokenizer, pack=pack, drop_last=True),
+            evaluation=tokenize(evaluation, self.spec, tokenizer, pack=pack, drop_last=False),
+            collate=Collator(tokenizer.pad_token_id),
+        )
+
+    def _load_base(self) -> modeling.BaseLoader:
+        return modeling.base_loader(AutoModelForCausalLM, self.spec.model)
+
+    def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
+        pad = data.processor.pad_token_id
+        return modeling.load_model(self.spec, self._load_base(), pad, self.peft_task_type, device)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        # transformers shifts the labels and averages over the scored (non-IGNORE_INDEX) tokens.
+        return model(**batch).loss
+
+    def evaluate(
+        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+    ) -> dict[str, float]:
+        nll_sum, token_count = 0.0, 0
+        with evaluating(model):
+            for batch in batches:
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                nll, tokens = accelerator.gather_for_metrics(token_nll(logits, batch["labels"]))
+                nll_sum += float(nll.double().sum())
+                token_count += int(tokens.sum())
+        return scores_from_main(accelerator, lambda: self._scores(nll_sum, token_count))
+
+    def _scores(self, nll_sum: float, token_count: int) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for name in self.metrics:
+            if name == "perplexity":
+                scores[name] = perplexity(nll_sum, token_count)
+            elif name == "loss":
+                scores[name] = mean_loss(nll_sum, token_count)
+            else:
+                # Scores of generated text (bleu, rouge...) need generation, not the NLL here.
+                raise ScorerUnavailable(name, "causal-lm computes perplexity and loss only")
+        return scores
+
+    def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
+        return modeling.save_artifact(model, data.processor, self.spec, out, self._load_base())
+
+    def card(self, artifact: Artifact, repo: str) -> CardInfo:
+        return CardInfo(
+            pipeline_tag="text-generation",
+            task_name="Text Generation",
+            library_name="peft" if artifact == "adapter" else "transformers",
+            usage=transformers_usage(
+                "AutoModelForCausalLM", source_id(self.spec.model.source), repo, artifact
+            ),
+            settings=(("Packing", self.spec.training.packing),),
+        )
