@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from fixtures.cluster import ftj_manifest, patch_pod_status, terminated_status
+from fixtures.kube import Kube
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -70,17 +71,16 @@ def finetune(kubeconfig: str) -> Finetune:
     return Finetune(kubeconfig)
 
 
-def get(kubectl: Any, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    proc = kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
+def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    return kube.get(kind, name, namespace)
 
 
 def wait_pods(
-    kubectl: Any, wait_until: WaitUntil, ns: str, name: str, n: int = 2
+    kube: Kube, wait_until: WaitUntil, ns: str, name: str, n: int = 2
 ) -> list[dict[str, Any]]:
     def pods() -> list[dict[str, Any]] | None:
         sel = f"finetune.dev/job-name={name},finetune.dev/attempt=1"
-        items = kubectl.json("-n", ns, "get", "pods", "-l", sel)["items"]
+        items = kube.list("Pod", ns, labels=sel)
         if len(items) != n:
             return None
         index = "batch.kubernetes.io/job-completion-index"
@@ -89,12 +89,12 @@ def wait_pods(
     return wait_until(pods, timeout=60, message=f"{n} pods of {ns}/{name}")
 
 
-def finish(kubectl: Any, ns: str, pods: list[dict[str, Any]], code: int, result: dict) -> None:
+def finish(kube: Kube, ns: str, pods: list[dict[str, Any]], code: int, result: dict) -> None:
     """Rank 0 ends with `code` and the result as its termination message; the others with 0."""
     for i, pod in enumerate(pods):
         message = json.dumps(result) if i == 0 else ""
         status = terminated_status(pod, code if i == 0 else 0, message)
-        patch_pod_status(kubectl, ns, pod["metadata"]["name"], status)
+        patch_pod_status(kube, ns, pod["metadata"]["name"], status)
 
 
 def write(path: Path, doc: dict[str, Any]) -> Path:
@@ -106,7 +106,7 @@ def write(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def test_submit_applies_and_a_second_submit_changes_nothing(
-    operator: Operator, kubectl, namespace, wait_until, finetune, kubeconfig, tmp_path
+    operator: Operator, kube, namespace, wait_until, finetune, kubeconfig, tmp_path
 ) -> None:
     manifest = write(tmp_path / "job.yaml", ftj_manifest("sub", namespace))
     first = finetune("submit", str(manifest))
@@ -119,31 +119,33 @@ def test_submit_applies_and_a_second_submit_changes_nothing(
         f"finetune wait sub -n {namespace}",
     ):
         assert hint in first.stdout, first.stdout
-    ftj = kubectl.json("-n", namespace, "get", "ftj", "sub", "--show-managed-fields")
+    ftj = kube.get("FineTuneJob", "sub", namespace)
+    assert ftj is not None
     assert ftj["spec"]["resources"]["nodes"] == 2
     managers = {(m["manager"], m["operation"]) for m in ftj["metadata"]["managedFields"]}
     assert ("finetune-cli", "Apply") in managers
     # The operator picks it up like any other FineTuneJob.
-    wait_until(lambda: get(kubectl, namespace, "job", "sub"), timeout=30, message="Job")
+    wait_until(lambda: get(kube, namespace, "Job", "sub"), timeout=30, message="Job")
 
     second = finetune("submit", str(manifest))
     assert second.returncode == 0, second.stderr
     assert "finetunejob.finetune.dev/sub unchanged" in second.stdout
-    again = get(kubectl, namespace, "finetunejob", "sub")
+    again = get(kube, namespace, "FineTuneJob", "sub")
     assert again is not None and again["metadata"]["generation"] == 1
     assert again["metadata"]["uid"] == ftj["metadata"]["uid"]
 
 
 def test_submit_takes_the_namespace_from_the_flag_and_the_context(
-    operator: Operator, kubectl, namespace, finetune, kubeconfig, tmp_path
+    operator: Operator, kube, kubectl, namespace, finetune, kubeconfig, tmp_path
 ) -> None:
     doc = ftj_manifest("nons", namespace)
     del doc["metadata"]["namespace"]
     manifest = write(tmp_path / "job.yaml", doc)
     done = finetune("submit", str(manifest), "-n", namespace)
     assert done.returncode == 0, done.stderr
-    assert get(kubectl, namespace, "finetunejob", "nons") is not None
-    # A context whose namespace is the test's: no -n needed, as with kubectl.
+    assert get(kube, namespace, "FineTuneJob", "nons") is not None
+    # A context whose namespace is the test's: no -n needed, as with kubectl. The session's
+    # kubeconfig as kubectl merges it (KUBECONFIG may list several files).
     config = yaml.safe_load(kubectl("config", "view", "--raw", "-o", "yaml").stdout)
     config["contexts"][0]["context"]["namespace"] = namespace
     config["current-context"] = config["contexts"][0]["name"]
@@ -158,13 +160,13 @@ def test_submit_takes_the_namespace_from_the_flag_and_the_context(
 
 
 def test_submit_refuses_what_the_schema_or_the_server_rejects(
-    operator: Operator, kubectl, namespace, finetune, tmp_path
+    operator: Operator, kube, namespace, finetune, tmp_path
 ) -> None:
     bad = write(tmp_path / "bad.yaml", ftj_manifest("bad", namespace, peft={"r": 0}))
     done = finetune("submit", str(bad))
     assert done.returncode == 3
     assert "spec.peft.r" in done.stderr
-    assert get(kubectl, namespace, "finetunejob", "bad") is None
+    assert get(kube, namespace, "FineTuneJob", "bad") is None
     # The spec is immutable once created: the API server's CEL rule says no, and so does submit.
     manifest = write(tmp_path / "job.yaml", ftj_manifest("imm", namespace))
     assert finetune("submit", str(manifest)).returncode == 0
@@ -178,7 +180,7 @@ def test_submit_refuses_what_the_schema_or_the_server_rejects(
 
 
 def test_wait_and_status_follow_a_job_to_success(
-    operator: Operator, kubectl, namespace, wait_until, finetune, tmp_path
+    operator: Operator, kube, namespace, wait_until, finetune, tmp_path
 ) -> None:
     assert (
         finetune(
@@ -187,8 +189,8 @@ def test_wait_and_status_follow_a_job_to_success(
         == 0
     )
     waiter = finetune.start("wait", "ok", "-n", namespace, "--timeout", "120")
-    pods = wait_pods(kubectl, wait_until, namespace, "ok")
-    finish(kubectl, namespace, pods, 0, RESULT)
+    pods = wait_pods(kube, wait_until, namespace, "ok")
+    finish(kube, namespace, pods, 0, RESULT)
     out, err = waiter.communicate(timeout=150)
     assert waiter.returncode == 0, out + err
     assert out.strip() == "ok: Succeeded (TrainingCompleted: all ranks succeeded)"
@@ -204,10 +206,7 @@ def test_wait_and_status_follow_a_job_to_success(
         if report["progress"].get("tokensPerSecond") == 2048.0:
             return report
         # Again if an operator pass that read the object before the patch wrote after it.
-        kubectl(
-            "-n", namespace, "patch", "ftj", "ok", "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": {"progress": progress}}),
-        )  # fmt: skip
+        kube.patch("FineTuneJob", "ok", namespace, {"status": {"progress": progress}}, "status")
         return None
 
     report = wait_until(patched, timeout=30, message="patched progress in finetune status")
@@ -232,13 +231,13 @@ def test_wait_and_status_follow_a_job_to_success(
 
 
 def test_wait_exits_1_when_the_job_fails(
-    operator: Operator, kubectl, namespace, wait_until, finetune, tmp_path
+    operator: Operator, kube, namespace, wait_until, finetune, tmp_path
 ) -> None:
     doc = ftj_manifest("gate", namespace, runPolicy={"backoffLimit": 3})
     assert finetune("submit", str(write(tmp_path / "j.yaml", doc))).returncode == 0
     waiter = finetune.start("wait", "gate", "-n", namespace, "--timeout", "120")
-    pods = wait_pods(kubectl, wait_until, namespace, "gate")
-    finish(kubectl, namespace, pods[:1], 4, GATE)
+    pods = wait_pods(kube, wait_until, namespace, "gate")
+    finish(kube, namespace, pods[:1], 4, GATE)
     out, err = waiter.communicate(timeout=150)
     assert waiter.returncode == 1, out + err
     assert out.strip() == "gate: Failed (EvaluationGateFailed: accuracy 0.30 < 0.90)"
@@ -249,7 +248,7 @@ def test_wait_exits_1_when_the_job_fails(
 
 
 def test_wait_times_out_and_says_where_the_job_is(
-    operator: Operator, kubectl, namespace, wait_until, finetune, tmp_path
+    operator: Operator, kube, namespace, wait_until, finetune, tmp_path
 ) -> None:
     assert (
         finetune(
@@ -258,7 +257,7 @@ def test_wait_times_out_and_says_where_the_job_is(
         == 0
     )
     wait_until(
-        lambda: (get(kubectl, namespace, "finetunejob", "slow") or {}).get("status"),
+        lambda: (get(kube, namespace, "FineTuneJob", "slow") or {}).get("status"),
         timeout=30,
         message="the operator's first status",
     )
@@ -271,7 +270,7 @@ def test_wait_times_out_and_says_where_the_job_is(
 
 
 def test_logs_picks_the_attempts_pods_in_rank_order(
-    operator: Operator, kubectl, namespace, wait_until, finetune, tmp_path
+    operator: Operator, kube, namespace, wait_until, finetune, tmp_path
 ) -> None:
     """Without kubelets no container ever starts, so this checks which pods logs reads and in
     which order; tests/kind/test_cli_logs.py reads real logs."""
@@ -281,7 +280,7 @@ def test_logs_picks_the_attempts_pods_in_rank_order(
         ).returncode
         == 0
     )
-    wait_pods(kubectl, wait_until, namespace, "lg")
+    wait_pods(kube, wait_until, namespace, "lg")
     done = finetune("logs", "lg", "-n", namespace)
     assert done.returncode == 0, done.stderr
     assert [line.split(" (")[0] for line in done.stderr.splitlines()] == ["[pod 0]", "[pod 1]"]
