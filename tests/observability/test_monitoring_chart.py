@@ -13,6 +13,9 @@ from obs_helpers import (
     helm_template,
 )
 
+from finetune_api.constants import LABEL_ATTEMPT
+from finetune_api.pod import METRICS_PORT
+
 pytestmark = pytest.mark.observability
 
 MONITORING_ON = {
@@ -48,7 +51,6 @@ def _by_kind(docs: list[dict]) -> dict[str, dict]:
 
 def test_podmonitor_selects_the_rendered_trainer_pods(helm: str) -> None:
     monitor = _by_kind(helm_template(helm, MONITORING_ON, ["podmonitor.yaml"]))["PodMonitor"]
-    from finetune_api.constants import LABEL_ATTEMPT, TRAINER_METRICS_PORT
 
     template = _rendered_trainer_job()["spec"]["template"]
     pod_labels = template["metadata"]["labels"]
@@ -61,11 +63,11 @@ def test_podmonitor_selects_the_rendered_trainer_pods(helm: str) -> None:
         for c in template["spec"]["containers"]
         for p in c.get("ports", [])
     }
-    assert ports.get(endpoint["port"]) == TRAINER_METRICS_PORT
+    assert ports.get(endpoint["port"]) == METRICS_PORT
     assert endpoint["interval"] == "7s"
     # The pod annotations for annotation-based discovery say the same.
     annotations = template["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == str(TRAINER_METRICS_PORT)
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
     assert annotations["prometheus.io/path"] == endpoint["path"]
     # The attempt relabeling reads a label the pods carry.
     source = endpoint["relabelings"][0]["sourceLabels"][0]
@@ -76,10 +78,8 @@ def test_podmonitor_selects_the_rendered_trainer_pods(helm: str) -> None:
 
 @pytest.mark.parametrize("ranks", [1, 4, 8])
 def test_podmonitor_scrapes_every_local_rank(helm: str, ranks: int) -> None:
-    """Each local rank serves metrics on TRAINER_METRICS_PORT + local rank; the PodMonitor has
+    """Each local rank serves metrics on METRICS_PORT + local rank; the PodMonitor has
     an endpoint for every such port of a pod with up to `processesPerNode` (default 8) ranks."""
-    from finetune_api.constants import TRAINER_METRICS_PORT
-
     monitor = _by_kind(helm_template(helm, MONITORING_ON, ["podmonitor.yaml"]))["PodMonitor"]
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     assert len(endpoints) == 8
@@ -91,7 +91,7 @@ def test_podmonitor_scrapes_every_local_rank(helm: str, ranks: int) -> None:
         for p in c["ports"]
         if p["name"] != "rendezvous"
     }
-    assert sorted(metrics_ports.values()) == [TRAINER_METRICS_PORT + r for r in range(ranks)]
+    assert sorted(metrics_ports.values()) == [METRICS_PORT + r for r in range(ranks)]
     assert set(metrics_ports) <= {e["port"] for e in endpoints}
 
 
