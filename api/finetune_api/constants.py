@@ -39,6 +39,8 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    # Whether checkpoints outlive the gang (a volume or a Hub branch), so a restart resumes.
+    CHECKPOINTS_DURABLE = "CheckpointsDurable"
 
 
 class Reason(StrEnum):
@@ -63,3 +65,12 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     RESTARTING = "Restarting"
+    # A child with this FineTuneJob's name exists and is not controlled by it: left untouched.
+    NAME_CONFLICT = "NameConflict"
+    # A source the Hub (or the endpoint used) says does not exist: retrying cannot help.
+    MODEL_NOT_FOUND = "ModelNotFound"
+    DATASET_NOT_FOUND = "DatasetNotFound"
+    # CheckpointsDurable: where checkpoints live.
+    CHECKPOINT_VOLUME = "CheckpointVolume"
+    CHECKPOINT_HUB_BRANCH = "CheckpointHubBranch"
+    NO_DURABLE_STORE = "NoDurableStore"

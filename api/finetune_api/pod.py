@@ -47,6 +47,10 @@ MASTER_PORT: Final = "MASTER_PORT"
 CHECKPOINT_DIR_ENV: Final = "FINETUNE_CHECKPOINT_DIR"
 RESULT_FILE_ENV: Final = "FINETUNE_RESULT_FILE"
 OUTPUT_DIR_ENV: Final = "FINETUNE_OUTPUT_DIR"
+# Set when checkpoints outlive the gang on the Hub (a multi-node gang with output.hub and no
+# shared volume): rank 0 mirrors each checkpoint to this branch of output.hub.repo, and restores
+# from it when the checkpoint folder holds none.
+CHECKPOINT_HUB_BRANCH_ENV: Final = "FINETUNE_CHECKPOINT_HUB_BRANCH"
 # Base port of the metrics servers (0: any free port, for many local ranks on one host).
 METRICS_PORT_ENV: Final = "FINETUNE_METRICS_PORT"
 # Seconds the metrics servers stay up after training, so that a final scrape sees the end.

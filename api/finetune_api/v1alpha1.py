@@ -260,10 +260,31 @@ class PersistentVolumeClaimRef(ApiModel):
 
 
 class CheckpointStorage(ApiModel):
+    """Where rank 0 keeps checkpoints so that a restarted gang resumes. Unset fields pick the
+    first durable store available: your claim; for a one-node gang a claim the operator makes
+    from the default StorageClass; for a multi-node gang with output.hub a branch of the repo."""
+
     persistent_volume_claim: PersistentVolumeClaimRef | None = Field(
         None,
-        description="persistentVolumeClaim keeps checkpoints across gang restarts. Unset: an "
-        "emptyDir, lost with the pod.",
+        description="persistentVolumeClaim is a claim you provide, mounted on every pod; for "
+        "more than one node it must be ReadWriteMany. Unset: the operator chooses (see size).",
+    )
+    size: Quantity = Field(
+        "10Gi",
+        description="size of the ReadWriteOnce claim the operator creates for a one-node gang, "
+        "owned by the FineTuneJob and deleted with it. Default 10Gi.",
+    )
+    storage_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        None,
+        description="storageClassName of the claim the operator creates. Unset: the cluster's "
+        "default StorageClass.",
+    )
+    hub_branch: Annotated[
+        str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ] = Field(
+        "finetune-checkpoints",
+        description="hubBranch of output.hub.repo where a multi-node gang without a shared "
+        "claim mirrors each checkpoint. Default finetune-checkpoints.",
     )
 
 
@@ -271,8 +292,9 @@ class OutputSpec(ApiModel):
     hub: HubOutput | None = Field(
         None, description="hub is where the result is pushed. Unset: no push."
     )
-    checkpoints: CheckpointStorage | None = Field(
-        None, description="checkpoints storage. Unset: an emptyDir."
+    checkpoints: CheckpointStorage = Field(
+        default_factory=CheckpointStorage,
+        description="checkpoints storage. Default: the first durable store available.",
     )
 
 
@@ -562,6 +584,27 @@ class Result(ApiModel):
     )
 
 
+class CheckpointStatus(ApiModel):
+    store: Literal["Volume", "HubBranch", "Ephemeral"] | None = Field(
+        None,
+        description="store holding the checkpoints: Volume (a claim), HubBranch, or Ephemeral "
+        "(lost with the pods; see the CheckpointsDurable condition).",
+    )
+    claim_name: ShortStr | None = Field(None, description="claimName when store is Volume.")
+    hub_branch: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="hubBranch of output.hub.repo when store is HubBranch."
+    )
+    resumed_from_step: int | None = Field(
+        None, ge=0, description="resumedFromStep is the step the current attempt resumed from."
+    )
+    steps_lost: int = Field(
+        0,
+        ge=0,
+        description="stepsLost over all restarts: steps trained past the last checkpoint before "
+        "a gang stopped. At most checkpointEverySteps per restart.",
+    )
+
+
 class Workload(ApiModel):
     job_name: ShortStr | None = Field(None, description="jobName of the current batch/v1 Job.")
     service_name: ShortStr | None = Field(None, description="serviceName of the headless Service.")
@@ -596,6 +639,9 @@ class FineTuneJobStatus(ApiModel):
     )
     result: Result = Field(default_factory=Result, description="result of the push.")
     workload: Workload = Field(default_factory=Workload, description="workload children.")
+    checkpoints: CheckpointStatus = Field(
+        default_factory=CheckpointStatus, description="checkpoints: where, and what restarts cost."
+    )
 
 
 # ---- the whole object ---------------------------------------------------------------------------
