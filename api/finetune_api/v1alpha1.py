@@ -595,7 +595,16 @@ class CheckpointStatus(ApiModel):
         None, description="hubBranch of output.hub.repo when store is HubBranch."
     )
     resumed_from_step: int | None = Field(
-        None, ge=0, description="resumedFromStep is the step the current attempt resumed from."
+        None,
+        ge=0,
+        description="resumedFromStep is the step the attempt in `attempt` resumed from (0: a "
+        "fresh start), as its rank 0 reported it.",
+    )
+    attempt: int | None = Field(
+        None, ge=1, description="attempt whose resume resumedFromStep describes."
+    )
+    last_restart_time: Timestamp | None = Field(
+        None, description="lastRestartTime is when the last gang failure was seen (RFC 3339)."
     )
     steps_lost: int = Field(
         0,

@@ -49,6 +49,11 @@ _APPLY_PATHS = {
     "Job": "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
 }
 _JOB_PATH = _APPLY_PATHS["Job"]
+# How a StorageClass is marked the default (the beta name is still set by some provisioners).
+DEFAULT_CLASS_ANNOTATIONS = (
+    "storageclass.kubernetes.io/is-default-class",
+    "storageclass.beta.kubernetes.io/is-default-class",
+)
 _FTJ_STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 
 
@@ -193,6 +198,21 @@ class Kube:
             return None
         return key in (secret.get("data") or {}) or key in (secret.get("stringData") or {})
 
+    async def default_storage_class_exists(self) -> bool:
+        """Whether the cluster marks a StorageClass as its default. True when the operator may
+        not list them: it cannot tell, and a claim that stays Pending shows on the pod."""
+        try:
+            classes = await self._json(client.StorageV1Api(self.api).list_storage_class)
+        except ApiException as exc:
+            if exc.status == 403:
+                return True
+            raise
+        return any(
+            ((c.get("metadata") or {}).get("annotations") or {}).get(a) == "true"
+            for c in classes.get("items") or []
+            for a in DEFAULT_CLASS_ANNOTATIONS
+        )
+
     # ---- writes --------------------------------------------------------------------------------
 
     async def apply(self, manifest: Obj) -> None:
@@ -228,6 +248,31 @@ class Kube:
                 return None
             if exc.status in (400, 422):
                 raise ApplyRejected(f"Job {meta['name']}: {_message(exc)}") from exc
+            raise
+
+    async def create_claim(self, manifest: Obj) -> Obj:
+        """Create a PersistentVolumeClaim, or return the one that already holds the name (the
+        caller checks it is ours). Never applied: a claim's spec is immutable once bound."""
+        meta = manifest["metadata"]
+        core = client.CoreV1Api(self.api)
+        try:
+            return await self._json(
+                core.create_namespaced_persistent_volume_claim,
+                meta["namespace"],
+                manifest,
+                field_manager=naming.FIELD_MANAGER,
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                existing = await self._get(
+                    core.read_namespaced_persistent_volume_claim, meta["name"], meta["namespace"]
+                )
+                if existing is not None:
+                    return existing
+            if exc.status in (400, 422):
+                raise ApplyRejected(
+                    f"PersistentVolumeClaim {meta['name']}: {_message(exc)}"
+                ) from exc
             raise
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> None:

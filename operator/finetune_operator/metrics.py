@@ -69,6 +69,13 @@ class OperatorMetrics:
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
             registry=registry,
         )
+        self.restart_seconds = Histogram(
+            "finetune_operator_restart_seconds",
+            "From a gang's failure being seen (Restarting) to its next attempt training again, "
+            "as rank 0 reports the step it resumed from.",
+            buckets=(5, 10, 15, 20, 30, 45, 60, 120, 300, 600),
+            registry=registry,
+        )
         self._phases: dict[tuple[str, str], str] = {}
 
     def observe_phase(self, key: tuple[str, str], phase: str | None) -> None:

@@ -40,6 +40,11 @@ def batch_job_name(job_name: str) -> str:
     return job_name
 
 
+def checkpoint_claim_name(job_name: str) -> str:
+    """The ReadWriteOnce claim the operator makes for a one-node gang's checkpoints."""
+    return f"{job_name}-checkpoints"
+
+
 def master_addr(job_name: str) -> str:
     """Rank 0's stable DNS name through the headless Service."""
     return f"{batch_job_name(job_name)}-0.{service_name(job_name)}"

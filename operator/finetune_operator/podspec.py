@@ -10,6 +10,7 @@ from typing import Any
 from finetune_api import pod
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
+from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.settings import Settings
 
 Manifest = dict[str, Any]
@@ -42,7 +43,7 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     return out
 
 
-def _env(job: FineTuneJob, settings: Settings) -> list[Manifest]:
+def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[Manifest]:
     name, spec = job.metadata.name, job.spec
     rendezvous = pod.rendezvous_env(
         nnodes=spec.resources.nodes,
@@ -59,6 +60,8 @@ def _env(job: FineTuneJob, settings: Settings) -> list[Manifest]:
         "HF_HOME": pod.HF_HOME,
         pod.METRICS_LINGER_ENV: str(settings.metrics_linger_seconds),
     }
+    if store.hub_branch:
+        values[pod.CHECKPOINT_HUB_BRANCH_ENV] = store.hub_branch
     # The node rank is the pod's completion index, which only the pod knows.
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX}']"}}
     env: list[Manifest] = [
@@ -79,15 +82,15 @@ def _env(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     return env
 
 
-def _volumes(job: FineTuneJob, settings: Settings) -> tuple[list[Manifest], list[Manifest]]:
+def _volumes(
+    job: FineTuneJob, settings: Settings, store: CheckpointStore
+) -> tuple[list[Manifest], list[Manifest]]:
     name, spec = job.metadata.name, job.spec
-    ckpt = spec.output.checkpoints
-    if ckpt is not None and ckpt.persistent_volume_claim is not None:
-        checkpoints: Manifest = {
-            "persistentVolumeClaim": {"claimName": ckpt.persistent_volume_claim.claim_name}
-        }
-    else:
-        checkpoints = {"emptyDir": {}}
+    checkpoints: Manifest = (
+        {"persistentVolumeClaim": {"claimName": store.claim_name}}
+        if store.claim_name
+        else {"emptyDir": {}}
+    )
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": naming.configmap_name(name)}},
         {"name": "checkpoints", **checkpoints},
@@ -109,13 +112,15 @@ def _volumes(job: FineTuneJob, settings: Settings) -> tuple[list[Manifest], list
     return volumes, mounts
 
 
-def _container(job: FineTuneJob, settings: Settings, mounts: list[Manifest]) -> Manifest:
+def _container(
+    job: FineTuneJob, settings: Settings, store: CheckpointStore, mounts: list[Manifest]
+) -> Manifest:
     container: Manifest = {
         "name": pod.CONTAINER_NAME,
         "image": job.spec.template.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["finetune", "train", pod.CONFIG_PATH],
-        "env": _env(job, settings),
+        "env": _env(job, settings, store),
         # Every local rank serves its own metrics, so each gets a named port to scrape.
         "ports": [
             *(
@@ -145,10 +150,10 @@ def _container(job: FineTuneJob, settings: Settings, mounts: list[Manifest]) -> 
     return container
 
 
-def pod_spec(job: FineTuneJob, settings: Settings) -> Manifest:
+def pod_spec(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> Manifest:
     name, spec = job.metadata.name, job.spec
     tpl = spec.template
-    volumes, mounts = _volumes(job, settings)
+    volumes, mounts = _volumes(job, settings, store)
     node_selector = dict(tpl.node_selector)
     tpu = spec.resources.accelerator.tpu
     if tpu is not None:
@@ -166,7 +171,7 @@ def pod_spec(job: FineTuneJob, settings: Settings) -> Manifest:
             "fsGroup": 1000,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, settings, mounts)],
+        "containers": [_container(job, settings, store, mounts)],
         "volumes": volumes,
     }
     if node_selector:

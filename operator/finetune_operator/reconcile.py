@@ -18,8 +18,9 @@ from typing import Any
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 from finetune_api.validation import ManifestError, parse_manifest
-from finetune_operator import naming, render, scrape
+from finetune_operator import checkpoints, naming, render, scrape
 from finetune_operator.apply import ApplyRejected, Kube
+from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import State, observe_job
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
@@ -37,6 +38,10 @@ class PassResult:
     # Set when the caller should raise kopf.TemporaryError / PermanentError.
     temporary: str | None = None
     permanent: str | None = None
+
+
+# Transitions that need someone's attention are Warning Events; the rest are Normal.
+WARNING_REASONS = frozenset({Reason.RESTARTING, Reason.NO_DURABLE_STORE, Reason.SECRET_NOT_FOUND})
 
 
 def now_rfc3339() -> str:
@@ -94,12 +99,39 @@ class Reconciler:
             return Blocker(Reason.SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}")
         return None
 
-    async def _observe(self, job: FineTuneJob, scrape_now: bool) -> Observed:
+    async def _checkpoint_store(self, job: FineTuneJob) -> CheckpointStore:
+        """The store recorded when the first Job was made, or the one to choose now."""
+        if job.status is not None:
+            recorded = job.status.checkpoints.model_dump(mode="json", by_alias=True)
+            if (known := checkpoints.from_status(job, recorded)) is not None:
+                return known
+        default_class = (
+            checkpoints.needs_storage_class_check(job)
+            and await self.kube.default_storage_class_exists()
+        )
+        return checkpoints.choose(job, default_class)
+
+    async def _claim_blocker(self, job: FineTuneJob, owner: Obj) -> Blocker | None:
+        claim = await self.kube.create_claim(render.render_checkpoint_claim(job, owner))
+        refs = (claim.get("metadata") or {}).get("ownerReferences") or []
+        if any(r.get("controller") and r.get("uid") == job.metadata.uid for r in refs):
+            return None
+        name = naming.checkpoint_claim_name(job.metadata.name)
+        return Blocker(
+            Reason.NAME_CONFLICT,
+            f"PersistentVolumeClaim {name} exists and is not this FineTuneJob's: rename the "
+            "FineTuneJob, delete the claim, or name it in output.checkpoints.persistentVolumeClaim",
+            permanent=True,
+        )
+
+    async def _observe(
+        self, job: FineTuneJob, scrape_now: bool, store: CheckpointStore
+    ) -> Observed:
         ns, name = job.metadata.namespace, job.metadata.name
         batch = await self.kube.get_job(ns, name)
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
         outcome = observe_job(batch, pods)
-        progress = None
+        progress, resumed = None, None
         now = now_rfc3339()
         if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:
             values = await scrape.scrape(outcome.rank0_ip, self.settings.scrape_timeout_seconds)
@@ -107,7 +139,15 @@ class Reconciler:
                 job.status.progress.model_dump(mode="json", by_alias=True) if job.status else None
             )
             progress = scrape.progress_from_metrics(values, previous, now)
-        return Observed(now=now, job=batch, outcome=outcome, progress=progress)
+            resumed = scrape.resumed_from_step(values)
+        return Observed(
+            now=now,
+            job=batch,
+            outcome=outcome,
+            progress=progress,
+            store=store,
+            resumed_from_step=resumed,
+        )
 
     async def _reconcile(self, body: Obj, scrape_now: bool, children: bool) -> PassResult:
         try:
@@ -118,7 +158,8 @@ class Reconciler:
         name = job.metadata.name
         previous = _normal(body.get("status") or {})
         terminal = previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
-        observed = await self._observe(job, scrape_now)
+        store = await self._checkpoint_store(job)
+        observed = await self._observe(job, scrape_now, store)
         blocker, permanent = None, None
         if not terminal and (children or observed.outcome.state is State.ABSENT):
             blocker = await self._blocker(job)
@@ -127,6 +168,9 @@ class Reconciler:
                 try:
                     await self.kube.apply(render.render_configmap(job, owner))
                     await self.kube.apply(render.render_service(job, owner))
+                    if store.owned_claim:
+                        blocker = await self._claim_blocker(job, owner)
+                        permanent = blocker.message if blocker else None
                 except ApplyRejected as exc:
                     blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
                     permanent = str(exc)
@@ -136,7 +180,7 @@ class Reconciler:
             if not result.actions:
                 break
             try:
-                created = await self._act(job, result)
+                created = await self._act(job, result, store)
             except ApplyRejected as exc:
                 permanent = str(exc)
                 blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
@@ -147,24 +191,24 @@ class Reconciler:
             transitions = result.transitions
             if created is not None:  # a Job just born has no pods: no need to read it back
                 observed = Observed(
-                    now=now_rfc3339(), job=created, outcome=observe_job(created, [])
+                    now=now_rfc3339(), job=created, outcome=observe_job(created, []), store=store
                 )
             else:
-                observed = await self._observe(job, False)
+                observed = await self._observe(job, False, store)
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
 
-    async def _act(self, job: FineTuneJob, result: Plan) -> Obj | None:
+    async def _act(self, job: FineTuneJob, result: Plan, store: CheckpointStore) -> Obj | None:
         """Carry out the plan; returns the Job this pass created, if it created one."""
         ns, name = job.metadata.namespace, job.metadata.name
         created = None
         for action in result.actions:
             if action.kind == "create":
                 owner = render.owner_reference(name, job.metadata.uid or "")
-                manifest = render.render_job(job, owner, action.attempt, self.settings)
+                manifest = render.render_job(job, owner, action.attempt, self.settings, store)
                 created = await self.kube.create_job(manifest)
                 if created is not None:
                     self.metrics.job_attempts.inc()
@@ -188,10 +232,12 @@ class Reconciler:
             if created:
                 elapsed = datetime.now(UTC) - datetime.fromisoformat(created.replace("Z", "+00:00"))
                 self.metrics.time_to_running.observe(max(elapsed.total_seconds(), 0.0))
+        if result.restart_seconds is not None:
+            self.metrics.restart_seconds.observe(result.restart_seconds)
         for type_, reason, message in result.transitions:
             if type_ == ConditionType.FAILED:
                 self.metrics.jobs_failed.labels(reason=reason).inc()
-            warning = type_ == ConditionType.FAILED or reason == Reason.RESTARTING
+            warning = type_ == ConditionType.FAILED or reason in WARNING_REASONS
             await self.kube.post_event(
                 body, "Warning" if warning else "Normal", reason, message or type_
             )

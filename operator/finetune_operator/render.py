@@ -14,6 +14,7 @@ from finetune_api import pod
 from finetune_api.constants import API_VERSION, KIND, LABEL_KUEUE_QUEUE
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
+from finetune_operator.checkpoints import CheckpointStore, choose
 from finetune_operator.podspec import pod_spec
 from finetune_operator.settings import Settings
 
@@ -92,7 +93,29 @@ def render_service(job: FineTuneJob, owner: Manifest) -> Manifest:
     }
 
 
-def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settings) -> Manifest:
+def render_checkpoint_claim(job: FineTuneJob, owner: Manifest) -> Manifest:
+    """The ReadWriteOnce claim for a one-node gang's checkpoints (checkpoints.choose decides
+    when). Owned by the FineTuneJob, so it goes when the job goes, not when an attempt does."""
+    name, ckpt = job.metadata.name, job.spec.output.checkpoints
+    spec: Manifest = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(ckpt.size)}},
+    }
+    if ckpt.storage_class_name:
+        spec["storageClassName"] = ckpt.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(
+            job, naming.checkpoint_claim_name(name), owner, naming.child_labels(name)
+        ),
+        "spec": spec,
+    }
+
+
+def render_job(
+    job: FineTuneJob, owner: Manifest, attempt: int, settings: Settings, store: CheckpointStore
+) -> Manifest:
     """The Indexed Job of one attempt: one pod per node, and the whole gang fails together."""
     name, spec = job.metadata.name, job.spec
     policy = spec.run_policy
@@ -132,7 +155,7 @@ def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settin
                     "prometheus.io/path": "/metrics",
                 },
             },
-            "spec": pod_spec(job, settings),
+            "spec": pod_spec(job, settings, store),
         },
     }
     if policy.active_deadline_seconds is not None:
@@ -148,10 +171,14 @@ def render_job(job: FineTuneJob, owner: Manifest, attempt: int, settings: Settin
 
 
 def render_manifests(job: FineTuneJob, settings: Settings) -> list[Manifest]:
-    """Every child of a FineTuneJob's first attempt, for `finetune render` (placeholder owner)."""
+    """Every child of a FineTuneJob's first attempt, for `finetune render` (placeholder owner),
+    on a cluster with a default StorageClass."""
     owner = owner_reference(job.metadata.name, job.metadata.uid or PLACEHOLDER_UID)
+    store = choose(job, default_storage_class=True)
+    claim = [render_checkpoint_claim(job, owner)] if store.owned_claim else []
     return [
         render_configmap(job, owner),
         render_service(job, owner),
-        render_job(job, owner, attempt=1, settings=settings),
+        *claim,
+        render_job(job, owner, attempt=1, settings=settings, store=store),
     ]

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_api.pod import METRICS_PORT
+from finetune_api.pod import METRICS_PORT, RESUMED_FROM_STEP_GAUGE
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
@@ -23,6 +23,7 @@ _GAUGES = {
     "finetune_train_epoch": "epoch",
     "finetune_train_loss": "loss",
     "finetune_train_tokens_per_second": "tokensPerSecond",
+    RESUMED_FROM_STEP_GAUGE: "resumedFromStep",
 }
 
 
@@ -79,6 +80,12 @@ def progress_from_metrics(
         if elapsed and elapsed > 0:
             progress["etaSeconds"] = int((total - step) * elapsed / (step - prev_step))
     return progress
+
+
+def resumed_from_step(values: dict[str, float]) -> int | None:
+    """The step the running attempt resumed from (0: a fresh start); None before it says."""
+    value = values.get("resumedFromStep")
+    return int(value) if value is not None and value >= 0 else None
 
 
 async def scrape(ip: str, timeout: float, port: int = METRICS_PORT) -> dict[str, float]:

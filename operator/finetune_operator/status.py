@@ -8,11 +8,13 @@ twice gives the same status and the operator writes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, RunPolicy
 from finetune_operator import naming
+from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import Obj, Outcome, State
 
 CT = ConditionType
@@ -38,6 +40,9 @@ class Observed:
     outcome: Outcome = field(default_factory=lambda: Outcome(State.ABSENT))
     progress: Obj | None = None
     blocker: Blocker | None = None
+    store: CheckpointStore | None = None
+    # What rank 0 of the running attempt reports: the step it resumed from (0: a fresh start).
+    resumed_from_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Plan:
     actions: list[Action]
     # (type, reason, message) of conditions whose status changed: one Event each.
     transitions: list[tuple[str, str, str]]
+    # Seconds from Restarting to the new attempt training, when this pass first saw it train.
+    restart_seconds: float | None = None
 
 
 class _Conditions:
@@ -156,6 +163,40 @@ def _finish(status: Obj, conds: _Conditions, now: str, ok: bool, reason: str, ms
         status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}
 
 
+def _seconds_between(earlier: str | None, later: str) -> float | None:
+    if not earlier:
+        return None
+    try:
+        a = datetime.fromisoformat(earlier.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(later.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max((b - a).total_seconds(), 0.0)
+
+
+def _checkpoints(
+    status: Obj, prev: Obj, conds: _Conditions, observed: Observed, attempt: int
+) -> float | None:
+    """status.checkpoints and CheckpointsDurable. On an attempt's first report of the step it
+    resumed from: the steps lost since the previous attempt's last known step and, after a
+    restart, the seconds from the failure being seen to training again (to within one progress
+    interval: the report arrives with a progress scrape)."""
+    ckpt = dict(prev.get("checkpoints") or {})
+    if observed.store is not None:
+        ckpt.update(observed.store.to_status())
+        conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
+    resumed, restart_seconds = observed.resumed_from_step, None
+    if resumed is not None and ckpt.get("attempt") != attempt:
+        last_step = int((prev.get("progress") or {}).get("step") or 0)
+        ckpt["stepsLost"] = int(ckpt.get("stepsLost") or 0) + max(last_step - resumed, 0)
+        ckpt["resumedFromStep"], ckpt["attempt"] = resumed, attempt
+        if attempt > 1:
+            restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), observed.now)
+    if ckpt:
+        status["checkpoints"] = ckpt
+    return restart_seconds
+
+
 def plan(job: FineTuneJob, observed: Observed) -> Plan:
     prev: Obj = (
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
@@ -174,6 +215,7 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     if out.state is not State.ABSENT and out.attempt > attempts:
         attempts = out.attempt  # created, then crashed before the status write
     status["attempts"] = attempts
+    restart_seconds = _checkpoints(status, prev, conds, observed, attempts)
     terminal = prev.get("phase") in TERMINAL and (
         conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
     )
@@ -201,6 +243,10 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         elif attempts <= policy.backoff_limit:
             # Record the next attempt before deleting, so a crash in between still restarts.
             status["attempts"] = attempts + 1
+            status["checkpoints"] = {
+                **status.get("checkpoints", {}),
+                "lastRestartTime": observed.now,
+            }
             actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
             conds.set(
                 CT.RUNNING,
@@ -247,7 +293,12 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         summary = evaluation_summary(status["evaluation"], job.spec.evaluation.gates)
         if summary:
             status["evaluationSummary"] = summary[:256]
-    return Plan(status=status, actions=actions, transitions=_transitions(prev, status))
+    return Plan(
+        status=status,
+        actions=actions,
+        transitions=_transitions(prev, status),
+        restart_seconds=restart_seconds,
+    )
 
 
 def _transitions(prev: Obj, new: Obj) -> list[tuple[str, str, str]]:

@@ -301,11 +301,13 @@ def test_watch_namespaces_gives_roles_and_no_cluster_wide_workload_rules(helm: H
         assert_least_privilege(role["rules"])
         resources = {r for rule in role["rules"] for r in rule["resources"]}
         assert {"finetunejobs", "jobs", "pods", "configmaps", "services"} <= resources
-    # Cluster-wide only what kopf needs to discover things, read-only.
+    # Cluster-wide only reads: what kopf needs to discover things, and the StorageClasses that
+    # decide where a one-node gang's checkpoints go.
     cluster_rules = rules_of(docs, "ClusterRole")
     assert_least_privilege(cluster_rules)
     for rule in cluster_rules:
-        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces"}, rule
+        allowed = {"customresourcedefinitions", "namespaces", "storageclasses"}
+        assert set(rule["resources"]) <= allowed, rule
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
     for binding in by_kind(docs, "ClusterRoleBinding"):
         assert binding["roleRef"]["name"].endswith("-cluster")

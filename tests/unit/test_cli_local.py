@@ -179,8 +179,9 @@ def test_validate_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def _render(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     assert main(["render", *args]) == Exit.OK
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"]
-    return docs[2]["spec"]["template"]["spec"]["containers"][0]
+    # A one-node job's checkpoints get a claim of their own (a default StorageClass is assumed).
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "PersistentVolumeClaim", "Job"]
+    return docs[-1]["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_render_runs_what_the_chart_defaults_configure(

@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from finetune_api.validation import load_manifest
+from finetune_operator.checkpoints import choose
 from finetune_operator.render import (
     owner_reference,
+    render_checkpoint_claim,
     render_configmap,
     render_job,
     render_manifests,
@@ -46,7 +48,7 @@ def test_cases_cover_every_accelerator() -> None:
 
 
 def _job(case: str) -> dict[str, Any]:
-    return _render(case)[2]
+    return next(d for d in _render(case) if d["kind"] == "Job")
 
 
 def _container(job: dict[str, Any]) -> dict[str, Any]:
@@ -149,15 +151,17 @@ def test_configmap_holds_spec_only_never_status_or_env_values() -> None:
 def test_children_are_owned_and_labelled() -> None:
     ftj = load_manifest(GOLDEN / "cpu.input.yaml")
     owner = owner_reference(ftj.metadata.name, "1234")
+    store = choose(ftj, default_storage_class=True)
     for obj in (
         render_configmap(ftj, owner),
         render_service(ftj, owner),
-        render_job(ftj, owner, 3, SETTINGS),
+        render_checkpoint_claim(ftj, owner),
+        render_job(ftj, owner, 3, SETTINGS, store),
     ):
         assert obj["metadata"]["ownerReferences"] == [owner]
         assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
         assert obj["metadata"]["labels"]["finetune.dev/job-name"] == "smollm2-news-lora"
-    job = render_job(ftj, owner, 3, SETTINGS)
+    job = render_job(ftj, owner, 3, SETTINGS, store)
     assert job["metadata"]["labels"]["finetune.dev/attempt"] == "3"
     assert job["spec"]["template"]["metadata"]["labels"]["finetune.dev/attempt"] == "3"
 
@@ -172,18 +176,18 @@ def test_default_resources_apply_only_to_jobs_that_set_none() -> None:
     own = load_manifest(GOLDEN / "gpu.input.yaml")
     assert own.spec.resources.requests
     # The job's own requests and limits win whole; the defaults are not merged into them.
-    mine = _container(render_manifests(own, settings)[2])["resources"]
+    mine = _container(render_manifests(own, settings)[-1])["resources"]
     assert mine == _container(_render("gpu")[2])["resources"]
 
     bare = own.model_copy(deep=True)
     bare.spec.resources.requests, bare.spec.resources.limits = {}, {}
-    res = _container(render_manifests(bare, settings)[2])["resources"]
+    res = _container(render_manifests(bare, settings)[-1])["resources"]
     # The accelerator's extended resource still goes on top.
     assert res == {
         "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "8"},
         "limits": {"memory": "8Gi", "nvidia.com/gpu": "8"},
     }
-    without_defaults = _container(render_manifests(bare, Settings())[2])["resources"]
+    without_defaults = _container(render_manifests(bare, Settings())[-1])["resources"]
     assert without_defaults == {
         "requests": {"nvidia.com/gpu": "8"},
         "limits": {"nvidia.com/gpu": "8"},

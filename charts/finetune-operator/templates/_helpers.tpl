@@ -100,6 +100,11 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+# A one-node gang's checkpoint claim: created once (never updated: a bound claim's spec is
+# immutable), read back to check it is ours, garbage-collected with the FineTuneJob.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, create]
 # Pods are read only: their status and termination messages carry the trainer's progress and
 # result. The Job controller, not the operator, creates them.
 - apiGroups: [""]
@@ -137,4 +142,8 @@ kopf.dev clusterkopfpeerings access.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list, watch]
+# Whether the cluster has a default StorageClass decides where a one-node gang's checkpoints go.
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses]
+  verbs: [list]
 {{- end }}

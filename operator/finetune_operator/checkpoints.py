@@ -1,0 +1,114 @@
+"""Where a FineTuneJob's checkpoints live, so that a restarted gang resumes. Pure.
+
+Only rank 0 writes and reads checkpoints (the other ranks get the state by broadcast), so the
+store must reach rank 0's pod wherever it lands:
+
+1. the user's claim (`output.checkpoints.persistentVolumeClaim`), mounted on every pod;
+2. for a one-node gang, a ReadWriteOnce claim the operator makes from the default (or the
+   named) StorageClass, owned by the FineTuneJob. A multi-node gang cannot use one: every pod of
+   an Indexed Job shares one template, so the claim would be mounted on every node, which
+   ReadWriteOnce volumes (local-path, block disks) refuse;
+3. for a multi-node gang with `output.hub`, a branch of the target repo that rank 0 mirrors each
+   checkpoint to (transformers' `hub_strategy="checkpoint"`, on a branch so that `main` holds
+   only results);
+4. otherwise an emptyDir: restarts begin again at step 0, and the CheckpointsDurable condition
+   says so rather than leaving it to be found out.
+
+The choice is made once, when the first Job is created, and kept in status.checkpoints: a store
+that changed between attempts would strand the checkpoints written so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from finetune_api.constants import Reason
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_operator import naming
+
+StoreKind = Literal["Volume", "HubBranch", "Ephemeral"]
+
+
+@dataclass(frozen=True)
+class CheckpointStore:
+    kind: StoreKind
+    # The claim mounted at the checkpoint folder, for kind Volume.
+    claim_name: str | None = None
+    # Whether the operator makes that claim (and it is owned by the FineTuneJob).
+    owned_claim: bool = False
+    # The branch of output.hub.repo that rank 0 mirrors to, for kind HubBranch.
+    hub_branch: str | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self.kind != "Ephemeral"
+
+    def condition(self) -> tuple[bool, Reason, str]:
+        """(status, reason, message) of the CheckpointsDurable condition."""
+        if self.kind == "Volume":
+            whose = "made for this job" if self.owned_claim else "from output.checkpoints"
+            return (
+                True,
+                Reason.CHECKPOINT_VOLUME,
+                f"PersistentVolumeClaim {self.claim_name} ({whose})",
+            )
+        if self.kind == "HubBranch":
+            return (
+                True,
+                Reason.CHECKPOINT_HUB_BRANCH,
+                f"branch {self.hub_branch} of output.hub.repo",
+            )
+        return (
+            False,
+            Reason.NO_DURABLE_STORE,
+            "checkpoints are in an emptyDir and a restart begins again at step 0: set "
+            "output.checkpoints.persistentVolumeClaim (ReadWriteMany for more than one node), "
+            "output.hub, or give the cluster a default StorageClass",
+        )
+
+    def to_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"store": self.kind}
+        if self.claim_name:
+            status["claimName"] = self.claim_name
+        if self.hub_branch:
+            status["hubBranch"] = self.hub_branch
+        return status
+
+
+def choose(job: FineTuneJob, default_storage_class: bool) -> CheckpointStore:
+    """The store for a job's checkpoints, given whether the cluster has a default StorageClass."""
+    spec = job.spec
+    ckpt = spec.output.checkpoints
+    if ckpt.persistent_volume_claim is not None:
+        return CheckpointStore("Volume", claim_name=ckpt.persistent_volume_claim.claim_name)
+    if spec.resources.nodes == 1 and (ckpt.storage_class_name or default_storage_class):
+        claim = naming.checkpoint_claim_name(job.metadata.name)
+        return CheckpointStore("Volume", claim_name=claim, owned_claim=True)
+    if spec.output.hub is not None:
+        return CheckpointStore("HubBranch", hub_branch=ckpt.hub_branch)
+    return CheckpointStore("Ephemeral")
+
+
+def from_status(job: FineTuneJob, recorded: dict[str, Any]) -> CheckpointStore | None:
+    """The store chosen for an earlier attempt, as status.checkpoints recorded it."""
+    kind = recorded.get("store")
+    if kind not in ("Volume", "HubBranch", "Ephemeral"):
+        return None
+    owned = kind == "Volume" and job.spec.output.checkpoints.persistent_volume_claim is None
+    return CheckpointStore(
+        kind,
+        claim_name=recorded.get("claimName"),
+        owned_claim=owned,
+        hub_branch=recorded.get("hubBranch"),
+    )
+
+
+def needs_storage_class_check(job: FineTuneJob) -> bool:
+    """Whether `choose` depends on the cluster's default StorageClass for this job."""
+    ckpt = job.spec.output.checkpoints
+    return (
+        ckpt.persistent_volume_claim is None
+        and ckpt.storage_class_name is None
+        and job.spec.resources.nodes == 1
+    )

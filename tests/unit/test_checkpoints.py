@@ -1,0 +1,191 @@
+"""Where checkpoints live (finetune_operator.checkpoints), how the pods get that store, and what
+status says about it: the durable-by-default rule of docs/api.md, without a cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from finetune_api import pod
+from finetune_api.constants import ConditionType, Reason
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_api.validation import parse_manifest
+from finetune_operator import checkpoints
+from finetune_operator.lifecycle import Outcome, State
+from finetune_operator.render import owner_reference, render_checkpoint_claim, render_job
+from finetune_operator.scrape import parse_metrics, resumed_from_step
+from finetune_operator.settings import Settings
+from finetune_operator.status import Observed, plan
+
+NOW = "2026-01-01T00:00:00Z"
+LATER = "2026-01-01T00:00:21Z"
+HUB = {"repo": "org/out", "tokenSecretRef": {"name": "hf", "key": "token"}}
+
+
+def ftj(nodes: int = 1, status: dict[str, Any] | None = None, **output: Any) -> FineTuneJob:
+    doc: dict[str, Any] = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "ns", "generation": 1, "uid": "u1"},
+        "spec": {
+            "model": {"source": "hf://org/m"},
+            "dataset": {"source": "hf://org/d"},
+            "resources": {"nodes": nodes},
+            "output": output,
+        },
+    }
+    if status is not None:
+        doc["status"] = status
+    return parse_manifest(doc)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "output", "default_class", "kind", "claim", "branch"),
+    [
+        # The user's claim wins, whatever the gang's size.
+        (
+            4,
+            {"checkpoints": {"persistentVolumeClaim": {"claimName": "mine"}}},
+            False,
+            "Volume",
+            "mine",
+            None,
+        ),
+        # One node: a claim of its own, from the default or the named class.
+        (1, {}, True, "Volume", "demo-checkpoints", None),
+        (
+            1,
+            {"checkpoints": {"storageClassName": "fast"}},
+            False,
+            "Volume",
+            "demo-checkpoints",
+            None,
+        ),
+        # One node, no class to make a claim from: the Hub branch, else nothing durable.
+        (1, {"hub": HUB}, False, "HubBranch", None, "finetune-checkpoints"),
+        (1, {}, False, "Ephemeral", None, None),
+        # Several nodes cannot share a ReadWriteOnce claim: the Hub branch, else nothing.
+        (2, {"hub": HUB}, True, "HubBranch", None, "finetune-checkpoints"),
+        (2, {"hub": HUB, "checkpoints": {"hubBranch": "ckpt"}}, True, "HubBranch", None, "ckpt"),
+        (2, {}, True, "Ephemeral", None, None),
+    ],
+)
+def test_the_first_durable_store_is_chosen(
+    nodes: int, output: dict, default_class: bool, kind: str, claim: str | None, branch: str | None
+) -> None:
+    store = checkpoints.choose(ftj(nodes, **output), default_class)
+    assert (store.kind, store.claim_name, store.hub_branch) == (kind, claim, branch)
+    assert store.owned_claim == (claim == "demo-checkpoints")
+    assert store.durable == (kind != "Ephemeral")
+
+
+def test_the_recorded_store_survives_a_change_of_cluster() -> None:
+    """A store chosen for attempt 1 is kept: moving would strand the checkpoints written."""
+    job = ftj(1)
+    first = checkpoints.choose(job, default_storage_class=True)
+    recorded = checkpoints.from_status(job, first.to_status())
+    assert recorded == first
+    assert checkpoints.from_status(job, {}) is None
+
+
+def test_the_claim_is_owned_readwriteonce_and_sized_by_the_spec() -> None:
+    job = ftj(1, checkpoints={"size": "3Gi", "storageClassName": "fast"})
+    claim = render_checkpoint_claim(job, owner_reference("demo", "u1"))
+    assert claim["metadata"]["name"] == "demo-checkpoints"
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "u1"
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "3Gi"}},
+        "storageClassName": "fast",
+    }
+    # Without a class the field is absent, so the API server fills in the default class.
+    assert "storageClassName" not in render_checkpoint_claim(ftj(1), {})["spec"]
+
+
+def _pod(job: FineTuneJob, store: checkpoints.CheckpointStore) -> dict[str, Any]:
+    return render_job(job, owner_reference("demo", "u1"), 1, Settings(), store)["spec"]["template"]
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_pods_mount_the_store_and_rank0_is_told_the_branch(nodes: int) -> None:
+    job = ftj(nodes, hub=HUB)
+    for default_class in (True, False):
+        store = checkpoints.choose(job, default_class)
+        spec = _pod(job, store)["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "checkpoints")
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        if store.kind == "Volume":
+            assert volume["persistentVolumeClaim"] == {"claimName": "demo-checkpoints"}
+            assert pod.CHECKPOINT_HUB_BRANCH_ENV not in env
+        else:
+            assert volume == {"name": "checkpoints", "emptyDir": {}}
+            assert env[pod.CHECKPOINT_HUB_BRANCH_ENV] == "finetune-checkpoints"
+
+
+def test_status_says_where_checkpoints_are_and_warns_when_nowhere_durable() -> None:
+    durable = plan(
+        ftj(1),
+        Observed(now=NOW, store=checkpoints.choose(ftj(1), default_storage_class=True)),
+    )
+    cond = next(c for c in durable.status["conditions"] if c["type"] == "CheckpointsDurable")
+    assert (cond["status"], cond["reason"]) == ("True", Reason.CHECKPOINT_VOLUME)
+    assert durable.status["checkpoints"] == {"store": "Volume", "claimName": "demo-checkpoints"}
+
+    lost = plan(ftj(2), Observed(now=NOW, store=checkpoints.choose(ftj(2), True)))
+    cond = next(c for c in lost.status["conditions"] if c["type"] == "CheckpointsDurable")
+    assert (cond["status"], cond["reason"]) == ("False", Reason.NO_DURABLE_STORE)
+    assert "output.hub" in cond["message"]
+    assert (f"Not{ConditionType.CHECKPOINTS_DURABLE}", Reason.NO_DURABLE_STORE) in [
+        t[:2] for t in lost.transitions
+    ]
+
+
+def test_a_restart_records_the_resume_step_the_steps_lost_and_its_duration() -> None:
+    store = checkpoints.choose(ftj(1), default_storage_class=True)
+    # Attempt 1 ran to step 57 (the last progress read) and failed; the operator restarts it.
+    failed = Outcome(State.FAILED, attempt=1, uid="j1", reason=Reason.TRAINING_FAILED)
+    running = {"phase": "Running", "attempts": 1, "progress": {"step": 57, "totalSteps": 90}}
+    restart = plan(ftj(1, status=running), Observed(now=NOW, outcome=failed, store=store))
+    assert restart.status["attempts"] == 2
+    assert restart.status["checkpoints"]["lastRestartTime"] == NOW
+    # Attempt 2 runs; rank 0 says it resumed from its checkpoint at step 50.
+    again = Outcome(State.RUNNING, attempt=2, uid="j2", running_pods=1)
+    observed = Observed(
+        now=LATER,
+        outcome=again,
+        store=store,
+        progress={"step": 50, "totalSteps": 90},
+        resumed_from_step=50,
+    )
+    resumed = plan(ftj(1, status=restart.status), observed)
+    ckpt = resumed.status["checkpoints"]
+    assert (ckpt["resumedFromStep"], ckpt["attempt"], ckpt["stepsLost"]) == (50, 2, 7)
+    assert resumed.restart_seconds == 21.0
+    # Later passes of the same attempt neither count the loss again nor time it again.
+    later = plan(ftj(1, status=resumed.status), observed)
+    assert later.status["checkpoints"]["stepsLost"] == 7
+    assert later.restart_seconds is None
+
+
+def test_a_fresh_start_loses_nothing_and_is_not_a_restart() -> None:
+    observed = Observed(
+        now=NOW,
+        outcome=Outcome(State.RUNNING, attempt=1, uid="j1", running_pods=1),
+        store=checkpoints.choose(ftj(1), default_storage_class=True),
+        resumed_from_step=0,
+    )
+    first = plan(ftj(1, status={"attempts": 1}), observed)
+    assert first.status["checkpoints"]["resumedFromStep"] == 0
+    assert first.status["checkpoints"]["stepsLost"] == 0
+    assert first.restart_seconds is None
+
+
+def test_rank0s_resume_gauge_is_scraped() -> None:
+    text = (
+        f"# TYPE {pod.RESUMED_FROM_STEP_GAUGE} gauge\n"
+        f'{pod.RESUMED_FROM_STEP_GAUGE}{{rank="1"}} 9\n'
+        f'{pod.RESUMED_FROM_STEP_GAUGE}{{rank="0"}} 40\n'
+    )
+    assert resumed_from_step(parse_metrics(text)) == 40
+    assert resumed_from_step(parse_metrics("")) is None
