@@ -13,6 +13,8 @@
 #     that `kubeadm config images list` prints (their static pod / DaemonSet manifests
 #     set `command:`, so one image can serve all of them)
 #   registry.k8s.io/coredns/coredns:<v>, registry.k8s.io/pause:<v> (from local binaries)
+#   finetune-local/local-path-{provisioner,helper}:<v> (build-storage-images.sh; with kind's
+#     manifest in /kind/manifests/default-storage.yaml they make `standard` the default class)
 #   finetune-local/kind-node:$K8S_VERSION (with all of the above preloaded in containerd)
 #
 # Env: FINETUNE_WAIT_K8S=<seconds> waits that long for the kube binaries to appear.
@@ -26,16 +28,9 @@ NODE_PKGS=systemd,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,
 KUBE_BASE_PKGS=ca-certificates,iptables,nftables,conntrack,ipset,kmod,iproute2,netbase
 T_START=$SECONDS
 
-go_install() { # go_install <module@version> <gobin>
-  mkdir -p "$2"
-  log "go install $1"
-  (cd /tmp && CGO_ENABLED=0 GOBIN=$2 GOFLAGS=-trimpath go install -ldflags '-s -w' "$1")
-}
-
 # ---- 1. small tools ------------------------------------------------------------
 [ -x "$KIND" ] || timed "kind build" go_install "sigs.k8s.io/kind@$KIND_VERSION" "$(dirname "$KIND")"
-KIND_SRC=$GOMODCACHE/sigs.k8s.io/kind@$KIND_VERSION/images/base/files
-[ -d "$KIND_SRC" ] || (cd /tmp && go mod download "sigs.k8s.io/kind@$KIND_VERSION")
+KIND_SRC=$(kind_module)/images/base/files
 [ -d "$KIND_SRC" ] || die "kind base files not found at $KIND_SRC"
 
 CRICTL=$FINETUNE_CACHE/crictl/$CRICTL_VERSION/bin/crictl
@@ -82,26 +77,7 @@ COREDNS_VERSION=${COREDNS_IMAGE##*:}
 COREDNS=${COREDNS_BIN:-$FINETUNE_CACHE/coredns/$COREDNS_VERSION/bin/coredns}
 [ -x "$COREDNS" ] || timed "coredns build" go_install "github.com/coredns/coredns@$COREDNS_VERSION" "$(dirname "$COREDNS")"
 
-# ---- helpers -------------------------------------------------------------------
-image_label() { $DOCKER image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
-files_key() { # cheap content key of files: size+mtime+name (binaries are large)
-  stat -L -c '%n %s %Y' "$@" | sha256sum | cut -c1-16
-}
-
 # ---- 3. workload images: pause, coredns, kube components -----------------------
-build_single_binary_image() { # <image> <binary> <path-in-image>
-  local image=$1 bin=$2 dest=$3 key; key=$(files_key "$bin")
-  if [ "$(image_label "$image" finetune.inputs)" = "$key" ]; then log "$image is up to date"; return; fi
-  local d; d=$(mktemp -d)
-  install -D -m 0755 "$bin" "$d/root/$dest"
-  mkdir -p "$d/root/etc/ssl/certs" "$d/root/tmp"
-  cp /etc/ssl/certs/ca-certificates.crt "$d/root/etc/ssl/certs/" 2>/dev/null || true
-  tar -C "$d/root" --numeric-owner --owner=0 --group=0 -cf "$d/img.tar" .
-  $DOCKER import --change "LABEL finetune.inputs=$key" --change "ENTRYPOINT [\"$dest\"]" \
-    "$d/img.tar" "$image" >/dev/null
-  rm -rf "$d"
-  log "built $image"
-}
 build_single_binary_image "$PAUSE_IMAGE" "$PAUSE" /pause
 build_single_binary_image "$COREDNS_IMAGE" "$COREDNS" /coredns
 
@@ -120,14 +96,17 @@ DOCKERFILE
   rm -rf "$d"
 fi
 for t in "${COMPONENT_TAGS[@]}"; do $DOCKER tag "$COMPONENTS_IMAGE" "$t"; done
-PRELOAD_IMAGES=("${COMPONENT_TAGS[@]}" "$COREDNS_IMAGE" "$PAUSE_IMAGE")
+# The default StorageClass's provisioner and helper (a no-op when prereqs.sh built them).
+mapfile -t STORAGE_IMAGES < <("$KIND_DIR/build-storage-images.sh")
+[ ${#STORAGE_IMAGES[@]} -eq 2 ] || die "build-storage-images.sh printed: ${STORAGE_IMAGES[*]}"
+PRELOAD_IMAGES=("${COMPONENT_TAGS[@]}" "$COREDNS_IMAGE" "$PAUSE_IMAGE" "${STORAGE_IMAGES[@]}")
 
 # ---- 4. node rootfs + node image -----------------------------------------------
 import_rootfs "$node_tar" finetune-local/kind-node-rootfs:"$DEBIAN_SUITE"
 
 preload_ids=$(for i in "${PRELOAD_IMAGES[@]}"; do echo "$i=$($DOCKER image inspect -f '{{.Id}}' "$i")"; done | sha256sum | cut -c1-16)
 node_key=$( (files_key "$node_tar" "$CRICTL" "$K8S_BIN/kubeadm" "$K8S_BIN/kubelet" "$K8S_BIN/kubectl";
-             echo "$preload_ids"; cat "$KIND_DIR/node/Dockerfile" "$0"; find "$KIND_SRC" -type f | sort) | sha256sum | cut -c1-16)
+             echo "$preload_ids"; cat "$KIND_DIR/node/Dockerfile" "$0" "$STORAGE_MANIFEST"; find "$KIND_SRC" -type f | sort) | sha256sum | cut -c1-16)
 if [ "$(image_label "$NODE_IMAGE" finetune.inputs)" = "$node_key" ]; then
   log "$NODE_IMAGE is up to date ($node_key)"; exit 0
 fi
@@ -136,6 +115,8 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"; [ -n "${bc:-}" ] && $DOCKER rm -f "$bc" >/dev/null 2>&1 || true' EXIT
 cp -a "$KIND_SRC" "$ctx/files"
 chmod -R u+w "$ctx/files"
+# kind's create applies this instead of its legacy host-path StorageClass, as from its own images.
+install -D -m 0644 "$STORAGE_MANIFEST" "$ctx/files/kind/manifests/default-storage.yaml"
 mkdir -p "$ctx/bin"
 cp "$K8S_BIN/kubeadm" "$K8S_BIN/kubelet" "$K8S_BIN/kubectl" "$ctx/bin/"
 cp "$CRICTL" "$ctx/crictl"
@@ -170,7 +151,7 @@ $DOCKER save "${PRELOAD_IMAGES[@]}" | $DOCKER exec -i "$bc" \
   ctr --namespace=k8s.io images import --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests -
 loaded=$($DOCKER exec "$bc" ctr --namespace=k8s.io images list -q)
 for i in "${PRELOAD_IMAGES[@]}"; do
-  grep -qx "$i" <<<"$loaded" || die "image $i missing in node containerd: $loaded"
+  grep -qxF "$(node_ref "$i")" <<<"$loaded" || die "image $i missing in node containerd: $loaded"
 done
 $DOCKER exec "$bc" bash -c 'pkill -x containerd; for i in $(seq 30); do pgrep -x containerd >/dev/null || exit 0; sleep 1; done; echo containerd did not stop >&2; exit 1'
 $DOCKER exec "$bc" rm -rf /tmp/containerd.log /run/containerd

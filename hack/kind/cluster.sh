@@ -2,7 +2,8 @@
 # Manage the local kind test cluster (1 control-plane + 1 worker), offline.
 #
 #   hack/kind/cluster.sh up                  create (or reuse) cluster "finetune", set up pod
-#                                            networking, wait for nodes + CoreDNS Ready
+#                                            networking, wait for nodes + CoreDNS Ready, make
+#                                            sure of the default StorageClass (local-path)
 #   hack/kind/cluster.sh down                delete it
 #   hack/kind/cluster.sh kubeconfig          print the kubeconfig path to use
 #   hack/kind/cluster.sh load IMAGE...       load IMAGE into the nodes that lack that image ID
@@ -13,7 +14,8 @@
 # If FINETUNE_KUBE_CONTEXT is set, an existing cluster is used: nothing is created or
 # deleted, `kubeconfig` prints ${KUBECONFIG:-~/.kube/config} and `load` does nothing.
 # Prerequisites: hack/kind/docker-setup.sh, hack/kind/build-base-image.sh,
-# hack/kind/build-node-image.sh (needs the kube binaries from hack/k8s-build.sh).
+# hack/kind/build-node-image.sh (needs the kube binaries from hack/k8s-build.sh; it also runs
+# hack/kind/build-storage-images.sh).
 source "$(dirname "$0")/common.sh"
 
 POD_SUBNET=${POD_SUBNET:-10.244.0.0/16}
@@ -28,9 +30,9 @@ kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 cluster_exists() { "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER_NAME"; }
 node_names() { "$KIND" get nodes --name "$CLUSTER_NAME"; }
 
-# containerd's image ID on a kind node for a bare docker ref (docker.io/library/NAME:TAG).
+# containerd's image ID on a kind node for a docker ref.
 node_image_id() {
-  $DOCKER exec "$1" crictl inspecti -o json "docker.io/library/$2" 2>/dev/null | jq -r '.status.id // empty' || true
+  $DOCKER exec "$1" crictl inspecti -o json "$(node_ref "$2")" 2>/dev/null | jq -r '.status.id // empty' || true
 }
 
 # kind imports with `ctr images import --digests`, which records `import-<date>@<digest>` beside
@@ -146,6 +148,26 @@ wait_ready() {
   kc get nodes -o wide
 }
 
+# The default StorageClass as kind installs it (build-storage-images.sh). `kind create` applied
+# it already from a node image that ships it; a cluster made from an older node image has
+# kind's legacy host-path class `standard` instead, which this replaces (a class's provisioner
+# cannot change). Idempotent: images load only where missing, the apply is a no-op when current.
+ensure_storage() {
+  local images current
+  [ -s "$STORAGE_MANIFEST" ] || die "no $STORAGE_MANIFEST (hack/kind/build-storage-images.sh)"
+  images=$(sed -n 's/^[[:space:]]*image:[[:space:]]*//p' "$STORAGE_MANIFEST" | sort -u)
+  # shellcheck disable=SC2086 # one ref a word
+  load_images $images
+  current=$(kc get storageclass standard -o jsonpath='{.provisioner}' 2>/dev/null || true)
+  if [ -n "$current" ] && [ "$current" != rancher.io/local-path ]; then
+    log "replacing StorageClass standard (provisioner $current)"
+    kc delete storageclass standard >/dev/null
+  fi
+  kc apply -f "$STORAGE_MANIFEST" >/dev/null
+  kc -n local-path-storage rollout status deployment/local-path-provisioner --timeout="${WAIT_TIMEOUT}s" >/dev/null
+  log "default StorageClass standard (rancher.io/local-path) ready"
+}
+
 cmd_up() {
   local t0=$SECONDS
   $DOCKER info >/dev/null 2>&1 || die "docker is not running (hack/kind/docker-setup.sh)"
@@ -174,6 +196,7 @@ cmd_up() {
   fi
   setup_network
   wait_ready
+  ensure_storage
   log "cluster up in $((SECONDS - t0))s; KUBECONFIG=$KUBECONFIG_FILE"
 }
 

@@ -24,6 +24,16 @@ NODE_IMAGE=${NODE_IMAGE:-finetune-local/kind-node:$K8S_VERSION}
 COMPONENTS_IMAGE=finetune-local/kube-components:$K8S_VERSION
 KIND=$KIND_CACHE/$KIND_VERSION/bin/kind
 
+# The default StorageClass, as kind ships it: rancher's local-path-provisioner. kind v0.33 pins
+# v0.0.34, for which the Go module proxy serves no zip (403), so the release before it.
+# (Kubernetes' own client libraries are all it needs: no replace directives, `go install` works.)
+LPP_VERSION=${LPP_VERSION:-v0.0.33}
+LPP_BIN=$FINETUNE_CACHE/local-path-provisioner/$LPP_VERSION/bin/local-path-provisioner
+LPP_IMAGE=finetune-local/local-path-provisioner:$LPP_VERSION
+# kind's manifest with our image names, written by build-storage-images.sh; it is also the node
+# image's /kind/manifests/default-storage.yaml, which `kind create cluster` applies.
+STORAGE_MANIFEST=$FINETUNE_CACHE/kind/storage/default-storage.yaml
+
 # Debian 12's dockerd is 20.10 (API 1.41). Prefer Debian's CLI, which matches it.
 if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
 
@@ -85,4 +95,55 @@ import_rootfs() {
   fi
   log "docker import $tar -> $image"
   $DOCKER import --change "LABEL finetune.rootfs=$stamp" "$@" "$tar" "$image" >/dev/null
+}
+
+# containerd's name for a Docker ref: NAME:TAG -> docker.io/library/NAME:TAG, ORG/NAME:TAG ->
+# docker.io/ORG/NAME:TAG, a ref with a registry host as it is (load_layers.py's node_ref).
+node_ref() {
+  case $1 in
+    */*) case ${1%%/*} in *.* | *:* | localhost) echo "$1" ;; *) echo "docker.io/$1" ;; esac ;;
+    *) echo "docker.io/library/$1" ;;
+  esac
+}
+
+go_install() { # go_install <module@version> <gobin>
+  mkdir -p "$2"
+  log "go install $1"
+  (cd /tmp && CGO_ENABLED=0 GOBIN=$2 GOFLAGS=-trimpath go install -ldflags '-s -w' "$1")
+}
+
+# The kind module's source tree (its base image files, its default storage manifest), from the
+# Go module cache.
+kind_module() {
+  local dir=$GOMODCACHE/sigs.k8s.io/kind@$KIND_VERSION
+  [ -d "$dir" ] || (cd /tmp && go mod download "sigs.k8s.io/kind@$KIND_VERSION") >&2
+  [ -d "$dir" ] || die "sigs.k8s.io/kind@$KIND_VERSION not in the module cache $GOMODCACHE"
+  echo "$dir"
+}
+
+image_label() { $DOCKER image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
+files_key() { # cheap content key of files: size+mtime+name (binaries are large)
+  stat -L -c '%n %s %Y' "$@" | sha256sum | cut -c1-16
+}
+
+# import_dir_image IMAGE KEY DIR [docker import --change ...]: a one-layer image of DIR, built
+# unless IMAGE already carries the label finetune.inputs=KEY.
+import_dir_image() {
+  local image=$1 key=$2 dir=$3; shift 3
+  if [ "$(image_label "$image" finetune.inputs)" = "$key" ]; then log "$image is up to date"; return; fi
+  chmod 0755 "$dir"  # it becomes the image's /, and mktemp -d makes 0700
+  tar -C "$dir" --numeric-owner --owner=0 --group=0 -c . \
+    | $DOCKER import --change "LABEL finetune.inputs=$key" "$@" - "$image" >/dev/null
+  log "built $image"
+}
+
+build_single_binary_image() { # <image> <binary> <path-in-image>
+  local image=$1 bin=$2 dest=$3 key; key=$(files_key "$bin")
+  if [ "$(image_label "$image" finetune.inputs)" = "$key" ]; then log "$image is up to date"; return; fi
+  local d; d=$(mktemp -d)
+  install -D -m 0755 "$bin" "$d/$dest"
+  mkdir -p "$d/etc/ssl/certs" "$d/tmp"
+  cp /etc/ssl/certs/ca-certificates.crt "$d/etc/ssl/certs/" 2>/dev/null || true
+  import_dir_image "$image" "$key" "$d" --change "ENTRYPOINT [\"$dest\"]"
+  rm -rf "$d"
 }

@@ -56,7 +56,7 @@ RESULTS = REPO / "test-results"
 CACHE, K8S_VERSION = kind_tools.CACHE, kind_tools.K8S_VERSION
 CLUSTER_NAME = os.environ.get("CLUSTER_NAME", "finetune")
 CONTEXT = os.environ.get("FINETUNE_KUBE_CONTEXT")
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+DOCKER = kind_tools.DOCKER
 
 VERSION = os.environ.get("VERSION") or re.search(
     r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M

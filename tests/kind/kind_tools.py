@@ -11,6 +11,8 @@ import pytest
 
 CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
+# Debian's CLI matches the daemon (20.10); kind's docker on PATH is newer.
+DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 
 
 def run(args: list[str], timeout: float, input: str | None = None, check: bool = True) -> str:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-from kind_tools import run
+from kind_tools import DOCKER, run
 
 pytestmark = [pytest.mark.kind]
 
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "finetune-local/python-base:bookworm")
 # The double's venv is ~150 KB; the rest of the budget is the runtime stage's passwd entry and
 # stdlib bytecode.
