@@ -5,6 +5,10 @@ the Job: its pod template is immutable and Kueue owns its `suspend`, so it is cr
 means it already exists, which is success) and later only merge-patched on mutable fields.
 Everything returned to callers is a plain dict.
 
+An object is only ever written or deleted when it is this operator's: `ensure` applies a child
+only after it read it back controlled by its FineTuneJob (or created it), and deletes carry a uid
+precondition. Whatever else holds a child's name is returned to the caller untouched.
+
 The client is blocking. Every request runs in this module's own bounded thread pool, so kopf's
 event loop never waits on the network, and at most `max_requests` requests are in flight: the
 HTTP connection pool has exactly that many connections, so no thread waits for one and none is
@@ -23,6 +27,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from kubernetes import client, config
@@ -49,11 +54,33 @@ _APPLY_PATHS = {
     "Job": "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
 }
 _JOB_PATH = _APPLY_PATHS["Job"]
+# How a child that does not exist yet is created (a POST, which never takes over an object).
+_CREATE_PATHS = {
+    "ConfigMap": "/api/v1/namespaces/{namespace}/configmaps",
+    "Service": "/api/v1/namespaces/{namespace}/services",
+}
 _FTJ_STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 
 
 class ApplyRejected(Exception):
     """The API server refused what we rendered (400/422): a render bug, not worth retrying."""
+
+
+class SecretCheck(StrEnum):
+    """What the operator could learn about a referenced Secret key."""
+
+    PRESENT = "Present"
+    NO_SECRET = "NoSecret"
+    NO_KEY = "NoKey"
+    # 403: the operator may not read Secrets (the chart's rbac.getSecrets=false). The kubelet
+    # still refuses to start a pod whose Secret is missing, so the pod reports it instead.
+    UNKNOWN = "Unknown"
+
+
+def controlled_by(obj: Obj, owner_uid: str) -> bool:
+    """Whether `obj` has a controller ownerReference to the object `owner_uid`."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(owner_uid) and any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
 
 
 def load_configuration() -> client.Configuration:
@@ -186,17 +213,96 @@ class Kube:
         )
         return list(pods.get("items") or [])
 
-    async def secret_key_exists(self, namespace: str, name: str, key: str) -> bool | None:
-        """True/False for the key; None when the Secret itself is missing. Values never leave."""
-        secret = await self._get(client.CoreV1Api(self.api).read_namespaced_secret, name, namespace)
+    async def secret_key_exists(self, namespace: str, name: str, key: str) -> SecretCheck:
+        """Whether the Secret has the key; UNKNOWN when RBAC forbids reading it. Values never
+        leave this method."""
+        try:
+            secret = await self._get(
+                client.CoreV1Api(self.api).read_namespaced_secret, name, namespace
+            )
+        except ApiException as exc:
+            if exc.status == 403:
+                return SecretCheck.UNKNOWN
+            raise
         if secret is None:
-            return None
-        return key in (secret.get("data") or {}) or key in (secret.get("stringData") or {})
+            return SecretCheck.NO_SECRET
+        if key in (secret.get("data") or {}) or key in (secret.get("stringData") or {}):
+            return SecretCheck.PRESENT
+        return SecretCheck.NO_KEY
+
+    async def _read(self, kind: str, namespace: str, name: str) -> Obj | None:
+        path = _APPLY_PATHS[kind]
+        try:
+            return await self._json(
+                self.api.call_api,
+                path,
+                "GET",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     # ---- writes --------------------------------------------------------------------------------
 
+    async def ensure(self, manifest: Obj, owner_uid: str) -> Obj | None:
+        """Create or update a ConfigMap or Service that the FineTuneJob `owner_uid` controls.
+
+        Returns None when the child is in place, or the object that holds its name without a
+        controller reference to `owner_uid`, which is left untouched (not even read twice). A
+        missing child is created with a POST, never applied: an apply would take over an object
+        made in between. An existing one is applied with its resourceVersion as a
+        precondition, so an object swapped in after the read is never overwritten.
+        """
+        kind, meta = manifest["kind"], manifest["metadata"]
+        for _ in range(3):
+            existing = await self._read(kind, meta["namespace"], meta["name"])
+            if existing is None:
+                if await self._create(manifest):
+                    return None
+                continue  # made in between: read it to see whose it is
+            if not controlled_by(existing, owner_uid):
+                return existing
+            version = existing["metadata"].get("resourceVersion")
+            pinned = {**manifest, "metadata": {**meta, "resourceVersion": version}}
+            try:
+                await self.apply(pinned)
+                return None
+            except ApiException as exc:
+                if exc.status != 409:  # 409: it changed since the read; look again
+                    raise
+        raise RuntimeError(f"{kind} {meta['namespace']}/{meta['name']} kept changing; retry")
+
+    async def _create(self, manifest: Obj) -> bool:
+        """POST a new child; False when the name is already taken (409)."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        try:
+            await self._json(
+                self.api.call_api,
+                _CREATE_PATHS[kind],
+                "POST",
+                path_params={"namespace": meta["namespace"]},
+                query_params=[("fieldManager", naming.FIELD_MANAGER)],
+                header_params={"Accept": "application/json", "Content-Type": "application/json"},
+                body=manifest,
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            if exc.status in (400, 422):
+                raise ApplyRejected(f"{kind} {meta['name']}: {_message(exc)}") from exc
+            raise
+
     async def apply(self, manifest: Obj) -> None:
-        """Server-side apply; force, because this operator owns every field it renders."""
+        """Server-side apply; force, because this operator owns every field it renders. Only for
+        an object already known to be this operator's (see `ensure`)."""
         meta = manifest["metadata"]
         query = [("fieldManager", naming.FIELD_MANAGER), ("force", "true")]
         try:

@@ -21,6 +21,8 @@ Obj = dict[str, Any]
 # The Job controller's reason for a Job that a podFailurePolicy FailJob rule ended; ours has
 # such rules for the permanent exit codes only.
 POD_FAILURE_POLICY = "PodFailurePolicy"
+# The Job controller's reason for a Job that ran past its activeDeadlineSeconds.
+JOB_DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 
 class State(StrEnum):
@@ -97,6 +99,17 @@ def _crash_message(pods: list[Obj]) -> str:
 def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     result = _trainer_result(pods)
     job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
+    if job_reason == JOB_DEADLINE_EXCEEDED:
+        # Each attempt's Job gets what is left of the whole job's budget: no attempt can follow.
+        return replace(
+            base,
+            state=State.FAILED,
+            permanent=True,
+            reason=Reason.DEADLINE_EXCEEDED,
+            message=f"runPolicy.activeDeadlineSeconds (for the whole job) ran out during attempt "
+            f"{base.attempt}: {job_message}"[:1024],
+            result=result,
+        )
     if result is not None and not result.succeeded and result.permanent:
         return replace(
             base,

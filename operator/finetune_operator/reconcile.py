@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_api.constants import KIND, ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 from finetune_api.validation import ManifestError, parse_manifest
 from finetune_operator import naming, render, scrape
-from finetune_operator.apply import ApplyRejected, Kube
+from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.lifecycle import State, observe_job
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
@@ -27,6 +27,9 @@ from finetune_operator.status import Blocker, Observed, Plan, invalid_status, pl
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+# Transitions worth a Warning Event besides Failed: each needs someone to act (or explains why
+# pods are going away). One Event per transition, never one per pass.
+WARNING_REASONS = frozenset({Reason.RESTARTING, Reason.SECRET_NOT_FOUND, Reason.NAME_CONFLICT})
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,31 @@ class Reconciler:
             return None
         ref = hub.token_secret_ref
         found = await self.kube.secret_key_exists(job.metadata.namespace, ref.name, ref.key)
-        if found is None:
+        if found is SecretCheck.NO_SECRET:
             message = f"Secret {ref.name} (output.hub.tokenSecretRef) not found"
             return Blocker(Reason.SECRET_NOT_FOUND, message)
-        if not found:
+        if found is SecretCheck.NO_KEY:
             return Blocker(Reason.SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}")
+        # PRESENT, or UNKNOWN (no RBAC to read Secrets): create the Job; the kubelet refuses a
+        # pod whose Secret is missing, and the pod says so.
+        return None
+
+    async def _children(self, job: FineTuneJob) -> Blocker | None:
+        """Create or update the ConfigMap and the Service; a Blocker when a name is taken."""
+        uid = job.metadata.uid or ""
+        owner = render.owner_reference(job.metadata.name, uid)
+        for manifest in (render.render_configmap(job, owner), render.render_service(job, owner)):
+            holder = await self.kube.ensure(manifest, uid)
+            if holder is not None:
+                return name_conflict(manifest["kind"], holder, job)
         return None
 
     async def _observe(self, job: FineTuneJob, scrape_now: bool) -> Observed:
         ns, name = job.metadata.namespace, job.metadata.name
         batch = await self.kube.get_job(ns, name)
+        if batch is not None and not controlled_by(batch, job.metadata.uid or ""):
+            # Not ours: never read as an attempt, never patched or deleted.
+            return Observed(now=now_rfc3339(), blocker=name_conflict("Job", batch, job))
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
         outcome = observe_job(batch, pods)
         progress = None
@@ -115,21 +133,21 @@ class Reconciler:
         except ManifestError as exc:
             # The CRD admitted it, so Python and CEL disagree; say so rather than loop.
             return await self._fail_unparsable(body, str(exc))
-        name = job.metadata.name
         previous = _normal(body.get("status") or {})
         terminal = previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
         observed = await self._observe(job, scrape_now)
-        blocker, permanent = None, None
-        if not terminal and (children or observed.outcome.state is State.ABSENT):
+        blocker, permanent = observed.blocker, None
+        if terminal:
+            blocker = None  # a finished job is never failed again for what it finds now
+        elif blocker is None and (children or observed.outcome.state is State.ABSENT):
             blocker = await self._blocker(job)
             if blocker is None:
-                owner = render.owner_reference(name, job.metadata.uid or "")
                 try:
-                    await self.kube.apply(render.render_configmap(job, owner))
-                    await self.kube.apply(render.render_service(job, owner))
+                    blocker = await self._children(job)
                 except ApplyRejected as exc:
                     blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
-                    permanent = str(exc)
+        if blocker is not None and blocker.permanent:
+            permanent = blocker.message
         observed = replace(observed, blocker=blocker)
         result = plan(job, observed)
         for _ in range(3):  # act, then look again so this pass writes the status it caused
@@ -151,6 +169,10 @@ class Reconciler:
                 )
             else:
                 observed = await self._observe(job, False)
+                if observed.blocker is not None and not terminal:
+                    # E.g. the create met someone else's Job made since this pass read the name.
+                    blocker = observed.blocker
+                    permanent = blocker.message if blocker.permanent else permanent
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         await self._write(body, previous, result)
@@ -165,6 +187,9 @@ class Reconciler:
             if action.kind == "create":
                 owner = render.owner_reference(name, job.metadata.uid or "")
                 manifest = render.render_job(job, owner, action.attempt, self.settings)
+                if action.deadline is not None:
+                    # What is left of the whole job's deadline, not the full runPolicy value.
+                    manifest["spec"]["activeDeadlineSeconds"] = action.deadline
                 created = await self.kube.create_job(manifest)
                 if created is not None:
                     self.metrics.job_attempts.inc()
@@ -191,7 +216,7 @@ class Reconciler:
         for type_, reason, message in result.transitions:
             if type_ == ConditionType.FAILED:
                 self.metrics.jobs_failed.labels(reason=reason).inc()
-            warning = type_ == ConditionType.FAILED or reason == Reason.RESTARTING
+            warning = type_ == ConditionType.FAILED or reason in WARNING_REASONS
             await self.kube.post_event(
                 body, "Warning" if warning else "Normal", reason, message or type_
             )
@@ -205,3 +230,29 @@ class Reconciler:
             self.metrics.jobs_failed.labels(reason=Reason.INVALID_SPEC).inc()
             await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         return PassResult(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
+
+
+def name_conflict(kind: str, holder: Obj, job: FineTuneJob) -> Blocker:
+    """The Blocker for a child name held by an object this FineTuneJob does not control.
+
+    A child of a deleted FineTuneJob of the same name is garbage that the garbage collector is
+    about to remove (its owner is gone), so the new one waits for it. Anything else fails the
+    FineTuneJob: the object is someone else's, and it is left exactly as it is.
+    """
+    name = (holder.get("metadata") or {}).get("name", job.metadata.name)
+    refs = (holder.get("metadata") or {}).get("ownerReferences") or []
+    if any(
+        r.get("controller") and r.get("kind") == KIND and r.get("name") == job.metadata.name
+        for r in refs
+    ):
+        message = (
+            f"{kind} {name} belongs to a deleted FineTuneJob of the same name; waiting for the "
+            "garbage collector to remove it"
+        )
+        return Blocker(Reason.NAME_CONFLICT, message)
+    message = (
+        f"{kind} {name} already exists and is not controlled by this FineTuneJob, so it was "
+        f"left untouched. Delete or rename the {kind}, or create the FineTuneJob under another "
+        "name"
+    )
+    return Blocker(Reason.NAME_CONFLICT, message, permanent=True)
