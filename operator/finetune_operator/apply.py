@@ -55,10 +55,7 @@ _APPLY_PATHS = {
 }
 _JOB_PATH = _APPLY_PATHS["Job"]
 # How a child that does not exist yet is created (a POST, which never takes over an object).
-_CREATE_PATHS = {
-    "ConfigMap": "/api/v1/namespaces/{namespace}/configmaps",
-    "Service": "/api/v1/namespaces/{namespace}/services",
-}
+_CREATE_PATHS = {kind: path.rsplit("/", 1)[0] for kind, path in _APPLY_PATHS.items()}
 _FTJ_STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 
 
@@ -75,6 +72,20 @@ class SecretCheck(StrEnum):
     # 403: the operator may not read Secrets (the chart's rbac.getSecrets=false). The kubelet
     # still refuses to start a pod whose Secret is missing, so the pod reports it instead.
     UNKNOWN = "Unknown"
+
+
+def covers(have: Any, want: Any) -> bool:
+    """Whether `have` (an object read back) already holds every field of `want` (a render):
+    the API server only adds defaults, so then an apply would change nothing."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(covers(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(covers(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return have == want
 
 
 def controlled_by(obj: Obj, owner_uid: str) -> bool:
@@ -203,7 +214,7 @@ class Kube:
         )
 
     async def get_job(self, namespace: str, name: str) -> Obj | None:
-        return await self._get(client.BatchV1Api(self.api).read_namespaced_job, name, namespace)
+        return await self._read("Job", namespace, name)
 
     async def list_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         labels = {**naming.selector_labels(job_name), naming.LABEL_ATTEMPT: str(attempt)}
@@ -262,11 +273,13 @@ class Kube:
         for _ in range(3):
             existing = await self._read(kind, meta["namespace"], meta["name"])
             if existing is None:
-                if await self._create(manifest):
+                if await self._create(manifest) is not None:
                     return None
                 continue  # made in between: read it to see whose it is
             if not controlled_by(existing, owner_uid):
                 return existing
+            if covers(existing, manifest):
+                return None  # in place already: a read is all a resync pass costs
             version = existing["metadata"].get("resourceVersion")
             pinned = {**manifest, "metadata": {**meta, "resourceVersion": version}}
             try:
@@ -277,11 +290,11 @@ class Kube:
                     raise
         raise RuntimeError(f"{kind} {meta['namespace']}/{meta['name']} kept changing; retry")
 
-    async def _create(self, manifest: Obj) -> bool:
-        """POST a new child; False when the name is already taken (409)."""
+    async def _create(self, manifest: Obj) -> Obj | None:
+        """POST a new child and return it; None when the name is already taken (409)."""
         kind, meta = manifest["kind"], manifest["metadata"]
         try:
-            await self._json(
+            return await self._json(
                 self.api.call_api,
                 _CREATE_PATHS[kind],
                 "POST",
@@ -292,10 +305,9 @@ class Kube:
                 auth_settings=["BearerToken"],
                 _return_http_data_only=True,
             )
-            return True
         except ApiException as exc:
             if exc.status == 409:
-                return False
+                return None
             if exc.status in (400, 422):
                 raise ApplyRejected(f"{kind} {meta['name']}: {_message(exc)}") from exc
             raise
@@ -320,21 +332,9 @@ class Kube:
             raise
 
     async def create_job(self, manifest: Obj) -> Obj | None:
-        """Create the Job and return it; None when it already existed (an earlier pass)."""
-        meta = manifest["metadata"]
-        try:
-            return await self._json(
-                client.BatchV1Api(self.api).create_namespaced_job,
-                meta["namespace"],
-                manifest,
-                field_manager=naming.FIELD_MANAGER,
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            if exc.status in (400, 422):
-                raise ApplyRejected(f"Job {meta['name']}: {_message(exc)}") from exc
-            raise
+        """Create the Job and return it; None when the name is taken (by an earlier pass, or by
+        an object that the next read finds is not this FineTuneJob's)."""
+        return await self._create(manifest)
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
         await self._patch(_JOB_PATH, namespace, name, {"spec": patch}, MERGE_PATCH)

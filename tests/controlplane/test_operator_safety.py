@@ -13,6 +13,10 @@ import pytest
 from fixtures.cluster import condition, ftj_manifest, ftj_status, wait_phase
 from fixtures.kube import Kube
 
+from finetune_api.validation import parse_manifest
+from finetune_operator import render
+from finetune_operator.apply import covers
+
 if TYPE_CHECKING:
     from conftest import Kubectl
     from fixtures.operator import Operator
@@ -221,3 +225,16 @@ def test_the_largest_spec_is_created_reconciled_and_deleted(
         timeout=60,
         message="the FineTuneJob gone (finalizer removed)",
     )
+
+
+def test_children_in_place_are_only_read(
+    operator: Operator, kube: Kube, namespace: str, wait_until: WaitUntil
+) -> None:
+    """What the operator renders is what the API server keeps (plus defaults), so a resync
+    pass over children that are in place reads them and writes nothing."""
+    kube.apply(ftj_manifest("steady", namespace))
+    wait_until(lambda: kube.get("Job", "steady", namespace), timeout=30, message="the Job")
+    job = parse_manifest(kube.get("FineTuneJob", "steady", namespace))
+    owner = render.owner_reference("steady", job.metadata.uid or "")
+    for manifest in (render.render_configmap(job, owner), render.render_service(job, owner)):
+        assert covers(kube.get(manifest["kind"], "steady", namespace), manifest), manifest["kind"]

@@ -193,6 +193,22 @@ def test_ensure_applies_its_own_child_pinned_to_the_version_it_read(server) -> N
     assert apply.body["metadata"]["resourceVersion"] == "41"
 
 
+def test_ensure_writes_nothing_when_its_child_has_every_rendered_field(server) -> None:
+    fake, _ = server
+    want = {**manifest("ConfigMap"), "data": {"job.yaml": "x"}}
+    want["metadata"] = {**want["metadata"], "ownerReferences": [ref(OWNER)]}
+    # As read back: the API server's own fields added, nothing of ours changed.
+    have = {**want, "metadata": {**want["metadata"], "uid": "c-1", "resourceVersion": "41"}}
+    fake.routes[("GET", CM_PATH)] = (200, have)
+    assert run(server, lambda kube: kube.ensure(want, OWNER)) is None
+    assert [r.method for r in fake.seen] == ["GET"]
+    # A field that drifted is applied back.
+    fake.seen.clear()
+    fake.routes[("GET", CM_PATH)] = (200, {**have, "data": {"job.yaml": "edited"}})
+    run(server, lambda kube: kube.ensure(want, OWNER))
+    assert [r.method for r in fake.seen] == ["GET", "PATCH"]
+
+
 @pytest.mark.parametrize(
     "refs",
     [(), (ref("someone-else"),), (ref(OWNER, controller=False),)],
