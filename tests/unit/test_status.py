@@ -11,6 +11,7 @@ from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_api.validation import parse_manifest
 from finetune_operator.lifecycle import State, observe_job
+from finetune_operator.reconcile import name_conflict
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
 from finetune_operator.status import Blocker, Observed, derive_status, evaluation_summary, plan
 
@@ -452,3 +453,36 @@ def test_the_running_attempt_is_patched_to_end_with_the_whole_budget(job_clock, 
     result = plan(ftj(prev, activeDeadlineSeconds=600), observed(job, [pod(0, "Running")]))
     patches = [a.patch for a in result.actions if a.kind == "patch"]
     assert patches == ([] if want == 600 else [{"activeDeadlineSeconds": want}])
+
+
+# ---- a child's name held by something else -----------------------------------------------------
+
+
+def holder(*refs: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "Service", "metadata": {"name": "demo", "ownerReferences": list(refs)}}
+
+
+def test_someone_elses_object_fails_the_job_and_says_what_to_do() -> None:
+    blocker = name_conflict("Service", holder(), ftj())
+    assert (blocker.reason, blocker.permanent) == (Reason.NAME_CONFLICT, True)
+    assert "Service demo already exists" in blocker.message
+    assert "left untouched" in blocker.message and "Delete or rename" in blocker.message
+    result = plan(ftj({"attempts": 1}), Observed(now=NOW, blocker=blocker))
+    assert result.actions == []
+    assert cond(result.status, "Failed")["reason"] == "NameConflict"  # type: ignore[index]
+
+
+def test_a_deleted_predecessors_child_is_waited_for() -> None:
+    old = {"kind": "FineTuneJob", "name": "demo", "uid": "old-uid", "controller": True}
+    blocker = name_conflict("Service", holder(old), ftj())
+    assert (blocker.reason, blocker.permanent) == (Reason.NAME_CONFLICT, False)
+    assert "garbage collector" in blocker.message
+    result = plan(ftj(), Observed(now=NOW, blocker=blocker))
+    assert result.actions == []
+    assert result.status["phase"] == "Pending"
+    assert cond(result.status, "Created")["reason"] == "NameConflict"  # type: ignore[index]
+
+
+def test_another_kind_of_owner_is_not_a_predecessor() -> None:
+    other = {"kind": "Deployment", "name": "demo", "uid": "d-1", "controller": True}
+    assert name_conflict("Service", holder(other), ftj()).permanent
