@@ -99,12 +99,13 @@ class Reconciler:
         # pod whose Secret is missing, and the pod says so.
         return None
 
-    async def _children(self, job: FineTuneJob) -> Blocker | None:
-        """Create or update the ConfigMap and the Service; a Blocker when a name is taken."""
+    async def _children(self, job: FineTuneJob, first: bool) -> Blocker | None:
+        """Create or update the ConfigMap and the Service; a Blocker when a name is taken.
+        `first`: no attempt was recorded yet, so the children most likely do not exist."""
         uid = job.metadata.uid or ""
         owner = render.owner_reference(job.metadata.name, uid)
         for manifest in (render.render_configmap(job, owner), render.render_service(job, owner)):
-            holder = await self.kube.ensure(manifest, uid)
+            holder = await self.kube.ensure(manifest, uid, create_first=first)
             if holder is not None:
                 return name_conflict(manifest["kind"], holder, job)
         return None
@@ -143,7 +144,7 @@ class Reconciler:
             blocker = await self._blocker(job)
             if blocker is None:
                 try:
-                    blocker = await self._children(job)
+                    blocker = await self._children(job, first=not previous.get("attempts"))
                 except ApplyRejected as exc:
                     blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
         if blocker is not None and blocker.permanent:

@@ -183,6 +183,19 @@ def test_ensure_creates_a_missing_child_with_a_post_never_an_apply(server) -> No
     assert fake.seen[1].query == {"fieldManager": ["finetune-operator"]}
 
 
+def test_ensure_create_first_posts_before_reading(server) -> None:
+    fake, _ = server
+    run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER, create_first=True))
+    assert [r.method for r in fake.seen] == ["POST"]
+    # The name was taken: read it, and leave someone else's object alone.
+    fake.seen.clear()
+    fake.routes[("POST", f"/api/v1/namespaces/{NS}/configmaps")] = status(409, "exists")
+    fake.routes[("GET", CM_PATH)] = existing()
+    holder = run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER, create_first=True))
+    assert holder is not None
+    assert [r.method for r in fake.seen] == ["POST", "GET"]
+
+
 def test_ensure_applies_its_own_child_pinned_to_the_version_it_read(server) -> None:
     fake, _ = server
     fake.routes[("GET", CM_PATH)] = existing(ref(OWNER))
