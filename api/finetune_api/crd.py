@@ -37,7 +37,7 @@ CRD_PATHS = (
 )
 
 # Keywords that have no structural-schema counterpart and carry no validation we would lose.
-_DROPPED = {"title", "$defs", "propertyNames"}
+_DROPPED = {"title", "$defs"}
 _ALLOWED = {
     "type",
     "description",
@@ -97,7 +97,10 @@ def _collapse_any_of(node: Schema, path: str) -> Schema:
             del rest["default"]
         return {**non_null[0], **rest}
     if sorted(o.get("type") for o in non_null) == ["integer", "string"]:
-        return {**rest, "x-kubernetes-int-or-string": True}
+        # The string's own bounds still apply to a string value (a quantity such as 8Gi).
+        string = next(o for o in non_null if o.get("type") == "string")
+        bounds = {k: string[k] for k in ("maxLength", "pattern") if k in string}
+        return {**rest, **bounds, "x-kubernetes-int-or-string": True}
     raise UntranslatableSchema(f"{path}: union {options} has no structural form")
 
 
@@ -120,6 +123,15 @@ def _convert(node: Schema, defs: dict[str, Schema], models: dict[str, type], pat
             out["properties"] = {
                 name: _convert(sub, defs, models, f"{path}.{name}") for name, sub in value.items()
             }
+        elif key == "propertyNames":
+            # Structural schemas have no propertyNames: a bound on map keys becomes CEL.
+            if set(value) != {"maxLength"}:
+                raise UntranslatableSchema(f"{path}: propertyNames {value} has no structural form")
+            rule = {
+                "rule": f"self.all(k, k.size() <= {value['maxLength']})",
+                "message": f"keys must be at most {value['maxLength']} characters",
+            }
+            out.setdefault("x-kubernetes-validations", []).append(rule)
         elif key == "items":
             out["items"] = _convert(value, defs, models, f"{path}[]")
         elif key == "additionalProperties":
@@ -148,7 +160,7 @@ def _convert(node: Schema, defs: dict[str, Schema], models: dict[str, type], pat
 def _add_rules(out: Schema, model: type[BaseModel]) -> None:
     rules = [r.to_crd() for r in model.__dict__.get("__rules__", ())]
     if rules:
-        out["x-kubernetes-validations"] = rules
+        out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), *rules]
 
 
 def _default_optional_children(obj: Schema) -> None:

@@ -23,9 +23,17 @@ from finetune_api.rules import Rule, TransitionRule
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
 # the API server's cost budget.
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
-LongStr = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
-Quantity = Annotated[int | str, Field(description="A Kubernetes quantity, such as 2, 500m or 8Gi.")]
+PathStr = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+# The spec must stay small whatever a user puts in it: kubectl apply keeps a copy of the whole
+# object in an annotation (256 kB for all of them), and the children repeat most of it.
+# tests/unit/test_crd.py adds up the worst case of every bounded field against SPEC_MAX_BYTES.
+ENV_VALUE_MAX_LENGTH = 1024
+SPEC_MAX_BYTES = 192 * 1024
+Quantity = Annotated[
+    int | Annotated[str, StringConstraints(max_length=64)],
+    Field(description="A Kubernetes quantity, such as 2, 500m or 8Gi."),
+]
 # Hub ids allow an optional namespace: `gpt2` or `org/name`.
 _HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
 SOURCE_PATTERN = rf"^(hf://{_HUB_ID}|file:///.+)$"
@@ -359,8 +367,10 @@ class ResourcesSpec(ApiModel):
 
 class EnvVar(ApiModel):
     name: ShortStr = Field(description="name of the environment variable.")
-    value: Annotated[str, StringConstraints(max_length=32768)] | None = Field(
-        None, description="value of the variable."
+    value: Annotated[str, StringConstraints(max_length=ENV_VALUE_MAX_LENGTH)] | None = Field(
+        None,
+        description=f"value of the variable, at most {ENV_VALUE_MAX_LENGTH} characters; put "
+        "longer values in a ConfigMap and reference it with valueFrom.",
     )
     value_from: UnstructuredObject | None = Field(
         None, description="valueFrom, as in a container's env (secretKeyRef, configMapKeyRef...)."
@@ -369,8 +379,8 @@ class EnvVar(ApiModel):
 
 class VolumeMount(ApiModel):
     name: ShortStr = Field(description="name of a volume in template.volumes.")
-    mount_path: LongStr = Field(description="mountPath in the trainer container.")
-    sub_path: LongStr | None = Field(None, description="subPath within the volume.")
+    mount_path: PathStr = Field(description="mountPath in the trainer container.")
+    sub_path: PathStr | None = Field(None, description="subPath within the volume.")
     read_only: bool = Field(False, description="readOnly mounts the volume read-only.")
 
 
@@ -412,7 +422,13 @@ class RunPolicy(ApiModel):
         "from the last checkpoint. Default 3.",
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="activeDeadlineSeconds bounds each attempt's run time. Mutable."
+        None,
+        ge=1,
+        description="activeDeadlineSeconds bounds the whole job's run time, all attempts "
+        "together: wall-clock seconds from status.startTime (the first attempt running), "
+        "suspended time included. Each attempt's Job gets what is left; when it runs out the "
+        "job fails with reason DeadlineExceeded, whatever backoffLimit allows. Unset: no "
+        "deadline. Mutable.",
     )
     ttl_seconds_after_finished: int | None = Field(
         None,

@@ -5,6 +5,10 @@ the Job: its pod template is immutable and Kueue owns its `suspend`, so it is cr
 means it already exists, which is success) and later only merge-patched on mutable fields.
 Everything returned to callers is a plain dict.
 
+An object is only ever written or deleted when it is this operator's: `ensure` applies a child
+only after it read it back controlled by its FineTuneJob (or created it), and deletes carry a uid
+precondition. Whatever else holds a child's name is returned to the caller untouched.
+
 The client is blocking. Every request runs in this module's own bounded thread pool, so kopf's
 event loop never waits on the network, and at most `max_requests` requests are in flight: the
 HTTP connection pool has exactly that many connections, so no thread waits for one and none is
@@ -23,6 +27,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from kubernetes import client, config
@@ -43,12 +48,15 @@ REQUEST_TIMEOUT = (10.0, 60.0)
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 # Where server-side apply writes each kind this operator applies.
-_APPLY_PATHS = {
+_CHILD_PATHS = {
     "ConfigMap": "/api/v1/namespaces/{namespace}/configmaps/{name}",
+    "PersistentVolumeClaim": "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}",
     "Service": "/api/v1/namespaces/{namespace}/services/{name}",
     "Job": "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
 }
-_JOB_PATH = _APPLY_PATHS["Job"]
+_JOB_PATH = _CHILD_PATHS["Job"]
+# How a child that does not exist yet is created (a POST, which never takes over an object).
+_CREATE_PATHS = {kind: path.rsplit("/", 1)[0] for kind, path in _CHILD_PATHS.items()}
 # How a StorageClass is marked the default (the beta name is still set by some provisioners).
 DEFAULT_CLASS_ANNOTATIONS = (
     "storageclass.kubernetes.io/is-default-class",
@@ -59,6 +67,37 @@ _FTJ_STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{
 
 class ApplyRejected(Exception):
     """The API server refused what we rendered (400/422): a render bug, not worth retrying."""
+
+
+class SecretCheck(StrEnum):
+    """What the operator could learn about a referenced Secret key."""
+
+    PRESENT = "Present"
+    NO_SECRET = "NoSecret"
+    NO_KEY = "NoKey"
+    # 403: the operator may not read Secrets (the chart's rbac.getSecrets=false). The kubelet
+    # still refuses to start a pod whose Secret is missing, so the pod reports it instead.
+    UNKNOWN = "Unknown"
+
+
+def covers(have: Any, want: Any) -> bool:
+    """Whether `have` (an object read back) already holds every field of `want` (a render):
+    the API server only adds defaults, so then an apply would change nothing."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(covers(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(covers(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return have == want
+
+
+def controlled_by(obj: Obj, owner_uid: str) -> bool:
+    """Whether `obj` has a controller ownerReference to the object `owner_uid`."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(owner_uid) and any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
 
 
 def load_configuration() -> client.Configuration:
@@ -181,7 +220,7 @@ class Kube:
         )
 
     async def get_job(self, namespace: str, name: str) -> Obj | None:
-        return await self._get(client.BatchV1Api(self.api).read_namespaced_job, name, namespace)
+        return await self._read("Job", namespace, name)
 
     async def list_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         labels = {**naming.selector_labels(job_name), naming.LABEL_ATTEMPT: str(attempt)}
@@ -191,12 +230,39 @@ class Kube:
         )
         return list(pods.get("items") or [])
 
-    async def secret_key_exists(self, namespace: str, name: str, key: str) -> bool | None:
-        """True/False for the key; None when the Secret itself is missing. Values never leave."""
-        secret = await self._get(client.CoreV1Api(self.api).read_namespaced_secret, name, namespace)
+    async def secret_key_exists(self, namespace: str, name: str, key: str) -> SecretCheck:
+        """Whether the Secret has the key; UNKNOWN when RBAC forbids reading it. Values never
+        leave this method."""
+        try:
+            secret = await self._get(
+                client.CoreV1Api(self.api).read_namespaced_secret, name, namespace
+            )
+        except ApiException as exc:
+            if exc.status == 403:
+                return SecretCheck.UNKNOWN
+            raise
         if secret is None:
-            return None
-        return key in (secret.get("data") or {}) or key in (secret.get("stringData") or {})
+            return SecretCheck.NO_SECRET
+        if key in (secret.get("data") or {}) or key in (secret.get("stringData") or {}):
+            return SecretCheck.PRESENT
+        return SecretCheck.NO_KEY
+
+    async def _read(self, kind: str, namespace: str, name: str) -> Obj | None:
+        path = _CHILD_PATHS[kind]
+        try:
+            return await self._json(
+                self.api.call_api,
+                path,
+                "GET",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     async def default_storage_class_exists(self) -> bool:
         """Whether the cluster marks a StorageClass as its default. True when the operator may
@@ -215,13 +281,71 @@ class Kube:
 
     # ---- writes --------------------------------------------------------------------------------
 
+    async def ensure(self, manifest: Obj, owner_uid: str, create_first: bool = False) -> Obj | None:
+        """Create or update a ConfigMap or Service that the FineTuneJob `owner_uid` controls.
+
+        Returns None when the child is in place, or the object that holds its name without a
+        controller reference to `owner_uid`, which is left untouched (not even read twice). A
+        missing child is created with a POST, never applied: an apply would take over an object
+        made in between. An existing one is applied with its resourceVersion as a
+        precondition, so an object swapped in after the read is never overwritten.
+
+        `create_first` (the caller expects no child, as on a FineTuneJob's first pass) tries the
+        POST before the read: one request instead of two when the guess is right.
+        """
+        kind, meta = manifest["kind"], manifest["metadata"]
+        if create_first and await self._create(manifest) is not None:
+            return None
+        for _ in range(3):
+            existing = await self._read(kind, meta["namespace"], meta["name"])
+            if existing is None:
+                if await self._create(manifest) is not None:
+                    return None
+                continue  # made in between: read it to see whose it is
+            if not controlled_by(existing, owner_uid):
+                return existing
+            if covers(existing, manifest):
+                return None  # in place already: a read is all a resync pass costs
+            version = existing["metadata"].get("resourceVersion")
+            pinned = {**manifest, "metadata": {**meta, "resourceVersion": version}}
+            try:
+                await self.apply(pinned)
+                return None
+            except ApiException as exc:
+                if exc.status != 409:  # 409: it changed since the read; look again
+                    raise
+        raise RuntimeError(f"{kind} {meta['namespace']}/{meta['name']} kept changing; retry")
+
+    async def _create(self, manifest: Obj) -> Obj | None:
+        """POST a new child and return it; None when the name is already taken (409)."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        try:
+            return await self._json(
+                self.api.call_api,
+                _CREATE_PATHS[kind],
+                "POST",
+                path_params={"namespace": meta["namespace"]},
+                query_params=[("fieldManager", naming.FIELD_MANAGER)],
+                header_params={"Accept": "application/json", "Content-Type": "application/json"},
+                body=manifest,
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            if exc.status in (400, 422):
+                raise ApplyRejected(f"{kind} {meta['name']}: {_message(exc)}") from exc
+            raise
+
     async def apply(self, manifest: Obj) -> None:
-        """Server-side apply; force, because this operator owns every field it renders."""
+        """Server-side apply; force, because this operator owns every field it renders. Only for
+        an object already known to be this operator's (see `ensure`)."""
         meta = manifest["metadata"]
         query = [("fieldManager", naming.FIELD_MANAGER), ("force", "true")]
         try:
             await self._patch(
-                _APPLY_PATHS[manifest["kind"]],
+                _CHILD_PATHS[manifest["kind"]],
                 meta["namespace"],
                 meta["name"],
                 manifest,
@@ -234,46 +358,22 @@ class Kube:
             raise
 
     async def create_job(self, manifest: Obj) -> Obj | None:
-        """Create the Job and return it; None when it already existed (an earlier pass)."""
-        meta = manifest["metadata"]
-        try:
-            return await self._json(
-                client.BatchV1Api(self.api).create_namespaced_job,
-                meta["namespace"],
-                manifest,
-                field_manager=naming.FIELD_MANAGER,
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            if exc.status in (400, 422):
-                raise ApplyRejected(f"Job {meta['name']}: {_message(exc)}") from exc
-            raise
+        """Create the Job and return it; None when the name is taken (by an earlier pass, or by
+        an object that the next read finds is not this FineTuneJob's)."""
+        return await self._create(manifest)
 
     async def create_claim(self, manifest: Obj) -> Obj:
         """Create a PersistentVolumeClaim, or return the one that already holds the name (the
-        caller checks it is ours). Never applied: a claim's spec is immutable once bound."""
+        caller checks whose it is). Never applied: a claim's spec is immutable once bound."""
         meta = manifest["metadata"]
-        core = client.CoreV1Api(self.api)
-        try:
-            return await self._json(
-                core.create_namespaced_persistent_volume_claim,
-                meta["namespace"],
-                manifest,
-                field_manager=naming.FIELD_MANAGER,
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                existing = await self._get(
-                    core.read_namespaced_persistent_volume_claim, meta["name"], meta["namespace"]
-                )
-                if existing is not None:
-                    return existing
-            if exc.status in (400, 422):
-                raise ApplyRejected(
-                    f"PersistentVolumeClaim {meta['name']}: {_message(exc)}"
-                ) from exc
-            raise
+        for _ in range(3):
+            claim = await self._create(manifest)
+            if claim is None:
+                claim = await self._read(manifest["kind"], meta["namespace"], meta["name"])
+            if claim is not None:
+                return claim
+        where = f"{meta['namespace']}/{meta['name']}"
+        raise RuntimeError(f"PersistentVolumeClaim {where} kept changing; retry")
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
         await self._patch(_JOB_PATH, namespace, name, {"spec": patch}, MERGE_PATCH)

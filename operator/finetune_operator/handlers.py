@@ -13,7 +13,8 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, Phase
+from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, ConditionType, Phase
+from finetune_api.v1alpha1 import IMMUTABLE_SPEC_FIELDS
 from finetune_operator import naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
@@ -35,6 +36,11 @@ MAX_PASSES = 4 * MAX_REQUESTS
 # requests ahead of a new object's first pass.
 PERIODIC_PASSES = 4
 _passes = asyncio.Semaphore(MAX_PASSES)
+# Everything but spec.runPolicy (the one mutable section) is left out of kopf's diff-base.
+DIFFBASE_IGNORED = ("metadata", *(f"spec.{f}" for f in IMMUTABLE_SPEC_FIELDS))
+# A FineTuneJob waiting on something it cannot watch (a Secret, the garbage collection of a
+# predecessor's child) is looked at again this often.
+WAITING_SECONDS = 10.0
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
 
 
@@ -49,8 +55,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Decided once: kopf's bookkeeping lives in annotations under our own prefix, never in status
     # (the status schema is declared and pruned), and the keys never change.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    # The diff-base is kopf's copy of what it last handled, in an annotation. Only the update
+    # handler of spec.runPolicy reads a diff, and the rest of the spec is immutable (CEL), so
+    # the copy keeps runPolicy alone: a whole copy of a large spec (a big template.env) would
+    # push the annotations past their 256 kB limit, and then kopf could not even remove its
+    # finalizer, leaving the FineTuneJob undeletable.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
+        prefix=GROUP, key="last-handled-configuration", ignored_fields=DIFFBASE_IGNORED
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING
@@ -89,8 +100,9 @@ async def _run(namespace: str, name: str) -> None:
         return
     if outcome.permanent:
         raise kopf.PermanentError(outcome.permanent)
-    if outcome.temporary:
-        raise kopf.TemporaryError(outcome.temporary, delay=10)
+    # A wait (outcome.temporary) is not raised: kopf would post an Error Event on every retry.
+    # The status says what is missing, one Warning Event says it once, and the `waiting`
+    # timer retries.
 
 
 @kopf.on.resume(*FTJ, id="reconcile")
@@ -133,6 +145,21 @@ async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
 
 def _running(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == Phase.RUNNING
+
+
+def _waiting(status: kopf.Status, **_: Any) -> bool:
+    """Not finished, and the Job is held back (Created=False) by something the pass found."""
+    if status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
+        return False
+    return any(
+        c.get("type") == ConditionType.CREATED and c.get("status") == "False"
+        for c in status.get("conditions") or []
+    )
+
+
+@kopf.timer(*FTJ, id="waiting", interval=WAITING_SECONDS, when=_waiting)
+async def waiting(namespace: str, name: str, **_: Any) -> None:
+    await _reconcile(namespace, name, periodic=True)
 
 
 @kopf.timer(*FTJ, id="progress", interval=SETTINGS.progress_seconds, initial_delay=5, when=_running)

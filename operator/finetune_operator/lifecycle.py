@@ -21,6 +21,8 @@ Obj = dict[str, Any]
 # The Job controller's reason for a Job that a podFailurePolicy FailJob rule ended; ours has
 # such rules for the permanent exit codes only.
 POD_FAILURE_POLICY = "PodFailurePolicy"
+# The Job controller's reason for a Job that ran past its activeDeadlineSeconds.
+JOB_DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 
 class State(StrEnum):
@@ -97,25 +99,22 @@ def _crash_message(pods: list[Obj]) -> str:
 def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     result = _trainer_result(pods)
     job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
-    if result is not None and not result.succeeded and result.permanent:
+    final = replace(base, state=State.FAILED, permanent=True, result=result)
+    if job_reason == JOB_DEADLINE_EXCEEDED:
+        # Each attempt's Job gets what is left of the whole job's budget: no attempt can follow.
+        message = "runPolicy.activeDeadlineSeconds (for the whole job) ran out during attempt "
         return replace(
-            base,
-            state=State.FAILED,
-            permanent=True,
-            reason=result.reason,
-            message=result.message,
-            result=result,
+            final,
+            reason=Reason.DEADLINE_EXCEEDED,
+            message=f"{message}{base.attempt}: {job_message}"[:1024],
         )
+    if result is not None and not result.succeeded and result.permanent:
+        return replace(final, reason=result.reason, message=result.message)
     if job_reason == POD_FAILURE_POLICY:
         # A permanent exit code, but its result is gone (the pods were removed): still final.
+        message = "a rank exited with a permanent exit code and its result was lost: "
         return replace(
-            base,
-            state=State.FAILED,
-            permanent=True,
-            reason=Reason.TRAINING_FAILED,
-            message=f"a rank exited with a permanent exit code and its result was lost: "
-            f"{job_message}"[:1024],
-            result=result,
+            final, reason=Reason.TRAINING_FAILED, message=f"{message}{job_message}"[:1024]
         )
     message = (result.message if result else "") or _crash_message(pods) or job_message
     detail = f"{job_reason}: {message}" if job_reason else message

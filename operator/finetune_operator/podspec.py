@@ -164,6 +164,8 @@ def pod_spec(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> Ma
         "subdomain": naming.service_name(name),
         # A Service named e.g. "master" would inject MASTER_PORT=tcp://... into every pod.
         "enableServiceLinks": False,
+        # The trainer never calls the API server: no token for a compromised rank to use.
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 1000,

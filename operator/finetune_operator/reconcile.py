@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_api.constants import KIND, ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 from finetune_api.validation import ManifestError, parse_manifest
 from finetune_operator import checkpoints, naming, render, scrape
-from finetune_operator.apply import ApplyRejected, Kube
+from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import State, observe_job
 from finetune_operator.metrics import OperatorMetrics
@@ -28,6 +28,9 @@ from finetune_operator.status import Blocker, Observed, Plan, invalid_status, pl
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+# Transitions worth a Warning Event besides Failed: each needs someone to act (or explains why
+# pods are going away). One Event per transition, never one per pass.
+WARNING_REASONS = frozenset({Reason.RESTARTING, Reason.SECRET_NOT_FOUND, Reason.NAME_CONFLICT})
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,32 @@ class Reconciler:
             return None
         ref = hub.token_secret_ref
         found = await self.kube.secret_key_exists(job.metadata.namespace, ref.name, ref.key)
-        if found is None:
+        if found is SecretCheck.NO_SECRET:
             message = f"Secret {ref.name} (output.hub.tokenSecretRef) not found"
             return Blocker(Reason.SECRET_NOT_FOUND, message)
-        if not found:
+        if found is SecretCheck.NO_KEY:
             return Blocker(Reason.SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}")
+        # PRESENT, or UNKNOWN (no RBAC to read Secrets): create the Job; the kubelet refuses a
+        # pod whose Secret is missing, and the pod says so.
+        return None
+
+    async def _children(
+        self, job: FineTuneJob, store: CheckpointStore, first: bool
+    ) -> Blocker | None:
+        """Create or update the ConfigMap and the Service, and create the checkpoint claim the
+        store owns; a Blocker when a name is taken. `first`: no attempt was recorded yet, so the
+        children most likely do not exist."""
+        uid = job.metadata.uid or ""
+        owner = render.owner_reference(job.metadata.name, uid)
+        for manifest in (render.render_configmap(job, owner), render.render_service(job, owner)):
+            holder = await self.kube.ensure(manifest, uid, create_first=first)
+            if holder is not None:
+                return name_conflict(manifest["kind"], holder, job)
+        if store.owned_claim:
+            # Created once and never applied: a claim's spec is immutable once bound.
+            claim = await self.kube.create_claim(render.render_checkpoint_claim(job, owner))
+            if not controlled_by(claim, uid):
+                return name_conflict("PersistentVolumeClaim", claim, job)
         return None
 
     async def _checkpoint_store(self, job: FineTuneJob) -> CheckpointStore:
@@ -111,24 +135,15 @@ class Reconciler:
         )
         return checkpoints.choose(job, default_class)
 
-    async def _claim_blocker(self, job: FineTuneJob, owner: Obj) -> Blocker | None:
-        claim = await self.kube.create_claim(render.render_checkpoint_claim(job, owner))
-        refs = (claim.get("metadata") or {}).get("ownerReferences") or []
-        if any(r.get("controller") and r.get("uid") == job.metadata.uid for r in refs):
-            return None
-        name = naming.checkpoint_claim_name(job.metadata.name)
-        return Blocker(
-            Reason.NAME_CONFLICT,
-            f"PersistentVolumeClaim {name} exists and is not this FineTuneJob's: rename the "
-            "FineTuneJob, delete the claim, or name it in output.checkpoints.persistentVolumeClaim",
-            permanent=True,
-        )
-
     async def _observe(
         self, job: FineTuneJob, scrape_now: bool, store: CheckpointStore
     ) -> Observed:
         ns, name = job.metadata.namespace, job.metadata.name
         batch = await self.kube.get_job(ns, name)
+        if batch is not None and not controlled_by(batch, job.metadata.uid or ""):
+            # Not ours: never read as an attempt, never patched or deleted.
+            blocker = name_conflict("Job", batch, job)
+            return Observed(now=now_rfc3339(), blocker=blocker, store=store)
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
         outcome = observe_job(batch, pods)
         progress, resumed = None, None
@@ -155,25 +170,22 @@ class Reconciler:
         except ManifestError as exc:
             # The CRD admitted it, so Python and CEL disagree; say so rather than loop.
             return await self._fail_unparsable(body, str(exc))
-        name = job.metadata.name
         previous = _normal(body.get("status") or {})
         terminal = previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
         store = await self._checkpoint_store(job)
         observed = await self._observe(job, scrape_now, store)
-        blocker, permanent = None, None
-        if not terminal and (children or observed.outcome.state is State.ABSENT):
+        blocker, permanent = observed.blocker, None
+        if terminal:
+            blocker = None  # a finished job is never failed again for what it finds now
+        elif blocker is None and (children or observed.outcome.state is State.ABSENT):
             blocker = await self._blocker(job)
             if blocker is None:
-                owner = render.owner_reference(name, job.metadata.uid or "")
                 try:
-                    await self.kube.apply(render.render_configmap(job, owner))
-                    await self.kube.apply(render.render_service(job, owner))
-                    if store.owned_claim:
-                        blocker = await self._claim_blocker(job, owner)
-                        permanent = blocker.message if blocker else None
+                    blocker = await self._children(job, store, first=not previous.get("attempts"))
                 except ApplyRejected as exc:
                     blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
-                    permanent = str(exc)
+        if blocker is not None and blocker.permanent:
+            permanent = blocker.message
         observed = replace(observed, blocker=blocker)
         result = plan(job, observed)
         for _ in range(3):  # act, then look again so this pass writes the status it caused
@@ -195,6 +207,10 @@ class Reconciler:
                 )
             else:
                 observed = await self._observe(job, False, store)
+                if observed.blocker is not None and not terminal:
+                    # E.g. the create met someone else's Job made since this pass read the name.
+                    blocker = observed.blocker
+                    permanent = blocker.message if blocker.permanent else permanent
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         await self._write(body, previous, result)
@@ -209,6 +225,9 @@ class Reconciler:
             if action.kind == "create":
                 owner = render.owner_reference(name, job.metadata.uid or "")
                 manifest = render.render_job(job, owner, action.attempt, self.settings, store)
+                if action.deadline is not None:
+                    # What is left of the whole job's deadline, not the full runPolicy value.
+                    manifest["spec"]["activeDeadlineSeconds"] = action.deadline
                 created = await self.kube.create_job(manifest)
                 if created is not None:
                     self.metrics.job_attempts.inc()
@@ -251,3 +270,29 @@ class Reconciler:
             self.metrics.jobs_failed.labels(reason=Reason.INVALID_SPEC).inc()
             await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         return PassResult(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
+
+
+def name_conflict(kind: str, holder: Obj, job: FineTuneJob) -> Blocker:
+    """The Blocker for a child name held by an object this FineTuneJob does not control.
+
+    A child of a deleted FineTuneJob of the same name is garbage that the garbage collector is
+    about to remove (its owner is gone), so the new one waits for it. Anything else fails the
+    FineTuneJob: the object is someone else's, and it is left exactly as it is.
+    """
+    name = (holder.get("metadata") or {}).get("name", job.metadata.name)
+    refs = (holder.get("metadata") or {}).get("ownerReferences") or []
+    if any(
+        r.get("controller") and r.get("kind") == KIND and r.get("name") == job.metadata.name
+        for r in refs
+    ):
+        message = (
+            f"{kind} {name} belongs to a deleted FineTuneJob of the same name; waiting for the "
+            "garbage collector to remove it"
+        )
+        return Blocker(Reason.NAME_CONFLICT, message)
+    message = (
+        f"{kind} {name} already exists and is not controlled by this FineTuneJob, so it was "
+        f"left untouched. Delete or rename the {kind}, or create the FineTuneJob under another "
+        "name"
+    )
+    return Blocker(Reason.NAME_CONFLICT, message, permanent=True)

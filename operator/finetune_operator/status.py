@@ -51,13 +51,48 @@ class Action:
     attempt: int = 0
     uid: str | None = None
     patch: Obj = field(default_factory=dict)
+    # For "create": the Job's activeDeadlineSeconds, what is left of the whole job's budget.
+    deadline: int | None = None
 
 
-def job_patch(spec_job: Obj, run_policy: RunPolicy) -> Obj:
+def _seconds(start: str, end: str) -> int:
+    """Whole seconds from one RFC 3339 timestamp to another."""
+
+    def parse(ts: str) -> datetime:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+    return int((parse(end) - parse(start)).total_seconds())
+
+
+def deadline_left(policy: RunPolicy, start_time: str | None, at: str) -> int | None:
+    """Seconds left at `at` of runPolicy.activeDeadlineSeconds, which bounds the whole job: its
+    clock starts at status.startTime (the first attempt running) and never restarts. None
+    without a deadline; zero or less once it ran out."""
+    total = policy.active_deadline_seconds
+    if total is None:
+        return None
+    if not start_time:
+        return total
+    return total - max(_seconds(start_time, at), 0)
+
+
+def attempt_deadline(spec_job: Obj, policy: RunPolicy, start_time: str | None) -> int | None:
+    """The activeDeadlineSeconds an attempt's Job should have: the budget left when its own
+    clock started (the Job controller's status.startTime, reset by a resume; its creation
+    before that), so that the Job ends when the whole job's budget does. At least 1, the
+    field's minimum: a Job with nothing left then fails DeadlineExceeded at once."""
+    meta, job_status = spec_job.get("metadata") or {}, spec_job.get("status") or {}
+    started = job_status.get("startTime") or meta.get("creationTimestamp")
+    # A Job read back without timestamps (never, from an API server) keeps the whole budget.
+    left = deadline_left(policy, start_time if started else None, started or "")
+    return None if left is None else max(left, 1)
+
+
+def job_patch(spec_job: Obj, run_policy: RunPolicy, start_time: str | None = None) -> Obj:
     """The mutable Job fields that drifted from runPolicy (a merge patch), or {}."""
     spec = spec_job.get("spec") or {}
     want: Obj = {
-        "activeDeadlineSeconds": run_policy.active_deadline_seconds,
+        "activeDeadlineSeconds": attempt_deadline(spec_job, run_policy, start_time),
         "ttlSecondsAfterFinished": run_policy.ttl_seconds_after_finished,
     }
     # Kueue owns .spec.suspend of a queued Job; fighting it would evict the workload.
@@ -228,7 +263,11 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         else:
             conds.set(CT.CREATED, False, blocker.reason, blocker.message)
     elif out.state is State.ABSENT:
-        actions.append(Action("create", attempt=attempts))
+        left = deadline_left(policy, status.get("startTime"), observed.now)
+        if left is not None and left <= 0:
+            _finish(status, conds, observed.now, False, Reason.DEADLINE_EXCEEDED, _spent(policy))
+        else:
+            actions.append(Action("create", attempt=attempts, deadline=left))
     elif out.deleting:
         pass  # the old gang is going; its DELETED event brings the next pass
     elif out.attempt < attempts:
@@ -238,8 +277,12 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         _finish(status, conds, observed.now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
     elif out.state is State.FAILED:
         _apply_result(status, out, conds)
+        left = deadline_left(policy, status.get("startTime"), observed.now)
         if out.permanent:
             _finish(status, conds, observed.now, False, out.reason, out.message)
+        elif left is not None and left <= 0:
+            msg = f"{_spent(policy)}; last attempt: {out.message[:512]}"
+            _finish(status, conds, observed.now, False, Reason.DEADLINE_EXCEEDED, msg)
         elif attempts <= policy.backoff_limit:
             # Record the next attempt before deleting, so a crash in between still restarts.
             status["attempts"] = attempts + 1
@@ -264,7 +307,8 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             Reason.WORKLOAD_CREATED,
             f"Job {naming.batch_job_name(name)} attempt {out.attempt}",
         )
-        if observed.job is not None and (patch := job_patch(observed.job, policy)):
+        patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
+        if patch:
             actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
         if policy.suspend:
             conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, "runPolicy.suspend is true")
@@ -298,6 +342,13 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         actions=actions,
         transitions=_transitions(prev, status),
         restart_seconds=restart_seconds,
+    )
+
+
+def _spent(policy: RunPolicy) -> str:
+    return (
+        f"runPolicy.activeDeadlineSeconds ({policy.active_deadline_seconds} s for the whole job, "
+        "every attempt together) ran out"
     )
 
 

@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from fixtures.cluster import (
+    condition,
     ftj_manifest,
+    ftj_status,
     patch_pod_status,
     running_status,
     terminated_status,
+    wait_phase,
 )
 from fixtures.kube import Kube
 
@@ -48,14 +51,6 @@ def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | No
     return kube.get(kind, name, namespace)
 
 
-def ftj_status(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
-    return (get(kube, namespace, "FineTuneJob", name) or {}).get("status") or {}
-
-
-def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
-
 def pods(kube: Kube, namespace: str, name: str, attempt: int) -> list[dict[str, Any]]:
     sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
     items = kube.list("Pod", namespace, labels=sel)
@@ -70,14 +65,6 @@ def wait_pods(kube: Kube, wait_until: WaitUntil, ns: str, name: str, attempt: in
         lambda: (p := pods(kube, ns, name, attempt)) and len(p) == n and p,
         timeout=60,
         message=f"{n} pods of attempt {attempt}",
-    )
-
-
-def wait_phase(kube: Kube, wait_until: WaitUntil, ns: str, name: str, phase: str, timeout=90):
-    return wait_until(
-        lambda: (s := ftj_status(kube, ns, name)).get("phase") == phase and s,
-        timeout=timeout,
-        message=f"{ns}/{name} phase {phase} (now {ftj_status(kube, ns, name).get('phase')})",
     )
 
 

@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.apply import ApplyRejected, Kube, load_configuration
+from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, load_configuration
 
 # kubernetes 34.1.0 builds every ApiException with urllib3 2's deprecated getheaders().
 pytestmark = pytest.mark.filterwarnings(
@@ -157,6 +157,110 @@ def test_apply_other_errors_propagate_for_kopf_to_retry(server, code: int) -> No
     assert info.value.status == code
 
 
+# ---- ensure: only ever write what this FineTuneJob controls ------------------------------------
+
+CM_PATH = f"/api/v1/namespaces/{NS}/configmaps/demo"
+OWNER = "ftj-uid"
+
+
+def existing(*refs: Obj) -> tuple[int, Obj]:
+    meta = {"name": "demo", "namespace": NS, "resourceVersion": "41", "ownerReferences": list(refs)}
+    return 200, {"kind": "ConfigMap", "metadata": meta}
+
+
+def ref(uid: str, controller: bool = True) -> Obj:
+    return {"kind": "FineTuneJob", "name": "demo", "uid": uid, "controller": controller}
+
+
+def test_ensure_creates_a_missing_child_with_a_post_never_an_apply(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", CM_PATH)] = status(404, "not found")
+    assert run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER)) is None
+    assert [(r.method, r.path) for r in fake.seen] == [
+        ("GET", CM_PATH),
+        ("POST", f"/api/v1/namespaces/{NS}/configmaps"),
+    ]
+    assert fake.seen[1].query == {"fieldManager": ["finetune-operator"]}
+
+
+def test_ensure_create_first_posts_before_reading(server) -> None:
+    fake, _ = server
+    run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER, create_first=True))
+    assert [r.method for r in fake.seen] == ["POST"]
+    # The name was taken: read it, and leave someone else's object alone.
+    fake.seen.clear()
+    fake.routes[("POST", f"/api/v1/namespaces/{NS}/configmaps")] = status(409, "exists")
+    fake.routes[("GET", CM_PATH)] = existing()
+    holder = run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER, create_first=True))
+    assert holder is not None
+    assert [r.method for r in fake.seen] == ["POST", "GET"]
+
+
+def test_ensure_applies_its_own_child_pinned_to_the_version_it_read(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", CM_PATH)] = existing(ref(OWNER))
+    assert run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER)) is None
+    read, apply = fake.seen
+    assert read.method == "GET"
+    assert (apply.method, apply.content_type) == ("PATCH", "application/apply-patch+yaml")
+    assert apply.body["metadata"]["resourceVersion"] == "41"
+
+
+def test_ensure_writes_nothing_when_its_child_has_every_rendered_field(server) -> None:
+    fake, _ = server
+    want = {**manifest("ConfigMap"), "data": {"job.yaml": "x"}}
+    want["metadata"] = {**want["metadata"], "ownerReferences": [ref(OWNER)]}
+    # As read back: the API server's own fields added, nothing of ours changed.
+    have = {**want, "metadata": {**want["metadata"], "uid": "c-1", "resourceVersion": "41"}}
+    fake.routes[("GET", CM_PATH)] = (200, have)
+    assert run(server, lambda kube: kube.ensure(want, OWNER)) is None
+    assert [r.method for r in fake.seen] == ["GET"]
+    # A field that drifted is applied back.
+    fake.seen.clear()
+    fake.routes[("GET", CM_PATH)] = (200, {**have, "data": {"job.yaml": "edited"}})
+    run(server, lambda kube: kube.ensure(want, OWNER))
+    assert [r.method for r in fake.seen] == ["GET", "PATCH"]
+
+
+@pytest.mark.parametrize(
+    "refs",
+    [(), (ref("someone-else"),), (ref(OWNER, controller=False),)],
+    ids=["no-owner", "other-controller", "owner-but-not-controller"],
+)
+def test_ensure_leaves_anything_else_untouched(server, refs: tuple[Obj, ...]) -> None:
+    fake, _ = server
+    fake.routes[("GET", CM_PATH)] = existing(*refs)
+    holder = run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER))
+    assert holder["metadata"]["resourceVersion"] == "41"
+    assert [r.method for r in fake.seen] == ["GET"]  # read, and nothing written
+
+
+def test_ensure_create_race_reads_again_and_leaves_the_newcomer_alone(server) -> None:
+    fake, _ = server
+    answers = iter([status(404, "not found"), existing()])
+    original = fake.answer
+
+    def answer(method: str, path: str, body: bytes, headers: Any) -> tuple[int, Obj]:
+        if method == "GET":
+            original(method, path, body, headers)
+            return next(answers)
+        return original(method, path, body, headers)
+
+    fake.answer = answer  # type: ignore[method-assign]
+    fake.routes[("POST", f"/api/v1/namespaces/{NS}/configmaps")] = status(409, "exists")
+    holder = run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER))
+    assert holder is not None
+    assert [r.method for r in fake.seen] == ["GET", "POST", "GET"]
+
+
+def test_ensure_errors_propagate(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", CM_PATH)] = status(403, "forbidden")
+    with pytest.raises(ApiException) as info:
+        run(server, lambda kube: kube.ensure(manifest("ConfigMap"), OWNER))
+    assert info.value.status == 403
+
+
 def test_create_job_returns_the_created_job_as_a_dict(server) -> None:
     fake, _ = server
     job = {**manifest("Job"), "apiVersion": "batch/v1", "spec": {"completions": 2}}
@@ -288,13 +392,15 @@ def test_list_pods_selects_one_attempt_of_one_job(server) -> None:
 @pytest.mark.parametrize(
     ("answer", "expect"),
     [
-        ((200, {"data": {"token": "czNjcjN0"}}), True),
-        ((200, {"data": {"other": "eA=="}}), False),
-        ((200, {}), False),
-        (status(404, "not found"), None),
+        ((200, {"data": {"token": "czNjcjN0"}}), SecretCheck.PRESENT),
+        ((200, {"data": {"other": "eA=="}}), SecretCheck.NO_KEY),
+        ((200, {}), SecretCheck.NO_KEY),
+        (status(404, "not found"), SecretCheck.NO_SECRET),
+        # rbac.getSecrets=false: the operator cannot check, and must not stop on it.
+        (status(403, 'secrets "hf" is forbidden'), SecretCheck.UNKNOWN),
     ],
 )
-def test_secret_key_exists(server, answer: tuple[int, Obj], expect: bool | None) -> None:
+def test_secret_key_exists(server, answer: tuple[int, Obj], expect: SecretCheck) -> None:
     fake, _ = server
     fake.routes[("GET", f"/api/v1/namespaces/{NS}/secrets/hf")] = answer
     assert run(server, lambda kube: kube.secret_key_exists(NS, "hf", "token")) is expect

@@ -268,6 +268,9 @@ def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
         ("batch", "jobs", "delete"),
         ("", "pods", "watch"),
         ("", "configmaps", "patch"),
+        # Read before any write: a name someone else holds is never applied over.
+        ("", "configmaps", "get"),
+        ("", "services", "get"),
         ("", "services", "create"),
         ("", "events", "create"),
         ("events.k8s.io", "events", "create"),

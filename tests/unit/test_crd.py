@@ -126,3 +126,58 @@ def test_conditions_are_a_map_keyed_by_type_with_rfc3339_times(schema):
         status["progress"]["properties"]["updatedAt"],
     ]
     assert all(t["format"] == "date-time" for t in times)
+
+
+# Subtrees the schema passes through as Kubernetes objects (pod-spec parts): not bounded here,
+# and the only ones allowed to be open.
+OPEN = {
+    ".template.env[].valueFrom",
+    ".template.tolerations[]",
+    ".template.affinity",
+    ".template.volumes[]",
+}
+
+
+def worst_case_bytes(node: dict, path: str, open_paths: list[str]) -> int:
+    """The longest JSON the schema admits at `node` (quotes and separators counted, escapes
+    not), with preserve-unknown subtrees counted as empty and listed in `open_paths`."""
+    if node.get("x-kubernetes-preserve-unknown-fields"):
+        open_paths.append(path)
+        return 2
+    if node.get("x-kubernetes-int-or-string"):
+        return max(node["maxLength"] + 2, 20)
+    kind = node.get("type")
+    if kind == "string":
+        longest = max(len(e) for e in node["enum"]) if "enum" in node else node["maxLength"]
+        return longest + 2
+    if kind in ("integer", "number", "boolean"):
+        return 24
+    if kind == "array":
+        return 2 + node["maxItems"] * (worst_case_bytes(node["items"], f"{path}[]", open_paths) + 1)
+    if "additionalProperties" in node:
+        rules = " ".join(r["rule"] for r in node.get("x-kubernetes-validations", []))
+        key = int(rules.split("k.size() <= ")[1].split(")")[0])
+        value = worst_case_bytes(node["additionalProperties"], f"{path}{{}}", open_paths)
+        return 2 + node["maxProperties"] * (key + 4 + value)
+    props = node.get("properties", {})
+    return 2 + sum(
+        len(k) + 4 + worst_case_bytes(v, f"{path}.{k}", open_paths) for k, v in props.items()
+    )
+
+
+def test_the_largest_spec_the_schema_admits_stays_small(schema):
+    """kubectl apply keeps the whole object in a 256 kB annotation, and the children repeat the
+    spec: the typed spec's worst case must leave room (kopf's own copy holds runPolicy only)."""
+    from finetune_api.v1alpha1 import SPEC_MAX_BYTES
+
+    open_paths: list[str] = []
+    size = worst_case_bytes(schema["properties"]["spec"], "", open_paths)
+    assert size <= SPEC_MAX_BYTES, f"the spec can reach {size} bytes"
+    assert set(open_paths) == OPEN
+
+
+def test_map_keys_are_bounded_by_cel(schema):
+    requests = schema["properties"]["spec"]["properties"]["resources"]["properties"]["requests"]
+    assert {"rule": "self.all(k, k.size() <= 253)", "message": "keys must be at most 253 "
+            "characters"} in requests["x-kubernetes-validations"]  # fmt: skip
+    assert requests["additionalProperties"]["maxLength"] == 64

@@ -95,6 +95,8 @@ def test_pod_passes_restricted_pod_security() -> None:
     pod = _job("cpu")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The trainer never calls the API server, so its pods carry no ServiceAccount token.
+    assert pod["automountServiceAccountToken"] is False
     sc = _container(_job("cpu"))["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}

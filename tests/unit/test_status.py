@@ -11,6 +11,7 @@ from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_api.validation import parse_manifest
 from finetune_operator.lifecycle import State, observe_job
+from finetune_operator.reconcile import name_conflict
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
 from finetune_operator.status import Blocker, Observed, derive_status, evaluation_summary, plan
 
@@ -360,3 +361,128 @@ def test_retryable_failure_message_names_the_exit_code_and_log_tail() -> None:
     status = derive_status(ftj({"attempts": 1}), observed(job, pods_))
     message = cond(status, "Running")["message"]  # type: ignore[index]
     assert "exit code 137" in message and "OOM" in message
+
+
+# ---- runPolicy.activeDeadlineSeconds bounds the whole job, not each attempt --------------------
+
+START = "2026-01-01T00:00:00Z"  # status.startTime: the first attempt running
+
+
+def at(seconds: int) -> str:
+    return f"2026-01-01T{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}Z"
+
+
+def test_the_first_attempt_gets_the_whole_deadline() -> None:
+    result = plan(ftj(activeDeadlineSeconds=600), observed(None))
+    (create,) = result.actions
+    assert (create.kind, create.deadline) == ("create", 600)
+
+
+def test_without_a_deadline_attempts_get_none() -> None:
+    (create,) = plan(ftj(), observed(None)).actions
+    assert create.deadline is None
+
+
+def test_a_later_attempt_gets_only_what_is_left() -> None:
+    prev = {"attempts": 2, "startTime": START}
+    result = plan(ftj(prev, activeDeadlineSeconds=600), Observed(now=at(250)))
+    (create,) = result.actions
+    assert (create.kind, create.attempt, create.deadline) == ("create", 2, 350)
+
+
+def test_no_attempt_starts_once_the_budget_is_spent() -> None:
+    prev = {"attempts": 2, "startTime": START}
+    result = plan(ftj(prev, activeDeadlineSeconds=600), Observed(now=at(600)))
+    assert result.actions == []
+    assert result.status["phase"] == "Failed"
+    assert cond(result.status, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
+
+
+def test_a_job_that_hit_its_deadline_ends_the_finetunejob_with_attempts_left() -> None:
+    job = batch_job(cond=("Failed", "DeadlineExceeded", "Job was active longer than specified"))
+    prev = {"attempts": 1, "startTime": START}
+    result = plan(ftj(prev, activeDeadlineSeconds=600, backoffLimit=5), observed(job, []))
+    assert result.actions == []
+    assert result.status["phase"] == "Failed"
+    failed = cond(result.status, "Failed")
+    assert failed["reason"] == "DeadlineExceeded"  # type: ignore[index]
+    assert "whole job" in failed["message"]  # type: ignore[index]
+
+
+def test_a_retryable_failure_after_the_budget_is_spent_is_not_retried() -> None:
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    prev = {"attempts": 1, "startTime": START}
+    result = plan(
+        ftj(prev, activeDeadlineSeconds=600, backoffLimit=5),
+        Observed(now=at(601), job=job, outcome=observe_job(job, [pod(0, "Failed", 1)])),
+    )
+    assert result.actions == []
+    assert cond(result.status, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
+
+
+def test_a_retryable_failure_within_the_budget_restarts() -> None:
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    prev = {"attempts": 1, "startTime": START}
+    result = plan(
+        ftj(prev, activeDeadlineSeconds=600, backoffLimit=5),
+        Observed(now=at(300), job=job, outcome=observe_job(job, [pod(0, "Failed", 1)])),
+    )
+    assert [a.kind for a in result.actions] == ["delete"]
+    assert result.status["attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    ("job_clock", "want"),
+    [
+        # Attempt 1 was created before the job's clock started: the whole budget.
+        ({"creationTimestamp": "2025-12-31T23:59:00Z"}, 600),
+        # A later attempt, from its creation while the Job controller has not started it.
+        ({"creationTimestamp": at(200)}, 400),
+        # Its own clock, reset by a resume, wins over its creation.
+        ({"creationTimestamp": at(200), "startTime": at(500)}, 100),
+        # Nothing left: the minimum, so that the Job controller ends it now.
+        ({"creationTimestamp": at(200), "startTime": at(900)}, 1),
+    ],
+)
+def test_the_running_attempt_is_patched_to_end_with_the_whole_budget(job_clock, want) -> None:
+    job = batch_job(activeDeadlineSeconds=600)
+    job["metadata"]["creationTimestamp"] = job_clock["creationTimestamp"]
+    if "startTime" in job_clock:
+        job["status"]["startTime"] = job_clock["startTime"]
+    prev = {"attempts": 1, "startTime": START}
+    result = plan(ftj(prev, activeDeadlineSeconds=600), observed(job, [pod(0, "Running")]))
+    patches = [a.patch for a in result.actions if a.kind == "patch"]
+    assert patches == ([] if want == 600 else [{"activeDeadlineSeconds": want}])
+
+
+# ---- a child's name held by something else -----------------------------------------------------
+
+
+def holder(*refs: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "Service", "metadata": {"name": "demo", "ownerReferences": list(refs)}}
+
+
+def test_someone_elses_object_fails_the_job_and_says_what_to_do() -> None:
+    blocker = name_conflict("Service", holder(), ftj())
+    assert (blocker.reason, blocker.permanent) == (Reason.NAME_CONFLICT, True)
+    assert "Service demo already exists" in blocker.message
+    assert "left untouched" in blocker.message and "Delete or rename" in blocker.message
+    result = plan(ftj({"attempts": 1}), Observed(now=NOW, blocker=blocker))
+    assert result.actions == []
+    assert cond(result.status, "Failed")["reason"] == "NameConflict"  # type: ignore[index]
+
+
+def test_a_deleted_predecessors_child_is_waited_for() -> None:
+    old = {"kind": "FineTuneJob", "name": "demo", "uid": "old-uid", "controller": True}
+    blocker = name_conflict("Service", holder(old), ftj())
+    assert (blocker.reason, blocker.permanent) == (Reason.NAME_CONFLICT, False)
+    assert "garbage collector" in blocker.message
+    result = plan(ftj(), Observed(now=NOW, blocker=blocker))
+    assert result.actions == []
+    assert result.status["phase"] == "Pending"
+    assert cond(result.status, "Created")["reason"] == "NameConflict"  # type: ignore[index]
+
+
+def test_another_kind_of_owner_is_not_a_predecessor() -> None:
+    other = {"kind": "Deployment", "name": "demo", "uid": "d-1", "controller": True}
+    assert name_conflict("Service", holder(other), ftj()).permanent

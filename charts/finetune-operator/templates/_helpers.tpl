@@ -90,11 +90,12 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [finetune.dev]
   resources: [finetunejobs/finalizers]
   verbs: [update]
-# The job ConfigMap and the headless rendezvous Service: server-side apply (a PATCH, which
-# creates the object when it is missing). Never read back, and garbage-collected with the owner.
+# The job ConfigMap and the headless rendezvous Service: read first, created when missing,
+# server-side applied only when they carry this FineTuneJob's controller reference (anything
+# else holding the name is left untouched: NameConflict), and garbage-collected with the owner.
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 # The Indexed Job of trainer pods: created once, merge-patched (suspend and other mutable
 # fields), deleted (foreground) before a gang restart, and watched by a kopf event handler.
 - apiGroups: [batch]
@@ -121,8 +122,8 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 # Before it starts a gang, the operator checks that spec.output.hub.tokenSecretRef names an
 # existing Secret with that key, and reports SecretNotFound otherwise. Only `get` (by name, no
 # list/watch, no writes). RBAC cannot narrow this to the referenced Secrets: their names are
-# the users' to choose. Set rbac.getSecrets=false to withhold it; the operator then needs to
-# treat 403 as "cannot check" (the kubelet still fails the pod on a missing Secret).
+# the users' to choose. Set rbac.getSecrets=false to withhold it; the operator then treats
+# 403 as "cannot check" and creates the Job (the kubelet still fails the pod on a missing Secret).
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]

@@ -1,0 +1,143 @@
+"""The operator under the chart's own RBAC with `rbac.getSecrets=false`: it may not read
+Secrets, so it cannot check output.hub.tokenSecretRef, and must create the Job anyway (a
+missing Secret then shows on the pod).
+
+The operator runs as the chart's ServiceAccount, with a token from the TokenRequest API and the
+Role/ClusterRole that `helm template` renders for one watched namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fixtures.cluster import condition, ftj_manifest, ftj_status
+from fixtures.kube import Kube
+from fixtures.operator import Operator
+
+pytest_plugins = ["fixtures.operator"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+for _kind, _scoped in (
+    ("Role", True),
+    ("RoleBinding", True),
+    ("ClusterRole", False),
+    ("ClusterRoleBinding", False),
+):
+    Kube.register(_kind, "rbac.authorization.k8s.io/v1", _kind.lower() + "s", namespaced=_scoped)
+
+
+def chart_rbac(namespace: str, release: str, tmp: Path) -> list[dict[str, Any]]:
+    """The ServiceAccount and RBAC the chart renders to watch `namespace`, without Secrets."""
+    helm = subprocess.run(
+        [str(REPO_ROOT / "hack" / "helm.sh")], capture_output=True, text=True, timeout=1800
+    )
+    assert helm.returncode == 0, f"hack/helm.sh failed:\n{helm.stderr[-3000:]}"
+    home = {v: str(tmp / v.lower()) for v in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME")}
+    proc = subprocess.run(
+        [
+            helm.stdout.strip().splitlines()[-1],
+            "template",
+            release,
+            str(REPO_ROOT / "charts" / "finetune-operator"),
+            "--namespace",
+            namespace,
+            "--set",
+            "rbac.getSecrets=false",
+            "--set",
+            f"watchNamespaces={{{namespace}}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **home, "KUBECONFIG": str(tmp / "none")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in RBAC_KINDS]
+    rules = [r for d in docs if d["kind"] == "Role" for r in d["rules"]]
+    assert rules and not any("secrets" in r["resources"] for r in rules)
+    return docs
+
+
+def service_account_kubeconfig(kube: Kube, admin: str, namespace: str, sa: str, out: Path) -> str:
+    """A kubeconfig that authenticates as the ServiceAccount (a TokenRequest token)."""
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}
+    path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token"
+    token = kube.request("POST", path, request)["status"]["token"]
+    config = yaml.safe_load(Path(admin).read_text())
+    context = next(c for c in config["contexts"] if c["name"] == config["current-context"])
+    cluster = next(c for c in config["clusters"] if c["name"] == context["context"]["cluster"])
+    out.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": sa, "user": {"token": token}}],
+                "contexts": [{"name": sa, "context": {"cluster": cluster["name"], "user": sa}}],
+                "current-context": sa,
+            }
+        )
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def restricted(
+    kube: Kube, kubeconfig: str, crd: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An operator without Secret access, watching a namespace of its own; yields that name."""
+    if os.pathsep in kubeconfig:
+        pytest.skip("needs a single kubeconfig file to copy the cluster from")
+    tmp = tmp_path_factory.mktemp("rbac")
+    namespace = kube.create_namespace("ftj-rbac")
+    release = f"op-{namespace.rsplit('-', 1)[-1]}"
+    docs = chart_rbac(namespace, release, tmp)
+    created: list[dict[str, Any]] = []
+    operator = None
+    try:
+        for doc in docs:
+            created.append(kube.create(doc, namespace))
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+        config = service_account_kubeconfig(kube, kubeconfig, namespace, sa, tmp / "kubeconfig")
+        operator = Operator(
+            config, tmp / "operator.log", extra_env={"FINETUNE_WATCH_NAMESPACES": namespace}
+        )
+        operator.start()
+        yield namespace
+    finally:
+        if operator is not None:
+            operator.stop()
+            if os.environ.get("FINETUNE_SHOW_OPERATOR_LOG"):
+                print(operator.logs()[-20000:])
+        for doc in created:
+            if doc["kind"].startswith("Cluster"):
+                kube.delete(doc["kind"], doc["metadata"]["name"], missing_ok=True)
+        kube.delete("Namespace", namespace, missing_ok=True)
+
+
+def test_without_secret_access_the_job_is_created_anyway(
+    restricted: str, kube: Kube, wait_until: Callable[..., Any]
+) -> None:
+    namespace = restricted
+    hub = {"repo": "org/x", "tokenSecretRef": {"name": "hf-token"}}
+    kube.apply(ftj_manifest("blind", namespace, output={"hub": hub}))
+    job = wait_until(lambda: kube.get("Job", "blind", namespace), timeout=60, message="the Job")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kube, namespace, "blind"))
+            and condition(s, "Created").get("status") == "True"
+            and s
+        ),
+        timeout=30,
+        message="Created=True",
+    )
+    assert condition(status, "Created")["reason"] == "WorkloadCreated"
