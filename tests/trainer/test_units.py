@@ -216,3 +216,83 @@ def test_string_labels_map_to_ids_in_sorted_order() -> None:
     train = Dataset.from_dict({"label": ["rotten", "fresh", "rotten"]})
     evaluation = Dataset.from_dict({"label": ["plot"]})
     assert label_names(train, evaluation, spec) == ["fresh", "plot", "rotten"]
+
+
+def test_hang_timeout_is_three_p99_step_times_or_the_floor() -> None:
+    from finetune_trainer.watchdog import hang_timeout, p99
+
+    assert hang_timeout([], 60) == 60
+    assert hang_timeout([0.2] * 50, 60) == 60  # fast steps: the floor rules
+    assert hang_timeout([30.0] * 50, 60) == 90  # slow steps: 3 x p99
+    # p99 by nearest rank: one outlier in 200 steps does not raise the limit, three do.
+    assert p99([1.0] * 199 + [100.0]) == 1.0
+    assert hang_timeout([1.0] * 197 + [40.0] * 3, 10) == 120
+
+
+def test_watchdog_times_steps_but_not_saves() -> None:
+    from finetune_trainer.watchdog import HangWatchdog
+
+    now = [0.0]
+    dog = HangWatchdog(floor=10, rank=0, clock=lambda: now[0])
+    assert dog.check(9.0) is None
+    message = dog.check(10.0)
+    assert message is not None and "first step" in message
+    for step in range(1, 6):  # 2 s steps: 3 x p99 = 6 s, below the floor
+        now[0] = 2.0 * step
+        dog.step_done(step)
+    assert dog.check(now[0] + 9.9) is None
+    message = dog.check(now[0] + 10.5)
+    assert message is not None and "after step 5" in message and "hangTimeoutSeconds=10" in message
+    dog.pause()  # a save: untimed however long it takes, and not a step duration
+    assert dog.check(now[0] + 1000) is None
+    now[0] += 1000
+    dog.step_done(6)
+    assert max(dog.durations) == 2.0
+    assert dog.check(now[0] + 10.5) is not None
+
+
+def test_dataset_errors_are_the_datas_unless_network_or_hub() -> None:
+    from finetune_api import FieldError
+    from finetune_trainer.data import DatasetError, dataset_errors
+
+    with pytest.raises(DatasetError, match=r"spec\.dataset\.textField"):
+        with dataset_errors():
+            raise ManifestError([FieldError("spec.dataset.textField", "column 'x' not in []")])
+    with pytest.raises(DatasetError, match="ValueError: JSON parse error"):
+        with dataset_errors():
+            raise ValueError("JSON parse error: Invalid value")
+    with pytest.raises(DatasetError, match="PermissionError"):  # an unreadable file
+        with dataset_errors():
+            raise PermissionError(13, "Permission denied")
+    with pytest.raises(ConnectionResetError):  # the network's: another attempt may succeed
+        with dataset_errors():
+            raise ConnectionResetError("peer")
+    with pytest.raises(RuntimeError, match="wrapped"):  # a cause in the network: not the data's
+        with dataset_errors():
+            try:
+                raise TimeoutError("read timed out")
+            except TimeoutError as cause:
+                raise RuntimeError("wrapped") from cause
+
+
+def test_log_tail_is_bounded_and_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from finetune_trainer.logtail import LogTail
+
+    monkeypatch.setenv("HF_TOKEN", "s3cr3t-token-value")
+    tail = LogTail(lines=5)
+    logger = logging.getLogger("tail-test")
+    logger.addHandler(tail)
+    logger.propagate = False
+    try:
+        for i in range(10):
+            logger.warning("line %d", i)
+        logger.warning("auth with s3cr3t-token-value and hf_abcdefghijkl\nsecond line")
+    finally:
+        logger.removeHandler(tail)
+    text = tail.text()
+    assert text.splitlines()[0] == "WARNING tail-test: line 7"
+    assert "s3cr3t" not in text and "hf_abcdefghijkl" not in text and "second line" in text
+    assert len(tail.text(max_bytes=60).encode()) <= 60
+    assert tail.text(max_lines=2).splitlines()[0].endswith("and ***")
