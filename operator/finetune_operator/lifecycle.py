@@ -94,6 +94,38 @@ def _crash_message(pods: list[Obj]) -> str:
     return ""
 
 
+def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
+    """(permanent, message) when the kernel killed a trainer container for memory, else None.
+
+    With a memory limit the container hit its own ceiling: the same spec on the same data peaks
+    the same way, so another attempt would only be killed again; permanent. Without one, the
+    node as a whole ran out (its OOM killer picked this container, perhaps for a neighbour's
+    growth), which another attempt, maybe on another node, can survive; retryable.
+    """
+    for pod in sorted(pods, key=_index):
+        statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        cs = next((c for c in statuses if c.get("name") == CONTAINER_NAME), {})
+        terminated = [(cs.get(k) or {}).get("terminated") or {} for k in ("state", "lastState")]
+        if not any(t.get("reason") == Reason.OOM_KILLED for t in terminated):
+            continue
+        containers = (pod.get("spec") or {}).get("containers") or []
+        spec = next((c for c in containers if c.get("name") == CONTAINER_NAME), {})
+        limit = ((spec.get("resources") or {}).get("limits") or {}).get("memory")
+        name = (pod.get("metadata") or {}).get("name") or f"index {_index(pod)}"
+        hint = "lower spec.training.batchSizePerDevice or spec.training.maxSeqLength"
+        if limit:
+            return True, (
+                f"the trainer container of pod {name} was OOM-killed at its memory limit of "
+                f"{limit}: raise spec.resources.limits.memory, or {hint}"
+            )
+        return False, (
+            f"the trainer container of pod {name} was OOM-killed with no memory limit (the node "
+            f"ran out of memory): set spec.resources.requests.memory and limits.memory to what "
+            f"it needs, or {hint}"
+        )
+    return None
+
+
 def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     result = _trainer_result(pods)
     job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
@@ -104,6 +136,18 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
             permanent=True,
             reason=result.reason,
             message=result.message,
+            result=result,
+        )
+    # A permanent verdict of the trainer stands; otherwise an OOM kill says more than the
+    # other ranks' results, which only saw their peer vanish.
+    if (oom := _oom_kill(pods)) is not None:
+        permanent, message = oom
+        return replace(
+            base,
+            state=State.FAILED,
+            permanent=permanent,
+            reason=Reason.OOM_KILLED,
+            message=message,
             result=result,
         )
     if job_reason == POD_FAILURE_POLICY:

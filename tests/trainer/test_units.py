@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -251,28 +252,45 @@ def test_watchdog_times_steps_but_not_saves() -> None:
     assert dog.check(now[0] + 10.5) is not None
 
 
-def test_dataset_errors_are_the_datas_unless_network_or_hub() -> None:
-    from finetune_api import FieldError
-    from finetune_trainer.data import DatasetError, dataset_errors
+def _wrapped_timeout() -> None:
+    try:
+        raise TimeoutError("read timed out")
+    except TimeoutError as cause:
+        raise RuntimeError("wrapped") from cause
 
-    with pytest.raises(DatasetError, match=r"spec\.dataset\.textField"):
-        with dataset_errors():
-            raise ManifestError([FieldError("spec.dataset.textField", "column 'x' not in []")])
-    with pytest.raises(DatasetError, match="ValueError: JSON parse error"):
-        with dataset_errors():
-            raise ValueError("JSON parse error: Invalid value")
-    with pytest.raises(DatasetError, match="PermissionError"):  # an unreadable file
-        with dataset_errors():
-            raise PermissionError(13, "Permission denied")
-    with pytest.raises(ConnectionResetError):  # the network's: another attempt may succeed
-        with dataset_errors():
-            raise ConnectionResetError("peer")
-    with pytest.raises(RuntimeError, match="wrapped"):  # a cause in the network: not the data's
-        with dataset_errors():
-            try:
-                raise TimeoutError("read timed out")
-            except TimeoutError as cause:
-                raise RuntimeError("wrapped") from cause
+
+def _missing_column() -> None:
+    from finetune_api import FieldError
+
+    raise ManifestError([FieldError("spec.dataset.textField", "column 'x' not in []")])
+
+
+def _raise(exc: Exception) -> Callable[[], None]:
+    def fail() -> None:
+        raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("fail", "raised", "match"),
+    [
+        (_missing_column, "DatasetError", r"spec\.dataset\.textField"),
+        (_raise(ValueError("JSON parse error")), "DatasetError", "ValueError: JSON parse error"),
+        (_raise(PermissionError(13, "Permission denied")), "DatasetError", "PermissionError"),
+        # The network's: another attempt may succeed, even when the error wraps it.
+        (_raise(ConnectionResetError("peer")), "ConnectionResetError", "peer"),
+        (_wrapped_timeout, "RuntimeError", "wrapped"),
+    ],
+)
+def test_dataset_errors_are_the_datas_unless_network_or_hub(
+    fail: Callable[[], None], raised: str, match: str
+) -> None:
+    from finetune_trainer.data import dataset_errors
+
+    with pytest.raises(Exception, match=match) as info, dataset_errors():
+        fail()
+    assert type(info.value).__name__ == raised
 
 
 def test_log_tail_is_bounded_and_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,3 +314,19 @@ def test_log_tail_is_bounded_and_scrubbed(monkeypatch: pytest.MonkeyPatch) -> No
     assert "s3cr3t" not in text and "hf_abcdefghijkl" not in text and "second line" in text
     assert len(tail.text(max_bytes=60).encode()) <= 60
     assert tail.text(max_lines=2).splitlines()[0].endswith("and ***")
+
+
+def test_a_file_that_does_not_parse_is_a_dataset_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from finetune_trainer.data import DatasetError, load_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    broken = tmp_path / "rows.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": oops\n')
+    doc = json.loads(json.dumps(MINIMAL))
+    doc["spec"]["dataset"]["source"] = f"file://{broken}"
+    with pytest.raises(DatasetError, match=r"DatasetGenerationError.*caused by"):
+        load_splits(parse_manifest(doc).spec)

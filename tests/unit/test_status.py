@@ -360,3 +360,45 @@ def test_retryable_failure_message_names_the_exit_code_and_log_tail() -> None:
     status = derive_status(ftj({"attempts": 1}), observed(job, pods_))
     message = cond(status, "Running")["message"]  # type: ignore[index]
     assert "exit code 137" in message and "OOM" in message
+
+
+def oom_pod(index: int, limit: str | None, where: str = "state") -> dict:
+    """A trainer pod whose container the kernel killed for memory."""
+    killed = pod(index, "Failed", 137, "Killed")
+    term = killed["status"]["containerStatuses"][0].pop("state")["terminated"]
+    killed["status"]["containerStatuses"][0][where] = {
+        "terminated": {**term, "reason": "OOMKilled"}
+    }
+    killed["metadata"]["name"] = f"demo-{index}-x"
+    resources = {"limits": {"memory": limit}} if limit else {}
+    killed["spec"] = {"containers": [{"name": "trainer", "resources": resources}]}
+    return killed
+
+
+@pytest.mark.parametrize("where", ["state", "lastState"])
+def test_oom_kill_at_the_limit_fails_for_good_with_the_limit_and_a_hint(where: str) -> None:
+    # Rank 0 only saw its peer vanish; the OOM kill of node 1 is the verdict.
+    lost_peer = {"status": "Failed", "reason": "TrainingFailed", "message": "Connection closed"}
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    pods_ = [pod(0, "Failed", 1, json.dumps(lost_peer)), oom_pod(1, "8Gi", where)]
+    status = derive_status(ftj({"attempts": 1}), observed(job, pods_))
+    failed = cond(status, "Failed")
+    assert status["phase"] == "Failed" and failed is not None
+    assert failed["reason"] == Reason.OOM_KILLED == "OOMKilled"
+    assert "demo-1-x" in failed["message"] and "8Gi" in failed["message"]
+    assert "limits.memory" in failed["message"] and "batchSizePerDevice" in failed["message"]
+
+
+def test_oom_kill_without_a_limit_is_the_nodes_and_retried() -> None:
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    result = plan(ftj({"attempts": 1}), observed(job, [pod(0, "Failed", 1), oom_pod(1, None)]))
+    assert result.status["phase"] != "Failed" and [a.kind for a in result.actions] == ["delete"]
+    restarting = cond(result.status, "Running")
+    assert restarting is not None and "OOM-killed with no memory limit" in restarting["message"]
+
+
+def test_a_permanent_trainer_verdict_stands_over_an_oom_kill() -> None:
+    data = {"status": "Failed", "reason": "InvalidDataset", "message": "column 'x' missing"}
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 3"))
+    out = observe_job(job, [pod(0, "Failed", 3, json.dumps(data)), oom_pod(1, "1Gi")])
+    assert out.permanent and out.reason == "InvalidDataset"

@@ -28,21 +28,24 @@ class DatasetError(Exception):
     way, so the job fails at once with reason InvalidDataset."""
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def _not_the_data(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is a network or Hub error rather than the data's."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        kind = type(current)
-        if issubclass(kind, ConnectionError | TimeoutError):
-            return True
-        if kind.__module__.split(".")[0] in _NOT_THE_DATA or kind.__name__ == (
-            "DatasetNotFoundError"
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(
+        isinstance(e, ConnectionError | TimeoutError)
+        or type(e).__module__.split(".")[0] in _NOT_THE_DATA
+        or type(e).__name__ == "DatasetNotFoundError"
+        for e in _chain(exc)
+    )
 
 
 @contextmanager
@@ -59,7 +62,11 @@ def dataset_errors() -> Iterator[None]:
     except Exception as exc:
         if _not_the_data(exc):
             raise
-        raise DatasetError(f"{type(exc).__name__}: {exc}") from exc
+        message = f"{type(exc).__name__}: {exc}"
+        root = _chain(exc)[-1]
+        if root is not exc:  # "An error occurred while generating the dataset" says little
+            message += f" (caused by {type(root).__name__}: {root})"
+        raise DatasetError(message) from exc
 
 
 def file_builder(path: Path) -> str | None:
