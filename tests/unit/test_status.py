@@ -402,3 +402,15 @@ def test_a_permanent_trainer_verdict_stands_over_an_oom_kill() -> None:
     job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 3"))
     out = observe_job(job, [pod(0, "Failed", 3, json.dumps(data)), oom_pod(1, "1Gi")])
     assert out.permanent and out.reason == "InvalidDataset"
+
+
+def test_collective_timeout_restarts_the_gang_with_its_own_reason() -> None:
+    hung = {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step after step 7"}
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    pods_ = [pod(0, "Failed", 1, json.dumps(hung)), pod(1, "Running")]
+    out = observe_job(job, pods_)
+    assert out.state is State.FAILED and not out.permanent
+    assert out.reason == Reason.COLLECTIVE_TIMEOUT
+    result = plan(ftj({"attempts": 1}), observed(job, pods_))
+    assert [a.kind for a in result.actions] == ["delete"] and result.status["attempts"] == 2
+    assert "no step after step 7" in cond(result.status, "Running")["message"]  # type: ignore[index]
