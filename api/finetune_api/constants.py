@@ -70,6 +70,14 @@ class Reason(StrEnum):
     # A source the Hub (or the endpoint used) says does not exist: retrying cannot help.
     MODEL_NOT_FOUND = "ModelNotFound"
     DATASET_NOT_FOUND = "DatasetNotFound"
+    # The dataset cannot be read or does not fit the spec (a missing column, a file that does not
+    # parse, an error while shaping its rows): the same data fails the same way every attempt.
+    INVALID_DATASET = "InvalidDataset"
+    # No training step completed within runPolicy.hangTimeoutSeconds (or 3 x p99 step time): a
+    # rank hung in a collective or was stopped. The gang restarts from its checkpoint.
+    COLLECTIVE_TIMEOUT = "CollectiveTimeout"
+    # A trainer container was killed by the kernel for memory (containerStatuses reason).
+    OOM_KILLED = "OOMKilled"
     # CheckpointsDurable: where checkpoints live.
     CHECKPOINT_VOLUME = "CheckpointVolume"
     CHECKPOINT_HUB_BRANCH = "CheckpointHubBranch"

@@ -26,6 +26,9 @@ MAX_MESSAGE_BYTES = 4096
 # parse() reads no more than this: anything longer did not come from to_message().
 MAX_PARSE_BYTES = 16 * 1024
 MAX_METRICS = 32
+# A message holds an error and a bounded log tail (finetune_trainer.logtail): room for both,
+# with the rest of the result still inside MAX_MESSAGE_BYTES.
+MAX_MESSAGE_CHARS = 3072
 
 # Hub user tokens (hf_ and alphanumerics; scrub any, not only ours) and bearer credentials.
 _HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -51,9 +54,6 @@ def _clipped(limit: int) -> BeforeValidator:
     return BeforeValidator(clip)
 
 
-Text = Annotated[str, _clipped(1024)]
-
-
 class Score(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -69,7 +69,7 @@ class TrainerResult(BaseModel):
     status: Literal["Succeeded", "Failed"]
     # A finetune_api.constants.Reason value.
     reason: Annotated[str, _clipped(128)] = ""
-    message: Text = ""
+    message: Annotated[str, _clipped(MAX_MESSAGE_CHARS)] = ""
     evaluation: dict[Annotated[str, _clipped(128)], Score] = Field(default_factory=dict)
     repo: Annotated[str, _clipped(256)] | None = None
     revision: Annotated[str, _clipped(64)] | None = None
@@ -102,14 +102,17 @@ class TrainerResult(BaseModel):
     def to_message(self) -> str:
         """Compact JSON of at most MAX_MESSAGE_BYTES with the message scrubbed. The message is
         cut first, then the last metrics: what the operator acts on is kept whole."""
-        if self.rank is not None:  # the other ranks report only what they set
-            return _compact(self.model_dump(mode="json", by_alias=True, exclude_defaults=True))
-        doc = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        doc["message"] = scrub(doc.get("message", ""))
+        # The other ranks report only what they set (a failure's reason and message).
+        other_rank = self.rank is not None
+        doc = self.model_dump(
+            mode="json", by_alias=True, exclude_defaults=other_rank, exclude_none=not other_rank
+        )
+        if "message" in doc:
+            doc["message"] = scrub(doc["message"])
         text = _compact(doc)
         overflow = len(text.encode()) - MAX_MESSAGE_BYTES
         if overflow > 0:
-            message = doc["message"].encode()
+            message = doc.get("message", "").encode()
             doc["message"] = message[: max(0, len(message) - overflow - 8)].decode(
                 errors="ignore"
             ) + ("…" if message else "")
@@ -149,6 +152,9 @@ class TrainerResult(BaseModel):
 _PERMANENT = {
     Reason.INVALID_SPEC: ExitCode.INVALID_SPEC,
     Reason.EVALUATION_GATE_FAILED: ExitCode.GATE_FAILED,
+    # Bad input, like a bad spec: exit code 3 already fails the gang at once, and the verdict
+    # (which input) travels in the reason.
+    Reason.INVALID_DATASET: ExitCode.INVALID_SPEC,
 }
 
 

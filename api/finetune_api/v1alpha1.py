@@ -441,10 +441,21 @@ class RunPolicy(ApiModel):
         description="queueName is a Kueue LocalQueue, passed on as the kueue.x-k8s.io/queue-name "
         "label; the Job is then created suspended for Kueue to admit.",
     )
+    hang_timeout_seconds: int = Field(
+        60,
+        ge=10,
+        le=86400,
+        description="hangTimeoutSeconds is the least time a rank waits for a training step to "
+        "complete before it deems the gang hung (a rank stuck in a collective or stopped): the "
+        "limit is the larger of this and 3 x the p99 of recent step times. The rank then ends "
+        "the attempt with reason CollectiveTimeout and the gang restarts from its checkpoint. "
+        "Loading, evaluation, checkpoint saves and the push are not timed. Default 60.",
+    )
 
     __rules__ = (
         TransitionRule(
             cel="self.backoffLimit == oldSelf.backoffLimit"
+            " && self.hangTimeoutSeconds == oldSelf.hangTimeoutSeconds"
             " && has(self.queueName) == has(oldSelf.queueName)"
             " && (!has(self.queueName) || self.queueName == oldSelf.queueName)",
             message="runPolicy is immutable except suspend, activeDeadlineSeconds and "

@@ -23,6 +23,10 @@ Obj = dict[str, Any]
 POD_FAILURE_POLICY = "PodFailurePolicy"
 # The Job controller's reason for a Job that ran past its activeDeadlineSeconds.
 JOB_DEADLINE_EXCEEDED = "DeadlineExceeded"
+# The Job controller's reason once a pod failed: an attempt's Job allows no pod retries (the gang
+# restarts as a whole), so it says only that a pod failed, which the message says better. Left
+# out of messages, where it reads as the FineTuneJob's own backoffLimit running out.
+JOB_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 
 
 class State(StrEnum):
@@ -75,14 +79,22 @@ def _terminated(pod: Obj) -> Obj | None:
 
 
 def _trainer_result(pods: list[Obj]) -> TrainerResult | None:
-    """Rank 0's result: it alone writes the whole account (other ranks report only their rank),
-    so another pod's result stands in only when rank 0's is unreadable."""
+    """The result that decides the attempt. A permanent failure of any rank comes first (rank 1
+    may find a bad data shard while rank 0 only sees its peer vanish); else rank 0's, which
+    alone writes the whole account (other ranks report only their rank); else any readable one.
+    """
     results = [
         r
         for pod in sorted(pods, key=_index)
         if (term := _terminated(pod)) and (r := TrainerResult.parse(term.get("message")))
     ]
-    return next((r for r in results if r.rank is None), results[0] if results else None)
+    for chosen in (
+        next((r for r in results if not r.succeeded and r.permanent), None),
+        next((r for r in results if r.rank is None), None),
+    ):
+        if chosen is not None:
+            return chosen
+    return results[0] if results else None
 
 
 def _crash_message(pods: list[Obj]) -> str:
@@ -94,6 +106,38 @@ def _crash_message(pods: list[Obj]) -> str:
             tail = (term.get("message") or "").strip()[-256:]
             return f"exit code {term['exitCode']}" + (f": {tail}" if tail else "")
     return ""
+
+
+def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
+    """(permanent, message) when the kernel killed a trainer container for memory, else None.
+
+    With a memory limit the container hit its own ceiling: the same spec on the same data peaks
+    the same way, so another attempt would only be killed again; permanent. Without one, the
+    node as a whole ran out (its OOM killer picked this container, perhaps for a neighbour's
+    growth), which another attempt, maybe on another node, can survive; retryable.
+    """
+    for pod in sorted(pods, key=_index):
+        statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        cs = next((c for c in statuses if c.get("name") == CONTAINER_NAME), {})
+        terminated = [(cs.get(k) or {}).get("terminated") or {} for k in ("state", "lastState")]
+        if not any(t.get("reason") == Reason.OOM_KILLED for t in terminated):
+            continue
+        containers = (pod.get("spec") or {}).get("containers") or []
+        spec = next((c for c in containers if c.get("name") == CONTAINER_NAME), {})
+        limit = ((spec.get("resources") or {}).get("limits") or {}).get("memory")
+        name = (pod.get("metadata") or {}).get("name") or f"index {_index(pod)}"
+        hint = "lower spec.training.batchSizePerDevice or spec.training.maxSeqLength"
+        if limit:
+            return True, (
+                f"the trainer container of pod {name} was OOM-killed at its memory limit of "
+                f"{limit}: raise spec.resources.limits.memory, or {hint}"
+            )
+        return False, (
+            f"the trainer container of pod {name} was OOM-killed with no memory limit (the node "
+            f"ran out of memory): set spec.resources.requests.memory and limits.memory to what "
+            f"it needs, or {hint}"
+        )
+    return None
 
 
 def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
@@ -110,6 +154,11 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
         )
     if result is not None and not result.succeeded and result.permanent:
         return replace(final, reason=result.reason, message=result.message)
+    # A permanent verdict of the trainer stands; otherwise an OOM kill says more than the
+    # other ranks' results, which only saw their peer vanish.
+    if (oom := _oom_kill(pods)) is not None:
+        permanent, message = oom
+        return replace(final, permanent=permanent, reason=Reason.OOM_KILLED, message=message)
     if job_reason == POD_FAILURE_POLICY:
         # A permanent exit code, but its result is gone (the pods were removed): still final.
         message = "a rank exited with a permanent exit code and its result was lost: "
@@ -117,7 +166,8 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
             final, reason=Reason.TRAINING_FAILED, message=f"{message}{job_message}"[:1024]
         )
     message = (result.message if result else "") or _crash_message(pods) or job_message
-    detail = f"{job_reason}: {message}" if job_reason else message
+    prefix = job_reason not in ("", JOB_BACKOFF_LIMIT_EXCEEDED)
+    detail = f"{job_reason}: {message}" if prefix else message
     return replace(
         base,
         state=State.FAILED,

@@ -110,6 +110,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("backoff-min", {"spec.runPolicy.backoffLimit": -1}, "backoffLimit"),
     ("deadline-min", {"spec.runPolicy.activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
     ("queue-name-length", {"spec.runPolicy.queueName": "q" * 64}, "queueName"),
+    ("hang-timeout-min", {"spec.runPolicy.hangTimeoutSeconds": 5}, "hangTimeoutSeconds"),
     ("name-too-long", {"metadata.name": "a" * 51}, "metadata.name"),
     ("name-with-dots", {"metadata.name": "a.b"}, "metadata.name"),
     ("unknown-field", {"spec.model.flavour": "x"}, "flavour"),
@@ -168,6 +169,8 @@ def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: s
     refused = refusal(lambda: patch({"model": {"source": "hf://org/other"}}), "a new model")
     assert "immutable" in refused.message, refused.message
     refused = refusal(lambda: patch({"runPolicy": {"backoffLimit": 7}}), "a new backoffLimit")
+    assert "immutable" in refused.message, refused.message
+    refused = refusal(lambda: patch({"runPolicy": {"hangTimeoutSeconds": 90}}), "a new timeout")
     assert "immutable" in refused.message, refused.message
     for field, value in (
         ("suspend", True),

@@ -172,7 +172,12 @@ def test_sigterm_checkpoints_the_gang_and_the_next_attempt_resumes(
     result = pods.result(0)
     assert (result["status"], result["reason"]) == ("Failed", "Interrupted"), result
     assert f"at step {step}" in result["message"]
-    assert pods.result(1) == {"rank": 1, "status": "Failed", "reason": "Interrupted"}
+    assert pods.result(1) == {
+        "rank": 1,
+        "status": "Failed",
+        "reason": "Interrupted",
+        "message": result["message"],
+    }
 
     pods.start()
     deadline = time.monotonic() + 180

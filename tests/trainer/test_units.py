@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,116 @@ def test_string_labels_map_to_ids_in_sorted_order() -> None:
     train = Dataset.from_dict({"label": ["rotten", "fresh", "rotten"]})
     evaluation = Dataset.from_dict({"label": ["plot"]})
     assert label_names(train, evaluation, spec) == ["fresh", "plot", "rotten"]
+
+
+def test_hang_timeout_is_three_p99_step_times_or_the_floor() -> None:
+    from finetune_trainer.watchdog import hang_timeout, p99
+
+    assert hang_timeout([], 60) == 60
+    assert hang_timeout([0.2] * 50, 60) == 60  # fast steps: the floor rules
+    assert hang_timeout([30.0] * 50, 60) == 90  # slow steps: 3 x p99
+    # p99 by nearest rank: one outlier in 200 steps does not raise the limit, three do.
+    assert p99([1.0] * 199 + [100.0]) == 1.0
+    assert hang_timeout([1.0] * 197 + [40.0] * 3, 10) == 120
+
+
+def test_watchdog_times_steps_but_not_saves() -> None:
+    from finetune_trainer.watchdog import HangWatchdog
+
+    now = [0.0]
+    dog = HangWatchdog(floor=10, rank=0, clock=lambda: now[0])
+    assert dog.check(9.0) is None
+    message = dog.check(10.0)
+    assert message is not None and "first step" in message
+    for step in range(1, 6):  # 2 s steps: 3 x p99 = 6 s, below the floor
+        now[0] = 2.0 * step
+        dog.step_done(step)
+    assert dog.check(now[0] + 9.9) is None
+    message = dog.check(now[0] + 10.5)
+    assert message is not None and "after step 5" in message and "hangTimeoutSeconds=10" in message
+    dog.pause()  # a save: untimed however long it takes, and not a step duration
+    assert dog.check(now[0] + 1000) is None
+    now[0] += 1000
+    dog.step_done(6)
+    assert max(dog.durations) == 2.0
+    assert dog.check(now[0] + 10.5) is not None
+
+
+def _wrapped_timeout() -> None:
+    try:
+        raise TimeoutError("read timed out")
+    except TimeoutError as cause:
+        raise RuntimeError("wrapped") from cause
+
+
+def _missing_column() -> None:
+    from finetune_api import FieldError
+
+    raise ManifestError([FieldError("spec.dataset.textField", "column 'x' not in []")])
+
+
+def _raise(exc: Exception) -> Callable[[], None]:
+    def fail() -> None:
+        raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("fail", "raised", "match"),
+    [
+        (_missing_column, "DatasetError", r"spec\.dataset\.textField"),
+        (_raise(ValueError("JSON parse error")), "DatasetError", "ValueError: JSON parse error"),
+        (_raise(PermissionError(13, "Permission denied")), "DatasetError", "PermissionError"),
+        # The network's: another attempt may succeed, even when the error wraps it.
+        (_raise(ConnectionResetError("peer")), "ConnectionResetError", "peer"),
+        (_wrapped_timeout, "RuntimeError", "wrapped"),
+    ],
+)
+def test_dataset_errors_are_the_datas_unless_network_or_hub(
+    fail: Callable[[], None], raised: str, match: str
+) -> None:
+    from finetune_trainer.data import dataset_errors
+
+    with pytest.raises(Exception, match=match) as info, dataset_errors():
+        fail()
+    assert type(info.value).__name__ == raised
+
+
+def test_log_tail_is_bounded_and_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from finetune_trainer.logtail import LogTail
+
+    monkeypatch.setenv("HF_TOKEN", "s3cr3t-token-value")
+    tail = LogTail(lines=5)
+    logger = logging.getLogger("tail-test")
+    logger.addHandler(tail)
+    logger.propagate = False
+    try:
+        for i in range(10):
+            logger.warning("line %d", i)
+        logger.warning("auth with s3cr3t-token-value and hf_abcdefghijkl\nsecond line")
+    finally:
+        logger.removeHandler(tail)
+    text = tail.text()
+    assert text.splitlines()[0] == "WARNING tail-test: line 7"
+    assert "s3cr3t" not in text and "hf_abcdefghijkl" not in text and "second line" in text
+    assert len(tail.text(max_bytes=60).encode()) <= 60
+    assert tail.text(max_lines=2).splitlines()[0].endswith("and ***")
+
+
+def test_a_file_that_does_not_parse_is_a_dataset_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from finetune_trainer.data import DatasetError, load_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    broken = tmp_path / "rows.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": oops\n')
+    doc = json.loads(json.dumps(MINIMAL))
+    doc["spec"]["dataset"]["source"] = f"file://{broken}"
+    with pytest.raises(DatasetError, match=r"DatasetGenerationError.*caused by"):
+        load_splits(parse_manifest(doc).spec)

@@ -11,7 +11,7 @@ import pytest
 
 from finetune_api import pod
 from finetune_api.constants import Reason
-from finetune_api.result import MAX_MESSAGE_BYTES, TrainerResult, scrub
+from finetune_api.result import MAX_MESSAGE_BYTES, MAX_MESSAGE_CHARS, TrainerResult, scrub
 
 ROOT = Path(__file__).resolve().parents[2]
 OK = {
@@ -52,9 +52,9 @@ def test_parse_drops_a_bad_field_but_keeps_the_verdict() -> None:
 
 
 def test_parse_clips_long_text_instead_of_rejecting_it() -> None:
-    doc = {"status": "Failed", "reason": "TrainingFailed", "message": "m" * 3000}
+    doc = {"status": "Failed", "reason": "TrainingFailed", "message": "m" * 5000}
     result = TrainerResult.parse(json.dumps(doc))
-    assert result is not None and len(result.message) == 1024
+    assert result is not None and len(result.message) == MAX_MESSAGE_CHARS
 
 
 def test_message_fits_the_kubelet_cap_and_hides_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,6 +72,19 @@ def test_message_fits_the_kubelet_cap_and_hides_the_token(monkeypatch: pytest.Mo
     assert parsed is not None and parsed.reason == "TrainingFailed" and parsed.evaluation
 
 
+def test_other_ranks_report_a_scrubbed_failure_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "s3cr3t-not-hub-shaped")
+    done = TrainerResult(status="Succeeded", rank=1)
+    assert json.loads(done.to_message()) == {"status": "Succeeded", "rank": 1}
+    failed = TrainerResult(
+        status="Failed", reason=Reason.COLLECTIVE_TIMEOUT, message="s3cr3t-not-hub-shaped", rank=1
+    )
+    doc = json.loads(failed.to_message())
+    assert doc == {"status": "Failed", "reason": "CollectiveTimeout", "message": "***", "rank": 1}
+
+
 def test_exit_codes_follow_the_reason() -> None:
     def code(status: str, reason: str) -> int:
         return TrainerResult(status=status, reason=reason).exit_code  # type: ignore[arg-type]
@@ -79,7 +92,14 @@ def test_exit_codes_follow_the_reason() -> None:
     assert code("Succeeded", Reason.PUSHED) == pod.ExitCode.OK
     assert code("Failed", Reason.INVALID_SPEC) == pod.ExitCode.INVALID_SPEC
     assert code("Failed", Reason.EVALUATION_GATE_FAILED) == pod.ExitCode.GATE_FAILED
-    for retryable in (Reason.TRAINING_FAILED, Reason.PUSH_FAILED, Reason.INTERRUPTED):
+    assert code("Failed", Reason.INVALID_DATASET) == pod.ExitCode.INVALID_SPEC
+    retryable_reasons = (
+        Reason.TRAINING_FAILED,
+        Reason.PUSH_FAILED,
+        Reason.INTERRUPTED,
+        Reason.COLLECTIVE_TIMEOUT,
+    )
+    for retryable in retryable_reasons:
         assert code("Failed", retryable) == pod.ExitCode.RETRYABLE
     assert set(pod.PERMANENT_EXIT_CODES) == {pod.ExitCode.INVALID_SPEC, pod.ExitCode.GATE_FAILED}
 

@@ -486,3 +486,77 @@ def test_a_deleted_predecessors_child_is_waited_for() -> None:
 def test_another_kind_of_owner_is_not_a_predecessor() -> None:
     other = {"kind": "Deployment", "name": "demo", "uid": "d-1", "controller": True}
     assert name_conflict("Service", holder(other), ftj()).permanent
+
+
+def oom_pod(index: int, limit: str | None, where: str = "state") -> dict:
+    """A trainer pod whose container the kernel killed for memory."""
+    killed = pod(index, "Failed", 137, "Killed")
+    term = killed["status"]["containerStatuses"][0].pop("state")["terminated"]
+    killed["status"]["containerStatuses"][0][where] = {
+        "terminated": {**term, "reason": "OOMKilled"}
+    }
+    killed["metadata"]["name"] = f"demo-{index}-x"
+    resources = {"limits": {"memory": limit}} if limit else {}
+    killed["spec"] = {"containers": [{"name": "trainer", "resources": resources}]}
+    return killed
+
+
+@pytest.mark.parametrize("where", ["state", "lastState"])
+def test_oom_kill_at_the_limit_fails_for_good_with_the_limit_and_a_hint(where: str) -> None:
+    # Rank 0 only saw its peer vanish; the OOM kill of node 1 is the verdict.
+    lost_peer = {"status": "Failed", "reason": "TrainingFailed", "message": "Connection closed"}
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    pods_ = [pod(0, "Failed", 1, json.dumps(lost_peer)), oom_pod(1, "8Gi", where)]
+    status = derive_status(ftj({"attempts": 1}), observed(job, pods_))
+    failed = cond(status, "Failed")
+    assert status["phase"] == "Failed" and failed is not None
+    assert failed["reason"] == Reason.OOM_KILLED == "OOMKilled"
+    assert "demo-1-x" in failed["message"] and "8Gi" in failed["message"]
+    assert "limits.memory" in failed["message"] and "batchSizePerDevice" in failed["message"]
+
+
+def test_oom_kill_without_a_limit_is_the_nodes_and_retried() -> None:
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    result = plan(ftj({"attempts": 1}), observed(job, [pod(0, "Failed", 1), oom_pod(1, None)]))
+    assert result.status["phase"] != "Failed" and [a.kind for a in result.actions] == ["delete"]
+    restarting = cond(result.status, "Running")
+    assert restarting is not None and "OOM-killed with no memory limit" in restarting["message"]
+
+
+def test_a_permanent_trainer_verdict_stands_over_an_oom_kill() -> None:
+    data = {"status": "Failed", "reason": "InvalidDataset", "message": "column 'x' missing"}
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 3"))
+    out = observe_job(job, [pod(0, "Failed", 3, json.dumps(data)), oom_pod(1, "1Gi")])
+    assert out.permanent and out.reason == "InvalidDataset"
+
+
+def test_collective_timeout_restarts_the_gang_with_its_own_reason() -> None:
+    hung = {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step after step 7"}
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    pods_ = [pod(0, "Failed", 1, json.dumps(hung)), pod(1, "Running")]
+    out = observe_job(job, pods_)
+    assert out.state is State.FAILED and not out.permanent
+    assert out.reason == Reason.COLLECTIVE_TIMEOUT
+    result = plan(ftj({"attempts": 1}), observed(job, pods_))
+    assert [a.kind for a in result.actions] == ["delete"] and result.status["attempts"] == 2
+    assert "no step after step 7" in cond(result.status, "Running")["message"]  # type: ignore[index]
+
+
+def test_another_ranks_permanent_verdict_wins_over_rank_0s_lost_peer() -> None:
+    lost_peer = {"status": "Failed", "reason": "TrainingFailed", "message": "Connection closed"}
+    bad_shard = {"status": "Failed", "reason": "InvalidDataset", "message": "shard 1: no 'text'"}
+    bad_shard["rank"] = 1
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 3"))
+    pods_ = [pod(0, "Failed", 1, json.dumps(lost_peer)), pod(1, "Failed", 3, json.dumps(bad_shard))]
+    out = observe_job(job, pods_)
+    assert out.permanent and out.reason == "InvalidDataset"
+    assert "shard 1" in out.message
+
+
+def test_a_restart_says_what_failed_not_the_attempt_jobs_backoff_limit() -> None:
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "Job has reached the backoff limit"))
+    crashed = {"status": "Failed", "reason": "TrainingFailed", "message": "CUDA error: boom"}
+    result = plan(ftj({"attempts": 1}), observed(job, [pod(0, "Failed", 1, json.dumps(crashed))]))
+    running = cond(result.status, "Running")
+    assert running is not None and "CUDA error: boom" in running["message"]
+    assert "BackoffLimitExceeded" not in running["message"]

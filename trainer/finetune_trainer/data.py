@@ -4,6 +4,7 @@ sharded batches of each rank. Tokenisation is the task's (`finetune_trainer.task
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,55 @@ from finetune_trainer.modeling import source_location
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
 _FALLBACK_EVAL_FRACTION = 0.1
+# Errors from these packages are the network's or the Hub's: another attempt may succeed, or
+# another reason (ModelNotFound, DatasetNotFound) says what is wrong.
+_NOT_THE_DATA = frozenset({"requests", "httpx", "urllib3", "aiohttp", "huggingface_hub"})
+
+
+class DatasetError(Exception):
+    """The dataset cannot be read or does not fit the spec: every attempt would fail the same
+    way, so the job fails at once with reason InvalidDataset."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _not_the_data(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a network or Hub error rather than the data's."""
+    return any(
+        isinstance(e, ConnectionError | TimeoutError)
+        or type(e).__module__.split(".")[0] in _NOT_THE_DATA
+        or type(e).__name__ == "DatasetNotFoundError"
+        for e in _chain(exc)
+    )
+
+
+@contextmanager
+def dataset_errors() -> Iterator[None]:
+    """Whatever goes wrong in the block while reading or shaping the rows (a missing column, a
+    file that does not parse or cannot be read, an error in a map) becomes a DatasetError;
+    network and Hub errors pass unchanged."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except ManifestError as exc:  # the spec's fields that the data does not match
+        raise DatasetError(str(exc)) from exc
+    except Exception as exc:
+        if _not_the_data(exc):
+            raise
+        message = f"{type(exc).__name__}: {exc}"
+        root = _chain(exc)[-1]
+        if root is not exc:  # "An error occurred while generating the dataset" says little
+            message += f" (caused by {type(root).__name__}: {root})"
+        raise DatasetError(message) from exc
 
 
 def file_builder(path: Path) -> str | None:
@@ -88,7 +138,8 @@ def cap(ds: Dataset, n: int | None) -> Dataset:
 
 def load_splits(spec: FineTuneJobSpec) -> tuple[Dataset, Dataset]:
     """The raw train and eval splits of a job, capped by the maxSamples of each."""
-    train, evaluation = split(load_raw(spec.dataset), spec.dataset, spec.training.seed)
+    with dataset_errors():
+        train, evaluation = split(load_raw(spec.dataset), spec.dataset, spec.training.seed)
     return cap(train, spec.dataset.max_samples), cap(evaluation, spec.evaluation.max_samples)
 
 

@@ -141,3 +141,7 @@ def setup_logging(rank: int) -> None:
     )
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # basicConfig(force=True) removed every root handler: keep the tail for failure messages.
+    from finetune_trainer import logtail
+
+    logtail.install()

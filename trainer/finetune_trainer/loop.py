@@ -27,6 +27,7 @@ from finetune_api.pod import PEAK_FLOPS_ENV
 from finetune_trainer import checkpoint, data, modeling
 from finetune_trainer.tasks import Batch, Task, TaskData
 from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
+from finetune_trainer.watchdog import HangWatchdog
 
 log = get_logger(__name__)
 
@@ -90,14 +91,16 @@ def train_steps(
     ckpt_root: Path,
     telemetry: TrainerMetrics,
 ) -> float | None:
-    """Train to the last step; returns the gang's real (non-pad) tokens per second."""
+    """Train to the last step; returns the gang's real (non-pad) tokens per second. A gang that
+    stops making progress ends this process from the watchdog (reason CollectiveTimeout)."""
     acc, t = run.accelerator, job.spec.training
+    hang_floor = job.spec.run_policy.hang_timeout_seconds
     params = [p for p in run.model.parameters() if p.requires_grad]
     report = _StepReport(run, telemetry, params)
     run.model.train()
     step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
     loop_started, loop_tokens = started, 0
-    with StopRequest() as stop:
+    with StopRequest() as stop, HangWatchdog(hang_floor, acc.process_index) as watchdog:
         while state.step < run.total_steps:
             for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
                 batch = run.micro_batch(index)
@@ -128,11 +131,15 @@ def train_steps(
                 state.loss_history = [*state.loss_history[-99:], mean_loss]
                 epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
                 report(state.step, epoch, mean_loss, grad_norm, tokens, samples, started)
+                watchdog.step_done(state.step)
                 # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
                 if state.batches_in_epoch == run.batches.batches_per_epoch:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
                 if due or stopping:
+                    # Rank 0 may write (or upload) for long while the others wait in the next
+                    # step's collective: untimed until that step completes.
+                    watchdog.pause()
                     _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
                 if stopping:
                     raise Interrupted(state.step)

@@ -33,3 +33,13 @@ def write_result(result: TrainerResult, path: Path | None = None) -> Path:
         log.warning("cannot write result to %s (%s); writing %s instead", target, exc, fallback)
         fallback.write_text(text + "\n")
         return fallback
+
+
+def write_failure(rank: int, reason: str, message: str) -> None:
+    """A failed attempt's result. Rank 0's is the whole account; the first rank of every other
+    pod writes its own reason and message, which the operator reads when rank 0 could not write
+    (it was stopped, or killed)."""
+    if rank == 0:
+        write_result(TrainerResult(status="Failed", reason=reason, message=message))
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        write_result(TrainerResult(status="Failed", reason=reason, message=message, rank=rank))

@@ -40,10 +40,11 @@ from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import TrainerResult, scrub
 from finetune_trainer import checkpoint, modeling
-from finetune_trainer.data import ShardedBatches, load_splits
+from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
 from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
+from finetune_trainer.logtail import with_log_tail
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
-from finetune_trainer.result import write_result
+from finetune_trainer.result import write_failure, write_result
 from finetune_trainer.scoring import gate_failures
 from finetune_trainer.tasks import Task, TaskData, task_for
 from finetune_trainer.telemetry import TrainerMetrics
@@ -63,24 +64,24 @@ def main(job: FineTuneJob) -> int:
         return _train(job)
     except Interrupted as exc:
         plain_log.warning("%s", exc)
-        _write_failure(rank, Reason.INTERRUPTED, str(exc))
+        write_failure(rank, Reason.INTERRUPTED, str(exc))
         return ExitCode.RETRYABLE
     except ManifestError as exc:
         for error in exc.errors:
             plain_log.error("invalid spec: %s", error)
-        _write_failure(rank, Reason.INVALID_SPEC, str(exc))
+        write_failure(rank, Reason.INVALID_SPEC, str(exc))
+        return ExitCode.INVALID_SPEC
+    except DatasetError as exc:
+        # The result carries the error and what the rank logged before it (the tail is taken
+        # first, so the error is not in it twice); the traceback goes to the pod log only.
+        message = with_log_tail(str(exc), rank)
+        plain_log.error("invalid dataset: %s", scrub(str(exc)), exc_info=exc.__cause__ or exc)
+        write_failure(rank, Reason.INVALID_DATASET, message)
         return ExitCode.INVALID_SPEC
     except Exception as exc:
         plain_log.error("training failed: %s", scrub(f"{type(exc).__name__}: {exc}"))
-        _write_failure(rank, Reason.TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
+        write_failure(rank, Reason.TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
         return ExitCode.RETRYABLE
-
-
-def _write_failure(rank: int, reason: str, message: str) -> None:
-    if rank == 0:
-        write_result(TrainerResult(status="Failed", reason=reason, message=message))
-    elif os.environ.get("LOCAL_RANK", "0") == "0":
-        write_result(TrainerResult(status="Failed", reason=reason, rank=rank))
 
 
 def _train(job: FineTuneJob) -> int:

@@ -156,10 +156,13 @@ class CausalLM(Task):
     def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
         tokenizer = modeling.load_tokenizer(self.spec.model)
         pack = self.spec.training.packing
+        with data.dataset_errors():  # the tokenizer is the model's; from here on, the data's
+            rows = tokenize(train, self.spec, tokenizer, pack=pack, drop_last=True)
+            eval_rows = tokenize(evaluation, self.spec, tokenizer, pack=pack, drop_last=False)
         return TaskData(
             processor=tokenizer,
-            train=tokenize(train, self.spec, tokenizer, pack=pack, drop_last=True),
-            evaluation=tokenize(evaluation, self.spec, tokenizer, pack=pack, drop_last=False),
+            train=rows,
+            evaluation=eval_rows,
             collate=Collator(tokenizer.pad_token_id),
         )
 

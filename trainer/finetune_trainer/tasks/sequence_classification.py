@@ -97,11 +97,14 @@ class SequenceClassification(Task):
 
     def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
         tokenizer = modeling.load_tokenizer(self.spec.model)
-        labels = label_names(train, evaluation, self.spec)
+        with data.dataset_errors():  # the tokenizer is the model's; from here on, the data's
+            labels = label_names(train, evaluation, self.spec)
+            rows = tokenize(train, self.spec, tokenizer, labels)
+            eval_rows = tokenize(evaluation, self.spec, tokenizer, labels)
         return TaskData(
             processor=tokenizer,
-            train=tokenize(train, self.spec, tokenizer, labels),
-            evaluation=tokenize(evaluation, self.spec, tokenizer, labels),
+            train=rows,
+            evaluation=eval_rows,
             collate=Collator(tokenizer.pad_token_id),
             labels=labels,
         )

@@ -1,0 +1,67 @@
+"""Failure classes on a real two-pod gang: a user error fails at once and for good, a stopped
+rank ends the attempt as CollectiveTimeout (retryable) long before torch's own timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import Gang, deep_update
+
+from finetune_api.pod import PERMANENT_EXIT_CODES, ExitCode
+
+pytestmark = pytest.mark.slow
+
+
+def test_missing_text_column_fails_at_once_and_for_good(
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+) -> None:
+    doc = deep_update(causal_manifest, {"spec": {"dataset": {"textField": "body"}}})
+    g = gang(write_manifest(doc)).start()
+    codes = g.wait(timeout=180)
+    assert codes[0] in PERMANENT_EXIT_CODES, g.log_text()[-4000:]
+    result = g.result(0)
+    assert result["status"] == "Failed" and result["reason"] == "InvalidDataset"
+    message = result["message"]
+    assert "spec.dataset.textField" in message and "'body'" in message
+    assert "last lines of rank 0's log" in message
+    assert not (g.workdir / "checkpoints").exists() or not any(
+        (g.workdir / "checkpoints").rglob("*")
+    ), "nothing trained, so nothing was checkpointed"
+
+
+def test_a_stopped_rank_ends_the_attempt_as_collective_timeout(
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+) -> None:
+    # The floor at its minimum keeps the test short; tiny steps leave 3 x p99 far below it.
+    doc = deep_update(
+        causal_manifest,
+        {
+            "spec": {
+                "training": {"maxSteps": 5000, "checkpointEverySteps": 5000},
+                "runPolicy": {"hangTimeoutSeconds": 10},
+            }
+        },
+    )
+    g = gang(write_manifest(doc)).start()
+    deadline = time.monotonic() + 180
+    while "step=" not in g.logs[0].read_text(errors="replace"):
+        assert not g.finished() and time.monotonic() < deadline, g.log_text()[-4000:]
+        time.sleep(0.2)
+    os.killpg(g.procs[1].pid, signal.SIGSTOP)  # node 1 freezes mid-training
+    # The bound: the 10 s floor plus the watchdog's poll, with room for a loaded machine; torch's
+    # own collective timeout would take 30 minutes.
+    code = g.procs[0].wait(timeout=60)
+    assert code == ExitCode.RETRYABLE, g.log_text()[-4000:]
+    result = g.result(0)
+    assert result["status"] == "Failed" and result["reason"] == "CollectiveTimeout"
+    assert "after step" in result["message"] and "hangTimeoutSeconds=10" in result["message"]

@@ -1,0 +1,133 @@
+"""A rank that stops making progress: detect it within a bound, report it, and leave.
+
+When a peer hangs in a collective or is stopped (SIGSTOP, a frozen node), every other rank
+waits inside C++ until torch's collective timeout (30 minutes by default), and nothing in Python
+can interrupt that wait. `HangWatchdog` is a thread that, while the training loop runs, expects
+a completed step at least every `hang_timeout(recent step times, floor)` seconds. When none
+comes it writes this rank's result (reason CollectiveTimeout, retryable) and ends the process
+with `os._exit`: the pod fails, and the operator restarts the gang from its checkpoint.
+
+Only the loop is timed. Loading, evaluation and the push happen outside it, and a checkpoint
+save pauses the watchdog until the next step completes (rank 0 may upload for minutes while the
+others wait in that step's collective), so a hang inside a save is left to torch's timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from finetune_api.constants import Reason
+from finetune_api.pod import ExitCode
+from finetune_trainer.result import write_failure
+
+log = logging.getLogger(__name__)
+
+# A step this many times slower than the p99 of recent ones is a hang, not a slow step.
+SLOWDOWN = 3.0
+# Recent step durations the p99 is taken over.
+WINDOW = 200
+
+
+def p99(durations: Sequence[float]) -> float:
+    """The nearest-rank 99th percentile; 0 for no durations."""
+    if not durations:
+        return 0.0
+    ordered = sorted(durations)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def hang_timeout(durations: Sequence[float], floor: float) -> float:
+    """Seconds without a completed step after which the gang is deemed hung: the larger of
+    SLOWDOWN x p99 of the recent step durations and `floor` (runPolicy.hangTimeoutSeconds)."""
+    return max(SLOWDOWN * p99(durations), floor)
+
+
+class HangWatchdog:
+    """Times the training loop's steps on one rank; use as a context manager around the loop,
+    calling `step_done` after each optimizer step's collective and `pause` before a save."""
+
+    def __init__(
+        self,
+        floor: float,
+        rank: int,
+        clock: Callable[[], float] = time.monotonic,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.floor, self.rank, self.clock = float(floor), rank, clock
+        self.poll_seconds = min(poll_seconds, self.floor / 10)
+        self.durations: deque[float] = deque(maxlen=WINDOW)
+        self.step: int | None = None
+        self.paused = False
+        self._last = clock()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+
+    def __enter__(self) -> HangWatchdog:
+        with self._lock:
+            self._last = self.clock()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def step_done(self, step: int) -> None:
+        """A step completed on this rank (after the collective that every rank joins). The time
+        since the previous one is a step duration, unless a pause (a save) or the loop's start
+        (the first step warms up) lies in between."""
+        with self._lock:
+            now = self.clock()
+            if self.step is not None and not self.paused:
+                self.durations.append(now - self._last)
+            self.step, self._last, self.paused = step, now, False
+
+    def pause(self) -> None:
+        """Stop timing until the next `step_done`: a checkpoint save is about to start."""
+        with self._lock:
+            self.paused = True
+
+    def check(self, now: float) -> str | None:
+        """Why the gang is deemed hung at `now`, or None while it is not."""
+        with self._lock:
+            if self.paused:
+                return None
+            limit = hang_timeout(self.durations, self.floor)
+            waited = now - self._last
+            if waited < limit:
+                return None
+            after = f"after step {self.step}" if self.step is not None else "for the first step"
+            return (
+                f"no training step completed in {waited:.0f}s {after} (limit {limit:.0f}s: the "
+                f"larger of runPolicy.hangTimeoutSeconds={self.floor:g}s and {SLOWDOWN:g} x p99 "
+                f"step time {p99(self.durations):.3g}s); a rank is hung in a collective or "
+                "stopped, so the gang restarts from its last checkpoint"
+            )
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            message = self.check(self.clock())
+            if message is not None:
+                self._leave(message)
+
+    def _leave(self, message: str) -> None:
+        """Report and end the process: the main thread may be stuck in a C++ collective, which
+        neither an exception nor a signal handler (both run on the main thread) can interrupt."""
+        try:
+            log.error("rank %d: %s", self.rank, message)
+            write_failure(self.rank, Reason.COLLECTIVE_TIMEOUT, message)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(ExitCode.RETRYABLE)
