@@ -266,12 +266,12 @@ class SecretKeyRef(ApiModel):
 
 
 class HubOutput(ApiModel):
-    repo: Annotated[
-        str, StringConstraints(max_length=MAX_HUB_ID_LENGTH, pattern=REPO_PATTERN)
-    ] = Field(
-        description="repo is the Hub repository id to push to, such as my-org/my-model: an "
-        "optional namespace and a name of at most 96 characters each, as huggingface_hub "
-        "accepts. Required."
+    repo: Annotated[str, StringConstraints(max_length=MAX_HUB_ID_LENGTH, pattern=REPO_PATTERN)] = (
+        Field(
+            description="repo is the Hub repository id to push to, such as my-org/my-model: an "
+            "optional namespace and a name of at most 96 characters each, as huggingface_hub "
+            "accepts. Required."
+        )
     )
     private: bool = Field(True, description="private creates the repo as private. Default true.")
     merge: bool = Field(
