@@ -82,6 +82,9 @@ class TrainerResult(BaseModel):
     tokens_per_second: float | None = Field(None, ge=0)
     # Set by ranks other than 0, whose result says only that they finished.
     rank: int | None = Field(None, ge=0)
+    # Whether another attempt could change a failed verdict, where its reason leaves that open:
+    # PushFailed is retryable after 503s but not after a 403. Unset: the reason decides.
+    retryable: bool | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -92,11 +95,16 @@ class TrainerResult(BaseModel):
         """The exit code that carries this verdict to the Job's podFailurePolicy."""
         if self.succeeded:
             return ExitCode.OK
-        return _PERMANENT.get(self.reason, ExitCode.RETRYABLE)
+        if self.reason in _PERMANENT:
+            return _PERMANENT[self.reason]
+        # A permanent failure with no code of its own: the spec (its credentials or names) is
+        # what has to change, so it exits as an invalid spec does.
+        return ExitCode.INVALID_SPEC if self.retryable is False else ExitCode.RETRYABLE
 
     @property
     def permanent(self) -> bool:
-        """Whether another attempt could not change the verdict (a bad spec, a missed gate)."""
+        """Whether another attempt could not change the verdict (a bad spec, a missed gate, a
+        source that does not exist, a push the Hub refused)."""
         return self.exit_code in PERMANENT_EXIT_CODES
 
     def to_message(self) -> str:
@@ -155,6 +163,9 @@ _PERMANENT = {
     # Bad input, like a bad spec: exit code 3 already fails the gang at once, and the verdict
     # (which input) travels in the reason.
     Reason.INVALID_DATASET: ExitCode.INVALID_SPEC,
+    # The spec names a model or dataset that the endpoint does not have.
+    Reason.MODEL_NOT_FOUND: ExitCode.INVALID_SPEC,
+    Reason.DATASET_NOT_FOUND: ExitCode.INVALID_SPEC,
 }
 
 

@@ -34,8 +34,14 @@ Quantity = Annotated[
     int | Annotated[str, StringConstraints(max_length=64)],
     Field(description="A Kubernetes quantity, such as 2, 500m or 8Gi."),
 ]
-# Hub ids allow an optional namespace: `gpt2` or `org/name`.
-_HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+# Hub ids as huggingface_hub accepts them (utils.validate_repo_id), which a longer or odd name
+# fails only once the job has trained: an optional namespace and a name, `gpt2` or `org/name`,
+# each 1-96 of letters, digits, `_`, `-` and `.`, ending in a letter, digit or `_`. The client's
+# other refusals ("--", "..", a ".git" ending) are `_hub_id_rule`s.
+MAX_HUB_PART_LENGTH = 96
+_HUB_PART = rf"[A-Za-z0-9]([A-Za-z0-9._-]{{0,{MAX_HUB_PART_LENGTH - 2}}}[A-Za-z0-9_])?"
+_HUB_ID = rf"{_HUB_PART}(/{_HUB_PART})?"
+MAX_HUB_ID_LENGTH = 2 * MAX_HUB_PART_LENGTH + 1
 SOURCE_PATTERN = rf"^(hf://{_HUB_ID}|file:///.+)$"
 REPO_PATTERN = rf"^{_HUB_ID}$"
 UnstructuredObject = Annotated[
@@ -45,6 +51,31 @@ UnstructuredObject = Annotated[
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 Task = Literal["causal-lm", "sequence-classification"]
+
+
+def _hub_id_ok(repo_id: str) -> bool:
+    return "--" not in repo_id and ".." not in repo_id and not repo_id.endswith(".git")
+
+
+def _hub_id_rule(field: Literal["repo", "source"]) -> Rule:
+    """The client's refusals that the pattern cannot say, on `field`: the repo id of `repo`, or
+    of a `source` when it is hf://<repo id>. (The wire and Python names of both are the same.)"""
+    ok = f"!self.{field}.contains('--') && !self.{field}.contains('..') && "
+    ok += f"!self.{field}.endsWith('.git')"
+
+    def check(model: Any) -> bool:
+        value: str = getattr(model, field)
+        if field == "source" and not value.startswith("hf://"):
+            return True
+        return _hub_id_ok(value.removeprefix("hf://"))
+
+    return Rule(
+        cel=f"!self.source.startsWith('hf://') || ({ok})" if field == "source" else ok,
+        message="a Hub repo id may not hold '--' or '..' or end in '.git' (huggingface_hub "
+        "refuses them)",
+        check=check,
+        field=field,
+    )
 
 
 class ApiModel(BaseModel):
@@ -78,6 +109,7 @@ class ModelSpec(ApiModel):
     )
 
     __rules__ = (
+        _hub_id_rule("source"),
         Rule(
             cel="!has(self.numLabels) || self.task == 'sequence-classification'",
             message="numLabels is only allowed with task sequence-classification",
@@ -135,6 +167,7 @@ class DatasetSpec(ApiModel):
     )
 
     __rules__ = (
+        _hub_id_rule("source"),
         Rule(
             cel="!(has(self.evalSplit) && has(self.evalFraction))",
             message="set evalSplit or evalFraction, not both",
@@ -241,8 +274,12 @@ class SecretKeyRef(ApiModel):
 
 
 class HubOutput(ApiModel):
-    repo: Annotated[str, StringConstraints(max_length=256, pattern=REPO_PATTERN)] = Field(
-        description="repo is the Hub repository id to push to, such as my-org/my-model."
+    repo: Annotated[str, StringConstraints(max_length=MAX_HUB_ID_LENGTH, pattern=REPO_PATTERN)] = (
+        Field(
+            description="repo is the Hub repository id to push to, such as my-org/my-model: an "
+            "optional namespace and a name of at most 96 characters each, as huggingface_hub "
+            "accepts. Required."
+        )
     )
     private: bool = Field(True, description="private creates the repo as private. Default true.")
     merge: bool = Field(
@@ -261,6 +298,8 @@ class HubOutput(ApiModel):
             "the push. Unset: huggingface.co.",
         )
     )
+
+    __rules__ = (_hub_id_rule("repo"),)
 
 
 class PersistentVolumeClaimRef(ApiModel):

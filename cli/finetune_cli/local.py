@@ -38,21 +38,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finetune_trainer.env import runtime_errors
     from finetune_trainer.launch import train_pod
     from finetune_trainer.result import write_result
+    from finetune_trainer.sources import missing_local
 
+    reason = Reason.INVALID_SPEC
     try:
         try:
             job = load_manifest(args.manifest)
         except OSError as exc:
             message = f"cannot read {args.manifest}: {exc.strerror}"
             raise ManifestError([FieldError("", message)]) from None
+        # A source path that is not there has its own reason (ModelNotFound, DatasetNotFound).
+        missing = missing_local(job)
+        if missing is not None:
+            reason = missing.reason
+            raise ManifestError([FieldError(missing.field, str(missing))])
         errors = runtime_errors(job)
         if errors:
             raise ManifestError(errors)
     except ManifestError as exc:
         if os.environ.get("NODE_RANK", "0") == "0":
-            write_result(
-                TrainerResult(status="Failed", reason=Reason.INVALID_SPEC, message=str(exc))
-            )
+            write_result(TrainerResult(status="Failed", reason=reason, message=str(exc)))
         for error in exc.errors:
             print(error, file=sys.stderr)
         return Exit.INVALID

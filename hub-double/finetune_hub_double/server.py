@@ -23,6 +23,15 @@ CLI (also usable as an in-cluster Service)::
         --token "$TOKEN" --seed-model org/base=/models/base --seed-dataset org/data=/data/raw
 
 Tokens are never logged: the access log line is ``METHOD /path STATUS`` (no query, no headers).
+
+Fault injection, for tests only (``finetune_hub_double.faults``): started with ``faults=True``,
+``--test-faults`` or ``HUB_DOUBLE_TEST_FAULTS=1``, the double fails the next N requests of a kind
+(``create``, ``preupload``, ``upload``, ``commit``, ``download`` or ``any``) with a chosen status::
+
+    curl -X POST $HF_ENDPOINT/_test/faults -d '{"kind": "commit", "status": 503, "count": 3}'
+
+``GET /_test/faults`` lists what is pending and how many fired; ``DELETE`` clears both. Off by
+default: then ``/_test/faults`` is a 404 like any unknown path.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from finetune_hub_double import faults as fault_injection
 from finetune_hub_double.store import (
     DEFAULT_LFS_THRESHOLD,
     SHA256_HEX,
@@ -75,6 +85,8 @@ class HubDouble:
         require_auth_for_read: reads need a valid token too (otherwise only writes, private repos).
         user: the user name ``whoami-v2`` reports; orgs: the orgs it reports.
         lfs_threshold: preupload answers ``uploadMode: lfs`` for files bigger than this.
+        faults: serve ``/_test/faults`` and fail requests on order (see ``faults``); None reads
+            ``HUB_DOUBLE_TEST_FAULTS``. Off by default.
 
     A request with a token that is not accepted gets 401 on every route (as on the Hub).
     """
@@ -89,6 +101,7 @@ class HubDouble:
         user: str = "hub-double-user",
         orgs: Iterable[str] = (),
         lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+        faults: bool | None = None,
     ):
         self.store = Store(root, lfs_threshold)
         self.host, self.port = host, port
@@ -98,6 +111,10 @@ class HubDouble:
         self.require_auth_for_read = require_auth_for_read
         self.user, self.orgs = user, list(orgs)
         self.uploads: dict[str, tuple[str, int]] = {}  # LFS upload ticket -> (sha256, size)
+        if faults is None:
+            faults = os.environ.get(fault_injection.ENV, "") in _TRUE
+        # Test-only: None unless asked for, so a double serving a demo cannot be told to fail.
+        self.faults = fault_injection.Faults() if faults else None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -236,6 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
         streamed = self.command == "PUT" and len(parts) == 2 and parts[0] == "lfs-upload"
         body_read = False
         try:
+            if self.hub.faults is not None and self._injected_fault(url.path, parts):
+                return
             if streamed:
                 return self._lfs_upload(parts[1])  # reads the body itself
             body, body_read = self._read_body(), True
@@ -265,6 +284,31 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("hub double failed on %s %s", self.command, url.path)
             self.close_connection = True
             self._json({"error": "hub double internal error"}, 500)
+
+    def _injected_fault(self, path: str, parts: list[str]) -> bool:
+        """Test-only (``faults``): serve ``/_test/faults``, or fail this request if one is due.
+        True when the request has been answered here."""
+        faults = self.hub.faults
+        assert faults is not None
+        if path.rstrip("/") == fault_injection.PATH:
+            body = self._read_body()
+            try:
+                order = json.loads(body or b"{}") if self.command == "POST" else {}
+                if not isinstance(order, dict):
+                    raise ValueError("the order must be a JSON object")
+                state = faults.order(self.command, order)
+            except ValueError as exc:
+                self._json({"error": str(exc)}, 400, **{"X-Error-Message": str(exc)})
+                return True
+            self._json(state)
+            return True
+        status = faults.take(fault_injection.request_kind(self.command, parts))
+        if status is None:
+            return False
+        self._read_body()  # drained, so the connection stays usable for the client's retry
+        message = f"Injected test fault: HTTP {status}"
+        self._json({"error": message}, status, **{"X-Error-Message": message})
+        return True
 
     # -- JSON API ----------------------------------------------------------------------------------
     def _api(self, parts: list[str], body: bytes) -> None:
@@ -636,13 +680,26 @@ def main(argv: list[str] | None = None) -> None:
     add("--org", action="append", default=[], help="org whoami-v2 reports (repeatable)")
     add("--seed-model", action="append", default=[], type=_seed_arg, metavar="NAME=DIR")
     add("--seed-dataset", action="append", default=[], type=_seed_arg, metavar="NAME=DIR")
+    add(
+        "--test-faults",
+        action="store_true",
+        default=None,
+        help="serve /_test/faults to fail chosen requests (tests only; or HUB_DOUBLE_TEST_FAULTS)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tokens = list(args.token)
     for token_file in args.token_file:
         tokens += [t.strip() for t in Path(token_file).read_text().splitlines() if t.strip()]
     hub = HubDouble(
-        args.root, args.host, args.port, tokens, args.require_auth_for_read, args.user, args.org
+        args.root,
+        args.host,
+        args.port,
+        tokens,
+        args.require_auth_for_read,
+        args.user,
+        args.org,
+        faults=args.test_faults,
     )
     for repo_type, seeds in (("model", args.seed_model), ("dataset", args.seed_dataset)):
         for name, directory in seeds:

@@ -76,6 +76,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("perplexity-on-cls", {**CLS, "spec.evaluation.metrics": ["perplexity"]}, "metrics"),
     ("accuracy-on-causal", {"spec.evaluation.metrics": ["accuracy"]}, "metrics"),
     ("hub-repo-pattern", {"spec.output.hub": {"repo": "bad repo!"}}, "repo"),
+    # What huggingface_hub's validate_repo_id refuses, refused before any training.
+    ("hub-repo-part-length", {"spec.output.hub": {"repo": "org/" + "m" * 97}}, "repo"),
+    ("hub-repo-double-dash", {"spec.output.hub": {"repo": "org/a--b"}}, "repo"),
+    ("hub-repo-dot-git", {"spec.output.hub": {"repo": "org/m.git"}}, "repo"),
+    ("model-double-dot", {"spec.model.source": "hf://org/a..b"}, "spec.model.source"),
+    ("dataset-dot-git", {"spec.dataset.source": "hf://org/d.git"}, "spec.dataset.source"),
     (
         "hub-endpoint-pattern",
         {"spec.output.hub": {"repo": "o/r", "endpoint": "ftp://x"}},

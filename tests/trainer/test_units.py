@@ -330,3 +330,37 @@ def test_a_file_that_does_not_parse_is_a_dataset_error(
     doc["spec"]["dataset"]["source"] = f"file://{broken}"
     with pytest.raises(DatasetError, match=r"DatasetGenerationError.*caused by"):
         load_splits(parse_manifest(doc).spec)
+
+
+def test_final_artifact_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
+    """What a failed push leaves for the next attempt: found only when complete, of the kind the
+    spec asks for, and never taken for a checkpoint."""
+    from finetune_api.result import TrainerResult
+    from finetune_trainer import checkpoint, final
+
+    root, out = tmp_path / "ckpt", tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"weights")
+    result = TrainerResult(
+        status="Succeeded",
+        reason="TrainingCompleted",
+        evaluation={f"m{i}": {"before": 2.0, "after": 1.0} for i in range(40)},  # > the message cap
+        steps=6,
+    )
+    assert final.load(root, "adapter") is None
+    # A save cut short (no marker, still under its temporary name) does not count.
+    (root / f"{checkpoint._TMP_PREFIX}final-cut").mkdir(parents=True)
+    assert final.load(root, "adapter") is None
+    kept = final.save(root, out, result)
+    found = final.load(root, "adapter")
+    assert found is not None and found.folder == kept.folder == root / final.FOLDER
+    assert found.result == result and len(found.result.evaluation) == 40
+    assert (found.artifact_dir / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert final.load(root, "merged") is None  # the spec asks for another artifact
+    # Checkpoints neither see it nor rotate it away; their rotation sweeps the cut save.
+    assert checkpoint.list_complete(root) == []
+    checkpoint.rotate(root, keep=1)
+    assert final.load(root, "adapter") is not None
+    assert not list(root.glob(f"{checkpoint._TMP_PREFIX}*"))
+    (kept.folder / checkpoint.COMPLETE_MARKER).unlink()
+    assert final.load(root, "adapter") is None

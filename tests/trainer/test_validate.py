@@ -141,4 +141,5 @@ def test_train_refuses_a_bad_spec_before_starting_ranks(
     assert done.returncode == 3
     assert "spec.model.source: /nonexistent/m does not exist" in done.stderr
     result = json.loads((tmp_path / "result.json").read_text())
-    assert (result["status"], result["reason"]) == ("Failed", "InvalidSpec")
+    # Permanent (exit code 3), with the reason of its own that a missing source has.
+    assert (result["status"], result["reason"]) == ("Failed", "ModelNotFound")

@@ -101,7 +101,22 @@ def test_exit_codes_follow_the_reason() -> None:
     )
     for retryable in retryable_reasons:
         assert code("Failed", retryable) == pod.ExitCode.RETRYABLE
+    for missing in (Reason.MODEL_NOT_FOUND, Reason.DATASET_NOT_FOUND):
+        assert code("Failed", missing) in pod.PERMANENT_EXIT_CODES
     assert set(pod.PERMANENT_EXIT_CODES) == {pod.ExitCode.INVALID_SPEC, pod.ExitCode.GATE_FAILED}
+
+
+def test_a_refused_push_is_permanent_and_survives_the_message() -> None:
+    """PushFailed is retryable after 503s and permanent after a 403: the result says which."""
+    refused = TrainerResult(status="Failed", reason=Reason.PUSH_FAILED, retryable=False)
+    assert refused.permanent and refused.exit_code in pod.PERMANENT_EXIT_CODES
+    parsed = TrainerResult.parse(refused.to_message())
+    assert parsed is not None and parsed.permanent
+    flaky = TrainerResult(status="Failed", reason=Reason.PUSH_FAILED, retryable=True)
+    assert not flaky.permanent and flaky.exit_code == pod.ExitCode.RETRYABLE
+    # A reason that is always permanent stays so.
+    gate = TrainerResult(status="Failed", reason=Reason.EVALUATION_GATE_FAILED, retryable=True)
+    assert gate.exit_code == pod.ExitCode.GATE_FAILED
 
 
 def test_scrub_bearer_and_hub_tokens() -> None:

@@ -413,3 +413,93 @@ def test_cli_auth_and_token_never_logged(tmp_path: Path) -> None:
     log_text = "".join(lines)
     assert "GET /api/whoami-v2 401" in log_text and "seeded model org/seeded" in log_text
     assert TOKEN not in log_text and BAD_TOKEN not in log_text
+
+
+def _call(
+    method: str, url: str, body: Any = None, token: str | None = TOKEN
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """One request; JSON bodies both ways. Returns the status, the JSON answer and the headers."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            raw, status, answer_headers = r.read(), r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        raw, status, answer_headers = e.read(), e.code, dict(e.headers)
+    return status, json.loads(raw) if raw.strip() else {}, answer_headers
+
+
+def test_faults_are_off_unless_asked_for(hub: HubDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert hub.faults is None
+    status, _, _ = _call("POST", f"{hub.endpoint}/_test/faults", {"kind": "any", "status": 503})
+    assert status == 404
+    assert _call("GET", f"{hub.endpoint}/api/whoami-v2")[0] == 200  # nothing was injected
+    monkeypatch.setenv("HUB_DOUBLE_TEST_FAULTS", "1")
+    assert HubDouble(hub.store.root).faults is not None  # the env turns them on
+
+
+def test_faults_fail_the_next_requests_of_a_kind(tmp_path: Path) -> None:
+    with HubDouble(tmp_path / "root", tokens=[TOKEN], faults=True) as double:
+        faults, api = f"{double.endpoint}/_test/faults", f"{double.endpoint}/api"
+        double.store.create_repo("model", "org/faulty")
+        commit = f"{api}/models/org/faulty/commit/main"
+        line = {"key": "file", "value": {"path": "a.txt", "content": "a", "encoding": "utf-8"}}
+        ndjson = (json.dumps({"key": "header", "value": {"summary": "s"}}) + "\n").encode()
+        ndjson += json.dumps(line).encode()
+
+        status, state, _ = _call("POST", faults, {"kind": "commit", "status": 503, "count": 2})
+        assert status == 200 and state["pending"] == [{"kind": "commit", "status": 503, "count": 2}]
+        assert _call("GET", f"{api}/models/org/faulty")[0] == 200  # other kinds pass
+        for _ in range(2):
+            status, body, headers = _call("POST", commit, ndjson)
+            assert status == 503 and "Injected" in headers["X-Error-Message"]
+        status, body, _ = _call("POST", commit, ndjson)
+        assert status == 200 and body["success"]
+        assert _call("GET", faults)[1] == {"pending": [], "fired": {"commit": 2}}
+
+        # `any` hits every route; DELETE forgets pending faults and counts.
+        _call("POST", faults, {"kind": "any", "status": 500, "count": 5})
+        assert _call("GET", f"{api}/models/org/faulty")[0] == 500
+        assert _call("DELETE", faults)[1] == {"pending": [], "fired": {}}
+        assert _call("GET", f"{api}/models/org/faulty")[0] == 200
+
+        # Malformed orders are refused and change nothing.
+        for order in ({"kind": "push"}, {"status": 200}, {"count": 0}, {"count": "3"}, [1]):
+            assert _call("POST", faults, order)[0] == 400, order
+        assert _call("GET", faults)[1]["pending"] == []
+
+        # In process, the same: an LFS upload that fails keeps its ticket for the retry.
+        data = b"lfs" * 100
+        oid = hashlib.sha256(data).hexdigest()
+        batch = {"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}
+        lfs = f"{double.endpoint}/org/faulty.git/info/lfs/objects/batch"
+        status, body, _ = _call("POST", lfs, batch)
+        href = body["objects"][0]["actions"]["upload"]["href"]
+        assert double.faults is not None
+        double.faults.add("upload", 502)
+        assert _call("PUT", href, data, token=None)[0] == 502
+        assert _call("PUT", href, data, token=None)[0] == 200 and double.store.has_blob(oid)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("POST", "api/repos/create", "create"),
+        ("POST", "api/models/org/m/preupload/main", "preupload"),
+        ("POST", "api/datasets/org/d/commit/main", "commit"),
+        ("POST", "org/m.git/info/lfs/objects/batch", "upload"),
+        ("POST", "datasets/org/d.git/info/lfs/objects/batch", "upload"),
+        ("PUT", "lfs-upload/ticket", "upload"),
+        ("GET", "org/m/resolve/main/config.json", "download"),
+        ("HEAD", "datasets/org/d/resolve/main/a/b.json", "download"),
+        ("GET", "api/models/org/m", None),
+        ("GET", "api/whoami-v2", None),
+    ],
+)
+def test_fault_kinds_of_requests(method: str, path: str, kind: str | None) -> None:
+    from finetune_hub_double.faults import request_kind
+
+    assert request_kind(method, path.split("/")) == kind

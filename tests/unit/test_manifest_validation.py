@@ -121,3 +121,58 @@ def test_spec_field_names_match_the_contract():
         "template",
         "runPolicy",
     }
+
+
+# Repo ids next to huggingface_hub's verdict on them (utils.validate_repo_id): the schema must
+# refuse what the client refuses, or a job trains and then fails to push.
+HUB_IDS = [
+    ("gpt2", True),
+    ("org/model", True),
+    ("Org-1/model_v2.1", True),
+    ("org/" + "m" * 96, True),
+    ("o" * 96 + "/" + "m" * 96, True),
+    ("org/model_", True),
+    ("org/" + "m" * 97, False),
+    ("o" * 97 + "/model", False),
+    ("org/a--b", False),
+    ("org/a..b", False),
+    ("org/model.git", False),
+    ("org/model-", False),
+    ("org/model.", False),
+    ("org/-model", False),
+    ("a/b/c", False),
+    ("org/bad name", False),
+]
+
+
+@pytest.mark.parametrize(("repo_id", "client_accepts"), HUB_IDS)
+def test_hub_ids_are_bounded_as_the_client_bounds_them(repo_id, client_accepts):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        accepted = True
+    except HFValidationError:
+        accepted = False
+    assert accepted == client_accepts, "the table disagrees with this huggingface_hub"
+    for field, value in (
+        ("spec.output.hub.repo", repo_id),
+        ("spec.model.source", f"hf://{repo_id}"),
+        ("spec.dataset.source", f"hf://{repo_id}"),
+    ):
+        *parents, leaf = field.split(".")[1:]
+        doc = copy.deepcopy(VALID)
+        node = doc["spec"]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+        if client_accepts:
+            parse_manifest(doc)
+            continue
+        with pytest.raises(ManifestError) as err:
+            parse_manifest(doc)
+        assert field in [e.path for e in err.value.errors], err.value
+
+
+def test_local_sources_are_not_held_to_hub_id_rules():
+    parse_manifest(with_changes(spec__dataset__source="file:///data/a--b..c.git"))

@@ -8,7 +8,10 @@ patched for the duration of a test.
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import torch
 
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_hub_double import server as hub_double
-from finetune_trainer.publish import PushError, PushResult, push_to_hub
+from finetune_trainer.publish import Backoff, PushError, PushResult, push_to_hub
 
 TOKEN = "hf_publishtest_good_0123456789abcdef"
 BAD_TOKEN = "hf_publishtest_bad_9876543210fedcba"
@@ -48,7 +51,7 @@ def make_job(endpoint: str | None, repo: str = REPO) -> FineTuneJob:
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # A low LFS threshold sends the adapter weights through the LFS upload path, as on the Hub.
     double = hub_double.HubDouble(
-        tmp_path_factory.mktemp("hub-root"), tokens=[TOKEN], lfs_threshold=1000
+        tmp_path_factory.mktemp("hub-root"), tokens=[TOKEN], lfs_threshold=1000, faults=True
     )
     endpoint = double.start()
     yield endpoint
@@ -204,6 +207,7 @@ def test_bad_token_is_redacted(
         push_to_hub(make_job(hub, repo="test-org/rejected"), folder, SCORES, "adapter")
     message = str(info.value)
     assert "401" in message or "nauthorized" in message or "credentials" in message.lower()
+    assert info.value.permanent  # a bad token does not get better with retries
     assert info.value.__suppress_context__
     out, err = capfd.readouterr()
     logs = "\n".join(hf_env.records)  # type: ignore[attr-defined]
@@ -218,3 +222,85 @@ def test_no_hub_output_or_folder_is_an_error(tmp_path: Path) -> None:
         push_to_hub(job, tmp_path, {}, "adapter")
     with pytest.raises(PushError, match="does not exist"):
         push_to_hub(make_job(None), tmp_path / "missing", {}, "adapter")
+
+
+# Short waits: what is tested is which failures are retried, not how long the waits are.
+QUICK = Backoff(attempts=4, first_wait=0.01, max_wait=0.02)
+
+
+def fault(endpoint: str, method: str, order: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Order the double's test faults over HTTP (finetune_hub_double.faults)."""
+    request = urllib.request.Request(
+        f"{endpoint}/_test/faults",
+        method=method,
+        data=json.dumps(order).encode() if order else None,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def artifact(tmp_path: Path, hub: str) -> Iterator[Path]:
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    fault(hub, "DELETE")
+    yield folder
+    fault(hub, "DELETE")
+
+
+@pytest.mark.parametrize("kind", ["commit", "create", "preupload"])
+def test_transient_failures_are_retried_in_process(
+    hub: str, hf_env: logging.Handler, artifact: Path, kind: str
+) -> None:
+    fault(hub, "POST", {"kind": kind, "status": 503, "count": 2})
+    result = push_to_hub(
+        make_job(hub, repo=f"test-org/flaky-{kind}"), artifact, SCORES, "adapter", QUICK
+    )
+    from huggingface_hub import HfApi
+
+    assert HfApi(endpoint=hub, token=TOKEN).repo_info(result.repo).sha == result.revision
+    assert fault(hub, "GET")["fired"] == {kind: 2}
+
+
+def test_rate_limits_are_retried_and_retries_are_bounded(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    fault(hub, "POST", {"kind": "commit", "status": 429, "count": 1})
+    push_to_hub(make_job(hub, repo="test-org/limited"), artifact, SCORES, "adapter", QUICK)
+    assert fault(hub, "GET")["fired"] == {"commit": 1}
+    fault(hub, "DELETE")
+    fault(hub, "POST", {"kind": "commit", "status": 502, "count": 100})
+    with pytest.raises(PushError, match="after 4 attempts") as info:
+        push_to_hub(make_job(hub, repo="test-org/down"), artifact, SCORES, "adapter", QUICK)
+    assert not info.value.permanent  # the next attempt of the job may still get through
+    assert fault(hub, "GET")["fired"] == {"commit": QUICK.attempts}
+
+
+@pytest.mark.parametrize(("kind", "status"), [("commit", 403), ("create", 404), ("commit", 401)])
+def test_refusals_end_at_once(
+    hub: str, hf_env: logging.Handler, artifact: Path, kind: str, status: int
+) -> None:
+    """401, 403 and a namespace that is not there: permanent, and not retried."""
+    fault(hub, "POST", {"kind": kind, "status": status, "count": 5})
+    with pytest.raises(PushError, match="retrying cannot help") as info:
+        push_to_hub(make_job(hub, repo="test-org/refused"), artifact, SCORES, "adapter", QUICK)
+    assert info.value.permanent
+    assert str(status) in str(info.value)
+    assert TOKEN not in str(info.value)
+    assert fault(hub, "GET")["fired"] == {kind: 1}
+
+
+def test_connection_errors_are_retried(hf_env: logging.Handler, artifact: Path) -> None:
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    backoff = Backoff(attempts=2, first_wait=0.01)
+    with pytest.raises(PushError, match="after 2 attempts") as info:
+        push_to_hub(
+            make_job(closed, repo="test-org/unreachable"), artifact, SCORES, "adapter", backoff
+        )
+    assert not info.value.permanent
+    records = "\n".join(hf_env.records)  # type: ignore[attr-defined]
+    assert "retrying" in records and TOKEN not in records

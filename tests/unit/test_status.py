@@ -245,6 +245,22 @@ def test_retryable_failure_keeps_the_trainers_reason() -> None:
     assert out.reason == "PushFailed" and out.message.endswith("503 from the Hub")
 
 
+@pytest.mark.parametrize(
+    ("reason", "extra"),
+    [("PushFailed", {"retryable": False}), ("ModelNotFound", {}), ("DatasetNotFound", {})],
+)
+def test_refused_push_and_missing_sources_end_the_job_with_their_reason(
+    reason: str, extra: dict[str, Any]
+) -> None:
+    """The trainer's permanent verdicts (exit code 3, by the podFailurePolicy) keep their own
+    reason: not TrainingFailed, not a retry."""
+    result = {"status": "Failed", "reason": reason, "message": "refused by http://hub", **extra}
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 3"))
+    out = observe_job(job, [pod(0, "Failed", 3, json.dumps(result))])
+    assert out.state is State.FAILED and out.permanent
+    assert (out.reason, out.message) == (reason, "refused by http://hub")
+
+
 def test_rank0_result_wins_over_other_ranks() -> None:
     rank1 = {"status": "Failed", "reason": "TrainingFailed", "rank": 1}
     gate = {"status": "Failed", "reason": "EvaluationGateFailed", "message": "f1 too low"}

@@ -17,6 +17,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
+from finetune_trainer.sources import reported_missing
 from finetune_trainer.tasks.base import Artifact
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -60,9 +61,10 @@ def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(
-        source_location(spec.source), revision=_revision(spec)
-    )
+    location, revision = source_location(spec.source), _revision(spec)
+    # A model that is not there is ModelNotFound at once, not a retry (finetune_trainer.sources).
+    with reported_missing("model", location, revision):
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -71,13 +73,16 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> BaseLoader:
     """`auto_class.from_pretrained` for the spec's source and revision, with the task's own
-    arguments (e.g. the labels of a classification head) bound."""
-    return functools.partial(
-        auto_class.from_pretrained,
-        source_location(spec.source),
-        revision=_revision(spec),
-        **task_kwargs,
-    )
+    arguments (e.g. the labels of a classification head) bound. A source that does not exist
+    raises SourceNotFound."""
+    location, revision = source_location(spec.source), _revision(spec)
+    load = functools.partial(auto_class.from_pretrained, location, revision=revision, **task_kwargs)
+
+    def load_base(**kwargs: Any) -> PreTrainedModel:
+        with reported_missing("model", location, revision):
+            return load(**kwargs)
+
+    return load_base
 
 
 def load_model(

@@ -7,7 +7,8 @@
 each runs `main(job)`: seed, Accelerator, data (under main_process_first), model with a pure
 `lora_config`, resume from the newest complete checkpoint, train (`loop.train_steps`: accumulated
 steps, rotated checkpoints, a gang-wide stop on SIGTERM), wait for everyone, evaluate, and on
-rank 0 save, judge the gates, push and write the result.
+rank 0 save, judge the gates, keep the artifact in the checkpoint folder, push and write the
+result. An attempt that finds that kept artifact (an earlier push failed) only pushes it.
 
 What differs between task types (data, model, loss, scores, artifact, card) is the job's task
 module's, from `finetune_trainer.tasks`; telemetry is recorded at the boundaries of these steps.
@@ -39,13 +40,14 @@ from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import TrainerResult, scrub
-from finetune_trainer import checkpoint, modeling
+from finetune_trainer import checkpoint, final, modeling
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
 from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
 from finetune_trainer.logtail import with_log_tail
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import write_failure, write_result
 from finetune_trainer.scoring import gate_failures
+from finetune_trainer.sources import SourceNotFound, missing_local
 from finetune_trainer.tasks import Task, TaskData, task_for
 from finetune_trainer.telemetry import TrainerMetrics
 
@@ -58,10 +60,17 @@ def main(job: FineTuneJob) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:
+        missing = missing_local(job)
+        if missing is not None:
+            raise missing
         errors = runtime_errors(job)
         if errors:
             raise ManifestError(errors)
         return _train(job)
+    except SourceNotFound as exc:
+        plain_log.error("%s: %s", exc.field, exc)
+        write_failure(rank, exc.reason, str(exc))
+        return TrainerResult(status="Failed", reason=exc.reason).exit_code
     except Interrupted as exc:
         plain_log.warning("%s", exc)
         write_failure(rank, Reason.INTERRUPTED, str(exc))
@@ -92,6 +101,10 @@ def _train(job: FineTuneJob) -> int:
     set_seed(spec.training.seed)
     accelerator = _accelerator(spec)
     telemetry.record_phase("rendezvous")
+    saved = _saved_final(job, accelerator)
+    if saved is not None:  # trained and evaluated before; only the push is left
+        code = _push_saved(job, saved, telemetry) if accelerator.is_main_process else None
+        return _leave(accelerator, telemetry, code)
 
     telemetry.set_status("loading")
     with accelerator.main_process_first():
@@ -298,6 +311,33 @@ def _write_param_hash(run: Prepared) -> None:
     Path(path).write_text(digest.hexdigest())
 
 
+def _saved_final(job: FineTuneJob, accelerator: Accelerator) -> final.SavedFinal | None:
+    """The final artifact an earlier attempt kept for its push, as rank 0 found it."""
+    found: list[final.SavedFinal | None] = [None]
+    if accelerator.is_main_process and job.spec.output.hub is not None:
+        found[0] = final.load(checkpoint_root(job), modeling.artifact_kind(job.spec))
+    return broadcast_object_list(found, from_process=0)[0]
+
+
+def _push_saved(job: FineTuneJob, saved: final.SavedFinal, telemetry: TrainerMetrics) -> ExitCode:
+    """Rank 0: push the kept artifact, reporting the evaluation of the attempt that trained it."""
+    result = saved.result.model_copy(deep=True)
+    log.info(
+        "found the %s trained to step %s in %s: pushing it without training or evaluating again",
+        result.artifact,
+        result.steps,
+        saved.folder,
+    )
+    # Nothing was trained in this attempt: it resumed at the last step.
+    result.resumed_from_step, result.tokens_per_second = result.steps, None
+    for stage in ("before", "after"):
+        scores = {n: getattr(s, stage) for n, s in result.evaluation.items()}
+        telemetry.record_eval(stage, {n: v for n, v in scores.items() if v is not None})
+    after = {n: s.after for n, s in result.evaluation.items() if s.after is not None}
+    missed = gate_failures(job.spec.evaluation.gates, after)
+    return _publish(job, saved.artifact_dir, result, missed, telemetry)
+
+
 def _finish(
     job: FineTuneJob,
     run: Prepared,
@@ -305,13 +345,38 @@ def _finish(
     after: dict[str, float],
     telemetry: TrainerMetrics,
 ) -> ExitCode:
-    """Rank 0: save the artifact, judge the gates, push, and write the result."""
+    """Rank 0: save the artifact, judge the gates, keep the artifact, push, write the result."""
     out = Path(os.environ.get(pod.OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
     out.mkdir(parents=True, exist_ok=True)
     result.artifact = run.task.save(run.accelerator.unwrap_model(run.model), run.data, out)
     log.info("saved %s to %s", result.artifact, out)
-    code = ExitCode.OK
     missed = gate_failures(job.spec.evaluation.gates, after)
+    if not missed and job.spec.output.hub is not None:
+        out = _keep(job, out, result)
+    return _publish(job, out, result, missed, telemetry)
+
+
+def _keep(job: FineTuneJob, out: Path, result: TrainerResult) -> Path:
+    """Keep the artifact in the checkpoint folder before the push, so that an attempt after a
+    failed push pushes it without training; the folder to push from."""
+    try:
+        kept = final.save(checkpoint_root(job), out, result)
+    except OSError as exc:  # e.g. a full volume: the push can still succeed
+        log.warning("could not keep the final artifact (a failed push retrains): %s", exc)
+        return out
+    log.info("kept the final %s in %s", result.artifact, kept.folder)
+    return kept.artifact_dir
+
+
+def _publish(
+    job: FineTuneJob,
+    artifact_dir: Path,
+    result: TrainerResult,
+    missed: list[str],
+    telemetry: TrainerMetrics,
+) -> ExitCode:
+    """Rank 0: push unless a gate was `missed`, and write the result."""
+    code = ExitCode.OK
     if missed:
         result.status, result.reason = "Failed", Reason.EVALUATION_GATE_FAILED
         result.message = "; ".join(missed) + "; nothing was pushed"
@@ -319,7 +384,7 @@ def _finish(
         code = ExitCode.GATE_FAILED
     elif job.spec.output.hub is not None:
         telemetry.set_status("pushing")
-        code = _push(job, out, result)
+        code = _push(job, artifact_dir, result)
     write_result(result)
     log.info("result: %s", result.to_message())
     return code
@@ -333,8 +398,9 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
         pushed = push_to_hub(job, out, scores, result.artifact)
     except PushError as exc:
         result.status, result.reason, result.message = "Failed", Reason.PUSH_FAILED, str(exc)
+        result.retryable = not exc.permanent
         log.error("%s", exc)
-        return ExitCode.RETRYABLE
+        return result.exit_code
     result.repo, result.revision, result.url = pushed.repo, pushed.revision, pushed.url
     result.reason = Reason.PUSHED
     log.info("pushed %s to %s at revision %s", result.artifact, pushed.repo, pushed.revision)

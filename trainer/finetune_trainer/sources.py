@@ -1,0 +1,98 @@
+"""Sources that do not exist: a model or dataset the endpoint does not have, or a missing path.
+
+Retrying cannot make them appear, so the rank reports `ModelNotFound` or `DatasetNotFound`, which
+exit with a permanent code (finetune_api.result), instead of spending the job's attempts. The
+message names the endpoint that was asked (huggingface_hub's, from HF_ENDPOINT, which
+`env.configure_hub_env` sets from output.hub.endpoint), not the huggingface.co that
+transformers' own message always names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from finetune_api import FineTuneJob
+from finetune_api.constants import Reason
+
+SourceKind = Literal["model", "dataset"]
+_REASON = {"model": Reason.MODEL_NOT_FOUND, "dataset": Reason.DATASET_NOT_FOUND}
+
+
+class SourceNotFound(Exception):
+    """A model or dataset source that does not exist; `reason` is the Failed reason and `field`
+    the spec field that names the source."""
+
+    def __init__(self, kind: SourceKind, message: str) -> None:
+        super().__init__(message)
+        self.reason = _REASON[kind]
+        self.field = f"spec.{kind}.source"
+
+
+def endpoint_in_use() -> str:
+    """The endpoint huggingface_hub (and so transformers and datasets) downloads from."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def missing_local(job: FineTuneJob) -> SourceNotFound | None:
+    """The first file:// source whose path does not exist, model first."""
+    sources: tuple[tuple[SourceKind, str], ...] = (
+        ("model", job.spec.model.source),
+        ("dataset", job.spec.dataset.source),
+    )
+    for kind, source in sources:
+        path = source.removeprefix("file://")
+        if source.startswith("file://") and not os.path.exists(path):
+            return SourceNotFound(kind, f"{path} does not exist")
+    return None
+
+
+def not_found(
+    exc: BaseException, kind: SourceKind, repo: str, revision: str | None = None
+) -> SourceNotFound | None:
+    """`exc`, raised while loading `repo` from the Hub, as a SourceNotFound if it says the repo
+    (or its revision) does not exist; None for anything else, such as a gated repo or a 503."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = endpoint_in_use()
+    seen: BaseException | None = exc
+    for _ in range(8):  # transformers wraps the Hub's error in an OSError of its own
+        if seen is None:
+            break
+        if isinstance(seen, RevisionNotFoundError):
+            return SourceNotFound(kind, f"{kind} {repo} has no revision {revision} at {endpoint}")
+        if isinstance(seen, RepositoryNotFoundError) and not isinstance(seen, GatedRepoError):
+            return SourceNotFound(kind, _missing(kind, repo, endpoint))
+        if kind == "dataset" and isinstance(seen, DatasetNotFoundError):
+            return SourceNotFound(kind, _missing(kind, repo, endpoint))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _missing(kind: SourceKind, repo: str, endpoint: str) -> str:
+    return (
+        f"{kind} {repo} was not found at {endpoint}: check the name, and that the token (if "
+        "any) may read it"
+    )
+
+
+@contextmanager
+def reported_missing(kind: SourceKind, repo: str, revision: str | None = None) -> Iterator[None]:
+    """Re-raise a loading error that says `repo` does not exist as SourceNotFound."""
+    try:
+        yield
+    except Exception as exc:
+        missing = not_found(exc, kind, repo, revision)
+        if missing is None:
+            raise
+        # `from None`: transformers' message points at huggingface.co whatever the endpoint.
+        raise missing from None
