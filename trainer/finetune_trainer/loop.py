@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -89,8 +90,12 @@ def train_steps(
     state: checkpoint.TrainerState,
     ckpt_root: Path,
     telemetry: TrainerMetrics,
+    after_save: Callable[[Path], object] | None = None,
 ) -> float | None:
-    """Train to the last step; returns the gang's real (non-pad) tokens per second."""
+    """Train to the last step; returns the gang's real (non-pad) tokens per second.
+
+    `after_save(folder)` runs on rank 0 after each complete checkpoint, before training goes on
+    (train.py mirrors the checkpoint to the Hub there)."""
     acc, t = run.accelerator, job.spec.training
     params = [p for p in run.model.parameters() if p.requires_grad]
     report = _StepReport(run, telemetry, params)
@@ -133,7 +138,9 @@ def train_steps(
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
                 if due or stopping:
-                    _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
+                    _save_checkpoint(
+                        run, state, ckpt_root, t.checkpoints_to_keep, telemetry, after_save
+                    )
                 if stopping:
                     raise Interrupted(state.step)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -195,10 +202,12 @@ def _save_checkpoint(
     root: Path,
     keep: int,
     telemetry: TrainerMetrics,
+    after_save: Callable[[Path], object] | None,
 ) -> None:
     acc = run.accelerator
     started = time.perf_counter()
     rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
+    folder: Path | None = None
     if acc.is_main_process:
         folder = checkpoint.save(
             root,
@@ -213,6 +222,8 @@ def _save_checkpoint(
         )
         log.info("checkpoint at step %d: %s", state.step, folder)
     telemetry.record_checkpoint(time.perf_counter() - started)
+    if folder is not None and after_save is not None:
+        after_save(folder)
 
 
 def _peak_memory(acc: Accelerator) -> int:
