@@ -8,6 +8,7 @@ empty checkpoint folder, resumes from the branch and must end exactly where the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from trainer_helpers import Gang, deep_update
 
 from finetune_api.pod import CHECKPOINT_HUB_BRANCH_ENV
 from finetune_hub_double import HubDouble
-from finetune_trainer.checkpoint_mirror import MIRROR_FOLDER
+from finetune_trainer import checkpoint
+from finetune_trainer.checkpoint_mirror import MIRROR_FOLDER, RUN_FILE
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_mirrorgang_token_0123456789abcdef"
@@ -38,6 +40,7 @@ class Reference:
     result: dict[str, Any]
     params: str
     logs: str
+    checkpoints: Path
 
 
 def branch_commits(hub: HubDouble, repo: str, branch: str = BRANCH) -> list[dict[str, Any]]:
@@ -99,7 +102,7 @@ def reference(
     finally:
         pods.kill()
     params = (workdir / "params-0.sha256").read_text()
-    return Reference(hub, doc, pods.result(0), params, pods.log_text())
+    return Reference(hub, doc, pods.result(0), params, pods.log_text(), workdir / "checkpoints")
 
 
 def test_every_checkpoint_is_mirrored_to_the_branch_and_main_is_not_touched(
@@ -118,16 +121,13 @@ def test_every_checkpoint_is_mirrored_to_the_branch_and_main_is_not_touched(
     assert mirrored_step(hub, repo) == STEPS
     head = branch_commits(hub, repo)[0]["files"]
     prefix = f"{MIRROR_FOLDER}/"
-    mirrored = sorted(p.removeprefix(prefix) for p in head if p.startswith(prefix))
-    assert mirrored == [
-        "COMPLETE",
-        "finetune-run.json",
-        "optimizer.pt",
-        "rng.pt",
-        "scheduler.pt",
-        "trainable.safetensors",
-        "trainer_state.json",
-    ]
+    mirrored = {p[len(prefix) :]: f["sha256"] for p, f in head.items() if p.startswith(prefix)}
+    # The branch holds exactly rank 0's last local checkpoint, plus which run it belongs to.
+    (root,) = reference.checkpoints.iterdir()
+    local = checkpoint.latest(root)
+    assert local is not None
+    assert mirrored.pop(RUN_FILE)
+    assert mirrored == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in local.iterdir()}
     # main holds the pushed adapter and nothing of the mirror; its head is the push's commit.
     main = branch_commits(hub, repo, "main")
     assert main[0]["id"] == result["revision"]
