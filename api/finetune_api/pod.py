@@ -32,7 +32,7 @@ RENDEZVOUS_PORT: Final = 29500
 
 # Rank 0's gauge of the step its attempt resumed from (0: a fresh start). The operator scrapes
 # it into status.checkpoints and times restarts by it.
-RESUMED_FROM_STEP_GAUGE: Final = "finetune_resumed_from_step"
+RESUMED_FROM_STEP_GAUGE: Final = "finetune_train_resumed_from_step"
 
 
 def metrics_port_name(local_rank: int) -> str:

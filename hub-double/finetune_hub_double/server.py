@@ -9,8 +9,9 @@ imported (it reads them at import time)::
     HF_ENDPOINT=http://127.0.0.1:<port>  HF_HUB_DISABLE_XET=1  HF_TOKEN=<token, if auth is on>
 
 Repos, blobs and commit history are kept on disk by ``hub_store.Store`` (see that module).
-Repo ids must be ``namespace/name``. Not supported: pull requests, other branches, tags, Xet,
-gating, pagination.
+Repo ids must be ``namespace/name``. Branches: create and delete (``create_branch``,
+``delete_branch``), commit to one and read at one (``revision=``). Not supported: pull requests,
+tags, Xet, gating, pagination.
 
 In-process::
 
@@ -54,11 +55,11 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from finetune_hub_double import faults as fault_injection
 from finetune_hub_double.store import (
+    DEFAULT_BRANCH,
     DEFAULT_LFS_THRESHOLD,
     SHA256_HEX,
     HubError,
     Store,
-    branch_name,
     lfs_pointer,
 )
 
@@ -325,9 +326,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"Not found: /api/{'/'.join(parts)}")
         repo_type, repo_id, rest = parts[0][:-1], f"{parts[1]}/{parts[2]}", parts[3:]
         op = rest[0] if rest else "revision"
-        user = self._auth(write=op in ("preupload", "commit"))
+        user = self._auth(write=op in ("preupload", "commit", "branch"))
         repo = self._repo(repo_type, repo_id, user)
-        rev = unquote(rest[1]) if len(rest) > 1 else "main"
+        rev = unquote(rest[1]) if len(rest) > 1 else DEFAULT_BRANCH
+        if op == "branch" and len(rest) == 2 and cmd in ("POST", "DELETE"):
+            return self._branch(repo_type, repo_id, rev, body)
         if op == "refs" and cmd == "GET":
             branches = [
                 {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
@@ -463,16 +466,23 @@ class _Handler(BaseHTTPRequestHandler):
             files.append({"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         return self._json({"files": files, "commitOid": commit["id"]})
 
+    def _branch(self, repo_type: str, repo_id: str, branch: str, body: bytes) -> None:
+        """POST creates ``branch`` at the body's ``startingPoint`` (default main); DELETE removes
+        it. The answer to both is an empty JSON object, as on the Hub."""
+        if self.command == "DELETE":
+            self.hub.store.delete_branch(repo_type, repo_id, branch)
+        else:
+            start = json.loads(body or b"{}").get("startingPoint")
+            self.hub.store.create_branch(repo_type, repo_id, branch, start)
+        return self._json({})
+
     def _commit(
         self, repo_type: str, repo_id: str, rev: str, body: bytes, user: str | None
     ) -> None:
-        """The NDJSON commit: a header line, then file/lfsFile/deletedFile/deletedFolder lines."""
+        """The NDJSON commit to branch ``rev``: a header line, then file/lfsFile/deletedFile/
+        deletedFolder lines."""
         if self.query.get("create_pr") in _TRUE:
             raise HubError(400, "The hub double does not support pull requests (create_pr)")
-        if branch_name(rev) != "main":
-            raise HubError(
-                404, f"Branch not found: {rev} (the double has only main)", "RevisionNotFound"
-            )
         header: dict[str, Any] = {}
         ops: list[tuple[str, str, Any]] = []
         for line in body.splitlines():
@@ -510,6 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
             header.get("description") or "",
             header.get("parentCommit"),
             author=user or "",
+            branch=rev,
         )
         url = f"{self._base()}/{URL_PREFIX[repo_type]}{repo_id}/commit/{commit_id}"
         return self._json(

@@ -1,9 +1,10 @@
 """Storage for the Hub-API test double (:mod:`finetune_hub_double`).
 
 Storage, under ``root``: content-addressed blobs (``blobs/<sha256>``) and one JSON file per repo
-(``repos/<type>s/<namespace>/<name>/repo.json``) holding a linear history of commits on branch
-``main``; each commit is an immutable snapshot ``path -> blob`` with a 40-hex id. Errors are
-raised as :class:`HubError`, which carries the HTTP answer the server sends for them.
+(``repos/<type>s/<namespace>/<name>/repo.json``) holding its branches (``refs``: name -> head
+commit, ``main`` first) and every commit; each commit is an immutable snapshot ``path -> blob``
+with a 40-hex id and one parent, so each branch is a linear history. Errors are raised as
+:class:`HubError`, which carries the HTTP answer the server sends for them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_BRANCH",
     "DEFAULT_LFS_THRESHOLD",
     "GITATTRIBUTES",
     "LFS_SUFFIXES",
@@ -41,6 +43,9 @@ GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in L
 DEFAULT_LFS_THRESHOLD = 1_000_000  # bytes; bigger files are uploaded through LFS
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+# Git's ref rules, narrowed: segments of word characters, dots and dashes, no "..", no ".lock".
+_BRANCH = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*")
+DEFAULT_BRANCH = "main"
 
 
 class HubError(Exception):
@@ -164,6 +169,39 @@ class Store:
             shutil.rmtree(self._meta_path(repo_type, repo_id).parent)
             self._repos.pop((repo_type, repo_id), None)
 
+    def create_branch(
+        self, repo_type: str, repo_id: str, branch: str, starting_point: str | None = None
+    ) -> str:
+        """Create ``branch`` at ``starting_point`` (a branch or commit; default the head of
+        ``main``) and return its head. 409 if it exists, 400 for a name git would refuse."""
+        branch = branch_name(branch)
+        if (
+            not _BRANCH.fullmatch(branch)
+            or ".." in branch
+            or branch.endswith(".lock")
+            or branch.startswith("refs/")
+            or _SHA1.fullmatch(branch)
+        ):
+            raise HubError(400, f"Invalid branch name: {branch!r}")
+        with self.lock:
+            repo = self.get(repo_type, repo_id)
+            if branch in repo["refs"]:
+                raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+            head = self.resolve(repo, starting_point or DEFAULT_BRANCH)["id"]
+            self._save({**repo, "refs": {**repo["refs"], branch: head}})
+            return str(head)
+
+    def delete_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
+        """Delete ``branch``; its commits stay reachable by id. 403 for ``main``, 404 if absent."""
+        branch = branch_name(branch)
+        with self.lock:
+            repo = self.get(repo_type, repo_id)
+            if branch == DEFAULT_BRANCH:
+                raise HubError(403, f"Cannot delete the default branch {DEFAULT_BRANCH}")
+            if branch not in repo["refs"]:
+                raise HubError(404, f"Branch not found: {branch}", "RevisionNotFound")
+            self._save({**repo, "refs": {k: v for k, v in repo["refs"].items() if k != branch}})
+
     def resolve(self, repo: dict[str, Any], revision: str) -> dict[str, Any]:
         """The commit a branch name (``main``, ``refs/heads/main``) or a full commit id names."""
         commits: dict[str, dict[str, Any]] = repo["commits"]
@@ -182,16 +220,21 @@ class Store:
         description: str = "",
         parent: str | None = None,
         author: str = "",
+        branch: str = DEFAULT_BRANCH,
     ) -> str:
-        """Apply ``ops`` to the head of ``main`` as one new commit and return its id.
+        """Apply ``ops`` to the head of ``branch`` as one new commit and return its id.
 
         Ops: ``("file", path, bytes)``, ``("lfs", path, (sha256, size))`` for an uploaded LFS
         object, ``("delete", path, None)``, ``("delete_folder", path, None)``. ``parent``, if
-        given, must be the current head (412 otherwise).
+        given, must be the current head (412 otherwise). A branch that does not exist is a 404
+        (as on the Hub: commits go to existing branches only), except ``main`` of a new repo.
         """
+        branch = branch_name(branch)
         with self.lock:
             repo = self.get(repo_type, repo_id)
-            head_id = repo["refs"].get("main")
+            if repo["refs"] and branch not in repo["refs"]:
+                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            head_id = repo["refs"].get(branch)
             if parent is not None and parent != head_id:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             files: dict[str, dict[str, Any]] = (
@@ -239,7 +282,7 @@ class Store:
                 "files": files,
             }
             commits = {**repo["commits"], commit_id: commit}
-            self._save({**repo, "commits": commits, "refs": {**repo["refs"], "main": commit_id}})
+            self._save({**repo, "commits": commits, "refs": {**repo["refs"], branch: commit_id}})
             return commit_id
 
     def seed(self, repo_type: str, repo_id: str, directory: str | os.PathLike[str]) -> str:
@@ -253,7 +296,7 @@ class Store:
         with self.lock:
             self.create_repo(repo_type, repo_id)
             repo = self.get(repo_type, repo_id)
-            head = repo["commits"][repo["refs"]["main"]]
+            head = repo["commits"][repo["refs"][DEFAULT_BRANCH]]
             ops: list[tuple[str, str, Any]] = []
             for path in sorted(p for p in base.rglob("*") if p.is_file() and ".git" not in p.parts):
                 rel, data = path.relative_to(base).as_posix(), path.read_bytes()

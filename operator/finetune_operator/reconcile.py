@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 # Transitions worth a Warning Event besides Failed: each needs someone to act (or explains why
 # pods are going away). One Event per transition, never one per pass.
-WARNING_REASONS = frozenset({Reason.RESTARTING, Reason.SECRET_NOT_FOUND, Reason.NAME_CONFLICT})
+WARNING_REASONS = frozenset(
+    {Reason.RESTARTING, Reason.SECRET_NOT_FOUND, Reason.NAME_CONFLICT, Reason.NO_DURABLE_STORE}
+)
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,6 @@ class PassResult:
     # Set when the caller should raise kopf.TemporaryError / PermanentError.
     temporary: str | None = None
     permanent: str | None = None
-
-
-# Transitions that need someone's attention are Warning Events; the rest are Normal.
-WARNING_REASONS = frozenset({Reason.RESTARTING, Reason.NO_DURABLE_STORE, Reason.SECRET_NOT_FOUND})
 
 
 def now_rfc3339() -> str:

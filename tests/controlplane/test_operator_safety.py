@@ -147,9 +147,13 @@ def test_missing_secret_is_one_warning_event_however_many_passes(
             timeout=30,
             message=f"a pass over generation {generation}",
         )
+
     # The Event is posted right after the status write that made the transition.
-    wait_until(lambda: events_of(kube, namespace, "nosecret"), timeout=10, message="an Event")
-    assert events_of(kube, namespace, "nosecret") == [("Warning", "SecretNotFound")]
+    def warnings() -> list[tuple[str, str]]:
+        return [e for e in events_of(kube, namespace, "nosecret") if e[0] == "Warning"]
+
+    wait_until(warnings, timeout=10, message="a Warning Event")
+    assert warnings() == [("Warning", "SecretNotFound")]
     assert kube.get("Job", "nosecret", namespace) is None
 
 

@@ -21,7 +21,8 @@ import torch
 
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_hub_double import server as hub_double
-from finetune_trainer.publish import Backoff, PushError, PushResult, push_to_hub
+from finetune_trainer.hub_retry import Backoff
+from finetune_trainer.publish import PushError, PushResult, push_to_hub
 
 TOKEN = "hf_publishtest_good_0123456789abcdef"
 BAD_TOKEN = "hf_publishtest_bad_9876543210fedcba"
@@ -225,7 +226,7 @@ def test_no_hub_output_or_folder_is_an_error(tmp_path: Path) -> None:
 
 
 # Short waits: what is tested is which failures are retried, not how long the waits are.
-QUICK = Backoff(attempts=4, first_wait=0.01, max_wait=0.02)
+QUICK = Backoff(retries=3, base_seconds=0.01, max_seconds=0.02)
 
 
 def fault(endpoint: str, method: str, order: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def test_rate_limits_are_retried_and_retries_are_bounded(
     with pytest.raises(PushError, match="after 4 attempts") as info:
         push_to_hub(make_job(hub, repo="test-org/down"), artifact, SCORES, "adapter", QUICK)
     assert not info.value.permanent  # the next attempt of the job may still get through
-    assert fault(hub, "GET")["fired"] == {"commit": QUICK.attempts}
+    assert fault(hub, "GET")["fired"] == {"commit": QUICK.retries + 1}
 
 
 @pytest.mark.parametrize(("kind", "status"), [("commit", 403), ("create", 404), ("commit", 401)])
@@ -296,7 +297,7 @@ def test_connection_errors_are_retried(hf_env: logging.Handler, artifact: Path) 
     with socket.socket() as sock:  # a port that nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    backoff = Backoff(attempts=2, first_wait=0.01)
+    backoff = Backoff(retries=1, base_seconds=0.01)
     with pytest.raises(PushError, match="after 2 attempts") as info:
         push_to_hub(
             make_job(closed, repo="test-org/unreachable"), artifact, SCORES, "adapter", backoff

@@ -6,7 +6,9 @@ its completion marker last and is then renamed into place, so a gang killed mid-
 worst a temporary folder that discovery ignores. The step lives in `trainer_state.json`.
 
 Only rank 0 writes and reads checkpoints; the other ranks receive the state by broadcast (see
-train.py), so the checkpoint volume need not be shared between pods.
+train.py), so the checkpoint volume need not be shared between pods. A checkpoint fetched from
+elsewhere (checkpoint_mirror.py restores one from the Hub) is downloaded into a `scratch` folder
+and `adopt`ed: renamed into place like a saved one, once it is known to be complete.
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a whole checkpoint: its marker (written last) and its state."""
     return (folder / COMPLETE_MARKER).is_file() and (folder / STATE_FILE).is_file()
 
 
-def _read_state(folder: Path) -> TrainerState:
+def read_state(folder: Path) -> TrainerState:
     return TrainerState(**json.loads((folder / STATE_FILE).read_text()))
 
 
@@ -84,10 +87,10 @@ def list_complete(root: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for folder in root.iterdir():
-        if folder.name.startswith(_TMP_PREFIX) or not folder.is_dir() or not _is_complete(folder):
+        if folder.name.startswith(_TMP_PREFIX) or not folder.is_dir() or not is_complete(folder):
             continue
         try:
-            found.append((_read_state(folder).step, folder))
+            found.append((read_state(folder).step, folder))
         except (OSError, ValueError, TypeError):
             continue  # unreadable: treat as absent rather than fail the restart
     return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
@@ -108,9 +111,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     """Write a checkpoint atomically and delete the oldest beyond `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir()
+    tmp = scratch(root)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in ckpt.trainable.items()},
         tmp / "trainable.safetensors",
@@ -121,12 +122,39 @@ def save(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     (tmp / STATE_FILE).write_text(json.dumps(asdict(ckpt.state)))
     (tmp / COMPLETE_MARKER).write_text("")
     _fsync_dir(tmp)
-    # A unique suffix: after a resume the same step can be saved again.
-    final = root / f"checkpoint-{ckpt.state.step:08d}-{uuid.uuid4().hex[:6]}"
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    final = _publish(root, tmp, ckpt.state.step)
     rotate(root, keep)
     return final
+
+
+def _publish(root: Path, folder: Path, step: int) -> Path:
+    """Rename a complete checkpoint folder (on the same filesystem) into place under `root`."""
+    # A unique suffix: after a resume the same step can be saved again.
+    final = root / f"checkpoint-{step:08d}-{uuid.uuid4().hex[:6]}"
+    os.rename(folder, final)
+    _fsync_dir(root)
+    return final
+
+
+def scratch(root: Path) -> Path:
+    """A new hidden folder under `root` for a checkpoint on its way in; discovery ignores it,
+    `rotate` removes it if it is left behind."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+    folder.mkdir()
+    return folder
+
+
+def adopt(root: Path, folder: Path) -> Path:
+    """Move `folder`, a checkpoint fetched into a `scratch` folder of `root`, into place; it
+    must be complete and readable (ValueError otherwise). Returns its new path."""
+    if not is_complete(folder):
+        raise ValueError(f"{folder} is not a complete checkpoint (no {COMPLETE_MARKER} or state)")
+    try:
+        step = read_state(folder).step
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{folder / STATE_FILE} is unreadable: {exc}") from None
+    return _publish(root, folder, step)
 
 
 def rotate(root: Path, keep: int) -> None:
@@ -138,11 +166,19 @@ def rotate(root: Path, keep: int) -> None:
 
 def load(folder: Path) -> Checkpoint:
     return Checkpoint(
-        state=_read_state(folder),
+        state=read_state(folder),
         trainable=load_file(folder / "trainable.safetensors"),
         optimizer=torch.load(folder / "optimizer.pt", weights_only=True),
         scheduler=torch.load(folder / "scheduler.pt", weights_only=True),
-        # RNG states hold numpy arrays, which the weights-only unpickler refuses; the folder is
-        # our own, written by rank 0 of this job.
-        rng=torch.load(folder / "rng.pt", weights_only=False),
+        rng=_load_rng(folder / "rng.pt"),
     )
+
+
+def _load_rng(path: Path) -> list[dict[str, Any]]:
+    """The ranks' RNG states, through the weights-only unpickler: a checkpoint may come from the
+    Hub (checkpoint_mirror.py), where a full unpickler would run whatever the file says. numpy's
+    generator state holds a uint32 array, so exactly what rebuilds one is allowed besides."""
+    uint32 = np.dtype(np.uint32)
+    rebuild = np.zeros(1, dtype=uint32).__reduce__()[0]  # numpy's array _reconstruct
+    with torch.serialization.safe_globals([rebuild, np.ndarray, np.dtype, type(uint32)]):
+        return torch.load(path, weights_only=True)

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -90,9 +91,13 @@ def train_steps(
     state: checkpoint.TrainerState,
     ckpt_root: Path,
     telemetry: TrainerMetrics,
+    after_save: Callable[[Path], object] | None = None,
 ) -> float | None:
     """Train to the last step; returns the gang's real (non-pad) tokens per second. A gang that
-    stops making progress ends this process from the watchdog (reason CollectiveTimeout)."""
+    stops making progress ends this process from the watchdog (reason CollectiveTimeout).
+
+    `after_save(folder)` runs on rank 0 after each complete checkpoint, before training goes on
+    (train.py mirrors the checkpoint to the Hub there)."""
     acc, t = run.accelerator, job.spec.training
     hang_floor = job.spec.run_policy.hang_timeout_seconds
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -140,7 +145,9 @@ def train_steps(
                     # Rank 0 may write (or upload) for long while the others wait in the next
                     # step's collective: untimed until that step completes.
                     watchdog.pause()
-                    _save_checkpoint(run, state, ckpt_root, t.checkpoints_to_keep, telemetry)
+                    _save_checkpoint(
+                        run, state, ckpt_root, t.checkpoints_to_keep, telemetry, after_save
+                    )
                 if stopping:
                     raise Interrupted(state.step)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -202,10 +209,12 @@ def _save_checkpoint(
     root: Path,
     keep: int,
     telemetry: TrainerMetrics,
+    after_save: Callable[[Path], object] | None,
 ) -> None:
     acc = run.accelerator
     started = time.perf_counter()
     rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
+    folder: Path | None = None
     if acc.is_main_process:
         folder = checkpoint.save(
             root,
@@ -220,6 +229,8 @@ def _save_checkpoint(
         )
         log.info("checkpoint at step %d: %s", state.step, folder)
     telemetry.record_checkpoint(time.perf_counter() - started)
+    if folder is not None and after_save is not None:
+        after_save(folder)
 
 
 def _peak_memory(acc: Accelerator) -> int:

@@ -10,35 +10,36 @@ first imported, and the endpoint here is passed to `HfApi` explicitly instead. S
 HF_HUB_DISABLE_XET=1 before huggingface_hub is first imported when the endpoint does not speak
 Xet (a mirror or the test double); otherwise uploads try Xet.
 
-Failures fall in three classes (`failure_class`). Transient ones (429, 408, 5xx, a connection
-error or timeout) are retried here, the whole push again, with exponential backoff (`Backoff`):
-huggingface_hub already retries its preupload and LFS calls (`http_backoff`) but neither the repo
-creation nor the commit. Permanent ones (401, 403, a missing namespace, a repo id the client
-refuses: any other 4xx) raise at once, with `PushError.permanent` set, so the job ends without
-another attempt. Anything else raises at once as retryable.
+Failures fall in three classes (`hub_retry.failure_class`). Transient ones (429, 408, 409, 5xx, a
+connection error or timeout) are retried here, the whole push again, with the Hub backoff of
+hub_retry.py: huggingface_hub already retries its preupload and LFS calls (`http_backoff`) but
+neither the repo creation nor the commit. Permanent ones (401, 403, a missing namespace, a repo id
+the client refuses: any other 4xx) raise at once, with `PushError.permanent` set, so the job ends
+without another attempt. Anything else raises at once as retryable.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 from finetune_api.pod import HF_TOKEN_ENV
 from finetune_api.result import scrub
 from finetune_api.v1alpha1 import FineTuneJob
+from finetune_trainer.hub_retry import HUB_BACKOFF, Backoff, failure_class, with_backoff
 from finetune_trainer.model_card import render_model_card
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 __all__ = [
     "DEFAULT_ENDPOINT",
-    "Backoff",
     "PushError",
     "PushResult",
-    "failure_class",
     "hub_endpoint",
     "push_to_hub",
 ]
@@ -64,52 +65,6 @@ class PushError(RuntimeError):
         self.permanent = permanent
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """How transient push failures are retried: `attempts` pushes in all, waiting `first_wait`
-    seconds after the first failure, doubling up to `max_wait` (31 s of waits by default)."""
-
-    attempts: int = 6
-    first_wait: float = 1.0
-    max_wait: float = 30.0
-
-    def waits(self) -> Iterator[float]:
-        wait = self.first_wait
-        for _ in range(self.attempts - 1):
-            yield wait
-            wait = min(self.max_wait, wait * 2)
-
-
-FailureClass = Literal["transient", "permanent", "other"]
-# Client errors that a later try can pass: a timeout, a conflicting operation, a rate limit.
-_TRANSIENT_CLIENT_STATUS = frozenset({408, 409, 425, 429})
-
-
-def failure_class(exc: BaseException) -> FailureClass:
-    """Whether a failed push is worth retrying, from the first HTTP status or transport error
-    in the exception's chain (huggingface_hub wraps some of them)."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        if isinstance(seen, HFValidationError):
-            return "permanent"  # a repo id the client refuses
-        if isinstance(seen, OfflineModeIsEnabled):
-            return "other"  # a setting of this pod, not the Hub's state
-        if isinstance(seen, HfHubHTTPError) and seen.response is not None:
-            status = seen.response.status_code
-            if status >= 500 or status in _TRANSIENT_CLIENT_STATUS:
-                return "transient"
-            return "permanent" if status >= 400 else "other"
-        if isinstance(seen, httpx2.TransportError | ConnectionError | TimeoutError):
-            return "transient"
-        seen = seen.__cause__ or seen.__context__
-    return "other"
-
-
 def hub_endpoint(job: FineTuneJob) -> str:
     """spec.output.hub.endpoint, else HF_ENDPOINT, else huggingface.co; no trailing slash."""
     hub = job.spec.output.hub
@@ -122,7 +77,7 @@ def push_to_hub(
     artifact_dir: Path,
     scores: Mapping[str, Mapping[str, float | None]],
     artifact: str,
-    backoff: Backoff = Backoff(),
+    backoff: Backoff = HUB_BACKOFF,
 ) -> PushResult:
     """Write the model card into artifact_dir and push the folder to spec.output.hub.repo.
 
@@ -159,42 +114,28 @@ def push_to_hub(
         f"finetune-operator: {artifact} from FineTuneJob "
         f"{job.metadata.namespace}/{job.metadata.name}"
     )
-    waits, attempt = backoff.waits(), 0
-    while True:
-        attempt += 1
-        try:
-            api.create_repo(hub.repo, private=hub.private, exist_ok=True, repo_type="model")
-            info = api.upload_folder(
-                repo_id=hub.repo,
-                folder_path=artifact_dir,
-                repo_type="model",
-                commit_message=message,
-            )
-            break
-        except Exception as exc:
-            kind = failure_class(exc)
-            # Scrubbed, and raised `from None`: the original exception (and its traceback text)
-            # could quote the request.
-            what = scrub(f"{type(exc).__name__}: {exc}")
-            if kind == "permanent":
-                raise PushError(
-                    f"push to {target} was refused, and retrying cannot help (check that the "
-                    f"token of output.hub.tokenSecretRef may write to {hub.repo}): {what}",
-                    permanent=True,
-                ) from None
-            wait = next(waits, None) if kind == "transient" else None
-            if wait is None:
-                tries = f" after {attempt} attempts" if kind == "transient" else ""
-                raise PushError(f"push to {target} failed{tries}: {what}") from None
-            log.warning(
-                "push to %s failed (attempt %d of %d), retrying in %.0fs: %s",
-                target,
-                attempt,
-                backoff.attempts,
-                wait,
-                what.splitlines()[0] if what else what,
-            )
-            time.sleep(wait)
+
+    def push() -> CommitInfo:
+        api.create_repo(hub.repo, private=hub.private, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            repo_id=hub.repo, folder_path=artifact_dir, repo_type="model", commit_message=message
+        )
+
+    try:
+        info = with_backoff(push, f"push to {target}", backoff)
+    except Exception as exc:
+        kind = failure_class(exc)
+        # Scrubbed, and raised `from None`: the original exception (and its traceback text)
+        # could quote the request.
+        what = scrub(f"{type(exc).__name__}: {exc}")
+        if kind == "permanent":
+            raise PushError(
+                f"push to {target} was refused, and retrying cannot help (check that the "
+                f"token of output.hub.tokenSecretRef may write to {hub.repo}): {what}",
+                permanent=True,
+            ) from None
+        tries = f" after {backoff.retries + 1} attempts" if kind == "transient" else ""
+        raise PushError(f"push to {target} failed{tries}: {what}") from None
     revision = info.oid
     url = f"{endpoint}/{hub.repo}/commit/{revision}"
     log.info("pushed %s to %s at %s", artifact, hub.repo, revision)

@@ -30,6 +30,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from finetune_api.pod import RESUMED_FROM_STEP_GAUGE
+
 __all__ = [
     "CHECKPOINT_BUCKETS",
     "STARTUP_PHASES",
@@ -167,6 +169,14 @@ class TrainerMetrics:
         self._ckpt_last = gauge(
             "finetune_checkpoint_last_timestamp_seconds", "Unix time the last checkpoint was saved."
         )
+        self._resumed_from = gauge(
+            RESUMED_FROM_STEP_GAUGE,
+            "Step this attempt resumed from, 0 for a fresh start.",
+        )
+        self._mirror_stale = gauge(
+            "finetune_checkpoint_mirror_stale",
+            "1 while the newest checkpoint failed to mirror to the Hub branch, else 0.",
+        )
         self._peak_memory = gauge(
             "finetune_accelerator_memory_peak_bytes",
             "Peak accelerator memory allocated by this rank, in bytes.",
@@ -271,6 +281,14 @@ class TrainerMetrics:
     def record_checkpoint(self, duration_s: float) -> None:
         self._ckpt_duration.labels(**self.labels).observe(duration_s)
         self._ckpt_last.labels(**self.labels).set(time.time())
+
+    def record_resume(self, step: int | None) -> None:
+        """The step this attempt resumed from; None (a fresh start) is exported as 0."""
+        self._resumed_from.labels(**self.labels).set(step or 0)
+
+    def record_mirror(self, stale: bool) -> None:
+        """Whether the Hub branch lags the newest local checkpoint (its upload failed)."""
+        self._mirror_stale.labels(**self.labels).set(1 if stale else 0)
 
     def record_phase(self, name: str) -> None:
         """Stamp a start-up phase with the current Unix time.

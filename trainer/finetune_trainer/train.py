@@ -41,6 +41,7 @@ from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import TrainerResult, scrub
 from finetune_trainer import checkpoint, final, modeling
+from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
 from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
 from finetune_trainer.logtail import with_log_tail
@@ -97,6 +98,9 @@ def _train(job: FineTuneJob) -> int:
     spec = job.spec
     telemetry = _start_telemetry(job)
     task = task_for(spec)
+    ckpt_root = checkpoint_root(job)
+    # Checked on every rank before the rendezvous, so a bad setting fails the whole gang alike.
+    mirror = CheckpointMirror.from_env(job, ckpt_root.name, telemetry)
 
     set_seed(spec.training.seed)
     accelerator = _accelerator(spec)
@@ -117,13 +121,14 @@ def _train(job: FineTuneJob) -> int:
     set_seed(spec.training.seed + accelerator.process_index)
     telemetry.record_phase("model_loaded")
     run = _prepare(job, accelerator, task, data, model)
-    ckpt_root = checkpoint_root(job)
-    state, resumed_from = _resume(run, ckpt_root)
+    state, resumed_from = _resume(run, ckpt_root, mirror)
+    telemetry.record_resume(resumed_from)
     # A resumed run keeps the before-training scores of its first attempt.
     state.before_scores = _evaluate(run, telemetry, "before", state.before_scores)
 
     telemetry.set_status("training")
-    tokens_per_second = train_steps(job, run, state, ckpt_root, telemetry)
+    after_save = mirror.upload if mirror is not None else None
+    tokens_per_second = train_steps(job, run, state, ckpt_root, telemetry, after_save)
     accelerator.wait_for_everyone()
 
     after = _evaluate(run, telemetry, "after")
@@ -249,11 +254,15 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     return base / f"{job.metadata.name}-{digest}"
 
 
-def _resume(run: Prepared, root: Path) -> tuple[checkpoint.TrainerState, int | None]:
+def _resume(
+    run: Prepared, root: Path, mirror: CheckpointMirror | None
+) -> tuple[checkpoint.TrainerState, int | None]:
     acc = run.accelerator
     payload: list[checkpoint.Checkpoint | None] = [None]
     if acc.is_main_process:
         folder = checkpoint.latest(root)
+        if folder is None and mirror is not None:  # new pods: the Hub branch may hold one
+            folder = mirror.restore(root)
         if folder is not None:
             log.info("resuming from %s", folder)
             payload[0] = checkpoint.load(folder)
