@@ -192,8 +192,9 @@ def largest_spec_manifest(name: str, namespace: str) -> Obj:
     return ftj_manifest(
         name,
         namespace,
-        model={"source": "hf://org/" + "m" * 1015},
-        dataset={"source": "hf://org/" + "d" * 1015},
+        # The longest sources are paths: a Hub repo id is at most 96 + 1 + 96 characters.
+        model={"source": "file:///" + "m" * 1016},
+        dataset={"source": "file:///" + "d" * 1016},
         peft={"targetModules": [f"m{i:02d}" + "x" * 125 for i in range(64)]},
         evaluation={"metrics": metrics, "gates": dict.fromkeys(metrics, 0.5)},
         template=template,
