@@ -19,9 +19,12 @@ from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuc
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
-# While an attempt's pods have not all started and none is stuck yet, look again this often:
-# nothing the operator watches changes when a pod starts failing to pull its image or to fit.
-PENDING_CHECK_SECONDS = 10.0
+# While an attempt's pods have not all started and none is stuck yet, look again this often
+# (nothing the operator watches changes when a pod starts failing to pull its image or to fit),
+# and less often as the Job ages: a tenth of its age, up to the resync interval's default. Pods
+# that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
+# cost a pass a minute, not six.
+PENDING_CHECK_SECONDS = (10.0, 60.0)
 # What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
 PENDING_HINTS = {
     Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
@@ -351,7 +354,7 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             f"Job {naming.batch_job_name(name)} attempt {out.attempt}",
         )
         patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
-        waited = _pending_seconds(observed) if out.stuck and not policy.suspend else None
+        waited = _pending_seconds(observed) if not policy.suspend else None
         timed_out = _pending_timeout(out.stuck, policy, waited)
         if timed_out:
             # Delete the Job: its pods would hold what they got (a node, an accelerator), and
@@ -427,7 +430,10 @@ def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float
         return None
     if out.stuck is not None and waited is not None:
         return float(policy.pending_timeout_seconds - waited + 1)
-    return PENDING_CHECK_SECONDS if out.unstarted else None
+    if not out.unstarted:
+        return None
+    least, most = PENDING_CHECK_SECONDS
+    return min(max((waited or 0) / 10, least), most)
 
 
 def _pending_timeout(stuck: Stuck | None, policy: RunPolicy, waited: int | None) -> str:

@@ -795,11 +795,11 @@ def test_an_unschedulable_pod_names_what_the_scheduler_said() -> None:
     assert running["message"] == f"pod demo-0-abcde: {said}"
 
 
-def test_slow_pods_are_not_stuck_and_are_looked_at_again_soon() -> None:
+def test_slow_pods_never_time_out_and_are_looked_at_again() -> None:
     creating = waiting_pod(0, "ContainerCreating")
     result = pending_plan([creating, pod(1, "Pending")], now=at_offset(3600))
     assert cond(result.status, "Running") is None and result.status["phase"] == "Pending"
-    assert result.requeue_after == 10
+    assert result.requeue_after == 60
     # Running pods need no second look; a pod the scheduler still reports (as no kubelet bound
     # it, in tests) is not stuck once it runs.
     running = unschedulable_pod(1, "no nodes available", phase="Running")
@@ -930,3 +930,10 @@ def test_a_new_job_is_looked_at_again_until_its_pods_start() -> None:
     assert [a.kind for a in first.actions] == ["create"]
     assert first.requeue_after is None  # the pass that creates it plans again with the Job
     assert plan(ftj({"attempts": 1}), observed(started_job(), [])).requeue_after == 10
+    # Less often as the Job ages, up to once a minute.
+    slow = [waiting_pod(0, "ContainerCreating"), pod(1, "Pending")]
+    assert [pending_plan(slow, now=at_offset(s)).requeue_after for s in (50, 300, 7200)] == [
+        10,
+        30,
+        60,
+    ]
