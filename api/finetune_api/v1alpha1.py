@@ -458,7 +458,8 @@ class RunPolicy(ApiModel):
         ge=0,
         le=100,
         description="backoffLimit is the number of gang restarts after a failure, each resuming "
-        "from the last checkpoint. Default 3.",
+        "from the last checkpoint. Restarts after a disruption (a pod evicted, preempted, "
+        "drained or deleted; counted in status.disruptions) do not count. Default 3.",
     )
     active_deadline_seconds: int | None = Field(
         None,
@@ -490,6 +491,19 @@ class RunPolicy(ApiModel):
         "the attempt with reason CollectiveTimeout and the gang restarts from its checkpoint. "
         "Loading, evaluation, checkpoint saves and the push are not timed. Default 60.",
     )
+    pending_timeout_seconds: int = Field(
+        600,
+        ge=30,
+        le=86400,
+        description="pendingTimeoutSeconds is how long an attempt's pods may stay unable to start, "
+        "counted from when the attempt's Job started (its creation, or the moment a suspended or "
+        "queued Job was resumed or admitted). While a pod is stuck (ImagePullBackOff, "
+        "ErrImagePull, InvalidImageName, CreateContainerConfigError, CreateContainerError, "
+        "Unschedulable, or FailedCreate when the pods cannot be created at all) the Running "
+        "condition carries that reason at once; a pod still stuck when this time is up fails the "
+        "job with reason PendingTimeout and its Job is deleted. Pods that are only slow (image "
+        "pulls, scheduling in progress) never fail. Default 600. Mutable.",
+    )
 
     __rules__ = (
         TransitionRule(
@@ -497,8 +511,8 @@ class RunPolicy(ApiModel):
             " && self.hangTimeoutSeconds == oldSelf.hangTimeoutSeconds"
             " && has(self.queueName) == has(oldSelf.queueName)"
             " && (!has(self.queueName) || self.queueName == oldSelf.queueName)",
-            message="runPolicy is immutable except suspend, activeDeadlineSeconds and "
-            "ttlSecondsAfterFinished",
+            message="runPolicy is immutable except suspend, activeDeadlineSeconds, "
+            "ttlSecondsAfterFinished and pendingTimeoutSeconds",
         ),
     )
 
@@ -582,8 +596,8 @@ class FineTuneJobSpec(ApiModel):
         ),
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
-            message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds "
-            "and runPolicy.ttlSecondsAfterFinished",
+            message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds, "
+            "runPolicy.ttlSecondsAfterFinished and runPolicy.pendingTimeoutSeconds",
         ),
     )
 
@@ -699,6 +713,14 @@ class FineTuneJobStatus(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     attempts: int = Field(0, ge=0, description="attempts is the number of Jobs created so far.")
+    disruptions: int = Field(
+        0,
+        ge=0,
+        description="disruptions is the number of gang restarts caused by disruptions (a pod "
+        "evicted, preempted, drained or deleted: DisruptionTarget on a pod, or a trainer that "
+        "stopped on SIGTERM with reason Interrupted), which do not count against "
+        "runPolicy.backoffLimit. 0 until one happens.",
+    )
     start_time: Timestamp | None = Field(
         None, description="startTime is when the first attempt started Running (RFC 3339)."
     )

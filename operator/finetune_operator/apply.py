@@ -230,6 +230,23 @@ class Kube:
         )
         return list(pods.get("items") or [])
 
+    async def job_events(self, namespace: str, job_uid: str, reason: str) -> list[Obj]:
+        """The Events with `reason` about the Job `job_uid` (the Job controller's FailedCreate:
+        its pods cannot be created, which the Job's status never says). [] when the operator
+        may not list Events: it then cannot tell why, and the pod-less Job only waits."""
+        selector = f"involvedObject.uid={job_uid},reason={reason}"
+        try:
+            events = await self._json(
+                client.CoreV1Api(self.api).list_namespaced_event,
+                namespace,
+                field_selector=selector,
+            )
+        except ApiException as exc:
+            if exc.status == 403:
+                return []
+            raise
+        return list(events.get("items") or [])
+
     async def secret_key_exists(self, namespace: str, name: str, key: str) -> SecretCheck:
         """Whether the Secret has the key; UNKNOWN when RBAC forbids reading it. Values never
         leave this method."""

@@ -7,6 +7,7 @@ Handler ids are explicit because kopf turns them into annotation keys
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -19,6 +20,7 @@ from finetune_operator import naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
+from finetune_operator.requeue import Requeue
 from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ DIFFBASE_IGNORED = ("metadata", *(f"spec.{f}" for f in IMMUTABLE_SPEC_FIELDS))
 # predecessor's child) is looked at again this often.
 WAITING_SECONDS = 10.0
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
+_requeue = Requeue()
 
 
 def reconciler() -> Reconciler:
@@ -75,6 +78,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
+    _requeue.close()
     await reconciler().kube.close()
 
 
@@ -86,12 +90,22 @@ async def _reconcile(
     scrape: bool = False,
     children: bool = True,
 ) -> PassResult | None:
-    """One pass, once the semaphores admit it (periodic ones through both, always in that order)."""
+    """One pass, once the semaphores admit it (periodic ones through both, always in that order),
+    and the follow-up pass it asks for."""
     if periodic:
         async with _periodic, _passes:
-            return await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
-    async with _passes:
-        return await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+            result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+    else:
+        async with _passes:
+            result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+    after = result.plan.requeue_after if result is not None else None
+    _requeue.schedule((namespace, name), after, functools.partial(follow_up, namespace, name))
+    return result
+
+
+async def follow_up(namespace: str, name: str) -> None:
+    """The pass an earlier one asked for (`Plan.requeue_after`): pods that have not started."""
+    await _reconcile(namespace, name, periodic=True, children=False)
 
 
 async def _run(namespace: str, name: str) -> None:
@@ -120,6 +134,7 @@ async def run_policy_changed(namespace: str, name: str, **_: Any) -> None:
 @kopf.on.event(*FTJ, id="forget")
 async def forget(event: kopf.RawEvent, namespace: str, name: str, **_: Any) -> None:
     if event.get("type") == "DELETED":
+        _requeue.cancel((namespace, name))
         reconciler().forget(namespace, name)
 
 

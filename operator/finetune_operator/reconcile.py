@@ -21,7 +21,7 @@ from finetune_api.validation import ManifestError, parse_manifest
 from finetune_operator import checkpoints, naming, render, scrape
 from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
-from finetune_operator.lifecycle import State, observe_job
+from finetune_operator.lifecycle import STUCK_REASONS, State, needs_events, observe_job
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
 from finetune_operator.status import Blocker, Observed, Plan, invalid_status, plan
@@ -31,7 +31,13 @@ Obj = dict[str, Any]
 # Transitions worth a Warning Event besides Failed: each needs someone to act (or explains why
 # pods are going away). One Event per transition, never one per pass.
 WARNING_REASONS = frozenset(
-    {Reason.RESTARTING, Reason.SECRET_NOT_FOUND, Reason.NAME_CONFLICT, Reason.NO_DURABLE_STORE}
+    {
+        Reason.RESTARTING,
+        Reason.SECRET_NOT_FOUND,
+        Reason.NAME_CONFLICT,
+        Reason.NO_DURABLE_STORE,
+        *STUCK_REASONS,
+    }
 )
 
 
@@ -143,7 +149,11 @@ class Reconciler:
             blocker = name_conflict("Job", batch, job)
             return Observed(now=now_rfc3339(), blocker=blocker, store=store)
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
-        outcome = observe_job(batch, pods)
+        events: list[Obj] = []
+        if batch is not None and needs_events(batch, pods):
+            uid = (batch.get("metadata") or {}).get("uid") or ""
+            events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
+        outcome = observe_job(batch, pods, events)
         progress, resumed = None, None
         now = now_rfc3339()
         if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:

@@ -15,10 +15,34 @@ from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, RunPolicy
 from finetune_operator import naming
 from finetune_operator.checkpoints import CheckpointStore
-from finetune_operator.lifecycle import Obj, Outcome, State
+from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+# While an attempt's pods have not all started and none is stuck yet, look again this often
+# (nothing the operator watches changes when a pod starts failing to pull its image or to fit),
+# and less often as the Job ages: a tenth of its age, up to the resync interval's default. Pods
+# that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
+# cost a pass a minute, not six.
+PENDING_CHECK_SECONDS = (10.0, 60.0)
+# What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
+PENDING_HINTS = {
+    Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
+    "trainer image) exists and that the nodes may pull it (imagePullSecrets of the pods' "
+    "ServiceAccount)",
+    Reason.ERR_IMAGE_NEVER_PULL: "the image is not on the node and its pull policy is Never",
+    Reason.INVALID_IMAGE_NAME: "spec.template.image is not a valid image reference",
+    Reason.CREATE_CONTAINER_CONFIG_ERROR: "create the Secret or ConfigMap (or the key) the pod "
+    "references: output.hub.tokenSecretRef, or a valueFrom in spec.template.env",
+    Reason.CREATE_CONTAINER_ERROR: "the container runtime could not create the container; see "
+    "the message and the node's runtime",
+    Reason.UNSCHEDULABLE: "no node fits the pod: check spec.resources (requests, accelerator), "
+    "spec.template nodeSelector, tolerations and affinity, and that every claim the pod mounts "
+    "exists and can bind",
+    Reason.FAILED_CREATE: "the Job controller cannot create the pods: check that "
+    "spec.template.serviceAccountName exists, and the namespace's ResourceQuota, LimitRange "
+    "and admission policies",
+}
 
 
 @dataclass(frozen=True)
@@ -76,13 +100,18 @@ def deadline_left(policy: RunPolicy, start_time: str | None, at: str) -> int | N
     return total - max(_seconds(start_time, at), 0)
 
 
+def job_started(spec_job: Obj) -> str | None:
+    """When the Job's own clock started: the Job controller's status.startTime (reset by a
+    resume, and by Kueue's admission), its creation before that."""
+    meta, job_status = spec_job.get("metadata") or {}, spec_job.get("status") or {}
+    return job_status.get("startTime") or meta.get("creationTimestamp")
+
+
 def attempt_deadline(spec_job: Obj, policy: RunPolicy, start_time: str | None) -> int | None:
     """The activeDeadlineSeconds an attempt's Job should have: the budget left when its own
-    clock started (the Job controller's status.startTime, reset by a resume; its creation
-    before that), so that the Job ends when the whole job's budget does. At least 1, the
-    field's minimum: a Job with nothing left then fails DeadlineExceeded at once."""
-    meta, job_status = spec_job.get("metadata") or {}, spec_job.get("status") or {}
-    started = job_status.get("startTime") or meta.get("creationTimestamp")
+    clock started (`job_started`), so that the Job ends when the whole job's budget does. At
+    least 1, the field's minimum: a Job with nothing left then fails DeadlineExceeded at once."""
+    started = job_started(spec_job)
     # A Job read back without timestamps (never, from an API server) keeps the whole budget.
     left = deadline_left(policy, start_time if started else None, started or "")
     return None if left is None else max(left, 1)
@@ -109,6 +138,9 @@ class Plan:
     transitions: list[tuple[str, str, str]]
     # Seconds from Restarting to the new attempt training, when this pass first saw it train.
     restart_seconds: float | None = None
+    # Look again after this many seconds even if nothing changes (pods that have not started:
+    # a pod that gets stuck, or stays stuck until runPolicy.pendingTimeoutSeconds, moves no Job).
+    requeue_after: float | None = None
 
 
 class _Conditions:
@@ -250,6 +282,9 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     if out.state is not State.ABSENT and out.attempt > attempts:
         attempts = out.attempt  # created, then crashed before the status write
     status["attempts"] = attempts
+    # Restarts a disruption caused: attempts minus these is what backoffLimit bounds.
+    disruptions = int(prev.get("disruptions") or 0)
+    requeue_after: float | None = None
     restart_seconds = _checkpoints(status, prev, conds, observed, attempts)
     terminal = prev.get("phase") in TERMINAL and (
         conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
@@ -283,22 +318,33 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         elif left is not None and left <= 0:
             msg = f"{_spent(policy)}; last attempt: {out.message[:512]}"
             _finish(status, conds, observed.now, False, Reason.DEADLINE_EXCEEDED, msg)
-        elif attempts <= policy.backoff_limit:
-            # Record the next attempt before deleting, so a crash in between still restarts.
+        elif out.disruption or attempts - disruptions <= policy.backoff_limit:
+            # Record the next attempt (and a disruption) before deleting, so a crash in between
+            # still restarts, and counts the same.
             status["attempts"] = attempts + 1
             status["checkpoints"] = {
                 **status.get("checkpoints", {}),
                 "lastRestartTime": observed.now,
             }
             actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-            conds.set(
-                CT.RUNNING,
-                False,
-                Reason.RESTARTING,
-                f"attempt {attempts} failed ({out.message[:512]}); starting attempt {attempts + 1}",
-            )
+            if out.disruption:
+                status["disruptions"] = disruptions + 1
+                msg = (
+                    f"attempt {attempts} was disrupted ({out.disruption[:512]}); a disruption "
+                    f"does not count against runPolicy.backoffLimit; starting attempt "
+                    f"{attempts + 1}"
+                )
+            else:
+                msg = (
+                    f"attempt {attempts} failed ({out.message[:512]}); starting attempt "
+                    f"{attempts + 1}"
+                )
+            conds.set(CT.RUNNING, False, Reason.RESTARTING, msg)
         else:
-            msg = f"{attempts} attempt(s) failed; last: {out.message[:512]}"
+            msg = f"{attempts - disruptions} attempt(s) failed"
+            if disruptions:
+                msg += f" (and {disruptions} disrupted, which do not count)"
+            msg += f"; last: {out.message[:512]}"
             _finish(status, conds, observed.now, False, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
     else:
         conds.set(
@@ -308,19 +354,32 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             f"Job {naming.batch_job_name(name)} attempt {out.attempt}",
         )
         patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
-        if patch:
+        waited = _pending_seconds(observed) if not policy.suspend else None
+        timed_out = _pending_timeout(out.stuck, policy, waited)
+        if timed_out:
+            # Delete the Job: its pods would hold what they got (a node, an accelerator), and
+            # would train for a Failed FineTuneJob once the cause is fixed.
+            _finish(status, conds, observed.now, False, Reason.PENDING_TIMEOUT, timed_out)
+            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+        elif patch:
             actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
-        if policy.suspend:
+        if timed_out:
+            pass
+        elif policy.suspend:
             conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, "runPolicy.suspend is true")
             conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
         else:
             if conds.is_true(CT.SUSPENDED):
                 conds.set(CT.SUSPENDED, False, Reason.RESUMED, "runPolicy.suspend is false")
             if out.state is State.RUNNING:
+                status["startTime"] = status.get("startTime") or observed.now
+            if out.stuck is not None:
+                # Rank 0 may run, but the gang cannot train without the stuck pod.
+                conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
+            elif out.state is State.RUNNING:
                 conds.set(
                     CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running"
                 )
-                status["startTime"] = status.get("startTime") or observed.now
             elif out.state is State.SUSPENDED and policy.queue_name:
                 conds.set(
                     CT.RUNNING,
@@ -328,6 +387,14 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
                     Reason.QUEUED,
                     f"waiting for Kueue queue {policy.queue_name}",
                 )
+            elif out.state is State.PENDING and _stuck_reason(conds):
+                conds.set(
+                    CT.RUNNING,
+                    False,
+                    Reason.PODS_PENDING,
+                    f"{out.unstarted} pod(s) not started yet; none is stuck",
+                )
+            requeue_after = _requeue_after(out, policy, waited)
         if observed.progress and out.state is State.RUNNING:
             status["progress"] = observed.progress
 
@@ -342,6 +409,42 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         actions=actions,
         transitions=_transitions(prev, status),
         restart_seconds=restart_seconds,
+        requeue_after=requeue_after,
+    )
+
+
+def _pending_seconds(observed: Observed) -> int | None:
+    """Seconds since the attempt's Job started (`job_started`); None when it cannot be told."""
+    started = job_started(observed.job) if observed.job else None
+    return max(_seconds(started, observed.now), 0) if started else None
+
+
+def _stuck_reason(conds: _Conditions) -> bool:
+    return conds.by_type.get(CT.RUNNING, {}).get("reason") in STUCK_REASONS
+
+
+def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:
+    """When to look again at an attempt whose pods have not all started: when a stuck one's
+    time is up (a second late, so that it is), else soon, to see a pod get stuck."""
+    if out.state not in (State.PENDING, State.RUNNING):
+        return None
+    if out.stuck is not None and waited is not None:
+        return float(policy.pending_timeout_seconds - waited + 1)
+    if not out.unstarted:
+        return None
+    least, most = PENDING_CHECK_SECONDS
+    return min(max((waited or 0) / 10, least), most)
+
+
+def _pending_timeout(stuck: Stuck | None, policy: RunPolicy, waited: int | None) -> str:
+    """The Failed message when a stuck pod's runPolicy.pendingTimeoutSeconds is up, else ""."""
+    if stuck is None or waited is None or waited < policy.pending_timeout_seconds:
+        return ""
+    hint = PENDING_HINTS.get(stuck.reason, "")
+    return (
+        f"{stuck.reason} for longer than runPolicy.pendingTimeoutSeconds "
+        f"({policy.pending_timeout_seconds} s; {waited} s since the attempt's Job started): "
+        f"{stuck.message}" + (f". To fix: {hint}" if hint else "")
     )
 
 

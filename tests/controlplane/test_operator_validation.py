@@ -117,6 +117,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("deadline-min", {"spec.runPolicy.activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
     ("queue-name-length", {"spec.runPolicy.queueName": "q" * 64}, "queueName"),
     ("hang-timeout-min", {"spec.runPolicy.hangTimeoutSeconds": 5}, "hangTimeoutSeconds"),
+    ("pending-timeout-min", {"spec.runPolicy.pendingTimeoutSeconds": 10}, "pendingTimeoutSeconds"),
     ("name-too-long", {"metadata.name": "a" * 51}, "metadata.name"),
     ("name-with-dots", {"metadata.name": "a.b"}, "metadata.name"),
     ("unknown-field", {"spec.model.flavour": "x"}, "flavour"),
@@ -182,8 +183,10 @@ def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: s
         ("suspend", True),
         ("activeDeadlineSeconds", 60),
         ("ttlSecondsAfterFinished", 5),
+        ("pendingTimeoutSeconds", 1800),
     ):
         patch({"runPolicy": {field: value}})
     got = kube.get("FineTuneJob", "bad", namespace)
     assert got is not None
     assert got["spec"]["runPolicy"]["suspend"] is True
+    assert got["spec"]["runPolicy"]["pendingTimeoutSeconds"] == 1800

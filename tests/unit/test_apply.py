@@ -389,6 +389,25 @@ def test_list_pods_selects_one_attempt_of_one_job(server) -> None:
     }
 
 
+def test_job_events_select_one_reason_about_one_job(server) -> None:
+    fake, _ = server
+    events = [{"reason": "FailedCreate", "message": "Error creating: forbidden"}]
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/events")] = (200, {"items": events})
+    assert run(server, lambda kube: kube.job_events(NS, "u1", "FailedCreate")) == events
+    (req,) = fake.seen
+    (selector,) = req.query["fieldSelector"]
+    assert set(selector.split(",")) == {"involvedObject.uid=u1", "reason=FailedCreate"}
+
+
+def test_job_events_without_rbac_to_list_them_are_none(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/events")] = status(403, "forbidden")
+    assert run(server, lambda kube: kube.job_events(NS, "u1", "FailedCreate")) == []
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/events")] = status(500, "etcd away")
+    with pytest.raises(ApiException):
+        run(server, lambda kube: kube.job_events(NS, "u1", "FailedCreate"))
+
+
 @pytest.mark.parametrize(
     ("answer", "expect"),
     [

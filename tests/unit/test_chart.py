@@ -273,6 +273,8 @@ def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
         ("", "services", "get"),
         ("", "services", "create"),
         ("", "events", "create"),
+        # A Job's FailedCreate Events: why its pods cannot be created.
+        ("", "events", "list"),
         ("events.k8s.io", "events", "create"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     ]:

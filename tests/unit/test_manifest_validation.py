@@ -53,6 +53,11 @@ def test_valid_manifest_gets_defaults():
         (with_changes(spec__peft={"method": "qlora"}), "spec.peft.method", "nvidia.com/gpu"),
         (with_changes(spec__evaluation={"gates": {"accuracy": 0.8}}), "spec.evaluation.gates", ""),
         (with_changes(spec__peft={"rank": 8}), "spec.peft.rank", "Extra inputs"),
+        (
+            with_changes(spec__runPolicy={"pendingTimeoutSeconds": 10}),
+            "spec.runPolicy.pendingTimeoutSeconds",
+            "greater than or equal to 30",
+        ),
         (with_changes(metadata__name="Bad_Name"), "metadata.name", "DNS-1035"),
         (with_changes(spec__model__source="s3://bucket/model"), "spec.model.source", "pattern"),
         (

@@ -111,10 +111,13 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# Events about FineTuneJobs, from kopf and the operator (create only; neither updates them).
+# Events about FineTuneJobs, from kopf and the operator (neither updates them). `list`: only
+# while an attempt's Job has fewer pods than it runs, the operator lists that Job's FailedCreate
+# Events (by field selector: the Job's uid and the reason), the one place where the Job
+# controller says why it cannot create them (a missing ServiceAccount, a quota).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create]
