@@ -54,7 +54,13 @@ class Reason(StrEnum):
     QUEUED = "Queued"
     PODS_RUNNING = "PodsRunning"
     SUSPENDED = "Suspended"
+    # runPolicy.suspend is true, and the pods are still saving their checkpoint (SIGTERM).
+    SUSPENDING = "Suspending"
     RESUMED = "Resumed"
+    # Kueue admitted the queued Job (it unsuspended it); its pods are not running yet.
+    ADMITTED = "Admitted"
+    # The queued Job's Kueue Workload is deactivated (spec.active=false) by someone else.
+    DEACTIVATED = "Deactivated"
     EVALUATION_GATE_FAILED = "EvaluationGateFailed"
     EVALUATED = "EvaluationCompleted"
     PUSHED = "PushedToHub"

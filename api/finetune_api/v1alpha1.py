@@ -451,7 +451,13 @@ class TemplateSpec(ApiModel):
 
 class RunPolicy(ApiModel):
     suspend: bool = Field(
-        False, description="suspend stops the pods (keeping checkpoints); false resumes. Mutable."
+        False,
+        description="suspend stops the gang and keeps its progress: each pod gets SIGTERM, saves "
+        "a checkpoint within its termination grace period and exits (reason Interrupted); "
+        "condition Suspended turns True once the pods are gone (Suspending until then). false "
+        "resumes, from that checkpoint. Without queueName it sets the Job's spec.suspend; with "
+        "queueName it sets the Kueue Workload's spec.active instead (Kueue owns the Job's). "
+        "Default false. Mutable.",
     )
     backoff_limit: int = Field(
         3,
@@ -479,7 +485,8 @@ class RunPolicy(ApiModel):
     queue_name: Annotated[str, StringConstraints(max_length=63)] | None = Field(
         None,
         description="queueName is a Kueue LocalQueue, passed on as the kueue.x-k8s.io/queue-name "
-        "label; the Job is then created suspended for Kueue to admit.",
+        "label; the Job is then created suspended for Kueue to admit, and Kueue alone sets its "
+        "spec.suspend (suspend goes through the Workload's spec.active). Unset: no Kueue.",
     )
     hang_timeout_seconds: int = Field(
         60,

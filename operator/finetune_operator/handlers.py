@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, ConditionType, Phase
 from finetune_api.v1alpha1 import IMMUTABLE_SPEC_FIELDS
-from finetune_operator import naming
+from finetune_operator import kueue, naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
@@ -156,6 +156,29 @@ async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
             log.warning("reconcile of %s/%s after a Job event: %s", namespace, owner, exc)
         except Exception:
             log.exception("reconcile of %s/%s after a Job event failed", namespace, owner)
+
+
+# No version: kopf watches the group's preferred one, as the operator reads it (kueue.py).
+@kopf.on.event(
+    group=kueue.GROUP,
+    plural=kueue.PLURAL,
+    labels={kueue.LABEL_JOB_UID: kopf.PRESENT},
+    id="workload",
+)
+async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """Kueue made, admitted, evicted or (de)activated a queued Job's Workload: re-derive its
+    FineTuneJob, whose status reports that (and whose suspend deactivates a new Workload at
+    once). Changes a Job does not show, such as why Kueue has not admitted it, arrive only here.
+    Other Jobs' Workloads cost no request. Without Kueue, kopf warns once that the resource is
+    not served, and starts watching should the CRD appear."""
+    owner = kueue.finetunejob_of(dict(body))
+    if owner:
+        try:
+            await _reconcile(namespace, owner, children=False)
+        except ApiException as exc:
+            log.warning("reconcile of %s/%s after a Workload event: %s", namespace, owner, exc)
+        except Exception:
+            log.exception("reconcile of %s/%s after a Workload event failed", namespace, owner)
 
 
 def _running(status: kopf.Status, **_: Any) -> bool:

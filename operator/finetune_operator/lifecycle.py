@@ -82,6 +82,9 @@ class Outcome:
     message: str = ""
     result: TrainerResult | None = None
     running_pods: int = 0
+    # Pods of the attempt not yet Succeeded or Failed, terminating ones included: for a
+    # suspended Job, the pods that got SIGTERM and are still saving their checkpoint.
+    live_pods: int = 0
     rank0_ip: str | None = None
     deleting: bool = False
     # Set for a retryable FAILED attempt that a disruption ended: what happened, for messages.
@@ -363,9 +366,13 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
     for kind in ("Failed", "FailureTarget"):
         if kind in conds:
             return _failure(conds[kind], pods, base)
-    if (job.get("spec") or {}).get("suspend"):
-        return replace(base, state=State.SUSPENDED)
+    phases = [(p.get("status") or {}).get("phase") for p in pods]
+    live = sum(1 for phase in phases if phase not in ("Succeeded", "Failed"))
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if (job.get("spec") or {}).get("suspend"):
+        # Suspended, but not stopped until `live` is 0: the Job controller deletes the pods, each
+        # trainer gets SIGTERM, saves a checkpoint and exits (reason Interrupted).
+        return replace(base, state=State.SUSPENDED, running_pods=len(running), live_pods=live)
     rank0 = next((p for p in running if _index(p) == 0), None)
     ip = (rank0.get("status") or {}).get("podIP") if rank0 else None
     state = State.RUNNING if running else State.PENDING
@@ -376,6 +383,7 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
         base,
         state=state,
         running_pods=len(running),
+        live_pods=live,
         rank0_ip=ip,
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),

@@ -15,6 +15,7 @@ from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, RunPolicy
 from finetune_operator import naming
 from finetune_operator.checkpoints import CheckpointStore
+from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
 
 CT = ConditionType
@@ -67,13 +68,17 @@ class Observed:
     store: CheckpointStore | None = None
     # What rank 0 of the running attempt reports: the step it resumed from (0: a fresh start).
     resumed_from_step: int | None = None
+    # A queued Job's Kueue Workload; None when not looked up (no queueName).
+    workload: Workload | None = None
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "create" | "delete" | "patch"
+    # "create" | "delete" | "patch" (the Job) | "activate" (the Kueue Workload `name`)
+    kind: str
     attempt: int = 0
     uid: str | None = None
+    name: str | None = None
     patch: Obj = field(default_factory=dict)
     # For "create": the Job's activeDeadlineSeconds, what is left of the whole job's budget.
     deadline: int | None = None
@@ -264,6 +269,131 @@ def _checkpoints(
     return restart_seconds
 
 
+def _suspended_here(conds: _Conditions) -> bool:
+    """Whether runPolicy.suspend suspended this FineTuneJob (or is suspending it)."""
+    old = conds.by_type.get(CT.SUSPENDED) or {}
+    return old.get("status") == "True" or old.get("reason") == Reason.SUSPENDING
+
+
+def _workload_actions(conds: _Conditions, policy: RunPolicy, wl: Workload) -> list[Action]:
+    """Kueue's half of runPolicy.suspend: its Workload's spec.active, the field Kueue leaves to
+    others (Job.spec.suspend is Kueue's). Deactivated while suspend is true; reactivated only
+    when it was this FineTuneJob's suspend that deactivated it: Kueue deactivates workloads
+    itself too (e.g. past their requeuing limit), and that verdict stands."""
+    if wl.lookup is not Lookup.FOUND or wl.refused:
+        return []
+    if policy.suspend and wl.active:
+        return [Action("activate", uid=wl.uid, name=wl.name, patch={"active": False})]
+    if not policy.suspend and not wl.active and _suspended_here(conds):
+        return [Action("activate", uid=wl.uid, name=wl.name, patch={"active": True})]
+    return []
+
+
+def _suspend(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -> None:
+    """runPolicy.suspend is true. Suspended=True only once the Job is suspended and its pods are
+    gone; until then Suspending, while the pods save their checkpoint (SIGTERM)."""
+    why = "runPolicy.suspend is true"
+    if out.state is State.SUSPENDED and out.live_pods == 0:
+        if not policy.queue_name:
+            message = f"{why}: the Job is suspended and its pods are gone"
+        elif wl.deactivated:
+            message = (
+                f"{why}: Kueue Workload {wl.name} is deactivated (spec.active=false), the Job "
+                "is suspended and its pods are gone"
+            )
+        else:
+            message = f"{why}: the Job is suspended and has no pods; {wl.where()}"
+            if wl.lookup is Lookup.NOT_YET:
+                message += " (it is deactivated as soon as it appears)"
+        conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, message)
+        conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
+        return
+    if out.state is State.SUSPENDED:
+        message = (
+            f"{why}: the Job is suspended and {out.live_pods} pod(s) are stopping: each got "
+            "SIGTERM and saves a checkpoint before it exits (reason Interrupted)"
+        )
+    elif not policy.queue_name:
+        message = f"{why}: suspending the Job; its pods get SIGTERM and save a checkpoint"
+    elif wl.lookup is Lookup.FOUND and wl.refused:
+        message = f"{why}, but Kueue Workload {wl.name} refused spec.active=false: {wl.refused}"
+    elif wl.lookup is Lookup.FOUND:
+        message = (
+            f"{why}: Kueue Workload {wl.name} is deactivated (spec.active=false); waiting for "
+            "Kueue to evict it and suspend the Job"
+        )
+    else:
+        message = f"{why}, but the Job runs and only Kueue may suspend it: {wl.where()}"
+    conds.set(CT.SUSPENDED, False, Reason.SUSPENDING, message)
+    running = out.running_pods
+    detail = f"{running} pod(s) running until they have saved a checkpoint" if running else why
+    conds.set(CT.RUNNING, running > 0, Reason.SUSPENDING, detail)
+
+
+def _queue_detail(out: Outcome, wl: Workload) -> str:
+    """What keeps a suspended, queued Job waiting, as Kueue reports it."""
+    parts = []
+    if out.live_pods:
+        parts.append(f"{out.live_pods} pod(s) stopping (SIGTERM: saving a checkpoint)")
+    if wl.lookup is not Lookup.FOUND:
+        parts.append(wl.where())
+    else:
+        if wl.evicted:
+            parts.append(f"evicted by Kueue ({wl.evicted[0]}): {wl.evicted[1][:512]}")
+        if wl.quota_reserved and not wl.admitted:
+            parts.append(f"quota reserved in ClusterQueue {wl.cluster_queue}; not admitted yet")
+        elif wl.pending:
+            parts.append(wl.pending)
+    return "; ".join(parts)
+
+
+def _resume(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -> None:
+    """runPolicy.suspend is false: Resumed after a suspend, then what runs or waits."""
+    queue = policy.queue_name
+    here = _suspended_here(conds)
+    # A Workload this FineTuneJob deactivated is reactivated in this pass (_workload_actions).
+    deactivated = wl.deactivated and not here
+    if here and queue and wl.refused and wl.deactivated:
+        # Not resumed: the condition stays as it was, so that the next pass tries again.
+        old = conds.by_type[CT.SUSPENDED]
+        message = (
+            f"runPolicy.suspend is false, but Kueue Workload {wl.name} refused "
+            f"spec.active=true: {wl.refused}"
+        )
+        conds.set(CT.SUSPENDED, old["status"] == "True", old["reason"], message)
+    elif here:
+        if not queue:
+            message = "runPolicy.suspend is false: the Job is resumed"
+        elif wl.lookup is Lookup.FOUND:
+            message = (
+                f"runPolicy.suspend is false: Kueue Workload {wl.name} is active again and "
+                f"queues in {queue} for admission"
+            )
+        else:
+            message = f"runPolicy.suspend is false; {wl.where()}"
+        message += "; the trainer resumes from its last checkpoint"
+        conds.set(CT.SUSPENDED, False, Reason.RESUMED, message)
+    running_reason = (conds.by_type.get(CT.RUNNING) or {}).get("reason")
+    if out.state is State.RUNNING:
+        conds.set(CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running")
+    elif queue and out.state is State.SUSPENDED and deactivated:
+        evicted = f" ({wl.evicted[0]}: {wl.evicted[1][:512]})" if wl.evicted else ""
+        message = (
+            f"Kueue Workload {wl.name} is deactivated (spec.active=false){evicted}, so Kueue "
+            "does not admit it: activate it, or suspend and resume this FineTuneJob"
+        )
+        conds.set(CT.RUNNING, False, Reason.DEACTIVATED, message)
+    elif queue and out.state is State.SUSPENDED:
+        detail = _queue_detail(out, wl)
+        message = f"waiting for Kueue queue {queue}" + (f": {detail}" if detail else "")
+        conds.set(CT.RUNNING, False, Reason.QUEUED, message)
+    elif queue and out.state is State.PENDING and wl.admitted:
+        message = f"admitted by Kueue (ClusterQueue {wl.cluster_queue}); waiting for the pods"
+        conds.set(CT.RUNNING, False, Reason.ADMITTED, message)
+    elif out.state is State.PENDING and running_reason in (Reason.SUSPENDED, Reason.SUSPENDING):
+        conds.set(CT.RUNNING, False, Reason.RESUMED, "resumed; waiting for the pods")
+
+
 def plan(job: FineTuneJob, observed: Observed) -> Plan:
     prev: Obj = (
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
@@ -363,30 +493,21 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
         elif patch:
             actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
+        # Not looked up (no queue, or a unit test): as if Kueue had not made it yet.
+        wl = observed.workload or Workload(Lookup.NOT_YET)
+        if policy.queue_name and not timed_out:
+            actions.extend(_workload_actions(conds, policy, wl))
         if timed_out:
             pass
         elif policy.suspend:
-            conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, "runPolicy.suspend is true")
-            conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
+            _suspend(conds, policy, out, wl)
         else:
-            if conds.is_true(CT.SUSPENDED):
-                conds.set(CT.SUSPENDED, False, Reason.RESUMED, "runPolicy.suspend is false")
+            _resume(conds, policy, out, wl)
             if out.state is State.RUNNING:
                 status["startTime"] = status.get("startTime") or observed.now
             if out.stuck is not None:
                 # Rank 0 may run, but the gang cannot train without the stuck pod.
                 conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
-            elif out.state is State.RUNNING:
-                conds.set(
-                    CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running"
-                )
-            elif out.state is State.SUSPENDED and policy.queue_name:
-                conds.set(
-                    CT.RUNNING,
-                    False,
-                    Reason.QUEUED,
-                    f"waiting for Kueue queue {policy.queue_name}",
-                )
             elif out.state is State.PENDING and _stuck_reason(conds):
                 conds.set(
                     CT.RUNNING,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,10 +12,19 @@ import pytest
 from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_api.validation import parse_manifest
+from finetune_operator import kueue
+from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import State, needs_events, observe_job
 from finetune_operator.reconcile import name_conflict
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
-from finetune_operator.status import Blocker, Observed, derive_status, evaluation_summary, plan
+from finetune_operator.status import (
+    Action,
+    Blocker,
+    Observed,
+    derive_status,
+    evaluation_summary,
+    plan,
+)
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:01:00Z"
@@ -298,12 +308,52 @@ def test_same_observation_twice_changes_nothing() -> None:
     assert second.transitions == []
 
 
-def test_suspend_patches_the_job_and_sets_the_condition() -> None:
-    result = plan(ftj({"attempts": 1}, suspend=True), observed(batch_job(), [pod(0, "Running")]))
-    assert [a.patch for a in result.actions] == [{"suspend": True}]
-    assert result.status["phase"] == "Suspended"
-    resumed = plan(ftj(result.status), observed(batch_job(suspend=False), []))
-    assert resumed.status["phase"] == "Pending"
+INTERRUPTED = json.dumps(
+    {"status": "Failed", "reason": "Interrupted", "message": "SIGTERM: saved step 40", "rank": 0}
+)
+
+
+def test_suspend_is_suspending_until_the_pods_are_gone_then_resumes() -> None:
+    # runPolicy.suspend=true on a running gang: the Job is patched, and nothing says Suspended yet.
+    running = [pod(0, "Running"), pod(1, "Running")]
+    first = plan(ftj({"attempts": 1}, suspend=True), observed(batch_job(), running))
+    assert [(a.kind, a.patch) for a in first.actions] == [("patch", {"suspend": True})]
+    suspended = cond(first.status, "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert "SIGTERM" in suspended["message"]  # type: ignore[index]
+    # The pods still run (saving their checkpoint), so the job still reads Running.
+    assert cond(first.status, "Running")["reason"] == "Suspending"  # type: ignore[index]
+    assert first.status["phase"] == "Running"
+    # The Job is suspended; its pods got SIGTERM and are still saving the checkpoint.
+    second = plan(ftj(first.status, suspend=True), observed(batch_job(suspend=True), running))
+    assert second.actions == []
+    suspended = cond(second.status, "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert "2 pod(s) are stopping" in suspended["message"]  # type: ignore[index]
+    # Rank 0 exited Interrupted after its save, rank 1 is gone: now it is suspended.
+    gone = [pod(0, "Failed", 1, INTERRUPTED)]
+    third = plan(ftj(second.status, suspend=True), observed(batch_job(suspend=True), gone))
+    assert third.actions == []
+    assert third.status["phase"] == "Suspended"
+    assert cond(third.status, "Suspended")["status"] == "True"  # type: ignore[index]
+    assert cond(third.status, "Running")["reason"] == "Suspended"  # type: ignore[index]
+    assert ("Suspended", "Suspended") in [(t, r) for t, r, _ in third.transitions]
+    # runPolicy.suspend=false: the Job is unsuspended, and the trainer resumes from its checkpoint.
+    fourth = plan(ftj(third.status), observed(batch_job(suspend=True), []))
+    assert [(a.kind, a.patch) for a in fourth.actions] == [("patch", {"suspend": False})]
+    resumed = cond(fourth.status, "Suspended")
+    assert (resumed["status"], resumed["reason"]) == ("False", "Resumed")  # type: ignore[index]
+    fifth = plan(ftj(fourth.status), observed(batch_job(suspend=False), [pod(0, "Pending")]))
+    assert fifth.status["phase"] == "Pending"
+    assert cond(fifth.status, "Running")["reason"] == "Resumed"  # type: ignore[index]
+
+
+def test_resume_while_still_suspending_is_resumed() -> None:
+    suspending = plan(
+        ftj({"attempts": 1}, suspend=True), observed(batch_job(suspend=True), [pod(0, "Running")])
+    )
+    resumed = plan(ftj(suspending.status), observed(batch_job(suspend=True), [pod(0, "Running")]))
+    assert [a.patch for a in resumed.actions] == [{"suspend": False}]
     assert cond(resumed.status, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
 
 
@@ -311,6 +361,222 @@ def test_queued_job_suspend_is_left_to_kueue() -> None:
     result = plan(ftj({"attempts": 1}, queueName="q"), observed(batch_job(suspend=True), []))
     assert result.actions == []
     assert result.status["phase"] == "Pending"
+    queued = cond(result.status, "Running")
+    assert queued["reason"] == "Queued"  # type: ignore[index]
+    assert queued["message"].startswith("waiting for Kueue queue q")  # type: ignore[index]
+
+
+WL = "job-demo-1a2b3"
+
+
+def workload(
+    active: bool | None = True, *conditions: tuple[str, str, str, str], cq: str = ""
+) -> Workload:
+    """The Job's Workload as Kueue writes it; conditions are (type, status, reason, message)."""
+    spec: dict[str, Any] = {"queueName": "q"}
+    if active is not None:
+        spec["active"] = active
+    status: dict[str, Any] = {
+        "conditions": [
+            {"type": t, "status": st, "reason": r, "message": m} for t, st, r, m in conditions
+        ]
+    }
+    if cq:
+        status["admission"] = {"clusterQueue": cq}
+    obj = {
+        "metadata": {
+            "name": WL,
+            "uid": "wl-1",
+            "labels": {"kueue.x-k8s.io/job-uid": "job-1"},
+            "ownerReferences": [
+                {"kind": "Job", "name": "demo", "uid": "job-1", "controller": True}
+            ],
+        },
+        "spec": spec,
+        "status": status,
+    }
+    return kueue.read(Lookup.FOUND, obj)
+
+
+ADMITTED = (("QuotaReserved", "True", "QuotaReserved", ""), ("Admitted", "True", "Admitted", ""))
+DEACTIVATED = (
+    ("Evicted", "True", "Deactivated", "The workload is deactivated"),
+    ("QuotaReserved", "False", "Pending", "The workload is deactivated"),
+)
+
+
+def test_queued_suspend_deactivates_the_workload_and_waits_for_kueue() -> None:
+    running = [pod(0, "Running"), pod(1, "Running")]
+    job = ftj({"attempts": 1}, queueName="q", suspend=True)
+    first = plan(job, observed(batch_job(), running, workload=workload(True, *ADMITTED, cq="cq")))
+    # Only the field Kueue leaves to others: Workload.spec.active. Job.spec.suspend is Kueue's.
+    assert first.actions == [Action("activate", uid="wl-1", name=WL, patch={"active": False})]
+    suspended = cond(first.status, "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert f"Kueue Workload {WL} is deactivated" in suspended["message"]  # type: ignore[index]
+    assert first.status["phase"] == "Running"
+    # Kueue evicted it and suspended the Job; the pods save their checkpoint.
+    evicted = workload(False, *DEACTIVATED)
+    stopping = ftj(first.status, queueName="q", suspend=True)
+    second = plan(stopping, observed(batch_job(suspend=True), running, workload=evicted))
+    assert second.actions == []
+    assert "2 pod(s) are stopping" in cond(second.status, "Suspended")["message"]  # type: ignore[index]
+    third = plan(
+        ftj(second.status, queueName="q", suspend=True),
+        observed(batch_job(suspend=True), [], workload=evicted),
+    )
+    assert third.actions == []
+    assert third.status["phase"] == "Suspended"
+    suspended = cond(third.status, "Suspended")
+    assert suspended["status"] == "True"  # type: ignore[index]
+    assert "spec.active=false" in suspended["message"]  # type: ignore[index]
+    # Resume: the Workload is activated again and queues; Kueue admits it when it has quota.
+    fourth = plan(
+        ftj(third.status, queueName="q"), observed(batch_job(suspend=True), [], workload=evicted)
+    )
+    assert fourth.actions == [Action("activate", uid="wl-1", name=WL, patch={"active": True})]
+    assert cond(fourth.status, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
+    assert "Deactivated" not in [r for _, r, _ in fourth.transitions]
+    pending = workload(True, ("QuotaReserved", "False", "Pending", "insufficient quota for cpu"))
+    fifth = plan(
+        ftj(fourth.status, queueName="q"), observed(batch_job(suspend=True), [], workload=pending)
+    )
+    assert fifth.actions == []
+    queued = cond(fifth.status, "Running")
+    assert queued["reason"] == "Queued"  # type: ignore[index]
+    assert queued["message"] == "waiting for Kueue queue q: insufficient quota for cpu"  # type: ignore[index]
+    admitted = workload(True, *ADMITTED, cq="cq")
+    sixth = plan(
+        ftj(fifth.status, queueName="q"),
+        observed(batch_job(), [pod(0, "Pending")], workload=admitted),
+    )
+    assert cond(sixth.status, "Running")["reason"] == "Admitted"  # type: ignore[index]
+    assert "ClusterQueue cq" in cond(sixth.status, "Running")["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("lookup", "says"),
+    [
+        (Lookup.NOT_YET, "Kueue has not created the Job's Workload yet"),
+        (Lookup.NO_KUEUE, "is Kueue installed?"),
+        (Lookup.FORBIDDEN, "may not read Kueue Workloads"),
+    ],
+)
+def test_queued_without_a_workload_says_why(lookup: Lookup, says: str) -> None:
+    wl = kueue.read(lookup, None)
+    queued = plan(
+        ftj({"attempts": 1}, queueName="q"), observed(batch_job(suspend=True), [], workload=wl)
+    )
+    assert queued.actions == []
+    assert cond(queued.status, "Running")["reason"] == "Queued"  # type: ignore[index]
+    assert says in cond(queued.status, "Running")["message"]  # type: ignore[index]
+    # Suspending such a Job fails nothing: it is suspended (born so) and has no pods.
+    suspended = plan(
+        ftj(queued.status, queueName="q", suspend=True),
+        observed(batch_job(suspend=True), [], workload=wl),
+    )
+    assert suspended.actions == []
+    assert suspended.status["phase"] == "Suspended"
+    assert says in cond(suspended.status, "Suspended")["message"]  # type: ignore[index]
+    # A Job someone else unsuspended cannot be suspended without Kueue: Suspending says why.
+    running = plan(
+        ftj(queued.status, queueName="q", suspend=True),
+        observed(batch_job(), [pod(0, "Running")], workload=wl),
+    )
+    assert running.actions == []
+    stuck = cond(running.status, "Suspended")
+    assert (stuck["status"], stuck["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert says in stuck["message"]  # type: ignore[index]
+
+
+def test_a_workload_kueue_deactivated_is_not_reactivated() -> None:
+    """Kueue deactivates workloads itself (e.g. past their requeuing limit); only what this
+    FineTuneJob's suspend deactivated is activated again."""
+    limit = workload(
+        False, ("Evicted", "True", "Deactivated", "exceeded the maximum number of re-queuing")
+    )
+    result = plan(
+        ftj({"attempts": 1}, queueName="q"), observed(batch_job(suspend=True), [], workload=limit)
+    )
+    assert result.actions == []
+    running = cond(result.status, "Running")
+    assert running["reason"] == "Deactivated"  # type: ignore[index]
+    assert "re-queuing" in running["message"]  # type: ignore[index]
+
+
+def test_a_refused_change_of_spec_active_is_shown_and_left_for_the_next_pass() -> None:
+    refusal = "Workload.kueue.x-k8s.io is invalid: some rule of Kueue's"
+    admitted = replace(workload(True, *ADMITTED, cq="cq"), refused=refusal)
+    suspend = plan(
+        ftj({"attempts": 1}, queueName="q", suspend=True),
+        observed(batch_job(), [pod(0, "Running")], workload=admitted),
+    )
+    assert suspend.actions == []
+    suspending = cond(suspend.status, "Suspended")
+    assert suspending["reason"] == "Suspending"  # type: ignore[index]
+    assert suspending["message"].endswith(f"refused spec.active=false: {refusal}")  # type: ignore[index]
+    # Resuming, refused: still Suspended (it is), so the next pass activates it again.
+    suspended = plan(
+        ftj({"attempts": 1}, queueName="q", suspend=True),
+        observed(batch_job(suspend=True), [], workload=workload(False, *DEACTIVATED)),
+    )
+    assert suspended.status["phase"] == "Suspended"
+    deactivated = replace(workload(False, *DEACTIVATED), refused=refusal)
+    resume = plan(
+        ftj(suspended.status, queueName="q"),
+        observed(batch_job(suspend=True), [], workload=deactivated),
+    )
+    assert resume.actions == []
+    assert resume.status["phase"] == "Suspended"
+    assert "refused spec.active=true" in cond(resume.status, "Suspended")["message"]  # type: ignore[index]
+    retry = plan(
+        ftj(resume.status, queueName="q"),
+        observed(batch_job(suspend=True), [], workload=workload(False, *DEACTIVATED)),
+    )
+    assert retry.actions == [Action("activate", uid="wl-1", name=WL, patch={"active": True})]
+
+
+def test_preempted_workload_reads_queued_while_its_pods_stop() -> None:
+    preempted = workload(
+        True,
+        ("Evicted", "True", "Preempted", "Preempted to accommodate a higher priority workload"),
+        ("QuotaReserved", "False", "Pending", "couldn't assign flavors"),
+    )
+    result = plan(
+        ftj({"attempts": 1}, queueName="q"),
+        observed(batch_job(suspend=True), [pod(0, "Running")], workload=preempted),
+    )
+    assert result.actions == []
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert message.startswith("waiting for Kueue queue q: 1 pod(s) stopping")
+    assert "evicted by Kueue (Preempted)" in message and "couldn't assign flavors" in message
+
+
+def test_observe_counts_pods_still_stopping_in_a_suspended_job() -> None:
+    out = observe_job(batch_job(suspend=True), [pod(0, "Running"), pod(1, "Failed", 1)])
+    assert (out.state, out.live_pods, out.running_pods) == (State.SUSPENDED, 1, 1)
+
+
+def test_kueue_workload_is_found_by_its_controller_reference() -> None:
+    def wl(name: str, uid: str, controller: bool) -> dict:
+        ref = {"kind": "Job", "name": "demo", "uid": uid, "controller": controller}
+        return {"metadata": {"name": name, "ownerReferences": [ref]}}
+
+    items = [wl("other", "job-0", True), wl("borrowed", "job-1", False), wl(WL, "job-1", True)]
+    assert kueue.owned_by(items, "job-1")["metadata"]["name"] == WL  # type: ignore[index]
+    assert kueue.owned_by(items, "job-2") is None
+    assert kueue.read(Lookup.FOUND, None).lookup is Lookup.NOT_YET
+    # spec.active unset is active (the field defaults to true).
+    assert workload(None).active is True
+
+
+def test_a_workload_names_its_finetunejob_through_the_pod_template() -> None:
+    labels = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/job-name": "demo"}
+    ours = {"spec": {"podSets": [{"name": "main", "template": {"metadata": {"labels": labels}}}]}}
+    assert kueue.finetunejob_of(ours) == "demo"
+    other = {"spec": {"podSets": [{"name": "main", "template": {"metadata": {"labels": {}}}}]}}
+    assert kueue.finetunejob_of(other) is None
+    assert kueue.finetunejob_of({}) is None
 
 
 def test_missing_secret_blocks_without_failing() -> None:
@@ -865,7 +1131,9 @@ def test_a_suspended_job_never_times_out() -> None:
         ftj({"attempts": 1}, suspend=True),
         Observed(now=at_offset(7200), job=job, outcome=observe_job(job, pods_)),
     )
-    assert result.status["phase"] == "Suspended" and result.actions == []
+    # The stuck pod is still going away (Suspending, not yet Suspended): never a timeout.
+    assert result.status["phase"] != "Failed" and result.actions == []
+    assert cond(result.status, "Suspended")["reason"] == "Suspending"  # type: ignore[index]
 
 
 def test_a_cleared_stuck_reason_does_not_linger() -> None:
