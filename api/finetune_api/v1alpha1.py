@@ -282,7 +282,14 @@ class HubOutput(ApiModel):
             "accepts. Required."
         )
     )
-    private: bool = Field(True, description="private creates the repo as private. Default true.")
+    private: bool = Field(
+        True,
+        description="private keeps the repo private: a new repo is created private, and an "
+        "existing public one is made private before anything is uploaded to it (the token must "
+        "be allowed to change its settings; if not, nothing is pushed and the job fails with "
+        "PushFailed). false creates a public repo, and never makes a private one public. "
+        "Default true.",
+    )
     merge: bool = Field(
         False,
         description="merge pushes the base with the adapter merged in; false pushes the adapter.",
@@ -298,6 +305,15 @@ class HubOutput(ApiModel):
             description="endpoint of a Hub mirror or self-hosted Hub, used for hf:// sources and "
             "the push. Unset: huggingface.co.",
         )
+    )
+    license: (
+        Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z0-9][a-z0-9.+-]*$")] | None
+    ) = Field(
+        None,
+        description="license is the Hub license id written as the model card's `license:`, "
+        "such as apache-2.0, mit or llama3.1. Unset: the base model's license (with its "
+        "license_name and license_link for `other`), read at push time from its Hub card for "
+        "an hf:// base or from the README.md of a file:// base; none when it has none.",
     )
 
     __rules__ = (_hub_id_rule("repo"),)

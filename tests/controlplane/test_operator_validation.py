@@ -99,6 +99,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         {"spec.output.hub": {"repo": "o/r", "endpoint": "https://huggingface.co"}},
         "tokenSecretRef",
     ),
+    (
+        "hub-license-id",
+        {"spec.output.hub": {"repo": "o/r", "endpoint": "http://hub", "license": "Apache 2.0"}},
+        "license",
+    ),
     ("accelerator-enum", {"spec.resources.accelerator": {"type": "amd.com/gpu"}}, "type"),
     ("cpu-count", {"spec.resources.accelerator": {"type": "cpu", "count": 2}}, "count"),
     ("gpu-count", {"spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 0}}, "count"),
