@@ -92,6 +92,18 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         {"spec.output.hub": {"repo": "o/r", "tokenSecretRef": {"name": ""}}},
         "name",
     ),
+    # A push to huggingface.co (no endpoint, or that one) with no token from anywhere.
+    ("hub-push-without-token", {"spec.output.hub": {"repo": "o/r"}}, "tokenSecretRef"),
+    (
+        "hub-push-to-huggingface-co-without-token",
+        {"spec.output.hub": {"repo": "o/r", "endpoint": "https://huggingface.co"}},
+        "tokenSecretRef",
+    ),
+    (
+        "hub-license-id",
+        {"spec.output.hub": {"repo": "o/r", "endpoint": "http://hub", "license": "Apache 2.0"}},
+        "license",
+    ),
     ("accelerator-enum", {"spec.resources.accelerator": {"type": "amd.com/gpu"}}, "type"),
     ("cpu-count", {"spec.resources.accelerator": {"type": "cpu", "count": 2}}, "count"),
     ("gpu-count", {"spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 0}}, "count"),
@@ -110,6 +122,14 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
             }
         },
         "topology",
+    ),
+    (
+        "more-ranks-than-gpus",
+        {
+            "spec.resources.processesPerNode": 8,
+            "spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 2},
+        },
+        "processesPerNode",
     ),
     ("nodes-min", {"spec.resources.nodes": 0}, "nodes"),
     ("nodes-max", {"spec.resources.nodes": 300}, "nodes"),

@@ -495,6 +495,8 @@ def test_faults_fail_the_next_requests_of_a_kind(tmp_path: Path) -> None:
         ("PUT", "lfs-upload/ticket", "upload"),
         ("GET", "org/m/resolve/main/config.json", "download"),
         ("HEAD", "datasets/org/d/resolve/main/a/b.json", "download"),
+        ("PUT", "api/models/org/m/settings", "settings"),
+        ("PUT", "api/datasets/org/d/settings", "settings"),
         ("GET", "api/models/org/m", None),
         ("GET", "api/whoami-v2", None),
     ],
