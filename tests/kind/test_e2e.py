@@ -61,6 +61,32 @@ print(json.dumps({"status": status, "body": body[:limit].decode("utf-8", "replac
 """
 
 
+# The uninterrupted run's perplexity after training, keyed by `training_key`: the fault suite
+# (test_faults.py, later in the same session) compares its interrupted runs of the same spec with
+# it instead of training a reference of its own.
+REFERENCE: dict[str, float] = {}
+
+
+def training_key(job: dict[str, Any]) -> str:
+    """What shapes a run's evaluation: the same key, the same scores (training is seeded and
+    deterministic). How often it checkpoints, its gates, output and run policy do not count."""
+    spec = job["spec"]
+    training = {
+        k: v
+        for k, v in spec["training"].items()
+        if k not in ("checkpointEverySteps", "checkpointsToKeep")
+    }
+    shape = {
+        "model": spec["model"],
+        "dataset": spec["dataset"],
+        "peft": spec.get("peft"),
+        "training": training,
+        "evaluation": {k: spec.get("evaluation", {}).get(k) for k in ("metrics", "maxSamples")},
+        "resources": {k: spec["resources"].get(k) for k in ("nodes", "processesPerNode")},
+    }
+    return json.dumps(shape, sort_keys=True)
+
+
 class HubPod:
     def __init__(self, kube: Any, namespace: str) -> None:
         self.kube, self.namespace = kube, namespace
@@ -280,6 +306,7 @@ def test_finetunejob_end_to_end(
     )
     if ppl.get("before") is not None and ppl.get("after") is not None:
         check(ppl["after"] < ppl["before"], f"training did not lower perplexity: {ppl}")
+        REFERENCE[training_key(job)] = ppl["after"]
     result = status.get("result") or {}
     revision = result.get("revision") or ""
     check(bool(re.fullmatch(r"[0-9a-f]{40}", revision)), f"no pushed revision: {result}")
