@@ -198,8 +198,12 @@ def setup_hub(
             timeout=HUB_READY_TIMEOUT_S + 30,
         )
     hub = HubPod(kube, namespace)
-    # Seeded and answering, and really closed to anonymous reads.
-    anon = hub.fetch(f"{hub.endpoint}/api/models/org/tiny")
+    # Seeded and answering, and really closed to anonymous reads. The Service may route to the
+    # Ready pod a moment after it is Ready (kube-proxy): until then, connection refused.
+    deadline = time.monotonic() + 30
+    while (anon := hub.fetch(f"{hub.endpoint}/api/models/org/tiny"))["status"] == 0:
+        assert time.monotonic() < deadline, anon
+        time.sleep(1)
     assert anon["status"] == 401, anon
     for kind, repo in (("models", "org/tiny"), ("datasets", "org/tiny-data")):
         info = hub.fetch(f"{hub.endpoint}/api/{kind}/{repo}", auth=True)

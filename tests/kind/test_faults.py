@@ -30,8 +30,8 @@ Pods and FineTuneJobs are followed with `kubectl get --watch` (every change, wit
 arrived), so restart times are measured from the fault to the operator's first report of the new
 attempt training, and termination messages are read even from pods deleted a moment later.
 Timings (restart seconds, operator convergence, each scenario) land in
-test-results/kind-e2e-timings.json; a failure leaves diagnostics and every pod's log in
-test-results/kind-logs/faults-<time>/.
+test-results/kind-e2e-timings.json, every trainer pod's log in test-results/kind-faults-pod-logs/;
+a failure leaves diagnostics in test-results/kind-logs/faults-<time>/.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import traceback
@@ -727,7 +726,11 @@ def suite(
     ns = f"faults-{uuid.uuid4().hex[:8]}"
     kube("create", "namespace", ns)
     token = f"e2etok{secrets.token_hex(20)}"
-    logs = Path(tempfile.mkdtemp(prefix="faults-logs-"))
+    # Every trainer pod's whole log, kept from the last run (a few MB): where a restart's
+    # seconds went is in their timestamps.
+    logs = conftest.RESULTS / "kind-faults-pod-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     view = View(kube, ns, logs)
     workers = kube("get", "nodes", "-l", f"!{CONTROL_PLANE}", "-o", "name").split()
     assert workers, "no worker node"
@@ -779,7 +782,6 @@ def suite(
             for name, text in (s.operator_logs if s else {}).items():
                 (out / f"operator-{name}.log").write_text(text)
             print(f"\ndiagnostics: {out}")
-        shutil.rmtree(logs, ignore_errors=True)
         kube("uncordon", worker, check=False)
         if os.environ.get("FINETUNE_E2E_KEEP") != "1":
             kube("delete", "namespace", ns, "--wait=false", check=False)
