@@ -31,8 +31,10 @@ Fault injection, for tests only (``finetune_hub_double.faults``): started with `
 
     curl -X POST $HF_ENDPOINT/_test/faults -d '{"kind": "commit", "status": 503, "count": 3}'
 
-``GET /_test/faults`` lists what is pending and how many fired; ``DELETE`` clears both. Off by
-default: then ``/_test/faults`` is a 404 like any unknown path.
+With ``"repo": "org/name"`` an order fails only that repo's requests, so that jobs sharing one
+double do not take each other's faults. ``GET /_test/faults`` lists what is pending and how many
+fired; ``DELETE`` clears both. Off by default: then ``/_test/faults`` is a 404 like any unknown
+path.
 """
 
 from __future__ import annotations
@@ -252,13 +254,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = url.path.strip("/").split("/")
         streamed = self.command == "PUT" and len(parts) == 2 and parts[0] == "lfs-upload"
-        body_read = False
+        body, body_read = b"", False
         try:
-            if self.hub.faults is not None and self._injected_fault(url.path, parts):
+            if not streamed:  # read first: a fault may match on it, and keep-alive needs it read
+                body, body_read = self._read_body(), True
+            if self.hub.faults is not None and self._injected_fault(url.path, parts, body):
                 return
             if streamed:
                 return self._lfs_upload(parts[1])  # reads the body itself
-            body, body_read = self._read_body(), True
             if parts[0] == "api":
                 return self._api(parts[1:], body)
             repo_type = {"datasets": "dataset", "spaces": "space"}.get(parts[0], "model")
@@ -286,13 +289,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._json({"error": "hub double internal error"}, 500)
 
-    def _injected_fault(self, path: str, parts: list[str]) -> bool:
+    def _injected_fault(self, path: str, parts: list[str], body: bytes) -> bool:
         """Test-only (``faults``): serve ``/_test/faults``, or fail this request if one is due.
-        True when the request has been answered here."""
+        True when the request has been answered here. `body`: the request's, already read unless
+        it is a streamed LFS upload."""
         faults = self.hub.faults
         assert faults is not None
         if path.rstrip("/") == fault_injection.PATH:
-            body = self._read_body()
             try:
                 order = json.loads(body or b"{}") if self.command == "POST" else {}
                 if not isinstance(order, dict):
@@ -303,10 +306,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
             self._json(state)
             return True
-        status = faults.take(fault_injection.request_kind(self.command, parts))
+        kind = fault_injection.request_kind(self.command, parts)
+        status = faults.take(kind, fault_injection.request_repo(self.command, parts, body))
         if status is None:
             return False
-        self._read_body()  # drained, so the connection stays usable for the client's retry
+        if kind == "upload" and parts[:1] == ["lfs-upload"]:
+            self._read_body()  # drained, so the connection stays usable for the client's retry
         message = f"Injected test fault: HTTP {status}"
         self._json({"error": message}, status, **{"X-Error-Message": message})
         return True

@@ -108,8 +108,8 @@ async def follow_up(namespace: str, name: str) -> None:
     await _reconcile(namespace, name, periodic=True, children=False)
 
 
-async def _run(namespace: str, name: str) -> None:
-    outcome = await _reconcile(namespace, name)
+async def _run(namespace: str, name: str, scrape: bool = False) -> None:
+    outcome = await _reconcile(namespace, name, scrape=scrape)
     if outcome is None:
         return
     if outcome.permanent:
@@ -122,7 +122,9 @@ async def _run(namespace: str, name: str) -> None:
 @kopf.on.resume(*FTJ, id="reconcile")
 @kopf.on.create(*FTJ, id="reconcile")
 async def reconcile_ftj(namespace: str, name: str, **_: Any) -> None:
-    await _run(namespace, name)
+    # With a scrape: after an operator restart, a training gang's progress is read at once rather
+    # than when the progress timer first fires. A new object has no pods, so nothing to read.
+    await _run(namespace, name, scrape=True)
 
 
 @kopf.on.update(*FTJ, field="spec.runPolicy", id="run-policy")
@@ -185,6 +187,17 @@ def _running(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == Phase.RUNNING
 
 
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    """Neither Succeeded nor Failed: a filter that, once false, stays false.
+
+    A timer's filter must not turn false and then true again. kopf stops the timer when it
+    turns false; if it turns true again before that timer's task has ended (its pass was still
+    waiting for the object's lock), kopf spawns no new one, and none ever comes: a gang that
+    went Running -> Restarting -> Running that way was never read again, for its whole attempt.
+    """
+    return status.get("phase") not in (Phase.SUCCEEDED, Phase.FAILED)
+
+
 def _waiting(status: kopf.Status, **_: Any) -> bool:
     """Not finished, and the Job is held back (Created=False) by something the pass found."""
     if status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
@@ -200,9 +213,13 @@ async def waiting(namespace: str, name: str, **_: Any) -> None:
     await _reconcile(namespace, name, periodic=True)
 
 
-@kopf.timer(*FTJ, id="progress", interval=SETTINGS.progress_seconds, initial_delay=5, when=_running)
-async def progress(namespace: str, name: str, **_: Any) -> None:
-    await _reconcile(namespace, name, periodic=True, scrape=True, children=False)
+@kopf.timer(
+    *FTJ, id="progress", interval=SETTINGS.progress_seconds, initial_delay=5, when=_unfinished
+)
+async def progress(namespace: str, name: str, status: kopf.Status, **_: Any) -> None:
+    # Only a Running gang has progress to read; the others cost no request (see _unfinished).
+    if _running(status):
+        await _reconcile(namespace, name, periodic=True, scrape=True, children=False)
 
 
 @kopf.timer(*FTJ, id="resync", interval=SETTINGS.resync_seconds, initial_delay=30)

@@ -252,17 +252,21 @@ def _checkpoints(
     """status.checkpoints and CheckpointsDurable. On an attempt's first report of the step it
     resumed from: the steps lost since the previous attempt's last known step and, after a
     restart, the seconds from the failure being seen to training again (to within one progress
-    interval: the report arrives with a progress scrape)."""
+    interval: the report arrives with a progress scrape). New pods of the same attempt (its Job
+    suspended and resumed) resume too: their other step counts the same way, but is no restart."""
     ckpt = dict(prev.get("checkpoints") or {})
     if observed.store is not None:
         ckpt.update(observed.store.to_status())
         conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
     resumed, restart_seconds = observed.resumed_from_step, None
-    if resumed is not None and ckpt.get("attempt") != attempt:
+    new_attempt = resumed is not None and ckpt.get("attempt") != attempt
+    # A pod reports one resume step for its life; another one in the same attempt is new pods.
+    new_pods = resumed is not None and not new_attempt and resumed != ckpt.get("resumedFromStep")
+    if new_attempt or new_pods:
         last_step = int((prev.get("progress") or {}).get("step") or 0)
         ckpt["stepsLost"] = int(ckpt.get("stepsLost") or 0) + max(last_step - resumed, 0)
         ckpt["resumedFromStep"], ckpt["attempt"] = resumed, attempt
-        if attempt > 1:
+        if new_attempt and attempt > 1:
             restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), observed.now)
     if ckpt:
         status["checkpoints"] = ckpt

@@ -61,6 +61,32 @@ print(json.dumps({"status": status, "body": body[:limit].decode("utf-8", "replac
 """
 
 
+# The uninterrupted run's perplexity after training, keyed by `training_key`: the fault suite
+# (test_faults.py, later in the same session) compares its interrupted runs of the same spec with
+# it instead of training a reference of its own.
+REFERENCE: dict[str, float] = {}
+
+
+def training_key(job: dict[str, Any]) -> str:
+    """What shapes a run's evaluation: the same key, the same scores (training is seeded and
+    deterministic). How often it checkpoints, its gates, output and run policy do not count."""
+    spec = job["spec"]
+    training = {
+        k: v
+        for k, v in spec["training"].items()
+        if k not in ("checkpointEverySteps", "checkpointsToKeep")
+    }
+    shape = {
+        "model": spec["model"],
+        "dataset": spec["dataset"],
+        "peft": spec.get("peft"),
+        "training": training,
+        "evaluation": {k: spec.get("evaluation", {}).get(k) for k in ("metrics", "maxSamples")},
+        "resources": {k: spec["resources"].get(k) for k in ("nodes", "processesPerNode")},
+    }
+    return json.dumps(shape, sort_keys=True)
+
+
 class HubPod:
     def __init__(self, kube: Any, namespace: str) -> None:
         self.kube, self.namespace = kube, namespace
@@ -172,8 +198,12 @@ def setup_hub(
             timeout=HUB_READY_TIMEOUT_S + 30,
         )
     hub = HubPod(kube, namespace)
-    # Seeded and answering, and really closed to anonymous reads.
-    anon = hub.fetch(f"{hub.endpoint}/api/models/org/tiny")
+    # Seeded and answering, and really closed to anonymous reads. The Service may route to the
+    # Ready pod a moment after it is Ready (kube-proxy): until then, connection refused.
+    deadline = time.monotonic() + 30
+    while (anon := hub.fetch(f"{hub.endpoint}/api/models/org/tiny"))["status"] == 0:
+        assert time.monotonic() < deadline, anon
+        time.sleep(1)
     assert anon["status"] == 401, anon
     for kind, repo in (("models", "org/tiny"), ("datasets", "org/tiny-data")):
         info = hub.fetch(f"{hub.endpoint}/api/{kind}/{repo}", auth=True)
@@ -280,6 +310,7 @@ def test_finetunejob_end_to_end(
     )
     if ppl.get("before") is not None and ppl.get("after") is not None:
         check(ppl["after"] < ppl["before"], f"training did not lower perplexity: {ppl}")
+        REFERENCE[training_key(job)] = ppl["after"]
     result = status.get("result") or {}
     revision = result.get("revision") or ""
     check(bool(re.fullmatch(r"[0-9a-f]{40}", revision)), f"no pushed revision: {result}")

@@ -284,6 +284,28 @@ def test_watchdog_times_steps_but_not_saves() -> None:
     assert dog.check(now[0] + 10.5) is not None
 
 
+def test_watchdog_times_again_once_the_save_is_over() -> None:
+    """A rank stopped right after a checkpoint (in the step after it) is caught: the watchdog
+    times again from the save's end, not only from the next completed step."""
+    from finetune_trainer.watchdog import HangWatchdog
+
+    now = [0.0]
+    dog = HangWatchdog(floor=10, rank=0, clock=lambda: now[0])
+    for step in range(1, 6):
+        now[0] = 2.0 * step
+        dog.step_done(step)
+    dog.pause()
+    now[0] += 500  # the save (and its upload) took long: not a hang, not a step
+    assert dog.check(now[0]) is None
+    dog.resume()
+    assert dog.check(now[0] + 9.9) is None
+    message = dog.check(now[0] + 10.5)  # no step completes after the save: a peer is stopped
+    assert message is not None and "after step 5" in message
+    now[0] += 2.0
+    dog.step_done(6)
+    assert max(dog.durations) == 2.0  # the step after the save, timed from its end
+
+
 def _wrapped_timeout() -> None:
     try:
         raise TimeoutError("read timed out")

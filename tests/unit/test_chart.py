@@ -172,6 +172,17 @@ def test_liveness_probe_and_no_readiness_probe(helm: Helm) -> None:
     assert env["FINETUNE_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
 
 
+def test_startup_probe_makes_the_pod_ready_once_kopf_runs(helm: Helm) -> None:
+    """Ready means the operator handles objects (kopf's endpoint answers once it runs), not that
+    its container started: rollouts and the fault suite's operator restart wait for that."""
+    container = operator_container(template(helm))
+    probe = container["startupProbe"]
+    assert probe["httpGet"] == container["livenessProbe"]["httpGet"]
+    assert probe["periodSeconds"] == 1 and probe["periodSeconds"] * probe["failureThreshold"] >= 60
+    slow = operator_container(template(helm, "--set", "startupProbe.failureThreshold=900"))
+    assert slow["startupProbe"]["failureThreshold"] == 900
+
+
 def test_operator_env_comes_from_values(helm: Helm) -> None:
     docs = template(
         helm,

@@ -168,6 +168,39 @@ def test_a_restart_records_the_resume_step_the_steps_lost_and_its_duration() -> 
     assert later.restart_seconds is None
 
 
+def test_a_resume_of_the_same_attempt_records_its_resume_step() -> None:
+    """runPolicy.suspend true then false: the Job's pods go (each saving at SIGTERM) and come
+    back within the same attempt. Their resume step is recorded, and what it lost is counted,
+    but it is no restart (nothing failed)."""
+    store = checkpoints.choose(ftj(1), default_storage_class=True)
+    before = {
+        "phase": "Running",
+        "attempts": 3,
+        "progress": {"step": 12, "totalSteps": 40},
+        "checkpoints": {"attempt": 3, "resumedFromStep": 8, "stepsLost": 1},
+    }
+    running = Outcome(State.RUNNING, attempt=3, uid="j3", running_pods=1)
+    resumed = plan(
+        ftj(1, status=before),
+        Observed(now=LATER, outcome=running, store=store, resumed_from_step=14),
+    )
+    ckpt = resumed.status["checkpoints"]
+    assert (ckpt["resumedFromStep"], ckpt["attempt"], ckpt["stepsLost"]) == (14, 3, 1)
+    assert resumed.restart_seconds is None
+    # Resumed from before the last step read (no SIGTERM checkpoint): the difference is lost.
+    behind = plan(
+        ftj(1, status=before),
+        Observed(now=LATER, outcome=running, store=store, resumed_from_step=10),
+    )
+    assert behind.status["checkpoints"]["stepsLost"] == 3
+    # The pods that were there all along keep reporting 8: nothing changes.
+    same = plan(
+        ftj(1, status=before),
+        Observed(now=LATER, outcome=running, store=store, resumed_from_step=8),
+    )
+    assert same.status["checkpoints"] == {**before["checkpoints"], **store.to_status()}
+
+
 def test_a_fresh_start_loses_nothing_and_is_not_a_restart() -> None:
     observed = Observed(
         now=NOW,

@@ -484,6 +484,77 @@ def test_faults_fail_the_next_requests_of_a_kind(tmp_path: Path) -> None:
         assert _call("PUT", href, data, token=None)[0] == 200 and double.store.has_blob(oid)
 
 
+def test_faults_scoped_to_a_repo_spare_other_repos(tmp_path: Path) -> None:
+    """Concurrent jobs share one double: a fault ordered for one repo is never taken by another
+    repo's request, whatever the order they come in."""
+    with HubDouble(tmp_path / "root", tokens=[TOKEN], faults=True) as double:
+        faults, api = f"{double.endpoint}/_test/faults", f"{double.endpoint}/api"
+        for repo in ("org/mine", "org/other"):
+            double.store.create_repo("model", repo)
+        line = {"key": "file", "value": {"path": "a.txt", "content": "a", "encoding": "utf-8"}}
+        ndjson = (json.dumps({"key": "header", "value": {"summary": "s"}}) + "\n").encode()
+        ndjson += json.dumps(line).encode()
+        order = {"kind": "commit", "status": 503, "count": 2, "repo": "org/mine"}
+        status, state, _ = _call("POST", faults, order)
+        assert status == 200 and state["pending"] == [order]
+
+        # The other repo's commits (and the scoped repo's other kinds) pass.
+        assert _call("POST", f"{api}/models/org/other/commit/main", ndjson)[0] == 200
+        assert _call("GET", f"{api}/models/org/mine")[0] == 200
+        for _ in range(2):
+            assert _call("POST", f"{api}/models/org/mine/commit/main", ndjson)[0] == 503
+            assert _call("POST", f"{api}/models/org/other/commit/main", ndjson)[0] == 200
+        assert _call("POST", f"{api}/models/org/mine/commit/main", ndjson)[0] == 200
+        assert _call("GET", faults)[1] == {
+            "pending": [],
+            "fired": {"commit": 2},
+            "firedByRepo": {"org/mine": {"commit": 2}},
+        }
+
+        # create names its repo in the body; a 403 there leaves the repo uncreated.
+        create = {"kind": "create", "status": 403, "count": 1, "repo": "org/new"}
+        assert _call("POST", faults, create)[0] == 200
+        assert (
+            _call("POST", f"{api}/repos/create", {"name": "fresh", "organization": "org"})[0] == 200
+        )
+        assert (
+            _call("POST", f"{api}/repos/create", {"name": "new", "organization": "org"})[0] == 403
+        )
+        assert _call("GET", f"{api}/models/org/new")[0] == 404
+        assert (
+            _call("POST", f"{api}/repos/create", {"name": "new", "organization": "org"})[0] == 200
+        )
+
+        # An unscoped order still matches every repo; a malformed repo is refused.
+        _call("POST", faults, {"kind": "commit", "status": 500})
+        assert _call("POST", f"{api}/models/org/other/commit/main", ndjson)[0] == 500
+        for bad in ({"repo": "no-namespace"}, {"repo": 7}, {"repo": "a/b/c"}):
+            assert _call("POST", faults, {"kind": "commit", **bad})[0] == 400, bad
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "repo"),
+    [
+        ("POST", "api/repos/create", b'{"name": "m", "organization": "org"}', "org/m"),
+        ("POST", "api/repos/create", b'{"name": "m"}', None),
+        ("POST", "api/repos/create", b"not json", None),
+        ("POST", "api/models/org/m/preupload/main", b"", "org/m"),
+        ("POST", "api/datasets/org/d/commit/main", b"", "org/d"),
+        ("GET", "api/models/org/m", b"", "org/m"),
+        ("GET", "api/whoami-v2", b"", None),
+        ("POST", "org/m.git/info/lfs/objects/batch", b"", "org/m"),
+        ("POST", "datasets/org/d.git/info/lfs/objects/batch", b"", "org/d"),
+        ("PUT", "lfs-upload/ticket", b"", None),
+        ("GET", "org/m/resolve/main/config.json", b"", "org/m"),
+        ("HEAD", "datasets/org/d/resolve/main/a/b.json", b"", "org/d"),
+    ],
+)
+def test_fault_repo_of_requests(method: str, path: str, body: bytes, repo: str | None) -> None:
+    from finetune_hub_double.faults import request_repo
+
+    assert request_repo(method, path.split("/"), body) == repo
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kind"),
     [

@@ -142,12 +142,17 @@ def train_steps(
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
                 if due or stopping:
-                    # Rank 0 may write (or upload) for long while the others wait in the next
-                    # step's collective: untimed until that step completes.
+                    # Rank 0 may write (or upload) for long while the others wait: untimed until
+                    # every rank is past the save. Rank 0 times again once its own save is done,
+                    # so a peer that stops meanwhile (or in the step after) is still caught.
                     watchdog.pause()
                     _save_checkpoint(
                         run, state, ckpt_root, t.checkpoints_to_keep, telemetry, after_save
                     )
+                    if acc.is_main_process:
+                        watchdog.resume()
+                    acc.wait_for_everyone()
+                    watchdog.resume()
                 if stopping:
                     raise Interrupted(state.step)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()

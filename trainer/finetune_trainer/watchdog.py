@@ -8,8 +8,10 @@ comes it writes this rank's result (reason CollectiveTimeout, retryable) and end
 with `os._exit`: the pod fails, and the operator restarts the gang from its checkpoint.
 
 Only the loop is timed. Loading, evaluation and the push happen outside it, and a checkpoint
-save pauses the watchdog until the next step completes (rank 0 may upload for minutes while the
-others wait in that step's collective), so a hang inside a save is left to torch's timeout.
+save pauses the watchdog (rank 0 may upload for minutes while the others wait): rank 0 times again
+as soon as its own save is done, the others once every rank is past the save (a barrier), so a
+rank stopped during a save or in the step after it is still caught; only a hang of rank 0 inside
+its own save is left to torch's timeout.
 """
 
 from __future__ import annotations
@@ -94,9 +96,16 @@ class HangWatchdog:
             self.step, self._last, self.paused = step, now, False
 
     def pause(self) -> None:
-        """Stop timing until the next `step_done`: a checkpoint save is about to start."""
+        """Stop timing until `resume` (or the next `step_done`): a checkpoint save is about to
+        start."""
         with self._lock:
             self.paused = True
+
+    def resume(self) -> None:
+        """Time again from now: the save is over (on this rank, or on every rank). The pause is
+        not a step duration, and the step after it is timed from here."""
+        with self._lock:
+            self._last, self.paused = self.clock(), False
 
     def check(self, now: float) -> str | None:
         """Why the gang is deemed hung at `now`, or None while it is not."""

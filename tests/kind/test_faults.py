@@ -1,0 +1,1095 @@
+"""The fault suite on kind: real kubelets, a real Job controller, faults injected into training
+FineTuneJobs, and what the operator and the trainer make of each.
+
+    pytest -m kind tests/kind/test_faults.py -s     # fixtures: tests/kind/conftest.py
+
+One module-scoped setup keeps it lean: one namespace, one Hub double (tests/kind/manifests/hub.yaml,
+started with --test-faults) and one Hub token, and every job applied at once, each driven by its
+own scenario thread while the others train; the tests then wait for their scenario and assert.
+The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing every 5 steps:
+
+- ft-chain: the operator pod and rank 1's pod are deleted together (the new operator must find
+  the failed gang and restart it); then rank 0's pod; then runPolicy.suspend true, and false
+  once the gang is gone: each restart resumes from the SIGTERM checkpoint;
+- ft-drain: `kubectl drain` of the worker node (only this job's pods are evicted, so the Hub
+  double, the operator and CoreDNS stay), then uncordon;
+- ft-hang: rank 1's trainer process stopped with SIGSTOP (kubectl exec); rank 0's watchdog ends
+  the attempt after hangTimeoutSeconds=20 (CollectiveTimeout) and the gang restarts from its last
+  periodic checkpoint; its evaluation gate cannot pass, so it ends EvaluationGateFailed and
+  nothing reaches the repo's main branch;
+- ft-push503 / ft-push403 (1 node, 10 steps): the double fails the job's commits (scoped to its
+  repo) with 503 three times (retried in the pod: Succeeded, one push) or with 403 (Failed,
+  PushFailed, no second attempt).
+
+Each 2-node job's perplexity after training must match the uninterrupted run of the same spec:
+test_e2e.py's, when it ran earlier in the session, else an `ft-ref` job trained alongside. At the
+end: no two attempts' pods ever alive together, exactly one Job/Service/ConfigMap per job, pods of
+the current attempt only, and the Hub token in no log, Event or status.
+
+Pods and FineTuneJobs are followed with `kubectl get --watch` (every change, with the time it
+arrived), so restart times are measured from the fault to the operator's first report of the new
+attempt training, and termination messages are read even from pods deleted a moment later.
+Timings (restart seconds, operator convergence, each scenario) land in
+test-results/kind-e2e-timings.json, every trainer pod's log in test-results/kind-faults-pod-logs/;
+a failure leaves diagnostics in test-results/kind-logs/faults-<time>/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import test_e2e
+from test_e2e import example_job, setup_hub, training_key
+
+import conftest
+
+pytestmark = [pytest.mark.kind]
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+JOB_LABEL = "finetune.dev/job-name"
+ATTEMPT_LABEL = "finetune.dev/attempt"
+INDEX = "batch.kubernetes.io/job-completion-index"
+CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
+CKPT_EVERY = 5
+HANG_TIMEOUT_S = 20
+PUSH_STEPS = 10
+# Faults strike once the attempt has trained this many steps past where it began.
+FAULT_AFTER_STEPS = 3
+# Any single wait (cold, on 2 shared cores); the whole module stays far below it when warm.
+WAIT_S = 900
+# Perplexity after an interrupted run vs the uninterrupted one: resumption restores weights,
+# optimizer, schedule, data position and RNG, so they agree to float noise; this is slack.
+PPL_TOLERANCE = 0.02
+CONVERGE_S = 10.0
+PUSH503_COUNT = 3
+
+RESUMED = re.compile(r"resumed from step (\d+)")
+CHAIN, DRAIN, HANG, P503, P403, REF = (
+    "ft-chain",
+    "ft-drain",
+    "ft-hang",
+    "ft-push503",
+    "ft-push403",
+    "ft-ref",
+)
+
+# Stops every trainer rank process of the pod (not PID 1, the launcher, nor itself).
+SIGSTOP_RANKS = r"""
+import os, signal
+me, hit = os.getpid(), []
+for p in os.listdir("/proc"):
+    if not p.isdigit() or int(p) in (1, me):
+        continue
+    try:
+        cmd = open(f"/proc/{p}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if b"finetune_trainer.rank" in cmd:
+        os.kill(int(p), signal.SIGSTOP)
+        hit.append(int(p))
+print(hit)
+"""
+
+# Runs in the hub pod: one call to the double's /_test/faults (no token needed there).
+HUB_CALL = r"""
+import json, sys, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3].encode() or None
+req = urllib.request.Request(url, data=body, method=method)
+with urllib.request.urlopen(req, timeout=10) as r:
+    print(r.read().decode())
+"""
+
+
+# ---- watching the cluster --------------------------------------------------------------------
+
+
+class View:
+    """What `kubectl get --watch` streams of the namespace's FineTuneJobs and pods: the latest
+    object per name, every FineTuneJob change with its arrival time, and the facts read off pod
+    changes (trainer results, log followers, attempts alive together)."""
+
+    def __init__(self, kube: Any, namespace: str, logs: Path) -> None:
+        self.kube, self.ns, self.logs = kube, namespace, logs
+        self.cond = threading.Condition()
+        self.ftjs: dict[str, Obj] = {}
+        self.ftj_history: list[tuple[float, str, Obj]] = []
+        self.pods: dict[str, Obj] = {}
+        self.gone: set[str] = set()
+        # (job, attempt, rank) -> the trainer's result, from its termination message
+        self.results: dict[tuple[str, int, int], Obj] = {}
+        self.overlaps: list[str] = []
+        # pod name -> (job, attempt, rank), in the order the pods appeared
+        self.pod_meta: dict[str, tuple[str, int, int]] = {}
+        self.running_at: dict[str, float] = {}  # pod name -> when it was first seen Running
+        self._followers: dict[str, subprocess.Popen[bytes]] = {}
+        self._watchers: dict[str, subprocess.Popen[str]] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._stream, args=(r, f), daemon=True)
+            for r, f in (("finetunejobs", self._on_ftj), ("pods", self._on_pod))
+        ]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in [*self._watchers.values(), *self._followers.values()]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*self._watchers.values(), *self._followers.values()]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _stream(self, resource: str, handle: Callable[[str, Obj], None]) -> None:
+        args = [*self.kube.base, "-n", self.ns, "get", resource, "--watch"]
+        args += ["--output-watch-events", "-o", "json"]
+        while not self._stop.is_set():
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+            self._watchers[resource] = proc
+            assert proc.stdout is not None
+            decoder, buffer = json.JSONDecoder(), ""
+            for line in proc.stdout:  # one compact object a line (or pretty-printed: buffered)
+                buffer += line
+                try:
+                    event, _ = decoder.raw_decode(buffer.strip())
+                except ValueError:
+                    continue
+                buffer = ""
+                with self.cond:
+                    try:
+                        handle(event.get("type", ""), event.get("object") or {})
+                    except Exception:  # a bug here must not silence the watch
+                        self.errors.append(traceback.format_exc())
+                    self.cond.notify_all()
+                if self._stop.is_set():
+                    break
+            proc.terminate()
+            proc.wait()
+            if not self._stop.is_set():
+                time.sleep(0.5)  # the watch timed out: watch again (a re-list, ADDED events)
+
+    def _on_ftj(self, kind: str, obj: Obj) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.ftjs.pop(name, None)
+            return
+        self.ftjs[name] = obj
+        self.ftj_history.append((time.monotonic(), name, obj))
+
+    def _on_pod(self, kind: str, obj: Obj) -> None:
+        meta = obj["metadata"]
+        name = meta["name"]
+        if kind == "DELETED":
+            self.pods.pop(name, None)
+            self.gone.add(name)
+            return
+        self.pods[name] = obj
+        labels = meta.get("labels") or {}
+        job = labels.get(JOB_LABEL)
+        if job is None:
+            return
+        attempt, rank = int(labels.get(ATTEMPT_LABEL, 0)), pod_index(obj)
+        self.pod_meta.setdefault(name, (job, attempt, rank))
+        if (obj.get("status") or {}).get("phase") == "Running":
+            self.running_at.setdefault(name, time.monotonic())
+        for cs in (obj.get("status") or {}).get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            if cs.get("name") != "trainer":
+                continue
+            if (state.get("running") or state.get("terminated")) and name not in self._followers:
+                self._follow(name)
+            message = (state.get("terminated") or {}).get("message")
+            if message:
+                try:
+                    self.results[(job, attempt, rank)] = json.loads(message)
+                except ValueError:
+                    self.results[(job, attempt, rank)] = {"raw": message[-500:]}
+        alive = {
+            int((p["metadata"].get("labels") or {}).get(ATTEMPT_LABEL, 0))
+            for p in self.pods.values()
+            if (p["metadata"].get("labels") or {}).get(JOB_LABEL) == job
+            and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+        }
+        if len(alive) > 1:
+            self.overlaps.append(f"{job}: pods of attempts {sorted(alive)} alive at once")
+
+    def _follow(self, pod: str) -> None:
+        """`kubectl logs -f` into a file: the whole log survives the pod's deletion."""
+        out = open(self.logs / f"{pod}.log", "wb")  # noqa: SIM115 - closed with the process
+        self._followers[pod] = subprocess.Popen(
+            [*self.kube.base, "-n", self.ns, "logs", "-f", pod, "-c", "trainer"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        out.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def wait(self, what: str, probe: Callable[[], T | None], timeout: float = WAIT_S) -> T:
+        """probe() (under the lock) until it returns something other than None or False."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                value = probe()
+                if value is not None and value is not False:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout:.0f}s waiting for {what}; FineTuneJobs: "
+                        + json.dumps({n: summary(o) for n, o in self.ftjs.items()})
+                        + (f"; watch errors: {self.errors[-1]}" if self.errors else "")
+                    )
+                self.cond.wait(min(left, 1.0))
+
+    def status(self, job: str) -> Obj:
+        return (self.ftjs.get(job) or {}).get("status") or {}
+
+    def job_pods(self, job: str, attempt: int | None = None) -> list[Obj]:
+        return [
+            p
+            for p in self.pods.values()
+            if (p["metadata"].get("labels") or {}).get(JOB_LABEL) == job
+            and (attempt is None or p["metadata"]["labels"].get(ATTEMPT_LABEL) == str(attempt))
+        ]
+
+    def log_texts(self) -> dict[str, str]:
+        return {f.name: f.read_text(errors="replace") for f in sorted(self.logs.glob("*.log"))}
+
+    def resumed_in_log(self, job: str, attempt: int) -> int | None:
+        """The step the newest rank-0 pod of `attempt` says it resumed from (its log)."""
+        pods = [n for n, m in self.pod_meta.items() if m == (job, attempt, 0)]
+        for pod in reversed(pods):
+            path = self.logs / f"{pod}.log"
+            found = RESUMED.findall(path.read_text(errors="replace")) if path.exists() else []
+            if found:
+                return int(found[-1])
+        return None
+
+
+def pod_index(pod: Obj) -> int:
+    meta = pod["metadata"]
+    raw = (meta.get("annotations") or {}).get(INDEX) or (meta.get("labels") or {}).get(INDEX, "-1")
+    return int(raw)
+
+
+def summary(ftj: Obj) -> Obj:
+    st = ftj.get("status") or {}
+    return {
+        "phase": st.get("phase"),
+        "attempts": st.get("attempts"),
+        "step": (st.get("progress") or {}).get("step"),
+        "checkpoints": st.get("checkpoints"),
+    }
+
+
+def training_attempt(view: View, job: str) -> tuple[int, int] | None:
+    """(attempt, step) of the attempt whose training the operator has seen, or None."""
+    st = view.status(job)
+    ckpt = st.get("checkpoints") or {}
+    attempt, step = ckpt.get("attempt"), (st.get("progress") or {}).get("step")
+    if attempt is None or step is None or attempt != st.get("attempts"):
+        return None
+    return int(attempt), int(step)
+
+
+def condition(ftj_status: Obj, type_: str) -> Obj:
+    return next((c for c in ftj_status.get("conditions") or [] if c["type"] == type_), {})
+
+
+# ---- the suite -------------------------------------------------------------------------------
+
+
+class Outcome:
+    """A scenario's record, or the error that ended it."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.record: Obj = {}
+        self.error: str | None = None
+
+    def finish(self, error: str | None = None) -> None:
+        self.error = error
+        self._done.set()
+
+    def get(self, timeout: float) -> Obj:
+        assert self._done.wait(timeout), f"scenario still running after {timeout:.0f}s"
+        if self.error:
+            raise AssertionError(f"the scenario failed:\n{self.error}")
+        return self.record
+
+
+@dataclass
+class Suite:
+    kube: Any
+    ns: str
+    hub: Any
+    token: str
+    release: dict[str, str]
+    timing: Any
+    view: View
+    worker: str
+    reference: float | None = None
+    reference_source: str = ""
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    restarts: list[Obj] = field(default_factory=list)
+    operator_logs: dict[str, str] = field(default_factory=dict)
+    failed: bool = False
+    t0: float = field(default_factory=time.monotonic)
+
+    def outcome(self, name: str) -> Outcome:
+        return self.outcomes.setdefault(name, Outcome())
+
+    def run(self, name: str, scenario: Callable[[Suite, Obj], None]) -> None:
+        outcome = self.outcome(name)
+
+        def main() -> None:
+            t0 = time.monotonic()
+            try:
+                scenario(self, outcome.record)
+            except BaseException:  # reported by the test that reads the outcome
+                outcome.finish(traceback.format_exc())
+            else:
+                outcome.finish()
+            finally:
+                self.timing.record(f"faults_scenario_{name}", time.monotonic() - t0)
+
+        threading.Thread(target=main, name=name, daemon=True).start()
+
+    def hub_faults(self, method: str, order: Obj | None = None) -> Obj:
+        out = self.kube(
+            "-n", self.ns, "exec", "deploy/hub", "-c", "hub", "--", "python", "-c", HUB_CALL,
+            method, f"{self.hub.endpoint}/_test/faults", json.dumps(order) if order else "",
+            timeout=60,
+        )  # fmt: skip
+        return json.loads(out.strip().splitlines()[-1])
+
+    # -- steps scenarios share -------------------------------------------------------------------
+
+    def wait_trained(self, job: str, attempt: int, steps: int = FAULT_AFTER_STEPS) -> int:
+        """Wait until attempt `attempt` has trained `steps` steps past the step it resumed from;
+        returns the step the operator last read."""
+
+        def probe() -> int | None:
+            seen = training_attempt(self.view, job)
+            if seen is None or seen[0] != attempt:
+                return None
+            resumed = int(
+                (self.view.status(job).get("checkpoints") or {}).get("resumedFromStep") or 0
+            )
+            return seen[1] if seen[1] >= resumed + steps else None
+
+        return self.view.wait(f"{job} attempt {attempt} to train {steps} steps", probe)
+
+    def wait_restarted(self, job: str, attempt: int, fault: str, t_fault: float, step: int) -> Obj:
+        """Wait for attempt `attempt` to train; record the restart (fault -> training again)."""
+
+        def probe() -> Obj | None:
+            seen = training_attempt(self.view, job)
+            if seen is None or seen[0] != attempt:
+                return None
+            ckpt = self.view.status(job).get("checkpoints") or {}
+            return {
+                "resumedFromStep": ckpt.get("resumedFromStep"),
+                "stepsLost": ckpt.get("stepsLost"),
+            }
+
+        got = self.view.wait(f"{job} attempt {attempt} training after {fault}", probe)
+        seconds = round(time.monotonic() - t_fault, 1)
+        entry = {"job": job, "fault": fault, "attempt": attempt, "stepAtFault": step, **got}
+        entry["seconds"] = seconds
+        # Where the time went: the operator seeing the failure (it records the next attempt),
+        # the new pods running (their containers started), the trainer resumed (reported).
+        with self.view.cond:
+            seen = next(
+                (
+                    t
+                    for t, n, o in self.view.ftj_history
+                    if n == job
+                    and t >= t_fault
+                    and (o.get("status") or {}).get("attempts", 0) >= attempt
+                ),
+                None,
+            )
+            starts = [
+                self.view.running_at[p]
+                for p, meta in self.view.pod_meta.items()
+                if meta[:2] == (job, attempt) and p in self.view.running_at
+            ]
+        entry["failureSeenAfter"] = round(seen - t_fault, 1) if seen else None
+        entry["podsRunningAfter"] = round(max(starts) - t_fault, 1) if starts else None
+        self.restarts.append(entry)
+        self.timing.record(f"faults_restart_{job}_attempt{attempt}_{fault}", seconds)
+        print(f"[faults] {job}: {fault} at step {step} -> attempt {attempt} training {entry}")
+        return entry
+
+    def wait_finished(self, job: str) -> Obj:
+        return self.view.wait(
+            f"{job} to finish",
+            lambda: (
+                self.view.ftjs.get(job)
+                if self.view.status(job).get("phase") in ("Succeeded", "Failed")
+                else None
+            ),
+        )
+
+    def rank_pod(self, job: str, attempt: int, rank: int) -> Obj:
+        def probe() -> Obj | None:
+            pods = [p for p in self.view.job_pods(job, attempt) if pod_index(p) == rank]
+            running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+            return running[0] if running else None
+
+        return self.view.wait(f"{job} attempt {attempt} rank {rank} running", probe)
+
+    def delete_pod(self, pod: Obj) -> None:
+        self.kube("-n", self.ns, "delete", "pod", pod["metadata"]["name"], "--wait=false")
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+
+
+def operator_pods(suite: Suite) -> list[Obj]:
+    rel = suite.release
+    return suite.kube.json("-n", rel["namespace"], "get", "pods", "-l", rel["selector"])["items"]
+
+
+def is_ready(pod: Obj) -> bool:
+    return not pod["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
+    """Delete the operator pod and, while no operator runs, rank 1 of `job`: the new operator
+    must find that gang failed and restart it, and bring every status up to date, within
+    CONVERGE_S of its pod being ready."""
+    rel, view = suite.release, suite.view
+    old = [p for p in operator_pods(suite) if is_ready(p)]
+    assert len(old) == 1, [p["metadata"]["name"] for p in old]
+    old_name = old[0]["metadata"]["name"]
+    suite.operator_logs[old_name] = suite.kube(
+        "-n", rel["namespace"], "logs", old_name, "--all-containers", "--tail=-1"
+    )
+    rank1 = suite.rank_pod(job, 1, 1)
+    step = int((view.status(job).get("progress") or {}).get("step") or 0)
+    t_fault = time.monotonic()
+    suite.kube("-n", rel["namespace"], "delete", "pod", old_name, "--wait=false")
+    suite.delete_pod(rank1)
+    new: Obj | None = None
+    while new is None:
+        assert time.monotonic() - t_fault < WAIT_S, "no new operator pod became ready"
+        time.sleep(0.5)
+        new = next(
+            (p for p in operator_pods(suite) if p["metadata"]["name"] != old_name and is_ready(p)),
+            None,
+        )
+    t_ready = time.monotonic()
+    record["operatorPod"] = new["metadata"]["name"]
+    record["deleteToReadySeconds"] = round(t_ready - t_fault, 1)
+    suite.timing.record("faults_operator_delete_to_ready", t_ready - t_fault)
+    # Everything that trains when the new operator is ready must show a status written after it.
+    with view.cond:
+        training = {
+            name: (st.get("progress") or {}).get("updatedAt")
+            for name, ftj in view.ftjs.items()
+            if (st := ftj.get("status") or {}).get("phase") == "Running"
+            and (st.get("progress") or {}).get("updatedAt")
+            and name != job
+            and any((p.get("status") or {}).get("phase") == "Running" for p in view.job_pods(name))
+        }
+
+    times: dict[str, float] = {}
+
+    def converged() -> Obj | None:
+        now = round(time.monotonic() - t_ready, 1)
+        if job not in times and int(view.status(job).get("attempts") or 0) >= 2:
+            times[job] = now  # the gang that failed while no operator ran: restarted
+        for n, before in training.items():
+            st = view.status(n)
+            if n not in times and (
+                st.get("phase") != "Running"
+                or (st.get("progress") or {}).get("updatedAt") != before
+            ):
+                times[n] = now  # a status written by the new operator
+        if len(times) < len(training) + 1:
+            return None
+        return {"restartedGang": job, "refreshed": sorted(training), "secondsByJob": dict(times)}
+
+    got = view.wait("status to converge after the operator restart", converged, timeout=120)
+    seconds = time.monotonic() - t_ready
+    record.update(got, convergeSeconds=round(seconds, 1))
+    # The new operator found every child in place: one of each per FineTuneJob, no second Job.
+    items = suite.kube.json("-n", suite.ns, "get", "jobs,services,configmaps", "-l", JOB_LABEL)
+    kinds: dict[str, list[str]] = {}
+    for o in items["items"]:
+        kinds.setdefault(o["metadata"]["labels"][JOB_LABEL], []).append(o["kind"])
+    record["childrenAfterRestart"] = {k: sorted(v) for k, v in sorted(kinds.items())}
+    suite.timing.record("faults_operator_ready_to_converged", seconds)
+    print(f"[faults] operator restart: {record}")
+    record["restart"] = suite.wait_restarted(job, 2, "operator+rank1-delete", t_fault, step)
+
+
+def chain_scenario(suite: Suite, record: Obj) -> None:
+    """Operator + rank 1 deleted; then rank 0 deleted; then suspended and resumed."""
+    view, job = suite.view, CHAIN
+    operator = suite.outcome("operator")
+    try:
+        suite.wait_trained(job, 1)
+        restart_operator_with(suite, job, operator.record)
+    except BaseException:
+        operator.finish(traceback.format_exc())
+        raise
+    operator.finish()
+    record["restarts"] = [operator.record["restart"]]
+
+    step = suite.wait_trained(job, 2)
+    t_fault = time.monotonic()
+    suite.delete_pod(suite.rank_pod(job, 2, 0))
+    record["restarts"].append(suite.wait_restarted(job, 3, "rank0-delete", t_fault, step))
+
+    step = suite.wait_trained(job, 3)
+    resumed_before = (view.status(job).get("checkpoints") or {}).get("resumedFromStep")
+    t_fault = time.monotonic()
+    suite.kube(
+        "-n", suite.ns, "patch", "finetunejob", job, "--type=merge",
+        "-p", '{"spec": {"runPolicy": {"suspend": true}}}',
+    )  # fmt: skip
+    view.wait(
+        f"{job} Suspended with no pods left",
+        lambda: view.status(job).get("phase") == "Suspended"
+        and not [p for p in view.job_pods(job) if not p["metadata"].get("deletionTimestamp")
+                 and (p.get("status") or {}).get("phase") in ("Pending", "Running")],
+    )  # fmt: skip
+    record["suspendedAfterSeconds"] = round(time.monotonic() - t_fault, 1)
+    record["stepAtSuspend"] = step
+    record["lastStepBeforeResume"] = (view.status(job).get("progress") or {}).get("step")
+    record["attemptsWhileSuspended"] = view.status(job).get("attempts")
+    suite.kube(
+        "-n", suite.ns, "patch", "finetunejob", job, "--type=merge",
+        "-p", '{"spec": {"runPolicy": {"suspend": false}}}',
+    )  # fmt: skip
+    t_resume = time.monotonic()
+    stale_at = (view.status(job).get("progress") or {}).get("updatedAt")
+
+    def training_again() -> tuple[int, int] | None:
+        # The resume may unsuspend the same attempt's Job or start the next attempt; either way
+        # new pods run and the operator reads a fresh step from them.
+        seen = training_attempt(view, job)
+        st = view.status(job)
+        fresh = (st.get("progress") or {}).get("updatedAt") != stale_at
+        running = [
+            p
+            for p in view.job_pods(job, seen[0] if seen else None)
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+        ]
+        return seen if seen and fresh and running and st.get("phase") == "Running" else None
+
+    seen = view.wait(f"{job} training again after the resume", training_again)
+    # The operator records the new pods' resume step with the scrape that saw them train (or
+    # fails to: the test reports it).
+    with contextlib.suppress(AssertionError):
+        view.wait(
+            f"{job}'s status to record the resume step",
+            lambda: (
+                (view.status(job).get("checkpoints") or {}).get("resumedFromStep") != resumed_before
+            ),
+            timeout=30,
+        )
+    resumed_log = view.wait(
+        f"{job} attempt {seen[0]} rank 0 logging its resume step",
+        lambda: view.resumed_in_log(job, seen[0]) if seen[0] > 0 else None,
+        timeout=60,
+    )
+    record["resume"] = {
+        "attempt": seen[0],
+        "seconds": round(time.monotonic() - t_resume, 1),
+        "statusResumedFromStep": (view.status(job).get("checkpoints") or {}).get("resumedFromStep"),
+        "logResumedFromStep": resumed_log,
+    }
+    print(f"[faults] {job}: suspend/resume {record}")
+    record["final"] = suite.wait_finished(job)
+
+
+def drain_scenario(suite: Suite, record: Obj) -> None:
+    view, job = suite.view, DRAIN
+    step = suite.wait_trained(job, 1)
+    on_worker = view.wait(
+        f"{job}'s pod on {suite.worker}",
+        lambda: next(
+            (p for p in view.job_pods(job, 1) if p["spec"].get("nodeName") == suite.worker), None
+        ),
+    )
+    record["evicted"] = {"pod": on_worker["metadata"]["name"], "rank": pod_index(on_worker)}
+    t_fault = time.monotonic()
+    try:
+        out = suite.kube(
+            "drain", suite.worker, "--pod-selector", f"{JOB_LABEL}={job}", "--ignore-daemonsets",
+            "--delete-emptydir-data", "--timeout=300s", timeout=360,
+        )  # fmt: skip
+        record["drainSeconds"] = round(time.monotonic() - t_fault, 1)
+        record["drainOutput"] = out.strip().splitlines()[-3:]
+    finally:
+        suite.kube("uncordon", suite.worker)
+    record["restart"] = suite.wait_restarted(job, 2, "drain", t_fault, step)
+    record["final"] = suite.wait_finished(job)
+
+
+def hang_scenario(suite: Suite, record: Obj) -> None:
+    view, job = suite.view, HANG
+    # Past a periodic checkpoint, so that the restart has one to resume from (no SIGTERM
+    # checkpoint here: the stopped rank cannot take part in one).
+    step = suite.wait_trained(job, 1, CKPT_EVERY + 2)
+    rank1 = suite.rank_pod(job, 1, 1)
+    t_fault = time.monotonic()
+    out = suite.kube(
+        "-n", suite.ns, "exec", rank1["metadata"]["name"], "-c", "trainer", "--",
+        "python", "-c", SIGSTOP_RANKS, timeout=60,
+    )  # fmt: skip
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped, f"no trainer rank process found to stop in {rank1['metadata']['name']}"
+    record["stoppedPids"] = stopped
+    result = view.wait(f"{job} attempt 1 rank 0's result", lambda: view.results.get((job, 1, 0)))
+    record["detectSeconds"] = round(time.monotonic() - t_fault, 1)
+    record["attempt1Result"] = result
+    record["restart"] = suite.wait_restarted(job, 2, "sigstop", t_fault, step)
+    record["final"] = suite.wait_finished(job)
+
+
+def push_scenario(job: str) -> Callable[[Suite, Obj], None]:
+    def scenario(suite: Suite, record: Obj) -> None:
+        record["final"] = suite.wait_finished(job)
+
+    return scenario
+
+
+def ref_scenario(suite: Suite, record: Obj) -> None:
+    record["final"] = suite.wait_finished(REF)
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+
+def fault_job(ns: str, endpoint: str, name: str, nodes: int = 2, **run_policy: Any) -> Obj:
+    job = example_job(ns, endpoint)
+    job["metadata"]["name"] = name
+    spec = job["spec"]
+    spec["output"]["hub"]["repo"] = f"org/{name}"
+    spec["training"]["checkpointEverySteps"] = CKPT_EVERY
+    spec["runPolicy"] = {"backoffLimit": 4, **run_policy}
+    affinity = spec["template"]["affinity"]["podAntiAffinity"]
+    for term in affinity["requiredDuringSchedulingIgnoredDuringExecution"]:
+        term["labelSelector"]["matchLabels"][JOB_LABEL] = name
+    if nodes == 1:
+        spec["resources"]["nodes"] = 1
+        spec["training"]["maxSteps"] = PUSH_STEPS
+        del spec["template"]["affinity"]
+    return job
+
+
+def reference_for(job: Obj) -> float | None:
+    return test_e2e.REFERENCE.get(training_key(job))
+
+
+# ---- the module's one setup ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suite(
+    kube: Any, images: dict[str, str], operator_release: dict[str, str], timing: Any
+) -> Iterator[Suite]:
+    t0 = time.monotonic()
+    ns = f"faults-{uuid.uuid4().hex[:8]}"
+    kube("create", "namespace", ns)
+    token = f"e2etok{secrets.token_hex(20)}"
+    # Every trainer pod's whole log, kept from the last run (a few MB): where a restart's
+    # seconds went is in their timestamps.
+    logs = conftest.RESULTS / "kind-faults-pod-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    view = View(kube, ns, logs)
+    workers = kube("get", "nodes", "-l", f"!{CONTROL_PLANE}", "-o", "name").split()
+    assert workers, "no worker node"
+    worker = workers[0].split("/", 1)[1]
+    s: Suite | None = None
+    try:
+        hub = setup_hub(kube, ns, token, timing, images)
+        s = Suite(kube, ns, hub, token, operator_release, timing, view, worker)
+        assert s.hub_faults("DELETE") == {"pending": [], "fired": {}}
+        for job, status, count in ((P503, 503, PUSH503_COUNT), (P403, 403, 1)):
+            s.hub_faults(
+                "POST", {"kind": "commit", "status": status, "count": count, "repo": f"org/{job}"}
+            )
+        jobs = {
+            CHAIN: fault_job(ns, hub.endpoint, CHAIN),
+            DRAIN: fault_job(ns, hub.endpoint, DRAIN),
+            HANG: fault_job(ns, hub.endpoint, HANG, hangTimeoutSeconds=HANG_TIMEOUT_S),
+            P503: fault_job(ns, hub.endpoint, P503, nodes=1),
+            P403: fault_job(ns, hub.endpoint, P403, nodes=1),
+        }
+        # Its gate cannot be met: the run ends EvaluationGateFailed, and nothing is pushed.
+        jobs[HANG]["spec"]["evaluation"]["gates"] = {"perplexity": 1.0}
+        s.reference = reference_for(jobs[CHAIN])
+        s.reference_source = "test_e2e (same session)"
+        if s.reference is None:
+            jobs[REF] = fault_job(ns, hub.endpoint, REF)
+            s.reference_source = REF
+        view.start()
+        kube.apply(list(jobs.values()), ns)
+        s.run("chain", chain_scenario)
+        s.run("drain", drain_scenario)
+        s.run("hang", hang_scenario)
+        s.run("push503", push_scenario(P503))
+        s.run("push403", push_scenario(P403))
+        if REF in jobs:
+            s.run("ref", ref_scenario)
+        timing.record("faults_setup", time.monotonic() - t0)
+        yield s
+    finally:
+        view.stop()
+        if s is None or s.failed:
+            out = (
+                conftest.RESULTS
+                / "kind-logs"
+                / f"faults-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            )
+            conftest.collect_diagnostics(kube, ns, out)
+            shutil.copytree(logs, out / "followed-pod-logs", dirs_exist_ok=True)
+            for name, text in (s.operator_logs if s else {}).items():
+                (out / f"operator-{name}.log").write_text(text)
+            print(f"\ndiagnostics: {out}")
+        kube("uncordon", worker, check=False)
+        if os.environ.get("FINETUNE_E2E_KEEP") != "1":
+            kube("delete", "namespace", ns, "--wait=false", check=False)
+        timing.record("faults_module_total", time.monotonic() - t0)
+
+
+class Checks:
+    """Checks that do not depend on each other are collected, so one red run reports them all;
+    `finish()` fails the test with every one that failed."""
+
+    def __init__(self, suite: Suite) -> None:
+        self.suite, self.problems, self.finished = suite, [], False
+
+    def __call__(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.problems.append(message)
+
+    def finish(self) -> None:
+        self.finished = True
+        if self.problems:
+            self.suite.failed = True
+            pytest.fail("\n".join(f"- {p}" for p in self.problems))
+
+
+@pytest.fixture()
+def check(suite: Suite, request: pytest.FixtureRequest) -> Iterator[Checks]:
+    checks = Checks(suite)
+    yield checks
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        suite.failed = True  # the module's teardown collects diagnostics once
+    elif not checks.finished:
+        pytest.fail("the test never called check.finish(): its checks were not enforced")
+
+
+def outcome_of(suite: Suite, name: str) -> Obj:
+    try:
+        return suite.outcome(name).get(WAIT_S * 3)
+    except BaseException:
+        suite.failed = True
+        raise
+
+
+# ---- shared checks ---------------------------------------------------------------------------
+
+
+def finished_as(check: Checks, ftj: Obj, phase: str, reason: str) -> Obj:
+    st = ftj["status"]
+    check(
+        st.get("phase") == phase, f"{ftj['metadata']['name']}: phase {st.get('phase')}, not {phase}"
+    )
+    got = condition(st, phase).get("reason")
+    check(
+        got == reason,
+        f"{ftj['metadata']['name']}: {phase} reason {got!r}, not {reason!r}: "
+        f"{condition(st, phase)}",
+    )
+    return st
+
+
+def steps_lost_within(check: Checks, st: Obj, job: str, bound: int) -> None:
+    lost = (st.get("checkpoints") or {}).get("stepsLost")
+    check(
+        lost is not None and lost <= bound,
+        f"{job}: stepsLost {lost} > {bound}: {st.get('checkpoints')}",
+    )
+
+
+def perplexity_matches(check: Checks, suite: Suite, st: Obj, job: str) -> None:
+    after = ((st.get("evaluation") or {}).get("perplexity") or {}).get("after")
+    ref = suite.reference
+    if ref is None:
+        ref_final = suite.outcome("ref").get(WAIT_S * 3)["final"]
+        ref = suite.reference = (
+            (ref_final["status"].get("evaluation") or {}).get("perplexity") or {}
+        ).get("after")
+    check(ref is not None, f"no reference perplexity ({suite.reference_source})")
+    check(after is not None, f"{job}: no perplexity after training: {st.get('evaluation')}")
+    if after is not None and ref is not None:
+        delta = abs(after - ref) / ref
+        suite.timing.record(
+            f"faults_ppl_{job}", f"{after} vs {ref} ({suite.reference_source}); rel {delta:.2e}"
+        )
+        check(
+            delta <= PPL_TOLERANCE,
+            f"{job}: perplexity after {after} vs uninterrupted {ref}: {delta:.2%} apart",
+        )
+
+
+def children_unique(check: Checks, suite: Suite, job: str, attempts: int, claim: bool) -> None:
+    """Exactly one Job, Service and ConfigMap (and claim, for a one-node gang), all named after
+    the job; its pods all of the current attempt; no two attempts' pods ever alive at once."""
+    kinds = "jobs,services,configmaps,persistentvolumeclaims"
+    items = suite.kube.json("-n", suite.ns, "get", kinds, "-l", f"{JOB_LABEL}={job}")["items"]
+    found = sorted((o["kind"], o["metadata"]["name"]) for o in items)
+    want = [("ConfigMap", job), ("Job", job), ("Service", job)]
+    if claim:
+        want.append(("PersistentVolumeClaim", f"{job}-checkpoints"))
+    check(found == sorted(want), f"{job}: children {found}, want {sorted(want)}")
+    pods = suite.kube.json("-n", suite.ns, "get", "pods", "-l", f"{JOB_LABEL}={job}")["items"]
+    stale = [
+        p["metadata"]["name"]
+        for p in pods
+        if p["metadata"]["labels"].get(ATTEMPT_LABEL) != str(attempts)
+    ]
+    check(not stale, f"{job}: pods of an earlier attempt than {attempts} remain: {stale}")
+    overlaps = [o for o in suite.view.overlaps if o.startswith(f"{job}:")]
+    check(not overlaps, f"{job}: {overlaps[:3]}")
+
+
+def main_commits(suite: Suite, job: str) -> list[Obj] | None:
+    """The history of org/<job>'s main branch in the double (None: no such repo)."""
+    got = suite.hub.fetch(f"{suite.hub.endpoint}/api/models/org/{job}/commits/main", auth=True)
+    if got["status"] == 404:
+        return None
+    assert got["status"] == 200, got
+    return json.loads(got["body"])
+
+
+def pushed_once(check: Checks, suite: Suite, st: Obj, job: str) -> None:
+    result = st.get("result") or {}
+    revision = result.get("revision")
+    history = main_commits(suite, job) or []
+    titles = [c["title"] for c in history]
+    check(bool(revision), f"{job}: no revision in status.result: {result}")
+    check(
+        len(history) == 2 and titles[-1] == "initial commit",
+        f"{job}: main holds {titles}, want one push",
+    )
+    check(
+        bool(history) and history[0]["id"] == revision,
+        f"{job}: main's head is not {revision}: {titles}",
+    )
+
+
+def nothing_pushed(check: Checks, suite: Suite, st: Obj, job: str) -> None:
+    check(
+        not (st.get("result") or {}).get("revision"),
+        f"{job}: a revision in status: {st.get('result')}",
+    )
+    history = main_commits(suite, job)
+    titles = [c["title"] for c in history or []]
+    check(history is None or titles == ["initial commit"], f"{job}: main holds {titles}")
+
+
+def restart_within_bound(check: Checks, restart: Obj) -> None:
+    """A SIGTERM checkpoint: the next attempt resumes where the gang stopped, nothing is lost."""
+    resumed = restart.get("resumedFromStep")
+    check(
+        resumed is not None and resumed >= restart["stepAtFault"],
+        f"{restart['job']}: attempt {restart['attempt']} resumed from {resumed}, before the step "
+        f"{restart['stepAtFault']} seen when the fault struck ({restart['fault']})",
+    )
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+
+def test_operator_pod_deleted_while_jobs_train(suite: Suite, check: Checks) -> None:
+    record = outcome_of(suite, "operator")
+    check(
+        record["convergeSeconds"] <= CONVERGE_S,
+        f"status took {record['convergeSeconds']}s (> {CONVERGE_S}s) to converge after the new "
+        f"operator pod was ready: {record}",
+    )
+    check(bool(record["refreshed"]), f"no other job was training to refresh: {record}")
+    for job, kinds in record["childrenAfterRestart"].items():
+        # A restarting gang may be between its Jobs (the old one deleted, the new not yet made).
+        want = [["ConfigMap", "Job", "Service"], ["ConfigMap", "Service"]]
+        check(kinds in want, f"{job}: children after the operator restart: {kinds}")
+    check.finish()
+
+
+def test_rank_deletes_and_suspend_resume(suite: Suite, check: Checks) -> None:
+    record = outcome_of(suite, "chain")
+    st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
+    for restart in record["restarts"]:
+        restart_within_bound(check, restart)
+    resume = record["resume"]
+    for source in ("logResumedFromStep", "statusResumedFromStep"):
+        check(
+            resume[source] is not None and resume[source] >= record["stepAtSuspend"],
+            f"{CHAIN}: after the resume, {source} is {resume[source]}, not the SIGTERM checkpoint "
+            f"at or after step {record['stepAtSuspend']}: {record}",
+        )
+    steps_lost_within(check, st, CHAIN, CKPT_EVERY)
+    perplexity_matches(check, suite, st, CHAIN)
+    pushed_once(check, suite, st, CHAIN)
+    for attempt in range(1, 3):
+        reason = suite.view.results.get((CHAIN, attempt, 0), {}).get("reason")
+        check(reason == "Interrupted", f"{CHAIN}: attempt {attempt} rank 0 ended {reason!r}")
+    children_unique(check, suite, CHAIN, st["attempts"], claim=False)
+    suite.timing.record("faults_chain_attempts", str(st["attempts"]))
+    check.finish()
+
+
+def test_drain_worker_node(suite: Suite, check: Checks) -> None:
+    record = outcome_of(suite, "drain")
+    st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
+    restart_within_bound(check, record["restart"])
+    check(st.get("attempts") == 2, f"{DRAIN}: {st.get('attempts')} attempts, want 2")
+    steps_lost_within(check, st, DRAIN, CKPT_EVERY)
+    perplexity_matches(check, suite, st, DRAIN)
+    pushed_once(check, suite, st, DRAIN)
+    children_unique(check, suite, DRAIN, st["attempts"], claim=False)
+    check.finish()
+
+
+def test_sigstop_rank_collective_timeout(suite: Suite, check: Checks) -> None:
+    record = outcome_of(suite, "hang")
+    st = finished_as(check, record["final"], "Failed", "EvaluationGateFailed")
+    result = record["attempt1Result"]
+    check(result.get("reason") == "CollectiveTimeout", f"{HANG}: attempt 1 rank 0 ended {result}")
+    check(
+        record["detectSeconds"] <= HANG_TIMEOUT_S * 3,
+        f"{HANG}: the hang was detected after {record['detectSeconds']}s "
+        f"(hangTimeoutSeconds {HANG_TIMEOUT_S})",
+    )
+    check(st.get("attempts") == 2, f"{HANG}: {st.get('attempts')} attempts, want 2")
+    steps_lost_within(check, st, HANG, CKPT_EVERY)
+    perplexity_matches(check, suite, st, HANG)
+    nothing_pushed(check, suite, st, HANG)
+    children_unique(check, suite, HANG, st["attempts"], claim=False)
+    check.finish()
+
+
+def test_push_503_retried_then_pushed_once(suite: Suite, check: Checks) -> None:
+    record = outcome_of(suite, "push503")
+    st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
+    check(
+        st.get("attempts") == 1,
+        f"{P503}: {st.get('attempts')} attempts: the 503s were not retried in the pod",
+    )
+    fired = suite.hub_faults("GET").get("firedByRepo", {}).get(f"org/{P503}", {})
+    check(fired == {"commit": PUSH503_COUNT}, f"{P503}: faults fired {fired}")
+    ppl = (st.get("evaluation") or {}).get("perplexity") or {}
+    check(ppl.get("after") is not None and ppl["after"] < ppl["before"], f"{P503}: {ppl}")
+    pushed_once(check, suite, st, P503)
+    children_unique(check, suite, P503, 1, claim=True)
+    check.finish()
+
+
+def test_push_403_fails_without_retraining(suite: Suite, check: Checks) -> None:
+    record = outcome_of(suite, "push403")
+    st = finished_as(check, record["final"], "Failed", "PushFailed")
+    check(st.get("attempts") == 1, f"{P403}: {st.get('attempts')} attempts: a 403 must not retrain")
+    fired = suite.hub_faults("GET").get("firedByRepo", {}).get(f"org/{P403}", {})
+    check(fired == {"commit": 1}, f"{P403}: faults fired {fired}")
+    check("403" in condition(st, "Failed").get("message", ""), f"{P403}: {condition(st, 'Failed')}")
+    nothing_pushed(check, suite, st, P403)
+    children_unique(check, suite, P403, 1, claim=True)
+    check.finish()
+
+
+def test_restart_seconds(suite: Suite, check: Checks) -> None:
+    """Not a fault of its own: what the restarts above took, from the fault to training again
+    (measured here) and as the operator's finetune_operator_restart_seconds saw them."""
+    for name in ("chain", "drain", "hang"):
+        outcome_of(suite, name)
+    got = suite.hub.fetch(suite.release["metrics_url"])
+    metrics = {
+        line.split()[0]: float(line.split()[1])
+        for line in got.get("body", "").splitlines()
+        if line.startswith("finetune_operator_restart_seconds_")
+    }
+    count, total = (
+        metrics.get("finetune_operator_restart_seconds_count"),
+        metrics.get("finetune_operator_restart_seconds_sum"),
+    )
+    check(bool(count), f"the operator observed no restart: {metrics}")
+    if count:
+        suite.timing.record("faults_operator_restart_seconds_mean", total / count)
+        suite.timing.record("faults_operator_restart_seconds_count", str(int(count)))
+    suite.timing.record("faults_restarts", json.dumps(suite.restarts))
+    print(json.dumps(suite.restarts, indent=1))
+    check.finish()
+
+
+def test_hub_token_in_no_log_event_or_status(suite: Suite, check: Checks) -> None:
+    for name in list(suite.outcomes):
+        outcome_of(suite, name)
+    kube, ns, rel = suite.kube, suite.ns, suite.release
+    places: dict[str, str] = {
+        "FineTuneJobs": kube("-n", ns, "get", "finetunejobs", "-o", "yaml"),
+        "events": kube("get", "events", "-A", "-o", "yaml"),
+        "configmaps": kube("-n", ns, "get", "configmaps", "-o", "yaml"),
+        "jobs": kube("-n", ns, "get", "jobs", "-o", "yaml"),
+        "hub log": kube("-n", ns, "logs", "deploy/hub", "--all-containers", "--tail=-1"),
+        "operator log": kube(
+            "-n",
+            rel["namespace"],
+            "logs",
+            f"deployment/{rel['deployment']}",
+            "--all-containers",
+            "--tail=-1",
+        ),
+        **{f"log of deleted operator pod {k}": v for k, v in suite.operator_logs.items()},
+        **{f"followed log {k}": v for k, v in suite.view.log_texts().items()},
+    }
+    for p in kube.json("-n", ns, "get", "pods")["items"]:
+        pod = p["metadata"]["name"]
+        places[f"log of {pod}"] = kube("-n", ns, "logs", pod, "--all-containers", "--tail=-1")
+        places[f"pod {pod}"] = json.dumps(p)
+    check(
+        len(suite.view.log_texts()) >= 10,
+        f"few pod logs followed: {sorted(suite.view.log_texts())}",
+    )
+    leaks = [where for where, text in places.items() if suite.token in text]
+    check(not leaks, f"the Hub token appears in: {leaks}")
+    check.finish()
