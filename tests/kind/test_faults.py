@@ -9,10 +9,12 @@ own scenario thread while the others train; the tests then wait for their scenar
 The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing every 5 steps:
 
 - ft-chain: the operator pod and rank 1's pod are deleted together (the new operator must find
-  the failed gang and restart it); then rank 0's pod; then runPolicy.suspend true, and false
-  once the gang is gone: each restart resumes from the SIGTERM checkpoint;
+  the failed gang and restart it); then rank 0's pod. Each restart resumes from the SIGTERM
+  checkpoint;
 - ft-drain: `kubectl drain` of the worker node (only this job's pods are evicted, so the Hub
-  double, the operator and CoreDNS stay), then uncordon;
+  double, the operator and CoreDNS stay), then uncordon; once the next attempt trains,
+  runPolicy.suspend true, and false once its pods are gone: the same attempt resumes from the
+  SIGTERM checkpoint (two faults a job, balanced, so that no job's chain decides the wall time);
 - ft-hang: rank 1's trainer process stopped with SIGSTOP (kubectl exec); rank 0's watchdog ends
   the attempt after hangTimeoutSeconds=20 (CollectiveTimeout) and the gang restarts from its last
   periodic checkpoint; its evaluation gate cannot pass, so it ends EvaluationGateFailed and
@@ -131,13 +133,13 @@ class View:
         self.ftjs: dict[str, Obj] = {}
         self.ftj_history: list[tuple[float, str, Obj]] = []
         self.pods: dict[str, Obj] = {}
-        self.gone: set[str] = set()
         # (job, attempt, rank) -> the trainer's result, from its termination message
         self.results: dict[tuple[str, int, int], Obj] = {}
         self.overlaps: list[str] = []
         # pod name -> (job, attempt, rank), in the order the pods appeared
         self.pod_meta: dict[str, tuple[str, int, int]] = {}
         self.running_at: dict[str, float] = {}  # pod name -> when it was first seen Running
+        self.disrupted: set[str] = set()  # pods with a DisruptionTarget condition (evicted)
         self._followers: dict[str, subprocess.Popen[bytes]] = {}
         self._watchers: dict[str, subprocess.Popen[str]] = {}
         self.errors: list[str] = []
@@ -205,7 +207,6 @@ class View:
         name = meta["name"]
         if kind == "DELETED":
             self.pods.pop(name, None)
-            self.gone.add(name)
             return
         self.pods[name] = obj
         labels = meta.get("labels") or {}
@@ -216,6 +217,11 @@ class View:
         self.pod_meta.setdefault(name, (job, attempt, rank))
         if (obj.get("status") or {}).get("phase") == "Running":
             self.running_at.setdefault(name, time.monotonic())
+        conditions = (obj.get("status") or {}).get("conditions") or []
+        if any(
+            c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions
+        ):
+            self.disrupted.add(name)
         for cs in (obj.get("status") or {}).get("containerStatuses") or []:
             state = cs.get("state") or {}
             if cs.get("name") != "trainer":
@@ -554,25 +560,11 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     record["restart"] = suite.wait_restarted(job, 2, "operator+rank1-delete", t_fault, step)
 
 
-def chain_scenario(suite: Suite, record: Obj) -> None:
-    """Operator + rank 1 deleted; then rank 0 deleted; then suspended and resumed."""
-    view, job = suite.view, CHAIN
-    operator = suite.outcome("operator")
-    try:
-        suite.wait_trained(job, 1)
-        restart_operator_with(suite, job, operator.record)
-    except BaseException:
-        operator.finish(traceback.format_exc())
-        raise
-    operator.finish()
-    record["restarts"] = [operator.record["restart"]]
-
-    step = suite.wait_trained(job, 2)
-    t_fault = time.monotonic()
-    suite.delete_pod(suite.rank_pod(job, 2, 0))
-    record["restarts"].append(suite.wait_restarted(job, 3, "rank0-delete", t_fault, step))
-
-    step = suite.wait_trained(job, 3)
+def suspend_and_resume(suite: Suite, job: str, attempt: int, record: Obj) -> None:
+    """runPolicy.suspend true while attempt `attempt` trains, false once its pods are gone: the
+    gang saves at SIGTERM, and the pods that come back resume from that checkpoint."""
+    view = suite.view
+    step = suite.wait_trained(job, attempt)
     resumed_before = (view.status(job).get("checkpoints") or {}).get("resumedFromStep")
     t_fault = time.monotonic()
     suite.kube(
@@ -632,7 +624,28 @@ def chain_scenario(suite: Suite, record: Obj) -> None:
         "statusResumedFromStep": (view.status(job).get("checkpoints") or {}).get("resumedFromStep"),
         "logResumedFromStep": resumed_log,
     }
+    suite.timing.record(f"faults_resume_{job}", record["resume"]["seconds"])
     print(f"[faults] {job}: suspend/resume {record}")
+
+
+def chain_scenario(suite: Suite, record: Obj) -> None:
+    """Operator + rank 1 deleted; then rank 0 deleted."""
+    job = CHAIN
+    operator = suite.outcome("operator")
+    try:
+        suite.wait_trained(job, 1)
+        restart_operator_with(suite, job, operator.record)
+    except BaseException:
+        operator.finish(traceback.format_exc())
+        raise
+    operator.finish()
+    record["restarts"] = [operator.record["restart"]]
+
+    step = suite.wait_trained(job, 2)
+    t_fault = time.monotonic()
+    suite.delete_pod(suite.rank_pod(job, 2, 0))
+    record["restarts"].append(suite.wait_restarted(job, 3, "rank0-delete", t_fault, step))
+
     record["final"] = suite.wait_finished(job)
 
 
@@ -657,6 +670,7 @@ def drain_scenario(suite: Suite, record: Obj) -> None:
     finally:
         suite.kube("uncordon", suite.worker)
     record["restart"] = suite.wait_restarted(job, 2, "drain", t_fault, step)
+    suspend_and_resume(suite, job, 2, record)
     record["final"] = suite.wait_finished(job)
 
 
@@ -956,18 +970,12 @@ def test_operator_pod_deleted_while_jobs_train(suite: Suite, check: Checks) -> N
     check.finish()
 
 
-def test_rank_deletes_and_suspend_resume(suite: Suite, check: Checks) -> None:
+def test_rank1_then_rank0_deleted(suite: Suite, check: Checks) -> None:
     record = outcome_of(suite, "chain")
     st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
     for restart in record["restarts"]:
         restart_within_bound(check, restart)
-    resume = record["resume"]
-    for source in ("logResumedFromStep", "statusResumedFromStep"):
-        check(
-            resume[source] is not None and resume[source] >= record["stepAtSuspend"],
-            f"{CHAIN}: after the resume, {source} is {resume[source]}, not the SIGTERM checkpoint "
-            f"at or after step {record['stepAtSuspend']}: {record}",
-        )
+    check(st.get("attempts") == 3, f"{CHAIN}: {st.get('attempts')} attempts, want 3")
     steps_lost_within(check, st, CHAIN, CKPT_EVERY)
     perplexity_matches(check, suite, st, CHAIN)
     pushed_once(check, suite, st, CHAIN)
@@ -975,14 +983,26 @@ def test_rank_deletes_and_suspend_resume(suite: Suite, check: Checks) -> None:
         reason = suite.view.results.get((CHAIN, attempt, 0), {}).get("reason")
         check(reason == "Interrupted", f"{CHAIN}: attempt {attempt} rank 0 ended {reason!r}")
     children_unique(check, suite, CHAIN, st["attempts"], claim=False)
-    suite.timing.record("faults_chain_attempts", str(st["attempts"]))
     check.finish()
 
 
-def test_drain_worker_node(suite: Suite, check: Checks) -> None:
+def test_drain_worker_node_then_suspend_resume(suite: Suite, check: Checks) -> None:
     record = outcome_of(suite, "drain")
     st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
     restart_within_bound(check, record["restart"])
+    resume = record["resume"]
+    check(resume["attempt"] == 2, f"{DRAIN}: a suspend is no new attempt: {resume}")
+    for source in ("logResumedFromStep", "statusResumedFromStep"):
+        check(
+            resume[source] is not None and resume[source] >= record["stepAtSuspend"],
+            f"{DRAIN}: after the resume, {source} is {resume[source]}, not the SIGTERM checkpoint "
+            f"at or after step {record['stepAtSuspend']}: {record}",
+        )
+    evicted = record["evicted"]["pod"]
+    check(
+        evicted in suite.view.disrupted,
+        f"{DRAIN}: {evicted} was not evicted (no DisruptionTarget condition): {record}",
+    )
     check(st.get("attempts") == 2, f"{DRAIN}: {st.get('attempts')} attempts, want 2")
     steps_lost_within(check, st, DRAIN, CKPT_EVERY)
     perplexity_matches(check, suite, st, DRAIN)
@@ -996,11 +1016,20 @@ def test_sigstop_rank_collective_timeout(suite: Suite, check: Checks) -> None:
     st = finished_as(check, record["final"], "Failed", "EvaluationGateFailed")
     result = record["attempt1Result"]
     check(result.get("reason") == "CollectiveTimeout", f"{HANG}: attempt 1 rank 0 ended {result}")
-    check(
-        record["detectSeconds"] <= HANG_TIMEOUT_S * 3,
-        f"{HANG}: the hang was detected after {record['detectSeconds']}s "
-        f"(hangTimeoutSeconds {HANG_TIMEOUT_S})",
-    )
+    # The limit the watchdog applied (hangTimeoutSeconds, or 3 x p99 of slow steps on a loaded
+    # machine), from its message; the slack covers its 1 s poll and the pod's status reaching us.
+    limit = re.search(r"\(limit (\d+)s", result.get("message", ""))
+    check(limit is not None, f"{HANG}: no limit in the result's message: {result}")
+    if limit is not None:
+        check(
+            int(limit.group(1)) >= HANG_TIMEOUT_S
+            and record["detectSeconds"] <= int(limit.group(1)) + 15,
+            f"{HANG}: the hang was reported {record['detectSeconds']}s after the SIGSTOP, "
+            f"for a limit of {limit.group(1)}s (hangTimeoutSeconds {HANG_TIMEOUT_S})",
+        )
+        suite.timing.record(
+            "faults_hang_detect_seconds", f"{record['detectSeconds']} (limit {limit.group(1)})"
+        )
     check(st.get("attempts") == 2, f"{HANG}: {st.get('attempts')} attempts, want 2")
     steps_lost_within(check, st, HANG, CKPT_EVERY)
     perplexity_matches(check, suite, st, HANG)
