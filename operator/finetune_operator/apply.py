@@ -175,9 +175,9 @@ class Kube:
         call = functools.partial(_request, fn, args, kwargs)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
-    async def _get(self, fn: Callable[..., Any], *args: Any) -> Obj | None:
+    async def _get(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj | None:
         try:
-            return await self._json(fn, *args)
+            return await self._json(fn, *args, **kwargs)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -269,40 +269,28 @@ class Kube:
             return SecretCheck.PRESENT
         return SecretCheck.NO_KEY
 
+    async def _get_path(self, path: str, **path_params: str) -> Obj | None:
+        """GET `path` (its placeholders filled from `path_params`) as JSON; None on 404."""
+        return await self._get(
+            self.api.call_api,
+            path,
+            "GET",
+            path_params=path_params,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )
+
     async def _read(self, kind: str, namespace: str, name: str) -> Obj | None:
-        path = _CHILD_PATHS[kind]
-        try:
-            return await self._json(
-                self.api.call_api,
-                path,
-                "GET",
-                path_params={"namespace": namespace, "name": name},
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._get_path(_CHILD_PATHS[kind], namespace=namespace, name=name)
 
     async def _kueue_preferred_version(self) -> str | None:
         """The version of kueue.x-k8s.io that the API server prefers (as kubectl and kopf pick
         it), asked once and kept; None when the group is not served (no Kueue)."""
         if self._kueue_version is None:
-            try:
-                group = await self._json(
-                    self.api.call_api,
-                    _KUEUE_GROUP_PATH,
-                    "GET",
-                    header_params={"Accept": "application/json"},
-                    auth_settings=["BearerToken"],
-                    _return_http_data_only=True,
-                )
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
+            group = await self._get_path(_KUEUE_GROUP_PATH)
+            if group is None:
+                return None
             self._kueue_version = str((group.get("preferredVersion") or {}).get("version") or "")
         return self._kueue_version or None
 
