@@ -17,3 +17,12 @@ __all__ = [
     "load_manifest",
     "parse_manifest",
 ]
+
+
+def __getattr__(name: str) -> str:
+    # finetune_api.__version__, read when first asked for (it may scan sys.path).
+    if name == "__version__":
+        from finetune_api.version import version
+
+        return version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,7 +54,13 @@ class Reason(StrEnum):
     QUEUED = "Queued"
     PODS_RUNNING = "PodsRunning"
     SUSPENDED = "Suspended"
+    # runPolicy.suspend is true, and the pods are still saving their checkpoint (SIGTERM).
+    SUSPENDING = "Suspending"
     RESUMED = "Resumed"
+    # Kueue admitted the queued Job (it unsuspended it); its pods are not running yet.
+    ADMITTED = "Admitted"
+    # The queued Job's Kueue Workload is deactivated (spec.active=false) by someone else.
+    DEACTIVATED = "Deactivated"
     EVALUATION_GATE_FAILED = "EvaluationGateFailed"
     EVALUATED = "EvaluationCompleted"
     PUSHED = "PushedToHub"
@@ -78,6 +84,21 @@ class Reason(StrEnum):
     COLLECTIVE_TIMEOUT = "CollectiveTimeout"
     # A trainer container was killed by the kernel for memory (containerStatuses reason).
     OOM_KILLED = "OOMKilled"
+    # Running=False while a pod of the attempt cannot start, with the reason Kubernetes gives: a
+    # container waiting reason (the kubelet's), PodScheduled=False (the scheduler's; a missing
+    # claim is one), or FailedCreate (the Job controller's Event: its pods cannot be created).
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    ERR_IMAGE_PULL = "ErrImagePull"
+    ERR_IMAGE_NEVER_PULL = "ErrImageNeverPull"
+    INVALID_IMAGE_NAME = "InvalidImageName"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    CREATE_CONTAINER_ERROR = "CreateContainerError"
+    UNSCHEDULABLE = "Unschedulable"
+    FAILED_CREATE = "FailedCreate"
+    # Running=False: the pods are on their way (scheduled, pulling) and none is stuck any more.
+    PODS_PENDING = "PodsPending"
+    # Failed: a pod was still stuck as above runPolicy.pendingTimeoutSeconds after its Job started.
+    PENDING_TIMEOUT = "PendingTimeout"
     # CheckpointsDurable: where checkpoints live.
     CHECKPOINT_VOLUME = "CheckpointVolume"
     CHECKPOINT_HUB_BRANCH = "CheckpointHubBranch"

@@ -18,6 +18,7 @@ from finetune_api.metrics import (
     effective_metrics,
     foreign_metrics,
 )
+from finetune_api.pod import HF_TOKEN_ENV
 from finetune_api.rules import Rule, TransitionRule
 
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
@@ -281,7 +282,14 @@ class HubOutput(ApiModel):
             "accepts. Required."
         )
     )
-    private: bool = Field(True, description="private creates the repo as private. Default true.")
+    private: bool = Field(
+        True,
+        description="private keeps the repo private: a new repo is created private, and an "
+        "existing public one is made private before anything is uploaded to it (the token must "
+        "be allowed to change its settings; if not, nothing is pushed and the job fails with "
+        "PushFailed). false creates a public repo, and never makes a private one public. "
+        "Default true.",
+    )
     merge: bool = Field(
         False,
         description="merge pushes the base with the adapter merged in; false pushes the adapter.",
@@ -297,6 +305,15 @@ class HubOutput(ApiModel):
             description="endpoint of a Hub mirror or self-hosted Hub, used for hf:// sources and "
             "the push. Unset: huggingface.co.",
         )
+    )
+    license: (
+        Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z0-9][a-z0-9.+-]*$")] | None
+    ) = Field(
+        None,
+        description="license is the Hub license id written as the model card's `license:`, "
+        "such as apache-2.0, mit or llama3.1. Unset: the base model's license (with its "
+        "license_name and license_link for `other`), read at push time from its Hub card for "
+        "an hf:// base or from the README.md of a file:// base; none when it has none.",
     )
 
     __rules__ = (_hub_id_rule("repo"),)
@@ -387,7 +404,8 @@ class ResourcesSpec(ApiModel):
         1,
         ge=1,
         le=64,
-        description="processesPerNode is the number of ranks per pod, usually its accelerators.",
+        description="processesPerNode is the number of ranks per pod, usually its accelerators; "
+        "with nvidia.com/gpu at most accelerator.count, one GPU per rank. Default 1.",
     )
     accelerator: AcceleratorSpec = Field(
         default_factory=AcceleratorSpec, description="accelerator of each pod. Default cpu."
@@ -401,6 +419,20 @@ class ResourcesSpec(ApiModel):
         default_factory=dict,
         max_length=16,
         description="limits of each pod's trainer container. The accelerator count is added.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="self.accelerator.type != 'nvidia.com/gpu'"
+            " || self.processesPerNode <= self.accelerator.count",
+            message="processesPerNode may not exceed accelerator.count with nvidia.com/gpu: each "
+            "rank needs a GPU of its own",
+            check=lambda r: (
+                r.accelerator.type != "nvidia.com/gpu"
+                or r.processes_per_node <= r.accelerator.count
+            ),
+            field="processesPerNode",
+        ),
     )
 
 
@@ -451,14 +483,21 @@ class TemplateSpec(ApiModel):
 
 class RunPolicy(ApiModel):
     suspend: bool = Field(
-        False, description="suspend stops the pods (keeping checkpoints); false resumes. Mutable."
+        False,
+        description="suspend stops the gang and keeps its progress: each pod gets SIGTERM, saves "
+        "a checkpoint within its termination grace period and exits (reason Interrupted); "
+        "condition Suspended turns True once the pods are gone (Suspending until then). false "
+        "resumes, from that checkpoint. Without queueName it sets the Job's spec.suspend; with "
+        "queueName it sets the Kueue Workload's spec.active instead (Kueue owns the Job's). "
+        "Default false. Mutable.",
     )
     backoff_limit: int = Field(
         3,
         ge=0,
         le=100,
         description="backoffLimit is the number of gang restarts after a failure, each resuming "
-        "from the last checkpoint. Default 3.",
+        "from the last checkpoint. Restarts after a disruption (a pod evicted, preempted, "
+        "drained or deleted; counted in status.disruptions) do not count. Default 3.",
     )
     active_deadline_seconds: int | None = Field(
         None,
@@ -478,7 +517,8 @@ class RunPolicy(ApiModel):
     queue_name: Annotated[str, StringConstraints(max_length=63)] | None = Field(
         None,
         description="queueName is a Kueue LocalQueue, passed on as the kueue.x-k8s.io/queue-name "
-        "label; the Job is then created suspended for Kueue to admit.",
+        "label; the Job is then created suspended for Kueue to admit, and Kueue alone sets its "
+        "spec.suspend (suspend goes through the Workload's spec.active). Unset: no Kueue.",
     )
     hang_timeout_seconds: int = Field(
         60,
@@ -490,6 +530,19 @@ class RunPolicy(ApiModel):
         "the attempt with reason CollectiveTimeout and the gang restarts from its checkpoint. "
         "Loading, evaluation, checkpoint saves and the push are not timed. Default 60.",
     )
+    pending_timeout_seconds: int = Field(
+        600,
+        ge=30,
+        le=86400,
+        description="pendingTimeoutSeconds is how long an attempt's pods may stay unable to start, "
+        "counted from when the attempt's Job started (its creation, or the moment a suspended or "
+        "queued Job was resumed or admitted). While a pod is stuck (ImagePullBackOff, "
+        "ErrImagePull, InvalidImageName, CreateContainerConfigError, CreateContainerError, "
+        "Unschedulable, or FailedCreate when the pods cannot be created at all) the Running "
+        "condition carries that reason at once; a pod still stuck when this time is up fails the "
+        "job with reason PendingTimeout and its Job is deleted. Pods that are only slow (image "
+        "pulls, scheduling in progress) never fail. Default 600. Mutable.",
+    )
 
     __rules__ = (
         TransitionRule(
@@ -497,8 +550,8 @@ class RunPolicy(ApiModel):
             " && self.hangTimeoutSeconds == oldSelf.hangTimeoutSeconds"
             " && has(self.queueName) == has(oldSelf.queueName)"
             " && (!has(self.queueName) || self.queueName == oldSelf.queueName)",
-            message="runPolicy is immutable except suspend, activeDeadlineSeconds and "
-            "ttlSecondsAfterFinished",
+            message="runPolicy is immutable except suspend, activeDeadlineSeconds, "
+            "ttlSecondsAfterFinished and pendingTimeoutSeconds",
         ),
     )
 
@@ -527,6 +580,9 @@ _METRICS_CEL = (
     f"{_cel_list(DEFAULT_METRICS[SEQUENCE_CLASSIFICATION])}))"
 )
 _CLASSIFICATION_METRICS_CEL = _cel_list(CLASSIFICATION_METRICS)
+# output.hub.endpoint when it names huggingface.co itself (the default when it is unset): one
+# regular expression for CEL (RE2) and Python, with no backslash for CEL's string escapes.
+_HUGGINGFACE_CO = "^https?://(www[.])?huggingface[.]co/?$"
 _WITHOUT_CAUSAL_LM_METRICS_CEL = " && ".join(
     f"!('{m}' in self.evaluation.metrics)" for m in foreign_metrics(SEQUENCE_CLASSIFICATION)
 )
@@ -564,6 +620,24 @@ class FineTuneJobSpec(ApiModel):
             field="peft.method",
         ),
         Rule(
+            cel="!has(self.output.hub) || (has(self.output.hub.endpoint)"
+            f" && !self.output.hub.endpoint.matches('{_HUGGINGFACE_CO}'))"
+            " || has(self.output.hub.tokenSecretRef)"
+            f" || self.template.env.exists(e, e.name == '{HF_TOKEN_ENV}')",
+            message="a push to huggingface.co needs a token: set output.hub.tokenSecretRef (or "
+            f"{HF_TOKEN_ENV} in template.env), or output.hub.endpoint for another Hub",
+            check=lambda s: (
+                s.output.hub is None
+                or (
+                    s.output.hub.endpoint is not None
+                    and re.match(_HUGGINGFACE_CO, s.output.hub.endpoint) is None
+                )
+                or s.output.hub.token_secret_ref is not None
+                or any(e.name == HF_TOKEN_ENV for e in s.template.env)
+            ),
+            field="output.hub.tokenSecretRef",
+        ),
+        Rule(
             cel=f"self.evaluation.gates.all(k, k in {_METRICS_CEL})",
             message="every evaluation.gates key must be a computed metric (see evaluation.metrics)",
             check=lambda s: all(
@@ -582,8 +656,8 @@ class FineTuneJobSpec(ApiModel):
         ),
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
-            message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds "
-            "and runPolicy.ttlSecondsAfterFinished",
+            message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds, "
+            "runPolicy.ttlSecondsAfterFinished and runPolicy.pendingTimeoutSeconds",
         ),
     )
 
@@ -699,6 +773,14 @@ class FineTuneJobStatus(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     attempts: int = Field(0, ge=0, description="attempts is the number of Jobs created so far.")
+    disruptions: int = Field(
+        0,
+        ge=0,
+        description="disruptions is the number of gang restarts caused by disruptions (a pod "
+        "evicted, preempted, drained or deleted: DisruptionTarget on a pod, or a trainer that "
+        "stopped on SIGTERM with reason Interrupted), which do not count against "
+        "runPolicy.backoffLimit. 0 until one happens.",
+    )
     start_time: Timestamp | None = Field(
         None, description="startTime is when the first attempt started Running (RFC 3339)."
     )

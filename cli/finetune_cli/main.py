@@ -26,23 +26,17 @@ from typing import Any
 
 from finetune_cli.exits import EXIT_CODES_HELP, CommandError
 
-DISTRIBUTION = "finetune-operator"
-
 
 class VersionAction(argparse.Action):
-    """--version, read from the installed distribution only when asked (it scans sys.path)."""
+    """--version: the project's one version (finetune_api.version), read only when asked."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
-        from importlib.metadata import PackageNotFoundError, version
+        from finetune_api.version import version
 
-        try:
-            number = version(DISTRIBUTION)
-        except PackageNotFoundError:
-            number = "unknown (not installed)"
-        print(f"finetune {number}")
+        print(f"finetune {version()}")
         parser.exit()
 
 

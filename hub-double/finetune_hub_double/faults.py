@@ -25,6 +25,7 @@ Kinds, by what the client does:
 - ``preupload``: ``POST /api/<type>s/<repo>/preupload/<rev>``
 - ``upload``: the LFS batch call and the LFS object ``PUT``
 - ``commit``: ``POST /api/<type>s/<repo>/commit/<rev>``
+- ``settings``: ``PUT /api/<type>s/<repo>/settings`` (``update_repo_settings``: visibility)
 - ``download``: ``GET``/``HEAD`` of ``/<repo>/resolve/<rev>/<path>``
 - ``any``: all of the above and every other route
 """
@@ -40,7 +41,7 @@ from typing import Any, Final
 
 ENV: Final = "HUB_DOUBLE_TEST_FAULTS"
 PATH: Final = "/_test/faults"
-KINDS: Final = ("create", "preupload", "upload", "commit", "download", "any")
+KINDS: Final = ("create", "preupload", "upload", "commit", "settings", "download", "any")
 MAX_COUNT: Final = 10_000
 REPO_ID: Final = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")
 
@@ -68,6 +69,8 @@ def request_kind(method: str, parts: list[str]) -> str | None:
             return "create"
         if len(parts) >= 5 and parts[1] in ("models", "datasets", "spaces") and method == "POST":
             return {"preupload": "preupload", "commit": "commit"}.get(parts[4])
+        if len(parts) == 5 and parts[1] in ("models", "datasets", "spaces") and method == "PUT":
+            return "settings" if parts[4] == "settings" else None
         return None
     rest = parts[1:] if parts[:1] in (["datasets"], ["spaces"]) else parts
     if rest[2:] == ["info", "lfs", "objects", "batch"]:

@@ -331,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"Not found: /api/{'/'.join(parts)}")
         repo_type, repo_id, rest = parts[0][:-1], f"{parts[1]}/{parts[2]}", parts[3:]
         op = rest[0] if rest else "revision"
-        user = self._auth(write=op in ("preupload", "commit", "branch"))
+        user = self._auth(write=op in ("preupload", "commit", "branch", "settings"))
         repo = self._repo(repo_type, repo_id, user)
         rev = unquote(rest[1]) if len(rest) > 1 else DEFAULT_BRANCH
         if op == "branch" and len(rest) == 2 and cmd in ("POST", "DELETE"):
@@ -346,6 +346,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if op == "commit" and cmd == "POST":
             return self._commit(repo_type, repo_id, rev, body, user)
+        if op == "settings" and len(rest) == 1 and cmd == "PUT":
+            return self._settings(repo_type, repo_id, json.loads(body or b"{}"))
         commit = self.hub.store.resolve(repo, rev)
         if op == "revision" and cmd == "GET":
             return self._info(repo_type, repo, commit, blobs=self.query.get("blobs") in _TRUE)
@@ -425,6 +427,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"error": message, "url": url}, 409, **{"X-Error-Message": message})
         return self._json({"url": url, "name": repo_id, "id": repo_id})
 
+    def _settings(self, repo_type: str, repo_id: str, payload: dict[str, Any]) -> None:
+        """`update_repo_settings`: the visibility (`visibility`, or the older `private`); gating
+        is accepted and not modelled. Any accepted token may change any repo (no roles)."""
+        visibility = payload.get("visibility")
+        if visibility is None and isinstance(payload.get("private"), bool):
+            visibility = "private" if payload["private"] else "public"
+        if visibility not in (None, "private", "public") or (
+            visibility is None and "gated" not in payload
+        ):
+            raise HubError(400, f"Invalid settings: {sorted(payload)}")
+        if visibility is not None:
+            self.hub.store.set_private(repo_type, repo_id, visibility == "private")
+        return self._json({})
+
     def _info(
         self, repo_type: str, repo: dict[str, Any], commit: dict[str, Any], blobs: bool
     ) -> None:
@@ -441,6 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "pointerSize": pointer_size,
                     }
             siblings.append(sibling)
+        card = self.hub.store.card_data(commit)
         info: dict[str, Any] = {
             "_id": hashlib.sha1(f"{repo_type}/{repo['id']}".encode()).hexdigest()[:24],
             "id": repo["id"],
@@ -453,10 +470,13 @@ class _Handler(BaseHTTPRequestHandler):
             "disabled": False,
             "downloads": 0,
             "likes": 0,
-            "tags": [],
+            # The Hub lists a card's license as a tag too.
+            "tags": [f"license:{card['license']}"] if card.get("license") else [],
             "siblings": siblings,
             "usedStorage": sum(f["size"] for f in commit["files"].values()),
         }
+        if card:
+            info["cardData"] = card
         if repo_type == "model" and "config.json" in commit["files"]:
             info["library_name"] = "transformers"
         return self._json(info)

@@ -43,6 +43,11 @@ GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in L
 DEFAULT_LFS_THRESHOLD = 1_000_000  # bytes; bigger files are uploaded through LFS
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+# A flat `key: value` line of a model card's front matter (a scalar, not a list or a map), and
+# a trailing comment.
+_CARD_SCALAR = re.compile(
+    r"(?P<key>[A-Za-z_][\w-]*):[ \t]+(?P<value>[^\s\[{#|>&*!].*?)(?:[ \t]+#.*)?"
+)
 # Git's ref rules, narrowed: segments of word characters, dots and dashes, no "..", no ".lock".
 _BRANCH = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*")
 DEFAULT_BRANCH = "main"
@@ -162,6 +167,29 @@ class Store:
             ops = [("file", ".gitattributes", GITATTRIBUTES.encode())]
             self.commit(repo_type, repo_id, ops, "initial commit", author=author)
             return True
+
+    def set_private(self, repo_type: str, repo_id: str, private: bool) -> None:
+        """Change a repo's visibility (the settings call); 404 if there is no such repo."""
+        with self.lock:
+            self._save({**self.get(repo_type, repo_id), "private": private})
+
+    def card_data(self, commit: dict[str, Any]) -> dict[str, str]:
+        """The top-level `key: value` scalars of README.md's YAML front matter at `commit`, as
+        the Hub serves them in `cardData` (only flat scalars: the double parses no YAML)."""
+        entry = commit["files"].get("README.md")
+        if entry is None or not self.has_blob(entry["sha256"]):
+            return {}
+        lines = self.blob_path(entry["sha256"]).read_text(errors="replace").splitlines()
+        if not lines or lines[0].strip() != "---":
+            return {}
+        data: dict[str, str] = {}
+        for line in lines[1:]:
+            if line.strip() == "---":
+                return data
+            match = _CARD_SCALAR.fullmatch(line)
+            if match:
+                data[match["key"]] = match["value"].strip().strip("'\"")
+        return {}  # the block is not closed: no metadata, as on the Hub
 
     def delete_repo(self, repo_type: str, repo_id: str) -> None:
         with self.lock:

@@ -34,7 +34,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.constants import GROUP, PLURAL, VERSION
-from finetune_operator import naming
+from finetune_operator import kueue, naming
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -63,6 +63,9 @@ DEFAULT_CLASS_ANNOTATIONS = (
     "storageclass.beta.kubernetes.io/is-default-class",
 )
 _FTJ_STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
+_KUEUE_GROUP_PATH = f"/apis/{kueue.GROUP}"
+_WORKLOADS_PATH = _KUEUE_GROUP_PATH + f"/{{version}}/namespaces/{{namespace}}/{kueue.PLURAL}"
+_WORKLOAD_PATH = _WORKLOADS_PATH + "/{name}"
 
 
 class ApplyRejected(Exception):
@@ -149,6 +152,8 @@ class Kube:
         self._max_requests = max_requests
         self._api: client.ApiClient | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # The version of kueue.x-k8s.io the API server prefers, once asked (see kueue.py).
+        self._kueue_version: str | None = None
 
     def _client(self) -> tuple[client.ApiClient, ThreadPoolExecutor]:
         if self._api is None or self._executor is None:
@@ -230,6 +235,23 @@ class Kube:
         )
         return list(pods.get("items") or [])
 
+    async def job_events(self, namespace: str, job_uid: str, reason: str) -> list[Obj]:
+        """The Events with `reason` about the Job `job_uid` (the Job controller's FailedCreate:
+        its pods cannot be created, which the Job's status never says). [] when the operator
+        may not list Events: it then cannot tell why, and the pod-less Job only waits."""
+        selector = f"involvedObject.uid={job_uid},reason={reason}"
+        try:
+            events = await self._json(
+                client.CoreV1Api(self.api).list_namespaced_event,
+                namespace,
+                field_selector=selector,
+            )
+        except ApiException as exc:
+            if exc.status == 403:
+                return []
+            raise
+        return list(events.get("items") or [])
+
     async def secret_key_exists(self, namespace: str, name: str, key: str) -> SecretCheck:
         """Whether the Secret has the key; UNKNOWN when RBAC forbids reading it. Values never
         leave this method."""
@@ -263,6 +285,56 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    async def _kueue_preferred_version(self) -> str | None:
+        """The version of kueue.x-k8s.io that the API server prefers (as kubectl and kopf pick
+        it), asked once and kept; None when the group is not served (no Kueue)."""
+        if self._kueue_version is None:
+            try:
+                group = await self._json(
+                    self.api.call_api,
+                    _KUEUE_GROUP_PATH,
+                    "GET",
+                    header_params={"Accept": "application/json"},
+                    auth_settings=["BearerToken"],
+                    _return_http_data_only=True,
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            self._kueue_version = str((group.get("preferredVersion") or {}).get("version") or "")
+        return self._kueue_version or None
+
+    async def find_workload(self, namespace: str, job_uid: str) -> tuple[kueue.Lookup, Obj | None]:
+        """The Kueue Workload of the Job `job_uid`, found as Kueue finds it: by its job-uid label,
+        then by its controller ownerReference. A group or resource that is not served means
+        Kueue is not installed, and 403 that RBAC withholds Workloads: answers, not errors."""
+        for _ in range(2):  # a 404 with a remembered version: Kueue changed; ask again, once
+            version = await self._kueue_preferred_version()
+            if version is None:
+                return kueue.Lookup.NO_KUEUE, None
+            try:
+                found = await self._json(
+                    self.api.call_api,
+                    _WORKLOADS_PATH,
+                    "GET",
+                    path_params={"version": version, "namespace": namespace},
+                    query_params=[("labelSelector", f"{kueue.LABEL_JOB_UID}={job_uid}")],
+                    header_params={"Accept": "application/json"},
+                    auth_settings=["BearerToken"],
+                    _return_http_data_only=True,
+                )
+            except ApiException as exc:
+                if exc.status == 403:
+                    return kueue.Lookup.FORBIDDEN, None
+                if exc.status != 404:
+                    raise
+                self._kueue_version = None
+                continue
+            workload = kueue.owned_by(list(found.get("items") or []), job_uid)
+            return (kueue.Lookup.FOUND if workload else kueue.Lookup.NOT_YET), workload
+        return kueue.Lookup.NO_KUEUE, None
 
     async def default_storage_class_exists(self) -> bool:
         """Whether the cluster marks a StorageClass as its default. True when the operator may
@@ -377,6 +449,33 @@ class Kube:
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
         await self._patch(_JOB_PATH, namespace, name, {"spec": patch}, MERGE_PATCH)
+
+    async def set_workload_active(
+        self, namespace: str, name: str, uid: str, active: bool
+    ) -> str | None:
+        """Merge-patch a Kueue Workload's spec.active, the one field of it the operator writes.
+
+        The uid in the patch guards it: a Workload that replaced this one under the same name
+        keeps its own uid, and the API server refuses the change (422, uid is immutable). 404
+        means it is gone; the next pass looks again. A refusal (400/422, e.g. a validation rule
+        of Kueue's CRD) is returned as the API server's message, for the status to show:
+        Kueue's objects are not the operator's, and their rules are not a reason to fail a pass.
+        """
+        body = {"metadata": {"uid": uid}, "spec": {"active": active}}
+        version = await self._kueue_preferred_version()
+        if version is None:
+            return None  # Kueue went away since the Workload was read
+        path = _WORKLOAD_PATH.replace("{version}", version)
+        try:
+            await self._patch(path, namespace, name, body, MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                log.debug("Workload %s/%s (uid %s) gone: %s", namespace, name, uid, exc.status)
+                return None
+            if exc.status in (400, 422):
+                return _message(exc)[:512]
+            raise
+        return None
 
     async def delete_job(self, namespace: str, name: str, uid: str | None) -> None:
         """Delete exactly the Job `uid`, foreground: it stays until its pods are gone, so the

@@ -7,6 +7,7 @@ Handler ids are explicit because kopf turns them into annotation keys
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -15,10 +16,11 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, ConditionType, Phase
 from finetune_api.v1alpha1 import IMMUTABLE_SPEC_FIELDS
-from finetune_operator import naming
+from finetune_operator import kueue, naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
+from finetune_operator.requeue import Requeue
 from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ DIFFBASE_IGNORED = ("metadata", *(f"spec.{f}" for f in IMMUTABLE_SPEC_FIELDS))
 # predecessor's child) is looked at again this often.
 WAITING_SECONDS = 10.0
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
+_requeue = Requeue()
 
 
 def reconciler() -> Reconciler:
@@ -75,6 +78,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
+    _requeue.close()
     await reconciler().kube.close()
 
 
@@ -86,12 +90,22 @@ async def _reconcile(
     scrape: bool = False,
     children: bool = True,
 ) -> PassResult | None:
-    """One pass, once the semaphores admit it (periodic ones through both, always in that order)."""
+    """One pass, once the semaphores admit it (periodic ones through both, always in that order),
+    and the follow-up pass it asks for."""
     if periodic:
         async with _periodic, _passes:
-            return await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
-    async with _passes:
-        return await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+            result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+    else:
+        async with _passes:
+            result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+    after = result.plan.requeue_after if result is not None else None
+    _requeue.schedule((namespace, name), after, functools.partial(follow_up, namespace, name))
+    return result
+
+
+async def follow_up(namespace: str, name: str) -> None:
+    """The pass an earlier one asked for (`Plan.requeue_after`): pods that have not started."""
+    await _reconcile(namespace, name, periodic=True, children=False)
 
 
 async def _run(namespace: str, name: str, scrape: bool = False) -> None:
@@ -122,6 +136,7 @@ async def run_policy_changed(namespace: str, name: str, **_: Any) -> None:
 @kopf.on.event(*FTJ, id="forget")
 async def forget(event: kopf.RawEvent, namespace: str, name: str, **_: Any) -> None:
     if event.get("type") == "DELETED":
+        _requeue.cancel((namespace, name))
         reconciler().forget(namespace, name)
 
 
@@ -143,6 +158,29 @@ async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
             log.warning("reconcile of %s/%s after a Job event: %s", namespace, owner, exc)
         except Exception:
             log.exception("reconcile of %s/%s after a Job event failed", namespace, owner)
+
+
+# No version: kopf watches the group's preferred one, as the operator reads it (kueue.py).
+@kopf.on.event(
+    group=kueue.GROUP,
+    plural=kueue.PLURAL,
+    labels={kueue.LABEL_JOB_UID: kopf.PRESENT},
+    id="workload",
+)
+async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """Kueue made, admitted, evicted or (de)activated a queued Job's Workload: re-derive its
+    FineTuneJob, whose status reports that (and whose suspend deactivates a new Workload at
+    once). Changes a Job does not show, such as why Kueue has not admitted it, arrive only here.
+    Other Jobs' Workloads cost no request. Without Kueue, kopf warns once that the resource is
+    not served, and starts watching should the CRD appear."""
+    owner = kueue.finetunejob_of(dict(body))
+    if owner:
+        try:
+            await _reconcile(namespace, owner, children=False)
+        except ApiException as exc:
+            log.warning("reconcile of %s/%s after a Workload event: %s", namespace, owner, exc)
+        except Exception:
+            log.exception("reconcile of %s/%s after a Workload event failed", namespace, owner)
 
 
 def _running(status: kopf.Status, **_: Any) -> bool:

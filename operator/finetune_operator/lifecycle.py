@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_api.constants import Reason
 from finetune_api.pod import CONTAINER_NAME
-from finetune_api.result import TrainerResult
+from finetune_api.result import TrainerResult, scrub
 from finetune_operator import naming
 
 Obj = dict[str, Any]
@@ -27,6 +27,28 @@ JOB_DEADLINE_EXCEEDED = "DeadlineExceeded"
 # restarts as a whole), so it says only that a pod failed, which the message says better. Left
 # out of messages, where it reads as the FineTuneJob's own backoffLimit running out.
 JOB_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+# The pod condition that eviction, preemption, a node drain or the taint manager set before they
+# delete a pod. The Job's podFailurePolicy ignores such a pod (and replaces it), so the attempt
+# ends only when the rest of the gang stops; the gang restart is then the disruption's doing.
+DISRUPTION_TARGET = "DisruptionTarget"
+# Container waiting reasons of a pod that will not start until someone fixes something (the
+# image, a Secret or ConfigMap it references, the container config). ErrImagePull and
+# ImagePullBackOff alternate while the kubelet retries: both read as ImagePullBackOff, so the
+# condition does not flap (nor post an Event) with every retry.
+STUCK_WAITING_REASONS = {
+    Reason.IMAGE_PULL_BACK_OFF: Reason.IMAGE_PULL_BACK_OFF,
+    Reason.ERR_IMAGE_PULL: Reason.IMAGE_PULL_BACK_OFF,
+    Reason.ERR_IMAGE_NEVER_PULL: Reason.ERR_IMAGE_NEVER_PULL,
+    Reason.INVALID_IMAGE_NAME: Reason.INVALID_IMAGE_NAME,
+    Reason.CREATE_CONTAINER_CONFIG_ERROR: Reason.CREATE_CONTAINER_CONFIG_ERROR,
+    Reason.CREATE_CONTAINER_ERROR: Reason.CREATE_CONTAINER_ERROR,
+}
+# Every reason `Outcome.stuck` can carry.
+STUCK_REASONS = frozenset(
+    {*STUCK_WAITING_REASONS.values(), Reason.UNSCHEDULABLE, Reason.FAILED_CREATE}
+)
+# What a stuck message quotes from the kubelet, scheduler or Job controller at most.
+STUCK_MESSAGE_CHARS = 512
 
 
 class State(StrEnum):
@@ -36,6 +58,15 @@ class State(StrEnum):
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """A pod of the attempt (or the attempt's pods as a whole) that cannot start."""
+
+    reason: Reason
+    # `pod <name>: <what Kubernetes says>`, or `Job <name>: ...` when no pod could be made.
+    message: str
 
 
 @dataclass(frozen=True)
@@ -51,8 +82,16 @@ class Outcome:
     message: str = ""
     result: TrainerResult | None = None
     running_pods: int = 0
+    # Pods of the attempt not yet Succeeded or Failed, terminating ones included: for a
+    # suspended Job, the pods that got SIGTERM and are still saving their checkpoint.
+    live_pods: int = 0
     rank0_ip: str | None = None
     deleting: bool = False
+    # Set for a retryable FAILED attempt that a disruption ended: what happened, for messages.
+    disruption: str = ""
+    # Set for PENDING and RUNNING: a pod that cannot start, and how many pods have not started.
+    stuck: Stuck | None = None
+    unstarted: int = 0
 
 
 def _true_conditions(job: Obj) -> dict[str, Obj]:
@@ -78,6 +117,21 @@ def _terminated(pod: Obj) -> Obj | None:
     return None
 
 
+def _name(pod: Obj) -> str:
+    return (pod.get("metadata") or {}).get("name") or f"index {_index(pod)}"
+
+
+def _condition(pod: Obj, type_: str) -> Obj | None:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c.get("type") == type_), None)
+
+
+def _quote(text: str) -> str:
+    """What Kubernetes said, fit for a condition: one line, bounded, token-scrubbed (an image
+    pull error may quote a registry's reply)."""
+    return scrub(" ".join(text.split()), {})[:STUCK_MESSAGE_CHARS]
+
+
 def _trainer_result(pods: list[Obj]) -> TrainerResult | None:
     """The result that decides the attempt. A permanent failure of any rank comes first (rank 1
     may find a bad data shard while rank 0 only sees its peer vanish); else rank 0's, which
@@ -88,9 +142,14 @@ def _trainer_result(pods: list[Obj]) -> TrainerResult | None:
         for pod in sorted(pods, key=_index)
         if (term := _terminated(pod)) and (r := TrainerResult.parse(term.get("message")))
     ]
+    rank0 = next((r for r in results if r.rank is None), None)
+    if rank0 is not None and rank0.reason == Reason.INTERRUPTED:
+        # Rank 0 only stopped on SIGTERM, which the Job controller also sends the rest of a gang
+        # once a pod failed: another rank's own failure says more.
+        rank0 = next((r for r in results if not r.succeeded and r.reason != rank0.reason), rank0)
     for chosen in (
         next((r for r in results if not r.succeeded and r.permanent), None),
-        next((r for r in results if r.rank is None), None),
+        rank0,
     ):
         if chosen is not None:
             return chosen
@@ -140,6 +199,103 @@ def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
     return None
 
 
+def _disruption(pods: list[Obj]) -> str:
+    """What disrupted the attempt, or "" when it failed for its own reasons.
+
+    A pod with DisruptionTarget=True, or a trainer that reported Interrupted (it got SIGTERM,
+    and the gang saved a checkpoint and stopped), is a disruption. But a crash also ends the
+    attempt's Job, whose controller then stops the other pods with SIGTERM: so the first pod to
+    stop decides, and a failure of another kind at the same time or earlier (or at a time not
+    known) wins. The trainer reports Interrupted only after the whole gang agreed to stop,
+    which a gang with a dead rank cannot, so that race is rare; but it must not turn a crash
+    that recurs every attempt into endless free restarts.
+    """
+    disrupted: list[tuple[str, str]] = []
+    other: list[str] = []
+    for pod in sorted(pods, key=_index):
+        term = _terminated(pod) or {}
+        result = TrainerResult.parse(term.get("message")) if term else None
+        target = _condition(pod, DISRUPTION_TARGET)
+        when = term.get("finishedAt") or ""
+        if target is not None and target.get("status") == "True":
+            cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
+            what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
+            disrupted.append((when or target.get("lastTransitionTime") or "", what))
+        elif result is not None and result.reason == Reason.INTERRUPTED:
+            what = f"pod {_name(pod)} got SIGTERM and the gang stopped"
+            detail = f"{what}: {result.message}" if result.message else what
+            disrupted.append((when, detail))
+        elif term.get("exitCode") or (result is not None and not result.succeeded):
+            other.append(when)
+    if not disrupted:
+        return ""
+    first, what = min(disrupted)
+    # "" (no time) sorts first: a failure of unknown time counts as the earlier one.
+    return "" if any(t <= first for t in other) else what
+
+
+def _stuck(pods: list[Obj]) -> Stuck | None:
+    """The first pod (by index) that waits for something only a person can fix."""
+    for pod in sorted(pods, key=_index):
+        status = pod.get("status") or {}
+        # Only a Pending pod: a running one that the scheduler still reports Unschedulable (no
+        # kubelet ever bound it, as in tests) is not stuck, nor is one on its way out.
+        going = (pod.get("metadata") or {}).get("deletionTimestamp")
+        if status.get("phase") not in (None, "Pending") or going:
+            continue
+        statuses = (status.get("initContainerStatuses") or []) + (
+            status.get("containerStatuses") or []
+        )
+        for cs in statuses:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = STUCK_WAITING_REASONS.get(waiting.get("reason", ""))
+            if reason is not None:
+                said = waiting.get("message") or waiting.get("reason")
+                return Stuck(reason, f"pod {_name(pod)}: {_quote(said)}")
+        scheduled = _condition(pod, "PodScheduled") or {}
+        if scheduled.get("status") == "False" and scheduled.get("reason") == Reason.UNSCHEDULABLE:
+            said = scheduled.get("message") or "no node fits the pod"
+            return Stuck(Reason.UNSCHEDULABLE, f"pod {_name(pod)}: {_quote(said)}")
+    return None
+
+
+def _parallelism(job: Obj) -> int:
+    spec = job.get("spec") or {}
+    return int(spec.get("parallelism") or spec.get("completions") or 1)
+
+
+def needs_events(job: Obj | None, pods: list[Obj]) -> bool:
+    """Whether the Job's Events could say why it has fewer pods than it runs: its status never
+    says that its pods cannot be created (a missing ServiceAccount, a quota); only the Job
+    controller's FailedCreate Events do. Asked only then, so a healthy pass reads no Events."""
+    if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    if (job.get("spec") or {}).get("suspend") or _true_conditions(job):
+        return False  # suspended, or finished (or about to be): no pods are due
+    return len(pods) < _parallelism(job)
+
+
+def _create_failure(job: Obj, events: list[Obj]) -> Stuck | None:
+    """The Job controller's latest FailedCreate Event about this Job, as a Stuck."""
+    uid = (job.get("metadata") or {}).get("uid")
+    mine = [
+        e
+        for e in events
+        if e.get("reason") == Reason.FAILED_CREATE
+        and (e.get("involvedObject") or {}).get("uid") == uid
+    ]
+    if not mine:
+        return None
+
+    def when(event: Obj) -> str:
+        return str(event.get("lastTimestamp") or event.get("eventTime") or "")
+
+    latest = max(mine, key=when)
+    name = (job.get("metadata") or {}).get("name", "")
+    said = latest.get("message") or "the Job controller cannot create the pods"
+    return Stuck(Reason.FAILED_CREATE, f"Job {name}: {_quote(said)}")
+
+
 def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     result = _trainer_result(pods)
     job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
@@ -158,7 +314,14 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     # other ranks' results, which only saw their peer vanish.
     if (oom := _oom_kill(pods)) is not None:
         permanent, message = oom
-        return replace(final, permanent=permanent, reason=Reason.OOM_KILLED, message=message)
+        disruption = "" if permanent else _disruption(pods)
+        return replace(
+            final,
+            permanent=permanent,
+            reason=Reason.OOM_KILLED,
+            message=message,
+            disruption=disruption,
+        )
     if job_reason == POD_FAILURE_POLICY:
         # A permanent exit code, but its result is gone (the pods were removed): still final.
         message = "a rank exited with a permanent exit code and its result was lost: "
@@ -174,10 +337,12 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
         reason=(result.reason if result and result.reason else Reason.TRAINING_FAILED),
         message=detail[:1024],
         result=result,
+        disruption=_disruption(pods),
     )
 
 
-def observe_job(job: Obj | None, pods: list[Obj]) -> Outcome:
+def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = None) -> Outcome:
+    """`events`: the Job's FailedCreate Events, read when `needs_events` says so."""
     if job is None:
         return Outcome(State.ABSENT)
     meta = job.get("metadata") or {}
@@ -201,10 +366,25 @@ def observe_job(job: Obj | None, pods: list[Obj]) -> Outcome:
     for kind in ("Failed", "FailureTarget"):
         if kind in conds:
             return _failure(conds[kind], pods, base)
-    if (job.get("spec") or {}).get("suspend"):
-        return replace(base, state=State.SUSPENDED)
+    phases = [(p.get("status") or {}).get("phase") for p in pods]
+    live = sum(1 for phase in phases if phase not in ("Succeeded", "Failed"))
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if (job.get("spec") or {}).get("suspend"):
+        # Suspended, but not stopped until `live` is 0: the Job controller deletes the pods, each
+        # trainer gets SIGTERM, saves a checkpoint and exits (reason Interrupted).
+        return replace(base, state=State.SUSPENDED, running_pods=len(running), live_pods=live)
     rank0 = next((p for p in running if _index(p) == 0), None)
     ip = (rank0.get("status") or {}).get("podIP") if rank0 else None
     state = State.RUNNING if running else State.PENDING
-    return replace(base, state=state, running_pods=len(running), rank0_ip=ip)
+    stuck = _stuck(pods)
+    if stuck is None and events and len(pods) < _parallelism(job):
+        stuck = _create_failure(job, events)
+    return replace(
+        base,
+        state=state,
+        running_pods=len(running),
+        live_pods=live,
+        rank0_ip=ip,
+        stuck=stuck,
+        unstarted=max(_parallelism(job) - len(running), 0),
+    )

@@ -49,7 +49,7 @@ class OperatorMetrics:
         )
         self.restarts = Counter(
             "finetune_operator_job_restarts_total",
-            "Gang restarts after a retryable failure.",
+            "Gang restarts after a retryable failure or a disruption.",
             registry=registry,
         )
         # Per reason (a closed set: the Reason constants), so alerts can tell a failed

@@ -18,20 +18,28 @@ from typing import Any
 from finetune_api.constants import KIND, ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 from finetune_api.validation import ManifestError, parse_manifest
-from finetune_operator import checkpoints, naming, render, scrape
+from finetune_operator import checkpoints, kueue, naming, render, scrape
 from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
-from finetune_operator.lifecycle import State, observe_job
+from finetune_operator.lifecycle import STUCK_REASONS, Outcome, State, needs_events, observe_job
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
 from finetune_operator.status import Blocker, Observed, Plan, invalid_status, plan
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+# Attempt states whose Kueue Workload matters (a finished Job's Workload is only a record).
+LIVE = (State.SUSPENDED, State.PENDING, State.RUNNING)
 # Transitions worth a Warning Event besides Failed: each needs someone to act (or explains why
 # pods are going away). One Event per transition, never one per pass.
 WARNING_REASONS = frozenset(
-    {Reason.RESTARTING, Reason.SECRET_NOT_FOUND, Reason.NAME_CONFLICT, Reason.NO_DURABLE_STORE}
+    {
+        Reason.RESTARTING,
+        Reason.SECRET_NOT_FOUND,
+        Reason.NAME_CONFLICT,
+        Reason.NO_DURABLE_STORE,
+        *STUCK_REASONS,
+    }
 )
 
 
@@ -133,6 +141,13 @@ class Reconciler:
         )
         return checkpoints.choose(job, default_class)
 
+    async def _workload(self, job: FineTuneJob, outcome: Outcome) -> kueue.Workload | None:
+        """A queued live Job's Kueue Workload (None without queueName): one list request."""
+        if not job.spec.run_policy.queue_name or outcome.state not in LIVE or outcome.deleting:
+            return None
+        lookup, found = await self.kube.find_workload(job.metadata.namespace, outcome.uid or "")
+        return kueue.read(lookup, found)
+
     async def _observe(
         self, job: FineTuneJob, scrape_now: bool, store: CheckpointStore
     ) -> Observed:
@@ -143,7 +158,12 @@ class Reconciler:
             blocker = name_conflict("Job", batch, job)
             return Observed(now=now_rfc3339(), blocker=blocker, store=store)
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
-        outcome = observe_job(batch, pods)
+        events: list[Obj] = []
+        if batch is not None and needs_events(batch, pods):
+            uid = (batch.get("metadata") or {}).get("uid") or ""
+            events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
+        outcome = observe_job(batch, pods, events)
+        workload = await self._workload(job, outcome)
         progress, resumed = None, None
         now = now_rfc3339()
         if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:
@@ -160,6 +180,7 @@ class Reconciler:
             progress=progress,
             store=store,
             resumed_from_step=resumed,
+            workload=workload,
         )
 
     async def _reconcile(self, body: Obj, scrape_now: bool, children: bool) -> PassResult:
@@ -186,22 +207,29 @@ class Reconciler:
             permanent = blocker.message
         observed = replace(observed, blocker=blocker)
         result = plan(job, observed)
+        # The transitions of the statuses this pass carried forward (each plan's are relative to
+        # the status before it).
+        transitions: list[tuple[str, str, str]] = []
         for _ in range(3):  # act, then look again so this pass writes the status it caused
             if not result.actions:
                 break
             try:
-                created = await self._act(job, result, store)
+                created, refused = await self._act(job, result, store)
             except ApplyRejected as exc:
                 permanent = str(exc)
                 blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
                 observed = replace(observed, blocker=blocker)
                 result = plan(job, observed)
                 break
-            job = job.model_copy(update={"status": FineTuneJobStatus.model_validate(result.status)})
-            transitions = result.transitions
+            if not refused:  # a refused change did not happen: plan again from before it
+                status = FineTuneJobStatus.model_validate(result.status)
+                job = job.model_copy(update={"status": status})
+                transitions = result.transitions
             if created is not None:  # a Job just born has no pods: no need to read it back
+                outcome = observe_job(created, [])
+                workload = await self._workload(job, outcome)
                 observed = Observed(
-                    now=now_rfc3339(), job=created, outcome=observe_job(created, []), store=store
+                    now=now_rfc3339(), job=created, outcome=outcome, store=store, workload=workload
                 )
             else:
                 observed = await self._observe(job, False, store)
@@ -209,16 +237,22 @@ class Reconciler:
                     # E.g. the create met someone else's Job made since this pass read the name.
                     blocker = observed.blocker
                     permanent = blocker.message if blocker.permanent else permanent
+            if refused and observed.workload is not None:
+                # Shown in the status, and not tried again in this pass.
+                observed = replace(observed, workload=replace(observed.workload, refused=refused))
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
 
-    async def _act(self, job: FineTuneJob, result: Plan, store: CheckpointStore) -> Obj | None:
-        """Carry out the plan; returns the Job this pass created, if it created one."""
+    async def _act(
+        self, job: FineTuneJob, result: Plan, store: CheckpointStore
+    ) -> tuple[Obj | None, str]:
+        """Carry out the plan; returns the Job this pass created, if it created one, and the API
+        server's refusal of a change to the Kueue Workload, if any."""
         ns, name = job.metadata.namespace, job.metadata.name
-        created = None
+        created, refused = None, ""
         for action in result.actions:
             if action.kind == "create":
                 owner = render.owner_reference(name, job.metadata.uid or "")
@@ -235,7 +269,11 @@ class Reconciler:
                 await self.kube.delete_job(ns, name, action.uid)
             elif action.kind == "patch":
                 await self.kube.patch_job(ns, name, action.patch)
-        return created
+            elif action.kind == "activate" and action.name and action.uid:
+                active = bool(action.patch["active"])
+                answer = await self.kube.set_workload_active(ns, action.name, action.uid, active)
+                refused = answer or refused
+        return created, refused
 
     async def _write(self, body: Obj, previous: Obj, result: Plan) -> None:
         meta = body["metadata"]

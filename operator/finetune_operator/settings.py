@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+from finetune_api.version import version
+
+# The trainer image of this release: the tag is the project's version (finetune_api.version).
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/trainer:{version()}"
 
 
 def _csv(value: str | None) -> tuple[str, ...]:

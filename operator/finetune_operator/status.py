@@ -15,10 +15,35 @@ from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, RunPolicy
 from finetune_operator import naming
 from finetune_operator.checkpoints import CheckpointStore
-from finetune_operator.lifecycle import Obj, Outcome, State
+from finetune_operator.kueue import Lookup, Workload
+from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+# While an attempt's pods have not all started and none is stuck yet, look again this often
+# (nothing the operator watches changes when a pod starts failing to pull its image or to fit),
+# and less often as the Job ages: a tenth of its age, up to the resync interval's default. Pods
+# that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
+# cost a pass a minute, not six.
+PENDING_CHECK_SECONDS = (10.0, 60.0)
+# What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
+PENDING_HINTS = {
+    Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
+    "trainer image) exists and that the nodes may pull it (imagePullSecrets of the pods' "
+    "ServiceAccount)",
+    Reason.ERR_IMAGE_NEVER_PULL: "the image is not on the node and its pull policy is Never",
+    Reason.INVALID_IMAGE_NAME: "spec.template.image is not a valid image reference",
+    Reason.CREATE_CONTAINER_CONFIG_ERROR: "create the Secret or ConfigMap (or the key) the pod "
+    "references: output.hub.tokenSecretRef, or a valueFrom in spec.template.env",
+    Reason.CREATE_CONTAINER_ERROR: "the container runtime could not create the container; see "
+    "the message and the node's runtime",
+    Reason.UNSCHEDULABLE: "no node fits the pod: check spec.resources (requests, accelerator), "
+    "spec.template nodeSelector, tolerations and affinity, and that every claim the pod mounts "
+    "exists and can bind",
+    Reason.FAILED_CREATE: "the Job controller cannot create the pods: check that "
+    "spec.template.serviceAccountName exists, and the namespace's ResourceQuota, LimitRange "
+    "and admission policies",
+}
 
 
 @dataclass(frozen=True)
@@ -43,13 +68,17 @@ class Observed:
     store: CheckpointStore | None = None
     # What rank 0 of the running attempt reports: the step it resumed from (0: a fresh start).
     resumed_from_step: int | None = None
+    # A queued Job's Kueue Workload; None when not looked up (no queueName).
+    workload: Workload | None = None
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "create" | "delete" | "patch"
+    # "create" | "delete" | "patch" (the Job) | "activate" (the Kueue Workload `name`)
+    kind: str
     attempt: int = 0
     uid: str | None = None
+    name: str | None = None
     patch: Obj = field(default_factory=dict)
     # For "create": the Job's activeDeadlineSeconds, what is left of the whole job's budget.
     deadline: int | None = None
@@ -76,13 +105,18 @@ def deadline_left(policy: RunPolicy, start_time: str | None, at: str) -> int | N
     return total - max(_seconds(start_time, at), 0)
 
 
+def job_started(spec_job: Obj) -> str | None:
+    """When the Job's own clock started: the Job controller's status.startTime (reset by a
+    resume, and by Kueue's admission), its creation before that."""
+    meta, job_status = spec_job.get("metadata") or {}, spec_job.get("status") or {}
+    return job_status.get("startTime") or meta.get("creationTimestamp")
+
+
 def attempt_deadline(spec_job: Obj, policy: RunPolicy, start_time: str | None) -> int | None:
     """The activeDeadlineSeconds an attempt's Job should have: the budget left when its own
-    clock started (the Job controller's status.startTime, reset by a resume; its creation
-    before that), so that the Job ends when the whole job's budget does. At least 1, the
-    field's minimum: a Job with nothing left then fails DeadlineExceeded at once."""
-    meta, job_status = spec_job.get("metadata") or {}, spec_job.get("status") or {}
-    started = job_status.get("startTime") or meta.get("creationTimestamp")
+    clock started (`job_started`), so that the Job ends when the whole job's budget does. At
+    least 1, the field's minimum: a Job with nothing left then fails DeadlineExceeded at once."""
+    started = job_started(spec_job)
     # A Job read back without timestamps (never, from an API server) keeps the whole budget.
     left = deadline_left(policy, start_time if started else None, started or "")
     return None if left is None else max(left, 1)
@@ -109,6 +143,9 @@ class Plan:
     transitions: list[tuple[str, str, str]]
     # Seconds from Restarting to the new attempt training, when this pass first saw it train.
     restart_seconds: float | None = None
+    # Look again after this many seconds even if nothing changes (pods that have not started:
+    # a pod that gets stuck, or stays stuck until runPolicy.pendingTimeoutSeconds, moves no Job).
+    requeue_after: float | None = None
 
 
 class _Conditions:
@@ -236,6 +273,131 @@ def _checkpoints(
     return restart_seconds
 
 
+def _suspended_here(conds: _Conditions) -> bool:
+    """Whether runPolicy.suspend suspended this FineTuneJob (or is suspending it)."""
+    old = conds.by_type.get(CT.SUSPENDED) or {}
+    return old.get("status") == "True" or old.get("reason") == Reason.SUSPENDING
+
+
+def _workload_actions(conds: _Conditions, policy: RunPolicy, wl: Workload) -> list[Action]:
+    """Kueue's half of runPolicy.suspend: its Workload's spec.active, the field Kueue leaves to
+    others (Job.spec.suspend is Kueue's). Deactivated while suspend is true; reactivated only
+    when it was this FineTuneJob's suspend that deactivated it: Kueue deactivates workloads
+    itself too (e.g. past their requeuing limit), and that verdict stands."""
+    if wl.lookup is not Lookup.FOUND or wl.refused:
+        return []
+    if policy.suspend and wl.active:
+        return [Action("activate", uid=wl.uid, name=wl.name, patch={"active": False})]
+    if not policy.suspend and not wl.active and _suspended_here(conds):
+        return [Action("activate", uid=wl.uid, name=wl.name, patch={"active": True})]
+    return []
+
+
+def _suspend(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -> None:
+    """runPolicy.suspend is true. Suspended=True only once the Job is suspended and its pods are
+    gone; until then Suspending, while the pods save their checkpoint (SIGTERM)."""
+    why = "runPolicy.suspend is true"
+    if out.state is State.SUSPENDED and out.live_pods == 0:
+        if not policy.queue_name:
+            message = f"{why}: the Job is suspended and its pods are gone"
+        elif wl.deactivated:
+            message = (
+                f"{why}: Kueue Workload {wl.name} is deactivated (spec.active=false), the Job "
+                "is suspended and its pods are gone"
+            )
+        else:
+            message = f"{why}: the Job is suspended and has no pods; {wl.where()}"
+            if wl.lookup is Lookup.NOT_YET:
+                message += " (it is deactivated as soon as it appears)"
+        conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, message)
+        conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
+        return
+    if out.state is State.SUSPENDED:
+        message = (
+            f"{why}: the Job is suspended and {out.live_pods} pod(s) are stopping: each got "
+            "SIGTERM and saves a checkpoint before it exits (reason Interrupted)"
+        )
+    elif not policy.queue_name:
+        message = f"{why}: suspending the Job; its pods get SIGTERM and save a checkpoint"
+    elif wl.lookup is Lookup.FOUND and wl.refused:
+        message = f"{why}, but Kueue Workload {wl.name} refused spec.active=false: {wl.refused}"
+    elif wl.lookup is Lookup.FOUND:
+        message = (
+            f"{why}: Kueue Workload {wl.name} is deactivated (spec.active=false); waiting for "
+            "Kueue to evict it and suspend the Job"
+        )
+    else:
+        message = f"{why}, but the Job runs and only Kueue may suspend it: {wl.where()}"
+    conds.set(CT.SUSPENDED, False, Reason.SUSPENDING, message)
+    running = out.running_pods
+    detail = f"{running} pod(s) running until they have saved a checkpoint" if running else why
+    conds.set(CT.RUNNING, running > 0, Reason.SUSPENDING, detail)
+
+
+def _queue_detail(out: Outcome, wl: Workload) -> str:
+    """What keeps a suspended, queued Job waiting, as Kueue reports it."""
+    parts = []
+    if out.live_pods:
+        parts.append(f"{out.live_pods} pod(s) stopping (SIGTERM: saving a checkpoint)")
+    if wl.lookup is not Lookup.FOUND:
+        parts.append(wl.where())
+    else:
+        if wl.evicted:
+            parts.append(f"evicted by Kueue ({wl.evicted[0]}): {wl.evicted[1][:512]}")
+        if wl.quota_reserved and not wl.admitted:
+            parts.append(f"quota reserved in ClusterQueue {wl.cluster_queue}; not admitted yet")
+        elif wl.pending:
+            parts.append(wl.pending)
+    return "; ".join(parts)
+
+
+def _resume(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -> None:
+    """runPolicy.suspend is false: Resumed after a suspend, then what runs or waits."""
+    queue = policy.queue_name
+    here = _suspended_here(conds)
+    # A Workload this FineTuneJob deactivated is reactivated in this pass (_workload_actions).
+    deactivated = wl.deactivated and not here
+    if here and queue and wl.refused and wl.deactivated:
+        # Not resumed: the condition stays as it was, so that the next pass tries again.
+        old = conds.by_type[CT.SUSPENDED]
+        message = (
+            f"runPolicy.suspend is false, but Kueue Workload {wl.name} refused "
+            f"spec.active=true: {wl.refused}"
+        )
+        conds.set(CT.SUSPENDED, old["status"] == "True", old["reason"], message)
+    elif here:
+        if not queue:
+            message = "runPolicy.suspend is false: the Job is resumed"
+        elif wl.lookup is Lookup.FOUND:
+            message = (
+                f"runPolicy.suspend is false: Kueue Workload {wl.name} is active again and "
+                f"queues in {queue} for admission"
+            )
+        else:
+            message = f"runPolicy.suspend is false; {wl.where()}"
+        message += "; the trainer resumes from its last checkpoint"
+        conds.set(CT.SUSPENDED, False, Reason.RESUMED, message)
+    running_reason = (conds.by_type.get(CT.RUNNING) or {}).get("reason")
+    if out.state is State.RUNNING:
+        conds.set(CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running")
+    elif queue and out.state is State.SUSPENDED and deactivated:
+        evicted = f" ({wl.evicted[0]}: {wl.evicted[1][:512]})" if wl.evicted else ""
+        message = (
+            f"Kueue Workload {wl.name} is deactivated (spec.active=false){evicted}, so Kueue "
+            "does not admit it: activate it, or suspend and resume this FineTuneJob"
+        )
+        conds.set(CT.RUNNING, False, Reason.DEACTIVATED, message)
+    elif queue and out.state is State.SUSPENDED:
+        detail = _queue_detail(out, wl)
+        message = f"waiting for Kueue queue {queue}" + (f": {detail}" if detail else "")
+        conds.set(CT.RUNNING, False, Reason.QUEUED, message)
+    elif queue and out.state is State.PENDING and wl.admitted:
+        message = f"admitted by Kueue (ClusterQueue {wl.cluster_queue}); waiting for the pods"
+        conds.set(CT.RUNNING, False, Reason.ADMITTED, message)
+    elif out.state is State.PENDING and running_reason in (Reason.SUSPENDED, Reason.SUSPENDING):
+        conds.set(CT.RUNNING, False, Reason.RESUMED, "resumed; waiting for the pods")
+
+
 def plan(job: FineTuneJob, observed: Observed) -> Plan:
     prev: Obj = (
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
@@ -254,6 +416,9 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     if out.state is not State.ABSENT and out.attempt > attempts:
         attempts = out.attempt  # created, then crashed before the status write
     status["attempts"] = attempts
+    # Restarts a disruption caused: attempts minus these is what backoffLimit bounds.
+    disruptions = int(prev.get("disruptions") or 0)
+    requeue_after: float | None = None
     restart_seconds = _checkpoints(status, prev, conds, observed, attempts)
     terminal = prev.get("phase") in TERMINAL and (
         conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
@@ -287,22 +452,33 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         elif left is not None and left <= 0:
             msg = f"{_spent(policy)}; last attempt: {out.message[:512]}"
             _finish(status, conds, observed.now, False, Reason.DEADLINE_EXCEEDED, msg)
-        elif attempts <= policy.backoff_limit:
-            # Record the next attempt before deleting, so a crash in between still restarts.
+        elif out.disruption or attempts - disruptions <= policy.backoff_limit:
+            # Record the next attempt (and a disruption) before deleting, so a crash in between
+            # still restarts, and counts the same.
             status["attempts"] = attempts + 1
             status["checkpoints"] = {
                 **status.get("checkpoints", {}),
                 "lastRestartTime": observed.now,
             }
             actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-            conds.set(
-                CT.RUNNING,
-                False,
-                Reason.RESTARTING,
-                f"attempt {attempts} failed ({out.message[:512]}); starting attempt {attempts + 1}",
-            )
+            if out.disruption:
+                status["disruptions"] = disruptions + 1
+                msg = (
+                    f"attempt {attempts} was disrupted ({out.disruption[:512]}); a disruption "
+                    f"does not count against runPolicy.backoffLimit; starting attempt "
+                    f"{attempts + 1}"
+                )
+            else:
+                msg = (
+                    f"attempt {attempts} failed ({out.message[:512]}); starting attempt "
+                    f"{attempts + 1}"
+                )
+            conds.set(CT.RUNNING, False, Reason.RESTARTING, msg)
         else:
-            msg = f"{attempts} attempt(s) failed; last: {out.message[:512]}"
+            msg = f"{attempts - disruptions} attempt(s) failed"
+            if disruptions:
+                msg += f" (and {disruptions} disrupted, which do not count)"
+            msg += f"; last: {out.message[:512]}"
             _finish(status, conds, observed.now, False, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
     else:
         conds.set(
@@ -312,26 +488,38 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             f"Job {naming.batch_job_name(name)} attempt {out.attempt}",
         )
         patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
-        if patch:
+        waited = _pending_seconds(observed) if not policy.suspend else None
+        timed_out = _pending_timeout(out.stuck, policy, waited)
+        if timed_out:
+            # Delete the Job: its pods would hold what they got (a node, an accelerator), and
+            # would train for a Failed FineTuneJob once the cause is fixed.
+            _finish(status, conds, observed.now, False, Reason.PENDING_TIMEOUT, timed_out)
+            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+        elif patch:
             actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
-        if policy.suspend:
-            conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, "runPolicy.suspend is true")
-            conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
+        # Not looked up (no queue, or a unit test): as if Kueue had not made it yet.
+        wl = observed.workload or Workload(Lookup.NOT_YET)
+        if policy.queue_name and not timed_out:
+            actions.extend(_workload_actions(conds, policy, wl))
+        if timed_out:
+            pass
+        elif policy.suspend:
+            _suspend(conds, policy, out, wl)
         else:
-            if conds.is_true(CT.SUSPENDED):
-                conds.set(CT.SUSPENDED, False, Reason.RESUMED, "runPolicy.suspend is false")
+            _resume(conds, policy, out, wl)
             if out.state is State.RUNNING:
-                conds.set(
-                    CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running"
-                )
                 status["startTime"] = status.get("startTime") or observed.now
-            elif out.state is State.SUSPENDED and policy.queue_name:
+            if out.stuck is not None:
+                # Rank 0 may run, but the gang cannot train without the stuck pod.
+                conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
+            elif out.state is State.PENDING and _stuck_reason(conds):
                 conds.set(
                     CT.RUNNING,
                     False,
-                    Reason.QUEUED,
-                    f"waiting for Kueue queue {policy.queue_name}",
+                    Reason.PODS_PENDING,
+                    f"{out.unstarted} pod(s) not started yet; none is stuck",
                 )
+            requeue_after = _requeue_after(out, policy, waited)
         if observed.progress and out.state is State.RUNNING:
             status["progress"] = observed.progress
 
@@ -346,6 +534,42 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         actions=actions,
         transitions=_transitions(prev, status),
         restart_seconds=restart_seconds,
+        requeue_after=requeue_after,
+    )
+
+
+def _pending_seconds(observed: Observed) -> int | None:
+    """Seconds since the attempt's Job started (`job_started`); None when it cannot be told."""
+    started = job_started(observed.job) if observed.job else None
+    return max(_seconds(started, observed.now), 0) if started else None
+
+
+def _stuck_reason(conds: _Conditions) -> bool:
+    return conds.by_type.get(CT.RUNNING, {}).get("reason") in STUCK_REASONS
+
+
+def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:
+    """When to look again at an attempt whose pods have not all started: when a stuck one's
+    time is up (a second late, so that it is), else soon, to see a pod get stuck."""
+    if out.state not in (State.PENDING, State.RUNNING):
+        return None
+    if out.stuck is not None and waited is not None:
+        return float(policy.pending_timeout_seconds - waited + 1)
+    if not out.unstarted:
+        return None
+    least, most = PENDING_CHECK_SECONDS
+    return min(max((waited or 0) / 10, least), most)
+
+
+def _pending_timeout(stuck: Stuck | None, policy: RunPolicy, waited: int | None) -> str:
+    """The Failed message when a stuck pod's runPolicy.pendingTimeoutSeconds is up, else ""."""
+    if stuck is None or waited is None or waited < policy.pending_timeout_seconds:
+        return ""
+    hint = PENDING_HINTS.get(stuck.reason, "")
+    return (
+        f"{stuck.reason} for longer than runPolicy.pendingTimeoutSeconds "
+        f"({policy.pending_timeout_seconds} s; {waited} s since the attempt's Job started): "
+        f"{stuck.message}" + (f". To fix: {hint}" if hint else "")
     )
 
 

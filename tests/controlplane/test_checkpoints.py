@@ -8,17 +8,13 @@ plays rank 0's metrics endpoint (the pod IP the tests report is 127.0.0.1).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from fixtures.cluster import ftj_manifest, patch_pod_status, running_status
 from fixtures.kube import Kube
 from test_operator import condition, finish_pods, ftj_status, get, wait_pods
-
-from finetune_api.pod import RESUMED_FROM_STEP_GAUGE
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -29,51 +25,6 @@ Kube.register("PersistentVolumeClaim", "v1", "persistentvolumeclaims")
 Kube.register("StorageClass", "storage.k8s.io/v1", "storageclasses", namespaced=False)
 DEFAULT_CLASS = "finetune-test-default"
 ONE_NODE = {"nodes": 1}
-
-
-class Rank0Metrics:
-    """Rank 0's metrics endpoint on 127.0.0.1:9400, serving whatever the test last set."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
-
-    def set(self, **values: float) -> None:
-        self.values = values
-
-    def body(self) -> bytes:
-        names = {
-            "step": "finetune_train_step",
-            "total": "finetune_train_total_steps",
-            "resumed": RESUMED_FROM_STEP_GAUGE,
-        }
-        lines = []
-        for key, value in self.values.items():
-            lines += [f"# TYPE {names[key]} gauge", f'{names[key]}{{rank="0"}} {value}']
-        return ("\n".join(lines) + "\n").encode()
-
-
-@pytest.fixture
-def rank0() -> Iterator[Rank0Metrics]:
-    metrics = Rank0Metrics()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = metrics.body()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    try:
-        server = HTTPServer(("127.0.0.1", 9400), Handler)
-    except OSError:
-        pytest.fail("port 9400 is busy: the operator scrapes rank 0 there, so the test needs it")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield metrics
-    server.shutdown()
 
 
 @pytest.fixture
@@ -101,7 +52,7 @@ def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]]) -> None:
 
 
 def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
-    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class, rank0
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class, rank0_metrics
 ) -> None:
     kube.apply(ftj_manifest("solo", namespace, resources=ONE_NODE))
     claim = wait_until(
@@ -123,7 +74,7 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     assert condition(status, "CheckpointsDurable")["reason"] == "CheckpointVolume"
 
     # Attempt 1 trains from scratch to step 37, then its pod dies.
-    rank0.set(step=37, total=100, resumed=0)
+    rank0_metrics.set(step=37, total=100, resumed=0)
     run_pods(kube, namespace, first)
     wait_until(
         lambda: ftj_status(kube, namespace, "solo").get("progress", {}).get("step") == 37,
@@ -135,7 +86,7 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     # Attempt 2 mounts the same claim and resumes from its last checkpoint, step 30.
     volume = next(v for v in second[0]["spec"]["volumes"] if v["name"] == "checkpoints")
     assert volume["persistentVolumeClaim"]["claimName"] == "solo-checkpoints"
-    rank0.set(step=31, total=100, resumed=30)
+    rank0_metrics.set(step=31, total=100, resumed=30)
     run_pods(kube, namespace, second)
     status = wait_until(
         lambda: (

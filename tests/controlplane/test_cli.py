@@ -19,6 +19,7 @@ import pytest
 import yaml
 from fixtures.cluster import ftj_manifest, patch_pod_status, terminated_status
 from fixtures.kube import Kube
+from test_operator import RESULT
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -26,18 +27,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["fixtures.operator"]
 
 WaitUntil = Callable[..., Any]
-RESULT = {
-    "status": "Succeeded",
-    "reason": "PushedToHub",
-    "message": "pushed",
-    "evaluation": {"accuracy": {"before": 0.52, "after": 0.81}},
-    "repo": "org/x",
-    "revision": "0123456789abcdef",
-    "url": "https://huggingface.co/org/x/commit/0123456789abcdef",
-    "artifact": "adapter",
-    "steps": 30,
-    "trainLoss": 0.4,
-}
 GATE = {"status": "Failed", "reason": "EvaluationGateFailed", "message": "accuracy 0.30 < 0.90"}
 
 

@@ -7,9 +7,7 @@ reacts. Every wait polls with a timeout.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +25,7 @@ from fixtures.cluster import (
 from fixtures.kube import Kube
 
 if TYPE_CHECKING:
-    from fixtures.operator import Operator
+    from fixtures.operator import Operator, Rank0Metrics
 
 pytest_plugins = ["fixtures.operator"]
 
@@ -90,37 +88,9 @@ def hf_secret(kube: Kube, namespace: str) -> str:
 
 
 @pytest.fixture
-def metrics_endpoint() -> Iterator[None]:
-    """A stand-in for rank 0's trainer metrics on 127.0.0.1:9400 (the pod IP the test sets)."""
-    body = "\n".join(
-        [
-            "# TYPE finetune_train_step gauge",
-            'finetune_train_step{finetunejob="x",namespace="n",rank="0"} 25',
-            "# TYPE finetune_train_total_steps gauge",
-            'finetune_train_total_steps{finetunejob="x",namespace="n",rank="0"} 100',
-            "# TYPE finetune_train_loss gauge",
-            'finetune_train_loss{finetunejob="x",namespace="n",rank="0"} 1.5',
-        ]
-    ).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    try:
-        server = HTTPServer(("127.0.0.1", 9400), Handler)
-    except OSError:
-        pytest.fail("port 9400 is busy: the operator scrapes rank 0 there, so the test needs it")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield
-    server.shutdown()
+def metrics_endpoint(rank0_metrics: Rank0Metrics) -> None:
+    """Rank 0 a quarter of the way through."""
+    rank0_metrics.set(step=25, total=100, loss=1.5)
 
 
 def test_create_renders_children(

@@ -141,3 +141,21 @@ def test_without_secret_access_the_job_is_created_anyway(
         message="Created=True",
     )
     assert condition(status, "Created")["reason"] == "WorkloadCreated"
+
+
+def test_under_the_charts_role_pods_that_cannot_be_made_say_why(
+    restricted: str, kube: Kube, wait_until: Callable[..., Any]
+) -> None:
+    """The chart lets the operator list Events: the only place a Job's FailedCreate shows."""
+    namespace = restricted
+    kube.apply(ftj_manifest("nosa", namespace, template={"serviceAccountName": "missing-sa"}))
+    running = wait_until(
+        lambda: (
+            (c := condition(ftj_status(kube, namespace, "nosa"), "Running"))
+            and c.get("reason") == "FailedCreate"
+            and c
+        ),
+        timeout=30,
+        message="Running=False FailedCreate",
+    )
+    assert 'serviceaccount "missing-sa" not found' in running["message"]

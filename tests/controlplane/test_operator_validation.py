@@ -92,6 +92,18 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         {"spec.output.hub": {"repo": "o/r", "tokenSecretRef": {"name": ""}}},
         "name",
     ),
+    # A push to huggingface.co (no endpoint, or that one) with no token from anywhere.
+    ("hub-push-without-token", {"spec.output.hub": {"repo": "o/r"}}, "tokenSecretRef"),
+    (
+        "hub-push-to-huggingface-co-without-token",
+        {"spec.output.hub": {"repo": "o/r", "endpoint": "https://huggingface.co"}},
+        "tokenSecretRef",
+    ),
+    (
+        "hub-license-id",
+        {"spec.output.hub": {"repo": "o/r", "endpoint": "http://hub", "license": "Apache 2.0"}},
+        "license",
+    ),
     ("accelerator-enum", {"spec.resources.accelerator": {"type": "amd.com/gpu"}}, "type"),
     ("cpu-count", {"spec.resources.accelerator": {"type": "cpu", "count": 2}}, "count"),
     ("gpu-count", {"spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 0}}, "count"),
@@ -111,12 +123,21 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         },
         "topology",
     ),
+    (
+        "more-ranks-than-gpus",
+        {
+            "spec.resources.processesPerNode": 8,
+            "spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 2},
+        },
+        "processesPerNode",
+    ),
     ("nodes-min", {"spec.resources.nodes": 0}, "nodes"),
     ("nodes-max", {"spec.resources.nodes": 300}, "nodes"),
     ("backoff-min", {"spec.runPolicy.backoffLimit": -1}, "backoffLimit"),
     ("deadline-min", {"spec.runPolicy.activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
     ("queue-name-length", {"spec.runPolicy.queueName": "q" * 64}, "queueName"),
     ("hang-timeout-min", {"spec.runPolicy.hangTimeoutSeconds": 5}, "hangTimeoutSeconds"),
+    ("pending-timeout-min", {"spec.runPolicy.pendingTimeoutSeconds": 10}, "pendingTimeoutSeconds"),
     ("name-too-long", {"metadata.name": "a" * 51}, "metadata.name"),
     ("name-with-dots", {"metadata.name": "a.b"}, "metadata.name"),
     ("unknown-field", {"spec.model.flavour": "x"}, "flavour"),
@@ -182,8 +203,10 @@ def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: s
         ("suspend", True),
         ("activeDeadlineSeconds", 60),
         ("ttlSecondsAfterFinished", 5),
+        ("pendingTimeoutSeconds", 1800),
     ):
         patch({"runPolicy": {field: value}})
     got = kube.get("FineTuneJob", "bad", namespace)
     assert got is not None
     assert got["spec"]["runPolicy"]["suspend"] is True
+    assert got["spec"]["runPolicy"]["pendingTimeoutSeconds"] == 1800

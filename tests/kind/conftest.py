@@ -152,16 +152,30 @@ def timing() -> Timings:
 
 
 SESSION_T0 = time.monotonic()
+SESSION_START_WALL = time.time()
+TIMINGS_FILE = RESULTS / "kind-e2e-timings.json"
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Written where the tests ran: under pytest-xdist that is a worker, whose TIMINGS the
+    # controller's summary below never sees.
     if not TIMINGS:
         return
     record("pytest_session_total", time.monotonic() - SESSION_T0)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kind-e2e-timings.json").write_text(json.dumps(TIMINGS, indent=2) + "\n")
+    TIMINGS_FILE.write_text(json.dumps(TIMINGS, indent=2) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    timings = TIMINGS
+    if not timings and not hasattr(terminalreporter.config, "workerinput"):
+        # The controller of an xdist run: the kind worker wrote the file during this session.
+        fresh = TIMINGS_FILE.exists() and TIMINGS_FILE.stat().st_mtime >= SESSION_START_WALL
+        timings = json.loads(TIMINGS_FILE.read_text()) if fresh else {}
+    if not timings:
+        return
     terminalreporter.section("kind e2e timings (seconds)")
-    for name, value in TIMINGS.items():
+    for name, value in timings.items():
         terminalreporter.write_line(f"{name:>40}: {value}")
 
 

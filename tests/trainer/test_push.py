@@ -127,6 +127,7 @@ def test_hub_sources_honour_revision_and_endpoint(
     gang: Callable[..., Gang],
     tiny_model_dir: Path,
     tiny_text_data: Path,
+    base_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
     """hf:// model and dataset from the endpoint in the spec, at the pinned model revision."""
@@ -159,3 +160,25 @@ def test_hub_sources_honour_revision_and_endpoint(
     pods.start()
     assert pods.wait() == [0], pods.log_text()[-4000:]
     assert pods.result(0)["reason"] == "PushedToHub"
+
+    # The adapter names its base at the pinned revision: loading it from the Hub as peft users
+    # do gets that base, and main (unloadable now) would fail.
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_PUSHED_ADAPTER, "tests/from-hub"],
+        env={**base_env, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.endpoint},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    config = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (config["base_model_name_or_path"], config["revision"]) == ("tests/tiny-base", good)
+
+
+LOAD_PUSHED_ADAPTER = """
+import json, sys
+from huggingface_hub import hf_hub_download
+from peft import AutoPeftModelForCausalLM
+AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+print(json.dumps(json.load(open(hf_hub_download(sys.argv[1], "adapter_config.json")))))
+"""

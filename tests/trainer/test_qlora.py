@@ -40,7 +40,13 @@ def _spec(manifest: dict[str, Any], merge: bool) -> FineTuneJobSpec:
                     "nodes": 1,
                     "accelerator": {"type": "nvidia.com/gpu", "count": 1},
                 },
-                "output": {"hub": {"repo": "tests/tiny-qlora", "merge": merge}},
+                "output": {
+                    "hub": {
+                        "repo": "tests/tiny-qlora",
+                        "merge": merge,
+                        "tokenSecretRef": {"name": "hf-token"},  # huggingface.co needs one
+                    }
+                },
             }
         },
     )

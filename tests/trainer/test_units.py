@@ -48,6 +48,38 @@ def test_lora_config_is_a_pure_function_of_the_spec() -> None:
     assert named.task_type == "SEQ_CLS"
 
 
+@pytest.mark.parametrize(
+    ("model", "revision"),
+    [
+        ({"source": "hf://org/tiny", "revision": "v1.0"}, "v1.0"),
+        ({"source": "hf://org/tiny"}, None),  # main: peft writes none
+        ({"source": "file:///models/tiny", "revision": "v1.0"}, None),  # no Hub revision
+    ],
+)
+def test_the_adapter_config_keeps_the_base_revision(
+    model: dict[str, str], revision: str | None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.modeling import load_model, save_artifact
+    from finetune_trainer.tasks.causal_lm import CausalLM
+
+    doc = {**MINIMAL, "spec": {**MINIMAL["spec"], "model": model, "resources": {}}}
+    spec = parse_manifest(doc).spec
+
+    def load_base(**kwargs: object) -> object:
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    wrapped = load_model(
+        spec, load_base, tokenizer.pad_token_id, CausalLM.peft_task_type, torch.device("cpu")
+    )
+    assert save_artifact(wrapped, tokenizer, spec, tmp_path / "out", load_base) == "adapter"
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["revision"] == revision
+
+
 def test_precision_auto_is_fp32_on_cpu() -> None:
     from finetune_trainer.modeling import mixed_precision
 

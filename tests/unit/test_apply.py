@@ -389,6 +389,25 @@ def test_list_pods_selects_one_attempt_of_one_job(server) -> None:
     }
 
 
+def test_job_events_select_one_reason_about_one_job(server) -> None:
+    fake, _ = server
+    events = [{"reason": "FailedCreate", "message": "Error creating: forbidden"}]
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/events")] = (200, {"items": events})
+    assert run(server, lambda kube: kube.job_events(NS, "u1", "FailedCreate")) == events
+    (req,) = fake.seen
+    (selector,) = req.query["fieldSelector"]
+    assert set(selector.split(",")) == {"involvedObject.uid=u1", "reason=FailedCreate"}
+
+
+def test_job_events_without_rbac_to_list_them_are_none(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/events")] = status(403, "forbidden")
+    assert run(server, lambda kube: kube.job_events(NS, "u1", "FailedCreate")) == []
+    fake.routes[("GET", f"/api/v1/namespaces/{NS}/events")] = status(500, "etcd away")
+    with pytest.raises(ApiException):
+        run(server, lambda kube: kube.job_events(NS, "u1", "FailedCreate"))
+
+
 @pytest.mark.parametrize(
     ("answer", "expect"),
     [
@@ -467,3 +486,98 @@ def test_in_a_pod_the_service_account_wins(tmp_path: Path, monkeypatch) -> None:
     configuration = load_configuration()
     assert configuration.host == "https://10.96.0.1:443"
     assert configuration.api_key["authorization"].lower() == "bearer sa-token"
+
+
+KUEUE_GROUP = "/apis/kueue.x-k8s.io"
+WORKLOADS = f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{NS}/workloads"
+
+
+def kueue_group(preferred: str = "v1beta2") -> tuple[int, Obj]:
+    versions = [
+        {"groupVersion": f"kueue.x-k8s.io/{v}", "version": v} for v in ("v1beta2", "v1beta1")
+    ]
+    return 200, {
+        "kind": "APIGroup",
+        "name": "kueue.x-k8s.io",
+        "versions": versions,
+        "preferredVersion": {"groupVersion": f"kueue.x-k8s.io/{preferred}", "version": preferred},
+    }
+
+
+def kueue_workload(name: str, job_uid: str, controller: bool = True) -> Obj:
+    ref = {"apiVersion": "batch/v1", "kind": "Job", "name": "demo", "uid": job_uid}
+    return {
+        "metadata": {
+            "name": name,
+            "uid": f"uid-{name}",
+            "labels": {"kueue.x-k8s.io/job-uid": job_uid},
+            "ownerReferences": [{**ref, "controller": controller}],
+        },
+        "spec": {"active": True},
+    }
+
+
+def test_find_workload_lists_by_job_uid_and_takes_the_one_the_job_controls(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", KUEUE_GROUP)] = kueue_group()
+    items = [kueue_workload("stray", "job-1", controller=False), kueue_workload("wl", "job-1")]
+    fake.routes[("GET", WORKLOADS)] = (200, {"items": items})
+
+    async def twice(kube: Kube) -> list[Any]:
+        return [await kube.find_workload(NS, "job-1"), await kube.find_workload(NS, "job-1")]
+
+    (lookup, found), again = run(server, twice)
+    assert (lookup, found["metadata"]["name"]) == ("Found", "wl")
+    assert again == (lookup, found)
+    # The group's preferred version is asked once, then each lookup is one list by label.
+    group, first, second = fake.seen
+    assert group.path == KUEUE_GROUP
+    assert (first.path, second.path) == (WORKLOADS, WORKLOADS)
+    assert first.query == {"labelSelector": ["kueue.x-k8s.io/job-uid=job-1"]}
+    fake.routes[("GET", WORKLOADS)] = (200, {"items": items[:1]})
+    assert run(server, lambda kube: kube.find_workload(NS, "job-1")) == ("NotYet", None)
+
+
+def test_find_workload_uses_the_version_the_api_server_prefers(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", KUEUE_GROUP)] = kueue_group("v1beta1")
+    old = WORKLOADS.replace("v1beta2", "v1beta1")
+    fake.routes[("GET", old)] = (200, {"items": [kueue_workload("wl", "job-1")]})
+    assert run(server, lambda kube: kube.find_workload(NS, "job-1"))[0] == "Found"
+    assert fake.seen[-1].path == old
+
+
+def test_find_workload_without_kueue_or_rbac_is_an_answer(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", KUEUE_GROUP)] = status(404, "the server could not find the resource")
+    assert run(server, lambda kube: kube.find_workload(NS, "job-1")) == ("NoKueue", None)
+    fake.routes[("GET", KUEUE_GROUP)] = kueue_group()
+    fake.routes[("GET", WORKLOADS)] = status(403, "forbidden")
+    assert run(server, lambda kube: kube.find_workload(NS, "job-1")) == ("Forbidden", None)
+    # The group is served but not Workloads at that version: asked again once, then no Kueue.
+    fake.seen.clear()
+    fake.routes[("GET", WORKLOADS)] = status(404, "x")
+    assert run(server, lambda kube: kube.find_workload(NS, "job-1")) == ("NoKueue", None)
+    assert [r.path for r in fake.seen] == [KUEUE_GROUP, WORKLOADS, KUEUE_GROUP, WORKLOADS]
+
+
+def test_find_workload_propagates_server_errors(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", KUEUE_GROUP)] = kueue_group()
+    fake.routes[("GET", WORKLOADS)] = status(503, "x")
+    with pytest.raises(ApiException):
+        run(server, lambda kube: kube.find_workload(NS, "job-1"))
+
+
+def test_set_workload_active_patches_only_spec_active_of_that_uid(server) -> None:
+    fake, _ = server
+    fake.routes[("GET", KUEUE_GROUP)] = kueue_group()
+    run(server, lambda kube: kube.set_workload_active(NS, "wl", "uid-wl", False))
+    _, req = fake.seen
+    assert (req.method, req.path) == ("PATCH", f"{WORKLOADS}/wl")
+    assert req.content_type == "application/merge-patch+json"
+    assert req.body == {"metadata": {"uid": "uid-wl"}, "spec": {"active": False}}
+    # Gone, or replaced under the same name: nothing to patch; the next pass looks again.
+    for code in (404, 409):
+        fake.routes[("PATCH", f"{WORKLOADS}/wl")] = status(code, "x")
+        run(server, lambda kube: kube.set_workload_active(NS, "wl", "uid-wl", True))

@@ -284,10 +284,19 @@ def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
         ("", "services", "get"),
         ("", "services", "create"),
         ("", "events", "create"),
+        # A Job's FailedCreate Events: why its pods cannot be created.
+        ("", "events", "list"),
         ("events.k8s.io", "events", "create"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        # runPolicy.suspend of a queued Job goes through its Kueue Workload's spec.active.
+        ("kueue.x-k8s.io", "workloads", "list"),
+        ("kueue.x-k8s.io", "workloads", "watch"),
+        ("kueue.x-k8s.io", "workloads", "patch"),
     ]:
         assert need in granted, f"missing {need}"
+    # Of Kueue's objects only Workloads, never created or deleted: Kueue owns them.
+    assert {v for g, r, v in granted if g == "kueue.x-k8s.io"} == {"list", "watch", "patch"}
+    assert {r for g, r, v in granted if g == "kueue.x-k8s.io"} == {"workloads"}
     # Pods are created by the Job controller, never by the operator.
     assert not {v for g, r, v in granted if r == "pods"} - {"get", "list", "watch"}
     assert binding["roleRef"] == {
@@ -314,7 +323,7 @@ def test_watch_namespaces_gives_roles_and_no_cluster_wide_workload_rules(helm: H
     for role in roles:
         assert_least_privilege(role["rules"])
         resources = {r for rule in role["rules"] for r in rule["resources"]}
-        assert {"finetunejobs", "jobs", "pods", "configmaps", "services"} <= resources
+        assert {"finetunejobs", "jobs", "pods", "configmaps", "services", "workloads"} <= resources
     # Cluster-wide only reads: what kopf needs to discover things, and the StorageClasses that
     # decide where a one-node gang's checkpoints go.
     cluster_rules = rules_of(docs, "ClusterRole")

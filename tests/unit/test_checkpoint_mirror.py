@@ -210,6 +210,24 @@ def test_a_refused_token_is_not_retried_and_never_logged(
     assert wrong not in caplog.text and wrong not in str(refused.value)
 
 
+def test_checkpoints_never_go_to_a_public_repo_the_spec_wants_private(
+    tmp_path: Path, online: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with HubDouble(tmp_path / "hub-root", tokens=[TOKEN], faults=True) as hub:
+        hub_api = api(hub.endpoint)
+        hub_api.create_repo(REPO, private=False)
+        assert hub.faults is not None
+        hub.faults.add("settings", 403)  # this token may not change the repo's settings
+        mirror, sleeps = make_mirror(hub.endpoint)
+        assert mirror.upload(save(tmp_path / "pods", 10)) is False
+        assert sleeps == [] and "output.hub.private is true" in caplog.text
+        assert BRANCH not in [b.name for b in hub_api.list_repo_refs(REPO).branches]
+        # A token that may: the repo is made private, then the checkpoint goes up.
+        assert mirror.upload(save(tmp_path / "pods", 20))
+        assert hub_api.repo_info(REPO).private is True
+        assert "was public; made it private" in caplog.text
+
+
 def job(hub: dict[str, Any] | None) -> FineTuneJob:
     spec: dict[str, Any] = {
         "model": {"source": "hf://org/model"},

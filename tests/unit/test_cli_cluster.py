@@ -226,3 +226,23 @@ def test_no_kubeconfig_is_a_cluster_error(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(CommandError) as none:
         Cluster.connect(Target())
     assert none.value.code == Exit.CLUSTER and "--kubeconfig" in str(none.value)
+
+
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_status_output_is_the_summary(
+    output: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from finetune_cli.main import main
+
+    class Found:
+        def require(self, name: str) -> dict[str, Any]:
+            assert name == "demo"
+            return SUCCEEDED
+
+    monkeypatch.setattr(Cluster, "connect", classmethod(lambda cls, target: Found()))
+    assert main(["status", "demo", "-o", output]) == Exit.OK
+    out = capsys.readouterr().out
+    parsed = json.loads(out) if output == "json" else yaml.safe_load(out)
+    assert parsed == summary(SUCCEEDED)

@@ -5,7 +5,6 @@ No cluster and no training: what `finetune` imports, what it prints and how it e
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import json
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from finetune_api.pod import ExitCode
+from finetune_api.version import version
 from finetune_cli.exits import Exit
 from finetune_cli.main import main
 from finetune_cli.render import merge_values
@@ -68,10 +68,11 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
     assert "0 Succeeded, 1 Failed, 124" in " ".join(wait.split())
 
 
-def test_version_comes_from_the_installed_distribution() -> None:
+def test_version_is_the_projects_one_version() -> None:
     done = finetune("--version")
     assert done.returncode == 0
-    assert done.stdout == f"finetune {importlib.metadata.version('finetune-operator')}\n"
+    # finetune_api.version: pyproject.toml's, as tests/unit/test_packaging.py checks.
+    assert done.stdout == f"finetune {version()}\n"
 
 
 def test_exit_codes_agree_with_the_pod_contract() -> None:

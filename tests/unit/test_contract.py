@@ -8,24 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_status import RESULT_OK as OK
 
 from finetune_api import pod
 from finetune_api.constants import Reason
 from finetune_api.result import MAX_MESSAGE_BYTES, MAX_MESSAGE_CHARS, TrainerResult, scrub
 
 ROOT = Path(__file__).resolve().parents[2]
-OK = {
-    "status": "Succeeded",
-    "reason": "PushedToHub",
-    "message": "done",
-    "evaluation": {"accuracy": {"before": 0.52, "after": 0.81}},
-    "repo": "org/x",
-    "revision": "abc123",
-    "url": "https://hub/org/x/commit/abc123",
-    "artifact": "adapter",
-    "steps": 30,
-    "trainLoss": 0.4,
-}
 
 
 def test_result_round_trips_through_the_message() -> None:

@@ -91,6 +91,13 @@ def test_cel_rules_are_present(schema):
     assert "metadata.name" in schema["x-kubernetes-validations"][0]["rule"]
     run_policy = spec["properties"]["runPolicy"]["x-kubernetes-validations"][0]["rule"]
     assert "suspend" not in run_policy and "backoffLimit" in run_policy
+    # Mutable, like activeDeadlineSeconds: a job stuck for a reason being fixed may get longer.
+    assert "pendingTimeoutSeconds" not in run_policy
+    pending = spec["properties"]["runPolicy"]["properties"]["pendingTimeoutSeconds"]
+    assert (pending["default"], pending["minimum"]) == (600, 30)
+    assert pending["description"].startswith("pendingTimeoutSeconds ")
+    status = schema["properties"]["status"]["properties"]
+    assert status["disruptions"]["description"].startswith("disruptions ")
 
 
 def test_printer_columns_and_names():

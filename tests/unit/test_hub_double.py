@@ -566,6 +566,8 @@ def test_fault_repo_of_requests(method: str, path: str, body: bytes, repo: str |
         ("PUT", "lfs-upload/ticket", "upload"),
         ("GET", "org/m/resolve/main/config.json", "download"),
         ("HEAD", "datasets/org/d/resolve/main/a/b.json", "download"),
+        ("PUT", "api/models/org/m/settings", "settings"),
+        ("PUT", "api/datasets/org/d/settings", "settings"),
         ("GET", "api/models/org/m", None),
         ("GET", "api/whoami-v2", None),
     ],

@@ -53,6 +53,11 @@ def test_valid_manifest_gets_defaults():
         (with_changes(spec__peft={"method": "qlora"}), "spec.peft.method", "nvidia.com/gpu"),
         (with_changes(spec__evaluation={"gates": {"accuracy": 0.8}}), "spec.evaluation.gates", ""),
         (with_changes(spec__peft={"rank": 8}), "spec.peft.rank", "Extra inputs"),
+        (
+            with_changes(spec__runPolicy={"pendingTimeoutSeconds": 10}),
+            "spec.runPolicy.pendingTimeoutSeconds",
+            "greater than or equal to 30",
+        ),
         (with_changes(metadata__name="Bad_Name"), "metadata.name", "DNS-1035"),
         (with_changes(spec__model__source="s3://bucket/model"), "spec.model.source", "pattern"),
         (
@@ -162,6 +167,7 @@ def test_hub_ids_are_bounded_as_the_client_bounds_them(repo_id, client_accepts):
     ):
         *parents, leaf = field.split(".")[1:]
         doc = copy.deepcopy(VALID)
+        doc["spec"]["output"] = {"hub": {"repo": "org/out", "tokenSecretRef": {"name": "hf"}}}
         node = doc["spec"]
         for key in parents:
             node = node.setdefault(key, {})
@@ -176,3 +182,56 @@ def test_hub_ids_are_bounded_as_the_client_bounds_them(repo_id, client_accepts):
 
 def test_local_sources_are_not_held_to_hub_id_rules():
     parse_manifest(with_changes(spec__dataset__source="file:///data/a--b..c.git"))
+
+
+@pytest.mark.parametrize(
+    ("processes", "accelerator", "valid"),
+    [
+        (2, {"type": "nvidia.com/gpu", "count": 2}, True),
+        (1, {"type": "nvidia.com/gpu", "count": 8}, True),  # fewer ranks than GPUs: allowed
+        (8, {"type": "nvidia.com/gpu", "count": 2}, False),
+        (4, {"type": "cpu", "count": 0}, True),  # CPU ranks share the pod's cores
+    ],
+)
+def test_gpu_ranks_need_a_gpu_each(processes, accelerator, valid):
+    doc = with_changes(spec__resources={"processesPerNode": processes, "accelerator": accelerator})
+    if valid:
+        parse_manifest(doc)
+        return
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == ["spec.resources.processesPerNode"]
+    assert "accelerator.count" in str(err.value)
+
+
+HF_TOKEN_FROM_SECRET = {
+    "name": "HF_TOKEN",
+    "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("hub", "env", "valid"),
+    [
+        ({}, [], False),  # huggingface.co, and no token from anywhere
+        ({"endpoint": "https://huggingface.co"}, [], False),
+        ({"endpoint": "https://www.huggingface.co/"}, [], False),
+        ({"tokenSecretRef": {"name": "hf"}}, [], True),
+        ({}, [HF_TOKEN_FROM_SECRET], True),
+        ({}, [{"name": "HF_TOKEN_PATH", "value": "/x"}], False),
+        # Another Hub (a mirror, a self-hosted or open one) decides for itself.
+        ({"endpoint": "http://hub.ml.svc:8080"}, [], True),
+        ({"endpoint": "https://huggingface.co.mirror.example"}, [], True),
+    ],
+)
+def test_a_push_to_huggingface_co_needs_a_token(hub, env, valid):
+    doc = with_changes(
+        spec__output={"hub": {"repo": "org/out", **hub}}, spec__template={"env": env}
+    )
+    if valid:
+        parse_manifest(doc)
+        return
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == ["spec.output.hub.tokenSecretRef"]
+    assert "needs a token" in str(err.value)

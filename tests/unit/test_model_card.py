@@ -119,3 +119,22 @@ def test_no_scores_no_model_index() -> None:
 def test_bad_artifact_rejected() -> None:
     with pytest.raises(ValueError):
         render_model_card(make_job(), {}, "weights")
+
+
+def test_license_is_the_spec_s_else_the_base_model_s() -> None:
+    scores = {"perplexity": {"before": 40.0, "after": 21.5}}
+    other = {"license": "other", "license_name": "llama3", "license_link": "https://l.example"}
+    # Unset, and the base has none: no license line at all (the Hub shows "unknown").
+    assert "license" not in front_matter(render_model_card(make_job(), scores, "adapter"))
+    meta = front_matter(render_model_card(make_job(), scores, "adapter", other))
+    assert {k: meta[k] for k in other} == other
+    assert (
+        ModelCard(render_model_card(make_job(), scores, "adapter", other)).data.license == "other"
+    )
+    # A name without a license is no license.
+    assert "license_name" not in front_matter(
+        render_model_card(make_job(), scores, "adapter", {"license_name": "x"})
+    )
+    hub = {"repo": "my-org/smollm2-news-lora", "license": "apache-2.0"}
+    meta = front_matter(render_model_card(make_job(output={"hub": hub}), scores, "merged", other))
+    assert meta["license"] == "apache-2.0" and "license_name" not in meta

@@ -305,3 +305,120 @@ def test_connection_errors_are_retried(hf_env: logging.Handler, artifact: Path) 
     assert not info.value.permanent
     records = "\n".join(hf_env.records)  # type: ignore[attr-defined]
     assert "retrying" in records and TOKEN not in records
+
+
+# ---- visibility: output.hub.private on a repo that exists -----------------------------------
+
+
+def _hub_api(hub: str) -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub, token=TOKEN)
+
+
+def test_private_makes_an_existing_public_repo_private(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    api, repo = _hub_api(hub), "test-org/was-public"
+    api.create_repo(repo, private=False)
+    result = push_to_hub(make_job(hub, repo=repo), artifact, SCORES, "adapter", QUICK)
+    assert api.repo_info(repo).private is True
+    assert result.note == f"{hub}/{repo} was public; made it private, as output.hub.private asks"
+    assert any(result.note in line for line in hf_env.records)  # type: ignore[attr-defined]
+    # Once private, the next push has nothing to say.
+    again = push_to_hub(make_job(hub, repo=repo), artifact, SCORES, "adapter", QUICK)
+    assert again.note == ""
+
+
+def test_a_public_repo_that_cannot_be_made_private_gets_nothing(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    api, repo = _hub_api(hub), "test-org/stays-public"
+    api.create_repo(repo, private=False)
+    fault(hub, "POST", {"kind": "settings", "status": 403, "count": 5})
+    with pytest.raises(PushError, match=r"output\.hub\.private is true") as info:
+        push_to_hub(make_job(hub, repo=repo), artifact, SCORES, "adapter", QUICK)
+    assert info.value.permanent  # the same token would be refused again
+    assert "403" in str(info.value) and "private: false" in str(info.value)
+    assert TOKEN not in str(info.value)
+    assert fault(hub, "GET")["fired"] == {"settings": 1}
+    assert api.repo_info(repo).private is False
+    assert [c.title for c in api.list_repo_commits(repo)] == ["initial commit"]  # no upload
+
+
+def test_private_false_never_publishes_a_private_repo(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    api, repo = _hub_api(hub), "test-org/kept-private"
+    api.create_repo(repo, private=True)
+    job = make_job(hub, repo=repo)
+    job.spec.output.hub.private = False  # type: ignore[union-attr]
+    assert push_to_hub(job, artifact, SCORES, "adapter", QUICK).note == ""
+    assert api.repo_info(repo).private is True
+    new = make_job(hub, repo="test-org/new-public")
+    new.spec.output.hub.private = False  # type: ignore[union-attr]
+    push_to_hub(new, artifact, SCORES, "adapter", QUICK)
+    assert api.repo_info("test-org/new-public").private is False
+
+
+# ---- the model card's license ---------------------------------------------------------------
+
+
+def _pushed_card(hub: str, job: FineTuneJob, artifact: Path) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download, metadata_load
+
+    result = push_to_hub(job, artifact, SCORES, "adapter", QUICK)
+    meta = metadata_load(
+        hf_hub_download(result.repo, "README.md", revision=result.revision, token=TOKEN)
+    )
+    assert meta is not None
+    return meta
+
+
+def _base_with_card(hub: str, repo: str, front_matter: str) -> None:
+    api = _hub_api(hub)
+    api.create_repo(repo, exist_ok=True)
+    card = f"---\n{front_matter}---\n\n# {repo}\n".encode()
+    api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo)
+
+
+def test_the_card_license_is_the_spec_s_else_the_base_model_s(
+    hub: str, hf_env: logging.Handler, artifact: Path, tmp_path: Path
+) -> None:
+    licensed = make_job(hub, repo="test-org/licensed")
+    licensed.spec.output.hub.license = "apache-2.0"  # type: ignore[union-attr]
+    _base_with_card(hub, "test-org/mit-base", "license: mit\n")
+    licensed.spec.model.source = "hf://test-org/mit-base"
+    assert _pushed_card(hub, licensed, artifact)["license"] == "apache-2.0"  # the spec wins
+
+    inherits = make_job(hub, repo="test-org/inherits")
+    inherits.spec.model.source = "hf://test-org/mit-base"
+    assert _pushed_card(hub, inherits, artifact)["license"] == "mit"
+
+    other = "license: other\nlicense_name: tiny-license\nlicense_link: https://example.com/l\n"
+    _base_with_card(hub, "test-org/other-base", other)
+    custom = make_job(hub, repo="test-org/custom-license")
+    custom.spec.model.source = "hf://test-org/other-base"
+    meta = _pushed_card(hub, custom, artifact)
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other",
+        "tiny-license",
+        "https://example.com/l",
+    )
+
+    local = tmp_path / "local-base"
+    local.mkdir()
+    (local / "README.md").write_text("---\nlicense: bsd-3-clause\n---\n")
+    from_folder = make_job(hub, repo="test-org/local-base")
+    from_folder.spec.model.source = f"file://{local}"
+    assert _pushed_card(hub, from_folder, artifact)["license"] == "bsd-3-clause"
+
+
+def test_no_base_license_no_card_license_and_a_warning(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    job = make_job(hub, repo="test-org/unlicensed")
+    job.spec.model.source = "hf://test-org/no-such-base"
+    assert "license" not in _pushed_card(hub, job, artifact)
+    records = "\n".join(hf_env.records)  # type: ignore[attr-defined]
+    assert "the model card gets no license" in records and "output.hub.license" in records

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,10 +12,19 @@ import pytest
 from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_api.validation import parse_manifest
-from finetune_operator.lifecycle import State, observe_job
+from finetune_operator import kueue
+from finetune_operator.kueue import Lookup, Workload
+from finetune_operator.lifecycle import State, needs_events, observe_job
 from finetune_operator.reconcile import name_conflict
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
-from finetune_operator.status import Blocker, Observed, derive_status, evaluation_summary, plan
+from finetune_operator.status import (
+    Action,
+    Blocker,
+    Observed,
+    derive_status,
+    evaluation_summary,
+    plan,
+)
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:01:00Z"
@@ -297,12 +308,52 @@ def test_same_observation_twice_changes_nothing() -> None:
     assert second.transitions == []
 
 
-def test_suspend_patches_the_job_and_sets_the_condition() -> None:
-    result = plan(ftj({"attempts": 1}, suspend=True), observed(batch_job(), [pod(0, "Running")]))
-    assert [a.patch for a in result.actions] == [{"suspend": True}]
-    assert result.status["phase"] == "Suspended"
-    resumed = plan(ftj(result.status), observed(batch_job(suspend=False), []))
-    assert resumed.status["phase"] == "Pending"
+INTERRUPTED = json.dumps(
+    {"status": "Failed", "reason": "Interrupted", "message": "SIGTERM: saved step 40", "rank": 0}
+)
+
+
+def test_suspend_is_suspending_until_the_pods_are_gone_then_resumes() -> None:
+    # runPolicy.suspend=true on a running gang: the Job is patched, and nothing says Suspended yet.
+    running = [pod(0, "Running"), pod(1, "Running")]
+    first = plan(ftj({"attempts": 1}, suspend=True), observed(batch_job(), running))
+    assert [(a.kind, a.patch) for a in first.actions] == [("patch", {"suspend": True})]
+    suspended = cond(first.status, "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert "SIGTERM" in suspended["message"]  # type: ignore[index]
+    # The pods still run (saving their checkpoint), so the job still reads Running.
+    assert cond(first.status, "Running")["reason"] == "Suspending"  # type: ignore[index]
+    assert first.status["phase"] == "Running"
+    # The Job is suspended; its pods got SIGTERM and are still saving the checkpoint.
+    second = plan(ftj(first.status, suspend=True), observed(batch_job(suspend=True), running))
+    assert second.actions == []
+    suspended = cond(second.status, "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert "2 pod(s) are stopping" in suspended["message"]  # type: ignore[index]
+    # Rank 0 exited Interrupted after its save, rank 1 is gone: now it is suspended.
+    gone = [pod(0, "Failed", 1, INTERRUPTED)]
+    third = plan(ftj(second.status, suspend=True), observed(batch_job(suspend=True), gone))
+    assert third.actions == []
+    assert third.status["phase"] == "Suspended"
+    assert cond(third.status, "Suspended")["status"] == "True"  # type: ignore[index]
+    assert cond(third.status, "Running")["reason"] == "Suspended"  # type: ignore[index]
+    assert ("Suspended", "Suspended") in [(t, r) for t, r, _ in third.transitions]
+    # runPolicy.suspend=false: the Job is unsuspended, and the trainer resumes from its checkpoint.
+    fourth = plan(ftj(third.status), observed(batch_job(suspend=True), []))
+    assert [(a.kind, a.patch) for a in fourth.actions] == [("patch", {"suspend": False})]
+    resumed = cond(fourth.status, "Suspended")
+    assert (resumed["status"], resumed["reason"]) == ("False", "Resumed")  # type: ignore[index]
+    fifth = plan(ftj(fourth.status), observed(batch_job(suspend=False), [pod(0, "Pending")]))
+    assert fifth.status["phase"] == "Pending"
+    assert cond(fifth.status, "Running")["reason"] == "Resumed"  # type: ignore[index]
+
+
+def test_resume_while_still_suspending_is_resumed() -> None:
+    suspending = plan(
+        ftj({"attempts": 1}, suspend=True), observed(batch_job(suspend=True), [pod(0, "Running")])
+    )
+    resumed = plan(ftj(suspending.status), observed(batch_job(suspend=True), [pod(0, "Running")]))
+    assert [a.patch for a in resumed.actions] == [{"suspend": False}]
     assert cond(resumed.status, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
 
 
@@ -310,6 +361,222 @@ def test_queued_job_suspend_is_left_to_kueue() -> None:
     result = plan(ftj({"attempts": 1}, queueName="q"), observed(batch_job(suspend=True), []))
     assert result.actions == []
     assert result.status["phase"] == "Pending"
+    queued = cond(result.status, "Running")
+    assert queued["reason"] == "Queued"  # type: ignore[index]
+    assert queued["message"].startswith("waiting for Kueue queue q")  # type: ignore[index]
+
+
+WL = "job-demo-1a2b3"
+
+
+def workload(
+    active: bool | None = True, *conditions: tuple[str, str, str, str], cq: str = ""
+) -> Workload:
+    """The Job's Workload as Kueue writes it; conditions are (type, status, reason, message)."""
+    spec: dict[str, Any] = {"queueName": "q"}
+    if active is not None:
+        spec["active"] = active
+    status: dict[str, Any] = {
+        "conditions": [
+            {"type": t, "status": st, "reason": r, "message": m} for t, st, r, m in conditions
+        ]
+    }
+    if cq:
+        status["admission"] = {"clusterQueue": cq}
+    obj = {
+        "metadata": {
+            "name": WL,
+            "uid": "wl-1",
+            "labels": {"kueue.x-k8s.io/job-uid": "job-1"},
+            "ownerReferences": [
+                {"kind": "Job", "name": "demo", "uid": "job-1", "controller": True}
+            ],
+        },
+        "spec": spec,
+        "status": status,
+    }
+    return kueue.read(Lookup.FOUND, obj)
+
+
+ADMITTED = (("QuotaReserved", "True", "QuotaReserved", ""), ("Admitted", "True", "Admitted", ""))
+DEACTIVATED = (
+    ("Evicted", "True", "Deactivated", "The workload is deactivated"),
+    ("QuotaReserved", "False", "Pending", "The workload is deactivated"),
+)
+
+
+def test_queued_suspend_deactivates_the_workload_and_waits_for_kueue() -> None:
+    running = [pod(0, "Running"), pod(1, "Running")]
+    job = ftj({"attempts": 1}, queueName="q", suspend=True)
+    first = plan(job, observed(batch_job(), running, workload=workload(True, *ADMITTED, cq="cq")))
+    # Only the field Kueue leaves to others: Workload.spec.active. Job.spec.suspend is Kueue's.
+    assert first.actions == [Action("activate", uid="wl-1", name=WL, patch={"active": False})]
+    suspended = cond(first.status, "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert f"Kueue Workload {WL} is deactivated" in suspended["message"]  # type: ignore[index]
+    assert first.status["phase"] == "Running"
+    # Kueue evicted it and suspended the Job; the pods save their checkpoint.
+    evicted = workload(False, *DEACTIVATED)
+    stopping = ftj(first.status, queueName="q", suspend=True)
+    second = plan(stopping, observed(batch_job(suspend=True), running, workload=evicted))
+    assert second.actions == []
+    assert "2 pod(s) are stopping" in cond(second.status, "Suspended")["message"]  # type: ignore[index]
+    third = plan(
+        ftj(second.status, queueName="q", suspend=True),
+        observed(batch_job(suspend=True), [], workload=evicted),
+    )
+    assert third.actions == []
+    assert third.status["phase"] == "Suspended"
+    suspended = cond(third.status, "Suspended")
+    assert suspended["status"] == "True"  # type: ignore[index]
+    assert "spec.active=false" in suspended["message"]  # type: ignore[index]
+    # Resume: the Workload is activated again and queues; Kueue admits it when it has quota.
+    fourth = plan(
+        ftj(third.status, queueName="q"), observed(batch_job(suspend=True), [], workload=evicted)
+    )
+    assert fourth.actions == [Action("activate", uid="wl-1", name=WL, patch={"active": True})]
+    assert cond(fourth.status, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
+    assert "Deactivated" not in [r for _, r, _ in fourth.transitions]
+    pending = workload(True, ("QuotaReserved", "False", "Pending", "insufficient quota for cpu"))
+    fifth = plan(
+        ftj(fourth.status, queueName="q"), observed(batch_job(suspend=True), [], workload=pending)
+    )
+    assert fifth.actions == []
+    queued = cond(fifth.status, "Running")
+    assert queued["reason"] == "Queued"  # type: ignore[index]
+    assert queued["message"] == "waiting for Kueue queue q: insufficient quota for cpu"  # type: ignore[index]
+    admitted = workload(True, *ADMITTED, cq="cq")
+    sixth = plan(
+        ftj(fifth.status, queueName="q"),
+        observed(batch_job(), [pod(0, "Pending")], workload=admitted),
+    )
+    assert cond(sixth.status, "Running")["reason"] == "Admitted"  # type: ignore[index]
+    assert "ClusterQueue cq" in cond(sixth.status, "Running")["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("lookup", "says"),
+    [
+        (Lookup.NOT_YET, "Kueue has not created the Job's Workload yet"),
+        (Lookup.NO_KUEUE, "is Kueue installed?"),
+        (Lookup.FORBIDDEN, "may not read Kueue Workloads"),
+    ],
+)
+def test_queued_without_a_workload_says_why(lookup: Lookup, says: str) -> None:
+    wl = kueue.read(lookup, None)
+    queued = plan(
+        ftj({"attempts": 1}, queueName="q"), observed(batch_job(suspend=True), [], workload=wl)
+    )
+    assert queued.actions == []
+    assert cond(queued.status, "Running")["reason"] == "Queued"  # type: ignore[index]
+    assert says in cond(queued.status, "Running")["message"]  # type: ignore[index]
+    # Suspending such a Job fails nothing: it is suspended (born so) and has no pods.
+    suspended = plan(
+        ftj(queued.status, queueName="q", suspend=True),
+        observed(batch_job(suspend=True), [], workload=wl),
+    )
+    assert suspended.actions == []
+    assert suspended.status["phase"] == "Suspended"
+    assert says in cond(suspended.status, "Suspended")["message"]  # type: ignore[index]
+    # A Job someone else unsuspended cannot be suspended without Kueue: Suspending says why.
+    running = plan(
+        ftj(queued.status, queueName="q", suspend=True),
+        observed(batch_job(), [pod(0, "Running")], workload=wl),
+    )
+    assert running.actions == []
+    stuck = cond(running.status, "Suspended")
+    assert (stuck["status"], stuck["reason"]) == ("False", "Suspending")  # type: ignore[index]
+    assert says in stuck["message"]  # type: ignore[index]
+
+
+def test_a_workload_kueue_deactivated_is_not_reactivated() -> None:
+    """Kueue deactivates workloads itself (e.g. past their requeuing limit); only what this
+    FineTuneJob's suspend deactivated is activated again."""
+    limit = workload(
+        False, ("Evicted", "True", "Deactivated", "exceeded the maximum number of re-queuing")
+    )
+    result = plan(
+        ftj({"attempts": 1}, queueName="q"), observed(batch_job(suspend=True), [], workload=limit)
+    )
+    assert result.actions == []
+    running = cond(result.status, "Running")
+    assert running["reason"] == "Deactivated"  # type: ignore[index]
+    assert "re-queuing" in running["message"]  # type: ignore[index]
+
+
+def test_a_refused_change_of_spec_active_is_shown_and_left_for_the_next_pass() -> None:
+    refusal = "Workload.kueue.x-k8s.io is invalid: some rule of Kueue's"
+    admitted = replace(workload(True, *ADMITTED, cq="cq"), refused=refusal)
+    suspend = plan(
+        ftj({"attempts": 1}, queueName="q", suspend=True),
+        observed(batch_job(), [pod(0, "Running")], workload=admitted),
+    )
+    assert suspend.actions == []
+    suspending = cond(suspend.status, "Suspended")
+    assert suspending["reason"] == "Suspending"  # type: ignore[index]
+    assert suspending["message"].endswith(f"refused spec.active=false: {refusal}")  # type: ignore[index]
+    # Resuming, refused: still Suspended (it is), so the next pass activates it again.
+    suspended = plan(
+        ftj({"attempts": 1}, queueName="q", suspend=True),
+        observed(batch_job(suspend=True), [], workload=workload(False, *DEACTIVATED)),
+    )
+    assert suspended.status["phase"] == "Suspended"
+    deactivated = replace(workload(False, *DEACTIVATED), refused=refusal)
+    resume = plan(
+        ftj(suspended.status, queueName="q"),
+        observed(batch_job(suspend=True), [], workload=deactivated),
+    )
+    assert resume.actions == []
+    assert resume.status["phase"] == "Suspended"
+    assert "refused spec.active=true" in cond(resume.status, "Suspended")["message"]  # type: ignore[index]
+    retry = plan(
+        ftj(resume.status, queueName="q"),
+        observed(batch_job(suspend=True), [], workload=workload(False, *DEACTIVATED)),
+    )
+    assert retry.actions == [Action("activate", uid="wl-1", name=WL, patch={"active": True})]
+
+
+def test_preempted_workload_reads_queued_while_its_pods_stop() -> None:
+    preempted = workload(
+        True,
+        ("Evicted", "True", "Preempted", "Preempted to accommodate a higher priority workload"),
+        ("QuotaReserved", "False", "Pending", "couldn't assign flavors"),
+    )
+    result = plan(
+        ftj({"attempts": 1}, queueName="q"),
+        observed(batch_job(suspend=True), [pod(0, "Running")], workload=preempted),
+    )
+    assert result.actions == []
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert message.startswith("waiting for Kueue queue q: 1 pod(s) stopping")
+    assert "evicted by Kueue (Preempted)" in message and "couldn't assign flavors" in message
+
+
+def test_observe_counts_pods_still_stopping_in_a_suspended_job() -> None:
+    out = observe_job(batch_job(suspend=True), [pod(0, "Running"), pod(1, "Failed", 1)])
+    assert (out.state, out.live_pods, out.running_pods) == (State.SUSPENDED, 1, 1)
+
+
+def test_kueue_workload_is_found_by_its_controller_reference() -> None:
+    def wl(name: str, uid: str, controller: bool) -> dict:
+        ref = {"kind": "Job", "name": "demo", "uid": uid, "controller": controller}
+        return {"metadata": {"name": name, "ownerReferences": [ref]}}
+
+    items = [wl("other", "job-0", True), wl("borrowed", "job-1", False), wl(WL, "job-1", True)]
+    assert kueue.owned_by(items, "job-1")["metadata"]["name"] == WL  # type: ignore[index]
+    assert kueue.owned_by(items, "job-2") is None
+    assert kueue.read(Lookup.FOUND, None).lookup is Lookup.NOT_YET
+    # spec.active unset is active (the field defaults to true).
+    assert workload(None).active is True
+
+
+def test_a_workload_names_its_finetunejob_through_the_pod_template() -> None:
+    labels = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/job-name": "demo"}
+    ours = {"spec": {"podSets": [{"name": "main", "template": {"metadata": {"labels": labels}}}]}}
+    assert kueue.finetunejob_of(ours) == "demo"
+    other = {"spec": {"podSets": [{"name": "main", "template": {"metadata": {"labels": {}}}}]}}
+    assert kueue.finetunejob_of(other) is None
+    assert kueue.finetunejob_of({}) is None
 
 
 def test_missing_secret_blocks_without_failing() -> None:
@@ -576,3 +843,365 @@ def test_a_restart_says_what_failed_not_the_attempt_jobs_backoff_limit() -> None
     running = cond(result.status, "Running")
     assert running is not None and "CUDA error: boom" in running["message"]
     assert "BackoffLimitExceeded" not in running["message"]
+
+
+# ---- disruptions do not count against backoffLimit -------------------------------------------
+
+INTERRUPTED = json.dumps(
+    {"status": "Failed", "reason": "Interrupted", "message": "stopped by SIGTERM at step 7"}
+)
+CRASHED = json.dumps({"status": "Failed", "reason": "TrainingFailed", "message": "CUDA error"})
+FAILED_JOB = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+
+
+def ended(index: int, exit_code: int, message: str = "", at: str = NOW, **conds: Any) -> dict:
+    """A trainer pod that exited at `at`, with pod conditions given as type=(status, reason)."""
+    p = pod(index, "Failed", exit_code, message)
+    p["metadata"]["name"] = f"demo-{index}-abcde"
+    p["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = at
+    p["status"]["conditions"] = [
+        {"type": t, "status": s, "reason": r, "message": f"{r} happened", "lastTransitionTime": at}
+        for t, (s, r) in conds.items()
+    ]
+    return p
+
+
+def evicted(index: int, at: str = NOW, message: str = "") -> dict:
+    return ended(index, 1, message, at, DisruptionTarget=("True", "EvictionByEvictionAPI"))
+
+
+def restart_of(previous: dict, attempt: int, pods_: list[dict], limit: int) -> Any:
+    """The plan for attempt `attempt` ending as `pods_` show, after `previous` status."""
+    job = batch_job(attempt=attempt, cond=FAILED_JOB)
+    return plan(ftj(previous, backoffLimit=limit), observed(job, pods_))
+
+
+def test_an_evicted_pod_restarts_the_gang_without_spending_the_backoff_limit() -> None:
+    # Rank 1 evicted (the Job's podFailurePolicy ignores it); rank 0 then exits without a result.
+    pods_ = [ended(0, 1, at=LATER), evicted(1, at=NOW)]
+    result = restart_of({"attempts": 1}, 1, pods_, limit=0)
+    assert [a.kind for a in result.actions] == ["delete"]
+    assert result.status["attempts"] == 2 and result.status["disruptions"] == 1
+    running = cond(result.status, "Running")
+    assert running is not None and running["reason"] == "Restarting"
+    assert "pod demo-1-abcde was disrupted (EvictionByEvictionAPI" in running["message"]
+    assert "does not count against runPolicy.backoffLimit" in running["message"]
+    assert result.status["phase"] == "Pending"
+
+
+def test_an_interrupted_trainer_restarts_with_backoff_limit_0_and_counts_a_disruption() -> None:
+    # `kubectl delete pod`: no DisruptionTarget, but the gang saved and stopped with Interrupted.
+    pods_ = [ended(0, 1, INTERRUPTED, at=NOW), ended(1, 1, INTERRUPTED, at=NOW)]
+    out = observe_job(batch_job(attempt=2, cond=FAILED_JOB), pods_)
+    assert out.state is State.FAILED and not out.permanent and out.reason == "Interrupted"
+    result = restart_of({"attempts": 2, "disruptions": 1}, 2, pods_, limit=0)
+    assert result.status["attempts"] == 3 and result.status["disruptions"] == 2
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert "attempt 2 was disrupted" in message and "stopped by SIGTERM at step 7" in message
+
+
+def test_an_ordinary_failure_still_fails_at_the_limit() -> None:
+    crash = [ended(0, 1, CRASHED)]
+    # 3 attempts, 1 of them disrupted: 2 failures, one more than backoffLimit 1 allows.
+    result = restart_of({"attempts": 3, "disruptions": 1}, 3, crash, limit=1)
+    failed = cond(result.status, "Failed")
+    assert result.status["phase"] == "Failed" and result.actions == []
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    assert failed["message"].startswith("2 attempt(s) failed (and 1 disrupted")
+    assert result.status["disruptions"] == 1
+    # Without that disruption the same failure is the first one counted: a restart.
+    again = restart_of({"attempts": 2, "disruptions": 1}, 2, crash, limit=1)
+    assert again.status["attempts"] == 3 and again.status["disruptions"] == 1
+    assert "disrupted" not in cond(again.status, "Running")["message"]  # type: ignore[index]
+    # And with backoffLimit 0 the first ordinary failure ends the job, as before.
+    first = restart_of({"attempts": 1}, 1, crash, limit=0)
+    assert cond(first.status, "Failed")["reason"] == "BackoffLimitExceeded"  # type: ignore[index]
+
+
+def test_disruptions_and_failures_mixed_over_the_attempts() -> None:
+    # backoffLimit 1: eviction, crash (the one failure allowed), SIGTERM, crash (one too many).
+    endings = [
+        [ended(0, 1, INTERRUPTED, at=LATER), evicted(1)],
+        [ended(0, 1, CRASHED)],
+        [ended(0, 1, INTERRUPTED), ended(1, 1, INTERRUPTED)],
+        [ended(0, 137)],
+    ]
+    status: dict[str, Any] = {"attempts": 1}
+    seen = []
+    for attempt, pods_ in enumerate(endings, start=1):
+        result = restart_of(status, attempt, pods_, limit=1)
+        status = result.status
+        seen.append((status["phase"], status["attempts"], status.get("disruptions", 0)))
+    assert seen == [
+        ("Pending", 2, 1),
+        ("Pending", 3, 1),
+        ("Pending", 4, 2),
+        ("Failed", 4, 2),
+    ]
+    assert cond(status, "Failed")["message"].startswith("2 attempt(s) failed")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("crash_at", [NOW, ""], ids=["same-second", "unknown-time"])
+def test_sigterm_after_a_crash_is_not_a_disruption(crash_at: str) -> None:
+    # Rank 1 crashed; the Job controller then stopped rank 0, which saved and said Interrupted.
+    # The first pod to stop decides, and a tie (or a time not known) goes to the crash.
+    for pods_ in (
+        [ended(0, 1, INTERRUPTED, at=LATER), ended(1, 1, CRASHED, at=NOW)],
+        [ended(0, 1, INTERRUPTED, at=NOW), ended(1, 1, CRASHED, at=crash_at)],
+    ):
+        out = observe_job(batch_job(cond=FAILED_JOB), pods_)
+        assert out.disruption == ""
+        result = restart_of({"attempts": 1}, 1, pods_, limit=0)
+        assert result.status["phase"] == "Failed"
+        assert result.status["disruptions"] == 0
+        # The message names the crash, not the rank that was only stopped after it.
+        assert cond(result.status, "Failed")["message"].endswith("last: CUDA error")  # type: ignore[index]
+
+
+def test_an_oom_kill_at_the_limit_stays_permanent_despite_an_eviction() -> None:
+    pods_ = [oom_pod(0, "1Gi"), evicted(1, at=LATER)]
+    out = observe_job(batch_job(cond=FAILED_JOB), pods_)
+    assert out.permanent and out.reason == "OOMKilled" and out.disruption == ""
+
+
+def test_a_suspended_job_is_not_a_failure() -> None:
+    """runPolicy.suspend: the Job controller deletes the pods without counting them (it removes
+    their tracking finalizers first), so the Job never fails; the trainers still write
+    Interrupted on their way out. Neither an attempt nor a disruption is spent."""
+    job = batch_job(suspend=True)
+    job["status"]["conditions"] = [
+        {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": ""}
+    ]
+    pods_ = [ended(0, 1, INTERRUPTED), ended(1, 1, INTERRUPTED)]
+    result = plan(ftj({"attempts": 1}, suspend=True), observed(job, pods_))
+    assert result.actions == []
+    assert result.status["phase"] == "Suspended"
+    assert result.status["attempts"] == 1 and result.status["disruptions"] == 0
+    assert result.requeue_after is None
+    # Resumed: the same attempt goes on.
+    resumed = plan(ftj(result.status), observed(batch_job(), [pod(0, "Pending")]))
+    assert resumed.actions == [] and resumed.status["attempts"] == 1
+
+
+# ---- pods that cannot start say why, and end the job after pendingTimeoutSeconds ------------
+
+
+def at_offset(seconds: int) -> str:
+    return (datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+
+
+def started_job(started: str = NOW, **spec: Any) -> dict:
+    job = batch_job(parallelism=2, **spec)
+    job["metadata"]["creationTimestamp"] = started
+    job["status"]["startTime"] = started
+    return job
+
+
+def waiting_pod(index: int, reason: str, message: str = "") -> dict:
+    p = pod(index, "Pending")
+    p["metadata"]["name"] = f"demo-{index}-abcde"
+    waiting = {"reason": reason, **({"message": message} if message else {})}
+    p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": waiting}}]
+    return p
+
+
+def unschedulable_pod(index: int, message: str, phase: str = "Pending") -> dict:
+    p = pod(index, phase)
+    p["metadata"]["name"] = f"demo-{index}-abcde"
+    p["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+    ]
+    return p
+
+
+def pending_plan(pods_: list[dict], now: str = NOW, status: dict | None = None, **kw: Any):
+    job = started_job()
+    return plan(
+        ftj(status or {"attempts": 1}, **kw),
+        Observed(now=now, job=job, outcome=observe_job(job, pods_)),
+    )
+
+
+PULL_MESSAGE = 'Back-off pulling image "ghcr.io/org/trainer:nope"'
+
+
+def test_an_image_pull_back_off_shows_at_once_with_the_pods_reason() -> None:
+    result = pending_plan([waiting_pod(0, "ImagePullBackOff", PULL_MESSAGE), pod(1, "Pending")])
+    running = cond(result.status, "Running")
+    assert running is not None and running["status"] == "False"
+    assert running["reason"] == "ImagePullBackOff"
+    assert running["message"] == f"pod demo-0-abcde: {PULL_MESSAGE}"
+    assert result.status["phase"] == "Pending" and result.actions == []
+    # Looked at again when its time is up, a second late so that it is.
+    assert result.requeue_after == 601
+    assert ("NotRunning", "ImagePullBackOff", running["message"]) in result.transitions
+
+
+@pytest.mark.parametrize(
+    ("reason", "shown"),
+    [
+        ("ErrImagePull", "ImagePullBackOff"),  # the kubelet alternates the two: no flapping
+        ("InvalidImageName", "InvalidImageName"),
+        ("CreateContainerConfigError", "CreateContainerConfigError"),
+        ("CreateContainerError", "CreateContainerError"),
+    ],
+)
+def test_each_container_waiting_reason_is_shown(reason: str, shown: str) -> None:
+    result = pending_plan([waiting_pod(1, reason, 'secret "hf" not found'), pod(0, "Pending")])
+    assert cond(result.status, "Running")["reason"] == shown  # type: ignore[index]
+
+
+def test_an_unschedulable_pod_names_what_the_scheduler_said() -> None:
+    said = '0/3 nodes are available: persistentvolumeclaim "data" not found.'
+    result = pending_plan([unschedulable_pod(0, said), unschedulable_pod(1, said)])
+    running = cond(result.status, "Running")
+    assert running is not None and running["reason"] == "Unschedulable"
+    assert running["message"] == f"pod demo-0-abcde: {said}"
+
+
+def test_slow_pods_never_time_out_and_are_looked_at_again() -> None:
+    creating = waiting_pod(0, "ContainerCreating")
+    result = pending_plan([creating, pod(1, "Pending")], now=at_offset(3600))
+    assert cond(result.status, "Running") is None and result.status["phase"] == "Pending"
+    assert result.requeue_after == 60
+    # Running pods need no second look; a pod the scheduler still reports (as no kubelet bound
+    # it, in tests) is not stuck once it runs.
+    running = unschedulable_pod(1, "no nodes available", phase="Running")
+    done = pending_plan([pod(0, "Running"), running])
+    assert cond(done.status, "Running")["reason"] == "PodsRunning"  # type: ignore[index]
+    assert done.requeue_after is None
+
+
+def test_a_stuck_pod_fails_the_job_once_pending_timeout_seconds_are_up() -> None:
+    pods_ = [waiting_pod(0, "ImagePullBackOff", PULL_MESSAGE), pod(1, "Pending")]
+    before = pending_plan(pods_, now=at_offset(599))
+    assert before.status["phase"] == "Pending" and before.requeue_after == 2
+    result = pending_plan(pods_, now=at_offset(600), status=before.status)
+    failed = cond(result.status, "Failed")
+    assert result.status["phase"] == "Failed" and failed is not None
+    assert failed["reason"] == "PendingTimeout"
+    message = failed["message"]
+    assert message.startswith("ImagePullBackOff for longer than runPolicy.pendingTimeoutSeconds")
+    assert f"pod demo-0-abcde: {PULL_MESSAGE}" in message
+    assert "spec.template.image" in message  # what to fix
+    # Its Job goes, so that its pods free what they hold and never train for a Failed job.
+    assert [(a.kind, a.uid) for a in result.actions] == [("delete", "job-1")]
+    assert result.requeue_after is None
+    # Finished for good: the next pass (the Job being deleted) changes nothing.
+    again = plan(ftj(result.status), observed(None))
+    assert again.actions == [] and again.status == result.status
+
+
+def test_pending_timeout_seconds_is_read_from_the_spec() -> None:
+    pods_ = [unschedulable_pod(0, "no nodes available to schedule pods")]
+    assert pending_plan(pods_, now=at_offset(45), pendingTimeoutSeconds=60).requeue_after == 16
+    late = pending_plan(pods_, now=at_offset(60), pendingTimeoutSeconds=60)
+    failed = cond(late.status, "Failed")
+    assert failed is not None and failed["reason"] == "PendingTimeout"
+    assert "(60 s; 60 s since the attempt's Job started)" in failed["message"]
+
+
+def test_the_clock_starts_with_the_attempts_job_not_the_finetunejob() -> None:
+    # A Job resumed (or admitted by Kueue) at 1000 s: its startTime was reset then.
+    job = started_job(at_offset(1000))
+    job["metadata"]["creationTimestamp"] = NOW
+    pods_ = [waiting_pod(0, "ImagePullBackOff", PULL_MESSAGE)]
+    result = plan(
+        ftj({"attempts": 1}),
+        Observed(now=at_offset(1300), job=job, outcome=observe_job(job, pods_)),
+    )
+    assert result.status["phase"] == "Pending" and result.requeue_after == 301
+
+
+def test_a_partial_gang_with_a_stuck_pod_is_not_running() -> None:
+    said = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    result = pending_plan([pod(0, "Running"), unschedulable_pod(1, said)])
+    running = cond(result.status, "Running")
+    assert running is not None and running["reason"] == "Unschedulable"
+    assert result.status["phase"] == "Pending"
+    assert result.status["startTime"] == NOW  # the deadline's clock runs all the same
+
+
+def test_a_suspended_job_never_times_out() -> None:
+    job = started_job(suspend=True)
+    pods_ = [waiting_pod(0, "ImagePullBackOff")]
+    result = plan(
+        ftj({"attempts": 1}, suspend=True),
+        Observed(now=at_offset(7200), job=job, outcome=observe_job(job, pods_)),
+    )
+    # The stuck pod is still going away (Suspending, not yet Suspended): never a timeout.
+    assert result.status["phase"] != "Failed" and result.actions == []
+    assert cond(result.status, "Suspended")["reason"] == "Suspending"  # type: ignore[index]
+
+
+def test_a_cleared_stuck_reason_does_not_linger() -> None:
+    stuck = pending_plan([waiting_pod(0, "ImagePullBackOff", PULL_MESSAGE)])
+    pulled = pending_plan([waiting_pod(0, "ContainerCreating")], status=stuck.status)
+    running = cond(pulled.status, "Running")
+    assert running is not None and running["reason"] == "PodsPending"
+    assert pulled.requeue_after == 10
+
+
+def test_messages_are_bounded_and_token_free() -> None:
+    said = "pull failed: Authorization: Bearer abc.def token hf_abcdefghijklmnop " + "x" * 2000
+    result = pending_plan([waiting_pod(0, "ErrImagePull", said)])
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert "abc.def" not in message and "hf_abcdefghijklmnop" not in message
+    assert len(message) <= len("pod demo-0-abcde: ") + 512
+
+
+CREATE_ERROR = (
+    'Error creating: pods "demo-0-" is forbidden: error looking up service account ns/trainer: '
+    'serviceaccount "trainer" not found'
+)
+
+
+def failed_create(uid: str = "job-1", when: str = NOW, message: str = CREATE_ERROR) -> dict:
+    return {
+        "reason": "FailedCreate",
+        "message": message,
+        "involvedObject": {"kind": "Job", "uid": uid},
+        "lastTimestamp": when,
+    }
+
+
+def test_pods_that_cannot_be_created_say_why_from_the_jobs_events() -> None:
+    job = started_job()
+    assert needs_events(job, [])
+    assert not needs_events(job, [pod(0, "Pending"), pod(1, "Pending")])
+    assert not needs_events(started_job(suspend=True), [])
+    assert not needs_events(batch_job(cond=FAILED_JOB), [])
+    events = [
+        failed_create(when=NOW, message="Error creating: exceeded quota"),
+        failed_create(when=LATER),
+        failed_create(uid="job-0", when=at_offset(3600), message="an older attempt's"),
+    ]
+    out = observe_job(job, [], events)
+    assert out.stuck is not None and out.stuck.reason == "FailedCreate"
+    assert out.stuck.message == f"Job demo: {CREATE_ERROR}"
+    result = plan(ftj({"attempts": 1}), Observed(now=NOW, job=job, outcome=out))
+    running = cond(result.status, "Running")
+    assert running is not None and running["reason"] == "FailedCreate"
+    late = plan(ftj({"attempts": 1}), Observed(now=at_offset(600), job=job, outcome=out))
+    failed = cond(late.status, "Failed")
+    assert failed is not None and failed["reason"] == "PendingTimeout"
+    assert "serviceAccountName" in failed["message"]
+    # Without Events (none yet, or no RBAC to list them) it waits and looks again.
+    waiting = plan(ftj({"attempts": 1}), observed(job, []))
+    assert cond(waiting.status, "Running") is None and waiting.requeue_after == 10
+
+
+def test_a_new_job_is_looked_at_again_until_its_pods_start() -> None:
+    first = plan(ftj(), observed(None))
+    assert [a.kind for a in first.actions] == ["create"]
+    assert first.requeue_after is None  # the pass that creates it plans again with the Job
+    assert plan(ftj({"attempts": 1}), observed(started_job(), [])).requeue_after == 10
+    # Less often as the Job ages, up to once a minute.
+    slow = [waiting_pod(0, "ContainerCreating"), pod(1, "Pending")]
+    assert [pending_plan(slow, now=at_offset(s)).requeue_after for s in (50, 300, 7200)] == [
+        10,
+        30,
+        60,
+    ]

@@ -5,8 +5,6 @@ validates manifests without the ML stack, and the Hub environment is fixed befor
 module reads it.
 """
 
-__version__ = "0.1.0"
-
 import logging
 
 # peft imports bitsandbytes for every LoRA run. On CPUs with AVX512-BF16 bitsandbytes then warns
@@ -15,3 +13,12 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
 )
+
+
+def __getattr__(name: str) -> str:
+    # The project's one version (finetune_api.version), read when first asked for.
+    if name == "__version__":
+        from finetune_api.version import version
+
+        return version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

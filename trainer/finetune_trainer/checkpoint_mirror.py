@@ -36,6 +36,7 @@ from finetune_api.pod import CHECKPOINT_HUB_BRANCH_ENV, HF_TOKEN_ENV
 from finetune_api.result import scrub
 from finetune_api.v1alpha1 import CheckpointStorage
 from finetune_trainer import checkpoint
+from finetune_trainer.hub_repo import ensure_repo
 from finetune_trainer.hub_retry import HUB_BACKOFF, Backoff, with_backoff
 from finetune_trainer.publish import hub_endpoint
 
@@ -176,7 +177,8 @@ class CheckpointMirror:
 
         api = self._api()
         if not self._branch_ready:
-            api.create_repo(self.repo, private=self.private, exist_ok=True, repo_type="model")
+            # Private as the spec says, even when the repo exists (hub_repo.ensure_repo).
+            ensure_repo(api, self.repo, self.private, f"{self.endpoint}/{self.repo}")
             api.create_branch(self.repo, branch=self.branch, exist_ok=True)
             self._branch_ready = True
         adds = [

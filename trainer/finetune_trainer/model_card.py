@@ -18,10 +18,19 @@ from finetune_api.metrics import METRICS, display_name, lower_is_better
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_trainer.tasks import Artifact, CardInfo, task_for
 
-__all__ = ["card_metadata", "render_model_card", "source_id", "transformers_usage"]
+__all__ = [
+    "LICENSE_KEYS",
+    "card_license",
+    "card_metadata",
+    "render_model_card",
+    "source_id",
+    "transformers_usage",
+]
 
 _ARTIFACTS: tuple[str, ...] = get_args(Artifact)
 _METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "none": "full"}
+# The card metadata that says the license: a Hub license id, and for `other` its name and link.
+LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
 def source_id(source: str) -> str | None:
@@ -79,11 +88,25 @@ def _card_info(job: FineTuneJob, artifact: str) -> CardInfo:
     return task_for(job.spec).card(cast(Artifact, artifact), _repo(job))
 
 
+def card_license(job: FineTuneJob, base_license: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The card's license metadata: output.hub.license when set, else the base model's
+    (`license`, and `license_name`/`license_link` for `other`), else none."""
+    hub = job.spec.output.hub
+    if hub is not None and hub.license:
+        return {"license": hub.license}
+    chosen = {k: base_license[k] for k in LICENSE_KEYS if (base_license or {}).get(k)}
+    return chosen if "license" in chosen else {}
+
+
 def card_metadata(
-    job: FineTuneJob, scores: Mapping[str, Mapping[str, float | None]], artifact: str
+    job: FineTuneJob,
+    scores: Mapping[str, Mapping[str, float | None]],
+    artifact: str,
+    base_license: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
-    """The front matter as a dict (what `ModelCardData.to_dict()` gives)."""
-    return _front_matter(job, scores, artifact, _card_info(job, artifact))
+    """The front matter as a dict (what `ModelCardData.to_dict()` gives). `base_license` is
+    the base model's license metadata (see card_license)."""
+    return _front_matter(job, scores, artifact, _card_info(job, artifact), base_license)
 
 
 def _front_matter(
@@ -91,6 +114,7 @@ def _front_matter(
     scores: Mapping[str, Mapping[str, float | None]],
     artifact: str,
     info: CardInfo,
+    base_license: Mapping[str, str] | None,
 ) -> dict[str, object]:
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -141,23 +165,29 @@ def _front_matter(
         metrics=list(scores) or None,
         model_name=model_name,
         eval_results=eval_results or None,
+        **card_license(job, base_license),
     )
     return data.to_dict()
 
 
 def render_model_card(
-    job: FineTuneJob, scores: Mapping[str, Mapping[str, float | None]], artifact: str
+    job: FineTuneJob,
+    scores: Mapping[str, Mapping[str, float | None]],
+    artifact: str,
+    base_license: Mapping[str, str] | None = None,
 ) -> str:
-    """README.md text: YAML front matter (base_model, library_name, tags, datasets, model-index)
-    and a body with the base model, dataset, PEFT and training settings, and before/after scores.
+    """README.md text: YAML front matter (base_model, license, library_name, tags, datasets,
+    model-index) and a body with the base model, dataset, PEFT and training settings, and
+    before/after scores.
 
     `scores` maps metric -> {"before": x, "after": y} (either may be None); `artifact` is
-    adapter, merged or full.
+    adapter, merged or full; `base_license` is the base model's license metadata, used when
+    output.hub.license is unset.
     """
     import yaml
 
     info = _card_info(job, artifact)
-    meta = _front_matter(job, scores, artifact, info)
+    meta = _front_matter(job, scores, artifact, info, base_license)
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
     spec = job.spec
     title = spec.output.hub.repo if spec.output.hub else job.metadata.name

@@ -120,7 +120,9 @@ def load_model(
         model = prepare_model_for_kbit_training(
             model, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    return get_peft_model(model, lora_config(spec.peft, task_type))
+    # The revision goes into adapter_config.json, so that loading the adapter (PeftModel,
+    # AutoPeftModel) fetches the base at the revision it was trained on, not at main.
+    return get_peft_model(model, lora_config(spec.peft, task_type), revision=_revision(spec.model))
 
 
 def _merged_at_full_precision(model: torch.nn.Module, load_base: BaseLoader) -> PreTrainedModel:

@@ -25,21 +25,23 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune_api.pod import HF_TOKEN_ENV
 from finetune_api.result import scrub
 from finetune_api.v1alpha1 import FineTuneJob
+from finetune_trainer.hub_repo import VisibilityError, ensure_repo
 from finetune_trainer.hub_retry import HUB_BACKOFF, Backoff, failure_class, with_backoff
-from finetune_trainer.model_card import render_model_card
+from finetune_trainer.model_card import LICENSE_KEYS, render_model_card, source_id
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo
+    from huggingface_hub import CommitInfo, HfApi
 
 __all__ = [
     "DEFAULT_ENDPOINT",
     "PushError",
     "PushResult",
+    "base_license",
     "hub_endpoint",
     "push_to_hub",
 ]
@@ -54,6 +56,9 @@ class PushResult:
     repo: str
     revision: str  # the commit sha the push made
     url: str  # {endpoint}/{repo}/commit/{sha}
+    # What the push changed besides the commit, for the result's message: e.g. that a public
+    # repo was made private. Empty when nothing.
+    note: str = ""
 
 
 class PushError(RuntimeError):
@@ -81,10 +86,11 @@ def push_to_hub(
 ) -> PushResult:
     """Write the model card into artifact_dir and push the folder to spec.output.hub.repo.
 
-    Creates the repo if needed (private as the spec says; an existing repo is reused as is) and
-    uploads the whole folder as one commit, so that the returned revision names exactly this
-    result. Transient failures are retried per `backoff`. Raises PushError, with the token
-    redacted, on any failure that is left.
+    Creates the repo if needed (private as the spec says), makes an existing public repo
+    private when the spec says private (hub_repo.ensure_repo), and uploads the whole folder as
+    one commit, so that the returned revision names exactly this result. The card's license is
+    output.hub.license, else the base model's (`base_license`). Transient failures are retried
+    per `backoff`. Raises PushError, with the token redacted, on any failure that is left.
     """
     hub = job.spec.output.hub
     if hub is None:
@@ -97,12 +103,6 @@ def push_to_hub(
     if token is None:
         log.warning("HF_TOKEN is not set: pushing to %s anonymously", endpoint)
     target = f"{endpoint}/{hub.repo}"
-    try:
-        (artifact_dir / "README.md").write_text(
-            render_model_card(job, scores, artifact), encoding="utf-8"
-        )
-    except Exception as exc:
-        raise PushError(scrub(f"push to {target} failed: {type(exc).__name__}: {exc}")) from None
     from huggingface_hub import HfApi, constants
 
     # huggingface_hub read HF_HUB_DISABLE_XET when first imported, possibly before the
@@ -110,19 +110,32 @@ def push_to_hub(
     if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in ("1", "ON", "YES", "TRUE"):
         constants.HF_HUB_DISABLE_XET = True
     api = HfApi(endpoint=endpoint, token=token)
+    inherited = None if hub.license else base_license(job, api)
+    try:
+        (artifact_dir / "README.md").write_text(
+            render_model_card(job, scores, artifact, inherited), encoding="utf-8"
+        )
+    except Exception as exc:
+        raise PushError(scrub(f"push to {target} failed: {type(exc).__name__}: {exc}")) from None
     message = (
         f"finetune-operator: {artifact} from FineTuneJob "
         f"{job.metadata.namespace}/{job.metadata.name}"
     )
 
+    notes: list[str] = []
+
     def push() -> CommitInfo:
-        api.create_repo(hub.repo, private=hub.private, exist_ok=True, repo_type="model")
+        note = ensure_repo(api, hub.repo, hub.private, target)
+        if note:
+            notes.append(note)
         return api.upload_folder(
             repo_id=hub.repo, folder_path=artifact_dir, repo_type="model", commit_message=message
         )
 
     try:
         info = with_backoff(push, f"push to {target}", backoff)
+    except VisibilityError as exc:
+        raise PushError(str(exc), permanent=True) from None
     except Exception as exc:
         kind = failure_class(exc)
         # Scrubbed, and raised `from None`: the original exception (and its traceback text)
@@ -139,4 +152,35 @@ def push_to_hub(
     revision = info.oid
     url = f"{endpoint}/{hub.repo}/commit/{revision}"
     log.info("pushed %s to %s at %s", artifact, hub.repo, revision)
-    return PushResult(repo=hub.repo, revision=revision, url=url)
+    return PushResult(repo=hub.repo, revision=revision, url=url, note="; ".join(notes))
+
+
+def base_license(job: FineTuneJob, api: HfApi) -> dict[str, str]:
+    """The base model's license metadata (model_card.LICENSE_KEYS), as transformers' Trainer
+    infers a card's license: from the base's Hub card (hf://, at the pinned revision, through
+    `api`), or from the README.md in a file:// base's folder. {} when it has none or it cannot
+    be read; that never fails a push."""
+    model = job.spec.model
+    base = source_id(model.source)
+    meta: dict[str, Any] = {}
+    try:
+        if base is None:
+            readme = Path(model.source.removeprefix("file://")) / "README.md"
+            if readme.is_file():
+                from huggingface_hub import metadata_load
+
+                meta = metadata_load(readme) or {}
+        else:
+            info = api.model_info(base, revision=model.revision)
+            meta = info.card_data.to_dict() if info.card_data is not None else {}
+            if not meta.get("license"):  # the Hub also lists it as a tag
+                tags = [t for t in info.tags or [] if t.startswith("license:")]
+                meta = {"license": tags[0].removeprefix("license:")} if tags else {}
+    except Exception as exc:
+        log.warning(
+            "the model card gets no license: the base model's could not be read (%s); set "
+            "output.hub.license to name one",
+            scrub(f"{type(exc).__name__}: {exc}")[:300],
+        )
+        return {}
+    return {k: v for k in LICENSE_KEYS if isinstance(v := meta.get(k), str) and v}

@@ -412,5 +412,7 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
         return result.exit_code
     result.repo, result.revision, result.url = pushed.repo, pushed.revision, pushed.url
     result.reason = Reason.PUSHED
+    if pushed.note:  # e.g. the repo was public and was made private
+        result.message = pushed.note
     log.info("pushed %s to %s at revision %s", result.artifact, pushed.repo, pushed.revision)
     return ExitCode.OK

@@ -111,10 +111,23 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# Events about FineTuneJobs, from kopf and the operator (create only; neither updates them).
+# Kueue Workloads, for FineTuneJobs with runPolicy.queueName. Kueue owns a queued Job's
+# spec.suspend, so runPolicy.suspend goes through the Job's Workload instead: the operator finds
+# it (list by Kueue's job-uid label; it checks the ownerReference), watches Workloads to report
+# admission and eviction, and merge-patches spec.active, the one field it writes. Granted always
+# rather than behind a value: a rule may name a resource that is not installed (then it grants
+# nothing), queueName is each job's choice, and Kueue may be installed after the operator. The
+# operator reads a 403 as "may not read Workloads" and says so in the status.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch, patch]
+# Events about FineTuneJobs, from kopf and the operator (neither updates them). `list`: only
+# while an attempt's Job has fewer pods than it runs, the operator lists that Job's FailedCreate
+# Events (by field selector: the Job's uid and the reason), the one place where the Job
+# controller says why it cannot create them (a missing ServiceAccount, a quota).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create]

@@ -1,0 +1,148 @@
+"""Disruptions restart a gang without spending runPolicy.backoffLimit, and pods that cannot
+start say why and end the job after runPolicy.pendingTimeoutSeconds, against the real Job
+controller. The tests play the kubelet (and the eviction API) by writing pod status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fixtures.cluster import (
+    condition,
+    ftj_manifest,
+    ftj_status,
+    patch_pod_status,
+    running_status,
+    terminated_status,
+    wait_phase,
+)
+from fixtures.kube import Kube
+
+if TYPE_CHECKING:
+    from fixtures.operator import Operator
+
+pytest_plugins = ["fixtures.operator"]
+
+WaitUntil = Callable[..., Any]
+Obj = dict[str, Any]
+INTERRUPTED = json.dumps(
+    {"status": "Failed", "reason": "Interrupted", "message": "stopped by SIGTERM at step 7"}
+)
+
+
+def pods(kube: Kube, namespace: str, name: str, attempt: int) -> list[Obj]:
+    sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
+    items = kube.list("Pod", namespace, labels=sel)
+    return sorted(
+        (p for p in items if not p["metadata"].get("deletionTimestamp")),
+        key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]),
+    )
+
+
+def wait_pods(kube: Kube, wait_until: WaitUntil, ns: str, name: str, attempt: int) -> list[Obj]:
+    return wait_until(
+        lambda: (p := pods(kube, ns, name, attempt)) and len(p) == 2 and p,
+        timeout=60,
+        message=f"2 pods of attempt {attempt}",
+    )
+
+
+def stopped(pod: Obj, exit_code: int, message: str, at: str) -> Obj:
+    status = terminated_status(pod, exit_code, message)
+    status["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = at
+    return status
+
+
+def test_an_eviction_restarts_the_gang_without_spending_the_backoff_limit(
+    operator: Operator, kube: Kube, namespace: str, wait_until: WaitUntil
+) -> None:
+    kube.apply(ftj_manifest("evicted", namespace, runPolicy={"backoffLimit": 0}))
+    first = wait_pods(kube, wait_until, namespace, "evicted", 1)
+    # Rank 1 is evicted: the eviction API marks it DisruptionTarget, its trainer saves and
+    # stops. The Job's podFailurePolicy ignores that pod (and replaces it); rank 0 then stops
+    # too, which fails the attempt's Job.
+    evicted = stopped(first[1], 1, INTERRUPTED, "2026-01-01T00:00:00Z")
+    evicted["conditions"] = [
+        {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": "EvictionByEvictionAPI",
+            "message": "Eviction API: evicting",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }
+    ]
+    patch_pod_status(kube, namespace, first[1]["metadata"]["name"], evicted)
+    rank0 = stopped(first[0], 1, INTERRUPTED, "2026-01-01T00:00:02Z")
+    patch_pod_status(kube, namespace, first[0]["metadata"]["name"], rank0)
+    second = wait_pods(kube, wait_until, namespace, "evicted", 2)
+    status = ftj_status(kube, namespace, "evicted")
+    assert (status["attempts"], status["disruptions"]) == (2, 1)
+    assert status["phase"] == "Pending"
+    events = kube.list("Event", namespace, fields="involvedObject.name=evicted")
+    restarts = [e["message"] for e in events if e["reason"] == "Restarting"]
+    assert len(restarts) == 1 and "was disrupted (EvictionByEvictionAPI" in restarts[0]
+    assert "does not count against runPolicy.backoffLimit" in restarts[0]
+    # An ordinary failure still ends a job whose backoffLimit is 0.
+    crash = json.dumps({"status": "Failed", "reason": "TrainingFailed", "message": "CUDA error"})
+    patch_pod_status(
+        kube, namespace, second[0]["metadata"]["name"], terminated_status(second[0], 1, crash)
+    )
+    status = wait_phase(kube, wait_until, namespace, "evicted", "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["message"].startswith("1 attempt(s) failed (and 1 disrupted")
+    assert (status["attempts"], status["disruptions"]) == (2, 1)
+
+
+def test_pods_that_cannot_start_say_why_and_end_the_job(
+    operator: Operator, kube: Kube, namespace: str, wait_until: WaitUntil
+) -> None:
+    policy = {"pendingTimeoutSeconds": 30}
+    kube.apply(ftj_manifest("pull", namespace, runPolicy=policy))
+    # No pod can be made: the admission plugin refuses pods of a missing ServiceAccount.
+    template = {"serviceAccountName": "missing-sa"}
+    kube.apply(ftj_manifest("nosa", namespace, runPolicy=policy, template=template))
+    gang = wait_pods(kube, wait_until, namespace, "pull", 1)
+    # Rank 1 runs; rank 0's node cannot pull the image (the Job's ready count moves with rank 1).
+    waiting = {
+        "reason": "ImagePullBackOff",
+        "message": 'Back-off pulling image "registry.example/trainer:nope"',
+    }
+    container = {"name": "trainer", "image": "registry.example/trainer:nope", "imageID": ""}
+    stuck = {
+        "phase": "Pending",
+        "containerStatuses": [
+            {**container, "ready": False, "restartCount": 0, "state": {"waiting": waiting}}
+        ],
+    }
+    patch_pod_status(kube, namespace, gang[0]["metadata"]["name"], stuck)
+    patch_pod_status(
+        kube, namespace, gang[1]["metadata"]["name"], running_status(gang[1], "10.0.0.2")
+    )
+
+    def reason(name: str) -> str:
+        return condition(ftj_status(kube, namespace, name), "Running").get("reason", "")
+
+    wait_until(lambda: reason("pull") == "ImagePullBackOff", timeout=20, message="pull reason")
+    running = condition(ftj_status(kube, namespace, "pull"), "Running")
+    assert running["message"] == f"pod {gang[0]['metadata']['name']}: {waiting['message']}"
+    wait_until(lambda: reason("nosa") == "FailedCreate", timeout=30, message="nosa reason")
+    running = condition(ftj_status(kube, namespace, "nosa"), "Running")
+    assert running["message"].startswith("Job nosa: Error creating:")
+    assert 'serviceaccount "missing-sa" not found' in running["message"]
+    for name, fix in (("pull", "spec.template.image"), ("nosa", "serviceAccountName")):
+        status = wait_phase(kube, wait_until, namespace, name, "Failed", timeout=60)
+        failed = condition(status, "Failed")
+        assert failed["reason"] == "PendingTimeout", failed
+        assert "runPolicy.pendingTimeoutSeconds (30 s" in failed["message"]
+        assert fix in failed["message"]
+        # The Job goes, so that nothing starts training for a Failed FineTuneJob.
+        wait_until(
+            lambda n=name: kube.get("Job", n, namespace) is None,
+            timeout=60,
+            message=f"Job {name} deleted",
+        )
+    events = kube.list("Event", namespace, fields="involvedObject.name=pull")
+    assert ("Warning", "ImagePullBackOff") in {(e["type"], e["reason"]) for e in events}
