@@ -365,7 +365,6 @@ class Suite:
     restarts: list[Obj] = field(default_factory=list)
     operator_logs: dict[str, str] = field(default_factory=dict)
     failed: bool = False
-    t0: float = field(default_factory=time.monotonic)
 
     def outcome(self, name: str) -> Outcome:
         return self.outcomes.setdefault(name, Outcome())
