@@ -11,9 +11,6 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test`: the kind and control-plane suites each run whole on one
-# worker while the others take the CPU-bound modules (0: everything in this one process).
-TEST_WORKERS ?= 3
 
 .PHONY: venv lint crd prereqs test test-fast demo demo-local bench
 
@@ -34,7 +31,7 @@ prereqs:
 
 # Every suite: unit, trainer, control plane, observability and the kind end-to-end test.
 test: lint prereqs
-	$(PY) -m pytest -ra --durations=20 -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
+	$(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS) tests
 
 # No cluster, no Docker: unit and trainer suites only.
 test-fast: lint
