@@ -54,11 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import conftest
 import pytest
 import test_e2e
 from test_e2e import example_job, setup_hub, training_key
-
-import conftest
 
 pytestmark = [pytest.mark.kind]
 
