@@ -18,9 +18,8 @@ from finetune_operator import render
 from finetune_operator.apply import covers
 
 if TYPE_CHECKING:
-    from fixtures.operator import Operator
-
     from conftest import Kubectl
+    from fixtures.operator import Operator
 
 pytest_plugins = ["fixtures.operator"]
 
