@@ -19,9 +19,14 @@ class Rule:
     check: Callable[[Any], bool]
     # Wire name of the field the message is about, relative to the object the rule sits on.
     field: str | None = None
+    # A CEL string expression the API server answers with instead of `message`, so that it can
+    # name the offending value; `message` stays the fallback and the Python side's message.
+    message_expression: str | None = None
 
     def to_crd(self) -> dict[str, str]:
         out = {"rule": self.cel, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
         if self.field:
             out["fieldPath"] = f".{self.field}"
         return out
