@@ -11,7 +11,15 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
-from finetune_api.constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
+from finetune_api.constants import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    MAX_NAME_LENGTH,
+    Phase,
+)
 from finetune_api.metrics import (
     CLASSIFICATION_METRICS,
     DEFAULT_METRICS,
@@ -455,6 +463,185 @@ class VolumeMount(ApiModel):
     read_only: bool = Field(False, description="readOnly mounts the volume read-only.")
 
 
+# ---- pod settings of spec.template --------------------------------------------------------------
+# Object names as Kubernetes checks them (a DNS-1123 subdomain): Secrets, RuntimeClasses and
+# schedulers. No backslash, so that CEL's string escapes leave the expressions alone.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DnsSubdomain = Annotated[
+    str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+]
+# A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at most 63
+# letters, digits, '-', '_' and '.' that starts and ends with a letter or digit. Kubernetes allows
+# 317 characters in all; 128 holds every key in use (sidecar.istio.io/inject,
+# cluster-autoscaler.kubernetes.io/safe-to-evict) and keeps the spec's worst case in budget.
+MAX_KEY_LENGTH = 128
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+MetadataKey = Annotated[str, StringConstraints(max_length=MAX_KEY_LENGTH)]
+PodLabelValue = Annotated[
+    str, StringConstraints(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+]
+ANNOTATION_VALUE_MAX_LENGTH = 512
+# Pod labels and annotations the operator and the Job controller set on trainer pods. The gang is
+# found by them (the Service's selector, status, the PodMonitor) and NODE_RANK is read from the
+# completion-index annotation, so template.labels and template.annotations may not set them.
+OWN_POD_LABELS = (LABEL_MANAGED_BY, LABEL_COMPONENT, "job-name", "controller-uid")
+OWN_POD_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+OWN_KEY_PREFIXES = (f"{GROUP}/", "batch.kubernetes.io/")
+# A byte size as a Kubernetes quantity string: 20Gi, 500M, 1e9.
+SIZE_PATTERN = r"^([0-9]+([.][0-9]+)?|[.][0-9]+)([KMGTPE]i|[kMGTPE]|[eE][0-9]+)?$"
+MAX_UID = 2**31 - 1
+
+
+def _is_own_key(key: str, own: tuple[str, ...]) -> bool:
+    return key in own or key.startswith(OWN_KEY_PREFIXES)
+
+
+def _own_key_rule(field: Literal["labels", "annotations"], own: tuple[str, ...]) -> Rule:
+    """template.labels or template.annotations may not set a key of the operator's own."""
+    names = ", ".join(f"'{k}'" for k in own)
+    prefixes = " || ".join(f"k.startsWith('{p}')" for p in OWN_KEY_PREFIXES)
+    keys = f"k in [{names}] || {prefixes}"
+    listed = ", ".join(own) + ", or any key under " + " or ".join(OWN_KEY_PREFIXES)
+    return Rule(
+        cel=f"!self.{field}.exists(k, {keys})",
+        message=f"{field} may not set a key that the operator or the Job controller sets: {listed}",
+        check=lambda t: not any(_is_own_key(k, own) for k in getattr(t, field)),
+        field=field,
+        # The API server's message names the offending key itself.
+        message_expression=f"'{field} may not set ' + self.{field}.filter(k, {keys})[0] + "
+        f"', a key that the operator or the Job controller sets ({listed})'",
+    )
+
+
+def _key_format_rule(field: Literal["labels", "annotations"]) -> Rule:
+    return Rule(
+        cel=f"self.{field}.all(k, k.matches('{QUALIFIED_NAME_PATTERN}'))",
+        message=f"{field} keys must be qualified names: an optional DNS subdomain prefix and '/', "
+        "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+        "digit",
+        check=lambda t: all(re.fullmatch(QUALIFIED_NAME_PATTERN, k) for k in getattr(t, field)),
+        field=field,
+    )
+
+
+class LocalObjectReference(ApiModel):
+    name: DnsSubdomain = Field(description="name of the object in the FineTuneJob's namespace.")
+
+
+class LabelSelectorRequirement(ApiModel):
+    key: MetadataKey = Field(description="key is the label key the selector applies to.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="operator is In, NotIn, Exists or DoesNotExist."
+    )
+    values: list[PodLabelValue] = Field(
+        default_factory=list,
+        max_length=4,
+        description="values: at least one for In and NotIn, none for Exists and DoesNotExist.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="(self.operator in ['In', 'NotIn']) == (size(self.values) > 0)",
+            message="values must be non-empty for In and NotIn, and empty for Exists and "
+            "DoesNotExist",
+            check=lambda r: (r.operator in ("In", "NotIn")) == bool(r.values),
+            field="values",
+        ),
+    )
+
+
+class LabelSelector(ApiModel):
+    match_labels: dict[MetadataKey, PodLabelValue] = Field(
+        default_factory=dict, max_length=4, description="matchLabels: every pair must match."
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list,
+        max_length=2,
+        description="matchExpressions: every requirement must hold.",
+    )
+
+
+class TopologySpreadConstraint(ApiModel):
+    """Kubernetes' TopologySpreadConstraint, whose labelSelector defaults to the gang's pods."""
+
+    max_skew: int = Field(
+        ge=1,
+        le=MAX_UID,
+        description="maxSkew is the largest allowed difference in matching pods between two "
+        "topology domains. Required.",
+    )
+    topology_key: MetadataKey = Field(
+        description="topologyKey is the node label whose values are the domains, such as "
+        "topology.kubernetes.io/zone or kubernetes.io/hostname. Required."
+    )
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        description="whenUnsatisfiable is DoNotSchedule or ScheduleAnyway. Required."
+    )
+    label_selector: LabelSelector | None = Field(
+        None,
+        description="labelSelector of the pods counted in each domain. Unset: this "
+        "FineTuneJob's trainer pods (not Kubernetes' default, which counts none).",
+    )
+    min_domains: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_UID,
+        description="minDomains is the least number of eligible domains; only with DoNotSchedule.",
+    )
+    node_affinity_policy: Literal["Honor", "Ignore"] | None = Field(
+        None,
+        description="nodeAffinityPolicy: Honor counts only the nodes the pods' nodeSelector and "
+        "affinity allow, Ignore counts all. Unset: Honor.",
+    )
+    node_taints_policy: Literal["Honor", "Ignore"] | None = Field(
+        None,
+        description="nodeTaintsPolicy: Honor leaves out nodes with taints the pods do not "
+        "tolerate, Ignore counts all. Unset: Ignore.",
+    )
+    match_label_keys: list[MetadataKey] = Field(
+        default_factory=list,
+        max_length=2,
+        description="matchLabelKeys are pod label keys whose values the pod's own are added "
+        "to labelSelector with.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.minDomains) || self.whenUnsatisfiable == 'DoNotSchedule'",
+            message="minDomains is only allowed with whenUnsatisfiable DoNotSchedule",
+            check=lambda c: c.min_domains is None or c.when_unsatisfiable == "DoNotSchedule",
+            field="minDomains",
+        ),
+    )
+
+
+class PodSecurityContext(ApiModel):
+    """The identity fields of a pod's securityContext; the operator sets the rest (runAsNonRoot,
+    the seccomp profile) and the trainer container's own, which the restricted profile needs."""
+
+    run_as_user: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_UID,
+        description="runAsUser is the UID of the trainer (not 0: the pods run as non-root). "
+        "Unset: the image's user (1000), or the one the platform assigns, such as OpenShift's "
+        "restricted-v2.",
+    )
+    run_as_group: int | None = Field(
+        None, ge=0, le=MAX_UID, description="runAsGroup is the primary GID. Unset: the image's."
+    )
+    fs_group: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_UID,
+        description="fsGroup owns the pods' volumes, for storage that the trainer's user "
+        "cannot otherwise write (many block-storage claims). Unset: none, or the platform's.",
+    )
+
+
 class TemplateSpec(ApiModel):
     image: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
         None, description="image of the trainer. Unset: the trainer image the operator runs with."
@@ -478,6 +665,67 @@ class TemplateSpec(ApiModel):
     )
     volume_mounts: list[VolumeMount] = Field(
         default_factory=list, max_length=32, description="volumeMounts added to the trainer."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list,
+        max_length=4,
+        description="imagePullSecrets name Secrets in the FineTuneJob's namespace that the "
+        "kubelet pulls the pods' images with, added to the ServiceAccount's own.",
+    )
+    labels: dict[MetadataKey, PodLabelValue] = Field(
+        default_factory=dict,
+        max_length=12,
+        description="labels added to the pods, such as sidecar.istio.io/inject. The operator's "
+        "own keys (app.kubernetes.io/managed-by, app.kubernetes.io/component, finetune.dev/*) "
+        "and the Job controller's (job-name, controller-uid, batch.kubernetes.io/*) are refused.",
+    )
+    annotations: dict[
+        MetadataKey, Annotated[str, StringConstraints(max_length=ANNOTATION_VALUE_MAX_LENGTH)]
+    ] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="annotations added to the pods, such as "
+        "cluster-autoscaler.kubernetes.io/safe-to-evict, at most "
+        f"{ANNOTATION_VALUE_MAX_LENGTH} characters each. The operator's own keys "
+        "(prometheus.io/scrape, prometheus.io/port, prometheus.io/path, finetune.dev/*) and the "
+        "Job controller's (batch.kubernetes.io/*) are refused.",
+    )
+    scheduler_name: DnsSubdomain | None = Field(
+        None,
+        description="schedulerName of the scheduler that places the pods, such as a gang "
+        "scheduler. Unset: the cluster's default scheduler.",
+    )
+    runtime_class_name: DnsSubdomain | None = Field(
+        None,
+        description="runtimeClassName of the RuntimeClass the pods run with, such as nvidia or "
+        "a sandbox. Unset: the node's default runtime.",
+    )
+    topology_spread_constraints: list[TopologySpreadConstraint] = Field(
+        default_factory=list,
+        max_length=3,
+        description="topologySpreadConstraints of the pods across zones or nodes, as in a pod "
+        "spec; a constraint without labelSelector counts this FineTuneJob's trainer pods.",
+    )
+    security_context: PodSecurityContext | None = Field(
+        None,
+        description="securityContext sets the pods' runAsUser, runAsGroup and fsGroup. Unset: "
+        "the image's user and group (1000), or those the platform assigns (OpenShift's "
+        "restricted-v2); the pods always run as non-root.",
+    )
+    cache_size: Annotated[str, StringConstraints(max_length=64, pattern=SIZE_PATTERN)] = Field(
+        "20Gi",
+        description="cacheSize is the size of each pod's /tmp emptyDir, which holds the Hugging "
+        "Face cache (HF_HOME: the downloaded model and dataset) and the artifact before its "
+        "push: its sizeLimit (the kubelet evicts a pod that writes more) and the trainer's "
+        "ephemeral-storage request, unless resources.requests or resources.limits name "
+        "ephemeral-storage. A quantity such as 20Gi; it must hold the base model. Default 20Gi.",
+    )
+
+    __rules__ = (
+        _key_format_rule("labels"),
+        _own_key_rule("labels", OWN_POD_LABELS),
+        _key_format_rule("annotations"),
+        _own_key_rule("annotations", OWN_POD_ANNOTATIONS),
     )
 
 

@@ -235,3 +235,142 @@ def test_a_push_to_huggingface_co_needs_a_token(hub, env, valid):
         parse_manifest(doc)
     assert [e.path for e in err.value.errors] == ["spec.output.hub.tokenSecretRef"]
     assert "needs a token" in str(err.value)
+
+
+# ---- spec.template's pod settings ---------------------------------------------------------------
+SPREAD = {
+    "maxSkew": 1,
+    "topologyKey": "kubernetes.io/hostname",
+    "whenUnsatisfiable": "DoNotSchedule",
+}
+
+
+def template(**fields):
+    return with_changes(spec__template=fields)
+
+
+def test_pod_settings_are_accepted_and_default():
+    job = parse_manifest(
+        template(
+            imagePullSecrets=[{"name": "regcred"}],
+            labels={"sidecar.istio.io/inject": "false", "team": ""},
+            annotations={"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+            schedulerName="volcano",
+            runtimeClassName="nvidia",
+            topologySpreadConstraints=[SPREAD],
+            securityContext={"runAsUser": 1000650000, "runAsGroup": 0, "fsGroup": 0},
+            cacheSize="1.5Ti",
+        )
+    )
+    tpl = job.spec.template
+    assert tpl.labels == {"sidecar.istio.io/inject": "false", "team": ""}
+    assert tpl.topology_spread_constraints[0].label_selector is None
+    assert tpl.security_context is not None and tpl.security_context.run_as_group == 0
+    assert tpl.cache_size == "1.5Ti"
+    bare = parse_manifest(VALID).spec.template
+    assert bare.cache_size == "20Gi" and bare.security_context is None
+
+
+@pytest.mark.parametrize("size", ["20Gi", "500M", "1e9", "1073741824", "0.5Ti", "64k"])
+def test_cache_size_takes_kubernetes_quantities(size):
+    assert parse_manifest(template(cacheSize=size)).spec.template.cache_size == size
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "fragment"),
+    [
+        # Not a quantity: the kubelet would refuse the volume, after the Job was created.
+        ({"cacheSize": "20 GB"}, "spec.template.cacheSize", "pattern"),
+        ({"cacheSize": "20GiB"}, "spec.template.cacheSize", "pattern"),
+        ({"cacheSize": "-1Gi"}, "spec.template.cacheSize", "pattern"),
+        ({"cacheSize": 20}, "spec.template.cacheSize", "string"),
+        # Too many items, entries or characters.
+        (
+            {"topologySpreadConstraints": [SPREAD] * 4},
+            "spec.template.topologySpreadConstraints",
+            "at most 3",
+        ),
+        (
+            {"imagePullSecrets": [{"name": f"s{i}"} for i in range(5)]},
+            "spec.template.imagePullSecrets",
+            "at most 4",
+        ),
+        ({"labels": {f"k{i}": "v" for i in range(13)}}, "spec.template.labels", "at most 12"),
+        (
+            {"annotations": {"example.com/a": "x" * 513}},
+            "spec.template.annotations.example.com/a",
+            "at most 512",
+        ),
+        # Collisions with the operator's and the Job controller's own keys.
+        (
+            {"labels": {"app.kubernetes.io/managed-by": "me"}},
+            "spec.template.labels",
+            "app.kubernetes.io/managed-by",
+        ),
+        ({"labels": {"finetune.dev/attempt": "1"}}, "spec.template.labels", "finetune.dev/"),
+        ({"labels": {"job-name": "x"}}, "spec.template.labels", "job-name"),
+        (
+            {"annotations": {"prometheus.io/scrape": "false"}},
+            "spec.template.annotations",
+            "prometheus.io/scrape",
+        ),
+        (
+            {"annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+            "spec.template.annotations",
+            "batch.kubernetes.io/",
+        ),
+        # Keys and values Kubernetes would refuse on the pods.
+        ({"labels": {"bad key": "v"}}, "spec.template.labels", "qualified names"),
+        ({"annotations": {"Example.com/a": "v"}}, "spec.template.annotations", "qualified"),
+        ({"labels": {"team": "-nlp"}}, "spec.template.labels.team", "pattern"),
+        ({"labels": {"team": "n" * 64}}, "spec.template.labels.team", "at most 63"),
+        ({"schedulerName": "My_Scheduler"}, "spec.template.schedulerName", "pattern"),
+        ({"runtimeClassName": ""}, "spec.template.runtimeClassName", "at least 1"),
+        ({"imagePullSecrets": [{}]}, "spec.template.imagePullSecrets[0].name", "required"),
+        # The pods run as non-root: UID 0 could only fail at the kubelet.
+        ({"securityContext": {"runAsUser": 0}}, "spec.template.securityContext.runAsUser", ""),
+        (
+            {"securityContext": {"runAsUser": 1, "seLinuxOptions": {}}},
+            "spec.template.securityContext.seLinuxOptions",
+            "Extra inputs",
+        ),
+        # Topology spread as Kubernetes validates it.
+        (
+            {"topologySpreadConstraints": [{**SPREAD, "maxSkew": 0}]},
+            "spec.template.topologySpreadConstraints[0].maxSkew",
+            "",
+        ),
+        (
+            {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]},
+            "spec.template.topologySpreadConstraints[0].whenUnsatisfiable",
+            "required",
+        ),
+        (
+            {
+                "topologySpreadConstraints": [
+                    {**SPREAD, "whenUnsatisfiable": "ScheduleAnyway", "minDomains": 2}
+                ]
+            },
+            "spec.template.topologySpreadConstraints[0].minDomains",
+            "DoNotSchedule",
+        ),
+        (
+            {
+                "topologySpreadConstraints": [
+                    {
+                        **SPREAD,
+                        "labelSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]},
+                    }
+                ]
+            },
+            "spec.template.topologySpreadConstraints[0].labelSelector.matchExpressions[0].values",
+            "non-empty for In",
+        ),
+    ],
+)
+def test_bad_pod_settings_name_the_field(fields, path, fragment):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(template(**fields))
+    paths = [e.path for e in err.value.errors]
+    assert path in paths, f"{path} not in {paths}"
+    assert fragment in str(err.value)
