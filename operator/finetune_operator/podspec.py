@@ -1,6 +1,7 @@
 """The trainer pod of a FineTuneJob: env for rendezvous, resources, volumes, security. Pure.
 
-Split from render.py so each stays readable; only `pod_spec` is used outside this module.
+Split from render.py so each stays readable; only `pod_spec` and `pod_metadata` are used outside
+this module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from finetune_operator.settings import Settings
 Manifest = dict[str, Any]
 TPU_ACCELERATOR_SELECTOR = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY_SELECTOR = "cloud.google.com/gke-tpu-topology"
+EPHEMERAL_STORAGE = "ephemeral-storage"
+# Where Prometheus' annotation-based discovery finds rank 0's metrics.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(pod.METRICS_PORT),
+    "prometheus.io/path": "/metrics",
+}
 
 
 def _quantities(values: dict[str, int | str]) -> dict[str, str]:
@@ -31,6 +39,11 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     if not requests and not limits:
         requests = dict(settings.trainer_default_resources.get("requests", {}))
         limits = dict(settings.trainer_default_resources.get("limits", {}))
+    if EPHEMERAL_STORAGE not in requests and EPHEMERAL_STORAGE not in limits:
+        # The /tmp emptyDir (the HF cache) is sized by cacheSize: ask the scheduler for a node
+        # with that much local storage, or the kubelet evicts the pod once the model is in.
+        requests[EPHEMERAL_STORAGE] = job.spec.template.cache_size
+        requests = dict(sorted(requests.items()))
     acc = res.accelerator
     if acc.type != "cpu":
         # Extended resources cannot be overcommitted: requests must equal limits.
@@ -96,7 +109,7 @@ def _volumes(
         {"name": "checkpoints", **checkpoints},
         # NCCL and DataLoader workers use shared memory; the runtime default is 64Mi.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": spec.template.cache_size}},
         *spec.template.volumes,
     ]
     mounts: list[Manifest] = [
@@ -150,6 +163,41 @@ def _container(
     return container
 
 
+def pod_metadata(job: FineTuneJob, labels: dict[str, str]) -> Manifest:
+    """The pod template's labels and annotations: template.labels and template.annotations with
+    the operator's own on top. The schema refuses a template key of ours; should one get through
+    anyway, ours still win, because the Service, status and scraping find the gang by them."""
+    tpl = job.spec.template
+    return {
+        "labels": {**tpl.labels, **labels},
+        "annotations": {**tpl.annotations, **SCRAPE_ANNOTATIONS},
+    }
+
+
+def _security_context(job: FineTuneJob) -> Manifest:
+    """Non-root always, but no fixed UID: the image's USER is numeric (1000), and a platform
+    such as OpenShift (restricted-v2) assigns its own UID and fsGroup and refuses any other."""
+    context: Manifest = {"runAsNonRoot": True}
+    own = job.spec.template.security_context
+    if own is not None:
+        context.update(own.model_dump(mode="json", by_alias=True, exclude_none=True))
+    context["seccompProfile"] = {"type": "RuntimeDefault"}
+    return context
+
+
+def _topology_spread(job: FineTuneJob) -> list[Manifest]:
+    """The constraints as Kubernetes spells them; one without labelSelector counts the gang's
+    own pods, which is what spreading a gang means (Kubernetes' default would count none)."""
+    out: list[Manifest] = []
+    for constraint in job.spec.template.topology_spread_constraints:
+        # exclude_defaults drops the unset lists and maps but keeps an explicit `{}` selector.
+        rendered = constraint.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        if constraint.label_selector is None:
+            rendered["labelSelector"] = {"matchLabels": naming.selector_labels(job.metadata.name)}
+        out.append(rendered)
+    return out
+
+
 def pod_spec(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> Manifest:
     name, spec = job.metadata.name, job.spec
     tpl = spec.template
@@ -166,13 +214,7 @@ def pod_spec(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> Ma
         "enableServiceLinks": False,
         # The trainer never calls the API server: no token for a compromised rank to use.
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _security_context(job),
         "containers": [_container(job, settings, store, mounts)],
         "volumes": volumes,
     }
@@ -186,4 +228,12 @@ def pod_spec(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> Ma
         pod["priorityClassName"] = tpl.priority_class_name
     if tpl.service_account_name:
         pod["serviceAccountName"] = tpl.service_account_name
+    if tpl.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": ref.name} for ref in tpl.image_pull_secrets]
+    if tpl.scheduler_name:
+        pod["schedulerName"] = tpl.scheduler_name
+    if tpl.runtime_class_name:
+        pod["runtimeClassName"] = tpl.runtime_class_name
+    if tpl.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = _topology_spread(job)
     return pod

@@ -193,7 +193,8 @@ def test_render_runs_what_the_chart_defaults_configure(
     # The chart's trainer image, not the operator's built-in default (ghcr.io/...).
     assert container["image"] == "finetune-trainer:0.1.0"
     assert container["imagePullPolicy"] == "IfNotPresent"
-    assert "resources" not in container or not container["resources"]
+    # No CPU or memory defaults in the chart: only the cache's local storage (template.cacheSize).
+    assert container["resources"] == {"requests": {"ephemeral-storage": "20Gi"}}
 
 
 def test_render_merges_values_files_like_helm(
@@ -217,7 +218,11 @@ def test_render_merges_values_files_like_helm(
     container = _render([str(job), "--values", str(first), "-f", str(second)], capsys)
     assert container["image"] == "reg.example/trainer:2.1"  # the later file wins, key by key
     assert container["imagePullPolicy"] == "Always"
-    assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert container["resources"]["requests"] == {
+        "cpu": "2",
+        "ephemeral-storage": "20Gi",
+        "memory": "8Gi",
+    }
 
 
 def test_render_refuses_values_the_chart_schema_rejects(

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_api.validation import load_manifest
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_api.validation import load_manifest, parse_manifest
+from finetune_operator import naming
 from finetune_operator.checkpoints import choose
 from finetune_operator.render import (
     owner_reference,
@@ -93,8 +95,12 @@ def test_job_is_an_indexed_gang_that_fails_fast() -> None:
 
 def test_pod_passes_restricted_pod_security() -> None:
     pod = _job("cpu")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # Non-root, but no fixed UID, GID or fsGroup: OpenShift's restricted-v2 assigns its own and
+    # refuses any other; elsewhere the image's numeric USER (1000) applies.
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     # The trainer never calls the API server, so its pods carry no ServiceAccount token.
     assert pod["automountServiceAccountToken"] is False
     sc = _container(_job("cpu"))["securityContext"]
@@ -184,14 +190,19 @@ def test_default_resources_apply_only_to_jobs_that_set_none() -> None:
     bare = own.model_copy(deep=True)
     bare.spec.resources.requests, bare.spec.resources.limits = {}, {}
     res = _container(render_manifests(bare, settings)[-1])["resources"]
-    # The accelerator's extended resource still goes on top.
+    # The accelerator's extended resource and the cache's local storage still go on top.
     assert res == {
-        "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "8"},
+        "requests": {
+            "cpu": "2",
+            "ephemeral-storage": "20Gi",
+            "memory": "8Gi",
+            "nvidia.com/gpu": "8",
+        },
         "limits": {"memory": "8Gi", "nvidia.com/gpu": "8"},
     }
     without_defaults = _container(render_manifests(bare, Settings())[-1])["resources"]
     assert without_defaults == {
-        "requests": {"nvidia.com/gpu": "8"},
+        "requests": {"ephemeral-storage": "20Gi", "nvidia.com/gpu": "8"},
         "limits": {"nvidia.com/gpu": "8"},
     }
 
@@ -207,3 +218,131 @@ def test_default_resources_apply_only_to_jobs_that_set_none() -> None:
 def test_malformed_default_resources_stop_the_operator(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.from_env({"FINETUNE_TRAINER_DEFAULT_RESOURCES": value})
+
+
+# ---- spec.template's pod settings ---------------------------------------------------------------
+
+
+def _pod(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["template"]["spec"]
+
+
+def _with_template(case: str, **template: Any) -> FineTuneJob:
+    """A golden input with spec.template fields set, validated as a manifest would be."""
+    doc = yaml.safe_load((GOLDEN / f"{case}.input.yaml").read_text())
+    doc["spec"].setdefault("template", {}).update(template)
+    return parse_manifest(doc)
+
+
+def _render_job(ftj: FineTuneJob, settings: Settings = SETTINGS) -> dict[str, Any]:
+    return next(d for d in render_manifests(ftj, settings) if d["kind"] == "Job")
+
+
+def test_pod_settings_reach_the_pod_spec() -> None:
+    pod = _pod(_job("podsettings"))
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror.pull-secret"}]
+    assert pod["schedulerName"] == "volcano"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000650000,
+        "runAsGroup": 0,
+        "fsGroup": 1000650000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def test_unset_pod_settings_leave_kubernetes_defaults() -> None:
+    pod = _pod(_job("cpu"))
+    for field in (
+        "imagePullSecrets",
+        "schedulerName",
+        "runtimeClassName",
+        "topologySpreadConstraints",
+    ):
+        assert field not in pod, field
+
+
+def test_topology_spread_counts_the_gang_unless_told_otherwise() -> None:
+    zone, host = _pod(_job("podsettings"))["topologySpreadConstraints"]
+    # No labelSelector: the gang's own pods, which Kubernetes' default (none) would not count.
+    assert zone == {
+        "maxSkew": 1,
+        "topologyKey": "topology.kubernetes.io/zone",
+        "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": {"matchLabels": naming.selector_labels("spread-lora")},
+        "minDomains": 2,
+        "nodeTaintsPolicy": "Honor",
+    }
+    assert host == {
+        "maxSkew": 2,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {
+            "matchExpressions": [
+                {"key": "team", "operator": "In", "values": ["nlp"]},
+                {"key": "finetune.dev/job-name", "operator": "Exists"},
+            ]
+        },
+        "matchLabelKeys": ["finetune.dev/attempt"],
+    }
+    # The selector matches the labels the gang's pods carry.
+    labels = _job("podsettings")["spec"]["template"]["metadata"]["labels"]
+    assert zone["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_an_empty_label_selector_stays_empty() -> None:
+    """`labelSelector: {}` selects every pod in Kubernetes; it is not the unset default."""
+    constraint = {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {},
+    }
+    ftj = _with_template("cpu", topologySpreadConstraints=[constraint])
+    assert _pod(_render_job(ftj))["topologySpreadConstraints"] == [constraint]
+
+
+def test_cache_size_sizes_the_tmp_volume_and_requests_local_storage() -> None:
+    job = _job("podsettings")
+    tmp = next(v for v in _pod(job)["volumes"] if v["name"] == "tmp")
+    assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": "64Gi"}}
+    # /tmp is where HF_HOME (the cache) and HOME live.
+    env = _env(job)
+    assert env["HF_HOME"].startswith("/tmp/") and env["HOME"] == "/tmp"
+    assert _container(job)["resources"]["requests"]["ephemeral-storage"] == "64Gi"
+    default = _job("cpu")
+    tmp = next(v for v in _pod(default)["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"] == {"sizeLimit": "20Gi"}
+    assert _container(default)["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        # The job's own request wins; the volume keeps cacheSize as its limit.
+        (
+            {"requests": {"ephemeral-storage": "100Gi"}},
+            {"requests": {"ephemeral-storage": "100Gi"}},
+        ),
+        # A limit alone: Kubernetes defaults the request to it, so none is added.
+        ({"limits": {"ephemeral-storage": "50Gi"}}, {"limits": {"ephemeral-storage": "50Gi"}}),
+    ],
+)
+def test_the_jobs_own_ephemeral_storage_wins(
+    resources: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    doc = yaml.safe_load((GOLDEN / "cpu.input.yaml").read_text())
+    doc["spec"]["resources"] = {"nodes": 2, **resources}
+    job = _render_job(parse_manifest(doc))
+    assert _container(job)["resources"] == expected
+    tmp = next(v for v in _pod(job)["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"] == {"sizeLimit": "20Gi"}
+
+
+def test_operator_default_ephemeral_storage_is_kept() -> None:
+    defaults = {"requests": {"cpu": "1", "ephemeral-storage": "5Gi"}}
+    bare = load_manifest(GOLDEN / "cpu.input.yaml")
+    bare.spec.resources.requests, bare.spec.resources.limits = {}, {}
+    job = _render_job(bare, Settings(trainer_default_resources=defaults))
+    assert _container(job)["resources"] == defaults
