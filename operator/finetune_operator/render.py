@@ -15,7 +15,7 @@ from finetune_api.constants import API_VERSION, KIND, LABEL_KUEUE_QUEUE
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
 from finetune_operator.checkpoints import CheckpointStore, choose
-from finetune_operator.podspec import pod_spec
+from finetune_operator.podspec import pod_metadata, pod_spec
 from finetune_operator.settings import Settings
 
 Manifest = dict[str, Any]
@@ -147,14 +147,7 @@ def render_job(
         # Kueue admits a queued Job by unsuspending it, so it must be born suspended.
         "suspend": bool(policy.suspend or policy.queue_name),
         "template": {
-            "metadata": {
-                "labels": labels,
-                "annotations": {
-                    "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(pod.METRICS_PORT),
-                    "prometheus.io/path": "/metrics",
-                },
-            },
+            "metadata": pod_metadata(job, labels),
             "spec": pod_spec(job, settings, store),
         },
     }

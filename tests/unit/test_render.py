@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_api.v1alpha1 import FineTuneJob
-from finetune_api.validation import load_manifest, parse_manifest
+from finetune_api.v1alpha1 import OWN_KEY_PREFIXES, FineTuneJob
+from finetune_api.validation import ManifestError, load_manifest, parse_manifest
 from finetune_operator import naming
 from finetune_operator.checkpoints import choose
+from finetune_operator.podspec import SCRAPE_ANNOTATIONS
 from finetune_operator.render import (
     owner_reference,
     render_checkpoint_claim,
@@ -301,6 +302,42 @@ def test_an_empty_label_selector_stays_empty() -> None:
     }
     ftj = _with_template("cpu", topologySpreadConstraints=[constraint])
     assert _pod(_render_job(ftj))["topologySpreadConstraints"] == [constraint]
+
+
+def test_template_labels_and_annotations_are_merged_onto_the_pods() -> None:
+    job = _job("podsettings")
+    meta = job["spec"]["template"]["metadata"]
+    assert meta["labels"] == {
+        "sidecar.istio.io/inject": "false",
+        "team": "nlp",
+        **naming.attempt_labels("spread-lora", 1),
+    }
+    assert meta["annotations"] == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+        "example.com/owner": "nlp-team@example.com",
+        **SCRAPE_ANNOTATIONS,
+    }
+    # Only the pods get them: the Job and the other children keep the operator's labels alone.
+    assert "team" not in job["metadata"]["labels"]
+    assert "annotations" not in job["metadata"]
+
+
+def test_the_operators_own_pod_keys_win_and_are_refused_by_the_schema() -> None:
+    meta = _job("cpu")["spec"]["template"]["metadata"]
+    # Every key the operator puts on the pods is one the schema keeps users from setting...
+    for field, keys in (("labels", meta["labels"]), ("annotations", meta["annotations"])):
+        for key in keys:
+            with pytest.raises(ManifestError) as err:
+                _with_template("cpu", **{field: {key: "mine"}})
+            assert [e.path for e in err.value.errors] == [f"spec.template.{field}"], key
+            assert key in str(err.value) or key.startswith(OWN_KEY_PREFIXES)
+    # ... and should one get past it (a spec built in code), the operator's value still wins.
+    ftj = load_manifest(GOLDEN / "cpu.input.yaml")
+    ftj.spec.template.labels = {"finetune.dev/attempt": "7", "app.kubernetes.io/component": "x"}
+    ftj.spec.template.annotations = {"prometheus.io/scrape": "false"}
+    forced = _render_job(ftj)["spec"]["template"]["metadata"]
+    assert forced["labels"] == meta["labels"]
+    assert forced["annotations"] == meta["annotations"]
 
 
 def test_cache_size_sizes_the_tmp_volume_and_requests_local_storage() -> None:
