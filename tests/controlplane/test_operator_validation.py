@@ -11,12 +11,16 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fixtures.kube import Kube, refusal
 
 from finetune_api.validation import ManifestError, parse_manifest
+from finetune_operator.render import render_manifests
+from finetune_operator.settings import Settings
 
 pytest_plugins = ["fixtures.operator"]
 
@@ -41,6 +45,11 @@ def _set(doc: dict[str, Any], path: str, value: Any) -> None:
 
 _DELETE = object()
 CLS = {"spec.model.task": "sequence-classification", "spec.model.numLabels": 2}
+SPREAD = {
+    "maxSkew": 1,
+    "topologyKey": "kubernetes.io/hostname",
+    "whenUnsatisfiable": "DoNotSchedule",
+}
 # id, changes (dotted path -> value), substring the error must contain
 CASES: list[tuple[str, dict[str, Any], str]] = [
     ("no-model", {"spec.model": _DELETE}, "model"),
@@ -138,6 +147,42 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("queue-name-length", {"spec.runPolicy.queueName": "q" * 64}, "queueName"),
     ("hang-timeout-min", {"spec.runPolicy.hangTimeoutSeconds": 5}, "hangTimeoutSeconds"),
     ("pending-timeout-min", {"spec.runPolicy.pendingTimeoutSeconds": 10}, "pendingTimeoutSeconds"),
+    # spec.template's pod settings: what Kubernetes would refuse on the pods, and our own keys.
+    ("cache-size-quantity", {"spec.template.cacheSize": "20 GB"}, "cacheSize"),
+    ("pull-secret-name", {"spec.template.imagePullSecrets": [{"name": "Bad_Name"}]}, "name"),
+    (
+        "pull-secrets-max",
+        {"spec.template.imagePullSecrets": [{"name": f"s{i}"} for i in range(5)]},
+        "imagePullSecrets",
+    ),
+    ("label-key-format", {"spec.template.labels": {"bad key": "v"}}, "spec.template.labels"),
+    ("label-value-format", {"spec.template.labels": {"team": "-x"}}, "spec.template.labels"),
+    (
+        "label-own-key",
+        {"spec.template.labels": {"app.kubernetes.io/managed-by": "me"}},
+        "app.kubernetes.io/managed-by",
+    ),
+    (
+        "annotation-own-key",
+        {"spec.template.annotations": {"prometheus.io/scrape": "false"}},
+        "prometheus.io/scrape",
+    ),
+    ("scheduler-name-format", {"spec.template.schedulerName": "My_Sched"}, "schedulerName"),
+    ("run-as-root", {"spec.template.securityContext": {"runAsUser": 0}}, "runAsUser"),
+    (
+        "spread-max-items",
+        {"spec.template.topologySpreadConstraints": [SPREAD] * 4},
+        "topologySpreadConstraints",
+    ),
+    (
+        "spread-min-domains",
+        {
+            "spec.template.topologySpreadConstraints": [
+                {**SPREAD, "whenUnsatisfiable": "ScheduleAnyway", "minDomains": 2}
+            ]
+        },
+        "minDomains",
+    ),
     ("name-too-long", {"metadata.name": "a" * 51}, "metadata.name"),
     ("name-with-dots", {"metadata.name": "a.b"}, "metadata.name"),
     ("unknown-field", {"spec.model.flavour": "x"}, "flavour"),
@@ -210,3 +255,40 @@ def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: s
     assert got is not None
     assert got["spec"]["runPolicy"]["suspend"] is True
     assert got["spec"]["runPolicy"]["pendingTimeoutSeconds"] == 1800
+
+
+def test_the_api_server_names_an_own_key(crd: str, kube: Kube, bad_ns: str) -> None:
+    """The CRD's messageExpression names the key, where the Python message lists the rule."""
+    doc = manifest({"spec.template.labels": {"team": "a", "finetune.dev/attempt": "1"}}, bad_ns)
+    refused = refusal(lambda: kube.create(doc), "a label of the operator's own")
+    assert refused.status == 422, refused
+    assert "labels may not set finetune.dev/attempt," in refused.message, refused.message
+
+
+POD_SETTINGS = Path(__file__).parents[1] / "unit" / "golden" / "podsettings.input.yaml"
+
+
+def test_pod_settings_are_accepted_and_render_a_job_kubernetes_accepts(
+    crd: str, kube: Kube, namespace: str
+) -> None:
+    doc = yaml.safe_load(POD_SETTINGS.read_text())
+    doc["metadata"]["namespace"] = namespace
+    created = kube.create(doc)
+    # The API server defaults as the models do, and keeps every field (no pruning).
+    ftj = parse_manifest(created)
+    assert ftj.spec == parse_manifest(doc).spec
+    bare = kube.create(manifest({"metadata.name": "bare"}, namespace))
+    assert bare["spec"]["template"]["cacheSize"] == "20Gi"
+    # The Job rendered from them passes the API server's own pod validation (a dry run: no
+    # kubelet or controller acts on it).
+    job = next(m for m in render_manifests(ftj, Settings()) if m["kind"] == "Job")
+    query = {"dryRun": "All", "fieldValidation": "Strict", "fieldManager": "controlplane-tests"}
+    accepted = kube.request("POST", kube.path("Job", namespace), job, query)
+    pod = accepted["spec"]["template"]["spec"]
+    assert (
+        pod["topologySpreadConstraints"]
+        == job["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    )
+    assert pod["securityContext"]["runAsUser"] == 1000650000
+    labels = accepted["spec"]["template"]["metadata"]["labels"]
+    assert labels["sidecar.istio.io/inject"] == "false"
