@@ -60,6 +60,9 @@ CHECKPOINT_HUB_BRANCH_ENV: Final = "FINETUNE_CHECKPOINT_HUB_BRANCH"
 METRICS_PORT_ENV: Final = "FINETUNE_METRICS_PORT"
 # Seconds the metrics servers stay up after training, so that a final scrape sees the end.
 METRICS_LINGER_ENV: Final = "FINETUNE_METRICS_LINGER_SECONDS"
+# The largest world size at which every rank exports its histograms (step and checkpoint
+# times); above it only rank 0 does, unless this is raised (spec.template.env). Default 64.
+HISTOGRAM_MAX_RANKS_ENV: Final = "FINETUNE_METRICS_HISTOGRAM_MAX_RANKS"
 # The FineTuneJob's identity, for code and shells in the pod (the trainer reads the manifest).
 JOB_NAME_ENV: Final = "FINETUNE_JOB_NAME"
 JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"

@@ -1,6 +1,23 @@
-"""The operator's own Prometheus metrics, served on their own port (default 8000)."""
+"""The operator's own Prometheus metrics, served on their own port (default 8000).
+
+Most series are operator-wide. Two families name the FineTuneJob, so that alerts can say which
+job failed, restarts or cannot start: `finetune_operator_job_status` and
+`finetune_operator_job_attempt`. They are bounded: one series each per FineTuneJob that exists
+and has not finished, or finished less than `finished_seconds` (default an hour) ago. They are
+built at scrape time from the last status each job's pass wrote, so a finished job's series
+go away on time even when no pass runs, and a restarted operator does not bring back jobs that
+finished long ago (the grace period runs from `status.completionTime`).
+"""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -10,8 +27,10 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from finetune_api.constants import Phase, Reason
+from finetune_api.constants import ConditionType, Phase, Reason
 
 FAILURE_REASONS = (
     Reason.INVALID_SPEC,
@@ -22,10 +41,109 @@ FAILURE_REASONS = (
     Reason.BACKOFF_LIMIT_EXCEEDED,
     Reason.DEADLINE_EXCEEDED,
 )
+# How long a finished FineTuneJob keeps its per-job series: long enough for a few scrapes and
+# rule evaluations to see how it ended (FineTuneJobFailed fires for this long), short enough
+# that a cluster with many finished jobs does not accumulate series.
+FINISHED_SECONDS = 3600.0
+JOB_LABELS = ("namespace", "finetunejob")
+# The condition whose reason explains each phase. Pending has no condition of its own: the
+# Running condition (False) says why the pods do not run (Unschedulable, Queued, Restarting...).
+PHASE_CONDITION = {
+    Phase.FAILED: ConditionType.FAILED,
+    Phase.SUCCEEDED: ConditionType.SUCCEEDED,
+    Phase.SUSPENDED: ConditionType.SUSPENDED,
+    Phase.RUNNING: ConditionType.RUNNING,
+    Phase.PENDING: ConditionType.RUNNING,
+}
+TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What the per-job series say about one FineTuneJob."""
+
+    phase: str
+    reason: str
+    attempt: int
+    # Unix time the job finished; None while it has not.
+    finished_at: float | None = None
+
+
+def _unix(timestamp: Any) -> float | None:
+    if not isinstance(timestamp, str) or not timestamp:
+        return None
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def job_state(status: Mapping[str, Any], before: JobState | None, now: float) -> JobState:
+    """The JobState of a status as a pass wrote it (camelCase, as the API server holds it).
+
+    A finished job's end is its completionTime, else its Failed/Succeeded condition's
+    transition, else when this operator first saw it finished.
+    """
+    phase = str(status.get("phase") or Phase.PENDING)
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+    condition = conditions.get(PHASE_CONDITION.get(phase, ""), {})
+    finished_at = None
+    if phase in TERMINAL:
+        finished_at = _unix(status.get("completionTime")) or _unix(
+            condition.get("lastTransitionTime")
+        )
+        if finished_at is None:
+            finished_at = before.finished_at if before and before.finished_at else now
+    return JobState(
+        phase=phase,
+        reason=str(condition.get("reason") or ""),
+        attempt=int(status.get("attempts") or 0),
+        finished_at=finished_at,
+    )
+
+
+class _JobSeries(Collector):
+    """Yields the per-job families from a snapshot taken at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], dict[tuple[str, str], JobState]]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Names only, so registering does not call collect().
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status, attempt = self._families()
+        for (namespace, name), state in sorted(self._snapshot().items()):
+            status.add_metric([namespace, name, state.phase, state.reason], 1)
+            attempt.add_metric([namespace, name], state.attempt)
+        yield status
+        yield attempt
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        status = GaugeMetricFamily(
+            "finetune_operator_job_status",
+            "1 for each FineTuneJob's current phase, with the reason of the condition behind "
+            "it; one series per job, kept for an hour after it finished.",
+            labels=[*JOB_LABELS, "phase", "reason"],
+        )
+        attempt = GaugeMetricFamily(
+            "finetune_operator_job_attempt",
+            "Each FineTuneJob's status.attempts: the attempt (batch Job) it is on.",
+            labels=list(JOB_LABELS),
+        )
+        return status, attempt
 
 
 class OperatorMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry = REGISTRY,
+        *,
+        finished_seconds: float = FINISHED_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry
         self.jobs = Gauge(
             "finetune_operator_jobs", "FineTuneJobs by phase.", ["phase"], registry=registry
@@ -52,8 +170,8 @@ class OperatorMetrics:
             "Gang restarts after a retryable failure or a disruption.",
             registry=registry,
         )
-        # Per reason (a closed set: the Reason constants), so alerts can tell a failed
-        # evaluation gate from a crash without a per-job label.
+        # Per reason (a closed set: the Reason constants), for rates across all jobs; the
+        # per-job series below name the jobs.
         self.jobs_failed = Counter(
             "finetune_operator_jobs_failed_total",
             "FineTuneJobs that reached Failed, by condition reason.",
@@ -76,15 +194,38 @@ class OperatorMetrics:
             buckets=(5, 10, 15, 20, 30, 45, 60, 120, 300, 600),
             registry=registry,
         )
-        self._phases: dict[tuple[str, str], str] = {}
+        self.finished_seconds = finished_seconds
+        self._clock = clock
+        # Written by reconcile passes (the event loop), read by the scrape thread.
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, str], JobState] = {}
+        registry.register(_JobSeries(self.live_jobs))
+
+    def observe_job(self, key: tuple[str, str], status: Mapping[str, Any] | None) -> None:
+        """Record the status a pass wrote for FineTuneJob `key` (namespace, name); None: the
+        job is gone. Feeds the per-phase counts and the per-job series."""
+        with self._lock:
+            if status is None:
+                self._states.pop(key, None)
+            else:
+                self._states[key] = job_state(status, self._states.get(key), self._clock())
+            phases = Tally(s.phase for s in self._states.values())
+        for p in Phase:
+            self.jobs.labels(phase=str(p)).set(phases[p])
 
     def observe_phase(self, key: tuple[str, str], phase: str | None) -> None:
-        if phase is None:
-            self._phases.pop(key, None)
-        else:
-            self._phases[key] = phase
-        for p in Phase:
-            self.jobs.labels(phase=str(p)).set(sum(1 for v in self._phases.values() if v == p))
+        """observe_job for a caller that knows only the phase (None: the job is gone)."""
+        self.observe_job(key, None if phase is None else {"phase": phase})
+
+    def live_jobs(self) -> dict[tuple[str, str], JobState]:
+        """The jobs that have per-job series now: unfinished, or finished within the grace."""
+        horizon = self._clock() - self.finished_seconds
+        with self._lock:
+            return {
+                key: state
+                for key, state in self._states.items()
+                if state.finished_at is None or state.finished_at > horizon
+            }
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

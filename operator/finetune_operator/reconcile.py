@@ -281,7 +281,7 @@ class Reconciler:
         key = (meta["namespace"], meta["name"])
         if status != previous:
             await self.kube.patch_status(meta["namespace"], meta["name"], status)
-        self.metrics.observe_phase(key, status.get("phase"))
+        self.metrics.observe_job(key, status)
         if status.get("phase") == Phase.RUNNING and previous.get("phase") != Phase.RUNNING:
             created = meta.get("creationTimestamp")
             if created:

@@ -130,8 +130,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def substitute(expr: str, range_s: int) -> str:
-    """Grafana's variables as the live test evaluates them: all namespaces, jobs and ranks."""
+    """Grafana's variables as the live test evaluates them: all clusters, namespaces, jobs,
+    attempts and ranks."""
     values = {
+        # All, as Grafana sends it (allValue): series without the label match too.
+        "cluster": ".*",
+        "attempt": ".*",
         "namespace": ".*",
         "finetunejob": ".+",
         "rank": ".+",
@@ -184,17 +188,37 @@ def relabelings_to_config(relabelings: list[dict[str, Any]]) -> list[dict[str, A
     return [{_snake(k): v for k, v in r.items()} for r in relabelings or []]
 
 
+def _job_relabeling(monitor: dict[str, Any]) -> dict[str, Any]:
+    """How the Prometheus Operator sets `job` when a monitor has no jobLabel: a
+    ServiceMonitor's targets get the Service's name, a PodMonitor's `<namespace>/<name>`."""
+    assert not monitor["spec"].get("jobLabel"), "jobLabel is not emulated"
+    if monitor["kind"] == "ServiceMonitor":
+        return {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"}
+    meta = monitor["metadata"]
+    return {"target_label": "job", "replacement": f"{meta['namespace']}/{meta['name']}"}
+
+
 def scrape_job_from_monitor(
-    monitor: dict[str, Any], targets: list[str], interval: str
+    monitor: dict[str, Any],
+    targets: list[str],
+    interval: str,
+    discovered: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The scrape job the Prometheus Operator generates for the first endpoint of a PodMonitor
-    or ServiceMonitor, with static targets instead of Kubernetes service discovery (the
-    `__meta_kubernetes_*` labels its relabelings read are then absent, so they add nothing)."""
+    or ServiceMonitor, with static targets instead of Kubernetes service discovery.
+
+    `discovered` stands in for the `__meta_kubernetes_*` labels service discovery would give
+    the targets (e.g. the Service's name, the pods' labels), so that the job label and the
+    monitor's own relabelings work on them as they would in a cluster.
+    """
     kind = monitor["kind"]
     spec = monitor["spec"]
     endpoint = (spec.get("podMetricsEndpoints") or spec.get("endpoints"))[0]
     prefix = "podMonitor" if kind == "PodMonitor" else "serviceMonitor"
     meta = monitor["metadata"]
+    static: dict[str, Any] = {"targets": targets}
+    if discovered:
+        static["labels"] = dict(discovered)
     return {
         "job_name": f"{prefix}/{meta['namespace']}/{meta['name']}/0",
         "metrics_path": endpoint.get("path", "/metrics"),
@@ -202,8 +226,11 @@ def scrape_job_from_monitor(
         "honor_labels": bool(endpoint.get("honorLabels", False)),
         "scrape_interval": interval,
         "scrape_timeout": interval,
-        "static_configs": [{"targets": targets}],
-        "relabel_configs": relabelings_to_config(endpoint.get("relabelings")),
+        "static_configs": [static],
+        "relabel_configs": [
+            _job_relabeling(monitor),
+            *relabelings_to_config(endpoint.get("relabelings")),
+        ],
     }
 
 

@@ -49,6 +49,8 @@ def test_the_expected_alerts_exist() -> None:
         "FineTuneJobLossRising",
         "FineTuneJobEvaluationGateFailed",
         "FineTuneJobRestartedRepeatedly",
+        "FineTuneJobStuckPending",
+        "FineTuneOperatorDown",
         "FineTuneOperatorReconcileErrors",
     }
     assert len(ALERTS) == len(set(ALERTS)), "duplicate alert names"
@@ -84,23 +86,59 @@ def test_trainer_reports_the_status_the_stall_alert_reads() -> None:
     assert f'set_status("{status}")' in train
 
 
-def _render_rule(helm: str, stalled_minutes: int) -> dict:
+def _render(helm: str, **rule_values: object) -> list[dict]:
     values = {
         "monitoring": {
             "prometheusRule": {
                 "enabled": True,
-                "stalledMinutes": stalled_minutes,
                 "labels": {"release": "kube-prometheus"},
+                **rule_values,
             }
-        }
+        },
+        "metrics": {"service": {"enabled": True}},
     }
-    docs = helm_template(helm, values, ["prometheusrule.yaml"])
+    return helm_template(helm, values, ["prometheusrule.yaml", "service.yaml"])
+
+
+def _render_rule(helm: str, **rule_values: object) -> dict:
+    docs = [d for d in _render(helm, **rule_values) if d["kind"] == "PrometheusRule"]
     assert len(docs) == 1
     return docs[0]
 
 
+def _alert(groups: dict, name: str) -> dict:
+    return next(r for r in alert_rules(groups) if r["alert"] == name)
+
+
+# Alerts whose rendering the per-job and operator-wide tests below need to tell apart.
+JOB_ALERTS = [
+    "FineTuneJobFailed",
+    "FineTuneJobEvaluationGateFailed",
+    "FineTuneJobRestartedRepeatedly",
+    "FineTuneJobStuckPending",
+]
+
+
+@pytest.mark.parametrize("alert", JOB_ALERTS)
+def test_job_alerts_name_the_job(alert: str) -> None:
+    """Each per-job alert aggregates to (namespace, finetunejob), from the operator's per-job
+    series, and its summary names the job."""
+    rule = _alert(load_rules(), alert)
+    (by,) = re.findall(r"by \(([^)]*)\)", rule["expr"])
+    assert {"namespace", "finetunejob"} <= {x.strip() for x in by.split(",")}
+    assert re.search(r"finetune_operator_job_(status|attempt)\b", rule["expr"])
+    assert "{{ $labels.namespace }}/{{ $labels.finetunejob }}" in rule["annotations"]["summary"]
+
+
 def test_rendered_prometheusrule_passes_promtool(helm: str, promtool: str, tmp_path: Path) -> None:
-    rule = _render_rule(helm, stalled_minutes=25)
+    base = "https://runbooks.example.com/finetune/"
+    rule = _render_rule(
+        helm,
+        stalledMinutes=25,
+        pendingMinutes=7,
+        operatorJob="platform/finetune-operator",
+        runbookBaseURL=base,
+    )
     assert rule["kind"] == "PrometheusRule"
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus"
@@ -108,22 +146,64 @@ def test_rendered_prometheusrule_passes_promtool(helm: str, promtool: str, tmp_p
     spec_file.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
     out = run([promtool, "check", "rules", str(spec_file)])
     assert f"SUCCESS: {len(ALERTS)} rules found" in out
-    # The spec is the rule file, with only the stall threshold changed.
+    # The spec is the rule file with only the configurable parts changed: undo each change
+    # and the file is what remains.
     source = load_rules()
     rendered = rule["spec"]
-    stalled = next(r for r in alert_rules(rendered) if r["alert"] == "FineTuneJobStalled")
+    stalled = _alert(rendered, "FineTuneJobStalled")
     assert "> 25 * 60" in stalled["expr"] and "10 * 60" not in stalled["expr"]
     stalled["expr"] = stalled["expr"].replace("25 * 60", "10 * 60")
+    pending = _alert(rendered, "FineTuneJobStuckPending")
+    assert pending["for"] == "7m"
+    pending["for"] = "15m"
+    down = _alert(rendered, "FineTuneOperatorDown")
+    assert 'up{job="platform/finetune-operator"} == 1' in down["expr"]
+    down["expr"] = down["expr"].replace("platform/finetune-operator", "finetune-operator-metrics")
+    for alert in alert_rules(rendered):
+        assert alert["annotations"]["runbook_url"] == base + alert["alert"].lower()
+        alert["annotations"]["runbook_url"] = RUNBOOK_BASE + alert["alert"].lower()
     assert rendered == source
     # Annotation templates reach Prometheus untouched by helm.
     assert "{{ $labels.finetunejob }}" in yaml.safe_dump(rendered)
+    assert "| query }}" in _alert(rendered, "FineTuneJobStuckPending")["annotations"]["description"]
 
 
-def test_rendered_prometheusrule_default_threshold_matches_values(helm: str) -> None:
+def test_rendered_prometheusrule_defaults_match_values_and_the_file(helm: str) -> None:
     values = yaml.safe_load((RULES_FILE.parents[1] / "values.yaml").read_text())
-    default = values["monitoring"]["prometheusRule"]["stalledMinutes"]
-    rendered = _render_rule(helm, stalled_minutes=default)["spec"]
-    stalled = next(r for r in alert_rules(rendered) if r["alert"] == "FineTuneJobStalled")
-    assert f"> {default} * 60" in stalled["expr"]
-    # The unit tests run the file as is: its threshold is the chart's default.
-    assert "> 10 * 60" in RULES_FILE.read_text() and default == 10
+    defaults = values["monitoring"]["prometheusRule"]
+    docs = _render(helm)
+    rendered = next(d for d in docs if d["kind"] == "PrometheusRule")["spec"]
+    stalled = _alert(rendered, "FineTuneJobStalled")
+    assert f"> {defaults['stalledMinutes']} * 60" in stalled["expr"]
+    assert _alert(rendered, "FineTuneJobStuckPending")["for"] == f"{defaults['pendingMinutes']}m"
+    # The unit tests run the file as is: its thresholds are the chart's defaults.
+    source = load_rules()
+    assert "> 10 * 60" in _alert(source, "FineTuneJobStalled")["expr"]
+    assert defaults["stalledMinutes"] == 10
+    assert _alert(source, "FineTuneJobStuckPending")["for"] == f"{defaults['pendingMinutes']}m"
+    # With no operatorJob, the down alert watches the job the ServiceMonitor's targets get:
+    # the Prometheus Operator names it after the Service it scrapes.
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    name = service["metadata"]["name"]
+    assert f'up{{job="{name}"}} == 1' in _alert(rendered, "FineTuneOperatorDown")["expr"]
+    # <release>-finetune-operator-metrics; a release named finetune-operator is the fullname
+    # alone, which gives the file's own job name.
+    assert name == "obs-finetune-operator-metrics"
+    assert 'job="finetune-operator-metrics"' in _alert(source, "FineTuneOperatorDown")["expr"]
+    # No runbookBaseURL: the project's docs, as in the file.
+    assert defaults["runbookBaseURL"] == ""
+    for alert in alert_rules(rendered):
+        assert alert["annotations"]["runbook_url"] == RUNBOOK_BASE + alert["alert"].lower()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("runbookBaseURL", "ftp://example.com/"),
+        ("operatorJob", 'evil"} or vector(1)'),
+        ("pendingMinutes", 0),
+    ],
+)
+def test_values_schema_refuses_bad_rule_settings(helm: str, key: str, value: object) -> None:
+    with pytest.raises(AssertionError, match=key):
+        _render(helm, **{key: value})

@@ -67,12 +67,42 @@ def test_identity_and_datasource_variable() -> None:
     variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
-    for name in ("namespace", "finetunejob", "rank"):
+    for name in ("cluster", "namespace", "finetunejob", "attempt", "rank"):
         var = variables[name]
-        assert var["type"] == "query" and var["includeAll"] and var["multi"]
+        assert var["type"] == "query" and var["includeAll"]
+        # All matches series that lack the label too (a single cluster has no `cluster`).
+        assert var["allValue"] == ".*"
         assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         # A plain string: every Grafana version reads it (10+ converts it on first edit).
         assert var["query"] == var["definition"] and var["query"].startswith("label_values(")
+        # One cluster at a time (or All); any number of the others.
+        assert var["multi"] is (name != "cluster")
+
+
+def test_variables_cascade_in_order() -> None:
+    """Each variable's query narrows by the variables before it, and only by those."""
+    order = [v["name"] for v in DASHBOARD["templating"]["list"]]
+    assert order == ["datasource", "cluster", "namespace", "finetunejob", "attempt", "rank"]
+    queries = variable_queries(DASHBOARD)
+    for i, name in enumerate(order[1:], start=1):
+        used = set(re.findall(r"\$\{?(\w+)", queries[name]))
+        assert used == set(order[1:i]), name
+
+
+SELECTOR = re.compile(r"\b(finetune_[a-z0-9_]+|process_start_time_seconds)\b(\{[^}]*\})?")
+
+
+def test_every_selector_filters_by_cluster_and_trainer_series_by_attempt() -> None:
+    """`cluster` narrows every series of every query; `attempt` every trainer series (the
+    operator's carry no attempt: they outlive a gang)."""
+    for panel, target in dashboard_targets(DASHBOARD):
+        for name, selector in SELECTOR.findall(target["expr"]):
+            where = (panel["title"], name)
+            assert 'cluster=~"$cluster"' in selector, where
+            trainer = not name.startswith(("finetune_operator_", "process_"))
+            assert ('attempt=~"$attempt"' in selector) is trainer, where
+            if trainer:
+                assert 'finetunejob=~"$finetunejob"' in selector, where
 
 
 def test_every_panel_uses_the_datasource_variable() -> None:
@@ -121,9 +151,9 @@ def test_the_issue_panels_exist() -> None:
         "finetune_train_learning_rate",
         "finetune_train_tokens_per_second",
         "rate(finetune_train_tokens_total",
-        "histogram_quantile(0.5, sum by (namespace, finetunejob, le) "
+        "histogram_quantile(0.5, sum by (cluster, namespace, finetunejob, le) "
         "(rate(finetune_train_step_duration_seconds_bucket",
-        "histogram_quantile(0.99, sum by (namespace, finetunejob, le) "
+        "histogram_quantile(0.99, sum by (cluster, namespace, finetunejob, le) "
         "(rate(finetune_train_step_duration_seconds_bucket",
         'stage="before"',
         'stage="after"',
@@ -134,6 +164,9 @@ def test_the_issue_panels_exist() -> None:
         "(rate(finetune_operator_reconcile_duration_seconds_bucket",
         "rate(finetune_operator_reconcile_errors_total",
         "finetune_operator_job_restarts_total",
+        # the per-job table: phase, reason and attempt of each job
+        "max by (cluster, namespace, finetunejob, phase, reason) (finetune_operator_job_status{",
+        "max by (cluster, namespace, finetunejob) (finetune_operator_job_attempt{",
     ]:
         assert needle in exprs, needle
 
@@ -186,3 +219,24 @@ def test_startup_breakdown_follows_the_trainer_phase_order() -> None:
         assert chain[-1] == earlier, f"segments do not chain: {chain} then {earlier}->{later}"
         chain.append(later)
     assert chain == ["process_start", *trainer_order]
+
+
+def test_per_job_aggregations_keep_jobs_of_different_clusters_apart() -> None:
+    """With cluster All, two clusters' jobs of the same namespace and name stay two series."""
+    for panel, target in dashboard_targets(DASHBOARD):
+        for by in re.findall(r"by \(([^)]*)\)", target["expr"]):
+            labels = {x.strip() for x in by.split(",")}
+            if "finetunejob" in labels:
+                assert "cluster" in labels, (panel["title"], by)
+
+
+def test_job_table_joins_status_and_attempt_per_job() -> None:
+    (table,) = [p for p in panels(DASHBOARD) if p["type"] == "table"]
+    assert [t["format"] for t in table["targets"]] == ["table", "table"]
+    assert all(t["instant"] and not t["range"] for t in table["targets"])
+    assert [t["id"] for t in table["transformations"]] == ["merge", "organize"]
+    # The columns are the labels the alerts that name a job use.
+    status = table["targets"][0]["expr"]
+    assert "finetune_operator_job_status" in status
+    for label in ("namespace", "finetunejob", "phase", "reason"):
+        assert label in status.split("(")[1], label

@@ -5,9 +5,12 @@ the chart's alert rules loaded. Every query of the dashboard must return data, t
 sampled once per scrape with the expected labels, no alert may fire on the healthy run, and
 the main panels are drawn to test-results/dashboards/*.png for a person to look at.
 
-The operator's metrics object is driven the way reconcile.py drives it (phases, attempts, the
-time to Running, and reconcile passes timed around the operator's real render functions); a
-real operator needs a cluster, which tests/controlplane has.
+The operator's metrics object is driven the way reconcile.py drives it (each pass's status,
+attempts, the time to Running, and reconcile passes timed around the operator's real render
+functions); a real operator needs a cluster, which tests/controlplane has. The rules are the
+PrometheusRule that helm renders, and the targets get the job label and the pod labels that the
+Prometheus Operator and Kubernetes service discovery would give them, so that the chart's alerts
+meet the labels they would meet in a cluster.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 from obs_helpers import (
     RESULTS_DIR,
-    RULES_FILE,
     Prometheus,
     alert_rules,
     chart_values,
@@ -44,6 +47,7 @@ from obs_helpers import (
 from prometheus_client import CollectorRegistry, start_http_server
 from real_training import RealRun
 
+from finetune_api.constants import LABEL_ATTEMPT
 from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
 
 pytestmark = pytest.mark.observability
@@ -75,6 +79,8 @@ class Live:
     run: RealRun
     training_started: float  # unix time of the first step
     training_ended: float  # unix time of the last step
+    trainer_job: str  # the job label of the trainer targets
+    operator_job: str  # the job label of the operator's target
 
     @property
     def range_s(self) -> int:
@@ -82,16 +88,37 @@ class Live:
         return max(int(self.end - self.start) + 3, 10)
 
 
-def _monitors() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The chart's PodMonitor and ServiceMonitor, as `helm template` renders them."""
+# The pod label the PodMonitor's attempt relabeling reads, as service discovery names it.
+ATTEMPT_META = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", LABEL_ATTEMPT)
+OTHER_JOB = "restarted-once"
+
+
+def _chart_objects() -> dict[str, dict[str, Any]]:
+    """The chart's PodMonitor, ServiceMonitor, metrics Service and PrometheusRule, as
+    `helm template` renders them with monitoring on."""
     values = chart_values()
-    for key in ("podMonitor", "serviceMonitor"):
+    for key in ("podMonitor", "serviceMonitor", "prometheusRule"):
         values["monitoring"][key]["enabled"] = True
     helm = helm_binary()
     assert helm, "no helm: neither $HELM, helm on PATH, nor hack/helm.sh (make prereqs)"
-    docs = helm_template(helm, values, ["podmonitor.yaml", "servicemonitor.yaml"])
-    by_kind = {d["kind"]: d for d in docs}
-    return by_kind["PodMonitor"], by_kind["ServiceMonitor"]
+    templates = ["podmonitor.yaml", "servicemonitor.yaml", "service.yaml", "prometheusrule.yaml"]
+    return {d["kind"]: d for d in helm_template(helm, values, templates)}
+
+
+def job_status(phase: str, reason: str, attempts: int) -> dict[str, Any]:
+    """A status as the operator writes it: the phase, the condition behind it, the attempts."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    running = phase == "Running"
+    conditions = [
+        {"type": "Running", "status": str(running), "reason": reason, "lastTransitionTime": now}
+    ]
+    status: dict[str, Any] = {"phase": phase, "attempts": attempts, "conditions": conditions}
+    if phase in ("Succeeded", "Failed"):
+        conditions.append(
+            {"type": phase, "status": "True", "reason": reason, "lastTransitionTime": now}
+        )
+        status["completionTime"] = now
+    return status
 
 
 class OperatorDriver(threading.Thread):
@@ -120,8 +147,8 @@ class OperatorDriver(threading.Thread):
         manifest = load_manifest(sorted(examples.glob("*.yaml"))[0])
         m = self.metrics
         created = time.monotonic()
-        key, other = (self.namespace, self.job), (self.namespace, "restarted-once")
-        m.observe_phase(other, "Running")
+        key, other = (self.namespace, self.job), (self.namespace, OTHER_JOB)
+        m.observe_job(other, job_status("Running", "PodsRunning", 1))
         m.job_attempts.inc()  # our job's first attempt
         running = restarted = failed = False
         while not self.stop_event.is_set():
@@ -133,15 +160,20 @@ class OperatorDriver(threading.Thread):
                 restarted = True  # the other job's gang fails once and is re-created ...
                 m.job_attempts.inc()
                 m.restarts.inc()
+                m.observe_job(other, job_status("Pending", "Restarting", 2))
             if restarted and not failed and step >= 0.6 * total:
                 failed = True  # ... then runs out of restarts
                 m.jobs_failed.labels(reason="BackoffLimitExceeded").inc()
-                m.observe_phase(other, "Failed")
+                m.observe_job(other, job_status("Failed", "BackoffLimitExceeded", 2))
             if not running and step:
                 running = True
                 m.time_to_running.observe(time.monotonic() - created)
-            phase = "Succeeded" if self.run_.finished() else "Running" if running else "Pending"
-            m.observe_phase(key, phase)
+            if self.run_.finished():
+                m.observe_job(key, job_status("Succeeded", "PushedToHub", 1))
+            elif running:
+                m.observe_job(key, job_status("Running", "PodsRunning", 1))
+            else:
+                m.observe_job(key, job_status("Pending", "PodsPending", 1))
             m.reconcile_duration.observe(time.perf_counter() - started)
             self.stop_event.wait(0.5)
 
@@ -174,7 +206,11 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     op_server, _ = start_http_server(0, addr="127.0.0.1", registry=operator.registry)
     trainer_targets = run.targets
 
-    pod_monitor, service_monitor = _monitors()
+    chart = _chart_objects()
+    rules_file = workdir / "prometheusrule-spec.yaml"
+    rules_file.write_text(yaml.safe_dump(chart["PrometheusRule"]["spec"], sort_keys=False))
+    pod_monitor = chart["PodMonitor"]
+    trainer_job = f"{pod_monitor['metadata']['namespace']}/{pod_monitor['metadata']['name']}"
     interval = f"{SCRAPE_INTERVAL_S}s"
     config = {
         "global": {
@@ -182,11 +218,15 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "scrape_timeout": interval,
             "evaluation_interval": interval,
         },
-        "rule_files": [str(RULES_FILE)],
+        "rule_files": [str(rules_file)],
         "scrape_configs": [
-            scrape_job_from_monitor(pod_monitor, trainer_targets, interval),
+            # Both pods run the gang's first attempt.
+            scrape_job_from_monitor(pod_monitor, trainer_targets, interval, {ATTEMPT_META: "1"}),
             scrape_job_from_monitor(
-                service_monitor, [f"127.0.0.1:{op_server.server_port}"], interval
+                chart["ServiceMonitor"],
+                [f"127.0.0.1:{op_server.server_port}"],
+                interval,
+                {"__meta_kubernetes_service_name": chart["Service"]["metadata"]["name"]},
             ),
         ],
     }
@@ -220,6 +260,8 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             run,
             training_started,
             training_ended,
+            trainer_job,
+            chart["Service"]["metadata"]["name"],
         )
     finally:
         run.kill()
@@ -241,7 +283,14 @@ def test_training_learned_something(live: Live) -> None:
 def test_template_variable_lists_the_run(live: Live, name: str) -> None:
     label, selector = grafana_label_values(variable_queries(DASHBOARD)[name])
     values = live.prom.label_values(label, substitute(selector, live.range_s))
-    expected = {"namespace": {live.namespace}, "finetunejob": {live.job}, "rank": {"0", "1"}}
+    expected = {
+        # No cluster label here: the variable is then empty (All), and must filter nothing out.
+        "cluster": set(),
+        "namespace": {live.namespace},
+        "finetunejob": {live.job},
+        "attempt": {"1"},
+        "rank": {"0", "1"},
+    }
     assert expected[name] <= set(values)
 
 
@@ -271,7 +320,8 @@ def test_loss_sampled_once_per_scrape_with_the_expected_labels(live: Live) -> No
     for s in series:
         labels = s["metric"]
         assert labels["finetunejob"] == live.job and labels["namespace"] == ns
-        assert labels["job"].startswith("podMonitor/")
+        assert labels["job"] == live.trainer_job
+        assert labels["attempt"] == "1"  # the PodMonitor's relabeling of the pod label
         assert labels["instance"] in live.trainer_targets
         loss_count = live.prom.instant(
             f'count_over_time(finetune_train_loss{{namespace="{ns}", rank="{labels["rank"]}"}}'
@@ -303,12 +353,17 @@ def test_alert_rules_load_and_stay_silent(live: Live) -> None:
     assert set(loaded) == {r["alert"] for r in alert_rules()}
     for name, rule in loaded.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
-    # The healthy job raises nothing; the other job's failure (a reason series born at 1)
-    # raises exactly FineTuneJobFailed.
+    # The healthy job raises nothing, the operator is up (the down alert's job label is the
+    # one the ServiceMonitor's targets get); the other job's failure raises exactly
+    # FineTuneJobFailed, naming it.
     alerts = live.prom.api("alerts")["alerts"]
-    assert [(a["labels"]["alertname"], a["labels"].get("reason"), a["state"]) for a in alerts] == [
-        ("FineTuneJobFailed", "BackoffLimitExceeded", "firing")
-    ], alerts
+    keys = ("alertname", "namespace", "finetunejob", "reason")
+    seen = [(*(a["labels"].get(k) for k in keys), a["state"]) for a in alerts]
+    failed = ("FineTuneJobFailed", live.namespace, OTHER_JOB, "BackoffLimitExceeded", "firing")
+    assert seen == [failed], alerts
+    down = loaded["FineTuneOperatorDown"]["query"]
+    assert f'job="{live.operator_job}"' in down
+    assert live.prom.instant(down, at=live.end) == []
     # The stall alert's joins (status, up) match real target labels: while training, its
     # condition without the threshold yields the job; once training ended, nothing.
     stalled = next(r for r in alert_rules() if r["alert"] == "FineTuneJobStalled")
@@ -398,3 +453,39 @@ def test_render_dashboard_panels_to_png(live: Live) -> None:
     written.append(overview)
     for path in written:
         assert path.stat().st_size > 5_000, path
+
+
+def test_attempt_variable_selects_the_attempt_the_pods_belong_to(live: Live) -> None:
+    loss = next(p for p in panels(DASHBOARD) if p["title"] == "Training loss")
+    (target,) = loss["targets"]
+
+    def ranks(attempt: str) -> set[str]:
+        expr = substitute(target["expr"].replace("$attempt", attempt), live.range_s)
+        return {s["metric"]["rank"] for s in live.prom.instant(expr, at=live.end)}
+
+    assert ranks("1") == {"0", "1"}
+    assert ranks("2") == set()
+
+
+def test_job_table_names_each_job_with_phase_reason_and_attempt(live: Live) -> None:
+    table = next(p for p in panels(DASHBOARD) if p["type"] == "table")
+    status_expr, attempt_expr = (substitute(t["expr"], live.range_s) for t in table["targets"])
+
+    def rows() -> set[tuple[str, str, str]]:
+        result = live.prom.instant(status_expr)
+        return {
+            (r["metric"]["finetunejob"], r["metric"]["phase"], r["metric"]["reason"])
+            for r in result
+            if r["metric"]["namespace"] == live.namespace
+        }
+
+    # The driver marks the run Succeeded once its processes have exited.
+    wait_until(lambda: (live.job, "Succeeded", "PushedToHub") in rows(), 30, "Succeeded row")
+    assert rows() == {
+        (live.job, "Succeeded", "PushedToHub"),
+        (OTHER_JOB, "Failed", "BackoffLimitExceeded"),
+    }
+    attempts = {
+        r["metric"]["finetunejob"]: float(r["value"][1]) for r in live.prom.instant(attempt_expr)
+    }
+    assert attempts == {live.job: 1.0, OTHER_JOB: 2.0}

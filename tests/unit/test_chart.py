@@ -406,7 +406,10 @@ def test_monitoring_values_contract() -> None:
     assert values["monitoring"] == {
         "serviceMonitor": {"enabled": False, "interval": "30s", "labels": {}},
         "podMonitor": {"enabled": False, "interval": "15s", "labels": {}, "processesPerNode": 8},
-        "prometheusRule": {"enabled": False, "labels": {}, "stalledMinutes": 10},
+        "prometheusRule": {
+            "enabled": False, "labels": {}, "stalledMinutes": 10, "pendingMinutes": 15,
+            "operatorJob": "", "runbookBaseURL": "",
+        },
         "dashboards": {
             "enabled": True, "label": "grafana_dashboard", "labelValue": "1", "namespace": "",
         },

@@ -9,7 +9,15 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_trainer.telemetry import STARTUP_PHASES, TrainerMetrics, flops_per_token
+from finetune_api.pod import HISTOGRAM_MAX_RANKS_ENV
+from finetune_trainer.telemetry import (
+    CHECKPOINT_BUCKETS,
+    HISTOGRAM_MAX_RANKS,
+    STARTUP_PHASES,
+    STEP_DURATION_BUCKETS,
+    TrainerMetrics,
+    flops_per_token,
+)
 
 LABELS = {"finetunejob": "tiny-lora", "namespace": "ml"}
 
@@ -159,3 +167,76 @@ def test_flops_per_token() -> None:
     assert flops_per_token(100, 0, n_layers=2, seq_length=8, d_model=4) == 400 + 12 * 2 * 8 * 4
     with pytest.raises(ValueError):
         flops_per_token(10, 11)
+
+
+def step_and_checkpoint(metrics: TrainerMetrics) -> TrainerMetrics:
+    metrics.record_step(1, 0.1, 2.0, 1e-4, 0.5, tokens=64, samples=1, duration_s=0.2, total_steps=9)
+    metrics.record_checkpoint(0.5)
+    return metrics
+
+
+def series_count(metrics: TrainerMetrics) -> int:
+    """Series the rank's `finetune_*` families expose after a step and a checkpoint."""
+    step_and_checkpoint(metrics)
+    return sum(
+        len(family.samples)
+        for family in metrics.registry.collect()
+        if family.name.startswith("finetune_")
+    )
+
+
+def sample_names(metrics: TrainerMetrics) -> set[str]:
+    """Sample names the rank exposes after a step and a checkpoint."""
+    step_and_checkpoint(metrics)
+    return {s.name for family in metrics.registry.collect() for s in family.samples}
+
+
+HISTOGRAM_SAMPLES = {
+    "finetune_train_step_duration_seconds_count",
+    "finetune_checkpoint_save_duration_seconds_count",
+}
+
+
+def test_per_rank_histograms_only_up_to_the_rank_limit() -> None:
+    small = TrainerMetrics("j", "ns", 7, process_metrics=False, world_size=64)
+    large_rank0 = TrainerMetrics("j", "ns", 0, process_metrics=False, world_size=2048)
+    large_rank7 = TrainerMetrics("j", "ns", 7, process_metrics=False, world_size=2048)
+    assert sample_names(small) >= HISTOGRAM_SAMPLES
+    assert sample_names(large_rank0) >= HISTOGRAM_SAMPLES
+    assert not HISTOGRAM_SAMPLES & sample_names(large_rank7)
+    assert large_rank7.histograms is False
+    # Everything else is still exported by every rank.
+    assert "finetune_train_loss" in sample_names(large_rank7)
+    assert "finetune_checkpoint_last_timestamp_seconds" in sample_names(large_rank7)
+
+
+def test_a_256x8_gang_exports_far_fewer_series() -> None:
+    world = 256 * 8
+    per_rank = series_count(TrainerMetrics("j", "ns", 1, process_metrics=False, world_size=8))
+    without = series_count(TrainerMetrics("j", "ns", 1, process_metrics=False, world_size=world))
+    rank0 = series_count(TrainerMetrics("j", "ns", 0, process_metrics=False, world_size=world))
+    assert rank0 == per_rank
+    all_ranks_histograms = world * per_rank
+    opt_in_default = rank0 + (world - 1) * without
+    # The histograms are most of a rank's series: 36 of them with today's buckets.
+    histogram_series = per_rank - without
+    assert histogram_series >= len(STEP_DURATION_BUCKETS) + len(CHECKPOINT_BUCKETS) + 4
+    assert all_ranks_histograms > 80_000
+    assert all_ranks_histograms - opt_in_default == (world - 1) * histogram_series
+    assert opt_in_default < all_ranks_histograms / 2
+
+
+def test_rank_limit_and_world_size_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2048")
+    assert TrainerMetrics("j", "ns", 3, process_metrics=False).histograms is False
+    monkeypatch.setenv(HISTOGRAM_MAX_RANKS_ENV, "4096")  # opted in
+    assert TrainerMetrics("j", "ns", 3, process_metrics=False).histograms is True
+    monkeypatch.setenv(HISTOGRAM_MAX_RANKS_ENV, "0")  # rank 0 only, whatever the size
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert TrainerMetrics("j", "ns", 1, process_metrics=False).histograms is False
+    assert TrainerMetrics("j", "ns", 0, process_metrics=False).histograms is True
+    # A typo shapes metrics only: it falls back to the default instead of failing the run.
+    monkeypatch.setenv(HISTOGRAM_MAX_RANKS_ENV, "lots")
+    assert TrainerMetrics("j", "ns", 1, process_metrics=False).histograms is True
+    monkeypatch.setenv("WORLD_SIZE", str(HISTOGRAM_MAX_RANKS + 1))
+    assert TrainerMetrics("j", "ns", 1, process_metrics=False).histograms is False

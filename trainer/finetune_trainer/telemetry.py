@@ -9,11 +9,18 @@ remote-written; in-cluster it matches the target label, so the rename is harmles
 
 Each `TrainerMetrics` owns its `CollectorRegistry` (not prometheus_client's global one), so a
 process (or a test) can hold several. The catalogue is in docs/metrics.md.
+
+Histograms cost a series per bucket, so per-rank histograms are opt-in above a rank count: a
+gang of up to `FINETUNE_METRICS_HISTOGRAM_MAX_RANKS` ranks (default 64) exports them from every
+rank, a larger one from rank 0 only. A 256 x 8 gang would otherwise export about 74k histogram
+series; the ranks of a gang step in lockstep, so rank 0's step times stand for the gang's.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -30,10 +37,13 @@ from prometheus_client import (
     start_http_server,
 )
 
-from finetune_api.pod import RESUMED_FROM_STEP_GAUGE
+from finetune_api.pod import HISTOGRAM_MAX_RANKS_ENV, RESUMED_FROM_STEP_GAUGE
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_BUCKETS",
+    "HISTOGRAM_MAX_RANKS",
     "STARTUP_PHASES",
     "STEP_DURATION_BUCKETS",
     "TrainerMetrics",
@@ -53,6 +63,25 @@ CHECKPOINT_BUCKETS = (
 # tokens_per_second averages over this many recent steps: one step is noisy (data loading,
 # checkpoint saves), an all-time mean hides slow-downs.
 THROUGHPUT_WINDOW = 20
+# Every rank of a gang up to this size exports histograms (8 nodes of 8 accelerators: about 2k
+# series); above it only rank 0 does, unless HISTOGRAM_MAX_RANKS_ENV says more.
+HISTOGRAM_MAX_RANKS = 64
+
+
+def exports_histograms(rank: int, world_size: int, max_ranks: int) -> bool:
+    """Whether this rank exports the step and checkpoint histograms: rank 0 always does."""
+    return rank == 0 or world_size <= max_ranks
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer from the environment; a bad value warns and falls back rather than fail the
+    run, since it only shapes metrics."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        log.warning("%s=%r is not an integer; using %d", name, raw, default)
+        return default
 
 
 def flops_per_token(
@@ -100,7 +129,16 @@ class TrainerMetrics:
         registry: CollectorRegistry | None = None,
         *,
         process_metrics: bool = True,
+        world_size: int | None = None,
+        histogram_max_ranks: int | None = None,
     ) -> None:
+        """world_size and histogram_max_ranks default to $WORLD_SIZE (else 1) and
+        $FINETUNE_METRICS_HISTOGRAM_MAX_RANKS (else HISTOGRAM_MAX_RANKS)."""
+        if world_size is None:
+            world_size = _env_int("WORLD_SIZE", 1)
+        if histogram_max_ranks is None:
+            histogram_max_ranks = _env_int(HISTOGRAM_MAX_RANKS_ENV, HISTOGRAM_MAX_RANKS)
+        self.histograms = exports_histograms(rank, world_size, histogram_max_ranks)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.labels: dict[str, str] = {
             "finetunejob": job_name,
@@ -136,13 +174,24 @@ class TrainerMetrics:
             "finetune_train_tokens_per_second",
             f"Training tokens per second of this rank over the last {THROUGHPUT_WINDOW} steps.",
         )
-        self._step_duration = Histogram(
-            "finetune_train_step_duration_seconds",
-            "Wall time of one optimizer step (all micro-batches), in seconds.",
-            LABELS,
-            registry=r,
-            buckets=STEP_DURATION_BUCKETS,
-        )
+        # None on the ranks that export no histograms (see exports_histograms).
+        self._step_duration: Histogram | None = None
+        self._ckpt_duration: Histogram | None = None
+        if self.histograms:
+            self._step_duration = Histogram(
+                "finetune_train_step_duration_seconds",
+                "Wall time of one optimizer step (all micro-batches), in seconds.",
+                LABELS,
+                registry=r,
+                buckets=STEP_DURATION_BUCKETS,
+            )
+            self._ckpt_duration = Histogram(
+                "finetune_checkpoint_save_duration_seconds",
+                "Wall time to save one checkpoint, in seconds.",
+                LABELS,
+                registry=r,
+                buckets=CHECKPOINT_BUCKETS,
+            )
         self._last_step = gauge(
             "finetune_train_last_step_timestamp_seconds",
             "Unix time the last optimizer step finished; alert on time() minus this for stalls.",
@@ -159,13 +208,6 @@ class TrainerMetrics:
             "finetune_eval_score", "Evaluation score by metric, before or after training.",
             ("metric", "stage"),
         )  # fmt: skip
-        self._ckpt_duration = Histogram(
-            "finetune_checkpoint_save_duration_seconds",
-            "Wall time to save one checkpoint, in seconds.",
-            LABELS,
-            registry=r,
-            buckets=CHECKPOINT_BUCKETS,
-        )
         self._ckpt_last = gauge(
             "finetune_checkpoint_last_timestamp_seconds", "Unix time the last checkpoint was saved."
         )
@@ -198,7 +240,8 @@ class TrainerMetrics:
         # Touch the label sets so that every series exists (at 0) from the first scrape, and
         # `rate()`/`increase()` see the counters' start.
         for metric in (self._tokens, self._samples, self._step_duration, self._ckpt_duration):
-            metric.labels(**self.labels)
+            if metric is not None:
+                metric.labels(**self.labels)
         self.record_phase("process_started")
 
     # ---- serving ----------------------------------------------------------------------------
@@ -252,7 +295,8 @@ class TrainerMetrics:
         if samples > 0:
             self._samples.labels(**lb).inc(samples)
         if duration_s >= 0:
-            self._step_duration.labels(**lb).observe(duration_s)
+            if self._step_duration is not None:
+                self._step_duration.labels(**lb).observe(duration_s)
             with self._lock:
                 self._window.append((max(tokens, 0), duration_s))
                 seconds = sum(d for _, d in self._window)
@@ -279,7 +323,8 @@ class TrainerMetrics:
             self._eval.labels(**self.labels, metric=metric, stage=stage).set(value)
 
     def record_checkpoint(self, duration_s: float) -> None:
-        self._ckpt_duration.labels(**self.labels).observe(duration_s)
+        if self._ckpt_duration is not None:
+            self._ckpt_duration.labels(**self.labels).observe(duration_s)
         self._ckpt_last.labels(**self.labels).set(time.time())
 
     def record_resume(self, step: int | None) -> None:
