@@ -710,6 +710,7 @@ def chart_readme() -> Any:
     spec = importlib.util.spec_from_file_location("chart_readme", ROOT / "hack" / "chart-readme.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -795,3 +796,26 @@ def test_readme_documents_the_finalizer_the_operator_sets() -> None:
     assert patch and json.loads(patch.group(1)) == [
         {"op": "remove", "path": "/metadata/finalizers"}
     ]
+
+
+def test_readme_trainer_network_policy_selects_trainer_pods() -> None:
+    """The example policy for trainer namespaces selects the pods render.py makes and opens
+    what they need: each other (rendezvous), metrics to the operator, DNS and HTTPS out."""
+    from finetune_api.pod import METRICS_PORT
+    from finetune_operator import naming
+
+    readme = (CHART / "README.md").read_text()
+    (example,) = [
+        doc
+        for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
+        if (doc := yaml.safe_load(block)) and doc.get("kind") == "NetworkPolicy"
+    ]
+    pods = naming.attempt_labels("any-job", 1)
+    spec = example["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pods.items()
+    gang, metrics = spec["ingress"]
+    assert gang["from"][0]["podSelector"]["matchLabels"].items() <= pods.items()
+    assert "ports" not in gang  # rendezvous, then the collective backend's own ports
+    assert metrics["ports"][0]["port"] == METRICS_PORT
+    egress_ports = {p["port"] for rule in spec["egress"] for p in rule.get("ports", [])}
+    assert {53, 443} <= egress_ports
