@@ -141,7 +141,8 @@ def test_an_editor_creates_a_finetunejob_and_waits_for_it(
 ) -> None:
     """What the README says a user does: create a FineTuneJob, then
     `kubectl wait --for=condition=Succeeded ftj/NAME`. No operator runs here, so the test writes
-    the Succeeded condition as the operator would (through the status subresource)."""
+    the Succeeded condition and observedGeneration as the operator does (status.py), through the
+    status subresource."""
     namespace = bound_namespace
     wait_until(lambda: can_i(kubectl, EDITOR, "create", namespace), timeout=60, message="edit")
     manifest = json.dumps(ftj_manifest("mine", namespace))
@@ -165,6 +166,12 @@ def test_an_editor_creates_a_finetunejob_and_waits_for_it(
     }
     status = {"phase": "Succeeded", "conditions": [condition]}
     kube.patch("FineTuneJob", "mine", namespace, {"status": status}, subresource="status")
+    # kubectl wait counts a condition only once status.observedGeneration (the schema's default
+    # 0) has reached metadata.generation: a status about an older spec does not count.
+    assert wait("2s").returncode != 0
+    generation = kube.get("FineTuneJob", "mine", namespace)["metadata"]["generation"]  # type: ignore[index]
+    observed = {"status": {"observedGeneration": generation}}
+    kube.patch("FineTuneJob", "mine", namespace, observed, subresource="status")
     done = wait("60s")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "condition met" in done.stdout
