@@ -93,10 +93,12 @@ done_step
 
 step "4. operator chart"
 HELM="$("${ROOT}/hack/helm.sh")"
-kc apply --server-side --force-conflicts -f "${ROOT}/charts/finetune-operator/crds"
 image_id=$("$DOCKER" image inspect -f '{{.Id}}' "$OPERATOR_IMAGE")
+# The chart installs and upgrades the CRD (crds.install); --take-ownership adopts one that an
+# earlier install left outside the release. The local images have no registry.
 "$HELM" upgrade --install finetune-operator "${ROOT}/charts/finetune-operator" \
-  --namespace finetune-system --create-namespace \
+  --namespace finetune-system --create-namespace --take-ownership \
+  --set-string image.registry= --set-string trainer.image.registry= \
   --set image.repository=finetune-operator --set-string image.tag="$VERSION" \
   --set image.pullPolicy=IfNotPresent \
   --set trainer.image.repository=finetune-trainer --set-string trainer.image.tag="$VERSION" \

@@ -14,7 +14,17 @@ from typing import Any
 from finetune_api.version import version
 
 # The trainer image of this release: the tag is the project's version (finetune_api.version).
-DEFAULT_TRAINER_IMAGE = f"ghcr.io/finetune-operator/trainer:{version()}"
+# The chart's trainer.image defaults name the same image (tests/unit/test_settings_chart.py).
+DEFAULT_TRAINER_REGISTRY = "ghcr.io"
+DEFAULT_TRAINER_REPOSITORY = "finetune-operator/trainer"
+
+
+def image_ref(registry: str, repository: str, tag: str) -> str:
+    """[registry/]repository:tag, as the chart's finetune-operator.imageRef spells it."""
+    return f"{registry}/{repository}:{tag}" if registry else f"{repository}:{tag}"
+
+
+DEFAULT_TRAINER_IMAGE = image_ref(DEFAULT_TRAINER_REGISTRY, DEFAULT_TRAINER_REPOSITORY, version())
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -90,8 +100,12 @@ class Settings:
         """
         trainer = values["trainer"]
         image = trainer["image"]
+        # global.imageRegistry replaces each image's own registry (an umbrella chart's mirror).
+        registry = (values.get("global") or {}).get("imageRegistry") or image.get("registry")
         env = {
-            "FINETUNE_TRAINER_IMAGE": f"{image['repository']}:{image.get('tag') or app_version}",
+            "FINETUNE_TRAINER_IMAGE": image_ref(
+                registry or "", image["repository"], image.get("tag") or app_version
+            ),
             "FINETUNE_TRAINER_IMAGE_PULL_POLICY": str(image["pullPolicy"]),
             "FINETUNE_WATCH_NAMESPACES": ",".join(values.get("watchNamespaces") or ()),
             "FINETUNE_METRICS_PORT": str(values["metrics"]["port"]),

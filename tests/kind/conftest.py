@@ -10,10 +10,10 @@ Session fixtures, each idempotent (a warm run takes seconds, not minutes):
   only when its own sources changed since its last build (`context_hash`; skipped with
   FINETUNE_E2E_SKIP_BUILD=1), then `cluster.sh load` only for the nodes whose containerd lacks
   that exact image ID (the trainer image is ~6 GB: a load is minutes, a check is 0.1 s).
-- `operator_release`: the chart's CRD applied (helm never upgrades CRDs), then
-  `helm upgrade --install` into finetune-system with the local images (pinned tag,
-  IfNotPresent) and the operator Deployment Available. The pod template carries the operator
-  image ID, so a rebuilt image under the same tag rolls the pod.
+- `operator_release`: `helm upgrade --install` (the chart installs and upgrades the CRD) into
+  finetune-system with the local images (no registry, pinned tag, IfNotPresent) and the operator
+  Deployment Available. The pod template carries the operator image ID, so a rebuilt image under
+  the same tag rolls the pod.
 
 Timings land in test-results/kind-e2e-timings.json and in the terminal summary.
 On a failed test, `diagnostics` exports `kind export logs` plus describe/logs of everything the
@@ -411,8 +411,9 @@ def operator_release(kube: Kube, images: dict[str, str]) -> dict[str, str]:
     tr_repo, tr_tag = TRAINER_IMAGE.rsplit(":", 1)
     image_id = images.get(OPERATOR_IMAGE, "external")
     with Stopwatch("helm_install"):
-        # helm installs crds/ only on first install and never upgrades them.
-        kube("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+        # The chart installs and upgrades the CRD itself (crds.install, a template). A CRD left
+        # by an earlier install outside this release (kubectl apply, the chart's old crds/) has
+        # no helm ownership metadata: --take-ownership adopts it instead of failing.
         args = [
             helm,
             "upgrade",
@@ -422,6 +423,12 @@ def operator_release(kube: Kube, images: dict[str, str]) -> dict[str, str]:
             "--namespace",
             OPERATOR_NAMESPACE,
             "--create-namespace",
+            "--take-ownership",
+            # The local images carry no registry: the refs are used as they are.
+            "--set-string",
+            "image.registry=",
+            "--set-string",
+            "trainer.image.registry=",
             "--set",
             f"image.repository={op_repo}",
             "--set-string",

@@ -1,4 +1,6 @@
-"""The Helm chart: lints, renders well-formed objects, least-privilege RBAC, a restricted pod.
+"""The Helm chart: lints, renders well-formed objects, least-privilege RBAC, a restricted pod,
+the CRD as a template, images with a registry, a subchart's values, the aggregated user roles,
+the optional NetworkPolicy, and its README generated from values.yaml.
 
 Needs no cluster. helm comes from hack/helm.sh, which builds it from the Go module proxy on first
 use (a few minutes, then cached under $FINETUNE_CACHE/helm/); without Go the tests skip.
@@ -8,10 +10,12 @@ use (a few minutes, then cached under $FINETUNE_CACHE/helm/); without Go the tes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import tomllib
 from dataclasses import dataclass
@@ -35,8 +39,10 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set-json",
         'trainer.defaultResources={"requests":{"cpu":"2","memory":"8Gi"}}',
     ],
+    "network-policy": ["--set", "networkPolicy.enabled=true,global.imageRegistry=mirror.example"],
 }
 RBAC_KINDS = {"Role", "ClusterRole"}
+AGGREGATE_LABEL = "rbac.authorization.k8s.io/aggregate-to-"
 HELM_HOME_VARS = ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME")
 
 
@@ -153,7 +159,7 @@ def test_the_operator_reads_every_setting_the_chart_passes(helm: Helm) -> None:
 
     settings = Settings.from_env(Recording(env))
     assert set(env) <= read, f"set by the chart, read by nobody: {sorted(set(env) - read)}"
-    assert settings.trainer_image == "finetune-trainer:0.1.0"
+    assert settings.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert settings.image_pull_policy == "Always"
     assert settings.trainer_default_resources == {"requests": {"cpu": "2", "memory": "8Gi"}}
     assert settings.log_level == "INFO" and settings.namespaces == ()
@@ -187,8 +193,9 @@ def test_operator_env_comes_from_values(helm: Helm) -> None:
     docs = template(
         helm,
         "--set",
-        "trainer.image.repository=registry.example/trainer,trainer.image.tag=1.2.3,"
-        "trainer.image.pullPolicy=Always,logLevel=debug,watchNamespaces={a,b}",
+        "trainer.image.registry=registry.example,trainer.image.repository=trainer,"
+        "trainer.image.tag=1.2.3,trainer.image.pullPolicy=Always,logLevel=debug,"
+        "watchNamespaces={a,b}",
     )
     container = operator_container(docs)
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -197,17 +204,102 @@ def test_operator_env_comes_from_values(helm: Helm) -> None:
     assert env["FINETUNE_WATCH_NAMESPACES"] == "a,b"
     assert env["FINETUNE_METRICS_PORT"] == "8000"
     assert env["FINETUNE_LOG_LEVEL"] == "debug"
-    assert container["image"] == "finetune-operator:0.1.0"  # tag defaults to appVersion
+    # The tag defaults to the appVersion; the registry to ghcr.io.
+    assert container["image"] == "ghcr.io/finetune-operator/operator:0.1.0"
 
 
-def test_defaults_match_the_image_tags(helm: Helm) -> None:
-    """Chart appVersion, pyproject version and the default image tags agree (hack/images.sh)."""
+def test_default_images_have_a_registry_and_agree_with_the_operator(helm: Helm) -> None:
+    """`helm install` with the defaults pulls pullable images: both carry a registry, the tag is
+    the project's version, and the trainer image is the operator's own built-in default, so a
+    pod gets the same image with or without the chart."""
+    from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
+
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["apiVersion"] == "v2"
     assert chart["appVersion"] == project["version"]
-    env = {e["name"]: e.get("value") for e in operator_container(template(helm))["env"]}
-    assert env["FINETUNE_TRAINER_IMAGE"] == f"finetune-trainer:{project['version']}"
+    container = operator_container(template(helm))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FINETUNE_TRAINER_IMAGE"] == DEFAULT_TRAINER_IMAGE
+    for ref in (container["image"], env["FINETUNE_TRAINER_IMAGE"]):
+        registry, _, rest = ref.partition("/")
+        assert "." in registry and rest.endswith(f":{project['version']}"), ref
+
+
+@pytest.mark.parametrize(
+    ("values", "operator", "trainer"),
+    [
+        # One mirror for every image: global.imageRegistry replaces each image's registry.
+        (
+            ["--set", "global.imageRegistry=mirror.example:5000/ml"],
+            "mirror.example:5000/ml/finetune-operator/operator:0.1.0",
+            "mirror.example:5000/ml/finetune-operator/trainer:0.1.0",
+        ),
+        (
+            ["--set", "global.imageRegistry=mirror.example,image.registry=other.example"],
+            "mirror.example/finetune-operator/operator:0.1.0",
+            "mirror.example/finetune-operator/trainer:0.1.0",
+        ),
+        # Per image, and none at all (images built locally and loaded into kind).
+        (
+            ["--set", "image.registry=a.example,trainer.image.registry=b.example"],
+            "a.example/finetune-operator/operator:0.1.0",
+            "b.example/finetune-operator/trainer:0.1.0",
+        ),
+        (
+            ["--set-string", "image.registry=,trainer.image.registry=", "--set",
+             "image.repository=finetune-operator,trainer.image.repository=finetune-trainer"],
+            "finetune-operator:0.1.0",
+            "finetune-trainer:0.1.0",
+        ),
+    ],
+    ids=["global", "global-wins", "per-image", "local"],
+)  # fmt: skip
+def test_image_registry(helm: Helm, values: list[str], operator: str, trainer: str) -> None:
+    container = operator_container(template(helm, *values))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (container["image"], env["FINETUNE_TRAINER_IMAGE"]) == (operator, trainer)
+
+
+def test_works_as_a_subchart(helm: Helm, tmp_path: Path) -> None:
+    """An umbrella chart passes `global` (any keys, its own included) and the dependency's
+    `enabled` condition to this chart: the strict schema accepts both, and global.imageRegistry
+    reaches the images."""
+    values = tmp_path / "umbrella.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "enabled": True,
+                "global": {"imageRegistry": "mirror.example", "storageClass": "fast", "x": {}},
+            }
+        )
+    )
+    docs = template(helm, "-f", str(values))
+    assert operator_container(docs)["image"] == "mirror.example/finetune-operator/operator:0.1.0"
+    proc = run_helm(helm, "lint", str(CHART), "--strict", "-f", str(values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # ... through a real umbrella chart, with this one as its dependency.
+    umbrella = tmp_path / "umbrella"
+    (umbrella / "charts").mkdir(parents=True)
+    shutil.copytree(CHART, umbrella / "charts" / CHART.name)
+    (umbrella / "Chart.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v2",
+                "name": "platform",
+                "version": "1.0.0",
+                "dependencies": [
+                    {"name": CHART.name, "version": "*", "condition": f"{CHART.name}.enabled"}
+                ],
+            }
+        )
+    )
+    umbrella_values = {"global": {"imageRegistry": "mirror.example"}, CHART.name: {"enabled": True}}
+    (umbrella / "values.yaml").write_text(yaml.safe_dump(umbrella_values))
+    docs = template(helm, chart=umbrella)
+    assert operator_container(docs)["image"] == "mirror.example/finetune-operator/operator:0.1.0"
+    off = template(helm, "--set", f"{CHART.name}.enabled=false", chart=umbrella)
+    assert not by_kind(off, "Deployment")
 
 
 def test_metrics_service_selects_the_operator_pod(helm: Helm) -> None:
@@ -248,8 +340,17 @@ def test_operator_pod_meets_pod_security_restricted(helm: Helm) -> None:
         assert set(volume) - {"name"} <= restricted_volume_types, volume
 
 
+def is_aggregated(doc: dict[str, Any]) -> bool:
+    """A ClusterRole for users (rbac.aggregateRoles), not for the operator."""
+    return any(k.startswith(AGGREGATE_LABEL) for k in doc["metadata"].get("labels", {}))
+
+
+def operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in by_kind(docs, kind) if not is_aggregated(doc)]
+
+
 def rules_of(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [rule for doc in by_kind(docs, kind) for rule in doc.get("rules", [])]
+    return [rule for doc in operator_roles(docs, kind) for rule in doc.get("rules", [])]
 
 
 def assert_least_privilege(rules: list[dict[str, Any]]) -> None:
@@ -267,7 +368,8 @@ def assert_least_privilege(rules: list[dict[str, Any]]) -> None:
 def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
     docs = template(helm)
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
-    role, binding = one(docs, "ClusterRole"), one(docs, "ClusterRoleBinding")
+    (role,) = operator_roles(docs, "ClusterRole")
+    binding = one(docs, "ClusterRoleBinding")
     assert_least_privilege(role["rules"])
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
                for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
@@ -344,6 +446,100 @@ def test_secret_access_can_be_withheld(helm: Helm) -> None:
         assert "secrets" not in resources and "finetunejobs" in resources
 
 
+def test_aggregate_roles_for_namespace_users(helm: Helm) -> None:
+    """admin/edit/view ClusterRoles that aggregate into the built-in roles: edit and admin may
+    write FineTuneJobs, view only read them, and nobody but the operator writes status."""
+    docs = template(helm)
+    roles = {d["metadata"]["name"]: d for d in by_kind(docs, "ClusterRole") if is_aggregated(d)}
+    fullname = f"{RELEASE}-finetune-operator"
+    assert set(roles) == {f"{fullname}-{r}" for r in ("admin", "edit", "view")}
+    read = {"get", "list", "watch"}
+    write = {"create", "update", "patch", "delete", "deletecollection"}
+    for suffix in ("admin", "edit", "view"):
+        role = roles[f"{fullname}-{suffix}"]
+        labels = role["metadata"]["labels"]
+        assert {k for k in labels if k.startswith(AGGREGATE_LABEL)} == {AGGREGATE_LABEL + suffix}
+        assert labels[AGGREGATE_LABEL + suffix] == "true"
+        assert {g for rule in role["rules"] for g in rule["apiGroups"]} == {"finetune.dev"}
+        granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
+                   for v in rule["verbs"]}  # fmt: skip
+        jobs = read if suffix == "view" else read | write
+        want = {("finetunejobs", v) for v in jobs} | {("finetunejobs/status", v) for v in read}
+        assert granted == want, suffix
+    # Users' roles are no part of the operator's: its bindings name only its own roles.
+    for binding in by_kind(docs, "ClusterRoleBinding"):
+        assert binding["roleRef"]["name"] not in roles
+    off = template(helm, "--set", "rbac.aggregateRoles=false")
+    assert not [d for d in by_kind(off, "ClusterRole") if is_aggregated(d)]
+
+
+def network_policy(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "NetworkPolicy")["spec"]
+
+
+def test_network_policy_is_off_by_default(helm: Helm) -> None:
+    assert not by_kind(template(helm), "NetworkPolicy")
+
+
+def test_network_policy_admits_metrics_and_reaches_apiserver_dns_and_trainers(helm: Helm) -> None:
+    from finetune_api.pod import METRICS_PORT
+    from finetune_operator import naming
+
+    docs = template(helm, "--set", "networkPolicy.enabled=true")
+    policy = one(docs, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    spec = policy["spec"]
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # In: the metrics port only, from anywhere by default. No probe rule: the kubelet is on the
+    # pod's node, which NetworkPolicy always admits.
+    assert spec["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    api, dns, trainers = spec["egress"]
+    assert api == {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert "to" not in dns
+    # The operator scrapes rank 0's first metrics port, in pods labelled as naming.py does.
+    assert trainers["ports"] == [{"protocol": "TCP", "port": METRICS_PORT}]
+    (peer,) = trainers["to"]
+    selector = peer["podSelector"]["matchLabels"]
+    assert selector.items() <= naming.child_labels("any-job").items()
+    assert "finetune.dev/job-name" not in selector and peer["namespaceSelector"] == {}
+
+
+def test_network_policy_values(helm: Helm, tmp_path: Path) -> None:
+    values = tmp_path / "np.yaml"
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    proxy = {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 3128}]}
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "watchNamespaces": ["team-a", "team-b"],
+                "networkPolicy": {
+                    "enabled": True,
+                    "metricsFrom": [prometheus],
+                    "apiServerPorts": [6443],
+                    "apiServerCIDRs": ["172.18.0.2/32"],
+                    "extraEgress": [proxy],
+                },
+            }
+        )
+    )
+    spec = network_policy(template(helm, "-f", str(values)))
+    assert spec["ingress"][0]["from"] == [prometheus]
+    api, _, trainers, extra = spec["egress"]
+    assert api == {
+        "ports": [{"protocol": "TCP", "port": 6443}],
+        "to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}],
+    }
+    assert trainers["to"][0]["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+        ]
+    }
+    assert extra == proxy
+
+
 def test_rbac_can_be_left_to_the_installer(helm: Helm) -> None:
     docs = template(helm, "--set", "rbac.create=false")
     kinds = {d["kind"] for d in docs}
@@ -353,15 +549,67 @@ def test_rbac_can_be_left_to_the_installer(helm: Helm) -> None:
 # ---- CRD --------------------------------------------------------------------------------------
 
 
-def test_chart_crd_is_byte_identical_to_generated(helm: Helm) -> None:
-    generated = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
-    assert (CHART / "crds" / generated.name).read_bytes() == generated.read_bytes()
-    assert [p.name for p in (CHART / "crds").iterdir()] == [generated.name]
-    # ... and helm ships it: `helm show crds` prints the crds/ directory.
+def crd_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "CustomResourceDefinition")
+
+
+def test_the_chart_templates_the_generated_crd(helm: Helm) -> None:
+    """The CRD is a template, so that `helm upgrade` updates it: the generated CRD itself plus
+    the release's labels and the keep policy. Nothing in the chart's crds/ directory, which helm
+    would install a second time (and never upgrade)."""
+    from finetune_api import crd
+
+    generated = yaml.safe_load(crd.CRD_FILE.read_text())
+    assert crd.CHART_CRD_TEMPLATE.is_relative_to(CHART / "templates")
+    rendered = crd_of(template(helm))
+    metadata = rendered.pop("metadata")
+    assert rendered == {k: v for k, v in generated.items() if k != "metadata"}
+    assert metadata["name"] == generated["metadata"]["name"]
+    assert metadata["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert metadata["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert metadata["labels"]["app.kubernetes.io/component"] == "crd"
+    assert not (CHART / "crds").exists()
     proc = run_helm(helm, "show", "crds", str(CHART))
-    assert proc.returncode == 0, proc.stderr
-    (crd,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    assert crd == yaml.safe_load(generated.read_text())
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+
+
+def test_crd_switches(helm: Helm) -> None:
+    assert not by_kind(template(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
+    unkept = crd_of(template(helm, "--set", "crds.keep=false"))
+    assert "annotations" not in unkept["metadata"]
+
+
+def test_the_crd_generator_keeps_go_template_syntax_literal(helm: Helm, tmp_path: Path) -> None:
+    """A `{{` in the CRD (a CEL rule, a description) must reach the cluster as written, not be
+    read by helm as a template action."""
+    from finetune_api import crd
+
+    doc = crd.build_crd()
+    schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema["properties"]["spec"]["description"] = "{{ .Release.Name }} }} literal"
+    text = crd.HEADER + yaml.safe_dump(doc, sort_keys=False, width=100)
+    chart = tmp_path / CHART.name
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "crd" / crd.CHART_CRD_TEMPLATE.name).write_text(
+        crd.render_chart_template(text)
+    )
+    spec = crd_of(template(helm, chart=chart))["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert spec["properties"]["spec"]["description"] == "{{ .Release.Name }} }} literal"
+
+
+def test_the_crd_check_covers_the_chart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m finetune_api.crd --check` fails on a stale chart template and on a CRD put
+    back into the chart's crds/ directory."""
+    from finetune_api import crd
+
+    assert crd.main(["--check"]) == 0
+    template_copy = tmp_path / "template.yaml"
+    template_copy.write_text(crd.CHART_CRD_TEMPLATE.read_text().replace("FineTuneJob", "Stale", 1))
+    monkeypatch.setattr(crd, "CHART_CRD_TEMPLATE", template_copy)
+    assert crd.main(["--check"]) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(crd, "CHART_CRDS_DIR", tmp_path)  # exists
+    assert crd.main(["--check"]) == 1
 
 
 # ---- values schema ----------------------------------------------------------------------------
@@ -375,7 +623,15 @@ def test_chart_crd_is_byte_identical_to_generated(helm: Helm) -> None:
         ["--set", "watchNamespaces={Team_A}"],  # not a namespace name
         ["--set", "logLevel=verbose"],
         ["--set", "image.pullPolicy=Sometimes"],
-        ["--set", "image.registry=x"],
+        ["--set", "image.registry=https://ghcr.io"],  # a host, not a URL
+        ["--set", "global.imageRegistry=ghcr.io/"],
+        ["--set", "enabled=maybe"],
+        ["--set", "crds.install=yes"],
+        ["--set", "crds.upgrade=true"],
+        ["--set", "rbac.aggregateRoles=1"],
+        ["--set", "networkPolicy.apiServerPorts={}"],
+        ["--set", "networkPolicy.apiServerCIDRs={10.0.0.1}"],
+        ["--set", "networkPolicy.egress={}"],
         ["--set", "monitoring.serviceMonitor.interval=thirty"],
         ["--set", "monitoring.prometheusRule.stalledMinutes=0"],
         ["--set", "monitoring.podMonitor.enabled=yes"],
@@ -391,13 +647,13 @@ def test_schema_rejects_bad_values(helm: Helm, bad: list[str]) -> None:
 
 
 def test_schema_closes_the_top_level() -> None:
-    import json
-
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
     assert schema["additionalProperties"] is False
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert set(values) == set(schema["properties"]), "values.yaml and the schema disagree"
+    # `enabled` is no value of this chart's: only an umbrella chart's condition sets it.
+    assert set(values) | {"enabled"} == set(schema["properties"]), "values.yaml != the schema"
+    assert "additionalProperties" not in schema["properties"]["global"]  # any keys
 
 
 def test_monitoring_values_contract() -> None:
@@ -445,3 +701,124 @@ def test_notes_example_is_a_valid_finetunejob(helm: Helm, tmp_path: Path) -> Non
     manifest.write_text(textwrap.dedent(match.group(1)))
     job = load_manifest(manifest)  # raises on anything the schema would reject
     assert job.metadata.name in notes.split("describe ftj ")[1]
+
+
+# ---- README -----------------------------------------------------------------------------------
+
+
+def chart_readme() -> Any:
+    """hack/chart-readme.py as a module (hack/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_readme", ROOT / "hack" / "chart-readme.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_is_generated_from_values() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "chart-readme.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr + " (run hack/chart-readme.py)"
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    # Every value is in the table, with its default.
+    for path, value, leaf in chart_readme()._leaves(values):
+        if leaf:
+            assert f"| {path} | " in readme and f"`{json.dumps(value)}`" in readme, path
+    for section in ("## Install", "## Upgrade", "## Uninstall", "## Network policies"):
+        assert section in readme
+
+
+def test_readme_generator_reads_helm_docs_comments(tmp_path: Path) -> None:
+    module = chart_readme()
+    text = textwrap.dedent(
+        """\
+        # A section comment, not a description.
+        image:
+          # -- Registry of the image,
+          # continued | here.
+          registry: ghcr.io
+          tag: ""
+        # -- A whole map.
+        resources:
+          limits: {memory: 1Gi}
+        """
+    )
+    assert module.values_table(text).splitlines()[2:] == [
+        '| image.registry | string | `"ghcr.io"` | Registry of the image, continued \\| here. |',
+        '| image.tag | string | `""` |  |',
+        '| resources | object | `{"limits": {"memory": "1Gi"}}` | A whole map. |',
+        '| resources.limits.memory | string | `"1Gi"` |  |',
+    ]
+    with pytest.raises(module.ValuesCommentError):
+        module.values_table("# -- dangling\n\nkey: 1\n")
+    # A stale README is found: the check compares with a fresh render.
+    chart = tmp_path / CHART.name
+    shutil.copytree(CHART, chart)
+    before = module.render(chart)
+    values = chart / "values.yaml"
+    old = "# -- Pull policy of the operator image."
+    values.write_text(values.read_text().replace(old, "# -- New."))
+    after = module.render(chart)
+    assert after != before
+    assert '| image.pullPolicy | string | `"IfNotPresent"` | New. |' in after
+
+
+def test_documented_wait_condition_is_the_api_condition() -> None:
+    """`kubectl wait --for=condition=Succeeded` as the README and docs/api.md say: the condition
+    type the operator sets (finetune_api.constants), which docs/api.md lists."""
+    from finetune_api.constants import ConditionType
+
+    readme = (CHART / "README.md").read_text()
+    waits = re.findall(r"kubectl wait --for=condition=(\w+) ftj/", readme)
+    assert waits == [ConditionType.SUCCEEDED.value]
+    api = (ROOT / "docs" / "api.md").read_text()
+    listed = re.search(r"conditions: \[\].*types include (.*)$", api, re.M)
+    assert listed and ConditionType.SUCCEEDED.value in listed.group(1).split(", ")
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert f"--for=condition={ConditionType.SUCCEEDED.value} ftj/" in notes
+
+
+def test_readme_documents_the_finalizer_the_operator_sets() -> None:
+    """The uninstall section names the finalizer handlers.py configures, and the recovery patch."""
+    handlers = (ROOT / "operator" / "finetune_operator" / "handlers.py").read_text()
+    assert 'settings.persistence.finalizer = f"{GROUP}/finalizer"' in handlers
+    from finetune_api.constants import GROUP
+
+    readme = (CHART / "README.md").read_text()
+    uninstall = readme.split("## Uninstall")[1].split("\n## ")[0]
+    assert f"`{GROUP}/finalizer`" in uninstall
+    assert "kubectl delete finetunejobs --all --all-namespaces --wait" in uninstall
+    assert uninstall.index("kubectl delete finetunejobs") < uninstall.index("helm uninstall")
+    patch = re.search(r"-p '(\[.*?\])'", uninstall)
+    assert patch and json.loads(patch.group(1)) == [
+        {"op": "remove", "path": "/metadata/finalizers"}
+    ]
+
+
+def test_readme_trainer_network_policy_selects_trainer_pods() -> None:
+    """The example policy for trainer namespaces selects the pods render.py makes and opens
+    what they need: each other (rendezvous), metrics to the operator, DNS and HTTPS out."""
+    from finetune_api.pod import METRICS_PORT
+    from finetune_operator import naming
+
+    readme = (CHART / "README.md").read_text()
+    (example,) = [
+        doc
+        for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
+        if (doc := yaml.safe_load(block)) and doc.get("kind") == "NetworkPolicy"
+    ]
+    pods = naming.attempt_labels("any-job", 1)
+    spec = example["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pods.items()
+    gang, metrics = spec["ingress"]
+    assert gang["from"][0]["podSelector"]["matchLabels"].items() <= pods.items()
+    assert "ports" not in gang  # rendezvous, then the collective backend's own ports
+    assert metrics["ports"][0]["port"] == METRICS_PORT
+    egress_ports = {p["port"] for rule in spec["egress"] for p in rule.get("ports", [])}
+    assert {53, 443} <= egress_ports

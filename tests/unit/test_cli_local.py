@@ -190,8 +190,9 @@ def test_render_runs_what_the_chart_defaults_configure(
 ) -> None:
     job = write(tmp_path / "job.yaml", job_doc())
     container = _render([str(job)], capsys)
-    # The chart's trainer image, not the operator's built-in default (ghcr.io/...).
-    assert container["image"] == "finetune-trainer:0.1.0"
+    # The chart's default trainer image, registry included (the operator's built-in default is
+    # the same image: tests/unit/test_settings_chart.py holds them together).
+    assert container["image"] == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert container["imagePullPolicy"] == "IfNotPresent"
     # No CPU or memory defaults in the chart: only the cache's local storage (template.cacheSize).
     assert container["resources"] == {"requests": {"ephemeral-storage": "20Gi"}}
@@ -206,7 +207,8 @@ def test_render_merges_values_files_like_helm(
         {
             "trainer": {
                 "image": {
-                    "repository": "reg.example/trainer",
+                    "registry": "reg.example",
+                    "repository": "trainer",
                     "tag": "2.0",
                     "pullPolicy": "Always",
                 },

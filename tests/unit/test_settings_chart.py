@@ -16,11 +16,21 @@ from test_chart import CHART, Helm, operator_container, template
 from test_chart import helm as helm  # the session fixture: hack/helm.sh, no cluster
 
 from finetune_cli.render import chart_values, merge_values
-from finetune_operator.settings import Settings
+from finetune_operator.settings import (
+    DEFAULT_TRAINER_IMAGE,
+    DEFAULT_TRAINER_REGISTRY,
+    DEFAULT_TRAINER_REPOSITORY,
+    Settings,
+)
 
 OVERRIDE: dict[str, Any] = {
     "trainer": {
-        "image": {"repository": "registry.example/trainer", "tag": "1.2.3", "pullPolicy": "Always"},
+        "image": {
+            "registry": "registry.example",
+            "repository": "trainer",
+            "tag": "1.2.3",
+            "pullPolicy": "Always",
+        },
         "defaultResources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": 8}},
     },
     "watchNamespaces": ["team-a", "team-b"],
@@ -37,10 +47,16 @@ OVERRIDE: dict[str, Any] = {
 }
 # A later file's null deletes the key, as in helm: the default resources are gone again.
 UNSET = {"trainer": {"defaultResources": None, "image": {"tag": None}}}
+# An umbrella chart's mirror for every image: it replaces the per-image registry.
+MIRROR = {"global": {"imageRegistry": "mirror.example:5000/ml", "other": "ignored"}}
+# Images built locally (kind): no registry at all.
+LOCAL = {"trainer": {"image": {"registry": "", "repository": "finetune-trainer"}}}
 VALUE_FILES: dict[str, list[dict[str, Any]]] = {
     "defaults": [],
     "override": [OVERRIDE],
     "override-then-unset": [OVERRIDE, UNSET],
+    "global-registry": [OVERRIDE, MIRROR],
+    "no-registry": [LOCAL],
 }
 
 
@@ -72,7 +88,7 @@ def test_settings_from_values_match_the_rendered_deployment(
 def test_the_override_reaches_the_settings() -> None:
     """The equality above could hold with both sides ignoring the values; this pins them."""
     defaults = settings_for([])
-    assert defaults.trainer_image == "finetune-trainer:0.1.0"
+    assert defaults.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert defaults.image_pull_policy == "IfNotPresent"
     assert defaults.trainer_default_resources == {}
     settings = settings_for([OVERRIDE])
@@ -89,6 +105,25 @@ def test_the_override_reaches_the_settings() -> None:
     unset = settings_for([OVERRIDE, UNSET])
     assert unset.trainer_image == "registry.example/trainer:0.1.0"
     assert unset.trainer_default_resources == {}
+    assert settings_for([OVERRIDE, MIRROR]).trainer_image == "mirror.example:5000/ml/trainer:1.2.3"
+    assert settings_for([LOCAL]).trainer_image == "finetune-trainer:0.1.0"
+
+
+def test_the_chart_default_trainer_image_is_the_operators() -> None:
+    """The operator without FINETUNE_TRAINER_IMAGE (run outside the chart) and the chart's
+    defaults name one image: a drift between values.yaml and settings.py fails here."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    image = values["trainer"]["image"]
+    assert (image["registry"], image["repository"]) == (
+        DEFAULT_TRAINER_REGISTRY,
+        DEFAULT_TRAINER_REPOSITORY,
+    )
+    assert not values["global"]["imageRegistry"] and not image["tag"]  # the appVersion
+    assert (
+        settings_for([]).trainer_image
+        == DEFAULT_TRAINER_IMAGE
+        == Settings.from_env({}).trainer_image
+    )
 
 
 def settings_for(files: list[dict[str, Any]]) -> Settings:
