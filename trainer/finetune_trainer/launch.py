@@ -50,17 +50,28 @@ def start_ranks(
 
 
 def worst_exit(codes: Sequence[int]) -> int:
-    """A permanent verdict wins over a retryable one: retrying cannot fix a bad spec or a gate."""
+    """The pod's exit code from its ranks'. A permanent verdict wins (retrying cannot fix a bad
+    spec or a gate), then a crash; then SIGTERM here (the pod goes), then a peer's (it rejoins)."""
     for code in (ExitCode.INVALID_SPEC, ExitCode.GATE_FAILED):
         if code in codes:
             return int(code)
-    return int(ExitCode.RETRYABLE) if any(codes) else int(ExitCode.OK)
+    failed = {int(c) for c in codes if c != ExitCode.OK}
+    if not failed:
+        return int(ExitCode.OK)
+    if failed <= {ExitCode.INTERRUPTED, ExitCode.REJOIN}:
+        return int(ExitCode.INTERRUPTED if ExitCode.INTERRUPTED in failed else ExitCode.REJOIN)
+    return int(ExitCode.RETRYABLE)
 
 
-def supervise(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for every child, forwarding SIGTERM/SIGINT; a failed child ends its siblings."""
+def supervise(
+    procs: list[subprocess.Popen[bytes]], terminated: threading.Event | None = None
+) -> int:
+    """Wait for every child, forwarding SIGTERM/SIGINT (and noting them in `terminated`); a
+    failed child ends its siblings."""
+    terminated = terminated if terminated is not None else threading.Event()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        terminated.set()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -80,17 +91,39 @@ def supervise(procs: list[subprocess.Popen[bytes]]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    # A rank killed by a signal reports a negative code: retryable.
-    return worst_exit([p.returncode if p.returncode >= 0 else 1 for p in procs])
+    # A rank killed by a signal reports a negative code: the pod's own SIGTERM reached it before
+    # it could save (a disruption), or something else killed it (retryable).
+    killed = ExitCode.INTERRUPTED if terminated.is_set() else ExitCode.RETRYABLE
+    return worst_exit([p.returncode if p.returncode >= 0 else killed for p in procs])
 
 
 def train_pod(manifest: Path, job: FineTuneJob) -> int:
-    """`finetune train`: start this pod's local ranks and join the gang."""
+    """`finetune train`: start this pod's local ranks and join the gang.
+
+    When a peer's pod goes (it got SIGTERM, and the gang saved a checkpoint), the Job controller
+    replaces just that pod, and this one starts its ranks again to rejoin the gang: only the
+    peer's pod restarts, and no new attempt is needed."""
     rdzv = Rendezvous.from_env(job)
     env = dict(os.environ)
     configure_hub_env(job, env)
     env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
-    return supervise(start_ranks(manifest, rdzv, env))
+    terminated = threading.Event()
+    for rejoins in range(pod.REJOIN_LIMIT + 1):
+        code = supervise(start_ranks(manifest, rdzv, env), terminated)
+        if code == ExitCode.REJOIN and terminated.is_set():
+            return int(ExitCode.INTERRUPTED)  # this pod is going too
+        if code != ExitCode.REJOIN or rejoins == pod.REJOIN_LIMIT:
+            break
+        print(
+            f"finetune train: a peer left the gang; starting this pod's ranks again to rejoin "
+            f"it ({rejoins + 1} of at most {pod.REJOIN_LIMIT})",
+            file=sys.stderr,
+            flush=True,
+        )
+    if code == ExitCode.REJOIN:
+        # The attempt fails with it, and the operator restarts the whole gang.
+        print(f"finetune train: gave up after rejoining {pod.REJOIN_LIMIT} times", file=sys.stderr)
+    return code
 
 
 def free_port() -> int:
