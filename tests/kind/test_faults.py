@@ -8,13 +8,15 @@ started with --test-faults) and one Hub token, and every job applied at once, ea
 own scenario thread while the others train; the tests then wait for their scenario and assert.
 The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing every 5 steps:
 
-- ft-chain: the operator pod and rank 1's pod are deleted together (the new operator must find
-  the failed gang and restart it); then rank 0's pod. Each restart resumes from the SIGTERM
-  checkpoint;
+- ft-chain: the operator pod and rank 1's pod are deleted together (the Job controller replaces
+  the pod and the gang rejoins it with no operator running; the new operator must record that
+  restart); then rank 0's pod. Each restart is in place (the same attempt, one more disruption)
+  and resumes from the SIGTERM checkpoint;
 - ft-drain: `kubectl drain` of the worker node (only this job's pods are evicted, so the Hub
-  double, the operator and CoreDNS stay), then uncordon; once the next attempt trains,
-  runPolicy.suspend true, and false once its pods are gone: the same attempt resumes from the
-  SIGTERM checkpoint (two faults a job, balanced, so that no job's chain decides the wall time);
+  double, the operator and CoreDNS stay), then uncordon: the evicted pod is replaced in place;
+  once the gang trains again, runPolicy.suspend true, and false once its pods are gone: the same
+  attempt resumes from the SIGTERM checkpoint (two faults a job, balanced, so that no job's
+  chain decides the wall time);
 - ft-hang: rank 1's trainer process stopped with SIGSTOP (kubectl exec); rank 0's watchdog ends
   the attempt after hangTimeoutSeconds=20 (CollectiveTimeout) and the gang restarts from its last
   periodic checkpoint; its evaluation gate cannot pass, so it ends EvaluationGateFailed and
@@ -29,8 +31,9 @@ end: no two attempts' pods ever alive together, exactly one Job/Service/ConfigMa
 the current attempt only, and the Hub token in no log, Event or status.
 
 Pods and FineTuneJobs are followed with `kubectl get --watch` (every change, with the time it
-arrived), so restart times are measured from the fault to the operator's first report of the new
-attempt training, and termination messages are read even from pods deleted a moment later.
+arrived), so restart times are measured from the fault to the operator's first report of the
+gang training again (and to rank 0's own resume time, `lastResumeTime`), and termination
+messages are read even from pods deleted a moment later.
 Timings (restart seconds, operator convergence, each scenario) land in
 test-results/kind-e2e-timings.json, every trainer pod's log in test-results/kind-faults-pod-logs/;
 a failure leaves diagnostics in test-results/kind-logs/faults-<time>/.
@@ -566,8 +569,6 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
 
     def converged() -> Obj | None:
         now = round(time.monotonic() - t_ready, 1)
-        if job not in times and int(view.status(job).get("disruptions") or 0) > disrupted:
-            times[job] = now  # the gang restarted while no operator ran: recorded
         for n in training:
             st = view.status(n)
             if n not in times and (
@@ -575,13 +576,20 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
                 or ((st.get("progress") or {}).get("updatedAt") or "") >= ready_at
             ):
                 times[n] = now  # a status written by the new operator
-        if len(times) < len(training) + 1:
+        if len(times) < len(training):
             return None
         return {"restartedGang": job, "refreshed": sorted(training), "secondsByJob": dict(times)}
 
     got = view.wait("status to converge after the operator restart", converged, timeout=120)
     seconds = time.monotonic() - t_ready
     record.update(got, convergeSeconds=round(seconds, 1))
+    # The gang that restarted while no operator ran is recorded once it trains again: the pod
+    # that left is gone, so only rank 0's report of the re-formed gang tells the new operator.
+    view.wait(
+        f"{job}'s restart recorded by the new operator",
+        lambda: int(view.status(job).get("disruptions") or 0) > disrupted,
+    )
+    record["restartRecordedAfterReady"] = round(time.monotonic() - t_ready, 1)
     # The new operator found every child in place: one of each per FineTuneJob, no second Job.
     items = suite.kube.json("-n", suite.ns, "get", "jobs,services,configmaps", "-l", JOB_LABEL)
     kinds: dict[str, list[str]] = {}

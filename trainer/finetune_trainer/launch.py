@@ -1,13 +1,16 @@
 """Process spawning: the ranks of one pod, and the whole gang on one machine.
 
-`train_pod` is what a pod runs (`finetune train`): it reads the rendezvous the operator gave it
-and starts one `python -m finetune_trainer.rank` per local rank. `run_local` (`finetune run`)
+`train_pod` is what a pod runs (`finetune train`): it reads the rendezvous the operator gave it,
+imports the trainer once, and forks one rank per local rank (a fresh `python -m
+finetune_trainer.rank` where forking is not safe); when a peer's pod is replaced, it starts them
+again to rejoin the gang. `run_local` (`finetune run`)
 plays every pod on this machine: it gives each node exactly the env a pod gets, derives its
 rendezvous the way a pod does, starts that node's ranks, and shows their progress.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
@@ -31,6 +35,90 @@ from finetune_trainer.env import Rendezvous, configure_hub_env, omp_threads
 # notice on their own before they are terminated.
 FAILURE_GRACE_S = 15.0
 _STEP_LINE = re.compile(r"\[rank 0\].*step=(\d+)/(\d+)")
+
+
+class RankProcess(Protocol):
+    """What `supervise` needs of a rank process: subprocess.Popen's names."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def send_signal(self, sig: int) -> None: ...
+    def terminate(self) -> None: ...
+
+
+class ForkedRank:
+    """A rank forked from `finetune train` after it imported the trainer, so that the rank
+    starts without importing torch, transformers and peft again; Popen's names."""
+
+    def __init__(self, manifest: Path, env: Mapping[str, str]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the rank
+            code = 1
+            try:
+                code = _run_rank(manifest, env)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _run_rank(manifest: Path, env: Mapping[str, str]) -> int:
+    """In a forked rank: its env, the default signal actions (not the launcher's forwarding),
+    then what `python -m finetune_trainer.rank` runs."""
+    from finetune_trainer import rank
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    # As PYTHONUNBUFFERED does for a spawned rank: its lines reach the pod log as written.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env)
+    return rank.main([str(manifest)])
+
+
+def preload_trainer() -> bool:
+    """Import the trainer here, in `finetune train`, so that its ranks are forked with it loaded:
+    a gang that re-forms around a replaced pod starts again without importing torch,
+    transformers and peft (seconds of CPU per rank) on the pods that stayed. Returns whether
+    forking is safe: a child cannot use CUDA once this process initialised it, so torch checks
+    for GPUs through NVML, and if something initialised CUDA anyway the ranks are spawned."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    import finetune_trainer.train  # noqa: F401  (the import is the point)
+
+    return not torch.cuda.is_initialized()
+
+
+def fork_ranks(manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]) -> list[ForkedRank]:
+    """`start_ranks` for a process that has imported the trainer (`preload_trainer`)."""
+    base = {**env, "PYTHONUNBUFFERED": "1"}
+    return [ForkedRank(manifest, {**base, **rdzv.rank_env(i)}) for i in range(rdzv.nproc_per_node)]
 
 
 def rank_command(manifest: Path) -> list[str]:
@@ -63,9 +151,7 @@ def worst_exit(codes: Sequence[int]) -> int:
     return int(ExitCode.RETRYABLE)
 
 
-def supervise(
-    procs: list[subprocess.Popen[bytes]], terminated: threading.Event | None = None
-) -> int:
+def supervise(procs: Sequence[RankProcess], terminated: threading.Event | None = None) -> int:
     """Wait for every child, forwarding SIGTERM/SIGINT (and noting them in `terminated`); a
     failed child ends its siblings."""
     terminated = terminated if terminated is not None else threading.Event()
@@ -107,9 +193,14 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     env = dict(os.environ)
     configure_hub_env(job, env)
     env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
+    # The Hub environment is fixed before anything from Hugging Face is imported (rank.py).
+    os.environ.update(env)
+    fork = preload_trainer()
+    env = dict(os.environ)
     terminated = threading.Event()
     for rejoins in range(pod.REJOIN_LIMIT + 1):
-        code = supervise(start_ranks(manifest, rdzv, env), terminated)
+        ranks = fork_ranks(manifest, rdzv, env) if fork else start_ranks(manifest, rdzv, env)
+        code = supervise(ranks, terminated)
         if code == ExitCode.REJOIN and terminated.is_set():
             return int(ExitCode.INTERRUPTED)  # this pod is going too
         if code != ExitCode.REJOIN or rejoins == pod.REJOIN_LIMIT:
