@@ -33,6 +33,9 @@ RENDEZVOUS_PORT: Final = 29500
 # Rank 0's gauge of the step its attempt resumed from (0: a fresh start). The operator scrapes
 # it into status.checkpoints and times restarts by it.
 RESUMED_FROM_STEP_GAUGE: Final = "finetune_train_resumed_from_step"
+# Rank 0's gauge of when (Unix seconds) its gang resumed from that step, or started afresh. A
+# newer value than the operator last saw means the gang re-formed, in place or as a new attempt.
+RESUMED_TIMESTAMP_GAUGE: Final = "finetune_train_resumed_timestamp_seconds"
 
 
 def metrics_port_name(local_rank: int) -> str:
@@ -98,13 +101,27 @@ def rendezvous_env(
 
 # ---- exit codes ---------------------------------------------------------------------------------
 class ExitCode(IntEnum):
-    """How a trainer pod exits. The Job's podFailurePolicy fails the gang at once on a permanent
-    code, so no attempt is wasted; the verdict itself (which reason) is in the TrainerResult."""
+    """How a trainer pod (or one of its rank processes) exits. The Job's podFailurePolicy fails
+    the gang at once on a permanent code, so no attempt is wasted, and ignores INTERRUPTED, so
+    the Job controller replaces just that pod; the verdict itself is in the TrainerResult."""
 
     OK = 0
     RETRYABLE = 1
     INVALID_SPEC = 3
     GATE_FAILED = 4
+    # A peer got SIGTERM and the gang saved a checkpoint and stopped; this pod is sound. Its ranks
+    # exit with it and `finetune train` starts them again, to rejoin the gang when the Job
+    # controller has replaced the peer. A pod exits with it only when it gave up rejoining.
+    REJOIN = 5
+    # This pod got SIGTERM (deleted, evicted, preempted, suspended) and the gang saved a
+    # checkpoint first. 128 + SIGTERM: what a shell reports for a process SIGTERM ended.
+    INTERRUPTED = 143
 
 
 PERMANENT_EXIT_CODES: Final = (ExitCode.INVALID_SPEC, ExitCode.GATE_FAILED)
+# Exit codes that do not count against the attempt: the Job controller replaces the pod, and the
+# rest of the gang rejoins it in place (ExitCode.REJOIN).
+REPLACED_EXIT_CODES: Final = (ExitCode.INTERRUPTED,)
+# How often one pod's ranks rejoin a re-formed gang before the pod gives up (exit REJOIN, which
+# fails the attempt; the operator then restarts the whole gang as a new one).
+REJOIN_LIMIT: Final = 10

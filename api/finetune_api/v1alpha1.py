@@ -992,7 +992,15 @@ class CheckpointStatus(ApiModel):
         None, ge=1, description="attempt whose resume resumedFromStep describes."
     )
     last_restart_time: Timestamp | None = Field(
-        None, description="lastRestartTime is when the last gang failure was seen (RFC 3339)."
+        None,
+        description="lastRestartTime is when the last gang restart began (RFC 3339): the "
+        "attempt's failure was seen, or a pod of the gang was stopped and is being replaced.",
+    )
+    last_resume_time: Timestamp | None = Field(
+        None,
+        description="lastResumeTime is when the gang last resumed from resumedFromStep (or "
+        "started afresh), as its rank 0 reported it (RFC 3339). While lastRestartTime is "
+        "later, a restart is under way.",
     )
     steps_lost: int = Field(
         0,

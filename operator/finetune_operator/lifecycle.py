@@ -9,11 +9,12 @@ to do about it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from finetune_api.constants import Reason
-from finetune_api.pod import CONTAINER_NAME
+from finetune_api.pod import CONTAINER_NAME, REPLACED_EXIT_CODES
 from finetune_api.result import TrainerResult, scrub
 from finetune_operator import naming
 
@@ -67,6 +68,23 @@ class Stuck:
     reason: Reason
     # `pod <name>: <what Kubernetes says>`, or `Job <name>: ...` when no pod could be made.
     message: str
+    # When the stuck pod was made (RFC 3339): a replacement pod waits from then, not from the
+    # Job's start. None: since the Job started.
+    since: str | None = None
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """A pod of a running attempt that was stopped (it got SIGTERM: deleted, evicted,
+    preempted) while the Job goes on: the Job controller replaces it, and the rest of the gang
+    rejoins the new pod in place, from the checkpoint the gang saved as it stopped."""
+
+    # `pod <name> got SIGTERM`, or `pod <name> was disrupted (<reason>: <message>)`.
+    what: str
+    # When it was stopped (RFC 3339): the deletion's start, the disruption's, or the exit.
+    since: str | None
+    # Whether one of them is still running (saving its checkpoint, or about to exit).
+    terminating: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,8 @@ class Outcome:
     # Set for PENDING and RUNNING: a pod that cannot start, and how many pods have not started.
     stuck: Stuck | None = None
     unstarted: int = 0
+    # Set for PENDING and RUNNING: a pod that was stopped and is being replaced.
+    leaving: Leaving | None = None
 
 
 def _true_conditions(job: Obj) -> dict[str, Obj]:
@@ -251,12 +271,54 @@ def _stuck(pods: list[Obj]) -> Stuck | None:
             reason = STUCK_WAITING_REASONS.get(waiting.get("reason", ""))
             if reason is not None:
                 said = waiting.get("message") or waiting.get("reason")
-                return Stuck(reason, f"pod {_name(pod)}: {_quote(said)}")
+                return Stuck(reason, f"pod {_name(pod)}: {_quote(said)}", _created(pod))
         scheduled = _condition(pod, "PodScheduled") or {}
         if scheduled.get("status") == "False" and scheduled.get("reason") == Reason.UNSCHEDULABLE:
             said = scheduled.get("message") or "no node fits the pod"
-            return Stuck(Reason.UNSCHEDULABLE, f"pod {_name(pod)}: {_quote(said)}")
+            return Stuck(Reason.UNSCHEDULABLE, f"pod {_name(pod)}: {_quote(said)}", _created(pod))
     return None
+
+
+def _created(pod: Obj) -> str | None:
+    return (pod.get("metadata") or {}).get("creationTimestamp")
+
+
+def _leaving(pods: list[Obj]) -> Leaving | None:
+    """The pods of a running attempt that were stopped and are being replaced (terminating, or
+    ended by a disruption or with an exit code the Job ignores): the first one by index, and
+    when the last of them stopped."""
+    found: list[Leaving] = []
+    for pod in sorted(pods, key=_index):
+        meta, term = pod.get("metadata") or {}, _terminated(pod) or {}
+        target = _condition(pod, DISRUPTION_TARGET) or {}
+        disrupted = target.get("status") == "True"
+        terminating = bool(meta.get("deletionTimestamp")) and not term
+        if not (disrupted or terminating or term.get("exitCode") in REPLACED_EXIT_CODES):
+            continue
+        if disrupted:
+            cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
+            what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
+            since = target.get("lastTransitionTime")
+        else:
+            what, since = f"pod {_name(pod)} got SIGTERM", _deletion_start(meta)
+        found.append(Leaving(what, since or term.get("finishedAt"), terminating))
+    if not found:
+        return None
+    times = [f.since for f in found if f.since]
+    busy = any(f.terminating for f in found)
+    return Leaving(found[0].what, max(times) if times else None, busy)
+
+
+def _deletion_start(meta: Obj) -> str | None:
+    """When a pod's deletion was asked for: its deletionTimestamp is that plus the grace."""
+    at, grace = meta.get("deletionTimestamp"), meta.get("deletionGracePeriodSeconds")
+    if not at or grace is None:
+        return None
+    try:
+        when = datetime.fromisoformat(at.replace("Z", "+00:00")) - timedelta(seconds=int(grace))
+    except (ValueError, TypeError):
+        return None
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parallelism(job: Obj) -> int:
@@ -387,4 +449,5 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
         rank0_ip=ip,
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),
+        leaving=_leaving(pods),
     )

@@ -164,7 +164,7 @@ class Reconciler:
             events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
         outcome = observe_job(batch, pods, events)
         workload = await self._workload(job, outcome)
-        progress, resumed = None, None
+        progress, resumed, resumed_at = None, None, None
         now = now_rfc3339()
         if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:
             values = await scrape.scrape(outcome.rank0_ip, self.settings.scrape_timeout_seconds)
@@ -172,7 +172,7 @@ class Reconciler:
                 job.status.progress.model_dump(mode="json", by_alias=True) if job.status else None
             )
             progress = scrape.progress_from_metrics(values, previous, now)
-            resumed = scrape.resumed_from_step(values)
+            resumed, resumed_at = scrape.resumed_from_step(values), scrape.resumed_at(values)
         return Observed(
             now=now,
             job=batch,
@@ -180,6 +180,7 @@ class Reconciler:
             progress=progress,
             store=store,
             resumed_from_step=resumed,
+            resumed_at=resumed_at,
             workload=workload,
         )
 
@@ -263,8 +264,6 @@ class Reconciler:
                 created = await self.kube.create_job(manifest)
                 if created is not None:
                     self.metrics.job_attempts.inc()
-                    if action.attempt > 1:
-                        self.metrics.restarts.inc()
             elif action.kind == "delete":
                 await self.kube.delete_job(ns, name, action.uid)
             elif action.kind == "patch":
@@ -287,6 +286,8 @@ class Reconciler:
             if created:
                 elapsed = datetime.now(UTC) - datetime.fromisoformat(created.replace("Z", "+00:00"))
                 self.metrics.time_to_running.observe(max(elapsed.total_seconds(), 0.0))
+        if result.restarted:
+            self.metrics.restarts.inc()
         if result.restart_seconds is not None:
             self.metrics.restart_seconds.observe(result.restart_seconds)
         for type_, reason, message in result.transitions:

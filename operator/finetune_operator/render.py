@@ -128,8 +128,10 @@ def render_job(
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
-        # A gang cannot survive one rank's death: no per-pod retries, the operator restarts the
-        # whole gang (from its checkpoint) as a new attempt.
+        # A crash fails the attempt: no per-pod retries, the operator restarts the whole gang
+        # (from its checkpoint) as a new attempt. A pod that was stopped (evicted, preempted,
+        # deleted: it got SIGTERM, and the gang saved a checkpoint) is replaced by the Job
+        # controller instead, and the rest of the gang rejoins it in place (ExitCode.REJOIN).
         "backoffLimit": 0,
         "podFailurePolicy": {
             "rules": [
@@ -142,6 +144,14 @@ def render_job(
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": pod.CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [int(c) for c in pod.REPLACED_EXIT_CODES],
+                    },
+                },
             ]
         },
         # Kueue admits a queued Job by unsuspending it, so it must be born suspended.

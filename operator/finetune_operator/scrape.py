@@ -7,13 +7,13 @@ operator, it just leaves the last known progress in place.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_api.pod import METRICS_PORT, RESUMED_FROM_STEP_GAUGE
+from finetune_api.pod import METRICS_PORT, RESUMED_FROM_STEP_GAUGE, RESUMED_TIMESTAMP_GAUGE
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
@@ -24,6 +24,7 @@ _GAUGES = {
     "finetune_train_loss": "loss",
     "finetune_train_tokens_per_second": "tokensPerSecond",
     RESUMED_FROM_STEP_GAUGE: "resumedFromStep",
+    RESUMED_TIMESTAMP_GAUGE: "resumedAt",
 }
 
 
@@ -86,6 +87,14 @@ def resumed_from_step(values: dict[str, float]) -> int | None:
     """The step the running attempt resumed from (0: a fresh start); None before it says."""
     value = values.get("resumedFromStep")
     return int(value) if value is not None and value >= 0 else None
+
+
+def resumed_at(values: dict[str, float]) -> str | None:
+    """When (RFC 3339) the running gang resumed from that step; None before it says."""
+    value = values.get("resumedAt")
+    if value is None or not value > 0:
+        return None
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def scrape(ip: str, timeout: float, port: int = METRICS_PORT) -> dict[str, float]:

@@ -66,8 +66,10 @@ class Observed:
     progress: Obj | None = None
     blocker: Blocker | None = None
     store: CheckpointStore | None = None
-    # What rank 0 of the running attempt reports: the step it resumed from (0: a fresh start).
+    # What rank 0 of the running attempt reports: the step it resumed from (0: a fresh start),
+    # and when (RFC 3339; None from a trainer that does not say).
     resumed_from_step: int | None = None
+    resumed_at: str | None = None
     # A queued Job's Kueue Workload; None when not looked up (no queueName).
     workload: Workload | None = None
 
@@ -143,6 +145,8 @@ class Plan:
     transitions: list[tuple[str, str, str]]
     # Seconds from Restarting to the new attempt training, when this pass first saw it train.
     restart_seconds: float | None = None
+    # Whether this pass saw a gang restart begin (a new attempt, or a pod replaced in place).
+    restarted: bool = False
     # Look again after this many seconds even if nothing changes (pods that have not started:
     # a pod that gets stuck, or stays stuck until runPolicy.pendingTimeoutSeconds, moves no Job).
     requeue_after: float | None = None
@@ -236,41 +240,81 @@ def _finish(status: Obj, conds: _Conditions, now: str, ok: bool, reason: str, ms
 
 
 def _seconds_between(earlier: str | None, later: str) -> float | None:
-    if not earlier:
-        return None
-    try:
-        a = datetime.fromisoformat(earlier.replace("Z", "+00:00"))
-        b = datetime.fromisoformat(later.replace("Z", "+00:00"))
-    except ValueError:
+    a, b = _time(earlier), _time(later)
+    if a is None or b is None:
         return None
     return max((b - a).total_seconds(), 0.0)
 
 
 def _checkpoints(
     status: Obj, prev: Obj, conds: _Conditions, observed: Observed, attempt: int
-) -> float | None:
-    """status.checkpoints and CheckpointsDurable. On an attempt's first report of the step it
-    resumed from: the steps lost since the previous attempt's last known step and, after a
-    restart, the seconds from the failure being seen to training again (to within one progress
-    interval: the report arrives with a progress scrape). New pods of the same attempt (its Job
-    suspended and resumed) resume too: their other step counts the same way, but is no restart."""
+) -> tuple[float | None, str | None]:
+    """status.checkpoints and CheckpointsDurable. On each report of a new resume (the gang
+    re-formed: a new attempt, around a replaced pod, or after a suspend): the steps lost since
+    the last step read and, when a restart was under way, the seconds from its failure being
+    seen to the gang training again (rank 0 says when it resumed). Returns those seconds, and
+    the message of a restart that no pass saw begin (a pod replaced while no operator ran)."""
     ckpt = dict(prev.get("checkpoints") or {})
     if observed.store is not None:
         ckpt.update(observed.store.to_status())
         conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
-    resumed, restart_seconds = observed.resumed_from_step, None
-    new_attempt = resumed is not None and ckpt.get("attempt") != attempt
-    # A pod reports one resume step for its life; another one in the same attempt is new pods.
-    new_pods = resumed is not None and not new_attempt and resumed != ckpt.get("resumedFromStep")
-    if new_attempt or new_pods:
+    resumed, at = observed.resumed_from_step, observed.resumed_at
+    restart_seconds, unseen = None, None
+    if resumed is not None and _new_resume(ckpt, attempt, resumed, at):
         last_step = int((prev.get("progress") or {}).get("step") or 0)
         ckpt["stepsLost"] = int(ckpt.get("stepsLost") or 0) + max(last_step - resumed, 0)
+        if restarting(ckpt):
+            restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), at or observed.now)
+        elif (
+            at is not None and ckpt.get("attempt") == attempt and not _resumed_by_user(conds, ckpt)
+        ):
+            # The gang re-formed within the attempt, neither after a suspend nor after a stop
+            # some pass saw: a pod was replaced while no operator ran. It is a disruption too.
+            status["disruptions"] = int(prev.get("disruptions") or 0) + 1
+            unseen = (
+                f"the gang re-formed around a replaced pod and resumed from step {resumed} "
+                "(the pod was stopped while the operator was not running; a disruption does not "
+                "count against runPolicy.backoffLimit)"
+            )
         ckpt["resumedFromStep"], ckpt["attempt"] = resumed, attempt
-        if new_attempt and attempt > 1:
-            restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), observed.now)
+        ckpt["lastResumeTime"] = at or observed.now
     if ckpt:
         status["checkpoints"] = ckpt
-    return restart_seconds
+    return restart_seconds, unseen
+
+
+def _resumed_by_user(conds: _Conditions, ckpt: Obj) -> bool:
+    """Whether runPolicy.suspend was lifted since the gang last resumed: its new pods resume."""
+    suspended = conds.by_type.get(CT.SUSPENDED) or {}
+    lifted = suspended.get("reason") == Reason.RESUMED
+    return lifted and _later(suspended.get("lastTransitionTime"), ckpt.get("lastResumeTime"))
+
+
+def _new_resume(ckpt: Obj, attempt: int, resumed: int, at: str | None) -> bool:
+    """Whether rank 0's report is a resume not yet recorded."""
+    if ckpt.get("attempt") != attempt:
+        return True
+    if at is None:  # a trainer that does not say when: new pods resume from another step
+        return resumed != ckpt.get("resumedFromStep")
+    return _later(at, ckpt.get("lastResumeTime"))
+
+
+def restarting(ckpt: Obj) -> bool:
+    """A gang restart is under way: its failure was seen after the gang last resumed."""
+    return _later(ckpt.get("lastRestartTime"), ckpt.get("lastResumeTime"))
+
+
+def _later(a: str | None, b: str | None) -> bool:
+    """Whether RFC 3339 time `a` is later than `b` (any time is later than none)."""
+    ta, tb = _time(a), _time(b)
+    return ta is not None and (tb is None or ta > tb)
+
+
+def _time(ts: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+    except ValueError:
+        return None
 
 
 def _suspended_here(conds: _Conditions) -> bool:
@@ -419,7 +463,8 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     # Restarts a disruption caused: attempts minus these is what backoffLimit bounds.
     disruptions = int(prev.get("disruptions") or 0)
     requeue_after: float | None = None
-    restart_seconds = _checkpoints(status, prev, conds, observed, attempts)
+    restart_seconds, rejoin = _checkpoints(status, prev, conds, observed, attempts)
+    restarted = rejoin is not None
     terminal = prev.get("phase") in TERMINAL and (
         conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
     )
@@ -461,6 +506,7 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
                 "lastRestartTime": observed.now,
             }
             actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+            restarted = True
             if out.disruption:
                 status["disruptions"] = disruptions + 1
                 msg = (
@@ -509,6 +555,8 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             _resume(conds, policy, out, wl)
             if out.state is State.RUNNING:
                 status["startTime"] = status.get("startTime") or observed.now
+            began = _restart_in_place(status, prev, conds, out, observed.now)
+            rejoin, restarted = rejoin or began, restarted or began is not None
             if out.stuck is not None:
                 # Rank 0 may run, but the gang cannot train without the stuck pod.
                 conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
@@ -532,15 +580,50 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     return Plan(
         status=status,
         actions=actions,
-        transitions=_transitions(prev, status),
+        transitions=_with_restart(_transitions(prev, status), rejoin),
         restart_seconds=restart_seconds,
+        restarted=restarted,
         requeue_after=requeue_after,
     )
 
 
+def _restart_in_place(
+    status: Obj, prev: Obj, conds: _Conditions, out: Outcome, now: str
+) -> str | None:
+    """A pod of the running attempt was stopped (out.leaving): the Job controller replaces it and
+    the rest of the gang rejoins it from the checkpoint the gang saved. The first pass to see it
+    records the restart (a disruption: backoffLimit is not spent) and returns its message; until
+    every pod runs again (the stopped one gone, its replacement running), Running is False with
+    reason Restarting."""
+    ckpt = status.setdefault("checkpoints", {})
+    leaving, began = out.leaving, None
+    old = next((c for c in prev.get("conditions") or [] if c.get("type") == CT.RUNNING), {})
+    under_way = old.get("status") == "False" and old.get("reason") == Reason.RESTARTING
+    since = (leaving.since or now) if leaving is not None else None
+    # A pod stopped after the last restart and resume: a Failed pod that the kubelet evicted
+    # stays listed after its replacement joined, and is not a new restart.
+    new = _later(since, ckpt.get("lastRestartTime")) and _later(since, ckpt.get("lastResumeTime"))
+    if leaving is not None and new and not under_way:
+        ckpt["lastRestartTime"] = since
+        status["disruptions"] = int(prev.get("disruptions") or 0) + 1
+        began = (
+            f"{leaving.what}: the Job replaces that pod, and the rest of the gang rejoins it in "
+            "place from the checkpoint the gang saved as it stopped (a disruption does not count "
+            "against runPolicy.backoffLimit)"
+        )
+        conds.set(CT.RUNNING, False, Reason.RESTARTING, began)
+    elif under_way and (out.unstarted or (leaving is not None and leaving.terminating)):
+        conds.set(CT.RUNNING, False, Reason.RESTARTING, old.get("message") or "")
+    return began
+
+
 def _pending_seconds(observed: Observed) -> int | None:
-    """Seconds since the attempt's Job started (`job_started`); None when it cannot be told."""
-    started = job_started(observed.job) if observed.job else None
+    """Seconds the stuck pod has waited: since it was made (a replacement pod), else since the
+    attempt's Job started (`job_started`); None when it cannot be told."""
+    stuck = observed.outcome.stuck
+    started = (stuck.since if stuck else None) or (
+        job_started(observed.job) if observed.job else None
+    )
     return max(_seconds(started, observed.now), 0) if started else None
 
 
@@ -578,6 +661,16 @@ def _spent(policy: RunPolicy) -> str:
         f"runPolicy.activeDeadlineSeconds ({policy.active_deadline_seconds} s for the whole job, "
         "every attempt together) ran out"
     )
+
+
+def _with_restart(
+    transitions: list[tuple[str, str, str]], rejoin: str | None
+) -> list[tuple[str, str, str]]:
+    """An in-place restart gets its Event even when a stuck replacement pod's reason took the
+    Running condition in the same pass."""
+    if rejoin is None or any(reason == Reason.RESTARTING for _, reason, _ in transitions):
+        return transitions
+    return [*transitions, (f"Not{CT.RUNNING}", Reason.RESTARTING, rejoin)]
 
 
 def _transitions(prev: Obj, new: Obj) -> list[tuple[str, str, str]]:

@@ -21,7 +21,7 @@ from fixtures.cluster import (
 from fixtures.kube import Kube
 
 if TYPE_CHECKING:
-    from fixtures.operator import Operator
+    from fixtures.operator import Operator, Rank0Metrics
 
 pytest_plugins = ["fixtures.operator"]
 
@@ -47,6 +47,16 @@ def wait_pods(kube: Kube, wait_until: WaitUntil, ns: str, name: str, attempt: in
         timeout=60,
         message=f"2 pods of attempt {attempt}",
     )
+
+
+def live_pods(kube: Kube, namespace: str, name: str, attempt: int = 1) -> list[Obj]:
+    """The attempt's pods that have not failed: a replaced pod stays listed, Failed."""
+    return [p for p in pods(kube, namespace, name, attempt) if p["status"].get("phase") != "Failed"]
+
+
+def restart_events(kube: Kube, namespace: str, name: str) -> list[str]:
+    events = kube.list("Event", namespace, fields=f"involvedObject.name={name}")
+    return [e["message"] for e in events if e["reason"] == "Restarting"]
 
 
 def stopped(pod: Obj, exit_code: int, message: str, at: str) -> Obj:
@@ -94,6 +104,92 @@ def test_an_eviction_restarts_the_gang_without_spending_the_backoff_limit(
     assert failed["reason"] == "BackoffLimitExceeded"
     assert failed["message"].startswith("1 attempt(s) failed (and 1 disrupted")
     assert (status["attempts"], status["disruptions"]) == (2, 1)
+
+
+def test_a_stopped_pod_is_replaced_and_the_gang_rejoins_it_in_place(
+    operator: Operator,
+    kube: Kube,
+    namespace: str,
+    wait_until: WaitUntil,
+    rank0_metrics: Rank0Metrics,
+) -> None:
+    """`kubectl delete pod` of rank 1: its trainer saves with the gang and exits 143, which the
+    Job's podFailurePolicy ignores, so the real Job controller replaces just that pod. Rank 0's
+    pod stays (its ranks rejoin), the attempt and its Job stay, and the restart is a disruption:
+    with backoffLimit 0 the job goes on, and it is timed to rank 0's report of the resume."""
+    kube.apply(ftj_manifest("rejoin", namespace, runPolicy={"backoffLimit": 0}))
+    first = wait_pods(kube, wait_until, namespace, "rejoin", 1)
+    job_uid = kube.get("Job", "rejoin", namespace)["metadata"]["uid"]
+    started = "2026-01-01T00:00:00Z"
+    rank0_metrics.set(step=12, total=100, resumed=0, resumed_at=1767225600.0)  # = started
+    for pod in first:
+        patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1"))
+    wait_until(
+        lambda: ftj_status(kube, namespace, "rejoin").get("progress", {}).get("step") == 12,
+        timeout=60,
+        message="progress of the first gang",
+    )
+    assert ftj_status(kube, namespace, "rejoin")["checkpoints"]["lastResumeTime"] == started
+
+    # Rank 1 got SIGTERM at 00:01:00, the gang saved step 12, and its trainer exited 143.
+    stopped_rank1 = json.dumps(
+        {"status": "Failed", "reason": "Interrupted", "message": "stopped by SIGTERM at step 12"}
+    )
+    patch_pod_status(
+        kube,
+        namespace,
+        first[1]["metadata"]["name"],
+        stopped(first[1], 143, stopped_rank1, "2026-01-01T00:01:00Z"),
+    )
+    restarting = wait_until(
+        lambda: (s := ftj_status(kube, namespace, "rejoin")).get("disruptions") == 1 and s,
+        timeout=60,
+        message="the restart recorded",
+    )
+    assert restarting["attempts"] == 1
+    assert restarting["checkpoints"]["lastRestartTime"] == "2026-01-01T00:01:00Z"
+    # Running is False: Restarting, or (here, with no node for the replacement) Unschedulable.
+    assert condition(restarting, "Running")["status"] == "False"
+    restarts = wait_until(
+        lambda: restart_events(kube, namespace, "rejoin"), timeout=30, message="the Event"
+    )
+    assert len(restarts) == 1, restarts
+    assert restarts[0].startswith(f"pod {first[1]['metadata']['name']} got SIGTERM: the Job")
+    assert "rejoins it in place" in restarts[0]
+
+    # The Job controller made a new pod for index 1; rank 0's pod is the same one.
+    live = wait_until(
+        lambda: (p := live_pods(kube, namespace, "rejoin")) and len(p) == 2 and p,
+        timeout=60,
+        message="a replacement for index 1",
+    )
+    assert live[0]["metadata"]["uid"] == first[0]["metadata"]["uid"]
+    assert live[1]["metadata"]["uid"] != first[1]["metadata"]["uid"]
+    assert kube.get("Job", "rejoin", namespace)["metadata"]["uid"] == job_uid
+    patch_pod_status(
+        kube, namespace, live[1]["metadata"]["name"], running_status(live[1], "127.0.0.1")
+    )
+    # The re-formed gang resumed from step 12 at 00:01:25: a 25 s restart, no step lost.
+    rank0_metrics.set(step=13, total=100, resumed=12, resumed_at=1767225685.0)
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kube, namespace, "rejoin"))["checkpoints"].get("resumedFromStep") == 12
+            and s
+        ),
+        timeout=60,
+        message="the resume of the re-formed gang",
+    )
+    assert status["checkpoints"]["lastResumeTime"] == "2026-01-01T00:01:25Z"
+    assert (status["checkpoints"]["stepsLost"], status["attempts"]) == (0, 1)
+    assert condition(status, "Running")["status"] == "True"
+    assert status["phase"] == "Running"
+    observed = [
+        line
+        for line in operator.metrics().splitlines()
+        if line.startswith("finetune_operator_restart_seconds_sum")
+    ]
+    assert observed == ["finetune_operator_restart_seconds_sum 25.0"]
+    assert len(restart_events(kube, namespace, "rejoin")) == 1  # one restart, one Event
 
 
 def test_pods_that_cannot_start_say_why_and_end_the_job(

@@ -8,13 +8,15 @@ started with --test-faults) and one Hub token, and every job applied at once, ea
 own scenario thread while the others train; the tests then wait for their scenario and assert.
 The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing every 5 steps:
 
-- ft-chain: the operator pod and rank 1's pod are deleted together (the new operator must find
-  the failed gang and restart it); then rank 0's pod. Each restart resumes from the SIGTERM
-  checkpoint;
+- ft-chain: the operator pod and rank 1's pod are deleted together (the Job controller replaces
+  the pod and the gang rejoins it with no operator running; the new operator must record that
+  restart); then rank 0's pod. Each restart is in place (the same attempt, one more disruption)
+  and resumes from the SIGTERM checkpoint;
 - ft-drain: `kubectl drain` of the worker node (only this job's pods are evicted, so the Hub
-  double, the operator and CoreDNS stay), then uncordon; once the next attempt trains,
-  runPolicy.suspend true, and false once its pods are gone: the same attempt resumes from the
-  SIGTERM checkpoint (two faults a job, balanced, so that no job's chain decides the wall time);
+  double, the operator and CoreDNS stay), then uncordon: the evicted pod is replaced in place;
+  once the gang trains again, runPolicy.suspend true, and false once its pods are gone: the same
+  attempt resumes from the SIGTERM checkpoint (two faults a job, balanced, so that no job's
+  chain decides the wall time);
 - ft-hang: rank 1's trainer process stopped with SIGSTOP (kubectl exec); rank 0's watchdog ends
   the attempt after hangTimeoutSeconds=20 (CollectiveTimeout) and the gang restarts from its last
   periodic checkpoint; its evaluation gate cannot pass, so it ends EvaluationGateFailed and
@@ -29,8 +31,9 @@ end: no two attempts' pods ever alive together, exactly one Job/Service/ConfigMa
 the current attempt only, and the Hub token in no log, Event or status.
 
 Pods and FineTuneJobs are followed with `kubectl get --watch` (every change, with the time it
-arrived), so restart times are measured from the fault to the operator's first report of the new
-attempt training, and termination messages are read even from pods deleted a moment later.
+arrived), so restart times are measured from the fault to the operator's first report of the
+gang training again (and to rank 0's own resume time, `lastResumeTime`), and termination
+messages are read even from pods deleted a moment later.
 Timings (restart seconds, operator convergence, each scenario) land in
 test-results/kind-e2e-timings.json, every trainer pod's log in test-results/kind-faults-pod-logs/;
 a failure leaves diagnostics in test-results/kind-logs/faults-<time>/.
@@ -51,6 +54,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,6 +138,8 @@ class View:
         self.pods: dict[str, Obj] = {}
         # (job, attempt, rank) -> the trainer's result, from its termination message
         self.results: dict[tuple[str, int, int], Obj] = {}
+        # pod name -> (exit code, result) of its trainer container
+        self.exits: dict[str, tuple[int | None, Obj]] = {}
         self.overlaps: list[str] = []
         # pod name -> (job, attempt, rank), in the order the pods appeared
         self.pod_meta: dict[str, tuple[str, int, int]] = {}
@@ -233,6 +239,9 @@ class View:
                     self.results[(job, attempt, rank)] = json.loads(message)
                 except ValueError:
                     self.results[(job, attempt, rank)] = {"raw": message[-500:]}
+            if state.get("terminated"):
+                code = state["terminated"].get("exitCode")
+                self.exits[name] = (code, self.results.get((job, attempt, rank)) or {})
         alive = {
             int((p["metadata"].get("labels") or {}).get(ATTEMPT_LABEL, 0))
             for p in self.pods.values()
@@ -409,33 +418,45 @@ class Suite:
 
         return self.view.wait(f"{job} attempt {attempt} to train {steps} steps", probe)
 
-    def wait_restarted(self, job: str, attempt: int, fault: str, t_fault: float, step: int) -> Obj:
-        """Wait for attempt `attempt` to train; record the restart (fault -> training again)."""
+    def last_resume(self, job: str) -> str | None:
+        """When the operator last recorded the gang resuming (rank 0's report)."""
+        return (self.view.status(job).get("checkpoints") or {}).get("lastResumeTime")
+
+    def wait_restarted(
+        self, job: str, attempt: int, fault: str, t_fault: float, step: int, resumed: str | None
+    ) -> Obj:
+        """Wait for the gang to train again in attempt `attempt` (the same one for a restart in
+        place), resumed after `resumed` (lastResumeTime before the fault); record the restart:
+        fault -> the operator's report of it, and fault -> rank 0's own resume time."""
+        t_wall = time.time() - (time.monotonic() - t_fault)
 
         def probe() -> Obj | None:
             seen = training_attempt(self.view, job)
-            if seen is None or seen[0] != attempt:
+            if seen is None or seen[0] != attempt or self.last_resume(job) == resumed:
                 return None
             ckpt = self.view.status(job).get("checkpoints") or {}
             return {
                 "resumedFromStep": ckpt.get("resumedFromStep"),
                 "stepsLost": ckpt.get("stepsLost"),
+                "lastResumeTime": ckpt.get("lastResumeTime"),
             }
 
         got = self.view.wait(f"{job} attempt {attempt} training after {fault}", probe)
         seconds = round(time.monotonic() - t_fault, 1)
         entry = {"job": job, "fault": fault, "attempt": attempt, "stepAtFault": step, **got}
         entry["seconds"] = seconds
-        # Where the time went: the operator seeing the failure (it records the next attempt),
-        # the new pods running (their containers started), the trainer resumed (reported).
+        # Where the time went: the operator seeing the failure (it records the restart: one more
+        # disruption, or the next attempt), the new pods running (their containers started),
+        # the trainer resumed (reported).
         with self.view.cond:
+            history = [(t, o.get("status") or {}) for t, n, o in self.view.ftj_history if n == job]
+            before = next((st for t, st in reversed(history) if t < t_fault), {})
             seen = next(
                 (
                     t
-                    for t, n, o in self.view.ftj_history
-                    if n == job
-                    and t >= t_fault
-                    and (o.get("status") or {}).get("attempts", 0) >= attempt
+                    for t, st in history
+                    if t >= t_fault
+                    and any(st.get(k, 0) > before.get(k, 0) for k in ("disruptions", "attempts"))
                 ),
                 None,
             )
@@ -445,6 +466,12 @@ class Suite:
                 if meta[:2] == (job, attempt) and p in self.view.running_at
             ]
         entry["failureSeenAfter"] = round(seen - t_fault, 1) if seen else None
+        # The restart as rank 0 timed it (its resume, to the second), without the operator's
+        # progress interval: the figure to compare with the 30 s target.
+        at = got.get("lastResumeTime")
+        if at:
+            resumed_at = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+            entry["trainerResumedAfter"] = round(resumed_at - t_wall, 1)
         entry["podsRunningAfter"] = round(max(starts) - t_fault, 1) if starts else None
         self.restarts.append(entry)
         self.timing.record(f"faults_restart_{job}_attempt{attempt}_{fault}", seconds)
@@ -488,10 +515,25 @@ def is_ready(pod: Obj) -> bool:
     )
 
 
+def others_training(view: View, job: str) -> dict[str, str]:
+    """The FineTuneJobs other than `job` that train (Running, a pod running, progress read),
+    with the time of their last progress report."""
+    with view.cond:
+        return {
+            name: (st.get("progress") or {}).get("updatedAt")
+            for name, ftj in view.ftjs.items()
+            if (st := ftj.get("status") or {}).get("phase") == "Running"
+            and (st.get("progress") or {}).get("updatedAt")
+            and name != job
+            and any((p.get("status") or {}).get("phase") == "Running" for p in view.job_pods(name))
+        }
+
+
 def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
-    """Delete the operator pod and, while no operator runs, rank 1 of `job`: the new operator
-    must find that gang failed and restart it, and bring every status up to date, within
-    CONVERGE_S of its pod being ready."""
+    """Delete the operator pod and, while no operator runs, rank 1 of `job`: the Job controller
+    replaces that pod and the gang rejoins it without the operator, and the new operator must
+    record that restart and bring every status up to date, within CONVERGE_S of its pod being
+    ready."""
     rel, view = suite.release, suite.view
     old = [p for p in operator_pods(suite) if is_ready(p)]
     assert len(old) == 1, [p["metadata"]["name"] for p in old]
@@ -500,7 +542,11 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
         "-n", rel["namespace"], "logs", old_name, "--all-containers", "--tail=-1"
     )
     rank1 = suite.rank_pod(job, 1, 1)
+    record["deletedPods"] = [rank1["metadata"]["name"]]
+    # Some other job must be training, for the new operator to have a status to bring up to date.
+    training = view.wait("another job training", lambda: others_training(view, job))
     step = int((view.status(job).get("progress") or {}).get("step") or 0)
+    resumed, disrupted = suite.last_resume(job), int(view.status(job).get("disruptions") or 0)
     t_fault = time.monotonic()
     suite.kube("-n", rel["namespace"], "delete", "pod", old_name, "--wait=false")
     suite.delete_pod(rank1)
@@ -516,37 +562,34 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     record["operatorPod"] = new["metadata"]["name"]
     record["deleteToReadySeconds"] = round(t_ready - t_fault, 1)
     suite.timing.record("faults_operator_delete_to_ready", t_ready - t_fault)
-    # Everything that trains when the new operator is ready must show a status written after it.
-    with view.cond:
-        training = {
-            name: (st.get("progress") or {}).get("updatedAt")
-            for name, ftj in view.ftjs.items()
-            if (st := ftj.get("status") or {}).get("phase") == "Running"
-            and (st.get("progress") or {}).get("updatedAt")
-            and name != job
-            and any((p.get("status") or {}).get("phase") == "Running" for p in view.job_pods(name))
-        }
-
+    # Everything that trained at the fault must show a status written after the new operator
+    # was ready: its progress read again (or its end recorded).
+    ready_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     times: dict[str, float] = {}
 
     def converged() -> Obj | None:
         now = round(time.monotonic() - t_ready, 1)
-        if job not in times and int(view.status(job).get("attempts") or 0) >= 2:
-            times[job] = now  # the gang that failed while no operator ran: restarted
-        for n, before in training.items():
+        for n in training:
             st = view.status(n)
             if n not in times and (
-                st.get("phase") != "Running"
-                or (st.get("progress") or {}).get("updatedAt") != before
+                st.get("phase") in ("Succeeded", "Failed")
+                or ((st.get("progress") or {}).get("updatedAt") or "") >= ready_at
             ):
                 times[n] = now  # a status written by the new operator
-        if len(times) < len(training) + 1:
+        if len(times) < len(training):
             return None
         return {"restartedGang": job, "refreshed": sorted(training), "secondsByJob": dict(times)}
 
     got = view.wait("status to converge after the operator restart", converged, timeout=120)
     seconds = time.monotonic() - t_ready
     record.update(got, convergeSeconds=round(seconds, 1))
+    # The gang that restarted while no operator ran is recorded once it trains again: the pod
+    # that left is gone, so only rank 0's report of the re-formed gang tells the new operator.
+    view.wait(
+        f"{job}'s restart recorded by the new operator",
+        lambda: int(view.status(job).get("disruptions") or 0) > disrupted,
+    )
+    record["restartRecordedAfterReady"] = round(time.monotonic() - t_ready, 1)
     # The new operator found every child in place: one of each per FineTuneJob, no second Job.
     items = suite.kube.json("-n", suite.ns, "get", "jobs,services,configmaps", "-l", JOB_LABEL)
     kinds: dict[str, list[str]] = {}
@@ -555,7 +598,9 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     record["childrenAfterRestart"] = {k: sorted(v) for k, v in sorted(kinds.items())}
     suite.timing.record("faults_operator_ready_to_converged", seconds)
     print(f"[faults] operator restart: {record}")
-    record["restart"] = suite.wait_restarted(job, 2, "operator+rank1-delete", t_fault, step)
+    record["restart"] = suite.wait_restarted(
+        job, 1, "operator+rank1-delete", t_fault, step, resumed
+    )
 
 
 def suspend_and_resume(suite: Suite, job: str, attempt: int, record: Obj) -> None:
@@ -638,11 +683,15 @@ def chain_scenario(suite: Suite, record: Obj) -> None:
         raise
     operator.finish()
     record["restarts"] = [operator.record["restart"]]
+    record["deletedPods"] = operator.record["deletedPods"]
 
-    step = suite.wait_trained(job, 2)
+    # The same attempt trains on: only rank 1's pod was replaced.
+    step = suite.wait_trained(job, 1)
+    rank0, resumed = suite.rank_pod(job, 1, 0), suite.last_resume(job)
+    record["deletedPods"].append(rank0["metadata"]["name"])
     t_fault = time.monotonic()
-    suite.delete_pod(suite.rank_pod(job, 2, 0))
-    record["restarts"].append(suite.wait_restarted(job, 3, "rank0-delete", t_fault, step))
+    suite.delete_pod(rank0)
+    record["restarts"].append(suite.wait_restarted(job, 1, "rank0-delete", t_fault, step, resumed))
 
     record["final"] = suite.wait_finished(job)
 
@@ -657,6 +706,7 @@ def drain_scenario(suite: Suite, record: Obj) -> None:
         ),
     )
     record["evicted"] = {"pod": on_worker["metadata"]["name"], "rank": pod_index(on_worker)}
+    resumed = suite.last_resume(job)
     t_fault = time.monotonic()
     try:
         out = suite.kube(
@@ -667,8 +717,8 @@ def drain_scenario(suite: Suite, record: Obj) -> None:
         record["drainOutput"] = out.strip().splitlines()[-3:]
     finally:
         suite.kube("uncordon", suite.worker)
-    record["restart"] = suite.wait_restarted(job, 2, "drain", t_fault, step)
-    suspend_and_resume(suite, job, 2, record)
+    record["restart"] = suite.wait_restarted(job, 1, "drain", t_fault, step, resumed)
+    suspend_and_resume(suite, job, 1, record)
     record["final"] = suite.wait_finished(job)
 
 
@@ -677,7 +727,7 @@ def hang_scenario(suite: Suite, record: Obj) -> None:
     # Past a periodic checkpoint, so that the restart has one to resume from (no SIGTERM
     # checkpoint here: the stopped rank cannot take part in one).
     step = suite.wait_trained(job, 1, CKPT_EVERY + 2)
-    rank1 = suite.rank_pod(job, 1, 1)
+    rank1, resumed = suite.rank_pod(job, 1, 1), suite.last_resume(job)
     t_fault = time.monotonic()
     out = suite.kube(
         "-n", suite.ns, "exec", rank1["metadata"]["name"], "-c", "trainer", "--",
@@ -689,7 +739,7 @@ def hang_scenario(suite: Suite, record: Obj) -> None:
     result = view.wait(f"{job} attempt 1 rank 0's result", lambda: view.results.get((job, 1, 0)))
     record["detectSeconds"] = round(time.monotonic() - t_fault, 1)
     record["attempt1Result"] = result
-    record["restart"] = suite.wait_restarted(job, 2, "sigstop", t_fault, step)
+    record["restart"] = suite.wait_restarted(job, 2, "sigstop", t_fault, step, resumed)
     record["final"] = suite.wait_finished(job)
 
 
@@ -973,13 +1023,18 @@ def test_rank1_then_rank0_deleted(suite: Suite, check: Checks) -> None:
     st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
     for restart in record["restarts"]:
         restart_within_bound(check, restart)
-    check(st.get("attempts") == 3, f"{CHAIN}: {st.get('attempts')} attempts, want 3")
+    # Restarts in place: one attempt, two disruptions (neither spends backoffLimit).
+    got = (st.get("attempts"), st.get("disruptions"))
+    check(got == (1, 2), f"{CHAIN}: (attempts, disruptions) {got}, want (1, 2)")
     steps_lost_within(check, st, CHAIN, CKPT_EVERY)
     perplexity_matches(check, suite, st, CHAIN)
     pushed_once(check, suite, st, CHAIN)
-    for attempt in range(1, 3):
-        reason = suite.view.results.get((CHAIN, attempt, 0), {}).get("reason")
-        check(reason == "Interrupted", f"{CHAIN}: attempt {attempt} rank 0 ended {reason!r}")
+    for name in record["deletedPods"]:
+        code, result = suite.view.exits.get(name, (None, {}))
+        check(
+            code == 143 and result.get("reason") == "Interrupted",
+            f"{CHAIN}: deleted pod {name} ended {code} {result}, not 143 Interrupted",
+        )
     children_unique(check, suite, CHAIN, st["attempts"], claim=False)
     check.finish()
 
@@ -989,7 +1044,7 @@ def test_drain_worker_node_then_suspend_resume(suite: Suite, check: Checks) -> N
     st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
     restart_within_bound(check, record["restart"])
     resume = record["resume"]
-    check(resume["attempt"] == 2, f"{DRAIN}: a suspend is no new attempt: {resume}")
+    check(resume["attempt"] == 1, f"{DRAIN}: a suspend is no new attempt: {resume}")
     for source in ("logResumedFromStep", "statusResumedFromStep"):
         check(
             resume[source] is not None and resume[source] >= record["stepAtSuspend"],
@@ -1001,7 +1056,8 @@ def test_drain_worker_node_then_suspend_resume(suite: Suite, check: Checks) -> N
         evicted in suite.view.disrupted,
         f"{DRAIN}: {evicted} was not evicted (no DisruptionTarget condition): {record}",
     )
-    check(st.get("attempts") == 2, f"{DRAIN}: {st.get('attempts')} attempts, want 2")
+    got = (st.get("attempts"), st.get("disruptions"))
+    check(got == (1, 1), f"{DRAIN}: (attempts, disruptions) {got}, want (1, 1)")
     steps_lost_within(check, st, DRAIN, CKPT_EVERY)
     perplexity_matches(check, suite, st, DRAIN)
     pushed_once(check, suite, st, DRAIN)

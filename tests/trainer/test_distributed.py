@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from trainer_helpers import Gang, deep_update
 
+from finetune_api.pod import ExitCode
+
 pytestmark = pytest.mark.slow
 # LoRA dropout draws random numbers every step, so an exact resume needs the RNG state back too.
 DROPOUT = {"peft": {"dropout": 0.1}}
@@ -140,15 +142,17 @@ def test_resume_after_the_gang_is_killed(
     assert resumed == (two_pods.workdir / "params-0.sha256").read_text(), result
 
 
-def test_sigterm_checkpoints_the_gang_and_the_next_attempt_resumes(
+def test_sigterm_checkpoints_the_gang_and_only_that_pod_restarts(
     causal_manifest: dict[str, Any],
     write_manifest: Callable[..., Path],
     gang: Callable[..., Gang],
     tmp_path: Path,
 ) -> None:
     """One pod deleted (evicted, preempted) gets SIGTERM: its launcher passes it on, the whole
-    gang finishes the step, saves a checkpoint off the periodic schedule and exits retryable;
-    the next attempt starts from that step."""
+    gang finishes the step and saves a checkpoint off the periodic schedule. That pod exits 143
+    (the Job's podFailurePolicy ignores it, and the Job controller replaces the pod); the other
+    pod stays and starts its ranks again, and with the replacement the gang resumes from that
+    step, in place: no new attempt."""
     doc = deep_update(
         causal_manifest,
         {"spec": {"training": {"maxSteps": 5000, "checkpointEverySteps": 100000}}},
@@ -159,27 +163,32 @@ def test_sigterm_checkpoints_the_gang_and_the_next_attempt_resumes(
         assert time.monotonic() < deadline, pods.log_text()[-4000:]
         assert all(p.poll() is None for p in pods.procs), pods.log_text()[-4000:]
         time.sleep(0.1)
-    pods.procs[1].send_signal(signal.SIGTERM)  # node 1's launcher only, as the kubelet does
-    assert pods.wait(timeout=60) == [1, 1], pods.log_text()[-4000:]
-    for proc in pods.procs:
-        with pytest.raises(ProcessLookupError):  # no rank outlived its pod
-            os.killpg(proc.pid, 0)
+    stopped = pods.procs[1]
+    stopped.send_signal(signal.SIGTERM)  # node 1's launcher only, as the kubelet does
+    assert stopped.wait(timeout=60) == ExitCode.INTERRUPTED == 143, pods.log_text()[-4000:]
+    with pytest.raises(ProcessLookupError):  # no rank outlived its pod
+        os.killpg(stopped.pid, 0)
+    rejoining = "a peer left the gang; starting this pod's ranks again to rejoin it (1 of"
+    while rejoining not in pods.logs[0].read_text():
+        assert time.monotonic() < deadline, pods.log_text()[-4000:]
+        assert pods.procs[0].poll() is None, pods.log_text()[-4000:]  # node 0 stays
+        time.sleep(0.1)
 
     saved = sorted((tmp_path / "checkpoints").glob("*/checkpoint-*/COMPLETE"))
     assert len(saved) == 1, saved
     step = int(saved[0].parent.name.split("-")[1])
     assert 100 <= step < 5000
-    result = pods.result(0)
-    assert (result["status"], result["reason"]) == ("Failed", "Interrupted"), result
-    assert f"at step {step}" in result["message"]
     assert pods.result(1) == {
         "rank": 1,
         "status": "Failed",
         "reason": "Interrupted",
-        "message": result["message"],
+        "message": f"stopped by SIGTERM at step {step}; the gang resumes there",
     }
+    result = pods.result(0)  # until rank 0's new process writes its own
+    assert (result["status"], result["reason"]) == ("Failed", "Interrupted"), result
+    assert result["message"].startswith(f"a peer got SIGTERM: the gang stopped at step {step}")
 
-    pods.start()
+    pods.replace(1)
     deadline = time.monotonic() + 180
     while f"resumed from step {step}" not in pods.log_text():
         assert time.monotonic() < deadline, pods.log_text()[-4000:]

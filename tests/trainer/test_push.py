@@ -101,7 +101,9 @@ def test_push_then_read_back_and_gate_blocks_push(
     assert read["diff"] == 0.0
     assert "model-index" in read["card"]
 
-    # A missed gate (perplexity is a maximum) pushes nothing and exits 4.
+    # A missed gate (perplexity is a maximum) pushes nothing and exits 4, on every pod. Each
+    # pod's result carries the verdict: the Job fails as soon as one pod exits 4, and the
+    # operator may read rank 1's pod before rank 0's has ended.
     gated = deep_update(
         doc,
         {
@@ -111,11 +113,17 @@ def test_push_then_read_back_and_gate_blocks_push(
             }
         },
     )
-    pods = gang(write_manifest(gated, "gated.yaml"), nodes=1, env=online).start()
-    assert pods.wait() == [4], pods.log_text()[-4000:]
+    pods = gang(write_manifest(gated, "gated.yaml"), nodes=2, env=online).start()
+    assert pods.wait() == [4, 4], pods.log_text()[-4000:]
     result = pods.result(0)
     assert (result["status"], result["reason"]) == ("Failed", "EvaluationGateFailed")
     assert "perplexity" in result["message"]
+    assert pods.result(1) == {
+        "rank": 1,
+        "status": "Failed",
+        "reason": "EvaluationGateFailed",
+        "message": result["message"],
+    }
     assert "revision" not in result  # the result message leaves out what is unset
     assert not _repo_exists(hub.endpoint, "tests/gated-lora")
 

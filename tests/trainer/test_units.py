@@ -116,6 +116,14 @@ def test_worst_exit_prefers_permanent_verdicts() -> None:
     assert worst_exit([0, 1]) == 1
     assert worst_exit([1, 4]) == 4
     assert worst_exit([4, 3, 1]) == 3
+    # SIGTERM here: the pod goes (143), and is replaced; a peer's SIGTERM: the pod rejoins (5).
+    assert worst_exit([143, 143]) == 143
+    assert worst_exit([5, 5]) == 5
+    assert worst_exit([5, 143]) == 143
+    # A crash beside either is a crash: the attempt fails.
+    assert worst_exit([5, 1]) == 1
+    assert worst_exit([143, 1]) == 1
+    assert worst_exit([143, 4]) == 4
 
 
 def test_checkpoints_atomic_discovery_and_rotation(tmp_path: Path) -> None:

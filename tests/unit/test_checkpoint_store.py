@@ -14,7 +14,7 @@ from finetune_api.validation import parse_manifest
 from finetune_operator import checkpoints
 from finetune_operator.lifecycle import Outcome, State
 from finetune_operator.render import owner_reference, render_checkpoint_claim, render_job
-from finetune_operator.scrape import parse_metrics, resumed_from_step
+from finetune_operator.scrape import parse_metrics, resumed_at, resumed_from_step
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observed, plan
 
@@ -222,3 +222,6 @@ def test_rank0s_resume_gauge_is_scraped() -> None:
     )
     assert resumed_from_step(parse_metrics(text)) == 40
     assert resumed_from_step(parse_metrics("")) is None
+    at = 'finetune_train_resumed_timestamp_seconds{rank="0"} 1767225685.5\n'
+    assert resumed_at(parse_metrics(at)) == "2026-01-01T00:01:25Z"
+    assert resumed_at(parse_metrics("")) is None

@@ -1205,3 +1205,141 @@ def test_a_new_job_is_looked_at_again_until_its_pods_start() -> None:
         30,
         60,
     ]
+
+
+# ---- a stopped pod is replaced, and the gang rejoins it in place -----------------------------
+
+STOPPED_HERE = json.dumps(
+    {"status": "Failed", "reason": "Interrupted", "message": "stopped by SIGTERM at step 12"}
+)
+RUNNING_GANG = {
+    "phase": "Running",
+    "attempts": 1,
+    "progress": {"step": 12, "totalSteps": 90},
+    "checkpoints": {"attempt": 1, "resumedFromStep": 0, "lastResumeTime": "2026-01-01T00:00:00Z"},
+    "conditions": [{"type": "Running", "status": "True", "reason": "PodsRunning"}],
+}
+
+
+def test_a_pod_stopped_with_exit_143_restarts_in_place_as_a_disruption() -> None:
+    # Rank 1 got SIGTERM at 00:01:00 and exited 143 (the Job ignores it); rank 0 runs on.
+    pods_ = [pod(0, "Running"), ended(1, 143, STOPPED_HERE, at="2026-01-01T00:01:00Z")]
+    out = observe_job(batch_job(parallelism=2), pods_)
+    assert out.state is State.RUNNING and out.leaving is not None
+    assert out.leaving.what == "pod demo-1-abcde got SIGTERM"
+    result = plan(ftj(RUNNING_GANG, backoffLimit=0), observed(batch_job(parallelism=2), pods_))
+    assert result.actions == [] and result.restarted
+    assert (result.status["attempts"], result.status["disruptions"]) == (1, 1)
+    assert result.status["checkpoints"]["lastRestartTime"] == "2026-01-01T00:01:00Z"
+    running = cond(result.status, "Running")
+    assert running is not None and running["reason"] == "Restarting"
+    assert running["message"].startswith("pod demo-1-abcde got SIGTERM: the Job replaces")
+    assert ("NotRunning", "Restarting") in [t[:2] for t in result.transitions]
+    # The next pass sees the same pod (and its replacement, not started): no second restart.
+    again = plan(ftj(result.status, backoffLimit=0), observed(batch_job(parallelism=2), pods_))
+    assert not again.restarted and again.status["disruptions"] == 1
+    assert cond(again.status, "Running")["reason"] == "Restarting"  # type: ignore[index]
+    # The replacement runs and rank 0 reports the re-formed gang's resume, 25 s after the stop.
+    back = [pod(0, "Running"), pods_[1], pod(1, "Running")]
+    resumed = plan(
+        ftj(again.status, backoffLimit=0),
+        observed(
+            batch_job(parallelism=2),
+            back,
+            resumed_from_step=12,
+            resumed_at="2026-01-01T00:01:25Z",
+            progress={"step": 13, "totalSteps": 90},
+        ),
+    )
+    assert resumed.restart_seconds == 25.0 and not resumed.restarted
+    ckpt = resumed.status["checkpoints"]
+    assert (ckpt["resumedFromStep"], ckpt["stepsLost"], ckpt["attempt"]) == (12, 0, 1)
+    assert ckpt["lastResumeTime"] == "2026-01-01T00:01:25Z"
+    assert cond(resumed.status, "Running")["status"] == "True"  # type: ignore[index]
+    # The stopped pod, still listed, is no new restart once the gang resumed.
+    later = plan(ftj(resumed.status, backoffLimit=0), observed(batch_job(parallelism=2), back))
+    assert not later.restarted and later.status["disruptions"] == 1
+    assert later.restart_seconds is None
+
+
+def test_a_terminating_pod_is_timed_from_its_deletion() -> None:
+    """While the stopped pod saves, it is terminating: its deletion started at
+    deletionTimestamp minus the grace period."""
+    going = pod(1, "Running")
+    going["metadata"].update(
+        name="demo-1-abcde",
+        deletionTimestamp="2026-01-01T00:01:30Z",
+        deletionGracePeriodSeconds=30,
+    )
+    result = plan(ftj(RUNNING_GANG), observed(batch_job(parallelism=2), [pod(0, "Running"), going]))
+    assert result.restarted
+    assert result.status["checkpoints"]["lastRestartTime"] == "2026-01-01T00:01:00Z"
+
+
+def test_a_crashed_pod_is_no_in_place_restart() -> None:
+    """Exit 1 is a crash: the Job fails the attempt (backoffLimit 0), which the Job's own
+    conditions say; until then the pod is not read as replaced."""
+    pods_ = [pod(0, "Running"), ended(1, 1, CRASHED, at="2026-01-01T00:01:00Z")]
+    assert observe_job(batch_job(parallelism=2), pods_).leaving is None
+
+
+def test_a_replacement_pod_waits_from_its_own_creation() -> None:
+    """pendingTimeoutSeconds counts from when the stuck (replacement) pod was made, not from
+    the Job's start an hour earlier."""
+    stuck = pod(1, "Pending")
+    stuck["metadata"].update(name="demo-1-xyz", creationTimestamp=NOW)
+    stuck["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no"}
+    ]
+    job = batch_job(parallelism=2)
+    job["status"]["startTime"] = "2025-12-31T23:00:00Z"
+    result = plan(ftj(RUNNING_GANG), observed(job, [pod(0, "Running"), stuck]))
+    assert cond(result.status, "Failed") is None
+    assert cond(result.status, "Running")["reason"] == "Unschedulable"  # type: ignore[index]
+
+
+def test_a_pod_replaced_while_no_operator_ran_is_found_by_the_resume() -> None:
+    """The operator was down while a pod was stopped and replaced: no pass saw the pod go, but
+    rank 0 reports a newer resume within the same attempt. That is a disruption too."""
+    back = [pod(0, "Running"), pod(1, "Running")]
+    found = plan(
+        ftj(RUNNING_GANG),
+        observed(
+            batch_job(parallelism=2),
+            back,
+            resumed_from_step=12,
+            resumed_at="2026-01-01T00:02:00Z",
+            progress={"step": 13, "totalSteps": 90},
+        ),
+    )
+    assert found.restarted and found.status["disruptions"] == 1
+    assert found.status["attempts"] == 1 and found.restart_seconds is None
+    assert found.status["checkpoints"]["lastResumeTime"] == "2026-01-01T00:02:00Z"
+    assert any(
+        reason == "Restarting" and "resumed from step 12" in message
+        for _, reason, message in found.transitions
+    )
+
+
+def test_new_pods_after_a_suspend_resume_without_a_restart() -> None:
+    lifted = {
+        **RUNNING_GANG,
+        "conditions": [
+            *RUNNING_GANG["conditions"],
+            {
+                "type": "Suspended",
+                "status": "False",
+                "reason": "Resumed",
+                "lastTransitionTime": "2026-01-01T00:01:00Z",
+            },
+        ],
+    }
+    back = [pod(0, "Running"), pod(1, "Running")]
+    result = plan(
+        ftj(lifted),
+        observed(
+            batch_job(parallelism=2), back, resumed_from_step=12, resumed_at="2026-01-01T00:02:00Z"
+        ),
+    )
+    assert not result.restarted and not result.status.get("disruptions")
+    assert result.status["checkpoints"]["resumedFromStep"] == 12

@@ -1,13 +1,16 @@
 """Process spawning: the ranks of one pod, and the whole gang on one machine.
 
-`train_pod` is what a pod runs (`finetune train`): it reads the rendezvous the operator gave it
-and starts one `python -m finetune_trainer.rank` per local rank. `run_local` (`finetune run`)
+`train_pod` is what a pod runs (`finetune train`): it reads the rendezvous the operator gave it,
+imports the trainer once, and forks one rank per local rank (a fresh `python -m
+finetune_trainer.rank` where forking is not safe); when a peer's pod is replaced, it starts them
+again to rejoin the gang. `run_local` (`finetune run`)
 plays every pod on this machine: it gives each node exactly the env a pod gets, derives its
 rendezvous the way a pod does, starts that node's ranks, and shows their progress.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
@@ -31,6 +35,90 @@ from finetune_trainer.env import Rendezvous, configure_hub_env, omp_threads
 # notice on their own before they are terminated.
 FAILURE_GRACE_S = 15.0
 _STEP_LINE = re.compile(r"\[rank 0\].*step=(\d+)/(\d+)")
+
+
+class RankProcess(Protocol):
+    """What `supervise` needs of a rank process: subprocess.Popen's names."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def send_signal(self, sig: int) -> None: ...
+    def terminate(self) -> None: ...
+
+
+class ForkedRank:
+    """A rank forked from `finetune train` after it imported the trainer, so that the rank
+    starts without importing torch, transformers and peft again; Popen's names."""
+
+    def __init__(self, manifest: Path, env: Mapping[str, str]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the rank
+            code = 1
+            try:
+                code = _run_rank(manifest, env)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _run_rank(manifest: Path, env: Mapping[str, str]) -> int:
+    """In a forked rank: its env, the default signal actions (not the launcher's forwarding),
+    then what `python -m finetune_trainer.rank` runs."""
+    from finetune_trainer import rank
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    # As PYTHONUNBUFFERED does for a spawned rank: its lines reach the pod log as written.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env)
+    return rank.main([str(manifest)])
+
+
+def preload_trainer() -> bool:
+    """Import the trainer here, in `finetune train`, so that its ranks are forked with it loaded:
+    a gang that re-forms around a replaced pod starts again without importing torch,
+    transformers and peft (seconds of CPU per rank) on the pods that stayed. Returns whether
+    forking is safe: a child cannot use CUDA once this process initialised it, so torch checks
+    for GPUs through NVML, and if something initialised CUDA anyway the ranks are spawned."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    import finetune_trainer.train  # noqa: F401  (the import is the point)
+
+    return not torch.cuda.is_initialized()
+
+
+def fork_ranks(manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]) -> list[ForkedRank]:
+    """`start_ranks` for a process that has imported the trainer (`preload_trainer`)."""
+    base = {**env, "PYTHONUNBUFFERED": "1"}
+    return [ForkedRank(manifest, {**base, **rdzv.rank_env(i)}) for i in range(rdzv.nproc_per_node)]
 
 
 def rank_command(manifest: Path) -> list[str]:
@@ -50,17 +138,26 @@ def start_ranks(
 
 
 def worst_exit(codes: Sequence[int]) -> int:
-    """A permanent verdict wins over a retryable one: retrying cannot fix a bad spec or a gate."""
+    """The pod's exit code from its ranks'. A permanent verdict wins (retrying cannot fix a bad
+    spec or a gate), then a crash; then SIGTERM here (the pod goes), then a peer's (it rejoins)."""
     for code in (ExitCode.INVALID_SPEC, ExitCode.GATE_FAILED):
         if code in codes:
             return int(code)
-    return int(ExitCode.RETRYABLE) if any(codes) else int(ExitCode.OK)
+    failed = {int(c) for c in codes if c != ExitCode.OK}
+    if not failed:
+        return int(ExitCode.OK)
+    if failed <= {ExitCode.INTERRUPTED, ExitCode.REJOIN}:
+        return int(ExitCode.INTERRUPTED if ExitCode.INTERRUPTED in failed else ExitCode.REJOIN)
+    return int(ExitCode.RETRYABLE)
 
 
-def supervise(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for every child, forwarding SIGTERM/SIGINT; a failed child ends its siblings."""
+def supervise(procs: Sequence[RankProcess], terminated: threading.Event | None = None) -> int:
+    """Wait for every child, forwarding SIGTERM/SIGINT (and noting them in `terminated`); a
+    failed child ends its siblings."""
+    terminated = terminated if terminated is not None else threading.Event()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        terminated.set()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -80,17 +177,44 @@ def supervise(procs: list[subprocess.Popen[bytes]]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    # A rank killed by a signal reports a negative code: retryable.
-    return worst_exit([p.returncode if p.returncode >= 0 else 1 for p in procs])
+    # A rank killed by a signal reports a negative code: the pod's own SIGTERM reached it before
+    # it could save (a disruption), or something else killed it (retryable).
+    killed = ExitCode.INTERRUPTED if terminated.is_set() else ExitCode.RETRYABLE
+    return worst_exit([p.returncode if p.returncode >= 0 else killed for p in procs])
 
 
 def train_pod(manifest: Path, job: FineTuneJob) -> int:
-    """`finetune train`: start this pod's local ranks and join the gang."""
+    """`finetune train`: start this pod's local ranks and join the gang.
+
+    When a peer's pod goes (it got SIGTERM, and the gang saved a checkpoint), the Job controller
+    replaces just that pod, and this one starts its ranks again to rejoin the gang: only the
+    peer's pod restarts, and no new attempt is needed."""
     rdzv = Rendezvous.from_env(job)
     env = dict(os.environ)
     configure_hub_env(job, env)
     env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
-    return supervise(start_ranks(manifest, rdzv, env))
+    # The Hub environment is fixed before anything from Hugging Face is imported (rank.py).
+    os.environ.update(env)
+    fork = preload_trainer()
+    env = dict(os.environ)
+    terminated = threading.Event()
+    for rejoins in range(pod.REJOIN_LIMIT + 1):
+        ranks = fork_ranks(manifest, rdzv, env) if fork else start_ranks(manifest, rdzv, env)
+        code = supervise(ranks, terminated)
+        if code == ExitCode.REJOIN and terminated.is_set():
+            return int(ExitCode.INTERRUPTED)  # this pod is going too
+        if code != ExitCode.REJOIN or rejoins == pod.REJOIN_LIMIT:
+            break
+        print(
+            f"finetune train: a peer left the gang; starting this pod's ranks again to rejoin "
+            f"it ({rejoins + 1} of at most {pod.REJOIN_LIMIT})",
+            file=sys.stderr,
+            flush=True,
+        )
+    if code == ExitCode.REJOIN:
+        # The attempt fails with it, and the operator restarts the whole gang.
+        print(f"finetune train: gave up after rejoining {pod.REJOIN_LIMIT} times", file=sys.stderr)
+    return code
 
 
 def free_port() -> int:

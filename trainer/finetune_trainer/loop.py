@@ -34,11 +34,14 @@ log = get_logger(__name__)
 
 
 class Interrupted(Exception):
-    """The gang stopped on SIGTERM, after saving a checkpoint at `step`."""
+    """The gang stopped on SIGTERM, after saving a checkpoint at `step`. `here`: this rank got
+    the SIGTERM (its pod is going); otherwise a peer did, and this rank's pod rejoins the gang
+    once the peer's pod is replaced."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped by SIGTERM at step {step}; the next attempt resumes there")
-        self.step = step
+    def __init__(self, step: int, here: bool) -> None:
+        what = "stopped by SIGTERM" if here else "a peer got SIGTERM: the gang stopped"
+        super().__init__(f"{what} at step {step}; the gang resumes there")
+        self.step, self.here = step, here
 
 
 class StopRequest:
@@ -154,7 +157,7 @@ def train_steps(
                     acc.wait_for_everyone()
                     watchdog.resume()
                 if stopping:
-                    raise Interrupted(state.step)
+                    raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
                 if state.step >= run.total_steps:
                     break

@@ -37,7 +37,11 @@ from prometheus_client import (
     start_http_server,
 )
 
-from finetune_api.pod import HISTOGRAM_MAX_RANKS_ENV, RESUMED_FROM_STEP_GAUGE
+from finetune_api.pod import (
+    HISTOGRAM_MAX_RANKS_ENV,
+    RESUMED_FROM_STEP_GAUGE,
+    RESUMED_TIMESTAMP_GAUGE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +217,11 @@ class TrainerMetrics:
         )
         self._resumed_from = gauge(
             RESUMED_FROM_STEP_GAUGE,
-            "Step this attempt resumed from, 0 for a fresh start.",
+            "Step this gang resumed from, 0 for a fresh start.",
+        )
+        self._resumed_at = gauge(
+            RESUMED_TIMESTAMP_GAUGE,
+            "Unix time this gang resumed from that step (or started afresh).",
         )
         self._mirror_stale = gauge(
             "finetune_checkpoint_mirror_stale",
@@ -328,8 +336,9 @@ class TrainerMetrics:
         self._ckpt_last.labels(**self.labels).set(time.time())
 
     def record_resume(self, step: int | None) -> None:
-        """The step this attempt resumed from; None (a fresh start) is exported as 0."""
+        """The step this gang resumed from, and when; None (a fresh start) is exported as 0."""
         self._resumed_from.labels(**self.labels).set(step or 0)
+        self._resumed_at.labels(**self.labels).set(time.time())
 
     def record_mirror(self, stale: bool) -> None:
         """Whether the Hub branch lags the newest local checkpoint (its upload failed)."""

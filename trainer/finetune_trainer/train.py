@@ -75,7 +75,9 @@ def main(job: FineTuneJob) -> int:
     except Interrupted as exc:
         plain_log.warning("%s", exc)
         write_failure(rank, Reason.INTERRUPTED, str(exc))
-        return ExitCode.RETRYABLE
+        # The pod that got SIGTERM goes (the Job controller replaces it, see ExitCode); the
+        # others stay, and `finetune train` starts their ranks again to rejoin.
+        return ExitCode.INTERRUPTED if exc.here else ExitCode.REJOIN
     except ManifestError as exc:
         for error in exc.errors:
             plain_log.error("invalid spec: %s", error)
@@ -107,8 +109,8 @@ def _train(job: FineTuneJob) -> int:
     telemetry.record_phase("rendezvous")
     saved = _saved_final(job, accelerator)
     if saved is not None:  # trained and evaluated before; only the push is left
-        code = _push_saved(job, saved, telemetry) if accelerator.is_main_process else None
-        return _leave(accelerator, telemetry, code)
+        verdict = _push_saved(job, saved, telemetry) if accelerator.is_main_process else None
+        return _leave(accelerator, telemetry, verdict)
 
     telemetry.set_status("loading")
     with accelerator.main_process_first():
@@ -146,18 +148,32 @@ def _train(job: FineTuneJob) -> int:
         resumed_from_step=resumed_from,
         tokens_per_second=tokens_per_second,
     )
-    code = _finish(job, run, result, after, telemetry) if accelerator.is_main_process else None
-    return _leave(accelerator, telemetry, code)
+    verdict = _finish(job, run, result, after, telemetry) if accelerator.is_main_process else None
+    return _leave(accelerator, telemetry, verdict)
 
 
-def _leave(accelerator: Accelerator, telemetry: TrainerMetrics, code: ExitCode | None) -> ExitCode:
-    """Every rank leaves with rank 0's verdict (`code`), so a pod's exit code tells the whole
-    story; each other pod writes a small result of its own."""
-    code = ExitCode(broadcast_object_list([None if code is None else int(code)], from_process=0)[0])
+def _leave(
+    accelerator: Accelerator,
+    telemetry: TrainerMetrics,
+    verdict: tuple[ExitCode, TrainerResult] | None,
+) -> ExitCode:
+    """Every rank leaves with rank 0's verdict (`verdict`, on rank 0), so a pod's exit code tells
+    the whole story; each other pod writes a small result of its own. A permanent verdict's
+    reason and message go into it too: the Job fails the moment any pod exits with a permanent
+    code, and the operator may read that pod's result before rank 0's pod (still pushing, or
+    serving its last metrics) has ended."""
+    code, result = verdict if verdict is not None else (None, None)
+    said = None if code is None or result is None else (int(code), result.reason, result.message)
+    number, reason, message = broadcast_object_list([said], from_process=0)[0]
+    code = ExitCode(number)
     telemetry.set_status("succeeded" if code == ExitCode.OK else "failed")
     if not accelerator.is_main_process and accelerator.is_local_main_process:
         status = "Succeeded" if code == ExitCode.OK else "Failed"
-        write_result(TrainerResult(status=status, rank=accelerator.process_index))
+        rank = accelerator.process_index
+        if code in pod.PERMANENT_EXIT_CODES:
+            write_result(TrainerResult(status=status, rank=rank, reason=reason, message=message))
+        else:
+            write_result(TrainerResult(status=status, rank=rank))
     accelerator.end_training()
     # Prometheus scrapes on its own clock; without a pause the after-training scores and the
     # final step would vanish with the process before any scrape saw them.
@@ -328,7 +344,9 @@ def _saved_final(job: FineTuneJob, accelerator: Accelerator) -> final.SavedFinal
     return broadcast_object_list(found, from_process=0)[0]
 
 
-def _push_saved(job: FineTuneJob, saved: final.SavedFinal, telemetry: TrainerMetrics) -> ExitCode:
+def _push_saved(
+    job: FineTuneJob, saved: final.SavedFinal, telemetry: TrainerMetrics
+) -> tuple[ExitCode, TrainerResult]:
     """Rank 0: push the kept artifact, reporting the evaluation of the attempt that trained it."""
     result = saved.result.model_copy(deep=True)
     log.info(
@@ -353,7 +371,7 @@ def _finish(
     result: TrainerResult,
     after: dict[str, float],
     telemetry: TrainerMetrics,
-) -> ExitCode:
+) -> tuple[ExitCode, TrainerResult]:
     """Rank 0: save the artifact, judge the gates, keep the artifact, push, write the result."""
     out = Path(os.environ.get(pod.OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -383,8 +401,8 @@ def _publish(
     result: TrainerResult,
     missed: list[str],
     telemetry: TrainerMetrics,
-) -> ExitCode:
-    """Rank 0: push unless a gate was `missed`, and write the result."""
+) -> tuple[ExitCode, TrainerResult]:
+    """Rank 0: push unless a gate was `missed`, and write the result; the exit code and it."""
     code = ExitCode.OK
     if missed:
         result.status, result.reason = "Failed", Reason.EVALUATION_GATE_FAILED
@@ -396,7 +414,7 @@ def _publish(
         code = _push(job, artifact_dir, result)
     write_result(result)
     log.info("result: %s", result.to_message())
-    return code
+    return code, result
 
 
 def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:

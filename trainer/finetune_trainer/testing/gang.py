@@ -68,36 +68,41 @@ class LocalGang:
     def start(self, extra_env: Mapping[str, str] | None = None) -> Self:
         if self.procs:  # a restarted gang: the old ports may still be in TIME_WAIT
             self.master_port, *self.metrics_ports = free_ports(1 + self.nodes)
-        self.procs = []
-        for i in range(self.nodes):
-            self.results[i].parent.mkdir(parents=True, exist_ok=True)
-            env = {
-                **self.env,
-                **pod.rendezvous_env(
-                    node_rank=i,
-                    nnodes=self.nodes,
-                    nproc_per_node=1,
-                    master_addr="127.0.0.1",
-                    master_port=self.master_port,
-                ),
-                pod.RESULT_FILE_ENV: str(self.results[i]),
-                pod.CHECKPOINT_DIR_ENV: str(self.workdir / "checkpoints"),
-                pod.OUTPUT_DIR_ENV: str(self.workdir / "output"),
-                # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
-                pod.METRICS_PORT_ENV: str(self.metrics_ports[i]),
-                **(extra_env or {}),
-            }
-            with self.logs[i].open("ab") as log:
-                self.procs.append(
-                    subprocess.Popen(
-                        [*FINETUNE, "train", str(self.manifest)],
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+        self.procs = [self._spawn(i, extra_env) for i in range(self.nodes)]
         return self
+
+    def replace(self, node: int, extra_env: Mapping[str, str] | None = None) -> Self:
+        """Start node `node` again with the gang's rendezvous, as the Job controller replaces a
+        pod that was stopped (same index, same hostname), while the others keep running."""
+        self.procs[node] = self._spawn(node, extra_env)
+        return self
+
+    def _spawn(self, i: int, extra_env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
+        self.results[i].parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **self.env,
+            **pod.rendezvous_env(
+                node_rank=i,
+                nnodes=self.nodes,
+                nproc_per_node=1,
+                master_addr="127.0.0.1",
+                master_port=self.master_port,
+            ),
+            pod.RESULT_FILE_ENV: str(self.results[i]),
+            pod.CHECKPOINT_DIR_ENV: str(self.workdir / "checkpoints"),
+            pod.OUTPUT_DIR_ENV: str(self.workdir / "output"),
+            # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
+            pod.METRICS_PORT_ENV: str(self.metrics_ports[i]),
+            **(extra_env or {}),
+        }
+        with self.logs[i].open("ab") as log:
+            return subprocess.Popen(
+                [*FINETUNE, "train", str(self.manifest)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def finished(self) -> bool:
         return bool(self.procs) and all(p.poll() is not None for p in self.procs)
