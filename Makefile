@@ -48,6 +48,7 @@ demo: prereqs
 demo-local:
 	$(VENV)/bin/finetune demo
 
-bench:
+bench: prereqs
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/operator_scale.py
+	$(PY) -m pytest -m bench -s tests/kind/test_restart_time.py

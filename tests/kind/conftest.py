@@ -156,6 +156,22 @@ SESSION_START_WALL = time.time()
 TIMINGS_FILE = RESULTS / "kind-e2e-timings.json"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "bench: a measurement for `make bench`; left out unless -m names it"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Benchmarks measure; `make test` does not run them (`make bench` selects them with -m)."""
+    if "bench" in (config.option.markexpr or ""):
+        return
+    benches = [item for item in items if item.get_closest_marker("bench")]
+    if benches:
+        config.hook.pytest_deselected(items=benches)
+        items[:] = [item for item in items if not item.get_closest_marker("bench")]
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     # Written where the tests ran: under pytest-xdist that is a worker, whose TIMINGS the
     # controller's summary below never sees.

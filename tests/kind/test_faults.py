@@ -95,7 +95,8 @@ CHAIN, DRAIN, HANG, P503, P403, REF = (
     "ft-ref",
 )
 
-# Stops every trainer rank process of the pod (not PID 1, the launcher, nor itself).
+# Stops every trainer rank process of the pod: the children of PID 1, the launcher (`finetune
+# train`, which forks them), but not the launcher itself, nor this script (kubectl exec's).
 SIGSTOP_RANKS = r"""
 import os, signal
 me, hit = os.getpid(), []
@@ -103,10 +104,10 @@ for p in os.listdir("/proc"):
     if not p.isdigit() or int(p) in (1, me):
         continue
     try:
-        cmd = open(f"/proc/{p}/cmdline", "rb").read()
+        stat = open(f"/proc/{p}/stat").read()
     except OSError:
         continue
-    if b"finetune_trainer.rank" in cmd:
+    if int(stat.rsplit(")", 1)[1].split()[1]) == 1:
         os.kill(int(p), signal.SIGSTOP)
         hit.append(int(p))
 print(hit)
