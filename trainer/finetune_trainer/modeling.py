@@ -17,7 +17,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
-from finetune_trainer.sources import reported_missing
+from finetune_trainer.sources import read_token, reported_missing
 from finetune_trainer.tasks.base import Artifact
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -64,7 +64,9 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     location, revision = source_location(spec.source), _revision(spec)
     # A model that is not there is ModelNotFound at once, not a retry (finetune_trainer.sources).
     with reported_missing("model", location, revision):
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, revision=revision, token=read_token("model")
+        )
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -76,7 +78,13 @@ def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> Base
     arguments (e.g. the labels of a classification head) bound. A source that does not exist
     raises SourceNotFound."""
     location, revision = source_location(spec.source), _revision(spec)
-    load = functools.partial(auto_class.from_pretrained, location, revision=revision, **task_kwargs)
+    load = functools.partial(
+        auto_class.from_pretrained,
+        location,
+        revision=revision,
+        token=read_token("model"),  # the model's own, never HF_TOKEN when it has one
+        **task_kwargs,
+    )
 
     def load_base(**kwargs: Any) -> PreTrainedModel:
         with reported_missing("model", location, revision):

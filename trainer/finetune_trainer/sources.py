@@ -5,20 +5,38 @@ exit with a permanent code (finetune_api.result), instead of spending the job's 
 message names the endpoint that was asked (huggingface_hub's, from HF_ENDPOINT, which
 `env.configure_hub_env` sets from output.hub.endpoint), not the huggingface.co that
 transformers' own message always names.
+
+
+Which token reads a source is decided here too (`read_token`): its own read token, else the push
+token, as the pod contract (finetune_api.pod) spells them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Literal
 
-from finetune_api import FineTuneJob
+from finetune_api import FineTuneJob, pod
 from finetune_api.constants import Reason
 
 SourceKind = Literal["model", "dataset"]
 _REASON = {"model": Reason.MODEL_NOT_FOUND, "dataset": Reason.DATASET_NOT_FOUND}
+
+
+# The read token of each source (from spec.<kind>.tokenSecretRef).
+_READ_TOKEN_ENV = {"model": pod.MODEL_TOKEN_ENV, "dataset": pod.DATASET_TOKEN_ENV}
+
+
+def read_token(kind: SourceKind, env: Mapping[str, str] = os.environ) -> str | None:
+    """The token that downloads the model or the dataset: the source's own read token, else the
+    push token HF_TOKEN (as before sources had their own); None: anonymous.
+
+    Pass it to every download explicitly (`token=`): given None, huggingface_hub sends HF_TOKEN
+    by itself, and a source with a read token must never be sent the push token.
+    """
+    return env.get(_READ_TOKEN_ENV[kind]) or env.get(pod.HF_TOKEN_ENV) or None
 
 
 class SourceNotFound(Exception):
