@@ -569,3 +569,25 @@ def test_each_source_reads_with_its_own_token_else_the_push_token(
     from finetune_trainer.sources import read_token
 
     assert (read_token("model", env), read_token("dataset", env)) == (model, dataset)
+
+
+def test_downloading_makes_the_source_token_hf_token_meanwhile() -> None:
+    """Inside, HF_TOKEN is the source's token (transformers sends HF_TOKEN on some calls of its
+    own); outside, the push token again, also when the download fails."""
+    from finetune_trainer.sources import SourceNotFound, downloading
+
+    env = {"HF_TOKEN": "push", "FINETUNE_DATASET_TOKEN": "d"}
+    with downloading("dataset", "org/data", env=env) as token:
+        assert token == env["HF_TOKEN"] == "d"
+    assert env["HF_TOKEN"] == "push"
+    with downloading("model", "org/base", env=env) as token:  # no read token: the push token
+        assert token == env["HF_TOKEN"] == "push"
+    from datasets.exceptions import DatasetNotFoundError
+
+    with pytest.raises(SourceNotFound), downloading("dataset", "org/gone", env=env):
+        raise DatasetNotFoundError("org/gone does not exist")
+    assert env == {"HF_TOKEN": "push", "FINETUNE_DATASET_TOKEN": "d"}
+    anonymous: dict[str, str] = {"FINETUNE_MODEL_TOKEN": "m"}
+    with downloading("model", "org/base", env=anonymous):
+        assert anonymous["HF_TOKEN"] == "m"
+    assert "HF_TOKEN" not in anonymous  # unset before, unset after

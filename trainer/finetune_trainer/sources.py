@@ -8,13 +8,14 @@ transformers' own message always names.
 
 
 Which token reads a source is decided here too (`read_token`): its own read token, else the push
-token, as the pod contract (finetune_api.pod) spells them.
+token, as the pod contract (finetune_api.pod) spells them. `downloading` wraps every download of a
+source with both: its token, and its not-found report.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Literal
 
@@ -101,6 +102,35 @@ def _missing(kind: SourceKind, repo: str, endpoint: str) -> str:
         f"{kind} {repo} was not found at {endpoint}: check the name, and that the token (if "
         "any) may read it"
     )
+
+
+@contextmanager
+def downloading(
+    kind: SourceKind,
+    repo: str,
+    revision: str | None = None,
+    env: MutableMapping[str, str] = os.environ,
+) -> Iterator[str | None]:
+    """Download the model or dataset `repo` within: yields its read token (`read_token`), to pass
+    to the loader as `token=`, and reports a source that does not exist as SourceNotFound.
+
+    Meanwhile HF_TOKEN is that token too, restored on the way out: transformers makes some Hub
+    calls without the token it was given (its tokenizer lists the repo's files through its own
+    HfApi, which then sends HF_TOKEN), and those must not carry the push token to a source that
+    has a read token of its own.
+    """
+    token = read_token(kind, env)
+    push = env.get(pod.HF_TOKEN_ENV)
+    if token is not None:
+        env[pod.HF_TOKEN_ENV] = token
+    try:
+        with reported_missing(kind, repo, revision):
+            yield token
+    finally:
+        if push is None:
+            env.pop(pod.HF_TOKEN_ENV, None)
+        else:
+            env[pod.HF_TOKEN_ENV] = push
 
 
 @contextmanager
