@@ -71,8 +71,16 @@ JOB_NAME_ENV: Final = "FINETUNE_JOB_NAME"
 JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"
 # Peak FLOP/s of one accelerator at the training precision; with it the trainer exports MFU.
 PEAK_FLOPS_ENV: Final = "FINETUNE_PEAK_FLOPS_PER_SECOND"
-# The Hub token, from output.hub.tokenSecretRef. Only ever an env var: never an argument or file.
+# The Hub tokens. Only ever env vars: never an argument or file. HF_TOKEN, from
+# output.hub.tokenSecretRef, pushes (and checkpoints to the Hub branch), and downloads a source
+# with no token of its own; huggingface_hub reads it by itself, so the trainer passes each
+# download its token explicitly. The read tokens, from model.tokenSecretRef and
+# dataset.tokenSecretRef, download that source only.
 HF_TOKEN_ENV: Final = "HF_TOKEN"
+MODEL_TOKEN_ENV: Final = "FINETUNE_MODEL_TOKEN"
+DATASET_TOKEN_ENV: Final = "FINETUNE_DATASET_TOKEN"
+# Every variable that may hold a token: the scrubber (finetune_api.result.scrub) hides them all.
+HUB_TOKEN_ENVS: Final = (HF_TOKEN_ENV, MODEL_TOKEN_ENV, DATASET_TOKEN_ENV)
 
 
 def rendezvous_env(

@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.alias_generators import to_camel
 
 from finetune_api.constants import Reason
-from finetune_api.pod import HF_TOKEN_ENV, PERMANENT_EXIT_CODES, ExitCode
+from finetune_api.pod import HUB_TOKEN_ENVS, PERMANENT_EXIT_CODES, ExitCode
 
 # The kubelet's cap on one container's termination message.
 MAX_MESSAGE_BYTES = 4096
@@ -36,12 +36,15 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
 def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
-    """`text` with the Hub token of `env` (default: this process's HF_TOKEN), anything shaped like
-    a Hub token, and bearer credentials replaced by ***. The one scrubber: everything that may
-    quote a request or an exception passes through it before a log, result or status."""
-    token = (os.environ if env is None else env).get(HF_TOKEN_ENV, "").strip()
-    if token:
-        text = text.replace(token, "***")
+    """`text` with the Hub tokens of `env` (default: this process's; the push token HF_TOKEN and
+    the read tokens, pod.HUB_TOKEN_ENVS), anything shaped like a Hub token, and bearer
+    credentials replaced by ***. The one scrubber: everything that may quote a request or an
+    exception passes through it before a log, result or status."""
+    values = os.environ if env is None else env
+    for name in HUB_TOKEN_ENVS:
+        token = values.get(name, "").strip()
+        if token:
+            text = text.replace(token, "***")
     return _BEARER.sub(r"\1***", _HUB_TOKEN.sub("***", text))
 
 
@@ -74,6 +77,11 @@ class TrainerResult(BaseModel):
     repo: Annotated[str, _clipped(256)] | None = None
     revision: Annotated[str, _clipped(64)] | None = None
     url: Annotated[str, _clipped(2048)] | None = None
+    # Where the push landed: the branch of a commit, or the ref and page of the pull request that
+    # output.hub.createPr opened (status.result has the same fields).
+    branch: Annotated[str, _clipped(128)] | None = None
+    pr_revision: Annotated[str, _clipped(64)] | None = None
+    pr_url: Annotated[str, _clipped(2048)] | None = None
     artifact: Literal["adapter", "merged", "full"] = "adapter"
     steps: int | None = Field(None, ge=0)
     train_loss: float | None = None

@@ -6,7 +6,7 @@ contract in docs/api.md. This module imports neither kopf nor torch.
 """
 
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
@@ -26,7 +26,7 @@ from finetune_api.metrics import (
     effective_metrics,
     foreign_metrics,
 )
-from finetune_api.pod import HF_TOKEN_ENV
+from finetune_api.pod import DATASET_TOKEN_ENV, HF_TOKEN_ENV, MODEL_TOKEN_ENV
 from finetune_api.rules import Rule, TransitionRule
 
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
@@ -53,6 +53,12 @@ _HUB_ID = rf"{_HUB_PART}(/{_HUB_PART})?"
 MAX_HUB_ID_LENGTH = 2 * MAX_HUB_PART_LENGTH + 1
 SOURCE_PATTERN = rf"^(hf://{_HUB_ID}|file:///.+)$"
 REPO_PATTERN = rf"^{_HUB_ID}$"
+# A branch to push to, as git (check-ref-format) and so the Hub accept it, narrowed as the Hub
+# double narrows it: parts of letters, digits, '_', '.' and '-' split by '/', each starting with a
+# letter or digit. `_BRANCH_RULE` says the rest, which a pattern cannot say.
+MAX_BRANCH_LENGTH = 128
+BRANCH_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+DEFAULT_BRANCH = "main"
 UnstructuredObject = Annotated[
     dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 ]
@@ -87,6 +93,17 @@ def _hub_id_rule(field: Literal["repo", "source"]) -> Rule:
     )
 
 
+def _branch_ok(branch: str) -> bool:
+    """The git ref rules that BRANCH_PATTERN cannot say (the CEL of HubOutput's branch rule)."""
+    return (
+        branch != "HEAD"
+        and ".." not in branch
+        and not branch.startswith("refs/")
+        and re.search(r"[.](lock)?(/|$)", branch) is None
+        and re.fullmatch(r"[0-9a-f]{40}", branch) is None
+    )
+
+
 class ApiModel(BaseModel):
     """Base for every schema object: camelCase on the wire, unknown keys rejected."""
 
@@ -94,6 +111,31 @@ class ApiModel(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
     )
     __rules__: ClassVar[tuple[Rule | TransitionRule, ...]] = ()
+
+
+class SecretKeyRef(ApiModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
+        description="name of the Secret in the FineTuneJob's namespace."
+    )
+    key: ShortStr = Field("token", description="key in the Secret. Default token.")
+
+
+class TokenSecret(NamedTuple):
+    """A Hub token the pods get from a Secret: the spec field naming it, and the env var."""
+
+    field: str
+    env: str
+    ref: SecretKeyRef
+
+
+def _read_token_rule() -> Rule:
+    """A source's own Hub token only means something for an hf:// source."""
+    return Rule(
+        cel="!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
+        message="tokenSecretRef is only for an hf:// source",
+        check=lambda m: m.token_secret_ref is None or m.source.startswith("hf://"),
+        field="tokenSecretRef",
+    )
 
 
 class ModelSpec(ApiModel):
@@ -116,9 +158,17 @@ class ModelSpec(ApiModel):
         description="numLabels is the number of classes; required for sequence-classification, "
         "not allowed otherwise.",
     )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="tokenSecretRef names the Secret key holding the Hub token that downloads "
+        "an hf:// model (a read token is enough). It reaches the pods as FINETUNE_MODEL_TOKEN "
+        "and is used for the model alone. Unset: the push token of "
+        "output.hub.tokenSecretRef, else none.",
+    )
 
     __rules__ = (
         _hub_id_rule("source"),
+        _read_token_rule(),
         Rule(
             cel="!has(self.numLabels) || self.task == 'sequence-classification'",
             message="numLabels is only allowed with task sequence-classification",
@@ -174,9 +224,17 @@ class DatasetSpec(ApiModel):
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the number of training examples, for trials."
     )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="tokenSecretRef names the Secret key holding the Hub token that downloads "
+        "an hf:// dataset (a read token is enough). It reaches the pods as "
+        "FINETUNE_DATASET_TOKEN and is used for the dataset alone. Unset: the push token of "
+        "output.hub.tokenSecretRef, else none.",
+    )
 
     __rules__ = (
         _hub_id_rule("source"),
+        _read_token_rule(),
         Rule(
             cel="!(has(self.evalSplit) && has(self.evalFraction))",
             message="set evalSplit or evalFraction, not both",
@@ -275,13 +333,6 @@ class EvaluationSpec(ApiModel):
     )
 
 
-class SecretKeyRef(ApiModel):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
-        description="name of the Secret in the FineTuneJob's namespace."
-    )
-    key: ShortStr = Field("token", description="key in the Secret. Default token.")
-
-
 class HubOutput(ApiModel):
     repo: Annotated[str, StringConstraints(max_length=MAX_HUB_ID_LENGTH, pattern=REPO_PATTERN)] = (
         Field(
@@ -304,8 +355,28 @@ class HubOutput(ApiModel):
     )
     token_secret_ref: SecretKeyRef | None = Field(
         None,
-        description="tokenSecretRef names the Secret key holding the Hub token. It reaches the "
-        "pods as HF_TOKEN and never appears in the spec, status or logs.",
+        description="tokenSecretRef names the Secret key holding the Hub token that pushes (it "
+        "must be allowed to write to repo). It reaches the pods as HF_TOKEN and never appears in "
+        "the spec, status or logs. It also downloads an hf:// model or dataset that has no "
+        "tokenSecretRef of its own.",
+    )
+    branch: (
+        Annotated[str, StringConstraints(max_length=MAX_BRANCH_LENGTH, pattern=BRANCH_PATTERN)]
+        | None
+    ) = Field(
+        None,
+        description="branch of repo to commit the result to, created from main when missing, "
+        "such as experiments/run-1: a git branch name (not HEAD, not under refs/, not 40 hex "
+        "digits, no '..', no part ending in '.' or '.lock'). Not with createPr, except main. "
+        "Unset: main.",
+    )
+    create_pr: bool = Field(
+        False,
+        description="createPr opens a pull request against main with the result (the commit "
+        "lands on refs/pr/N, and main is left as it is) instead of committing to main; status "
+        "records the pull request's ref and URL. Each push opens a new one. Not with a branch "
+        "other than main: huggingface_hub opens upload pull requests against main only. "
+        "Default false.",
     )
     endpoint: Annotated[str, StringConstraints(max_length=1024, pattern=r"^https?://.+")] | None = (
         Field(
@@ -324,7 +395,25 @@ class HubOutput(ApiModel):
         "an hf:// base or from the README.md of a file:// base; none when it has none.",
     )
 
-    __rules__ = (_hub_id_rule("repo"),)
+    __rules__ = (
+        _hub_id_rule("repo"),
+        Rule(
+            cel="!has(self.branch) || (self.branch != 'HEAD' && !self.branch.contains('..')"
+            " && !self.branch.startsWith('refs/') && !self.branch.matches('[.](lock)?(/|$)')"
+            " && !self.branch.matches('^[0-9a-f]{40}$'))",
+            message="branch must be a branch name git and the Hub accept: not HEAD, not under "
+            "refs/, not 40 hex digits (a commit id), no '..', no part ending in '.' or '.lock'",
+            check=lambda h: h.branch is None or _branch_ok(h.branch),
+            field="branch",
+        ),
+        Rule(
+            cel=f"!self.createPr || !has(self.branch) || self.branch == '{DEFAULT_BRANCH}'",
+            message="createPr opens a pull request against main, and huggingface_hub cannot "
+            "open one against another branch: set createPr or branch, not both",
+            check=lambda h: not h.create_pr or h.branch in (None, DEFAULT_BRANCH),
+            field="createPr",
+        ),
+    )
 
 
 class PersistentVolumeClaimRef(ApiModel):
@@ -367,6 +456,19 @@ class OutputSpec(ApiModel):
     checkpoints: CheckpointStorage = Field(
         default_factory=CheckpointStorage,
         description="checkpoints storage. Default: the first durable store available.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.hub) || !has(self.hub.branch)"
+            " || self.hub.branch != self.checkpoints.hubBranch",
+            message="hub.branch must differ from checkpoints.hubBranch, the branch checkpoints "
+            "are mirrored to",
+            check=lambda o: (
+                o.hub is None or o.hub.branch is None or o.hub.branch != o.checkpoints.hub_branch
+            ),
+            field="hub.branch",
+        ),
     )
 
 
@@ -909,6 +1011,20 @@ class FineTuneJobSpec(ApiModel):
         ),
     )
 
+    def token_secrets(self) -> list[TokenSecret]:
+        """The Hub tokens the pods read from Secrets, push token first: what the operator
+        renders into the pod's env and checks before it creates the Job."""
+        refs = (
+            ("output.hub.tokenSecretRef", HF_TOKEN_ENV, self.output.hub),
+            ("model.tokenSecretRef", MODEL_TOKEN_ENV, self.model),
+            ("dataset.tokenSecretRef", DATASET_TOKEN_ENV, self.dataset),
+        )
+        return [
+            TokenSecret(field, env, owner.token_secret_ref)
+            for field, env, owner in refs
+            if owner is not None and owner.token_secret_ref is not None
+        ]
+
 
 # ---- status -------------------------------------------------------------------------------------
 # An RFC 3339 timestamp, as metav1.Time is on the wire; the API server checks the format.
@@ -962,10 +1078,25 @@ class Result(ApiModel):
         None, description="repo the result was pushed to."
     )
     revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        None, description="revision is the commit sha that the push made."
+        None,
+        description="revision is the commit sha that the push made (on branch, or on the pull "
+        "request's prRevision).",
     )
     url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
         None, description="url of that commit."
+    )
+    branch: Annotated[str, StringConstraints(max_length=MAX_BRANCH_LENGTH)] | None = Field(
+        None,
+        description="branch the commit was made on (output.hub.branch, or main). Unset for a "
+        "pull request: its commit is on prRevision.",
+    )
+    pr_revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None,
+        description="prRevision is the git ref of the pull request the push opened "
+        "(output.hub.createPr), such as refs/pr/3. Unset: no pull request was opened.",
+    )
+    pr_url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
+        None, description="prUrl is the pull request's page on the Hub."
     )
     artifact: Literal["adapter", "merged", "full"] = Field(
         "adapter", description="artifact pushed: adapter, merged weights, or full (peft none)."

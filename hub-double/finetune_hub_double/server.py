@@ -10,8 +10,12 @@ imported (it reads them at import time)::
 
 Repos, blobs and commit history are kept on disk by ``hub_store.Store`` (see that module).
 Repo ids must be ``namespace/name``. Branches: create and delete (``create_branch``,
-``delete_branch``), commit to one and read at one (``revision=``). Not supported: pull requests,
-tags, Xet, gating, pagination.
+``delete_branch``), commit to one and read at one (``revision=``). Pull requests: a commit with
+``create_pr=1`` (``upload_folder(create_pr=True)``) opens one against the branch committed to,
+answering its ``pullRequestUrl`` (``.../discussions/N``); its files are read and committed to at
+``refs/pr/N``; ``list_repo_refs(include_pull_requests=True)`` lists it and
+``get_discussion_details`` describes it (no comments, merging or closing). Not supported: tags,
+Xet, gating, pagination.
 
 In-process::
 
@@ -24,6 +28,9 @@ CLI (also usable as an in-cluster Service)::
         --token "$TOKEN" --seed-model org/base=/models/base --seed-dataset org/data=/data/raw
 
 Tokens are never logged: the access log line is ``METHOD /path STATUS`` (no query, no headers).
+Read tokens (``read_tokens``, ``--read-token``) read every repo and are refused every write
+with 403, as the Hub refuses a read token. ``HubDouble.requests`` keeps, for tests, the last
+requests as ``(METHOD, /path, user)``: which token's user asked for what (never the token).
 
 Fault injection, for tests only (``finetune_hub_double.faults``): started with ``faults=True``,
 ``--test-faults`` or ``HUB_DOUBLE_TEST_FAULTS=1``, the double fails the next N requests of a kind
@@ -49,6 +56,7 @@ import re
 import secrets
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,6 +81,8 @@ REPO_TYPES = ("model", "dataset", "space")
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _TRUE = ("1", "true", "True")
 _CHUNK = 1 << 20
+# How many requests HubDouble.requests keeps.
+REQUEST_HISTORY = 10_000
 
 
 class HubDouble:
@@ -83,8 +93,11 @@ class HubDouble:
         host: bind address (127.0.0.1 by default; 0.0.0.0 for a Service).
         port: 0 picks a free port; ``endpoint`` gives the URL after ``start()``.
         tokens: accepted bearer tokens, a list (all map to ``user``) or ``{token: user}``. With
-            none, the double is open: anyone may write, and private repos are readable by all.
-            Any accepted token may read and write every repo (no per-user permissions).
+            none (and no read tokens), the double is open: anyone may write, and private repos
+            are readable by all. Any accepted token may read and write every repo (no per-user
+            permissions).
+        read_tokens: accepted tokens that may only read (a list or ``{token: user}``): writes
+            with them get 403.
         require_auth_for_read: reads need a valid token too (otherwise only writes, private repos).
         user: the user name ``whoami-v2`` reports; orgs: the orgs it reports.
         lfs_threshold: preupload answers ``uploadMode: lfs`` for files bigger than this.
@@ -105,12 +118,14 @@ class HubDouble:
         orgs: Iterable[str] = (),
         lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
         faults: bool | None = None,
+        read_tokens: Iterable[str] | Mapping[str, str] | None = None,
     ):
         self.store = Store(root, lfs_threshold)
         self.host, self.port = host, port
-        self.tokens = (
-            dict(tokens) if isinstance(tokens, Mapping) else {t: user for t in tokens or ()}
-        )
+        self.tokens = _users(tokens, user)
+        self.read_tokens = _users(read_tokens, user)
+        # (METHOD, /path, user or None) of the last requests, oldest first: who asked for what.
+        self.requests: deque[tuple[str, str, str | None]] = deque(maxlen=REQUEST_HISTORY)
         self.require_auth_for_read = require_auth_for_read
         self.user, self.orgs = user, list(orgs)
         self.uploads: dict[str, tuple[str, int]] = {}  # LFS upload ticket -> (sha256, size)
@@ -120,6 +135,11 @@ class HubDouble:
         self.faults = fault_injection.Faults() if faults else None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def auth(self) -> bool:
+        """Whether tokens are checked at all (otherwise the double is open)."""
+        return bool(self.tokens or self.read_tokens)
 
     @property
     def endpoint(self) -> str:
@@ -159,6 +179,11 @@ class HubDouble:
         return self.store.seed(repo_type, repo_id, directory)
 
 
+def _users(tokens: Iterable[str] | Mapping[str, str] | None, user: str) -> dict[str, str]:
+    """``{token: user}`` from a list of tokens (all ``user``) or a mapping."""
+    return dict(tokens) if isinstance(tokens, Mapping) else {t: user for t in tokens or ()}
+
+
 class _Handler(BaseHTTPRequestHandler):
     """One request. Routes: ``/api/...`` (JSON API), ``/<repo>/resolve/<rev>/<path>`` (downloads),
     ``/<repo>.git/info/lfs/objects/batch`` and ``PUT /lfs-upload/<ticket>`` (Git LFS uploads);
@@ -168,12 +193,17 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client expects: every answer has a length
     server_version = "HubDouble/1.0"
     query: dict[str, str]
+    # The user of this request's token, and whether the token may only read.
+    user: str | None = None
+    read_only: bool = False
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the default would log the request line with its query string; see _log
 
     def _log(self, status: int) -> None:
-        log.info("%s %s %d", self.command, urlsplit(self.path).path, status)
+        path = urlsplit(self.path).path
+        log.info("%s %s %d", self.command, path, status)
+        self.hub.requests.append((self.command, path, self.user))
 
     def _send(
         self,
@@ -226,21 +256,27 @@ class _Handler(BaseHTTPRequestHandler):
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not token:
             return None
-        if not self.hub.tokens:
-            return self.hub.user
-        if token not in self.hub.tokens:
+        if not self.hub.auth:
+            self.user = self.hub.user
+        elif token in self.hub.tokens:
+            self.user = self.hub.tokens[token]
+        elif token in self.hub.read_tokens:
+            self.user, self.read_only = self.hub.read_tokens[token], True
+        else:
             raise HubError(401, "Invalid credentials in Authorization header")
-        return self.hub.tokens[token]
+        return self.user
 
     def _auth(self, write: bool) -> str | None:
         user = self._token_user()
-        if user is None and self.hub.tokens and (write or self.hub.require_auth_for_read):
+        if user is None and self.hub.auth and (write or self.hub.require_auth_for_read):
             raise HubError(401, "Authentication required: send 'Authorization: Bearer <token>'")
+        if write and self.read_only:
+            raise HubError(403, "You don't have the rights to write with a read token")
         return user
 
     def _repo(self, repo_type: str, repo_id: str, user: str | None) -> dict[str, Any]:
         repo = self.hub.store.get(repo_type, repo_id)
-        if repo["private"] and self.hub.tokens and user is None:
+        if repo["private"] and self.hub.auth and user is None:
             raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
 
@@ -250,6 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     def _dispatch(self) -> None:
+        self.user, self.read_only = None, False  # a kept-alive connection serves many requests
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = url.path.strip("/").split("/")
@@ -337,13 +374,9 @@ class _Handler(BaseHTTPRequestHandler):
         if op == "branch" and len(rest) == 2 and cmd in ("POST", "DELETE"):
             return self._branch(repo_type, repo_id, rev, body)
         if op == "refs" and cmd == "GET":
-            branches = [
-                {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
-                for b, c in repo["refs"].items()
-            ]
-            return self._json(
-                {"branches": branches, "converts": [], "tags": [], "pullRequests": []}
-            )
+            return self._refs(repo)
+        if op == "discussions" and len(rest) == 2 and cmd == "GET":
+            return self._discussion(repo, int(rev))
         if op == "commit" and cmd == "POST":
             return self._commit(repo_type, repo_id, rev, body, user)
         if op == "settings" and len(rest) == 1 and cmd == "PUT":
@@ -378,6 +411,56 @@ class _Handler(BaseHTTPRequestHandler):
             return self._preupload(commit, json.loads(body or b"{}"))
         raise HubError(404, f"Not found: /api/{'/'.join(parts)}")
 
+    def _refs(self, repo: dict[str, Any]) -> None:
+        """Branches, and with ``include_prs`` the pull requests' refs (named by number, as
+        branches and tags are named by their last part)."""
+        branches = [
+            {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
+            for b, c in repo["refs"].items()
+        ]
+        refs: dict[str, Any] = {"branches": branches, "converts": [], "tags": []}
+        if self.query.get("include_prs") in _TRUE:
+            refs["pullRequests"] = [
+                {"name": n, "ref": f"refs/pr/{n}", "targetCommit": pr["head"]}
+                for n, pr in repo.get("prs", {}).items()
+            ]
+        return self._json(refs)
+
+    def _discussion(self, repo: dict[str, Any], num: int) -> None:
+        """A pull request as ``get_discussion_details`` reads it: its base branch, status and
+        the commits pushed to it (the double has no comments and no other discussions)."""
+        pr = self.hub.store.pr(repo["type"], repo["id"], num)
+        commits, head = [], repo["commits"].get(pr["head"])
+        while head is not None and head["id"] != pr["start"]:  # the PR's own commits
+            commits.append(head)
+            head = repo["commits"].get(head["parent"] or "")
+        author = {"name": pr["author"] or "unknown"}
+        events = [
+            {
+                "id": c["id"][:24],
+                "type": "commit",
+                "createdAt": c["date"],
+                "author": author,
+                "data": {"subject": c["title"], "oid": c["id"]},
+            }
+            for c in reversed(commits)
+        ]
+        return self._json(
+            {
+                "num": num,
+                "title": pr["title"],
+                "author": author,
+                "createdAt": pr["createdAt"],
+                "status": pr["status"],
+                "repo": {"name": repo["id"], "type": repo["type"]},
+                "isPullRequest": True,
+                "events": events,
+                "changes": {"base": f"refs/heads/{pr['base']}"},
+                "filesWithConflicts": [],
+                "diff": "",
+            }
+        )
+
     def _whoami(self) -> None:
         user = self._token_user()
         if user is None:
@@ -385,7 +468,7 @@ class _Handler(BaseHTTPRequestHandler):
         orgs = [
             {"type": "org", "name": o, "fullname": o, "roleInOrg": "admin"} for o in self.hub.orgs
         ]
-        token = {"displayName": "hub-double", "role": "write"}
+        token = {"displayName": "hub-double", "role": "read" if self.read_only else "write"}
         self._json(
             {
                 "type": "user",
@@ -504,10 +587,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _commit(
         self, repo_type: str, repo_id: str, rev: str, body: bytes, user: str | None
     ) -> None:
-        """The NDJSON commit to branch ``rev``: a header line, then file/lfsFile/deletedFile/
-        deletedFolder lines."""
-        if self.query.get("create_pr") in _TRUE:
-            raise HubError(400, "The hub double does not support pull requests (create_pr)")
+        """The NDJSON commit to branch ``rev`` (or pull request ``refs/pr/N``): a header line,
+        then file/lfsFile/deletedFile/deletedFolder lines. With ``create_pr=1``, a new pull
+        request against branch ``rev`` holds the commit instead."""
         header: dict[str, Any] = {}
         ops: list[tuple[str, str, Any]] = []
         for line in body.splitlines():
@@ -537,20 +619,29 @@ class _Handler(BaseHTTPRequestHandler):
                 ops.append((kind, value["path"], None))
             else:
                 raise HubError(400, f"Unknown commit line key {key!r}")
-        commit_id = self.hub.store.commit(
-            repo_type,
-            repo_id,
-            ops,
-            header.get("summary") or "Upload files",
-            header.get("description") or "",
-            header.get("parentCommit"),
-            author=user or "",
-            branch=rev,
-        )
-        url = f"{self._base()}/{URL_PREFIX[repo_type]}{repo_id}/commit/{commit_id}"
-        return self._json(
-            {"success": True, "commitOid": commit_id, "commitUrl": url, "hookOutput": ""}
-        )
+        message = header.get("summary") or "Upload files"
+        description = header.get("description") or ""
+        parent = header.get("parentCommit")
+        repo_url = f"{self._base()}/{URL_PREFIX[repo_type]}{repo_id}"
+        answer: dict[str, Any] = {"success": True, "hookOutput": ""}
+        if self.query.get("create_pr") in _TRUE:
+            commit_id, num = self.hub.store.open_pr(
+                repo_type, repo_id, ops, message, description, parent, user or "", base=rev
+            )
+            answer["pullRequestUrl"] = f"{repo_url}/discussions/{num}"
+        else:
+            commit_id = self.hub.store.commit(
+                repo_type,
+                repo_id,
+                ops,
+                message,
+                description,
+                parent,
+                author=user or "",
+                branch=rev,
+            )
+        answer.update(commitOid=commit_id, commitUrl=f"{repo_url}/commit/{commit_id}")
+        return self._json(answer)
 
     # -- Git LFS -----------------------------------------------------------------------------------
     def _lfs_batch(self, repo_type: str, repo_id: str, body: bytes) -> None:
@@ -711,6 +802,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--root", required=True, help="folder for repos and blobs (created if missing)")
     add("--token", action="append", default=[], help="accepted bearer token (repeatable)")
     add("--token-file", action="append", default=[], help="file of accepted tokens, one a line")
+    add("--read-token", action="append", default=[], help="accepted read-only token (repeatable)")
     add("--require-auth-for-read", action="store_true", help="reads need a valid token too")
     add("--user", default="hub-double-user", help="user name whoami-v2 reports")
     add("--org", action="append", default=[], help="org whoami-v2 reports (repeatable)")
@@ -736,12 +828,13 @@ def main(argv: list[str] | None = None) -> None:
         args.user,
         args.org,
         faults=args.test_faults,
+        read_tokens=args.read_token,
     )
     for repo_type, seeds in (("model", args.seed_model), ("dataset", args.seed_dataset)):
         for name, directory in seeds:
             log.info("seeded %s %s at %s", repo_type, name, hub.seed(name, directory, repo_type))
     port = hub.start().rsplit(":", 1)[1]
-    log.info("hub double serving on %s:%s (auth %s)", args.host, port, "on" if tokens else "off")
+    log.info("hub double serving on %s:%s (auth %s)", args.host, port, "on" if hub.auth else "off")
     try:
         while hub._thread is not None and hub._thread.is_alive():
             hub._thread.join(1.0)

@@ -2,9 +2,10 @@
 
 Storage, under ``root``: content-addressed blobs (``blobs/<sha256>``) and one JSON file per repo
 (``repos/<type>s/<namespace>/<name>/repo.json``) holding its branches (``refs``: name -> head
-commit, ``main`` first) and every commit; each commit is an immutable snapshot ``path -> blob``
-with a 40-hex id and one parent, so each branch is a linear history. Errors are raised as
-:class:`HubError`, which carries the HTTP answer the server sends for them.
+commit, ``main`` first), its pull requests (``prs``: number -> base branch and head commit, on
+the ref ``refs/pr/<number>``) and every commit; each commit is an immutable snapshot
+``path -> blob`` with a 40-hex id and one parent, so each branch is a linear history. Errors are
+raised as :class:`HubError`, which carries the HTTP answer the server sends for them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "branch_name",
     "git_blob_oid",
     "lfs_pointer",
+    "pr_number",
 ]
 
 _LFS_SUFFIXES = ".safetensors .bin .parquet .arrow .pt .pth .ckpt .h5 .onnx .gguf .msgpack .pkl"
@@ -51,6 +53,8 @@ _CARD_SCALAR = re.compile(
 # Git's ref rules, narrowed: segments of word characters, dots and dashes, no "..", no ".lock".
 _BRANCH = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*")
 DEFAULT_BRANCH = "main"
+# The git ref of a pull request, as the Hub names it.
+_PR_REF = re.compile(r"refs/pr/([1-9][0-9]*)")
 
 
 class HubError(Exception):
@@ -81,6 +85,12 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 def branch_name(revision: str) -> str:
     """The branch a revision names (``refs/heads/main`` -> ``main``); else unchanged."""
     return revision.removeprefix("refs/heads/")
+
+
+def pr_number(revision: str) -> int | None:
+    """The pull request a revision names (``refs/pr/3`` -> 3); None for anything else."""
+    match = _PR_REF.fullmatch(revision)
+    return int(match[1]) if match else None
 
 
 class Store:
@@ -231,10 +241,14 @@ class Store:
             self._save({**repo, "refs": {k: v for k, v in repo["refs"].items() if k != branch}})
 
     def resolve(self, repo: dict[str, Any], revision: str) -> dict[str, Any]:
-        """The commit a branch name (``main``, ``refs/heads/main``) or a full commit id names."""
+        """The commit a branch name (``main``, ``refs/heads/main``), a pull request's ref
+        (``refs/pr/1``) or a full commit id names."""
         commits: dict[str, dict[str, Any]] = repo["commits"]
         if branch_name(revision) in repo["refs"]:
             return commits[repo["refs"][branch_name(revision)]]
+        pr = repo.get("prs", {}).get(str(pr_number(revision)))
+        if pr is not None:
+            return commits[pr["head"]]
         if _SHA1.fullmatch(revision) and revision in commits:
             return commits[revision]
         raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
@@ -250,7 +264,8 @@ class Store:
         author: str = "",
         branch: str = DEFAULT_BRANCH,
     ) -> str:
-        """Apply ``ops`` to the head of ``branch`` as one new commit and return its id.
+        """Apply ``ops`` to the head of ``branch`` (or of the pull request ``refs/pr/N``) as one
+        new commit and return its id.
 
         Ops: ``("file", path, bytes)``, ``("lfs", path, (sha256, size))`` for an uploaded LFS
         object, ``("delete", path, None)``, ``("delete_folder", path, None)``. ``parent``, if
@@ -260,58 +275,132 @@ class Store:
         branch = branch_name(branch)
         with self.lock:
             repo = self.get(repo_type, repo_id)
-            if repo["refs"] and branch not in repo["refs"]:
+            num = pr_number(branch)
+            if num is not None:
+                head_id: str | None = self._pr(repo, num)["head"]
+            elif repo["refs"] and branch not in repo["refs"]:
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
-            head_id = repo["refs"].get(branch)
+            else:
+                head_id = repo["refs"].get(branch)
             if parent is not None and parent != head_id:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
-            files: dict[str, dict[str, Any]] = (
-                dict(repo["commits"][head_id]["files"]) if head_id else {}
-            )
-            for kind, path, payload in ops:
-                path = path.strip("/")
-                if not path or ".." in path.split("/") or "\\" in path:
-                    raise HubError(400, f"Invalid path: {path!r}")
-                if kind == "file":
-                    files[path] = {
-                        "sha256": self.put_blob(payload),
-                        "size": len(payload),
-                        "oid": git_blob_oid(payload),
-                        "lfs": False,
-                    }
-                elif kind == "lfs":
-                    sha, size = payload
-                    if not self.has_blob(sha, size):
-                        raise HubError(422, f"LFS object {sha} ({size} bytes) was not uploaded")
-                    oid = git_blob_oid(lfs_pointer(sha, size))
-                    files[path] = {"sha256": sha, "size": size, "oid": oid, "lfs": True}
-                elif kind == "delete" and files.pop(path, None) is None:
-                    raise HubError(
-                        404, f"A file with this name doesn't exist: {path}", "EntryNotFound"
-                    )
-                elif kind == "delete_folder":
-                    gone = [p for p in files if p.startswith(path + "/")]
-                    if not gone:
-                        raise HubError(404, f"No folder {path} in the repo", "EntryNotFound")
-                    for p in gone:
-                        del files[p]
-                elif kind not in ("file", "lfs", "delete", "delete_folder"):
-                    raise HubError(400, f"Unknown commit operation {kind!r}")
-            date = _now()
-            seed = json.dumps([repo_id, head_id, files, title, date, secrets.token_hex(8)])
-            commit_id = hashlib.sha1(seed.encode()).hexdigest()
-            commit = {
-                "id": commit_id,
-                "parent": head_id,
+            commit = self._snapshot(repo, head_id, ops, title, description, author)
+            commits = {**repo["commits"], commit["id"]: commit}
+            if num is None:
+                self._save(
+                    {**repo, "commits": commits, "refs": {**repo["refs"], branch: commit["id"]}}
+                )
+            else:
+                prs = repo["prs"]
+                prs = {**prs, str(num): {**prs[str(num)], "head": commit["id"]}}
+                self._save({**repo, "commits": commits, "prs": prs})
+            return str(commit["id"])
+
+    def open_pr(
+        self,
+        repo_type: str,
+        repo_id: str,
+        ops: Iterable[tuple[str, str, Any]],
+        title: str,
+        description: str = "",
+        parent: str | None = None,
+        author: str = "",
+        base: str = DEFAULT_BRANCH,
+    ) -> tuple[str, int]:
+        """Open a pull request against branch ``base`` whose one commit applies ``ops`` on top
+        of ``parent`` (a commit id; default ``base``'s head), as a commit with ``create_pr=1``
+        does on the Hub. Returns the commit id and the pull request's number (``refs/pr/N``);
+        ``base`` itself does not move. 404 for a base that is not a branch."""
+        base = branch_name(base)
+        with self.lock:
+            repo = self.get(repo_type, repo_id)
+            if base not in repo["refs"]:
+                raise HubError(404, f"Invalid rev id: {base}", "RevisionNotFound")
+            start = parent or repo["refs"][base]
+            if start not in repo["commits"]:
+                raise HubError(404, f"Invalid rev id: {start}", "RevisionNotFound")
+            commit = self._snapshot(repo, start, ops, title, description, author)
+            prs = repo.get("prs", {})
+            # The Hub numbers discussions and pull requests together; the double has only PRs.
+            num = len(prs) + 1
+            pr = {
+                "num": num,
                 "title": title,
-                "message": description,
-                "date": date,
+                "description": description,
                 "author": author,
-                "files": files,
+                "base": base,
+                "start": start,  # the commit the pull request's own commits sit on
+                "head": commit["id"],
+                "createdAt": commit["date"],
+                "status": "open",
             }
-            commits = {**repo["commits"], commit_id: commit}
-            self._save({**repo, "commits": commits, "refs": {**repo["refs"], branch: commit_id}})
-            return commit_id
+            commits = {**repo["commits"], commit["id"]: commit}
+            self._save({**repo, "commits": commits, "prs": {**prs, str(num): pr}})
+            return str(commit["id"]), num
+
+    def pr(self, repo_type: str, repo_id: str, num: int) -> dict[str, Any]:
+        """Pull request ``num`` of the repo; 404 if there is none."""
+        with self.lock:
+            return self._pr(self.get(repo_type, repo_id), num)
+
+    @staticmethod
+    def _pr(repo: dict[str, Any], num: int) -> dict[str, Any]:
+        pr = repo.get("prs", {}).get(str(num))
+        if pr is None:
+            raise HubError(404, f"Discussion {num} not found", "RevisionNotFound")
+        return dict(pr)
+
+    def _snapshot(
+        self,
+        repo: dict[str, Any],
+        head_id: str | None,
+        ops: Iterable[tuple[str, str, Any]],
+        title: str,
+        description: str,
+        author: str,
+    ) -> dict[str, Any]:
+        """A new commit: ``ops`` applied to the files of ``head_id`` (its parent). Not saved."""
+        files: dict[str, dict[str, Any]] = (
+            dict(repo["commits"][head_id]["files"]) if head_id else {}
+        )
+        for kind, path, payload in ops:
+            path = path.strip("/")
+            if not path or ".." in path.split("/") or "\\" in path:
+                raise HubError(400, f"Invalid path: {path!r}")
+            if kind == "file":
+                files[path] = {
+                    "sha256": self.put_blob(payload),
+                    "size": len(payload),
+                    "oid": git_blob_oid(payload),
+                    "lfs": False,
+                }
+            elif kind == "lfs":
+                sha, size = payload
+                if not self.has_blob(sha, size):
+                    raise HubError(422, f"LFS object {sha} ({size} bytes) was not uploaded")
+                oid = git_blob_oid(lfs_pointer(sha, size))
+                files[path] = {"sha256": sha, "size": size, "oid": oid, "lfs": True}
+            elif kind == "delete" and files.pop(path, None) is None:
+                raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+            elif kind == "delete_folder":
+                gone = [p for p in files if p.startswith(path + "/")]
+                if not gone:
+                    raise HubError(404, f"No folder {path} in the repo", "EntryNotFound")
+                for p in gone:
+                    del files[p]
+            elif kind not in ("file", "lfs", "delete", "delete_folder"):
+                raise HubError(400, f"Unknown commit operation {kind!r}")
+        date = _now()
+        seed = json.dumps([repo["id"], head_id, files, title, date, secrets.token_hex(8)])
+        return {
+            "id": hashlib.sha1(seed.encode()).hexdigest(),
+            "parent": head_id,
+            "title": title,
+            "message": description,
+            "date": date,
+            "author": author,
+            "files": files,
+        }
 
     def seed(self, repo_type: str, repo_id: str, directory: str | os.PathLike[str]) -> str:
         """Create ``repo_id`` if needed and commit the files of ``directory`` that differ.

@@ -81,18 +81,23 @@ def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[M
         {"name": pod.NODE_RANK, "valueFrom": index},
         *({"name": k, "value": v} for k, v in values.items()),
     ]
-    hub = spec.output.hub
-    if hub is not None and hub.token_secret_ref is not None:
-        ref = hub.token_secret_ref
-        env.append(
-            {
-                "name": pod.HF_TOKEN_ENV,
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
+    env += _token_env(job)
     for var in spec.template.env:
         env.append(var.model_dump(mode="json", by_alias=True, exclude_none=True))
     return env
+
+
+def _token_env(job: FineTuneJob) -> list[Manifest]:
+    """The Hub tokens, each from its Secret key under the pod contract's name: the push token
+    as HF_TOKEN, the model's and dataset's read tokens as their own variables, so that the
+    trainer can hand each download and the push its own token."""
+    return [
+        {
+            "name": token.env,
+            "valueFrom": {"secretKeyRef": {"name": token.ref.name, "key": token.ref.key}},
+        }
+        for token in job.spec.token_secrets()
+    ]
 
 
 def _volumes(

@@ -96,16 +96,16 @@ class Reconciler:
                 self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
     async def _blocker(self, job: FineTuneJob) -> Blocker | None:
-        hub = job.spec.output.hub
-        if hub is None or hub.token_secret_ref is None:
-            return None
-        ref = hub.token_secret_ref
-        found = await self.kube.secret_key_exists(job.metadata.namespace, ref.name, ref.key)
-        if found is SecretCheck.NO_SECRET:
-            message = f"Secret {ref.name} (output.hub.tokenSecretRef) not found"
-            return Blocker(Reason.SECRET_NOT_FOUND, message)
-        if found is SecretCheck.NO_KEY:
-            return Blocker(Reason.SECRET_NOT_FOUND, f"Secret {ref.name} has no key {ref.key!r}")
+        # Every Hub token the pods read (the push token, then the sources' read tokens).
+        for token in job.spec.token_secrets():
+            ref = token.ref
+            found = await self.kube.secret_key_exists(job.metadata.namespace, ref.name, ref.key)
+            if found is SecretCheck.NO_SECRET:
+                message = f"Secret {ref.name} ({token.field}) not found"
+                return Blocker(Reason.SECRET_NOT_FOUND, message)
+            if found is SecretCheck.NO_KEY:
+                message = f"Secret {ref.name} has no key {ref.key!r} ({token.field})"
+                return Blocker(Reason.SECRET_NOT_FOUND, message)
         # PRESENT, or UNKNOWN (no RBAC to read Secrets): create the Job; the kubelet refuses a
         # pod whose Secret is missing, and the pod says so.
         return None

@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from finetune_api.constants import ConditionType, Phase, Reason
-from finetune_api.v1alpha1 import FineTuneJob, RunPolicy
+from finetune_api.result import TrainerResult
+from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, RunPolicy
 from finetune_operator import naming
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.kueue import Lookup, Workload
@@ -34,7 +35,8 @@ PENDING_HINTS = {
     Reason.ERR_IMAGE_NEVER_PULL: "the image is not on the node and its pull policy is Never",
     Reason.INVALID_IMAGE_NAME: "spec.template.image is not a valid image reference",
     Reason.CREATE_CONTAINER_CONFIG_ERROR: "create the Secret or ConfigMap (or the key) the pod "
-    "references: output.hub.tokenSecretRef, or a valueFrom in spec.template.env",
+    "references: output.hub.tokenSecretRef, model.tokenSecretRef, dataset.tokenSecretRef, or a "
+    "valueFrom in spec.template.env",
     Reason.CREATE_CONTAINER_ERROR: "the container runtime could not create the container; see "
     "the message and the node's runtime",
     Reason.UNSCHEDULABLE: "no node fits the pod: check spec.resources (requests, accelerator), "
@@ -204,6 +206,16 @@ def evaluation_summary(evaluation: dict[str, Obj], gates: dict[str, float]) -> s
     return f"{name} {value:.4g}" if value is not None else name
 
 
+def _pushed_message(result: TrainerResult) -> str:
+    """repo@sha, and the pull request or the branch (other than main) it is on."""
+    message = f"{result.repo}@{result.revision}"
+    if result.pr_revision:
+        return f"{message}, pull request {result.pr_revision} ({result.pr_url})"
+    if result.branch and result.branch != DEFAULT_BRANCH:
+        return f"{message} on branch {result.branch}"
+    return message
+
+
 def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
     result = outcome.result
     if result is None:
@@ -218,7 +230,10 @@ def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
             "url": result.url,
             "artifact": result.artifact,
         }
-        conds.set(CT.PUSHED, True, Reason.PUSHED, f"{result.repo}@{result.revision}")
+        # Where the commit landed: its branch, or the pull request output.hub.createPr opened.
+        where = {"branch": result.branch, "prRevision": result.pr_revision, "prUrl": result.pr_url}
+        status["result"].update({k: v for k, v in where.items() if v})
+        conds.set(CT.PUSHED, True, Reason.PUSHED, _pushed_message(result))
     if result.steps is not None or result.train_loss is not None:
         progress = dict(status.get("progress") or {})
         if result.steps is not None:

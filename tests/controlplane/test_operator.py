@@ -245,6 +245,37 @@ def test_missing_secret_then_created(operator: Operator, kube, namespace, wait_u
     wait_until(lambda: get(kube, namespace, "Job", "nosecret"), timeout=60, message="Job")
 
 
+def test_a_missing_read_token_secret_blocks_the_job_too(
+    operator: Operator, kube, namespace, wait_until, hf_secret
+):
+    manifest = ftj_manifest(
+        "readtoken",
+        namespace,
+        model={"tokenSecretRef": {"name": "model-read", "key": "read"}},
+        output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": hf_secret}}},
+    )
+    kube.apply(manifest)
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kube, namespace, "readtoken"))
+            and condition(s, "Created").get("reason") == "SecretNotFound"
+            and s
+        ),
+        timeout=30,
+        message="SecretNotFound condition",
+    )
+    assert "model.tokenSecretRef" in condition(status, "Created")["message"]
+    assert get(kube, namespace, "Job", "readtoken") is None
+    create_secret(kube, namespace, "model-read", "read", "x")
+    job = wait_until(lambda: get(kube, namespace, "Job", "readtoken"), timeout=60, message="Job")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FINETUNE_MODEL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "model-read",
+        "key": "read",
+    }
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": hf_secret, "key": "token"}
+
+
 def test_delete_garbage_collects_children(operator: Operator, kube, namespace, wait_until):
     kube.apply(ftj_manifest("gc", namespace))
     wait_until(lambda: get(kube, namespace, "Job", "gc"), timeout=30, message="Job")

@@ -44,6 +44,8 @@ def _set(doc: dict[str, Any], path: str, value: Any) -> None:
 
 
 _DELETE = object()
+# output.hub on an endpoint that needs no token, so that only the rule under test refuses it.
+OPEN_HUB = {"repo": "o/r", "endpoint": "http://hub"}
 CLS = {"spec.model.task": "sequence-classification", "spec.model.numLabels": 2}
 SPREAD = {
     "maxSkew": 1,
@@ -112,6 +114,43 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "hub-license-id",
         {"spec.output.hub": {"repo": "o/r", "endpoint": "http://hub", "license": "Apache 2.0"}},
         "license",
+    ),
+    # Where the push lands: a branch name git and the Hub take, and a PR only against main.
+    *(
+        (f"hub-branch-{name}", {"spec.output.hub": {**OPEN_HUB, "branch": branch}}, "hub.branch")
+        for name, branch in (
+            ("pattern", "a b"),
+            ("under-refs", "refs/pr/1"),
+            ("lock", "x.lock"),
+            ("dots", "a..b"),
+            ("commit-id", "0123456789abcdef0123456789abcdef01234567"),
+            ("head", "HEAD"),
+            ("checkpoint-branch", "finetune-checkpoints"),
+        )
+    ),
+    (
+        "hub-pr-on-a-branch",
+        {"spec.output.hub": {**OPEN_HUB, "branch": "dev", "createPr": True}},
+        "createPr",
+    ),
+    # A read token belongs to an hf:// source.
+    (
+        "model-token-on-file",
+        {"spec.model": {"source": "file:///m", "tokenSecretRef": {"name": "r"}}},
+        "spec.model.tokenSecretRef",
+    ),
+    (
+        "dataset-token-on-file",
+        {"spec.dataset": {"source": "file:///d.jsonl", "tokenSecretRef": {"name": "r"}}},
+        "spec.dataset.tokenSecretRef",
+    ),
+    (
+        "read-token-is-no-push-token",
+        {
+            "spec.model.tokenSecretRef": {"name": "r"},
+            "spec.output.hub": {"repo": "o/r"},
+        },
+        "output.hub.tokenSecretRef",
     ),
     ("accelerator-enum", {"spec.resources.accelerator": {"type": "amd.com/gpu"}}, "type"),
     ("cpu-count", {"spec.resources.accelerator": {"type": "cpu", "count": 2}}, "count"),
@@ -230,6 +269,26 @@ def test_valid_base_is_accepted(crd: str, kube: Kube, namespace: str) -> None:
     parse_manifest(doc)
     kube.apply(doc)
     assert kube.get("FineTuneJob", "bad", namespace) is not None
+
+
+def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:
+    doc = manifest(
+        {
+            "spec.model.tokenSecretRef": {"name": "model-read"},
+            "spec.dataset.tokenSecretRef": {"name": "data-read", "key": "t"},
+            "spec.output.hub": {**OPEN_HUB, "branch": "experiments/run-1.2"},
+        },
+        namespace,
+    )
+    parse_manifest(doc)
+    kube.apply(doc)
+    pr = manifest({"spec.output.hub": {**OPEN_HUB, "createPr": True, "branch": "main"}}, namespace)
+    pr["metadata"]["name"] = "bad-pr"
+    parse_manifest(pr)
+    kube.apply(pr)
+    hub = kube.get("FineTuneJob", "bad", namespace)["spec"]["output"]["hub"]
+    assert (hub["branch"], hub["createPr"]) == ("experiments/run-1.2", False)  # the default
+    assert kube.get("FineTuneJob", "bad-pr", namespace)["spec"]["output"]["hub"]["createPr"]
 
 
 def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: str) -> None:

@@ -190,3 +190,90 @@ from peft import AutoPeftModelForCausalLM
 AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
 print(json.dumps(json.load(open(hf_hub_download(sys.argv[1], "adapter_config.json")))))
 """
+
+
+PUSH_TOKEN = "hf_pushonly0123456789abcdef0123"
+MODEL_TOKEN = "model-read-token-0123456789"
+DATASET_TOKEN = "dataset-read-token-0123456789"
+
+
+def test_read_tokens_read_the_sources_and_the_push_opens_a_pull_request(
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+    tiny_model_dir: Path,
+    tiny_text_data: Path,
+    tmp_path: Path,
+) -> None:
+    """Three tokens, each for its own use, on a Hub where nothing is readable anonymously and
+    a read token cannot write; the result is a pull request, read back from the Hub."""
+    with HubDouble(
+        tmp_path / "guarded-hub",
+        tokens={PUSH_TOKEN: "pusher"},
+        read_tokens={MODEL_TOKEN: "model-reader", DATASET_TOKEN: "dataset-reader"},
+        require_auth_for_read=True,
+    ) as hub:
+        hub.seed("tests/tiny-base", tiny_model_dir)
+        data = tmp_path / "dataset"
+        (data / "data").mkdir(parents=True)
+        (data / "data" / "train.jsonl").write_text(tiny_text_data.read_text())
+        hub.seed("tests/tiny-text", data, repo_type="dataset")
+        doc = deep_update(
+            causal_manifest,
+            {
+                "spec": {
+                    "model": {
+                        "source": "hf://tests/tiny-base",
+                        "tokenSecretRef": {"name": "model-read"},
+                    },
+                    "dataset": {
+                        "source": "hf://tests/tiny-text",
+                        "tokenSecretRef": {"name": "dataset-read"},
+                    },
+                    "training": {"maxSteps": 3},
+                    "output": {
+                        "hub": {
+                            "repo": "tests/reviewed",
+                            "endpoint": hub.endpoint,
+                            "createPr": True,
+                        }
+                    },
+                    "resources": {"nodes": 1},
+                }
+            },
+        )
+        env = {
+            "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0",
+            "HF_TOKEN": PUSH_TOKEN,
+            "FINETUNE_MODEL_TOKEN": MODEL_TOKEN,
+            "FINETUNE_DATASET_TOKEN": DATASET_TOKEN,
+        }
+        pods = gang(write_manifest(doc), nodes=1, env=env).start()
+        assert pods.wait() == [0], pods.log_text()[-4000:]
+        result = pods.result(0)
+        requests, endpoint = list(hub.requests), hub.endpoint
+        repo = hub.store.get("model", "tests/reviewed")
+
+    assert (result["status"], result["reason"]) == ("Succeeded", "PushedToHub")
+    assert result["prRevision"] == "refs/pr/1" and "branch" not in result
+    assert result["prUrl"] == f"{endpoint}/tests/reviewed/discussions/1"
+    # What landed: a pull request against main holding the commit the result names; main is
+    # left as the repo's creation made it.
+    pr = repo["prs"]["1"]
+    assert (pr["base"], pr["head"]) == ("main", result["revision"])
+    pushed = repo["commits"][result["revision"]]["files"]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(pushed)
+    assert set(repo["commits"][repo["refs"]["main"]]["files"]) == {".gitattributes"}
+
+    # Who read and wrote what: each source with its own read token, the push with the push
+    # token, and nothing anonymously.
+    def users(fragment: str) -> set[str | None]:
+        return {user for _, path, user in requests if fragment in path}
+
+    assert users("/tests/tiny-base") == {"model-reader"}
+    assert users("/datasets/tests/tiny-text") == {"dataset-reader"}
+    assert users("/tests/reviewed") == {"pusher"}
+    logs = pods.log_text() + json.dumps(result)
+    for token in (PUSH_TOKEN, MODEL_TOKEN, DATASET_TOKEN):
+        assert token not in logs

@@ -115,6 +115,42 @@ def test_scrub_bearer_and_hub_tokens() -> None:
     assert scrub("nothing to hide", {}) == "nothing to hide"
 
 
+def test_scrub_hides_the_read_tokens_too() -> None:
+    # Tokens of a self-hosted Hub need not look like hf_...: each is hidden by its value.
+    env = {"HF_TOKEN": "push-secret", "FINETUNE_MODEL_TOKEN": "model-secret"}
+    env["FINETUNE_DATASET_TOKEN"] = "data-secret"
+    text = "push-secret, model-secret and data-secret in one message"
+    assert scrub(text, env) == "***, *** and *** in one message"
+    assert set(pod.HUB_TOKEN_ENVS) == set(env)
+
+
+def test_result_scrubs_read_tokens_and_carries_where_the_push_landed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FINETUNE_MODEL_TOKEN", "model-secret-value")
+    monkeypatch.setenv("FINETUNE_DATASET_TOKEN", "data-secret-value")
+    result = TrainerResult(
+        status="Succeeded",
+        message="read with model-secret-value and data-secret-value",
+        repo="org/x",
+        revision="a" * 40,
+        pr_revision="refs/pr/3",
+        pr_url="https://hub/org/x/discussions/3",
+    )
+    message = result.to_message()
+    assert "secret-value" not in message
+    assert '"prRevision":"refs/pr/3"' in message  # camelCase on the wire, as the rest
+    parsed = TrainerResult.parse(message)
+    assert parsed is not None
+    assert (parsed.pr_revision, parsed.pr_url, parsed.branch) == (
+        "refs/pr/3",
+        "https://hub/org/x/discussions/3",
+        None,
+    )
+    on_branch = TrainerResult.parse(TrainerResult(status="Succeeded", branch="exp/1").to_message())
+    assert on_branch is not None and on_branch.branch == "exp/1"
+
+
 def test_rendezvous_env_leaves_the_node_rank_to_the_pod() -> None:
     env = pod.rendezvous_env(nnodes=2, nproc_per_node=4, master_addr="j-0.j")
     assert env == {

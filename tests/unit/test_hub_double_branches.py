@@ -133,3 +133,96 @@ def test_branches_need_a_valid_token(hub: HubDouble, api: Any) -> None:
     assert _status(lambda: anonymous.delete_branch(REPO, branch="ck")) == 401
     # Reading a public repo's branch needs no token.
     assert [b.name for b in anonymous.list_repo_refs(REPO).branches] == ["main", "ck"]
+
+
+# ---- pull requests: a commit with create_pr=1, as on the Hub -------------------------------
+
+
+def test_create_pr_opens_a_pull_request_and_leaves_main(api: Any, tmp_path: Path) -> None:
+    api.create_repo(REPO)
+    main_head = api.upload_file(path_or_fileobj=b"on main\n", path_in_repo="a.txt", repo_id=REPO)
+    folder = _folder(tmp_path / "pr", {"w.safetensors": b"3" * 2000, "a.txt": b"changed\n"})
+
+    first = api.upload_folder(repo_id=REPO, folder_path=folder, create_pr=True, commit_message="p")
+    assert (first.pr_revision, first.pr_num) == ("refs/pr/1", 1)
+    assert first.pr_url.endswith(f"/{REPO}/discussions/1")
+    # main has not moved; the pull request's ref holds the commit, on top of main.
+    assert api.repo_info(REPO).sha == main_head.oid
+    assert api.repo_info(REPO, revision="refs/pr/1").sha == first.oid
+    got = Path(api.hf_hub_download(REPO, "a.txt", revision="refs/pr/1"))
+    assert got.read_bytes() == b"changed\n"
+    assert sorted(api.list_repo_files(REPO, revision="refs/pr/1")) == [
+        ".gitattributes",
+        "a.txt",
+        "w.safetensors",
+    ]
+    refs = api.list_repo_refs(REPO, include_pull_requests=True)
+    assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [("refs/pr/1", first.oid)]
+    assert [b.name for b in refs.branches] == ["main"]  # a PR is no branch
+
+    # A commit to refs/pr/1 adds to that pull request; create_pr again opens another.
+    more = api.upload_file(
+        path_or_fileobj=b"more", path_in_repo="b.txt", repo_id=REPO, revision="refs/pr/1"
+    )
+    assert more.pr_url is None and api.repo_info(REPO, revision="refs/pr/1").sha == more.oid
+    second = api.upload_file(
+        path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=REPO, create_pr=True
+    )
+    assert second.pr_revision == "refs/pr/2"
+
+    details = api.get_discussion_details(REPO, 1)
+    assert details.is_pull_request and details.status == "open"
+    assert (details.target_branch, details.git_reference) == ("refs/heads/main", "refs/pr/1")
+    assert [e.oid for e in details.events if e.type == "commit"] == [first.oid, more.oid]
+    assert api.repo_info(REPO).sha == main_head.oid
+
+
+def test_a_pull_request_against_a_branch_and_missing_ones(api: Any) -> None:
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
+    api.create_repo(REPO)
+    api.create_branch(REPO, branch="dev")
+
+    def add() -> list[Any]:  # an operation is spent once committed
+        return [CommitOperationAdd(path_in_repo="d.txt", path_or_fileobj=b"d")]
+
+    # The Hub's commit API opens a PR against the branch committed to (create_commit does it;
+    # upload_folder refuses create_pr with another revision).
+    info = api.create_commit(REPO, add(), commit_message="to dev", revision="dev", create_pr=True)
+    assert api.get_discussion_details(REPO, info.pr_num).target_branch == "refs/heads/dev"
+    assert api.list_repo_files(REPO, revision="dev") == [".gitattributes"]
+    with pytest.raises(RevisionNotFoundError):
+        api.create_commit(REPO, add(), commit_message="x", revision="nope", create_pr=True)
+    with pytest.raises(RevisionNotFoundError):
+        api.repo_info(REPO, revision="refs/pr/9")
+    with pytest.raises(HfHubHTTPError):
+        api.get_discussion_details(REPO, 9)
+
+
+def test_read_tokens_read_but_never_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    read = "hf_branches_read_only_token_0123"
+    with HubDouble(
+        tmp_path / "root", tokens={TOKEN: "writer"}, read_tokens={read: "reader"}
+    ) as hub:
+        writer = HfApi(endpoint=hub.endpoint, token=TOKEN)
+        reader = HfApi(endpoint=hub.endpoint, token=read)
+        writer.create_repo(REPO, private=True)
+        hub.requests.clear()
+        assert reader.repo_info(REPO).private is True  # a private repo: the token was taken
+        assert reader.whoami()["auth"]["accessToken"]["role"] == "read"
+        assert _status(lambda: reader.create_branch(REPO, branch="ck")) == 403
+        assert _status(lambda: reader.create_repo("org/other")) == 403
+        upload = lambda: reader.upload_file(  # noqa: E731
+            path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=REPO
+        )
+        assert _status(upload) == 403
+        writer.create_branch(REPO, branch="ck")
+        # Who asked for what, by user: never the token itself.
+        assert ("GET", f"/api/models/{REPO}", "reader") in hub.requests
+        assert ("POST", f"/api/models/{REPO}/branch/ck", "writer") in hub.requests
+        assert not [r for r in hub.requests if read in str(r) or TOKEN in str(r)]

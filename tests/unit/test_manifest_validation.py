@@ -374,3 +374,131 @@ def test_bad_pod_settings_name_the_field(fields, path, fragment):
     paths = [e.path for e in err.value.errors]
     assert path in paths, f"{path} not in {paths}"
     assert fragment in str(err.value)
+
+
+# ---- Hub options: read tokens, branch, createPr ---------------------------------------------
+
+PUSH = {"repo": "org/out", "tokenSecretRef": {"name": "hf"}}
+# Branch names next to git's verdict (check-ref-format, narrowed as the Hub double narrows it).
+BRANCHES = [
+    ("main", True),
+    ("dev", True),
+    ("experiments/run-1", True),
+    ("v1.0", True),
+    ("team_a/exp.2/final", True),
+    ("b" * 128, True),
+    ("b" * 129, False),
+    ("HEAD", False),
+    ("refs/pr/1", False),
+    ("refs/heads/dev", False),
+    ("a..b", False),
+    ("x.lock", False),
+    ("x.lock/y", False),
+    ("x.", False),
+    ("a/.b", False),
+    ("-x", False),
+    ("a//b", False),
+    ("a/", False),
+    ("a b", False),
+    ("a~1", False),
+    ("0123456789abcdef0123456789abcdef01234567", False),  # reads as a commit id
+]
+
+
+@pytest.mark.parametrize(("branch", "valid"), BRANCHES)
+def test_output_branch_follows_git_and_hub_rules(branch, valid, tmp_path):
+    doc = with_changes(spec__output={"hub": {**PUSH, "branch": branch}})
+    if valid:
+        assert parse_manifest(doc).spec.output.hub.branch == branch
+        # What the schema lets through, the Hub double's create_branch takes too.
+        from finetune_hub_double.store import Store
+
+        store = Store(tmp_path)
+        store.create_repo("model", "org/out")
+        if branch != "main":
+            store.create_branch("model", "org/out", branch)
+        return
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == ["spec.output.hub.branch"]
+
+
+@pytest.mark.parametrize(
+    ("hub", "valid"),
+    [
+        ({"createPr": True}, True),
+        ({"createPr": True, "branch": "main"}, True),  # main is where the PR goes anyway
+        ({"createPr": True, "branch": "dev"}, False),
+        ({"createPr": False, "branch": "dev"}, True),
+    ],
+)
+def test_create_pr_goes_against_main_only(hub, valid):
+    doc = with_changes(spec__output={"hub": {**PUSH, **hub}})
+    if valid:
+        assert parse_manifest(doc).spec.output.hub.create_pr is hub["createPr"]
+        return
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == ["spec.output.hub.createPr"]
+    assert "not both" in str(err.value)
+
+
+def test_output_branch_is_not_the_checkpoint_branch():
+    clash = with_changes(spec__output={"hub": {**PUSH, "branch": "finetune-checkpoints"}})
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(clash)
+    assert [e.path for e in err.value.errors] == ["spec.output.hub.branch"]
+    moved = with_changes(
+        spec__output={
+            "hub": {**PUSH, "branch": "finetune-checkpoints"},
+            "checkpoints": {"hubBranch": "ck"},
+        }
+    )
+    assert parse_manifest(moved).spec.output.hub.branch == "finetune-checkpoints"
+
+
+@pytest.mark.parametrize(
+    ("section", "source", "valid"),
+    [
+        ("model", "hf://org/base", True),
+        ("model", "file:///models/base", False),
+        ("dataset", "hf://org/data", True),
+        ("dataset", "file:///data/news.jsonl", False),
+    ],
+)
+def test_read_tokens_are_for_hub_sources_only(section, source, valid):
+    doc = copy.deepcopy(VALID)
+    doc["spec"][section] = {"source": source, "tokenSecretRef": {"name": "reader"}}
+    if valid:
+        ref = getattr(parse_manifest(doc).spec, section).token_secret_ref
+        assert (ref.name, ref.key) == ("reader", "token")
+        return
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == [f"spec.{section}.tokenSecretRef"]
+
+
+def test_a_read_token_is_no_push_token():
+    """The push to huggingface.co still needs output.hub's token: a read token cannot push."""
+    doc = with_changes(
+        spec__model={"source": "hf://org/base", "tokenSecretRef": {"name": "reader"}},
+        spec__output={"hub": {"repo": "org/out"}},
+    )
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == ["spec.output.hub.tokenSecretRef"]
+
+
+def test_token_secrets_name_their_field_and_env_push_first():
+    doc = with_changes(
+        spec__model={"source": "hf://org/base", "tokenSecretRef": {"name": "m", "key": "k"}},
+        spec__dataset={"source": "hf://org/data", "tokenSecretRef": {"name": "d"}},
+        spec__output={"hub": PUSH},
+    )
+    tokens = parse_manifest(doc).spec.token_secrets()
+    assert [(t.field, t.env, t.ref.name, t.ref.key) for t in tokens] == [
+        ("output.hub.tokenSecretRef", "HF_TOKEN", "hf", "token"),
+        ("model.tokenSecretRef", "FINETUNE_MODEL_TOKEN", "m", "k"),
+        ("dataset.tokenSecretRef", "FINETUNE_DATASET_TOKEN", "d", "token"),
+    ]
+    assert parse_manifest(VALID).spec.token_secrets() == []

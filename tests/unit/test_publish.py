@@ -422,3 +422,172 @@ def test_no_base_license_no_card_license_and_a_warning(
     assert "license" not in _pushed_card(hub, job, artifact)
     records = "\n".join(hf_env.records)  # type: ignore[attr-defined]
     assert "the model card gets no license" in records and "output.hub.license" in records
+
+
+# ---- where the push lands: output.hub.branch and output.hub.createPr --------------------------
+
+
+def test_push_to_a_branch_creates_it_and_leaves_main(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    api, repo = _hub_api(hub), "test-org/on-a-branch"
+    job = make_job(hub, repo=repo)
+    job.spec.output.hub.branch = "experiments/run-1"  # type: ignore[union-attr]
+    first = push_to_hub(job, artifact, SCORES, "adapter", QUICK)
+    assert (first.branch, first.pr_revision, first.pr_url) == ("experiments/run-1", None, None)
+    assert api.repo_info(repo, revision="experiments/run-1").sha == first.revision
+    assert first.url == f"{hub}/{repo}/commit/{first.revision}"
+    assert "adapter_config.json" in api.list_repo_files(repo, revision="experiments/run-1")
+    assert api.list_repo_files(repo) == [".gitattributes"]  # main: only the repo's creation
+
+    # The branch exists now: the next push commits on top of it.
+    (artifact / "adapter_config.json").write_text('{"r": 4}')
+    second = push_to_hub(job, artifact, SCORES, "adapter", QUICK)
+    history = [c.commit_id for c in api.list_repo_commits(repo, revision="experiments/run-1")]
+    assert history[:2] == [second.revision, first.revision]
+    assert api.list_repo_files(repo) == [".gitattributes"]
+
+
+def test_create_pr_opens_a_pull_request_against_main(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    api, repo = _hub_api(hub), "test-org/reviewed"
+    job = make_job(hub, repo=repo)
+    job.spec.output.hub.create_pr = True  # type: ignore[union-attr]
+    first = push_to_hub(job, artifact, SCORES, "adapter", QUICK)
+    assert (first.pr_revision, first.branch) == ("refs/pr/1", None)
+    assert first.pr_url == f"{hub}/{repo}/discussions/1"
+    assert api.repo_info(repo, revision="refs/pr/1").sha == first.revision
+    assert {"README.md", "adapter_config.json"} <= set(
+        api.list_repo_files(repo, revision="refs/pr/1")
+    )
+    assert api.list_repo_files(repo) == [".gitattributes"]  # main is left for the review
+    details = api.get_discussion_details(repo, 1)
+    assert (details.is_pull_request, details.target_branch) == (True, "refs/heads/main")
+    assert [e.oid for e in details.events if e.type == "commit"] == [first.revision]
+    # Each push opens a pull request of its own.
+    assert push_to_hub(job, artifact, SCORES, "adapter", QUICK).pr_revision == "refs/pr/2"
+
+
+def test_create_pr_with_nothing_new_for_main_opens_none_and_says_so(
+    hub: str, hf_env: logging.Handler, artifact: Path
+) -> None:
+    api, repo = _hub_api(hub), "test-org/already-there"
+    on_main = push_to_hub(make_job(hub, repo=repo), artifact, SCORES, "adapter", QUICK)
+    job = make_job(hub, repo=repo)
+    job.spec.output.hub.create_pr = True  # type: ignore[union-attr]
+    again = push_to_hub(job, artifact, SCORES, "adapter", QUICK)
+    # huggingface_hub skips a commit that changes nothing; the result says what happened.
+    assert (again.revision, again.branch, again.pr_revision) == (on_main.revision, "main", None)
+    assert "no pull request was opened" in again.note
+    assert api.list_repo_refs(repo, include_pull_requests=True).pull_requests == []
+
+
+# ---- tokens: the push token pushes, the model's read token reads the model ---------------------
+
+PUSH_TOKEN = "hf_publishtest_push_0123456789abcdef"
+MODEL_READ_TOKEN = "model-read-token-of-a-self-hosted-hub"
+
+
+@pytest.fixture
+def guarded_hub(tmp_path: Path) -> Iterator[hub_double.HubDouble]:
+    """A double where the read token may only read and nothing is readable anonymously, with a
+    base model whose card names a license (the push reads it)."""
+    double = hub_double.HubDouble(
+        tmp_path / "guarded-root",
+        tokens={PUSH_TOKEN: "pusher"},
+        read_tokens={MODEL_READ_TOKEN: "model-reader"},
+        require_auth_for_read=True,
+    )
+    base = tmp_path / "base-card"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
+    double.seed("test-org/guarded-base", base)
+    double.start()
+    yield double
+    double.stop()
+
+
+def _users(double: hub_double.HubDouble, repo: str) -> set[str | None]:
+    """The users that asked the double about `repo`."""
+    return {user for _, path, user in double.requests if f"/{repo}" in path}
+
+
+@pytest.mark.parametrize("read_token", [MODEL_READ_TOKEN, None])
+def test_the_push_token_pushes_and_the_model_token_reads_the_model(
+    guarded_hub: hub_double.HubDouble,
+    hf_env: logging.Handler,
+    artifact: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    read_token: str | None,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", PUSH_TOKEN)
+    if read_token:
+        monkeypatch.setenv("FINETUNE_MODEL_TOKEN", read_token)
+    else:
+        monkeypatch.delenv("FINETUNE_MODEL_TOKEN", raising=False)
+    job = make_job(guarded_hub.endpoint, repo="test-org/guarded-out")
+    job.spec.model.source = "hf://test-org/guarded-base"
+    result = push_to_hub(job, artifact, SCORES, "adapter", QUICK)
+
+    # The card's license came from the base model's card, read with the model's token (or,
+    # with none, the push token, as before read tokens existed); the push, with the push token
+    # alone (a read token would have been refused with 403).
+    assert _users(guarded_hub, "test-org/guarded-base") == {
+        "model-reader" if read_token else "pusher"
+    }
+    assert _users(guarded_hub, "test-org/guarded-out") == {"pusher"}
+    readme = guarded_hub.store.resolve(
+        guarded_hub.store.get("model", "test-org/guarded-out"), result.revision
+    )["files"]["README.md"]
+    card = guarded_hub.store.blob_path(readme["sha256"]).read_text()
+    assert "license: mit" in card
+    out, err = capfd.readouterr()
+    logs = "\n".join(hf_env.records)  # type: ignore[attr-defined]
+    for text in (logs, out, err, repr(result)):
+        assert PUSH_TOKEN not in text and MODEL_READ_TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    ("env", "model", "dataset"),
+    [
+        ({}, None, None),
+        ({"HF_TOKEN": "push"}, "push", "push"),  # the push token reads too, as before
+        ({"HF_TOKEN": "push", "FINETUNE_MODEL_TOKEN": "m"}, "m", "push"),
+        ({"FINETUNE_DATASET_TOKEN": "d"}, None, "d"),
+        (
+            {"HF_TOKEN": "push", "FINETUNE_MODEL_TOKEN": "m", "FINETUNE_DATASET_TOKEN": "d"},
+            "m",
+            "d",
+        ),
+    ],
+)
+def test_each_source_reads_with_its_own_token_else_the_push_token(
+    env: dict[str, str], model: str | None, dataset: str | None
+) -> None:
+    from finetune_trainer.sources import read_token
+
+    assert (read_token("model", env), read_token("dataset", env)) == (model, dataset)
+
+
+def test_downloading_makes_the_source_token_hf_token_meanwhile() -> None:
+    """Inside, HF_TOKEN is the source's token (transformers sends HF_TOKEN on some calls of its
+    own); outside, the push token again, also when the download fails."""
+    from finetune_trainer.sources import SourceNotFound, downloading
+
+    env = {"HF_TOKEN": "push", "FINETUNE_DATASET_TOKEN": "d"}
+    with downloading("dataset", "org/data", env=env) as token:
+        assert token == env["HF_TOKEN"] == "d"
+    assert env["HF_TOKEN"] == "push"
+    with downloading("model", "org/base", env=env) as token:  # no read token: the push token
+        assert token == env["HF_TOKEN"] == "push"
+    from datasets.exceptions import DatasetNotFoundError
+
+    with pytest.raises(SourceNotFound), downloading("dataset", "org/gone", env=env):
+        raise DatasetNotFoundError("org/gone does not exist")
+    assert env == {"HF_TOKEN": "push", "FINETUNE_DATASET_TOKEN": "d"}
+    anonymous: dict[str, str] = {"FINETUNE_MODEL_TOKEN": "m"}
+    with downloading("model", "org/base", env=anonymous):
+        assert anonymous["HF_TOKEN"] == "m"
+    assert "HF_TOKEN" not in anonymous  # unset before, unset after

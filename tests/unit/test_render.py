@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_api.v1alpha1 import OWN_KEY_PREFIXES, FineTuneJob
+from finetune_api import pod
+from finetune_api.v1alpha1 import OWN_KEY_PREFIXES, FineTuneJob, SecretKeyRef
 from finetune_api.validation import ManifestError, load_manifest, parse_manifest
 from finetune_operator import naming
 from finetune_operator.checkpoints import choose
@@ -79,6 +80,32 @@ def test_rendezvous_env_points_at_rank0_through_the_headless_service() -> None:
     assert svc["spec"]["publishNotReadyAddresses"] is True
     assert job["spec"]["template"]["spec"]["subdomain"] == svc["metadata"]["name"]
     assert {p["port"] for p in svc["spec"]["ports"]} == {29500, 9400}
+
+
+def test_each_hub_token_reaches_the_pod_from_its_secret_under_its_own_name() -> None:
+    ftj = load_manifest(GOLDEN / "cpu.input.yaml")
+    spec = ftj.spec.model_copy(deep=True)
+    spec.model = spec.model.model_copy(
+        update={"token_secret_ref": SecretKeyRef(name="model-read", key="m")}
+    )
+    spec.dataset = spec.dataset.model_copy(
+        update={"source": "hf://org/data", "token_secret_ref": SecretKeyRef(name="data-read")}
+    )
+    rendered = render_manifests(ftj.model_copy(update={"spec": spec}), SETTINGS)
+    job = next(d for d in rendered if d["kind"] == "Job")
+    env = _env(job)
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert env["FINETUNE_MODEL_TOKEN"] == {"secretKeyRef": {"name": "model-read", "key": "m"}}
+    assert env["FINETUNE_DATASET_TOKEN"] == {"secretKeyRef": {"name": "data-read", "key": "token"}}
+    # Only ever from the Secret: no token value in the manifest, and each name set once.
+    names = [e["name"] for e in _container(job)["env"]]
+    for name in pod.HUB_TOKEN_ENVS:
+        assert names.count(name) == 1
+        assert all("value" not in e for e in _container(job)["env"] if e["name"] == name)
+    # Without read tokens the pod gets the push token alone, as before.
+    plain = _env(_job("cpu"))
+    assert "HF_TOKEN" in plain
+    assert not {pod.MODEL_TOKEN_ENV, pod.DATASET_TOKEN_ENV} & set(plain)
 
 
 def test_job_is_an_indexed_gang_that_fails_fast() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from finetune_api.constants import Reason
-from finetune_api.v1alpha1 import FineTuneJob
+from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus, SecretKeyRef
 from finetune_api.validation import parse_manifest
 from finetune_operator import kueue
 from finetune_operator.kueue import Lookup, Workload
@@ -228,6 +228,33 @@ def test_success_carries_evaluation_result_and_summary() -> None:
     assert status["completionTime"] == NOW
     types = {c["type"]: c["status"] for c in status["conditions"]}
     assert types["Succeeded"] == types["Evaluated"] == types["Pushed"] == "True"
+
+
+@pytest.mark.parametrize(
+    ("where", "expected", "message"),
+    [
+        ({"branch": "main"}, {"branch": "main"}, "org/x@abc123"),
+        ({"branch": "exp/1"}, {"branch": "exp/1"}, "org/x@abc123 on branch exp/1"),
+        (
+            {"prRevision": "refs/pr/2", "prUrl": "https://hub/org/x/discussions/2"},
+            {"prRevision": "refs/pr/2", "prUrl": "https://hub/org/x/discussions/2"},
+            "org/x@abc123, pull request refs/pr/2 (https://hub/org/x/discussions/2)",
+        ),
+        ({}, {}, "org/x@abc123"),  # a trainer from before these fields
+    ],
+)
+def test_status_records_where_the_push_landed(
+    where: dict[str, str], expected: dict[str, str], message: str
+) -> None:
+    job = batch_job(cond=("Complete", "CompletionsReached", ""))
+    result = json.dumps({**RESULT_OK, **where})
+    status = derive_status(ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, result)]))
+    landed = {k: v for k, v in status["result"].items() if k in ("branch", "prRevision", "prUrl")}
+    assert landed == expected
+    pushed = cond(status, "Pushed")
+    assert pushed is not None and pushed["message"] == message
+    # What the status holds is what the CRD's status schema declares.
+    FineTuneJobStatus.model_validate(status)
 
 
 def test_gate_failure_reason_comes_from_the_trainer() -> None:
@@ -1343,3 +1370,48 @@ def test_new_pods_after_a_suspend_resume_without_a_restart() -> None:
     )
     assert not result.restarted and not result.status.get("disruptions")
     assert result.status["checkpoints"]["resumedFromStep"] == 12
+
+
+def test_every_token_secret_is_checked_before_the_job_is_created() -> None:
+    """A missing read-token Secret blocks the Job as a missing push-token Secret does, and the
+    message names the field that refers to it."""
+    import asyncio
+
+    from finetune_operator.apply import SecretCheck
+    from finetune_operator.reconcile import Reconciler
+
+    class Secrets:
+        def __init__(self, found: dict[tuple[str, str], SecretCheck]) -> None:
+            self.found = found
+            self.asked: list[tuple[str, str]] = []
+
+        async def secret_key_exists(self, namespace: str, name: str, key: str) -> SecretCheck:
+            self.asked.append((name, key))
+            return self.found.get((name, key), SecretCheck.NO_SECRET)
+
+    job = ftj()
+    job.spec.model.token_secret_ref = SecretKeyRef(name="model-read")
+    job.spec.dataset.token_secret_ref = SecretKeyRef(name="data-read", key="t")
+
+    def blocker(found: dict[tuple[str, str], SecretCheck]) -> tuple[Any, list[tuple[str, str]]]:
+        kube = Secrets(found)
+        reconciler = Reconciler(kube, None, None)  # type: ignore[arg-type]
+        return asyncio.run(reconciler._blocker(job)), kube.asked
+
+    block, asked = blocker({})
+    assert block is not None and block.reason == Reason.SECRET_NOT_FOUND
+    assert block.message == "Secret model-read (model.tokenSecretRef) not found"
+    block, asked = blocker({("model-read", "token"): SecretCheck.PRESENT})
+    assert (
+        block is not None and block.message == "Secret data-read (dataset.tokenSecretRef) not found"
+    )
+    no_key = {("model-read", "token"): SecretCheck.PRESENT, ("data-read", "t"): SecretCheck.NO_KEY}
+    block, _ = blocker(no_key)
+    assert block is not None and "has no key 't' (dataset.tokenSecretRef)" in block.message
+    # All there, or no right to look (UNKNOWN): the Job is created.
+    present = {
+        ("model-read", "token"): SecretCheck.PRESENT,
+        ("data-read", "t"): SecretCheck.UNKNOWN,
+    }
+    block, asked = blocker(present)
+    assert block is None and asked == [("model-read", "token"), ("data-read", "t")]

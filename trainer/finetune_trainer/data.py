@@ -14,7 +14,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import DatasetSpec, FineTuneJobSpec
 from finetune_trainer.modeling import source_location
-from finetune_trainer.sources import reported_missing
+from finetune_trainer.sources import downloading
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
@@ -85,8 +85,9 @@ def _is_saved_dataset(folder: Path) -> bool:
 def load_raw(spec: DatasetSpec) -> DatasetDict:
     location = source_location(spec.source)
     if spec.source.startswith("hf://"):
-        with reported_missing("dataset", location):  # a 404 is DatasetNotFound, not a retry
-            return load_dataset(location, spec.config)
+        # A 404 is DatasetNotFound, not a retry; the dataset's own token (sources.downloading).
+        with downloading("dataset", location) as token:
+            return load_dataset(location, spec.config, token=token)
     path = Path(location)
     if path.is_dir():
         loaded = load_from_disk(str(path)) if _is_saved_dataset(path) else load_dataset(str(path))

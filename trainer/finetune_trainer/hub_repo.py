@@ -7,6 +7,8 @@ without a word. `ensure_repo` makes such a repo private (huggingface_hub's
 log, and refuses to go on when it cannot: nothing is uploaded to a repo that is more public than
 the spec allows. It never makes a repo public: with `private: false` an existing private repo
 stays private. The final push (publish.py) and the checkpoint mirror both go through here.
+`ensure_branch` creates the branch the final push commits to (output.hub.branch): the Hub takes
+commits to existing branches only.
 
 huggingface_hub is imported inside functions, as in publish.py.
 """
@@ -22,7 +24,7 @@ from finetune_trainer.hub_retry import failure_class
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-__all__ = ["VisibilityError", "ensure_repo"]
+__all__ = ["VisibilityError", "ensure_branch", "ensure_repo"]
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +62,10 @@ def ensure_repo(api: HfApi, repo: str, private: bool, where: str) -> str | None:
     note = f"{where} was public; made it private, as output.hub.private asks"
     log.warning("%s", note)
     return note
+
+
+def ensure_branch(api: HfApi, repo: str, branch: str) -> None:
+    """Create `branch` of the model repo `repo` from main's head if it does not exist yet; an
+    existing branch is left as it is (commits go on top of it). Hub errors propagate, for the
+    caller's retry policy."""
+    api.create_branch(repo, branch=branch, exist_ok=True, repo_type="model")

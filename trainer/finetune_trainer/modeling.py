@@ -17,7 +17,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
-from finetune_trainer.sources import reported_missing
+from finetune_trainer.sources import downloading
 from finetune_trainer.tasks.base import Artifact
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -63,8 +63,8 @@ def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     location, revision = source_location(spec.source), _revision(spec)
     # A model that is not there is ModelNotFound at once, not a retry (finetune_trainer.sources).
-    with reported_missing("model", location, revision):
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    with downloading("model", location, revision) as token:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, token=token)
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -79,8 +79,9 @@ def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> Base
     load = functools.partial(auto_class.from_pretrained, location, revision=revision, **task_kwargs)
 
     def load_base(**kwargs: Any) -> PreTrainedModel:
-        with reported_missing("model", location, revision):
-            return load(**kwargs)
+        # The model's own token, never the push token when it has one (sources.downloading).
+        with downloading("model", location, revision) as token:
+            return load(token=token, **kwargs)
 
     return load_base
 

@@ -1,9 +1,15 @@
 """Push a fine-tuning result to a Hugging Face Hub, in one commit.
 
-The token comes only from the environment variable HF_TOKEN (set in the pod from the Secret in
-`output.hub.tokenSecretRef`): never from an argument, the spec or a file, so that it cannot end in
-the FineTuneJob, a command line or a log. Error messages that leave this module are passed through
-`finetune_api.result.scrub`, the one token scrubber.
+The push token comes only from the environment variable HF_TOKEN (set in the pod from the Secret
+in `output.hub.tokenSecretRef`): never from an argument, the spec or a file, so that it cannot end
+in the FineTuneJob, a command line or a log. It is handed to `HfApi` explicitly, and the base
+model's card (for the card's license) is read with the model's own read token
+(`sources.read_token`), so neither token is used for the other's work. Error messages that leave
+this module are passed through `finetune_api.result.scrub`, the one token scrubber.
+
+Where the commit lands follows the spec: main; `output.hub.branch`, created from main when
+missing; or, with `output.hub.createPr`, a new pull request against main (its commit on
+refs/pr/N). The result says which: the commit, its branch, or the pull request's ref and page.
 
 huggingface_hub is imported inside functions: it reads HF_ENDPOINT and HF_HUB_DISABLE_XET when
 first imported, and the endpoint here is passed to `HfApi` explicitly instead. Set
@@ -29,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_api.pod import HF_TOKEN_ENV
 from finetune_api.result import scrub
-from finetune_api.v1alpha1 import FineTuneJob
-from finetune_trainer.hub_repo import VisibilityError, ensure_repo
+from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, HubOutput
+from finetune_trainer.hub_repo import VisibilityError, ensure_branch, ensure_repo
 from finetune_trainer.hub_retry import HUB_BACKOFF, Backoff, failure_class, with_backoff
 from finetune_trainer.model_card import LICENSE_KEYS, render_model_card, source_id
+from finetune_trainer.sources import read_token
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, HfApi
@@ -59,6 +66,11 @@ class PushResult:
     # What the push changed besides the commit, for the result's message: e.g. that a public
     # repo was made private. Empty when nothing.
     note: str = ""
+    # The branch the commit is on; None when it is on a pull request's ref.
+    branch: str | None = DEFAULT_BRANCH
+    # The pull request the push opened (output.hub.createPr): refs/pr/N, and its page.
+    pr_revision: str | None = None
+    pr_url: str | None = None
 
 
 class PushError(RuntimeError):
@@ -99,6 +111,7 @@ def push_to_hub(
     if not artifact_dir.is_dir():
         raise PushError(f"artifact folder {artifact_dir} does not exist")
     endpoint = hub_endpoint(job)
+    # The push token only, given explicitly: the read tokens are for the sources.
     token = os.environ.get(HF_TOKEN_ENV) or None
     if token is None:
         log.warning("HF_TOKEN is not set: pushing to %s anonymously", endpoint)
@@ -110,7 +123,9 @@ def push_to_hub(
     if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in ("1", "ON", "YES", "TRUE"):
         constants.HF_HUB_DISABLE_XET = True
     api = HfApi(endpoint=endpoint, token=token)
-    inherited = None if hub.license else base_license(job, api)
+    # The base model's card is the model's to read: with its read token, not the push token.
+    reader = HfApi(endpoint=endpoint, token=read_token("model"))
+    inherited = None if hub.license else base_license(job, reader)
     try:
         (artifact_dir / "README.md").write_text(
             render_model_card(job, scores, artifact, inherited), encoding="utf-8"
@@ -128,8 +143,16 @@ def push_to_hub(
         note = ensure_repo(api, hub.repo, hub.private, target)
         if note:
             notes.append(note)
+        if hub.branch and hub.branch != DEFAULT_BRANCH:
+            ensure_branch(api, hub.repo, hub.branch)
+        # With create_pr the Hub opens a pull request against main and commits to its ref.
         return api.upload_folder(
-            repo_id=hub.repo, folder_path=artifact_dir, repo_type="model", commit_message=message
+            repo_id=hub.repo,
+            folder_path=artifact_dir,
+            repo_type="model",
+            commit_message=message,
+            revision=hub.branch,
+            create_pr=hub.create_pr,
         )
 
     try:
@@ -149,10 +172,35 @@ def push_to_hub(
             ) from None
         tries = f" after {backoff.retries + 1} attempts" if kind == "transient" else ""
         raise PushError(f"push to {target} failed{tries}: {what}") from None
+    return _pushed(hub, endpoint, artifact, info, notes)
+
+
+def _pushed(
+    hub: HubOutput, endpoint: str, artifact: str, info: CommitInfo, notes: list[str]
+) -> PushResult:
+    """What the push made, as the Hub answered: the commit, and the pull request it opened."""
     revision = info.oid
     url = f"{endpoint}/{hub.repo}/commit/{revision}"
-    log.info("pushed %s to %s at %s", artifact, hub.repo, revision)
-    return PushResult(repo=hub.repo, revision=revision, url=url, note="; ".join(notes))
+    if info.pr_revision is not None:
+        log.info("pushed %s to %s: pull request %s", artifact, hub.repo, info.pr_url)
+        return PushResult(
+            repo=hub.repo,
+            revision=revision,
+            url=url,
+            note="; ".join(notes),
+            branch=None,
+            pr_revision=info.pr_revision,
+            pr_url=info.pr_url,
+        )
+    branch = hub.branch or DEFAULT_BRANCH
+    if hub.create_pr:
+        # huggingface_hub skips a commit that changes no file, and then opens no pull request.
+        notes.append(f"{branch} already holds these files: no pull request was opened")
+        log.warning("%s", notes[-1])
+    log.info("pushed %s to %s at %s on %s", artifact, hub.repo, revision, branch)
+    return PushResult(
+        repo=hub.repo, revision=revision, url=url, note="; ".join(notes), branch=branch
+    )
 
 
 def base_license(job: FineTuneJob, api: HfApi) -> dict[str, str]:

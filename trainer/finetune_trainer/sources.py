@@ -5,20 +5,39 @@ exit with a permanent code (finetune_api.result), instead of spending the job's 
 message names the endpoint that was asked (huggingface_hub's, from HF_ENDPOINT, which
 `env.configure_hub_env` sets from output.hub.endpoint), not the huggingface.co that
 transformers' own message always names.
+
+
+Which token reads a source is decided here too (`read_token`): its own read token, else the push
+token, as the pod contract (finetune_api.pod) spells them. `downloading` wraps every download of a
+source with both: its token, and its not-found report.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Literal
 
-from finetune_api import FineTuneJob
+from finetune_api import FineTuneJob, pod
 from finetune_api.constants import Reason
 
 SourceKind = Literal["model", "dataset"]
 _REASON = {"model": Reason.MODEL_NOT_FOUND, "dataset": Reason.DATASET_NOT_FOUND}
+
+
+# The read token of each source (from spec.<kind>.tokenSecretRef).
+_READ_TOKEN_ENV = {"model": pod.MODEL_TOKEN_ENV, "dataset": pod.DATASET_TOKEN_ENV}
+
+
+def read_token(kind: SourceKind, env: Mapping[str, str] = os.environ) -> str | None:
+    """The token that downloads the model or the dataset: the source's own read token, else the
+    push token HF_TOKEN (as before sources had their own); None: anonymous.
+
+    Pass it to every download explicitly (`token=`): given None, huggingface_hub sends HF_TOKEN
+    by itself, and a source with a read token must never be sent the push token.
+    """
+    return env.get(_READ_TOKEN_ENV[kind]) or env.get(pod.HF_TOKEN_ENV) or None
 
 
 class SourceNotFound(Exception):
@@ -83,6 +102,35 @@ def _missing(kind: SourceKind, repo: str, endpoint: str) -> str:
         f"{kind} {repo} was not found at {endpoint}: check the name, and that the token (if "
         "any) may read it"
     )
+
+
+@contextmanager
+def downloading(
+    kind: SourceKind,
+    repo: str,
+    revision: str | None = None,
+    env: MutableMapping[str, str] = os.environ,
+) -> Iterator[str | None]:
+    """Download the model or dataset `repo` within: yields its read token (`read_token`), to pass
+    to the loader as `token=`, and reports a source that does not exist as SourceNotFound.
+
+    Meanwhile HF_TOKEN is that token too, restored on the way out: transformers makes some Hub
+    calls without the token it was given (its tokenizer lists the repo's files through its own
+    HfApi, which then sends HF_TOKEN), and those must not carry the push token to a source that
+    has a read token of its own.
+    """
+    token = read_token(kind, env)
+    push = env.get(pod.HF_TOKEN_ENV)
+    if token is not None:
+        env[pod.HF_TOKEN_ENV] = token
+    try:
+        with reported_missing(kind, repo, revision):
+            yield token
+    finally:
+        if push is None:
+            env.pop(pod.HF_TOKEN_ENV, None)
+        else:
+            env[pod.HF_TOKEN_ENV] = push
 
 
 @contextmanager

@@ -429,6 +429,9 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
         log.error("%s", exc)
         return result.exit_code
     result.repo, result.revision, result.url = pushed.repo, pushed.revision, pushed.url
+    # Where it landed: a branch, or the pull request output.hub.createPr opened.
+    result.branch = pushed.branch
+    result.pr_revision, result.pr_url = pushed.pr_revision, pushed.pr_url
     result.reason = Reason.PUSHED
     if pushed.note:  # e.g. the repo was public and was made private
         result.message = pushed.note
