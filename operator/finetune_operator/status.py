@@ -570,8 +570,15 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             _resume(conds, policy, out, wl)
             if out.state is State.RUNNING:
                 status["startTime"] = status.get("startTime") or observed.now
-            began = _restart_in_place(status, prev, conds, out, observed.now)
+            # The Job controller waits 10 s before it replaces a failed pod, twice that for the
+            # next one of the same Job, and so on: a second stop in one attempt restarts the
+            # whole gang as a new attempt, whose Job has replaced nothing yet.
+            anew = attempts + 1 if _replaced_before(prev, observed.job) else None
+            began = _restart_in_place(status, prev, conds, out, observed.now, anew)
             rejoin, restarted = rejoin or began, restarted or began is not None
+            if began is not None and anew is not None:
+                status["attempts"] = anew
+                actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
             if out.stuck is not None:
                 # Rank 0 may run, but the gang cannot train without the stuck pod.
                 conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
@@ -603,11 +610,12 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
 
 
 def _restart_in_place(
-    status: Obj, prev: Obj, conds: _Conditions, out: Outcome, now: str
+    status: Obj, prev: Obj, conds: _Conditions, out: Outcome, now: str, anew: int | None
 ) -> str | None:
     """A pod of the running attempt was stopped (out.leaving): the Job controller replaces it and
     the rest of the gang rejoins it from the checkpoint the gang saved. The first pass to see it
-    records the restart (a disruption: backoffLimit is not spent) and returns its message; until
+    records the restart (a disruption: backoffLimit is not spent) and returns its message (with
+    `anew`, the attempt the gang restarts as instead, whose Job the caller makes); until
     every pod runs again (the stopped one gone, its replacement running), Running is False with
     reason Restarting."""
     ckpt = status.setdefault("checkpoints", {})
@@ -621,10 +629,15 @@ def _restart_in_place(
     if leaving is not None and new and not under_way:
         ckpt["lastRestartTime"] = since
         status["disruptions"] = int(prev.get("disruptions") or 0) + 1
+        how = (
+            "the Job replaces that pod, and the rest of the gang rejoins it in place"
+            if anew is None
+            else "a pod of this attempt was replaced before, and the Job controller waits twice "
+            f"as long for each further one, so the gang restarts as attempt {anew}"
+        )
         began = (
-            f"{leaving.what}: the Job replaces that pod, and the rest of the gang rejoins it in "
-            "place from the checkpoint the gang saved as it stopped (a disruption does not count "
-            "against runPolicy.backoffLimit)"
+            f"{leaving.what}: {how}, from the checkpoint the gang saved as it stopped (a "
+            "disruption does not count against runPolicy.backoffLimit)"
         )
         conds.set(CT.RUNNING, False, Reason.RESTARTING, began)
     elif under_way and (out.unstarted or (leaving is not None and leaving.terminating)):
@@ -676,6 +689,14 @@ def _spent(policy: RunPolicy) -> str:
         f"runPolicy.activeDeadlineSeconds ({policy.active_deadline_seconds} s for the whole job, "
         "every attempt together) ran out"
     )
+
+
+def _replaced_before(prev: Obj, job: Obj | None) -> bool:
+    """Whether the attempt's Job replaced a stopped pod before: the last restart (before this
+    one) began after the Job was made."""
+    made = ((job or {}).get("metadata") or {}).get("creationTimestamp")
+    last = (prev.get("checkpoints") or {}).get("lastRestartTime")
+    return made is not None and _later(last, made)
 
 
 def _with_restart(

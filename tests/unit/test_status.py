@@ -1415,3 +1415,30 @@ def test_every_token_secret_is_checked_before_the_job_is_created() -> None:
     }
     block, asked = blocker(present)
     assert block is None and asked == [("model-read", "token"), ("data-read", "t")]
+
+
+def test_a_second_stop_in_one_attempt_restarts_the_gang_as_a_new_attempt() -> None:
+    """The Job controller waits 10 s to replace a failed pod, 20 s for the next one of the same
+    Job, and so on; so only the first stop of an attempt is replaced in place."""
+    job = batch_job(parallelism=2)
+    job["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    replaced_once = {
+        **RUNNING_GANG,
+        "disruptions": 1,
+        "checkpoints": {
+            **RUNNING_GANG["checkpoints"],
+            "lastRestartTime": "2026-01-01T00:01:00Z",
+            "lastResumeTime": "2026-01-01T00:01:25Z",
+        },
+    }
+    pods_ = [pod(0, "Running"), ended(1, 143, STOPPED_HERE, at="2026-01-01T00:03:00Z")]
+    result = plan(ftj(replaced_once), observed(job, pods_))
+    assert [a.kind for a in result.actions] == ["delete"] and result.restarted
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 2)
+    assert result.status["checkpoints"]["lastRestartTime"] == "2026-01-01T00:03:00Z"
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert "so the gang restarts as attempt 2" in message
+    # The first stop of a Job made after the last restart is replaced in place.
+    job["metadata"]["creationTimestamp"] = "2026-01-01T00:02:00Z"
+    fresh = plan(ftj(replaced_once), observed(job, pods_))
+    assert fresh.actions == [] and fresh.status["attempts"] == 1
