@@ -123,7 +123,12 @@ def test_create_renders_children(
     assert env["MASTER_ADDR"]["value"] == "demo-0.demo"
     assert env["NNODES"]["value"] == "2"
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
-    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    # The HF cache emptyDir's size is requested too (template.cacheSize, default 20Gi).
+    assert container["resources"]["requests"] == {
+        "cpu": "100m",
+        "memory": "128Mi",
+        "ephemeral-storage": "20Gi",
+    }
     doc = yaml.safe_load(cm["data"]["job.yaml"])  # type: ignore[index]
     assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
     assert "s3cr3t" not in json.dumps(cm) + json.dumps(job)
