@@ -286,6 +286,9 @@ def _checkpoints(
             # The gang re-formed within the attempt, neither after a suspend nor after a stop
             # some pass saw: a pod was replaced while no operator ran. It is a disruption too.
             status["disruptions"] = int(prev.get("disruptions") or 0) + 1
+            # When it began is not known; it ended then, and this attempt's Job has replaced
+            # a pod (a second stop restarts the gang as a new attempt, see plan).
+            ckpt["lastRestartTime"] = at
             unseen = (
                 f"the gang re-formed around a replaced pod and resumed from step {resumed} "
                 "(the pod was stopped while the operator was not running; a disruption does not "
