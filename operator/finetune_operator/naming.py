@@ -1,8 +1,11 @@
 """Child names and labels, in one place.
 
 Every child is named after the FineTuneJob itself: the headless Service, the ConfigMap and the
-Indexed Job are all `<name>`, so rank 0's pod hostname is `<name>-0` and its DNS name
-`<name>-0.<name>` is the same for every attempt (MASTER_ADDR never changes).
+Indexed Job are all `<name>`, so the pods' hostnames are `<name>-<index>`. MASTER_ADDR is the
+Service `<name>-rendezvous`, whose one virtual IP leads to whichever pod has completion index 0:
+it never changes, and its name always resolves. (Rank 0's pod DNS name `<name>-0.<name>` has no
+record while that pod is being replaced, and a resolver that asked then caches the "no such
+name" for up to 30 s.)
 
 Attempts therefore reuse the Job name: attempt n+1 is created only after attempt n's Job is gone
 (foreground deletion, so its pods are gone too and no two gangs share a hostname). The attempt
@@ -45,9 +48,15 @@ def checkpoint_claim_name(job_name: str) -> str:
     return f"{job_name}-checkpoints"
 
 
+def rendezvous_service_name(job_name: str) -> str:
+    """The ClusterIP Service in front of completion index 0 (rank 0's pod)."""
+    return f"{job_name}-rendezvous"
+
+
 def master_addr(job_name: str) -> str:
-    """Rank 0's stable DNS name through the headless Service."""
-    return f"{batch_job_name(job_name)}-0.{service_name(job_name)}"
+    """Where every rank finds rank 0's rendezvous store: the rendezvous Service, which stays
+    (and resolves) while rank 0's pod is replaced."""
+    return rendezvous_service_name(job_name)
 
 
 def selector_labels(job_name: str) -> dict[str, str]:

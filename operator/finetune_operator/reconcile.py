@@ -113,12 +113,16 @@ class Reconciler:
     async def _children(
         self, job: FineTuneJob, store: CheckpointStore, first: bool
     ) -> Blocker | None:
-        """Create or update the ConfigMap and the Service, and create the checkpoint claim the
+        """Create or update the ConfigMap and the two Services, and create the checkpoint claim the
         store owns; a Blocker when a name is taken. `first`: no attempt was recorded yet, so the
         children most likely do not exist."""
         uid = job.metadata.uid or ""
         owner = render.owner_reference(job.metadata.name, uid)
-        for manifest in (render.render_configmap(job, owner), render.render_service(job, owner)):
+        for manifest in (
+            render.render_configmap(job, owner),
+            render.render_service(job, owner),
+            render.render_rendezvous_service(job, owner),
+        ):
             holder = await self.kube.ensure(manifest, uid, create_first=first)
             if holder is not None:
                 return name_conflict(manifest["kind"], holder, job)

@@ -93,6 +93,31 @@ def render_service(job: FineTuneJob, owner: Manifest) -> Manifest:
     }
 
 
+def render_rendezvous_service(job: FineTuneJob, owner: Manifest) -> Manifest:
+    """MASTER_ADDR: one virtual IP for the pod of completion index 0, whichever pod that is
+    (see naming). Not-ready addresses too, as for the headless Service: the rendezvous is what
+    makes the ranks ready."""
+    name = job.metadata.name
+    meta = _metadata(job, naming.rendezvous_service_name(name), owner, naming.child_labels(name))
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": "ClusterIP",
+            "publishNotReadyAddresses": True,
+            "selector": {**naming.selector_labels(name), naming.COMPLETION_INDEX: "0"},
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": pod.RENDEZVOUS_PORT,
+                    "targetPort": pod.RENDEZVOUS_PORT,
+                }
+            ],
+        },
+    }
+
+
 def render_checkpoint_claim(job: FineTuneJob, owner: Manifest) -> Manifest:
     """The ReadWriteOnce claim for a one-node gang's checkpoints (checkpoints.choose decides
     when). Owned by the FineTuneJob, so it goes when the job goes, not when an attempt does."""
@@ -182,6 +207,7 @@ def render_manifests(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     return [
         render_configmap(job, owner),
         render_service(job, owner),
+        render_rendezvous_service(job, owner),
         *claim,
         render_job(job, owner, attempt=1, settings=settings, store=store),
     ]

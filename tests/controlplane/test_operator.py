@@ -120,7 +120,13 @@ def test_create_renders_children(
     assert pod["subdomain"] == "demo"
     container = pod["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    assert env["MASTER_ADDR"]["value"] == "demo-0.demo"
+    # Rank 0's rendezvous store through a Service that outlives rank 0's pod.
+    assert env["MASTER_ADDR"]["value"] == "demo-rendezvous"
+    rdzv = get(kube, namespace, "Service", "demo-rendezvous")
+    assert rdzv["spec"]["clusterIP"] not in ("", "None")
+    assert rdzv["spec"]["selector"]["batch.kubernetes.io/job-completion-index"] == "0"
+    assert rdzv["spec"]["publishNotReadyAddresses"] is True
+    assert rdzv["metadata"]["ownerReferences"][0]["uid"] == uid
     assert env["NNODES"]["value"] == "2"
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     # The HF cache emptyDir's size is requested too (template.cacheSize, default 20Gi).
@@ -285,11 +291,16 @@ def test_delete_garbage_collects_children(operator: Operator, kube, namespace, w
     kube.apply(ftj_manifest("gc", namespace))
     wait_until(lambda: get(kube, namespace, "Job", "gc"), timeout=30, message="Job")
     kube.delete("FineTuneJob", "gc", namespace)
-    for kind in ("Job", "Service", "ConfigMap"):
+    for kind, name in (
+        ("Job", "gc"),
+        ("Service", "gc"),
+        ("Service", "gc-rendezvous"),
+        ("ConfigMap", "gc"),
+    ):
         wait_until(
-            lambda kind=kind: get(kube, namespace, kind, "gc") is None,
+            lambda kind=kind, name=name: get(kube, namespace, kind, name) is None,
             timeout=60,
-            message=f"{kind} collected",
+            message=f"{kind} {name} collected",
         )
 
 

@@ -939,12 +939,13 @@ def perplexity_matches(check: Checks, suite: Suite, st: Obj, job: str) -> None:
 
 
 def children_unique(check: Checks, suite: Suite, job: str, attempts: int, claim: bool) -> None:
-    """Exactly one Job, Service and ConfigMap (and claim, for a one-node gang), all named after
-    the job; its pods all of the current attempt; no two attempts' pods ever alive at once."""
+    """Exactly one Job, ConfigMap, headless and rendezvous Service (and claim, for a one-node
+    gang), all named after the job; its pods all of the current attempt; no two attempts' pods
+    ever alive at once."""
     kinds = "jobs,services,configmaps,persistentvolumeclaims"
     items = suite.kube.json("-n", suite.ns, "get", kinds, "-l", f"{JOB_LABEL}={job}")["items"]
     found = sorted((o["kind"], o["metadata"]["name"]) for o in items)
-    want = [("ConfigMap", job), ("Job", job), ("Service", job)]
+    want = [("ConfigMap", job), ("Job", job), ("Service", job), ("Service", f"{job}-rendezvous")]
     if claim:
         want.append(("PersistentVolumeClaim", f"{job}-checkpoints"))
     check(found == sorted(want), f"{job}: children {found}, want {sorted(want)}")
@@ -1017,7 +1018,7 @@ def test_operator_pod_deleted_while_jobs_train(suite: Suite, check: Checks) -> N
     check(bool(record["refreshed"]), f"no other job was training to refresh: {record}")
     for job, kinds in record["childrenAfterRestart"].items():
         # A restarting gang may be between its Jobs (the old one deleted, the new not yet made).
-        want = [["ConfigMap", "Job", "Service"], ["ConfigMap", "Service"]]
+        want = [["ConfigMap", "Job", "Service", "Service"], ["ConfigMap", "Service", "Service"]]
         check(kinds in want, f"{job}: children after the operator restart: {kinds}")
     check.finish()
 

@@ -181,7 +181,8 @@ def _render(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, An
     assert main(["render", *args]) == Exit.OK
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     # A one-node job's checkpoints get a claim of their own (a default StorageClass is assumed).
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "PersistentVolumeClaim", "Job"]
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["ConfigMap", "Service", "Service", "PersistentVolumeClaim", "Job"]
     return docs[-1]["spec"]["template"]["spec"]["containers"][0]
 
 

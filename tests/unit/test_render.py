@@ -63,10 +63,18 @@ def _env(job: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in _container(job)["env"]}
 
 
-def test_rendezvous_env_points_at_rank0_through_the_headless_service() -> None:
-    _cm, svc, job = _render("cpu")
+def test_rendezvous_env_points_at_rank0_through_the_rendezvous_service() -> None:
+    _cm, svc, rdzv, job = _render("cpu")
     env = _env(job)
-    assert env["MASTER_ADDR"] == "smollm2-news-lora-0.smollm2-news-lora"
+    # One virtual IP for completion index 0, whichever pod that is (see naming).
+    assert env["MASTER_ADDR"] == rdzv["metadata"]["name"] == "smollm2-news-lora-rendezvous"
+    assert rdzv["spec"]["type"] == "ClusterIP"
+    assert rdzv["spec"]["selector"] == {
+        **svc["spec"]["selector"],
+        "batch.kubernetes.io/job-completion-index": "0",
+    }
+    assert rdzv["spec"]["ports"] == [{"name": "rendezvous", "port": 29500, "targetPort": 29500}]
+    assert rdzv["spec"]["publishNotReadyAddresses"] is True
     assert env["MASTER_PORT"] == "29500"
     assert env["NNODES"] == "2"
     assert env["NODE_RANK"] == {
@@ -213,7 +221,7 @@ def test_default_resources_apply_only_to_jobs_that_set_none() -> None:
     assert own.spec.resources.requests
     # The job's own requests and limits win whole; the defaults are not merged into them.
     mine = _container(render_manifests(own, settings)[-1])["resources"]
-    assert mine == _container(_render("gpu")[2])["resources"]
+    assert mine == _container(_job("gpu"))["resources"]
 
     bare = own.model_copy(deep=True)
     bare.spec.resources.requests, bare.spec.resources.limits = {}, {}
