@@ -2,16 +2,16 @@
 
     make bench        # or: pytest -m bench tests/kind/test_restart_time.py -s
 
-One 2-node job (examples/tiny-cpu.yaml, longer), alone in the cluster. Rank 1's pod, then rank
-0's, then rank 1's again is deleted while the gang trains. The first stop of an attempt is
-replaced in place (the Job controller replaces that pod and the gang rejoins it); the second
-restarts the gang as attempt 2 (the Job controller would wait 20 s to replace it); the third is
-attempt 2's first, in place again. Each restart is timed from the delete to rank 0 of the
-re-formed gang resuming from the SIGTERM checkpoint (`status.checkpoints.lastResumeTime`, which
-rank 0 reports), and split into: the stopped pod gone (the gang saved), its replacement made,
-running, done importing (its first log line), and the resume. The job's own first start, from
-apply to its first resume, is the baseline in the same run. Results:
-benchmarks/results/restart_kind.json.
+One 2-node job (examples/tiny-cpu.yaml, longer), alone in the cluster. Rank 0's pod, then rank
+1's, then rank 0's again is deleted while the gang trains. The first stop of an attempt is
+replaced in place (the Job controller replaces that pod and the gang rejoins it, finding rank 0
+through the rendezvous Service); the second restarts the gang as attempt 2 (the Job controller
+would wait 20 s to replace it); the third is attempt 2's first, in place again. Each restart
+is timed from the delete to rank 0 of the re-formed gang resuming from the SIGTERM checkpoint
+(`status.checkpoints.lastResumeTime`, which rank 0 reports), and split into: the stopped pod
+gone (the gang saved), its replacement made, running, done importing (its first log line), and
+the resume. The job's own first start, from apply to its first resume, is the baseline in the
+same run. Results: benchmarks/results/restart_kind.json.
 
 Deselected from `make test` (the `bench` mark, see conftest.py): it is a measurement, and the
 fault suite (test_faults.py) proves what a restart must keep, under load.
@@ -40,7 +40,7 @@ NAME = "restart-bench"
 JOB_LABEL = "finetune.dev/job-name"
 INDEX = "batch.kubernetes.io/job-completion-index"
 RESULT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "restart_kind.json"
-FAULTS = (1, 0, 1)  # the completion index deleted, in turn
+FAULTS = (0, 1, 0)  # the completion index deleted, in turn
 STEPS_BETWEEN = 3  # trained after each resume before the next fault
 
 
