@@ -12,7 +12,7 @@ VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv lint crd prereqs test test-fast demo demo-local bench
+.PHONY: venv lint crd prereqs test test-fast demo demo-local bench test-kueue
 
 venv:
 	@echo $(VENV)
@@ -47,6 +47,11 @@ demo: prereqs
 # local Hub.
 demo-local:
 	$(VENV)/bin/finetune demo
+
+# runPolicy.queueName against the real Kueue controller, built from its Go module (minutes the
+# first time); not part of `make test`.
+test-kueue: prereqs
+	$(PY) -m pytest -m kueue -s tests/kind/test_kueue.py
 
 bench: prereqs
 	$(PY) benchmarks/trainer_throughput.py

@@ -156,20 +156,27 @@ SESSION_START_WALL = time.time()
 TIMINGS_FILE = RESULTS / "kind-e2e-timings.json"
 
 
+# Run only when -m names them: measurements (`make bench`), and the run against the real Kueue
+# controller (`make test-kueue`, whose first build of Kueue takes minutes).
+OPT_IN_MARKS = {
+    "bench": "a measurement for `make bench`",
+    "kueue": "needs Kueue built from source and installed (`make test-kueue`)",
+}
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "bench: a measurement for `make bench`; left out unless -m names it"
-    )
+    for mark, what in OPT_IN_MARKS.items():
+        config.addinivalue_line("markers", f"{mark}: {what}; left out unless -m names it")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Benchmarks measure; `make test` does not run them (`make bench` selects them with -m)."""
-    if "bench" in (config.option.markexpr or ""):
-        return
-    benches = [item for item in items if item.get_closest_marker("bench")]
-    if benches:
-        config.hook.pytest_deselected(items=benches)
-        items[:] = [item for item in items if not item.get_closest_marker("bench")]
+    """`make test` leaves out the opt-in tests; -m naming their mark selects them."""
+    asked = config.option.markexpr or ""
+    left_out = [m for m in OPT_IN_MARKS if m not in asked]
+    skipped = [i for i in items if any(i.get_closest_marker(m) for m in left_out)]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [i for i in items if i not in skipped]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
