@@ -531,6 +531,17 @@ def others_training(view: View, job: str) -> dict[str, str]:
         }
 
 
+def gang_pods(view: View, job: str) -> set[str]:
+    """The job's pods that run and are not going: another set later means its gang changed."""
+    with view.cond:
+        return {
+            p["metadata"]["name"]
+            for p in view.job_pods(job)
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+        }
+
+
 def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     """Delete the operator pod and, while no operator runs, rank 1 of `job`: the Job controller
     replaces that pod and the gang rejoins it without the operator, and the new operator must
@@ -547,6 +558,7 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     record["deletedPods"] = [rank1["metadata"]["name"]]
     # Some other job must be training, for the new operator to have a status to bring up to date.
     training = view.wait("another job training", lambda: others_training(view, job))
+    gangs = {n: gang_pods(view, n) for n in training}
     step = int((view.status(job).get("progress") or {}).get("step") or 0)
     resumed, disrupted = suite.last_resume(job), int(view.status(job).get("disruptions") or 0)
     t_fault = time.monotonic()
@@ -565,7 +577,9 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     record["deleteToReadySeconds"] = round(t_ready - t_fault, 1)
     suite.timing.record("faults_operator_delete_to_ready", t_ready - t_fault)
     # Everything that trained at the fault must show a status written after the new operator
-    # was ready: its progress read again (or its end recorded).
+    # was ready: its progress read again (or its end recorded). A gang that another scenario's
+    # fault hit meanwhile (its pods changed) reports no progress until it has re-formed,
+    # whatever the operator does: it is not waited for.
     ready_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     times: dict[str, float] = {}
 
@@ -576,8 +590,9 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
             if n not in times and (
                 st.get("phase") in ("Succeeded", "Failed")
                 or ((st.get("progress") or {}).get("updatedAt") or "") >= ready_at
+                or gang_pods(view, n) != gangs[n]
             ):
-                times[n] = now  # a status written by the new operator
+                times[n] = now  # a status written by the new operator, or a gang re-forming
         if len(times) < len(training):
             return None
         return {"restartedGang": job, "refreshed": sorted(training), "secondsByJob": dict(times)}

@@ -22,7 +22,7 @@ import secrets
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,8 +85,9 @@ def queues(namespace: str) -> list[Obj]:
 
 
 @pytest.fixture(scope="module")
-def kueue(kube: Any) -> str:
-    """Kueue installed in kueue-system, its webhooks answering; the manifests' path."""
+def kueue(kube: Any) -> Iterator[str]:
+    """Kueue installed in kueue-system while the module runs (the manifests' path); removed
+    after, so that the shared cluster's later tests run without it."""
     manifests = subprocess.run(
         [str(ROOT / "hack" / "kueue.sh")], check=True, capture_output=True, text=True, timeout=3600
     ).stdout.strip()
@@ -95,7 +96,10 @@ def kueue(kube: Any) -> str:
         "-n", "kueue-system", "rollout", "status", "deployment/kueue-controller-manager",
         "--timeout=300s", timeout=330,
     )  # fmt: skip
-    return manifests
+    try:
+        yield manifests
+    finally:
+        kube("delete", "-f", manifests, "--wait=false", "--ignore-not-found", check=False)
 
 
 def test_a_queued_job_is_admitted_suspended_and_resumed_by_kueue(
