@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
@@ -34,3 +39,12 @@ def kubectl_path() -> str:
     if not found:
         pytest.fail(f"kubectl not found ({built} nor PATH)")
     return found
+
+
+def poll(what: str, probe: Callable[[], T | None], timeout: float = 600, every: float = 0.5) -> T:
+    """`probe()` until it returns something other than None; that, or an AssertionError."""
+    deadline = time.monotonic() + timeout
+    while (got := probe()) is None:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+    return got

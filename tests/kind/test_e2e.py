@@ -211,10 +211,18 @@ def setup_hub(
     return hub
 
 
-def example_job(namespace: str, endpoint: str) -> dict[str, Any]:
+def example_job(namespace: str, endpoint: str, name: str | None = None) -> dict[str, Any]:
+    """The example, pushing to `endpoint`; with `name`, renamed, with its own repo and its pods'
+    anti-affinity matching its own pods, so that several such jobs can train side by side."""
     job = yaml.safe_load(EXAMPLE.read_text())
     job["metadata"]["namespace"] = namespace
     job["spec"]["output"]["hub"]["endpoint"] = endpoint
+    if name is not None:
+        job["metadata"]["name"] = name
+        job["spec"]["output"]["hub"]["repo"] = f"org/{name}"
+        affinity = job["spec"]["template"]["affinity"]["podAntiAffinity"]
+        for term in affinity["requiredDuringSchedulingIgnoredDuringExecution"]:
+            term["labelSelector"]["matchLabels"]["finetune.dev/job-name"] = name
     return job
 
 

@@ -777,15 +777,10 @@ def ref_scenario(suite: Suite, record: Obj) -> None:
 
 
 def fault_job(ns: str, endpoint: str, name: str, nodes: int = 2, **run_policy: Any) -> Obj:
-    job = example_job(ns, endpoint)
-    job["metadata"]["name"] = name
+    job = example_job(ns, endpoint, name)
     spec = job["spec"]
-    spec["output"]["hub"]["repo"] = f"org/{name}"
     spec["training"]["checkpointEverySteps"] = CKPT_EVERY
     spec["runPolicy"] = {"backoffLimit": 4, **run_policy}
-    affinity = spec["template"]["affinity"]["podAntiAffinity"]
-    for term in affinity["requiredDuringSchedulingIgnoredDuringExecution"]:
-        term["labelSelector"]["matchLabels"][JOB_LABEL] = name
     if nodes == 1:
         spec["resources"]["nodes"] = 1
         spec["training"]["maxSteps"] = PUSH_STEPS

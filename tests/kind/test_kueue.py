@@ -17,34 +17,28 @@ minutes on two cores.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from kind_tools import poll as poll_every
 from test_e2e import example_job, setup_hub
 
 pytestmark = [pytest.mark.kind, pytest.mark.kueue]
 
-T = TypeVar("T")
 Obj = dict[str, Any]
+# Looked at every 1 s: Kueue moves in seconds.
+poll = functools.partial(poll_every, every=1)
 ROOT = Path(__file__).resolve().parents[2]
 KUEUE = "kueue.x-k8s.io/v1beta2"
 NAME = "queued"
 FLAVOR, CLUSTER_QUEUE, LOCAL_QUEUE = "ft-default", "ft-cluster-queue", "ft-queue"
-
-
-def poll(what: str, probe: Callable[[], T | None], timeout: float = 600) -> T:
-    deadline = time.monotonic() + timeout
-    while (got := probe()) is None:
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-    return got
 
 
 def queues(namespace: str) -> list[Obj]:
@@ -111,15 +105,10 @@ def test_a_queued_job_is_admitted_suspended_and_resumed_by_kueue(
         # Kueue's webhooks take a moment to get their certificates: retry until one answers.
         poll("Kueue's webhooks", lambda: _applied(kube, queues(ns)), timeout=300)
         hub = setup_hub(kube, ns, f"kueuetok{secrets.token_hex(16)}", timing, images)
-        job = example_job(ns, hub.endpoint)
-        job["metadata"]["name"] = NAME
+        job = example_job(ns, hub.endpoint, NAME)
         spec = job["spec"]
-        spec["output"]["hub"]["repo"] = f"org/{NAME}"
         spec["training"].update(maxSteps=60, checkpointEverySteps=5)
         spec["runPolicy"] = {"queueName": LOCAL_QUEUE}
-        affinity = spec["template"]["affinity"]["podAntiAffinity"]
-        for term in affinity["requiredDuringSchedulingIgnoredDuringExecution"]:
-            term["labelSelector"]["matchLabels"]["finetune.dev/job-name"] = NAME
         kube.apply(job, ns)
 
         def status() -> Obj:

@@ -19,37 +19,31 @@ fault suite (test_faults.py) proves what a restart must keep, under load.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from kind_tools import poll as poll_every
 from test_e2e import example_job, setup_hub
 
 pytestmark = [pytest.mark.kind, pytest.mark.bench]
 
-T = TypeVar("T")
 Obj = dict[str, Any]
+# Looked at every 0.25 s: fine enough to time each step of a restart.
+poll = functools.partial(poll_every, every=0.25)
 NAME = "restart-bench"
 JOB_LABEL = "finetune.dev/job-name"
 INDEX = "batch.kubernetes.io/job-completion-index"
 RESULT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "restart_kind.json"
 FAULTS = (0, 1, 0)  # the completion index deleted, in turn
 STEPS_BETWEEN = 3  # trained after each resume before the next fault
-
-
-def poll(what: str, probe: Callable[[], T | None], timeout: float = 600) -> T:
-    deadline = time.monotonic() + timeout
-    while (got := probe()) is None:
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-    return got
 
 
 def epoch(rfc3339: str) -> float:
@@ -127,14 +121,8 @@ def test_restart_in_place_seconds(
     kube("create", "namespace", ns)
     try:
         hub = setup_hub(kube, ns, f"benchtok{secrets.token_hex(16)}", timing, images)
-        job = example_job(ns, hub.endpoint)
-        job["metadata"]["name"] = NAME
-        spec = job["spec"]
-        spec["output"]["hub"]["repo"] = f"org/{NAME}"
-        spec["training"].update(maxSteps=60, checkpointEverySteps=5)
-        affinity = spec["template"]["affinity"]["podAntiAffinity"]
-        for term in affinity["requiredDuringSchedulingIgnoredDuringExecution"]:
-            term["labelSelector"]["matchLabels"][JOB_LABEL] = NAME
+        job = example_job(ns, hub.endpoint, NAME)
+        job["spec"]["training"].update(maxSteps=60, checkpointEverySteps=5)
         bench = Bench(kube, ns)
         applied = time.time()
         kube.apply(job, ns)
