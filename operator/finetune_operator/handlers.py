@@ -7,7 +7,6 @@ Handler ids are explicit because kopf turns them into annotation keys
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Any
 
@@ -16,26 +15,25 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, ConditionType, Phase
 from finetune_api.v1alpha1 import IMMUTABLE_SPEC_FIELDS
-from finetune_operator import kueue, naming
+from finetune_operator import clock, kueue, naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
-from finetune_operator.requeue import Requeue
 from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 FTJ = (GROUP, VERSION, PLURAL)
-# Read at import: timer intervals are fixed when the decorators run.
 SETTINGS = Settings.from_env()
 _state: dict[str, Reconciler] = {}
+_tasks: dict[str, asyncio.Task[None]] = {}
 # Passes in flight at most: a few per request slot keep the client's pool busy. Unbounded, a
 # burst of 2,000 objects starts 2,000 passes that each hold their body, model and rendered
 # children while queueing for the pool, and all of them finish late; bounded, they wait before
 # allocating anything and finish in arrival order.
 MAX_PASSES = 4 * MAX_REQUESTS
-# Periodic passes (resync, progress) get this many of those at most. Objects created together
-# have their timers fire together; unbounded, a wave over thousands of objects would queue its
-# requests ahead of a new object's first pass.
+# Periodic passes (the clock's: follow-up, waiting, progress, resync) get this many of those at
+# most; unbounded, a resync over thousands of objects would queue its requests ahead of a new
+# object's first pass.
 PERIODIC_PASSES = 4
 _passes = asyncio.Semaphore(MAX_PASSES)
 # Everything but spec.runPolicy (the one mutable section) is left out of kopf's diff-base.
@@ -44,7 +42,11 @@ DIFFBASE_IGNORED = ("metadata", *(f"spec.{f}" for f in IMMUTABLE_SPEC_FIELDS))
 # predecessor's child) is looked at again this often.
 WAITING_SECONDS = 10.0
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
-_requeue = Requeue()
+_clock = clock.Clock(
+    resync_seconds=SETTINGS.resync_seconds,
+    progress_seconds=SETTINGS.progress_seconds,
+    waiting_seconds=WAITING_SECONDS,
+)
 
 
 def reconciler() -> Reconciler:
@@ -76,9 +78,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     reconciler().metrics.serve(SETTINGS.metrics_port)
 
 
+@kopf.on.startup()
+async def start_clock(**_: Any) -> None:
+    # On kopf's event loop, beside its watches; it fills as the watch events arrive.
+    _tasks["clock"] = asyncio.get_running_loop().create_task(clock.run(_clock, periodic))
+
+
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
-    _requeue.close()
+    if task := _tasks.pop("clock", None):
+        task.cancel()
     await reconciler().kube.close()
 
 
@@ -91,7 +100,7 @@ async def _reconcile(
     children: bool = True,
 ) -> PassResult | None:
     """One pass, once the semaphores admit it (periodic ones through both, always in that order),
-    and the follow-up pass it asks for."""
+    and the follow-up pass it asks for (replacing any earlier one)."""
     if periodic:
         async with _periodic, _passes:
             result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
@@ -99,13 +108,13 @@ async def _reconcile(
         async with _passes:
             result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
     after = result.plan.requeue_after if result is not None else None
-    _requeue.schedule((namespace, name), after, functools.partial(follow_up, namespace, name))
+    _clock.follow_up((namespace, name), after, asyncio.get_running_loop().time())
     return result
 
 
-async def follow_up(namespace: str, name: str) -> None:
-    """The pass an earlier one asked for (`Plan.requeue_after`): pods that have not started."""
-    await _reconcile(namespace, name, periodic=True, children=False)
+async def periodic(due: clock.Due) -> None:
+    """A pass the clock asks for: a follow-up, a wait, a progress read or a resync."""
+    await _reconcile(*due.key, periodic=True, scrape=due.scrape, children=due.children)
 
 
 async def _run(namespace: str, name: str, scrape: bool = False) -> None:
@@ -133,11 +142,19 @@ async def run_policy_changed(namespace: str, name: str, **_: Any) -> None:
 
 
 # async although it does no I/O: kopf runs a sync handler in a thread, a hop on every event.
-@kopf.on.event(*FTJ, id="forget")
-async def forget(event: kopf.RawEvent, namespace: str, name: str, **_: Any) -> None:
+@kopf.on.event(*FTJ, id="track")
+async def track(
+    event: kopf.RawEvent, status: kopf.Status, namespace: str, name: str, **_: Any
+) -> None:
+    """Every watch event of a FineTuneJob (the start-up listing's too) tells the clock what it
+    needs: that the object exists, whether its gang runs, whether it waits."""
+    key = (namespace, name)
     if event.get("type") == "DELETED":
-        _requeue.cancel((namespace, name))
+        _clock.forget(key)
         reconciler().forget(namespace, name)
+        return
+    now = asyncio.get_running_loop().time()
+    _clock.track(key, running=_running(status), waiting=_waiting(status), now=now)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, id="job")
@@ -183,22 +200,11 @@ async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
             log.exception("reconcile of %s/%s after a Workload event failed", namespace, owner)
 
 
-def _running(status: kopf.Status, **_: Any) -> bool:
+def _running(status: kopf.Status) -> bool:
     return status.get("phase") == Phase.RUNNING
 
 
-def _unfinished(status: kopf.Status, **_: Any) -> bool:
-    """Neither Succeeded nor Failed: a filter that, once false, stays false.
-
-    A timer's filter must not turn false and then true again. kopf stops the timer when it
-    turns false; if it turns true again before that timer's task has ended (its pass was still
-    waiting for the object's lock), kopf spawns no new one, and none ever comes: a gang that
-    went Running -> Restarting -> Running that way was never read again, for its whole attempt.
-    """
-    return status.get("phase") not in (Phase.SUCCEEDED, Phase.FAILED)
-
-
-def _waiting(status: kopf.Status, **_: Any) -> bool:
+def _waiting(status: kopf.Status) -> bool:
     """Not finished, and the Job is held back (Created=False) by something the pass found."""
     if status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
         return False
@@ -206,23 +212,3 @@ def _waiting(status: kopf.Status, **_: Any) -> bool:
         c.get("type") == ConditionType.CREATED and c.get("status") == "False"
         for c in status.get("conditions") or []
     )
-
-
-@kopf.timer(*FTJ, id="waiting", interval=WAITING_SECONDS, when=_waiting)
-async def waiting(namespace: str, name: str, **_: Any) -> None:
-    await _reconcile(namespace, name, periodic=True)
-
-
-@kopf.timer(
-    *FTJ, id="progress", interval=SETTINGS.progress_seconds, initial_delay=5, when=_unfinished
-)
-async def progress(namespace: str, name: str, status: kopf.Status, **_: Any) -> None:
-    # Only a Running gang has progress to read; the others cost no request (see _unfinished).
-    if _running(status):
-        await _reconcile(namespace, name, periodic=True, scrape=True, children=False)
-
-
-@kopf.timer(*FTJ, id="resync", interval=SETTINGS.resync_seconds, initial_delay=30)
-async def resync(namespace: str, name: str, **_: Any) -> None:
-    """Lost watch events (kopf#1276, #955) would otherwise leave status stale forever."""
-    await _reconcile(namespace, name, periodic=True)

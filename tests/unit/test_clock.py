@@ -1,0 +1,142 @@
+"""The operator's clock: which passes fall due when, for how many objects, and the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import pytest
+
+from finetune_operator import clock
+from finetune_operator.clock import Clock, Due
+
+KEY = ("ns", "job")
+
+
+def _clock() -> Clock:
+    return Clock(resync_seconds=60, progress_seconds=10, waiting_seconds=10)
+
+
+def _fired(c: Clock, start: float, end: float, step: float = 1.0) -> list[tuple[float, Due]]:
+    """Every pass due while the time goes from start to end, ticking like the loop."""
+    out, now = [], start
+    while now <= end:
+        out += [(now, d) for d in c.due(now)]
+        now += step
+    return out
+
+
+def test_a_running_gang_is_scraped_every_progress_interval_and_resynced_every_resync() -> None:
+    c = _clock()
+    c.track(KEY, running=True, waiting=False, now=0)
+    fired = _fired(c, 0, 300)
+    scrapes = [t for t, d in fired if d.scrape]
+    resyncs = [t for t, d in fired if d.children]
+    assert len(scrapes) == 30  # one per 10 s over 300 s
+    assert all(b - a == 10 for a, b in itertools.pairwise(scrapes))
+    assert resyncs[0] >= clock.RESYNC_INITIAL_SECONDS  # the create pass has just looked
+    gaps = [b - a for a, b in itertools.pairwise(resyncs)]
+    assert len(gaps) >= 3 and set(gaps) == {60}
+
+
+def test_a_gang_that_is_not_running_costs_no_scrape_and_a_finished_one_only_its_resync() -> None:
+    c = _clock()
+    c.track(KEY, running=False, waiting=False, now=0)
+    fired = _fired(c, 0, 200)
+    assert fired and all(d.children and not d.scrape for _, d in fired)
+    assert len(fired) == 3  # resyncs only
+    c.track(KEY, running=True, waiting=False, now=200)  # its gang started
+    assert any(d.scrape for _, d in _fired(c, 201, 211))
+
+
+def test_a_waiting_job_is_looked_at_every_waiting_interval_until_it_stops_waiting() -> None:
+    c = _clock()
+    c.track(KEY, running=False, waiting=True, now=0)
+    waits = [t for t, d in _fired(c, 0, 25) if d.children]
+    assert waits == [10, 20]
+    c.track(KEY, running=False, waiting=False, now=25)  # the Secret appeared
+    assert [t for t, d in _fired(c, 26, 29 + clock.RESYNC_INITIAL_SECONDS) if d.children] == []
+
+
+def test_a_follow_up_fires_once_and_a_later_pass_replaces_or_cancels_it() -> None:
+    c = _clock()
+    c.follow_up(KEY, 5, now=0)  # tracked from here: its ADDED event may come later
+    c.follow_up(KEY, 2, now=1)  # a later pass's answer replaces the first
+    assert c.pending_follow_up(KEY) == 3
+    fired = _fired(c, 0, 20)
+    assert [(t, d) for t, d in fired] == [(3, Due(KEY, scrape=False, children=False))]
+    c.follow_up(KEY, 2, now=20)
+    c.follow_up(KEY, None, now=21)  # running now: nothing more to look at
+    assert c.pending_follow_up(KEY) is None
+    assert _fired(c, 21, 25) == []
+
+
+def test_reasons_due_together_make_one_pass() -> None:
+    c = _clock()
+    c.track(KEY, running=True, waiting=True, now=0)
+    c.follow_up(KEY, 0, now=0)
+    # Follow-up, progress, waiting and resync all due at once: one pass does them all.
+    assert c.due(1000) == [Due(KEY, scrape=True, children=True)]
+    ticks = [t for t, _ in _fired(c, 1001, 1300)]
+    assert len(ticks) == len(set(ticks))
+
+
+def test_a_deleted_object_is_forgotten() -> None:
+    c = _clock()
+    c.track(KEY, running=True, waiting=False, now=0)
+    c.forget(KEY)
+    assert len(c) == 0 and _fired(c, 0, 100) == []
+
+
+def test_a_burst_is_spread_over_the_interval_not_fired_in_one_wave() -> None:
+    """2,000 objects seen in the same second: their resyncs fall over the whole minute."""
+    c = _clock()
+    keys = [("ns", f"job-{i}") for i in range(2000)]
+    for key in keys:
+        c.track(key, running=False, waiting=False, now=0)
+    fired = _fired(c, 0, clock.RESYNC_INITIAL_SECONDS + 60)
+    assert {d.key for _, d in fired} == set(keys)  # every object once in its first minute
+    per_second: dict[float, int] = {}
+    for t, _ in fired:
+        per_second[t] = per_second.get(t, 0) + 1
+    # Even spread is ~33 a second; one wave would be 2,000 in one tick.
+    assert max(per_second.values()) < 80
+
+
+def test_a_loop_that_fell_behind_skips_missed_beats() -> None:
+    c = _clock()
+    c.track(KEY, running=True, waiting=False, now=0)
+    assert len([d for d in c.due(1000) if d.scrape]) == 1  # not the 100 it missed
+    assert [d for d in c.due(1001) if d.scrape] == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_loop_fires_due_passes_and_skips_an_object_whose_pass_is_in_flight(
+    fail: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clock, "TICK_SECONDS", 0.01)
+    started: list[Due] = []
+    release = asyncio.Event()
+
+    async def fire(due: Due) -> None:
+        started.append(due)
+        await release.wait()
+        if fail:
+            raise RuntimeError("API server away")
+
+    async def scenario() -> None:
+        c = Clock(resync_seconds=0.02, progress_seconds=0.02, waiting_seconds=0.02)
+        loop = asyncio.get_running_loop()
+        c.track(KEY, running=True, waiting=False, now=loop.time() - 1000)
+        runner = loop.create_task(clock.run(c, fire))
+        await asyncio.sleep(0.2)
+        assert len(started) == 1  # still in flight: every later tick skipped it
+        release.set()
+        await asyncio.sleep(0.1)
+        assert len(started) > 1  # done: fired again
+        runner.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert ("API server away" in caplog.text) is fail
