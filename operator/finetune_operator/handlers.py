@@ -157,24 +157,44 @@ async def track(
     _clock.track(key, running=_running(status), waiting=_waiting(status), now=now)
 
 
+async def _reconcile_owner(namespace: str, owner: str, what: str) -> None:
+    """A child or a related object moved: re-derive its FineTuneJob. Event handlers are not
+    retried, so a failure is logged, and the clock's resync tries again."""
+    try:
+        await _reconcile(namespace, owner, children=False)
+    except ApiException as exc:
+        # E.g. 403 while the namespace terminates.
+        log.warning("reconcile of %s/%s after a %s event: %s", namespace, owner, what, exc)
+    except Exception:
+        log.exception("reconcile of %s/%s after a %s event failed", namespace, owner, what)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, id="job")
 async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str, **_: Any) -> None:
-    """A Job moved (or vanished): re-derive its FineTuneJob. Event handlers are not retried."""
+    """A Job moved (or vanished): its pods started, ended, or were replaced."""
     # ADDED while watching is this operator's own create, and the pass that created the Job
     # writes the status it caused (if that pass fails, kopf retries it). Re-deriving it again
     # was a third of the requests after a burst. Jobs found at start-up or after a re-list
     # arrive with type None and are reconciled.
-    if event.get("type") == "ADDED":
-        return
-    owner = labels.get(LABEL_JOB_NAME)
-    if owner:
-        try:
-            await _reconcile(namespace, owner, children=False)
-        except ApiException as exc:
-            # E.g. 403 while the namespace terminates; the resync timer tries again.
-            log.warning("reconcile of %s/%s after a Job event: %s", namespace, owner, exc)
-        except Exception:
-            log.exception("reconcile of %s/%s after a Job event failed", namespace, owner)
+    if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
+        await _reconcile_owner(namespace, owner, "Job")
+
+
+def _pending(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in (None, "Pending")
+
+
+@kopf.on.event(
+    "", "v1", "pods", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, when=_pending, id="pod"
+)
+async def pod_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str, **_: Any) -> None:
+    """A trainer pod that has not started changed: the scheduler found no node for it, or the
+    kubelet cannot pull its image or make its container (`Outcome.stuck`). Nothing else says so
+    (its Job does not change), and without this the operator would have to poll every pending
+    pod to see it get stuck. A pod that starts or ends changes its Job, and arrives there."""
+    # ADDED: the Job controller made it, and the Job's own event (active +1) says so.
+    if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
+        await _reconcile_owner(namespace, owner, "pod")
 
 
 # No version: kopf watches the group's preferred one, as the operator reads it (kueue.py).
@@ -190,14 +210,8 @@ async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
     once). Changes a Job does not show, such as why Kueue has not admitted it, arrive only here.
     Other Jobs' Workloads cost no request. Without Kueue, kopf warns once that the resource is
     not served, and starts watching should the CRD appear."""
-    owner = kueue.finetunejob_of(dict(body))
-    if owner:
-        try:
-            await _reconcile(namespace, owner, children=False)
-        except ApiException as exc:
-            log.warning("reconcile of %s/%s after a Workload event: %s", namespace, owner, exc)
-        except Exception:
-            log.exception("reconcile of %s/%s after a Workload event failed", namespace, owner)
+    if owner := kueue.finetunejob_of(dict(body)):
+        await _reconcile_owner(namespace, owner, "Workload")
 
 
 def _running(status: kopf.Status) -> bool:

@@ -105,11 +105,16 @@ class Outcome:
     live_pods: int = 0
     rank0_ip: str | None = None
     deleting: bool = False
-    # Set for a retryable FAILED attempt that a disruption ended: what happened, for messages.
+    # Set for a retryable FAILED attempt that a disruption ended: what happened, for messages,
+    # and when (RFC 3339; "" if not known), to tell whether an in-place restart counted it.
     disruption: str = ""
+    disruption_at: str = ""
     # Set for PENDING and RUNNING: a pod that cannot start, and how many pods have not started.
     stuck: Stuck | None = None
     unstarted: int = 0
+    # Set for PENDING and RUNNING: pods the Job controller has not made (yet). Why not is only
+    # in its FailedCreate Events, which nothing watches.
+    unmade: int = 0
     # Set for PENDING and RUNNING: a pod that was stopped and is being replaced.
     leaving: Leaving | None = None
 
@@ -219,8 +224,8 @@ def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
     return None
 
 
-def _disruption(pods: list[Obj]) -> str:
-    """What disrupted the attempt, or "" when it failed for its own reasons.
+def _disruption(pods: list[Obj]) -> tuple[str, str]:
+    """What disrupted the attempt and when, or ("", "") when it failed for its own reasons.
 
     A pod with DisruptionTarget=True, or a trainer that reported Interrupted (it got SIGTERM,
     and the gang saved a checkpoint and stopped), is a disruption. But a crash also ends the
@@ -236,22 +241,21 @@ def _disruption(pods: list[Obj]) -> str:
         term = _terminated(pod) or {}
         result = TrainerResult.parse(term.get("message")) if term else None
         target = _condition(pod, DISRUPTION_TARGET)
-        when = term.get("finishedAt") or ""
         if target is not None and target.get("status") == "True":
             cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
             what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
-            disrupted.append((when or target.get("lastTransitionTime") or "", what))
+            disrupted.append((_stopped_at(pod), what))
         elif result is not None and result.reason == Reason.INTERRUPTED:
             what = f"pod {_name(pod)} got SIGTERM and the gang stopped"
             detail = f"{what}: {result.message}" if result.message else what
-            disrupted.append((when, detail))
+            disrupted.append((_stopped_at(pod), detail))
         elif term.get("exitCode") or (result is not None and not result.succeeded):
-            other.append(when)
+            other.append(term.get("finishedAt") or "")
     if not disrupted:
-        return ""
+        return "", ""
     first, what = min(disrupted)
     # "" (no time) sorts first: a failure of unknown time counts as the earlier one.
-    return "" if any(t <= first for t in other) else what
+    return ("", "") if any(t <= first for t in other) else (what, first)
 
 
 def _stuck(pods: list[Obj]) -> Stuck | None:
@@ -298,15 +302,25 @@ def _leaving(pods: list[Obj]) -> Leaving | None:
         if disrupted:
             cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
             what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
-            since = target.get("lastTransitionTime")
         else:
-            what, since = f"pod {_name(pod)} got SIGTERM", _deletion_start(meta)
-        found.append(Leaving(what, since or term.get("finishedAt"), terminating))
+            what = f"pod {_name(pod)} got SIGTERM"
+        found.append(Leaving(what, _stopped_at(pod) or None, terminating))
     if not found:
         return None
     times = [f.since for f in found if f.since]
     busy = any(f.terminating for f in found)
     return Leaving(found[0].what, max(times) if times else None, busy)
+
+
+def _stopped_at(pod: Obj) -> str:
+    """When a pod was stopped (RFC 3339; "" if not known): its disruption (DisruptionTarget's
+    transition), else the start of its deletion, else its exit. One rule for the in-place
+    restart (`Leaving.since`, recorded as lastRestartTime) and for the attempt a disruption
+    ended (`Outcome.disruption_at`), so that one stop is not counted by both."""
+    target = _condition(pod, DISRUPTION_TARGET) or {}
+    disrupted_at = target.get("lastTransitionTime") if target.get("status") == "True" else None
+    finished = (_terminated(pod) or {}).get("finishedAt")
+    return disrupted_at or _deletion_start(pod.get("metadata") or {}) or finished or ""
 
 
 def _deletion_start(meta: Obj) -> str | None:
@@ -376,13 +390,14 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     # other ranks' results, which only saw their peer vanish.
     if (oom := _oom_kill(pods)) is not None:
         permanent, message = oom
-        disruption = "" if permanent else _disruption(pods)
+        disruption, at = ("", "") if permanent else _disruption(pods)
         return replace(
             final,
             permanent=permanent,
             reason=Reason.OOM_KILLED,
             message=message,
             disruption=disruption,
+            disruption_at=at,
         )
     if job_reason == POD_FAILURE_POLICY:
         # A permanent exit code, but its result is gone (the pods were removed): still final.
@@ -393,13 +408,15 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     message = (result.message if result else "") or _crash_message(pods) or job_message
     prefix = job_reason not in ("", JOB_BACKOFF_LIMIT_EXCEEDED)
     detail = f"{job_reason}: {message}" if prefix else message
+    disruption, at = _disruption(pods)
     return replace(
         base,
         state=State.FAILED,
         reason=(result.reason if result and result.reason else Reason.TRAINING_FAILED),
         message=detail[:1024],
         result=result,
-        disruption=_disruption(pods),
+        disruption=disruption,
+        disruption_at=at,
     )
 
 
@@ -449,5 +466,6 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
         rank0_ip=ip,
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),
+        unmade=max(_parallelism(job) - len(pods), 0),
         leaving=_leaving(pods),
     )

@@ -518,6 +518,7 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         elif out.disruption or attempts - disruptions <= policy.backoff_limit:
             # Record the next attempt (and a disruption) before deleting, so a crash in between
             # still restarts, and counts the same.
+            restarted_at = (status.get("checkpoints") or {}).get("lastRestartTime")
             status["attempts"] = attempts + 1
             status["checkpoints"] = {
                 **status.get("checkpoints", {}),
@@ -525,7 +526,13 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
             }
             actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
             restarted = True
-            if out.disruption:
+            # An in-place restart already counted this disruption when its pod stopped no
+            # later than that restart (both date a stop by `lifecycle._stopped_at`): the pod's
+            # peers stopping too then ends the attempt, and that is still one disruption.
+            counted = bool(out.disruption_at and restarted_at) and not _later(
+                out.disruption_at, restarted_at
+            )
+            if out.disruption and not counted:
                 status["disruptions"] = disruptions + 1
                 msg = (
                     f"attempt {attempts} was disrupted ({out.disruption[:512]}); a disruption "
@@ -664,12 +671,14 @@ def _stuck_reason(conds: _Conditions) -> bool:
 
 def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:
     """When to look again at an attempt whose pods have not all started: when a stuck one's
-    time is up (a second late, so that it is), else soon, to see a pod get stuck."""
+    time is up (a second late, so that it is); soon, while the Job controller has not made them
+    all, to see a FailedCreate; else never: a made pod that gets stuck changes, and its watch
+    event (`handlers.pod_changed`) brings the pass that sees it."""
     if out.state not in (State.PENDING, State.RUNNING):
         return None
     if out.stuck is not None and waited is not None:
         return float(policy.pending_timeout_seconds - waited + 1)
-    if not out.unstarted:
+    if not out.unmade:
         return None
     least, most = PENDING_CHECK_SECONDS
     return min(max((waited or 0) / 10, least), most)

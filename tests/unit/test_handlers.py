@@ -88,3 +88,34 @@ def test_create_and_resume_read_the_gangs_progress(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(handlers, "_reconcile", fake)
     asyncio.run(handlers.reconcile_ftj(namespace="ns", name="job"))
     assert calls == [{"scrape": True}]
+
+
+@pytest.mark.parametrize(
+    ("handler", "what"), [(handlers.job_changed, "Job"), (handlers.pod_changed, "pod")]
+)
+@pytest.mark.parametrize("event_type", ["ADDED", "MODIFIED", "DELETED", None])
+def test_a_child_event_re_derives_its_owner_but_not_its_own_creation(
+    handler: Any, what: str, event_type: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    async def fake(namespace: str, owner: str, what: str) -> None:
+        calls.append((namespace, owner, what))
+
+    monkeypatch.setattr(handlers, "_reconcile_owner", fake)
+    labels = {"finetune.dev/job-name": "demo"}
+    asyncio.run(handler(event={"type": event_type}, labels=labels, namespace="ns"))
+    # ADDED: the pass that made the Job, or the Job's own event for a new pod, covers it.
+    assert calls == ([] if event_type == "ADDED" else [("ns", "demo", what)])
+
+
+def test_only_pods_that_have_not_started_are_watched_for_a_pass() -> None:
+    """A pod that starts or ends changes its Job, whose event brings the pass."""
+    pod = next(h for h in kopf.get_default_registry()._watching.get_all_handlers() if h.id == "pod")
+    assert pod.when is handlers._pending
+    assert [handlers._pending({"phase": p}) for p in (None, "Pending", "Running", "Failed")] == [
+        True,
+        True,
+        False,
+        False,
+    ]

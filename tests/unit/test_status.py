@@ -948,11 +948,13 @@ def test_an_ordinary_failure_still_fails_at_the_limit() -> None:
 
 def test_disruptions_and_failures_mixed_over_the_attempts() -> None:
     # backoffLimit 1: eviction, crash (the one failure allowed), SIGTERM, crash (one too many).
+    # Each attempt ends after the restart that began it (the plans run at NOW).
+    hour = "2026-01-01T01:00:00Z"
     endings = [
         [ended(0, 1, INTERRUPTED, at=LATER), evicted(1)],
-        [ended(0, 1, CRASHED)],
-        [ended(0, 1, INTERRUPTED), ended(1, 1, INTERRUPTED)],
-        [ended(0, 137)],
+        [ended(0, 1, CRASHED, at=hour)],
+        [ended(0, 1, INTERRUPTED, at=hour), ended(1, 1, INTERRUPTED, at=hour)],
+        [ended(0, 137, at=hour)],
     ]
     status: dict[str, Any] = {"attempts": 1}
     seen = []
@@ -1089,11 +1091,12 @@ def test_an_unschedulable_pod_names_what_the_scheduler_said() -> None:
     assert running["message"] == f"pod demo-0-abcde: {said}"
 
 
-def test_slow_pods_never_time_out_and_are_looked_at_again() -> None:
+def test_slow_pods_never_time_out_and_their_own_changes_bring_the_next_look() -> None:
     creating = waiting_pod(0, "ContainerCreating")
     result = pending_plan([creating, pod(1, "Pending")], now=at_offset(3600))
     assert cond(result.status, "Running") is None and result.status["phase"] == "Pending"
-    assert result.requeue_after == 60
+    # Both made: a pod that gets stuck changes, and its watch event brings the next pass.
+    assert result.requeue_after is None
     # Running pods need no second look; a pod the scheduler still reports (as no kubelet bound
     # it, in tests) is not stuck once it runs.
     running = unschedulable_pod(1, "no nodes available", phase="Running")
@@ -1221,18 +1224,21 @@ def test_pods_that_cannot_be_created_say_why_from_the_jobs_events() -> None:
     assert cond(waiting.status, "Running") is None and waiting.requeue_after == 10
 
 
-def test_a_new_job_is_looked_at_again_until_its_pods_start() -> None:
+def test_a_new_job_is_looked_at_again_until_its_pods_are_made() -> None:
+    """Why the Job controller cannot make a pod is only in its Events, which nothing watches."""
     first = plan(ftj(), observed(None))
     assert [a.kind for a in first.actions] == ["create"]
     assert first.requeue_after is None  # the pass that creates it plans again with the Job
     assert plan(ftj({"attempts": 1}), observed(started_job(), [])).requeue_after == 10
     # Less often as the Job ages, up to once a minute.
-    slow = [waiting_pod(0, "ContainerCreating"), pod(1, "Pending")]
-    assert [pending_plan(slow, now=at_offset(s)).requeue_after for s in (50, 300, 7200)] == [
+    one_made = [waiting_pod(0, "ContainerCreating")]
+    assert [pending_plan(one_made, now=at_offset(s)).requeue_after for s in (50, 300, 7200)] == [
         10,
         30,
         60,
     ]
+    both_made = [*one_made, pod(1, "Pending")]
+    assert pending_plan(both_made, now=at_offset(50)).requeue_after is None
 
 
 # ---- a stopped pod is replaced, and the gang rejoins it in place -----------------------------
@@ -1288,6 +1294,25 @@ def test_a_pod_stopped_with_exit_143_restarts_in_place_as_a_disruption() -> None
     later = plan(ftj(resumed.status, backoffLimit=0), observed(batch_job(parallelism=2), back))
     assert not later.restarted and later.status["disruptions"] == 1
     assert later.restart_seconds is None
+
+
+def test_an_eviction_that_then_ends_the_attempt_is_one_disruption() -> None:
+    """Rank 1 is evicted and the gang starts to restart in place; then rank 0 stops too, which
+    ends the attempt. Whichever the operator sees first, it is one disruption."""
+    evicted_pod = evicted(1, at=LATER)  # after the gang last resumed (RUNNING_GANG)
+    running = plan(
+        ftj(RUNNING_GANG, backoffLimit=0),
+        observed(batch_job(parallelism=2), [pod(0, "Running"), evicted_pod]),
+    )
+    assert running.restarted and running.status["disruptions"] == 1
+    ended_pods = [ended(0, 1, INTERRUPTED, at="2026-01-01T00:02:00Z"), evicted_pod]
+    for previous in (running.status, RUNNING_GANG):  # seen in place first, or not at all
+        result = restart_of(previous, 1, ended_pods, limit=0)
+        assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+        assert result.status["phase"] == "Pending"  # free: backoffLimit 0 is not spent
+    # A later eviction in the next attempt is a disruption of its own.
+    after = restart_of(result.status, 2, [evicted(0, at="2026-01-01T01:00:00Z")], limit=0)
+    assert (after.status["attempts"], after.status["disruptions"]) == (3, 2)
 
 
 def test_a_terminating_pod_is_timed_from_its_deletion() -> None:
