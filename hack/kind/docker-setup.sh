@@ -41,8 +41,11 @@ if [ -z "$(dockerd_pids)" ]; then
   # Debian's containerd package may not be running either; dockerd starts its own
   # managed containerd when /run/containerd/containerd.sock is absent.
   log "starting dockerd (log: /var/log/dockerd.log)"
-  # setsid: dockerd must outlive the process group of whatever ran this script.
-  setsid nohup /usr/sbin/dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
+  # setsid: dockerd must outlive the process group of whatever ran this script. Every inherited
+  # descriptor above stderr is closed first: one may hold a lock (`flock /tmp/kind.lock make
+  # test` passes its lock's fd down), and a daemon that keeps it holds the lock for good.
+  setsid nohup python3 -c 'import os, sys; os.closerange(3, 65536); os.execv(sys.argv[1], sys.argv[1:])' \
+    /usr/sbin/dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
 fi
 
 for _ in $(seq 60); do

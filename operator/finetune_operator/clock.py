@@ -1,11 +1,15 @@
-"""The operator's clock: every pass that no watch event triggers, for all FineTuneJobs, from one
-loop.
+"""The operator's queue of passes: every pass that a watch event or the clock asks for, for all
+FineTuneJobs, from one loop. As controller-runtime's workqueue, a key is queued, not its
+object: events that arrive together for one FineTuneJob make one pass, and a key whose pass is
+running stays queued until that pass ends, so a change it may have missed gets a pass of its own.
 
-Four reasons to look at a FineTuneJob unprompted:
+Why a pass is asked for:
+- **soon**: a watch event of a child or a related object (a Job, a pending pod, a Kueue
+  Workload) moved. The handler returns at once: an awaited pass would hold the event's body
+  (a pod's is several KB) for as long as the pass waits its turn, and a burst queues thousands.
 - **follow-up**: a pass asked for another one later (`Plan.requeue_after`, as controller-runtime's
-  `RequeueAfter`): a pod that fails to pull its image or to fit on a node changes nothing the
-  operator watches, and `runPolicy.pendingTimeoutSeconds` runs out at a moment only the clock
-  knows. One per object, replaced by every later pass: the latest pass saw the latest state.
+  `RequeueAfter`): `runPolicy.pendingTimeoutSeconds` runs out at a moment only the clock knows.
+  One per object, replaced by every later pass: the latest pass saw the latest state.
 - **waiting**: the Job is held back by something the operator cannot watch (a Secret), so it
   looks again every `waiting_seconds`.
 - **progress**: a Running gang's rank 0 is scraped every `progress_seconds`.
@@ -14,7 +18,7 @@ Four reasons to look at a FineTuneJob unprompted:
 
 kopf timers did the last three before. kopf keeps a task and a live copy of the body per object
 and timer, so 2,000 objects cost 6,000 tasks and their bodies; and objects created in one burst
-had their timers fire in one wave. Here an object costs a key, two flags and four due times,
+had their timers fire in one wave. Here an object costs a key, a few flags and due times,
 learned from the watch events that every object sends anyway, and each object's periodic passes
 are spread over their interval by a stable hash of its key.
 
@@ -24,16 +28,17 @@ are spread over their interval by a stable hash of its key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
-# How often the loop looks for due passes. Finer buys nothing: a pass takes longer than this,
-# and the shortest interval (progress) is ten times it.
+# How often the loop looks for due passes when no event wakes it. Finer buys nothing: the
+# shortest interval (progress) is ten times it.
 TICK_SECONDS = 1.0
 # The first resync of an object comes no sooner than this after it is first seen: the create or
 # resume pass has just looked at it.
@@ -42,14 +47,16 @@ RESYNC_INITIAL_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class Due:
-    """One pass the clock asks for; several reasons due at once for one object merge into one."""
+    """One pass asked for; several reasons due at once for one object merge into one."""
 
     key: Key
     # Read rank 0's metrics (progress).
-    scrape: bool
-    # Read and converge the children too (waiting, resync); a follow-up or a progress read only
-    # needs the Job and its pods.
-    children: bool
+    scrape: bool = False
+    # Read and converge the children too (waiting, resync); an event, a follow-up or a progress
+    # read only needs the Job and its pods.
+    children: bool = False
+    # Asked for by the clock alone (no event): such passes yield to the others.
+    periodic: bool = True
 
 
 @dataclass
@@ -76,23 +83,16 @@ class Clock:
         self.progress_seconds = progress_seconds
         self.waiting_seconds = waiting_seconds
         self._entries: dict[Key, _Entry] = {}
+        # Objects an event asked a pass for: kept apart, so that an event costs a look at its
+        # own key, not at every object's due times.
+        self._soon: set[Key] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def track(self, key: Key, *, running: bool, waiting: bool, now: float) -> None:
         """Record what the latest watch event says of an object; a new one gets its schedule."""
-        entry = self._entries.get(key)
-        if entry is None:
-            phase = _phase(key)
-            self._entries[key] = _Entry(
-                running=running,
-                waiting=waiting,
-                progress_at=now + phase * self.progress_seconds,
-                waiting_at=now + self.waiting_seconds,
-                resync_at=now + RESYNC_INITIAL_SECONDS + phase * self.resync_seconds,
-            )
-            return
+        entry = self._entry(key, now)
         if waiting and not entry.waiting:
             # Newly held back: the pass that found it has just looked.
             entry.waiting_at = now + self.waiting_seconds
@@ -100,25 +100,55 @@ class Clock:
 
     def forget(self, key: Key) -> None:
         self._entries.pop(key, None)
+        self._soon.discard(key)
+
+    def soon(self, key: Key, now: float) -> None:
+        """Ask for a pass as soon as the object has none running (a watch event moved)."""
+        self._entry(key, now)
+        self._soon.add(key)
+
+    def asked(self, key: Key) -> bool:
+        """Whether an event asked for a pass of the object that has not run yet."""
+        return key in self._soon
 
     def follow_up(self, key: Key, after: float | None, now: float) -> None:
         """Ask for one pass `after` seconds from `now`, replacing the object's earlier follow-up;
-        None cancels it. An object not tracked yet (its ADDED event has not arrived) is tracked
-        from here, as neither running nor waiting, until its events say more."""
-        if key not in self._entries:
-            self.track(key, running=False, waiting=False, now=now)
-        self._entries[key].follow_up_at = None if after is None else now + max(after, 0.0)
+        None cancels it."""
+        self._entry(key, now).follow_up_at = None if after is None else now + max(after, 0.0)
 
     def pending_follow_up(self, key: Key) -> float | None:
         entry = self._entries.get(key)
         return entry.follow_up_at if entry is not None else None
 
-    def due(self, now: float) -> list[Due]:
+    def _entry(self, key: Key, now: float) -> _Entry:
+        """The object's entry; one not tracked yet (its first event has not arrived) starts as
+        neither running nor waiting, until its events say more."""
+        entry = self._entries.get(key)
+        if entry is None:
+            phase = _phase(key)
+            entry = self._entries[key] = _Entry(
+                running=False,
+                waiting=False,
+                progress_at=now + phase * self.progress_seconds,
+                waiting_at=now + self.waiting_seconds,
+                resync_at=now + RESYNC_INITIAL_SECONDS + phase * self.resync_seconds,
+            )
+        return entry
+
+    def due(self, now: float, busy: Container[Key] = (), *, timed: bool = True) -> list[Due]:
         """The passes due at `now`, one per object at most, each reason rescheduled. A reason
         that does not apply now (progress of a gang that is not running) is skipped, not
-        queued."""
+        queued. A `busy` object (its pass is running) keeps what is due for when it is not.
+        `timed=False` looks only at the objects an event asked for (no scan of every object's
+        due times), as when an event, not the tick, woke the loop."""
+        keys = list(self._entries) if timed else list(self._soon)
         passes = []
-        for key, entry in self._entries.items():
+        for key in keys:
+            if key in busy:
+                continue
+            entry = self._entries[key]
+            soon = key in self._soon
+            self._soon.discard(key)
             scrape = children = follow_up = False
             if entry.follow_up_at is not None and entry.follow_up_at <= now:
                 entry.follow_up_at, follow_up = None, True
@@ -131,8 +161,8 @@ class Clock:
             if entry.resync_at <= now:
                 entry.resync_at = _next(entry.resync_at, self.resync_seconds, now)
                 children = True
-            if follow_up or scrape or children:
-                passes.append(Due(key, scrape=scrape, children=children))
+            if soon or follow_up or scrape or children:
+                passes.append(Due(key, scrape=scrape, children=children, periodic=not soon))
         return passes
 
 
@@ -143,25 +173,32 @@ def _next(at: float, interval: float, now: float) -> float:
     return at + beats * interval
 
 
-async def run(clock: Clock, fire: Callable[[Due], Awaitable[Any]]) -> None:
-    """Fire every due pass, forever. An object whose previous pass from the clock is still in
-    flight is skipped this tick: its reasons come round again, and a follow-up is asked for anew
-    by that pass itself."""
+async def run(clock: Clock, fire: Callable[[Due], Awaitable[Any]], wake: asyncio.Event) -> None:
+    """Fire every due pass, forever: every object's due times each tick, and the objects an
+    event asked for at once when `wake` is set. An object whose pass is in flight keeps its
+    reasons until that pass ends."""
     loop = asyncio.get_running_loop()
     in_flight: dict[Key, asyncio.Task[Any]] = {}
 
     def done(key: Key, task: asyncio.Task[Any]) -> None:
         in_flight.pop(key, None)
+        if clock.asked(key):  # an event came while it ran: its pass is due now
+            wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
-            # Nothing retries it but the clock's next reason for this object.
-            log.warning("periodic pass of %s/%s failed: %r", *key, exc)
+            # Nothing retries it but the next reason for this object (its resync at the latest).
+            log.warning("pass of %s/%s failed: %r", *key, exc)
 
+    next_tick = loop.time()
     try:
         while True:
-            await asyncio.sleep(TICK_SECONDS)
-            for due in clock.due(loop.time()):
-                if due.key in in_flight:
-                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(next_tick - loop.time(), 0.0))
+            wake.clear()
+            now = loop.time()
+            timed = now >= next_tick
+            if timed:
+                next_tick = now + TICK_SECONDS
+            for due in clock.due(now, busy=in_flight, timed=timed):
                 task = loop.create_task(fire(due))
                 in_flight[due.key] = task
                 task.add_done_callback(lambda t, key=due.key: done(key, t))

@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, ConditionType, Phase
 from finetune_api.v1alpha1 import IMMUTABLE_SPEC_FIELDS
@@ -47,6 +46,8 @@ _clock = clock.Clock(
     progress_seconds=SETTINGS.progress_seconds,
     waiting_seconds=WAITING_SECONDS,
 )
+# Set when an event queues a pass, so the loop need not wait for its tick.
+_wake = asyncio.Event()
 
 
 def reconciler() -> Reconciler:
@@ -81,7 +82,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.startup()
 async def start_clock(**_: Any) -> None:
     # On kopf's event loop, beside its watches; it fills as the watch events arrive.
-    _tasks["clock"] = asyncio.get_running_loop().create_task(clock.run(_clock, periodic))
+    run = clock.run(_clock, queued, _wake)
+    _tasks["clock"] = asyncio.get_running_loop().create_task(run)
 
 
 @kopf.on.cleanup()
@@ -107,14 +109,26 @@ async def _reconcile(
     else:
         async with _passes:
             result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
-    after = result.plan.requeue_after if result is not None else None
+    if result is None:
+        # Gone: e.g. a pass that a late event of a child queued after the deletion.
+        _clock.forget((namespace, name))
+        reconciler().forget(namespace, name)
+        return None
+    after = result.plan.requeue_after
     _clock.follow_up((namespace, name), after, asyncio.get_running_loop().time())
     return result
 
 
-async def periodic(due: clock.Due) -> None:
-    """A pass the clock asks for: a follow-up, a wait, a progress read or a resync."""
-    await _reconcile(*due.key, periodic=True, scrape=due.scrape, children=due.children)
+async def queued(due: clock.Due) -> None:
+    """A pass from the queue: an event's, or the clock's (a follow-up, a wait, a progress read
+    or a resync)."""
+    await _reconcile(*due.key, periodic=due.periodic, scrape=due.scrape, children=due.children)
+
+
+def _queue(namespace: str, name: str) -> None:
+    """Queue a pass of the FineTuneJob; events that come together make one."""
+    _clock.soon((namespace, name), asyncio.get_running_loop().time())
+    _wake.set()
 
 
 async def _run(namespace: str, name: str, scrape: bool = False) -> None:
@@ -157,27 +171,16 @@ async def track(
     _clock.track(key, running=_running(status), waiting=_waiting(status), now=now)
 
 
-async def _reconcile_owner(namespace: str, owner: str, what: str) -> None:
-    """A child or a related object moved: re-derive its FineTuneJob. Event handlers are not
-    retried, so a failure is logged, and the clock's resync tries again."""
-    try:
-        await _reconcile(namespace, owner, children=False)
-    except ApiException as exc:
-        # E.g. 403 while the namespace terminates.
-        log.warning("reconcile of %s/%s after a %s event: %s", namespace, owner, what, exc)
-    except Exception:
-        log.exception("reconcile of %s/%s after a %s event failed", namespace, owner, what)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, id="job")
 async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str, **_: Any) -> None:
-    """A Job moved (or vanished): its pods started, ended, or were replaced."""
+    """A Job moved (or vanished): its pods started, ended, or were replaced. Queued, not
+    awaited: see `clock`."""
     # ADDED while watching is this operator's own create, and the pass that created the Job
     # writes the status it caused (if that pass fails, kopf retries it). Re-deriving it again
     # was a third of the requests after a burst. Jobs found at start-up or after a re-list
     # arrive with type None and are reconciled.
     if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
-        await _reconcile_owner(namespace, owner, "Job")
+        _queue(namespace, owner)
 
 
 def _pending(status: kopf.Status, **_: Any) -> bool:
@@ -194,7 +197,7 @@ async def pod_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
     pod to see it get stuck. A pod that starts or ends changes its Job, and arrives there."""
     # ADDED: the Job controller made it, and the Job's own event (active +1) says so.
     if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
-        await _reconcile_owner(namespace, owner, "pod")
+        _queue(namespace, owner)
 
 
 # No version: kopf watches the group's preferred one, as the operator reads it (kueue.py).
@@ -211,7 +214,7 @@ async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
     Other Jobs' Workloads cost no request. Without Kueue, kopf warns once that the resource is
     not served, and starts watching should the CRD appear."""
     if owner := kueue.finetunejob_of(dict(body)):
-        await _reconcile_owner(namespace, owner, "Workload")
+        _queue(namespace, owner)
 
 
 def _running(status: kopf.Status) -> bool:

@@ -111,11 +111,30 @@ def test_a_loop_that_fell_behind_skips_missed_beats() -> None:
     assert [d for d in c.due(1001) if d.scrape] == []
 
 
+def test_events_queue_one_pass_and_a_busy_object_keeps_it_until_its_pass_ends() -> None:
+    c = _clock()
+    c.soon(KEY, now=0)
+    c.soon(KEY, now=0.1)  # a second event before the pass: still one pass
+    assert c.due(0.2, busy={KEY}, timed=False) == []  # running: kept, not lost
+    assert c.asked(KEY)
+    assert c.due(0.3, timed=False) == [Due(KEY, periodic=False)]
+    assert not c.asked(KEY) and c.due(0.4, timed=False) == []
+
+
+def test_an_event_looks_only_at_its_own_object() -> None:
+    c = _clock()
+    c.track(("ns", "other"), running=True, waiting=False, now=0)
+    c.soon(KEY, now=0)
+    # The other object's progress is due, but only the tick (timed) looks at it.
+    assert c.due(20, timed=False) == [Due(KEY, periodic=False)]
+    assert c.due(20) == [Due(("ns", "other"), scrape=True)]
+
+
 @pytest.mark.parametrize("fail", [False, True])
-def test_the_loop_fires_due_passes_and_skips_an_object_whose_pass_is_in_flight(
+def test_the_loop_runs_an_events_pass_at_once_and_one_per_object_at_a_time(
     fail: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(clock, "TICK_SECONDS", 0.01)
+    monkeypatch.setattr(clock, "TICK_SECONDS", 3600)  # only events wake the loop
     started: list[Due] = []
     release = asyncio.Event()
 
@@ -126,15 +145,21 @@ def test_the_loop_fires_due_passes_and_skips_an_object_whose_pass_is_in_flight(
             raise RuntimeError("API server away")
 
     async def scenario() -> None:
-        c = Clock(resync_seconds=0.02, progress_seconds=0.02, waiting_seconds=0.02)
+        c, wake = _clock(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        c.track(KEY, running=True, waiting=False, now=loop.time() - 1000)
-        runner = loop.create_task(clock.run(c, fire))
-        await asyncio.sleep(0.2)
-        assert len(started) == 1  # still in flight: every later tick skipped it
+        runner = loop.create_task(clock.run(c, fire, wake))
+        await asyncio.sleep(0.01)
+        c.soon(KEY, loop.time())
+        wake.set()
+        await asyncio.sleep(0.05)
+        assert started == [Due(KEY, periodic=False)]  # at once, not at the next tick
+        c.soon(KEY, loop.time())  # an event while its pass runs
+        wake.set()
+        await asyncio.sleep(0.05)
+        assert len(started) == 1  # not a second pass beside the first
         release.set()
-        await asyncio.sleep(0.1)
-        assert len(started) > 1  # done: fired again
+        await asyncio.sleep(0.05)
+        assert len(started) == 2  # the event's pass, once the first ended
         runner.cancel()
 
     with caplog.at_level(logging.WARNING):

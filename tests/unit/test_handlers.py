@@ -52,11 +52,12 @@ def test_a_deleted_object_leaves_the_clock() -> None:
 @pytest.mark.parametrize(
     "due",
     [
-        clock.Due(("ns", "job"), scrape=True, children=False),
-        clock.Due(("ns", "job"), scrape=False, children=True),
+        clock.Due(("ns", "job"), scrape=True, children=False, periodic=True),
+        clock.Due(("ns", "job"), scrape=False, children=True, periodic=True),
+        clock.Due(("ns", "job"), scrape=False, children=False, periodic=False),
     ],
 )
-def test_the_clocks_passes_are_periodic_passes(
+def test_a_queued_pass_runs_as_its_reasons_say(
     due: clock.Due, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
@@ -65,9 +66,9 @@ def test_the_clocks_passes_are_periodic_passes(
         calls.append({"namespace": namespace, "name": name, **kwargs})
 
     monkeypatch.setattr(handlers, "_reconcile", fake)
-    asyncio.run(handlers.periodic(due))
+    asyncio.run(handlers.queued(due))
     assert calls == [
-        {"namespace": "ns", "name": "job", "periodic": True, "scrape": due.scrape,
+        {"namespace": "ns", "name": "job", "periodic": due.periodic, "scrape": due.scrape,
          "children": due.children}
     ]  # fmt: skip
 
@@ -90,23 +91,28 @@ def test_create_and_resume_read_the_gangs_progress(monkeypatch: pytest.MonkeyPat
     assert calls == [{"scrape": True}]
 
 
-@pytest.mark.parametrize(
-    ("handler", "what"), [(handlers.job_changed, "Job"), (handlers.pod_changed, "pod")]
-)
+@pytest.mark.parametrize("handler", [handlers.job_changed, handlers.pod_changed])
 @pytest.mark.parametrize("event_type", ["ADDED", "MODIFIED", "DELETED", None])
-def test_a_child_event_re_derives_its_owner_but_not_its_own_creation(
-    handler: Any, what: str, event_type: str | None, monkeypatch: pytest.MonkeyPatch
+def test_a_child_event_queues_a_pass_of_its_owner_but_not_for_its_own_creation(
+    handler: Any, event_type: str | None
 ) -> None:
-    calls: list[tuple[str, str, str]] = []
+    """Queued, not awaited: the handler returns at once, and events that come together make one
+    pass (an event-driven one, ahead of the periodic ones)."""
+    key = ("ns", "demo")
 
-    async def fake(namespace: str, owner: str, what: str) -> None:
-        calls.append((namespace, owner, what))
+    async def scenario() -> list[clock.Due]:
+        labels = {"finetune.dev/job-name": "demo"}
+        await handler(event={"type": event_type}, labels=labels, namespace="ns")
+        await handler(event={"type": event_type}, labels=labels, namespace="ns")
+        return handlers._clock.due(asyncio.get_running_loop().time(), timed=False)
 
-    monkeypatch.setattr(handlers, "_reconcile_owner", fake)
-    labels = {"finetune.dev/job-name": "demo"}
-    asyncio.run(handler(event={"type": event_type}, labels=labels, namespace="ns"))
+    try:
+        queued = asyncio.run(scenario())
+    finally:
+        handlers._clock.forget(key)
     # ADDED: the pass that made the Job, or the Job's own event for a new pod, covers it.
-    assert calls == ([] if event_type == "ADDED" else [("ns", "demo", what)])
+    expected = [] if event_type == "ADDED" else [clock.Due(key, periodic=False)]
+    assert queued == expected
 
 
 def test_only_pods_that_have_not_started_are_watched_for_a_pass() -> None:
