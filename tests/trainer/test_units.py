@@ -83,9 +83,9 @@ def test_the_adapter_config_keeps_the_base_revision(
 def test_precision_auto_is_fp32_on_cpu() -> None:
     from finetune_trainer.modeling import mixed_precision
 
-    assert mixed_precision("auto", cuda=False) == "no"
-    assert mixed_precision("fp32", cuda=False) == "no"
-    assert mixed_precision("bf16", cuda=False) == "bf16"
+    assert mixed_precision("auto", bf16_hardware=False) == "no"
+    assert mixed_precision("fp32", bf16_hardware=False) == "no"
+    assert mixed_precision("bf16", bf16_hardware=False) == "bf16"
 
 
 def test_rendezvous_from_pod_env() -> None:
