@@ -69,8 +69,13 @@ def test_weights_dtype(precision, method, bf16_hardware, dtype):
 
 @pytest.mark.parametrize(
     ("method", "configured", "on"),
-    [("qlora", None, True), ("lora", None, False), ("none", None, False), ("lora", True, True)]
-    + [("qlora", False, False)],
+    [
+        ("qlora", None, True),
+        ("lora", None, False),
+        ("none", None, False),
+        ("lora", True, True),
+        ("qlora", False, False),
+    ],
 )
 def test_gradient_checkpointing_default_is_on_for_qlora_only(method, configured, on):
     resources = {"accelerator": {"type": "nvidia.com/gpu", "count": 1}}

@@ -84,6 +84,15 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole weights a forward without backward (evaluation) left gathered: the root
+    unit keeps its weights whole after its forward, waiting for a backward that never comes, so
+    its parameters read as plain tensors instead of shards until something reshards them."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 

@@ -357,6 +357,8 @@ def _evaluate(
     """The task's scores on the evaluation split (or the `known` ones), exported and logged."""
     telemetry.set_status("evaluating")
     scores = known or run.task.evaluate(run.accelerator, run.model, run.eval_dl)
+    if sharding.is_sharded(run.model):
+        sharding.reshard(run.model)
     telemetry.record_eval(stage, scores)
     log.info("%s training: %s", stage, scores)
     return scores
@@ -379,7 +381,8 @@ def _write_param_hash(run: Prepared) -> None:
     state = {name: sharding.full_tensor(value) for name, value in state.items()}
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].float().cpu().numpy().tobytes())
+        # A copy: numpy's view would pin the storage, which a sharded model frees and regrows.
+        digest.update(state[name].float().cpu().clone().numpy().tobytes())
     rank = run.accelerator.process_index
     path = target.format(rank=rank) if "{rank}" in target else f"{target}.{rank}"
     Path(path).write_text(digest.hexdigest())
