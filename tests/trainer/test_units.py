@@ -426,3 +426,18 @@ def test_final_artifact_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     assert not list(root.glob(f"{checkpoint._TMP_PREFIX}*"))
     (kept.folder / checkpoint.COMPLETE_MARKER).unlink()
     assert final.load(root, "adapter") is None
+
+
+def test_checkpoint_folder_is_keyed_by_strategy_not_by_gradient_checkpointing() -> None:
+    from finetune_trainer.train import checkpoint_root
+
+    def root(**training: object) -> str:
+        doc = json.loads(json.dumps(MINIMAL))
+        doc["spec"]["training"] = training
+        return checkpoint_root(parse_manifest(doc)).name
+
+    # Checkpointed layers train the same weights; a job keeps its folder across the setting,
+    # and ddp (the default) names the folder as before the field existed.
+    assert root() == root(gradientCheckpointing=True) == root(strategy="ddp")
+    # An FSDP run's optimizer state is keyed by parameter name, a DDP run's by position.
+    assert root(strategy="fsdp") != root()

@@ -303,8 +303,14 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     volume starts afresh instead of resuming someone else's run."""
     base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
+    # gradientCheckpointing changes memory, not what is trained; ddp, the default strategy,
+    # stays out too: the folders of jobs from before these fields existed keep their names.
+    training = s.training.model_dump(mode="json", exclude={"gradient_checkpointing"})
+    if s.training.strategy == "ddp":
+        del training["strategy"]
     shape = [
-        *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft, s.training)),
+        *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft)),
+        training,
         s.evaluation.metrics,
         s.resources.nodes,
         s.resources.processes_per_node,
