@@ -441,3 +441,18 @@ def test_checkpoint_folder_is_keyed_by_strategy_not_by_gradient_checkpointing() 
     assert root() == root(gradientCheckpointing=True) == root(strategy="ddp")
     # An FSDP run's optimizer state is keyed by parameter name, a DDP run's by position.
     assert root(strategy="fsdp") != root()
+
+
+@pytest.mark.parametrize(("gpus", "bnb"), [(1, True), (2, True), (8, False)])
+def test_gpu_smoke_variants_are_valid_specs(gpus: int, bnb: bool) -> None:
+    """gpu_smoke.py runs only where a GPU is lent: its specs are checked here, so that the rare
+    GPU run is not spent on a manifest the schema refuses."""
+    import gpu_smoke
+    from trainer_helpers import deep_update
+
+    from finetune_trainer.testing.tiny import causal_job
+
+    base = causal_job(Path("/m"), Path("/d.jsonl"))
+    for name, change in gpu_smoke.variants(gpus, bnb).items():
+        spec = parse_manifest(deep_update(base, {"spec": change})).spec
+        assert spec.resources.processes_per_node <= gpus, name

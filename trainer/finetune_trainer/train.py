@@ -265,6 +265,13 @@ def _prepare(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    log.info(
+        "weights load in %s (frozen) and %s (trained); strategy %s, gradient checkpointing %s",
+        sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}) or "-",
+        sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
+        job.spec.training.strategy,
+        modeling.gradient_checkpointing(job.spec),
+    )
     batches = ShardedBatches(
         len(data.train),
         t.batch_size_per_device,
