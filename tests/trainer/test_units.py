@@ -456,3 +456,18 @@ def test_gpu_smoke_variants_are_valid_specs(gpus: int, bnb: bool) -> None:
     for name, change in gpu_smoke.variants(gpus, bnb).items():
         spec = parse_manifest(deep_update(base, {"spec": change})).spec
         assert spec.resources.processes_per_node <= gpus, name
+
+
+def test_fsdp_shards_by_the_models_own_layer_classes(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.sharding import layer_class_names, shard
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert layer_class_names(model) == {"LlamaDecoderLayer"}
+    # A model that names no layer class is refused as a spec error (permanent), before any
+    # process group or shard is made.
+    with pytest.raises(ManifestError) as err:
+        shard(torch.nn.Sequential(torch.nn.Linear(2, 2)), "no", torch.device("cpu"))
+    assert [e.path for e in err.value.errors] == ["spec.training.strategy"]

@@ -21,15 +21,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import FineTuneJobSpec
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,9 +57,15 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
     (from_pretrained loads to the CPU), so no device ever holds more than its shards. With bf16
     mixed precision the shards keep their loaded dtype (fp32 master weights for what trains) and
     each layer computes in bf16, reducing gradients in fp32."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
+    names = layer_class_names(model)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        # The same model fails the same way every attempt: an invalid spec, not a retry.
+        message = (
+            f"fsdp needs the transformer layer classes to shard by, and {type(model).__name__} "
+            "names none (transformers' _no_split_modules); use strategy ddp"
+        )
+        raise ManifestError([FieldError("spec.training.strategy", message)])
     if not dist.is_initialized():
         # A one-rank gang: accelerate forms no process group, and a mesh needs one.
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -66,13 +75,6 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
     if mixed_precision in _HALF:
         policy = MixedPrecisionPolicy(
             param_dtype=_HALF[mixed_precision], reduce_dtype=torch.float32
-        )
-    names = layer_class_names(model)
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(
-            f"training.strategy fsdp: {type(model).__name__} names no transformer layer class "
-            "(_no_split_modules) to shard by"
         )
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
