@@ -94,3 +94,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(
         assert checkpointed[name] is not None, name
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
     assert any(float(g.abs().sum()) > 0 for n, g in checkpointed.items() if "layers.0" in n)
+
+
+def test_a_bf16_classifier_trains_its_head_in_fp32(tmp_path: Any) -> None:
+    """peft's autocast_adapter_dtype covers LoRA's weights; the head's trainable copy
+    (modules_to_save) is upcast by the trainer too, so no trained weight is bf16."""
+    from finetune_api import load_manifest
+    from finetune_trainer.data import load_splits
+    from finetune_trainer.example_data import example_manifest
+    from finetune_trainer.tasks.sequence_classification import SequenceClassification
+
+    path = tmp_path / "job.yaml"
+    path.write_text(example_manifest("minilm-sentiment", tmp_path / "data"))
+    doc = load_manifest(path).model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc = deep_update(doc, {"spec": {"training": {"precision": "bf16"}}})
+    doc["spec"]["dataset"]["maxSamples"] = 16
+    spec = parse_manifest(doc).spec
+    task = SequenceClassification(spec)
+    model = task.load_model(task.build_data(*load_splits(spec)), CPU)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trained), sorted(trained)
+    assert set(trained.values()) == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
