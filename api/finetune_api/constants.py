@@ -82,6 +82,9 @@ class Reason(StrEnum):
     # No training step completed within runPolicy.hangTimeoutSeconds (or 3 x p99 step time): a
     # rank hung in a collective or was stopped. The gang restarts from its checkpoint.
     COLLECTIVE_TIMEOUT = "CollectiveTimeout"
+    # The pod asked for accelerators (resources.accelerator) that its trainer cannot use: no
+    # visible CUDA device, fewer than processesPerNode, or a TPU, which this image cannot drive.
+    ACCELERATOR_UNAVAILABLE = "AcceleratorUnavailable"
     # A trainer container was killed by the kernel for memory (containerStatuses reason).
     OOM_KILLED = "OOMKilled"
     # Running=False while a pod of the attempt cannot start, with the reason Kubernetes gives: a

@@ -174,6 +174,8 @@ _PERMANENT = {
     # The spec names a model or dataset that the endpoint does not have.
     Reason.MODEL_NOT_FOUND: ExitCode.INVALID_SPEC,
     Reason.DATASET_NOT_FOUND: ExitCode.INVALID_SPEC,
+    # The same pod on the same node sees the same hardware: retrying cannot help.
+    Reason.ACCELERATOR_UNAVAILABLE: ExitCode.INVALID_SPEC,
 }
 
 

@@ -301,7 +301,24 @@ class TrainingSpec(ApiModel):
         "compute is spent on padding. Default true.",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="precision: auto picks bf16 where the hardware has it, else fp32."
+        "auto",
+        description="precision is the dtype the base weights load in and compute with: bf16 or "
+        "fp16 load them at half the memory of fp32 and train under autocast, with the trainable "
+        "LoRA weights kept in fp32; auto is bf16 on a GPU that supports it, else fp32. "
+        "Default auto.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="strategy is how ranks share the model: ddp keeps a whole copy on every "
+        "rank; fsdp shards the weights, gradients and optimizer state over the ranks (torch "
+        "FSDP2, one shard unit per transformer layer), for a model that does not fit one "
+        "device. Default ddp.",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="gradientCheckpointing recomputes activations in the backward pass instead "
+        "of keeping them: less memory for about a third more compute. Default unset: on for "
+        "peft.method qlora, off otherwise.",
     )
     seed: int = Field(42, ge=0, description="seed for weights, shuffling and splits. Default 42.")
     checkpoint_every_steps: int = Field(
@@ -968,6 +985,21 @@ class FineTuneJobSpec(ApiModel):
                 s.peft.method != "qlora" or s.resources.accelerator.type == "nvidia.com/gpu"
             ),
             field="peft.method",
+        ),
+        Rule(
+            cel="self.training.strategy != 'fsdp' || self.peft.method != 'qlora'",
+            message="training.strategy fsdp does not support peft.method qlora (sharding a 4-bit "
+            "base needs a bitsandbytes quant storage dtype this trainer does not set): use ddp, "
+            "or lora with fsdp",
+            check=lambda s: s.training.strategy != "fsdp" or s.peft.method != "qlora",
+            field="training.strategy",
+        ),
+        Rule(
+            cel="self.training.strategy != 'fsdp' || self.training.precision != 'fp16'",
+            message="training.strategy fsdp computes in bf16 or fp32: fp16's loss scaling of "
+            "sharded gradients is not supported; use precision bf16, auto or fp32",
+            check=lambda s: s.training.strategy != "fsdp" or s.training.precision != "fp16",
+            field="training.precision",
         ),
         Rule(
             cel="!has(self.output.hub) || (has(self.output.hub.endpoint)"

@@ -35,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     the check's verdict is written there before any rank starts.
     """
     from finetune_api import FieldError
+    from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
     from finetune_trainer.env import runtime_errors
     from finetune_trainer.launch import train_pod
     from finetune_trainer.result import write_result
@@ -52,6 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if missing is not None:
             reason = missing.reason
             raise ManifestError([FieldError(missing.field, str(missing))])
+        # Accelerators the pod reserved and cannot use: a reason of their own, before any rank.
+        try:
+            check_accelerator(job.spec.resources)
+        except AcceleratorUnavailable as exc:
+            reason = Reason.ACCELERATOR_UNAVAILABLE
+            raise ManifestError([FieldError("spec.resources.accelerator", str(exc))]) from None
         errors = runtime_errors(job)
         if errors:
             raise ManifestError(errors)

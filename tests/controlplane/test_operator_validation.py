@@ -179,6 +179,17 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         },
         "processesPerNode",
     ),
+    (
+        "fsdp-qlora",
+        {
+            "spec.training.strategy": "fsdp",
+            "spec.peft.method": "qlora",
+            "spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 1},
+        },
+        "strategy",
+    ),
+    ("fsdp-fp16", {"spec.training.strategy": "fsdp", "spec.training.precision": "fp16"}, "fp16"),
+    ("strategy-enum", {"spec.training.strategy": "deepspeed"}, "strategy"),
     ("nodes-min", {"spec.resources.nodes": 0}, "nodes"),
     ("nodes-max", {"spec.resources.nodes": 300}, "nodes"),
     ("backoff-min", {"spec.runPolicy.backoffLimit": -1}, "backoffLimit"),

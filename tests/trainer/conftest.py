@@ -57,8 +57,10 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
 def gang(tmp_path: Path, base_env: dict[str, str]) -> Iterator[Callable[..., Gang]]:
     made: list[Gang] = []
 
-    def make(manifest: Path, nodes: int = 2, env: dict[str, str] | None = None) -> Gang:
-        g = Gang(manifest, tmp_path, {**base_env, **(env or {})}, nodes)
+    def make(
+        manifest: Path, nodes: int = 2, env: dict[str, str] | None = None, nproc_per_node: int = 1
+    ) -> Gang:
+        g = Gang(manifest, tmp_path, {**base_env, **(env or {})}, nodes, nproc_per_node)
         made.append(g)
         return g
 

@@ -1,79 +1,158 @@
 """GPU smoke check, for a machine with CUDA (not collected by pytest: no test_ prefix).
 
-    PYTHONPATH=operator:trainer python tests/trainer/gpu_smoke.py OUT_DIR
+    PYTHONPATH=api:operator:trainer:cli python tests/trainer/gpu_smoke.py OUT_DIR
+    python tests/trainer/gpu_smoke.py --help
 
-Builds the tiny model of the test fixtures, then runs `finetune run` on one GPU with
-precision auto (which must pick bf16) and, where bitsandbytes is installed, peft qlora. Each
-run's result JSON and log land in OUT_DIR.
+What a CPU machine cannot show, in one run of `finetune run` per variant on the tiny model of
+the test fixtures:
+
+- lora-auto: precision auto picks bf16 on a GPU that has it, and the base loads in bf16;
+- lora-bf16: precision bf16 asked for explicitly, LoRA weights in fp32;
+- qlora: the 4-bit base through bitsandbytes' CUDA kernels (where bitsandbytes is installed),
+  gradient checkpointing on by default; with 2 ranks (NCCL) where 2 GPUs are visible, else 1;
+- fsdp-lora and fsdp-full: training.strategy fsdp on the visible GPUs (NCCL), LoRA and a full
+  fine-tune, bf16 compute over fp32 shards;
+- ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL.
+
+Without CUDA it prints why it skips and exits 0 (or 1 with --require-gpu): never a silent pass.
+Each run's result JSON and log land in OUT_DIR, and a summary (exit codes, wall seconds, the
+trainer's result: loss, tokens per second, scores) is written to
+benchmarks/results/gpu_smoke.json (another path with --summary).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trainer_helpers
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import trainer_helpers  # noqa: E402
 
-from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
+REPO = HERE.parent.parent
+SUMMARY = REPO / "benchmarks" / "results" / "gpu_smoke.json"
 
 
-def main(out: Path) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train the tiny test model on the GPUs of this machine in each variant "
+        "that only a GPU can check (bf16 loading, qlora, FSDP and DDP over NCCL).",
+    )
+    parser.add_argument("out", type=Path, help="folder for each run's manifest, log and result")
+    parser.add_argument("--summary", type=Path, default=SUMMARY, help="where the JSON goes")
+    parser.add_argument(
+        "--require-gpu", action="store_true", help="exit 1 instead of 0 when CUDA is absent"
+    )
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per variant")
+    return parser.parse_args(argv)
+
+
+def variants(gpus: int, bitsandbytes: bool) -> dict[str, dict[str, Any]]:
+    """Each variant's spec changes, for `gpus` visible GPUs."""
+    ranks = min(gpus, 2)
+
+    def on(n: int) -> dict[str, Any]:
+        accelerator = {"type": "nvidia.com/gpu", "count": n}
+        return {"resources": {"nodes": 1, "processesPerNode": n, "accelerator": accelerator}}
+
+    out: dict[str, dict[str, Any]] = {
+        "lora-auto": {**on(1), "training": {"precision": "auto"}},
+        "lora-bf16": {**on(1), "training": {"precision": "bf16"}},
+        "fsdp-lora": {**on(ranks), "training": {"strategy": "fsdp", "precision": "bf16"}},
+        "fsdp-full": {
+            **on(ranks),
+            "peft": {"method": "none"},
+            "training": {"strategy": "fsdp", "precision": "bf16", "learningRate": 1e-3},
+        },
+    }
+    if bitsandbytes:
+        out[f"qlora-{ranks}rank"] = {**on(ranks), "peft": {"method": "qlora"}}
+    if gpus >= 2:
+        out["ddp-lora-bf16-2rank"] = {**on(2), "training": {"precision": "bf16"}}
+    return out
+
+
+def _run(name: str, doc: dict[str, Any], out: Path, timeout: int) -> dict[str, Any]:
+    manifest = out / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["HF_HOME"] = str(out / "hf-home")
+    cmd = [sys.executable, "-m", "finetune_cli", "run", str(manifest), "--workdir", str(out / name)]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        code, log = done.returncode, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, log = -1, (exc.stderr or b"").decode(errors="replace") + "\nTIMEOUT"
+    seconds = time.monotonic() - started
+    (out / f"{name}.log").write_text(log)
+    result_file = out / name / "node-0" / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    notes = [
+        line
+        for line in log.splitlines()
+        if "rank 0 of" in line or "weights load" in line or "Error" in line
+    ]
+    print(f"{name}: exit {code} in {seconds:.0f}s", flush=True)
+    print("\n".join(notes[-8:]), flush=True)
+    return {"exit": code, "seconds": round(seconds, 1), "result": result, "notes": notes[-8:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "gpu_smoke: SKIPPED, no CUDA device is visible to torch "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): nothing was checked",
+            file=sys.stderr,
+        )
+        return 1 if args.require_gpu else 0
+    from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
+
+    try:
+        import bitsandbytes  # noqa: F401
+
+        bnb = True
+    except ImportError:
+        print("bitsandbytes not installed: qlora skipped", file=sys.stderr)
+        bnb = False
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     assets = out / "assets"
     assets.mkdir(exist_ok=True)
     base = causal_job(save_test_llama(assets / "tiny-llama"), save_test_text(assets / "text.jsonl"))
-    gpu = {"nodes": 1, "processesPerNode": 1, "accelerator": {"type": "nvidia.com/gpu", "count": 1}}
-    variants = {"lora-auto": {"peft": {"method": "lora"}}}
-    try:
-        import bitsandbytes  # noqa: F401
-
-        variants["qlora"] = {"peft": {"method": "qlora"}}
-    except ImportError:
-        print("bitsandbytes not installed: qlora skipped")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(out / "hf-home"),
+    gpus = torch.cuda.device_count()
+    runs = {
+        name: _run(name, trainer_helpers.deep_update(base, {"spec": change}), out, args.timeout)
+        for name, change in variants(gpus, bnb).items()
     }
-    worst = 0
-    for name, change in variants.items():
-        doc = trainer_helpers.deep_update(base, {"spec": {"resources": gpu, **change}})
-        manifest = out / f"{name}.yaml"
-        manifest.write_text(yaml.safe_dump(doc))
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "finetune_cli",
-                "run",
-                str(manifest),
-                "--workdir",
-                str(out / name),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        (out / f"{name}.log").write_text(done.stderr)
-        print(name, "exit", done.returncode)
-        print(done.stdout[-2000:])
-        print(
-            "\n".join(
-                line
-                for line in done.stderr.splitlines()
-                if "rank 0 of" in line or "Error" in line or "precision" in line
-            )[-3000:]
-        )
-        worst = max(worst, done.returncode)
-    return worst
+    summary = {
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0),
+            "gpus": gpus,
+            "bf16": torch.cuda.is_bf16_supported(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "runs": runs,
+    }
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {args.summary}")
+    return max((abs(r["exit"]) for r in runs.values()), default=0)
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main())

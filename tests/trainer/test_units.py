@@ -83,9 +83,9 @@ def test_the_adapter_config_keeps_the_base_revision(
 def test_precision_auto_is_fp32_on_cpu() -> None:
     from finetune_trainer.modeling import mixed_precision
 
-    assert mixed_precision("auto", cuda=False) == "no"
-    assert mixed_precision("fp32", cuda=False) == "no"
-    assert mixed_precision("bf16", cuda=False) == "bf16"
+    assert mixed_precision("auto", bf16_hardware=False) == "no"
+    assert mixed_precision("fp32", bf16_hardware=False) == "no"
+    assert mixed_precision("bf16", bf16_hardware=False) == "bf16"
 
 
 def test_rendezvous_from_pod_env() -> None:
@@ -426,3 +426,48 @@ def test_final_artifact_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     assert not list(root.glob(f"{checkpoint._TMP_PREFIX}*"))
     (kept.folder / checkpoint.COMPLETE_MARKER).unlink()
     assert final.load(root, "adapter") is None
+
+
+def test_checkpoint_folder_is_keyed_by_strategy_not_by_gradient_checkpointing() -> None:
+    from finetune_trainer.train import checkpoint_root
+
+    def root(**training: object) -> str:
+        doc = json.loads(json.dumps(MINIMAL))
+        doc["spec"]["training"] = training
+        return checkpoint_root(parse_manifest(doc)).name
+
+    # Checkpointed layers train the same weights; a job keeps its folder across the setting,
+    # and ddp (the default) names the folder as before the field existed.
+    assert root() == root(gradientCheckpointing=True) == root(strategy="ddp")
+    # An FSDP run's optimizer state is keyed by parameter name, a DDP run's by position.
+    assert root(strategy="fsdp") != root()
+
+
+@pytest.mark.parametrize(("gpus", "bnb"), [(1, True), (2, True), (8, False)])
+def test_gpu_smoke_variants_are_valid_specs(gpus: int, bnb: bool) -> None:
+    """gpu_smoke.py runs only where a GPU is lent: its specs are checked here, so that the rare
+    GPU run is not spent on a manifest the schema refuses."""
+    import gpu_smoke
+    from trainer_helpers import deep_update
+
+    from finetune_trainer.testing.tiny import causal_job
+
+    base = causal_job(Path("/m"), Path("/d.jsonl"))
+    for name, change in gpu_smoke.variants(gpus, bnb).items():
+        spec = parse_manifest(deep_update(base, {"spec": change})).spec
+        assert spec.resources.processes_per_node <= gpus, name
+
+
+def test_fsdp_shards_by_the_models_own_layer_classes(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.sharding import layer_class_names, shard
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert layer_class_names(model) == {"LlamaDecoderLayer"}
+    # A model that names no layer class is refused as a spec error (permanent), before any
+    # process group or shard is made.
+    with pytest.raises(ManifestError) as err:
+        shard(torch.nn.Sequential(torch.nn.Linear(2, 2)), "no", torch.device("cpu"))
+    assert [e.path for e in err.value.errors] == ["spec.training.strategy"]

@@ -502,3 +502,41 @@ def test_token_secrets_name_their_field_and_env_push_first():
         ("dataset.tokenSecretRef", "FINETUNE_DATASET_TOKEN", "d", "token"),
     ]
     assert parse_manifest(VALID).spec.token_secrets() == []
+
+
+def test_strategy_and_gradient_checkpointing_default():
+    training = parse_manifest(VALID).spec.training
+    assert (training.strategy, training.gradient_checkpointing, training.precision) == (
+        "ddp",
+        None,
+        "auto",
+    )
+    fsdp = parse_manifest(with_changes(spec__training={"strategy": "fsdp"})).spec.training
+    assert fsdp.strategy == "fsdp"
+
+
+GPU = {"type": "nvidia.com/gpu", "count": 1}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "method", "precision", "path"),
+    [
+        ("fsdp", "qlora", "auto", "spec.training.strategy"),
+        ("fsdp", "lora", "fp16", "spec.training.precision"),
+        ("fsdp", "lora", "bf16", None),
+        ("fsdp", "none", "auto", None),
+        ("ddp", "qlora", "fp16", None),
+    ],
+)
+def test_fsdp_refuses_what_it_cannot_shard(strategy, method, precision, path):
+    doc = with_changes(
+        spec__training={"strategy": strategy, "precision": precision},
+        spec__peft={"method": method},
+        spec__resources={"accelerator": GPU},
+    )
+    if path is None:
+        parse_manifest(doc)
+        return
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(doc)
+    assert [e.path for e in err.value.errors] == [path]

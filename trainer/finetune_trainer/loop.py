@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from finetune_api import FineTuneJob
 from finetune_api.pod import PEAK_FLOPS_ENV
-from finetune_trainer import checkpoint, data, modeling
+from finetune_trainer import checkpoint, data, modeling, sharding
 from finetune_trainer.tasks import Batch, Task, TaskData
 from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
 from finetune_trainer.watchdog import HangWatchdog
@@ -117,7 +117,9 @@ def train_steps(
                     loss = run.task.loss(run.model, batch)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm > 0:
-                        grad_norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
+                        # Sharded (fsdp) gradients give a DTensor norm, the same on every rank.
+                        norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+                        grad_norm = float(sharding.full_tensor(norm))
                     run.optimizer.step()
                     run.optimizer.zero_grad()
                 state.batches_in_epoch += 1
@@ -223,13 +225,19 @@ def _save_checkpoint(
     started = time.perf_counter()
     rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
     folder: Path | None = None
+    if sharding.is_sharded(run.model):
+        # Every rank gives its shards; rank 0 gets the whole, in a DDP checkpoint's layout.
+        trainable, optimizer = sharding.gather_state(run.model, run.optimizer)
     if acc.is_main_process:
+        if not sharding.is_sharded(run.model):
+            trainable = modeling.trainable_state(acc.unwrap_model(run.model))
+            optimizer = run.optimizer.state_dict()
         folder = checkpoint.save(
             root,
             checkpoint.Checkpoint(
                 state=checkpoint.TrainerState(**asdict(state)),
-                trainable=modeling.trainable_state(acc.unwrap_model(run.model)),
-                optimizer=run.optimizer.state_dict(),
+                trainable=trainable,
+                optimizer=optimizer,
                 scheduler=run.scheduler.state_dict(),
                 rng=rng,
             ),

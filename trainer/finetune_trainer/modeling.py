@@ -39,12 +39,37 @@ def _revision(spec: ModelSpec) -> str | None:
     return spec.revision if spec.source.startswith("hf://") else None
 
 
-def mixed_precision(precision: str, cuda: bool | None = None) -> MixedPrecision:
-    """`auto` is bf16 only where the hardware computes it natively: CPU bf16 autocast is slower."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def mixed_precision(precision: str, bf16_hardware: bool | None = None) -> MixedPrecision:
+    """The autocast of a precision. `auto` is bf16 only where the hardware computes it natively
+    (`bf16_hardware`: a CUDA device with bf16; CPU bf16 autocast is slower than fp32)."""
+    bf16_hardware = _cuda_bf16() if bf16_hardware is None else bf16_hardware
     if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if bf16_hardware else "no"
     return "no" if precision == "fp32" else precision  # type: ignore[return-value]
+
+
+_HALF: dict[MixedPrecision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(precision: str, method: str, bf16_hardware: bool | None = None) -> torch.dtype:
+    """The dtype the base weights load in. A frozen base (lora) loads at the compute precision,
+    half the memory of fp32; its trainable LoRA weights stay fp32 (peft's
+    autocast_adapter_dtype), so the optimizer never updates half-precision weights. Full
+    fine-tuning (none) keeps fp32 master weights, which the optimizer updates, and computes under
+    autocast; qlora's base is 4-bit, and peft's k-bit preparation upcasts the rest to fp32."""
+    if method != "lora":
+        return torch.float32
+    return _HALF.get(mixed_precision(precision, bf16_hardware), torch.float32)
+
+
+def gradient_checkpointing(spec: FineTuneJobSpec) -> bool:
+    """training.gradientCheckpointing, whose unset default is on for qlora and off otherwise."""
+    configured = spec.training.gradient_checkpointing
+    return spec.peft.method == "qlora" if configured is None else configured
 
 
 def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
@@ -97,7 +122,8 @@ def load_model(
 
     `device` is where this rank computes; qlora quantizes the base as it loads, straight onto it.
     """
-    kwargs: dict[str, object] = {"dtype": torch.float32}
+    dtype = weights_dtype(spec.training.precision, spec.peft.method)
+    kwargs: dict[str, object] = {"dtype": dtype}
     if spec.peft.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -111,19 +137,37 @@ def load_model(
     model = load_base(**kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    if spec.peft.method == "none":
-        return model
+    checkpointing = gradient_checkpointing(spec)
     if spec.peft.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks on the
         # frozen 4-bit base (TRL passes the same for multi-GPU QLoRA).
         model = prepare_model_for_kbit_training(
-            model, gradient_checkpointing_kwargs={"use_reentrant": False}
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    elif checkpointing:
+        # Non-reentrant, as above; transformers also makes the embeddings' output require grad,
+        # so that a frozen base passes gradients through the recomputed layers to LoRA's.
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    if spec.peft.method == "none":
+        return model
     # The revision goes into adapter_config.json, so that loading the adapter (PeftModel,
-    # AutoPeftModel) fetches the base at the revision it was trained on, not at main.
-    return get_peft_model(model, lora_config(spec.peft, task_type), revision=_revision(spec.model))
+    # AutoPeftModel) fetches the base at the revision it was trained on, not at main. A half-
+    # precision base gets fp32 LoRA weights (autocast_adapter_dtype), as TRL trains them.
+    model = get_peft_model(
+        model,
+        lora_config(spec.peft, task_type),
+        revision=_revision(spec.model),
+        autocast_adapter_dtype=True,
+    )
+    # What autocast_adapter_dtype leaves out (a classification head's trainable copy) too.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def _merged_at_full_precision(model: torch.nn.Module, load_base: BaseLoader) -> PreTrainedModel:

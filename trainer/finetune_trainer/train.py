@@ -40,7 +40,8 @@ from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import TrainerResult, scrub
-from finetune_trainer import checkpoint, final, modeling
+from finetune_trainer import checkpoint, final, modeling, sharding
+from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
 from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
@@ -64,6 +65,7 @@ def main(job: FineTuneJob) -> int:
         missing = missing_local(job)
         if missing is not None:
             raise missing
+        check_accelerator(job.spec.resources)
         errors = runtime_errors(job)
         if errors:
             raise ManifestError(errors)
@@ -78,6 +80,10 @@ def main(job: FineTuneJob) -> int:
         # The pod that got SIGTERM goes (the Job controller replaces it, see ExitCode); the
         # others stay, and `finetune train` starts their ranks again to rejoin.
         return ExitCode.INTERRUPTED if exc.here else ExitCode.REJOIN
+    except AcceleratorUnavailable as exc:
+        plain_log.error("accelerator unavailable: %s", exc)
+        write_failure(rank, Reason.ACCELERATOR_UNAVAILABLE, str(exc))
+        return TrainerResult(status="Failed", reason=Reason.ACCELERATOR_UNAVAILABLE).exit_code
     except ManifestError as exc:
         for error in exc.errors:
             plain_log.error("invalid spec: %s", error)
@@ -135,6 +141,7 @@ def _train(job: FineTuneJob) -> int:
 
     after = _evaluate(run, telemetry, "after")
     _write_param_hash(run)
+    final_model = _final_model(run)
     result = TrainerResult(
         status="Succeeded",
         reason=Reason.TRAINING_COMPLETED,
@@ -148,8 +155,36 @@ def _train(job: FineTuneJob) -> int:
         resumed_from_step=resumed_from,
         tokens_per_second=tokens_per_second,
     )
-    verdict = _finish(job, run, result, after, telemetry) if accelerator.is_main_process else None
+    verdict = None
+    if accelerator.is_main_process:
+        assert final_model is not None
+        verdict = _finish(job, run, final_model, result, after, telemetry)
     return _leave(accelerator, telemetry, verdict)
+
+
+def _final_model(run: Prepared) -> torch.nn.Module | None:
+    """The trained model as rank 0 saves it (None on the other ranks). A sharded one is
+    gathered: every rank gives its shards of what trained (everything, for a full fine-tune),
+    and rank 0 loads them into a plain copy of the model built on its CPU from the base, as
+    accelerate's FULL_STATE_DICT with rank0_only and CPU offload would; that copy needs the
+    host memory of the whole model, but no device ever holds all of it."""
+    acc = run.accelerator
+    if not sharding.is_sharded(run.model):
+        return acc.unwrap_model(run.model) if acc.is_main_process else None
+    full = run.task.spec.peft.method == "none"
+    weights = sharding.gather_weights(run.model, trainable_only=not full)
+    if not acc.is_main_process:
+        return None
+    plain = run.task.load_model(run.data, torch.device("cpu"))
+    result = plain.load_state_dict(weights, strict=False)
+    trained = {n for n, p in plain.named_parameters() if p.requires_grad}
+    missing = trained & set(result.missing_keys)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"gathered weights do not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
+    return plain
 
 
 def _leave(
@@ -199,7 +234,8 @@ def _start_telemetry(job: FineTuneJob) -> TrainerMetrics:
 def _accelerator(spec: FineTuneJobSpec) -> Accelerator:
     """The Accelerator; creating it forms the process group (the gang's rendezvous)."""
     accelerator = Accelerator(
-        cpu=spec.resources.accelerator.type == "cpu" or not torch.cuda.is_available(),
+        # Never a silent fall back to the CPU: check_accelerator failed the pod before this.
+        cpu=spec.resources.accelerator.type == "cpu",
         mixed_precision=modeling.mixed_precision(spec.training.precision),
         # Our train batches do not come from a prepared loader, so sync on the step count only.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -229,6 +265,13 @@ def _prepare(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    log.info(
+        "weights load in %s (frozen) and %s (trained); strategy %s, gradient checkpointing %s",
+        sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}) or "-",
+        sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
+        job.spec.training.strategy,
+        modeling.gradient_checkpointing(job.spec),
+    )
     batches = ShardedBatches(
         len(data.train),
         t.batch_size_per_device,
@@ -242,6 +285,10 @@ def _prepare(
     eval_dl = DataLoader(
         data.evaluation, batch_size=t.batch_size_per_device, collate_fn=data.collate
     )
+    fsdp = sharding.uses_fsdp(job.spec)
+    if fsdp:
+        # Before the optimizer, which then holds the shards; not through `prepare` (sharding.py).
+        model = sharding.shard(model, accelerator.mixed_precision, accelerator.device)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=t.learning_rate,
@@ -249,7 +296,10 @@ def _prepare(
     )
     # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
-    model, optimizer, eval_dl = accelerator.prepare(model, optimizer, eval_dl)
+    if fsdp:
+        optimizer, eval_dl = accelerator.prepare(optimizer, eval_dl)
+    else:
+        model, optimizer, eval_dl = accelerator.prepare(model, optimizer, eval_dl)
     return Prepared(
         accelerator, task, data, model, optimizer, scheduler, eval_dl, batches, total_steps
     )
@@ -260,8 +310,14 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     volume starts afresh instead of resuming someone else's run."""
     base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
+    # gradientCheckpointing changes memory, not what is trained; ddp, the default strategy,
+    # stays out too: the folders of jobs from before these fields existed keep their names.
+    training = s.training.model_dump(mode="json", exclude={"gradient_checkpointing"})
+    if s.training.strategy == "ddp":
+        del training["strategy"]
     shape = [
-        *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft, s.training)),
+        *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft)),
+        training,
         s.evaluation.metrics,
         s.resources.nodes,
         s.resources.processes_per_node,
@@ -289,11 +345,15 @@ def _resume(
             step=0, epoch=0, batches_in_epoch=0, world_size=acc.num_processes
         )
         return fresh, None
-    params = dict(acc.unwrap_model(run.model).named_parameters())
-    with torch.no_grad():
-        for name, value in ckpt.trainable.items():
-            params[name].copy_(value.to(params[name].device))
-    run.optimizer.load_state_dict(ckpt.optimizer)
+    if sharding.is_sharded(run.model):
+        # Every rank holds the whole state (the broadcast) and keeps its own shard of it.
+        sharding.load_state(run.model, run.optimizer, ckpt.trainable, ckpt.optimizer)
+    else:
+        params = dict(acc.unwrap_model(run.model).named_parameters())
+        with torch.no_grad():
+            for name, value in ckpt.trainable.items():
+                params[name].copy_(value.to(params[name].device))
+        run.optimizer.load_state_dict(ckpt.optimizer)
     run.scheduler.load_state_dict(ckpt.scheduler)
     if len(ckpt.rng) == acc.num_processes:
         checkpoint.restore_rng(ckpt.rng[acc.process_index])
@@ -310,6 +370,8 @@ def _evaluate(
     """The task's scores on the evaluation split (or the `known` ones), exported and logged."""
     telemetry.set_status("evaluating")
     scores = known or run.task.evaluate(run.accelerator, run.model, run.eval_dl)
+    if sharding.is_sharded(run.model):
+        sharding.reshard(run.model)
     telemetry.record_eval(stage, scores)
     log.info("%s training: %s", stage, scores)
     return scores
@@ -328,9 +390,12 @@ def _write_param_hash(run: Prepared) -> None:
         return
     digest = hashlib.sha256()
     state = modeling.trainable_state(run.accelerator.unwrap_model(run.model))
+    # A sharded rank's own parameters are its shards: hash the whole values (a collective).
+    state = {name: sharding.full_tensor(value) for name, value in state.items()}
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].float().cpu().numpy().tobytes())
+        # A copy: numpy's view would pin the storage, which a sharded model frees and regrows.
+        digest.update(state[name].float().cpu().clone().numpy().tobytes())
     rank = run.accelerator.process_index
     path = target.format(rank=rank) if "{rank}" in target else f"{target}.{rank}"
     Path(path).write_text(digest.hexdigest())
@@ -368,6 +433,7 @@ def _push_saved(
 def _finish(
     job: FineTuneJob,
     run: Prepared,
+    model: torch.nn.Module,
     result: TrainerResult,
     after: dict[str, float],
     telemetry: TrainerMetrics,
@@ -375,7 +441,7 @@ def _finish(
     """Rank 0: save the artifact, judge the gates, keep the artifact, push, write the result."""
     out = Path(os.environ.get(pod.OUTPUT_DIR_ENV) or tempfile.mkdtemp(prefix="finetune-output-"))
     out.mkdir(parents=True, exist_ok=True)
-    result.artifact = run.task.save(run.accelerator.unwrap_model(run.model), run.data, out)
+    result.artifact = run.task.save(model, run.data, out)
     log.info("saved %s to %s", result.artifact, out)
     missed = gate_failures(job.spec.evaluation.gates, after)
     if not missed and job.spec.output.hub is not None:

@@ -57,8 +57,16 @@ class LocalGang:
     """`finetune train` once per node. Rank 0 alone writes checkpoints and the output, so the
     nodes share `workdir/checkpoints` and `workdir/output`; each has its own log and result."""
 
-    def __init__(self, manifest: Path, workdir: Path, env: Mapping[str, str], nodes: int) -> None:
+    def __init__(
+        self,
+        manifest: Path,
+        workdir: Path,
+        env: Mapping[str, str],
+        nodes: int,
+        nproc_per_node: int = 1,
+    ) -> None:
         self.manifest, self.workdir, self.env, self.nodes = manifest, workdir, dict(env), nodes
+        self.nproc_per_node = nproc_per_node
         self.procs: list[subprocess.Popen[bytes]] = []
         # Known before start, so a scraper can be pointed at the pods first.
         self.master_port, *self.metrics_ports = free_ports(1 + nodes)
@@ -84,15 +92,16 @@ class LocalGang:
             **pod.rendezvous_env(
                 node_rank=i,
                 nnodes=self.nodes,
-                nproc_per_node=1,
+                nproc_per_node=self.nproc_per_node,
                 master_addr="127.0.0.1",
                 master_port=self.master_port,
             ),
             pod.RESULT_FILE_ENV: str(self.results[i]),
             pod.CHECKPOINT_DIR_ENV: str(self.workdir / "checkpoints"),
             pod.OUTPUT_DIR_ENV: str(self.workdir / "output"),
-            # One local rank per pod: train.py serves on this port + LOCAL_RANK (0).
-            pod.METRICS_PORT_ENV: str(self.metrics_ports[i]),
+            # train.py serves on this port + LOCAL_RANK; the ranks of a pod of several take
+            # ports of their own choosing instead (0), since the next port may be taken here.
+            pod.METRICS_PORT_ENV: str(self.metrics_ports[i] if self.nproc_per_node == 1 else 0),
             **(extra_env or {}),
         }
         with self.logs[i].open("ab") as log:

@@ -1,0 +1,157 @@
+"""Several ranks per pod, and training.strategy fsdp, on real gangs of `finetune train` processes
+on CPU (gloo): 2 pods x 2 processes with DDP and with FSDP2, a sharded run resumed from its
+checkpoint, and a full fine-tune under FSDP. FSDP is the same mathematics as DDP, so on the same
+gang and seed its losses must match DDP's; a resumed run must end where the whole run ended."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from trainer_helpers import Gang, deep_update
+
+pytestmark = pytest.mark.slow
+STEP_LOSS = re.compile(r"step=(\d+)/\d+ loss=([\d.]+)")
+
+
+@dataclass
+class Done:
+    gang: Gang
+    codes: list[int]
+    workdir: Path
+
+    def losses(self) -> dict[int, float]:
+        """Rank 0's loss per step; a later run's lines (a resume) win."""
+        text = self.gang.logs[0].read_text(errors="replace")
+        return {int(step): float(loss) for step, loss in STEP_LOSS.findall(text)}
+
+    def hashes(self) -> list[str]:
+        ranks = self.gang.nodes * self.gang.nproc_per_node
+        return [(self.workdir / f"params-{r}.sha256").read_text() for r in range(ranks)]
+
+
+def _run(workdir: Path, doc: dict[str, Any], env: dict[str, str], nodes: int, nproc: int) -> Done:
+    manifest = workdir / "job.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    gang = Gang(manifest, workdir, env, nodes, nproc).start()
+    return Done(gang, gang.wait(timeout=600), workdir)
+
+
+def _job(causal_manifest: dict[str, Any], **training: Any) -> dict[str, Any]:
+    change = {"maxSteps": 20, "checkpointEverySteps": 10, **training}
+    return deep_update(causal_manifest, {"spec": {"training": change}})
+
+
+@pytest.fixture(scope="module")
+def ddp_2x2(
+    tmp_path_factory: pytest.TempPathFactory,
+    causal_manifest: dict[str, Any],
+    base_env: dict[str, str],
+) -> Done:
+    doc = deep_update(_job(causal_manifest), {"spec": {"resources": {"processesPerNode": 2}}})
+    return _run(tmp_path_factory.mktemp("ddp-2x2"), doc, base_env, nodes=2, nproc=2)
+
+
+@pytest.fixture(scope="module")
+def fsdp_2x2(
+    tmp_path_factory: pytest.TempPathFactory,
+    causal_manifest: dict[str, Any],
+    base_env: dict[str, str],
+) -> Done:
+    doc = deep_update(
+        _job(causal_manifest, strategy="fsdp"), {"spec": {"resources": {"processesPerNode": 2}}}
+    )
+    return _run(tmp_path_factory.mktemp("fsdp-2x2"), doc, base_env, nodes=2, nproc=2)
+
+
+def test_two_pods_of_two_ranks_train_as_one_gang(ddp_2x2: Done) -> None:
+    assert ddp_2x2.codes == [0, 0], ddp_2x2.gang.log_text()[-4000:]
+    log = ddp_2x2.gang.log_text()
+    for rank in range(4):
+        assert f"rank {rank} of 4 on cpu" in log
+    assert len(set(ddp_2x2.hashes())) == 1, "every rank ends with the same LoRA weights"
+    result = ddp_2x2.gang.result(0)
+    assert (result["status"], result["steps"]) == ("Succeeded", 20)
+    ppl = result["evaluation"]["perplexity"]
+    assert ppl["before"] > ppl["after"], ppl
+    # The second pod's first rank writes its pod's own small result.
+    assert ddp_2x2.gang.result(1) == {"rank": 2, "status": "Succeeded"}
+
+
+def test_fsdp_trains_as_ddp_does(fsdp_2x2: Done, ddp_2x2: Done) -> None:
+    assert fsdp_2x2.codes == [0, 0], fsdp_2x2.gang.log_text()[-4000:]
+    fsdp, ddp = fsdp_2x2.losses(), ddp_2x2.losses()
+    assert sorted(fsdp) == list(range(1, 21))
+    assert fsdp == pytest.approx(ddp, rel=1e-3)
+    assert fsdp[20] < fsdp[1]
+    scores = [d.gang.result(0)["evaluation"]["perplexity"]["after"] for d in (fsdp_2x2, ddp_2x2)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-3)
+    # Each rank holds shards; the whole weights, gathered, are the same everywhere.
+    assert len(set(fsdp_2x2.hashes())) == 1
+    adapter = fsdp_2x2.workdir / "output" / "adapter_model.safetensors"
+    assert adapter.is_file()
+
+
+def test_fsdp_adapter_holds_the_trained_weights(fsdp_2x2: Done) -> None:
+    from safetensors.torch import load_file
+
+    adapter = load_file(fsdp_2x2.workdir / "output" / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert lora_b and all(v.dtype.is_floating_point for v in lora_b.values())
+    # LoRA's B starts at zero: gathered shards that never trained would save zeros.
+    assert sum(float(v.abs().sum()) for v in lora_b.values()) > 0
+
+
+def test_a_sharded_checkpoint_resumes_where_the_run_was(fsdp_2x2: Done) -> None:
+    first_hashes, first_losses = fsdp_2x2.hashes(), fsdp_2x2.losses()
+    [root] = (fsdp_2x2.workdir / "checkpoints").iterdir()
+    saved = sorted(root.glob("checkpoint-*"))
+    assert [p.name[:19] for p in saved] == ["checkpoint-00000010", "checkpoint-00000020"]
+    # As if the gang had been lost after step 10's checkpoint.
+    shutil.rmtree(saved[-1])
+    shutil.rmtree(fsdp_2x2.workdir / "output")
+    gang = fsdp_2x2.gang.start()
+    codes = gang.wait(timeout=600)
+    assert codes == [0, 0], gang.log_text()[-4000:]
+    result = gang.result(0)
+    assert (result["resumedFromStep"], result["steps"]) == (10, 20)
+    resumed = fsdp_2x2.losses()
+    assert {s: resumed[s] for s in range(11, 21)} == pytest.approx(
+        {s: first_losses[s] for s in range(11, 21)}, rel=1e-4
+    )
+    assert fsdp_2x2.hashes() == first_hashes
+
+
+def test_fsdp_full_fine_tune_saves_the_whole_model(
+    tmp_path_factory: pytest.TempPathFactory,
+    causal_manifest: dict[str, Any],
+    base_env: dict[str, str],
+    tiny_model_dir: Path,
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    doc = deep_update(
+        _job(causal_manifest, strategy="fsdp", learningRate=1e-3),
+        {"spec": {"peft": {"method": "none"}}},
+    )
+    done = _run(tmp_path_factory.mktemp("fsdp-full"), doc, base_env, nodes=2, nproc=1)
+    assert done.codes == [0, 0], done.gang.log_text()[-4000:]
+    result = done.gang.result(0)
+    assert (result["artifact"], result["steps"]) == ("full", 20)
+    ppl = result["evaluation"]["perplexity"]
+    assert ppl["before"] > ppl["after"], ppl
+    tuned = AutoModelForCausalLM.from_pretrained(done.workdir / "output", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    changed = [
+        name
+        for (name, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    # Every layer trained, not only the shards rank 0 held.
+    assert any(".layers.0." in n for n in changed) and any(".layers.1." in n for n in changed)

@@ -1,0 +1,146 @@
+"""training.strategy fsdp: the model's weights, gradients and optimizer state sharded over the
+ranks with torch's FSDP2 (`fully_shard`), one shard unit per transformer layer plus the root.
+
+Why torch's `fully_shard` and not accelerate's FullyShardedDataParallelPlugin: accelerate 1.15
+applies its FSDP plugin only on GPU-like backends; on CPU (`MULTI_CPU`, gloo) it drops the plugin
+without a word and wraps the model in DDP, so a CPU gang could never test the path a GPU gang
+runs. `fully_shard` is what accelerate's FSDP2 path calls itself (`fsdp2_prepare_model`:
+transformer layers from `_no_split_modules`, then the root, with a MixedPrecisionPolicy), and it
+runs on gloo as on NCCL. The sharded model is not passed to `accelerator.prepare` (which would
+wrap it in DDP); the optimizer and loaders still are.
+
+Checkpoints keep the store's contract (only rank 0 writes and reads it, checkpoint.py): every
+rank takes part in gathering the full trainable weights and optimizer state to rank 0's host
+memory, rank 0 writes them in the same format as a DDP run, and on resume every rank loads the
+full state it received by broadcast, keeping its own shard. A sharded (per-rank) checkpoint
+would need a store that every pod of the gang can reach, which a multi-node gang does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from finetune_api import FieldError, ManifestError
+from finetune_api.v1alpha1 import FineTuneJobSpec
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def uses_fsdp(spec: FineTuneJobSpec) -> bool:
+    return spec.training.strategy == "fsdp"
+
+
+def layer_class_names(model: torch.nn.Module) -> set[str]:
+    """The transformer layer classes to shard one by one: what transformers lists as never to be
+    split across devices (`_no_split_modules`), as accelerate's transformer_based_wrap reads it."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) -> torch.nn.Module:
+    """Shard `model` in place over every rank of the default process group (the Accelerator
+    made it), each shard moved onto this rank's `device`. The model arrives whole in host memory
+    (from_pretrained loads to the CPU), so no device ever holds more than its shards. With bf16
+    mixed precision the shards keep their loaded dtype (fp32 master weights for what trains) and
+    each layer computes in bf16, reducing gradients in fp32."""
+    names = layer_class_names(model)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        # The same model fails the same way every attempt: an invalid spec, not a retry.
+        message = (
+            f"fsdp needs the transformer layer classes to shard by, and {type(model).__name__} "
+            "names none (transformers' _no_split_modules); use strategy ddp"
+        )
+        raise ManifestError([FieldError("spec.training.strategy", message)])
+    if not dist.is_initialized():
+        # A one-rank gang: accelerate forms no process group, and a mesh needs one.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()
+    if mixed_precision in _HALF:
+        policy = MixedPrecisionPolicy(
+            param_dtype=_HALF[mixed_precision], reduce_dtype=torch.float32
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole weights a forward without backward (evaluation) left gathered: the root
+    unit keeps its weights whole after its forward, waiting for a backward that never comes, so
+    its parameters read as plain tensors instead of shards until something reshards them."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full trainable weights (or every weight) and optimizer state on rank 0's CPU, keyed by
+    parameter name; empty on the other ranks. Every rank must call it: it is a collective."""
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
+    weights = get_model_state_dict(model, options=options)
+    return weights, get_optimizer_state_dict(model, _bare(optimizer), options=_GATHER)
+
+
+def _bare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer, which torch's state-dict
+    helpers need (they read its param_groups and state by the parameters' identity)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def gather_weights(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The full weights on rank 0's CPU (empty elsewhere); a collective, as `gather_state`."""
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
+    return get_model_state_dict(model, options=options)
+
+
+def load_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Load the full state `gather_state` saved (every rank holds all of it): each rank keeps
+    its own shard. A collective."""
+    set_state_dict(
+        model,
+        _bare(optimizer),
+        model_state_dict=weights,
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective), or the tensor itself."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
