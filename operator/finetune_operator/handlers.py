@@ -132,6 +132,12 @@ async def run_policy_changed(namespace: str, name: str, **_: Any) -> None:
     await _run(namespace, name)
 
 
+@kopf.on.update(*FTJ, field="spec.serve", id="serve")
+async def serve_changed(namespace: str, name: str, **_: Any) -> None:
+    """spec.serve added, changed (a rollout) or removed (its Deployment and Service go)."""
+    await _run(namespace, name)
+
+
 # async although it does no I/O: kopf runs a sync handler in a thread, a hop on every event.
 @kopf.on.event(*FTJ, id="forget")
 async def forget(event: kopf.RawEvent, namespace: str, name: str, **_: Any) -> None:
@@ -158,6 +164,30 @@ async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
             log.warning("reconcile of %s/%s after a Job event: %s", namespace, owner, exc)
         except Exception:
             log.exception("reconcile of %s/%s after a Job event failed", namespace, owner)
+
+
+@kopf.on.event(
+    "apps",
+    "v1",
+    "deployments",
+    labels={naming.LABEL_MANAGED_BY: naming.MANAGER, naming.LABEL_SERVED_JOB: kopf.PRESENT},
+    id="serve-deployment",
+)
+async def serve_deployment_changed(
+    event: kopf.RawEvent, labels: kopf.Labels, namespace: str, **_: Any
+) -> None:
+    """A serving Deployment's rollout moved: re-derive status.serve (a finished rollout gets its
+    smoke request now, not at the next resync)."""
+    if event.get("type") == "ADDED":
+        return  # this operator's own create; the pass that made it wrote the status
+    owner = labels.get(naming.LABEL_SERVED_JOB)
+    if owner:
+        try:
+            await _reconcile(namespace, owner, children=False)
+        except ApiException as exc:
+            log.warning("reconcile of %s/%s after a Deployment event: %s", namespace, owner, exc)
+        except Exception:
+            log.exception("reconcile of %s/%s after a Deployment event failed", namespace, owner)
 
 
 # No version: kopf watches the group's preferred one, as the operator reads it (kueue.py).
