@@ -18,6 +18,9 @@ from fixtures.cluster import ftj_manifest, ftj_status, succeed
 from fixtures.kube import Kube, refusal
 
 from finetune_api.validation import ManifestError, parse_manifest
+from finetune_operator import render, serve
+from finetune_operator.apply import covers
+from finetune_operator.settings import Settings
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -92,6 +95,14 @@ def test_a_succeeded_job_serves_its_pushed_revision_until_serve_or_the_job_goes(
         assert (ref["uid"], ref["controller"]) == (uid, True)
     template = deployment["spec"]["template"]
     assert template["metadata"]["annotations"]["finetune.dev/revision"] == REVISION
+    # What the operator renders is what the API server keeps (plus defaults): a resync of a
+    # served job only reads its Deployment and Service.
+    job = parse_manifest(kube.get("FineTuneJob", name, ns))
+    owner = render.owner_reference(name, uid)
+    settings = Settings(trainer_image="ghcr.io/finetune-operator/trainer:test")
+    rendered = serve.render_serve_deployment(job, owner, settings, REVISION, "adapter")
+    assert covers(deployment, rendered)
+    assert covers(service, serve.render_serve_service(job, owner))
     prepare = template["spec"]["initContainers"][0]["command"]
     assert prepare[prepare.index("--revision") + 1] == REVISION
     # No kubelet: the pods never get Ready, so the revision is not promoted.

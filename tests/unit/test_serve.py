@@ -392,3 +392,15 @@ def test_chat_smoke_against_a_real_http_server() -> None:
     assert not wrong.ok and "HTTP 400" in wrong.message
     assert not gone.ok and gone.message  # nothing listens any more: a verdict, not an error
     assert seen[0]["messages"][0]["role"] == "user" and seen[0]["max_tokens"] > 0
+
+
+def test_finetune_status_shows_what_is_served() -> None:
+    from finetune_cli.status import summary, text
+
+    job = _succeeded()
+    doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["status"]["serve"] = serve_status.derive(job, _rollout(), Smoke(True), NOW)
+    assert summary(doc)["serve"]["revision"] == REVISION
+    out = text(doc)
+    assert f"Serving:    Serving (ready), {REVISION}" in out
+    assert "http://tiny-cpu-serve.finetune-demo.svc:8000/v1 model org/tiny-cpu-lora" in out
