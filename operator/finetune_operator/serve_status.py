@@ -147,6 +147,8 @@ def derive(
     elif want is None:
         reason, ready = ServeReason.WAITING, False
         message = "serving starts once the job has Succeeded and pushed a revision"
+        if job.status is not None and job.status.phase == Phase.FAILED:
+            message = "the job Failed (a missed gate pushes nothing): there is nothing to serve"
     elif rollout is None or (not rollout.complete and not rollout.failed):
         reason, ready = ServeReason.ROLLING_OUT, still
         message = f"rolling out revision {want.revision}"

@@ -263,6 +263,16 @@ def test_nothing_is_served_before_the_job_succeeded() -> None:
     assert served["url"] == serve_url(job) == ("http://tiny-cpu-serve.finetune-demo.svc:8000/v1")
 
 
+def test_a_failed_job_serves_nothing_and_says_why() -> None:
+    job = _succeeded()
+    doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["status"] = {"phase": "Failed", "result": {"artifact": "adapter"}}
+    failed = parse_manifest(doc)
+    assert serve_status.target(failed) is None
+    served = serve_status.derive(failed, None, None, NOW)
+    assert served is not None and served["reason"] == "Waiting" and "Failed" in served["message"]
+
+
 def test_a_revision_is_served_only_after_its_rollout_and_smoke_request() -> None:
     job = _succeeded()
     rolling = serve_status.derive(job, _rollout(complete=False, available=0), None, NOW)
@@ -277,12 +287,12 @@ def test_a_revision_is_served_only_after_its_rollout_and_smoke_request() -> None
 
 
 def test_a_serving_revision_is_not_smoked_again_on_every_pass() -> None:
-    serving = {"reason": "Serving", "ready": True, "revision": REVISION}
+    serving = {"reason": "Serving", "ready": True, "revision": REVISION, "lastTransitionTime": NOW}
     job = _succeeded(serve=serving)
     assert not serve_status.needs_smoke(serving, serve_status.target(job), _rollout())
     again = serve_status.derive(job, _rollout(), None, "2026-01-01T01:00:00Z")
     assert again is not None and again["reason"] == "Serving" and again["ready"]
-    assert again["lastTransitionTime"] == NOW or "lastTransitionTime" in again
+    assert again["lastTransitionTime"] == NOW  # no transition: the time stays
 
 
 def test_a_failed_smoke_request_keeps_the_revision_unpromoted() -> None:
