@@ -142,3 +142,45 @@ def test_serve_prepare_takes_exactly_the_pushed_revision(
     assert not (out / "NOTE.md").exists()  # the second push is not in the first revision
     pushed = (adapter_dir / "adapter_model.safetensors").read_bytes()
     assert (out / "adapter_model.safetensors").read_bytes() == pushed
+
+
+def test_the_operators_smoke_request_passes_against_the_real_server(
+    adapter_dir: Path, tiny_model_dir: Path, base_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The operator's smoke request (finetune_operator.smoke) as `transformers serve` answers
+    it: passes for the served model name, fails for another (the server is pinned to one)."""
+    import asyncio
+    import time
+    import urllib.request
+
+    from finetune_operator.smoke import chat_smoke
+    from finetune_trainer.serving import (
+        free_port,
+        model_dir,
+        prepare,
+        transformers_serve_command,
+    )
+
+    root = tmp_path / "root"
+    prepare(adapter_dir, model_dir(root, "tests/tiny-lora"), base=f"file://{tiny_model_dir}")
+    port = free_port()
+    command = transformers_serve_command("tests/tiny-lora", "127.0.0.1", port)
+    server = subprocess.Popen(command, cwd=root, env=base_env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, "transformers serve exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "transformers serve never became healthy"
+                time.sleep(0.5)
+        base = f"http://127.0.0.1:{port}/v1"
+        good = asyncio.run(chat_smoke(base, "tests/tiny-lora", timeout=60))
+        wrong = asyncio.run(chat_smoke(base, "org/other", timeout=60))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert good.ok, good.message
+    assert not wrong.ok and "HTTP 400" in wrong.message
