@@ -414,3 +414,23 @@ def test_finetune_status_shows_what_is_served() -> None:
     out = text(doc)
     assert f"Serving:    Serving (ready), {REVISION}" in out
     assert "http://tiny-cpu-serve.finetune-demo.svc:8000/v1 model org/tiny-cpu-lora" in out
+
+
+def test_finetune_render_shows_what_will_serve() -> None:
+    """`finetune render` (render_manifests) adds the serving objects after the gang's, for a
+    placeholder revision and the artifact the push will be."""
+    from finetune_operator.render import PLACEHOLDER_REVISION, expected_artifact, render_manifests
+
+    job = _job("vllm")
+    docs = render_manifests(job, SETTINGS)
+    assert [d["kind"] for d in docs[-2:]] == ["Deployment", "Service"]
+    prepare = _prepare(docs[-2])["command"]
+    assert prepare[prepare.index("--revision") + 1] == PLACEHOLDER_REVISION
+    assert expected_artifact(job) == "adapter" and "--no-merge" in prepare
+    doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["output"]["hub"]["merge"] = True
+    merged = parse_manifest(doc)
+    assert expected_artifact(merged) == "merged"
+    assert "--enable-lora" not in _server(render_manifests(merged, SETTINGS)[-2])["args"]
+    del doc["spec"]["serve"]
+    assert "Deployment" not in {d["kind"] for d in render_manifests(parse_manifest(doc), SETTINGS)}
