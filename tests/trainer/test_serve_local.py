@@ -184,3 +184,34 @@ def test_the_operators_smoke_request_passes_against_the_real_server(
         server.wait(timeout=30)
     assert good.ok, good.message
     assert not wrong.ok and "HTTP 400" in wrong.message
+
+
+@pytest.mark.slow
+def test_finetune_run_serve_trains_pushes_then_serves_the_result(
+    causal_manifest: dict[str, Any], base_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Local mode end to end: `finetune run --serve` trains the 2-node gang, pushes to a Hub
+    (the double), then serves the local result and answers one chat message."""
+    from finetune_hub_double import HubDouble
+
+    token = "hf_runserve0123456789"
+    with HubDouble(tmp_path / "hub", tokens=[token]) as hub:
+        doc = json.loads(json.dumps(causal_manifest))
+        doc["spec"]["training"]["maxSteps"] = 4
+        doc["spec"]["output"] = {"hub": {"repo": "tests/run-serve", "endpoint": hub.endpoint}}
+        doc["spec"]["serve"] = {"engine": "transformers"}
+        manifest = tmp_path / "job.yaml"
+        manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+        env = {**base_env, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_TOKEN": token}
+        run = ["run", str(manifest), "--workdir", str(tmp_path / "work")]
+        done = subprocess.run(
+            [*CLI, *run, "--serve", "--request", "red green blue"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert '"model": "tests/run-serve"' in done.stdout
+    assert done.stdout.rstrip("\n").split("EOF\n")[-1].strip(), done.stdout
+    assert (tmp_path / "work" / "serve" / "tests" / "run-serve" / "model.safetensors").is_file()
