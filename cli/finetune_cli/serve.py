@@ -136,7 +136,9 @@ def serve_local(
     )
     port = port or free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the model is local now
-    server = subprocess.Popen(transformers_serve_command(model, host, port), cwd=root, env=env)
+    # The server's log goes to stderr: stdout is the request to paste (and the answer).
+    command = transformers_serve_command(model, host, port)
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=sys.stderr)
     base_url = f"http://{host}:{port}{pod.SERVE_API_PATH}"
     try:
         _wait_ready(server, f"http://{host}:{port}{pod.SERVE_HEALTH_PATH}", READY_TIMEOUT_SECONDS)
@@ -151,7 +153,8 @@ def serve_local(
         return 130
     finally:
         if server.poll() is None:
-            server.send_signal(signal.SIGINT)
+            # uvicorn shuts down gracefully on SIGTERM (SIGINT would print typer's "Aborted!").
+            server.send_signal(signal.SIGTERM)
             try:
                 server.wait(timeout=15)
             except subprocess.TimeoutExpired:
