@@ -133,3 +133,18 @@ REPLACED_EXIT_CODES: Final = (ExitCode.INTERRUPTED,)
 # How often one pod's ranks rejoin a re-formed gang before the pod gives up (exit REJOIN, which
 # fails the attempt; the operator then restarts the whole gang as a new one).
 REJOIN_LIMIT: Final = 10
+
+
+# ---- the serving pod (spec.serve) ---------------------------------------------------------------
+# Its init container (the trainer image, `finetune serve-prepare`) downloads exactly the pushed
+# revision into SERVE_ROOT/<output repo id>, merging an adapter onto its base for the
+# transformers engine; the server then loads that folder (or, for vLLM and TGI, the base and the
+# adapter beside it). Clients name the model by the output repo id.
+SERVE_CONTAINER_NAME: Final = "server"
+SERVE_PREPARE_CONTAINER_NAME: Final = "prepare"
+SERVE_ROOT: Final = "/model"
+SERVE_PORT: Final = 8000
+SERVE_PORT_NAME: Final = "http"
+# The OpenAI-compatible API's base path on every engine.
+SERVE_API_PATH: Final = "/v1"
+SERVE_HEALTH_PATH: Final = "/health"

@@ -936,6 +936,54 @@ IMMUTABLE_SPEC_FIELDS = (
 )
 
 
+# ---- serving ------------------------------------------------------------------------------------
+# The engines spec.serve renders. transformers (`transformers serve`) runs on CPU from the
+# trainer image; vllm and tgi are GPU servers with images of their own.
+ServeEngine = Literal["transformers", "vllm", "tgi"]
+SERVE_ENGINES: tuple[str, ...] = ("transformers", "vllm", "tgi")
+# Kept small (8 names of at most 63 characters) for the spec's size budget (SPEC_MAX_BYTES).
+ResourceMap = dict[Annotated[str, StringConstraints(max_length=63)], Quantity]
+
+
+class ServeResources(ApiModel):
+    requests: ResourceMap = Field(
+        default_factory=dict,
+        max_length=8,
+        description="requests of the serving container, such as {cpu: 1, memory: 2Gi}. Unset: "
+        "none (the namespace's defaults).",
+    )
+    limits: ResourceMap = Field(
+        default_factory=dict,
+        max_length=8,
+        description="limits of the serving container, such as {nvidia.com/gpu: 1}. Unset: none.",
+    )
+
+
+class ServeSpec(ApiModel):
+    """Serve the pushed revision behind an OpenAI-compatible API, once the job has Succeeded
+    (which it does only when its evaluation gates passed)."""
+
+    engine: ServeEngine = Field(
+        "transformers",
+        description="engine is transformers (`transformers serve`, runs on CPU, from the "
+        "trainer image), vllm (LoRA through --enable-lora --lora-modules) or tgi "
+        "(LORA_ADAPTERS; requests name the adapter with adapter_id). Default transformers.",
+    )
+    replicas: int = Field(
+        1, ge=1, le=64, description="replicas of the serving Deployment. Default 1."
+    )
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+        None,
+        description="image of the serving container. Unset: the operator's image for the "
+        "engine (the trainer image for transformers; the chart's serve.vllmImage or "
+        "serve.tgiImage).",
+    )
+    resources: ServeResources = Field(
+        default_factory=ServeResources,
+        description="resources of the serving container. Default: none.",
+    )
+
+
 # The metric vocabulary lives in finetune_api.metrics; these spell it in CEL.
 def _cel_list(names: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{m}'" for m in names) + "]"
@@ -974,6 +1022,13 @@ class FineTuneJobSpec(ApiModel):
     )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy, description="runPolicy: suspension, restarts and deadlines."
+    )
+    serve: ServeSpec | None = Field(
+        None,
+        description="serve deploys the pushed revision (output.hub) as a Deployment and a "
+        "Service with an OpenAI-compatible API once the job has Succeeded; deleting the "
+        "FineTuneJob deletes them. Mutable: a change rolls out, and a rollout that fails keeps "
+        "the pods already serving. Unset: nothing is served.",
     )
 
     __rules__ = (
@@ -1036,10 +1091,23 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task)),
             field="evaluation.metrics",
         ),
+        Rule(
+            cel="!has(self.serve) || has(self.output.hub)",
+            message="serve deploys the revision the job pushes: it needs a push target, output.hub",
+            check=lambda s: s.serve is None or s.output.hub is not None,
+            field="serve",
+        ),
+        Rule(
+            cel=f"!has(self.serve) || self.model.task == '{CAUSAL_LM}'",
+            message="serve answers chat completions: it needs model.task causal-lm",
+            check=lambda s: s.serve is None or s.model.task == CAUSAL_LM,
+            field="serve",
+        ),
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
-            message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds, "
-            "runPolicy.ttlSecondsAfterFinished and runPolicy.pendingTimeoutSeconds",
+            message="spec is immutable except serve, runPolicy.suspend, "
+            "runPolicy.activeDeadlineSeconds, runPolicy.ttlSecondsAfterFinished and "
+            "runPolicy.pendingTimeoutSeconds",
         ),
     )
 
@@ -1178,6 +1246,38 @@ class Workload(ApiModel):
     service_name: ShortStr | None = Field(None, description="serviceName of the headless Service.")
 
 
+class ServeStatus(ApiModel):
+    engine: ServeEngine | None = Field(None, description="engine of the serving Deployment.")
+    url: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        None,
+        description="url is the OpenAI-compatible base URL inside the cluster "
+        "(http://<name>-serve.<namespace>.svc:8000/v1).",
+    )
+    revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None,
+        description="revision is the pushed commit that is serving: recorded once its rollout "
+        "completed and a smoke chat completion answered. Unset: none yet.",
+    )
+    model: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="model is the name to send in requests (the `model` field)."
+    )
+    ready: bool = Field(
+        False, description="ready is true while revision is served and answered its smoke test."
+    )
+    replicas: int = Field(0, ge=0, description="replicas available.")
+    reason: Annotated[str, StringConstraints(max_length=128)] | None = Field(
+        None,
+        description="reason is a CamelCase word for the serving state: Waiting (the job has "
+        "not Succeeded), RollingOut, Serving, SmokeFailed, RolloutFailed or NameConflict.",
+    )
+    message: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
+        None, description="message explains reason."
+    )
+    last_transition_time: Timestamp | None = Field(
+        None, description="lastTransitionTime is when reason last changed (RFC 3339)."
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase = Field(Phase.PENDING, description="phase summarises the conditions, for display.")
     observed_generation: int = Field(
@@ -1217,6 +1317,9 @@ class FineTuneJobStatus(ApiModel):
     workload: Workload = Field(default_factory=Workload, description="workload children.")
     checkpoints: CheckpointStatus = Field(
         default_factory=CheckpointStatus, description="checkpoints: where, and what restarts cost."
+    )
+    serve: ServeStatus | None = Field(
+        None, description="serve: what spec.serve serves, and whether it answers. Unset: no serve."
     )
 
 

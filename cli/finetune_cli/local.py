@@ -72,10 +72,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
+
     from finetune_trainer.launch import run_local
 
     job, _ = manifests.load_one(args.manifest, local=True)
-    return run_local(args.manifest.resolve(), job, args.workdir)
+    if not args.serve:
+        return run_local(args.manifest.resolve(), job, args.workdir)
+    from finetune_cli.serve import serve_local
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
+    code = run_local(args.manifest.resolve(), job, workdir)
+    if code != Exit.OK:
+        return code
+    workdir = workdir.resolve()
+    return serve_local(
+        job,
+        workdir / "output",
+        workdir / "serve",
+        host=args.host,
+        port=args.port,
+        request=args.request,
+    )
 
 
 def cmd_example(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
     finetune validate job.yaml [more.yaml | -] [--local] [-o json]
     finetune run job.yaml [--workdir DIR]       # local mode: the whole gang on this machine
     finetune train job.yaml                     # one pod of the gang: what the operator's pods run
+    finetune serve job.yaml --workdir DIR       # local mode: serve the run's result (OpenAI API)
+    finetune serve-prepare --repo R --revision SHA --out DIR   # the serving pod's init container
     finetune render job.yaml [--values FILE]    # the objects the installed chart's operator makes
     finetune example minilm-sentiment > job.yaml
     finetune demo
@@ -49,6 +51,16 @@ def _cluster_flags() -> argparse.ArgumentParser:
     group.add_argument("--context", help="kubeconfig context (default: the current one)")
     group.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
     return flags
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    p.add_argument(
+        "--request",
+        metavar="TEXT",
+        help="send this one chat message, print the answer and stop (default: serve until ^C)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workdir", type=Path, help="checkpoints, outputs and results; reuse it to resume"
     )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="after a successful run, serve its result as `finetune serve` does",
+    )
+    _serve_flags(p)
+
+    p = command(
+        "serve",
+        "finetune_cli.serve:cmd_serve",
+        "local mode: serve a local run's result with `transformers serve` (OpenAI-compatible)",
+        description="Serve the result of `finetune run JOB --workdir DIR` (DIR/output) on this "
+        "machine with `transformers serve`, an adapter merged onto its base first, and print a "
+        "request to paste. Clients name the model by output.hub.repo (else the job's name).",
+    )
+    p.add_argument("manifest", type=Path, metavar="FILE")
+    p.add_argument("--workdir", type=Path, help="the workdir of `finetune run`")
+    p.add_argument("--model-dir", type=Path, help="serve this model folder instead")
+    _serve_flags(p)
+
+    p = command(
+        "serve-prepare",
+        "finetune_cli.serve:cmd_serve_prepare",
+        "download a pushed revision and make it servable (the serving pod's init container)",
+        description="Download exactly REVISION of REPO (HF_ENDPOINT, token from HF_TOKEN) into "
+        "OUT; an adapter is merged onto --base unless --no-merge.",
+    )
+    p.add_argument("--repo", required=True)
+    p.add_argument("--revision", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--base", help="the base model source (hf://<id> or file:///<path>)")
+    p.add_argument("--base-revision")
+    p.add_argument("--no-merge", action="store_true", help="keep an adapter as it is (vLLM, TGI)")
 
     p = command(
         "train",

@@ -78,6 +78,7 @@ def summary(obj: Obj) -> Obj:
         "startTime": status.get("startTime"),
         "completionTime": status.get("completionTime"),
         "conditions": status.get("conditions") or [],
+        "serve": status.get("serve"),
     }
 
 
@@ -134,6 +135,13 @@ def text(obj: Obj) -> str:
         rows.append(("Pushed", pushed))
         if result.get("url"):
             rows.append(("", str(result["url"])))
+    served = s["serve"]
+    if served:
+        # spec.serve: what answers, where, and the model name requests send.
+        state = "ready" if served.get("ready") else "not ready"
+        revision = served.get("revision") or "no revision yet"
+        rows.append(("Serving", f"{served.get('reason')} ({state}), {revision}"))
+        rows.append(("", f"{served.get('url')} model {served.get('model')}"))
     return "\n".join(f"{(k + ':') if k else '':<12}{v}" for k, v in rows)
 
 

@@ -53,6 +53,7 @@ _CHILD_PATHS = {
     "PersistentVolumeClaim": "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}",
     "Service": "/api/v1/namespaces/{namespace}/services/{name}",
     "Job": "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+    "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
 }
 _JOB_PATH = _CHILD_PATHS["Job"]
 # How a child that does not exist yet is created (a POST, which never takes over an object).
@@ -434,6 +435,38 @@ class Kube:
                 return claim
         where = f"{meta['namespace']}/{meta['name']}"
         raise RuntimeError(f"PersistentVolumeClaim {where} kept changing; retry")
+
+    async def get_child(self, kind: str, namespace: str, name: str) -> Obj | None:
+        """A child of `kind` (Deployment, Service, ...) by name; None when there is none."""
+        return await self._read(kind, namespace, name)
+
+    async def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str) -> None:
+        """Delete the child `name` only if it carries the FineTuneJob `owner_uid`'s controller
+        reference, and only that very object (uid precondition): what spec.serve served, once
+        spec.serve is removed. Gone already (404, 409) is fine."""
+        existing = await self._read(kind, namespace, name)
+        if existing is None or not controlled_by(existing, owner_uid):
+            return
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "propagationPolicy": "Background",
+            "preconditions": {"uid": existing["metadata"]["uid"]},
+        }
+        try:
+            await self._json(
+                self.api.call_api,
+                _CHILD_PATHS[kind],
+                "DELETE",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": "application/json", "Content-Type": "application/json"},
+                body=options,
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
         await self._patch(_JOB_PATH, namespace, name, {"spec": patch}, MERGE_PATCH)

@@ -155,6 +155,12 @@ async def run_policy_changed(namespace: str, name: str, **_: Any) -> None:
     await _run(namespace, name)
 
 
+@kopf.on.update(*FTJ, field="spec.serve", id="serve")
+async def serve_changed(namespace: str, name: str, **_: Any) -> None:
+    """spec.serve added, changed (a rollout) or removed (its Deployment and Service go)."""
+    await _run(namespace, name)
+
+
 # async although it does no I/O: kopf runs a sync handler in a thread, a hop on every event.
 @kopf.on.event(*FTJ, id="track")
 async def track(
@@ -197,6 +203,23 @@ async def pod_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
     pod to see it get stuck. A pod that starts or ends changes its Job, and arrives there."""
     # ADDED: the Job controller made it, and the Job's own event (active +1) says so.
     if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
+        _queue(namespace, owner)
+
+
+@kopf.on.event(
+    "apps",
+    "v1",
+    "deployments",
+    labels={naming.LABEL_MANAGED_BY: naming.MANAGER, naming.LABEL_SERVED_JOB: kopf.PRESENT},
+    id="serve-deployment",
+)
+async def serve_deployment_changed(
+    event: kopf.RawEvent, labels: kopf.Labels, namespace: str, **_: Any
+) -> None:
+    """A serving Deployment's rollout moved: re-derive status.serve (a finished rollout gets its
+    smoke request now, not at the next resync)."""
+    # ADDED: this operator's own create; the pass that made it wrote the status.
+    if event.get("type") != "ADDED" and (owner := labels.get(naming.LABEL_SERVED_JOB)):
         _queue(namespace, owner)
 
 

@@ -79,3 +79,26 @@ def attempt_of(obj: dict) -> int:
         return int(raw)
     except ValueError:
         return 0
+
+
+# ---- serving (spec.serve) -----------------------------------------------------------------------
+# The serving Deployment's pods carry neither the job-name label nor the attempt label: the
+# trainers' headless Service, their pod listing and a gang's anti-affinity select on those, and
+# must never count a server.
+COMPONENT_SERVER = "server"
+LABEL_SERVED_JOB = "finetune.dev/served-job"
+# The pushed commit a serving Deployment (and its pod template) was rendered for.
+ANNOTATION_SERVE_REVISION = "finetune.dev/revision"
+
+
+def serve_name(job_name: str) -> str:
+    """The serving Deployment and its Service (50 + 6 characters: a valid DNS label)."""
+    return f"{job_name}-serve"
+
+
+def serve_labels(job_name: str) -> dict[str, str]:
+    return {
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_COMPONENT: COMPONENT_SERVER,
+        LABEL_SERVED_JOB: job_name,
+    }

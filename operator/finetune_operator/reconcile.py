@@ -18,12 +18,14 @@ from typing import Any
 from finetune_api.constants import KIND, ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 from finetune_api.validation import ManifestError, parse_manifest
-from finetune_operator import checkpoints, kueue, naming, render, scrape
+from finetune_operator import checkpoints, kueue, naming, render, scrape, serve, serve_status
 from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import STUCK_REASONS, Outcome, State, needs_events, observe_job
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.serve_status import ServeReason
 from finetune_operator.settings import Settings
+from finetune_operator.smoke import chat_smoke
 from finetune_operator.status import Blocker, Observed, Plan, invalid_status, plan
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,11 @@ WARNING_REASONS = frozenset(
         Reason.NAME_CONFLICT,
         Reason.NO_DURABLE_STORE,
         *STUCK_REASONS,
+        *serve_status.WARNING_REASONS,
     }
 )
+# The type of the Events about serving (status.serve has no condition list of its own).
+SERVE_EVENT_TYPE = "Serve"
 
 
 @dataclass(frozen=True)
@@ -247,9 +252,60 @@ class Reconciler:
                 observed = replace(observed, workload=replace(observed.workload, refused=refused))
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
+        result = await self._serve(job, result)
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
+
+    async def _serve(self, job: FineTuneJob, result: Plan) -> Plan:
+        """spec.serve: once the job Succeeded, apply the serving Deployment and Service for the
+        pushed revision, smoke-test a finished rollout, and put status.serve into the plan's
+        status (written with the rest of it). Without spec.serve, remove what it served."""
+        ns, name, uid = job.metadata.namespace, job.metadata.name, job.metadata.uid or ""
+        status = FineTuneJobStatus.model_validate(result.status)
+        job = job.model_copy(update={"status": status})
+        if job.spec.serve is None:
+            if status.serve is not None:
+                for kind in ("Deployment", "Service"):
+                    await self.kube.delete_owned(kind, ns, naming.serve_name(name), uid)
+                await self.kube.patch_status(ns, name, {"serve": None})
+                result.status.pop("serve", None)
+            return result
+        want = serve_status.target(job)
+        rollout, smoke, blocked = None, None, None
+        if want is not None:
+            owner = render.owner_reference(name, uid)
+            manifests = (
+                serve.render_serve_deployment(
+                    job, owner, self.settings, want.revision, want.artifact
+                ),
+                serve.render_serve_service(job, owner),
+            )
+            try:
+                for manifest in manifests:
+                    holder = await self.kube.ensure(manifest, uid)
+                    if holder is not None:
+                        message = name_conflict(manifest["kind"], holder, job).message
+                        blocked = (ServeReason.NAME_CONFLICT, message)
+                        break
+            except ApplyRejected as exc:
+                blocked = (ServeReason.ROLLOUT_FAILED, f"the API server refused it: {exc}")
+            if blocked is None:
+                deployment = await self.kube.get_child("Deployment", ns, naming.serve_name(name))
+                rollout = serve_status.read_rollout(deployment)
+                before = result.status.get("serve")
+                if serve_status.needs_smoke(before, want, rollout):
+                    model, url = serve.served_model(job), serve.serve_url(job)
+                    smoke = await chat_smoke(url, model, self.settings.serve_smoke_timeout_seconds)
+        served = serve_status.derive(job, rollout, smoke, now_rfc3339(), blocked)
+        before = result.status.get("serve") or {}
+        if served is None:
+            return result
+        status_out = {**result.status, "serve": served}
+        transitions = list(result.transitions)
+        if served.get("reason") not in (before.get("reason"), ServeReason.WAITING):
+            transitions.append((SERVE_EVENT_TYPE, served["reason"], served.get("message", "")))
+        return replace(result, status=status_out, transitions=transitions)
 
     async def _act(
         self, job: FineTuneJob, result: Plan, store: CheckpointStore

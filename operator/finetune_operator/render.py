@@ -13,13 +13,15 @@ import yaml
 from finetune_api import pod
 from finetune_api.constants import API_VERSION, KIND, LABEL_KUEUE_QUEUE
 from finetune_api.v1alpha1 import FineTuneJob
-from finetune_operator import naming
+from finetune_operator import naming, serve
 from finetune_operator.checkpoints import CheckpointStore, choose
 from finetune_operator.podspec import pod_metadata, pod_spec
 from finetune_operator.settings import Settings
 
 Manifest = dict[str, Any]
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+# What `finetune render` shows for the revision a job has yet to push.
+PLACEHOLDER_REVISION = "0000000000000000000000000000000000000000"
 
 
 def owner_reference(name: str, uid: str) -> Manifest:
@@ -200,14 +202,32 @@ def render_job(
 
 def render_manifests(job: FineTuneJob, settings: Settings) -> list[Manifest]:
     """Every child of a FineTuneJob's first attempt, for `finetune render` (placeholder owner),
-    on a cluster with a default StorageClass."""
+    on a cluster with a default StorageClass; with spec.serve, then the serving Deployment and
+    Service as they will be once the job Succeeded (a placeholder for the pushed revision)."""
     owner = owner_reference(job.metadata.name, job.metadata.uid or PLACEHOLDER_UID)
     store = choose(job, default_storage_class=True)
     claim = [render_checkpoint_claim(job, owner)] if store.owned_claim else []
+    served: list[Manifest] = []
+    if job.spec.serve is not None:
+        artifact = expected_artifact(job)
+        served = [
+            serve.render_serve_deployment(job, owner, settings, PLACEHOLDER_REVISION, artifact),
+            serve.render_serve_service(job, owner),
+        ]
     return [
         render_configmap(job, owner),
         render_service(job, owner),
         render_rendezvous_service(job, owner),
         *claim,
         render_job(job, owner, attempt=1, settings=settings, store=store),
+        *served,
     ]
+
+
+def expected_artifact(job: FineTuneJob) -> str:
+    """What the push will be (the trainer's modeling.artifact_kind, which the operator may not
+    import): full weights without PEFT, merged ones with output.hub.merge, else the adapter."""
+    if job.spec.peft.method == "none":
+        return "full"
+    hub = job.spec.output.hub
+    return "merged" if hub is not None and hub.merge else "adapter"

@@ -25,6 +25,11 @@ def image_ref(registry: str, repository: str, tag: str) -> str:
 
 
 DEFAULT_TRAINER_IMAGE = image_ref(DEFAULT_TRAINER_REGISTRY, DEFAULT_TRAINER_REPOSITORY, version())
+# spec.serve's GPU engines, when a job names no serve.image (the chart's serve.vllmImage and
+# serve.tgiImage; tests/unit/test_settings_chart.py keeps them equal). TGI is in maintenance
+# mode since December 2025; its last release line is 3.3.
+DEFAULT_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.33.0"
+DEFAULT_TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -70,6 +75,11 @@ class Settings:
     # Trainers keep serving metrics this long after training, so that a scrape (the PodMonitor's
     # default interval is 15 s) sees the final step and the after-training scores.
     metrics_linger_seconds: int = 20
+    # Images of spec.serve's vllm and tgi engines (transformers runs the trainer image).
+    serve_vllm_image: str = DEFAULT_VLLM_IMAGE
+    serve_tgi_image: str = DEFAULT_TGI_IMAGE
+    # How long the smoke chat completion after a rollout may take (a CPU model generates slowly).
+    serve_smoke_timeout_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -87,6 +97,11 @@ class Settings:
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
             trainer_default_resources=_resources(env.get("FINETUNE_TRAINER_DEFAULT_RESOURCES")),
             metrics_linger_seconds=int(env.get("FINETUNE_METRICS_LINGER_SECONDS", "20")),
+            serve_vllm_image=env.get("FINETUNE_SERVE_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
+            serve_tgi_image=env.get("FINETUNE_SERVE_TGI_IMAGE", DEFAULT_TGI_IMAGE),
+            serve_smoke_timeout_seconds=float(
+                env.get("FINETUNE_SERVE_SMOKE_TIMEOUT_SECONDS", "60")
+            ),
         )
 
     @classmethod
@@ -112,6 +127,11 @@ class Settings:
             "FINETUNE_LIVENESS_ENDPOINT": f"http://0.0.0.0:{values['livenessProbe']['port']}/healthz",
             "FINETUNE_LOG_LEVEL": str(values["logLevel"]),
         }
+        serve = values.get("serve") or {}
+        if serve.get("vllmImage"):
+            env["FINETUNE_SERVE_VLLM_IMAGE"] = str(serve["vllmImage"])
+        if serve.get("tgiImage"):
+            env["FINETUNE_SERVE_TGI_IMAGE"] = str(serve["tgiImage"])
         if trainer.get("defaultResources"):  # the template's `with` skips an empty map
             env["FINETUNE_TRAINER_DEFAULT_RESOURCES"] = json.dumps(trainer["defaultResources"])
         # Appended after the chart's own entries; for a repeated name the kubelet keeps the last.

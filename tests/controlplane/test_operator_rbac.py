@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.cluster import condition, ftj_manifest, ftj_status
+from fixtures.cluster import condition, ftj_manifest, ftj_status, succeed
 from fixtures.kube import Kube
 from fixtures.operator import Operator
 
@@ -159,3 +159,36 @@ def test_under_the_charts_role_pods_that_cannot_be_made_say_why(
         message="Running=False FailedCreate",
     )
     assert 'serviceaccount "missing-sa" not found' in running["message"]
+
+
+def test_under_the_charts_role_a_succeeded_job_is_served_and_unserved(
+    restricted: str, kube: Kube, wait_until: Callable[..., Any]
+) -> None:
+    """spec.serve needs the chart to grant Deployments (and deleting Services): the operator
+    makes the serving Deployment and Service, watches the Deployment, and deletes both when
+    spec.serve is removed."""
+    namespace, name = restricted, "served"
+    Kube.register("Deployment", "apps/v1", "deployments")
+    hub = {"repo": "org/served", "endpoint": "http://hub.example:8080"}
+    kube.apply(ftj_manifest(name, namespace, output={"hub": hub}, serve={"engine": "vllm"}))
+    result = {"status": "Succeeded", "reason": "PushedToHub", "repo": hub["repo"],
+              "revision": "f" * 40, "artifact": "adapter", "steps": 1}  # fmt: skip
+    succeed(kube, wait_until, namespace, name, result)
+    wait_until(
+        lambda: (
+            kube.get("Deployment", f"{name}-serve", namespace)
+            and kube.get("Service", f"{name}-serve", namespace)
+            and ftj_status(kube, namespace, name).get("serve", {}).get("reason") == "RollingOut"
+        ),
+        timeout=60,
+        message="the serving Deployment and Service, status.serve RollingOut",
+    )
+    kube.patch("FineTuneJob", name, namespace, {"spec": {"serve": None}})
+    wait_until(
+        lambda: (
+            kube.get("Deployment", f"{name}-serve", namespace) is None
+            and kube.get("Service", f"{name}-serve", namespace) is None
+        ),
+        timeout=60,
+        message="the serving Deployment and Service deleted",
+    )

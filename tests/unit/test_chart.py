@@ -495,7 +495,7 @@ def test_network_policy_admits_metrics_and_reaches_apiserver_dns_and_trainers(he
     # In: the metrics port only, from anywhere by default. No probe rule: the kubelet is on the
     # pod's node, which NetworkPolicy always admits.
     assert spec["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
-    api, dns, trainers = spec["egress"]
+    api, dns, trainers, servers = spec["egress"]
     assert api == {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
     assert "to" not in dns
@@ -505,6 +505,15 @@ def test_network_policy_admits_metrics_and_reaches_apiserver_dns_and_trainers(he
     selector = peer["podSelector"]["matchLabels"]
     assert selector.items() <= naming.child_labels("any-job").items()
     assert "finetune.dev/job-name" not in selector and peer["namespaceSelector"] == {}
+    # spec.serve's smoke request reaches the serving pods' port, in pods labelled as naming.py
+    # labels them.
+    from finetune_api.pod import SERVE_PORT
+
+    assert servers["ports"] == [{"protocol": "TCP", "port": SERVE_PORT}]
+    (peer,) = servers["to"]
+    assert peer["podSelector"]["matchLabels"] == {
+        k: v for k, v in naming.serve_labels("any-job").items() if k != naming.LABEL_SERVED_JOB
+    }
 
 
 def test_network_policy_values(helm: Helm, tmp_path: Path) -> None:
@@ -527,7 +536,7 @@ def test_network_policy_values(helm: Helm, tmp_path: Path) -> None:
     )
     spec = network_policy(template(helm, "-f", str(values)))
     assert spec["ingress"][0]["from"] == [prometheus]
-    api, _, trainers, extra = spec["egress"]
+    api, _, trainers, servers, extra = spec["egress"]
     assert api == {
         "ports": [{"protocol": "TCP", "port": 6443}],
         "to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}],
@@ -537,6 +546,7 @@ def test_network_policy_values(helm: Helm, tmp_path: Path) -> None:
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
         ]
     }
+    assert servers["to"][0]["namespaceSelector"] == trainers["to"][0]["namespaceSelector"]
     assert extra == proxy
 
 

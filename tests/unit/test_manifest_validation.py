@@ -125,6 +125,7 @@ def test_spec_field_names_match_the_contract():
         "resources",
         "template",
         "runPolicy",
+        "serve",
     }
 
 

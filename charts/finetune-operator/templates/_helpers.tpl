@@ -138,6 +138,16 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+# spec.serve: the serving Deployment and its Service, applied like the other children once the
+# job Succeeded, watched by a kopf event handler (a finished rollout triggers the smoke request),
+# and deleted (uid precondition) when spec.serve is removed; otherwise garbage-collected with
+# the FineTuneJob.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [delete]
 # A one-node gang's checkpoint claim: created once (never updated: a bound claim's spec is
 # immutable), read back to check it is ours, garbage-collected with the FineTuneJob.
 - apiGroups: [""]
