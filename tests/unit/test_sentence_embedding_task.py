@@ -162,10 +162,19 @@ def _built(model: Path, negatives: bool) -> tuple[Any, TaskData]:
 def test_rows_are_renamed_and_text_is_required(tiny_st: Path) -> None:
     _, data = _built(tiny_st, negatives=True)
     assert data.train.column_names == ["anchor", "positive", "negative"]
+    assert data.train[0] == {
+        "anchor": "sum two numbers",
+        "positive": "return a + b",
+        "negative": "return a - b",
+    }
     task = task_for(_task_spec(tiny_st, dataset={"anchorField": "q", "positiveField": "d"}))
     broken = Dataset.from_dict({"q": ["a", " "], "d": ["b", "c"]})
     with pytest.raises(Exception, match=r"anchorField.*no text"):
         task.build_data(broken, broken)
+    # Whatever order the columns come in, the error names the field whose column is empty.
+    reordered = Dataset.from_dict({"d": ["b", None], "q": ["a", "c"]})
+    with pytest.raises(Exception, match=r"positiveField.*no text in column 'd'"):
+        task.build_data(reordered, reordered)
 
 
 def test_collate_embeds_every_column_in_one_batch(tiny_st: Path) -> None:

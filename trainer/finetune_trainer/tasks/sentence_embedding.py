@@ -23,6 +23,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
     InformationRetrievalEvaluator,
 )
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import cos_sim
 from transformers import PreTrainedTokenizerBase
 
 from finetune_api import FieldError, ManifestError
@@ -59,7 +60,7 @@ def text_rows(ds: Dataset, spec: FineTuneJobSpec) -> Dataset:
     rows = ds.select_columns(list(named.values())).rename_columns(
         {src: dst for src, dst in canonical.items() if src != dst}
     )
-    for field, column in zip(named, rows.column_names, strict=True):
+    for field, column in zip(named, (ANCHOR, POSITIVE, NEGATIVE), strict=False):
         values = list(rows[column])
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
@@ -135,7 +136,7 @@ class SentenceEmbedding(Task):
             config = modeling.lora_config(self.spec.peft, TaskType.FEATURE_EXTRACTION)
             # A head the pooling never reads (BERT's pooler) would get no gradient, which DDP
             # refuses; the pooling of a sentence-transformers model reads the token embeddings.
-            config.exclude_modules = _head_linears(st)
+            config.exclude_modules = _head_linears(st) or None
             st.add_adapter(config)
         else:
             for name in _unused_heads(st):
@@ -176,7 +177,7 @@ class SentenceEmbedding(Task):
                 relevant_docs={f"q{i}": {f"p{i}"} for i in range(len(anchors))},
                 accuracy_at_k=[1, 10],
                 precision_recall_at_k=[10],
-                score_functions={"cosine": _cosine},
+                score_functions={"cosine": cos_sim},
                 write_csv=False,
                 batch_size=32,
             )
@@ -236,12 +237,6 @@ class SentenceEmbedding(Task):
                 ("columns", ", ".join(columns(self.spec).values())),
             ),
         )
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from sentence_transformers.util import cos_sim
-
-    return cos_sim(a, b)
 
 
 def _unused_heads(st: SentenceTransformer) -> list[str]:
