@@ -14,6 +14,7 @@ from typing import Final
 
 _CAUSAL_LM: Final = "causal-lm"
 _SEQUENCE_CLASSIFICATION: Final = "sequence-classification"
+_SENTENCE_EMBEDDING: Final = "sentence-embedding"
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,34 @@ BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
         description="fraction of examples of a class predicted as that class; of class 1 with "
         "two classes, macro-averaged beyond two",
     ),
+    # sentence-embedding: the keys of sentence-transformers' own evaluators, unchanged, so the
+    # numbers in status, gates and Prometheus read as that library prints them.
+    *(
+        Metric(
+            f"cosine_{kind}@{k}",
+            f"{title}@{k}",
+            (_SENTENCE_EMBEDDING,),
+            lower_is_better=False,
+            description=f"{text} (InformationRetrievalEvaluator, cosine similarity): each held-out "
+            "anchor queries the held-out positives (and negatives)",
+        )
+        for kind, title, k, text in (
+            ("ndcg", "NDCG", 10, "normalised discounted cumulative gain of the top 10"),
+            ("mrr", "MRR", 10, "mean reciprocal rank of the anchor's positive in the top 10"),
+            ("map", "MAP", 100, "mean average precision of the top 100"),
+            ("accuracy", "Accuracy", 1, "fraction of anchors whose top hit is their positive"),
+            ("recall", "Recall", 10, "fraction of anchors whose positive is in the top 10"),
+        )
+    ),
+    Metric(
+        "spearman_cosine",
+        "Spearman (cosine)",
+        (_SENTENCE_EMBEDDING,),
+        lower_is_better=False,
+        description="Spearman rank correlation of cosine similarity with the pair's label "
+        "(EmbeddingSimilarityEvaluator): 1 for anchor and positive, 0 for anchor and negative, "
+        "or anchor and the next row's positive when there is no negative column",
+    ),
 )
 METRICS: Final[dict[str, Metric]] = {m.name: m for m in BUILTIN_METRICS}
 
@@ -88,6 +117,7 @@ CLASSIFICATION_METRICS: Final = tuple(
 DEFAULT_METRICS: Final[dict[str, list[str]]] = {
     _CAUSAL_LM: ["perplexity"],
     _SEQUENCE_CLASSIFICATION: ["accuracy"],
+    _SENTENCE_EMBEDDING: ["cosine_ndcg@10", "cosine_mrr@10", "cosine_accuracy@1"],
 }
 
 

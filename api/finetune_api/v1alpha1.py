@@ -6,7 +6,7 @@ contract in docs/api.md. This module imports neither kopf nor torch.
 """
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
@@ -21,10 +21,10 @@ from finetune_api.constants import (
     Phase,
 )
 from finetune_api.metrics import (
-    CLASSIFICATION_METRICS,
     DEFAULT_METRICS,
     effective_metrics,
     foreign_metrics,
+    metrics_of,
 )
 from finetune_api.pod import DATASET_TOKEN_ENV, HF_TOKEN_ENV, MODEL_TOKEN_ENV
 from finetune_api.rules import Rule, TransitionRule
@@ -65,7 +65,12 @@ UnstructuredObject = Annotated[
 
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
-Task = Literal["causal-lm", "sequence-classification"]
+SENTENCE_EMBEDDING = "sentence-embedding"
+Task = Literal[
+    "causal-lm",
+    "sequence-classification",
+    "sentence-embedding",
+]
 
 
 def _hub_id_ok(repo_id: str) -> bool:
@@ -148,8 +153,10 @@ class ModelSpec(ApiModel):
     )
     task: Task = Field(
         CAUSAL_LM,
-        description="task is causal-lm (next-token prediction on text or prompt/response pairs) "
-        "or sequence-classification (a new classification head). Default causal-lm.",
+        description="task is causal-lm (next-token prediction on text or prompt/response pairs), "
+        "sequence-classification (a new classification head), or sentence-embedding (a "
+        "sentence-transformers model trained on anchor/positive(/negative) rows with "
+        "MultipleNegativesRankingLoss). Default causal-lm.",
     )
     num_labels: int | None = Field(
         None,
@@ -221,6 +228,21 @@ class DatasetSpec(ApiModel):
         description="labelField is the label column for sequence-classification: integers "
         "0..numLabels-1, or strings mapped to ids in sorted order.",
     )
+    anchor_field: ShortStr = Field(
+        "anchor",
+        description="anchorField is the anchor (query) column for sentence-embedding. Default "
+        "anchor.",
+    )
+    positive_field: ShortStr = Field(
+        "positive",
+        description="positiveField is the column of the text that matches the anchor (a "
+        "document) for sentence-embedding. Default positive.",
+    )
+    negative_field: ShortStr | None = Field(
+        None,
+        description="negativeField is an optional column of a hard negative for each anchor, "
+        "sentence-embedding only. Unset: pairs, with the other rows' positives as negatives.",
+    )
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the number of training examples, for trials."
     )
@@ -246,6 +268,16 @@ class DatasetSpec(ApiModel):
             message="promptField and responseField must be set together",
             check=lambda d: (d.prompt_field is None) == (d.response_field is None),
             field="responseField",
+        ),
+        Rule(
+            cel="self.anchorField != self.positiveField && (!has(self.negativeField) || "
+            "(self.negativeField != self.anchorField && self.negativeField != self.positiveField))",
+            message="anchorField, positiveField and negativeField must name different columns",
+            check=lambda d: (
+                len({d.anchor_field, d.positive_field, d.negative_field} - {None})
+                == (3 if d.negative_field else 2)
+            ),
+            field="positiveField",
         ),
     )
 
@@ -334,9 +366,12 @@ class EvaluationSpec(ApiModel):
         default_factory=list,
         max_length=16,
         description="metrics to compute before and after training. Built in and offline-safe: "
-        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification). "
-        "Other names load through `evaluate` from the Hub. Empty: perplexity for causal-lm, "
-        "accuracy for sequence-classification.",
+        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification); "
+        "cosine_ndcg@10, cosine_mrr@10, cosine_map@100, cosine_accuracy@1, cosine_recall@10, "
+        "spearman_cosine (sentence-embedding, sentence-transformers' evaluator keys). Other names "
+        "load through `evaluate` from the Hub. Empty: perplexity for causal-lm, accuracy for "
+        "sequence-classification, cosine_ndcg@10, cosine_mrr@10 and cosine_accuracy@1 for "
+        "sentence-embedding.",
     )
     gates: dict[Annotated[str, StringConstraints(max_length=128)], float] = Field(
         default_factory=dict,
@@ -989,18 +1024,25 @@ def _cel_list(names: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{m}'" for m in names) + "]"
 
 
+def _cel_by_task(lists: dict[str, list[str]]) -> str:
+    """A CEL map literal from each task to a list of metric names, indexed by the spec's task."""
+    entries = ", ".join(f"'{task}': {_cel_list(names)}" for task, names in lists.items())
+    return f"{{{entries}}}[self.model.task]"
+
+
+_TASKS: tuple[str, ...] = get_args(Task)
 _METRICS_CEL = (
     "(size(self.evaluation.metrics) > 0 ? self.evaluation.metrics : "
-    f"(self.model.task == '{CAUSAL_LM}' ? {_cel_list(DEFAULT_METRICS[CAUSAL_LM])} : "
-    f"{_cel_list(DEFAULT_METRICS[SEQUENCE_CLASSIFICATION])}))"
+    f"{_cel_by_task({t: DEFAULT_METRICS[t] for t in _TASKS})})"
 )
-_CLASSIFICATION_METRICS_CEL = _cel_list(CLASSIFICATION_METRICS)
+_FOREIGN_METRICS_CEL = _cel_by_task({t: list(foreign_metrics(t)) for t in _TASKS})
+_FOREIGN_METRICS_MESSAGE = (
+    "evaluation.metrics names a built-in metric of another task; "
+    + "; ".join(f"{t} computes {', '.join(metrics_of(t))}" for t in _TASKS)
+)
 # output.hub.endpoint when it names huggingface.co itself (the default when it is unset): one
 # regular expression for CEL (RE2) and Python, with no backslash for CEL's string escapes.
 _HUGGINGFACE_CO = "^https?://(www[.])?huggingface[.]co/?$"
-_WITHOUT_CAUSAL_LM_METRICS_CEL = " && ".join(
-    f"!('{m}' in self.evaluation.metrics)" for m in foreign_metrics(SEQUENCE_CLASSIFICATION)
-)
 
 
 class FineTuneJobSpec(ApiModel):
@@ -1084,10 +1126,8 @@ class FineTuneJobSpec(ApiModel):
             field="evaluation.gates",
         ),
         Rule(
-            cel="self.model.task == 'causal-lm' ? self.evaluation.metrics.all(m, !(m in "
-            f"{_CLASSIFICATION_METRICS_CEL})) : {_WITHOUT_CAUSAL_LM_METRICS_CEL}",
-            message="perplexity is for causal-lm; accuracy, f1, precision and recall are for "
-            "sequence-classification",
+            cel=f"self.evaluation.metrics.all(m, !(m in {_FOREIGN_METRICS_CEL}))",
+            message=_FOREIGN_METRICS_MESSAGE,
             check=lambda s: not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task)),
             field="evaluation.metrics",
         ),
@@ -1102,6 +1142,12 @@ class FineTuneJobSpec(ApiModel):
             message="serve answers chat completions: it needs model.task causal-lm",
             check=lambda s: s.serve is None or s.model.task == CAUSAL_LM,
             field="serve",
+        ),
+        Rule(
+            cel=f"!has(self.dataset.negativeField) || self.model.task == '{SENTENCE_EMBEDDING}'",
+            message="dataset.negativeField is only for task sentence-embedding",
+            check=lambda s: s.dataset.negative_field is None or s.model.task == SENTENCE_EMBEDDING,
+            field="dataset.negativeField",
         ),
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),

@@ -47,6 +47,7 @@ _DELETE = object()
 # output.hub on an endpoint that needs no token, so that only the rule under test refuses it.
 OPEN_HUB = {"repo": "o/r", "endpoint": "http://hub"}
 CLS = {"spec.model.task": "sequence-classification", "spec.model.numLabels": 2}
+EMB = {"spec.model.task": "sentence-embedding"}
 SPREAD = {
     "maxSkew": 1,
     "topologyKey": "kubernetes.io/hostname",
@@ -86,6 +87,19 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("gate-not-computed", {"spec.evaluation.gates": {"bleu": 0.5}}, "gates"),
     ("perplexity-on-cls", {**CLS, "spec.evaluation.metrics": ["perplexity"]}, "metrics"),
     ("accuracy-on-causal", {"spec.evaluation.metrics": ["accuracy"]}, "metrics"),
+    ("ndcg-on-causal", {"spec.evaluation.metrics": ["cosine_ndcg@10"]}, "metrics"),
+    ("accuracy-on-embedding", {**EMB, "spec.evaluation.metrics": ["accuracy"]}, "metrics"),
+    (
+        "embedding-gate-not-computed",
+        {**EMB, "spec.evaluation.gates": {"spearman_cosine": 0.5}},
+        "gates",
+    ),
+    ("negative-field-on-causal", {"spec.dataset.negativeField": "neg"}, "negativeField"),
+    (
+        "embedding-same-columns",
+        {**EMB, "spec.dataset.anchorField": "q", "spec.dataset.positiveField": "q"},
+        "positiveField",
+    ),
     ("hub-repo-pattern", {"spec.output.hub": {"repo": "bad repo!"}}, "repo"),
     # What huggingface_hub's validate_repo_id refuses, refused before any training.
     ("hub-repo-part-length", {"spec.output.hub": {"repo": "org/" + "m" * 97}}, "repo"),
@@ -280,6 +294,23 @@ def test_valid_base_is_accepted(crd: str, kube: Kube, namespace: str) -> None:
     parse_manifest(doc)
     kube.apply(doc)
     assert kube.get("FineTuneJob", "bad", namespace) is not None
+
+
+def test_sentence_embedding_is_accepted(crd: str, kube: Kube, namespace: str) -> None:
+    doc = manifest(
+        {
+            **EMB,
+            "spec.dataset.anchorField": "query",
+            "spec.dataset.positiveField": "document",
+            "spec.dataset.negativeField": "hard",
+            "spec.evaluation.gates": {"cosine_ndcg@10": 0.5, "cosine_mrr@10": 0.4},
+        },
+        namespace,
+    )
+    parse_manifest(doc)
+    kube.apply(doc)
+    dataset = kube.get("FineTuneJob", "bad", namespace)["spec"]["dataset"]
+    assert (dataset["anchorField"], dataset["negativeField"]) == ("query", "hard")
 
 
 def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:

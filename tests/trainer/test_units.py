@@ -428,19 +428,23 @@ def test_final_artifact_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     assert final.load(root, "adapter") is None
 
 
-def test_checkpoint_folder_is_keyed_by_strategy_not_by_gradient_checkpointing() -> None:
+def test_checkpoint_folder_is_keyed_by_what_shapes_training_and_not_by_defaults() -> None:
     from finetune_trainer.train import checkpoint_root
 
-    def root(**training: object) -> str:
+    def root(training: dict | None = None, dataset: dict | None = None) -> str:
         doc = json.loads(json.dumps(MINIMAL))
-        doc["spec"]["training"] = training
+        doc["spec"]["training"] = training or {}
+        doc["spec"]["dataset"] = {**doc["spec"]["dataset"], **(dataset or {})}
         return checkpoint_root(parse_manifest(doc)).name
 
-    # Checkpointed layers train the same weights; a job keeps its folder across the setting,
-    # and ddp (the default) names the folder as before the field existed.
-    assert root() == root(gradientCheckpointing=True) == root(strategy="ddp")
+    # Checkpointed layers train the same weights; a job keeps its folder across the setting.
+    assert root() == root({"gradientCheckpointing": True})
+    # A field at its default is as if absent, so the fields a version adds with defaults
+    # (training.strategy, dataset.anchorField...) keep older jobs' folders where they were.
+    assert root() == root({"strategy": "ddp"}) == root(dataset={"anchorField": "anchor"})
     # An FSDP run's optimizer state is keyed by parameter name, a DDP run's by position.
-    assert root(strategy="fsdp") != root()
+    assert root({"strategy": "fsdp"}) != root()
+    assert root({"learningRate": 0.5}) != root()
 
 
 @pytest.mark.parametrize(("gpus", "bnb"), [(1, True), (2, True), (8, False)])

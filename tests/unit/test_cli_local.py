@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_api import parse_manifest
 from finetune_api.pod import ExitCode
 from finetune_api.version import version
 from finetune_cli.exits import Exit
@@ -272,6 +273,17 @@ def test_merge_values_maps_merge_lists_replace_null_deletes() -> None:
 def test_unknown_example_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["example", "nope"]) == Exit.USAGE
     assert "minilm-sentiment" in capsys.readouterr().err
+
+
+def test_code_search_example_is_a_valid_sentence_embedding_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["example", "minilm-code-search", "--data-dir", str(tmp_path / "data")]) == 0
+    job = parse_manifest(yaml.safe_load(capsys.readouterr().out))
+    assert job.spec.model.task == "sentence-embedding"
+    assert (job.spec.dataset.anchor_field, job.spec.dataset.positive_field) == ("query", "document")
+    assert Path(job.spec.model.source.removeprefix("file://"), "modules.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["test.jsonl", "train.jsonl"]
 
 
 def test_demo_without_the_hub_double_says_how_to_install_it() -> None:

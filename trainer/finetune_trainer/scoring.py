@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_api.metrics import METRICS, lower_is_better
+from finetune_api.metrics import METRICS, lower_is_better, metrics_of
+from finetune_api.v1alpha1 import SENTENCE_EMBEDDING
 
 if TYPE_CHECKING:
     import evaluate
@@ -36,8 +37,12 @@ __all__ = [
 ]
 
 SCORERS_DIR = Path(__file__).resolve().parent / "scorers"
-# Every built-in score but `loss`, which is the model's own loss and needs no scorer.
-BUILTIN_SCORERS: tuple[str, ...] = tuple(name for name in METRICS if name != "loss")
+# Every built-in score but `loss`, which is the model's own loss and needs no scorer, and those
+# that a task's own library computes (sentence-transformers' evaluators).
+_LIBRARY_SCORED = frozenset(metrics_of(SENTENCE_EMBEDDING))
+BUILTIN_SCORERS: tuple[str, ...] = tuple(
+    name for name in METRICS if name != "loss" and name not in _LIBRARY_SCORED
+)
 
 
 class ScorerUnavailable(RuntimeError):

@@ -307,16 +307,20 @@ def _prepare(
 
 def checkpoint_root(job: FineTuneJob) -> Path:
     """The job's checkpoint folder, keyed by what shapes training: a changed spec on a reused
-    volume starts afresh instead of resuming someone else's run."""
+    volume starts afresh instead of resuming someone else's run.
+
+    Fields at their defaults stay out of the key: a field that a later version adds with a
+    default then leaves the folder of a job that does not set it where it was, so an upgrade
+    between restarts still resumes.
+    """
     base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
-    # gradientCheckpointing changes memory, not what is trained; ddp, the default strategy,
-    # stays out too: the folders of jobs from before these fields existed keep their names.
-    training = s.training.model_dump(mode="json", exclude={"gradient_checkpointing"})
-    if s.training.strategy == "ddp":
-        del training["strategy"]
+    # gradientCheckpointing changes memory, not what is trained.
+    training = s.training.model_dump(
+        mode="json", exclude_defaults=True, exclude={"gradient_checkpointing"}
+    )
     shape = [
-        *(m.model_dump(mode="json") for m in (s.model, s.dataset, s.peft)),
+        *(m.model_dump(mode="json", exclude_defaults=True) for m in (s.model, s.dataset, s.peft)),
         training,
         s.evaluation.metrics,
         s.resources.nodes,

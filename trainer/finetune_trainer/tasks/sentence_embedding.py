@@ -1,0 +1,258 @@
+"""sentence-embedding: a sentence-transformers model trained on (anchor, positive[, negative])
+rows with MultipleNegativesRankingLoss, LoRA through sentence-transformers' own peft support
+(`add_adapter`) or in full. Scored by sentence-transformers' evaluators on the held-out rows:
+InformationRetrievalEvaluator (each anchor queries the held-out positives and negatives) and
+EmbeddingSimilarityEvaluator (spearman_cosine), under the evaluators' own metric keys."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from peft import PeftModel, TaskType
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import (
+    EmbeddingSimilarityEvaluator,
+    InformationRetrievalEvaluator,
+)
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import cos_sim
+from transformers import PreTrainedTokenizerBase
+
+from finetune_api import FieldError, ManifestError
+from finetune_api.v1alpha1 import SENTENCE_EMBEDDING, FineTuneJobSpec
+from finetune_trainer import data, modeling
+from finetune_trainer.evaluation import evaluating, scores_from_main
+from finetune_trainer.model_card import source_id
+from finetune_trainer.sources import downloading
+from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+
+__all__ = ["Collator", "SentenceEmbedding", "columns", "text_rows"]
+
+# The canonical column names inside TaskData, whatever the spec calls them (sentence-transformers'
+# own convention for (anchor, positive, negative) datasets).
+ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
+_SIMILARITY_METRICS = frozenset({"spearman_cosine"})
+
+
+def columns(spec: FineTuneJobSpec) -> dict[str, str]:
+    """Spec field -> the dataset column it names, in anchor, positive, negative order."""
+    d = spec.dataset
+    named = {"anchorField": d.anchor_field, "positiveField": d.positive_field}
+    if d.negative_field is not None:
+        named["negativeField"] = d.negative_field
+    return named
+
+
+def text_rows(ds: Dataset, spec: FineTuneJobSpec) -> Dataset:
+    """The anchor, positive (and negative) columns under their canonical names, every value a
+    non-empty string: a row that is not text fails as InvalidDataset, naming the column."""
+    named = columns(spec)
+    data.require_columns(ds, named)
+    canonical = dict(zip(named.values(), (ANCHOR, POSITIVE, NEGATIVE), strict=False))
+    rows = ds.select_columns(list(named.values())).rename_columns(
+        {src: dst for src, dst in canonical.items() if src != dst}
+    )
+    for field, column in zip(named, (ANCHOR, POSITIVE, NEGATIVE), strict=False):
+        values = list(rows[column])
+        bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ManifestError(
+                [
+                    FieldError(
+                        f"spec.dataset.{field}",
+                        f"{len(bad)} rows have no text in column {named[field]!r} (row {bad[0]})",
+                    )
+                ]
+            )
+    return rows
+
+
+@dataclass
+class Collator:
+    """Tokenizes a micro-batch's columns into one padded batch, column after column (all anchors,
+    then all positives, then all negatives), so that the model embeds them in one forward pass
+    (one DDP forward per backward) and `loss` splits the embeddings back by column."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    names: tuple[str, ...]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        texts = [row[name] for name in self.names for row in rows]
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+class SentenceEmbedding(Task):
+    name = SENTENCE_EMBEDDING
+
+    def __init__(self, spec: FineTuneJobSpec) -> None:
+        super().__init__(spec)
+        self.names: tuple[str, ...] = (ANCHOR, POSITIVE, NEGATIVE)[: len(columns(spec))]
+        # The evaluators need the whole held-out split as text, not sharded token batches:
+        # build_data keeps it here (every rank builds it; rank 0 evaluates).
+        self.held_out: Dataset | None = None
+        self._loss: MultipleNegativesRankingLoss | None = None
+
+    def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
+        tokenizer = modeling.load_tokenizer(self.spec.model)
+        with data.dataset_errors():  # the tokenizer is the model's; from here on, the data's
+            rows = text_rows(train, self.spec)
+            self.held_out = text_rows(evaluation, self.spec)
+        return TaskData(
+            processor=tokenizer,
+            train=rows,
+            evaluation=self.held_out,
+            collate=Collator(tokenizer, self._max_length(tokenizer), self.names),
+        )
+
+    def _max_length(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        # maxSeqLength, but never past the positions the model has.
+        limit = getattr(tokenizer, "model_max_length", None) or self.spec.training.max_seq_length
+        return min(self.spec.training.max_seq_length, int(limit))
+
+    def _load_base(self, device: torch.device | str = "cpu") -> SentenceTransformer:
+        model = self.spec.model
+        location, revision = modeling.source_location(model.source), modeling.pinned_revision(model)
+        with downloading("model", location, revision) as token:
+            st = SentenceTransformer(location, revision=revision, token=token, device=str(device))
+        st.max_seq_length = min(st.max_seq_length or math.inf, self.spec.training.max_seq_length)
+        return st
+
+    def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
+        st = self._load_base(device)
+        if self.spec.peft.method != "none":
+            # LoRA through sentence-transformers' peft support, on the underlying transformer.
+            config = modeling.lora_config(self.spec.peft, TaskType.FEATURE_EXTRACTION)
+            # A head the pooling never reads (BERT's pooler) would get no gradient, which DDP
+            # refuses; the pooling of a sentence-transformers model reads the token embeddings.
+            config.exclude_modules = _head_linears(st) or None
+            st.add_adapter(config)
+        else:
+            for name in _unused_heads(st):
+                st.transformers_model.get_submodule(name).requires_grad_(False)
+        # The loss holds the model only for its own forward, which `loss` does not use: the
+        # embeddings come from the prepared (DDP) model. Gathered across ranks, every rank's
+        # anchors see every rank's positives (and negatives) as in-batch negatives.
+        self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
+        return st
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        if self._loss is None:
+            raise RuntimeError("load_model first: the loss is built with the model")
+        embeddings = model(dict(batch))["sentence_embedding"]
+        by_column = list(embeddings.chunk(len(self.names)))
+        return self._loss.compute_loss_from_embeddings(by_column, labels=None)  # type: ignore[arg-type]
+
+    def evaluate(
+        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+    ) -> dict[str, float]:
+        st = accelerator.unwrap_model(model)
+        with evaluating(model):
+            return scores_from_main(accelerator, lambda: self._scores(st))
+
+    def _scores(self, st: SentenceTransformer) -> dict[str, float]:
+        if self.held_out is None:
+            raise RuntimeError("build_data first: it keeps the held-out split")
+        rows = self.held_out
+        anchors, positives = list(rows[ANCHOR]), list(rows[POSITIVE])
+        negatives = list(rows[NEGATIVE]) if NEGATIVE in rows.column_names else None
+        found: dict[str, float] = {}
+        if set(self.metrics) - _SIMILARITY_METRICS:
+            corpus = {f"p{i}": text for i, text in enumerate(positives)}
+            corpus |= {f"n{i}": text for i, text in enumerate(negatives or [])}
+            ir = InformationRetrievalEvaluator(
+                queries={f"q{i}": text for i, text in enumerate(anchors)},
+                corpus=corpus,
+                relevant_docs={f"q{i}": {f"p{i}"} for i in range(len(anchors))},
+                accuracy_at_k=[1, 10],
+                precision_recall_at_k=[10],
+                score_functions={"cosine": cos_sim},
+                write_csv=False,
+                batch_size=32,
+            )
+            found |= ir(st)
+        if set(self.metrics) & _SIMILARITY_METRICS:
+            # Matching pairs score 1, others 0: the anchor with its negative, or without a
+            # negative column with the next row's positive.
+            others = negatives or positives[1:] + positives[:1]
+            similarity = EmbeddingSimilarityEvaluator(
+                sentences1=anchors + anchors,
+                sentences2=positives + others,
+                scores=[1.0] * len(anchors) + [0.0] * len(anchors),
+                similarity_fn_names=["cosine"],
+                write_csv=False,
+                batch_size=32,
+            )
+            found |= similarity(st)
+        return {name: float(found.get(name, math.nan)) for name in self.metrics}
+
+    def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
+        kind = modeling.artifact_kind(self.spec)
+        st: SentenceTransformer = model  # type: ignore[assignment]
+        if kind == "merged":
+            st = self._merged(st)
+        # modules.json, the pooling, the tokenizer and the weights (or, for an adapter, the
+        # adapter files, which SentenceTransformer(repo) loads over its base). The card is ours.
+        st.save_pretrained(str(out), create_model_card=False)
+        return kind
+
+    def _merged(self, st: SentenceTransformer) -> SentenceTransformer:
+        """The adapter merged into a fresh copy of the base, as modeling does for transformers."""
+        base = self._load_base()
+        with tempfile.TemporaryDirectory() as adapter:
+            st.transformers_model.save_pretrained(adapter)
+            merged = PeftModel.from_pretrained(base.transformers_model, adapter).merge_and_unload()
+        base[0].model = merged
+        return base
+
+    def card(self, artifact: Artifact, repo: str) -> CardInfo:
+        base = source_id(self.spec.model.source) or "<base model>"
+        usage = [
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            f'model = SentenceTransformer("{repo}")',
+            'embeddings = model.encode(["a query", "a matching document"])',
+            "print(model.similarity(embeddings[0:1], embeddings[1:]))",
+        ]
+        if artifact == "adapter":
+            usage.insert(2, f"# the adapter loads over its base, {base}")
+        return CardInfo(
+            pipeline_tag="sentence-similarity",
+            task_name="Semantic Similarity",
+            library_name="sentence-transformers",
+            usage="\n".join(usage),
+            settings=(
+                ("loss", "MultipleNegativesRankingLoss (in-batch negatives gathered across ranks)"),
+                ("columns", ", ".join(columns(self.spec).values())),
+            ),
+        )
+
+
+def _unused_heads(st: SentenceTransformer) -> list[str]:
+    """Submodules of the transformer that its forward computes but the sentence embedding never
+    reads: BERT-style poolers."""
+    model = st.transformers_model
+    heads = [(name, m) for name, m in model.named_children() if name == "pooler"] if model else []
+    return [name for name, _ in heads]
+
+
+def _head_linears(st: SentenceTransformer) -> list[str]:
+    """The linear layers of `_unused_heads`, which peft's all-linear would otherwise adapt."""
+    model = st.transformers_model
+    return [
+        f"{head}.{name}" if name else head
+        for head in _unused_heads(st)
+        for name, m in model.get_submodule(head).named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
