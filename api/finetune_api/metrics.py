@@ -14,6 +14,7 @@ from typing import Final
 
 _CAUSAL_LM: Final = "causal-lm"
 _SEQUENCE_CLASSIFICATION: Final = "sequence-classification"
+_TEXT_TO_IMAGE: Final = "text-to-image"
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
         description="fraction of examples of a class predicted as that class; of class 1 with "
         "two classes, macro-averaged beyond two",
     ),
+    Metric(
+        "denoising_loss",
+        "Denoising loss",
+        (_TEXT_TO_IMAGE,),
+        lower_is_better=True,
+        description="mean squared error of the UNet's prediction (the noise, or the velocity "
+        "with v-prediction) on the evaluation images, each noised at a fixed seed and timestep "
+        "(spread evenly over the schedule), so that before and after compare like with like",
+    ),
 )
 METRICS: Final[dict[str, Metric]] = {m.name: m for m in BUILTIN_METRICS}
 
@@ -88,6 +98,7 @@ CLASSIFICATION_METRICS: Final = tuple(
 DEFAULT_METRICS: Final[dict[str, list[str]]] = {
     _CAUSAL_LM: ["perplexity"],
     _SEQUENCE_CLASSIFICATION: ["accuracy"],
+    _TEXT_TO_IMAGE: ["denoising_loss"],
 }
 
 

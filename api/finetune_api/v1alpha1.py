@@ -6,7 +6,7 @@ contract in docs/api.md. This module imports neither kopf nor torch.
 """
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
@@ -21,10 +21,10 @@ from finetune_api.constants import (
     Phase,
 )
 from finetune_api.metrics import (
-    CLASSIFICATION_METRICS,
     DEFAULT_METRICS,
     effective_metrics,
     foreign_metrics,
+    metrics_of,
 )
 from finetune_api.pod import DATASET_TOKEN_ENV, HF_TOKEN_ENV, MODEL_TOKEN_ENV
 from finetune_api.rules import Rule, TransitionRule
@@ -65,7 +65,12 @@ UnstructuredObject = Annotated[
 
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
-Task = Literal["causal-lm", "sequence-classification"]
+TEXT_TO_IMAGE = "text-to-image"
+Task = Literal[
+    "causal-lm",
+    "sequence-classification",
+    "text-to-image",
+]
 
 
 def _hub_id_ok(repo_id: str) -> bool:
@@ -148,8 +153,10 @@ class ModelSpec(ApiModel):
     )
     task: Task = Field(
         CAUSAL_LM,
-        description="task is causal-lm (next-token prediction on text or prompt/response pairs) "
-        "or sequence-classification (a new classification head). Default causal-lm.",
+        description="task is causal-lm (next-token prediction on text or prompt/response pairs), "
+        "sequence-classification (a new classification head), or text-to-image (LoRA on the "
+        "UNet attention of a diffusers Stable Diffusion pipeline, trained on captioned images; "
+        "source is the pipeline's folder or Hub repo). Default causal-lm.",
     )
     num_labels: int | None = Field(
         None,
@@ -220,6 +227,17 @@ class DatasetSpec(ApiModel):
         "label",
         description="labelField is the label column for sequence-classification: integers "
         "0..numLabels-1, or strings mapped to ids in sorted order.",
+    )
+    image_field: ShortStr = Field(
+        "image",
+        description="imageField is the image column for text-to-image: a `datasets` Image "
+        "feature, as an imagefolder (images plus a metadata.jsonl naming each file_name) loads "
+        "it. Default image.",
+    )
+    caption_field: ShortStr = Field(
+        "text",
+        description="captionField is the caption column for text-to-image. Default text, the "
+        "column an imagefolder's metadata.jsonl usually names.",
     )
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the number of training examples, for trials."
@@ -310,6 +328,51 @@ class TrainingSpec(ApiModel):
     checkpoints_to_keep: int = Field(
         2, ge=1, le=100, description="checkpointsToKeep: older checkpoints are deleted. Default 2."
     )
+    # text-to-image only (FineTuneJobSpec's rules say so).
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="resolution (text-to-image only) in pixels: images are resized (shorter "
+        "side) and centre-cropped to resolution x resolution, and samples are generated at it. "
+        "A multiple of 8 times the pipeline's VAE downscaling factor. Unset: the pipeline's own, "
+        "the UNet's sample size times that factor.",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None,
+        description="predictionType (text-to-image only) is the UNet's training target: epsilon "
+        "(the noise) or v_prediction (the velocity). Unset: the pipeline scheduler's own.",
+    )
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="snrGamma (text-to-image only) weights each example's loss by "
+        "min(SNR, snrGamma) / SNR at its timestep (Min-SNR weighting; 5 is the recommended "
+        "value). Unset: the plain mean squared error.",
+    )
+
+
+class SampleSpec(ApiModel):
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="prompts to generate the samples from, in turn: sample i is prompts[i mod "
+        "len(prompts)]. Empty: the distinct captions of the evaluation split, in order.",
+    )
+    count: int = Field(
+        4, ge=0, le=16, description="count of sample images; 0 generates none. Default 4."
+    )
+    inference_steps: int = Field(
+        25, ge=1, le=500, description="inferenceSteps of the pipeline per sample. Default 25."
+    )
+    guidance_scale: float = Field(
+        7.5,
+        ge=0,
+        le=50,
+        description="guidanceScale of classifier-free guidance; 1 or less turns it off. "
+        "Default 7.5, the pipeline's.",
+    )
 
 
 class EvaluationSpec(ApiModel):
@@ -317,19 +380,26 @@ class EvaluationSpec(ApiModel):
         default_factory=list,
         max_length=16,
         description="metrics to compute before and after training. Built in and offline-safe: "
-        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification). "
-        "Other names load through `evaluate` from the Hub. Empty: perplexity for causal-lm, "
-        "accuracy for sequence-classification.",
+        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification); "
+        "denoising_loss (text-to-image). Other names load through `evaluate` from the Hub. "
+        "Empty: perplexity for causal-lm, accuracy for sequence-classification, denoising_loss "
+        "for text-to-image.",
     )
     gates: dict[Annotated[str, StringConstraints(max_length=128)], float] = Field(
         default_factory=dict,
         max_length=16,
         description="gates map a computed metric to its threshold after training: a minimum, or a "
-        "maximum for perplexity and loss. A missed gate pushes nothing and fails the job with "
-        "reason EvaluationGateFailed.",
+        "maximum for perplexity, loss and denoising_loss. A missed gate pushes nothing and fails "
+        "the job with reason EvaluationGateFailed.",
     )
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the evaluation split, for trials."
+    )
+    samples: SampleSpec | None = Field(
+        None,
+        description="samples (text-to-image only): after training, count images generated with "
+        "the fine-tuned pipeline at fixed seeds (training.seed + i), pushed as samples/NN.png "
+        "and shown in the model card. Unset: count 4 from the evaluation captions.",
     )
 
 
@@ -924,17 +994,68 @@ def _cel_list(names: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{m}'" for m in names) + "]"
 
 
+def _per_task_cel(values: dict[str, str]) -> str:
+    """A CEL expression that is `values[self.model.task]`: nested conditionals over the `Task`
+    literal, its last value the fallback."""
+    *first, last = get_args(Task)
+    expr = values[last]
+    for task in reversed(first):
+        expr = f"(self.model.task == '{task}' ? {values[task]} : {expr})"
+    return expr
+
+
 _METRICS_CEL = (
     "(size(self.evaluation.metrics) > 0 ? self.evaluation.metrics : "
-    f"(self.model.task == '{CAUSAL_LM}' ? {_cel_list(DEFAULT_METRICS[CAUSAL_LM])} : "
-    f"{_cel_list(DEFAULT_METRICS[SEQUENCE_CLASSIFICATION])}))"
+    + _per_task_cel({t: _cel_list(DEFAULT_METRICS[t]) for t in get_args(Task)})
+    + ")"
 )
-_CLASSIFICATION_METRICS_CEL = _cel_list(CLASSIFICATION_METRICS)
+# The built-in scores a job's task cannot compute, which its evaluation.metrics may not name.
+_FOREIGN_METRICS_CEL = _per_task_cel({t: _cel_list(foreign_metrics(t)) for t in get_args(Task)})
 # output.hub.endpoint when it names huggingface.co itself (the default when it is unset): one
 # regular expression for CEL (RE2) and Python, with no backslash for CEL's string escapes.
 _HUGGINGFACE_CO = "^https?://(www[.])?huggingface[.]co/?$"
-_WITHOUT_CAUSAL_LM_METRICS_CEL = " && ".join(
-    f"!('{m}' in self.evaluation.metrics)" for m in foreign_metrics(SEQUENCE_CLASSIFICATION)
+
+
+def _text_to_image_only(path: str, wire: str) -> Rule:
+    """`path` (a wire path under spec, Python attribute `wire` of its parent) is set only with
+    model.task text-to-image."""
+    parent, _, _ = path.rpartition(".")
+
+    def check(spec: Any) -> bool:
+        owner = spec
+        for part in parent.split("."):
+            owner = getattr(owner, part)
+        return getattr(owner, wire) is None or spec.model.task == TEXT_TO_IMAGE
+
+    return Rule(
+        cel=f"!has(self.{path}) || self.model.task == '{TEXT_TO_IMAGE}'",
+        message=f"{path} is only for model.task {TEXT_TO_IMAGE}",
+        check=check,
+        field=path,
+    )
+
+
+_TEXT_TO_IMAGE_RULES = (
+    _text_to_image_only("training.resolution", "resolution"),
+    _text_to_image_only("training.predictionType", "prediction_type"),
+    _text_to_image_only("training.snrGamma", "snr_gamma"),
+    _text_to_image_only("evaluation.samples", "samples"),
+    Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || self.peft.method == 'lora'",
+        message="text-to-image trains a LoRA on the UNet: peft.method must be lora",
+        check=lambda s: s.model.task != TEXT_TO_IMAGE or s.peft.method == "lora",
+        field="peft.method",
+    ),
+    Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !has(self.output.hub) "
+        "|| !self.output.hub.merge",
+        message="text-to-image pushes its LoRA (pytorch_lora_weights.safetensors): "
+        "output.hub.merge must be false",
+        check=lambda s: (
+            s.model.task != TEXT_TO_IMAGE or s.output.hub is None or not s.output.hub.merge
+        ),
+        field="output.hub.merge",
+    ),
 )
 
 
@@ -997,13 +1118,13 @@ class FineTuneJobSpec(ApiModel):
             field="evaluation.gates",
         ),
         Rule(
-            cel="self.model.task == 'causal-lm' ? self.evaluation.metrics.all(m, !(m in "
-            f"{_CLASSIFICATION_METRICS_CEL})) : {_WITHOUT_CAUSAL_LM_METRICS_CEL}",
-            message="perplexity is for causal-lm; accuracy, f1, precision and recall are for "
-            "sequence-classification",
+            cel=f"self.evaluation.metrics.all(m, !(m in {_FOREIGN_METRICS_CEL}))",
+            message="a built-in metric is only for its tasks: "
+            + "; ".join(f"{', '.join(metrics_of(t))} for {t}" for t in get_args(Task)),
             check=lambda s: not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task)),
             field="evaluation.metrics",
         ),
+        *_TEXT_TO_IMAGE_RULES,
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
             message="spec is immutable except runPolicy.suspend, runPolicy.activeDeadlineSeconds, "

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-from finetune_api.v1alpha1 import CAUSAL_LM, SEQUENCE_CLASSIFICATION, FineTuneJobSpec
+from finetune_api.v1alpha1 import (
+    CAUSAL_LM,
+    SEQUENCE_CLASSIFICATION,
+    TEXT_TO_IMAGE,
+    FineTuneJobSpec,
+)
 from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
 REGISTRY: dict[str, str] = {
     CAUSAL_LM: "causal_lm:CausalLM",
     SEQUENCE_CLASSIFICATION: "sequence_classification:SequenceClassification",
+    TEXT_TO_IMAGE: "text_to_image:TextToImage",
 }
 
 
