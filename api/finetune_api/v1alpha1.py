@@ -354,9 +354,10 @@ class TrainingSpec(ApiModel):
 
 
 class SampleSpec(ApiModel):
-    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
+    # 8 prompts of 256 characters: a CLIP text encoder reads 77 tokens, and the spec stays small.
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
         default_factory=list,
-        max_length=16,
+        max_length=8,
         description="prompts to generate the samples from, in turn: sample i is prompts[i mod "
         "len(prompts)]. Empty: the distinct captions of the evaluation split, in order.",
     )

