@@ -40,7 +40,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import snapshot_download
 from PIL import Image
-from finetune_trainer.testing.diffusion import colour_distance, reference_colours
+from finetune_trainer.testing.diffusion import SIZE, colour_distance, reference_colours
 base, repo, revision, steps, guidance = sys.argv[1:]
 local = Path(snapshot_download(repo, revision=revision))
 rows = [json.loads(line) for line in (local / "samples" / "samples.jsonl").open()]
@@ -49,7 +49,7 @@ def error(image, row):
     return colour_distance(image, row["prompt"], references)
 def generate(pipeline, row):
     seed = torch.Generator().manual_seed(row["seed"])
-    return pipeline(row["prompt"], num_inference_steps=int(steps), height=32, width=32,
+    return pipeline(row["prompt"], num_inference_steps=int(steps), height=SIZE, width=SIZE,
                     guidance_scale=float(guidance), generator=seed).images[0]
 pipeline = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
 pipeline.set_progress_bar_config(disable=True)

@@ -19,6 +19,7 @@ from finetune_api.metrics import DEFAULT_METRICS, effective_metrics, lower_is_be
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.testing.diffusion import (
     COLOURS,
+    SIZE,
     caption_colour,
     colour_distance,
     reference_colours,
@@ -126,7 +127,7 @@ def test_shapes_dataset_is_an_imagefolder_with_captions(tmp_path: Path) -> None:
     ds = load_dataset(str(tmp_path))
     assert set(ds) == {"train", "test"} and len(ds["train"]) == 16
     row = ds["train"][0]
-    assert row["image"].size == (32, 32) and row["text"] == "a red circle"
+    assert row["image"].size == (SIZE, SIZE) and row["text"] == "a red circle"
 
 
 def test_colour_distance_tells_the_caption_colours_apart() -> None:
@@ -210,7 +211,7 @@ def test_data_rows_collate_to_pixels_and_padded_captions(tiny: tuple[Path, Path]
     _, data = _task_and_data(_spec(tiny))
     assert len(data.train) == 16 and len(data.evaluation) == 6
     batch = data.collate([data.evaluation[i] for i in range(3)])
-    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE)
     assert batch["input_ids"].shape == (3, data.processor.model_max_length)
     # "a red circle": bos, three words, eos; the rest is padding.
     assert batch["attention_mask"].sum(dim=1).tolist() == [5, 5, 5]
@@ -275,14 +276,14 @@ def test_save_writes_diffusers_lora_samples_and_card(
     assert [r["prompt"] for r in index] == ["a red circle", "a blue square", "a red circle"]
     assert [r["seed"] for r in index] == [7, 8, 9]
     saved = Image.open(tmp_path / "samples" / "00.png")
-    assert saved.size == (32, 32)
+    assert saved.size == (SIZE, SIZE)
 
     # diffusers loads the LoRA back onto the base, and reproduces sample 0 from its seed.
     pipeline = StableDiffusionPipeline.from_pretrained(str(tiny[0]), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.load_lora_weights(str(tmp_path))
     again = pipeline(
-        "a red circle", num_inference_steps=2, height=32, width=32,
+        "a red circle", num_inference_steps=2, height=SIZE, width=SIZE,
         generator=torch.Generator().manual_seed(7),
     ).images[0]  # fmt: skip
     diff = np.asarray(again, dtype=np.int16) - np.asarray(saved, dtype=np.int16)
@@ -304,3 +305,37 @@ def test_save_writes_diffusers_lora_samples_and_card(
     assert meta["widget"][0] == {"text": "a red circle", "output": {"url": "samples/00.png"}}
     assert "![samples/02.png](samples/02.png)" in card
     assert 'pipeline.load_lora_weights("me/shapes-lora")' in card
+
+
+def test_the_unet_lora_resumes_by_name(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """What a checkpoint keeps (modeling.trainable_state) and train._resume copies back by name
+    restores the UNet's LoRA, in a freshly loaded model as a new attempt loads it."""
+    from finetune_trainer import checkpoint, modeling
+
+    task, data = _task_and_data(_spec(tiny))
+    trained = task.load_model(data, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p))
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad])
+    saved = checkpoint.Checkpoint(
+        state=checkpoint.TrainerState(step=3, epoch=0, batches_in_epoch=3, world_size=2),
+        trainable=modeling.trainable_state(trained),
+        optimizer=optimizer.state_dict(),
+        scheduler={},
+        rng=[checkpoint.capture_rng()],
+    )
+    folder = checkpoint.save(tmp_path, saved, keep=1)
+    state = checkpoint.load(folder).trainable
+    fresh = task.load_model(data, torch.device("cpu"))
+    params = dict(fresh.named_parameters())
+    assert set(state) == {n for n, p in params.items() if p.requires_grad}
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    batch = data.collate([data.evaluation[i] for i in range(2)])
+    with torch.no_grad():
+        a = trained(**{k: v for k, v in batch.items() if k != "attention_mask"})[0]
+        b = fresh(**{k: v for k, v in batch.items() if k != "attention_mask"})[0]
+    assert torch.equal(a, b)
