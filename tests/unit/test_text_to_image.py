@@ -339,3 +339,15 @@ def test_the_unet_lora_resumes_by_name(tiny: tuple[Path, Path], tmp_path: Path) 
         a = trained(**{k: v for k, v in batch.items() if k != "attention_mask"})[0]
         b = fresh(**{k: v for k, v in batch.items() if k != "attention_mask"})[0]
     assert torch.equal(a, b)
+
+
+def test_the_example_manifest_is_a_valid_text_to_image_job() -> None:
+    import yaml
+
+    from finetune_trainer import example_data
+
+    assert "shapes-text-to-image" in example_data.EXAMPLES
+    template = Path(example_data.__file__).parent / "examples" / "shapes-text-to-image.yaml"
+    job = parse_manifest(yaml.safe_load(template.read_text()))
+    assert job.spec.model.task == "text-to-image"
+    assert job.spec.evaluation.samples is not None and job.spec.evaluation.samples.count == 4

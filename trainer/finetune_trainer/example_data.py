@@ -76,11 +76,10 @@ def _minilm_sentiment(data_dir: Path) -> tuple[Path, Path]:
 
 
 def _shapes_text_to_image(data_dir: Path) -> tuple[Path, Path]:
-    from finetune_trainer.testing.diffusion import save_shapes_dataset, save_tiny_pipeline
+    from finetune_trainer.testing.diffusion import cached_tiny_pipeline, save_shapes_dataset
 
-    pipeline, shapes = data_dir / "pipeline", data_dir / "shapes"
-    if not (pipeline / "model_index.json").is_file():  # built once: it takes minutes
-        save_tiny_pipeline(pipeline)
+    pipeline = cached_tiny_pipeline(data_dir / "pipelines")  # built once: it takes minutes
+    shapes = data_dir / "shapes"
     if not (shapes / "test" / "metadata.jsonl").is_file():
         save_shapes_dataset(shapes)
     return pipeline, shapes

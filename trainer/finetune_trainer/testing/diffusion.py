@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COLOURS",
     "SHAPES",
+    "cached_tiny_pipeline",
     "caption_colour",
     "colour_distance",
     "mean_colour",
@@ -339,14 +340,41 @@ def save_tiny_pipeline(
     return out
 
 
+def cached_tiny_pipeline(cache_root: Path, *, seed: int = 0) -> Path:
+    """`save_tiny_pipeline` once per machine (it takes minutes of CPU): kept under `cache_root`,
+    keyed by this module's source and the torch and diffusers versions, which decide its bytes."""
+    import hashlib
+    import os
+    import shutil
+    import uuid
+
+    import diffusers
+    import torch
+
+    key = (
+        f"{torch.__version__} {diffusers.__version__} {seed}".encode() + Path(__file__).read_bytes()
+    )
+    target = cache_root / f"tiny-sd-{hashlib.sha256(key).hexdigest()[:12]}"
+    if (target / "model_index.json").is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    scratch = cache_root / f".{target.name}-{uuid.uuid4().hex}"
+    save_tiny_pipeline(scratch, seed=seed)
+    try:
+        os.rename(scratch, target)
+    except OSError:  # another process built it meanwhile: theirs is the same
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
 def text_to_image_job(
     pipeline_dir: Path,
     data_dir: Path,
     *,
     name: str = "tiny-t2i",
     namespace: str = "tests",
-    max_steps: int = 60,
-    checkpoint_every: int = 30,
+    max_steps: int = 200,
+    checkpoint_every: int = 100,
 ) -> dict[str, Any]:
     """A valid 2-node LoRA text-to-image FineTuneJob for `save_tiny_pipeline` and
     `save_shapes_dataset`."""
@@ -360,7 +388,7 @@ def text_to_image_job(
             "peft": {"method": "lora", "r": 8, "alpha": 8, "dropout": 0.0},
             "training": {
                 "maxSteps": max_steps,
-                "learningRate": 1.0e-3,
+                "learningRate": 5.0e-3,
                 "batchSizePerDevice": 8,
                 "checkpointEverySteps": checkpoint_every,
                 "seed": 7,
@@ -368,8 +396,10 @@ def text_to_image_job(
             "evaluation": {
                 "metrics": ["denoising_loss"],
                 "samples": {
-                    "prompts": [f"a {c} circle" for c in COLOURS],
+                    "prompts": [f"a {c} {s}" for s in SHAPES for c in COLOURS],
+                    "count": 8,
                     "inferenceSteps": 20,
+                    "guidanceScale": 4.0,
                 },
             },
             "resources": {"nodes": 2, "processesPerNode": 1},
