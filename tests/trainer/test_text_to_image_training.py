@@ -24,7 +24,6 @@ from trainer_helpers import Gang, deep_update
 
 from finetune_hub_double import HubDouble
 from finetune_trainer.testing.diffusion import (
-    cached_tiny_pipeline,
     save_shapes_dataset,
     text_to_image_job,
 )
@@ -71,9 +70,24 @@ def trained(
     tmp_path_factory: pytest.TempPathFactory, base_env: dict[str, str]
 ) -> Iterator[dict[str, Any]]:
     workdir = tmp_path_factory.mktemp("t2i")
-    # Built once per machine (minutes of CPU), as a downloaded base model would be cached.
+    # Built once per machine (minutes of CPU), as a downloaded base model would be cached; in a
+    # process of its own, with the one thread per process of the ranks (base_env): threads
+    # oversubscribing a busy machine make it many times slower.
     cache = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
-    pipeline = cached_tiny_pipeline(cache / "tiny-sd")
+    build = (
+        "import sys; from pathlib import Path; "
+        "from finetune_trainer.testing.diffusion import cached_tiny_pipeline; "
+        "print(cached_tiny_pipeline(Path(sys.argv[1])))"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", build, str(cache / "tiny-sd")],
+        env=base_env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert built.returncode == 0, built.stderr[-4000:]
+    pipeline = Path(built.stdout.strip().splitlines()[-1])
     data = save_shapes_dataset(workdir / "data")
     with HubDouble(workdir / "hub", tokens=[TOKEN]) as hub:
         doc = deep_update(
