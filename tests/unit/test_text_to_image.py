@@ -204,7 +204,7 @@ def test_snr_weighting_follows_min_snr() -> None:
     v = denoising_loss(prediction, target, timesteps, scheduler.alphas_cumprod, "v_prediction", 5.0)
     assert torch.allclose(v, torch.clamp(snr, max=5.0) / (snr + 1))
     # Low-noise timesteps (huge SNR) are damped; the noisiest keep their full weight.
-    assert eps[0] < 0.01 and eps[2] == pytest.approx(1.0)
+    assert eps[0] < 0.05 and eps[2] == pytest.approx(1.0)
 
 
 def test_data_rows_collate_to_pixels_and_padded_captions(tiny: tuple[Path, Path]) -> None:
