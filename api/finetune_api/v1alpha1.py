@@ -334,9 +334,9 @@ class TrainingSpec(ApiModel):
         ge=8,
         le=4096,
         description="resolution (text-to-image only) in pixels: images are resized (shorter "
-        "side) and centre-cropped to resolution x resolution, and samples are generated at it. "
-        "A multiple of 8 times the pipeline's VAE downscaling factor. Unset: the pipeline's own, "
-        "the UNet's sample size times that factor.",
+        "side) and centre-cropped to resolution x resolution, and samples are generated at it "
+        "(the pipeline wants a multiple of 8). Unset: the pipeline's own, the UNet's sample "
+        "size times the VAE's downscaling factor.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None,
