@@ -15,6 +15,7 @@ from typing import Final
 _CAUSAL_LM: Final = "causal-lm"
 _SEQUENCE_CLASSIFICATION: Final = "sequence-classification"
 _SENTENCE_EMBEDDING: Final = "sentence-embedding"
+_TEXT_TO_IMAGE: Final = "text-to-image"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,15 @@ BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
         "(EmbeddingSimilarityEvaluator): 1 for anchor and positive, 0 for anchor and negative, "
         "or anchor and the next row's positive when there is no negative column",
     ),
+    Metric(
+        "denoising_loss",
+        "Denoising loss",
+        (_TEXT_TO_IMAGE,),
+        lower_is_better=True,
+        description="mean squared error of the UNet's prediction (the noise, or the velocity "
+        "with v-prediction) on the evaluation images, each noised at a fixed seed and timestep "
+        "(spread evenly over the schedule), so that before and after compare like with like",
+    ),
 )
 METRICS: Final[dict[str, Metric]] = {m.name: m for m in BUILTIN_METRICS}
 
@@ -118,6 +128,7 @@ DEFAULT_METRICS: Final[dict[str, list[str]]] = {
     _CAUSAL_LM: ["perplexity"],
     _SEQUENCE_CLASSIFICATION: ["accuracy"],
     _SENTENCE_EMBEDDING: ["cosine_ndcg@10", "cosine_mrr@10", "cosine_accuracy@1"],
+    _TEXT_TO_IMAGE: ["denoising_loss"],
 }
 
 

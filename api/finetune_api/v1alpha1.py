@@ -66,10 +66,12 @@ UnstructuredObject = Annotated[
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 SENTENCE_EMBEDDING = "sentence-embedding"
+TEXT_TO_IMAGE = "text-to-image"
 Task = Literal[
     "causal-lm",
     "sequence-classification",
     "sentence-embedding",
+    "text-to-image",
 ]
 
 
@@ -154,9 +156,11 @@ class ModelSpec(ApiModel):
     task: Task = Field(
         CAUSAL_LM,
         description="task is causal-lm (next-token prediction on text or prompt/response pairs), "
-        "sequence-classification (a new classification head), or sentence-embedding (a "
+        "sequence-classification (a new classification head), sentence-embedding (a "
         "sentence-transformers model trained on anchor/positive(/negative) rows with "
-        "MultipleNegativesRankingLoss). Default causal-lm.",
+        "MultipleNegativesRankingLoss), or text-to-image (LoRA on the UNet attention of a "
+        "diffusers Stable Diffusion pipeline, trained on captioned images; source is the "
+        "pipeline's folder or Hub repo). Default causal-lm.",
     )
     num_labels: int | None = Field(
         None,
@@ -242,6 +246,17 @@ class DatasetSpec(ApiModel):
         None,
         description="negativeField is an optional column of a hard negative for each anchor, "
         "sentence-embedding only. Unset: pairs, with the other rows' positives as negatives.",
+    )
+    image_field: ShortStr = Field(
+        "image",
+        description="imageField is the image column for text-to-image: a `datasets` Image "
+        "feature, as an imagefolder (images plus a metadata.jsonl naming each file_name) loads "
+        "it. Default image.",
+    )
+    caption_field: ShortStr = Field(
+        "text",
+        description="captionField is the caption column for text-to-image. Default text, the "
+        "column an imagefolder's metadata.jsonl usually names.",
     )
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the number of training examples, for trials."
@@ -359,6 +374,52 @@ class TrainingSpec(ApiModel):
     checkpoints_to_keep: int = Field(
         2, ge=1, le=100, description="checkpointsToKeep: older checkpoints are deleted. Default 2."
     )
+    # text-to-image only (FineTuneJobSpec's rules say so).
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="resolution (text-to-image only) in pixels: images are resized (shorter "
+        "side) and centre-cropped to resolution x resolution, and samples are generated at it "
+        "(the pipeline wants a multiple of 8). Unset: the pipeline's own, the UNet's sample "
+        "size times the VAE's downscaling factor.",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None,
+        description="predictionType (text-to-image only) is the UNet's training target: epsilon "
+        "(the noise) or v_prediction (the velocity). Unset: the pipeline scheduler's own.",
+    )
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="snrGamma (text-to-image only) weights each example's loss by "
+        "min(SNR, snrGamma) / SNR at its timestep (Min-SNR weighting; 5 is the recommended "
+        "value). Unset: the plain mean squared error.",
+    )
+
+
+class ImageSampleSpec(ApiModel):
+    # 8 prompts of 256 characters: a CLIP text encoder reads 77 tokens, and the spec stays small.
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="prompts to generate the samples from, in turn: sample i is prompts[i mod "
+        "len(prompts)]. Empty: the distinct captions of the evaluation split, in order.",
+    )
+    count: int = Field(
+        4, ge=0, le=16, description="count of sample images; 0 generates none. Default 4."
+    )
+    inference_steps: int = Field(
+        25, ge=1, le=500, description="inferenceSteps of the pipeline per sample. Default 25."
+    )
+    guidance_scale: float = Field(
+        7.5,
+        ge=0,
+        le=50,
+        description="guidanceScale of classifier-free guidance; 1 or less turns it off. "
+        "Default 7.5, the pipeline's.",
+    )
 
 
 class EvaluationSpec(ApiModel):
@@ -368,20 +429,27 @@ class EvaluationSpec(ApiModel):
         description="metrics to compute before and after training. Built in and offline-safe: "
         "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification); "
         "cosine_ndcg@10, cosine_mrr@10, cosine_map@100, cosine_accuracy@1, cosine_recall@10, "
-        "spearman_cosine (sentence-embedding, sentence-transformers' evaluator keys). Other names "
-        "load through `evaluate` from the Hub. Empty: perplexity for causal-lm, accuracy for "
-        "sequence-classification, cosine_ndcg@10, cosine_mrr@10 and cosine_accuracy@1 for "
-        "sentence-embedding.",
+        "spearman_cosine (sentence-embedding, sentence-transformers' evaluator keys); "
+        "denoising_loss (text-to-image). Other names load through `evaluate` from the Hub. "
+        "Empty: perplexity for causal-lm, accuracy for sequence-classification, "
+        "cosine_ndcg@10, cosine_mrr@10 and cosine_accuracy@1 for sentence-embedding, "
+        "denoising_loss for text-to-image.",
     )
     gates: dict[Annotated[str, StringConstraints(max_length=128)], float] = Field(
         default_factory=dict,
         max_length=16,
         description="gates map a computed metric to its threshold after training: a minimum, or a "
-        "maximum for perplexity and loss. A missed gate pushes nothing and fails the job with "
-        "reason EvaluationGateFailed.",
+        "maximum for perplexity, loss and denoising_loss. A missed gate pushes nothing and fails "
+        "the job with reason EvaluationGateFailed.",
     )
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the evaluation split, for trials."
+    )
+    image_samples: ImageSampleSpec | None = Field(
+        None,
+        description="imageSamples (text-to-image only): after training, count images generated with "
+        "the fine-tuned pipeline at fixed seeds (training.seed + i), pushed as samples/NN.png "
+        "and shown in the model card. Unset: count 4 from the evaluation captions.",
     )
 
 
@@ -1045,6 +1113,49 @@ _FOREIGN_METRICS_MESSAGE = (
 _HUGGINGFACE_CO = "^https?://(www[.])?huggingface[.]co/?$"
 
 
+def _text_to_image_only(path: str, wire: str) -> Rule:
+    """`path` (a wire path under spec, Python attribute `wire` of its parent) is set only with
+    model.task text-to-image."""
+    parent, _, _ = path.rpartition(".")
+
+    def check(spec: Any) -> bool:
+        owner = spec
+        for part in parent.split("."):
+            owner = getattr(owner, part)
+        return getattr(owner, wire) is None or spec.model.task == TEXT_TO_IMAGE
+
+    return Rule(
+        cel=f"!has(self.{path}) || self.model.task == '{TEXT_TO_IMAGE}'",
+        message=f"{path} is only for model.task {TEXT_TO_IMAGE}",
+        check=check,
+        field=path,
+    )
+
+
+_TEXT_TO_IMAGE_RULES = (
+    _text_to_image_only("training.resolution", "resolution"),
+    _text_to_image_only("training.predictionType", "prediction_type"),
+    _text_to_image_only("training.snrGamma", "snr_gamma"),
+    _text_to_image_only("evaluation.imageSamples", "image_samples"),
+    Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || self.peft.method == 'lora'",
+        message="text-to-image trains a LoRA on the UNet: peft.method must be lora",
+        check=lambda s: s.model.task != TEXT_TO_IMAGE or s.peft.method == "lora",
+        field="peft.method",
+    ),
+    Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !has(self.output.hub) "
+        "|| !self.output.hub.merge",
+        message="text-to-image pushes its LoRA (pytorch_lora_weights.safetensors): "
+        "output.hub.merge must be false",
+        check=lambda s: (
+            s.model.task != TEXT_TO_IMAGE or s.output.hub is None or not s.output.hub.merge
+        ),
+        field="output.hub.merge",
+    ),
+)
+
+
 class FineTuneJobSpec(ApiModel):
     model: ModelSpec = Field(description="model is the base model and the task.")
     dataset: DatasetSpec = Field(description="dataset to train and evaluate on.")
@@ -1149,6 +1260,7 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: s.dataset.negative_field is None or s.model.task == SENTENCE_EMBEDDING,
             field="dataset.negativeField",
         ),
+        *_TEXT_TO_IMAGE_RULES,
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
             message="spec is immutable except serve, runPolicy.suspend, "

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune_cli.local:cmd_example",
         "print an example manifest with local paths filled in",
     )
-    p.add_argument("name", help="minilm-sentiment or minilm-code-search")
+    p.add_argument("name", help="minilm-sentiment, minilm-code-search or shapes-text-to-image")
     p.add_argument(
         "--data-dir", type=Path, help="where to write the example's data (default: a cache folder)"
     )

@@ -48,6 +48,8 @@ _DELETE = object()
 OPEN_HUB = {"repo": "o/r", "endpoint": "http://hub"}
 CLS = {"spec.model.task": "sequence-classification", "spec.model.numLabels": 2}
 EMB = {"spec.model.task": "sentence-embedding"}
+
+T2I = {"spec.model.task": "text-to-image"}
 SPREAD = {
     "maxSkew": 1,
     "topologyKey": "kubernetes.io/hostname",
@@ -99,6 +101,19 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "embedding-same-columns",
         {**EMB, "spec.dataset.anchorField": "q", "spec.dataset.positiveField": "q"},
         "positiveField",
+    ),
+    # text-to-image: its fields only with it, LoRA only, no merge, its own metric.
+    ("snr-gamma-on-causal", {"spec.training.snrGamma": 5.0}, "snrGamma"),
+    ("resolution-on-cls", {**CLS, "spec.training.resolution": 64}, "resolution"),
+    ("image-samples-on-causal", {"spec.evaluation.imageSamples": {"count": 1}}, "imageSamples"),
+    ("t2i-full-fine-tune", {**T2I, "spec.peft.method": "none"}, "peft.method"),
+    ("t2i-merge", {**T2I, "spec.output.hub": {**OPEN_HUB, "merge": True}}, "merge"),
+    ("denoising-loss-on-causal", {"spec.evaluation.metrics": ["denoising_loss"]}, "metrics"),
+    ("perplexity-on-t2i", {**T2I, "spec.evaluation.metrics": ["perplexity"]}, "metrics"),
+    (
+        "t2i-prediction-type-enum",
+        {**T2I, "spec.training.predictionType": "sample"},
+        "predictionType",
     ),
     ("hub-repo-pattern", {"spec.output.hub": {"repo": "bad repo!"}}, "repo"),
     # What huggingface_hub's validate_repo_id refuses, refused before any training.

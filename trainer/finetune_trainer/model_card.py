@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import cast, get_args
 
 from finetune_api.metrics import METRICS, display_name, lower_is_better
@@ -115,6 +115,7 @@ def _front_matter(
     artifact: str,
     info: CardInfo,
     base_license: Mapping[str, str] | None,
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -152,6 +153,7 @@ def _front_matter(
         tags += ["lora", method] if method != "lora" else ["lora"]
     if artifact == "merged":
         tags.append("merged")
+    tags += info.tags
     data = ModelCardData(
         base_model=base,
         # The Hub infers the relation, but an explicit one keeps the model tree right for merges.
@@ -166,6 +168,7 @@ def _front_matter(
         model_name=model_name,
         eval_results=eval_results or None,
         **card_license(job, base_license),
+        **(extra or {}),
     )
     return data.to_dict()
 
@@ -175,6 +178,7 @@ def render_model_card(
     scores: Mapping[str, Mapping[str, float | None]],
     artifact: str,
     base_license: Mapping[str, str] | None = None,
+    artifact_dir: Path | None = None,
 ) -> str:
     """README.md text: YAML front matter (base_model, license, library_name, tags, datasets,
     model-index) and a body with the base model, dataset, PEFT and training settings, and
@@ -182,12 +186,16 @@ def render_model_card(
 
     `scores` maps metric -> {"before": x, "after": y} (either may be None); `artifact` is
     adapter, merged or full; `base_license` is the base model's license metadata, used when
-    output.hub.license is unset.
+    output.hub.license is unset; `artifact_dir`, the folder being pushed, lets the task describe
+    what else it saved there (`Task.card_extras`, e.g. sample images).
     """
     import yaml
 
     info = _card_info(job, artifact)
-    meta = _front_matter(job, scores, artifact, info, base_license)
+    extra, sections = (
+        task_for(job.spec).card_extras(artifact_dir) if artifact_dir is not None else ({}, [])
+    )
+    meta = _front_matter(job, scores, artifact, info, base_license, extra)
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
     spec = job.spec
     title = spec.output.hub.repo if spec.output.hub else job.metadata.name
@@ -218,6 +226,7 @@ def render_model_card(
         "",
         *_evaluation_section(job, scores),
         "",
+        *([*sections, ""] if sections else []),
         "## Usage",
         "",
         "```python",

@@ -128,7 +128,7 @@ def push_to_hub(
     inherited = None if hub.license else base_license(job, reader)
     try:
         (artifact_dir / "README.md").write_text(
-            render_model_card(job, scores, artifact, inherited), encoding="utf-8"
+            render_model_card(job, scores, artifact, inherited, artifact_dir), encoding="utf-8"
         )
     except Exception as exc:
         raise PushError(scrub(f"push to {target} failed: {type(exc).__name__}: {exc}")) from None

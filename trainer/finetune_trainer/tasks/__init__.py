@@ -13,6 +13,7 @@ from finetune_api.v1alpha1 import (
     CAUSAL_LM,
     SENTENCE_EMBEDDING,
     SEQUENCE_CLASSIFICATION,
+    TEXT_TO_IMAGE,
     FineTuneJobSpec,
 )
 from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
@@ -34,6 +35,7 @@ REGISTRY: dict[str, str] = {
     CAUSAL_LM: "causal_lm:CausalLM",
     SEQUENCE_CLASSIFICATION: "sequence_classification:SequenceClassification",
     SENTENCE_EMBEDDING: "sentence_embedding:SentenceEmbedding",
+    TEXT_TO_IMAGE: "text_to_image:TextToImage",
 }
 
 

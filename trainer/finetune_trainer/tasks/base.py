@@ -58,6 +58,8 @@ class CardInfo:
     usage: str
     # Task-specific rows for the card's Training table, e.g. packing.
     settings: tuple[tuple[str, object], ...] = ()
+    # Tags beyond finetune-operator, the pipeline tag and the PEFT method, e.g. diffusers-training.
+    tags: tuple[str, ...] = ()
 
 
 class Task(ABC):
@@ -107,3 +109,9 @@ class Task(ABC):
     @abstractmethod
     def card(self, artifact: Artifact, repo: str) -> CardInfo:
         """The model card's task-specific parts, for `artifact` pushed to `repo`."""
+
+    def card_extras(self, artifact_dir: Path) -> tuple[dict[str, object], list[str]]:
+        """What the card says about files `save` wrote besides the model (e.g. sample images):
+        front matter keys (e.g. the Hub's `widget`) and Markdown lines for the body. Read from
+        the artifact folder, so a kept artifact pushed by a later attempt gets the same card."""
+        return {}, []

@@ -1,0 +1,356 @@
+"""text-to-image: its schema fields and rules, and the task's parts on a tiny diffusers pipeline
+(built from config, untrained): the data, the loss and its SNR weighting, the fixed-seed
+evaluation, the saved LoRA and samples, and the card."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune_api import ManifestError, parse_manifest
+from finetune_api.metrics import DEFAULT_METRICS, effective_metrics, lower_is_better
+from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.testing.diffusion import (
+    COLOURS,
+    SIZE,
+    caption_colour,
+    colour_distance,
+    reference_colours,
+    save_shapes_dataset,
+    save_tiny_pipeline,
+    shape_image,
+    text_to_image_job,
+)
+
+
+def _job(changes: dict[str, Any] | None = None, task: str = "text-to-image") -> dict[str, Any]:
+    doc = text_to_image_job(Path("/models/pipe"), Path("/data/shapes"))
+    doc["spec"]["model"]["task"] = task
+    for section, values in (changes or {}).items():
+        doc["spec"][section] = {**doc["spec"].get(section, {}), **values}
+    return doc
+
+
+def _errors(doc: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(doc)
+    return {e.path: e.message for e in caught.value.errors}
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+
+def test_text_to_image_defaults() -> None:
+    doc = _job()
+    del doc["spec"]["evaluation"]
+    spec = parse_manifest(doc).spec
+    assert spec.dataset.image_field == "image" and spec.dataset.caption_field == "text"
+    assert spec.training.resolution is None and spec.training.prediction_type is None
+    assert spec.training.snr_gamma is None and spec.evaluation.image_samples is None
+    assert effective_metrics(spec.model.task, spec.evaluation.metrics) == ["denoising_loss"]
+    assert DEFAULT_METRICS["text-to-image"] == ["denoising_loss"]
+    assert lower_is_better("denoising_loss")
+
+
+def test_text_to_image_fields_and_gate_parse() -> None:
+    spec = parse_manifest(
+        _job(
+            {
+                "training": {"resolution": 64, "predictionType": "v_prediction", "snrGamma": 5.0},
+                "evaluation": {
+                    "metrics": ["denoising_loss"],
+                    "gates": {"denoising_loss": 0.5},
+                    "imageSamples": {"prompts": ["a red circle"], "count": 2, "guidanceScale": 1.0},
+                },
+            }
+        )
+    ).spec
+    assert spec.training.prediction_type == "v_prediction"
+    assert spec.evaluation.image_samples is not None and spec.evaluation.image_samples.count == 2
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("training", "resolution", 64),
+        ("training", "predictionType", "epsilon"),
+        ("training", "snrGamma", 5.0),
+        ("evaluation", "imageSamples", {"count": 1}),
+    ],
+)
+def test_text_to_image_fields_are_refused_for_other_tasks(
+    section: str, field: str, value: object
+) -> None:
+    doc = _job({section: {field: value}}, task="causal-lm")
+    doc["spec"]["evaluation"].pop("metrics")
+    if field != "imageSamples":
+        doc["spec"]["evaluation"].pop("imageSamples")
+    errors = _errors(doc)
+    assert errors == {f"spec.{section}.{field}": f"{section}.{field} is only for model.task "
+                      "text-to-image"}  # fmt: skip
+
+
+def test_text_to_image_refuses_other_peft_merge_and_foreign_metrics() -> None:
+    assert "spec.peft.method" in _errors(_job({"peft": {"method": "none"}}))
+    hub = {"hub": {"repo": "me/x", "endpoint": "http://127.0.0.1:1", "merge": True}}
+    assert "spec.output.hub.merge" in _errors(_job({"output": hub}))
+    errors = _errors(_job({"evaluation": {"metrics": ["perplexity"]}}))
+    assert "denoising_loss for text-to-image" in errors["spec.evaluation.metrics"]
+    causal = _job(task="causal-lm")
+    causal["spec"]["evaluation"] = {"metrics": ["denoising_loss"]}
+    assert "spec.evaluation.metrics" in _errors(causal)
+    gated = _job({"evaluation": {"metrics": [], "gates": {"accuracy": 0.5}}})
+    assert "spec.evaluation.gates" in _errors(gated)
+
+
+def test_the_crd_rules_name_the_new_task() -> None:
+    from finetune_api.crd import build_crd
+
+    text = json.dumps(build_crd())
+    assert "text-to-image" in text and "denoising_loss" in text
+
+
+# ---- the data and the colour measure ------------------------------------------------------------
+
+
+def test_shapes_dataset_is_an_imagefolder_with_captions(tmp_path: Path) -> None:
+    from datasets import load_dataset
+
+    save_shapes_dataset(tmp_path, train=16, test=8)
+    ds = load_dataset(str(tmp_path))
+    assert set(ds) == {"train", "test"} and len(ds["train"]) == 16
+    row = ds["train"][0]
+    assert row["image"].size == (SIZE, SIZE) and row["text"] == "a red circle"
+
+
+def test_colour_distance_tells_the_caption_colours_apart() -> None:
+    references = reference_colours()
+    rng = random.Random(3)
+    for colour in COLOURS:
+        image = shape_image(colour, "square", rng)
+        own = colour_distance(image, f"a {colour} square", references)
+        others = [colour_distance(image, f"a {c} square", references) for c in COLOURS]
+        assert own == min(others) and own < 0.1
+    assert caption_colour("A Blue circle") == "blue"
+
+
+# ---- the task on a tiny pipeline ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("t2i")
+    # Untrained parts are enough for the mechanics; the trainer suite measures learning.
+    pipeline = save_tiny_pipeline(root / "pipe", vae_steps=0, unet_steps=0)
+    return pipeline, save_shapes_dataset(root / "data", train=16, test=6)
+
+
+def _spec(tiny: tuple[Path, Path], **changes: Any) -> FineTuneJobSpec:
+    doc = text_to_image_job(*tiny)
+    for section, values in changes.items():
+        doc["spec"][section] = {**doc["spec"].get(section, {}), **values}
+    return parse_manifest(doc).spec
+
+
+def _task_and_data(spec: FineTuneJobSpec) -> tuple[Any, Any]:
+    from datasets import load_dataset
+
+    from finetune_trainer.tasks import task_for
+
+    task = task_for(spec)
+    raw = load_dataset(spec.dataset.source.removeprefix("file://"))
+    return task, task.build_data(raw["train"], raw["test"])
+
+
+def test_pixel_values_resize_crop_and_scale() -> None:
+    from finetune_trainer.tasks.text_to_image import pixel_values
+
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    values = pixel_values(image, 16)
+    assert values.shape == (3, 16, 16)
+    assert torch.allclose(values[0], torch.ones(16, 16))
+    assert torch.allclose(values[1], -torch.ones(16, 16))
+
+
+def test_eval_schedule_spreads_timesteps_and_fixes_seeds() -> None:
+    from finetune_trainer.tasks.text_to_image import eval_schedule
+
+    seeds, timesteps = eval_schedule(4, 1000, seed=7)
+    assert timesteps == [125, 375, 625, 875]
+    assert len(set(seeds)) == 4 and eval_schedule(4, 1000, seed=7)[0] == seeds
+
+
+def test_snr_weighting_follows_min_snr() -> None:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from finetune_trainer.tasks.text_to_image import denoising_loss
+
+    scheduler = DDPMScheduler()
+    timesteps = torch.tensor([10, 500, 990])
+    prediction, target = torch.ones(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    plain = denoising_loss(prediction, target, timesteps, scheduler.alphas_cumprod, "epsilon", None)
+    assert plain.tolist() == [1.0, 1.0, 1.0]
+    snr = compute_snr(scheduler, timesteps)
+    eps = denoising_loss(prediction, target, timesteps, scheduler.alphas_cumprod, "epsilon", 5.0)
+    assert torch.allclose(eps, torch.clamp(snr, max=5.0) / snr)
+    v = denoising_loss(prediction, target, timesteps, scheduler.alphas_cumprod, "v_prediction", 5.0)
+    assert torch.allclose(v, torch.clamp(snr, max=5.0) / (snr + 1))
+    # Low-noise timesteps (huge SNR) are damped; the noisiest keep their full weight.
+    assert eps[0] < 0.05 and eps[2] == pytest.approx(1.0)
+
+
+def test_data_rows_collate_to_pixels_and_padded_captions(tiny: tuple[Path, Path]) -> None:
+    _, data = _task_and_data(_spec(tiny))
+    assert len(data.train) == 16 and len(data.evaluation) == 6
+    batch = data.collate([data.evaluation[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE)
+    assert batch["input_ids"].shape == (3, data.processor.model_max_length)
+    # "a red circle": bos, three words, eos; the rest is padding.
+    assert batch["attention_mask"].sum(dim=1).tolist() == [5, 5, 5]
+    assert batch["timesteps"].tolist() == data.evaluation["timestep"][:3]
+    assert "noise_seeds" not in data.collate([data.train[0]])
+
+
+def test_only_the_unet_attention_lora_trains(tiny: tuple[Path, Path]) -> None:
+    task, data = _task_and_data(_spec(tiny))
+    model = task.load_model(data, torch.device("cpu"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("unet.") and "lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {
+        "to_q",
+        "to_k",
+        "to_v",
+        "0",
+    }
+    torch.manual_seed(0)
+    batch = data.collate([data.train[i] for i in range(4)])
+    loss = task.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in frozen)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_evaluation_is_the_same_at_fixed_seeds(tiny: tuple[Path, Path]) -> None:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    task, data = _task_and_data(_spec(tiny))
+    model = task.load_model(data, torch.device("cpu"))
+    loader = DataLoader(data.evaluation, batch_size=4, collate_fn=data.collate)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(1)
+    first = task.evaluate(accelerator, model, loader)
+    torch.manual_seed(2)  # the global generator plays no part
+    assert task.evaluate(accelerator, model, loader) == first
+    assert set(first) == {"denoising_loss"} and first["denoising_loss"] > 0
+
+
+def test_save_writes_diffusers_lora_samples_and_card(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from finetune_trainer.model_card import render_model_card
+
+    spec = _spec(tiny, evaluation={"imageSamples": {"prompts": ["a red circle", "a blue square"],
+                                               "count": 3, "inferenceSteps": 2}})  # fmt: skip
+    task, data = _task_and_data(spec)
+    model = task.load_model(data, torch.device("cpu"))
+    with torch.no_grad():  # a LoRA that changes the output, as a trained one would
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    assert task.save(model, data, tmp_path) == "adapter"
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    index = [json.loads(line) for line in (tmp_path / "samples" / "samples.jsonl").open()]
+    assert [r["prompt"] for r in index] == ["a red circle", "a blue square", "a red circle"]
+    assert [r["seed"] for r in index] == [7, 8, 9]
+    saved = Image.open(tmp_path / "samples" / "00.png")
+    assert saved.size == (SIZE, SIZE)
+
+    # diffusers loads the LoRA back onto the base, and reproduces sample 0 from its seed.
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny[0]), safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(str(tmp_path))
+    again = pipeline(
+        "a red circle", num_inference_steps=2, height=SIZE, width=SIZE,
+        generator=torch.Generator().manual_seed(7),
+    ).images[0]  # fmt: skip
+    diff = np.asarray(again, dtype=np.int16) - np.asarray(saved, dtype=np.int16)
+    assert np.abs(diff).max() <= 2
+
+    from finetune_api import FineTuneJob
+
+    doc = text_to_image_job(*tiny)
+    doc["spec"] = spec.model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["output"] = {"hub": {"repo": "me/shapes-lora", "endpoint": "http://127.0.0.1:1"}}
+    job = FineTuneJob.model_validate(doc)
+    card = render_model_card(job, {"denoising_loss": {"before": 1.1, "after": 0.4}}, "adapter",
+                             artifact_dir=tmp_path)  # fmt: skip
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data.to_dict()
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
+    assert {"text-to-image", "lora", "diffusers", "diffusers-training"} <= set(meta["tags"])
+    assert meta["widget"][0] == {"text": "a red circle", "output": {"url": "samples/00.png"}}
+    assert "![samples/02.png](samples/02.png)" in card
+    assert 'pipeline.load_lora_weights("me/shapes-lora")' in card
+
+
+def test_the_unet_lora_resumes_by_name(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """What a checkpoint keeps (modeling.trainable_state) and train._resume copies back by name
+    restores the UNet's LoRA, in a freshly loaded model as a new attempt loads it."""
+    from finetune_trainer import checkpoint, modeling
+
+    task, data = _task_and_data(_spec(tiny))
+    trained = task.load_model(data, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p))
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad])
+    saved = checkpoint.Checkpoint(
+        state=checkpoint.TrainerState(step=3, epoch=0, batches_in_epoch=3, world_size=2),
+        trainable=modeling.trainable_state(trained),
+        optimizer=optimizer.state_dict(),
+        scheduler={},
+        rng=[checkpoint.capture_rng()],
+    )
+    folder = checkpoint.save(tmp_path, saved, keep=1)
+    state = checkpoint.load(folder).trainable
+    fresh = task.load_model(data, torch.device("cpu"))
+    params = dict(fresh.named_parameters())
+    assert set(state) == {n for n, p in params.items() if p.requires_grad}
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    batch = data.collate([data.evaluation[i] for i in range(2)])
+    with torch.no_grad():
+        a = trained(**{k: v for k, v in batch.items() if k != "attention_mask"})[0]
+        b = fresh(**{k: v for k, v in batch.items() if k != "attention_mask"})[0]
+    assert torch.equal(a, b)
+
+
+def test_the_example_manifest_is_a_valid_text_to_image_job() -> None:
+    import yaml
+
+    from finetune_trainer import example_data
+
+    assert "shapes-text-to-image" in example_data.EXAMPLES
+    template = Path(example_data.__file__).parent / "examples" / "shapes-text-to-image.yaml"
+    job = parse_manifest(yaml.safe_load(template.read_text()))
+    assert job.spec.model.task == "text-to-image"
+    assert (
+        job.spec.evaluation.image_samples is not None
+        and job.spec.evaluation.image_samples.count == 4
+    )

@@ -1,0 +1,474 @@
+"""text-to-image: LoRA on the UNet attention of a diffusers Stable Diffusion pipeline, trained on
+captioned images, as diffusers' examples/text_to_image/train_text_to_image_lora.py trains it.
+
+The VAE and the text encoder are frozen; each step encodes the images into latents, noises them
+at random timesteps of the pipeline's noise scheduler, and trains the UNet's LoRA to predict the
+noise (epsilon) or the velocity (v_prediction), by mean squared error, optionally Min-SNR
+weighted (`training.snrGamma`). The held-out score, `denoising_loss`, is the same error on the
+evaluation images at fixed noise seeds and timesteps. The artifact is the LoRA as diffusers loads
+it (`pytorch_lora_weights.safetensors`, `save_lora_weights`) plus sample images generated with
+the fine-tuned pipeline at fixed seeds (`samples/NN.png`, listed in `samples/samples.jsonl`),
+which the model card shows.
+
+`model.source` is a pipeline folder (or Hub repo) as `StableDiffusionPipeline.from_pretrained`
+loads it: unet/, vae/, text_encoder/, tokenizer/ and scheduler/. The "tokens" the loop counts
+for telemetry are the captions' real (non-pad) tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
+
+from finetune_api.v1alpha1 import TEXT_TO_IMAGE, FineTuneJobSpec, ImageSampleSpec
+from finetune_trainer import data, modeling
+from finetune_trainer.evaluation import evaluating, scores_from_main
+from finetune_trainer.model_card import source_id
+from finetune_trainer.scoring import ScorerUnavailable
+from finetune_trainer.sources import downloading
+from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "LORA_WEIGHTS",
+    "SAMPLES_DIR",
+    "Collator",
+    "DiffusionModel",
+    "TextToImage",
+    "denoising_loss",
+    "eval_schedule",
+    "pixel_values",
+]
+
+# The UNet's attention projections, as diffusers' LoRA script adapts them.
+DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+SAMPLES_DIR = "samples"
+SAMPLES_INDEX = "samples.jsonl"
+# Columns of the rows build_data makes: the image, its caption's token ids and mask, and for the
+# evaluation rows the fixed noise seed and timestep.
+IMAGE, CAPTION = "image", "caption"
+
+
+def pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An image as the VAE takes it: RGB, the shorter side resized to `resolution` and
+    centre-cropped to a square, channels first, in -1..1."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    if scale != 1:
+        size = (
+            max(resolution, round(image.width * scale)),
+            max(resolution, round(image.height * scale)),
+        )
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def eval_schedule(n: int, num_train_timesteps: int, seed: int) -> tuple[list[int], list[int]]:
+    """Per evaluation row, its noise seed and timestep: the timesteps spread evenly over the
+    schedule (each row's own, so the score weighs every noise level alike), the seeds fixed, so
+    the score before and after training is of the same noised latents."""
+    timesteps = [
+        min(num_train_timesteps - 1, int((i + 0.5) * num_train_timesteps / n)) for i in range(n)
+    ]
+    return [seed * 1_000_003 + i for i in range(n)], timesteps
+
+
+def denoising_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    snr_gamma: float | None,
+) -> torch.Tensor:
+    """Per example, the mean squared error of the UNet's prediction; with `snr_gamma`, weighted
+    by min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction
+    (Min-SNR, as diffusers' compute_snr weighting)."""
+    error = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.dim())))
+    if snr_gamma is None:
+        return error
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    weight = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0)
+    return error * weight
+
+
+class DiffusionModel(torch.nn.Module):
+    """The pipeline parts one training step runs, as one module: one `accelerate.prepare` (DDP)
+    wraps it, and its forward is the step's forward, so DDP syncs the UNet's LoRA gradients. The
+    VAE and the text encoder are frozen and stay in eval mode."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        scheduler: DDPMScheduler,
+    ) -> None:
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.scheduler = scheduler
+        self.register_buffer(
+            "alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False
+        )
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    def train(self, mode: bool = True) -> DiffusionModel:
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        noise_seeds: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        **_: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet's prediction, its target and the timesteps, for images and caption ids.
+        Without `noise_seeds` and `timesteps` (training), noise and timesteps are drawn from the
+        rank's seeded generator; with them (evaluation), each row's are fixed."""
+        with torch.no_grad():
+            posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+            # Training samples the posterior, as the recipe does; evaluation takes its mode.
+            latents = posterior.mode() if noise_seeds is not None else posterior.sample()
+            latents = latents * self.vae.config.scaling_factor
+            encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
+        if noise_seeds is None or timesteps is None:
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0,
+                self.scheduler.config.num_train_timesteps,
+                (latents.shape[0],),
+                device=latents.device,
+            )
+        else:
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        latents.shape[1:], generator=torch.Generator().manual_seed(int(seed))
+                    )
+                    for seed in noise_seeds.tolist()
+                ]
+            ).to(latents.device, latents.dtype)
+        timesteps = timesteps.long()
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return prediction, target, timesteps
+
+
+@dataclass
+class Collator:
+    """Rows (an image and its caption's ids) -> pixel values and padded ids, plus the fixed
+    noise seeds and timesteps of evaluation rows."""
+
+    resolution: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        # Captions come padded to the tokenizer's length, as the pipeline pads its prompts: the
+        # UNet cross-attends to every position, pad ones included.
+        batch = {
+            "input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
+            "attention_mask": torch.tensor([r["attention_mask"] for r in rows], dtype=torch.long),
+        }
+        batch["pixel_values"] = torch.stack([pixel_values(r[IMAGE], self.resolution) for r in rows])
+        if "noise_seed" in rows[0]:
+            batch["noise_seeds"] = torch.tensor([r["noise_seed"] for r in rows], dtype=torch.long)
+            batch["timesteps"] = torch.tensor([r["timestep"] for r in rows], dtype=torch.long)
+        return batch
+
+
+class TextToImage(Task):
+    name = TEXT_TO_IMAGE
+
+    def __init__(self, spec: FineTuneJobSpec) -> None:
+        super().__init__(spec)
+        self.location = modeling.source_location(spec.model.source)
+        self.revision = spec.model.revision if spec.model.source.startswith("hf://") else None
+
+    @property
+    def sample_spec(self) -> ImageSampleSpec:
+        return self.spec.evaluation.image_samples or ImageSampleSpec()
+
+    def _from_pretrained(self, cls: Any, subfolder: str, **kwargs: Any) -> Any:
+        """One part of the pipeline (its subfolder); a missing source is ModelNotFound."""
+        with downloading("model", self.location, self.revision) as token:
+            return cls.from_pretrained(
+                self.location, subfolder=subfolder, revision=self.revision, token=token, **kwargs
+            )
+
+    def _config(self, cls: Any, subfolder: str) -> dict[str, Any]:
+        with downloading("model", self.location, self.revision) as token:
+            return dict(
+                cls.load_config(
+                    self.location, subfolder=subfolder, revision=self.revision, token=token
+                )
+            )
+
+    def resolution(self) -> int:
+        """training.resolution, else the pipeline's: the UNet's sample size times the VAE's
+        downscaling factor."""
+        if self.spec.training.resolution is not None:
+            return self.spec.training.resolution
+        unet = self._config(UNet2DConditionModel, "unet")
+        vae = self._config(AutoencoderKL, "vae")
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
+        tokenizer = self._from_pretrained(AutoTokenizer, "tokenizer")
+        resolution = self.resolution()
+        steps = int(self._config(DDPMScheduler, "scheduler").get("num_train_timesteps", 1000))
+        with data.dataset_errors():  # the tokenizer is the model's; from here on, the data's
+            rows = self._rows(train, tokenizer)
+            eval_rows = self._rows(evaluation, tokenizer)
+            seeds, timesteps = eval_schedule(len(eval_rows), steps, self.spec.training.seed)
+            eval_rows = eval_rows.add_column("noise_seed", seeds).add_column("timestep", timesteps)
+        return TaskData(
+            processor=tokenizer,
+            train=rows,
+            evaluation=eval_rows,
+            collate=Collator(resolution),
+        )
+
+    def _rows(self, ds: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+        """The image (decoded lazily, as a `datasets` Image) and its caption's token ids."""
+        d = self.spec.dataset
+        data.require_columns(ds, {"imageField": d.image_field, "captionField": d.caption_field})
+        if not isinstance(ds.features[d.image_field], ImageFeature):
+            ds = ds.cast_column(d.image_field, ImageFeature())  # paths or bytes
+        max_len = tokenizer.model_max_length
+
+        def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            captions = [str(c) for c in batch[d.caption_field]]
+            enc = tokenizer(captions, truncation=True, max_length=max_len, padding="max_length")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+        ds = ds.select_columns([d.image_field, d.caption_field])
+        ds = ds.map(encode, batched=True)
+        names = {d.image_field: IMAGE, d.caption_field: CAPTION}
+        return ds.rename_columns({old: new for old, new in names.items() if old != new})
+
+    def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
+        from peft import LoraConfig
+
+        unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=torch.float32)
+        vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=torch.float32)
+        text_encoder = self._from_pretrained(CLIPTextModel, "text_encoder", dtype=torch.float32)
+        scheduler = self._from_pretrained(DDPMScheduler, "scheduler")
+        if self.spec.training.prediction_type is not None:
+            scheduler.register_to_config(prediction_type=self.spec.training.prediction_type)
+        for part in (unet, vae, text_encoder):
+            part.requires_grad_(False)
+        p = self.spec.peft
+        # Gaussian init, as the recipe: B is zero, so the first step starts from the base.
+        unet.add_adapter(
+            LoraConfig(
+                r=p.r,
+                lora_alpha=p.alpha,
+                lora_dropout=p.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(p.target_modules or DEFAULT_TARGET_MODULES),
+            )
+        )
+        return DiffusionModel(unet, vae, text_encoder, scheduler)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        prediction, target, timesteps = model(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]
+        )
+        inner = _inner(model)
+        return denoising_loss(
+            prediction,
+            target,
+            timesteps,
+            inner.alphas_cumprod,
+            inner.prediction_type,
+            self.spec.training.snr_gamma,
+        ).mean()
+
+    def evaluate(
+        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+    ) -> dict[str, float]:
+        total, count = 0.0, 0
+        inner = _inner(model)
+        with evaluating(model):
+            for batch in batches:
+                prediction, target, timesteps = model(
+                    pixel_values=batch["pixel_values"],
+                    input_ids=batch["input_ids"],
+                    noise_seeds=batch["noise_seeds"],
+                    timesteps=batch["timesteps"],
+                )
+                # Unweighted, whatever snrGamma: the score compares runs with different weights.
+                errors = denoising_loss(
+                    prediction, target, timesteps, inner.alphas_cumprod, "epsilon", None
+                )
+                errors = accelerator.gather_for_metrics(errors)
+                total += float(errors.double().sum())
+                count += int(errors.numel())
+        return scores_from_main(accelerator, lambda: self._scores(total, count))
+
+    def _scores(self, total: float, count: int) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for name in self.metrics:
+            if name != "denoising_loss":
+                raise ScorerUnavailable(name, "text-to-image computes denoising_loss only")
+            scores[name] = total / count if count else math.nan
+        return scores
+
+    def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
+        """The UNet's LoRA as diffusers saves it, and the sample images."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        assert isinstance(model, DiffusionModel)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=out, unet_lora_layers=layers, safe_serialization=True
+        )
+        self._samples(model, data, out)
+        return "adapter"
+
+    def _samples(self, model: DiffusionModel, data: TaskData, out: Path) -> None:
+        """`evaluation.imageSamples.count` images of the fine-tuned pipeline, at seeds seed + i."""
+        from diffusers import StableDiffusionPipeline
+
+        samples = self.sample_spec
+        prompts = list(samples.prompts) or _distinct(data.evaluation[CAPTION])
+        if samples.count == 0 or not prompts:
+            return
+        # The pipeline's own inference scheduler (its model_index), the trained parts in place.
+        with downloading("model", self.location, self.revision) as token:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                self.location,
+                revision=self.revision,
+                token=token,
+                unet=model.unet,
+                vae=model.vae,
+                text_encoder=model.text_encoder,
+                tokenizer=data.processor,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        if self.spec.training.prediction_type is not None:
+            pipeline.scheduler = type(pipeline.scheduler).from_config(
+                pipeline.scheduler.config, prediction_type=self.spec.training.prediction_type
+            )
+        pipeline.set_progress_bar_config(disable=True)
+        model.eval()
+        folder = out / SAMPLES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        resolution = data.collate.resolution  # type: ignore[attr-defined]
+        index = []
+        device = next(model.unet.parameters()).device
+        for i in range(samples.count):
+            prompt, seed = prompts[i % len(prompts)], self.spec.training.seed + i
+            with torch.no_grad():
+                image = pipeline(
+                    prompt,
+                    num_inference_steps=samples.inference_steps,
+                    guidance_scale=samples.guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=torch.Generator(device).manual_seed(seed),
+                ).images[0]
+            name = f"{SAMPLES_DIR}/{i:02d}.png"
+            image.save(out / name)
+            index.append({"file": name, "prompt": prompt, "seed": seed})
+        (folder / SAMPLES_INDEX).write_text("".join(json.dumps(r) + "\n" for r in index))
+
+    def card(self, artifact: Artifact, repo: str) -> CardInfo:
+        t = self.spec.training
+        return CardInfo(
+            pipeline_tag="text-to-image",
+            task_name="Text-to-Image",
+            library_name="diffusers",
+            usage=_usage(source_id(self.spec.model.source), repo),
+            settings=(
+                ("Resolution", t.resolution or "the pipeline's"),
+                ("Prediction type", t.prediction_type or "the scheduler's"),
+                ("SNR gamma", t.snr_gamma if t.snr_gamma is not None else "none (plain MSE)"),
+            ),
+            tags=("diffusers", "diffusers-training", "stable-diffusion"),
+        )
+
+    def card_extras(self, artifact_dir: Path) -> tuple[dict[str, object], list[str]]:
+        """The samples: the Hub's widget entries, and a Samples section with each image."""
+        index = artifact_dir / SAMPLES_DIR / SAMPLES_INDEX
+        if not index.is_file():
+            return {}, []
+        rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        widget = [{"text": r["prompt"], "output": {"url": r["file"]}} for r in rows]
+        lines = [
+            "## Samples",
+            "",
+            "Generated by the fine-tuned pipeline after training "
+            f"({self.sample_spec.inference_steps} steps, guidance scale "
+            f"{self.sample_spec.guidance_scale:g}):",
+            "",
+            "| Prompt | Seed | Image |",
+            "|---|---|---|",
+            *(
+                f"| {_cell(r['prompt'])} | {r['seed']} | ![{r['file']}]({r['file']}) |"
+                for r in rows
+            ),
+        ]
+        return {"widget": widget}, lines
+
+
+def _inner(model: torch.nn.Module) -> DiffusionModel:
+    """The DiffusionModel inside a prepared (DDP-wrapped) one."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, DiffusionModel):
+        raise TypeError(f"expected a DiffusionModel, got {type(inner).__name__}")
+    return inner
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _distinct(captions: Iterable[Any]) -> list[str]:
+    return list(dict.fromkeys(str(c) for c in captions))
+
+
+def _usage(base_id: str | None, repo: str) -> str:
+    return "\n".join(
+        [
+            "import torch",
+            "from diffusers import StableDiffusionPipeline",
+            "",
+            f'pipeline = StableDiffusionPipeline.from_pretrained("{base_id or "<base pipeline>"}")',
+            f'pipeline.load_lora_weights("{repo}")',
+            'image = pipeline("<prompt>").images[0]',
+        ]
+    )
