@@ -447,9 +447,9 @@ class EvaluationSpec(ApiModel):
     )
     image_samples: ImageSampleSpec | None = Field(
         None,
-        description="imageSamples (text-to-image only): after training, count images generated with "
-        "the fine-tuned pipeline at fixed seeds (training.seed + i), pushed as samples/NN.png "
-        "and shown in the model card. Unset: count 4 from the evaluation captions.",
+        description="imageSamples (text-to-image only): after training, count images generated "
+        "with the fine-tuned pipeline at fixed seeds (training.seed + i), pushed as "
+        "samples/NN.png and shown in the model card. Unset: count 4 from the evaluation captions.",
     )
 
 
