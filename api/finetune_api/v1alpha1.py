@@ -23,8 +23,10 @@ from finetune_api.constants import (
 from finetune_api.metrics import (
     CLASSIFICATION_METRICS,
     DEFAULT_METRICS,
+    GENERATION_METRICS,
     effective_metrics,
     foreign_metrics,
+    needs_generation,
 )
 from finetune_api.pod import DATASET_TOKEN_ENV, HF_TOKEN_ENV, MODEL_TOKEN_ENV
 from finetune_api.rules import Rule, TransitionRule
@@ -216,6 +218,15 @@ class DatasetSpec(ApiModel):
     response_field: ShortStr | None = Field(
         None, description="responseField is the response column; set together with promptField."
     )
+    messages_field: ShortStr | None = Field(
+        None,
+        description="messagesField is the column of chat data for causal-lm: per row an "
+        "OpenAI-style list of {role, content} messages, roles system (optional, first), user and "
+        "assistant, ending with an assistant turn. The tokenizer's chat template renders them, "
+        "the loss counts assistant turns only, and generation metrics generate the last "
+        "assistant turn. Replaces textField; not together with promptField and responseField. "
+        "Unset: no chat data.",
+    )
     label_field: ShortStr = Field(
         "label",
         description="labelField is the label column for sequence-classification: integers "
@@ -246,6 +257,12 @@ class DatasetSpec(ApiModel):
             message="promptField and responseField must be set together",
             check=lambda d: (d.prompt_field is None) == (d.response_field is None),
             field="responseField",
+        ),
+        Rule(
+            cel="!(has(self.messagesField) && has(self.promptField))",
+            message="set messagesField or promptField and responseField, not both",
+            check=lambda d: d.messages_field is None or d.prompt_field is None,
+            field="messagesField",
         ),
     )
 
@@ -317,7 +334,9 @@ class EvaluationSpec(ApiModel):
         default_factory=list,
         max_length=16,
         description="metrics to compute before and after training. Built in and offline-safe: "
-        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification). "
+        "perplexity and loss (causal-lm); exact_match, rouge, bleu and chrf (causal-lm with "
+        "promptField/responseField or messagesField: scored on text generated for the "
+        "evaluation prompts); accuracy, f1, precision, recall (sequence-classification). "
         "Other names load through `evaluate` from the Hub. Empty: perplexity for causal-lm, "
         "accuracy for sequence-classification.",
     )
@@ -330,6 +349,21 @@ class EvaluationSpec(ApiModel):
     )
     max_samples: int | None = Field(
         None, ge=1, description="maxSamples caps the evaluation split, for trials."
+    )
+    max_new_tokens: int = Field(
+        64,
+        ge=1,
+        le=2048,
+        description="maxNewTokens bounds each generated answer (greedy decoding) of a generation "
+        "metric (exact_match, rouge, bleu, chrf). Default 64.",
+    )
+    samples: int = Field(
+        3,
+        ge=0,
+        le=16,
+        description="samples is how many evaluation prompts, with the answers generated before "
+        "and after training, go into the model card and (shortened) the result, when a "
+        "generation metric is computed. 0: none. Default 3.",
     )
 
 
@@ -999,9 +1033,21 @@ class FineTuneJobSpec(ApiModel):
         Rule(
             cel="self.model.task == 'causal-lm' ? self.evaluation.metrics.all(m, !(m in "
             f"{_CLASSIFICATION_METRICS_CEL})) : {_WITHOUT_CAUSAL_LM_METRICS_CEL}",
-            message="perplexity is for causal-lm; accuracy, f1, precision and recall are for "
-            "sequence-classification",
+            message="perplexity, exact_match, rouge, bleu and chrf are for causal-lm; accuracy, "
+            "f1, precision and recall are for sequence-classification",
             check=lambda s: not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task)),
+            field="evaluation.metrics",
+        ),
+        Rule(
+            cel=f"!self.evaluation.metrics.exists(m, m in {_cel_list(GENERATION_METRICS)})"
+            " || has(self.dataset.promptField) || has(self.dataset.messagesField)",
+            message="exact_match, rouge, bleu and chrf score answers generated for prompts: set "
+            "dataset.promptField and responseField, or dataset.messagesField",
+            check=lambda s: (
+                not needs_generation(s.evaluation.metrics)
+                or s.dataset.prompt_field is not None
+                or s.dataset.messages_field is not None
+            ),
             field="evaluation.metrics",
         ),
         TransitionRule(
