@@ -18,7 +18,10 @@ mask then comes from the fast tokenizer's character offsets. This module imports
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from finetune_api import FieldError, FineTuneJob
 
 __all__ = [
     "ROLES",
@@ -26,6 +29,7 @@ __all__ = [
     "InvalidMessages",
     "assistant_spans",
     "check_rows",
+    "local_data_errors",
     "message_error",
     "prompt_and_answer",
 ]
@@ -130,3 +134,32 @@ def prompt_and_answer(tokenizer: _Renderer, messages: Sequence[Message]) -> tupl
     """The conversation before its last assistant turn, rendered with the generation prompt, and
     that turn's content: what evaluation generates from and compares against."""
     return _render(tokenizer, messages[:-1], generation=True), messages[-1]["content"]
+
+
+def local_data_errors(job: FineTuneJob) -> list[FieldError]:
+    """For `finetune validate --local` and `finetune run`: the rows of a local dataset's
+    messagesField that are not conversations, as a field error, before any pod or rank starts.
+    A dataset on the Hub is checked by the trainer, which fails with InvalidDataset."""
+    from finetune_api import FieldError, ManifestError
+
+    d = job.spec.dataset
+    if d.messages_field is None or not d.source.startswith("file://"):
+        return []
+    from finetune_trainer.data import dataset_errors, load_raw  # torch and datasets: only here
+
+    try:
+        with dataset_errors():
+            raw = load_raw(d)
+    except ManifestError as exc:
+        return list(exc.errors)
+    except Exception as exc:
+        return [FieldError("spec.dataset.source", str(exc))]
+    for split, rows in raw.items():
+        if d.messages_field not in rows.column_names:
+            message = f"column {d.messages_field!r} not in split {split!r}: {rows.column_names}"
+            return [FieldError("spec.dataset.messagesField", message)]
+        try:
+            check_rows(rows[d.messages_field], d.messages_field, split)
+        except InvalidMessages as exc:
+            return [FieldError("spec.dataset.messagesField", str(exc))]
+    return []
