@@ -23,11 +23,12 @@ from finetune_trainer.scoring import ScorerUnavailable, load_scorer
 from finetune_trainer.tasks.causal_lm import (
     IGNORE_INDEX,
     CausalLM,
+    chat_prompt,
     generation_rows,
     tokenize,
     tokenize_chat,
 )
-from finetune_trainer.testing.tiny import save_tiny_model, sentences
+from finetune_trainer.testing.tiny import save_tiny_model, sentences, train_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "answer in colours"},
@@ -212,6 +213,24 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer: Any) -> No
     rewriting.chat_template = None
     with pytest.raises(chat.ChatTemplateError, match="has none"):
         tokenize_chat(rewriting, CONVERSATION)
+
+
+def test_a_token_across_the_turn_start_is_the_answers_and_generation_starts_before_it() -> None:
+    # Code answers start with an indent, and byte-level BPE merges the generation prompt's
+    # newline with it ("\n   " is one token): training must score that token, and the prompt to
+    # generate from must stop before it, or the model is asked to continue a sequence it never
+    # saw (and ends the answer at once).
+    tok = train_tokenizer(["def f(x):\n    return x\n"] * 50 + sentences(50, 0), 300)
+    conv = [
+        {"role": "user", "content": "def f(x):"},
+        {"role": "assistant", "content": "    return x"},
+    ]
+    ids, labels = tokenize_chat(tok, conv)
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tok.convert_ids_to_tokens(ids[first]).startswith("Ċ")
+    assert tok.decode(ids[first:]) == "\n    return x</s>"
+    prompt, prefix = chat_prompt(tok, conv)
+    assert prompt == ids[:first] and prefix == "\n"
 
 
 def _spec(model_dir: Path, data: dict[str, Any], **evaluation: Any) -> Any:

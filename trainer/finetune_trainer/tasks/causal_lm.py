@@ -32,6 +32,7 @@ __all__ = [
     "IGNORE_INDEX",
     "CausalLM",
     "Collator",
+    "chat_prompt",
     "generation_rows",
     "token_nll",
     "tokenize",
@@ -95,11 +96,33 @@ def tokenize_chat(
     # The template writes the special tokens it wants (bos...), as apply_chat_template does.
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
+    # A token that straddles a turn's start (BPE merges the generation prompt's "\n" with the
+    # answer's indent into one token) is the answer's: the model has to produce it.
     labels = [
-        token if any(start in span for span in spans) else IGNORE_INDEX
-        for token, (start, _end) in zip(ids, encoded["offset_mapping"], strict=True)
+        token if any(start < span.stop and end > span.start for span in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(ids, encoded["offset_mapping"], strict=True)
     ]
     return ids, labels
+
+
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[list[int], str]:
+    """The tokens to generate the last assistant turn from, as training saw them: the whole
+    conversation's tokens that end before that turn. A token straddling the turn's start is left
+    to the model, which then generates the end of the generation prompt (often a newline) first;
+    that text is returned, to be cut from the front of the answer."""
+    head, _ = chat.prompt_and_answer(tokenizer, messages)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = []
+    covered = 0
+    for token, (_start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        if end > len(head):
+            break
+        ids.append(token)
+        covered = end
+    return ids, head[covered:]
 
 
 def _as_ids(out: Any) -> list[int]:
@@ -161,8 +184,9 @@ def tokenize(
 def generation_rows(
     ds: Dataset, spec: FineTuneJobSpec, tokenizer: PreTrainedTokenizerBase
 ) -> Dataset:
-    """Per evaluation row: the prompt's tokens to generate from (`prompt_ids`), the text a person
-    reads as the prompt (`prompt`) and the reference answer (`reference`). For chat data the
+    """Per evaluation row: the prompt's tokens to generate from (`prompt_ids`), the text to cut
+    from the front of the answer (`answer_prefix`, see `chat_prompt`), the text a person reads as
+    the prompt (`prompt`) and the reference answer (`reference`). For chat data the
     prompt is the conversation before its last assistant turn and the reference is that turn."""
     d = spec.dataset
     if d.messages_field is not None:
@@ -171,14 +195,15 @@ def generation_rows(
         chat.check_rows(ds[field], field, str(ds.split or "evaluation"))
 
         def encode(batch: Columns) -> Columns:
-            out: Columns = {"prompt_ids": [], "prompt": [], "reference": []}
+            out: Columns = {"prompt_ids": [], "answer_prefix": [], "prompt": [], "reference": []}
             for messages in batch[field]:
-                text, reference = chat.prompt_and_answer(tokenizer, messages)
-                out["prompt_ids"].append(tokenizer(text, add_special_tokens=False)["input_ids"])
+                ids, prefix = chat_prompt(tokenizer, messages)
+                out["prompt_ids"].append(ids)
+                out["answer_prefix"].append(prefix)
                 # What the user last said, as a person would quote the conversation.
                 last_user = next(m for m in reversed(messages) if m["role"] == "user")
                 out["prompt"].append(last_user["content"])
-                out["reference"].append(reference)
+                out["reference"].append(messages[-1]["content"])
             return out
     elif d.prompt_field is not None and d.response_field is not None:
         prompt_field, response_field = d.prompt_field, d.response_field
@@ -188,6 +213,7 @@ def generation_rows(
             prompts = [str(p) for p in batch[prompt_field]]
             return {
                 "prompt_ids": [_prompt_head(tokenizer, p) for p in prompts],
+                "answer_prefix": [""] * len(prompts),
                 "prompt": prompts,
                 "reference": [str(r) for r in batch[response_field]],
             }
@@ -321,7 +347,9 @@ class CausalLM(Task):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        return generate_answers(accelerator, model, tokenizer, d.prompts["prompt_ids"], settings)
+        answers = generate_answers(accelerator, model, tokenizer, d.prompts["prompt_ids"], settings)
+        # The end of the generation prompt that the prompt's tokens left to the model.
+        return [a.removeprefix(p) for a, p in zip(answers, d.prompts["answer_prefix"], strict=True)]
 
     def _samples(self, answers: list[str]) -> list[Sample]:
         if not answers or self._data is None or self._data.prompts is None:
