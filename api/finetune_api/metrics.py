@@ -27,6 +27,9 @@ class Metric:
     tasks: tuple[str, ...]
     lower_is_better: bool
     description: str
+    # Scored on text the model generates for the evaluation prompts, not on its logits: costs a
+    # generate() pass, and needs prompts (promptField/responseField or messagesField).
+    generation: bool = False
 
 
 BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
@@ -45,6 +48,42 @@ BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
         lower_is_better=True,
         description="mean negative log-likelihood (nats): per scored token for causal-lm, per "
         "example for sequence-classification",
+    ),
+    Metric(
+        "exact_match",
+        "Exact Match",
+        (_CAUSAL_LM,),
+        lower_is_better=False,
+        description="fraction of evaluation prompts whose generated answer equals the reference "
+        "response, after stripping surrounding whitespace",
+        generation=True,
+    ),
+    Metric(
+        "rouge",
+        "ROUGE-L",
+        (_CAUSAL_LM,),
+        lower_is_better=False,
+        description="mean ROUGE-L F1 (longest common subsequence of words) of generated answers "
+        "against the reference responses, 0 to 1",
+        generation=True,
+    ),
+    Metric(
+        "bleu",
+        "BLEU",
+        (_CAUSAL_LM,),
+        lower_is_better=False,
+        description="corpus BLEU (sacrebleu, 13a tokenisation) of generated answers against the "
+        "reference responses, 0 to 100",
+        generation=True,
+    ),
+    Metric(
+        "chrf",
+        "chrF",
+        (_CAUSAL_LM,),
+        lower_is_better=False,
+        description="corpus chrF (sacrebleu: character 6-grams, beta 2) of generated answers "
+        "against the reference responses, 0 to 100",
+        generation=True,
     ),
     Metric(
         "accuracy",
@@ -123,6 +162,8 @@ LOWER_IS_BETTER: Final = frozenset(m.name for m in BUILTIN_METRICS if m.lower_is
 CLASSIFICATION_METRICS: Final = tuple(
     m.name for m in BUILTIN_METRICS if m.tasks == (_SEQUENCE_CLASSIFICATION,)
 )
+# The scores computed on generated text, in vocabulary order.
+GENERATION_METRICS: Final = tuple(m.name for m in BUILTIN_METRICS if m.generation)
 # What an empty `evaluation.metrics` means, per task.
 DEFAULT_METRICS: Final[dict[str, list[str]]] = {
     _CAUSAL_LM: ["perplexity"],
@@ -145,6 +186,11 @@ def foreign_metrics(task: str) -> tuple[str, ...]:
 def effective_metrics(task: str, requested: list[str]) -> list[str]:
     """The scores a job computes: `evaluation.metrics`, or the task's defaults when empty."""
     return list(requested or DEFAULT_METRICS[task])
+
+
+def needs_generation(metrics: list[str]) -> bool:
+    """Whether any of `metrics` is scored on generated text (a generate() pass per evaluation)."""
+    return any(name in GENERATION_METRICS for name in metrics)
 
 
 def lower_is_better(name: str) -> bool:

@@ -26,6 +26,13 @@ MAX_MESSAGE_BYTES = 4096
 # parse() reads no more than this: anything longer did not come from to_message().
 MAX_PARSE_BYTES = 16 * 1024
 MAX_METRICS = 32
+# Generated samples (evaluation.samples, at most 16 in the spec): what the result keeps of each
+# field, enough for the model card; the termination message keeps MESSAGE_SAMPLE_CHARS of each
+# of the first MESSAGE_SAMPLES, and drops them before it cuts anything else.
+MAX_SAMPLES = 16
+SAMPLE_CHARS = 2000
+MESSAGE_SAMPLES = 3
+MESSAGE_SAMPLE_CHARS = 120
 # A message holds an error and a bounded log tail (finetune_trainer.logtail): room for both,
 # with the rest of the result still inside MAX_MESSAGE_BYTES.
 MAX_MESSAGE_CHARS = 3072
@@ -64,6 +71,32 @@ class Score(BaseModel):
     after: float | None = None
 
 
+class Sample(BaseModel):
+    """One evaluation prompt, its reference answer, and what the model generated for it before
+    and after training: so a person can see what changed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: Annotated[str, _clipped(SAMPLE_CHARS)] = ""
+    reference: Annotated[str, _clipped(SAMPLE_CHARS)] = ""
+    before: Annotated[str, _clipped(SAMPLE_CHARS)] | None = None
+    after: Annotated[str, _clipped(SAMPLE_CHARS)] | None = None
+
+    def shortened(self, chars: int) -> dict[str, str]:
+        """The fields cut to `chars` characters each (… marks a cut), for the 4 KiB message."""
+        return {
+            k: v if len(v) <= chars else v[: chars - 1] + "…"
+            for k, v in self.model_dump(exclude_none=True).items()
+        }
+
+
+def _clip_list(limit: int) -> BeforeValidator:
+    def clip(value: Any) -> Any:
+        return value[:limit] if isinstance(value, list) else value
+
+    return BeforeValidator(clip)
+
+
 class TrainerResult(BaseModel):
     """Rank 0's account of one attempt; other ranks report only their rank and status."""
 
@@ -74,6 +107,8 @@ class TrainerResult(BaseModel):
     reason: Annotated[str, _clipped(128)] = ""
     message: Annotated[str, _clipped(MAX_MESSAGE_CHARS)] = ""
     evaluation: dict[Annotated[str, _clipped(128)], Score] = Field(default_factory=dict)
+    # Answers generated for the first evaluation.samples prompts, when a generation metric ran.
+    samples: Annotated[list[Sample], _clip_list(MAX_SAMPLES)] = Field(default_factory=list)
     repo: Annotated[str, _clipped(256)] | None = None
     revision: Annotated[str, _clipped(64)] | None = None
     url: Annotated[str, _clipped(2048)] | None = None
@@ -125,7 +160,20 @@ class TrainerResult(BaseModel):
         )
         if "message" in doc:
             doc["message"] = scrub(doc["message"])
+        if self.samples:
+            doc["samples"] = [
+                {k: scrub(v) for k, v in s.shortened(MESSAGE_SAMPLE_CHARS).items()}
+                for s in self.samples[:MESSAGE_SAMPLES]
+            ]
+        else:
+            doc.pop("samples", None)
         text = _compact(doc)
+        # Samples are for people, and the model card has them whole: they go first.
+        while len(text.encode()) > MAX_MESSAGE_BYTES and doc.get("samples"):
+            doc["samples"].pop()
+            if not doc["samples"]:
+                del doc["samples"]
+            text = _compact(doc)
         overflow = len(text.encode()) - MAX_MESSAGE_BYTES
         if overflow > 0:
             message = doc.get("message", "").encode()
@@ -150,6 +198,8 @@ class TrainerResult(BaseModel):
             return None
         if not isinstance(data, dict):
             return None
+        if isinstance(data.get("samples"), list):
+            data["samples"] = data["samples"][:MAX_SAMPLES]
         if isinstance(data.get("evaluation"), dict):
             data["evaluation"] = dict(list(data["evaluation"].items())[:MAX_METRICS])
         for _ in range(2):

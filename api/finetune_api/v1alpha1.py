@@ -22,9 +22,11 @@ from finetune_api.constants import (
 )
 from finetune_api.metrics import (
     DEFAULT_METRICS,
+    GENERATION_METRICS,
     effective_metrics,
     foreign_metrics,
     metrics_of,
+    needs_generation,
 )
 from finetune_api.pod import DATASET_TOKEN_ENV, HF_TOKEN_ENV, MODEL_TOKEN_ENV
 from finetune_api.rules import Rule, TransitionRule
@@ -227,6 +229,15 @@ class DatasetSpec(ApiModel):
     response_field: ShortStr | None = Field(
         None, description="responseField is the response column; set together with promptField."
     )
+    messages_field: ShortStr | None = Field(
+        None,
+        description="messagesField is the column of chat data for causal-lm: per row an "
+        "OpenAI-style list of {role, content} messages, roles system (optional, first), user and "
+        "assistant, ending with an assistant turn. The tokenizer's chat template renders them, "
+        "the loss counts assistant turns only, and generation metrics generate the last "
+        "assistant turn. Replaces textField; not together with promptField and responseField. "
+        "Unset: no chat data.",
+    )
     label_field: ShortStr = Field(
         "label",
         description="labelField is the label column for sequence-classification: integers "
@@ -293,6 +304,12 @@ class DatasetSpec(ApiModel):
                 == (3 if d.negative_field else 2)
             ),
             field="positiveField",
+        ),
+        Rule(
+            cel="!(has(self.messagesField) && has(self.promptField))",
+            message="set messagesField or promptField and responseField, not both",
+            check=lambda d: d.messages_field is None or d.prompt_field is None,
+            field="messagesField",
         ),
     )
 
@@ -427,7 +444,9 @@ class EvaluationSpec(ApiModel):
         default_factory=list,
         max_length=16,
         description="metrics to compute before and after training. Built in and offline-safe: "
-        "perplexity (causal-lm); accuracy, f1, precision, recall (sequence-classification); "
+        "perplexity and loss (causal-lm); exact_match, rouge, bleu and chrf (causal-lm with "
+        "promptField/responseField or messagesField: scored on text generated for the "
+        "evaluation prompts); accuracy, f1, precision, recall (sequence-classification); "
         "cosine_ndcg@10, cosine_mrr@10, cosine_map@100, cosine_accuracy@1, cosine_recall@10, "
         "spearman_cosine (sentence-embedding, sentence-transformers' evaluator keys); "
         "denoising_loss (text-to-image). Other names load through `evaluate` from the Hub. "
@@ -450,6 +469,21 @@ class EvaluationSpec(ApiModel):
         description="imageSamples (text-to-image only): after training, count images generated "
         "with the fine-tuned pipeline at fixed seeds (training.seed + i), pushed as "
         "samples/NN.png and shown in the model card. Unset: count 4 from the evaluation captions.",
+    )
+    max_new_tokens: int = Field(
+        64,
+        ge=1,
+        le=2048,
+        description="maxNewTokens bounds each generated answer (greedy decoding) of a generation "
+        "metric (exact_match, rouge, bleu, chrf). Default 64.",
+    )
+    samples: int = Field(
+        3,
+        ge=0,
+        le=16,
+        description="samples is how many evaluation prompts, with the answers generated before "
+        "and after training, go into the model card and (shortened) the result, when a "
+        "generation metric is computed. 0: none. Default 3.",
     )
 
 
@@ -1261,6 +1295,18 @@ class FineTuneJobSpec(ApiModel):
             field="dataset.negativeField",
         ),
         *_TEXT_TO_IMAGE_RULES,
+        Rule(
+            cel=f"!self.evaluation.metrics.exists(m, m in {_cel_list(GENERATION_METRICS)})"
+            " || has(self.dataset.promptField) || has(self.dataset.messagesField)",
+            message="exact_match, rouge, bleu and chrf score answers generated for prompts: set "
+            "dataset.promptField and responseField, or dataset.messagesField",
+            check=lambda s: (
+                not needs_generation(s.evaluation.metrics)
+                or s.dataset.prompt_field is not None
+                or s.dataset.messages_field is not None
+            ),
+            field="evaluation.metrics",
+        ),
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
             message="spec is immutable except serve, runPolicy.suspend, "

@@ -101,11 +101,15 @@ def check(sources: Iterable[str], *, local: bool, stdin: TextIO | None = None) -
         out += parse_documents(label, text)
     if local:
         # Only here: the trainer's checks import torch when the spec needs CUDA.
+        from finetune_trainer.chat import local_data_errors
         from finetune_trainer.env import runtime_errors
 
         for doc in out:
             if doc.job is not None and not doc.errors:
                 doc.errors = runtime_errors(doc.job)
+            if doc.job is not None and not doc.errors:
+                # Data on this machine can be read now rather than fail a pod later.
+                doc.errors = local_data_errors(doc.job)
     return out
 
 

@@ -42,6 +42,8 @@ class TrainerState:
     world_size: int
     loss_history: list[float] = field(default_factory=list)
     before_scores: dict[str, float] = field(default_factory=dict)
+    # The answers generated before training for the first evaluation.samples prompts.
+    before_answers: list[str] = field(default_factory=list)
 
 
 @dataclass

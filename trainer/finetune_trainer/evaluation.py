@@ -32,8 +32,18 @@ def scores_from_main(
     """`compute()` on the main process, its scores broadcast so every rank returns the same.
 
     Scorers are copied into the evaluate module cache when they load; one process does that.
+    A scorer that cannot be loaded raises ScorerUnavailable on every rank, not only the main
+    one: the others would otherwise wait for the broadcast until the hang watchdog fired.
     """
-    scores: list[dict[str, float]] = [{}]
+    from finetune_trainer.scoring import ScorerUnavailable
+
+    outcome: list[dict[str, float] | tuple[str, str]] = [{}]
     if accelerator.is_main_process:
-        scores[0] = compute()
-    return broadcast_object_list(scores, from_process=0)[0]
+        try:
+            outcome[0] = compute()
+        except ScorerUnavailable as exc:
+            outcome[0] = (exc.name, exc.hint)
+    got = broadcast_object_list(outcome, from_process=0)[0]
+    if isinstance(got, tuple):
+        raise ScorerUnavailable(*got)
+    return got

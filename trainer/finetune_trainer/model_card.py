@@ -10,11 +10,13 @@ descriptions from the contract's vocabulary (`finetune_api.metrics`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import cast, get_args
 
 from finetune_api.metrics import METRICS, display_name, lower_is_better
+from finetune_api.result import Sample
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_trainer.tasks import Artifact, CardInfo, task_for
 
@@ -179,6 +181,7 @@ def render_model_card(
     artifact: str,
     base_license: Mapping[str, str] | None = None,
     artifact_dir: Path | None = None,
+    samples: Sequence[Sample] = (),
 ) -> str:
     """README.md text: YAML front matter (base_model, license, library_name, tags, datasets,
     model-index) and a body with the base model, dataset, PEFT and training settings, and
@@ -187,7 +190,9 @@ def render_model_card(
     `scores` maps metric -> {"before": x, "after": y} (either may be None); `artifact` is
     adapter, merged or full; `base_license` is the base model's license metadata, used when
     output.hub.license is unset; `artifact_dir`, the folder being pushed, lets the task describe
-    what else it saved there (`Task.card_extras`, e.g. sample images).
+    what else it saved there (`Task.card_extras`, e.g. sample images); `samples` are evaluation
+    prompts with the answers generated before and after training (a Samples section when there
+    are any).
     """
     import yaml
 
@@ -227,6 +232,7 @@ def render_model_card(
         *_evaluation_section(job, scores),
         "",
         *([*sections, ""] if sections else []),
+        *_samples_section(samples),
         "## Usage",
         "",
         "```python",
@@ -235,6 +241,35 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _fenced(text: str) -> list[str]:
+    """`text` in a code fence longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]
+
+
+def _samples_section(samples: Sequence[Sample]) -> list[str]:
+    """Evaluation prompts with the reference and the greedy answers before and after training."""
+    if not samples:
+        return []
+    lines = [
+        "## Samples",
+        "",
+        "Greedy answers to the first evaluation prompts, before and after training.",
+        "",
+    ]
+    for i, sample in enumerate(samples, 1):
+        lines += [f"### Sample {i}", "", "Prompt:", "", *_fenced(sample.prompt), ""]
+        for title, text in (
+            ("Reference", sample.reference),
+            ("Before training", sample.before),
+            ("After training", sample.after),
+        ):
+            if text is not None:
+                lines += [f"{title}:", "", *_fenced(text), ""]
+    return lines
 
 
 def _data_section(job: FineTuneJob) -> list[str]:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.pod import HF_TOKEN_ENV
-from finetune_api.result import scrub
+from finetune_api.result import Sample, scrub
 from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, HubOutput
 from finetune_trainer.hub_repo import VisibilityError, ensure_branch, ensure_repo
 from finetune_trainer.hub_retry import HUB_BACKOFF, Backoff, failure_class, with_backoff
@@ -95,6 +95,7 @@ def push_to_hub(
     scores: Mapping[str, Mapping[str, float | None]],
     artifact: str,
     backoff: Backoff = HUB_BACKOFF,
+    samples: Sequence[Sample] = (),
 ) -> PushResult:
     """Write the model card into artifact_dir and push the folder to spec.output.hub.repo.
 
@@ -128,7 +129,8 @@ def push_to_hub(
     inherited = None if hub.license else base_license(job, reader)
     try:
         (artifact_dir / "README.md").write_text(
-            render_model_card(job, scores, artifact, inherited, artifact_dir), encoding="utf-8"
+            render_model_card(job, scores, artifact, inherited, artifact_dir, samples),
+            encoding="utf-8",
         )
     except Exception as exc:
         raise PushError(scrub(f"push to {target} failed: {type(exc).__name__}: {exc}")) from None

@@ -39,7 +39,7 @@ from transformers import get_linear_schedule_with_warmup
 from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
-from finetune_api.result import TrainerResult, scrub
+from finetune_api.result import Sample, TrainerResult, scrub
 from finetune_trainer import checkpoint, final, modeling, sharding
 from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
@@ -48,7 +48,7 @@ from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
 from finetune_trainer.logtail import with_log_tail
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import write_failure, write_result
-from finetune_trainer.scoring import gate_failures
+from finetune_trainer.scoring import ScorerUnavailable, gate_failures
 from finetune_trainer.sources import SourceNotFound, missing_local
 from finetune_trainer.tasks import Task, TaskData, task_for
 from finetune_trainer.telemetry import TrainerMetrics
@@ -84,6 +84,12 @@ def main(job: FineTuneJob) -> int:
         plain_log.error("accelerator unavailable: %s", exc)
         write_failure(rank, Reason.ACCELERATOR_UNAVAILABLE, str(exc))
         return TrainerResult(status="Failed", reason=Reason.ACCELERATOR_UNAVAILABLE).exit_code
+    except ScorerUnavailable as exc:
+        # A metric that cannot be computed is the spec's to fix (another name, the Hub, the
+        # fields generation needs); no other attempt would compute it.
+        plain_log.error("%s", exc)
+        write_failure(rank, Reason.INVALID_SPEC, f"spec.evaluation.metrics: {exc}")
+        return ExitCode.INVALID_SPEC
     except ManifestError as exc:
         for error in exc.errors:
             plain_log.error("invalid spec: %s", error)
@@ -131,8 +137,11 @@ def _train(job: FineTuneJob) -> int:
     run = _prepare(job, accelerator, task, data, model)
     state, resumed_from = _resume(run, ckpt_root, mirror)
     telemetry.record_resume(resumed_from)
-    # A resumed run keeps the before-training scores of its first attempt.
-    state.before_scores = _evaluate(run, telemetry, "before", state.before_scores)
+    # A resumed run keeps the before-training scores (and answers) of its first attempt.
+    known = state.before_scores
+    state.before_scores = _evaluate(run, telemetry, "before", known)
+    if not known:  # evaluated just now
+        state.before_answers = [s.after or "" for s in task.generated]
 
     telemetry.set_status("training")
     after_save = mirror.upload if mirror is not None else None
@@ -154,6 +163,7 @@ def _train(job: FineTuneJob) -> int:
         train_loss=_recent_loss(state.loss_history),
         resumed_from_step=resumed_from,
         tokens_per_second=tokens_per_second,
+        samples=_paired_samples(state.before_answers, task.generated),
     )
     verdict = None
     if accelerator.is_main_process:
@@ -185,6 +195,14 @@ def _final_model(run: Prepared) -> torch.nn.Module | None:
             f"unexpected {sorted(result.unexpected_keys)[:5]}"
         )
     return plain
+
+
+def _paired_samples(before: list[str], after: list[Sample]) -> list[Sample]:
+    """The after-training samples with the same prompts' before-training answers."""
+    return [
+        s.model_copy(update={"before": before[i] if i < len(before) else None})
+        for i, s in enumerate(after)
+    ]
 
 
 def _leave(
@@ -492,7 +510,7 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
 
     try:
         scores = {name: score.model_dump() for name, score in result.evaluation.items()}
-        pushed = push_to_hub(job, out, scores, result.artifact)
+        pushed = push_to_hub(job, out, scores, result.artifact, samples=result.samples)
     except PushError as exc:
         result.status, result.reason, result.message = "Failed", Reason.PUSH_FAILED, str(exc)
         result.retryable = not exc.permanent

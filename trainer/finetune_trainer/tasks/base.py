@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from finetune_api.metrics import effective_metrics
+from finetune_api.result import Sample
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,9 @@ class TaskData:
     collate: Collate
     # Class names in id order, for a task with a classification head.
     labels: list[str] | None = None
+    # Evaluation prompts to generate answers for (causal-lm with a generation metric): columns
+    # prompt_ids, prompt and reference. None: evaluation generates nothing.
+    prompts: Dataset | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class Task(ABC):
         self.spec = spec
         # The scores `evaluate` returns, by name.
         self.metrics = effective_metrics(spec.model.task, spec.evaluation.metrics)
+        # What the last `evaluate` generated for the first evaluation.samples prompts, as
+        # Sample(after=answer), the same on every rank; empty for a task or job that generates
+        # nothing. The run pairs the before and after evaluations' samples.
+        self.generated: list[Sample] = []
 
     @abstractmethod
     def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:

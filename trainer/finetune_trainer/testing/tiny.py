@@ -2,7 +2,8 @@
 
 No download: the byte-level BPE tokenizer is trained on the caller's texts, with special tokens
 `<s>` (bos, id 0), `</s>` (eos, id 1) and `<pad>` (pad, id 2), and the Llama's weights are random
-(seeded, so a given size and seed always gives the same model).
+(seeded, so a given size and seed always gives the same model). The tokenizer has a real chat
+template (`CHAT_TEMPLATE`), so the chat-data path runs in the tests as with a published model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "WORDS",
     "causal_job",
     "save_test_llama",
@@ -28,6 +30,19 @@ __all__ = [
 ]
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+# Zephyr-like turns, each closed by eos (`<|user|>\nHi</s><|assistant|>\nHello</s>`), so that greedy
+# generation stops at the end of the answer. The assistant's content and eos sit in a
+# `{% generation %}` block as in TRL's templates, so transformers' return_assistant_tokens_mask
+# works too (the trainer finds the turns without it; tests compare the two).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+)
 WORDS = (
     "red", "green", "blue", "cat", "dog", "bird", "sun", "moon", "tree", "river", "stone",
     "cloud", "fire", "water", "north", "south", "east", "west", "apple", "bread", "milk", "honey",
@@ -59,9 +74,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos, eos, pad = SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_llama(
