@@ -34,6 +34,9 @@ from finetune_api.rules import Rule, TransitionRule
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
 # the API server's cost budget.
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+# A dataset column: 64 characters is plenty, and keeps the largest spec under SPEC_MAX_BYTES
+# as fields are added.
+ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
 PathStr = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 # The spec must stay small whatever a user puts in it: kubectl apply keeps a copy of the whole
@@ -229,7 +232,7 @@ class DatasetSpec(ApiModel):
     response_field: ShortStr | None = Field(
         None, description="responseField is the response column; set together with promptField."
     )
-    messages_field: ShortStr | None = Field(
+    messages_field: ColumnName | None = Field(
         None,
         description="messagesField is the column of chat data for causal-lm: per row an "
         "OpenAI-style list of {role, content} messages, roles system (optional, first), user and "
@@ -243,28 +246,28 @@ class DatasetSpec(ApiModel):
         description="labelField is the label column for sequence-classification: integers "
         "0..numLabels-1, or strings mapped to ids in sorted order.",
     )
-    anchor_field: ShortStr = Field(
+    anchor_field: ColumnName = Field(
         "anchor",
         description="anchorField is the anchor (query) column for sentence-embedding. Default "
         "anchor.",
     )
-    positive_field: ShortStr = Field(
+    positive_field: ColumnName = Field(
         "positive",
         description="positiveField is the column of the text that matches the anchor (a "
         "document) for sentence-embedding. Default positive.",
     )
-    negative_field: ShortStr | None = Field(
+    negative_field: ColumnName | None = Field(
         None,
         description="negativeField is an optional column of a hard negative for each anchor, "
         "sentence-embedding only. Unset: pairs, with the other rows' positives as negatives.",
     )
-    image_field: ShortStr = Field(
+    image_field: ColumnName = Field(
         "image",
         description="imageField is the image column for text-to-image: a `datasets` Image "
         "feature, as an imagefolder (images plus a metadata.jsonl naming each file_name) loads "
         "it. Default image.",
     )
-    caption_field: ShortStr = Field(
+    caption_field: ColumnName = Field(
         "text",
         description="captionField is the caption column for text-to-image. Default text, the "
         "column an imagefolder's metadata.jsonl usually names.",
@@ -417,8 +420,8 @@ class TrainingSpec(ApiModel):
 
 
 class ImageSampleSpec(ApiModel):
-    # 8 prompts of 256 characters: a CLIP text encoder reads 77 tokens, and the spec stays small.
-    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+    # 8 prompts of 160 characters: a CLIP text encoder reads 77 tokens, and the spec stays small.
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=160)]] = Field(
         default_factory=list,
         max_length=8,
         description="prompts to generate the samples from, in turn: sample i is prompts[i mod "
@@ -1234,6 +1237,17 @@ class FineTuneJobSpec(ApiModel):
             "base needs a bitsandbytes quant storage dtype this trainer does not set): use ddp, "
             "or lora with fsdp",
             check=lambda s: s.training.strategy != "fsdp" or s.peft.method != "qlora",
+            field="training.strategy",
+        ),
+        Rule(
+            cel="self.training.strategy != 'fsdp' || "
+            f"self.model.task in ['{CAUSAL_LM}', '{SEQUENCE_CLASSIFICATION}']",
+            message="training.strategy fsdp shards transformers models by their layer classes: "
+            f"it is for model.task {CAUSAL_LM} and {SEQUENCE_CLASSIFICATION}; use ddp",
+            check=lambda s: (
+                s.training.strategy != "fsdp"
+                or s.model.task in (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
+            ),
             field="training.strategy",
         ),
         Rule(

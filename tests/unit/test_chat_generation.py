@@ -443,7 +443,7 @@ def test_model_card_shows_before_and_after_answers(model_dir: Path) -> None:
         Sample(prompt="def f():\n    ```", reference="return 1", before="zz", after="return 1")
     ]
     card = render_model_card(
-        job, {"chrf": {"before": 1.0, "after": 90.0}}, "adapter", None, samples
+        job, {"chrf": {"before": 1.0, "after": 90.0}}, "adapter", None, samples=samples
     )
     section = card[card.index("## Samples") : card.index("## Usage")]
     assert "### Sample 1" in section

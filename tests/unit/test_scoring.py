@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from finetune_api.metrics import METRICS, metrics_of
-from finetune_api.v1alpha1 import SENTENCE_EMBEDDING
+from finetune_api.v1alpha1 import SENTENCE_EMBEDDING, TEXT_TO_IMAGE
 from finetune_trainer.scoring import (
     BUILTIN_SCORERS,
     SCORERS_DIR,
@@ -33,10 +33,11 @@ def test_builtin_modules_ship_in_package() -> None:
 
 
 def test_every_builtin_score_but_loss_has_a_scorer() -> None:
-    # `loss` is the model's own, and sentence-transformers' evaluators compute the scores of
-    # sentence-embedding; every other score of the contract's vocabulary ships a scorer, and no
-    # scorer computes a score the vocabulary does not define.
-    assert set(BUILTIN_SCORERS) == set(METRICS) - {"loss"} - set(metrics_of(SENTENCE_EMBEDDING))
+    # `loss` is the model's own, sentence-transformers' evaluators compute the scores of
+    # sentence-embedding, and the text-to-image task its denoising loss; every other score of
+    # the contract's vocabulary ships a scorer, and no scorer computes a score it does not define.
+    by_tasks = set(metrics_of(SENTENCE_EMBEDDING)) | set(metrics_of(TEXT_TO_IMAGE))
+    assert set(BUILTIN_SCORERS) == set(METRICS) - {"loss"} - by_tasks
     shipped = {p.name for p in SCORERS_DIR.iterdir() if (p / f"{p.name}.py").is_file()}
     assert shipped == set(BUILTIN_SCORERS)
 

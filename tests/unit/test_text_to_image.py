@@ -102,7 +102,7 @@ def test_text_to_image_refuses_other_peft_merge_and_foreign_metrics() -> None:
     hub = {"hub": {"repo": "me/x", "endpoint": "http://127.0.0.1:1", "merge": True}}
     assert "spec.output.hub.merge" in _errors(_job({"output": hub}))
     errors = _errors(_job({"evaluation": {"metrics": ["perplexity"]}}))
-    assert "denoising_loss for text-to-image" in errors["spec.evaluation.metrics"]
+    assert "text-to-image computes denoising_loss" in errors["spec.evaluation.metrics"]
     causal = _job(task="causal-lm")
     causal["spec"]["evaluation"] = {"metrics": ["denoising_loss"]}
     assert "spec.evaluation.metrics" in _errors(causal)

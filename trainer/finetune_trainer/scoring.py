@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.metrics import METRICS, lower_is_better, metrics_of
-from finetune_api.v1alpha1 import SENTENCE_EMBEDDING
+from finetune_api.v1alpha1 import SENTENCE_EMBEDDING, TEXT_TO_IMAGE
 
 if TYPE_CHECKING:
     import evaluate
@@ -38,8 +38,8 @@ __all__ = [
 
 SCORERS_DIR = Path(__file__).resolve().parent / "scorers"
 # Every built-in score but `loss`, which is the model's own loss and needs no scorer, and those
-# that a task's own library computes (sentence-transformers' evaluators).
-_LIBRARY_SCORED = frozenset(metrics_of(SENTENCE_EMBEDDING))
+# that a task computes itself: sentence-transformers' evaluators, and the UNet's denoising loss.
+_LIBRARY_SCORED = frozenset(metrics_of(SENTENCE_EMBEDDING)) | frozenset(metrics_of(TEXT_TO_IMAGE))
 BUILTIN_SCORERS: tuple[str, ...] = tuple(
     name for name in METRICS if name != "loss" and name not in _LIBRARY_SCORED
 )
