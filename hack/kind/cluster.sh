@@ -75,7 +75,18 @@ load_images() {
     python3 "$KIND_DIR/load_layers.py" "$DOCKER" "$ref" "${missing[@]}" || status=$?
     case $status in
       0) ;;
-      3) "$KIND" load docker-image --name "$CLUSTER_NAME" "$ref" ;;
+      3)
+        # Nothing to share with the nodes' copy (a new dependency layer): drop it first. Kept,
+        # it would hold ~13 GB per node (content and snapshot) through an import that needs as
+        # much again, and a full disk fails the import.
+        for node in "${missing[@]}"; do
+          old=$(node_image_id "$node" "$ref")
+          if [ -n "$old" ]; then
+            $DOCKER exec "$node" crictl rmi "$old" >/dev/null 2>&1 || true
+          fi
+        done
+        "$KIND" load docker-image --name "$CLUSTER_NAME" "$ref"
+        ;;
       *) die "loading $ref failed" ;;
     esac
   done
