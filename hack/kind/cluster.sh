@@ -79,12 +79,14 @@ load_images() {
         # Nothing to share with the nodes' copy (a new dependency layer): drop it first. Kept,
         # it would hold ~13 GB per node (content and snapshot) through an import that needs as
         # much again, and a full disk fails the import.
+        # The import records (`import-<date>@<digest>`) that named it go with it.
         for node in "${missing[@]}"; do
           old=$(node_image_id "$node" "$ref")
           if [ -n "$old" ]; then
             $DOCKER exec "$node" crictl rmi "$old" >/dev/null 2>&1 || true
           fi
         done
+        prune_superseded
         "$KIND" load docker-image --name "$CLUSTER_NAME" "$ref"
         ;;
       *) die "loading $ref failed" ;;
