@@ -13,7 +13,11 @@ What happens, in a fresh namespace:
    operator's (:8000) and a trainer pod's (:9400) metrics scraped from inside the cluster;
 4. at the end: Succeeded, evaluation before/after and the pushed revision in status; the two
    pods on different nodes, one gang (both ranks log world size 2); the revision in the double
-   holds the adapter and the model card; the token in no pod log, Event, or the FineTuneJob.
+   holds the adapter and the model card; the token in no pod log, Event, or the FineTuneJob;
+5. spec.serve (engine transformers, set on the job here): the operator deploys the pushed
+   revision (the adapter merged onto its base) as a Deployment + Service, status.serve names
+   that revision once a smoke request answered, and a chat completion sent with
+   huggingface_hub's InferenceClient from inside the cluster returns text.
 
 A failure leaves diagnostics in test-results/kind-logs/ (see conftest.py). Waits poll with
 deadlines; nothing sleeps as an assertion.
@@ -38,6 +42,12 @@ MANIFESTS = Path(__file__).resolve().parent / "manifests"
 EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 HUB_READY_TIMEOUT_S = 600
 FTJ_TIMEOUT_S = 1500
+SERVE_TIMEOUT_S = 600
+# The e2e job also serves its result: a small CPU server next to the finished gang.
+SERVE = {
+    "engine": "transformers",
+    "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+}
 POLL_S = 1.0
 JOB_LABEL = "finetune.dev/job-name"
 RANK_LINE = re.compile(r"\[rank (\d+)\].*\brank (\d+) of (\d+) on (\S+)")
@@ -85,6 +95,34 @@ def training_key(job: dict[str, Any]) -> str:
         "resources": {k: spec["resources"].get(k) for k in ("nodes", "processesPerNode")},
     }
     return json.dumps(shape, sort_keys=True)
+
+
+# Runs in the serving pod (the trainer image has huggingface_hub): one chat completion through
+# the serving Service, as a user would send it. The server's own env keeps the Hub offline.
+CHAT = r"""
+import json, os, sys
+os.environ["HF_HUB_OFFLINE"] = "0"
+from huggingface_hub import InferenceClient
+client = InferenceClient(base_url=sys.argv[1])
+out = client.chat_completion(
+    [{"role": "user", "content": "red green blue"}], model=sys.argv[2], max_tokens=16
+)
+print(json.dumps({"text": out.choices[0].message.content, "model": out.model}))
+"""
+
+
+def wait_served(kube: Any, namespace: str, name: str, revision: str) -> dict[str, Any]:
+    """status.serve once it serves `revision` and is ready (or the last one seen, at the
+    deadline)."""
+    deadline = time.monotonic() + SERVE_TIMEOUT_S
+    served: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        served = kube.json("-n", namespace, "get", "finetunejob", name).get("status", {})
+        served = served.get("serve") or {}
+        if served.get("ready") and served.get("revision") == revision:
+            return served
+        time.sleep(2)
+    return served
 
 
 class HubPod:
@@ -242,6 +280,7 @@ def test_finetunejob_end_to_end(
 
     hub = setup_hub(kube, ns, token, timing, images)
     job = example_job(ns, hub.endpoint)
+    job["spec"]["serve"] = SERVE
     name = job["metadata"]["name"]
     repo = job["spec"]["output"]["hub"]["repo"]
 
@@ -369,12 +408,48 @@ def test_finetunejob_end_to_end(
     if trainer_metrics is not None:
         check("finetune_train" in trainer_metrics["body"], "trainer /metrics lacks finetune_train*")
 
+    # ---- serving: the pushed revision answers a chat completion -------------------------------
+    t_served = time.monotonic()
+    served = wait_served(kube, ns, name, revision)
+    timing.record("serve_succeeded_to_ready", time.monotonic() - t_served)
+    print(f"status.serve: {json.dumps(served)}", flush=True)
+    check(
+        served.get("ready") is True and served.get("revision") == revision,
+        f"status.serve does not serve {revision} within {SERVE_TIMEOUT_S}s: {served}",
+    )
+    check(served.get("engine") == "transformers", f"status.serve.engine: {served}")
+    deployment = kube.json("-n", ns, "get", "deployment", f"{name}-serve")
+    owners = deployment["metadata"].get("ownerReferences") or []
+    check(
+        any(o.get("controller") and o.get("uid") == ftj["metadata"]["uid"] for o in owners),
+        f"the serving Deployment is not controlled by the FineTuneJob: {owners}",
+    )
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    check(
+        annotations.get("finetune.dev/revision") == revision,
+        f"the serving pods are not of revision {revision}: {annotations}",
+    )
+    if served.get("ready"):
+        with timing.stopwatch("serve_chat_completion"):
+            out = kube(
+                "-n", ns, "exec", f"deploy/{name}-serve", "-c", "server", "--",
+                "python", "-c", CHAT, served["url"], served["model"], timeout=180,
+            )  # fmt: skip
+        answer = json.loads(out.strip().splitlines()[-1])
+        print(f"chat completion from {served['url']}: {answer}", flush=True)
+        # The e2e's model is a tiny random Llama: it may end its answer at once, so an empty
+        # completion is an answer too; what must hold is that the served revision answered.
+        check(isinstance(answer.get("text"), str), f"no completion from the served model: {answer}")
+        check(str(answer.get("model", "")).startswith(repo), f"answered by {answer}")
+        timing.record("serve_answer", json.dumps(answer["text"])[:200])
+
     # ---- the token leaked nowhere -------------------------------------------------------------
     places: dict[str, str] = {
         "FineTuneJob": kube("-n", ns, "get", "finetunejob", name, "-o", "yaml"),
         "events": kube("get", "events", "-A", "-o", "yaml"),
         "configmaps": kube("-n", ns, "get", "configmaps", "-o", "yaml"),
         "jobs": kube("-n", ns, "get", "jobs", "-o", "yaml"),
+        "deployments": kube("-n", ns, "get", "deployments", "-o", "yaml"),
         "operator log": kube(
             "-n",
             operator_release["namespace"],
