@@ -111,12 +111,18 @@ async def _reconcile(
             result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
     if result is None:
         # Gone: e.g. a pass that a late event of a child queued after the deletion.
-        _clock.forget((namespace, name))
-        reconciler().forget(namespace, name)
+        _forget(namespace, name)
         return None
     after = result.plan.requeue_after
     _clock.follow_up((namespace, name), after, asyncio.get_running_loop().time())
     return result
+
+
+def _forget(namespace: str, name: str) -> None:
+    """Drop what the operator keeps for a FineTuneJob that is gone: its queue entry, its lock and
+    its phase series."""
+    _clock.forget((namespace, name))
+    reconciler().forget(namespace, name)
 
 
 async def queued(due: clock.Due) -> None:
@@ -168,13 +174,11 @@ async def track(
 ) -> None:
     """Every watch event of a FineTuneJob (the start-up listing's too) tells the clock what it
     needs: that the object exists, whether its gang runs, whether it waits."""
-    key = (namespace, name)
     if event.get("type") == "DELETED":
-        _clock.forget(key)
-        reconciler().forget(namespace, name)
+        _forget(namespace, name)
         return
     now = asyncio.get_running_loop().time()
-    _clock.track(key, running=_running(status), waiting=_waiting(status), now=now)
+    _clock.track((namespace, name), running=_running(status), waiting=_waiting(status), now=now)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, id="job")
