@@ -73,6 +73,11 @@ RELEASE = "finetune-operator"
 OPERATOR_DEPLOYMENT = RELEASE
 OPERATOR_METRICS_SERVICE = f"{RELEASE}-metrics"
 TIMEOUT_S = 300
+# Every namespace this suite creates carries this label (see Kube.create_namespace).
+E2E_NAMESPACE_LABEL = "finetune.dev/e2e"
+# Older than any run of the suite (~25 min; the CI's limit is 60): a namespace of this age with
+# the label above was left by a killed run.
+STALE_NAMESPACE_S = 2 * 3600
 
 
 # ---- process helpers -------------------------------------------------------------------------
@@ -115,6 +120,30 @@ class Kube:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, **({"KUBECONFIG": self.kubeconfig} if self.kubeconfig else {})}
+
+    def create_namespace(self, prefix: str) -> str:
+        """A fresh namespace, labelled as this suite's so that a later run can reap it."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self("create", "namespace", name)
+        self("label", "namespace", name, f"{E2E_NAMESPACE_LABEL}=true")
+        return name
+
+    def reap_stale_namespaces(self) -> list[str]:
+        """Delete this suite's namespaces left by runs that were killed before their teardown.
+
+        Their completed pods keep the trainer image they ran on referenced in the nodes'
+        containerd, ~6 GB a node for each superseded image, which a later rebuild's load needs.
+        Only namespaces older than any run could be are taken, so a concurrent run keeps its own.
+        """
+        now = time.time()
+        stale = [
+            ns["metadata"]["name"]
+            for ns in self.json("get", "namespaces", "-l", E2E_NAMESPACE_LABEL)["items"]
+            if now - kind_tools.epoch(ns["metadata"]["creationTimestamp"]) > STALE_NAMESPACE_S
+        ]
+        if stale:
+            self("delete", "namespace", *stale, "--wait=false", check=False)
+        return stale
 
 
 # ---- timings ---------------------------------------------------------------------------------
@@ -224,7 +253,10 @@ def kube() -> Kube:
     with Stopwatch("cluster_up"):
         run([str(CLUSTER_SH), "up"], timeout=900)
     kubeconfig = None if CONTEXT else run([str(CLUSTER_SH), "kubeconfig"]).strip()
-    return Kube(kubeconfig, CONTEXT)
+    kube = Kube(kubeconfig, CONTEXT)
+    if os.environ.get("FINETUNE_E2E_KEEP") != "1":
+        record("reaped_namespaces", " ".join(kube.reap_stale_namespaces()))
+    return kube
 
 
 def kind_nodes() -> list[str]:
@@ -521,8 +553,7 @@ def operator_release(kube: Kube, images: dict[str, str]) -> dict[str, str]:
 @pytest.fixture()
 def test_namespace(kube: Kube) -> Iterator[str]:
     """A fresh namespace; kept (not deleted) when FINETUNE_E2E_KEEP=1, for poking at."""
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    kube("create", "namespace", name)
+    name = kube.create_namespace("e2e")
     yield name
     if os.environ.get("FINETUNE_E2E_KEEP") != "1":
         kube("delete", "namespace", name, "--wait=false", check=False)

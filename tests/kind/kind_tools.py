@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +19,11 @@ CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
 # Debian's CLI matches the daemon (20.10); kind's docker on PATH is newer.
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+
+
+def epoch(rfc3339: str) -> float:
+    """Seconds since the epoch of a Kubernetes timestamp ("2026-12-03T16:30:00Z")."""
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def run(args: list[str], timeout: float, input: str | None = None, check: bool = True) -> str:

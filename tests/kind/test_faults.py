@@ -52,16 +52,15 @@ import subprocess
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import conftest
 import pytest
 import test_e2e
+from kind_tools import epoch
 from test_e2e import example_job, setup_hub, training_key
 
 pytestmark = [pytest.mark.kind]
@@ -472,7 +471,7 @@ class Suite:
         # progress interval: the figure to compare with the 30 s target.
         at = got.get("lastResumeTime")
         if at:
-            resumed_at = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+            resumed_at = epoch(at)
             entry["trainerResumedAfter"] = round(resumed_at - t_wall, 1)
         entry["podsRunningAfter"] = round(max(starts) - t_fault, 1) if starts else None
         self.restarts.append(entry)
@@ -800,8 +799,7 @@ def suite(
     kube: Any, images: dict[str, str], operator_release: dict[str, str], timing: Any
 ) -> Iterator[Suite]:
     t0 = time.monotonic()
-    ns = f"faults-{uuid.uuid4().hex[:8]}"
-    kube("create", "namespace", ns)
+    ns = kube.create_namespace("faults")
     token = f"e2etok{secrets.token_hex(20)}"
     # Every trainer pod's whole log, kept from the last run (a few MB): where a restart's
     # seconds went is in their timestamps.

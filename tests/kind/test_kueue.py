@@ -21,7 +21,6 @@ import functools
 import json
 import secrets
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,8 +98,7 @@ def kueue(kube: Any) -> Iterator[str]:
 def test_a_queued_job_is_admitted_suspended_and_resumed_by_kueue(
     kube: Any, images: dict[str, str], operator_release: Obj, timing: Any, kueue: str
 ) -> None:
-    ns = f"kueue-{uuid.uuid4().hex[:8]}"
-    kube("create", "namespace", ns)
+    ns = kube.create_namespace("kueue")
     try:
         # Kueue's webhooks take a moment to get their certificates: retry until one answers.
         poll("Kueue's webhooks", lambda: _applied(kube, queues(ns)), timeout=300)

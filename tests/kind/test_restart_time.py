@@ -24,12 +24,11 @@ import json
 import secrets
 import statistics
 import time
-import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kind_tools import epoch
 from kind_tools import poll as poll_every
 from test_e2e import example_job, setup_hub
 
@@ -44,10 +43,6 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 RESULT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "restart_kind.json"
 FAULTS = (0, 1, 0)  # the completion index deleted, in turn
 STEPS_BETWEEN = 3  # trained after each resume before the next fault
-
-
-def epoch(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 class Bench:
@@ -117,8 +112,7 @@ class Bench:
 def test_restart_in_place_seconds(
     kube: Any, images: dict[str, str], operator_release: Obj, timing: Any
 ) -> None:
-    ns = f"restart-{uuid.uuid4().hex[:8]}"
-    kube("create", "namespace", ns)
+    ns = kube.create_namespace("restart")
     try:
         hub = setup_hub(kube, ns, f"benchtok{secrets.token_hex(16)}", timing, images)
         job = example_job(ns, hub.endpoint, NAME)
