@@ -55,6 +55,8 @@ class Due:
     # Read and converge the children too (waiting, resync); an event, a follow-up or a progress
     # read only needs the Job and its pods.
     children: bool = False
+    # Read the serving Deployment (spec.serve): its own event asked, or the children are read.
+    serve: bool = False
     # Asked for by the clock alone (no event): such passes yield to the others.
     periodic: bool = True
 
@@ -86,6 +88,8 @@ class Clock:
         # Objects an event asked a pass for: kept apart, so that an event costs a look at its
         # own key, not at every object's due times.
         self._soon: set[Key] = set()
+        # Of those, the ones whose serving Deployment's event asked.
+        self._serve_soon: set[Key] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,11 +105,15 @@ class Clock:
     def forget(self, key: Key) -> None:
         self._entries.pop(key, None)
         self._soon.discard(key)
+        self._serve_soon.discard(key)
 
-    def soon(self, key: Key, now: float) -> None:
-        """Ask for a pass as soon as the object has none running (a watch event moved)."""
+    def soon(self, key: Key, now: float, *, serve: bool = False) -> None:
+        """Ask for a pass as soon as the object has none running (a watch event moved);
+        `serve`: the event was its serving Deployment's, so the pass reads that rollout."""
         self._entry(key, now)
         self._soon.add(key)
+        if serve:
+            self._serve_soon.add(key)
 
     def asked(self, key: Key) -> bool:
         """Whether an event asked for a pass of the object that has not run yet."""
@@ -115,10 +123,6 @@ class Clock:
         """Ask for one pass `after` seconds from `now`, replacing the object's earlier follow-up;
         None cancels it."""
         self._entry(key, now).follow_up_at = None if after is None else now + max(after, 0.0)
-
-    def pending_follow_up(self, key: Key) -> float | None:
-        entry = self._entries.get(key)
-        return entry.follow_up_at if entry is not None else None
 
     def _entry(self, key: Key, now: float) -> _Entry:
         """The object's entry; one not tracked yet (its first event has not arrived) starts as
@@ -147,8 +151,9 @@ class Clock:
             if key in busy:
                 continue
             entry = self._entries[key]
-            soon = key in self._soon
+            soon, serve = key in self._soon, key in self._serve_soon
             self._soon.discard(key)
+            self._serve_soon.discard(key)
             scrape = children = follow_up = False
             if entry.follow_up_at is not None and entry.follow_up_at <= now:
                 entry.follow_up_at, follow_up = None, True
@@ -162,7 +167,9 @@ class Clock:
                 entry.resync_at = _next(entry.resync_at, self.resync_seconds, now)
                 children = True
             if soon or follow_up or scrape or children:
-                passes.append(Due(key, scrape=scrape, children=children, periodic=not soon))
+                serve = serve or children
+                due = Due(key, scrape=scrape, children=children, serve=serve, periodic=not soon)
+                passes.append(due)
         return passes
 
 

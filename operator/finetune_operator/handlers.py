@@ -100,15 +100,20 @@ async def _reconcile(
     periodic: bool = False,
     scrape: bool = False,
     children: bool = True,
+    serve: bool = True,
 ) -> PassResult | None:
     """One pass, once the semaphores admit it (periodic ones through both, always in that order),
     and the follow-up pass it asks for (replacing any earlier one)."""
     if periodic:
         async with _periodic, _passes:
-            result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+            result = await reconciler().reconcile(
+                namespace, name, scrape=scrape, children=children, serve=serve
+            )
     else:
         async with _passes:
-            result = await reconciler().reconcile(namespace, name, scrape=scrape, children=children)
+            result = await reconciler().reconcile(
+                namespace, name, scrape=scrape, children=children, serve=serve
+            )
     if result is None:
         # Gone: e.g. a pass that a late event of a child queued after the deletion.
         _forget(namespace, name)
@@ -128,12 +133,15 @@ def _forget(namespace: str, name: str) -> None:
 async def queued(due: clock.Due) -> None:
     """A pass from the queue: an event's, or the clock's (a follow-up, a wait, a progress read
     or a resync)."""
-    await _reconcile(*due.key, periodic=due.periodic, scrape=due.scrape, children=due.children)
+    await _reconcile(
+        *due.key, periodic=due.periodic, scrape=due.scrape, children=due.children, serve=due.serve
+    )
 
 
-def _queue(namespace: str, name: str) -> None:
-    """Queue a pass of the FineTuneJob; events that come together make one."""
-    _clock.soon((namespace, name), asyncio.get_running_loop().time())
+def _queue(namespace: str, name: str, *, serve: bool = False) -> None:
+    """Queue a pass of the FineTuneJob; events that come together make one. `serve`: its
+    serving Deployment moved, so the pass reads that rollout."""
+    _clock.soon((namespace, name), asyncio.get_running_loop().time(), serve=serve)
     _wake.set()
 
 
@@ -224,7 +232,7 @@ async def serve_deployment_changed(
     smoke request now, not at the next resync)."""
     # ADDED: this operator's own create; the pass that made it wrote the status.
     if event.get("type") != "ADDED" and (owner := labels.get(naming.LABEL_SERVED_JOB)):
-        _queue(namespace, owner)
+        _queue(namespace, owner, serve=True)
 
 
 # No version: kopf watches the group's preferred one, as the operator reads it (kueue.py).

@@ -78,7 +78,13 @@ class Reconciler:
         self.metrics.observe_phase((namespace, name), None)
 
     async def reconcile(
-        self, namespace: str, name: str, *, scrape: bool = False, children: bool = True
+        self,
+        namespace: str,
+        name: str,
+        *,
+        scrape: bool = False,
+        children: bool = True,
+        serve: bool = True,
     ) -> PassResult | None:
         """One pass over the freshest copy of the object; None when it no longer exists.
 
@@ -86,6 +92,8 @@ class Reconciler:
         status write, and planning from a stale attempt counter could recreate an old attempt.
         `children=False` (Job events, progress) skips re-applying the ConfigMap and Service
         while a Job exists: they cannot have changed, and at scale those writes dominate.
+        `serve=False` (events of the Job or its pods, progress, follow-ups) leaves the serving
+        Deployment unread once it is made: its own events ask for the passes that read it.
         """
         started = time.perf_counter()
         async with self._locks[(namespace, name)]:
@@ -93,7 +101,7 @@ class Reconciler:
                 body = await self.kube.get_finetunejob(namespace, name)
                 if body is None:
                     return None
-                return await self._reconcile(body, scrape, children)
+                return await self._reconcile(body, scrape, children, serve)
             except Exception as exc:
                 self.metrics.reconcile_errors.labels(kind=type(exc).__name__).inc()
                 raise
@@ -193,7 +201,9 @@ class Reconciler:
             workload=workload,
         )
 
-    async def _reconcile(self, body: Obj, scrape_now: bool, children: bool) -> PassResult:
+    async def _reconcile(
+        self, body: Obj, scrape_now: bool, children: bool, serve: bool
+    ) -> PassResult:
         try:
             job = parse_manifest(body)
         except ManifestError as exc:
@@ -252,18 +262,22 @@ class Reconciler:
                 observed = replace(observed, workload=replace(observed.workload, refused=refused))
             result = plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
-        result = await self._serve(job, result)
+        result = await self._serve(job, result, look=serve)
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
 
-    async def _serve(self, job: FineTuneJob, result: Plan) -> Plan:
+    async def _serve(self, job: FineTuneJob, result: Plan, look: bool) -> Plan:
         """spec.serve: once the job Succeeded, apply the serving Deployment and Service for the
         pushed revision, smoke-test a finished rollout, and put status.serve into the plan's
-        status (written with the rest of it). Without spec.serve, remove what it served."""
+        status (written with the rest of it). Without spec.serve, remove what it served.
+        `look=False` keeps status.serve as it is, unless nothing was applied for the revision
+        to serve yet (the pass that saw the job succeed)."""
         ns, name, uid = job.metadata.namespace, job.metadata.name, job.metadata.uid or ""
         status = FineTuneJobStatus.model_validate(result.status)
         job = job.model_copy(update={"status": status})
+        if not look and not serve_status.unapplied(job):
+            return result
         if job.spec.serve is None:
             if status.serve is not None:
                 for kind in ("Deployment", "Service"):

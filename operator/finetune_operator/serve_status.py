@@ -53,6 +53,16 @@ def target(job: FineTuneJob) -> Target | None:
     return Target(status.result.revision, status.result.artifact)
 
 
+def unapplied(job: FineTuneJob) -> bool:
+    """Whether there is a revision to serve and nothing was applied for it yet (status.serve
+    still waits for the job): the pass that saw the job succeed makes the Deployment, whose
+    events then bring the passes that follow its rollout."""
+    if target(job) is None:
+        return False
+    served = job.status.serve if job.status is not None else None
+    return served is None or served.reason == ServeReason.WAITING
+
+
 @dataclass(frozen=True)
 class Rollout:
     """The serving Deployment as its controller reports it."""

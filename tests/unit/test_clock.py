@@ -63,12 +63,10 @@ def test_a_follow_up_fires_once_and_a_later_pass_replaces_or_cancels_it() -> Non
     c = _clock()
     c.follow_up(KEY, 5, now=0)  # tracked from here: its ADDED event may come later
     c.follow_up(KEY, 2, now=1)  # a later pass's answer replaces the first
-    assert c.pending_follow_up(KEY) == 3
     fired = _fired(c, 0, 20)
     assert [(t, d) for t, d in fired] == [(3, Due(KEY, scrape=False, children=False))]
     c.follow_up(KEY, 2, now=20)
     c.follow_up(KEY, None, now=21)  # running now: nothing more to look at
-    assert c.pending_follow_up(KEY) is None
     assert _fired(c, 21, 25) == []
 
 
@@ -77,7 +75,7 @@ def test_reasons_due_together_make_one_pass() -> None:
     c.track(KEY, running=True, waiting=True, now=0)
     c.follow_up(KEY, 0, now=0)
     # Follow-up, progress, waiting and resync all due at once: one pass does them all.
-    assert c.due(1000) == [Due(KEY, scrape=True, children=True)]
+    assert c.due(1000) == [Due(KEY, scrape=True, children=True, serve=True)]
     ticks = [t for t, _ in _fired(c, 1001, 1300)]
     assert len(ticks) == len(set(ticks))
 
@@ -119,6 +117,19 @@ def test_events_queue_one_pass_and_a_busy_object_keeps_it_until_its_pass_ends() 
     assert c.asked(KEY)
     assert c.due(0.3, timed=False) == [Due(KEY, periodic=False)]
     assert not c.asked(KEY) and c.due(0.4, timed=False) == []
+
+
+def test_only_the_serving_deployments_event_or_a_pass_over_the_children_reads_the_rollout() -> None:
+    c = _clock()
+    c.soon(KEY, now=0)  # e.g. its Job moved: the serving Deployment cannot have
+    assert c.due(0.1, timed=False) == [Due(KEY, periodic=False)]
+    c.soon(KEY, now=1, serve=True)
+    c.soon(KEY, now=1.1)  # a Job event merged into the same pass keeps the Deployment's ask
+    assert c.due(1.2, busy={KEY}, timed=False) == []  # kept while the previous pass runs
+    assert c.due(1.3, timed=False) == [Due(KEY, serve=True, periodic=False)]
+    assert c.due(1.4, timed=False) == []
+    resyncs = [d for _, d in _fired(c, 2, 2 + clock.RESYNC_INITIAL_SECONDS + 60) if d.children]
+    assert resyncs and all(d.serve for d in resyncs)
 
 
 def test_an_event_looks_only_at_its_own_object() -> None:

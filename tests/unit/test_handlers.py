@@ -8,7 +8,7 @@ from typing import Any
 import kopf
 import pytest
 
-from finetune_operator import clock, handlers
+from finetune_operator import clock, handlers, naming
 
 
 @pytest.mark.parametrize(
@@ -53,8 +53,9 @@ def test_a_deleted_object_leaves_the_clock() -> None:
     "due",
     [
         clock.Due(("ns", "job"), scrape=True, children=False, periodic=True),
-        clock.Due(("ns", "job"), scrape=False, children=True, periodic=True),
+        clock.Due(("ns", "job"), scrape=False, children=True, serve=True, periodic=True),
         clock.Due(("ns", "job"), scrape=False, children=False, periodic=False),
+        clock.Due(("ns", "job"), scrape=False, children=False, serve=True, periodic=False),
     ],
 )
 def test_a_queued_pass_runs_as_its_reasons_say(
@@ -69,7 +70,7 @@ def test_a_queued_pass_runs_as_its_reasons_say(
     asyncio.run(handlers.queued(due))
     assert calls == [
         {"namespace": "ns", "name": "job", "periodic": due.periodic, "scrape": due.scrape,
-         "children": due.children}
+         "children": due.children, "serve": due.serve}
     ]  # fmt: skip
 
 
@@ -113,6 +114,23 @@ def test_a_child_event_queues_a_pass_of_its_owner_but_not_for_its_own_creation(
     # ADDED: the pass that made the Job, or the Job's own event for a new pod, covers it.
     expected = [] if event_type == "ADDED" else [clock.Due(key, periodic=False)]
     assert queued == expected
+
+
+def test_a_serving_deployments_event_queues_a_pass_that_reads_its_rollout() -> None:
+    key = ("ns", "demo")
+
+    async def scenario() -> list[clock.Due]:
+        labels = {naming.LABEL_SERVED_JOB: "demo"}
+        await handlers.serve_deployment_changed(
+            event={"type": "MODIFIED"}, labels=labels, namespace="ns"
+        )
+        return handlers._clock.due(asyncio.get_running_loop().time(), timed=False)
+
+    try:
+        queued = asyncio.run(scenario())
+    finally:
+        handlers._clock.forget(key)
+    assert queued == [clock.Due(key, serve=True, periodic=False)]
 
 
 def test_only_pods_that_have_not_started_are_watched_for_a_pass() -> None:

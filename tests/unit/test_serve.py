@@ -286,6 +286,17 @@ def test_a_revision_is_served_only_after_its_rollout_and_smoke_request() -> None
     assert served["engine"] == "transformers" and served["model"] == "org/tiny-cpu-lora"
 
 
+def test_only_a_revision_nothing_was_applied_for_needs_a_pass_that_did_not_ask_to_serve() -> None:
+    """Passes that no serving Deployment event asked for (the Job's, progress) read nothing of
+    serving, except the one that saw the job succeed: it makes the Deployment."""
+    waiting = {"reason": "Waiting", "ready": False, "lastTransitionTime": NOW}
+    assert not serve_status.unapplied(_job("transformers"))  # not Succeeded: nothing to serve
+    assert serve_status.unapplied(_succeeded())
+    assert serve_status.unapplied(_succeeded(serve=waiting))
+    rolling = {"reason": "RollingOut", "ready": False, "lastTransitionTime": NOW}
+    assert not serve_status.unapplied(_succeeded(serve=rolling))
+
+
 def test_a_serving_revision_is_not_smoked_again_on_every_pass() -> None:
     serving = {"reason": "Serving", "ready": True, "revision": REVISION, "lastTransitionTime": NOW}
     job = _succeeded(serve=serving)
