@@ -136,5 +136,6 @@ def test_without_a_shared_cache_each_pod_downloads_each_file_once(
     assert set(gets.values()) == {2}, gets
     # Only rank 0 resolved the revisions, once: one lookup of each repo (the others are the
     # downloaders' file listings, which name the commit).
-    lookups = [p for m, p, _ in requests if m == "GET" and p in (f"/api/models/{MODEL}",)]
-    assert len(lookups) == 1, json.dumps(requests)
+    repos = {f"/api/models/{MODEL}", f"/api/datasets/{DATASET}"}
+    lookups = Counter(p for m, p, _ in requests if m == "GET" and p in repos)
+    assert lookups == dict.fromkeys(repos, 1), json.dumps(requests)
