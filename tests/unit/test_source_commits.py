@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from finetune_api import pod
 from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_hub_double import HubDouble
@@ -105,3 +106,13 @@ def test_file_sources_have_no_commit_and_load_as_the_spec_says(tmp_path: Path) -
     # An hf:// source this process has not fetched loads at the spec's revision.
     assert fetch.revision_to_load("dataset", "hf://org/text", "v1") == "v1"
     assert fetch.pinned("dataset", "hf://org/text") is None
+
+
+def test_a_full_cache_is_the_field_that_sizes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same volume would fill again: a spec error naming what to make larger."""
+    monkeypatch.delenv(pod.CHECKPOINT_DIR_ENV, raising=False)
+    on_claim = fetch._too_small("model", MODEL, Path(pod.SOURCE_CACHE_DIR))
+    assert [e.path for e in on_claim.errors] == ["spec.output.checkpoints.size"]
+    assert MODEL in str(on_claim) and "larger" in str(on_claim)
+    in_pod = fetch._too_small("dataset", DATASET, Path(pod.HF_HOME) / "hub")
+    assert [e.path for e in in_pod.errors] == ["spec.template.cacheSize"]

@@ -18,6 +18,7 @@ Nothing here imports torch; huggingface_hub is imported where it is used.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_api import FieldError, ManifestError, pod
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.sources import SourceKind, SourceNotFound, downloading
 
@@ -156,8 +158,13 @@ def snapshot(kind: SourceKind, repo: str, commit: str) -> Path:
         return folder
     with FileLock(str(marks / f"{name}.lock")):
         if not done.is_file():  # nobody fetched it while this process waited for the lock
-            with downloading(kind, repo, commit) as token:
-                path = snapshot_download(repo, repo_type=kind, revision=commit, token=token)
+            try:
+                with downloading(kind, repo, commit) as token:
+                    path = snapshot_download(repo, repo_type=kind, revision=commit, token=token)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise _too_small(kind, repo, cache) from exc
             folder = Path(path)
             # The mark last, renamed into place: a process killed mid-download leaves none.
             tmp = marks / f".{name}.{os.getpid()}"
@@ -165,6 +172,23 @@ def snapshot(kind: SourceKind, repo: str, commit: str) -> Path:
             os.replace(tmp, done)
             log.info("fetched %s %s at %s into %s", kind, repo, commit, cache)
     return folder
+
+
+def _too_small(kind: SourceKind, repo: str, cache: Path) -> ManifestError:
+    """A full cache, as the spec field that sizes it: the same volume would fill again."""
+    checkpoints = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
+    field = (
+        "spec.output.checkpoints.size"
+        if cache.is_relative_to(checkpoints)
+        else "spec.template.cacheSize"
+    )
+    what = (
+        "the checkpoint claim (output.checkpoints.size, or your persistentVolumeClaim's size)"
+        if field.endswith(".size")
+        else "template.cacheSize"
+    )
+    message = f"no space left for the {kind} {repo} in {cache}: make {what} larger"
+    return ManifestError([FieldError(field, message)])
 
 
 def fetch_sources(
