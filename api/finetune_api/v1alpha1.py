@@ -64,6 +64,9 @@ REPO_PATTERN = rf"^{_HUB_ID}$"
 MAX_BRANCH_LENGTH = 128
 BRANCH_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
 DEFAULT_BRANCH = "main"
+# A source's revision: a branch, tag or commit, as long as a branch may be here. One type for the
+# model's and the dataset's, which also keeps the largest spec under SPEC_MAX_BYTES.
+Revision = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BRANCH_LENGTH)]
 UnstructuredObject = Annotated[
     dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 ]
@@ -155,8 +158,11 @@ class ModelSpec(ApiModel):
         description="source is the base model: hf://<repo id> on the Hub (or the endpoint in "
         "output.hub.endpoint), or file:///<path> to a model folder in a mounted volume. Required."
     )
-    revision: ShortStr | None = Field(
-        None, description="revision is the Hub branch, tag or commit to load. Unset: main."
+    revision: Revision | None = Field(
+        None,
+        description="revision is the Hub branch, tag or commit to load; rank 0 resolves it to "
+        "a commit once, and every rank and attempt loads that commit (status.sources). Unset: "
+        "main. Only an hf:// source has revisions; a file:// one ignores it.",
     )
     task: Task = Field(
         CAUSAL_LM,
@@ -207,6 +213,12 @@ class DatasetSpec(ApiModel):
         "folder written by datasets' save_to_disk. Required."
     )
     config: ShortStr | None = Field(None, description="config is the Hub dataset config name.")
+    revision: Revision | None = Field(
+        None,
+        description="revision is the Hub branch, tag or commit of an hf:// dataset to load, as "
+        "model.revision: resolved to a commit once, which every rank and attempt loads "
+        "(status.sources). Unset: main. A file:// source ignores it.",
+    )
     train_split: ShortStr = Field("train", description="trainSplit is the split to train on.")
     eval_split: ShortStr | None = Field(
         None,
@@ -585,12 +597,15 @@ class CheckpointStorage(ApiModel):
     persistent_volume_claim: PersistentVolumeClaimRef | None = Field(
         None,
         description="persistentVolumeClaim is a claim you provide, mounted on every pod; for "
-        "more than one node it must be ReadWriteMany. Unset: the operator chooses (see size).",
+        "more than one node it must be ReadWriteMany. Any claim also holds the hf:// model and "
+        "dataset (hub-cache/), fetched once for every pod and attempt. Unset: the operator "
+        "chooses (see size).",
     )
     size: Quantity = Field(
         "10Gi",
         description="size of the ReadWriteOnce claim the operator creates for a one-node gang, "
-        "owned by the FineTuneJob and deleted with it. Default 10Gi.",
+        "owned by the FineTuneJob and deleted with it; it holds the hf:// model and dataset "
+        "too. Default 10Gi.",
     )
     storage_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
         None,
@@ -1421,6 +1436,20 @@ class Result(ApiModel):
     )
 
 
+class SourcesStatus(ApiModel):
+    model_revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None,
+        description="modelRevision is the commit sha the hf:// model was loaded at: model."
+        "revision (a branch, tag or commit; unset: main) as rank 0 resolved it once for the "
+        "job. Unset: a file:// model, or no attempt has reported it yet.",
+    )
+    dataset_revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None,
+        description="datasetRevision is the commit sha the hf:// dataset was loaded at, "
+        "resolved as modelRevision. Unset: a file:// dataset, or not reported yet.",
+    )
+
+
 class CheckpointStatus(ApiModel):
     store: Literal["Volume", "HubBranch", "Ephemeral"] | None = Field(
         None,
@@ -1532,6 +1561,11 @@ class FineTuneJobStatus(ApiModel):
         None, description="evaluationSummary is the first gated (or first) metric, for display."
     )
     result: Result = Field(default_factory=Result, description="result of the push.")
+    sources: SourcesStatus | None = Field(
+        None,
+        description="sources are the commits the model and dataset were loaded at. Unset "
+        "until an attempt reports them.",
+    )
     workload: Workload = Field(default_factory=Workload, description="workload children.")
     checkpoints: CheckpointStatus = Field(
         default_factory=CheckpointStatus, description="checkpoints: where, and what restarts cost."

@@ -75,6 +75,10 @@ def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[M
     }
     if store.hub_branch:
         values[pod.CHECKPOINT_HUB_BRANCH_ENV] = store.hub_branch
+    if store.claim_name:
+        # The model and data on the claim too, keyed by repo and commit: fetched once for the
+        # job, then read by every pod and attempt (without a claim, once per pod and attempt).
+        values[pod.HF_HUB_CACHE_ENV] = pod.SOURCE_CACHE_DIR
     # The node rank is the pod's completion index, which only the pod knows.
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX}']"}}
     env: list[Manifest] = [

@@ -220,6 +220,9 @@ def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
     result = outcome.result
     if result is None:
         return
+    sources = {"modelRevision": result.model_revision, "datasetRevision": result.dataset_revision}
+    if any(sources.values()):
+        status["sources"] = {k: v for k, v in sources.items() if v}
     if result.evaluation:
         status["evaluation"] = {name: s.model_dump() for name, s in result.evaluation.items()}
         conds.set(CT.EVALUATED, True, Reason.EVALUATED, ", ".join(result.evaluation))

@@ -40,6 +40,8 @@ RESULT = {
     "revision": "0123456789abcdef",
     "url": "https://huggingface.co/org/x/commit/0123456789abcdef",
     "artifact": "adapter",
+    "modelRevision": "a" * 40,
+    "datasetRevision": "b" * 40,
     "steps": 30,
     "trainLoss": 0.4,
 }
@@ -178,6 +180,8 @@ def test_success_progress_and_result(
     assert status["evaluation"]["accuracy"] == {"before": 0.52, "after": 0.81}
     assert status["evaluationSummary"] == "accuracy 0.52→0.81"
     assert status["result"]["revision"] == RESULT["revision"]
+    # The commits the sources were loaded at, kept by the API server's status schema.
+    assert status["sources"] == {"modelRevision": "a" * 40, "datasetRevision": "b" * 40}
     assert status["completionTime"]
     assert condition(status, "Pushed")["status"] == "True"
     row = kubectl("-n", namespace, "get", "ftj", "ok", "--no-headers").stdout

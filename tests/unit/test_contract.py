@@ -187,3 +187,16 @@ def test_operator_and_trainer_share_only_the_contract() -> None:
 def test_contract_needs_only_pydantic_and_yaml() -> None:
     allowed = {"finetune_api", "pydantic", "yaml", "__future__", *sys.stdlib_module_names}
     assert _imports(ROOT / "api" / "finetune_api") <= allowed
+
+
+def test_result_carries_the_loaded_commits_bounded() -> None:
+    result = TrainerResult(status="Succeeded", model_revision="a" * 40, dataset_revision="b" * 40)
+    message = result.to_message()
+    assert '"modelRevision":"' + "a" * 40 in message and '"datasetRevision":"' in message
+    assert TrainerResult.parse(message) == result
+    # Too long is cut, not rejected; a value of the wrong type is dropped, the verdict kept.
+    parsed = TrainerResult.parse(
+        json.dumps({"status": "Succeeded", "modelRevision": "c" * 500, "datasetRevision": [1]})
+    )
+    assert parsed is not None and parsed.model_revision == "c" * 64
+    assert parsed.dataset_revision is None and parsed.succeeded

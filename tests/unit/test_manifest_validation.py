@@ -541,3 +541,38 @@ def test_fsdp_refuses_what_it_cannot_shard(strategy, method, precision, path):
     with pytest.raises(ManifestError) as err:
         parse_manifest(doc)
     assert [e.path for e in err.value.errors] == [path]
+
+
+@pytest.mark.parametrize(
+    ("revision", "valid"),
+    [
+        ("main", True),
+        ("v1.0", True),
+        ("a" * 40, True),
+        (None, True),
+        ("", False),
+        ("x" * 128, True),
+        ("x" * 129, False),
+    ],
+)
+def test_dataset_revision_is_validated_as_the_model_s(revision, valid):
+    """dataset.revision is a bounded, non-empty string like model.revision (both at most as
+    long as a branch); unset is main."""
+    for section, source in (("dataset", "hf://org/data"), ("model", "hf://org/base")):
+        doc = copy.deepcopy(VALID)
+        doc["spec"][section] = {**doc["spec"][section], "source": source, "revision": revision}
+        if valid:
+            assert getattr(parse_manifest(doc).spec, section).revision == revision
+            continue
+        with pytest.raises(ManifestError) as err:
+            parse_manifest(doc)
+        assert [e.path for e in err.value.errors] == [f"spec.{section}.revision"]
+
+
+def test_dataset_revision_is_in_the_crd_beside_the_model_s():
+    from finetune_api.crd import to_structural
+
+    spec = to_structural(FineTuneJobSpec)["properties"]
+    model, dataset = spec["model"]["properties"], spec["dataset"]["properties"]
+    assert dataset["revision"]["maxLength"] == model["revision"]["maxLength"] == 128
+    assert dataset["revision"]["description"].startswith("revision is the Hub branch")

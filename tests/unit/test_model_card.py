@@ -138,3 +138,28 @@ def test_license_is_the_spec_s_else_the_base_model_s() -> None:
     hub = {"repo": "my-org/smollm2-news-lora", "license": "apache-2.0"}
     meta = front_matter(render_model_card(make_job(output={"hub": hub}), scores, "merged", other))
     assert meta["license"] == "apache-2.0" and "license_name" not in meta
+
+
+def test_card_names_the_commits_the_sources_were_loaded_at() -> None:
+    from finetune_trainer.fetch import Commits
+
+    job = make_job(
+        model={"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"},
+        dataset={"source": "hf://fancyzhx/ag_news", "evalSplit": "test", "revision": "v1.0"},
+    )
+    commits = Commits(model="a" * 40, dataset="b" * 40)
+    card = render_model_card(job, {}, "adapter", commits=commits)
+    meta = front_matter(card)
+    # The Hub's card metadata has ids only: a revision there would break the model tree.
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["datasets"] == ["fancyzhx/ag_news"]
+    body = card.split("---\n", 2)[2]
+    assert f"at revision `main` (commit `{'a' * 40}`)" in body
+    assert f"`hf://fancyzhx/ag_news` at revision `v1.0` (commit `{'b' * 40}`)" in body
+    # No revision asked for: the commit alone; none resolved (before this, or offline): the
+    # revision alone.
+    unpinned = make_job()
+    body = render_model_card(unpinned, {}, "adapter", commits=Commits(model="c" * 40))
+    assert f"SmolLM2-135M-Instruct) at commit `{'c' * 40}`" in body
+    assert "ag_news` by" in body
+    assert "at revision `main`," in render_model_card(job, {}, "adapter").split("---\n", 2)[2]

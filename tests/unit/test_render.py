@@ -16,7 +16,7 @@ from finetune_api import pod
 from finetune_api.v1alpha1 import OWN_KEY_PREFIXES, FineTuneJob, SecretKeyRef
 from finetune_api.validation import ManifestError, load_manifest, parse_manifest
 from finetune_operator import naming
-from finetune_operator.checkpoints import choose
+from finetune_operator.checkpoints import CheckpointStore, choose
 from finetune_operator.podspec import SCRAPE_ANNOTATIONS
 from finetune_operator.render import (
     owner_reference,
@@ -208,6 +208,20 @@ def test_children_are_owned_and_labelled() -> None:
     job = render_job(ftj, owner, 3, SETTINGS, store)
     assert job["metadata"]["labels"]["finetune.dev/attempt"] == "3"
     assert job["spec"]["template"]["metadata"]["labels"]["finetune.dev/attempt"] == "3"
+
+
+def test_the_hub_cache_is_on_the_checkpoint_claim_when_there_is_one() -> None:
+    """With a claim (the user's, mounted on every pod, or a one-node gang's own), the sources
+    are fetched onto it once for the job; without one each pod's /tmp keeps its own copy."""
+    ftj = load_manifest(GOLDEN / "cpu.input.yaml")
+    owner = owner_reference(ftj.metadata.name, "1234")
+    with_claim = render_job(ftj, owner, 1, SETTINGS, CheckpointStore("Volume", claim_name="c"))
+    assert _env(with_claim)[pod.HF_HUB_CACHE_ENV] == pod.SOURCE_CACHE_DIR
+    assert pod.SOURCE_CACHE_DIR.startswith(pod.CHECKPOINT_DIR + "/")
+    for kind in ("HubBranch", "Ephemeral"):
+        job = render_job(ftj, owner, 1, SETTINGS, CheckpointStore(kind))  # type: ignore[arg-type]
+        assert pod.HF_HUB_CACHE_ENV not in _env(job)
+        assert _env(job)["HF_HOME"] == pod.HF_HOME
 
 
 def test_render_is_deterministic() -> None:

@@ -1471,3 +1471,22 @@ def test_a_second_stop_in_one_attempt_restarts_the_gang_as_a_new_attempt() -> No
     job["metadata"]["creationTimestamp"] = "2026-01-01T00:02:00Z"
     fresh = plan(ftj(replaced_once), observed(job, pods_))
     assert fresh.actions == [] and fresh.status["attempts"] == 1
+
+
+def test_status_records_the_commits_the_sources_were_loaded_at() -> None:
+    job = batch_job(cond=("Complete", "CompletionsReached", ""))
+    loaded = {**RESULT_OK, "modelRevision": "a" * 40, "datasetRevision": "b" * 40}
+    status = derive_status(
+        ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, json.dumps(loaded))])
+    )
+    assert status["sources"] == {"modelRevision": "a" * 40, "datasetRevision": "b" * 40}
+    FineTuneJobStatus.model_validate(status)
+    # A file:// dataset has no commit: only the model's is recorded.
+    local = {**RESULT_OK, "modelRevision": "a" * 40}
+    status = derive_status(
+        ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, json.dumps(local))])
+    )
+    assert status["sources"] == {"modelRevision": "a" * 40}
+    # Neither (file:// sources, or a trainer from before these fields): no sources at all.
+    status = derive_status(ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, OK_MSG)]))
+    assert "sources" not in status

@@ -13,6 +13,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import DatasetSpec, FineTuneJobSpec
+from finetune_trainer import fetch
 from finetune_trainer.modeling import source_location
 from finetune_trainer.sources import downloading
 
@@ -84,10 +85,15 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 def load_raw(spec: DatasetSpec) -> DatasetDict:
     location = source_location(spec.source)
+    fetched = fetch.pinned("dataset", spec.source)
+    if fetched is not None:
+        # The commit every rank loads, from the snapshot fetched once (fetch.py): no Hub request.
+        loaded = load_dataset(str(fetched[1]), spec.config)
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
     if spec.source.startswith("hf://"):
         # A 404 is DatasetNotFound, not a retry; the dataset's own token (sources.downloading).
-        with downloading("dataset", location) as token:
-            return load_dataset(location, spec.config, token=token)
+        with downloading("dataset", location, spec.revision) as token:
+            return load_dataset(location, spec.config, revision=spec.revision, token=token)
     path = Path(location)
     if path.is_dir():
         loaded = load_from_disk(str(path)) if _is_saved_dataset(path) else load_dataset(str(path))

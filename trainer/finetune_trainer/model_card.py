@@ -18,6 +18,7 @@ from typing import cast, get_args
 from finetune_api.metrics import METRICS, display_name, lower_is_better
 from finetune_api.result import Sample
 from finetune_api.v1alpha1 import FineTuneJob
+from finetune_trainer.fetch import NO_COMMITS, Commits
 from finetune_trainer.tasks import Artifact, CardInfo, task_for
 
 __all__ = [
@@ -182,6 +183,7 @@ def render_model_card(
     base_license: Mapping[str, str] | None = None,
     artifact_dir: Path | None = None,
     samples: Sequence[Sample] = (),
+    commits: Commits = NO_COMMITS,
 ) -> str:
     """README.md text: YAML front matter (base_model, license, library_name, tags, datasets,
     model-index) and a body with the base model, dataset, PEFT and training settings, and
@@ -192,7 +194,9 @@ def render_model_card(
     output.hub.license is unset; `artifact_dir`, the folder being pushed, lets the task describe
     what else it saved there (`Task.card_extras`, e.g. sample images); `samples` are evaluation
     prompts with the answers generated before and after training (a Samples section when there
-    are any).
+    are any); `commits` are the commits the hf:// model and dataset were loaded at (the
+    Hub's card metadata has no place for them: `base_model` and `datasets` are repo ids, so the
+    body says them).
     """
     import yaml
 
@@ -207,8 +211,10 @@ def render_model_card(
     base = spec.model.source
     base_id = source_id(base)
     base_ref = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base}`"
-    if spec.model.revision:
-        base_ref += f" at revision `{spec.model.revision}`"
+    base_ref += _at(spec.model.revision if base_id else None, commits.model)
+    data_ref = f"`{_cell(spec.dataset.source)}`"
+    data_id = source_id(spec.dataset.source)
+    data_ref += _at(spec.dataset.revision if data_id else None, commits.dataset)
     kind = {
         "adapter": f"a {_METHOD_NAMES[spec.peft.method]} adapter for",
         "merged": f"{_METHOD_NAMES[spec.peft.method]}-fine-tuned and merged into",
@@ -221,7 +227,7 @@ def render_model_card(
         "",
         f"# {_cell(title)}",
         "",
-        f"This model is {kind} {base_ref}, trained on `{_cell(spec.dataset.source)}` by "
+        f"This model is {kind} {base_ref}, trained on {data_ref} by "
         "finetune-operator (FineTuneJob "
         f"`{job.metadata.namespace}/{job.metadata.name}`).",
         "",
@@ -241,6 +247,15 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _at(revision: str | None, commit: str | None) -> str:
+    """' at revision `main` (commit `abc…`)', or the part of it that is known."""
+    if revision and commit and revision != commit:
+        return f" at revision `{_cell(revision)}` (commit `{commit}`)"
+    if commit or revision:
+        return f" at {'commit' if commit else 'revision'} `{_cell(commit or revision)}`"
+    return ""
 
 
 def _fenced(text: str) -> list[str]:

@@ -17,6 +17,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
+from finetune_trainer import fetch
 from finetune_trainer.sources import downloading
 from finetune_trainer.tasks.base import Artifact
 
@@ -36,7 +37,15 @@ def source_location(source: str) -> str:
 
 
 def pinned_revision(spec: ModelSpec) -> str | None:
-    return spec.revision if spec.source.startswith("hf://") else None
+    """The revision the model loads at: the commit rank 0 resolved (fetch.py), else model.revision;
+    None for a file:// model."""
+    return fetch.revision_to_load("model", spec.source, spec.revision)
+
+
+def _cached_only(spec: ModelSpec) -> bool:
+    """Whether the model's commit is in the hub cache already (fetch.py): then every rank reads
+    it there and asks the Hub nothing."""
+    return fetch.pinned("model", spec.source) is not None
 
 
 def _cuda_bf16() -> bool:
@@ -89,7 +98,9 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     location, revision = source_location(spec.source), pinned_revision(spec)
     # A model that is not there is ModelNotFound at once, not a retry (finetune_trainer.sources).
     with downloading("model", location, revision) as token:
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, token=token)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, revision=revision, token=token, local_files_only=_cached_only(spec)
+        )
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -101,7 +112,13 @@ def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> Base
     arguments (e.g. the labels of a classification head) bound. A source that does not exist
     raises SourceNotFound."""
     location, revision = source_location(spec.source), pinned_revision(spec)
-    load = functools.partial(auto_class.from_pretrained, location, revision=revision, **task_kwargs)
+    cached: dict[str, Any] = {}
+    if _cached_only(spec):
+        # The auto classes look for an adapter config without local_files_only: pass it to them.
+        cached = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
+    load = functools.partial(
+        auto_class.from_pretrained, location, revision=revision, **cached, **task_kwargs
+    )
 
     def load_base(**kwargs: Any) -> PreTrainedModel:
         # The model's own token, never the push token when it has one (sources.downloading).

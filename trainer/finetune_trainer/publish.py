@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from finetune_api.pod import HF_TOKEN_ENV
 from finetune_api.result import Sample, scrub
 from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, HubOutput
+from finetune_trainer.fetch import NO_COMMITS, Commits, revision_to_load
 from finetune_trainer.hub_repo import VisibilityError, ensure_branch, ensure_repo
 from finetune_trainer.hub_retry import HUB_BACKOFF, Backoff, failure_class, with_backoff
 from finetune_trainer.model_card import LICENSE_KEYS, render_model_card, source_id
@@ -96,6 +97,7 @@ def push_to_hub(
     artifact: str,
     backoff: Backoff = HUB_BACKOFF,
     samples: Sequence[Sample] = (),
+    commits: Commits = NO_COMMITS,
 ) -> PushResult:
     """Write the model card into artifact_dir and push the folder to spec.output.hub.repo.
 
@@ -129,7 +131,7 @@ def push_to_hub(
     inherited = None if hub.license else base_license(job, reader)
     try:
         (artifact_dir / "README.md").write_text(
-            render_model_card(job, scores, artifact, inherited, artifact_dir, samples),
+            render_model_card(job, scores, artifact, inherited, artifact_dir, samples, commits),
             encoding="utf-8",
         )
     except Exception as exc:
@@ -221,7 +223,9 @@ def base_license(job: FineTuneJob, api: HfApi) -> dict[str, str]:
 
                 meta = metadata_load(readme) or {}
         else:
-            info = api.model_info(base, revision=model.revision)
+            # At the commit the model was loaded at (fetch.py), when this process fetched it.
+            revision = revision_to_load("model", model.source, model.revision)
+            info = api.model_info(base, revision=revision)
             meta = info.card_data.to_dict() if info.card_data is not None else {}
             if not meta.get("license"):  # the Hub also lists it as a tag
                 tags = [t for t in info.tags or [] if t.startswith("license:")]

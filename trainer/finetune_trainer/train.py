@@ -40,7 +40,7 @@ from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import Sample, TrainerResult, scrub
-from finetune_trainer import checkpoint, final, modeling, sharding
+from finetune_trainer import checkpoint, fetch, final, modeling, sharding
 from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
@@ -125,6 +125,15 @@ def _train(job: FineTuneJob) -> int:
         return _leave(accelerator, telemetry, verdict)
 
     telemetry.set_status("loading")
+    # Rank 0 resolves each hf:// source to a commit; the first process to get the cache's lock
+    # downloads it, once per job on a volume (once per pod without one); every rank loads it.
+    commits = fetch.fetch_sources(
+        spec,
+        ckpt_root,
+        accelerator.is_main_process,
+        lambda said: broadcast_object_list([said], from_process=0)[0],
+    )
+    telemetry.record_phase("sources_fetched")
     with accelerator.main_process_first():
         data = task.build_data(*load_splits(spec))
     telemetry.record_phase("data_loaded")
@@ -159,6 +168,8 @@ def _train(job: FineTuneJob) -> int:
             for name in task.metrics
         },
         artifact=modeling.artifact_kind(spec),
+        model_revision=commits.model,
+        dataset_revision=commits.dataset,
         steps=state.step,
         train_loss=_recent_loss(state.loss_history),
         resumed_from_step=resumed_from,
@@ -510,7 +521,10 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
 
     try:
         scores = {name: score.model_dump() for name, score in result.evaluation.items()}
-        pushed = push_to_hub(job, out, scores, result.artifact, samples=result.samples)
+        commits = fetch.Commits(result.model_revision, result.dataset_revision)
+        pushed = push_to_hub(
+            job, out, scores, result.artifact, samples=result.samples, commits=commits
+        )
     except PushError as exc:
         result.status, result.reason, result.message = "Failed", Reason.PUSH_FAILED, str(exc)
         result.retryable = not exc.permanent

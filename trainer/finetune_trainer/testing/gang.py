@@ -64,9 +64,13 @@ class LocalGang:
         env: Mapping[str, str],
         nodes: int,
         nproc_per_node: int = 1,
+        own_hf_home: bool = False,
     ) -> None:
         self.manifest, self.workdir, self.env, self.nodes = manifest, workdir, dict(env), nodes
         self.nproc_per_node = nproc_per_node
+        # Each node its own HF_HOME (node-i/hf), as each pod has its own /tmp emptyDir; by
+        # default the nodes share the caller's, which saves the tests' time.
+        self.own_hf_home = own_hf_home
         self.procs: list[subprocess.Popen[bytes]] = []
         # Known before start, so a scraper can be pointed at the pods first.
         self.master_port, *self.metrics_ports = free_ports(1 + nodes)
@@ -102,6 +106,7 @@ class LocalGang:
             # train.py serves on this port + LOCAL_RANK; the ranks of a pod of several take
             # ports of their own choosing instead (0), since the next port may be taken here.
             pod.METRICS_PORT_ENV: str(self.metrics_ports[i] if self.nproc_per_node == 1 else 0),
+            **({"HF_HOME": str(self.results[i].parent / "hf")} if self.own_hf_home else {}),
             **(extra_env or {}),
         }
         with self.logs[i].open("ab") as log:

@@ -1,0 +1,141 @@
+"""One download per job, counted in the Hub double's request log: real gangs of `finetune train`
+processes (2 pods x 2 ranks, each pod with its own HF_HOME, as each has its own /tmp emptyDir)
+loading an hf:// model and dataset from the double.
+
+With the hub cache on the checkpoint volume (HF_HUB_CACHE, as the operator renders it for a job
+with a claim), two attempts of the gang download each file once in all; without it, each pod
+downloads each file once. The second attempt also loads the commits the first resolved, although
+the branch has moved on meanwhile."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from trainer_helpers import Gang, deep_update
+
+from finetune_api import pod
+from finetune_hub_double import HubDouble
+
+pytestmark = pytest.mark.slow
+TOKEN = "hf_onedownload0123456789abcdefgh"
+MODEL, DATASET = "tests/tiny-base", "tests/tiny-text"
+
+
+@dataclass
+class Seeded:
+    """The Hub double with the model and a dataset of one data file, and their head commits."""
+
+    hub: HubDouble
+    model_sha: str
+    data_sha: str
+
+    def gang(self, doc: dict[str, Any], workdir: Path, env: dict[str, str]) -> Gang:
+        """2 pods x 2 ranks online against the double, each pod with its own HF_HOME."""
+        manifest = workdir / "job.yaml"
+        manifest.write_text(yaml.safe_dump(doc))
+        online = {
+            "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0",
+            "HF_ENDPOINT": self.hub.endpoint,
+            "HF_TOKEN": TOKEN,
+        }
+        return Gang(manifest, workdir, {**env, **online}, 2, 2, own_hf_home=True)
+
+
+@pytest.fixture
+def seeded(tiny_model_dir: Path, tiny_text_data: Path, tmp_path: Path) -> Iterator[Seeded]:
+    data = tmp_path / "dataset"
+    (data / "data").mkdir(parents=True)
+    (data / "data" / "train.jsonl").write_text(tiny_text_data.read_text())
+    with HubDouble(tmp_path / "hub", tokens=[TOKEN]) as hub:
+        model_sha = hub.seed(MODEL, tiny_model_dir)
+        yield Seeded(hub, model_sha, hub.seed(DATASET, data, repo_type="dataset"))
+
+
+def _file_gets(requests: list[tuple[str, str, str | None]]) -> Counter[str]:
+    """How often each file was downloaded (GET .../resolve/<commit>/<file>), by repo and file."""
+    files: Counter[str] = Counter()
+    for method, path, _ in requests:
+        if method == "GET" and "/resolve/" in path:
+            repo, rest = path.split("/resolve/", 1)
+            files[f"{repo}:{rest.split('/', 1)[1]}"] += 1
+    return files
+
+
+def _job(causal_manifest: dict[str, Any], revision: str | None) -> dict[str, Any]:
+    return deep_update(
+        causal_manifest,
+        {
+            "spec": {
+                "model": {"source": f"hf://{MODEL}", "revision": revision},
+                "dataset": {"source": f"hf://{DATASET}", "revision": revision},
+                "training": {"maxSteps": 4, "checkpointEverySteps": 2},
+                "resources": {"nodes": 2, "processesPerNode": 2},
+            }
+        },
+    )
+
+
+def _run(gang: Gang) -> list[dict[str, Any]]:
+    codes = gang.start().wait(timeout=600)
+    assert codes == [0, 0], gang.log_text()[-4000:]
+    return [gang.result(i) for i in range(gang.nodes)]
+
+
+def test_a_shared_cache_downloads_each_file_once_over_pods_and_attempts(
+    seeded: Seeded, causal_manifest: dict[str, Any], base_env: dict[str, str], tmp_path: Path
+) -> None:
+    hub, model_sha, data_sha = seeded.hub, seeded.model_sha, seeded.data_sha
+    cache = tmp_path / "checkpoints" / Path(pod.SOURCE_CACHE_DIR).name
+    env = {**base_env, pod.HF_HUB_CACHE_ENV: str(cache)}
+    gang = seeded.gang(_job(causal_manifest, "main"), tmp_path, env)
+
+    first = _run(gang)
+    after_first = len(hub.requests)
+    # main moves on between the attempts: the second still loads the commit the first did.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "NOTES.md").write_text("a later commit\n")
+    assert hub.seed(MODEL, moved) != model_sha
+    second = _run(gang)
+    requests = list(hub.requests)
+
+    for result in (first[0], second[0]):
+        assert (result["status"], result["steps"]) == ("Succeeded", 4)
+        assert (result["modelRevision"], result["datasetRevision"]) == (model_sha, data_sha)
+    assert second[0]["resumedFromStep"] == 4
+    gets = _file_gets(requests)
+    assert f"/{MODEL}:model.safetensors" in gets and f"/datasets/{DATASET}:data/train.jsonl" in gets
+    assert set(gets.values()) == {1}, gets
+    # The second attempt asked the Hub nothing: the commits and the files were on the volume.
+    assert requests[after_first:] == [], requests[after_first:]
+    log = gang.log_text()
+    assert TOKEN not in log
+    assert all(TOKEN not in str(p) for p in cache.rglob("*"))
+
+
+def test_without_a_shared_cache_each_pod_downloads_each_file_once(
+    seeded: Seeded, causal_manifest: dict[str, Any], base_env: dict[str, str], tmp_path: Path
+) -> None:
+    gang = seeded.gang(_job(causal_manifest, None), tmp_path, base_env)
+    results = _run(gang)
+    requests = list(seeded.hub.requests)
+    model_sha, data_sha = seeded.model_sha, seeded.data_sha
+
+    assert (results[0]["modelRevision"], results[0]["datasetRevision"]) == (model_sha, data_sha)
+    gets = _file_gets(requests)
+    assert f"/{MODEL}:config.json" in gets, gets
+    # Two pods, each its own cache: every file twice, never once per rank (four).
+    assert set(gets.values()) == {2}, gets
+    # Only rank 0 resolved the revisions, once: one lookup of each repo (the others are the
+    # downloaders' file listings, which name the commit).
+    repos = {f"/api/models/{MODEL}", f"/api/datasets/{DATASET}"}
+    lookups = Counter(p for m, p, _ in requests if m == "GET" and p in repos)
+    assert lookups == dict.fromkeys(repos, 1), json.dumps(requests)

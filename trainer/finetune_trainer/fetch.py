@@ -1,0 +1,227 @@
+"""One download per job: each hf:// source resolved to a commit once, and fetched once.
+
+Rank 0 resolves the model's and the dataset's revision (a branch, tag or commit; unset: main) to
+a commit sha and broadcasts it, so every rank loads exactly that commit: a branch that moves while
+the gang starts cannot give ranks different weights or rows. Rank 0 keeps the resolution in the
+job's checkpoint folder (`sources.json`), so a later attempt on a durable store loads the same
+commits without asking the Hub again.
+
+The files go into huggingface_hub's cache (HF_HUB_CACHE), keyed by repo and commit; no token is in
+any path. The operator points that cache at the checkpoint volume when the job has one
+(pod.SOURCE_CACHE_DIR), so every pod and attempt reads one copy; otherwise it is the pod's own
+(HF_HOME/hub). Whichever process takes the snapshot's file lock first downloads it and then marks
+it complete; the others wait on the lock and find the mark. Loading then reads the cache only
+(`local_files_only`; a dataset from its snapshot folder): no Hub request per rank.
+
+Nothing here imports torch; huggingface_hub is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_api import FieldError, ManifestError, pod
+from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.sources import SourceKind, SourceNotFound, downloading
+
+log = logging.getLogger(__name__)
+# In the job's checkpoint folder: the commits its first attempt resolved.
+RESOLVED_FILE = "sources.json"
+# Under the hub cache: the locks and completion marks of the snapshots fetched here.
+_MARKS = ".finetune-fetched"
+
+
+@dataclass(frozen=True)
+class Commits:
+    """The commit each hf:// source resolved to; None for a file:// source (it has none)."""
+
+    model: str | None = None
+    dataset: str | None = None
+
+    def of(self, kind: SourceKind) -> str | None:
+        return self.model if kind == "model" else self.dataset
+
+
+# No commits: file:// sources, or a Hub that is offline.
+NO_COMMITS = Commits()
+
+
+# What this process fetched: kind -> (repo id, commit, snapshot folder). Set once per rank by
+# `fetch_sources`; the loaders (modeling, data) read it through `pinned`.
+_fetched: dict[SourceKind, tuple[str, str, Path]] = {}
+
+
+def hub_repo(source: str) -> str | None:
+    """The repo id of an hf:// source; None for file://."""
+    return source.removeprefix("hf://") if source.startswith("hf://") else None
+
+
+def pinned(kind: SourceKind, source: str) -> tuple[str, Path] | None:
+    """(commit, snapshot folder) of a source this process fetched; None if it did not."""
+    entry = _fetched.get(kind)
+    if entry is None or entry[0] != hub_repo(source):
+        return None
+    return entry[1], entry[2]
+
+
+def revision_to_load(kind: SourceKind, source: str, revision: str | None) -> str | None:
+    """The revision to load a source at: the fetched commit, else the spec's revision (hf://
+    only; a file:// source has none)."""
+    if hub_repo(source) is None:
+        return None
+    found = pinned(kind, source)
+    return found[0] if found is not None else revision
+
+
+def _sources(spec: FineTuneJobSpec) -> dict[SourceKind, tuple[str, str | None]]:
+    """kind -> (repo id, revision asked for) of the spec's hf:// sources."""
+    out: dict[SourceKind, tuple[str, str | None]] = {}
+    for kind, section in (("model", spec.model), ("dataset", spec.dataset)):
+        repo = hub_repo(section.source)
+        if repo is not None:
+            out[kind] = (repo, section.revision)  # type: ignore[index]
+    return out
+
+
+def resolve(spec: FineTuneJobSpec) -> Commits:
+    """Ask the Hub which commit each hf:// source's revision names (rank 0, once per job). A
+    repo or revision that does not exist raises SourceNotFound."""
+    from huggingface_hub import HfApi
+
+    found: dict[str, str] = {}
+    for kind, (repo, revision) in _sources(spec).items():
+        with downloading(kind, repo, revision) as token:
+            api = HfApi(token=token)
+            info: Any = (api.model_info if kind == "model" else api.dataset_info)(
+                repo, revision=revision, token=token
+            )
+        found[kind] = info.sha
+        log.info("%s %s at %s is commit %s", kind, repo, revision or "main", info.sha)
+    return Commits(**found)
+
+
+def kept_or_resolved(spec: FineTuneJobSpec, root: Path) -> Commits:
+    """Rank 0: the commits an earlier attempt resolved and kept in `root`, when they are for the
+    same sources; else resolved now and kept there for the next attempt."""
+    asked = _sources(spec)
+    kept = _read_kept(root / RESOLVED_FILE)
+    if kept is not None and kept.get("repos") == {k: r for k, (r, _) in asked.items()}:
+        commits = Commits(**kept["commits"])
+        log.info("loading the commits an earlier attempt resolved: %s", commits)
+        return commits
+    commits = resolve(spec)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{RESOLVED_FILE}.{os.getpid()}"
+        repos = {k: r for k, (r, _) in asked.items()}
+        tmp.write_text(json.dumps({"repos": repos, "commits": asdict(commits)}))
+        os.replace(tmp, root / RESOLVED_FILE)
+    except OSError as exc:  # a full or read-only store: the next attempt resolves again
+        log.warning("could not keep the resolved commits in %s: %s", root, exc)
+    return commits
+
+
+def _read_kept(path: Path) -> dict[str, Any] | None:
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    commits = kept.get("commits") if isinstance(kept, dict) else None
+    if not isinstance(commits, dict) or set(commits) - {"model", "dataset"}:
+        return None
+    if not all(v is None or isinstance(v, str) for v in commits.values()):
+        return None
+    return kept
+
+
+def snapshot(kind: SourceKind, repo: str, commit: str) -> Path:
+    """The snapshot folder of `repo` at `commit` in the hub cache, downloaded by whichever
+    process (of this pod, or of every pod sharing the cache) gets the lock first."""
+    from filelock import FileLock
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(constants.HF_HUB_CACHE)
+    name = f"{repo_folder_name(repo_id=repo, repo_type=kind)}--{commit}"
+    marks = cache / _MARKS
+    marks.mkdir(parents=True, exist_ok=True)
+    done = marks / f"{name}.complete"
+    folder = cache / repo_folder_name(repo_id=repo, repo_type=kind) / "snapshots" / commit
+    if done.is_file():
+        return folder
+    with FileLock(str(marks / f"{name}.lock")):
+        if not done.is_file():  # nobody fetched it while this process waited for the lock
+            try:
+                with downloading(kind, repo, commit) as token:
+                    path = snapshot_download(repo, repo_type=kind, revision=commit, token=token)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise _too_small(kind, repo, cache) from exc
+            folder = Path(path)
+            # The mark last, renamed into place: a process killed mid-download leaves none.
+            tmp = marks / f".{name}.{os.getpid()}"
+            tmp.write_text(str(folder))
+            os.replace(tmp, done)
+            log.info("fetched %s %s at %s into %s", kind, repo, commit, cache)
+    return folder
+
+
+def _too_small(kind: SourceKind, repo: str, cache: Path) -> ManifestError:
+    """A full cache, as the spec field that sizes it: the same volume would fill again."""
+    checkpoints = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
+    field = (
+        "spec.output.checkpoints.size"
+        if cache.is_relative_to(checkpoints)
+        else "spec.template.cacheSize"
+    )
+    what = (
+        "the checkpoint claim (output.checkpoints.size, or your persistentVolumeClaim's size)"
+        if field.endswith(".size")
+        else "template.cacheSize"
+    )
+    message = f"no space left for the {kind} {repo} in {cache}: make {what} larger"
+    return ManifestError([FieldError(field, message)])
+
+
+def fetch_sources(
+    spec: FineTuneJobSpec,
+    root: Path,
+    is_main: bool,
+    broadcast: Callable[[Any], Any],
+) -> Commits:
+    """Every rank: the commits rank 0 resolved (or kept from an earlier attempt), fetched into
+    the hub cache once and recorded for the loaders. `broadcast` sends rank 0's value to every
+    rank. With the Hub offline (HF_HUB_OFFLINE) nothing is resolved: the sources load from the
+    cache as they are, at the spec's revisions."""
+    from huggingface_hub import constants
+
+    if not _sources(spec) or constants.HF_HUB_OFFLINE:
+        return NO_COMMITS
+    said: tuple[str, Any] = ("ok", None)
+    if is_main:
+        try:
+            said = ("ok", kept_or_resolved(spec, root))
+        except SourceNotFound as exc:
+            said = ("missing", (exc.field.split(".")[1], str(exc)))
+        except Exception as exc:  # the Hub unreachable, 5xx: every rank fails alike, retryable
+            failure = f"{type(exc).__name__}: {exc}"
+            said = ("error", f"resolving the sources' revisions failed: {failure}")
+    what, value = broadcast(said)
+    if what == "missing":
+        raise SourceNotFound(value[0], value[1])
+    if what == "error":
+        raise RuntimeError(value)
+    commits: Commits = value
+    for kind, (repo, _) in _sources(spec).items():
+        commit = commits.of(kind)
+        if commit is not None:
+            _fetched[kind] = (repo, commit, snapshot(kind, repo, commit))
+    return commits
