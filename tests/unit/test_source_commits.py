@@ -116,3 +116,36 @@ def test_a_full_cache_is_the_field_that_sizes_it(monkeypatch: pytest.MonkeyPatch
     assert MODEL in str(on_claim) and "larger" in str(on_claim)
     in_pod = fetch._too_small("dataset", DATASET, Path(pod.HF_HOME) / "hub")
     assert [e.path for e in in_pod.errors] == ["spec.template.cacheSize"]
+
+
+def test_a_model_is_fetched_without_the_weights_its_loaders_never_read() -> None:
+    files = [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",  # the same weights again, for old transformers
+        "original/consolidated.00.pth",  # Meta's own checkpoint: Llama's weights a second time
+        "flax_model.msgpack",
+        "onnx/model.onnx",
+        "tokenizer.json",
+        "1_Pooling/config.json",  # sentence-transformers' modules are kept
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",  # diffusers' variant: not asked for
+        "text_encoder/pytorch_model.bin",  # the only weights of that folder: kept
+    ]
+    assert fetch.model_files_to_fetch(files) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "1_Pooling/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/pytorch_model.bin",
+    ]
+    # A repo with .bin weights only keeps them.
+    assert fetch.model_files_to_fetch(["config.json", "pytorch_model.bin"]) == [
+        "config.json",
+        "pytorch_model.bin",
+    ]

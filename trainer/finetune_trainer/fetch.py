@@ -19,9 +19,12 @@ Nothing here imports torch; huggingface_hub is imported where it is used.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
+import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +50,39 @@ class Commits:
 
     def of(self, kind: SourceKind) -> str | None:
         return self.model if kind == "model" else self.dataset
+
+
+# Model files that transformers, sentence-transformers and diffusers never load from a repo that
+# also has their safetensors: other frameworks' formats, and Meta's original checkpoint (a
+# second copy of Llama's weights, 16 GB for 8B). The loaders read safetensors when a folder has
+# them, so a folder's `.bin` weights and its variants (diffusers' `.fp16.`) are skipped too.
+_OTHER_FORMATS = re.compile(
+    r"(^|/)(original|onnx|openvino|coreml)/"
+    r"|\.(pth|h5|msgpack|ot|onnx|onnx_data|gguf|tflite|mlmodel)$"
+    r"|(^|/)(flax|tf|rust)_model[^/]*$"
+)
+_VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema)([.-]|$)")
+
+
+def model_files_to_fetch(files: list[str]) -> list[str]:
+    """The files of a model repo that loading it reads (or may read): everything but other
+    formats' weights, and a folder's `.bin` weights and variant files where that folder has
+    plain safetensors."""
+    with_safetensors = {
+        posixpath.dirname(f)
+        for f in files
+        if f.endswith(".safetensors") and not _VARIANT.search(posixpath.basename(f))
+    }
+
+    def shadowed(f: str) -> bool:
+        if posixpath.dirname(f) not in with_safetensors:
+            return False
+        name = posixpath.basename(f)
+        return name.endswith(".bin") or (
+            name.endswith(".safetensors") and bool(_VARIANT.search(name))
+        )
+
+    return [f for f in files if not _OTHER_FORMATS.search(f) and not shadowed(f)]
 
 
 # No commits: file:// sources, or a Hub that is offline.
@@ -160,7 +196,12 @@ def snapshot(kind: SourceKind, repo: str, commit: str) -> Path:
         if not done.is_file():  # nobody fetched it while this process waited for the lock
             try:
                 with downloading(kind, repo, commit) as token:
-                    path = snapshot_download(repo, repo_type=kind, revision=commit, token=token)
+                    # A model's file list at that commit decides what to fetch; a dataset is
+                    # fetched whole (its builder picks its files).
+                    wanted = _model_files(repo, commit, token) if kind == "model" else None
+                    path = snapshot_download(
+                        repo, repo_type=kind, revision=commit, token=token, allow_patterns=wanted
+                    )
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
@@ -172,6 +213,15 @@ def snapshot(kind: SourceKind, repo: str, commit: str) -> Path:
             os.replace(tmp, done)
             log.info("fetched %s %s at %s into %s", kind, repo, commit, cache)
     return folder
+
+
+def _model_files(repo: str, commit: str, token: str | None) -> list[str]:
+    """allow_patterns naming exactly the files to fetch (escaped: the patterns are fnmatch's)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi(token=token).model_info(repo, revision=commit, token=token)
+    files = model_files_to_fetch([s.rfilename for s in info.siblings or []])
+    return [glob.escape(f) for f in files]
 
 
 def _too_small(kind: SourceKind, repo: str, cache: Path) -> ManifestError:

@@ -42,7 +42,7 @@ def pinned_revision(spec: ModelSpec) -> str | None:
     return fetch.revision_to_load("model", spec.source, spec.revision)
 
 
-def _cached_only(spec: ModelSpec) -> bool:
+def cached_only(spec: ModelSpec) -> bool:
     """Whether the model's commit is in the hub cache already (fetch.py): then every rank reads
     it there and asks the Hub nothing."""
     return fetch.pinned("model", spec.source) is not None
@@ -99,7 +99,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     # A model that is not there is ModelNotFound at once, not a retry (finetune_trainer.sources).
     with downloading("model", location, revision) as token:
         tokenizer = AutoTokenizer.from_pretrained(
-            location, revision=revision, token=token, local_files_only=_cached_only(spec)
+            location, revision=revision, token=token, local_files_only=cached_only(spec)
         )
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
@@ -113,7 +113,7 @@ def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> Base
     raises SourceNotFound."""
     location, revision = source_location(spec.source), pinned_revision(spec)
     cached: dict[str, Any] = {}
-    if _cached_only(spec):
+    if cached_only(spec):
         # The auto classes look for an adapter config without local_files_only: pass it to them.
         cached = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
     load = functools.partial(

@@ -125,7 +125,13 @@ class SentenceEmbedding(Task):
         model = self.spec.model
         location, revision = modeling.source_location(model.source), modeling.pinned_revision(model)
         with downloading("model", location, revision) as token:
-            st = SentenceTransformer(location, revision=revision, token=token, device=str(device))
+            st = SentenceTransformer(
+                location,
+                revision=revision,
+                token=token,
+                device=str(device),
+                local_files_only=modeling.cached_only(model),
+            )
         st.max_seq_length = min(st.max_seq_length or math.inf, self.spec.training.max_seq_length)
         return st
 

@@ -211,7 +211,15 @@ class TextToImage(Task):
     def __init__(self, spec: FineTuneJobSpec) -> None:
         super().__init__(spec)
         self.location = modeling.source_location(spec.model.source)
-        self.revision = spec.model.revision if spec.model.source.startswith("hf://") else None
+
+    @property
+    def revision(self) -> str | None:
+        # The commit rank 0 resolved, once the sources are fetched (fetch.py).
+        return modeling.pinned_revision(self.spec.model)
+
+    @property
+    def _cached(self) -> dict[str, bool]:
+        return {"local_files_only": modeling.cached_only(self.spec.model)}
 
     @property
     def sample_spec(self) -> ImageSampleSpec:
@@ -221,14 +229,23 @@ class TextToImage(Task):
         """One part of the pipeline (its subfolder); a missing source is ModelNotFound."""
         with downloading("model", self.location, self.revision) as token:
             return cls.from_pretrained(
-                self.location, subfolder=subfolder, revision=self.revision, token=token, **kwargs
+                self.location,
+                subfolder=subfolder,
+                revision=self.revision,
+                token=token,
+                **self._cached,
+                **kwargs,
             )
 
     def _config(self, cls: Any, subfolder: str) -> dict[str, Any]:
         with downloading("model", self.location, self.revision) as token:
             return dict(
                 cls.load_config(
-                    self.location, subfolder=subfolder, revision=self.revision, token=token
+                    self.location,
+                    subfolder=subfolder,
+                    revision=self.revision,
+                    token=token,
+                    **self._cached,
                 )
             )
 
@@ -371,6 +388,7 @@ class TextToImage(Task):
                 self.location,
                 revision=self.revision,
                 token=token,
+                **self._cached,
                 unet=model.unet,
                 vae=model.vae,
                 text_encoder=model.text_encoder,
