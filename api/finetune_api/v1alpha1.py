@@ -602,10 +602,11 @@ class CheckpointStorage(ApiModel):
         "chooses (see size).",
     )
     size: Quantity = Field(
-        "10Gi",
+        "30Gi",
         description="size of the ReadWriteOnce claim the operator creates for a one-node gang, "
         "owned by the FineTuneJob and deleted with it; it holds the hf:// model and dataset "
-        "too. Default 10Gi.",
+        "too (as much as template.cacheSize allows a pod, plus 10Gi of checkpoints). Default "
+        "30Gi.",
     )
     storage_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
         None,

@@ -63,7 +63,7 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     ftj = get(kube, namespace, "FineTuneJob", "solo")
     assert claim["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "30Gi"
     # The API server filled in the default class: the operator named none.
     assert claim["spec"]["storageClassName"] == default_storage_class
     first = wait_pods(kube, wait_until, namespace, "solo", 1, 1)
