@@ -1559,7 +1559,9 @@ class FineTuneJobStatus(ApiModel):
         default_factory=dict, max_length=32, description="evaluation by metric, before and after."
     )
     evaluation_summary: Annotated[str, StringConstraints(max_length=256)] | None = Field(
-        None, description="evaluationSummary is the first gated (or first) metric, for display."
+        None,
+        description="evaluationSummary is the first gated metric (else the first of "
+        "evaluation.metrics) before and after, for display.",
     )
     result: Result = Field(default_factory=Result, description="result of the push.")
     sources: SourcesStatus | None = Field(

@@ -195,10 +195,15 @@ def phase_of(conditions: _Conditions) -> Phase:
     return Phase.PENDING
 
 
-def evaluation_summary(evaluation: dict[str, Obj], gates: dict[str, float]) -> str | None:
+def evaluation_summary(
+    evaluation: dict[str, Obj], gates: dict[str, float], metrics: list[str]
+) -> str | None:
+    """The EVAL column: the first gated metric, else the first of evaluation.metrics. Not the
+    first key of the status: the API server hands objects back with their keys sorted."""
     if not evaluation:
         return None
-    name = next((g for g in gates if g in evaluation), next(iter(evaluation)))
+    ranked = [*gates, *metrics, *sorted(evaluation)]
+    name = next(m for m in ranked if m in evaluation)
     before, after = evaluation[name].get("before"), evaluation[name].get("after")
     if before is not None and after is not None:
         return f"{name} {before:.4g}→{after:.4g}"
@@ -609,7 +614,8 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     status["conditions"] = conds.ordered()
     status["phase"] = str(phase_of(conds))
     if status.get("evaluation"):
-        summary = evaluation_summary(status["evaluation"], job.spec.evaluation.gates)
+        spec = job.spec.evaluation
+        summary = evaluation_summary(status["evaluation"], spec.gates, spec.metrics)
         if summary:
             status["evaluationSummary"] = summary[:256]
     return Plan(

@@ -633,8 +633,11 @@ def test_deleting_job_waits() -> None:
 
 def test_evaluation_summary_prefers_gated_metric() -> None:
     ev = {"f1": {"before": 0.1, "after": 0.2}, "accuracy": {"before": 0.5, "after": 0.8}}
-    assert evaluation_summary(ev, {"accuracy": 0.7}) == "accuracy 0.5→0.8"
-    assert evaluation_summary(ev, {}) == "f1 0.1→0.2"
+    assert evaluation_summary(ev, {"accuracy": 0.7}, ["f1", "accuracy"]) == "accuracy 0.5→0.8"
+    # Ungated: the first metric the spec lists, whatever order the status's keys come back in.
+    assert evaluation_summary(ev, {}, ["accuracy", "f1"]) == "accuracy 0.5→0.8"
+    assert evaluation_summary(dict(reversed(ev.items())), {}, ["f1"]) == "f1 0.1→0.2"
+    assert evaluation_summary(ev, {}, []) == "accuracy 0.5→0.8"
 
 
 def test_progress_from_rank0_metrics() -> None:
