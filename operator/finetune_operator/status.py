@@ -547,6 +547,12 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
                     f"does not count against runPolicy.backoffLimit; starting attempt "
                     f"{attempts + 1}"
                 )
+            elif out.disruption:
+                msg = (
+                    f"attempt {attempts} ended after {out.disruption[:512]} (one disruption, "
+                    f"counted once; it does not count against runPolicy.backoffLimit); "
+                    f"starting attempt {attempts + 1}"
+                )
             else:
                 msg = (
                     f"attempt {attempts} failed ({out.message[:512]}); starting attempt "

@@ -1309,10 +1309,15 @@ def test_an_eviction_that_then_ends_the_attempt_is_one_disruption() -> None:
     )
     assert running.restarted and running.status["disruptions"] == 1
     ended_pods = [ended(0, 1, INTERRUPTED, at="2026-01-01T00:02:00Z"), evicted_pod]
-    for previous in (running.status, RUNNING_GANG):  # seen in place first, or not at all
+    for previous, said in (
+        (running.status, "attempt 1 ended after pod demo-1-abcde was disrupted (Eviction"),
+        (RUNNING_GANG, "attempt 1 was disrupted (pod demo-1-abcde was disrupted (Eviction"),
+    ):
         result = restart_of(previous, 1, ended_pods, limit=0)
         assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
         assert result.status["phase"] == "Pending"  # free: backoffLimit 0 is not spent
+        message = cond(result.status, "Running")["message"]  # type: ignore[index]
+        assert said in message and "does not count against" in message, message
     # A later eviction in the next attempt is a disruption of its own.
     after = restart_of(result.status, 2, [evicted(0, at="2026-01-01T01:00:00Z")], limit=0)
     assert (after.status["attempts"], after.status["disruptions"]) == (3, 2)
