@@ -4,11 +4,11 @@ it changed.
 `datasets` names a map's cache file by the input's fingerprint and a hash of the function. That
 hash pickles a module-level helper the function calls (`tokenize_chat`, `_tokenize_text`) by its
 name, not its code, so after an edit of the trainer, local mode, whose datasets cache outlives
-runs, read rows the old code had made. `datasets` takes an explicit `new_fingerprint` for exactly
-this ("a fingerprint that depends on what shapes the mapping"); `map_fingerprint` is that one: the
-input's fingerprint, a digest of the trainer's source and of the versions of the libraries that
-tokenize, a name for the step and what shapes it (spec fields, the tokenizer). The ranks after the
-main process (`main_process_first`) compute the same fingerprint and still reuse its file.
+runs, read rows the old code had made. `Dataset.map` takes an explicit `new_fingerprint` for a
+result its own hash cannot tell apart; `map_fingerprint` is that one: the input's fingerprint, a
+digest of the trainer's source and of the versions of the libraries that tokenize, a name for the
+step and what shapes it (spec fields, the tokenizer). The ranks after the main process
+(`main_process_first`) compute the same fingerprint and still reuse its file.
 """
 
 from __future__ import annotations
