@@ -3,10 +3,10 @@ own inputs (HumanEval's chats and the random chat Llama of finetune_trainer.exam
 a 2-rank local gang as its 2 pods run on kind (tests/kind/test_e2e_chat.py).
 
 The evaluation split is 20 held-out HumanEval problems. A 4.5 M-parameter model trained from
-random weights on 144 others does not solve them (exact match stays 0); what it does learn is
-the language of the answers (indentation, `return`, the names in the prompt), which chrF (character
-6-grams against the reference bodies) measures. The margin is a third of the measured gain, and
-the example's own chrF gate must pass.
+random weights on 144 others does not solve them (exact match stays 0); what it does learn is the
+form of the answers (indented `return` lines), which chrF (character 6-grams against the reference
+bodies) rewards. The margin is under half the measured gain and more than the earlier learning
+rate reached (+2.0), and the example's own chrF gate must pass.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from finetune_trainer.example_data import save_chat_model, write_chat_splits
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "chat-cpu.yaml"
-CHRF_MARGIN = 5.0
+CHRF_MARGIN = 5.0  # measured: +11.1 (3.1 -> 14.3); +2.0 at the earlier learning rate, 1e-3
 
 
 def _local(example: dict[str, Any], model: Path, data: Path) -> dict[str, Any]:
