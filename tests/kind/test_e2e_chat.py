@@ -4,9 +4,9 @@ HumanEval as conversations, judged by what it generates, pushed, and served.
     pytest -m kind tests/kind/test_e2e_chat.py -s     # fixtures: tests/kind/conftest.py
 
 1. the Hub double as in test_e2e.py (setup_hub), then, through `kubectl port-forward`, the
-   example's inputs built here by the code local mode uses (finetune_trainer.example_data, as
-   tests/kind/manifests/seed_chat.py does): HumanEval's chats as hf://org/humaneval-chat and the
-   random 4-layer Llama with a chat template as hf://org/tiny-chat;
+   example's inputs built here by the script the example names (tests/kind/manifests/
+   seed_chat.py, finetune_trainer.example_data's code): HumanEval's chats as
+   hf://org/humaneval-chat and the random 4-layer Llama with a chat template as hf://org/tiny-chat;
 2. examples/chat-cpu.yaml applied as it is (its spec.serve included), only its namespace and Hub
    endpoint pointed at this namespace's double, and watched until it ends;
 3. at the end: Succeeded; chrF, exact_match and perplexity before and after in status, chrF up by
@@ -33,12 +33,13 @@ import yaml
 from test_e2e import printer_columns, setup_hub, wait_finished, wait_served
 from test_e2e_embedding import forwarded
 
-from finetune_trainer.example_data import CHAT_SYSTEM_PROMPT, save_chat_model, write_chat_splits
+from finetune_trainer.example_data import CHAT_SYSTEM_PROMPT
 
 pytestmark = [pytest.mark.kind]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "chat-cpu.yaml"
+SEED_CHAT = Path(__file__).resolve().parent / "manifests" / "seed_chat.py"
 FTJ_TIMEOUT_S = 1500
 JOB_LABEL = "finetune.dev/job-name"
 # What training must add to chrF on the held-out problems (measured in the README).
@@ -68,10 +69,13 @@ print(json.dumps({"text": out.choices[0].message.content, "model": out.model}))
 
 
 def seed(kube: Any, namespace: str, token: str, work: Path) -> dict[str, Any]:
-    """Upload the example's model and data to the double; return a held-out conversation."""
+    """Build the example's model and data with the seed script the example names, upload them to
+    the double, and return a held-out conversation."""
+    built = subprocess.run(
+        [sys.executable, str(SEED_CHAT), str(work)], capture_output=True, text=True, timeout=600
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
     data, model = work / "chat-data", work / "chat-model"
-    write_chat_splits(data)
-    save_chat_model(model, data)
     with forwarded(kube, namespace) as endpoint:
         env = {
             **os.environ,
