@@ -1,9 +1,10 @@
 """The datasets cache of the trainer's maps: an edit of the trainer's code tokenizes again.
 
 Each run is a real process over a real datasets cache, as local mode's runs are: a copy of the
-trainer package is imported, tokenizes a jsonl dataset, and prints its first row and the cache
-file the rows came from. Between runs the copy's `_tokenize_text` (a module-level helper that the
-map's function calls, which datasets' own hash of the function names but does not read) is edited.
+trainer package is imported, tokenizes a jsonl dataset twice, and prints each time its first row
+and the cache file the rows came from. Between runs the copy's `_tokenize_text` (a module-level
+helper that the map's function calls, which datasets' own hash of the function names but does not
+read) is edited.
 """
 
 from __future__ import annotations
@@ -35,15 +36,20 @@ job = {"metadata": {"name": "cache"}, "spec": {"model": {"source": "file:///m"},
        "dataset": {"source": "file://" + data}, "training": {"maxSeqLength": 64}}}
 spec = parse_manifest(job).spec
 ds = load_dataset("json", data_files={"train": data})["train"]
-rows = tokenize(ds, spec, AutoTokenizer.from_pretrained(tokenizer_dir), pack=False)
-print(json.dumps({"ids": rows[0]["input_ids"], "files": [f["filename"] for f in rows.cache_files]}))
+# Twice, with a tokenizer loaded afresh each time: the second map of the same input, code and
+# spec reads the file the first one wrote.
+runs = [
+    tokenize(ds, spec, AutoTokenizer.from_pretrained(tokenizer_dir), pack=False) for _ in range(2)
+]
+print(json.dumps([{"ids": r[0]["input_ids"], "files": [f["filename"] for f in r.cache_files]}
+                  for r in runs]))
 """
 # The edit: every text becomes its first token (and the eos the helper appends).
 HELPER_LINE = '    ids = tokenizer(text, add_special_tokens=True)["input_ids"]\n'
 EDITED_LINE = HELPER_LINE + "    ids = ids[:1]\n"
 
 
-def _run(code: Path, cache: Path, data: Path, tokenizer: Path) -> dict[str, Any]:
+def _run(code: Path, cache: Path, data: Path, tokenizer: Path) -> list[dict[str, Any]]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(code), str(REPO / "api")]),
@@ -78,16 +84,15 @@ def test_an_edit_of_the_trainer_tokenizes_again_and_an_unchanged_rerun_reuses_th
     train_tokenizer(sentences(200, 0), vocab_size=300).save_pretrained(tokenizer)
     cache = tmp_path / "cache"
 
-    first = _run(code, cache, data, tokenizer)
+    first, again = _run(code, cache, data, tokenizer)
     assert len(first["ids"]) > 2 and first["files"], first
-    again = _run(code, cache, data, tokenizer)
     assert again == first, "an unchanged rerun must read the cache the first run wrote"
 
     helper = code / "finetune_trainer" / "tasks" / "causal_lm.py"
     source = helper.read_text()
     assert source.count(HELPER_LINE) == 1, "the test's edit no longer applies: update HELPER_LINE"
     helper.write_text(source.replace(HELPER_LINE, EDITED_LINE))
-    edited = _run(code, cache, data, tokenizer)
+    edited = _run(code, cache, data, tokenizer)[0]
     assert edited["ids"] == [*first["ids"][:1], first["ids"][-1]], (first, edited)
     assert edited["files"] != first["files"]
 
