@@ -490,7 +490,7 @@ class EvaluationSpec(ApiModel):
         ge=1,
         le=2048,
         description="maxNewTokens bounds each generated answer (greedy decoding) of a generation "
-        "metric (exact_match, rouge, bleu, chrf). Default 64.",
+        f"metric ({', '.join(GENERATION_METRICS)}). Default 64.",
     )
     samples: int = Field(
         3,
@@ -1145,6 +1145,11 @@ def _cel_list(names: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{m}'" for m in names) + "]"
 
 
+def _spelled(names: tuple[str, ...]) -> str:
+    """Names as a sentence lists them: "a, b and c"."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def _cel_by_task(lists: dict[str, list[str]]) -> str:
     """A CEL map literal from each task to a list of metric names, indexed by the spec's task."""
     entries = ", ".join(f"'{task}': {_cel_list(names)}" for task, names in lists.items())
@@ -1328,7 +1333,7 @@ class FineTuneJobSpec(ApiModel):
         Rule(
             cel=f"!self.evaluation.metrics.exists(m, m in {_cel_list(GENERATION_METRICS)})"
             " || has(self.dataset.promptField) || has(self.dataset.messagesField)",
-            message="exact_match, rouge, bleu and chrf score answers generated for prompts: set "
+            message=f"{_spelled(GENERATION_METRICS)} score answers generated for prompts: set "
             "dataset.promptField and responseField, or dataset.messagesField",
             check=lambda s: (
                 not needs_generation(s.evaluation.metrics)

@@ -125,6 +125,18 @@ def wait_served(kube: Any, namespace: str, name: str, revision: str) -> dict[str
     return served
 
 
+def wait_finished(kube: Any, namespace: str, name: str, timeout_s: float) -> dict[str, Any]:
+    """The FineTuneJob once it Succeeded or Failed; at the deadline, an assertion with its
+    status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ftj = kube.json("-n", namespace, "get", "finetunejob", name)
+        if ftj.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return ftj
+        assert time.monotonic() < deadline, json.dumps(ftj.get("status"), indent=1)
+        time.sleep(2)
+
+
 class HubPod:
     def __init__(self, kube: Any, namespace: str) -> None:
         self.kube, self.namespace = kube, namespace

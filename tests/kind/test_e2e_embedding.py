@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_e2e import printer_columns, setup_hub
+from test_e2e import printer_columns, setup_hub, wait_finished
 
 from finetune_trainer.example_data import write_code_search_splits
 
@@ -127,18 +127,11 @@ def test_sentence_embedding_end_to_end(
     name, repo = job["metadata"]["name"], job["spec"]["output"]["hub"]["repo"]
     t_apply = time.monotonic()
     kube.apply(job, ns)
-    deadline = t_apply + FTJ_TIMEOUT_S
-    while True:
-        ftj = kube.json("-n", ns, "get", "finetunejob", name)
-        phase = ftj.get("status", {}).get("phase", "")
-        if phase in ("Succeeded", "Failed"):
-            break
-        assert time.monotonic() < deadline, json.dumps(ftj.get("status"), indent=1)
-        time.sleep(2)
+    ftj = wait_finished(kube, ns, name, FTJ_TIMEOUT_S)
     timing.record("embedding_ftj_wall_apply_to_done", time.monotonic() - t_apply)
     status = ftj["status"]
     print(json.dumps(status, indent=1), flush=True)
-    assert phase == "Succeeded", json.dumps(status, indent=1)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
 
     ndcg = status["evaluation"]["cosine_ndcg@10"]
     assert ndcg["before"] is not None and ndcg["after"] is not None, status["evaluation"]

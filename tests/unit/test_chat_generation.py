@@ -95,6 +95,20 @@ def test_bad_chat_and_generation_specs_name_the_field(changes: dict, field: str)
     assert field in {e.path for e in err.value.errors}, err.value
 
 
+def test_the_prompt_rule_message_names_every_generation_metric_from_the_vocabulary() -> None:
+    """The rule's message (what `kubectl apply` prints; the CRD is generated from the rule) is
+    spelled from GENERATION_METRICS, so a metric added there is named in it."""
+    from finetune_api.v1alpha1 import FineTuneJobSpec
+
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(_job(evaluation={"metrics": ["bleu"]}))
+    message = next(e.message for e in err.value.errors if e.path == "spec.evaluation.metrics")
+    named = message.split(" score answers generated for prompts")[0]
+    assert named == ", ".join(GENERATION_METRICS[:-1]) + " and " + GENERATION_METRICS[-1]
+    rules = [r for r in FineTuneJobSpec.__rules__ if "score answers generated" in r.message]
+    assert [r.message for r in rules] == [message]
+
+
 def test_generation_metrics_with_prompt_response_data_are_valid() -> None:
     spec = _job(
         dataset={"promptField": "q", "responseField": "a"},

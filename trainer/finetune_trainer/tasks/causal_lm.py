@@ -24,6 +24,7 @@ from finetune_api.v1alpha1 import CAUSAL_LM, FineTuneJobSpec
 from finetune_trainer import chat, data, modeling
 from finetune_trainer.evaluation import evaluating, scores_from_main
 from finetune_trainer.generation import GenerationSettings, generate_answers
+from finetune_trainer.map_cache import map_fingerprint
 from finetune_trainer.model_card import source_id, transformers_usage
 from finetune_trainer.scoring import ScorerUnavailable, load_scorer, mean_loss, perplexity
 from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
@@ -168,16 +169,25 @@ def tokenize(
             ids = [_tokenize_text(tokenizer, str(t)) for t in batch[d.text_field]]
             return {"input_ids": ids, "labels": ids}
 
-    out = ds.map(encode, batched=True, remove_columns=ds.column_names)
+    shape = (d.model_dump(mode="json"), tokenizer)
+    out = ds.map(
+        encode,
+        batched=True,
+        remove_columns=ds.column_names,
+        new_fingerprint=map_fingerprint(ds, "tokenize", *shape),
+    )
     if pack:
         return out.map(
             _packer(max_len, drop_last=drop_last),
             batched=True,
             batch_size=1000,
             remove_columns=out.column_names,
+            new_fingerprint=map_fingerprint(out, "pack", max_len, drop_last),
         )
     return out.map(
-        lambda b: {k: [v[:max_len] for v in b[k]] for k in ("input_ids", "labels")}, batched=True
+        lambda b: {k: [v[:max_len] for v in b[k]] for k in ("input_ids", "labels")},
+        batched=True,
+        new_fingerprint=map_fingerprint(out, "truncate", max_len),
     )
 
 
@@ -223,7 +233,12 @@ def generation_rows(
             "scores of generated text need prompts: set dataset.promptField and responseField, "
             "or dataset.messagesField",
         )
-    return ds.map(encode, batched=True, remove_columns=ds.column_names)
+    return ds.map(
+        encode,
+        batched=True,
+        remove_columns=ds.column_names,
+        new_fingerprint=map_fingerprint(ds, "prompts", d.model_dump(mode="json"), tokenizer),
+    )
 
 
 def _packer(block: int, *, drop_last: bool) -> Callable[[Columns], Columns]:

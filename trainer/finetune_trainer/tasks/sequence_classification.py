@@ -19,6 +19,7 @@ from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import SEQUENCE_CLASSIFICATION, FineTuneJobSpec
 from finetune_trainer import data, modeling
 from finetune_trainer.evaluation import evaluating, scores_from_main
+from finetune_trainer.map_cache import map_fingerprint
 from finetune_trainer.model_card import source_id, transformers_usage
 from finetune_trainer.scoring import mean_loss, score
 from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
@@ -71,7 +72,13 @@ def tokenize(
         ys = [y if isinstance(y, int) else index[str(y)] for y in batch[d.label_field]]
         return {"input_ids": enc["input_ids"], "labels": ys}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names)
+    shape = (d.model_dump(mode="json"), max_len, labels, tokenizer)
+    return ds.map(
+        encode,
+        batched=True,
+        remove_columns=ds.column_names,
+        new_fingerprint=map_fingerprint(ds, "tokenize", *shape),
+    )
 
 
 @dataclass

@@ -1,0 +1,181 @@
+"""End to end on kind for chat data: examples/chat-cpu.yaml trained by a 2-pod CPU gang on
+HumanEval as conversations, judged by what it generates, pushed, and served.
+
+    pytest -m kind tests/kind/test_e2e_chat.py -s     # fixtures: tests/kind/conftest.py
+
+1. the Hub double as in test_e2e.py (setup_hub), then, through `kubectl port-forward`, the
+   example's inputs built here by the script the example names (tests/kind/manifests/
+   seed_chat.py, finetune_trainer.example_data's code): HumanEval's chats as
+   hf://org/humaneval-chat and the random 4-layer Llama with a chat template as hf://org/tiny-chat;
+2. examples/chat-cpu.yaml applied as it is (its spec.serve included), only its namespace and Hub
+   endpoint pointed at this namespace's double, and watched until it ends;
+3. at the end: Succeeded; chrF, exact_match and perplexity before and after in status, chrF up by
+   the margin the trainer suite asserts too (tests/trainer/test_chat_example.py); the pushed
+   revision holds the full model and a card with the samples;
+4. spec.serve: status.serve ready at the pushed revision, the serving Deployment owned by the job
+   and of that revision, and a chat completion sent with huggingface_hub's InferenceClient from
+   inside the cluster (a held-out HumanEval prompt) answered by the served repo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_e2e import printer_columns, setup_hub, wait_finished, wait_served
+from test_e2e_embedding import forwarded
+
+from finetune_trainer.example_data import CHAT_SYSTEM_PROMPT
+
+pytestmark = [pytest.mark.kind]
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "chat-cpu.yaml"
+SEED_CHAT = Path(__file__).resolve().parent / "manifests" / "seed_chat.py"
+FTJ_TIMEOUT_S = 1500
+JOB_LABEL = "finetune.dev/job-name"
+# What training must add to chrF on the held-out problems (measured in the README).
+CHRF_MARGIN = 5.0
+
+# Runs on this machine against the forwarded double; the token comes in HF_TOKEN, never argv.
+UPLOAD = """
+import sys
+from huggingface_hub import HfApi
+api = HfApi()
+for repo, repo_type, folder in zip(*[iter(sys.argv[1:])] * 3):
+    api.create_repo(repo, repo_type=repo_type, private=True, exist_ok=True)
+    api.upload_folder(repo_id=repo, repo_type=repo_type, folder_path=folder)
+"""
+
+# Runs in the serving pod (the trainer image has huggingface_hub): one chat completion through
+# the serving Service, as a user would send it.
+CHAT = r"""
+import json, os, sys
+os.environ["HF_HUB_OFFLINE"] = "0"
+from huggingface_hub import InferenceClient
+url, model, messages = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+client = InferenceClient(base_url=url)
+out = client.chat_completion(messages, model=model, max_tokens=64)
+print(json.dumps({"text": out.choices[0].message.content, "model": out.model}))
+"""
+
+
+def seed(kube: Any, namespace: str, token: str, work: Path) -> dict[str, Any]:
+    """Build the example's model and data with the seed script the example names, upload them to
+    the double, and return a held-out conversation."""
+    built = subprocess.run(
+        [sys.executable, str(SEED_CHAT), str(work)], capture_output=True, text=True, timeout=600
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    data, model = work / "chat-data", work / "chat-model"
+    with forwarded(kube, namespace) as endpoint:
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": endpoint,
+            "HF_TOKEN": token,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+        }
+        repos = ["org/tiny-chat", "model", str(model), "org/humaneval-chat", "dataset", str(data)]
+        done = subprocess.run(
+            [sys.executable, "-c", UPLOAD, *repos],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((data / "test.jsonl").read_text().splitlines()[0])
+
+
+def test_chat_example_trains_generates_and_serves(
+    kube: Any,
+    images: dict[str, str],
+    operator_release: dict[str, str],
+    test_namespace: str,
+    diagnostics: dict[str, str],
+    timing: Any,
+    tmp_path: Path,
+) -> None:
+    ns = test_namespace
+    diagnostics["namespace"] = ns
+    token = f"e2etok{secrets.token_hex(20)}"
+    hub = setup_hub(kube, ns, token, timing, images)
+    with timing.stopwatch("chat_seed_upload"):
+        held_out = seed(kube, ns, token, tmp_path)
+
+    job = yaml.safe_load(EXAMPLE.read_text())
+    job["metadata"]["namespace"] = ns
+    job["spec"]["output"]["hub"]["endpoint"] = hub.endpoint
+    assert job["spec"]["serve"]["engine"] == "transformers", "the example serves on CPU"
+    name, repo = job["metadata"]["name"], job["spec"]["output"]["hub"]["repo"]
+    t_apply = time.monotonic()
+    kube.apply(job, ns)
+    ftj = wait_finished(kube, ns, name, FTJ_TIMEOUT_S)
+    timing.record("chat_ftj_wall_apply_to_done", time.monotonic() - t_apply)
+    status = ftj["status"]
+    print(json.dumps(status, indent=1), flush=True)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+
+    # ---- evaluation by generation, before and after -------------------------------------------
+    evaluation = status["evaluation"]
+    assert set(evaluation) == {"chrf", "exact_match", "perplexity"}, evaluation
+    for metric, score in evaluation.items():
+        assert score.get("before") is not None and score.get("after") is not None, (metric, score)
+    chrf = evaluation["chrf"]
+    assert chrf["after"] >= chrf["before"] + CHRF_MARGIN, evaluation
+    assert evaluation["perplexity"]["after"] < evaluation["perplexity"]["before"], evaluation
+    timing.record("chat_chrf", f"{chrf['before']:.2f} -> {chrf['after']:.2f}")
+    timing.record("chat_exact_match", json.dumps(evaluation["exact_match"]))
+    assert printer_columns(kube, ns, name)["EVAL"].startswith("chrf ")
+
+    pods = kube.json("-n", ns, "get", "pods", "-l", f"{JOB_LABEL}={name}")["items"]
+    nodes = {p["metadata"]["name"]: p["spec"].get("nodeName") for p in pods}
+    assert len(pods) == 2 and len(set(nodes.values())) == 2, nodes
+
+    # ---- the push: the full model and a card with the samples ---------------------------------
+    revision = status["result"]["revision"]
+    info = hub.fetch(f"{hub.endpoint}/api/models/{repo}/revision/{revision}", auth=True)
+    assert info["status"] == 200, info
+    files = {s["rfilename"] for s in json.loads(info["body"]).get("siblings", [])}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= files, files
+    card = hub.fetch(f"{hub.endpoint}/{repo}/resolve/{revision}/README.md", auth=True)
+    assert card["body"].count("### Sample") == job["spec"]["evaluation"]["samples"], card
+
+    # ---- served: the pushed revision answers a chat completion --------------------------------
+    t_served = time.monotonic()
+    served = wait_served(kube, ns, name, revision)
+    timing.record("chat_serve_succeeded_to_ready", time.monotonic() - t_served)
+    print(f"status.serve: {json.dumps(served)}", flush=True)
+    assert served.get("ready") is True and served.get("revision") == revision, served
+    assert served.get("engine") == "transformers", served
+    deployment = kube.json("-n", ns, "get", "deployment", f"{name}-serve")
+    owners = deployment["metadata"].get("ownerReferences") or []
+    assert any(o.get("controller") and o.get("uid") == ftj["metadata"]["uid"] for o in owners)
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    assert annotations.get("finetune.dev/revision") == revision, annotations
+
+    messages = [
+        {"role": "system", "content": CHAT_SYSTEM_PROMPT},
+        next(m for m in held_out["messages"] if m["role"] == "user"),
+    ]
+    with timing.stopwatch("chat_serve_completion"):
+        out = kube(
+            "-n", ns, "exec", f"deploy/{name}-serve", "-c", "server", "--",
+            "python", "-c", CHAT, served["url"], served["model"], json.dumps(messages),
+            timeout=180,
+        )  # fmt: skip
+    answer = json.loads(out.strip().splitlines()[-1])
+    print(f"chat completion for {held_out['task_id']} from {served['url']}: {answer}", flush=True)
+    assert str(answer.get("model", "")).startswith(repo), answer
+    # Trained on function bodies, the model answers with code, not with nothing.
+    assert isinstance(answer.get("text"), str) and answer["text"].strip(), answer
+    timing.record("chat_serve_answer", json.dumps(answer["text"])[:300])
