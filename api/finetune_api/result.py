@@ -26,6 +26,8 @@ MAX_MESSAGE_BYTES = 4096
 # parse() reads no more than this: anything longer did not come from to_message().
 MAX_PARSE_BYTES = 16 * 1024
 MAX_METRICS = 32
+# Phase stamps (finetune_api.phases): a dozen are defined; the rest is room for new ones.
+MAX_PHASES = 24
 # Generated samples (evaluation.samples, at most 16 in the spec): what the result keeps of each
 # field, enough for the model card; the termination message keeps MESSAGE_SAMPLE_CHARS of each
 # of the first MESSAGE_SAMPLES, and drops them before it cuts anything else.
@@ -90,6 +92,13 @@ class Sample(BaseModel):
         }
 
 
+def _clip_dict(limit: int) -> BeforeValidator:
+    def clip(value: Any) -> Any:
+        return dict(list(value.items())[:limit]) if isinstance(value, dict) else value
+
+    return BeforeValidator(clip)
+
+
 def _clip_list(limit: int) -> BeforeValidator:
     def clip(value: Any) -> Any:
         return value[:limit] if isinstance(value, list) else value
@@ -132,6 +141,11 @@ class TrainerResult(BaseModel):
     # Whether another attempt could change a failed verdict, where its reason leaves that open:
     # PushFailed is retryable after 503s but not after a 403. Unset: the reason decides.
     retryable: bool | None = None
+    # Rank 0's phase stamps (finetune_api.phases names, Unix seconds): where the attempt's time
+    # went before its first step and after its last. Stamps the trainer did not reach are absent.
+    phases: Annotated[dict[Annotated[str, _clipped(32)], float], _clip_dict(MAX_PHASES)] = Field(
+        default_factory=dict
+    )
 
     @property
     def succeeded(self) -> bool:
@@ -162,6 +176,8 @@ class TrainerResult(BaseModel):
         doc = self.model_dump(
             mode="json", by_alias=True, exclude_defaults=other_rank, exclude_none=not other_rank
         )
+        if not doc.get("phases"):
+            doc.pop("phases", None)
         if "message" in doc:
             doc["message"] = scrub(doc["message"])
         if self.samples:
@@ -177,6 +193,10 @@ class TrainerResult(BaseModel):
             doc["samples"].pop()
             if not doc["samples"]:
                 del doc["samples"]
+            text = _compact(doc)
+        # Then the phase stamps: timings, not the verdict.
+        if len(text.encode()) > MAX_MESSAGE_BYTES and doc.get("phases"):
+            del doc["phases"]
             text = _compact(doc)
         overflow = len(text.encode()) - MAX_MESSAGE_BYTES
         if overflow > 0:

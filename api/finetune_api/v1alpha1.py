@@ -1494,6 +1494,64 @@ class CheckpointStatus(ApiModel):
     )
 
 
+def _seconds(what: str) -> Any:
+    return Field(None, ge=0, description=what)
+
+
+class StartupTimes(ApiModel):
+    """Where the time to the first optimizer step went: each field is the seconds from the
+    FineTuneJob's creation to the moment the attempt reached that phase (unset: not reached, or
+    not reported). Pod times have the API server's one-second resolution."""
+
+    attempt: int | None = Field(None, ge=1, description="attempt these times describe.")
+    scheduled: float | None = _seconds(
+        "scheduled: the last pod of the gang was bound to a node (its PodScheduled condition)."
+    )
+    container_started: float | None = _seconds(
+        "containerStarted: the last pod's trainer container started; from scheduled to here is "
+        "the image pull (none when the node has it) and the container's creation."
+    )
+    process_started: float | None = _seconds(
+        "processStarted: rank 0's trainer imported its libraries and serves its metrics."
+    )
+    rendezvous: float | None = _seconds("rendezvous: every rank joined the process group.")
+    downloaded: float | None = _seconds(
+        "downloaded: the model and dataset files are local. Unset when no separate download "
+        "step ran: the downloads are then part of dataLoaded and modelLoaded."
+    )
+    data_loaded: float | None = _seconds("dataLoaded: the dataset is loaded and tokenized.")
+    model_loaded: float | None = _seconds("modelLoaded: the model is loaded, with its adapter.")
+    evaluated_before: float | None = _seconds(
+        "evaluatedBefore: the before-training evaluation is done."
+    )
+    first_step: float | None = _seconds("firstStep: the first optimizer step is done.")
+
+
+class FinishTimes(ApiModel):
+    """Where the time after the last optimizer step went: each field is the seconds from the
+    last step to the moment the attempt reached that phase (unset: not reached, or not
+    reported). Pod times have the API server's one-second resolution."""
+
+    attempt: int | None = Field(None, ge=1, description="attempt these times describe.")
+    evaluated_after: float | None = _seconds(
+        "evaluatedAfter: the after-training evaluation is done."
+    )
+    saved: float | None = _seconds("saved: the final artifact is saved.")
+    pushed: float | None = _seconds(
+        "pushed: the push to output.hub is done. Unset without output.hub, or when a gate failed."
+    )
+    result_written: float | None = _seconds(
+        "resultWritten: rank 0 wrote its result; what follows is the ranks' exit (and "
+        "FINETUNE_METRICS_LINGER_SECONDS, when the operator sets one)."
+    )
+    pods_exited: float | None = _seconds(
+        "podsExited: the last pod's trainer container ended (its finishedAt)."
+    )
+    succeeded: float | None = _seconds(
+        "succeeded: the operator saw the Job complete and set Succeeded (or Failed)."
+    )
+
+
 class Workload(ApiModel):
     job_name: ShortStr | None = Field(None, description="jobName of the current batch/v1 Job.")
     service_name: ShortStr | None = Field(None, description="serviceName of the headless Service.")
@@ -1581,6 +1639,14 @@ class FineTuneJobStatus(ApiModel):
     serve: ServeStatus | None = Field(
         None, description="serve: what spec.serve serves, and whether it answers. Unset: no serve."
     )
+    startup: StartupTimes = Field(
+        default_factory=StartupTimes,
+        description="startup: seconds from creation to each phase before the first step.",
+    )
+    finish: FinishTimes = Field(
+        default_factory=FinishTimes,
+        description="finish: seconds from the last step to each phase after it.",
+    )
 
 
 # ---- the whole object ---------------------------------------------------------------------------
@@ -1589,12 +1655,14 @@ class FineTuneJobStatus(ApiModel):
 class ObjectMeta(BaseModel):
     """The part of metadata the trainer reads; the API server owns the rest."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
     namespace: ShortStr = "default"
     uid: str | None = None
     generation: int | None = None
+    # RFC 3339, set by the API server: status.startup counts from it.
+    creation_timestamp: str | None = Field(None, alias="creationTimestamp")
     labels: dict[str, str] = Field(default_factory=dict)
 
 

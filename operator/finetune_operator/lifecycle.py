@@ -8,7 +8,7 @@ to do about it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from finetune_api.constants import Reason
 from finetune_api.pod import CONTAINER_NAME, REPLACED_EXIT_CODES
 from finetune_api.result import TrainerResult, scrub
-from finetune_operator import naming
+from finetune_operator import naming, timings
 
 Obj = dict[str, Any]
 # The Job controller's reason for a Job that a podFailurePolicy FailJob rule ended; ours has
@@ -117,6 +117,8 @@ class Outcome:
     unmade: int = 0
     # Set for PENDING and RUNNING: a pod that was stopped and is being replaced.
     leaving: Leaving | None = None
+    # When the last pod of the gang was scheduled, started and ended (timings.pod_times).
+    pod_times: dict[str, float] = field(default_factory=dict)
 
 
 def _true_conditions(job: Obj) -> dict[str, Obj]:
@@ -425,7 +427,12 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
     if job is None:
         return Outcome(State.ABSENT)
     meta = job.get("metadata") or {}
-    base = Outcome(State.PENDING, attempt=naming.attempt_of(job), uid=meta.get("uid"))
+    base = Outcome(
+        State.PENDING,
+        attempt=naming.attempt_of(job),
+        uid=meta.get("uid"),
+        pod_times=timings.pod_times(pods, _parallelism(job)),
+    )
     if meta.get("deletionTimestamp"):
         # Foreground deletion keeps the Job until its pods are gone: wait, never act on it.
         return replace(base, deleting=True)

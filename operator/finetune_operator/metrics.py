@@ -16,7 +16,6 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from prometheus_client import (
@@ -31,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_operator.timings import unix
 
 FAILURE_REASONS = (
     Reason.INVALID_SPEC,
@@ -69,15 +69,6 @@ class JobState:
     finished_at: float | None = None
 
 
-def _unix(timestamp: Any) -> float | None:
-    if not isinstance(timestamp, str) or not timestamp:
-        return None
-    try:
-        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def job_state(status: Mapping[str, Any], before: JobState | None, now: float) -> JobState:
     """The JobState of a status as a pass wrote it (camelCase, as the API server holds it).
 
@@ -89,7 +80,7 @@ def job_state(status: Mapping[str, Any], before: JobState | None, now: float) ->
     condition = conditions.get(PHASE_CONDITION.get(phase, ""), {})
     finished_at = None
     if phase in TERMINAL:
-        finished_at = _unix(status.get("completionTime")) or _unix(
+        finished_at = unix(status.get("completionTime")) or unix(
             condition.get("lastTransitionTime")
         )
         if finished_at is None:
@@ -194,6 +185,22 @@ class OperatorMetrics:
             buckets=(5, 10, 15, 20, 30, 45, 60, 120, 300, 600),
             registry=registry,
         )
+        # Once per attempt, when its status first shows the first step (or the end): where the
+        # time to it went, by status.startup (status.finish) field.
+        self.startup_seconds = Histogram(
+            "finetune_operator_startup_phase_seconds",
+            "From FineTuneJob creation to each phase before the first step (status.startup).",
+            ["phase"],
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600, 1800),
+            registry=registry,
+        )
+        self.finish_seconds = Histogram(
+            "finetune_operator_finish_phase_seconds",
+            "From the last step to each phase after it (status.finish).",
+            ["phase"],
+            buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
         self.finished_seconds = finished_seconds
         self._clock = clock
         # Written by reconcile passes (the event loop), read by the scrape thread.
@@ -212,6 +219,22 @@ class OperatorMetrics:
             phases = Tally(s.phase for s in self._states.values())
         for p in Phase:
             self.jobs.labels(phase=str(p)).set(phases[p])
+
+    def observe_timings(self, previous: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """Observe status.startup when its firstStep first appears, and status.finish when its
+        `succeeded` does: once per attempt each."""
+        for name, histogram, last in (
+            ("startup", self.startup_seconds, "firstStep"),
+            ("finish", self.finish_seconds, "succeeded"),
+        ):
+            new, old = status.get(name) or {}, previous.get(name) or {}
+            if new.get(last) is None:
+                continue
+            if old.get(last) is not None and old.get("attempt") == new.get("attempt"):
+                continue
+            for phase, seconds in new.items():
+                if phase != "attempt" and isinstance(seconds, int | float):
+                    histogram.labels(phase=phase).observe(seconds)
 
     def observe_phase(self, key: tuple[str, str], phase: str | None) -> None:
         """observe_job for a caller that knows only the phase (None: the job is gone)."""

@@ -181,10 +181,11 @@ class Reconciler:
             events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
         outcome = observe_job(batch, pods, events)
         workload = await self._workload(job, outcome)
-        progress, resumed, resumed_at = None, None, None
+        progress, resumed, resumed_at, stamps = None, None, None, {}
         now = now_rfc3339()
         if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:
-            values = await scrape.scrape(outcome.rank0_ip, self.settings.scrape_timeout_seconds)
+            timeout = self.settings.scrape_timeout_seconds
+            values, stamps = await scrape.scrape(outcome.rank0_ip, timeout)
             previous = (
                 job.status.progress.model_dump(mode="json", by_alias=True) if job.status else None
             )
@@ -199,6 +200,7 @@ class Reconciler:
             resumed_from_step=resumed,
             resumed_at=resumed_at,
             workload=workload,
+            stamps=stamps,
         )
 
     async def _reconcile(
@@ -355,6 +357,7 @@ class Reconciler:
         if status != previous:
             await self.kube.patch_status(meta["namespace"], meta["name"], status)
         self.metrics.observe_job(key, status)
+        self.metrics.observe_timings(previous, status)
         if status.get("phase") == Phase.RUNNING and previous.get("phase") != Phase.RUNNING:
             created = meta.get("creationTimestamp")
             if created:

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from finetune_api.phases import PHASE_GAUGE
 from finetune_api.pod import METRICS_PORT, RESUMED_FROM_STEP_GAUGE, RESUMED_TIMESTAMP_GAUGE
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,17 @@ _GAUGES = {
 }
 
 
+def _families(text: str) -> list[Any]:
+    try:
+        return list(text_string_to_metric_families(text))
+    except (ValueError, TypeError):
+        return []
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Rank 0's values of the trainer gauges (samples of other ranks are skipped)."""
     values: dict[str, float] = {}
-    try:
-        families = list(text_string_to_metric_families(text))
-    except (ValueError, TypeError):
-        return values
-    for family in families:
+    for family in _families(text):
         key = _GAUGES.get(family.name)
         if key is None:
             continue
@@ -44,6 +48,19 @@ def parse_metrics(text: str) -> dict[str, float]:
                 values[key] = float(sample.value)
                 break
     return values
+
+
+def parse_phases(text: str) -> dict[str, float]:
+    """Rank 0's phase stamps (finetune_api.phases names, Unix seconds) from its phase gauge."""
+    stamps: dict[str, float] = {}
+    for family in _families(text):
+        if family.name != PHASE_GAUGE:
+            continue
+        for sample in family.samples:
+            name = sample.labels.get("phase")
+            if name and sample.labels.get("rank", "0") == "0" and sample.value > 0:
+                stamps[name] = float(sample.value)
+    return stamps
 
 
 def _seconds_between(earlier: str, later: str) -> float | None:
@@ -97,7 +114,11 @@ def resumed_at(values: dict[str, float]) -> str | None:
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def scrape(ip: str, timeout: float, port: int = METRICS_PORT) -> dict[str, float]:
+async def scrape(
+    ip: str, timeout: float, port: int = METRICS_PORT
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Rank 0's gauges (parse_metrics) and phase stamps (parse_phases); empty when it does not
+    answer."""
     url = f"http://{ip}:{port}/metrics"
     try:
         async with (
@@ -105,9 +126,10 @@ async def scrape(ip: str, timeout: float, port: int = METRICS_PORT) -> dict[str,
             session.get(url) as resp,
         ):
             if resp.status != 200:
-                return {}
+                return {}, {}
             body = await resp.content.read(MAX_BODY)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         log.debug("scrape %s failed: %s", url, exc)
-        return {}
-    return parse_metrics(body.decode("utf-8", "replace"))
+        return {}, {}
+    text = body.decode("utf-8", "replace")
+    return parse_metrics(text), parse_phases(text)

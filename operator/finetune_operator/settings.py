@@ -72,9 +72,10 @@ class Settings:
     log_level: str = "INFO"
     # Requests and limits for trainer containers of FineTuneJobs that set none themselves.
     trainer_default_resources: dict[str, dict[str, str]] = field(default_factory=dict)
-    # Trainers keep serving metrics this long after training, so that a scrape (the PodMonitor's
-    # default interval is 15 s) sees the final step and the after-training scores.
-    metrics_linger_seconds: int = 20
+    # Trainers keep serving metrics after training until one more scrape, at most this long, so
+    # that a PodMonitor's scrape sees the final step and the after-training scores. 0: they exit
+    # at once (the operator reads those from the result); the chart sets it with its PodMonitor.
+    metrics_linger_seconds: int = 0
     # Images of spec.serve's vllm and tgi engines (transformers runs the trainer image).
     serve_vllm_image: str = DEFAULT_VLLM_IMAGE
     serve_tgi_image: str = DEFAULT_TGI_IMAGE
@@ -96,7 +97,7 @@ class Settings:
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
             trainer_default_resources=_resources(env.get("FINETUNE_TRAINER_DEFAULT_RESOURCES")),
-            metrics_linger_seconds=int(env.get("FINETUNE_METRICS_LINGER_SECONDS", "20")),
+            metrics_linger_seconds=int(env.get("FINETUNE_METRICS_LINGER_SECONDS", "0")),
             serve_vllm_image=env.get("FINETUNE_SERVE_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
             serve_tgi_image=env.get("FINETUNE_SERVE_TGI_IMAGE", DEFAULT_TGI_IMAGE),
             serve_smoke_timeout_seconds=float(
@@ -132,6 +133,10 @@ class Settings:
             env["FINETUNE_SERVE_VLLM_IMAGE"] = str(serve["vllmImage"])
         if serve.get("tgiImage"):
             env["FINETUNE_SERVE_TGI_IMAGE"] = str(serve["tgiImage"])
+        pod_monitor = (values.get("monitoring") or {}).get("podMonitor") or {}
+        if pod_monitor.get("enabled"):
+            linger = pod_monitor.get("finalScrapeSeconds", 20)
+            env["FINETUNE_METRICS_LINGER_SECONDS"] = str(linger)
         if trainer.get("defaultResources"):  # the template's `with` skips an empty map
             env["FINETUNE_TRAINER_DEFAULT_RESOURCES"] = json.dumps(trainer["defaultResources"])
         # Appended after the chart's own entries; for a repeated name the kubelet keeps the last.

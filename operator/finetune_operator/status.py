@@ -14,7 +14,7 @@ from typing import Any
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.result import TrainerResult
 from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, RunPolicy
-from finetune_operator import naming
+from finetune_operator import naming, timings
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
@@ -74,6 +74,8 @@ class Observed:
     resumed_at: str | None = None
     # A queued Job's Kueue Workload; None when not looked up (no queueName).
     workload: Workload | None = None
+    # Rank 0's phase stamps as scraped (finetune_api.phases names, Unix seconds).
+    stamps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -468,6 +470,20 @@ def _resume(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -
         conds.set(CT.RUNNING, False, Reason.RESUMED, "resumed; waiting for the pods")
 
 
+def _timings(status: Obj, prev: Obj, job: FineTuneJob, observed: Observed) -> None:
+    """status.startup and status.finish of the observed attempt (timings.derive)."""
+    out = observed.outcome
+    stamps = {**observed.stamps, **(out.result.phases if out.result is not None else {})}
+    status["startup"], status["finish"] = timings.derive(
+        prev,
+        created=job.metadata.creation_timestamp,
+        attempt=out.attempt,
+        pods=out.pod_times,
+        stamps=stamps,
+        finished_at=status.get("completionTime"),
+    )
+
+
 def plan(job: FineTuneJob, observed: Observed) -> Plan:
     prev: Obj = (
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
@@ -617,6 +633,8 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         if observed.progress and out.state is State.RUNNING:
             status["progress"] = observed.progress
 
+    if out.state is not State.ABSENT and out.attempt:
+        _timings(status, prev, job, observed)
     status["conditions"] = conds.ordered()
     status["phase"] = str(phase_of(conds))
     if status.get("evaluation"):

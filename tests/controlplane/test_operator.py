@@ -24,6 +24,8 @@ from fixtures.cluster import (
 )
 from fixtures.kube import Kube
 
+from finetune_operator.timings import unix
+
 if TYPE_CHECKING:
     from fixtures.operator import Operator, Rank0Metrics
 
@@ -175,8 +177,18 @@ def test_success_progress_and_result(
         message="progress scraped from rank 0",
     )
     assert status["progress"]["percent"] == 25
-    finish_pods(kube, namespace, pod_list, 0, json.dumps(RESULT))
+    # Rank 0's phase stamps, seconds after the FineTuneJob's creation.
+    created = unix(kube.get("FineTuneJob", "ok", namespace)["metadata"]["creationTimestamp"])
+    offsets = {"rendezvous": 2.5, "first_step": 4.0, "last_step": 9.0, "result_written": 10.5}
+    stamps = {phase: created + at for phase, at in offsets.items()}
+    finish_pods(kube, namespace, pod_list, 0, json.dumps({**RESULT, "phases": stamps}))
     status = wait_phase(kube, wait_until, namespace, "ok", "Succeeded")
+    # The pods played here started and ended at a fixed past time: written as 0, never less.
+    # No scheduler runs here, so no pod is PodScheduled.
+    startup = {"attempt": 1, "containerStarted": 0.0, "rendezvous": 2.5, "firstStep": 4.0}
+    assert status["startup"] == startup
+    assert status["finish"]["resultWritten"] == 1.5
+    assert status["finish"]["podsExited"] == 0.0 and status["finish"]["succeeded"] >= 0
     assert status["evaluation"]["accuracy"] == {"before": 0.52, "after": 0.81}
     assert status["evaluationSummary"] == "accuracy 0.52→0.81"
     assert status["result"]["revision"] == RESULT["revision"]

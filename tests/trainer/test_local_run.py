@@ -51,9 +51,18 @@ def test_example_runs_locally_with_two_nodes(base_env: dict[str, str], tmp_path:
         assert 0 <= scores["before"] <= 1 and 0 <= scores["after"] <= 1
     assert "[rank 1]" in done.stderr  # both nodes' logs are streamed
     assert "accuracy: " in done.stderr  # the before -> after summary
+    # Rank 0's phase stamps, in the order it reached them (no output.hub: no push).
+    stamps = result["phases"]
+    order = [
+        "process_started", "rendezvous", "data_loaded", "model_loaded", "evaluated_before",
+        "first_step", "last_step", "evaluated_after", "saved", "result_written",
+    ]  # fmt: skip
+    assert set(stamps) == set(order)
+    assert [stamps[p] for p in order] == sorted(stamps.values())
     labels = json.loads((tmp_path / "work" / "output" / "adapter_config.json").read_text())
     assert labels["task_type"] == "SEQ_CLS"
     # Rank 1 reports only its own verdict: scores, the push and the artifacts are rank 0's.
     node1 = TrainerResult.parse((tmp_path / "work" / "node-1" / "result.json").read_text())
     assert node1 is not None and (node1.rank, node1.status) == (1, "Succeeded")
     assert not node1.evaluation and node1.revision is None and node1.steps is None
+    assert not node1.phases

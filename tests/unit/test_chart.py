@@ -671,7 +671,10 @@ def test_monitoring_values_contract() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["monitoring"] == {
         "serviceMonitor": {"enabled": False, "interval": "30s", "labels": {}},
-        "podMonitor": {"enabled": False, "interval": "15s", "labels": {}, "processesPerNode": 8},
+        "podMonitor": {
+            "enabled": False, "interval": "15s", "labels": {}, "finalScrapeSeconds": 20,
+            "processesPerNode": 8,
+        },
         "prometheusRule": {
             "enabled": False, "labels": {}, "stalledMinutes": 10, "pendingMinutes": 15,
             "operatorJob": "", "runbookBaseURL": "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -125,7 +126,8 @@ def test_steps_eval_and_counters_grow(ranks) -> None:
     assert value(s, "finetune_trainer_status", status="training") == 0
 
     stamps = {lb["phase"]: v for lb, v in s["finetune_startup_phase_timestamp_seconds"]}
-    assert set(stamps) == set(STARTUP_PHASES)
+    recorded = {"process_started", "model_loaded", "data_loaded", "rendezvous", "first_step"}
+    assert set(stamps) == recorded and recorded <= set(STARTUP_PHASES)
     assert stamps["process_started"] <= stamps["model_loaded"] <= stamps["first_step"]
     # record_step set first_step once; later steps do not move it.
     first_stamps = {lb["phase"]: v for lb, v in first["finetune_startup_phase_timestamp_seconds"]}
@@ -135,6 +137,41 @@ def test_steps_eval_and_counters_grow(ranks) -> None:
         "process_started",
         "first_step",
     }
+
+
+def test_phase_stamps_for_the_result_match_the_gauge(ranks) -> None:
+    """The stamps rank 0 writes into its result are the ones its gauge exports, last_step is
+    the last record_step's time, and an attempt without steps stamps no last_step."""
+    r0, _, p0, _ = ranks
+    r0.record_last_step()
+    assert "last_step" not in r0.phases
+    for step in (1, 2):
+        r0.record_step(step, 0.1, 2.0, 1e-4, None, 8, 1, 0.01, total_steps=2)
+    r0.record_last_step()
+    r0.record_phase("evaluated_after")
+    stamps = {lb["phase"]: v for lb, v in scrape(p0)["finetune_startup_phase_timestamp_seconds"]}
+    assert set(r0.phases) == set(stamps) == {
+        "process_started", "first_step", "last_step", "evaluated_after"
+    }  # fmt: skip
+    for name, at in r0.phases.items():
+        assert at == pytest.approx(stamps[name], abs=1e-3)
+    assert value(
+        scrape(p0), "finetune_train_last_step_timestamp_seconds", rank="0"
+    ) == pytest.approx(r0.phases["last_step"], abs=1e-3)
+    assert r0.phases["first_step"] <= r0.phases["last_step"] <= r0.phases["evaluated_after"]
+
+
+def test_wait_for_scrape_ends_at_the_next_scrape(ranks) -> None:
+    """The linger after training ends as soon as a scrape has seen the final values; without a
+    scrape it gives up after its timeout."""
+    r0, _, p0, _ = ranks
+    assert r0.wait_for_scrape(0.2) is False
+    scraper = threading.Timer(0.3, scrape, args=(p0,))
+    scraper.start()
+    try:
+        assert r0.wait_for_scrape(60) is True
+    finally:
+        scraper.join()
 
 
 def test_throughput_window_smooths_over_recent_steps() -> None:

@@ -36,7 +36,10 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from finetune_api import phases
 from finetune_api.pod import (
     HISTOGRAM_MAX_RANKS_ENV,
     RESUMED_FROM_STEP_GAUGE,
@@ -55,7 +58,7 @@ __all__ = [
 ]
 
 LABELS = ("finetunejob", "namespace", "rank")
-STARTUP_PHASES = ("process_started", "model_loaded", "data_loaded", "rendezvous", "first_step")
+STARTUP_PHASES = phases.STARTUP
 # From a tiny model on an accelerator (10 ms) to a large one on CPU with accumulation (10 min).
 STEP_DURATION_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0,
@@ -119,6 +122,29 @@ def flops_per_token(
     return flops
 
 
+class _ScrapeCounter(Collector):
+    """A collector that exports nothing and counts the times /metrics was served."""
+
+    def __init__(self) -> None:
+        self._served = 0
+        self._changed = threading.Condition()
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to describe, and the registry must not collect() to find out
+
+    def collect(self) -> list[Metric]:
+        with self._changed:
+            self._served += 1
+            self._changed.notify_all()
+        return []
+
+    def wait_for_next(self, timeout: float) -> bool:
+        """Wait until the registry is collected again, at most `timeout` seconds."""
+        with self._changed:
+            seen = self._served
+            return self._changed.wait_for(lambda: self._served > seen, timeout)
+
+
 class TrainerMetrics:
     """The metrics of one trainer rank, in a registry of its own.
 
@@ -154,7 +180,9 @@ class TrainerMetrics:
         self._window: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_WINDOW)
         self._lock = threading.Lock()
         self._status: str | None = None
-        self._phases_seen: set[str] = set()
+        # Phase stamps (Unix seconds) as recorded, for the result; the gauge exports the same.
+        self._phases: dict[str, float] = {}
+        self._last_step_at: float | None = None
         r = self.registry
 
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
@@ -232,14 +260,16 @@ class TrainerMetrics:
             "Peak accelerator memory allocated by this rank, in bytes.",
         )
         self._phase = gauge(
-            "finetune_startup_phase_timestamp_seconds",
-            "Unix time this rank reached a start-up phase (time-to-first-step breakdown).",
+            phases.PHASE_GAUGE,
+            "Unix time this rank reached a phase before its first step or after its last one.",
             ("phase",),
         )
         self._status_gauge = gauge(
             "finetune_trainer_status", "1 for the trainer's current status, 0 for past ones.",
             ("status",),
         )  # fmt: skip
+        self._scrapes = _ScrapeCounter()
+        r.register(self._scrapes)
         if process_metrics:
             # Own registry means no default collectors; add them so CPU, RSS and GC show here too.
             ProcessCollector(registry=r)
@@ -250,9 +280,14 @@ class TrainerMetrics:
         for metric in (self._tokens, self._samples, self._step_duration, self._ckpt_duration):
             if metric is not None:
                 metric.labels(**self.labels)
-        self.record_phase("process_started")
+        self.record_phase(phases.PROCESS_STARTED)
 
     # ---- serving ----------------------------------------------------------------------------
+
+    def wait_for_scrape(self, timeout: float) -> bool:
+        """Wait until /metrics is served once more (a scrape saw the values set so far), at most
+        `timeout` seconds; whether it was."""
+        return self._scrapes.wait_for_next(timeout)
 
     def start_server(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics on addr:port in a daemon thread; port 0 picks a free one. Returns it."""
@@ -310,9 +345,11 @@ class TrainerMetrics:
                 seconds = sum(d for _, d in self._window)
                 tps = sum(t for t, _ in self._window) / seconds if seconds > 0 else 0.0
             self._tps.labels(**lb).set(tps)
-        self._last_step.labels(**lb).set(time.time())
-        if "first_step" not in self._phases_seen:
-            self.record_phase("first_step")
+        now = time.time()
+        self._last_step.labels(**lb).set(now)
+        self._last_step_at = now
+        if phases.FIRST_STEP not in self._phases:
+            self.record_phase(phases.FIRST_STEP, at=now)
 
     @property
     def tokens_per_second(self) -> float:
@@ -344,15 +381,27 @@ class TrainerMetrics:
         """Whether the Hub branch lags the newest local checkpoint (its upload failed)."""
         self._mirror_stale.labels(**self.labels).set(1 if stale else 0)
 
-    def record_phase(self, name: str) -> None:
-        """Stamp a start-up phase with the current Unix time.
+    def record_phase(self, name: str, at: float | None = None) -> None:
+        """Stamp a phase (finetune_api.phases) with the Unix time `at`, by default now.
 
-        Phases: process_started (set on construction), model_loaded, data_loaded, rendezvous,
-        first_step (set by the first record_step unless recorded before). Other names are
-        accepted, for phases that a trainer adds. Recording a phase again moves its stamp.
+        process_started is stamped on construction, first_step by the first record_step unless
+        recorded before. Other names are accepted, for phases that a trainer adds. Recording a
+        phase again moves its stamp.
         """
-        self._phases_seen.add(name)
-        self._phase.labels(**self.labels, phase=name).set(time.time())
+        at = time.time() if at is None else at
+        self._phases[name] = at
+        self._phase.labels(**self.labels, phase=name).set(at)
+
+    def record_last_step(self) -> None:
+        """Stamp last_step with the time the last record_step finished; nothing without one
+        (an attempt that only pushes what an earlier one trained)."""
+        if self._last_step_at is not None:
+            self.record_phase(phases.LAST_STEP, at=self._last_step_at)
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """The stamps recorded so far (Unix seconds, to the millisecond), for the result."""
+        return {name: round(at, 3) for name, at in self._phases.items()}
 
     def record_peak_memory(self, bytes_: int) -> None:
         self._peak_memory.labels(**self.labels).set(bytes_)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +35,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, pod
+from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, phases, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import Sample, TrainerResult, scrub
@@ -118,7 +117,7 @@ def _train(job: FineTuneJob) -> int:
 
     set_seed(spec.training.seed)
     accelerator = _accelerator(spec)
-    telemetry.record_phase("rendezvous")
+    telemetry.record_phase(phases.RENDEZVOUS)
     saved = _saved_final(job, accelerator)
     if saved is not None:  # trained and evaluated before; only the push is left
         verdict = _push_saved(job, saved, telemetry) if accelerator.is_main_process else None
@@ -136,13 +135,13 @@ def _train(job: FineTuneJob) -> int:
     telemetry.record_phase("sources_fetched")
     with accelerator.main_process_first():
         data = task.build_data(*load_splits(spec))
-    telemetry.record_phase("data_loaded")
+    telemetry.record_phase(phases.DATA_LOADED)
     log.info("%d training and %d evaluation rows", len(data.train), len(data.evaluation))
     with accelerator.local_main_process_first():
         model = task.load_model(data, accelerator.device)
     # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
     set_seed(spec.training.seed + accelerator.process_index)
-    telemetry.record_phase("model_loaded")
+    telemetry.record_phase(phases.MODEL_LOADED)
     run = _prepare(job, accelerator, task, data, model)
     state, resumed_from = _resume(run, ckpt_root, mirror)
     telemetry.record_resume(resumed_from)
@@ -151,13 +150,16 @@ def _train(job: FineTuneJob) -> int:
     state.before_scores = _evaluate(run, telemetry, "before", known)
     if not known:  # evaluated just now
         state.before_answers = [s.after or "" for s in task.generated]
+    telemetry.record_phase(phases.EVALUATED_BEFORE)
 
     telemetry.set_status("training")
     after_save = mirror.upload if mirror is not None else None
     tokens_per_second = train_steps(job, run, state, ckpt_root, telemetry, after_save)
+    telemetry.record_last_step()
     accelerator.wait_for_everyone()
 
     after = _evaluate(run, telemetry, "after")
+    telemetry.record_phase(phases.EVALUATED_AFTER)
     _write_param_hash(run)
     final_model = _final_model(run)
     result = TrainerResult(
@@ -239,9 +241,13 @@ def _leave(
         else:
             write_result(TrainerResult(status=status, rank=rank))
     accelerator.end_training()
-    # Prometheus scrapes on its own clock; without a pause the after-training scores and the
-    # final step would vanish with the process before any scrape saw them.
-    time.sleep(float(os.environ.get(pod.METRICS_LINGER_ENV, "0")))
+    # Prometheus scrapes on its own clock: without a pause the after-training scores and the
+    # final step would vanish with the process before any scrape saw them. The operator reads
+    # them from the result, so the pause is only for a PodMonitor (the operator sets the
+    # variable then), and ends with the first scrape that saw them.
+    linger = float(os.environ.get(pod.METRICS_LINGER_ENV) or 0)
+    if linger > 0:
+        telemetry.wait_for_scrape(linger)
     return code
 
 
@@ -479,6 +485,7 @@ def _finish(
     missed = gate_failures(job.spec.evaluation.gates, after)
     if not missed and job.spec.output.hub is not None:
         out = _keep(job, out, result)
+    telemetry.record_phase(phases.SAVED)
     return _publish(job, out, result, missed, telemetry)
 
 
@@ -511,6 +518,10 @@ def _publish(
     elif job.spec.output.hub is not None:
         telemetry.set_status("pushing")
         code = _push(job, artifact_dir, result)
+        telemetry.record_phase(phases.PUSHED)
+    telemetry.record_phase(phases.RESULT_WRITTEN)
+    # Where the attempt's time went, for status.startup and status.finish.
+    result.phases = telemetry.phases
     write_result(result)
     log.info("result: %s", result.to_message())
     return code, result
