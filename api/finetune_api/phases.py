@@ -18,8 +18,8 @@ from typing import Final
 PROCESS_STARTED: Final = "process_started"
 # The gang formed: every rank joined the process group.
 RENDEZVOUS: Final = "rendezvous"
-# The model and dataset files are local (stamped by a download step that runs before loading;
-# without one, the downloads are part of data_loaded and model_loaded).
+# The hf:// model and dataset are resolved and in the hub cache (fetch.py); not stamped when no
+# source is on the Hub or the Hub is offline.
 DOWNLOADED: Final = "downloaded"
 DATA_LOADED: Final = "data_loaded"
 MODEL_LOADED: Final = "model_loaded"

@@ -1516,8 +1516,8 @@ class StartupTimes(ApiModel):
     )
     rendezvous: float | None = _seconds("rendezvous: every rank joined the process group.")
     downloaded: float | None = _seconds(
-        "downloaded: the model and dataset files are local. Unset when no separate download "
-        "step ran: the downloads are then part of dataLoaded and modelLoaded."
+        "downloaded: the hf:// model and dataset are resolved to commits and in the cache. "
+        "Unset when no source is on the Hub, or the Hub is offline."
     )
     data_loaded: float | None = _seconds("dataLoaded: the dataset is loaded and tokenized.")
     model_loaded: float | None = _seconds("modelLoaded: the model is loaded, with its adapter.")

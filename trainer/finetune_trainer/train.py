@@ -132,7 +132,8 @@ def _train(job: FineTuneJob) -> int:
         accelerator.is_main_process,
         lambda said: broadcast_object_list([said], from_process=0)[0],
     )
-    telemetry.record_phase("sources_fetched")
+    if commits != fetch.NO_COMMITS:  # file:// sources, or offline: nothing was downloaded
+        telemetry.record_phase(phases.DOWNLOADED)
     with accelerator.main_process_first():
         data = task.build_data(*load_splits(spec))
     telemetry.record_phase(phases.DATA_LOADED)
