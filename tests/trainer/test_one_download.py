@@ -110,6 +110,9 @@ def test_a_shared_cache_downloads_each_file_once_over_pods_and_attempts(
     for result in (first[0], second[0]):
         assert (result["status"], result["steps"]) == ("Succeeded", 4)
         assert (result["modelRevision"], result["datasetRevision"]) == (model_sha, data_sha)
+    # The fetch is a phase of its own in the time-to-first-step breakdown.
+    stamps = first[0]["phases"]
+    assert stamps["rendezvous"] <= stamps["downloaded"] <= stamps["data_loaded"], stamps
     assert second[0]["resumedFromStep"] == 4
     gets = _file_gets(requests)
     assert f"/{MODEL}:model.safetensors" in gets and f"/datasets/{DATASET}:data/train.jsonl" in gets
