@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -29,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from test_e2e import printer_columns, setup_hub, wait_finished, wait_served
+from test_e2e import printer_columns, run_example, wait_served
 from test_e2e_embedding import forwarded
 
 from finetune_trainer.example_data import CHAT_SYSTEM_PROMPT
@@ -107,22 +105,13 @@ def test_chat_example_trains_generates_and_serves(
 ) -> None:
     ns = test_namespace
     diagnostics["namespace"] = ns
-    token = f"e2etok{secrets.token_hex(20)}"
-    hub = setup_hub(kube, ns, token, timing, images)
-    with timing.stopwatch("chat_seed_upload"):
-        held_out = seed(kube, ns, token, tmp_path)
-
-    job = yaml.safe_load(EXAMPLE.read_text())
-    job["metadata"]["namespace"] = ns
-    job["spec"]["output"]["hub"]["endpoint"] = hub.endpoint
+    run = run_example(
+        kube, ns, images, timing, EXAMPLE, "chat", lambda token: seed(kube, ns, token, tmp_path)
+    )
+    job, ftj, hub, held_out = run.job, run.ftj, run.hub, run.seeded
     assert job["spec"]["serve"]["engine"] == "transformers", "the example serves on CPU"
     name, repo = job["metadata"]["name"], job["spec"]["output"]["hub"]["repo"]
-    t_apply = time.monotonic()
-    kube.apply(job, ns)
-    ftj = wait_finished(kube, ns, name, FTJ_TIMEOUT_S)
-    timing.record("chat_ftj_wall_apply_to_done", time.monotonic() - t_apply)
     status = ftj["status"]
-    print(json.dumps(status, indent=1), flush=True)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
 
     # ---- evaluation by generation, before and after -------------------------------------------

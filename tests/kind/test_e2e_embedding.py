@@ -19,18 +19,15 @@ import importlib.util
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from test_e2e import printer_columns, setup_hub, wait_finished
+from test_e2e import printer_columns, run_example
 
 from finetune_trainer.example_data import write_code_search_splits
 
@@ -116,21 +113,19 @@ def test_sentence_embedding_end_to_end(
 ) -> None:
     ns = test_namespace
     diagnostics["namespace"] = ns
-    token = f"e2etok{secrets.token_hex(20)}"
-    hub = setup_hub(kube, ns, token, timing, images)
-    with timing.stopwatch("embedding_seed_upload"):
-        seed(kube, ns, token, tmp_path)
-
-    job = yaml.safe_load(EXAMPLE.read_text())
-    job["metadata"]["namespace"] = ns
-    job["spec"]["output"]["hub"]["endpoint"] = hub.endpoint
+    run = run_example(
+        kube,
+        ns,
+        images,
+        timing,
+        EXAMPLE,
+        "embedding",
+        lambda token: seed(kube, ns, token, tmp_path),
+        FTJ_TIMEOUT_S,
+    )
+    job, ftj, hub = run.job, run.ftj, run.hub
     name, repo = job["metadata"]["name"], job["spec"]["output"]["hub"]["repo"]
-    t_apply = time.monotonic()
-    kube.apply(job, ns)
-    ftj = wait_finished(kube, ns, name, FTJ_TIMEOUT_S)
-    timing.record("embedding_ftj_wall_apply_to_done", time.monotonic() - t_apply)
     status = ftj["status"]
-    print(json.dumps(status, indent=1), flush=True)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
 
     ndcg = status["evaluation"]["cosine_ndcg@10"]
