@@ -90,6 +90,38 @@ class Setting:
     precision: Literal["fp32", "bf16"]
 
 
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    shape: str,
+    seq_len: int,
+    global_batch: int,
+    steps: int,
+    repeats: int,
+) -> None:
+    """The options every benchmark script shares, with its own defaults."""
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=shape)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--global-batch", type=int, default=global_batch, help="rows per step")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats, help="runs per figure; the median")
+    parser.add_argument("--lora-r", type=int, default=16)
+
+
+def setting_of(args: argparse.Namespace, device: Device, precision: str) -> Setting:
+    """The Setting of the options `add_arguments` added."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: fp32 or bf16")
+    return Setting(
+        seq_len=args.seq_len,
+        global_batch=args.global_batch,
+        steps=args.steps,
+        lora_r=args.lora_r,
+        device=device,
+        precision=precision,  # type: ignore[arg-type]
+    )
+
+
 @dataclass(frozen=True)
 class Assets:
     """The saved model and the documents (JSON lines, a `text` field) every contender reads."""
@@ -158,6 +190,8 @@ def build_assets(
         model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(model_dir)
     del model
+    if setting.device == "cuda":
+        torch.cuda.empty_cache()  # the contenders need the whole device
     return Assets(model_dir, data, shape)
 
 
@@ -217,14 +251,17 @@ def rank_envs(world: int, base: dict[str, str]) -> list[dict[str, str]]:
 
 class PeakMemory:
     """The highest memory in use while it runs, polled in a thread: on a GPU what nvidia-smi
-    reports in use on device 0, else the summed resident memory of `pids` and their children."""
+    reports in use on device 0 beyond what was in use at the start (this process's own CUDA
+    context), else the summed resident memory of `pids` and their children."""
 
     def __init__(self, device: Device) -> None:
         self.device, self.peak, self.pids = device, 0, list[int]()
+        self._baseline = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> PeakMemory:
+        self._baseline = self._used() if self.device == "cuda" else 0
         self._thread.start()
         return self
 
@@ -235,7 +272,7 @@ class PeakMemory:
     def _poll(self) -> None:
         while not self._stop.wait(_MEMORY_POLL_S):
             try:
-                self.peak = max(self.peak, self._used())
+                self.peak = max(self.peak, self._used() - self._baseline)
             except (OSError, ValueError, subprocess.SubprocessError):
                 continue  # a process that just ended, or nvidia-smi busy: the next poll counts
 

@@ -5,8 +5,10 @@
 
 A Llama-3.1-8B shape (random init from its config, no download), bf16 weights, LoRA r=16 on
 every linear layer, documents packed to 4,096 tokens (padded to the longest row by the plain
-Trainer). The contenders run one after another, `--repeats` times interleaved; each figure is the
-median. `--shape test --device cpu` runs the same code path in seconds; the test suite does.
+Trainer), 2 rows (8,192 tokens) per step without gradient checkpointing, 30 steps: the whole
+loop is timed, first step included, so that every contender is timed the same way. The
+contenders run one after another, `--repeats` times interleaved; each figure is the median.
+`--shape test --device cpu` runs the same code path in seconds; the test suite does.
 
 MFU = model FLOPs per token x tokens/s / peak FLOP/s. Model FLOPs per token, as NVIDIA NeMo counts
 a LoRA fine-tune (finetune_trainer.telemetry.flops_per_token):
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import contenders
-from contenders import SHAPES, Contender, Sample, Setting
+from contenders import SHAPES, Contender, Sample
 
 HERE = Path(__file__).resolve().parent
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts), by a part of the device name.
@@ -73,14 +75,11 @@ def model_flops_per_token(counts: dict[str, int], layers: int, seq_len: int, hid
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    contenders.add_arguments(
+        parser, shape="llama-3.1-8b", seq_len=4096, global_batch=2, steps=30, repeats=1
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--global-batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--docs", type=int, default=0, help="documents; 0: enough for --steps")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak; default by its name")
     parser.add_argument(
@@ -98,14 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error("--device cuda: torch sees no CUDA device (use --device cpu)")
 
     shape = SHAPES[args.shape]
-    setting = Setting(
-        seq_len=args.seq_len,
-        global_batch=args.global_batch,
-        steps=args.steps,
-        lora_r=args.lora_r,
-        device=args.device,
-        precision=args.precision,
-    )
+    setting = contenders.setting_of(args, args.device, args.precision)
     # Documents of 1/16 to the whole packed length, about 3 rows' worth per packed row:
     # the packed contenders have enough tokens, the plain Trainer enough rows.
     words = (max(2, args.seq_len // 16), args.seq_len)
@@ -158,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_flops_per_token": per_token,
         "mfu_formula": MFU_FORMULA,
         "unit": "real (non-pad) tokens per second of the training loop; median of the repeats",
-        "peak_memory": "device memory in use (nvidia-smi) on a GPU; the process tree's RSS on CPU",
+        "peak_memory": "GPU: device memory in use (nvidia-smi) beyond the start; CPU: the RSS of "
+        "the contender's process tree",
         "load_average_before": load_before,
         "load_average_after": load_after,
         "results": results,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import contenders
-from contenders import SHAPES, Contender, Sample, Setting
+from contenders import SHAPES, Contender, Sample
 
 HERE = Path(__file__).resolve().parent
 # (contender, ranks) in the order each round runs them.
@@ -59,23 +59,13 @@ def _figure(runs: list[Sample]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--global-batch", type=int, default=2, help="sequences per step")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per figure; the median")
-    parser.add_argument("--lora-r", type=int, default=16)
+    contenders.add_arguments(
+        parser, shape="smollm2-135m", seq_len=512, global_batch=2, steps=3, repeats=2
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "trainer_throughput.json")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
-    setting = Setting(
-        seq_len=args.seq_len,
-        global_batch=args.global_batch,
-        steps=args.steps,
-        lora_r=args.lora_r,
-        device="cpu",
-        precision="fp32",
-    )
+    setting = contenders.setting_of(args, "cpu", "fp32")
     samples: dict[tuple[Contender, int], list[Sample]] = {run: [] for run in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
