@@ -16,7 +16,7 @@ second of the training loop (first step to last, model loading and evaluation le
 this trainer reports it itself (the attention mask of every micro-batch); the two scripts count
 the attention mask, or every token of a padding-free row, in `training_step`. Peak memory is
 sampled from outside, the same way for all: device memory in use (nvidia-smi) on a GPU, the
-resident memory of the contender's process tree on CPU.
+proportional set size (PSS) of the contender's process tree on CPU.
 
 `python benchmarks/contenders.py --reference-rank SETTINGS_JSON` is one rank of a script.
 """
@@ -46,6 +46,11 @@ Device = Literal["cpu", "cuda"]
 LEARNING_RATE = 2e-4
 # What a sample of a contender's peak memory is taken every so often (seconds).
 _MEMORY_POLL_S = 0.2
+# How peak memory is measured (PeakMemory), for the results' JSON.
+PEAK_MEMORY = (
+    "sampled every 0.2 s: on a GPU the device memory in use (nvidia-smi) beyond what was in use "
+    "before the contender started; on CPU the summed PSS of the contender's process tree"
+)
 # One run of one contender on a loaded 2-core machine, or an 8B model on a GPU, takes minutes.
 _TIMEOUT_S = 3600
 
@@ -252,7 +257,7 @@ def rank_envs(world: int, base: dict[str, str]) -> list[dict[str, str]]:
 class PeakMemory:
     """The highest memory in use while it runs, polled in a thread: on a GPU what nvidia-smi
     reports in use on device 0 beyond what was in use at the start (this process's own CUDA
-    context), else the summed resident memory of `pids` and their children."""
+    context), else the summed proportional set size (PSS) of `pids` and their children."""
 
     def __init__(self, device: Device) -> None:
         self.device, self.peak, self.pids = device, 0, list[int]()
@@ -297,7 +302,9 @@ class PeakMemory:
         for pid in self.pids:
             try:
                 proc = psutil.Process(pid)
-                used += sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+                tree = [proc, *proc.children(recursive=True)]
+                # PSS: a forked rank shares pages with its launcher; RSS would count them twice.
+                used += sum(p.memory_full_info().pss for p in tree)
             except psutil.Error:
                 continue
         return used

@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_flops_per_token": per_token,
         "mfu_formula": MFU_FORMULA,
         "unit": "real (non-pad) tokens per second of the training loop; median of the repeats",
-        "peak_memory": "GPU: device memory in use (nvidia-smi) beyond the start; CPU: the RSS of "
-        "the contender's process tree",
+        "peak_memory": contenders.PEAK_MEMORY,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "results": results,

@@ -106,6 +106,7 @@ def main() -> None:
             "trainer": "transformers.Trainer + peft, padded to the longest row per micro-batch",
             "trl": "trl.SFTTrainer, packing=True (bfd, padding-free)",
         },
+        "peak_memory": contenders.PEAK_MEMORY,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "realistic": {
