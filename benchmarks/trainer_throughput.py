@@ -10,9 +10,9 @@ trainer packed, the plain Trainer padded per micro-batch, TRL with its default p
 (b) This trainer at 1 and at 2 ranks with the same global batch, the 2 cores split evenly.
 
 Figures are real (non-pad) tokens per second of the training loop, all ranks; each is the
-median of --repeats runs, interleaved (one of each contender per round) so that the drifting
-load of a shared machine hits all alike. The samples, with the 1-minute load average when each
-started, stay in the JSON.
+median of --repeats runs, interleaved (one of each contender per round, every other round in
+reverse order) so that the drifting load of a shared machine hits all alike. The samples, with
+the 1-minute load average when each started, and each round's ratios stay in the JSON.
 
 Writes benchmarks/results/trainer_throughput.json.
 """
@@ -76,8 +76,9 @@ def main() -> None:
         )
         base = contenders.base_env(root)
         load_before = os.getloadavg()
-        for _ in range(args.repeats):
-            for contender, world in RUNS:
+        for round_ in range(args.repeats):
+            # Every other round backwards (ABBA): a steady drift in load then cancels out.
+            for contender, world in RUNS if round_ % 2 == 0 else RUNS[::-1]:
                 sample = contenders.run(contender, root, assets, setting, world, base)
                 samples[contender, world].append(sample)
                 print(contender, world, sample, file=sys.stderr, flush=True)
@@ -90,6 +91,18 @@ def main() -> None:
         "finetune_vs_trl": round(ours / _median(samples["trl", 1]), 3),
         "finetune_vs_trainer": round(ours / _median(samples["trainer", 1]), 3),
         "scaling_2_ranks": round(two / one, 3),
+    }
+    pairs = {
+        "finetune_vs_trl": (("finetune", 1), ("trl", 1)),
+        "finetune_vs_trainer": (("finetune", 1), ("trainer", 1)),
+        "scaling_2_ranks": (("finetune", 2), ("finetune", 1)),
+    }
+    per_round = {
+        name: [
+            round(a.tokens_per_second / b.tokens_per_second, 3)
+            for a, b in zip(samples[num], samples[den], strict=True)
+        ]
+        for name, (num, den) in pairs.items()
     }
     report = {
         "model": f"{shape.name} shape (random init), fp32",
@@ -118,6 +131,7 @@ def main() -> None:
             "ranks_2": _figure(samples["finetune", 2]),
         },
         "ratios": measured,
+        "ratios_per_round": per_round,
         "goals": GOALS,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
