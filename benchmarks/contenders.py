@@ -4,7 +4,8 @@
 - `trainer`: a plain `transformers.Trainer` + peft script, padding each micro-batch to its
   longest row: what a user writes without TRL.
 - `trl`: TRL's `SFTTrainer` with `packing=True` and its default strategy (best-fit decreasing,
-  padding-free: the documents of a row keep their own positions and attend only to themselves).
+  padding-free: the documents of a row keep their own positions and attend only to themselves),
+  and TRL's other defaults, gradient checkpointing on among them: what a TRL user gets.
 
 Every contender trains the same randomly initialised Llama (built here from a `Shape`, no
 download) with the same LoRA (r, alpha 2r, no dropout, every linear layer), learning rate,
@@ -510,6 +511,7 @@ def reference_rank(settings: dict[str, Any]) -> None:
 
         trainer = CountingSFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+            # gradient_checkpointing stays at TRL's default (on); the other two do not checkpoint.
             args=SFTConfig(
                 **common, max_length=setting.seq_len, packing=True, dataset_text_field="text"
             ),

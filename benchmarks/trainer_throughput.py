@@ -117,7 +117,8 @@ def main() -> None:
         "contenders": {
             "finetune": "finetune train, packed (maxSeqLength blocks)",
             "trainer": "transformers.Trainer + peft, padded to the longest row per micro-batch",
-            "trl": "trl.SFTTrainer, packing=True (bfd, padding-free)",
+            "trl": "trl.SFTTrainer, packing=True (bfd, padding-free), TRL's defaults "
+            "(gradient checkpointing on)",
         },
         "peak_memory": contenders.PEAK_MEMORY,
         "load_average_before": load_before,
