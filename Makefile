@@ -12,7 +12,7 @@ VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv lint crd prereqs test test-fast demo demo-local bench test-kueue
+.PHONY: venv lint crd prereqs test test-fast demo demo-local bench bench-gpu test-kueue
 
 venv:
 	@echo $(VENV)
@@ -57,3 +57,7 @@ bench: prereqs
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/operator_scale.py
 	$(PY) -m pytest -m bench -s tests/kind/test_restart_time.py tests/kind/test_startup_time.py
+
+# On a machine with an NVIDIA GPU: the Llama-3.1-8B-shaped LoRA run against Trainer and TRL.
+bench-gpu: prereqs
+	$(PY) benchmarks/gpu_throughput.py

@@ -1,16 +1,18 @@
-"""Training throughput of `finetune train` against a plain `transformers.Trainer` + peft script.
+"""CPU training throughput of `finetune train` against `transformers.Trainer` + peft and TRL's
+`SFTTrainer` on a realistic shape, and this trainer's scaling from 1 to 2 ranks.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/trainer_throughput.py
 
-Both train the same randomly initialised Llama (built here, no download) with the same LoRA
-config, data (documents of uneven length), global batch and number of optimizer steps, at 1 and
-2 ranks; each rank is its own process, started with the env a pod gets (RANK, WORLD_SIZE,
-MASTER_*), and the threads are split evenly between ranks. Throughput is real (non-pad) tokens
-processed per second of the training loop, summed over ranks, counted the same way for both: the
-attention mask of every training micro-batch. This trainer runs with packing (its default) and
-without, so the effect of packing and of the loop itself can be told apart. Each figure is the
-median of --repeats runs, interleaved so that drifting load on a shared machine hits all three
-alike; the samples and the load average are kept in the JSON.
+(a) A SmolLM2-135M-shaped Llama (random init from its config, no download), sequences of 512,
+LoRA r=16 on every linear layer, the same documents and global batch for all three
+(benchmarks/contenders.py says what each runs and how tokens and time are counted): this
+trainer packed, the plain Trainer padded per micro-batch, TRL with its default packing.
+(b) This trainer at 1 and at 2 ranks with the same global batch, the 2 cores split evenly.
+
+Figures are real (non-pad) tokens per second of the training loop, all ranks; each is the
+median of --repeats runs, interleaved (one of each contender per round, every other round in
+reverse order) so that the drifting load of a shared machine hits all alike. The samples, with
+the 1-minute load average when each started, and each round's ratios stay in the JSON.
 
 Writes benchmarks/results/trainer_throughput.json.
 """
@@ -20,270 +22,119 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+import contenders
+from contenders import SHAPES, Contender, Sample
 
 HERE = Path(__file__).resolve().parent
-SEQ_LEN = 128
-GLOBAL_BATCH = 8
+# (contender, ranks) in the order each round runs them.
+RUNS: tuple[tuple[Contender, int], ...] = (
+    ("finetune", 1),
+    ("trainer", 1),
+    ("trl", 1),
+    ("finetune", 2),
+)
+GOALS = {"finetune_vs_trl": 1.2, "finetune_vs_trainer": 1.6, "scaling_2_ranks": 1.08}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _median(runs: list[Sample]) -> float:
+    return statistics.median(s.tokens_per_second for s in runs)
 
 
-def build_assets(root: Path) -> tuple[Path, Path]:
-    """A 4-layer Llama (hidden 128), a BPE tokenizer, and 2000 documents of 5-150 words."""
-    from finetune_trainer.testing.tiny import WORDS, save_tiny_model
-
-    rng = random.Random(0)
-    # The shared words, in the order this benchmark has always drawn them from.
-    words = ["alpha", "beta", "gamma", "delta", *WORDS[9:], *WORDS[:9]]
-    docs = [" ".join(rng.choices(words, k=rng.randint(5, 150))) for _ in range(2000)]
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    model_dir = save_tiny_model(
-        root / "model",
-        docs,
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=344,
-        layers=4,
-        heads=4,
-        max_positions=SEQ_LEN,
-    )
-    return model_dir, data
-
-
-def _rank_envs(world: int, base: dict[str, str]) -> list[dict[str, str]]:
-    port = str(_free_port())
-    threads = str(max(1, (os.cpu_count() or 1) // world))
-    return [
-        {
-            **base,
-            "RANK": str(r),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": "0",
-            "LOCAL_WORLD_SIZE": "1",
-            "NODE_RANK": str(r),
-            "NNODES": str(world),
-            "NPROC_PER_NODE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "OMP_NUM_THREADS": threads,
-        }
-        for r in range(world)
-    ]
-
-
-def run_finetune(
-    root: Path, model: Path, data: Path, world: int, steps: int, packing: bool, base: dict[str, str]
-) -> float:
-    job = {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench"},
-        "spec": {
-            "model": {"source": f"file://{model}"},
-            "dataset": {"source": f"file://{data}", "evalFraction": 0.01},
-            "peft": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "training": {
-                "maxSteps": steps,
-                "batchSizePerDevice": GLOBAL_BATCH // world,
-                "maxSeqLength": SEQ_LEN,
-                "packing": packing,
-                "checkpointEverySteps": 100000,
-                "precision": "fp32",
-            },
-            "evaluation": {"maxSamples": 8},
-            "resources": {"nodes": world},
-        },
+def _figure(runs: list[Sample]) -> dict[str, Any]:
+    return {
+        "tokens_per_second": round(_median(runs), 1),
+        "peak_memory_gib": round(max(s.peak_memory_bytes for s in runs) / 2**30, 2),
+        "samples": [
+            {"tokens_per_second": round(s.tokens_per_second, 1), "load_average": s.load_average}
+            for s in runs
+        ],
     }
-    work = Path(tempfile.mkdtemp(dir=root))
-    manifest = work / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job))
-    procs = []
-    for env in _rank_envs(world, base):
-        env.update(
-            FINETUNE_RESULT_FILE=str(work / f"result-{env['RANK']}.json"),
-            FINETUNE_CHECKPOINT_DIR=str(work / "ckpt"),
-            FINETUNE_OUTPUT_DIR=str(work / "out"),
-            FINETUNE_METRICS_PORT="0",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "finetune_cli", "train", str(manifest)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    if any(p.wait() for p in procs):
-        raise RuntimeError(f"finetune train failed at world size {world}; see {work}")
-    return float(json.loads((work / "result-0.json").read_text())["tokensPerSecond"])
-
-
-def run_baseline(
-    root: Path, model: Path, data: Path, world: int, steps: int, base: dict[str, str]
-) -> float:
-    out = root / f"baseline-{world}.json"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--baseline-rank",
-                str(model),
-                str(data),
-                str(steps),
-                str(out),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for env in _rank_envs(world, base)
-    ]
-    if any(p.wait() for p in procs):
-        raise RuntimeError(f"the Trainer baseline failed at world size {world}")
-    return float(json.loads(out.read_text())["tokens_per_second"])
-
-
-def baseline_rank(model_dir: str, data: str, steps: int, out: str) -> None:
-    """One rank of the plain script: Trainer + peft, padding to the longest row in a batch."""
-    import torch
-    import torch.distributed as dist
-    from datasets import load_dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    world = int(os.environ["WORLD_SIZE"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ds = load_dataset("json", data_files=data)["train"]
-    ds = ds.map(
-        lambda b: tokenizer(
-            [t + tokenizer.eos_token for t in b["text"]], truncation=True, max_length=SEQ_LEN
-        ),
-        batched=True,
-        remove_columns=["text"],
-    )
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        ),
-    )
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    counted = {"tokens": 0}
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collator(rows)
-        counted["tokens"] += int(batch["attention_mask"].sum())
-        return batch
-
-    clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            clock["start"] = time.perf_counter()
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            clock["end"] = time.perf_counter()
-
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=steps,
-        learning_rate=2e-4,
-        per_device_train_batch_size=GLOBAL_BATCH // world,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=10_000,
-        dataloader_drop_last=True,
-        seed=42,
-        # gloo needs a process group, which Trainer only creates when there are peers.
-        **({"ddp_backend": "gloo"} if world > 1 else {}),
-    )
-    Trainer(
-        model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Clock()]
-    ).train()
-    tokens = torch.tensor(counted["tokens"], dtype=torch.long)
-    if dist.is_initialized():
-        dist.all_reduce(tokens)
-    if int(os.environ["RANK"]) == 0:
-        seconds = clock["end"] - clock["start"]
-        Path(out).write_text(json.dumps({"tokens_per_second": int(tokens) / seconds}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="runs per figure; the median is kept"
+    contenders.add_arguments(
+        parser, shape="smollm2-135m", seq_len=512, global_batch=2, steps=3, repeats=2
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "trainer_throughput.json")
-    parser.add_argument("--baseline-rank", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.baseline_rank:
-        model, data, steps, out = args.baseline_rank
-        baseline_rank(model, data, int(steps), out)
-        return
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "FINETUNE_"))}
-    base.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    report: dict[str, Any] = {
-        "model": "Llama 4 layers, hidden 128 (random init)",
-        "lora": "r=8, all-linear",
-        "global_batch": GLOBAL_BATCH,
-        "max_seq_length": SEQ_LEN,
-        "steps": args.steps,
-        "cpu_count": os.cpu_count(),
-        "unit": "real (non-pad) tokens per second, all ranks; median of the repeats",
-        "results": {},
-    }
+    shape = SHAPES[args.shape]
+    setting = contenders.setting_of(args, "cpu", "fp32")
+    samples: dict[tuple[Contender, int], list[Sample]] = {run: [] for run in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model, data = build_assets(root)
-        report["load_average_before"] = os.getloadavg()
-        for world in (1, 2):
-            samples: dict[str, list[float]] = {"packed": [], "unpacked": [], "trainer": []}
-            # Interleaved repeats: on a shared machine the load drifts between runs.
-            for _ in range(args.repeats):
-                samples["packed"].append(
-                    run_finetune(root, model, data, world, args.steps, True, base)
-                )
-                samples["unpacked"].append(
-                    run_finetune(root, model, data, world, args.steps, False, base)
-                )
-                samples["trainer"].append(run_baseline(root, model, data, world, args.steps, base))
-            ours, unpacked, baseline = (statistics.median(samples[k]) for k in samples)
-            report["results"][f"ranks_{world}"] = {
-                "finetune_tokens_per_second": round(ours, 1),
-                "finetune_unpacked_tokens_per_second": round(unpacked, 1),
-                "transformers_trainer_tokens_per_second": round(baseline, 1),
-                "ratio": round(ours / baseline, 3),
-                "ratio_unpacked": round(unpacked / baseline, 3),
-                "samples": {k: [round(v, 1) for v in vs] for k, vs in samples.items()},
-            }
-            print(world, report["results"][f"ranks_{world}"], flush=True)
-        report["load_average_after"] = os.getloadavg()
+        # Documents of 1/16 to the whole sequence: padding costs the plain Trainer what it costs.
+        docs = 4 * args.global_batch * args.steps + 100
+        assets = contenders.build_assets(
+            root, shape, setting, docs, (args.seq_len // 16, args.seq_len)
+        )
+        base = contenders.base_env(root)
+        load_before = os.getloadavg()
+        for round_ in range(args.repeats):
+            # Every other round backwards (ABBA): a steady drift in load then cancels out.
+            for contender, world in RUNS if round_ % 2 == 0 else RUNS[::-1]:
+                sample = contenders.run(contender, root, assets, setting, world, base)
+                samples[contender, world].append(sample)
+                print(contender, world, sample, file=sys.stderr, flush=True)
+        load_after = os.getloadavg()
+
+    ours, one, two = (
+        _median(samples[r]) for r in (("finetune", 1), ("finetune", 1), ("finetune", 2))
+    )
+    measured = {
+        "finetune_vs_trl": round(ours / _median(samples["trl", 1]), 3),
+        "finetune_vs_trainer": round(ours / _median(samples["trainer", 1]), 3),
+        "scaling_2_ranks": round(two / one, 3),
+    }
+    pairs = {
+        "finetune_vs_trl": (("finetune", 1), ("trl", 1)),
+        "finetune_vs_trainer": (("finetune", 1), ("trainer", 1)),
+        "scaling_2_ranks": (("finetune", 2), ("finetune", 1)),
+    }
+    per_round = {
+        name: [
+            round(a.tokens_per_second / b.tokens_per_second, 3)
+            for a, b in zip(samples[num], samples[den], strict=True)
+        ]
+        for name, (num, den) in pairs.items()
+    }
+    report = {
+        "model": f"{shape.name} shape (random init), fp32",
+        "shape": shape.__dict__,
+        "lora": f"r={args.lora_r}, alpha={2 * args.lora_r}, all linear layers",
+        "max_seq_length": args.seq_len,
+        "global_batch": args.global_batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "unit": "real (non-pad) tokens per second of the training loop, all ranks; median",
+        "contenders": {
+            "finetune": "finetune train, packed (maxSeqLength blocks)",
+            "trainer": "transformers.Trainer + peft, padded to the longest row per micro-batch",
+            "trl": "trl.SFTTrainer, packing=True (bfd, padding-free), TRL's defaults "
+            "(gradient checkpointing on)",
+        },
+        "peak_memory": contenders.PEAK_MEMORY,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "realistic": {
+            "ranks": 1,
+            **{c: _figure(samples[c, 1]) for c in ("finetune", "trainer", "trl")},
+        },
+        "scaling": {
+            "ranks_1": _figure(samples["finetune", 1]),
+            "ranks_2": _figure(samples["finetune", 2]),
+        },
+        "ratios": measured,
+        "ratios_per_round": per_round,
+        "goals": GOALS,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -1,0 +1,75 @@
+"""benchmarks/gpu_throughput.py, CPU-sized: the GPU benchmark's whole code path (the model built
+from a shape, the three contenders, the MFU count, the JSON) runs here, so that the script still
+works on the day a GPU runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_trainer.testing.gang import offline_env
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import contenders  # noqa: E402  (benchmarks/ is not a package)
+
+
+def lora_parameters(shape: contenders.Shape, r: int) -> int:
+    """LoRA's A (in x r) and B (r x out) on every linear layer of every decoder block."""
+    d, kv = shape.hidden, shape.hidden // shape.heads * shape.kv_heads
+    # q, k, v, o, then the MLP's gate, up and down.
+    linears = [(d, d), (d, kv), (d, kv), (d, d)]
+    linears += [(d, shape.intermediate), (d, shape.intermediate), (shape.intermediate, d)]
+    return shape.layers * sum(r * (i + o) for i, o in linears)
+
+
+def test_shapes_have_the_published_sizes() -> None:
+    small = contenders.parameter_counts(contenders.SHAPES["smollm2-135m"], 16)
+    assert small["total"] - small["trainable"] == 134_515_008  # SmolLM2-135M, tied head
+    assert small["matmul"] == small["total"]  # the tied head multiplies the embedding again
+    assert small["trainable"] == lora_parameters(contenders.SHAPES["smollm2-135m"], 16)
+    big = contenders.parameter_counts(contenders.SHAPES["llama-3.1-8b"], 16)
+    assert big["total"] - big["trainable"] == 8_030_261_248  # Llama-3.1-8B, untied head
+    assert big["matmul"] == big["total"] - big["embedding"]
+    assert big["trainable"] == lora_parameters(contenders.SHAPES["llama-3.1-8b"], 16)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_throughput.json"
+    seq, peak_tflops = 64, 0.001
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_throughput.py"),
+            *("--shape", "test", "--device", "cpu", "--precision", "bf16"),
+            *("--seq-len", str(seq), "--global-batch", "2", "--steps", "2"),
+            *("--peak-tflops", str(peak_tflops), "--out", str(out)),
+        ],
+        env=offline_env(tmp_path / "hf-home"),
+        check=True,
+        timeout=1200,
+    )
+    report = json.loads(out.read_text())
+    shape = contenders.SHAPES["test"]
+    counts = report["parameters"]
+    assert counts["trainable"] == lora_parameters(shape, 16)
+    # 2P forward, 2P activation gradients, 2P_lora weight gradients, 12·L·s·d attention.
+    per_token = 4 * counts["matmul"] + 2 * counts["trainable"] + 12 * shape.layers * seq * 32
+    assert report["model_flops_per_token"] == per_token
+    assert "12*L*s*d" in report["mfu_formula"]
+    assert set(report["results"]) == {"finetune", "trainer", "trl"}
+    for name, figure in report["results"].items():
+        assert figure["tokens_per_second"] > 0, name
+        assert figure["peak_memory_gib"] > 0, name
+        expected = per_token * figure["tokens_per_second"] / (peak_tflops * 1e12)
+        assert figure["mfu"] == pytest.approx(expected, rel=2e-3), name
+    ours = report["results"]["finetune"]["tokens_per_second"]
+    for other in ("trainer", "trl"):
+        ratio = ours / report["results"][other]["tokens_per_second"]
+        assert report["ratios"][f"finetune_vs_{other}"] == pytest.approx(ratio, rel=2e-3)
