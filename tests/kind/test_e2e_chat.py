@@ -10,8 +10,8 @@ HumanEval as conversations, judged by what it generates, pushed, and served.
 2. examples/chat-cpu.yaml applied as it is (its spec.serve included), only its namespace and Hub
    endpoint pointed at this namespace's double, and watched until it ends;
 3. at the end: Succeeded; chrF, exact_match and perplexity before and after in status, chrF up by
-   the margin the trainer suite asserts too (tests/trainer/test_chat_example.py); the pushed
-   revision holds the full model and a card with the samples;
+   a margin (measured in the README); the pushed revision holds the full model and a card with
+   the samples;
 4. spec.serve: status.serve ready at the pushed revision, the serving Deployment owned by the job
    and of that revision, and a chat completion sent with huggingface_hub's InferenceClient from
    inside the cluster (a held-out HumanEval prompt) answered by the served repo.
