@@ -150,7 +150,15 @@ def test_a_gang_with_nowhere_durable_says_so_with_a_warning(
     )
     assert condition(status, "CheckpointsDurable")["reason"] == "NoDurableStore"
     assert status["checkpoints"]["store"] == "Ephemeral"
-    events = kube.list("Event", namespace, fields="involvedObject.name=adrift")
-    warnings = [e for e in events if e["reason"] == "NoDurableStore"]
+    # Events are posted after the status write that caused them: wait for it.
+    warnings = wait_until(
+        lambda: [
+            e
+            for e in kube.list("Event", namespace, fields="involvedObject.name=adrift")
+            if e["reason"] == "NoDurableStore"
+        ],
+        timeout=30,
+        message="the NoDurableStore Event",
+    )
     assert [e["type"] for e in warnings] == ["Warning"]
     assert get(kube, namespace, "Job", "adrift") is not None

@@ -198,8 +198,15 @@ def test_success_progress_and_result(
     assert condition(status, "Pushed")["status"] == "True"
     row = kubectl("-n", namespace, "get", "ftj", "ok", "--no-headers").stdout
     assert "Succeeded" in row and RESULT["revision"] in row and "100" in row
-    events = kube.list("Event", namespace, fields="involvedObject.name=ok")
-    assert "TrainingCompleted" in {e["reason"] for e in events}
+    # Events are posted after the status write that caused them: wait for them.
+    wait_until(
+        lambda: (
+            "TrainingCompleted"
+            in {e["reason"] for e in kube.list("Event", namespace, fields="involvedObject.name=ok")}
+        ),
+        timeout=30,
+        message="the TrainingCompleted Event",
+    )
     assert "finetune_operator_jobs" in operator.metrics()
 
 
