@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -159,19 +158,6 @@ def test_phase_stamps_for_the_result_match_the_gauge(ranks) -> None:
         scrape(p0), "finetune_train_last_step_timestamp_seconds", rank="0"
     ) == pytest.approx(r0.phases["last_step"], abs=1e-3)
     assert r0.phases["first_step"] <= r0.phases["last_step"] <= r0.phases["evaluated_after"]
-
-
-def test_wait_for_scrape_ends_at_the_next_scrape(ranks) -> None:
-    """The linger after training ends as soon as a scrape has seen the final values; without a
-    scrape it gives up after its timeout."""
-    r0, _, p0, _ = ranks
-    assert r0.wait_for_scrape(0.2) is False
-    scraper = threading.Timer(0.3, scrape, args=(p0,))
-    scraper.start()
-    try:
-        assert r0.wait_for_scrape(60) is True
-    finally:
-        scraper.join()
 
 
 def test_throughput_window_smooths_over_recent_steps() -> None:

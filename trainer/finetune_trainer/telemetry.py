@@ -36,8 +36,6 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from finetune_api import phases
 from finetune_api.pod import (
@@ -120,29 +118,6 @@ def flops_per_token(
     flops = 4.0 * n_params_total + 2.0 * n_params_trainable
     flops += 12.0 * n_layers * seq_length * d_model
     return flops
-
-
-class _ScrapeCounter(Collector):
-    """A collector that exports nothing and counts the times /metrics was served."""
-
-    def __init__(self) -> None:
-        self._served = 0
-        self._changed = threading.Condition()
-
-    def describe(self) -> list[Metric]:
-        return []  # nothing to describe, and the registry must not collect() to find out
-
-    def collect(self) -> list[Metric]:
-        with self._changed:
-            self._served += 1
-            self._changed.notify_all()
-        return []
-
-    def wait_for_next(self, timeout: float) -> bool:
-        """Wait until the registry is collected again, at most `timeout` seconds."""
-        with self._changed:
-            seen = self._served
-            return self._changed.wait_for(lambda: self._served > seen, timeout)
 
 
 class TrainerMetrics:
@@ -268,8 +243,6 @@ class TrainerMetrics:
             "finetune_trainer_status", "1 for the trainer's current status, 0 for past ones.",
             ("status",),
         )  # fmt: skip
-        self._scrapes = _ScrapeCounter()
-        r.register(self._scrapes)
         if process_metrics:
             # Own registry means no default collectors; add them so CPU, RSS and GC show here too.
             ProcessCollector(registry=r)
@@ -283,11 +256,6 @@ class TrainerMetrics:
         self.record_phase(phases.PROCESS_STARTED)
 
     # ---- serving ----------------------------------------------------------------------------
-
-    def wait_for_scrape(self, timeout: float) -> bool:
-        """Wait until /metrics is served once more (a scrape saw the values set so far), at most
-        `timeout` seconds; whether it was."""
-        return self._scrapes.wait_for_next(timeout)
 
     def start_server(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics on addr:port in a daemon thread; port 0 picks a free one. Returns it."""

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -245,10 +246,11 @@ def _leave(
     # Prometheus scrapes on its own clock: without a pause the after-training scores and the
     # final step would vanish with the process before any scrape saw them. The operator reads
     # them from the result, so the pause is only for a PodMonitor (the operator sets the
-    # variable then), and ends with the first scrape that saw them.
+    # variable then). A fixed pause, not "until the next scrape": the operator's own progress
+    # read is a GET of /metrics too, and would end the wait before Prometheus came.
     linger = float(os.environ.get(pod.METRICS_LINGER_ENV) or 0)
     if linger > 0:
-        telemetry.wait_for_scrape(linger)
+        time.sleep(linger)
     return code
 
 
