@@ -38,8 +38,17 @@ def _families(text: str) -> list[Any]:
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Rank 0's values of the trainer gauges (samples of other ranks are skipped)."""
+    return _gauges(_families(text))
+
+
+def parse_phases(text: str) -> dict[str, float]:
+    """Rank 0's phase stamps (finetune_api.phases names, Unix seconds) from its phase gauge."""
+    return _stamps(_families(text))
+
+
+def _gauges(families: list[Any]) -> dict[str, float]:
     values: dict[str, float] = {}
-    for family in _families(text):
+    for family in families:
         key = _GAUGES.get(family.name)
         if key is None:
             continue
@@ -50,10 +59,9 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
-def parse_phases(text: str) -> dict[str, float]:
-    """Rank 0's phase stamps (finetune_api.phases names, Unix seconds) from its phase gauge."""
+def _stamps(families: list[Any]) -> dict[str, float]:
     stamps: dict[str, float] = {}
-    for family in _families(text):
+    for family in families:
         if family.name != PHASE_GAUGE:
             continue
         for sample in family.samples:
@@ -131,5 +139,6 @@ async def scrape(
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         log.debug("scrape %s failed: %s", url, exc)
         return {}, {}
-    text = body.decode("utf-8", "replace")
-    return parse_metrics(text), parse_phases(text)
+    # Parsed once: this runs every progress interval for every training gang.
+    families = _families(body.decode("utf-8", "replace"))
+    return _gauges(families), _stamps(families)
