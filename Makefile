@@ -12,7 +12,7 @@ VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv lint crd prereqs test test-fast demo demo-local bench bench-gpu test-kueue
+.PHONY: venv lint crd prereqs test test-all test-fast demo demo-local bench bench-gpu test-kueue
 
 venv:
 	@echo $(VENV)
@@ -32,6 +32,10 @@ prereqs:
 # Every suite: unit, trainer, control plane, observability and the kind end-to-end test.
 test: lint prereqs
 	$(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS) tests
+
+# `make test` and the longer variants it leaves out (the `extended` mark, tests/conftest.py).
+test-all: lint prereqs
+	$(PY) -m pytest -ra --durations=30 -m "extended or not extended" $(PYTEST_ARGS) tests
 
 # No cluster, no Docker: unit and trainer suites only.
 test-fast: lint

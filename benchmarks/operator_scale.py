@@ -4,8 +4,12 @@
 
 Each scenario gets a fresh control plane (hack/controlplane.sh, binaries from hack/k8s-build.sh)
 and a fresh operator subprocess, unless $KUBECONFIG is set, in which case every scenario shares
-that cluster. The operator is `python -m finetune_operator` as $PYTHONPATH finds it, so the same
-driver measures any tree: point PYTHONPATH at another checkout to measure it.
+that cluster. The operator is `python -m finetune_operator` as $PYTHONPATH finds it, or as
+--operator-pythonpath does: the same driver measures another checkout's operator, e.g.
+
+    python benchmarks/operator_scale.py --label before \
+        --operator-pythonpath /tmp/before/api:/tmp/before/operator \
+        --crd /tmp/before/crds/finetune.dev_finetunejobs.yaml
 
 - published: apply → Job-exists latency (p50/p99) for 100 FineTuneJobs applied one at a time on
   an empty cluster, then the time until a burst of 500 all have their Jobs.
@@ -41,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "controlplane"))
 from fixtures.cluster import ftj_manifest  # noqa: E402
 from fixtures.kube import Kube  # noqa: E402
-from fixtures.operator import Operator, install_crd  # noqa: E402
+from fixtures.operator import CRD_FILE, Operator, install_crd  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "operator_scale.json"
 
@@ -173,9 +177,10 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with control_plane() as kubeconfig:
         # The burst's threads, the watch and the latency loop each hold a connection.
         kube = Kube(kubeconfig, connections=args.clients + 2)
-        install_crd(kube)
+        install_crd(kube, args.crd)
         ns = kube.create_namespace(f"bench-{name}")
-        op = Operator(kubeconfig, Path(tempfile.mkdtemp()) / "operator.log")
+        tree = {"PYTHONPATH": args.operator_pythonpath} if args.operator_pythonpath else {}
+        op = Operator(kubeconfig, Path(tempfile.mkdtemp()) / "operator.log", extra_env=tree)
         op.start()
         assert op.proc is not None
         watcher = JobWatcher(kube, ns)
@@ -223,6 +228,12 @@ def main() -> int:
     parser.add_argument(
         "--settle-busy", type=float, default=0.5, help="operator CPU share that counts as settled"
     )
+    parser.add_argument(
+        "--operator-pythonpath", default="", help="PYTHONPATH of the operator measured"
+    )
+    parser.add_argument(
+        "--crd", type=Path, default=CRD_FILE, help="the CRD of the operator measured"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--note", default="", help="free text stored with the run")
     args = parser.parse_args()
@@ -230,7 +241,7 @@ def main() -> int:
     run: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "note": args.note,
-        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "pythonpath": args.operator_pythonpath or os.environ.get("PYTHONPATH", ""),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     for name in args.scenarios.split(","):

@@ -14,7 +14,11 @@ Why a pass is asked for:
   looks again every `waiting_seconds`.
 - **progress**: a Running gang's rank 0 is scraped every `progress_seconds`.
 - **resync**: every object is passed over every `resync_seconds`, because lost watch events
-  (kopf#1276, #955) would otherwise leave its status stale for good.
+  (kopf#1276, #955) would otherwise leave its status stale for good. Past
+  `RESYNC_PASSES_PER_SECOND` objects a second the interval stretches instead (2,000 objects:
+  every 200 s): a pass reads the object, its Job, pods and children, and at 2,000 objects a
+  60 s resync was 33 such passes a second, the API server's main load on a small control plane
+  and what slowed the passes that events ask for (benchmarks/operator_scale.py).
 
 kopf timers did the last three before. kopf keeps a task and a live copy of the body per object
 and timer, so 2,000 objects cost 6,000 tasks and their bodies; and objects created in one burst
@@ -43,6 +47,9 @@ TICK_SECONDS = 1.0
 # The first resync of an object comes no sooner than this after it is first seen: the create or
 # resume pass has just looked at it.
 RESYNC_INITIAL_SECONDS = 30.0
+# The most resync passes a second, over all objects (controller-runtime's default resync is
+# every 10 hours; this one is a safety net too, not how the operator learns of changes).
+RESYNC_PASSES_PER_SECOND = 10.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,11 @@ class Clock:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def resync_interval(self) -> float:
+        """`resync_seconds`, stretched so that all objects' resyncs stay within
+        RESYNC_PASSES_PER_SECOND."""
+        return max(self.resync_seconds, len(self._entries) / RESYNC_PASSES_PER_SECOND)
+
     def track(self, key: Key, *, running: bool, waiting: bool, now: float) -> None:
         """Record what the latest watch event says of an object; a new one gets its schedule."""
         entry = self._entry(key, now)
@@ -135,7 +147,7 @@ class Clock:
                 waiting=False,
                 progress_at=now + phase * self.progress_seconds,
                 waiting_at=now + self.waiting_seconds,
-                resync_at=now + RESYNC_INITIAL_SECONDS + phase * self.resync_seconds,
+                resync_at=now + RESYNC_INITIAL_SECONDS + phase * self.resync_interval(),
             )
         return entry
 
@@ -146,6 +158,7 @@ class Clock:
         `timed=False` looks only at the objects an event asked for (no scan of every object's
         due times), as when an event, not the tick, woke the loop."""
         keys = list(self._entries) if timed else list(self._soon)
+        resync = self.resync_interval()
         passes = []
         for key in keys:
             if key in busy:
@@ -164,7 +177,7 @@ class Clock:
                 entry.waiting_at = _next(entry.waiting_at, self.waiting_seconds, now)
                 children = entry.waiting
             if entry.resync_at <= now:
-                entry.resync_at = _next(entry.resync_at, self.resync_seconds, now)
+                entry.resync_at = _next(entry.resync_at, resync, now)
                 children = True
             if soon or follow_up or scrape or children:
                 serve = serve or children

@@ -131,20 +131,28 @@ class Reconciler:
         children most likely do not exist."""
         uid = job.metadata.uid or ""
         owner = render.owner_reference(job.metadata.name, uid)
-        for manifest in (
+        manifests = [
             render.render_configmap(job, owner),
             render.render_service(job, owner),
             render.render_rendezvous_service(job, owner),
-        ):
-            holder = await self.kube.ensure(manifest, uid, create_first=first)
+        ]
+        # Side by side: independent objects, so a first pass costs one round trip, not four
+        # (apply → Job latency, benchmarks/operator_scale.py).
+        ensured = [self.kube.ensure(manifest, uid, create_first=first) for manifest in manifests]
+        if store.owned_claim:
+            claim = render.render_checkpoint_claim(job, owner)
+            manifests.append(claim)
+            ensured.append(self._claim(claim, uid))
+        for manifest, holder in zip(manifests, await asyncio.gather(*ensured), strict=True):
             if holder is not None:
                 return name_conflict(manifest["kind"], holder, job)
-        if store.owned_claim:
-            # Created once and never applied: a claim's spec is immutable once bound.
-            claim = await self.kube.create_claim(render.render_checkpoint_claim(job, owner))
-            if not controlled_by(claim, uid):
-                return name_conflict("PersistentVolumeClaim", claim, job)
         return None
+
+    async def _claim(self, manifest: Obj, uid: str) -> Obj | None:
+        """As `Kube.ensure` for the checkpoint claim: created once and never applied (a claim's
+        spec is immutable once bound); the object holding its name when it is not ours."""
+        claim = await self.kube.create_claim(manifest)
+        return None if controlled_by(claim, uid) else claim
 
     async def _checkpoint_store(self, job: FineTuneJob) -> CheckpointStore:
         """The store recorded when the first Job was made, or the one to choose now."""

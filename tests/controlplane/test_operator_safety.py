@@ -18,8 +18,9 @@ from finetune_operator import render
 from finetune_operator.apply import covers
 
 if TYPE_CHECKING:
-    from conftest import Kubectl
     from fixtures.operator import Operator
+
+    from conftest import Kubectl
 
 pytest_plugins = ["fixtures.operator"]
 

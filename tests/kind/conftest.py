@@ -185,29 +185,6 @@ SESSION_START_WALL = time.time()
 TIMINGS_FILE = RESULTS / "kind-e2e-timings.json"
 
 
-# Run only when -m names them: measurements (`make bench`), and the run against the real Kueue
-# controller (`make test-kueue`, whose first build of Kueue takes minutes).
-OPT_IN_MARKS = {
-    "bench": "a measurement for `make bench`",
-    "kueue": "needs Kueue built from source and installed (`make test-kueue`)",
-}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    for mark, what in OPT_IN_MARKS.items():
-        config.addinivalue_line("markers", f"{mark}: {what}; left out unless -m names it")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` leaves out the opt-in tests; -m naming their mark selects them."""
-    asked = config.option.markexpr or ""
-    left_out = [m for m in OPT_IN_MARKS if m not in asked]
-    skipped = [i for i in items if any(i.get_closest_marker(m) for m in left_out)]
-    if skipped:
-        config.hook.pytest_deselected(items=skipped)
-        items[:] = [i for i in items if i not in skipped]
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     # Written where the tests ran: under pytest-xdist that is a worker, whose TIMINGS the
     # controller's summary below never sees.

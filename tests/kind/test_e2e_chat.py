@@ -31,7 +31,9 @@ import pytest
 from test_e2e import printer_columns, run_example, wait_served
 from test_e2e_embedding import forwarded
 
-pytestmark = [pytest.mark.kind]
+# `make test` proves its parts apart: the chat training and `finetune run --serve` in the trainer
+# suite, the serving Deployment and its status against the control plane.
+pytestmark = [pytest.mark.kind, pytest.mark.extended]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "chat-cpu.yaml"

@@ -57,11 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import conftest
 import pytest
 import test_e2e
 from kind_tools import epoch
 from test_e2e import example_job, setup_hub, training_key
+
+import conftest
 
 pytestmark = [pytest.mark.kind]
 

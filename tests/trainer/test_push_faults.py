@@ -66,6 +66,9 @@ def _assert_no_token(pods: Gang) -> None:
     assert TOKEN not in text
 
 
+# These two faults also run in `make test`, through the operator: the kind fault suite's
+# ft-push503 and ft-push403 (tests/kind/test_faults.py).
+@pytest.mark.extended
 def test_503s_are_retried_in_the_process(
     hub: HubDouble,
     causal_manifest: dict[str, Any],
@@ -85,6 +88,7 @@ def test_503s_are_retried_in_the_process(
     _assert_no_token(pods)
 
 
+@pytest.mark.extended
 def test_403_ends_the_job_at_once(
     hub: HubDouble,
     causal_manifest: dict[str, Any],

@@ -18,7 +18,8 @@ from trainer_helpers import Gang, deep_update
 from finetune_hub_double import HubDouble
 from finetune_trainer.example_data import example_manifest
 
-pytestmark = pytest.mark.slow
+# `make test` proves this example end to end on kind (tests/kind/test_e2e_embedding.py).
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 TOKEN = "hf_embeddingtesttoken0123456789ab"
 REPO = "tests/minilm-code-search"
 # What training must add on the 33 held-out problems (measured: 0.778 -> 0.839 and

@@ -33,6 +33,26 @@ def test_launcher_imports_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_only_qlora_imports_bitsandbytes(method: str) -> None:
+    """The trainer as a pod imports it: bitsandbytes (seconds of a pod's start) only for qlora."""
+    code = f"""
+import sys
+from finetune_api import parse_manifest
+from finetune_trainer.env import hide_unused_packages
+doc = {{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {{"name": "b"}},
+       "spec": {{"model": {{"source": "hf://org/m"}}, "dataset": {{"source": "hf://org/d"}},
+                "peft": {{"method": "{method}"}},
+                "resources": {{"accelerator": {{"type": "nvidia.com/gpu", "count": 1}}}}}}}}
+hide_unused_packages(parse_manifest(doc))
+import finetune_trainer.train, peft
+print(sys.modules.get("bitsandbytes") is not None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == str(method == "qlora")
+
+
 def test_lora_config_is_a_pure_function_of_the_spec() -> None:
     from finetune_trainer.modeling import lora_config
     from finetune_trainer.tasks.causal_lm import CausalLM

@@ -88,18 +88,36 @@ def test_a_deleted_object_is_forgotten() -> None:
 
 
 def test_a_burst_is_spread_over_the_interval_not_fired_in_one_wave() -> None:
-    """2,000 objects seen in the same second: their resyncs fall over the whole minute."""
+    """2,000 objects seen in the same second: their resyncs fall over the whole interval."""
     c = _clock()
     keys = [("ns", f"job-{i}") for i in range(2000)]
     for key in keys:
         c.track(key, running=False, waiting=False, now=0)
-    fired = _fired(c, 0, clock.RESYNC_INITIAL_SECONDS + 60)
-    assert {d.key for _, d in fired} == set(keys)  # every object once in its first minute
+    assert c.resync_interval() == 2000 / clock.RESYNC_PASSES_PER_SECOND
+    fired = _fired(c, 0, clock.RESYNC_INITIAL_SECONDS + c.resync_interval())
+    assert {d.key for _, d in fired} == set(keys)  # every object once in its first interval
     per_second: dict[float, int] = {}
     for t, _ in fired:
         per_second[t] = per_second.get(t, 0) + 1
-    # Even spread is ~33 a second; one wave would be 2,000 in one tick.
+    # One wave would be 2,000 in one tick.
     assert max(per_second.values()) < 80
+
+
+def test_many_objects_stretch_the_resync_to_a_bounded_rate() -> None:
+    """A few objects are resynced every resync_seconds; 2,000 at most RESYNC_PASSES_PER_SECOND
+    a second, each still within its (stretched) interval."""
+    few = _clock()
+    few.track(KEY, running=False, waiting=False, now=0)
+    assert few.resync_interval() == 60
+    c = _clock()
+    keys = [("ns", f"job-{i}") for i in range(2000)]
+    for key in keys:
+        c.track(key, running=False, waiting=False, now=0)
+    fired = _fired(c, 0, 1000)
+    steady = [d for t, d in fired if t >= 400]
+    assert len(steady) <= clock.RESYNC_PASSES_PER_SECOND * 601
+    late = {d.key for t, d in fired if t >= 1000 - c.resync_interval()}
+    assert late == set(keys)  # none left out of the last interval
 
 
 def test_a_loop_that_fell_behind_skips_missed_beats() -> None:

@@ -7,9 +7,10 @@ module reads it.
 
 import logging
 
-# peft imports bitsandbytes for every LoRA run. On CPUs with AVX512-BF16 bitsandbytes then warns
-# that it could not fetch an optional 4-bit kernel from the Hub: nothing here uses that kernel,
-# and in every rank's log the line reads like a failure.
+# Where bitsandbytes is imported (qlora, or a process that did not hide it as
+# env.hide_unused_packages does), on CPUs with AVX512-BF16 it warns that it could not fetch an
+# optional 4-bit kernel from the Hub: nothing here uses that kernel, and in every rank's log the
+# line reads like a failure.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
 )

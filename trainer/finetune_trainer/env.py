@@ -7,6 +7,7 @@ it is first imported, so `configure_hub_env` must run before any Hugging Face mo
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
@@ -25,6 +26,22 @@ def configure_hub_env(job: FineTuneJob, env: MutableMapping[str, str] = os.envir
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Installed for qlora alone, yet peft and transformers import it whenever it is installed, and its
+# import pulls in torch's compiler stack: about 2 CPU-seconds of every pod's start, before the
+# first step (pyproject's trainer extra pins it; `python -X importtime` shows the cost).
+QUANTIZATION_PACKAGE = "bitsandbytes"
+
+
+def hide_unused_packages(job: FineTuneJob) -> None:
+    """Before the trainer is imported: mark bitsandbytes "not installed" unless the job is qlora.
+
+    A None in sys.modules is Python's own marker for that: `importlib.util.find_spec` (which
+    peft's and transformers' availability checks call) returns None, and `import` raises
+    ImportError. Only this process and its forked ranks see it."""
+    if job.spec.peft.method != "qlora":
+        sys.modules.setdefault(QUANTIZATION_PACKAGE, None)  # type: ignore[arg-type]
 
 
 def available_cores() -> int:

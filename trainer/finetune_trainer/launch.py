@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
-from finetune_trainer.env import Rendezvous, configure_hub_env, omp_threads
+from finetune_trainer.env import Rendezvous, configure_hub_env, hide_unused_packages, omp_threads
 
 # After one rank fails, the others are usually stuck in a collective; give them this long to
 # notice on their own before they are terminated.
@@ -101,13 +101,14 @@ def _run_rank(manifest: Path, env: Mapping[str, str]) -> int:
     return rank.main([str(manifest)])
 
 
-def preload_trainer() -> bool:
+def preload_trainer(job: FineTuneJob) -> bool:
     """Import the trainer here, in `finetune train`, so that its ranks are forked with it loaded:
     a gang that re-forms around a replaced pod starts again without importing torch,
     transformers and peft (seconds of CPU per rank) on the pods that stayed. Returns whether
     forking is safe: a child cannot use CUDA once this process initialised it, so torch checks
     for GPUs through NVML, and if something initialised CUDA anyway the ranks are spawned."""
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    hide_unused_packages(job)
     import torch
 
     import finetune_trainer.train  # noqa: F401  (the import is the point)
@@ -195,7 +196,7 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
     # The Hub environment is fixed before anything from Hugging Face is imported (rank.py).
     os.environ.update(env)
-    fork = preload_trainer()
+    fork = preload_trainer(job)
     env = dict(os.environ)
     terminated = threading.Event()
     for rejoins in range(pod.REJOIN_LIMIT + 1):

@@ -147,17 +147,15 @@ def train_steps(
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
                 if due or stopping:
-                    # Rank 0 may write (or upload) for long while the others wait: untimed until
-                    # every rank is past the save. Rank 0 times again once its own save is done,
-                    # so a peer that stops meanwhile (or in the step after) is still caught.
-                    watchdog.pause()
                     _save_checkpoint(
-                        run, state, ckpt_root, t.checkpoints_to_keep, telemetry, after_save
+                        run,
+                        state,
+                        ckpt_root,
+                        t.checkpoints_to_keep,
+                        telemetry,
+                        watchdog,
+                        after_save,
                     )
-                    if acc.is_main_process:
-                        watchdog.resume()
-                    acc.wait_for_everyone()
-                    watchdog.resume()
                 if stopping:
                     raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -219,8 +217,16 @@ def _save_checkpoint(
     root: Path,
     keep: int,
     telemetry: TrainerMetrics,
+    watchdog: HangWatchdog,
     after_save: Callable[[Path], object] | None,
 ) -> None:
+    """Every rank gathers what rank 0 saves; rank 0 writes it (and `after_save` uploads it).
+
+    The gathers are collectives, timed as a step's are: a peer stopped after the step would
+    otherwise hold rank 0 in them with the watchdog paused, until torch's own timeout (the fault
+    test_failure_classes stops a rank at). Rank 0's write and upload may take long while the
+    others wait, so they are untimed until every rank is past the save; rank 0 times again once
+    its own write is done, so a peer that stops meanwhile (or in the step after) is still caught."""
     acc = run.accelerator
     started = time.perf_counter()
     rng = gather_object([checkpoint.capture_rng()])  # every rank's, saved by rank 0
@@ -228,6 +234,7 @@ def _save_checkpoint(
     if sharding.is_sharded(run.model):
         # Every rank gives its shards; rank 0 gets the whole, in a DDP checkpoint's layout.
         trainable, optimizer = sharding.gather_state(run.model, run.optimizer)
+    watchdog.pause()
     if acc.is_main_process:
         if not sharding.is_sharded(run.model):
             trainable = modeling.trainable_state(acc.unwrap_model(run.model))
@@ -247,6 +254,10 @@ def _save_checkpoint(
     telemetry.record_checkpoint(time.perf_counter() - started)
     if folder is not None and after_save is not None:
         after_save(folder)
+    if acc.is_main_process:
+        watchdog.resume()
+    acc.wait_for_everyone()
+    watchdog.resume()
 
 
 def _peak_memory(acc: Accelerator) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from finetune_api import ManifestError, load_manifest
 from finetune_api.pod import ExitCode
-from finetune_trainer.env import configure_hub_env, ensure_writable_hf_home
+from finetune_trainer.env import configure_hub_env, ensure_writable_hf_home, hide_unused_packages
 
 USAGE = "usage: python -m finetune_trainer.rank MANIFEST"
 
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.INVALID_SPEC
     configure_hub_env(job)
     ensure_writable_hf_home()
+    hide_unused_packages(job)
     from finetune_trainer.train import main as train  # imports torch and huggingface_hub
 
     return int(train(job))

@@ -7,11 +7,12 @@ a completed step at least every `hang_timeout(recent step times, floor)` seconds
 comes it writes this rank's result (reason CollectiveTimeout, retryable) and ends the process
 with `os._exit`: the pod fails, and the operator restarts the gang from its checkpoint.
 
-Only the loop is timed. Loading, evaluation and the push happen outside it, and a checkpoint
-save pauses the watchdog (rank 0 may upload for minutes while the others wait): rank 0 times again
-as soon as its own save is done, the others once every rank is past the save (a barrier), so a
-rank stopped during a save or in the step after it is still caught; only a hang of rank 0 inside
-its own save is left to torch's timeout.
+Only the loop is timed. Loading, evaluation and the push happen outside it. A checkpoint save's
+gathers are collectives and timed as a step's are; its write pauses the watchdog (rank 0 may
+upload for minutes while the others wait): rank 0 times again as soon as its own write is done,
+the others once every rank is past the save (a barrier), so a rank stopped before, during or
+after a save is still caught; only a hang of rank 0 inside its own write is left to torch's
+timeout.
 """
 
 from __future__ import annotations
