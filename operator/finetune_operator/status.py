@@ -667,8 +667,16 @@ def _restart_in_place(
     under_way = old.get("status") == "False" and old.get("reason") == Reason.RESTARTING
     since = (leaving.since or now) if leaving is not None else None
     # A pod stopped after the last restart and resume: a Failed pod that the kubelet evicted
-    # stays listed after its replacement joined, and is not a new restart.
-    new = _later(since, ckpt.get("lastRestartTime")) and _later(since, ckpt.get("lastResumeTime"))
+    # stays listed after its replacement joined, and is not a new restart. Nor is a pod that a
+    # suspension stopped and that is still listed when the pass that resumes the Job looks
+    # again: it stopped while the attempt was Suspended, or before that ended.
+    paused = next((c for c in prev.get("conditions") or [] if c.get("type") == CT.SUSPENDED), {})
+    new = (
+        _later(since, ckpt.get("lastRestartTime"))
+        and _later(since, ckpt.get("lastResumeTime"))
+        and paused.get("status") != "True"
+        and _later(since, paused.get("lastTransitionTime"))
+    )
     if leaving is not None and new and not under_way:
         ckpt["lastRestartTime"] = since
         status["disruptions"] = int(prev.get("disruptions") or 0) + 1

@@ -1409,6 +1409,54 @@ def test_new_pods_after_a_suspend_resume_without_a_restart() -> None:
     assert result.status["checkpoints"]["resumedFromStep"] == 12
 
 
+def test_pods_a_suspension_stopped_are_no_disruption_when_the_resume_sees_them() -> None:
+    """The pass that resumes a suspended Job looks again after the patch: a pod the suspension
+    stopped (exit 143) may still be listed. It is the suspension's, not a restart in place, and
+    never a new attempt, even when the attempt had replaced a pod before (a kind fault-suite
+    failure: 'a suspend is no new attempt')."""
+    suspended = {
+        **RUNNING_GANG,
+        "disruptions": 1,
+        "checkpoints": {
+            **RUNNING_GANG["checkpoints"],
+            "lastRestartTime": "2026-01-01T00:00:30Z",
+        },
+        "conditions": [
+            {"type": "Running", "status": "False", "reason": "Suspended"},
+            {
+                "type": "Suspended",
+                "status": "True",
+                "reason": "Suspended",
+                "lastTransitionTime": "2026-01-01T00:01:00Z",
+            },
+        ],
+    }
+    stopped = [
+        ended(0, 143, STOPPED_HERE, at="2026-01-01T00:01:02Z"),
+        ended(1, 143, STOPPED_HERE, at="2026-01-01T00:01:02Z"),
+    ]
+    result = plan(ftj(suspended), observed(batch_job(parallelism=2), stopped))
+    assert not result.restarted and result.status["disruptions"] == 1
+    assert result.status["attempts"] == 1
+    assert not any(a.kind == "delete" for a in result.actions)
+    # Once resumed, a pod stopped later is a disruption again.
+    resumed = {
+        **suspended,
+        "conditions": [
+            {"type": "Running", "status": "True", "reason": "PodsRunning"},
+            {
+                "type": "Suspended",
+                "status": "False",
+                "reason": "Resumed",
+                "lastTransitionTime": "2026-01-01T00:01:10Z",
+            },
+        ],
+    }
+    later = [pod(0, "Running"), ended(1, 143, STOPPED_HERE, at="2026-01-01T00:02:00Z")]
+    again = plan(ftj(resumed), observed(batch_job(parallelism=2), later))
+    assert again.restarted and again.status["disruptions"] == 2
+
+
 def test_every_token_secret_is_checked_before_the_job_is_created() -> None:
     """A missing read-token Secret blocks the Job as a missing push-token Secret does, and the
     message names the field that refers to it."""
