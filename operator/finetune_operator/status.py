@@ -652,6 +652,11 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     )
 
 
+def _previous_condition(prev: Obj, type_: str) -> Obj:
+    """The condition of `type_` in the status before this pass; {} when it had none."""
+    return next((c for c in prev.get("conditions") or [] if c.get("type") == type_), {})
+
+
 def _restart_in_place(
     status: Obj, prev: Obj, conds: _Conditions, out: Outcome, now: str, anew: int | None
 ) -> str | None:
@@ -663,14 +668,14 @@ def _restart_in_place(
     reason Restarting."""
     ckpt = status.setdefault("checkpoints", {})
     leaving, began = out.leaving, None
-    old = next((c for c in prev.get("conditions") or [] if c.get("type") == CT.RUNNING), {})
+    old = _previous_condition(prev, CT.RUNNING)
     under_way = old.get("status") == "False" and old.get("reason") == Reason.RESTARTING
     since = (leaving.since or now) if leaving is not None else None
     # A pod stopped after the last restart and resume: a Failed pod that the kubelet evicted
     # stays listed after its replacement joined, and is not a new restart. Nor is a pod that a
     # suspension stopped and that is still listed when the pass that resumes the Job looks
     # again: it stopped while the attempt was Suspended, or before that ended.
-    paused = next((c for c in prev.get("conditions") or [] if c.get("type") == CT.SUSPENDED), {})
+    paused = _previous_condition(prev, CT.SUSPENDED)
     new = (
         _later(since, ckpt.get("lastRestartTime"))
         and _later(since, ckpt.get("lastResumeTime"))
