@@ -13,6 +13,8 @@ Figures are real (non-pad) tokens per second of the training loop, all ranks; ea
 median of --repeats runs, interleaved (one of each contender per round, every other round in
 reverse order) so that the drifting load of a shared machine hits all alike. The samples, with
 the 1-minute load average when each started, and each round's ratios stay in the JSON.
+Run it on a quiet machine: a rank of two threads on oversubscribed cores slows down several
+times more than the reference scripts do, and the ratios then measure the load.
 
 Writes benchmarks/results/trainer_throughput.json.
 """
@@ -60,7 +62,7 @@ def _figure(runs: list[Sample]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     contenders.add_arguments(
-        parser, shape="smollm2-135m", seq_len=512, global_batch=2, steps=3, repeats=2
+        parser, shape="smollm2-135m", seq_len=512, global_batch=2, steps=5, repeats=3
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "trainer_throughput.json")
     args = parser.parse_args()
