@@ -30,7 +30,11 @@ def render_command(path: str) -> int:
 def run_operator() -> int:
     import kopf
 
-    from finetune_operator import handlers  # noqa: F401 - registers the handlers
+    from finetune_operator import (
+        discovery,
+        handlers,  # noqa: F401 - registers the handlers
+        kueue,
+    )
     from finetune_operator.settings import Settings
 
     settings = Settings.from_env()
@@ -41,6 +45,8 @@ def run_operator() -> int:
     # scale drowns the operator's own DEBUG lines; its warnings (retries, a full pool) still show.
     for noisy in ("urllib3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Kueue may be installed after the operator: watch its Workloads as soon as it is served.
+    discovery.install({(kueue.GROUP, kueue.PLURAL)})
     kopf.run(
         standalone=True,
         clusterwide=not settings.namespaces,

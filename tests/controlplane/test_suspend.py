@@ -91,8 +91,21 @@ def stop_pods(kube: Kube, namespace: str, name: str) -> None:
         kube.patch("Pod", pod["metadata"]["name"], namespace, {"metadata": {"finalizers": kept}})
 
 
+# A change that only a Workload shows reaches the status through the operator's Workload watch
+# within a few seconds, or through the resync after 30 s (the first) or 60 s. Waiting less than
+# that proves the watch: kopf had not started it for a Kueue installed after the operator.
+WATCHED = 15
+
+
 def wait_condition(
-    kube: Kube, wait_until: WaitUntil, ns: str, name: str, type_: str, reason: str, text: str = ""
+    kube: Kube,
+    wait_until: WaitUntil,
+    ns: str,
+    name: str,
+    type_: str,
+    reason: str,
+    text: str = "",
+    timeout: float = 90,
 ) -> dict[str, Any]:
     def met() -> dict[str, Any] | None:
         found = condition(ftj_status(kube, ns, name), type_)
@@ -101,7 +114,7 @@ def wait_condition(
 
     return wait_until(
         met,
-        timeout=90,
+        timeout=timeout,
         message=f"{type_} reason {reason} saying {text!r} "
         f"(now {condition(ftj_status(kube, ns, name), type_)})",
     )
@@ -176,7 +189,7 @@ def test_queued_suspend_and_resume_go_through_the_kueue_workload(
     # Stand-in: Kueue makes the Workload and cannot admit it yet. The operator's Workload watch
     # brings Kueue's reason into the status (the Job itself does not change).
     kueue.create_workload("kq", pending="couldn't assign flavors to pod set main: no quota")
-    wait_condition(kube, wait_until, namespace, "kq", "Running", "Queued", "no quota")
+    wait_condition(kube, wait_until, namespace, "kq", "Running", "Queued", "no quota", WATCHED)
 
     # Stand-in: Kueue admits it and unsuspends the Job; the pods start.
     kueue.admit("kq")
@@ -215,7 +228,9 @@ def test_queued_suspend_and_resume_go_through_the_kueue_workload(
     )
     wait_condition(kube, wait_until, namespace, "kq", "Suspended", "Resumed", "active again")
     kueue.sync("kq")  # Stand-in: pending again, for lack of quota
-    wait_condition(kube, wait_until, namespace, "kq", "Running", "Queued", "insufficient unused")
+    wait_condition(
+        kube, wait_until, namespace, "kq", "Running", "Queued", "insufficient unused", WATCHED
+    )
     assert ftj_status(kube, namespace, "kq")["phase"] == "Pending"
 
     # Stand-in: admitted again; the same Job's new pods run (and resume from the checkpoint).
