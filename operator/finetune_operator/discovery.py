@@ -25,19 +25,16 @@ from typing import Any, Final
 from kopf._cogs.structs import references
 from kopf._core.reactor import observation
 
+from finetune_operator import lifecycle
+
 logger = logging.getLogger(__name__)
 
-# Seconds between looks: discovery caught up within 1 s in every run seen; 31.5 s in all.
+# Seconds between looks, 31.5 s in all: the lag is usually a moment, longer on a loaded server.
 DELAYS: Final = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 Processor = Callable[..., Awaitable[None]]
 # A CRD's resource as (API group, plural).
 Resource = tuple[str, str]
-
-
-def _established(crd: dict[str, Any]) -> bool:
-    conditions = (crd.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 
 def _served(insights: references.Insights, resource: Resource) -> bool:
@@ -57,7 +54,7 @@ def _waits_for_discovery(raw_event: dict[str, Any], resources: Collection[Resour
     deleting = bool((crd.get("metadata") or {}).get("deletionTimestamp"))
     if raw_event.get("type") in (None, "DELETED") or deleting:
         return False
-    return _resource(crd) in resources and _established(crd)
+    return _resource(crd) in resources and "Established" in lifecycle.true_conditions(crd)
 
 
 def look_again_until_served(processor: Processor, resources: Collection[Resource]) -> Processor:

@@ -29,7 +29,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from finetune_api.constants import LABEL_JOB_NAME, LABEL_MANAGED_BY
-from finetune_operator import naming
+from finetune_operator import lifecycle, naming
 
 Obj = dict[str, Any]
 
@@ -97,18 +97,14 @@ def owned_by(items: list[Obj], job_uid: str) -> Obj | None:
     return None
 
 
-def _true(conditions: list[Obj], type_: str) -> Obj | None:
-    found = (c for c in conditions if c.get("type") == type_ and c.get("status") == "True")
-    return next(found, None)
-
-
 def read(lookup: Lookup, obj: Obj | None) -> Workload:
     """The Workload view of what `apply.Kube.find_workload` returned."""
     if lookup is not Lookup.FOUND or obj is None:
         return Workload(lookup if lookup is not Lookup.FOUND else Lookup.NOT_YET)
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     conditions = status.get("conditions") or []
-    evicted = _true(conditions, EVICTED)
+    true = lifecycle.true_conditions(obj)
+    evicted = true.get(EVICTED)
     reserved = next((c for c in conditions if c.get("type") == QUOTA_RESERVED), None)
     pending = ""
     if reserved is not None and reserved.get("status") != "True":
@@ -119,8 +115,8 @@ def read(lookup: Lookup, obj: Obj | None) -> Workload:
         uid=str(meta.get("uid") or ""),
         # The field defaults to true, and Kueue's API leaves it unset until someone sets it.
         active=spec.get("active") is not False,
-        quota_reserved=_true(conditions, QUOTA_RESERVED) is not None,
-        admitted=_true(conditions, ADMITTED) is not None,
+        quota_reserved=QUOTA_RESERVED in true,
+        admitted=ADMITTED in true,
         cluster_queue=str((status.get("admission") or {}).get("clusterQueue") or ""),
         evicted=(
             (str(evicted.get("reason") or ""), str(evicted.get("message") or ""))

@@ -121,8 +121,9 @@ class Outcome:
     pod_times: dict[str, float] = field(default_factory=dict)
 
 
-def _true_conditions(job: Obj) -> dict[str, Obj]:
-    conds = (job.get("status") or {}).get("conditions") or []
+def true_conditions(obj: Obj) -> dict[str, Obj]:
+    """The conditions of any object's status that are True, by type."""
+    conds = (obj.get("status") or {}).get("conditions") or []
     return {c.get("type", ""): c for c in conds if c.get("status") == "True"}
 
 
@@ -348,7 +349,7 @@ def needs_events(job: Obj | None, pods: list[Obj]) -> bool:
     controller's FailedCreate Events do. Asked only then, so a healthy pass reads no Events."""
     if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    if (job.get("spec") or {}).get("suspend") or _true_conditions(job):
+    if (job.get("spec") or {}).get("suspend") or true_conditions(job):
         return False  # suspended, or finished (or about to be): no pods are due
     return len(pods) < _parallelism(job)
 
@@ -436,7 +437,7 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
     if meta.get("deletionTimestamp"):
         # Foreground deletion keeps the Job until its pods are gone: wait, never act on it.
         return replace(base, deleting=True)
-    conds = _true_conditions(job)
+    conds = true_conditions(job)
     if "Complete" in conds:
         result = _trainer_result(pods)
         if result is not None and not result.succeeded:
