@@ -557,7 +557,8 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     rank1 = suite.rank_pod(job, 1, 1)
     record["deletedPods"] = [rank1["metadata"]["name"]]
     # Some other job must be training, for the new operator to have a status to bring up to date.
-    training = view.wait("another job training", lambda: others_training(view, job))
+    # `or None`: an empty dict is a value to wait(), which waits only on None or False.
+    training = view.wait("another job training", lambda: others_training(view, job) or None)
     gangs = {n: gang_pods(view, n) for n in training}
     step = int((view.status(job).get("progress") or {}).get("step") or 0)
     resumed, disrupted = suite.last_resume(job), int(view.status(job).get("disruptions") or 0)
