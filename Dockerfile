@@ -158,6 +158,18 @@ RUN install-deps.sh trainer
 FROM runtime AS trainer
 LABEL org.opencontainers.image.title="finetune-trainer" \
       org.opencontainers.image.description="LoRA/QLoRA fine-tuning worker (PyTorch, Accelerate, PEFT) started by finetune-operator"
+# training.compile: torch.compile builds Triton's GPU launcher (C) and, on CPU, inductor's kernels
+# (C++, through setuptools, which install-deps.sh leaves in this venv) with the system compiler
+# when a pod starts, against Python's headers. Before the venv, so that a new venv does not
+# reinstall them.
+USER 0:0
+RUN set -e; pkgs="gcc g++ libc6-dev"; \
+    python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+      || pkgs="$pkgs python3-dev"; \
+    apt-get update -qq; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; \
+    rm -rf /var/lib/apt/lists/*
+USER 1000:1000
 COPY --from=trainer-deps /opt/venv /opt/venv
 COPY --from=app /opt/app /opt/venv
 # 9400: trainer Prometheus metrics; 29500: torch.distributed rendezvous (MASTER_PORT).

@@ -15,7 +15,8 @@ env a pod gets (RANK, WORLD_SIZE, MASTER_*), and the CPU threads are split evenl
 Throughput is real (non-pad) tokens of the training micro-batches, summed over ranks, per
 second of the training loop (first step to last, model loading and evaluation left out):
 this trainer reports it itself (the attention mask of every micro-batch); the two scripts count
-the attention mask, or every token of a padding-free row, in `training_step`. Peak memory is
+the attention mask, or every token of a padding-free row, in `training_step`. All three time
+the loop from the end of its first optimizer step to the end of its last. Peak memory is
 sampled from outside, the same way for all: device memory in use (nvidia-smi) on a GPU, the
 proportional set size (PSS) of the contender's process tree on CPU.
 
@@ -201,6 +202,12 @@ def build_assets(
     return Assets(model_dir, data, shape)
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """A benchmark's JSON, written whole (its folder made if need be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def parameter_counts(shape: Shape, lora_r: int) -> dict[str, int]:
     """The model's parameters, counted on the meta device (no memory): `total` (base + LoRA),
     `embedding` (the input lookup table), `matmul` (every parameter a token multiplies: all but
@@ -373,6 +380,10 @@ def run_finetune(
         raise RuntimeError(
             f"finetune train failed at {world} rank(s) ({codes}):\n{gang.log_text()[-3000:]}"
         )
+    # How it trained (dtypes, strategy, checkpointing, compiled layers), for the run's log.
+    for line in gang.log_text().splitlines():
+        if "[rank 0]" in line and ("weights load" in line or "torch.compile" in line):
+            print(line, file=sys.stderr, flush=True)
     return Sample(float(gang.result()["tokensPerSecond"]), memory.peak, load)
 
 
@@ -446,10 +457,14 @@ def reference_rank(settings: dict[str, Any]) -> None:
         counted["tokens"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            clock["start"] = time.perf_counter()
+        # From the end of the first optimizer step, as this trainer times itself: the first
+        # step's warm-up (CUDA context, allocator growth, kernel selection) is not throughput.
+        def on_step_end(self, args: Any, state: Any, *rest: Any, **kwargs: Any) -> None:
+            if state.global_step == 1:
+                if cuda:
+                    torch.cuda.synchronize()
+                clock["start"] = time.perf_counter()
+                counted["tokens"] = 0
 
         def on_train_end(self, *args: Any, **kwargs: Any) -> None:
             if cuda:

@@ -5,8 +5,9 @@
 
 A Llama-3.1-8B shape (random init from its config, no download), bf16 weights, LoRA r=16 on
 every linear layer, documents packed to 4,096 tokens (padded to the longest row by the plain
-Trainer), 2 rows (8,192 tokens) per step without gradient checkpointing, 30 steps: the whole
-loop is timed, first step included, so that every contender is timed the same way. The
+Trainer), 2 rows (8,192 tokens) per step without gradient checkpointing, 30 steps: the loop
+is timed from the end of its first step (warm-up and compiling) to the end of the last, the
+same way for every contender. The
 contenders run one after another, `--repeats` times interleaved; each figure is the median.
 `--shape test --device cpu` runs the same code path in seconds; the test suite does.
 
@@ -73,6 +74,33 @@ def model_flops_per_token(counts: dict[str, int], layers: int, seq_len: int, hid
     )
 
 
+def summarise(
+    samples: dict[str, list[Sample]], per_token: float, peak: float | None
+) -> dict[str, Any]:
+    """Each contender's figures (the median of its runs so far) and this trainer's ratios."""
+    results: dict[str, Any] = {}
+    for c, runs in samples.items():
+        if not runs:
+            continue
+        tps = statistics.median(s.tokens_per_second for s in runs)
+        achieved = per_token * tps
+        results[c] = {
+            "tokens_per_second": round(tps, 1),
+            "model_tflops_per_second": _significant(achieved / 1e12),
+            "mfu": _significant(achieved / (peak * 1e12)) if peak else None,
+            "peak_memory_gib": round(max(s.peak_memory_bytes for s in runs) / 2**30, 2),
+            "samples_tokens_per_second": [round(s.tokens_per_second, 1) for s in runs],
+        }
+    ratios = {
+        f"finetune_vs_{c}": round(
+            results["finetune"]["tokens_per_second"] / results[c]["tokens_per_second"], 3
+        )
+        for c in results
+        if c != "finetune" and "finetune" in results
+    }
+    return {"load_average_after": os.getloadavg(), "results": results, "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     contenders.add_arguments(
@@ -107,36 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_token = model_flops_per_token(counts, shape.layers, args.seq_len, shape.hidden)
 
     samples: dict[str, list[Sample]] = {c: [] for c in args.contenders}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        assets = contenders.build_assets(root, shape, setting, docs, words)
-        base = contenders.base_env(root)
-        load_before = os.getloadavg()
-        for _ in range(args.repeats):  # interleaved: drift hits every contender alike
-            for c in args.contenders:
-                samples[c].append(contenders.run(c, root, assets, setting, 1, base))
-                print(c, samples[c][-1], file=sys.stderr, flush=True)
-        load_after = os.getloadavg()
-
-    results: dict[str, Any] = {}
-    for c, runs in samples.items():
-        tps = statistics.median(s.tokens_per_second for s in runs)
-        achieved = per_token * tps
-        results[c] = {
-            "tokens_per_second": round(tps, 1),
-            "model_tflops_per_second": _significant(achieved / 1e12),
-            "mfu": _significant(achieved / (peak * 1e12)) if peak else None,
-            "peak_memory_gib": round(max(s.peak_memory_bytes for s in runs) / 2**30, 2),
-            "samples_tokens_per_second": [round(s.tokens_per_second, 1) for s in runs],
-        }
-    ratios = {
-        f"finetune_vs_{c}": round(
-            results["finetune"]["tokens_per_second"] / results[c]["tokens_per_second"], 3
-        )
-        for c in results
-        if c != "finetune" and "finetune" in results
-    }
-    report = {
+    errors: dict[str, list[str]] = {}
+    fixed = {
         "model": f"{shape.name} shape (random init), {args.precision} weights",
         "shape": shape.__dict__,
         "lora": f"r={args.lora_r}, alpha={2 * args.lora_r}, all linear layers",
@@ -149,15 +149,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "parameters": counts,
         "model_flops_per_token": per_token,
         "mfu_formula": MFU_FORMULA,
-        "unit": "real (non-pad) tokens per second of the training loop; median of the repeats",
+        "unit": "real (non-pad) tokens per second of the training loop after its first step; "
+        "median of the repeats",
         "peak_memory": contenders.PEAK_MEMORY,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "results": results,
-        "ratios": ratios,
+        "load_average_before": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        assets = contenders.build_assets(root, shape, setting, docs, words)
+        base = contenders.base_env(root)
+        for _ in range(args.repeats):  # interleaved: drift hits every contender alike
+            for c in args.contenders:
+                try:
+                    samples[c].append(contenders.run(c, root, assets, setting, 1, base))
+                    print(c, samples[c][-1], file=sys.stderr, flush=True)
+                except RuntimeError as exc:  # a failed contender leaves the others' figures
+                    errors.setdefault(c, []).append(str(exc)[-2000:])
+                    print(exc, file=sys.stderr, flush=True)
+                # Written after every run: a run cut short still leaves what it measured.
+                report = {**fixed, **summarise(samples, per_token, peak), "errors": errors}
+                contenders.write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return report
 

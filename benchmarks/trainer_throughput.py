@@ -115,7 +115,8 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
-        "unit": "real (non-pad) tokens per second of the training loop, all ranks; median",
+        "unit": "real (non-pad) tokens per second of the training loop after its first step, "
+        "all ranks; median",
         "contenders": {
             "finetune": "finetune train, packed (maxSeqLength blocks)",
             "trainer": "transformers.Trainer + peft, padded to the longest row per micro-batch",
@@ -137,8 +138,7 @@ def main() -> None:
         "ratios_per_round": per_round,
         "goals": GOALS,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    contenders.write_report(args.out, report)
     print(json.dumps(report, indent=2))
 
 

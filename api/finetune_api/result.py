@@ -134,7 +134,8 @@ class TrainerResult(BaseModel):
     steps: int | None = Field(None, ge=0)
     train_loss: float | None = None
     resumed_from_step: int | None = Field(None, ge=0)
-    # Real (non-pad) tokens per second over all ranks, for this attempt's training loop.
+    # Real (non-pad) tokens per second over all ranks, for this attempt's training loop after
+    # its first optimizer step (warm-up and compiling are not throughput).
     tokens_per_second: float | None = Field(None, ge=0)
     # Set by ranks other than 0, whose result says only that they finished.
     rank: int | None = Field(None, ge=0)

@@ -399,6 +399,14 @@ class TrainingSpec(ApiModel):
         "of keeping them: less memory for about a third more compute. Default unset: on for "
         "peft.method qlora, off otherwise.",
     )
+    compile: bool | None = Field(
+        None,
+        description="compile compiles each transformer layer with torch.compile (one layer's "
+        "graph, reused by all of them; evaluation runs uncompiled): the first steps take "
+        "seconds to tens of seconds longer, later steps are faster. Default unset: on for "
+        "model.task causal-lm on nvidia.com/gpu with peft.method lora or none and strategy "
+        "ddp, off otherwise.",
+    )
     seed: int = Field(42, ge=0, description="seed for weights, shuffling and splits. Default 42.")
     checkpoint_every_steps: int = Field(
         100, ge=1, description="checkpointEverySteps saves a resumable checkpoint. Default 100."

@@ -21,8 +21,14 @@ if [ -n "${TORCH_INDEX_URL:-}" ] && [ -n "$torch_pin" ]; then
   pip install --index-url "$TORCH_INDEX_URL" "$torch_pin"
 fi
 pip install -r /tmp/requirements.txt
-# Nothing installs at run time, and the CA bundle's pip.conf must not reach an image.
-pip uninstall -y -q pip setuptools
+# Nothing installs at run time, and the CA bundle's pip.conf must not reach an image. The
+# trainer keeps setuptools: torch.compile on CPU (training.compile) builds its C++ kernels
+# through torch.utils.cpp_extension, which imports it.
+if [ "$extra" = trainer ]; then
+  pip uninstall -y -q pip
+else
+  pip uninstall -y -q pip setuptools
+fi
 rm -f /opt/venv/pip.conf /tmp/requirements.txt
 # Unchecked-hash pycs stay valid whatever mtimes the COPY into the image gives. Failures are
 # tolerated: wheels ship files for newer Pythons (e.g. torch's

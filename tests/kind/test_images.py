@@ -1,4 +1,5 @@
-"""The Hub double's image (Dockerfile target hub-double): only the double, run as the pod runs it.
+"""The images run as their pods run them: the Hub double's (Dockerfile target hub-double) holds only
+the double, and the trainer's compiles with torch.compile (training.compile).
 
     pytest -m kind tests/kind/test_images.py      # the `images` fixture builds it if stale
 
@@ -38,10 +39,10 @@ print(json.dumps({
 """
 
 
-def docker_run(image: str, entrypoint: str, *args: str) -> str:
+def docker_run(image: str, entrypoint: str, *args: str, tmp: str = "/tmp") -> str:
     return run(
         [
-            DOCKER, "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none",
+            DOCKER, "run", "--rm", "--read-only", "--tmpfs", tmp, "--network", "none",
             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--entrypoint", entrypoint, image, *args,
         ],
@@ -71,3 +72,22 @@ def test_hub_double_image_holds_only_the_double(images: dict[str, str]) -> None:
     assert size - base < MAX_OVER_BASE_MB * 2**20, (
         f"{image} is {(size - base) / 2**20:.1f} MiB over {BASE_IMAGE}"
     )
+
+
+COMPILE_PROBE = r"""
+import torch
+x = torch.linspace(-2, 2, 64)
+eager = (x.sin() * 2 + x.cos()).sum()
+compiled = torch.compile(lambda t: (t.sin() * 2 + t.cos()).sum())(x)
+torch.testing.assert_close(compiled, eager)
+print("compiled", float(compiled))
+"""
+
+
+def test_trainer_image_compiles_as_its_pods_run_it(images: dict[str, str]) -> None:
+    # inductor writes C++ for the CPU and builds it with the image's compiler against Python's
+    # headers (Triton's GPU launcher needs the same two); UID 1000, the root read-only.
+    # /tmp is the pod's emptyDir, which the kubelet mounts without noexec (docker's --tmpfs
+    # default): the compiled kernels are loaded from there.
+    out = docker_run(images["trainer"], "python", "-c", COMPILE_PROBE, tmp="/tmp:exec")
+    assert "compiled" in out, out

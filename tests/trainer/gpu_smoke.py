@@ -53,6 +53,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--require-gpu", action="store_true", help="exit 1 instead of 0 when CUDA is absent"
     )
     parser.add_argument("--timeout", type=int, default=400, help="seconds per variant")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants only")
     return parser.parse_args(argv)
 
 
@@ -67,6 +68,10 @@ def variants(gpus: int, bitsandbytes: bool) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {
         "lora-auto": {**on(1), "training": {"precision": "auto"}},
         "lora-bf16": {**on(1), "training": {"precision": "bf16"}},
+    }
+    if bitsandbytes:
+        out[f"qlora-{ranks}rank"] = {**on(ranks), "peft": {"method": "qlora"}}
+    out |= {
         "fsdp-lora": {**on(ranks), "training": {"strategy": "fsdp", "precision": "bf16"}},
         "fsdp-full": {
             **on(ranks),
@@ -74,8 +79,6 @@ def variants(gpus: int, bitsandbytes: bool) -> dict[str, dict[str, Any]]:
             "training": {"strategy": "fsdp", "precision": "bf16", "learningRate": 1e-3},
         },
     }
-    if bitsandbytes:
-        out[f"qlora-{ranks}rank"] = {**on(ranks), "peft": {"method": "qlora"}}
     if gpus >= 2:
         out["ddp-lora-bf16-2rank"] = {**on(2), "training": {"precision": "bf16"}}
     return out
@@ -100,7 +103,7 @@ def _run(name: str, doc: dict[str, Any], out: Path, timeout: int) -> dict[str, A
     notes = [
         line
         for line in log.splitlines()
-        if "rank 0 of" in line or "weights load" in line or "Error" in line
+        if any(k in line for k in ("rank 0 of", "weights load", "torch.compile", "Error"))
     ]
     print(f"{name}: exit {code} in {seconds:.0f}s", flush=True)
     print("\n".join(notes[-8:]), flush=True)
@@ -134,22 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     assets.mkdir(exist_ok=True)
     base = causal_job(save_test_llama(assets / "tiny-llama"), save_test_text(assets / "text.jsonl"))
     gpus = torch.cuda.device_count()
-    runs = {
-        name: _run(name, trainer_helpers.deep_update(base, {"spec": change}), out, args.timeout)
-        for name, change in variants(gpus, bnb).items()
-    }
-    summary = {
-        "machine": {
-            "gpu": torch.cuda.get_device_name(0),
-            "gpus": gpus,
-            "bf16": torch.cuda.is_bf16_supported(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "runs": runs,
+    machine = {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": gpus,
+        "bf16": torch.cuda.is_bf16_supported(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
     args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    runs: dict[str, Any] = {}
+    for name, change in variants(gpus, bnb).items():
+        if args.only and name not in args.only:
+            continue
+        runs[name] = _run(
+            name, trainer_helpers.deep_update(base, {"spec": change}), out, args.timeout
+        )
+        # Written after every variant: a machine lent for minutes may stop before the last.
+        args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     print(f"summary: {args.summary}")
     return max((abs(r["exit"]) for r in runs.values()), default=0)
 

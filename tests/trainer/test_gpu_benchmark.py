@@ -17,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import contenders  # noqa: E402  (benchmarks/ is not a package)
+import gpu_throughput  # noqa: E402
 
 
 def lora_parameters(shape: contenders.Shape, r: int) -> int:
@@ -37,6 +38,18 @@ def test_shapes_have_the_published_sizes() -> None:
     assert big["total"] - big["trainable"] == 8_030_261_248  # Llama-3.1-8B, untied head
     assert big["matmul"] == big["total"] - big["embedding"]
     assert big["trainable"] == lora_parameters(contenders.SHAPES["llama-3.1-8b"], 16)
+
+
+def test_a_summary_written_mid_run_has_the_contenders_that_ran() -> None:
+    # The JSON is written after every run, so a machine lent for minutes leaves what it measured.
+    ran = [contenders.Sample(300.0, 2**30, 0.0), contenders.Sample(100.0, 2**31, 0.0)]
+    samples = {"finetune": ran, "trainer": [contenders.Sample(100.0, 2**30, 0.0)], "trl": []}
+    got = gpu_throughput.summarise(samples, per_token=1e9, peak=1.0)
+    assert set(got["results"]) == {"finetune", "trainer"}
+    assert got["results"]["finetune"]["tokens_per_second"] == 200.0  # the median
+    assert got["results"]["finetune"]["peak_memory_gib"] == 2.0  # the highest
+    assert got["results"]["finetune"]["mfu"] == pytest.approx(200 * 1e9 / 1e12)
+    assert got["ratios"] == {"finetune_vs_trainer": 2.0}
 
 
 @pytest.mark.slow
@@ -63,6 +76,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     per_token = 4 * counts["matmul"] + 2 * counts["trainable"] + 12 * shape.layers * seq * 32
     assert report["model_flops_per_token"] == per_token
     assert "12*L*s*d" in report["mfu_formula"]
+    assert report["errors"] == {}
     assert set(report["results"]) == {"finetune", "trainer", "trl"}
     for name, figure in report["results"].items():
         assert figure["tokens_per_second"] > 0, name

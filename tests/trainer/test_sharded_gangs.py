@@ -1,7 +1,8 @@
 """Several ranks per pod, and training.strategy fsdp, on real gangs of `finetune train` processes
 on CPU (gloo): 2 pods x 2 processes with DDP and with FSDP2, a sharded run resumed from its
-checkpoint, and a full fine-tune under FSDP. FSDP is the same mathematics as DDP, so on the same
-gang and seed its losses must match DDP's; a resumed run must end where the whole run ended."""
+checkpoint, a full fine-tune under FSDP, and compiled layers (training.compile). FSDP and
+compiled layers are the same mathematics as plain DDP, so on the same gang and seed their losses
+must match DDP's; a resumed run must end where the whole run ended."""
 
 from __future__ import annotations
 
@@ -95,6 +96,35 @@ def test_fsdp_trains_as_ddp_does(fsdp_2x2: Done, ddp_2x2: Done) -> None:
     assert len(set(fsdp_2x2.hashes())) == 1
     adapter = fsdp_2x2.workdir / "output" / "adapter_model.safetensors"
     assert adapter.is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_layers_train_as_the_eager_ones(
+    tmp_path_factory: pytest.TempPathFactory,
+    causal_manifest: dict[str, Any],
+    base_env: dict[str, str],
+    request: pytest.FixtureRequest,
+    strategy: str,
+) -> None:
+    # On CPU torch.compile generates C++ (a compiler on the PATH: this machine's, the image's).
+    doc = deep_update(
+        _job(causal_manifest, compile=True, strategy=strategy),
+        {"spec": {"resources": {"processesPerNode": 2}}},
+    )
+    done = _run(tmp_path_factory.mktemp(f"compiled-{strategy}"), doc, base_env, nodes=2, nproc=2)
+    assert done.codes == [0, 0], done.gang.log_text()[-4000:]
+    assert "torch.compile: 2 transformer layers" in done.gang.log_text()
+    eager: Done = request.getfixturevalue(f"{strategy}_2x2")
+    assert sorted(done.losses()) == list(range(1, 21))
+    assert done.losses() == pytest.approx(eager.losses(), rel=1e-3)
+    # Evaluation runs the same layers uncompiled: the same scores.
+    scores = [d.gang.result(0)["evaluation"]["perplexity"] for d in (done, eager)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-3)
+    # The compiled layers keep their names: the adapter is the one an eager run saves.
+    from safetensors.torch import load_file
+
+    saved = [d.workdir / "output" / "adapter_model.safetensors" for d in (done, eager)]
+    assert set(load_file(saved[0])) == set(load_file(saved[1]))
 
 
 def test_fsdp_adapter_holds_the_trained_weights(fsdp_2x2: Done) -> None:

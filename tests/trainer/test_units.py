@@ -312,6 +312,21 @@ def test_watchdog_times_steps_but_not_saves() -> None:
     assert dog.check(now[0] + 10.5) is not None
 
 
+def test_watchdog_gives_a_compiling_first_step_its_grace_only() -> None:
+    from finetune_trainer.watchdog import HangWatchdog
+
+    now = [0.0]
+    dog = HangWatchdog(floor=10, rank=0, clock=lambda: now[0], first_step_grace=600)
+    assert dog.check(609.0) is None  # compiling the layers: slow once, not hung
+    message = dog.check(610.5)
+    assert message is not None and "first step" in message and "600s to compile" in message
+    now[0] = 300.0
+    dog.step_done(1)
+    assert dog.check(now[0] + 9.9) is None
+    message = dog.check(now[0] + 10.5)  # the second step has the floor alone
+    assert message is not None and "after step 1" in message and "compile" not in message
+
+
 def test_watchdog_times_again_once_the_save_is_over() -> None:
     """A rank stopped right after a checkpoint (in the step after it) is caught: the watchdog
     times again from the save's end, not only from the next completed step."""
@@ -459,6 +474,8 @@ def test_checkpoint_folder_is_keyed_by_what_shapes_training_and_not_by_defaults(
 
     # Checkpointed layers train the same weights; a job keeps its folder across the setting.
     assert root() == root({"gradientCheckpointing": True})
+    # So do compiled layers: compiling changes the kernels, not the weights or their names.
+    assert root() == root({"compile": True}) == root({"compile": False})
     # A field at its default is as if absent, so the fields a version adds with defaults
     # (training.strategy, dataset.anchorField...) keep older jobs' folders where they were.
     assert root() == root({"strategy": "ddp"}) == root(dataset={"anchorField": "anchor"})
@@ -486,7 +503,8 @@ def test_fsdp_shards_by_the_models_own_layer_classes(tiny_model_dir: Path) -> No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.sharding import layer_class_names, shard
+    from finetune_trainer.modeling import layer_class_names
+    from finetune_trainer.sharding import shard
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert layer_class_names(model) == {"LlamaDecoderLayer"}

@@ -14,7 +14,7 @@ from finetune_api.v1alpha1 import ResourcesSpec
 torch = pytest.importorskip("torch")
 
 from finetune_trainer.accelerators import accelerator_problem  # noqa: E402
-from finetune_trainer.modeling import gradient_checkpointing, weights_dtype  # noqa: E402
+from finetune_trainer.modeling import compiles, gradient_checkpointing, weights_dtype  # noqa: E402
 
 TPU = {"type": "google.com/tpu", "count": 4, "tpu": {"accelerator": "tpu-v5", "topology": "2x2"}}
 
@@ -92,3 +92,41 @@ def test_gradient_checkpointing_default_is_on_for_qlora_only(method, configured,
         },
     }
     assert gradient_checkpointing(parse_manifest(doc).spec) is on
+
+
+@pytest.mark.parametrize(
+    ("task", "accelerator", "method", "configured", "on"),
+    [
+        ("causal-lm", "nvidia.com/gpu", "lora", None, True),
+        ("causal-lm", "nvidia.com/gpu", "none", None, True),
+        # bitsandbytes' 4-bit kernels are opaque to the compiler.
+        ("causal-lm", "nvidia.com/gpu", "qlora", None, False),
+        # FSDP with compiled layers has not run on a GPU here: only when asked for.
+        ("causal-lm", "nvidia.com/gpu-fsdp", "lora", None, False),
+        ("causal-lm", "nvidia.com/gpu-fsdp", "lora", True, True),
+        # On CPU the compile costs more than it saves on short jobs; measured only for LMs.
+        ("causal-lm", "cpu", "lora", None, False),
+        ("sequence-classification", "nvidia.com/gpu", "lora", None, False),
+        ("causal-lm", "cpu", "lora", True, True),
+        ("causal-lm", "nvidia.com/gpu", "lora", False, False),
+    ],
+)
+def test_compile_default_is_on_for_language_models_on_gpus(
+    task, accelerator, method, configured, on
+):
+    accelerator, _, strategy = accelerator.partition("-")
+    count = {"count": 1} if accelerator != "cpu" else {}
+    doc = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "compile"},
+        "spec": {
+            "model": {"source": "hf://org/model", "task": task}
+            | ({"numLabels": 2} if task == "sequence-classification" else {}),
+            "dataset": {"source": "hf://org/data"},
+            "peft": {"method": method},
+            "training": {"compile": configured, "strategy": strategy or "ddp"},
+            "resources": {"accelerator": {"type": accelerator, **count}},
+        },
+    }
+    assert compiles(parse_manifest(doc).spec) is on

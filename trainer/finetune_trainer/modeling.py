@@ -81,6 +81,63 @@ def gradient_checkpointing(spec: FineTuneJobSpec) -> bool:
     return spec.peft.method == "qlora" if configured is None else configured
 
 
+# What the first optimizer step may take beyond runPolicy.hangTimeoutSeconds when it compiles the
+# layers: about 20 s for an 8B Llama on an H200, and over 60 s for the tiny test model's on two
+# busy CPU cores (inductor's C++ builds).
+FIRST_STEP_COMPILE_S = 600.0
+
+
+def compiles(spec: FineTuneJobSpec) -> bool:
+    """training.compile, whose unset default is on where it was measured to pay: a causal LM's
+    LoRA or full fine-tune under DDP on CUDA GPUs (an 8B LoRA step in 0.55 s instead of 0.77 s
+    on an H200, docs/benchmarks.md). On CPU the compile costs more than it saves on short jobs;
+    a 4-bit base's bitsandbytes kernels are opaque to the compiler; FSDP with compiled layers
+    has not run on a GPU here yet."""
+    configured = spec.training.compile
+    if configured is not None:
+        return configured
+    return (
+        spec.model.task == "causal-lm"
+        and spec.resources.accelerator.type == "nvidia.com/gpu"
+        and spec.peft.method in ("lora", "none")
+        and spec.training.strategy == "ddp"
+    )
+
+
+def compiled_shapes_vary(spec: FineTuneJobSpec) -> bool:
+    """Whether the training batches' shapes vary: every packed causal-lm batch is
+    batchSizePerDevice x maxSeqLength, the others are padded to their longest row."""
+    return not (spec.model.task == "causal-lm" and spec.training.packing)
+
+
+def layer_class_names(model: torch.nn.Module) -> set[str]:
+    """The model's transformer layer classes: what transformers lists as never to be split
+    across devices (`_no_split_modules`), as accelerate's transformer_based_wrap reads it."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer layers (decoder blocks, encoder layers), in order."""
+    names = layer_class_names(model)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model: torch.nn.Module, dynamic: bool) -> int:
+    """torch.compile every transformer layer in place; the number compiled. Regional
+    compilation, as PyTorch's recipe does it: the layers of one class share one compiled graph,
+    so the compile takes one layer's time, not the whole model's, and the layers keep their
+    parameter names (checkpoints and saved weights are unchanged). `dynamic`: for batches whose
+    shapes vary, one graph for any length at the first step, instead of a second compile at
+    the first new shape, which the hang watchdog would time as a step."""
+    layers = transformer_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=dynamic or None)
+    return len(layers)
+
+
 def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
     """The LoRA settings of a spec, for the task's peft `task_type`. Empty targetModules means
     every linear layer but the head, which is peft's "all-linear"; with TaskType.SEQ_CLS the

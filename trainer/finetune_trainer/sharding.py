@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.modeling import transformer_layers
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,23 +43,13 @@ def uses_fsdp(spec: FineTuneJobSpec) -> bool:
     return spec.training.strategy == "fsdp"
 
 
-def layer_class_names(model: torch.nn.Module) -> set[str]:
-    """The transformer layer classes to shard one by one: what transformers lists as never to be
-    split across devices (`_no_split_modules`), as accelerate's transformer_based_wrap reads it."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return names
-
-
 def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) -> torch.nn.Module:
     """Shard `model` in place over every rank of the default process group (the Accelerator
     made it), each shard moved onto this rank's `device`. The model arrives whole in host memory
     (from_pretrained loads to the CPU), so no device ever holds more than its shards. With bf16
     mixed precision the shards keep their loaded dtype (fp32 master weights for what trains) and
     each layer computes in bf16, reducing gradients in fp32."""
-    names = layer_class_names(model)
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = transformer_layers(model)
     if not layers:
         # The same model fails the same way every attempt: an invalid spec, not a retry.
         message = (

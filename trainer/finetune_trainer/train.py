@@ -323,6 +323,12 @@ def _prepare(
     eval_dl = DataLoader(
         data.evaluation, batch_size=t.batch_size_per_device, collate_fn=data.collate
     )
+    if modeling.compiles(job.spec):
+        # Before sharding and DDP, as torchtitan orders them: their hooks stay outside the
+        # compiled layers (dynamo skips FSDP's), and the layers keep their names.
+        dynamic = modeling.compiled_shapes_vary(job.spec)
+        count = modeling.compile_layers(model, dynamic)
+        log.info("torch.compile: %d transformer layers (dynamic shapes %s)", count, dynamic)
     fsdp = sharding.uses_fsdp(job.spec)
     if fsdp:
         # Before the optimizer, which then holds the shards; not through `prepare` (sharding.py).
@@ -353,9 +359,9 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     """
     base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
-    # gradientCheckpointing changes memory, not what is trained.
+    # gradientCheckpointing changes memory and compile the kernels, not what is trained.
     training = s.training.model_dump(
-        mode="json", exclude_defaults=True, exclude={"gradient_checkpointing"}
+        mode="json", exclude_defaults=True, exclude={"gradient_checkpointing", "compile"}
     )
     shape = [
         *(m.model_dump(mode="json", exclude_defaults=True) for m in (s.model, s.dataset, s.peft)),
@@ -411,7 +417,10 @@ def _evaluate(
 ) -> dict[str, float]:
     """The task's scores on the evaluation split (or the `known` ones), exported and logged."""
     telemetry.set_status("evaluating")
-    scores = known or run.task.evaluate(run.accelerator, run.model, run.eval_dl)
+    # Uncompiled: evaluation's shapes (generation's growing sequences above all) would each
+    # compile the layers again, for a pass that runs twice per job.
+    with torch.compiler.set_stance("force_eager"):
+        scores = known or run.task.evaluate(run.accelerator, run.model, run.eval_dl)
     if sharding.is_sharded(run.model):
         sharding.reshard(run.model)
     telemetry.record_eval(stage, scores)

@@ -63,8 +63,12 @@ class HangWatchdog:
         rank: int,
         clock: Callable[[], float] = time.monotonic,
         poll_seconds: float = 1.0,
+        first_step_grace: float = 0.0,
     ) -> None:
+        """`first_step_grace` seconds are added to the first step's limit: a step that compiles
+        (training.compile) is slow once, not hung."""
         self.floor, self.rank, self.clock = float(floor), rank, clock
+        self.first_step_grace = float(first_step_grace)
         self.poll_seconds = min(poll_seconds, self.floor / 10)
         self.durations: deque[float] = deque(maxlen=WINDOW)
         self.step: int | None = None
@@ -113,16 +117,19 @@ class HangWatchdog:
         with self._lock:
             if self.paused:
                 return None
-            limit = hang_timeout(self.durations, self.floor)
+            first = self.step is None
+            grace = self.first_step_grace if first else 0.0
+            limit = hang_timeout(self.durations, self.floor) + grace
             waited = now - self._last
             if waited < limit:
                 return None
-            after = f"after step {self.step}" if self.step is not None else "for the first step"
+            after = "for the first step" if first else f"after step {self.step}"
+            compiling = f" + {grace:g}s to compile the layers" if grace else ""
             return (
                 f"no training step completed in {waited:.0f}s {after} (limit {limit:.0f}s: the "
                 f"larger of runPolicy.hangTimeoutSeconds={self.floor:g}s and {SLOWDOWN:g} x p99 "
-                f"step time {p99(self.durations):.3g}s); a rank is hung in a collective or "
-                "stopped, so the gang restarts from its last checkpoint"
+                f"step time {p99(self.durations):.3g}s{compiling}); a rank is hung in a "
+                "collective or stopped, so the gang restarts from its last checkpoint"
             )
 
     def _watch(self) -> None:
