@@ -10,7 +10,7 @@
 #                    the debootstrap base from hack/kind/build-base-image.sh:
 #                    --build-arg BASE_IMAGE=finetune-local/python-base:bookworm
 #   TORCH_INDEX_URL  empty (default): torch comes from PyPI, whose Linux wheels pull in the CUDA
-#                    libraries (a 6.3 GB trainer image). For CPU-only clusters pass
+#                    libraries (a 7.3 GB trainer image). For CPU-only clusters pass
 #                    https://download.pytorch.org/whl/cpu: its torch wheel is ~200 MB with no
 #                    CUDA libraries. That index must be reachable from the build; in this
 #                    project's sandbox only PyPI is, so the images built here carry CUDA.
