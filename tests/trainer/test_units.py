@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -497,6 +498,46 @@ def test_gpu_smoke_variants_are_valid_specs(gpus: int, bnb: bool) -> None:
     for name, change in gpu_smoke.variants(gpus, bnb).items():
         spec = parse_manifest(deep_update(base, {"spec": change})).spec
         assert spec.resources.processes_per_node <= gpus, name
+
+
+def test_compile_without_a_compiler_is_said_at_once(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer import modeling
+
+    def spec(compile: bool | None) -> Any:
+        doc = json.loads(json.dumps(MINIMAL))
+        doc["spec"]["training"] = {"compile": compile}
+        doc["spec"]["resources"] = {"accelerator": {"type": "nvidia.com/gpu", "count": 1}}
+        return parse_manifest(doc).spec
+
+    def compiled(model: Any) -> list[bool]:
+        return [
+            layer._compiled_call_impl is not None for layer in modeling.transformer_layers(model)
+        ]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert modeling.compiler_missing() is None  # this machine builds kernels (CI's does)
+    monkeypatch.setattr(modeling.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CC", raising=False)
+    missing = modeling.compiler_missing()
+    assert missing is not None and "no C compiler" in missing
+    # Asked for: a spec error naming the field and the fix, before any step.
+    with pytest.raises(ManifestError) as err:
+        modeling.apply_compile(spec(True), model)
+    assert [e.path for e in err.value.errors] == ["spec.training.compile"]
+    assert "set training.compile false" in str(err.value)
+    # The default (on for a causal LM on a GPU): the job trains uncompiled, and says why.
+    said = modeling.apply_compile(spec(None), model)
+    assert said is not None and said.startswith("torch.compile: off, no C compiler")
+    assert compiled(model) == [False, False]
+    # With a compiler: every decoder layer compiled in place (nothing runs until a forward).
+    monkeypatch.undo()
+    said = modeling.apply_compile(spec(None), model)
+    assert said == "torch.compile: 2 transformer layers (dynamic shapes False)"
+    assert compiled(model) == [True, True]
 
 
 def test_fsdp_shards_by_the_models_own_layer_classes(tiny_model_dir: Path) -> None:

@@ -7,6 +7,9 @@ A task module says which auto class and arguments load its base (`base_loader`);
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sysconfig
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
 from finetune_trainer import fetch
 from finetune_trainer.sources import downloading
@@ -102,6 +106,40 @@ def compiles(spec: FineTuneJobSpec) -> bool:
         and spec.peft.method in ("lora", "none")
         and spec.training.strategy == "ddp"
     )
+
+
+def compiler_missing() -> str | None:
+    """What torch.compile lacks here to build its kernels, or None. Triton's GPU launcher and
+    inductor's CPU kernels are built when the first step runs, with a C compiler (Triton looks
+    at $CC, clang, gcc) against Python's headers; without them that step fails."""
+    compilers = [c for c in (os.environ.get("CC"), "clang", "gcc", "cc") if c]
+    if not any(shutil.which(c) for c in compilers):
+        return "no C compiler on PATH ($CC, clang, gcc or cc)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return f"no Python headers ({headers})"
+    return None
+
+
+def apply_compile(spec: FineTuneJobSpec, model: torch.nn.Module) -> str | None:
+    """Compile the model's layers where training.compile (or its default) says so; what was
+    done, for the log, or None. Asked for on a machine that cannot build the kernels is a spec
+    error, said at once instead of failing the first step; the default there runs uncompiled."""
+    if not compiles(spec):
+        return None
+    missing = compiler_missing()
+    if missing is not None:
+        if spec.training.compile:
+            message = (
+                f"training.compile needs a C compiler and Python's headers where the trainer "
+                f"runs, and {missing}: use an image that has them (the project's trainer image "
+                "does), or set training.compile false"
+            )
+            raise ManifestError([FieldError("spec.training.compile", message)])
+        return f"torch.compile: off, {missing} (set training.compile false to say so)"
+    dynamic = compiled_shapes_vary(spec)
+    count = compile_layers(model, dynamic)
+    return f"torch.compile: {count} transformer layers (dynamic shapes {dynamic})"
 
 
 def compiled_shapes_vary(spec: FineTuneJobSpec) -> bool:

@@ -323,12 +323,11 @@ def _prepare(
     eval_dl = DataLoader(
         data.evaluation, batch_size=t.batch_size_per_device, collate_fn=data.collate
     )
-    if modeling.compiles(job.spec):
-        # Before sharding and DDP, as torchtitan orders them: their hooks stay outside the
-        # compiled layers (dynamo skips FSDP's), and the layers keep their names.
-        dynamic = modeling.compiled_shapes_vary(job.spec)
-        count = modeling.compile_layers(model, dynamic)
-        log.info("torch.compile: %d transformer layers (dynamic shapes %s)", count, dynamic)
+    # Before sharding and DDP, as torchtitan orders them: their hooks stay outside the compiled
+    # layers (dynamo skips FSDP's), and the layers keep their names.
+    compiled = modeling.apply_compile(job.spec, model)
+    if compiled:
+        log.info(compiled)
     fsdp = sharding.uses_fsdp(job.spec)
     if fsdp:
         # Before the optimizer, which then holds the shards; not through `prepare` (sharding.py).
