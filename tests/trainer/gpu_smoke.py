@@ -7,11 +7,12 @@ What a CPU machine cannot show, in one run of `finetune run` per variant on the 
 the test fixtures:
 
 - lora-auto: precision auto picks bf16 on a GPU that has it, and the base loads in bf16;
-- lora-bf16: precision bf16 asked for explicitly, LoRA weights in fp32;
+- lora-bf16: precision bf16 asked for explicitly, LoRA weights in fp32; both compiled
+  (training.compile's default on a GPU), and lora-bf16-eager the same uncompiled;
 - qlora: the 4-bit base through bitsandbytes' CUDA kernels (where bitsandbytes is installed),
   gradient checkpointing on by default; with 2 ranks (NCCL) where 2 GPUs are visible, else 1;
 - fsdp-lora and fsdp-full: training.strategy fsdp on the visible GPUs (NCCL), LoRA and a full
-  fine-tune, bf16 compute over fp32 shards;
+  fine-tune, bf16 compute over fp32 shards; fsdp-lora-compiled with compiled layers;
 - ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL.
 
 Without CUDA it prints why it skips and exits 0 (or 1 with --require-gpu): never a silent pass.
@@ -66,13 +67,20 @@ def variants(gpus: int, bitsandbytes: bool) -> dict[str, dict[str, Any]]:
         return {"resources": {"nodes": 1, "processesPerNode": n, "accelerator": accelerator}}
 
     out: dict[str, dict[str, Any]] = {
+        # training.compile's default compiles these two (a causal LM on a GPU, under DDP).
         "lora-auto": {**on(1), "training": {"precision": "auto"}},
         "lora-bf16": {**on(1), "training": {"precision": "bf16"}},
+        "lora-bf16-eager": {**on(1), "training": {"precision": "bf16", "compile": False}},
     }
     if bitsandbytes:
         out[f"qlora-{ranks}rank"] = {**on(ranks), "peft": {"method": "qlora"}}
     out |= {
         "fsdp-lora": {**on(ranks), "training": {"strategy": "fsdp", "precision": "bf16"}},
+        # Not compiled by default: asked for here, so that a GPU run checks it.
+        "fsdp-lora-compiled": {
+            **on(ranks),
+            "training": {"strategy": "fsdp", "precision": "bf16", "compile": True},
+        },
         "fsdp-full": {
             **on(ranks),
             "peft": {"method": "none"},
