@@ -5,7 +5,8 @@
 #   hack/gpu-checks.sh OUT_DIR       # there, in the repository root, with a torch that sees CUDA
 # 1. tests/trainer/gpu_smoke.py: bf16 LoRA (auto and asked for), qlora, FSDP LoRA and full, on
 #    the visible GPUs (NCCL between 2 ranks where 2 GPUs are visible);
-# 2. NCCL with 2 ranks on GPU 0: what NCCL says when two ranks share one GPU (one-GPU machines);
+# 2. NCCL with 2 ranks: an all_reduce, each rank on its own GPU where there are 2 (on one GPU
+#    both ranks share it, which NCCL refuses: the log says so);
 # 3. benchmarks/gpu_throughput.py: the Llama-3.1-8B-shaped LoRA run against Trainer and TRL.
 # OUT_DIR gets gpu_smoke.json, gpu_throughput.json, their logs and machine.txt (at most 8 files).
 set -uo pipefail
@@ -47,11 +48,12 @@ echo "gpu_smoke: exit $?"
 tar czf "$out/gpu_smoke_logs.tar.gz" -C /tmp/gpu-smoke --exclude hf-home --exclude assets . \
   2>/dev/null
 
-echo "== NCCL, 2 ranks on GPU 0"
+echo "== NCCL, 2 ranks"
 cat >/tmp/nccl_two_ranks.py <<'EOF'
 import os, torch, torch.distributed as dist
-dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
-x = torch.ones(1 << 20, device="cuda:0") * (dist.get_rank() + 1)
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+dist.init_process_group("nccl", device_id=device)
+x = torch.ones(1 << 20, device=device) * (dist.get_rank() + 1)
 dist.all_reduce(x)
 print(f"rank {dist.get_rank()}: all_reduce -> {x[0].item()} (want 3.0)", flush=True)
 dist.destroy_process_group()
