@@ -98,12 +98,21 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     )
     assert status["checkpoints"]["resumedFromStep"] == 30
     assert status["checkpoints"]["stepsLost"] == 7
-    restarts = [
-        line
-        for line in operator.metrics().splitlines()
-        if line.startswith("finetune_operator_restart_seconds_count")
-    ]
-    assert restarts == ["finetune_operator_restart_seconds_count 1.0"]
+    # The operator observes the restart's seconds once its status write returned, a moment
+    # after the status can be read: wait for it rather than race it.
+    restarts = wait_until(
+        lambda: (
+            [
+                line
+                for line in operator.metrics().splitlines()
+                if line.startswith("finetune_operator_restart_seconds_count")
+            ]
+            == ["finetune_operator_restart_seconds_count 1.0"]
+        ),
+        timeout=10,
+        message="the restart's seconds in the operator's metrics",
+    )
+    assert restarts
 
 
 def test_a_claim_that_is_not_the_jobs_own_is_left_alone(
