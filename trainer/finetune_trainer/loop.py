@@ -107,12 +107,9 @@ def train_steps(
     report = _StepReport(run, telemetry, params)
     run.model.train()
     step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
-    # The throughput returned is from the end of this run's first optimizer step: that step's
-    # warm-up (CUDA context, allocator growth, compiling the layers: tens of seconds for an 8B
-    # model) is not the loop's speed. A run of one step falls back to its whole time.
-    run_started, run_tokens = started, 0
-    steady_started: float | None = None
-    steady_tokens = 0
+    # The throughput returned is timed from the end of this run's first optimizer step (see
+    # below), or over the whole run when it has only one step.
+    loop_started, loop_tokens, warmed_up = started, 0, False
     grace = modeling.FIRST_STEP_COMPILE_S if modeling.compiles(job.spec) else 0.0
     watch = HangWatchdog(hang_floor, acc.process_index, first_step_grace=grace)
     with StopRequest() as stop, watch as watchdog:
@@ -132,8 +129,7 @@ def train_steps(
                 state.batches_in_epoch += 1
                 step_loss += float(loss.detach()) / t.gradient_accumulation_steps
                 real_tokens = int(batch["attention_mask"].sum())
-                tokens, run_tokens = tokens + real_tokens, run_tokens + real_tokens
-                steady_tokens += real_tokens
+                tokens, loop_tokens = tokens + real_tokens, loop_tokens + real_tokens
                 samples += len(index)
                 if not acc.sync_gradients:
                     continue
@@ -167,15 +163,14 @@ def train_steps(
                 if stopping:
                     raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
-                if steady_started is None:
-                    steady_started, steady_tokens = started, 0
                 if state.step >= run.total_steps:
                     break
-    now = time.perf_counter()
-    steady = steady_started is not None and steady_tokens > 0
-    seconds = now - steady_started if steady else now - run_started
-    count = steady_tokens if steady else run_tokens
-    total = int(acc.reduce(torch.tensor(count, device=acc.device), "sum"))
+                if not warmed_up:
+                    # The first step's warm-up (CUDA context, allocator growth, compiling the
+                    # layers: tens of seconds for an 8B model) is not the loop's speed.
+                    loop_started, loop_tokens, warmed_up = started, 0, True
+    seconds = time.perf_counter() - loop_started
+    total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
     return total / seconds if total and seconds > 0 else None
 
 

@@ -358,7 +358,7 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     """
     base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
-    # gradientCheckpointing changes memory and compile the kernels, not what is trained.
+    # gradientCheckpointing changes memory, and compile the kernels, not what is trained.
     training = s.training.model_dump(
         mode="json", exclude_defaults=True, exclude={"gradient_checkpointing", "compile"}
     )
