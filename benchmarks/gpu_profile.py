@@ -25,6 +25,8 @@ from typing import Any
 import contenders
 from gpu_throughput import device_peak_tflops, model_flops_per_token
 
+from finetune_trainer import modeling
+
 HERE = Path(__file__).resolve().parent
 # A kernel's kind by a part of its name (the first match wins); the rest is "other".
 KINDS = (
@@ -69,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base.config.use_cache = False
     model = get_peft_model(base, contenders.lora_config(16), autocast_adapter_dtype=True)
     if args.compile:
-        for layer in base.model.layers:
-            layer.compile()
+        modeling.compile_layers(model, dynamic=False)  # as the trainer compiles them
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=2e-4)
     ids = torch.randint(0, shape.vocab, (args.rows, args.seq_len), device=args.device)
