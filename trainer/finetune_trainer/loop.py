@@ -78,6 +78,8 @@ class Prepared:
     eval_dl: DataLoader
     batches: data.ShardedBatches
     total_steps: int
+    # Whether training.compile compiled the layers: the first step then compiles them too.
+    compiled: bool = False
 
     def micro_batch(self, index: list[int]) -> Batch:
         """The training rows at `index`, collated and on this rank's device."""
@@ -110,7 +112,7 @@ def train_steps(
     # The throughput returned is timed from the end of this run's first optimizer step (see
     # below), or over the whole run when it has only one step.
     loop_started, loop_tokens, warmed_up = started, 0, False
-    grace = modeling.FIRST_STEP_COMPILE_S if modeling.compiles(job.spec) else 0.0
+    grace = modeling.FIRST_STEP_COMPILE_S if run.compiled else 0.0
     watch = HangWatchdog(hang_floor, acc.process_index, first_step_grace=grace)
     with StopRequest() as stop, watch as watchdog:
         while state.step < run.total_steps:

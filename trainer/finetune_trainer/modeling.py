@@ -7,6 +7,7 @@ A task module says which auto class and arguments load its base (`base_loader`);
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sysconfig
@@ -24,6 +25,8 @@ from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
 from finetune_trainer import fetch
 from finetune_trainer.sources import downloading
 from finetune_trainer.tasks.base import Artifact
+
+log = logging.getLogger(__name__)
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 # `from_pretrained` of a task's auto class with the source, revision and task arguments bound;
@@ -121,12 +124,13 @@ def compiler_missing() -> str | None:
     return None
 
 
-def apply_compile(spec: FineTuneJobSpec, model: torch.nn.Module) -> str | None:
-    """Compile the model's layers where training.compile (or its default) says so; what was
-    done, for the log, or None. Asked for on a machine that cannot build the kernels is a spec
-    error, said at once instead of failing the first step; the default there runs uncompiled."""
+def apply_compile(spec: FineTuneJobSpec, model: torch.nn.Module) -> int:
+    """Compile the model's layers where training.compile (or its default) says so, and log what
+    was done; the number of layers compiled (0: the model runs eagerly). Asked for on a machine
+    that cannot build the kernels is a spec error, said at once instead of failing the first
+    step; the default there runs uncompiled."""
     if not compiles(spec):
-        return None
+        return 0
     missing = compiler_missing()
     if missing is not None:
         if spec.training.compile:
@@ -136,10 +140,12 @@ def apply_compile(spec: FineTuneJobSpec, model: torch.nn.Module) -> str | None:
                 "does), or set training.compile false"
             )
             raise ManifestError([FieldError("spec.training.compile", message)])
-        return f"torch.compile: off, {missing} (set training.compile false to say so)"
+        log.info("torch.compile: off, %s (set training.compile false to say so)", missing)
+        return 0
     dynamic = compiled_shapes_vary(spec)
     count = compile_layers(model, dynamic)
-    return f"torch.compile: {count} transformer layers (dynamic shapes {dynamic})"
+    log.info("torch.compile: %d transformer layers (dynamic shapes %s)", count, dynamic)
+    return count
 
 
 def compiled_shapes_vary(spec: FineTuneJobSpec) -> bool:

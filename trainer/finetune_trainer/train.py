@@ -325,9 +325,7 @@ def _prepare(
     )
     # Before sharding and DDP, as torchtitan orders them: their hooks stay outside the compiled
     # layers (dynamo skips FSDP's), and the layers keep their names.
-    compiled = modeling.apply_compile(job.spec, model)
-    if compiled:
-        log.info(compiled)
+    compiled_layers = modeling.apply_compile(job.spec, model)
     fsdp = sharding.uses_fsdp(job.spec)
     if fsdp:
         # Before the optimizer, which then holds the shards; not through `prepare` (sharding.py).
@@ -344,7 +342,16 @@ def _prepare(
     else:
         model, optimizer, eval_dl = accelerator.prepare(model, optimizer, eval_dl)
     return Prepared(
-        accelerator, task, data, model, optimizer, scheduler, eval_dl, batches, total_steps
+        accelerator,
+        task,
+        data,
+        model,
+        optimizer,
+        scheduler,
+        eval_dl,
+        batches,
+        total_steps,
+        compiled=compiled_layers > 0,
     )
 
 
