@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,12 +47,13 @@ Contender = Literal["finetune", "trainer", "trl"]
 Device = Literal["cpu", "cuda"]
 # The reference scripts' optimizer learning rate; this trainer gets the same in its spec.
 LEARNING_RATE = 2e-4
-# What a sample of a contender's peak memory is taken every so often (seconds).
+# How often a GPU's memory in use is sampled (seconds).
 _MEMORY_POLL_S = 0.2
 # How peak memory is measured (PeakMemory), for the results' JSON.
 PEAK_MEMORY = (
-    "sampled every 0.2 s: on a GPU the device memory in use (nvidia-smi) beyond what was in use "
-    "before the contender started; on CPU the summed PSS of the contender's process tree"
+    "on a GPU the device memory in use (nvidia-smi, sampled every 0.2 s) beyond what was in use "
+    "before the contender started; on CPU the kernel's own peak resident set (ru_maxrss from "
+    "wait4) of the largest process in each rank's or pod's process tree, summed over them"
 )
 # One run of one contender on a loaded 2-core machine, or an 8B model on a GPU, takes minutes.
 _TIMEOUT_S = 3600
@@ -145,6 +147,8 @@ class Sample:
     tokens_per_second: float
     peak_memory_bytes: int
     load_average: float
+    # The share of the timed micro-batches' tokens that were padding (computed, not counted).
+    padding: float = 0.0
 
 
 def _llama_config(shape: Shape, max_positions: int, special: dict[str, int]) -> Any:
@@ -263,59 +267,67 @@ def rank_envs(world: int, base: dict[str, str]) -> list[dict[str, str]]:
 
 
 class PeakMemory:
-    """The highest memory in use while it runs, polled in a thread: on a GPU what nvidia-smi
-    reports in use on device 0 beyond what was in use at the start (this process's own CUDA
-    context), else the summed proportional set size (PSS) of `pids` and their children."""
+    """The highest memory a contender used. On a GPU, what nvidia-smi reports in use on device 0
+    beyond what was in use at the start (this process's own CUDA context), polled in a thread.
+    On CPU nothing samples the contender while it runs: reading a process's PSS walks its page
+    tables under its memory-map lock, which on 2 cores cost the ranks a quarter of a core and
+    stalled their page faults. The kernel keeps each process tree's peak resident set instead,
+    and `wait` reads it as it reaps the processes (wait4's ru_maxrss: the largest of the process
+    and its reaped descendants; a forked rank's pages shared with its launcher count once)."""
 
     def __init__(self, device: Device) -> None:
-        self.device, self.peak, self.pids = device, 0, list[int]()
+        self.device, self.peak = device, 0
         self._baseline = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> PeakMemory:
-        self._baseline = self._used() if self.device == "cuda" else 0
-        self._thread.start()
+        if self.device == "cuda":
+            self._baseline = self._gpu_used()
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def wait(self, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+        """Wait for every process, at most `timeout` seconds in all (then TimeoutExpired); their
+        exit codes. On CPU, `peak` becomes the sum of their trees' peak resident sets."""
+        deadline = time.monotonic() + timeout
+        peak = 0
+        for p in procs:
+            while True:  # wait4 has no timeout: poll it, without touching the process
+                pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(p.args, timeout)
+                time.sleep(_MEMORY_POLL_S)
+            p.returncode = os.waitstatus_to_exitcode(status)
+            peak += usage.ru_maxrss * 1024  # KiB on Linux
+        if self.device == "cpu":
+            self.peak = peak
+        return [int(p.returncode) for p in procs]
 
     def _poll(self) -> None:
         while not self._stop.wait(_MEMORY_POLL_S):
             try:
-                self.peak = max(self.peak, self._used() - self._baseline)
+                self.peak = max(self.peak, self._gpu_used() - self._baseline)
             except (OSError, ValueError, subprocess.SubprocessError):
-                continue  # a process that just ended, or nvidia-smi busy: the next poll counts
+                continue  # nvidia-smi busy: the next poll counts
 
-    def _used(self) -> int:
-        if self.device == "cuda":
-            out = subprocess.run(
-                [
-                    "nvidia-smi",
-                    "--query-gpu=memory.used",
-                    "--format=csv,noheader,nounits",
-                    "--id=0",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            ).stdout
-            return int(out.split()[0]) * 1024 * 1024  # MiB
-        import psutil
-
-        used = 0
-        for pid in self.pids:
-            try:
-                proc = psutil.Process(pid)
-                tree = [proc, *proc.children(recursive=True)]
-                # PSS: a forked rank shares pages with its launcher; RSS would count them twice.
-                used += sum(p.memory_full_info().pss for p in tree)
-            except psutil.Error:
-                continue
-        return used
+    @staticmethod
+    def _gpu_used() -> int:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        return int(out.split()[0]) * 1024 * 1024  # MiB
 
 
 def _run_ranks(
@@ -328,8 +340,12 @@ def _run_ranks(
         for i, (argv, env) in enumerate(commands):
             with (logs / f"rank-{i}.log").open("wb") as log:
                 procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
-            memory.pids.append(procs[-1].pid)
-        codes = [p.wait(timeout=_TIMEOUT_S) for p in procs]
+        try:
+            codes = memory.wait(procs, _TIMEOUT_S)
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
     if any(codes):
         tail = (logs / "rank-0.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{what} failed (exit codes {codes}):\n{tail}")
@@ -374,8 +390,11 @@ def run_finetune(
     load = os.getloadavg()[0]
     with PeakMemory(setting.device) as memory:
         gang.start()
-        memory.pids.extend(p.pid for p in gang.procs)
-        codes = gang.wait(timeout=_TIMEOUT_S)
+        try:
+            codes = memory.wait(gang.procs, _TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            gang.kill()
+            raise
     if any(codes):
         raise RuntimeError(
             f"finetune train failed at {world} rank(s) ({codes}):\n{gang.log_text()[-3000:]}"
@@ -410,7 +429,7 @@ def run_reference(
     load = os.getloadavg()[0]
     peak = _run_ranks(commands, setting.device, f"{contender} at {world} rank(s)", work)
     result = json.loads((work / "result.json").read_text())
-    return Sample(float(result["tokens_per_second"]), peak, load)
+    return Sample(float(result["tokens_per_second"]), peak, load, float(result["padding"]))
 
 
 def run(
@@ -448,13 +467,14 @@ def reference_rank(settings: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if setting.precision == "bf16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=settings["data"])["train"]
-    counted = {"tokens": 0}
+    counted = {"tokens": 0, "computed": 0}
     clock: dict[str, float] = {}
 
     def count(inputs: dict[str, Any]) -> None:
         mask = inputs.get("attention_mask")
         # A padding-free row (TRL's packing) has no mask and no padding: every token is real.
         counted["tokens"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        counted["computed"] += inputs["input_ids"].numel()
 
     class Clock(TrainerCallback):
         # From the end of the first optimizer step, as this trainer times itself: the first
@@ -464,7 +484,7 @@ def reference_rank(settings: dict[str, Any]) -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 clock["start"] = time.perf_counter()
-                counted["tokens"] = 0
+                counted["tokens"] = counted["computed"] = 0
 
         def on_train_end(self, *args: Any, **kwargs: Any) -> None:
             if cuda:
@@ -536,12 +556,16 @@ def reference_rank(settings: dict[str, Any]) -> None:
             callbacks=[Clock()],
         )
     trainer.train()
-    tokens = torch.tensor(counted["tokens"], dtype=torch.long, device=trainer.args.device)
+    tokens = torch.tensor(
+        [counted["tokens"], counted["computed"]], dtype=torch.long, device=trainer.args.device
+    )
     if dist.is_initialized():
         dist.all_reduce(tokens)
     if int(os.environ["RANK"]) == 0:
         seconds = clock["end"] - clock["start"]
-        Path(settings["out"]).write_text(json.dumps({"tokens_per_second": int(tokens) / seconds}))
+        real, computed = (int(n) for n in tokens)
+        report = {"tokens_per_second": real / seconds, "padding": 1 - real / computed}
+        Path(settings["out"]).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
