@@ -160,10 +160,10 @@ LABEL org.opencontainers.image.title="finetune-trainer" \
       org.opencontainers.image.description="LoRA/QLoRA fine-tuning worker (PyTorch, Accelerate, PEFT) started by finetune-operator"
 # training.compile: torch.compile builds Triton's GPU launcher (C) and, on CPU, inductor's kernels
 # (C++, through setuptools, which install-deps.sh leaves in this venv) with the system compiler
-# when a pod starts, against Python's headers. Before the venv, so that a new venv does not
-# reinstall them.
+# when a pod starts, against Python's headers. tcmalloc: CPU jobs' pods preload it
+# (finetune_api.pod.CPU_ALLOCATOR). Before the venv, so that a new venv does not reinstall them.
 USER 0:0
-RUN set -e; pkgs="gcc g++ libc6-dev"; \
+RUN set -e; pkgs="gcc g++ libc6-dev libtcmalloc-minimal4"; \
     python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
       || pkgs="$pkgs python3-dev"; \
     apt-get update -qq; \

@@ -1,6 +1,7 @@
 """The trainers a throughput benchmark compares, run side by side on the same model and data.
 
-- `finetune`: this trainer, through `finetune train` with the env a pod gets (packed batches).
+- `finetune`: this trainer, through `finetune train` with the env a pod gets (packed batches;
+  on CPU it preloads tcmalloc where installed, as a CPU pod does).
 - `trainer`: a plain `transformers.Trainer` + peft script, padding each micro-batch to its
   longest row: what a user writes without TRL.
 - `trl`: TRL's `SFTTrainer` with `packing=True` and its default strategy (best-fit decreasing,
@@ -17,8 +18,8 @@ second of the training loop (first step to last, model loading and evaluation le
 this trainer reports it itself (the attention mask of every micro-batch); the two scripts count
 the attention mask, or every token of a padding-free row, in `training_step`. All three time
 the loop from the end of its first optimizer step to the end of its last. Peak memory is
-sampled from outside, the same way for all: device memory in use (nvidia-smi) on a GPU, the
-proportional set size (PSS) of the contender's process tree on CPU.
+measured from outside, the same way for all (PeakMemory): device memory in use (nvidia-smi) on
+a GPU, the kernel's peak resident set of each rank's process tree on CPU.
 
 `python benchmarks/contenders.py --reference-rank SETTINGS_JSON` is one rank of a script.
 """

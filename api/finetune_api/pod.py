@@ -74,6 +74,12 @@ HISTOGRAM_MAX_RANKS_ENV: Final = "FINETUNE_METRICS_HISTOGRAM_MAX_RANKS"
 # The FineTuneJob's identity, for code and shells in the pod (the trainer reads the manifest).
 JOB_NAME_ENV: Final = "FINETUNE_JOB_NAME"
 JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"
+# The allocator a CPU job's processes start with: tcmalloc, which the trainer image installs
+# (Debian's libtcmalloc-minimal4), named by its soname so that the dynamic loader finds it for
+# the node's architecture. The operator sets it for CPU pods unless template.env names
+# LD_PRELOAD; `finetune train` started any other way preloads it itself where it is installed.
+PRELOAD_ENV: Final = "LD_PRELOAD"
+CPU_ALLOCATOR: Final = "libtcmalloc_minimal.so.4"
 # Peak FLOP/s of one accelerator at the training precision; with it the trainer exports MFU.
 PEAK_FLOPS_ENV: Final = "FINETUNE_PEAK_FLOPS_PER_SECOND"
 # The Hub tokens. Only ever env vars: never an argument or file. HF_TOKEN, from

@@ -428,14 +428,22 @@ def test_finetunejob_end_to_end(
     check(len(pods) == 2, f"expected 2 trainer pods, found {sorted(nodes)}")
     check(len(set(nodes.values())) == 2, f"the pods did not land on two nodes: {nodes}")
     ranks: dict[int, int] = {}
+    allocators: list[str] = []
     for p in pods:
         log_text = kube("-n", ns, "logs", p["metadata"]["name"], "--all-containers")
+        allocators += re.findall(r"memory from (.+)$", log_text, re.M)
+        # The operator's LD_PRELOAD names a library the image has: no loader complaint.
+        check(
+            "cannot be preloaded" not in log_text, f"LD_PRELOAD failed in {p['metadata']['name']}"
+        )
         found = [m.groups() for m in RANK_LINE.finditer(log_text)]
         check(bool(found), f"no 'rank N of M' line in {p['metadata']['name']}")
         for prefix_rank, rank, world, _device in found:
             check(prefix_rank == rank, f"log prefix rank {prefix_rank} != rank {rank}")
             ranks[int(rank)] = int(world)
     check(ranks == {0: 2, 1: 2}, f"not one gang of world size 2 (rank -> world): {ranks}")
+    # A CPU job's pods run on the image's tcmalloc (the operator's LD_PRELOAD); rank 0 says so.
+    check(allocators == ["tcmalloc"], f"rank 0 did not run on tcmalloc: {allocators}")
 
     # ---- the push, as the Hub double sees it --------------------------------------------------
     if revision:

@@ -1,5 +1,6 @@
 """The images run as their pods run them: the Hub double's (Dockerfile target hub-double) holds only
-the double, and the trainer's compiles with torch.compile (training.compile).
+the double, and the trainer's compiles with torch.compile (training.compile) and preloads
+tcmalloc for CPU jobs.
 
     pytest -m kind tests/kind/test_images.py      # the `images` fixture builds it if stale
 
@@ -91,3 +92,32 @@ def test_trainer_image_compiles_as_its_pods_run_it(images: dict[str, str]) -> No
     # default): the compiled kernels are loaded from there.
     out = docker_run(images["trainer"], "python", "-c", COMPILE_PROBE, tmp="/tmp:exec")
     assert "compiled" in out, out
+
+
+ALLOCATOR_PROBE = r"""
+import json, os, subprocess, sys
+from finetune_api import parse_manifest, pod
+from finetune_trainer.env import allocator_env
+job = parse_manifest({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                      "metadata": {"name": "cpu"},
+                      "spec": {"model": {"source": "hf://org/m"}, "dataset": {"source": "hf://org/d"},
+                               "resources": {"accelerator": {"type": "cpu"}}}})
+child = "from finetune_trainer.env import allocator_in_use; print(allocator_in_use())"
+def started_with(env):
+    out = subprocess.run([sys.executable, "-c", child], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    return {"in_use": out.stdout.strip(), "stderr": out.stderr}
+print(json.dumps({
+    "operator": started_with({pod.PRELOAD_ENV: pod.CPU_ALLOCATOR}),
+    "allocator_env": allocator_env(job, {}),
+}))
+"""
+
+
+def test_trainer_image_preloads_tcmalloc_for_cpu_jobs(images: dict[str, str]) -> None:
+    # A CPU pod starts with the LD_PRELOAD the operator renders (the soname, whatever the node's
+    # architecture): the dynamic loader finds it in the image, silently, and the process runs
+    # on it. `finetune train` started without it (launch.train_pod) finds the library too.
+    got = json.loads(docker_run(images["trainer"], "python", "-c", ALLOCATOR_PROBE))
+    assert got["operator"] == {"in_use": "tcmalloc", "stderr": ""}, got
+    assert got["allocator_env"]["LD_PRELOAD"].endswith("/libtcmalloc_minimal.so.4"), got

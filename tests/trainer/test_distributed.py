@@ -73,6 +73,20 @@ def test_both_pods_succeed(two_pods: Run) -> None:
     assert two_pods.codes == [0, 0], two_pods.gang.log_text()[-4000:]
 
 
+def test_cpu_ranks_run_on_tcmalloc_where_it_is_installed(two_pods: Run) -> None:
+    """`finetune train` starts itself again with tcmalloc preloaded for a CPU job where the
+    library is installed (the trainer image; hack/ci-deps.sh here); rank 0 says which allocator
+    its process has mapped (the rank of the other pod starts the same way)."""
+    from finetune_api import load_manifest
+    from finetune_trainer.env import allocator_env
+
+    job = load_manifest(two_pods.workdir / "job.yaml")
+    installed = bool(allocator_env(job, {}))
+    want = "tcmalloc" if installed else "the C library's malloc"
+    said = [line for line in two_pods.gang.log_text().splitlines() if "memory from" in line]
+    assert len(said) == 1 and said[0].endswith(f"memory from {want}"), said
+
+
 def test_lora_weights_identical_on_both_ranks(two_pods: Run) -> None:
     hashes = [(two_pods.workdir / f"params-{r}.sha256").read_text() for r in range(2)]
     assert hashes[0] == hashes[1]

@@ -15,7 +15,8 @@ import pytest
 
 from finetune_api import ManifestError, parse_manifest
 from finetune_api.v1alpha1 import PeftSpec
-from finetune_trainer.env import Rendezvous, omp_threads
+from finetune_trainer import env as pod_env
+from finetune_trainer.env import Rendezvous, allocator_env, omp_threads
 from finetune_trainer.launch import worst_exit
 
 MINIMAL = {
@@ -131,6 +132,32 @@ def test_rendezvous_from_pod_env() -> None:
 def test_omp_threads_split_cores_unless_set() -> None:
     assert omp_threads(1, {"OMP_NUM_THREADS": "7"}) == "7"
     assert int(omp_threads(64, {})) == 1
+
+
+def test_cpu_jobs_preload_tcmalloc_where_it_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = parse_manifest(MINIMAL)
+    gpu = parse_manifest(
+        {
+            **MINIMAL,
+            "spec": {
+                **MINIMAL["spec"],
+                "resources": {"accelerator": {"type": "nvidia.com/gpu", "count": 1}},
+            },
+        }
+    )
+    lib = tmp_path / "x86_64-linux-gnu" / "libtcmalloc_minimal.so.4"
+    monkeypatch.setattr(pod_env, "_LIBRARY_DIRS", (str(tmp_path / "*-linux-gnu"),))
+    assert allocator_env(cpu, {}) == {}  # not installed: glibc's malloc, and no ld.so warning
+    lib.parent.mkdir()
+    lib.touch()
+    assert allocator_env(cpu, {}) == {"LD_PRELOAD": str(lib)}
+    # The user's own LD_PRELOAD (an empty one too) is their choice of allocator.
+    assert allocator_env(cpu, {"LD_PRELOAD": ""}) == {}
+    assert allocator_env(cpu, {"LD_PRELOAD": "/opt/jemalloc.so"}) == {}
+    # Not measured on accelerators: their jobs keep the C library's malloc.
+    assert allocator_env(gpu, {}) == {}
 
 
 def test_worst_exit_prefers_permanent_verdicts() -> None:

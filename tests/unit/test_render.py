@@ -116,6 +116,22 @@ def test_each_hub_token_reaches_the_pod_from_its_secret_under_its_own_name() -> 
     assert not {pod.MODEL_TOKEN_ENV, pod.DATASET_TOKEN_ENV} & set(plain)
 
 
+def test_cpu_pods_preload_the_images_tcmalloc_unless_the_template_names_ld_preload() -> None:
+    assert _env(_job("cpu"))[pod.PRELOAD_ENV] == pod.CPU_ALLOCATOR == "libtcmalloc_minimal.so.4"
+    # Accelerator jobs keep the C library's malloc (not measured there).
+    assert pod.PRELOAD_ENV not in _env(_job("gpu"))
+    assert pod.PRELOAD_ENV not in _env(_job("tpu"))
+    # The user's LD_PRELOAD, an empty one too, is the only one: the container's env names it once.
+    for value in ("/opt/jemalloc/libjemalloc.so.2", ""):
+        doc = yaml.safe_load((GOLDEN / "cpu.input.yaml").read_text())
+        doc["spec"]["template"]["env"].append({"name": "LD_PRELOAD", "value": value})
+        rendered = render_manifests(parse_manifest(doc), SETTINGS)
+        env = _container(next(d for d in rendered if d["kind"] == "Job"))["env"]
+        assert [e for e in env if e["name"] == pod.PRELOAD_ENV] == [
+            {"name": pod.PRELOAD_ENV, "value": value}
+        ]
+
+
 def test_job_is_an_indexed_gang_that_fails_fast() -> None:
     spec = _job("cpu")["spec"]
     assert spec["completionMode"] == "Indexed"

@@ -1,4 +1,5 @@
-"""Process environment: Hub settings, thread counts and the rendezvous a pod is given.
+"""Process environment: Hub settings, thread counts, the allocator and the rendezvous a pod is
+given.
 
 Nothing here imports torch or huggingface_hub. `huggingface_hub` reads HF_ENDPOINT and friends when
 it is first imported, so `configure_hub_env` must run before any Hugging Face module is imported.
@@ -6,6 +7,7 @@ it is first imported, so `configure_hub_env` must run before any Hugging Face mo
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -54,6 +56,39 @@ def available_cores() -> int:
 def omp_threads(local_ranks: int, env: Mapping[str, str] = os.environ) -> str:
     """Threads per rank: oversubscribed cores cost ~17% on CPU, so split them unless told."""
     return env.get("OMP_NUM_THREADS") or str(max(1, available_cores() // max(1, local_ranks)))
+
+
+# Where allocator_env looks for pod.CPU_ALLOCATOR (tcmalloc). glibc's malloc maps every block
+# above 32 MiB afresh and unmaps it when freed, so each CPU step faults its logits and
+# activations in again, page by page; tcmalloc keeps them. A bare LoRA step of the CPU
+# benchmark's model ran 1.10x faster with it on 2 cores (docs/benchmarks.md). PyTorch's own CPU
+# launcher (torch.backends.xeon.run_cpu) preloads it the same way.
+_LIBRARY_DIRS = ("/usr/lib/*-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def allocator_env(job: FineTuneJob, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What to add to the env of a process that trains `job` before it starts: LD_PRELOAD of
+    tcmalloc for a CPU job where it is installed; nothing for accelerators (not measured there),
+    where it is not installed, or where LD_PRELOAD is set already (by the operator in a pod; a
+    template.env LD_PRELOAD, empty included, is the user's choice of allocator)."""
+    if job.spec.resources.accelerator.type != "cpu" or pod.PRELOAD_ENV in env:
+        return {}
+    for folder in _LIBRARY_DIRS:
+        found = sorted(glob.glob(os.path.join(folder, pod.CPU_ALLOCATOR)))
+        if found:
+            return {pod.PRELOAD_ENV: found[0]}
+    return {}
+
+
+def allocator_in_use() -> str:
+    """The malloc this process runs on, for its log: a preloaded tcmalloc, else the C library's."""
+    try:
+        with open("/proc/self/maps") as maps:
+            if any("libtcmalloc" in line for line in maps):
+                return "tcmalloc"
+    except OSError:  # not Linux
+        pass
+    return "the C library's malloc"
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,17 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
-from finetune_trainer.env import Rendezvous, configure_hub_env, hide_unused_packages, omp_threads
+from finetune_trainer.env import (
+    Rendezvous,
+    allocator_env,
+    configure_hub_env,
+    hide_unused_packages,
+    omp_threads,
+)
 
 # After one rank fails, the others are usually stuck in a collective; give them this long to
 # notice on their own before they are terminated.
@@ -190,6 +196,9 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     When a peer's pod goes (it got SIGTERM, and the gang saved a checkpoint), the Job controller
     replaces just that pod, and this one starts its ranks again to rejoin the gang: only the
     peer's pod restarts, and no new attempt is needed."""
+    preload = allocator_env(job)
+    if preload:
+        _start_again_with(preload)
     rdzv = Rendezvous.from_env(job)
     env = dict(os.environ)
     configure_hub_env(job, env)
@@ -218,6 +227,15 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     return code
 
 
+def _start_again_with(extra_env: Mapping[str, str]) -> NoReturn:
+    """Run this process's own command again in its place (same pid, arguments and working
+    folder) with `extra_env` added: a preloaded allocator must be there before the interpreter
+    starts. The new process finds it set and goes on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra_env})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,6 +253,7 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
     base.setdefault(pod.OUTPUT_DIR_ENV, str(workdir / "output"))
     base.setdefault(pod.METRICS_PORT_ENV, "0")  # many ranks share this host's ports
     base["OMP_NUM_THREADS"] = omp_threads(res.nodes * res.processes_per_node, base)
+    base.update(allocator_env(job, base))
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     results = []

@@ -44,7 +44,7 @@ from finetune_trainer import checkpoint, fetch, final, modeling, sharding
 from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
-from finetune_trainer.env import PARAM_HASH_ENV, runtime_errors, setup_logging
+from finetune_trainer.env import PARAM_HASH_ENV, allocator_in_use, runtime_errors, setup_logging
 from finetune_trainer.logtail import with_log_tail
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import write_failure, write_result
@@ -304,11 +304,13 @@ def _prepare(
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     log.info(
-        "weights load in %s (frozen) and %s (trained); strategy %s, gradient checkpointing %s",
+        "weights load in %s (frozen) and %s (trained); strategy %s, gradient checkpointing %s; "
+        "memory from %s",
         sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}) or "-",
         sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
         job.spec.training.strategy,
         modeling.gradient_checkpointing(job.spec),
+        allocator_in_use(),
     )
     batches = ShardedBatches(
         len(data.train),
