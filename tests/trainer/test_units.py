@@ -15,7 +15,7 @@ import pytest
 
 from finetune_api import ManifestError, parse_manifest
 from finetune_api.v1alpha1 import PeftSpec
-from finetune_trainer import env as pod_env
+from finetune_trainer import env as trainer_env
 from finetune_trainer.env import Rendezvous, allocator_env, omp_threads
 from finetune_trainer.launch import worst_exit
 
@@ -148,7 +148,7 @@ def test_cpu_jobs_preload_tcmalloc_where_it_is_installed(
         }
     )
     lib = tmp_path / "x86_64-linux-gnu" / "libtcmalloc_minimal.so.4"
-    monkeypatch.setattr(pod_env, "_LIBRARY_DIRS", (str(tmp_path / "*-linux-gnu"),))
+    monkeypatch.setattr(trainer_env, "_LIBRARY_DIRS", (str(tmp_path / "*-linux-gnu"),))
     assert allocator_env(cpu, {}) == {}  # not installed: glibc's malloc, and no ld.so warning
     lib.parent.mkdir()
     lib.touch()
