@@ -7,6 +7,7 @@ Each name is spelled here once. What a pod reports back is `finetune_api.result.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
 from typing import Final
 
@@ -116,6 +117,13 @@ def rendezvous_env(
     if node_rank is not None:
         env = {NODE_RANK: str(node_rank), **env}
     return env
+
+
+def preloads_allocator(accelerator_type: str, env_names: Iterable[str]) -> bool:
+    """Whether a job's processes start with CPU_ALLOCATOR preloaded: CPU jobs do, unless
+    LD_PRELOAD is among `env_names` already (the user's choice of allocator, an empty one too).
+    Accelerator jobs keep the C library's malloc: tcmalloc was not measured there."""
+    return accelerator_type == "cpu" and PRELOAD_ENV not in set(env_names)
 
 
 # ---- exit codes ---------------------------------------------------------------------------------

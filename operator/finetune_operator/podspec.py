@@ -75,9 +75,7 @@ def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[M
     }
     if store.hub_branch:
         values[pod.CHECKPOINT_HUB_BRANCH_ENV] = store.hub_branch
-    if spec.resources.accelerator.type == "cpu" and not any(
-        var.name == pod.PRELOAD_ENV for var in spec.template.env
-    ):
+    if pod.preloads_allocator(spec.resources.accelerator.type, (v.name for v in spec.template.env)):
         # The image's tcmalloc (pod.CPU_ALLOCATOR): the CPU step's large buffers are reused
         # instead of faulted in again each step. A template.env LD_PRELOAD is the user's choice.
         values[pod.PRELOAD_ENV] = pod.CPU_ALLOCATOR

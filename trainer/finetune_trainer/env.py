@@ -71,7 +71,7 @@ def allocator_env(job: FineTuneJob, env: Mapping[str, str] = os.environ) -> dict
     tcmalloc for a CPU job where it is installed; nothing for accelerators (not measured there),
     where it is not installed, or where LD_PRELOAD is set already (by the operator in a pod; a
     template.env LD_PRELOAD, empty included, is the user's choice of allocator)."""
-    if job.spec.resources.accelerator.type != "cpu" or pod.PRELOAD_ENV in env:
+    if not pod.preloads_allocator(job.spec.resources.accelerator.type, env):
         return {}
     for folder in _LIBRARY_DIRS:
         found = sorted(glob.glob(os.path.join(folder, pod.CPU_ALLOCATOR)))
