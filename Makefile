@@ -11,6 +11,10 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
+# `make test` runs this many pytest-xdist workers, each taking whole groups of tests
+# (tests/conftest.py): one runs the kind suite, which mostly waits on pods, while the other runs
+# the CPU-bound modules. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv lint crd prereqs test test-all test-fast demo demo-local bench bench-gpu test-kueue
 
@@ -31,11 +35,11 @@ prereqs:
 
 # Every suite: unit, trainer, control plane, observability and the kind end-to-end test.
 test: lint prereqs
-	$(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -ra --durations=20 $(PYTEST_ARGS) tests
 
 # `make test` and the longer variants it leaves out (the `extended` mark, tests/conftest.py).
 test-all: lint prereqs
-	$(PY) -m pytest -ra --durations=30 -m "extended or not extended" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -ra --durations=30 -m "extended or not extended" $(PYTEST_ARGS) tests
 
 # No cluster, no Docker: unit and trainer suites only.
 test-fast: lint

@@ -8,11 +8,34 @@ opt-in marks hold what it leaves out:
 - `bench`: a measurement (`make bench`), not a check.
 - `kueue`: the run against the real Kueue controller (`make test-kueue`), whose first build of
   Kueue takes minutes.
+
+`make test` runs two pytest-xdist workers, which take whole groups of tests (group_of). A suite
+whose session fixtures stand up one shared thing (the kind cluster with the chart installed, the
+local control plane) is one group, so a single worker runs it in order and sets it up once; any
+other module is a group of its own. A worker that runs out of tests takes the next group in
+collection order, which this file sets to SUITE_ORDER: the kind suite first, since it is the
+longest group and mostly waits on pods, then the control plane, which mostly waits on the API
+server, then the CPU-bound trainer modules beside them, and the short modules last to even out
+the end.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+# Where a suite writes its timings (tests/kind/conftest.py: <suite>-timings.json).
+RESULTS = TESTS.parent / "test-results"
+SESSION_START = time.time()
+
+# These suites (folders under tests/) are one xdist group each; other suites' modules are groups.
+WHOLE_SUITES = ("kind", "controlplane")
+SUITE_ORDER = ("kind", "controlplane", "trainer", "observability", "unit")
 
 OPT_IN_MARKS = {
     "extended": "a longer variant of a capability `make test` proves (`make test-all` runs it)",
@@ -28,10 +51,52 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Leave out the opt-in tests unless -m names their mark (as in `-m extended` or
-    `-m "extended or not extended"`)."""
+    `-m "extended or not extended"`), and put the suites in SUITE_ORDER."""
     asked = config.option.markexpr or ""
     left_out = [m for m in OPT_IN_MARKS if m not in asked]
     skipped = [i for i in items if any(i.get_closest_marker(m) for m in left_out)]
     if skipped:
         config.hook.pytest_deselected(items=skipped)
         items[:] = [i for i in items if i not in skipped]
+    # Stable: each suite keeps its own order (test_faults compares with test_e2e's run before it).
+    items.sort(key=lambda item: _suite_rank(item.path.relative_to(TESTS).parts[0]))
+
+
+def _suite_rank(suite: str) -> int:
+    return SUITE_ORDER.index(suite) if suite in SUITE_ORDER else len(SUITE_ORDER)
+
+
+def group_of(nodeid: str) -> str:
+    """The xdist group of a test, from its node id (`tests/<suite>/<module>.py::<name>`)."""
+    module = nodeid.split("::", 1)[0]
+    suite = module.split("/")[-2] if "/" in module else ""
+    return suite if suite in WHOLE_SUITES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `pytest -n N`: hand out whole groups (group_of), in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    # LoadScopeScheduling would otherwise put the groups with the most tests first.
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the timings files the suites wrote in this session. A suite writes its own where its
+    tests ran: under pytest-xdist that is a worker, whose terminal never shows, and only this
+    conftest is loaded by the process that prints the summary."""
+    if hasattr(terminalreporter.config, "workerinput"):
+        return
+    for path in sorted(RESULTS.glob("*-timings.json")):
+        if path.stat().st_mtime < SESSION_START:
+            continue
+        name = path.name.removesuffix("-timings.json").replace("-", " ")
+        terminalreporter.section(f"{name} timings (seconds)")
+        for key, value in json.loads(path.read_text()).items():
+            terminalreporter.write_line(f"{key:>40}: {value}")

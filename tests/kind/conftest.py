@@ -15,7 +15,8 @@ Session fixtures, each idempotent (a warm run takes seconds, not minutes):
   Deployment Available. The pod template carries the operator image ID, so a rebuilt image under
   the same tag rolls the pod.
 
-Timings land in test-results/kind-e2e-timings.json and in the terminal summary.
+Timings land in test-results/kind-e2e-timings.json, which tests/conftest.py prints in the
+terminal summary.
 On a failed test, `diagnostics` exports `kind export logs` plus describe/logs of everything the
 test touched into test-results/kind-logs/<test>-<time>/.
 
@@ -181,31 +182,17 @@ def timing() -> Timings:
 
 
 SESSION_T0 = time.monotonic()
-SESSION_START_WALL = time.time()
 TIMINGS_FILE = RESULTS / "kind-e2e-timings.json"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    # Written where the tests ran: under pytest-xdist that is a worker, whose TIMINGS the
-    # controller's summary below never sees.
+    # Written where the tests ran (under pytest-xdist, a worker, whose terminal never shows);
+    # tests/conftest.py prints it in the summary.
     if not TIMINGS:
         return
     record("pytest_session_total", time.monotonic() - SESSION_T0)
     RESULTS.mkdir(exist_ok=True)
     TIMINGS_FILE.write_text(json.dumps(TIMINGS, indent=2) + "\n")
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    timings = TIMINGS
-    if not timings and not hasattr(terminalreporter.config, "workerinput"):
-        # The controller of an xdist run: the kind worker wrote the file during this session.
-        fresh = TIMINGS_FILE.exists() and TIMINGS_FILE.stat().st_mtime >= SESSION_START_WALL
-        timings = json.loads(TIMINGS_FILE.read_text()) if fresh else {}
-    if not timings:
-        return
-    terminalreporter.section("kind e2e timings (seconds)")
-    for name, value in timings.items():
-        terminalreporter.write_line(f"{name:>40}: {value}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
