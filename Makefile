@@ -11,9 +11,9 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
-# `make test` runs this many pytest-xdist workers, each taking whole groups of tests
+# The test targets run this many pytest-xdist workers, each taking whole groups of tests
 # (tests/conftest.py): one runs the kind suite, which mostly waits on pods, while the other runs
-# the CPU-bound modules. TEST_WORKERS=0 runs the suite in one process.
+# the CPU-bound modules. TEST_WORKERS=0 runs the tests in one process.
 TEST_WORKERS ?= 2
 
 .PHONY: venv lint crd prereqs test test-all test-fast demo demo-local bench bench-gpu test-kueue
@@ -43,7 +43,7 @@ test-all: lint prereqs
 
 # No cluster, no Docker: unit and trainer suites only.
 test-fast: lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/trainer
+	$(PY) -m pytest -n $(TEST_WORKERS) -ra $(PYTEST_ARGS) tests/unit tests/trainer
 
 # The main job: a kind cluster (built here if there is none), the chart installed, and the
 # example FineTuneJob trained across two pods on two nodes, pushed to an in-cluster Hub double.
