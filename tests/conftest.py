@@ -28,9 +28,8 @@ from typing import Any
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
 # Where a suite writes its timings (tests/kind/conftest.py: <suite>-timings.json).
-RESULTS = TESTS.parent / "test-results"
+RESULTS = Path(__file__).resolve().parents[1] / "test-results"
 SESSION_START = time.time()
 
 # These suites (folders under tests/) are one xdist group each; other suites' modules are groups.
@@ -59,23 +58,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=skipped)
         items[:] = [i for i in items if i not in skipped]
     # Stable: each suite keeps its own order (test_faults compares with test_e2e's run before it).
-    items.sort(key=lambda item: _suite_rank(item.path.relative_to(TESTS).parts[0]))
+    items.sort(key=lambda item: _suite_rank(_module_and_suite(item.nodeid)[1]))
 
 
 def _suite_rank(suite: str) -> int:
     return SUITE_ORDER.index(suite) if suite in SUITE_ORDER else len(SUITE_ORDER)
 
 
-def group_of(nodeid: str) -> str:
-    """The xdist group of a test, from its node id (`tests/<suite>/<module>.py::<name>`)."""
+def _module_and_suite(nodeid: str) -> tuple[str, str]:
+    """`tests/<suite>/<module>.py::<name>` -> (`tests/<suite>/<module>.py`, `<suite>`)."""
     module = nodeid.split("::", 1)[0]
-    suite = module.split("/")[-2] if "/" in module else ""
+    parts = module.split("/")
+    return module, parts[1] if len(parts) > 2 else ""
+
+
+def group_of(nodeid: str) -> str:
+    """The xdist group of a test: its suite if that is one of WHOLE_SUITES, else its module."""
+    module, suite = _module_and_suite(nodeid)
     return suite if suite in WHOLE_SUITES else module
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under `pytest -n N`: hand out whole groups (group_of), in collection order."""
+    # Imported here: this hook is only called where xdist is installed.
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):
