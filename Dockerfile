@@ -64,15 +64,18 @@ RUN install-deps.sh operator
 # paths in tracebacks (-s/-p). The operator image carries the torch-free trainer code too;
 # the packages live in api/, operator/, trainer/ and cli/ (pyproject.toml's packages.find).
 FROM build-base AS app
-COPY README.md ./
+# pyproject.toml names README.md as the package's long description, which nothing in an image
+# reads: a stub stands in, so README.md stays out of the build context and a docs edit neither
+# rebuilds the images nor sends the multi-GB trainer image to kind again.
+RUN echo "finetune-operator" >README.md
 COPY api ./api
 COPY operator ./operator
 COPY trainer ./trainer
 # cli/ (the `finetune` command) through a wildcard, so that a tree without it still builds: the
-# legacy builder refuses only a COPY none of whose sources match, hence README.md beside it,
-# dropped again before the install.
-COPY README.md cl[i] ./cli/
-RUN rm cli/README.md \
+# legacy builder refuses only a COPY none of whose sources match, hence pyproject.toml beside
+# it, dropped again before the install.
+COPY pyproject.toml cl[i] ./cli/
+RUN rm cli/pyproject.toml \
  && pip install --no-deps --prefix /opt/app . \
  && python -m compileall -q -f --invalidation-mode unchecked-hash -s /opt/app -p /opt/venv /opt/app/lib
 

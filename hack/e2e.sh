@@ -58,7 +58,7 @@ context_hash() {
   local src sources=()
   case "$1" in
     hub-double) set -- "$1" hub-double ;;
-    *) set -- "$1" pyproject.toml README.md api operator trainer cli hack/docker ;;
+    *) set -- "$1" pyproject.toml api operator trainer cli hack/docker ;;
   esac
   for src in Dockerfile .dockerignore "${@:2}"; do
     [[ -e "${ROOT}/${src}" ]] && sources+=("$src")

@@ -282,7 +282,7 @@ def ensure_loaded(ref: str) -> dict[str, Any]:
 # Dockerfile and .dockerignore themselves: the product images from the pyproject.toml project
 # (whose build stage also copies hack/docker/), the Hub double from its own distribution only.
 PRODUCT_SOURCES = (
-    *("pyproject.toml", "README.md", "hack/docker"),
+    *("pyproject.toml", "hack/docker"),
     *("api", "operator", "trainer", "cli"),
 )
 IMAGE_SOURCES = {
