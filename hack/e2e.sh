@@ -51,24 +51,9 @@ done_step
 
 step "2. images"
 # images.sh labels each build with its commit, so a build after any commit is a new image ID and
-# a new kind load (multi-GB for the trainer). Build an image only when its own sources (its part
-# of the .dockerignore allow-list) or the base changed: the product images from the project, the
-# Hub double from hub-double/ alone.
-context_hash() {
-  local src sources=()
-  case "$1" in
-    hub-double) set -- "$1" hub-double ;;
-    *) set -- "$1" pyproject.toml api operator trainer cli hack/docker ;;
-  esac
-  for src in Dockerfile .dockerignore "${@:2}"; do
-    [[ -e "${ROOT}/${src}" ]] && sources+=("$src")
-  done
-  { "$DOCKER" image inspect -f '{{.Id}}' "${BASE_IMAGE:-finetune-local/python-base:bookworm}" 2>/dev/null || true
-    echo "$1 ${TORCH_INDEX_URL:-}"
-    cd "$ROOT" && find "${sources[@]}" -type f \
-      ! -path '*/__pycache__/*' ! -name '*.py[co]' ! -path '*.egg-info/*' -print0 | sort -z | xargs -0 sha256sum
-  } | sha256sum | cut -c1-64
-}
+# a new kind load (multi-GB for the trainer). Build an image only when the hash of its own
+# sources moved (hack/image_context.py, as the kind suite does).
+context_hash() { DOCKER="$DOCKER" python3 "${ROOT}/hack/image_context.py" "$1"; }
 STAMPS="${FINETUNE_CACHE}/kind-e2e/images-sh"
 mkdir -p "$STAMPS"
 if [[ "${SKIP_BUILD:-}" != 1 ]]; then

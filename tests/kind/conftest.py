@@ -7,7 +7,7 @@ Session fixtures, each idempotent (a warm run takes seconds, not minutes):
 
 - `kube`: `hack/kind/cluster.sh up` (reuses a running cluster) and a kubectl wrapper.
 - `images`: the operator, trainer and Hub-double images, each built by `hack/images.sh <target>`
-  only when its own sources changed since its last build (`context_hash`; skipped with
+  only when its own sources changed since its last build (hack/image_context.py; skipped with
   FINETUNE_E2E_SKIP_BUILD=1), then `cluster.sh load` only for the nodes whose containerd lacks
   that exact image ID (the trainer image is ~6 GB: a load is minutes, a check is 0.1 s).
 - `operator_release`: `helm upgrade --install` (the chart installs and upgrades the CRD) into
@@ -32,7 +32,7 @@ differently so the two never shadow each other.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import kind_tools
@@ -278,56 +279,17 @@ def ensure_loaded(ref: str) -> dict[str, Any]:
     return info
 
 
-# What each image is built from, in the .dockerignore allow-list (files or folders), besides the
-# Dockerfile and .dockerignore themselves: the product images from the pyproject.toml project
-# (whose build stage also copies hack/docker/), the Hub double from its own distribution only.
-PRODUCT_SOURCES = (
-    *("pyproject.toml", "hack/docker"),
-    *("api", "operator", "trainer", "cli"),
-)
-IMAGE_SOURCES = {
-    "operator": PRODUCT_SOURCES,
-    "trainer": PRODUCT_SOURCES,
-    "hub-double": ("hub-double",),
-}
+def _hack_module(name: str) -> ModuleType:
+    """A standard-library script under hack/, imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "hack" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _source_files(top: Path) -> list[Path]:
-    if top.is_file():
-        return [top]
-    return [
-        f
-        for f in top.rglob("*")
-        if f.is_file()
-        and "__pycache__" not in f.parts
-        and f.suffix not in (".pyc", ".pyo")
-        and not any(part.endswith(".egg-info") for part in f.parts)
-    ]
-
-
-def context_hash(target: str) -> str:
-    """A hash of what the Dockerfile builds `target` from (its part of the .dockerignore
-    allow-list, see IMAGE_SOURCES) and the base image.
-
-    hack/images.sh stamps the commit (VCS_REF, BUILD_DATE) into labels, so a build after any new
-    commit gets a new image ID even from unchanged sources, and a new ID means another `kind
-    load` (multi-GB for the trainer). Building an image only when its own hash moved keeps warm
-    runs warm, and a Hub-double edit from rebuilding the product images (and the reverse).
-    """
-    digest = hashlib.sha256()
-    base = os.environ.get("BASE_IMAGE", "finetune-local/python-base:bookworm")
-    base_id = subprocess.run(
-        [DOCKER, "image", "inspect", "-f", "{{.Id}}", base], capture_output=True, text=True
-    ).stdout.strip()
-    torch = os.environ.get("TORCH_INDEX_URL", "") if target == "trainer" else ""
-    digest.update(f"target={target}\0base={base_id}\0torch={torch}\0".encode())
-    files = [REPO / "Dockerfile", REPO / ".dockerignore"]
-    for top in IMAGE_SOURCES[target]:
-        files += _source_files(REPO / top)
-    for f in sorted(files):
-        if f.is_file():
-            digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()
+# What each image is built from, and its hash (hack/image_context.py, which `make demo` runs too).
+image_context = _hack_module("image_context")
 
 
 STAMPS = CACHE / "kind-e2e" / "images"
@@ -383,7 +345,7 @@ def images(kube: Kube) -> dict[str, str]:
     if CONTEXT:
         return refs
     if os.environ.get("FINETUNE_E2E_SKIP_BUILD") != "1":
-        contexts = {target: context_hash(target) for target in refs}
+        contexts = {target: image_context.current_hash(target, REPO, DOCKER) for target in refs}
         stale = [t for t, ref in refs.items() if not image_is_current(ref, contexts[t])]
         with Stopwatch("image_build_total"):
             if stale:
