@@ -290,6 +290,22 @@ def _created(pod: Obj) -> str | None:
     return (pod.get("metadata") or {}).get("creationTimestamp")
 
 
+def _failed_for_the_job(pods: list[Obj]) -> bool:
+    """Whether a pod failed in a way the Job counts: neither disrupted nor exited with a code
+    its podFailurePolicy ignores. The attempt's Job allows no pod failure (backoffLimit 0), so
+    its controller deletes the other pods and only then shows FailureTarget; until it does, a
+    pod it is deleting (a peer's replacement, say) is the gang stopping, not a pod being
+    replaced, and a pass that took it for one counted a second disruption."""
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        target = _condition(pod, DISRUPTION_TARGET) or {}
+        code = (_terminated(pod) or {}).get("exitCode")
+        if target.get("status") != "True" and code not in REPLACED_EXIT_CODES:
+            return True
+    return False
+
+
 def _leaving(pods: list[Obj]) -> Leaving | None:
     """The pods of a running attempt that were stopped and are being replaced (terminating, or
     ended by a disruption or with an exit code the Job ignores): the first one by index, and
@@ -475,5 +491,5 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),
-        leaving=_leaving(pods),
+        leaving=None if _failed_for_the_job(pods) else _leaving(pods),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -1321,6 +1322,36 @@ def test_an_eviction_that_then_ends_the_attempt_is_one_disruption() -> None:
     # A later eviction in the next attempt is a disruption of its own.
     after = restart_of(result.status, 2, [evicted(0, at="2026-01-01T01:00:00Z")], limit=0)
     assert (after.status["attempts"], after.status["disruptions"]) == (3, 2)
+
+
+def test_the_job_stopping_the_rest_of_a_failed_gang_is_no_second_disruption() -> None:
+    """Rank 1 is evicted and its replacement cannot be scheduled; then rank 0 fails, and the Job
+    controller deletes the replacement before its FailureTarget condition shows. A pass in that
+    window sees a pod terminating after the restart it counted: the gang stopping, not another
+    disruption (seen on a busy control plane, where the Unschedulable reason had replaced
+    Restarting on the Running condition)."""
+    replacement = pod(1, "Pending")
+    replacement["metadata"].update(name="demo-1-fghij", creationTimestamp=LATER)
+    replacement["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no"}
+    ]
+    evicted_pod = evicted(1, at=LATER)
+    job = batch_job(parallelism=2)
+    first = plan(
+        ftj(RUNNING_GANG, backoffLimit=0),
+        observed(job, [pod(0, "Running"), evicted_pod, replacement]),
+    )
+    assert first.restarted and first.status["disruptions"] == 1
+    assert cond(first.status, "Running")["reason"] == "Unschedulable"  # type: ignore[index]
+    deleted = copy.deepcopy(replacement)
+    deleted["metadata"].update(deletionTimestamp=at_offset(150), deletionGracePeriodSeconds=30)
+    crashed = ended(0, 1, INTERRUPTED, at=at_offset(110))
+    window = plan(ftj(first.status, backoffLimit=0), observed(job, [crashed, evicted_pod, deleted]))
+    assert not window.restarted and window.actions == []
+    assert window.status["disruptions"] == 1
+    # Then FailureTarget: the attempt ends after that one disruption, which is not counted again.
+    ended_ = restart_of(window.status, 1, [crashed, evicted_pod, deleted], limit=0)
+    assert (ended_.status["attempts"], ended_.status["disruptions"]) == (2, 1)
 
 
 def test_a_terminating_pod_is_timed_from_its_deletion() -> None:
