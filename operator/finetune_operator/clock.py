@@ -193,6 +193,15 @@ def _next(at: float, interval: float, now: float) -> float:
     return at + beats * interval
 
 
+def describe(exc: BaseException) -> str:
+    """repr(exc), with the HTTP status and reason of an API error: the kubernetes client's
+    ApiException has no args, so its repr alone is `ApiException()`."""
+    status = getattr(exc, "status", None)
+    if status is None:
+        return repr(exc)
+    return f"{type(exc).__name__}({status} {getattr(exc, 'reason', '')})"
+
+
 async def run(clock: Clock, fire: Callable[[Due], Awaitable[Any]], wake: asyncio.Event) -> None:
     """Fire every due pass, forever: every object's due times each tick, and the objects an
     event asked for at once when `wake` is set. An object whose pass is in flight keeps its
@@ -206,7 +215,7 @@ async def run(clock: Clock, fire: Callable[[Due], Awaitable[Any]], wake: asyncio
             wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Nothing retries it but the next reason for this object (its resync at the latest).
-            log.warning("pass of %s/%s failed: %r", *key, exc)
+            log.warning("pass of %s/%s failed: %s", *key, describe(exc), exc_info=exc)
 
     next_tick = loop.time()
     try:

@@ -7,6 +7,7 @@ import itertools
 import logging
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import clock
 from finetune_operator.clock import Clock, Due
@@ -194,3 +195,11 @@ def test_the_loop_runs_an_events_pass_at_once_and_one_per_object_at_a_time(
     with caplog.at_level(logging.WARNING):
         asyncio.run(scenario())
     assert ("API server away" in caplog.text) is fail
+
+
+def test_a_failed_pass_is_logged_with_the_api_errors_status() -> None:
+    """The kubernetes client's ApiException has no args: its repr alone said `ApiException()`."""
+    assert repr(ApiException(status=429, reason="Too Many Requests")) == "ApiException()"
+    described = clock.describe(ApiException(status=429, reason="Too Many Requests"))
+    assert described == "ApiException(429 Too Many Requests)"
+    assert clock.describe(RuntimeError("API server away")) == "RuntimeError('API server away')"
