@@ -372,7 +372,10 @@ def test_alert_rules_load_and_stay_silent(live: Live) -> None:
     assert [(s["metric"]["namespace"], s["metric"]["finetunejob"]) for s in while_training] == [
         (live.namespace, live.job)
     ]
-    assert 0 <= float(while_training[0]["value"][1]) < 10
+    # The age of the last step. Prometheus stamps a sample with the time its scrape started, and
+    # a step can end between that and the trainer's answer, so the age may dip below zero by up
+    # to one scrape's duration (-0.08 s seen with two test workers on 2 cores).
+    assert -1 < float(while_training[0]["value"][1]) < 10
     assert live.prom.instant(inner, at=live.end) == []
 
 
