@@ -290,35 +290,33 @@ def _created(pod: Obj) -> str | None:
     return (pod.get("metadata") or {}).get("creationTimestamp")
 
 
-def _failed_for_the_job(pods: list[Obj]) -> bool:
-    """Whether a pod failed in a way the Job counts: neither disrupted nor exited with a code
-    its podFailurePolicy ignores. The attempt's Job allows no pod failure (backoffLimit 0), so
-    its controller deletes the other pods and only then shows FailureTarget; until it does, a
-    pod it is deleting (a peer's replacement, say) is the gang stopping, not a pod being
-    replaced, and a pass that took it for one counted a second disruption."""
-    for pod in pods:
-        if (pod.get("status") or {}).get("phase") != "Failed":
-            continue
-        target = _condition(pod, DISRUPTION_TARGET) or {}
-        code = (_terminated(pod) or {}).get("exitCode")
-        if target.get("status") != "True" and code not in REPLACED_EXIT_CODES:
-            return True
-    return False
+def _replaced_by_the_job(pod: Obj) -> bool:
+    """Whether the Job's podFailurePolicy ignores this pod's end and replaces the pod (the
+    render's Ignore rules): DisruptionTarget, or an exit code in REPLACED_EXIT_CODES."""
+    target = _condition(pod, DISRUPTION_TARGET) or {}
+    code = (_terminated(pod) or {}).get("exitCode")
+    return target.get("status") == "True" or code in REPLACED_EXIT_CODES
 
 
 def _leaving(pods: list[Obj]) -> Leaving | None:
     """The pods of a running attempt that were stopped and are being replaced (terminating, or
     ended by a disruption or with an exit code the Job ignores): the first one by index, and
     when the last of them stopped."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if any(not _replaced_by_the_job(pod) for pod in failed):
+        # A pod failed in a way the Job counts, and the attempt's Job allows none (backoffLimit
+        # 0): its controller deletes the other pods and only then shows FailureTarget. Until it
+        # does, a pod it is deleting (a peer's replacement, say) is the gang stopping, not a
+        # pod being replaced, and a pass that took it for one counted a second disruption.
+        return None
     found: list[Leaving] = []
     for pod in sorted(pods, key=_index):
         meta, term = pod.get("metadata") or {}, _terminated(pod) or {}
         target = _condition(pod, DISRUPTION_TARGET) or {}
-        disrupted = target.get("status") == "True"
         terminating = bool(meta.get("deletionTimestamp")) and not term
-        if not (disrupted or terminating or term.get("exitCode") in REPLACED_EXIT_CODES):
+        if not (terminating or _replaced_by_the_job(pod)):
             continue
-        if disrupted:
+        if target.get("status") == "True":
             cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
             what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
         else:
@@ -491,5 +489,5 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),
-        leaving=None if _failed_for_the_job(pods) else _leaving(pods),
+        leaving=_leaving(pods),
     )
