@@ -57,26 +57,27 @@ COPY hack/docker/install-deps.sh /usr/local/bin/
 FROM build-base AS operator-deps
 RUN install-deps.sh operator
 
-# ---- our code: one small layer shared by both product images -------------------------------------
-# Installed under its own prefix and merged into /opt/venv by the images' last COPY, so a code
+# ---- our code: one small layer per product image ------------------------------------------------
+# Installed under its own prefix and merged into /opt/venv by the image's last COPY, so a code
 # change rebuilds a layer of a few hundred KB, never the multi-GB dependency layer beneath it.
+# Each image installs only the packages it runs (pyproject.toml's packages.find skips the
+# folders a stage leaves out), so an operator-only change neither rebuilds the trainer image
+# nor sends its ~7 GB to kind again, and a trainer or CLI change leaves the operator image be.
 # The pycs are unchecked-hash (valid whatever mtimes the COPY gives) and name their installed
-# paths in tracebacks (-s/-p). The operator image carries the torch-free trainer code too;
-# the packages live in api/, operator/, trainer/ and cli/ (pyproject.toml's packages.find).
-FROM build-base AS app
+# paths in tracebacks (-s/-p).
+FROM build-base AS app-base
 # pyproject.toml names README.md as the package's long description, which nothing in an image
 # reads: a stub stands in, so README.md stays out of the build context and a docs edit neither
 # rebuilds the images nor sends the multi-GB trainer image to kind again.
 RUN echo "finetune-operator" >README.md
+
+# The operator: the contract package and the operator's own. The project's `finetune` script
+# would point at the CLI, which this image does not carry.
+FROM app-base AS operator-app
 COPY api ./api
 COPY operator ./operator
-COPY trainer ./trainer
-# cli/ (the `finetune` command) through a wildcard, so that a tree without it still builds: the
-# legacy builder refuses only a COPY none of whose sources match, hence pyproject.toml beside
-# it, dropped again before the install.
-COPY pyproject.toml cl[i] ./cli/
-RUN rm cli/pyproject.toml \
- && pip install --no-deps --prefix /opt/app . \
+RUN pip install --no-deps --prefix /opt/app . \
+ && rm /opt/app/bin/finetune \
  && python -m compileall -q -f --invalidation-mode unchecked-hash -s /opt/app -p /opt/venv /opt/app/lib
 
 # ---- runtime base: the non-root, read-only-friendly environment ----------------------------------
@@ -110,7 +111,7 @@ LABEL org.opencontainers.image.title="finetune-operator" \
       org.opencontainers.image.description="kopf operator reconciling FineTuneJob (finetune.dev/v1alpha1) into Indexed Jobs"
 # Root-owned and so read-only for UID 1000, even without readOnlyRootFilesystem.
 COPY --from=operator-deps /opt/venv /opt/venv
-COPY --from=app /opt/app /opt/venv
+COPY --from=operator-app /opt/app /opt/venv
 # 8000: Prometheus /metrics; 8080: kopf liveness /healthz.
 EXPOSE 8000 8080
 ENTRYPOINT ["python", "-m", "finetune_operator"]
@@ -157,6 +158,16 @@ FROM build-base AS trainer-deps
 ARG TORCH_INDEX_URL=""
 RUN install-deps.sh trainer
 
+# The trainer: the contract package, the trainer's own and the CLI, since its pods run
+# `finetune train` (and `finetune serve-prepare`). Down here, since the legacy builder builds every
+# stage above its target: an operator build does not build this one.
+FROM app-base AS trainer-app
+COPY api ./api
+COPY trainer ./trainer
+COPY cli ./cli
+RUN pip install --no-deps --prefix /opt/app . \
+ && python -m compileall -q -f --invalidation-mode unchecked-hash -s /opt/app -p /opt/venv /opt/app/lib
+
 # ---- trainer image -------------------------------------------------------------------------------
 FROM runtime AS trainer
 LABEL org.opencontainers.image.title="finetune-trainer" \
@@ -174,7 +185,7 @@ RUN set -e; pkgs="gcc g++ libc6-dev libtcmalloc-minimal4"; \
     rm -rf /var/lib/apt/lists/*
 USER 1000:1000
 COPY --from=trainer-deps /opt/venv /opt/venv
-COPY --from=app /opt/app /opt/venv
+COPY --from=trainer-app /opt/app /opt/venv
 # 9400: trainer Prometheus metrics; 29500: torch.distributed rendezvous (MASTER_PORT).
 EXPOSE 9400 29500
 # The operator's pods run `finetune train /etc/finetune/job.yaml`.

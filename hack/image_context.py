@@ -28,12 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE_IMAGE = "finetune-local/python-base:bookworm"
 
-# The product images install the pyproject.toml project (whose build stage also copies
-# hack/docker/); the Hub double its own distribution only. Together: the .dockerignore allow-list.
-PRODUCT_SOURCES = ("pyproject.toml", "hack/docker", "api", "operator", "trainer", "cli")
+# The product images install the pyproject.toml project: the build-base stage copies
+# pyproject.toml and hack/docker/, and each image's app stage (operator-app, trainer-app) the
+# package folders of what it runs. The Hub double installs its own distribution only. Together:
+# the .dockerignore allow-list.
+BUILD_BASE_SOURCES = ("pyproject.toml", "hack/docker")
 IMAGE_SOURCES = {
-    "operator": PRODUCT_SOURCES,
-    "trainer": PRODUCT_SOURCES,
+    "operator": (*BUILD_BASE_SOURCES, "api", "operator"),
+    "trainer": (*BUILD_BASE_SOURCES, "api", "trainer", "cli"),
     "hub-double": ("hub-double",),
 }
 # Always in the build, whatever the target.

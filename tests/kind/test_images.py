@@ -1,6 +1,6 @@
 """The images run as their pods run them: the Hub double's (Dockerfile target hub-double) holds only
-the double, and the trainer's compiles with torch.compile (training.compile) and preloads
-tcmalloc for CPU jobs.
+the double, the operator's and the trainer's only the packages each runs, and the trainer's compiles
+with torch.compile (training.compile) and preloads tcmalloc for CPU jobs.
 
     pytest -m kind tests/kind/test_images.py      # the `images` fixture builds it if stale
 
@@ -73,6 +73,25 @@ def test_hub_double_image_holds_only_the_double(images: dict[str, str]) -> None:
     assert size - base < MAX_OVER_BASE_MB * 2**20, (
         f"{image} is {(size - base) / 2**20:.1f} MiB over {BASE_IMAGE}"
     )
+
+
+@pytest.mark.parametrize(
+    ("target", "holds"),
+    [
+        ("operator", {"finetune_api", "finetune_operator"}),
+        # setuptools stays for inductor's C++ builds (test_trainer_image_compiles_...).
+        ("trainer", {"finetune_api", "finetune_trainer", "finetune_cli", "torch", "transformers",
+                     "setuptools"}),
+    ],
+)  # fmt: skip
+def test_each_product_image_holds_the_packages_it_runs(
+    images: dict[str, str], target: str, holds: set[str]
+) -> None:
+    # Each image installs only its own packages (the Dockerfile's operator-app and trainer-app
+    # stages, the folders hack/image_context.py hashes for it): an operator-only change then
+    # neither rebuilds the trainer image nor sends its ~7 GB to the kind nodes again.
+    probe = json.loads(docker_run(images[target], "python", "-c", PROBE).strip().splitlines()[-1])
+    assert {module for module, found in probe["found"].items() if found} == holds, probe["found"]
 
 
 COMPILE_PROBE = r"""

@@ -38,6 +38,23 @@ def test_sources_are_the_dockerignore_allow_list() -> None:
     assert "README.md" not in allowed
 
 
+def test_each_product_image_installs_the_packages_its_hash_covers() -> None:
+    """The Dockerfile's operator-app and trainer-app stages copy exactly the package folders that
+    IMAGE_SOURCES hashes for their image: one copied but not hashed would leave that image stale
+    after an edit there; one hashed but not copied would rebuild it for nothing."""
+    copied: dict[str, set[str]] = {}
+    stage = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            stage = line.split()[-1]
+        elif line.startswith("COPY ") and "--from" not in line and stage.endswith("-app"):
+            copied.setdefault(stage.removesuffix("-app"), set()).update(line.split()[1:-1])
+    assert copied == {
+        target: set(image_context.IMAGE_SOURCES[target]) - set(image_context.BUILD_BASE_SOURCES)
+        for target in ("operator", "trainer")
+    }
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     for name, text in {
@@ -73,7 +90,9 @@ def moved(before: dict[str, str], after: dict[str, str]) -> set[str]:
         ("hack/e2e.sh", set()),
         ("api/finetune_api/__pycache__/crd.cpython-311.pyc", set()),
         ("api/finetune_api/crd.py", {"operator", "trainer"}),
-        ("trainer/finetune_trainer/new_task.py", {"operator", "trainer"}),
+        ("trainer/finetune_trainer/new_task.py", {"trainer"}),
+        ("cli/finetune_cli/main.py", {"trainer"}),
+        ("operator/finetune_operator/lifecycle.py", {"operator"}),
         ("hack/docker/install-deps.sh", {"operator", "trainer"}),
         ("pyproject.toml", {"operator", "trainer"}),
         ("hub-double/hub_double/app.py", {"hub-double"}),
