@@ -26,10 +26,14 @@ deadlines; nothing sleeps as an assertion.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +180,60 @@ def run_example(
     return ExampleRun(job, ftj, hub, seeded)
 
 
+FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+)")
+# Runs on this machine against the forwarded double, as a user would upload; the token comes in
+# HF_TOKEN, never argv. Arguments: (repo id, repo type, folder) triples.
+UPLOAD = """
+import sys
+from huggingface_hub import HfApi
+api = HfApi()
+for repo, repo_type, folder in zip(*[iter(sys.argv[1:])] * 3):
+    api.create_repo(repo, repo_type=repo_type, private=True, exist_ok=True)
+    api.upload_folder(repo_id=repo, repo_type=repo_type, folder_path=folder)
+"""
+
+
+@contextmanager
+def forwarded(kube: Any, namespace: str) -> Iterator[str]:
+    """http://127.0.0.1:PORT reaching the double's Service for the duration of the block."""
+    proc = subprocess.Popen(
+        [*kube.base, "-n", namespace, "port-forward", "svc/hub", ":8080"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = FORWARDING.search(line)
+        assert match, f"kubectl port-forward said: {line!r}"
+        yield f"http://127.0.0.1:{match.group(1)}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def upload_to_double(kube: Any, namespace: str, token: str, *repos: tuple[str, str, Path]) -> None:
+    """Create each (repo id, repo type, folder) in the namespace's Hub double, private, and
+    upload the folder to it with huggingface_hub, through `kubectl port-forward`."""
+    with forwarded(kube, namespace) as endpoint:
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": endpoint,
+            "HF_TOKEN": token,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", UPLOAD, *(str(part) for repo in repos for part in repo)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 class HubPod:
     def __init__(self, kube: Any, namespace: str) -> None:
         self.kube, self.namespace = kube, namespace
@@ -298,6 +356,31 @@ def setup_hub(
         info = hub.fetch(f"{hub.endpoint}/api/{kind}/{repo}", auth=True)
         assert info["status"] == 200, (repo, info)
     return hub
+
+
+def token_free_places(kube: Any, namespace: str, release: dict[str, str]) -> dict[str, str]:
+    """What must never hold a Hub token, by name: every Event, the namespace's ConfigMaps and
+    Jobs, each of its pods (spec and log), and the operator's log."""
+    places = {
+        "events": kube("get", "events", "-A", "-o", "yaml"),
+        "configmaps": kube("-n", namespace, "get", "configmaps", "-o", "yaml"),
+        "jobs": kube("-n", namespace, "get", "jobs", "-o", "yaml"),
+        "operator log": kube(
+            "-n",
+            release["namespace"],
+            "logs",
+            f"deployment/{release['deployment']}",
+            "--all-containers",
+            "--tail=-1",
+        ),
+    }
+    for p in kube.json("-n", namespace, "get", "pods")["items"]:
+        pod = p["metadata"]["name"]
+        places[f"log of {pod}"] = kube(
+            "-n", namespace, "logs", pod, "--all-containers", "--tail=-1"
+        )
+        places[f"pod {pod}"] = json.dumps(p)
+    return places
 
 
 def example_job(namespace: str, endpoint: str, name: str | None = None) -> dict[str, Any]:
@@ -503,25 +586,11 @@ def test_finetunejob_end_to_end(
         timing.record("serve_answer", json.dumps(answer["text"])[:200])
 
     # ---- the token leaked nowhere -------------------------------------------------------------
-    places: dict[str, str] = {
+    places = {
         "FineTuneJob": kube("-n", ns, "get", "finetunejob", name, "-o", "yaml"),
-        "events": kube("get", "events", "-A", "-o", "yaml"),
-        "configmaps": kube("-n", ns, "get", "configmaps", "-o", "yaml"),
-        "jobs": kube("-n", ns, "get", "jobs", "-o", "yaml"),
         "deployments": kube("-n", ns, "get", "deployments", "-o", "yaml"),
-        "operator log": kube(
-            "-n",
-            operator_release["namespace"],
-            "logs",
-            f"deployment/{operator_release['deployment']}",
-            "--all-containers",
-            "--tail=-1",
-        ),
+        **token_free_places(kube, ns, operator_release),
     }
-    for p in kube.json("-n", ns, "get", "pods")["items"]:
-        pod = p["metadata"]["name"]
-        places[f"log of {pod}"] = kube("-n", ns, "logs", pod, "--all-containers", "--tail=-1")
-        places[f"pod {pod}"] = json.dumps(p)
     leaks = [where for where, text in places.items() if token in text]
     check(not leaks, f"the Hub token appears in: {leaks}")
 

@@ -20,7 +20,6 @@ HumanEval as conversations, judged by what it generates, pushed, and served.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_e2e import printer_columns, run_example, wait_served
-from test_e2e_embedding import forwarded
+from test_e2e import printer_columns, run_example, upload_to_double, wait_served
 
 # `make test` proves its parts apart: the chat training and `finetune run --serve` in the trainer
 # suite, the serving Deployment and its status against the control plane.
@@ -42,16 +40,6 @@ FTJ_TIMEOUT_S = 1500
 JOB_LABEL = "finetune.dev/job-name"
 # What training must add to chrF on the held-out problems (measured in the README).
 CHRF_MARGIN = 5.0
-
-# Runs on this machine against the forwarded double; the token comes in HF_TOKEN, never argv.
-UPLOAD = """
-import sys
-from huggingface_hub import HfApi
-api = HfApi()
-for repo, repo_type, folder in zip(*[iter(sys.argv[1:])] * 3):
-    api.create_repo(repo, repo_type=repo_type, private=True, exist_ok=True)
-    api.upload_folder(repo_id=repo, repo_type=repo_type, folder_path=folder)
-"""
 
 # Runs in the serving pod (the trainer image has huggingface_hub): one chat completion through
 # the serving Service, as a user would send it.
@@ -96,23 +84,13 @@ def seed(kube: Any, namespace: str, token: str, work: Path) -> dict[str, Any]:
     )
     assert built.returncode == 0, built.stderr[-3000:]
     data, model = work / "chat-data", work / "chat-model"
-    with forwarded(kube, namespace) as endpoint:
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": endpoint,
-            "HF_TOKEN": token,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_XET": "1",
-        }
-        repos = ["org/tiny-chat", "model", str(model), "org/humaneval-chat", "dataset", str(data)]
-        done = subprocess.run(
-            [sys.executable, "-c", UPLOAD, *repos],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
+    upload_to_double(
+        kube,
+        namespace,
+        token,
+        ("org/tiny-chat", "model", model),
+        ("org/humaneval-chat", "dataset", data),
+    )
     return [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
 
 

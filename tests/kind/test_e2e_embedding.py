@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import re
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_e2e import printer_columns, run_example
+from test_e2e import printer_columns, run_example, upload_to_double
 
 from finetune_trainer.example_data import write_code_search_splits
 
@@ -37,44 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "embedding-cpu.yaml"
 FTJ_TIMEOUT_S = 1200
 JOB_LABEL = "finetune.dev/job-name"
-FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+)")
 
-# Runs on this machine against the forwarded double; the token comes in HF_TOKEN, never argv.
-UPLOAD = """
-import sys
-from huggingface_hub import HfApi
-model_dir, data_dir = sys.argv[1:]
-api = HfApi()
-api.create_repo("org/minilm", private=True, exist_ok=True)
-api.upload_folder(repo_id="org/minilm", folder_path=model_dir)
-api.create_repo("org/code-pairs", repo_type="dataset", private=True, exist_ok=True)
-api.upload_folder(repo_id="org/code-pairs", repo_type="dataset", folder_path=data_dir)
-"""
 DATA_CARD = (
     "---\nconfigs:\n- config_name: default\n  data_files:\n"
     "  - split: train\n    path: train.jsonl\n  - split: test\n    path: test.jsonl\n---\n"
     "# code-pairs\n\nHumanEval docstrings (query) and canonical solutions (document).\n"
 )
-
-
-@contextmanager
-def forwarded(kube: Any, namespace: str) -> Iterator[str]:
-    """http://127.0.0.1:PORT reaching the double's Service for the duration of the block."""
-    proc = subprocess.Popen(
-        [*kube.base, "-n", namespace, "port-forward", "svc/hub", ":8080"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = FORWARDING.search(line)
-        assert match, f"kubectl port-forward said: {line!r}"
-        yield f"http://127.0.0.1:{match.group(1)}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def seed(kube: Any, namespace: str, token: str, work: Path) -> None:
@@ -84,22 +46,13 @@ def seed(kube: Any, namespace: str, token: str, work: Path) -> None:
     model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     write_code_search_splits(work / "pairs")
     (work / "pairs" / "README.md").write_text(DATA_CARD)
-    with forwarded(kube, namespace) as endpoint:
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": endpoint,
-            "HF_TOKEN": token,
-            "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_XET": "1",
-        }
-        done = subprocess.run(
-            [sys.executable, "-c", UPLOAD, str(model_dir), str(work / "pairs")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
+    upload_to_double(
+        kube,
+        namespace,
+        token,
+        ("org/minilm", "model", model_dir),
+        ("org/code-pairs", "dataset", work / "pairs"),
+    )
 
 
 def test_sentence_embedding_end_to_end(

@@ -1163,28 +1163,14 @@ def test_restart_seconds(suite: Suite, check: Checks) -> None:
 def test_hub_token_in_no_log_event_or_status(suite: Suite, check: Checks) -> None:
     for name in list(suite.outcomes):
         outcome_of(suite, name)
-    kube, ns, rel = suite.kube, suite.ns, suite.release
-    places: dict[str, str] = {
+    kube, ns = suite.kube, suite.ns
+    places = {
         "FineTuneJobs": kube("-n", ns, "get", "finetunejobs", "-o", "yaml"),
-        "events": kube("get", "events", "-A", "-o", "yaml"),
-        "configmaps": kube("-n", ns, "get", "configmaps", "-o", "yaml"),
-        "jobs": kube("-n", ns, "get", "jobs", "-o", "yaml"),
         "hub log": kube("-n", ns, "logs", "deploy/hub", "--all-containers", "--tail=-1"),
-        "operator log": kube(
-            "-n",
-            rel["namespace"],
-            "logs",
-            f"deployment/{rel['deployment']}",
-            "--all-containers",
-            "--tail=-1",
-        ),
         **{f"log of deleted operator pod {k}": v for k, v in suite.operator_logs.items()},
         **{f"followed log {k}": v for k, v in suite.view.log_texts().items()},
+        **test_e2e.token_free_places(kube, ns, suite.release),
     }
-    for p in kube.json("-n", ns, "get", "pods")["items"]:
-        pod = p["metadata"]["name"]
-        places[f"log of {pod}"] = kube("-n", ns, "logs", pod, "--all-containers", "--tail=-1")
-        places[f"pod {pod}"] = json.dumps(p)
     check(
         len(suite.view.log_texts()) >= 10,
         f"few pod logs followed: {sorted(suite.view.log_texts())}",
