@@ -85,5 +85,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
         assert figure["mfu"] == pytest.approx(expected, rel=2e-3), name
     ours = report["results"]["finetune"]["tokens_per_second"]
     for other in ("trainer", "trl"):
-        ratio = ours / report["results"][other]["tokens_per_second"]
-        assert report["ratios"][f"finetune_vs_{other}"] == pytest.approx(ratio, rel=2e-3)
+        # Both from the figures as reported, the ratio to 3 decimals: the same float operations,
+        # so equal (a relative tolerance failed once a ratio of 0.13 lost 0.35% to the rounding).
+        ratio = round(ours / report["results"][other]["tokens_per_second"], 3)
+        assert report["ratios"][f"finetune_vs_{other}"] == ratio
