@@ -32,7 +32,6 @@ differently so the two never shadow each other.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -42,12 +41,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import kind_tools
 import pytest
 from kind_tools import kubectl_path
+
+from hack_scripts import hack_script
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "hack" / "kind" / "cluster.sh"
@@ -279,17 +279,8 @@ def ensure_loaded(ref: str) -> dict[str, Any]:
     return info
 
 
-def _hack_module(name: str) -> ModuleType:
-    """A standard-library script under hack/, imported from its file."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "hack" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # What each image is built from, and its hash (hack/image_context.py, which `make demo` runs too).
-image_context = _hack_module("image_context")
+image_context = hack_script("image_context.py")
 
 
 STAMPS = CACHE / "kind-e2e" / "images"

@@ -11,7 +11,6 @@ byte changed in one file is refused, as is a store that is not there.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -22,13 +21,11 @@ from typing import Any
 import pytest
 from kind_tools import DOCKER, run
 
+from hack_scripts import hack_script
+
 pytestmark = [pytest.mark.kind]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "kind" / "load_layers.py"
-spec = importlib.util.spec_from_file_location("load_layers", SCRIPT)
-assert spec and spec.loader
-load_layers = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(load_layers)
+load_layers = hack_script("kind/load_layers.py")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from hack_scripts import hack_script
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "finetune-operator"
 RELEASE, NAMESPACE = "ft", "ml-system"
@@ -719,18 +721,6 @@ def test_notes_example_is_a_valid_finetunejob(helm: Helm, tmp_path: Path) -> Non
 # ---- README -----------------------------------------------------------------------------------
 
 
-def chart_readme() -> Any:
-    """hack/chart-readme.py as a module (hack/ is no package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("chart_readme", ROOT / "hack" / "chart-readme.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_is_generated_from_values() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "hack" / "chart-readme.py"), "--check"],
@@ -740,7 +730,7 @@ def test_readme_is_generated_from_values() -> None:
     readme = (CHART / "README.md").read_text()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     # Every value is in the table, with its default.
-    for path, value, leaf in chart_readme()._leaves(values):
+    for path, value, leaf in hack_script("chart-readme.py")._leaves(values):
         if leaf:
             assert f"| {path} | " in readme and f"`{json.dumps(value)}`" in readme, path
     for section in ("## Install", "## Upgrade", "## Uninstall", "## Network policies"):
@@ -748,7 +738,7 @@ def test_readme_is_generated_from_values() -> None:
 
 
 def test_readme_generator_reads_helm_docs_comments(tmp_path: Path) -> None:
-    module = chart_readme()
+    module = hack_script("chart-readme.py")
     text = textwrap.dedent(
         """\
         # A section comment, not a description.

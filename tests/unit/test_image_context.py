@@ -7,7 +7,6 @@ hashes, and check that the sources are exactly what .dockerignore lets into the 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -15,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from hack_scripts import hack_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "hack" / "image_context.py"
 TARGETS = ("operator", "trainer", "hub-double")
 
-spec = importlib.util.spec_from_file_location("image_context", SCRIPT)
-assert spec and spec.loader
-image_context = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(image_context)
+image_context = hack_script("image_context.py")
 
 
 def test_sources_are_the_dockerignore_allow_list() -> None:
