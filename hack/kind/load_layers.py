@@ -241,7 +241,8 @@ def load(docker: str, ref: str, nodes: list[str]) -> None:
         raise NotApplicable(f"about {to_send >> 20} MiB of layers to send")
     everywhere = set.intersection(*(set(have) for have in present.values()))
     root = store_root(docker)
-    from_store = root and read_store(root, config_digest, diff_ids, set(diff_ids) - everywhere)
+    wanted = set(diff_ids) - everywhere
+    from_store = read_store(root, config_digest, diff_ids, wanted) if root else None
     if from_store:
         kept = from_store
         sizes = {d: present[nodes[0]][d] for d in everywhere}
