@@ -23,7 +23,8 @@ HOME_DIR: Final = "/tmp"
 HF_HOME: Final = "/tmp/hf"
 # huggingface_hub's file cache, where the trainer fetches each hf:// source once (keyed by repo and
 # commit). Rendered only when the checkpoints are on a volume: then every pod and attempt reads the
-# one copy there. Otherwise it is HF_HOME's own (/tmp/hf/hub): one download per pod and attempt.
+# one copy there. Otherwise it is HF_HOME's own (/tmp/hf/hub): one download per attempt, which
+# rank 0 sends to the other pods.
 HF_HUB_CACHE_ENV: Final = "HF_HUB_CACHE"
 SOURCE_CACHE_DIR: Final = f"{CHECKPOINT_DIR}/hub-cache"
 # Rank 0 writes its TrainerResult here; the kubelet turns it into the termination message.

@@ -81,7 +81,8 @@ def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[M
         values[pod.PRELOAD_ENV] = pod.CPU_ALLOCATOR
     if store.claim_name:
         # The model and data on the claim too, keyed by repo and commit: fetched once for the
-        # job, then read by every pod and attempt (without a claim, once per pod and attempt).
+        # job, then read by every pod and attempt (without a claim, rank 0 downloads once per
+        # attempt and sends the files to the other pods: finetune_trainer.spread).
         values[pod.HF_HUB_CACHE_ENV] = pod.SOURCE_CACHE_DIR
     # The node rank is the pod's completion index, which only the pod knows.
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX}']"}}

@@ -32,6 +32,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ SERVE = {
 POLL_S = 1.0
 JOB_LABEL = "finetune.dev/job-name"
 RANK_LINE = re.compile(r"\[rank (\d+)\].*\brank (\d+) of (\d+) on (\S+)")
+# A file download from the Hub double's log (`kubectl logs --timestamps`): (timestamp, path).
+HUB_FILE_GET = re.compile(
+    r"^(\S+) .* GET ((?:/datasets)?/org/tiny(?:-data)?/resolve/\S+) 200$", re.M
+)
+# The trainer's line for the sources rank 0 sent to the other pod, or that pod received.
+SPREAD_LINE = re.compile(r"\b(sent|received) [\d.]+ MiB of sources\b")
 
 # Runs inside the hub pod (python, in-cluster DNS and pod IPs): GET a URL, optionally with the
 # double's token read from its mounted file (the token never travels through argv or stdout).
@@ -468,6 +475,8 @@ def test_finetunejob_end_to_end(
         )
         time.sleep(POLL_S)
     wall = time.monotonic() - t_apply
+    # Now, before the serving pod's merge downloads the base again.
+    hub_log = kube("-n", ns, "logs", "deploy/hub", "-c", "hub", "--timestamps")
     timing.record("ftj_wall_apply_to_done", wall)
     if first_running is not None:
         timing.record("ftj_running_to_done", time.monotonic() - first_running)
@@ -512,9 +521,11 @@ def test_finetunejob_end_to_end(
     check(len(set(nodes.values())) == 2, f"the pods did not land on two nodes: {nodes}")
     ranks: dict[int, int] = {}
     allocators: list[str] = []
+    spread: list[str] = []
     for p in pods:
         log_text = kube("-n", ns, "logs", p["metadata"]["name"], "--all-containers")
         allocators += re.findall(r"memory from (.+)$", log_text, re.M)
+        spread += SPREAD_LINE.findall(log_text)
         # The operator's LD_PRELOAD names a library the image has: no loader complaint.
         check(
             "cannot be preloaded" not in log_text, f"LD_PRELOAD failed in {p['metadata']['name']}"
@@ -527,6 +538,23 @@ def test_finetunejob_end_to_end(
     check(ranks == {0: 2, 1: 2}, f"not one gang of world size 2 (rank -> world): {ranks}")
     # A CPU job's pods run on the image's tcmalloc (the operator's LD_PRELOAD); rank 0 says so.
     check(allocators == ["tcmalloc"], f"rank 0 did not run on tcmalloc: {allocators}")
+
+    # ---- one download per job: rank 0's pod fetched each file and sent it to the other --------
+    # The pods share no volume (no claim). Counted up to the pods' end, before serving starts.
+    finished = max(
+        s["state"]["terminated"]["finishedAt"]
+        for p in pods
+        for s in p["status"].get("containerStatuses", [])
+        if "terminated" in s["state"]
+    )
+    gets = Counter(path for at, path in HUB_FILE_GET.findall(hub_log) if at[:19] <= finished[:19])
+    check(
+        any(p.endswith("/model.safetensors") for p in gets)
+        and any(p.endswith("/train.jsonl") for p in gets)
+        and set(gets.values()) == {1},
+        f"the Hub did not serve each source file once (path: times): {dict(gets)}",
+    )
+    check(sorted(spread) == ["received", "sent"], f"rank 0 did not send the sources: {spread}")
 
     # ---- the push, as the Hub double sees it --------------------------------------------------
     if revision:

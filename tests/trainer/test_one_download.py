@@ -3,9 +3,10 @@ processes (2 pods x 2 ranks, each pod with its own HF_HOME, as each has its own 
 loading an hf:// model and dataset from the double.
 
 With the hub cache on the checkpoint volume (HF_HUB_CACHE, as the operator renders it for a job
-with a claim), two attempts of the gang download each file once in all; without it, each pod
-downloads each file once. The second attempt also loads the commits the first resolved, although
-the branch has moved on meanwhile."""
+with a claim), two attempts of the gang download each file once in all. Without it, rank 0
+downloads each file once and sends it to the other pod over the gang's network
+(finetune_trainer.spread). The second attempt also loads the commits the first resolved,
+although the branch has moved on meanwhile."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def test_a_shared_cache_downloads_each_file_once_over_pods_and_attempts(
     assert all(TOKEN not in str(p) for p in cache.rglob("*"))
 
 
-def test_without_a_shared_cache_each_pod_downloads_each_file_once(
+def test_without_a_shared_cache_rank_0_downloads_each_file_once_and_sends_it(
     seeded: Seeded, causal_manifest: dict[str, Any], base_env: dict[str, str], tmp_path: Path
 ) -> None:
     gang = seeded.gang(_job(causal_manifest, None), tmp_path, base_env)
@@ -135,10 +136,22 @@ def test_without_a_shared_cache_each_pod_downloads_each_file_once(
     assert (results[0]["modelRevision"], results[0]["datasetRevision"]) == (model_sha, data_sha)
     gets = _file_gets(requests)
     assert f"/{MODEL}:config.json" in gets, gets
-    # Two pods, each its own cache: every file twice, never once per rank (four).
-    assert set(gets.values()) == {2}, gets
-    # Only rank 0 resolved the revisions, once: one lookup of each repo (the others are the
-    # downloaders' file listings, which name the commit).
+    # Two pods, each its own cache: every file once, from rank 0 (not once per pod, nor per rank).
+    assert set(gets.values()) == {1}, gets
+    # Only rank 0 resolved the revisions and listed the model's files: one lookup of each repo
+    # and one file listing of the model at its commit.
     repos = {f"/api/models/{MODEL}", f"/api/datasets/{DATASET}"}
     lookups = Counter(p for m, p, _ in requests if m == "GET" and p in repos)
     assert lookups == dict.fromkeys(repos, 1), json.dumps(requests)
+    # The second pod's cache holds the same bytes, received from rank 0, and marked whole.
+    log = gang.log_text()
+    assert "received" in log and "of sources from rank 0" in log, log[-4000:]
+    for repo, sha, kind in ((MODEL, model_sha, "models"), (DATASET, data_sha, "datasets")):
+        folder = Path("hub", f"{kind}--{repo.replace('/', '--')}", "snapshots", sha)
+        copies = [_files(gang.results[i].parent / "hf" / folder) for i in range(gang.nodes)]
+        assert copies[0] and copies[0] == copies[1], (repo, sorted(copies[0]), sorted(copies[1]))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under a snapshot folder (through the cache's links), by its relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

@@ -9,9 +9,10 @@ commits without asking the Hub again.
 The files go into huggingface_hub's cache (HF_HUB_CACHE), keyed by repo and commit; no token is in
 any path. The operator points that cache at the checkpoint volume when the job has one
 (pod.SOURCE_CACHE_DIR), so every pod and attempt reads one copy; otherwise it is the pod's own
-(HF_HOME/hub). Whichever process takes the snapshot's file lock first downloads it and then marks
-it complete; the others wait on the lock and find the mark. Loading then reads the cache only
-(`local_files_only`; a dataset from its snapshot folder): no Hub request per rank.
+(HF_HOME/hub). Rank 0 downloads each snapshot, under the snapshot's file lock, and then marks it
+complete. Every pod whose cache lacks the mark (its cache is its own) then gets rank 0's copy over
+the gang's network (`finetune_trainer.spread`). Loading then reads the cache only
+(`local_files_only`; a dataset from its snapshot folder): no Hub request per rank or per pod.
 
 Nothing here imports torch; huggingface_hub is imported where it is used.
 """
@@ -25,10 +26,11 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_api import FieldError, ManifestError, pod
 from finetune_api.v1alpha1 import FineTuneJobSpec
@@ -177,42 +179,84 @@ def _read_kept(path: Path) -> dict[str, Any] | None:
     return kept
 
 
-def snapshot(kind: SourceKind, repo: str, commit: str) -> Path:
-    """The snapshot folder of `repo` at `commit` in the hub cache, downloaded by whichever
-    process (of this pod, or of every pod sharing the cache) gets the lock first."""
-    from filelock import FileLock
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.file_download import repo_folder_name
+@dataclass(frozen=True)
+class Snapshot:
+    """One source's files at one commit in this process's hub cache (HF_HUB_CACHE): the folder the
+    loaders read, and the mark that says it is whole."""
 
-    cache = Path(constants.HF_HUB_CACHE)
-    name = f"{repo_folder_name(repo_id=repo, repo_type=kind)}--{commit}"
-    marks = cache / _MARKS
-    marks.mkdir(parents=True, exist_ok=True)
-    done = marks / f"{name}.complete"
-    folder = cache / repo_folder_name(repo_id=repo, repo_type=kind) / "snapshots" / commit
-    if done.is_file():
-        return folder
-    with FileLock(str(marks / f"{name}.lock")):
-        if not done.is_file():  # nobody fetched it while this process waited for the lock
-            try:
-                with downloading(kind, repo, commit) as token:
-                    # A model's file list at that commit decides what to fetch; a dataset is
-                    # fetched whole (its builder picks its files).
-                    wanted = _model_files(repo, commit, token) if kind == "model" else None
-                    path = snapshot_download(
-                        repo, repo_type=kind, revision=commit, token=token, allow_patterns=wanted
-                    )
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                raise _too_small(kind, repo, cache) from exc
-            folder = Path(path)
-            # The mark last, renamed into place: a process killed mid-download leaves none.
-            tmp = marks / f".{name}.{os.getpid()}"
-            tmp.write_text(str(folder))
-            os.replace(tmp, done)
-            log.info("fetched %s %s at %s into %s", kind, repo, commit, cache)
-    return folder
+    kind: SourceKind
+    repo: str
+    commit: str
+
+    @property
+    def folder(self) -> Path:
+        return _hub_cache() / self._repo_folder / "snapshots" / self.commit
+
+    def is_complete(self) -> bool:
+        return self._mark.is_file()
+
+    def mark_complete(self) -> None:
+        """Mark the folder whole. Written last and renamed into place, so a process killed
+        mid-download or mid-copy leaves none."""
+        self._mark.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._mark.with_name(f".{self._mark.name}.{os.getpid()}")
+        tmp.write_text(str(self.folder))
+        os.replace(tmp, self._mark)
+
+    @contextmanager
+    def filling(self) -> Iterator[None]:
+        """Writing the snapshot's files: a full cache fails as the spec field that sizes it."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise _too_small(self.kind, self.repo, _hub_cache()) from exc
+
+    def lock(self) -> Any:
+        """The file lock that lets one process of all those sharing the cache download it."""
+        from filelock import FileLock
+
+        self._mark.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self._mark.with_suffix(".lock")))
+
+    @property
+    def _repo_folder(self) -> str:
+        from huggingface_hub.file_download import repo_folder_name
+
+        return repo_folder_name(repo_id=self.repo, repo_type=self.kind)
+
+    @property
+    def _mark(self) -> Path:
+        return _hub_cache() / _MARKS / f"{self._repo_folder}--{self.commit}.complete"
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def download(snap: Snapshot) -> Path:
+    """The snapshot's folder, downloaded by whichever process (of this pod, or of every pod
+    sharing the cache) gets the lock first."""
+    from huggingface_hub import snapshot_download
+
+    if snap.is_complete():
+        return snap.folder
+    kind, repo, commit = snap.kind, snap.repo, snap.commit
+    with snap.lock():
+        if not snap.is_complete():  # nobody fetched it while this process waited for the lock
+            with snap.filling(), downloading(kind, repo, commit) as token:
+                # A model's file list at that commit decides what to fetch; a dataset is
+                # fetched whole (its builder picks its files).
+                wanted = _model_files(repo, commit, token) if kind == "model" else None
+                snapshot_download(
+                    repo, repo_type=kind, revision=commit, token=token, allow_patterns=wanted
+                )
+            snap.mark_complete()
+            log.info("fetched %s %s at %s into %s", kind, repo, commit, _hub_cache())
+    return snap.folder
 
 
 def _model_files(repo: str, commit: str, token: str | None) -> list[str]:
@@ -241,22 +285,45 @@ def _too_small(kind: SourceKind, repo: str, cache: Path) -> ManifestError:
     return ManifestError([FieldError(field, message)])
 
 
-def fetch_sources(
-    spec: FineTuneJobSpec,
-    root: Path,
-    is_main: bool,
-    broadcast: Callable[[Any], Any],
-) -> Commits:
+class Peers(Protocol):
+    """The job's ranks, as fetching needs them (`finetune_trainer.spread` gives a gang's)."""
+
+    is_main: bool
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        ...
+
+    def share(self, snapshots: list[Snapshot]) -> None:
+        """Rank 0's complete snapshots, copied to every pod whose hub cache lacks them."""
+        ...
+
+
+class Alone:
+    """A job of one process: it is rank 0, and there is nobody to share with."""
+
+    is_main = True
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+    def share(self, snapshots: list[Snapshot]) -> None:
+        pass
+
+
+def fetch_sources(spec: FineTuneJobSpec, root: Path, peers: Peers) -> Commits:
     """Every rank: the commits rank 0 resolved (or kept from an earlier attempt), fetched into
-    the hub cache once and recorded for the loaders. `broadcast` sends rank 0's value to every
-    rank. With the Hub offline (HF_HUB_OFFLINE) nothing is resolved: the sources load from the
-    cache as they are, at the spec's revisions."""
+    the hub cache once and recorded for the loaders. With the Hub offline (HF_HUB_OFFLINE)
+    nothing is resolved: the sources load from the cache as they are, at the spec's revisions.
+
+    Rank 0 downloads; then `peers.share` sends its copy to the pods whose cache it did not
+    reach, so a job asks the Hub for each file once whether or not its pods share a volume."""
     from huggingface_hub import constants
 
     if not _sources(spec) or constants.HF_HUB_OFFLINE:
         return NO_COMMITS
     said: tuple[str, Any] = ("ok", None)
-    if is_main:
+    if peers.is_main:
         try:
             said = ("ok", kept_or_resolved(spec, root))
         except SourceNotFound as exc:
@@ -264,14 +331,23 @@ def fetch_sources(
         except Exception as exc:  # the Hub unreachable, 5xx: every rank fails alike, retryable
             failure = f"{type(exc).__name__}: {exc}"
             said = ("error", f"resolving the sources' revisions failed: {failure}")
-    what, value = broadcast(said)
+    what, value = peers.broadcast(said)
     if what == "missing":
         raise SourceNotFound(value[0], value[1])
     if what == "error":
         raise RuntimeError(value)
     commits: Commits = value
-    for kind, (repo, _) in _sources(spec).items():
-        commit = commits.of(kind)
-        if commit is not None:
-            _fetched[kind] = (repo, commit, snapshot(kind, repo, commit))
+    snapshots = [
+        Snapshot(kind, repo, commit)
+        for kind, (repo, _) in _sources(spec).items()
+        if (commit := commits.of(kind)) is not None
+    ]
+    if peers.is_main:
+        for snap in snapshots:
+            download(snap)
+    peers.share(snapshots)
+    for snap in snapshots:
+        # Complete by now: rank 0's download, or the copy `share` sent. (A cache that still
+        # lacked it would download its own.)
+        _fetched[snap.kind] = (snap.repo, snap.commit, download(snap))
     return commits

@@ -40,7 +40,7 @@ from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, phases, po
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import Sample, TrainerResult, scrub
-from finetune_trainer import checkpoint, fetch, final, modeling, sharding
+from finetune_trainer import checkpoint, fetch, final, modeling, sharding, spread
 from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
@@ -125,14 +125,10 @@ def _train(job: FineTuneJob) -> int:
         return _leave(accelerator, telemetry, verdict)
 
     telemetry.set_status("loading")
-    # Rank 0 resolves each hf:// source to a commit; the first process to get the cache's lock
-    # downloads it, once per job on a volume (once per pod without one); every rank loads it.
-    commits = fetch.fetch_sources(
-        spec,
-        ckpt_root,
-        accelerator.is_main_process,
-        lambda said: broadcast_object_list([said], from_process=0)[0],
-    )
+    # Rank 0 resolves each hf:// source to a commit and downloads it, and sends its copy to the
+    # pods that share no volume with it: once per job; every rank loads it.
+    with spread.peers(accelerator.is_local_main_process) as peers:
+        commits = fetch.fetch_sources(spec, ckpt_root, peers)
     if commits != fetch.NO_COMMITS:  # file:// sources, or offline: nothing was downloaded
         telemetry.record_phase(phases.DOWNLOADED)
     with accelerator.main_process_first():
