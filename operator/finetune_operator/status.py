@@ -502,8 +502,6 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     if out.state is not State.ABSENT and out.attempt > attempts:
         attempts = out.attempt  # created, then crashed before the status write
     status["attempts"] = attempts
-    # Restarts a disruption caused: attempts minus these is what backoffLimit bounds.
-    disruptions = int(prev.get("disruptions") or 0)
     requeue_after: float | None = None
     restart_seconds, rejoin = _checkpoints(status, prev, conds, observed, attempts)
     restarted = rejoin is not None
@@ -533,105 +531,14 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         _finish(status, conds, observed.now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
     elif out.state is State.FAILED:
         _apply_result(status, out, conds)
-        left = deadline_left(policy, status.get("startTime"), observed.now)
-        if out.permanent:
-            _finish(status, conds, observed.now, False, out.reason, out.message)
-        elif left is not None and left <= 0:
-            msg = f"{_spent(policy)}; last attempt: {out.message[:512]}"
-            _finish(status, conds, observed.now, False, Reason.DEADLINE_EXCEEDED, msg)
-        elif out.disruption or attempts - disruptions <= policy.backoff_limit:
-            # Record the next attempt (and a disruption) before deleting, so a crash in between
-            # still restarts, and counts the same.
-            restarted_at = (status.get("checkpoints") or {}).get("lastRestartTime")
-            status["attempts"] = attempts + 1
-            status["checkpoints"] = {
-                **status.get("checkpoints", {}),
-                "lastRestartTime": observed.now,
-            }
-            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+        if (retry := _after_failure(status, prev, conds, policy, out, observed.now)) is not None:
+            actions.append(retry)
             restarted = True
-            # An in-place restart already counted this disruption when its pod stopped no
-            # later than that restart (both date a stop by `lifecycle._stopped_at`): the pod's
-            # peers stopping too then ends the attempt, and that is still one disruption.
-            counted = bool(out.disruption_at and restarted_at) and not _later(
-                out.disruption_at, restarted_at
-            )
-            if out.disruption and not counted:
-                status["disruptions"] = disruptions + 1
-                msg = (
-                    f"attempt {attempts} was disrupted ({out.disruption[:512]}); a disruption "
-                    f"does not count against runPolicy.backoffLimit; starting attempt "
-                    f"{attempts + 1}"
-                )
-            elif out.disruption:
-                msg = (
-                    f"attempt {attempts} ended after {out.disruption[:512]} (one disruption, "
-                    f"counted once; it does not count against runPolicy.backoffLimit); "
-                    f"starting attempt {attempts + 1}"
-                )
-            else:
-                msg = (
-                    f"attempt {attempts} failed ({out.message[:512]}); starting attempt "
-                    f"{attempts + 1}"
-                )
-            conds.set(CT.RUNNING, False, Reason.RESTARTING, msg)
-        else:
-            msg = f"{attempts - disruptions} attempt(s) failed"
-            if disruptions:
-                msg += f" (and {disruptions} disrupted, which do not count)"
-            msg += f"; last: {out.message[:512]}"
-            _finish(status, conds, observed.now, False, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
     else:
-        conds.set(
-            CT.CREATED,
-            True,
-            Reason.WORKLOAD_CREATED,
-            f"Job {naming.batch_job_name(name)} attempt {out.attempt}",
-        )
-        patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
-        waited = _pending_seconds(observed) if not policy.suspend else None
-        timed_out = _pending_timeout(out.stuck, policy, waited)
-        if timed_out:
-            # Delete the Job: its pods would hold what they got (a node, an accelerator), and
-            # would train for a Failed FineTuneJob once the cause is fixed.
-            _finish(status, conds, observed.now, False, Reason.PENDING_TIMEOUT, timed_out)
-            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-        elif patch:
-            actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
-        # Not looked up (no queue, or a unit test): as if Kueue had not made it yet.
-        wl = observed.workload or Workload(Lookup.NOT_YET)
-        if policy.queue_name and not timed_out:
-            actions.extend(_workload_actions(conds, policy, wl))
-        if timed_out:
-            pass
-        elif policy.suspend:
-            _suspend(conds, policy, out, wl)
-        else:
-            _resume(conds, policy, out, wl)
-            if out.state is State.RUNNING:
-                status["startTime"] = status.get("startTime") or observed.now
-            # The Job controller waits 10 s before it replaces a failed pod, twice that for the
-            # next one of the same Job, and so on: a second stop in one attempt restarts the
-            # whole gang as a new attempt, whose Job has replaced nothing yet.
-            anew = attempts + 1 if _replaced_before(prev, observed.job) else None
-            began = _restart_in_place(status, prev, conds, out, observed.now, anew)
-            rejoin, restarted = rejoin or began, restarted or began is not None
-            if began is not None and anew is not None:
-                status["attempts"] = anew
-                actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-            if out.stuck is not None:
-                # Rank 0 may run, but the gang cannot train without the stuck pod.
-                conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
-            elif out.state is State.PENDING and _stuck_reason(conds):
-                conds.set(
-                    CT.RUNNING,
-                    False,
-                    Reason.PODS_PENDING,
-                    f"{out.unstarted} pod(s) not started yet; none is stuck",
-                )
-            requeue_after = _requeue_after(out, policy, waited)
-        if observed.progress and out.state is State.RUNNING:
-            status["progress"] = observed.progress
+        active = _while_active(job, observed, status, prev, conds)
+        actions += active.actions
+        rejoin, restarted = rejoin or active.began, restarted or active.began is not None
+        requeue_after = active.requeue_after
 
     if out.state is not State.ABSENT and out.attempt:
         _timings(status, prev, job, observed)
@@ -650,6 +557,132 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         restarted=restarted,
         requeue_after=requeue_after,
     )
+
+
+def _after_failure(
+    status: Obj, prev: Obj, conds: _Conditions, policy: RunPolicy, out: Outcome, now: str
+) -> Action | None:
+    """A failed attempt: the FineTuneJob fails (a permanent reason, the deadline spent, the
+    backoff limit reached), or the next attempt is recorded and the deletion that starts it is
+    returned."""
+    attempts = status["attempts"]
+    # Restarts a disruption caused: attempts minus these is what backoffLimit bounds.
+    disruptions = int(prev.get("disruptions") or 0)
+    left = deadline_left(policy, status.get("startTime"), now)
+    if out.permanent:
+        _finish(status, conds, now, False, out.reason, out.message)
+        return None
+    if left is not None and left <= 0:
+        msg = f"{_spent(policy)}; last attempt: {out.message[:512]}"
+        _finish(status, conds, now, False, Reason.DEADLINE_EXCEEDED, msg)
+        return None
+    if not out.disruption and attempts - disruptions > policy.backoff_limit:
+        msg = f"{attempts - disruptions} attempt(s) failed"
+        if disruptions:
+            msg += f" (and {disruptions} disrupted, which do not count)"
+        msg += f"; last: {out.message[:512]}"
+        _finish(status, conds, now, False, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
+        return None
+    # Record the next attempt (and a disruption) before deleting, so a crash in between still
+    # restarts, and counts the same.
+    restarted_at = (status.get("checkpoints") or {}).get("lastRestartTime")
+    status["attempts"] = attempts + 1
+    status["checkpoints"] = {**status.get("checkpoints", {}), "lastRestartTime": now}
+    # An in-place restart already counted this disruption when its pod stopped no later than
+    # that restart (both date a stop by `lifecycle._stopped_at`): the pod's peers stopping too
+    # then ends the attempt, and that is still one disruption.
+    counted = bool(out.disruption_at and restarted_at) and not _later(
+        out.disruption_at, restarted_at
+    )
+    if out.disruption and not counted:
+        status["disruptions"] = disruptions + 1
+        msg = (
+            f"attempt {attempts} was disrupted ({out.disruption[:512]}); a disruption "
+            f"does not count against runPolicy.backoffLimit; starting attempt {attempts + 1}"
+        )
+    elif out.disruption:
+        msg = (
+            f"attempt {attempts} ended after {out.disruption[:512]} (one disruption, counted "
+            f"once; it does not count against runPolicy.backoffLimit); starting attempt "
+            f"{attempts + 1}"
+        )
+    else:
+        msg = f"attempt {attempts} failed ({out.message[:512]}); starting attempt {attempts + 1}"
+    conds.set(CT.RUNNING, False, Reason.RESTARTING, msg)
+    return Action("delete", attempt=out.attempt, uid=out.uid)
+
+
+@dataclass(frozen=True)
+class _Active:
+    """What a pass decides for an attempt whose Job runs (or waits to)."""
+
+    actions: list[Action]
+    # The message of an in-place restart this pass saw begin.
+    began: str | None
+    requeue_after: float | None
+
+
+def _while_active(
+    job: FineTuneJob, observed: Observed, status: Obj, prev: Obj, conds: _Conditions
+) -> _Active:
+    """An attempt whose Job exists and has not ended: its Job kept in line with the run policy
+    (patched, suspended or resumed, its Kueue workload), a pending timeout, an in-place restart
+    around a stopped pod, and why it does not run yet."""
+    policy, out, now = job.spec.run_policy, observed.outcome, observed.now
+    attempts = status["attempts"]
+    actions: list[Action] = []
+    began: str | None = None
+    requeue_after: float | None = None
+    conds.set(
+        CT.CREATED,
+        True,
+        Reason.WORKLOAD_CREATED,
+        f"Job {naming.batch_job_name(job.metadata.name)} attempt {out.attempt}",
+    )
+    patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
+    waited = _pending_seconds(observed) if not policy.suspend else None
+    timed_out = _pending_timeout(out.stuck, policy, waited)
+    if timed_out:
+        # Delete the Job: its pods would hold what they got (a node, an accelerator), and
+        # would train for a Failed FineTuneJob once the cause is fixed.
+        _finish(status, conds, now, False, Reason.PENDING_TIMEOUT, timed_out)
+        actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+    elif patch:
+        actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
+    # Not looked up (no queue, or a unit test): as if Kueue had not made it yet.
+    wl = observed.workload or Workload(Lookup.NOT_YET)
+    if policy.queue_name and not timed_out:
+        actions.extend(_workload_actions(conds, policy, wl))
+    if timed_out:
+        pass
+    elif policy.suspend:
+        _suspend(conds, policy, out, wl)
+    else:
+        _resume(conds, policy, out, wl)
+        if out.state is State.RUNNING:
+            status["startTime"] = status.get("startTime") or now
+        # The Job controller waits 10 s before it replaces a failed pod, twice that for the
+        # next one of the same Job, and so on: a second stop in one attempt restarts the
+        # whole gang as a new attempt, whose Job has replaced nothing yet.
+        anew = attempts + 1 if _replaced_before(prev, observed.job) else None
+        began = _restart_in_place(status, prev, conds, out, now, anew)
+        if began is not None and anew is not None:
+            status["attempts"] = anew
+            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+        if out.stuck is not None:
+            # Rank 0 may run, but the gang cannot train without the stuck pod.
+            conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
+        elif out.state is State.PENDING and _stuck_reason(conds):
+            conds.set(
+                CT.RUNNING,
+                False,
+                Reason.PODS_PENDING,
+                f"{out.unstarted} pod(s) not started yet; none is stuck",
+            )
+        requeue_after = _requeue_after(out, policy, waited)
+    if observed.progress and out.state is State.RUNNING:
+        status["progress"] = observed.progress
+    return _Active(actions, began, requeue_after)
 
 
 def _previous_condition(prev: Obj, type_: str) -> Obj:
