@@ -152,9 +152,14 @@ def _broadcast_object(value: Any, group: Any) -> Any:
 
 @contextmanager
 def _written(path: Path) -> Iterator[BinaryIO]:
-    """A file to write `path` through, renamed into place only once it is whole."""
+    """A file to write `path` through, renamed into place only once it is whole. A copy cut
+    short removes its part: the pod's emptyDir outlives the rank when the gang restarts in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-    with tmp.open("wb") as target:
-        yield target
+    try:
+        with tmp.open("wb") as target:
+            yield target
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
