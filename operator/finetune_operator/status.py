@@ -288,7 +288,9 @@ def _checkpoints(
     if resumed is not None and _new_resume(ckpt, attempt, resumed, at):
         last_step = int((prev.get("progress") or {}).get("step") or 0)
         ckpt["stepsLost"] = int(ckpt.get("stepsLost") or 0) + max(last_step - resumed, 0)
-        if restarting(ckpt):
+        # A new attempt's resume ends the restart that made it, even one whose failure was seen
+        # in the second of the resume before it (status times are whole seconds).
+        if restarting(ckpt) or ckpt.get("attempt") not in (None, attempt):
             restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), at or observed.now)
         elif (
             at is not None and ckpt.get("attempt") == attempt and not _resumed_by_user(conds, ckpt)

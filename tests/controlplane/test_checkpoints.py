@@ -98,20 +98,23 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     )
     assert status["checkpoints"]["resumedFromStep"] == 30
     assert status["checkpoints"]["stepsLost"] == 7
+
     # The operator observes the restart's seconds once its status write returned, a moment
     # after the status can be read: wait for it rather than race it.
-    wait_until(
-        lambda: (
-            [
-                line
-                for line in operator.metrics().splitlines()
-                if line.startswith("finetune_operator_restart_seconds_count")
-            ]
-            == ["finetune_operator_restart_seconds_count 1.0"]
-        ),
-        timeout=10,
-        message="the restart's seconds in the operator's metrics",
-    )
+    def counts() -> list[str]:
+        lines = operator.metrics().splitlines()
+        return [
+            line for line in lines if line.startswith("finetune_operator_restart_seconds_count")
+        ]
+
+    try:
+        wait_until(
+            lambda: counts() == ["finetune_operator_restart_seconds_count 1.0"],
+            timeout=10,
+            message="the restart's seconds in the operator's metrics",
+        )
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {counts()}") from None
 
 
 def test_a_claim_that_is_not_the_jobs_own_is_left_alone(

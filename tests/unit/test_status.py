@@ -746,6 +746,38 @@ def test_a_retryable_failure_within_the_budget_restarts() -> None:
     assert result.status["attempts"] == 2
 
 
+def test_a_new_attempts_resume_ends_a_restart_seen_in_the_second_of_the_last_resume() -> None:
+    # Status times are whole seconds: attempt 1 reported its resume, and its pod failed, in the
+    # second the operator saw both. Attempt 2's resume still ends a restart and is timed.
+    job = batch_job(cond=("Failed", "BackoffLimitExceeded", "limit"))
+    prev = {
+        "attempts": 1,
+        "startTime": START,
+        "progress": {"step": 37, "totalSteps": 100},
+        "checkpoints": {"attempt": 1, "resumedFromStep": 0, "lastResumeTime": at(300)},
+    }
+    failed = plan(
+        ftj(prev, backoffLimit=5),
+        Observed(now=at(300), job=job, outcome=observe_job(job, [pod(0, "Failed", 137)])),
+    )
+    assert failed.status["attempts"] == 2
+    assert failed.status["checkpoints"]["lastRestartTime"] == at(300)
+    second = batch_job(attempt=2)
+    resumed = plan(
+        ftj({**failed.status, "phase": "Running"}, backoffLimit=5),
+        Observed(
+            now=at(309),
+            job=second,
+            outcome=observe_job(second, [pod(0, "Running")]),
+            resumed_from_step=30,
+            resumed_at=at(307),
+        ),
+    )
+    assert resumed.restart_seconds == 7.0
+    ckpt = resumed.status["checkpoints"]
+    assert (ckpt["attempt"], ckpt["resumedFromStep"], ckpt["stepsLost"]) == (2, 30, 7)
+
+
 @pytest.mark.parametrize(
     ("job_clock", "want"),
     [
