@@ -4,6 +4,7 @@
 #   hack/kind/cluster.sh up                  create (or reuse) cluster "finetune", set up pod
 #                                            networking, wait for nodes + CoreDNS Ready, make
 #                                            sure of the default StorageClass (local-path)
+#   hack/kind/cluster.sh stop                stop its nodes' containers (`up` starts them again)
 #   hack/kind/cluster.sh down                delete it
 #   hack/kind/cluster.sh kubeconfig          print the kubeconfig path to use
 #   hack/kind/cluster.sh load IMAGE...       load IMAGE into the nodes that lack that image ID
@@ -12,7 +13,7 @@
 #   hack/kind/cluster.sh network             (re)apply the CNI conflists and routes only
 #
 # If FINETUNE_KUBE_CONTEXT is set, an existing cluster is used: nothing is created or
-# deleted, `kubeconfig` prints ${KUBECONFIG:-~/.kube/config} and `load` does nothing.
+# deleted or stopped, `kubeconfig` prints ${KUBECONFIG:-~/.kube/config} and `load` does nothing.
 # Prerequisites: hack/kind/docker-setup.sh, hack/kind/build-base-image.sh,
 # hack/kind/build-node-image.sh (needs the kube binaries from hack/k8s-build.sh; it also runs
 # hack/kind/build-storage-images.sh).
@@ -221,6 +222,14 @@ case "${1:-}" in
     if [ -n "${FINETUNE_KUBE_CONTEXT:-}" ]; then log "FINETUNE_KUBE_CONTEXT set: not deleting anything"; exit 0; fi
     if cluster_exists; then "$KIND" delete cluster --name "$CLUSTER_NAME" --kubeconfig "$KUBECONFIG_FILE"; fi
     rm -f "$KUBECONFIG_FILE" ;;
+  stop)
+    # The nodes' containers stop, and the cluster stays: the next `up` starts them again.
+    if [ -n "${FINETUNE_KUBE_CONTEXT:-}" ]; then log "FINETUNE_KUBE_CONTEXT set: not stopping anything"; exit 0; fi
+    if cluster_exists; then
+      # shellcheck disable=SC2046 # one name a word
+      $DOCKER stop $(node_names) >/dev/null
+      log "cluster $CLUSTER_NAME stopped"
+    fi ;;
   kubeconfig)
     if [ -n "${FINETUNE_KUBE_CONTEXT:-}" ]; then echo "${KUBECONFIG:-$HOME/.kube/config}"; else echo "$KUBECONFIG_FILE"; fi ;;
   load)
@@ -228,5 +237,5 @@ case "${1:-}" in
     if [ -n "${FINETUNE_KUBE_CONTEXT:-}" ]; then log "FINETUNE_KUBE_CONTEXT set: not loading $*"; exit 0; fi
     load_images "$@" ;;
   network) setup_network ;;
-  *) echo "usage: $0 up|down|kubeconfig|load IMAGE...|network" >&2; exit 2 ;;
+  *) echo "usage: $0 up|stop|down|kubeconfig|load IMAGE...|network" >&2; exit 2 ;;
 esac

@@ -110,7 +110,7 @@ class Kubectl:
 
 
 @pytest.fixture(scope="session")
-def kubeconfig() -> Iterator[str]:
+def kubeconfig(close_after_suite: Callable[[str, Callable[[], None]], None]) -> Iterator[str]:
     """Path of an admin kubeconfig for a real control plane (see module docstring)."""
     existing = os.environ.get("KUBECONFIG")
     if existing:
@@ -130,25 +130,26 @@ def kubeconfig() -> Iterator[str]:
 
     cp_dir = tempfile.mkdtemp(prefix="ft-controlplane-")
     env = dict(os.environ, CONTROLPLANE_DIR=cp_dir, CONTROLPLANE_WATCH_PID=str(os.getpid()))
-    up = subprocess.run(
-        [str(HACK_DIR / "controlplane.sh"), "up"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    try:
-        if up.returncode != 0:
-            raise RuntimeError(f"hack/controlplane.sh up failed:\n{up.stdout}\n{up.stderr[-8000:]}")
-        yield up.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run(
-            [str(HACK_DIR / "controlplane.sh"), "down"],
+
+    def controlplane(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(HACK_DIR / "controlplane.sh"), command],
             capture_output=True,
             text=True,
             env=env,
             check=False,
         )
+
+    up = controlplane("up")
+    # Down after this process's last control-plane test; at the session's end as well, where
+    # that never came (a run of one test, an interrupted one): `down` of a stopped one is a no-op.
+    close_after_suite("controlplane", lambda: controlplane("down"))
+    try:
+        if up.returncode != 0:
+            raise RuntimeError(f"hack/controlplane.sh up failed:\n{up.stdout}\n{up.stderr[-8000:]}")
+        yield up.stdout.strip().splitlines()[-1]
+    finally:
+        controlplane("down")
 
 
 @pytest.fixture(scope="session")

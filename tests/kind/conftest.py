@@ -39,7 +39,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,9 @@ class Kube:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self("create", "namespace", name)
         self("label", "namespace", name, f"{E2E_NAMESPACE_LABEL}=true")
+        # A pod is refused until the service account controller has made `default` here, which
+        # took seconds on nodes that had just started.
+        self("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=120s")
         return name
 
     def reap_stale_namespaces(self) -> list[str]:
@@ -213,8 +216,12 @@ def _skip_kind() -> None:
 
 
 @pytest.fixture(scope="session")
-def kube() -> Kube:
+def kube(close_after_suite: Callable[[str, Callable[[], None]], None]) -> Kube:
     _skip_kind()
+    # Nodes this process starts (or creates) it stops after its last kind test; a cluster it
+    # found running stays up.
+    if not CONTEXT and not kind_nodes() and os.environ.get("FINETUNE_E2E_KEEP") != "1":
+        close_after_suite("kind", stop_nodes)
     with Stopwatch("cluster_up"):
         run([str(CLUSTER_SH), "up"], timeout=900)
     kubeconfig = None if CONTEXT else run([str(CLUSTER_SH), "kubeconfig"]).strip()
@@ -222,6 +229,13 @@ def kube() -> Kube:
     if os.environ.get("FINETUNE_E2E_KEEP") != "1":
         record("reaped_namespaces", " ".join(kube.reap_stale_namespaces()))
     return kube
+
+
+def stop_nodes() -> None:
+    """`cluster.sh stop`, not waited for: systemd in each node takes seconds to shut down."""
+    subprocess.Popen(
+        [str(CLUSTER_SH), "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def kind_nodes() -> list[str]:

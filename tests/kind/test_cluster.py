@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
+from typing import Any
 
 import kind_tools
 import pytest
@@ -58,9 +58,8 @@ class Kubectl:
 
 
 @pytest.fixture(scope="module")
-def kubectl() -> Kubectl:
-    # Idempotent: reuses a running cluster, or does nothing with FINETUNE_KUBE_CONTEXT.
-    _run([str(CLUSTER_SH), "up"], timeout=900)
+def kubectl(kube: Any) -> Kubectl:
+    # `kube` (conftest.py) brings the cluster up, or does nothing with FINETUNE_KUBE_CONTEXT.
     _run([str(CLUSTER_SH), "load", WORKLOAD_IMAGE], timeout=600)
     context = os.environ.get("FINETUNE_KUBE_CONTEXT")
     kubeconfig = None if context else _run([str(CLUSTER_SH), "kubeconfig"]).strip()
@@ -68,9 +67,8 @@ def kubectl() -> Kubectl:
 
 
 @pytest.fixture()
-def namespace(kubectl: Kubectl):
-    name = f"kind-test-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
+def namespace(kube: Any, kubectl: Kubectl):
+    name = kube.create_namespace("kind-test")
     yield name
     kubectl("delete", "namespace", name, "--wait=false")
 

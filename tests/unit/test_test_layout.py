@@ -22,7 +22,9 @@ def test_two_workers_keep_a_whole_suite_on_one_worker_in_order_and_start_it_firs
     tmp_path: Path,
 ) -> None:
     """tests/conftest.py's grouping, run by pytest-xdist on a tree of the same shape: the kind
-    suite's tests share one worker and run in their order, and are handed out before the rest."""
+    suite's tests share one worker and run in their order, and are handed out before the rest.
+    What the suite's session fixture gave `close_after_suite` runs once, after its last test and
+    before that worker's next test of another suite."""
     tree = tmp_path / "tests"
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     tree.mkdir()
@@ -35,12 +37,20 @@ def test_two_workers_keep_a_whole_suite_on_one_worker_in_order_and_start_it_firs
         "        f.write(f\"{time.monotonic()} {os.environ['PYTEST_XDIST_WORKER']} {name}\\n\")\n"
         "    time.sleep(0.2)\n"
     )
-    modules = {"unit/test_a.py": 3, "unit/test_b.py": 3, "kind/test_c.py": 3, "kind/test_d.py": 3}
+    # More unit tests than the other worker gets through while the kind suite runs.
+    unit = {f"unit/test_{m}.py": 3 for m in "abefg"}
+    modules = {**unit, "kind/test_c.py": 3, "kind/test_d.py": 3}
     for module, count in modules.items():
         path = tree / module
         path.parent.mkdir(exist_ok=True)
         tests = "".join(f"def test_{i}():\n    _ran('{module}::{i}')\n" for i in range(count))
         path.write_text(record + tests)
+    (tree / "kind" / "conftest.py").write_text(
+        record + "import pytest\n"
+        "@pytest.fixture(scope='session', autouse=True)\n"
+        "def cluster(close_after_suite):\n"
+        "    close_after_suite('kind', lambda: _ran('closed'))\n"
+    )
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", "tests"],
         cwd=tmp_path,
@@ -59,3 +69,8 @@ def test_two_workers_keep_a_whole_suite_on_one_worker_in_order_and_start_it_firs
     assert first_on_kind_worker == "kind/test_c.py::0"
     # The other modules are groups of their own: the other worker took them meanwhile.
     assert {worker for _, worker, name in ran if name.startswith("unit/")} - {kind[0][0]}
+    on_kind_worker = [name for _, worker, name in ran if worker == kind[0][0]]
+    assert on_kind_worker.count("closed") == 1
+    closed = on_kind_worker.index("closed")
+    assert on_kind_worker[closed - 1] == "kind/test_d.py::2"
+    assert on_kind_worker[closed + 1].startswith("unit/"), on_kind_worker
