@@ -12,9 +12,11 @@ VENV := $(shell hack/venv.sh)
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 # The test targets run this many pytest-xdist workers, each taking whole groups of tests
-# (tests/conftest.py): one runs the kind suite, which mostly waits on pods, while the other runs
-# the CPU-bound modules. TEST_WORKERS=0 runs the tests in one process.
-TEST_WORKERS ?= 2
+# (tests/conftest.py): one runs the kind suite and one the control-plane suite, which mostly
+# wait on pods and on the API server, while the third runs the CPU-bound modules from the start.
+# On 2 cores a warm `make test` took 820 s with 3 workers and 923 s with 2, whose machine stood
+# idle 6.5% of the time (1.7% with 3). TEST_WORKERS=0 runs the tests in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: venv lint crd prereqs test test-all test-fast demo demo-local bench bench-gpu test-kueue
 

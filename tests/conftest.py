@@ -9,14 +9,15 @@ opt-in marks hold what it leaves out:
 - `kueue`: the run against the real Kueue controller (`make test-kueue`), whose first build of
   Kueue takes minutes.
 
-`make test` runs two pytest-xdist workers, which take whole groups of tests (group_of). A suite
+`make test` runs three pytest-xdist workers, which take whole groups of tests (group_of). A suite
 whose session fixtures stand up one shared thing (the kind cluster with the chart installed, the
 local control plane) is one group, so a single worker runs it in order and sets it up once; any
 other module is a group of its own. A worker that runs out of tests takes the next group in
 collection order, which this file sets to SUITE_ORDER: the kind suite first, since it is the
 longest group and mostly waits on pods, then the control plane, which mostly waits on the API
-server, then the CPU-bound trainer modules beside them, and the short modules last to even out
-the end.
+server, then the CPU-bound trainer modules beside them (the third worker starts on them at
+once), and the short modules last to even out the end. What a suite stood up goes down once its
+worker has left it (close_after_suite), so that it does not idle beside the groups that follow.
 """
 
 from __future__ import annotations
