@@ -288,9 +288,7 @@ def _checkpoints(
     if resumed is not None and _new_resume(ckpt, attempt, resumed, at):
         last_step = int((prev.get("progress") or {}).get("step") or 0)
         ckpt["stepsLost"] = int(ckpt.get("stepsLost") or 0) + max(last_step - resumed, 0)
-        # A new attempt's resume ends the restart that made it, even one whose failure was seen
-        # in the second of the resume before it (status times are whole seconds).
-        if restarting(ckpt) or ckpt.get("attempt") not in (None, attempt):
+        if restarting(ckpt, attempt):
             restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), at or observed.now)
         elif (
             at is not None and ckpt.get("attempt") == attempt and not _resumed_by_user(conds, ckpt)
@@ -329,8 +327,13 @@ def _new_resume(ckpt: Obj, attempt: int, resumed: int, at: str | None) -> bool:
     return _later(at, ckpt.get("lastResumeTime"))
 
 
-def restarting(ckpt: Obj) -> bool:
-    """A gang restart is under way: its failure was seen after the gang last resumed."""
+def restarting(ckpt: Obj, attempt: int) -> bool:
+    """Whether a gang restart is under way as attempt `attempt` reports: its failure was seen
+    after the gang last resumed, or the gang last resumed in an earlier attempt (whose end was
+    recorded as this one was made). The attempt decides that case, not the times: they are whole
+    seconds, and a failure seen in the second of the last resume is not later than it."""
+    if ckpt.get("attempt") not in (None, attempt):
+        return True
     return _later(ckpt.get("lastRestartTime"), ckpt.get("lastResumeTime"))
 
 

@@ -1441,7 +1441,7 @@ def test_a_pod_replaced_while_no_operator_ran_is_found_by_the_resume() -> None:
     assert found.status["checkpoints"]["lastResumeTime"] == "2026-01-01T00:02:00Z"
     # Known to have ended then: the attempt's Job has replaced a pod, and no restart is under way.
     assert found.status["checkpoints"]["lastRestartTime"] == "2026-01-01T00:02:00Z"
-    assert not restarting(found.status["checkpoints"])
+    assert not restarting(found.status["checkpoints"], 1)
     assert any(
         reason == "Restarting" and "resumed from step 12" in message
         for _, reason, message in found.transitions
