@@ -636,58 +636,53 @@ def _while_active(
     policy, out, now = job.spec.run_policy, observed.outcome, observed.now
     attempts = status["attempts"]
     actions: list[Action] = []
-    began: str | None = None
-    requeue_after: float | None = None
     conds.set(
         CT.CREATED,
         True,
         Reason.WORKLOAD_CREATED,
         f"Job {naming.batch_job_name(job.metadata.name)} attempt {out.attempt}",
     )
-    patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
+    if observed.progress and out.state is State.RUNNING:
+        status["progress"] = observed.progress
     waited = _pending_seconds(observed) if not policy.suspend else None
     timed_out = _pending_timeout(out.stuck, policy, waited)
     if timed_out:
         # Delete the Job: its pods would hold what they got (a node, an accelerator), and
         # would train for a Failed FineTuneJob once the cause is fixed.
         _finish(status, conds, now, False, Reason.PENDING_TIMEOUT, timed_out)
-        actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-    elif patch:
+        return _Active([Action("delete", attempt=out.attempt, uid=out.uid)], None, None)
+    patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
+    if patch:
         actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
     # Not looked up (no queue, or a unit test): as if Kueue had not made it yet.
     wl = observed.workload or Workload(Lookup.NOT_YET)
-    if policy.queue_name and not timed_out:
+    if policy.queue_name:
         actions.extend(_workload_actions(conds, policy, wl))
-    if timed_out:
-        pass
-    elif policy.suspend:
+    if policy.suspend:
         _suspend(conds, policy, out, wl)
-    else:
-        _resume(conds, policy, out, wl)
-        if out.state is State.RUNNING:
-            status["startTime"] = status.get("startTime") or now
-        # The Job controller waits 10 s before it replaces a failed pod, twice that for the
-        # next one of the same Job, and so on: a second stop in one attempt restarts the
-        # whole gang as a new attempt, whose Job has replaced nothing yet.
-        anew = attempts + 1 if _replaced_before(prev, observed.job) else None
-        began = _restart_in_place(status, prev, conds, out, now, anew)
-        if began is not None and anew is not None:
-            status["attempts"] = anew
-            actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-        if out.stuck is not None:
-            # Rank 0 may run, but the gang cannot train without the stuck pod.
-            conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
-        elif out.state is State.PENDING and _stuck_reason(conds):
-            conds.set(
-                CT.RUNNING,
-                False,
-                Reason.PODS_PENDING,
-                f"{out.unstarted} pod(s) not started yet; none is stuck",
-            )
-        requeue_after = _requeue_after(out, policy, waited)
-    if observed.progress and out.state is State.RUNNING:
-        status["progress"] = observed.progress
-    return _Active(actions, began, requeue_after)
+        return _Active(actions, None, None)
+    _resume(conds, policy, out, wl)
+    if out.state is State.RUNNING:
+        status["startTime"] = status.get("startTime") or now
+    # The Job controller waits 10 s before it replaces a failed pod, twice that for the next
+    # one of the same Job, and so on: a second stop in one attempt restarts the whole gang as a
+    # new attempt, whose Job has replaced nothing yet.
+    anew = attempts + 1 if _replaced_before(prev, observed.job) else None
+    began = _restart_in_place(status, prev, conds, out, now, anew)
+    if began is not None and anew is not None:
+        status["attempts"] = anew
+        actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
+    if out.stuck is not None:
+        # Rank 0 may run, but the gang cannot train without the stuck pod.
+        conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
+    elif out.state is State.PENDING and _stuck_reason(conds):
+        conds.set(
+            CT.RUNNING,
+            False,
+            Reason.PODS_PENDING,
+            f"{out.unstarted} pod(s) not started yet; none is stuck",
+        )
+    return _Active(actions, began, _requeue_after(out, policy, waited))
 
 
 def _previous_condition(prev: Obj, type_: str) -> Obj:
