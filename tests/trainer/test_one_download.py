@@ -121,6 +121,7 @@ def test_a_shared_cache_downloads_each_file_once_over_pods_and_attempts(
     # The second attempt asked the Hub nothing: the commits and the files were on the volume.
     assert requests[after_first:] == [], requests[after_first:]
     log = gang.log_text()
+    _assert_prefetched(log)
     assert TOKEN not in log
     assert all(TOKEN not in str(p) for p in cache.rglob("*"))
 
@@ -145,6 +146,7 @@ def test_without_a_shared_cache_rank_0_downloads_each_file_once_and_sends_it(
     assert lookups == dict.fromkeys(repos, 1), json.dumps(requests)
     # The second pod's cache holds the same bytes, received from rank 0, and marked whole.
     log = gang.log_text()
+    _assert_prefetched(log)
     assert "received" in log and "of sources from rank 0" in log, log[-4000:]
     for repo, sha, kind in ((MODEL, model_sha, "models"), (DATASET, data_sha, "datasets")):
         folder = Path("hub", f"{kind}--{repo.replace('/', '--')}", "snapshots", sha)
@@ -155,3 +157,12 @@ def test_without_a_shared_cache_rank_0_downloads_each_file_once_and_sends_it(
 def _files(folder: Path) -> dict[str, bytes]:
     """Every file under a snapshot folder (through the cache's links), by its relative path."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _assert_prefetched(log: str) -> None:
+    """The files came down while rank 0's pod imported the trainer (finetune_trainer.prefetch),
+    which resolved the revisions too: rank 0 found both done."""
+    lines = log.splitlines()
+    fetched = [line for line in lines if "finetune_trainer.fetch: fetched " in line]
+    assert fetched and all("[prefetch]" in line for line in fetched), fetched
+    assert any("[rank 0]" in line and "commits resolved before" in line for line in lines), log

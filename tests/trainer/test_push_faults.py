@@ -171,5 +171,8 @@ def test_missing_sources_end_at_once_naming_the_endpoint(
         assert source.split("://")[1] in result["message"]
         if source.startswith("hf://"):
             assert hub.endpoint in result["message"] and "huggingface.co" not in result["message"]
+            # The prefetch met it first, said so, and left the report to rank 0.
+            assert "[prefetch] WARNING" in pods.log_text() and "left to rank 0" in pods.log_text()
+        _assert_no_token(pods)
         for log in pods.logs:
             log.unlink()

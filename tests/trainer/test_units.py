@@ -475,11 +475,11 @@ def test_final_artifact_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     )
     assert final.load(root, "adapter") is None
     # A save cut short (no marker, still under its temporary name) does not count.
-    (root / f"{checkpoint._TMP_PREFIX}final-cut").mkdir(parents=True)
+    (root / f"{checkpoint.TMP_PREFIX}final-cut").mkdir(parents=True)
     assert final.load(root, "adapter") is None
     kept = final.save(root, out, result)
     found = final.load(root, "adapter")
-    assert found is not None and found.folder == kept.folder == root / final.FOLDER
+    assert found is not None and found.folder == kept.folder == root / final.FINAL_FOLDER
     assert found.result == result and len(found.result.evaluation) == 40
     assert (found.artifact_dir / "adapter_model.safetensors").read_bytes() == b"weights"
     assert final.load(root, "merged") is None  # the spec asks for another artifact
@@ -487,13 +487,13 @@ def test_final_artifact_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     assert checkpoint.list_complete(root) == []
     checkpoint.rotate(root, keep=1)
     assert final.load(root, "adapter") is not None
-    assert not list(root.glob(f"{checkpoint._TMP_PREFIX}*"))
+    assert not list(root.glob(f"{checkpoint.TMP_PREFIX}*"))
     (kept.folder / checkpoint.COMPLETE_MARKER).unlink()
     assert final.load(root, "adapter") is None
 
 
 def test_checkpoint_folder_is_keyed_by_what_shapes_training_and_not_by_defaults() -> None:
-    from finetune_trainer.train import checkpoint_root
+    from finetune_trainer.job_folder import checkpoint_root
 
     def root(training: dict | None = None, dataset: dict | None = None) -> str:
         doc = json.loads(json.dumps(MINIMAL))

@@ -6,13 +6,14 @@ mode and Xet. The whole fetch, every rank and pod, is tests/trainer/test_one_dow
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from finetune_api import pod
+from finetune_api import FineTuneJob, parse_manifest, pod
 from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_hub_double import HubDouble
@@ -28,6 +29,8 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubDouble]:
 
     with HubDouble(tmp_path / "hub") as double:
         monkeypatch.setattr(constants, "ENDPOINT", double.endpoint)
+        template = double.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         for name in ("HF_TOKEN", "FINETUNE_MODEL_TOKEN", "FINETUNE_DATASET_TOKEN"):
@@ -50,6 +53,17 @@ def _spec(**sections: Any) -> FineTuneJobSpec:
     for name, changes in sections.items():
         doc[name] = {**doc[name], **changes}
     return FineTuneJobSpec.model_validate(doc)
+
+
+def _job(**sections: Any) -> FineTuneJob:
+    return parse_manifest(
+        {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "pf"},
+            "spec": _spec(**sections).model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+    )
 
 
 def test_rank0_resolves_once_and_a_later_attempt_keeps_those_commits(
@@ -106,6 +120,83 @@ def test_file_sources_have_no_commit_and_load_as_the_spec_says(tmp_path: Path) -
     # An hf:// source this process has not fetched loads at the spec's revision.
     assert fetch.revision_to_load("dataset", "hf://org/text", "v1") == "v1"
     assert fetch.pinned("dataset", "hf://org/text") is None
+
+
+def test_only_rank_0s_pod_prefetches_and_only_what_rank_0_will_fetch(
+    hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune_trainer.prefetch runs where rank 0 is about to download: an hf:// source, the
+    Hub online, and no final artifact that an earlier attempt kept (that one is pushed without
+    the sources being loaded)."""
+    from huggingface_hub import constants
+
+    from finetune_trainer.job_folder import COMPLETE_MARKER, FINAL_FOLDER, checkpoint_root
+    from finetune_trainer.prefetch import wanted
+
+    monkeypatch.setenv(pod.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    job = _job()
+    assert wanted(job, node_rank=0)
+    assert not wanted(job, node_rank=1)  # the other pods get rank 0's copy (spread)
+    local = {"source": "file:///models/base"}
+    assert not wanted(_job(model=local, dataset={"source": "file:///d.jsonl"}), node_rank=0)
+
+    final = checkpoint_root(job) / FINAL_FOLDER
+    final.mkdir(parents=True)
+    assert wanted(job, node_rank=0)  # a save cut short: rank 0 trains, and so fetches
+    (final / COMPLETE_MARKER).write_text("")
+    assert not wanted(job, node_rank=0)
+
+    (final / COMPLETE_MARKER).unlink()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not wanted(job, node_rank=0)
+
+
+def test_the_prefetch_resolves_first_then_downloads_and_leaves_a_failure_to_rank_0(
+    hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefetch is forked (from this test's process, as `finetune train` forks it before it
+    imports torch): the pipe closes once the revisions are kept, and the snapshots then become
+    whole in the hub cache, each file fetched once."""
+    from huggingface_hub import constants
+
+    from finetune_trainer.job_folder import checkpoint_root
+    from finetune_trainer.prefetch import Prefetch
+
+    monkeypatch.setenv(pod.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    model = _seed(hub, MODEL, "v1", tmp_path)
+    data = _seed(hub, DATASET, "d1", tmp_path, "dataset")
+    job = _job()
+    prefetch = Prefetch.start(job, node_rank=0)
+    try:
+        prefetch.wait_resolved()
+        kept = json.loads((checkpoint_root(job) / fetch.RESOLVED_FILE).read_text())
+        assert kept["commits"] == {"model": model, "dataset": data}
+        snaps = fetch.snapshots(job.spec, fetch.Commits(model, data))
+        deadline = time.monotonic() + 60
+        while not all(s.is_complete() for s in snaps) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        prefetch.stop()
+    assert all((s.folder / "README.md").is_file() for s in snaps)
+    gets = [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]
+    assert len(gets) == len(set(gets)), gets
+    assert {
+        f"/{MODEL}/resolve/{model}/README.md",
+        f"/datasets/{DATASET}/resolve/{data}/README.md",
+    } <= set(gets)
+    lookups = [
+        p for m, p, _ in hub.requests if p in (f"/api/models/{MODEL}", f"/api/datasets/{DATASET}")
+    ]
+    assert len(lookups) == 2, lookups
+
+    # A dataset that does not exist: the pipe closes all the same, nothing is kept, and rank 0
+    # meets the error when it fetches.
+    missing = _job(dataset={"source": "hf://org/no-such-data"})
+    prefetch = Prefetch.start(missing, node_rank=0)
+    prefetch.wait_resolved()
+    prefetch.stop()
+    assert not (checkpoint_root(missing) / fetch.RESOLVED_FILE).exists()
 
 
 def test_a_full_cache_is_the_field_that_sizes_it(monkeypatch: pytest.MonkeyPatch) -> None:

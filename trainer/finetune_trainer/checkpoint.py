@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-COMPLETE_MARKER = "COMPLETE"
+from finetune_trainer.job_folder import COMPLETE_MARKER, TMP_PREFIX
+
 STATE_FILE = "trainer_state.json"
-_TMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -89,7 +89,7 @@ def list_complete(root: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for folder in root.iterdir():
-        if folder.name.startswith(_TMP_PREFIX) or not folder.is_dir() or not is_complete(folder):
+        if folder.name.startswith(TMP_PREFIX) or not folder.is_dir() or not is_complete(folder):
             continue
         try:
             found.append((read_state(folder).step, folder))
@@ -142,7 +142,7 @@ def scratch(root: Path) -> Path:
     """A new hidden folder under `root` for a checkpoint on its way in; discovery ignores it,
     `rotate` removes it if it is left behind."""
     root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+    folder = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     folder.mkdir()
     return folder
 
@@ -162,7 +162,7 @@ def adopt(root: Path, folder: Path) -> Path:
 def rotate(root: Path, keep: int) -> None:
     for _, folder in list_complete(root)[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
-    for stale in root.glob(f"{_TMP_PREFIX}*"):
+    for stale in root.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -92,7 +92,7 @@ class CheckpointMirror:
     ) -> CheckpointMirror | None:
         """The mirror the env asks for, or None when FINETUNE_CHECKPOINT_HUB_BRANCH is unset.
 
-        `run` names this run's checkpoints (train.checkpoint_root's folder name). A branch name
+        `run` names this run's checkpoints (job_folder.checkpoint_root's folder name). A branch name
         the schema would refuse, or the variable without spec.output.hub, is a ManifestError.
         """
         branch = env.get(CHECKPOINT_HUB_BRANCH_ENV, "").strip()

@@ -182,12 +182,13 @@ def ensure_writable_hf_home(env: MutableMapping[str, str] = os.environ) -> None:
     env["HF_HOME"] = os.path.join(tempfile.gettempdir(), "hf-home")
 
 
-def setup_logging(rank: int) -> None:
-    """One format for every rank, so interleaved pod and local-mode logs stay attributable."""
+def setup_logging(who: str) -> None:
+    """One format for every process of a pod ("rank 0", "prefetch"), so interleaved pod and
+    local-mode logs stay attributable."""
     import logging
 
     logging.basicConfig(
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s [{who}] %(levelname)s %(name)s: %(message)s",
         level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO"),
         force=True,
     )

@@ -118,7 +118,7 @@ def revision_to_load(kind: SourceKind, source: str, revision: str | None) -> str
     return found[0] if found is not None else revision
 
 
-def _sources(spec: FineTuneJobSpec) -> dict[SourceKind, tuple[str, str | None]]:
+def hub_sources(spec: FineTuneJobSpec) -> dict[SourceKind, tuple[str, str | None]]:
     """kind -> (repo id, revision asked for) of the spec's hf:// sources."""
     out: dict[SourceKind, tuple[str, str | None]] = {}
     for kind, section in (("model", spec.model), ("dataset", spec.dataset)):
@@ -128,13 +128,21 @@ def _sources(spec: FineTuneJobSpec) -> dict[SourceKind, tuple[str, str | None]]:
     return out
 
 
+def fetches(spec: FineTuneJobSpec) -> bool:
+    """Whether the job fetches from the Hub: it has an hf:// source, and the Hub is not offline
+    (HF_HUB_OFFLINE: the sources load from the cache as they are)."""
+    from huggingface_hub import constants
+
+    return bool(hub_sources(spec)) and not constants.HF_HUB_OFFLINE
+
+
 def resolve(spec: FineTuneJobSpec) -> Commits:
     """Ask the Hub which commit each hf:// source's revision names (rank 0, once per job). A
     repo or revision that does not exist raises SourceNotFound."""
     from huggingface_hub import HfApi
 
     found: dict[str, str] = {}
-    for kind, (repo, revision) in _sources(spec).items():
+    for kind, (repo, revision) in hub_sources(spec).items():
         with downloading(kind, repo, revision) as token:
             api = HfApi(token=token)
             info: Any = (api.model_info if kind == "model" else api.dataset_info)(
@@ -148,11 +156,12 @@ def resolve(spec: FineTuneJobSpec) -> Commits:
 def kept_or_resolved(spec: FineTuneJobSpec, root: Path) -> Commits:
     """Rank 0: the commits an earlier attempt resolved and kept in `root`, when they are for the
     same sources; else resolved now and kept there for the next attempt."""
-    asked = _sources(spec)
+    asked = hub_sources(spec)
     kept = _read_kept(root / RESOLVED_FILE)
     if kept is not None and kept.get("repos") == {k: r for k, (r, _) in asked.items()}:
         commits = Commits(**kept["commits"])
-        log.info("loading the commits an earlier attempt resolved: %s", commits)
+        # Kept by an earlier attempt, or by this attempt's prefetch (finetune_trainer.prefetch).
+        log.info("loading the commits resolved before: %s", commits)
         return commits
     commits = resolve(spec)
     try:
@@ -237,6 +246,15 @@ def _hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def snapshots(spec: FineTuneJobSpec, commits: Commits) -> list[Snapshot]:
+    """The snapshot of each hf:// source at the commit it resolved to."""
+    return [
+        Snapshot(kind, repo, commit)
+        for kind, (repo, _) in hub_sources(spec).items()
+        if (commit := commits.of(kind)) is not None
+    ]
+
+
 def download(snap: Snapshot) -> Path:
     """The snapshot's folder, downloaded by whichever process (of this pod, or of every pod
     sharing the cache) gets the lock first."""
@@ -318,9 +336,7 @@ def fetch_sources(spec: FineTuneJobSpec, root: Path, peers: Peers) -> Commits:
 
     Rank 0 downloads; then `peers.share` sends its copy to the pods whose cache it did not
     reach, so a job asks the Hub for each file once whether or not its pods share a volume."""
-    from huggingface_hub import constants
-
-    if not _sources(spec) or constants.HF_HUB_OFFLINE:
+    if not fetches(spec):
         return NO_COMMITS
     said: tuple[str, Any] = ("ok", None)
     if peers.is_main:
@@ -337,16 +353,12 @@ def fetch_sources(spec: FineTuneJobSpec, root: Path, peers: Peers) -> Commits:
     if what == "error":
         raise RuntimeError(value)
     commits: Commits = value
-    snapshots = [
-        Snapshot(kind, repo, commit)
-        for kind, (repo, _) in _sources(spec).items()
-        if (commit := commits.of(kind)) is not None
-    ]
+    snaps = snapshots(spec, commits)
     if peers.is_main:
-        for snap in snapshots:
+        for snap in snaps:
             download(snap)
-    peers.share(snapshots)
-    for snap in snapshots:
+    peers.share(snaps)
+    for snap in snaps:
         # Complete by now: rank 0's download, or the copy `share` sent. (A cache that still
         # lacked it would download its own.)
         _fetched[snap.kind] = (snap.repo, snap.commit, download(snap))

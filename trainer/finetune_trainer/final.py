@@ -23,11 +23,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from finetune_api.result import TrainerResult
+from finetune_trainer.checkpoint import _fsync_dir
 
 # Shared with checkpoints: the same marker, and a temporary prefix that checkpoint.rotate sweeps.
-from finetune_trainer.checkpoint import _TMP_PREFIX, COMPLETE_MARKER, _fsync_dir
+from finetune_trainer.job_folder import COMPLETE_MARKER, FINAL_FOLDER, TMP_PREFIX, final_kept
 
-FOLDER = "final"
 ARTIFACT = "artifact"
 RESULT_FILE = "result.json"
 
@@ -48,15 +48,15 @@ class SavedFinal:
 def save(root: Path, artifact_dir: Path, result: TrainerResult) -> SavedFinal:
     """Copy `artifact_dir` and `result` into `root/final`, atomically."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{_TMP_PREFIX}{FOLDER}-{uuid.uuid4().hex}"
+    tmp = root / f"{TMP_PREFIX}{FINAL_FOLDER}-{uuid.uuid4().hex}"
     shutil.copytree(artifact_dir, tmp / ARTIFACT)
     # The whole result, not the clipped termination message: every score is kept.
     (tmp / RESULT_FILE).write_text(result.model_dump_json(by_alias=True, exclude_none=True))
     (tmp / COMPLETE_MARKER).write_text("")
     _fsync_dir(tmp)
-    final = root / FOLDER
+    final = root / FINAL_FOLDER
     if final.exists():  # one of another artifact kind (see `load`): this one replaces it
-        stale = root / f"{_TMP_PREFIX}{FOLDER}-stale-{uuid.uuid4().hex}"
+        stale = root / f"{TMP_PREFIX}{FINAL_FOLDER}-stale-{uuid.uuid4().hex}"
         os.rename(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.rename(tmp, final)
@@ -66,8 +66,8 @@ def save(root: Path, artifact_dir: Path, result: TrainerResult) -> SavedFinal:
 
 def load(root: Path, artifact: str) -> SavedFinal | None:
     """The complete final artifact under `root` of kind `artifact`, or None."""
-    folder = root / FOLDER
-    if not (folder / COMPLETE_MARKER).is_file() or not (folder / ARTIFACT).is_dir():
+    folder = root / FINAL_FOLDER
+    if not final_kept(root) or not (folder / ARTIFACT).is_dir():
         return None
     try:
         result = TrainerResult.model_validate_json((folder / RESULT_FILE).read_text())

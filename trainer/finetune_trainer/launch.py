@@ -1,11 +1,12 @@
 """Process spawning: the ranks of one pod, and the whole gang on one machine.
 
 `train_pod` is what a pod runs (`finetune train`): it reads the rendezvous the operator gave it,
-imports the trainer once, and forks one rank per local rank (a fresh `python -m
-finetune_trainer.rank` where forking is not safe); when a peer's pod is replaced, it starts them
-again to rejoin the gang. `run_local` (`finetune run`)
-plays every pod on this machine: it gives each node exactly the env a pod gets, derives its
-rendezvous the way a pod does, starts that node's ranks, and shows their progress.
+imports the trainer once (while, on rank 0's pod, `finetune_trainer.prefetch` downloads the
+sources), and forks one rank per local rank (a fresh `python -m finetune_trainer.rank` where
+forking is not safe); when a peer's pod is replaced, it starts them again to rejoin the gang.
+`run_local` (`finetune run`) plays every pod on this machine: it gives each node exactly the env
+a pod gets, derives its rendezvous the way a pod does, starts that node's ranks, and shows their
+progress.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from finetune_trainer.env import (
     hide_unused_packages,
     omp_threads,
 )
+from finetune_trainer.prefetch import Prefetch
 
 # After one rank fails, the others are usually stuck in a collective; give them this long to
 # notice on their own before they are terminated.
@@ -205,7 +207,19 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
     # The Hub environment is fixed before anything from Hugging Face is imported (rank.py).
     os.environ.update(env)
-    fork = preload_trainer(job)
+    # Rank 0's download overlaps the import; the ranks start once its revisions are resolved.
+    prefetch = Prefetch.start(job, rdzv.node_rank)
+    try:
+        fork = preload_trainer(job)
+        prefetch.wait_resolved()
+        return _rejoining(manifest, rdzv, fork)
+    finally:
+        prefetch.stop()
+
+
+def _rejoining(manifest: Path, rdzv: Rendezvous, fork: bool) -> int:
+    """This pod's ranks, started again each time a peer's pod is replaced, until they end
+    otherwise (or have rejoined pod.REJOIN_LIMIT times)."""
     env = dict(os.environ)
     terminated = threading.Event()
     for rejoins in range(pod.REJOIN_LIMIT + 1):

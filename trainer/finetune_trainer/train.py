@@ -17,7 +17,6 @@ module's, from `finetune_trainer.tasks`; telemetry is recorded at the boundaries
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -45,6 +44,7 @@ from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelera
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
 from finetune_trainer.env import PARAM_HASH_ENV, allocator_in_use, runtime_errors, setup_logging
+from finetune_trainer.job_folder import checkpoint_root
 from finetune_trainer.logtail import with_log_tail
 from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import write_failure, write_result
@@ -60,7 +60,7 @@ plain_log = logging.getLogger(__name__)
 
 def main(job: FineTuneJob) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    setup_logging(rank)
+    setup_logging(f"rank {rank}")
     try:
         missing = missing_local(job)
         if missing is not None:
@@ -351,31 +351,6 @@ def _prepare(
         total_steps,
         compiled=compiled_layers > 0,
     )
-
-
-def checkpoint_root(job: FineTuneJob) -> Path:
-    """The job's checkpoint folder, keyed by what shapes training: a changed spec on a reused
-    volume starts afresh instead of resuming someone else's run.
-
-    Fields at their defaults stay out of the key: a field that a later version adds with a
-    default then leaves the folder of a job that does not set it where it was, so an upgrade
-    between restarts still resumes.
-    """
-    base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
-    s = job.spec
-    # gradientCheckpointing changes memory, and compile the kernels, not what is trained.
-    training = s.training.model_dump(
-        mode="json", exclude_defaults=True, exclude={"gradient_checkpointing", "compile"}
-    )
-    shape = [
-        *(m.model_dump(mode="json", exclude_defaults=True) for m in (s.model, s.dataset, s.peft)),
-        training,
-        s.evaluation.metrics,
-        s.resources.nodes,
-        s.resources.processes_per_node,
-    ]
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
-    return base / f"{job.metadata.name}-{digest}"
 
 
 def _resume(
