@@ -1,7 +1,8 @@
 """`finetune run`: the README demo's path, the example manifest as a 2-node local gang.
 
-Each node's ranks are `python -m finetune_trainer.rank` processes started by local mode with
-the env a pod of that node gets (launch.run_local)."""
+Each node is the pod's own command, `finetune train`, started by local mode with the env a pod
+of that node gets (launch.run_local): it imports the trainer once and forks its ranks, and node
+0 prefetches the sources as rank 0's pod does."""
 
 from __future__ import annotations
 

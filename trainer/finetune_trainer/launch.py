@@ -4,9 +4,8 @@
 imports the trainer once (while, on rank 0's pod, `finetune_trainer.prefetch` downloads the
 sources), and forks one rank per local rank (a fresh `python -m finetune_trainer.rank` where
 forking is not safe); when a peer's pod is replaced, it starts them again to rejoin the gang.
-`run_local` (`finetune run`) plays every pod on this machine: it gives each node exactly the env
-a pod gets, derives its rendezvous the way a pod does, starts that node's ranks, and shows their
-progress.
+`run_local` (`finetune run`) plays every pod on this machine: it runs each node as the pod's own
+command with exactly the env a pod gets, and shows their progress.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, Protocol
+from typing import NoReturn, Protocol
 
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
@@ -39,6 +38,9 @@ from finetune_trainer.env import (
 )
 from finetune_trainer.prefetch import Prefetch
 
+# The `finetune` command, by its module name (the console script may not be on PATH). A command
+# line, not an import: the trainer package imports no CLI.
+FINETUNE = [sys.executable, "-m", "finetune_cli"]
 # After one rank fails, the others are usually stuck in a collective; give them this long to
 # notice on their own before they are terminated.
 FAILURE_GRACE_S = 15.0
@@ -135,13 +137,13 @@ def rank_command(manifest: Path) -> list[str]:
 
 
 def start_ranks(
-    manifest: Path, rdzv: Rendezvous, env: Mapping[str, str], **popen: Any
+    manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]
 ) -> list[subprocess.Popen[bytes]]:
     """One process per local rank of one node, each with its torch.distributed variables."""
     # Unbuffered, so that the ranks' lines reach the pod log (or local mode's echo) as written.
     base = {**env, "PYTHONUNBUFFERED": "1"}
     return [
-        subprocess.Popen(rank_command(manifest), env={**base, **rdzv.rank_env(i)}, **popen)
+        subprocess.Popen(rank_command(manifest), env={**base, **rdzv.rank_env(i)})
         for i in range(rdzv.nproc_per_node)
     ]
 
@@ -257,7 +259,8 @@ def free_port() -> int:
 
 
 def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> int:
-    """`finetune run`: every node of the gang on this machine, each with a pod's env."""
+    """`finetune run`: every pod of the gang on this machine, each the pod's own command
+    (`finetune train`) with the env its pod gets."""
     res = job.spec.resources
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +270,7 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
     base.setdefault(pod.OUTPUT_DIR_ENV, str(workdir / "output"))
     base.setdefault(pod.METRICS_PORT_ENV, "0")  # many ranks share this host's ports
     base["OMP_NUM_THREADS"] = omp_threads(res.nodes * res.processes_per_node, base)
-    base.update(allocator_env(job, base))
+    base.update(allocator_env(job, base))  # so that no pod starts itself again to preload it
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     results = []
@@ -284,15 +287,25 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
                 master_port=port,
             ),
             pod.RESULT_FILE_ENV: str(results[-1]),
+            # Unbuffered, so that the pod's lines reach the echo below as they are written.
+            "PYTHONUNBUFFERED": "1",
         }
-        rdzv = Rendezvous.from_env(job, env)  # as the node's pod would read it
-        procs += start_ranks(manifest, rdzv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(
+            subprocess.Popen(
+                pod_command(manifest), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
     print(f"workdir: {workdir}", file=sys.stderr)
     finish_logs = _stream_logs(procs)
     code = supervise(procs)
     finish_logs()
     _print_summary(results[0], code)
     return code
+
+
+def pod_command(manifest: Path) -> list[str]:
+    """A pod's command, `finetune train MANIFEST`, as this interpreter runs it."""
+    return [*FINETUNE, "train", str(manifest)]
 
 
 def _stream_logs(procs: list[subprocess.Popen[bytes]]) -> Callable[[], None]:

@@ -1,9 +1,8 @@
 """The pods of one FineTuneJob as local processes, for tests and benchmarks.
 
-Each node is one `finetune train` process in its own session, with exactly the rendezvous env
-that the operator renders into a pod; a node loss is a SIGKILL of that session. `finetune` is
-the pod's command, so it is started here by its module name (the console script may not be on
-PATH); this is a command line, not an import: the trainer package still imports no CLI.
+Each node is one `finetune train` process (the pod's command, `launch.pod_command`) in its own
+session, with exactly the rendezvous env that the operator renders into a pod; a node loss is a
+SIGKILL of that session.
 """
 
 from __future__ import annotations
@@ -13,16 +12,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
 from finetune_api import pod
+from finetune_trainer.launch import FINETUNE, pod_command
 
-# The `finetune` command (finetune_cli), as this interpreter runs it.
-FINETUNE = [sys.executable, "-m", "finetune_cli"]
+__all__ = ["FINETUNE", "LocalGang", "free_ports", "offline_env"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -111,7 +109,7 @@ class LocalGang:
         }
         with self.logs[i].open("ab") as log:
             return subprocess.Popen(
-                [*FINETUNE, "train", str(self.manifest)],
+                pod_command(self.manifest),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
