@@ -10,6 +10,7 @@ command with exactly the env a pod gets, and shows their progress.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,7 @@ from finetune_trainer.env import (
     hide_unused_packages,
     omp_threads,
 )
+from finetune_trainer.forked import Forked
 from finetune_trainer.prefetch import Prefetch
 
 # The `finetune` command, by its module name (the console script may not be on PATH). A command
@@ -56,43 +57,6 @@ class RankProcess(Protocol):
     def poll(self) -> int | None: ...
     def send_signal(self, sig: int) -> None: ...
     def terminate(self) -> None: ...
-
-
-class ForkedRank:
-    """A rank forked from `finetune train` after it imported the trainer, so that the rank
-    starts without importing torch, transformers and peft again; Popen's names."""
-
-    def __init__(self, manifest: Path, env: Mapping[str, str]) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the rank
-            code = 1
-            try:
-                code = _run_rank(manifest, env)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        self.pid, self.returncode = pid, None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
 
 def _run_rank(manifest: Path, env: Mapping[str, str]) -> int:
@@ -126,10 +90,14 @@ def preload_trainer(job: FineTuneJob) -> bool:
     return not torch.cuda.is_initialized()
 
 
-def fork_ranks(manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]) -> list[ForkedRank]:
-    """`start_ranks` for a process that has imported the trainer (`preload_trainer`)."""
+def fork_ranks(manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]) -> list[Forked]:
+    """`start_ranks` for a process that has imported the trainer (`preload_trainer`): each rank
+    starts without importing torch, transformers and peft again."""
     base = {**env, "PYTHONUNBUFFERED": "1"}
-    return [ForkedRank(manifest, {**base, **rdzv.rank_env(i)}) for i in range(rdzv.nproc_per_node)]
+    return [
+        Forked(functools.partial(_run_rank, manifest, {**base, **rdzv.rank_env(i)}))
+        for i in range(rdzv.nproc_per_node)
+    ]
 
 
 def rank_command(manifest: Path) -> list[str]:

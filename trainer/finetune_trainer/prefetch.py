@@ -22,16 +22,15 @@ artifact that an earlier attempt kept and that is pushed without loading the sou
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import signal
-import sys
-import traceback
 
 from finetune_api import FineTuneJob
 from finetune_api.result import scrub
 from finetune_trainer import fetch
 from finetune_trainer.env import ensure_writable_hf_home, setup_logging
+from finetune_trainer.forked import Forked
 from finetune_trainer.job_folder import checkpoint_root, final_kept
 
 log = logging.getLogger(__name__)
@@ -42,9 +41,10 @@ def wanted(job: FineTuneJob, node_rank: int) -> bool:
     return node_rank == 0 and fetch.fetches(job.spec) and not final_kept(checkpoint_root(job))
 
 
-def _prefetch(job: FineTuneJob, resolved_fd: int) -> int:
+def _prefetch(job: FineTuneJob, launchers_fd: int, resolved_fd: int) -> int:
     """In the prefetch process: resolve and keep the revisions, close `resolved_fd` to say so,
     then download. The Hub environment is the launcher's (configure_hub_env ran before)."""
+    os.close(launchers_fd)  # the launcher's end of the pipe: its read ends when this one closes
     ensure_writable_hf_home()  # as a rank does, so that both use the same cache
     setup_logging("prefetch")
     try:
@@ -59,10 +59,10 @@ def _prefetch(job: FineTuneJob, resolved_fd: int) -> int:
 
 
 class Prefetch:
-    """The prefetch process of `finetune train`, or none (`pid` None) where it is not wanted."""
+    """The prefetch process of `finetune train`, or none where it is not wanted."""
 
-    def __init__(self, pid: int | None = None, resolved_fd: int | None = None) -> None:
-        self._pid, self._resolved_fd = pid, resolved_fd
+    def __init__(self, proc: Forked | None = None, resolved_fd: int | None = None) -> None:
+        self._proc, self._resolved_fd = proc, resolved_fd
 
     @classmethod
     def start(cls, job: FineTuneJob, node_rank: int) -> Prefetch:
@@ -70,39 +70,25 @@ class Prefetch:
         if not wanted(job, node_rank):
             return cls()
         read, write = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the prefetch
-            os.close(read)
-            code = 1
-            try:
-                code = _prefetch(job, write)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        proc = Forked(functools.partial(_prefetch, job, read, write))
         os.close(write)
-        return cls(pid, read)
+        return cls(proc, read)
 
     def wait_resolved(self) -> None:
         """Until it has resolved and kept the revisions (it closes its end of the pipe), or
         ended without."""
         if self._resolved_fd is not None:
             os.read(self._resolved_fd, 1)  # b"": the prefetch's end closed
-            os.close(self._resolved_fd)
-            self._resolved_fd = None
+            self._close_pipe()
 
     def stop(self) -> None:
         """End it if it still runs (the ranks ended without needing its download), and reap it."""
-        if self._resolved_fd is not None:  # never waited for: the launcher failed first
+        self._close_pipe()  # not waited for where the launcher failed first
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+
+    def _close_pipe(self) -> None:
+        if self._resolved_fd is not None:
             os.close(self._resolved_fd)
             self._resolved_fd = None
-        if self._pid is None:
-            return
-        if os.waitpid(self._pid, os.WNOHANG) == (0, 0):
-            os.kill(self._pid, signal.SIGTERM)
-            os.waitpid(self._pid, 0)
-        self._pid = None
