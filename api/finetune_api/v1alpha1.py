@@ -1003,6 +1003,19 @@ class TemplateSpec(ApiModel):
         "ephemeral-storage request, unless resources.requests or resources.limits name "
         "ephemeral-storage. A quantity such as 20Gi; it must hold the base model. Default 20Gi.",
     )
+    termination_grace_period_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="terminationGracePeriodSeconds of the pods: how long a trainer that gets "
+        "SIGTERM (its pod deleted, evicted, preempted, drained or suspended) has to finish its "
+        "step and save a checkpoint before it is killed. A save that does not fit is lost, and "
+        "the gang resumes from the last periodic checkpoint instead. Raise it where one step and "
+        "one save take longer (full fine-tuning of a large model writes its optimizer state "
+        "too). A restart after a failure waits for the failed attempt's pods to stop: a frozen "
+        "rank (a stopped process) holds it this long, where one stuck in a collective ends "
+        "itself (runPolicy.hangTimeoutSeconds). Unset: Kubernetes' default, 30.",
+    )
 
     __rules__ = (
         _key_format_rule("labels"),

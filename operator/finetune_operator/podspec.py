@@ -248,6 +248,8 @@ def pod_spec(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> Ma
         pod["schedulerName"] = tpl.scheduler_name
     if tpl.runtime_class_name:
         pod["runtimeClassName"] = tpl.runtime_class_name
+    if tpl.termination_grace_period_seconds is not None:
+        pod["terminationGracePeriodSeconds"] = tpl.termination_grace_period_seconds
     if tpl.topology_spread_constraints:
         pod["topologySpreadConstraints"] = _topology_spread(job)
     return pod

@@ -263,6 +263,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("scheduler-name-format", {"spec.template.schedulerName": "My_Sched"}, "schedulerName"),
     ("run-as-root", {"spec.template.securityContext": {"runAsUser": 0}}, "runAsUser"),
     (
+        "grace-period-negative",
+        {"spec.template.terminationGracePeriodSeconds": -1},
+        "terminationGracePeriodSeconds",
+    ),
+    (
         "spread-max-items",
         {"spec.template.topologySpreadConstraints": [SPREAD] * 4},
         "topologySpreadConstraints",
@@ -420,5 +425,6 @@ def test_pod_settings_are_accepted_and_render_a_job_kubernetes_accepts(
         == job["spec"]["template"]["spec"]["topologySpreadConstraints"]
     )
     assert pod["securityContext"]["runAsUser"] == 1000650000
+    assert pod["terminationGracePeriodSeconds"] == 300
     labels = accepted["spec"]["template"]["metadata"]["labels"]
     assert labels["sidecar.istio.io/inject"] == "false"

@@ -261,15 +261,18 @@ def test_pod_settings_are_accepted_and_default():
             topologySpreadConstraints=[SPREAD],
             securityContext={"runAsUser": 1000650000, "runAsGroup": 0, "fsGroup": 0},
             cacheSize="1.5Ti",
+            terminationGracePeriodSeconds=0,
         )
     )
     tpl = job.spec.template
+    assert tpl.termination_grace_period_seconds == 0
     assert tpl.labels == {"sidecar.istio.io/inject": "false", "team": ""}
     assert tpl.topology_spread_constraints[0].label_selector is None
     assert tpl.security_context is not None and tpl.security_context.run_as_group == 0
     assert tpl.cache_size == "1.5Ti"
     bare = parse_manifest(VALID).spec.template
     assert bare.cache_size == "20Gi" and bare.security_context is None
+    assert bare.termination_grace_period_seconds is None  # Kubernetes' default, 30
 
 
 @pytest.mark.parametrize("size", ["20Gi", "500M", "1e9", "1073741824", "0.5Ti", "64k"])
@@ -327,6 +330,16 @@ def test_cache_size_takes_kubernetes_quantities(size):
         ({"labels": {"team": "n" * 64}}, "spec.template.labels.team", "at most 63"),
         ({"schedulerName": "My_Scheduler"}, "spec.template.schedulerName", "pattern"),
         ({"runtimeClassName": ""}, "spec.template.runtimeClassName", "at least 1"),
+        (
+            {"terminationGracePeriodSeconds": -1},
+            "spec.template.terminationGracePeriodSeconds",
+            "greater than or equal to 0",
+        ),
+        (
+            {"terminationGracePeriodSeconds": 86401},
+            "spec.template.terminationGracePeriodSeconds",
+            "less than or equal to 86400",
+        ),
         ({"imagePullSecrets": [{}]}, "spec.template.imagePullSecrets[0].name", "required"),
         # The pods run as non-root: UID 0 could only fail at the kubelet.
         ({"securityContext": {"runAsUser": 0}}, "spec.template.securityContext.runAsUser", ""),

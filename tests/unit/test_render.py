@@ -309,6 +309,7 @@ def test_pod_settings_reach_the_pod_spec() -> None:
     assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror.pull-secret"}]
     assert pod["schedulerName"] == "volcano"
     assert pod["runtimeClassName"] == "nvidia"
+    assert pod["terminationGracePeriodSeconds"] == 300
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
         "runAsUser": 1000650000,
@@ -325,6 +326,7 @@ def test_unset_pod_settings_leave_kubernetes_defaults() -> None:
         "schedulerName",
         "runtimeClassName",
         "topologySpreadConstraints",
+        "terminationGracePeriodSeconds",
     ):
         assert field not in pod, field
 
