@@ -20,8 +20,9 @@ The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing ever
   chain decides the wall time);
 - ft-hang: rank 1's trainer process stopped with SIGSTOP (kubectl exec); rank 0's watchdog ends
   the attempt after hangTimeoutSeconds=20 (CollectiveTimeout) and the gang restarts from its last
-  periodic checkpoint; its evaluation gate cannot pass, so it ends EvaluationGateFailed and
-  nothing reaches the repo's main branch;
+  periodic checkpoint, once the kubelet has killed the stopped pod at the end of its
+  terminationGracePeriodSeconds (5 here); its evaluation gate cannot pass, so it ends
+  EvaluationGateFailed and nothing reaches the repo's main branch;
 - ft-push503 / ft-push403 (1 node, 10 steps): the double fails the job's commits (scoped to its
   repo) with 503 three times (retried in the pod: Succeeded, one push) or with 403 (Failed,
   PushFailed, no second attempt).
@@ -75,6 +76,9 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
 CKPT_EVERY = 5
 HANG_TIMEOUT_S = 20
+# ft-hang's template.terminationGracePeriodSeconds: its stopped rank can neither save nor exit, so
+# the kubelet kills its pod only when the grace period is up, and the restart waits for that.
+HANG_GRACE_S = 5
 PUSH_STEPS = 10
 # Faults strike once the attempt has trained this many steps past where it began.
 FAULT_AFTER_STEPS = 3
@@ -748,6 +752,8 @@ def hang_scenario(suite: Suite, record: Obj) -> None:
     # checkpoint here: the stopped rank cannot take part in one).
     step = suite.wait_trained(job, 1, CKPT_EVERY + 2)
     rank1, resumed = suite.rank_pod(job, 1, 1), suite.last_resume(job)
+    grace = rank1["spec"].get("terminationGracePeriodSeconds")
+    assert grace == HANG_GRACE_S, f"{job}'s pods got terminationGracePeriodSeconds {grace}"
     t_fault = time.monotonic()
     out = suite.kube(
         "-n", suite.ns, "exec", rank1["metadata"]["name"], "-c", "trainer", "--",
@@ -830,6 +836,7 @@ def suite(
         }
         # Its gate cannot be met: the run ends EvaluationGateFailed, and nothing is pushed.
         jobs[HANG]["spec"]["evaluation"]["gates"] = {"perplexity": 1.0}
+        jobs[HANG]["spec"]["template"]["terminationGracePeriodSeconds"] = HANG_GRACE_S
         s.reference = reference_for(jobs[CHAIN])
         s.reference_source = "test_e2e (same session)"
         if s.reference is None:
