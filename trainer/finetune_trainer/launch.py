@@ -90,13 +90,19 @@ def preload_trainer(job: FineTuneJob) -> bool:
     return not torch.cuda.is_initialized()
 
 
+def _rank_envs(rdzv: Rendezvous, env: Mapping[str, str]) -> list[dict[str, str]]:
+    """The env of each local rank of one node: `env` with its torch.distributed variables."""
+    # Unbuffered, so that the ranks' lines reach the pod log (or local mode's echo) as written.
+    base = {**env, "PYTHONUNBUFFERED": "1"}
+    return [{**base, **rdzv.rank_env(i)} for i in range(rdzv.nproc_per_node)]
+
+
 def fork_ranks(manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]) -> list[Forked]:
     """`start_ranks` for a process that has imported the trainer (`preload_trainer`): each rank
     starts without importing torch, transformers and peft again."""
-    base = {**env, "PYTHONUNBUFFERED": "1"}
     return [
-        Forked(functools.partial(_run_rank, manifest, {**base, **rdzv.rank_env(i)}))
-        for i in range(rdzv.nproc_per_node)
+        Forked(functools.partial(_run_rank, manifest, rank_env))
+        for rank_env in _rank_envs(rdzv, env)
     ]
 
 
@@ -108,11 +114,8 @@ def start_ranks(
     manifest: Path, rdzv: Rendezvous, env: Mapping[str, str]
 ) -> list[subprocess.Popen[bytes]]:
     """One process per local rank of one node, each with its torch.distributed variables."""
-    # Unbuffered, so that the ranks' lines reach the pod log (or local mode's echo) as written.
-    base = {**env, "PYTHONUNBUFFERED": "1"}
     return [
-        subprocess.Popen(rank_command(manifest), env={**base, **rdzv.rank_env(i)})
-        for i in range(rdzv.nproc_per_node)
+        subprocess.Popen(rank_command(manifest), env=rank_env) for rank_env in _rank_envs(rdzv, env)
     ]
 
 
