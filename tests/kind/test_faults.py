@@ -378,6 +378,9 @@ class Suite:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     restarts: list[Obj] = field(default_factory=list)
     operator_logs: dict[str, str] = field(default_factory=dict)
+    # job -> when (Unix time) a scenario last struck its gang: a fault that need not change its
+    # pods (SIGSTOP) still stops its progress.
+    struck: dict[str, float] = field(default_factory=dict)
     failed: bool = False
 
     def outcome(self, name: str) -> Outcome:
@@ -502,7 +505,18 @@ class Suite:
 
         return self.view.wait(f"{job} attempt {attempt} rank {rank} running", probe)
 
+    def strike(self, job: str) -> float:
+        """Note that a fault strikes `job`'s gang now; returns the time (monotonic)."""
+        self.struck[job] = time.time()
+        return time.monotonic()
+
+    def unsettled(self, job: str) -> bool:
+        """A fault struck `job`'s gang and the gang has not resumed since."""
+        resumed = self.last_resume(job)
+        return self.struck.get(job, 0) > (epoch(resumed) if resumed else 0)
+
     def delete_pod(self, pod: Obj) -> None:
+        self.strike(pod["metadata"]["labels"][JOB_LABEL])
         self.kube("-n", self.ns, "delete", "pod", pod["metadata"]["name"], "--wait=false")
 
 
@@ -535,6 +549,26 @@ def others_training(view: View, job: str) -> dict[str, str]:
         }
 
 
+def stepping(suite: Suite, job: str) -> set[str]:
+    """The FineTuneJobs other than `job` that train (others_training), settled since the last
+    fault that struck them, and whose step the operator reads advancing: waits for one."""
+    view = suite.view
+
+    def steps() -> dict[str, int]:
+        with view.cond:
+            names = [n for n in others_training(view, job) if not suite.unsettled(n)]
+            return {n: int((view.status(n).get("progress") or {}).get("step") or 0) for n in names}
+
+    before = steps()
+
+    def advanced() -> set[str] | None:
+        now = steps()
+        # `or None`: an empty set is a value to wait(), which waits only on None or False.
+        return {n for n, step in now.items() if step > before.get(n, step)} or None
+
+    return view.wait("another job stepping", advanced)
+
+
 def gang_pods(view: View, job: str) -> set[str]:
     """The job's pods that run and are not going: another set later means its gang changed."""
     with view.cond:
@@ -560,9 +594,11 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     )
     rank1 = suite.rank_pod(job, 1, 1)
     record["deletedPods"] = [rank1["metadata"]["name"]]
-    # Some other job must be training, for the new operator to have a status to bring up to date.
-    # `or None`: an empty dict is a value to wait(), which waits only on None or False.
-    training = view.wait("another job training", lambda: others_training(view, job) or None)
+    # Some other job must be training, for the new operator to have a status to bring up to date:
+    # its step read advancing now. A gang that is between attempts, or stopped, has a Running
+    # phase and pods too, but no step for the new operator to read.
+    training = stepping(suite, job)
+    selected_at = time.time()
     gangs = {n: gang_pods(view, n) for n in training}
     step = int((view.status(job).get("progress") or {}).get("step") or 0)
     resumed, disrupted = suite.last_resume(job), int(view.status(job).get("disruptions") or 0)
@@ -583,24 +619,31 @@ def restart_operator_with(suite: Suite, job: str, record: Obj) -> None:
     suite.timing.record("faults_operator_delete_to_ready", t_ready - t_fault)
     # Everything that trained at the fault must show a status written after the new operator
     # was ready: its progress read again (or its end recorded). A gang that another scenario's
-    # fault hit meanwhile (its pods changed) reports no progress until it has re-formed,
-    # whatever the operator does: it is not waited for.
+    # fault struck meanwhile (its pods changed, or a rank stopped) reports no progress until it
+    # has re-formed, whatever the operator does: it is not waited for.
     ready_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     times: dict[str, float] = {}
+    refreshed: list[str] = []
 
     def converged() -> Obj | None:
         now = round(time.monotonic() - t_ready, 1)
-        for n in training:
+        for n in set(training) - set(times):
             st = view.status(n)
-            if n not in times and (
-                st.get("phase") in ("Succeeded", "Failed")
-                or ((st.get("progress") or {}).get("updatedAt") or "") >= ready_at
-                or gang_pods(view, n) != gangs[n]
+            if st.get("phase") in ("Succeeded", "Failed") or (
+                ((st.get("progress") or {}).get("updatedAt") or "") >= ready_at
             ):
-                times[n] = now  # a status written by the new operator, or a gang re-forming
+                times[n] = now
+                refreshed.append(n)
+            elif gang_pods(view, n) != gangs[n] or suite.struck.get(n, 0) > selected_at:
+                times[n] = now  # struck meanwhile: it reports no step until it has re-formed
         if len(times) < len(training):
             return None
-        return {"restartedGang": job, "refreshed": sorted(training), "secondsByJob": dict(times)}
+        return {
+            "restartedGang": job,
+            "refreshed": sorted(refreshed),
+            "struckMeanwhile": sorted(set(training) - set(refreshed)),
+            "secondsByJob": dict(times),
+        }
 
     got = view.wait("status to converge after the operator restart", converged, timeout=120)
     seconds = time.monotonic() - t_ready
@@ -731,7 +774,7 @@ def drain_scenario(suite: Suite, record: Obj) -> None:
     )
     record["evicted"] = {"pod": on_worker["metadata"]["name"], "rank": pod_index(on_worker)}
     resumed = suite.last_resume(job)
-    t_fault = time.monotonic()
+    t_fault = suite.strike(job)
     try:
         out = suite.kube(
             "drain", suite.worker, "--pod-selector", f"{JOB_LABEL}={job}", "--ignore-daemonsets",
@@ -754,7 +797,7 @@ def hang_scenario(suite: Suite, record: Obj) -> None:
     rank1, resumed = suite.rank_pod(job, 1, 1), suite.last_resume(job)
     grace = rank1["spec"].get("terminationGracePeriodSeconds")
     assert grace == HANG_GRACE_S, f"{job}'s pods got terminationGracePeriodSeconds {grace}"
-    t_fault = time.monotonic()
+    t_fault = suite.strike(job)
     out = suite.kube(
         "-n", suite.ns, "exec", rank1["metadata"]["name"], "-c", "trainer", "--",
         "python", "-c", SIGSTOP_RANKS, timeout=60,
@@ -1032,7 +1075,10 @@ def test_operator_pod_deleted_while_jobs_train(suite: Suite, check: Checks) -> N
         f"status took {record['convergeSeconds']}s (> {CONVERGE_S}s) to converge after the new "
         f"operator pod was ready: {record}",
     )
-    check(bool(record["refreshed"]), f"no other job was training to refresh: {record}")
+    check(
+        bool(record["refreshed"]),
+        f"the new operator refreshed no job's status (each one that trained was struck): {record}",
+    )
     for job, kinds in record["childrenAfterRestart"].items():
         # A restarting gang may be between its Jobs (the old one deleted, the new not yet made).
         want = [["ConfigMap", "Job", "Service", "Service"], ["ConfigMap", "Service", "Service"]]
