@@ -20,9 +20,10 @@ The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing ever
   chain decides the wall time);
 - ft-hang: rank 1's trainer process stopped with SIGSTOP (kubectl exec); rank 0's watchdog ends
   the attempt after hangTimeoutSeconds=20 (CollectiveTimeout) and the gang restarts from its last
-  periodic checkpoint, once the kubelet has killed the stopped pod at the end of its
-  terminationGracePeriodSeconds (5 here); its evaluation gate cannot pass, so it ends
-  EvaluationGateFailed and nothing reaches the repo's main branch;
+  periodic checkpoint. The stopped pod ends on its SIGTERM, which its launcher follows with
+  SIGCONT, not at the kubelet's SIGKILL after terminationGracePeriodSeconds (60 here); its
+  evaluation gate cannot pass, so it ends EvaluationGateFailed and nothing reaches the repo's main
+  branch;
 - ft-push503 / ft-push403 (1 node, 10 steps): the double fails the job's commits (scoped to its
   repo) with 503 three times (retried in the pod: Succeeded, one push) or with 403 (Failed,
   PushFailed, no second attempt).
@@ -76,9 +77,10 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
 CKPT_EVERY = 5
 HANG_TIMEOUT_S = 20
-# ft-hang's template.terminationGracePeriodSeconds: its stopped rank can neither save nor exit, so
-# the kubelet kills its pod only when the grace period is up, and the restart waits for that.
-HANG_GRACE_S = 5
+# ft-hang's template.terminationGracePeriodSeconds. Its stopped rank acts on the pod's SIGTERM
+# only because the launcher follows it with SIGCONT; otherwise the kubelet's SIGKILL would end it
+# (exit 137) once this is up, and the restart would wait for that.
+HANG_GRACE_S = 60
 PUSH_STEPS = 10
 # Faults strike once the attempt has trained this many steps past where it began.
 FAULT_AFTER_STEPS = 3
@@ -809,6 +811,8 @@ def hang_scenario(suite: Suite, record: Obj) -> None:
     record["detectSeconds"] = round(time.monotonic() - t_fault, 1)
     record["attempt1Result"] = result
     record["restart"] = suite.wait_restarted(job, 2, "sigstop", t_fault, step, resumed)
+    name = rank1["metadata"]["name"]
+    record["stoppedPodExit"] = view.wait(f"{name}'s exit", lambda: view.exits.get(name))[0]
     record["final"] = suite.wait_finished(job)
 
 
@@ -1153,6 +1157,11 @@ def test_sigstop_rank_collective_timeout(suite: Suite, check: Checks) -> None:
         suite.timing.record(
             "faults_hang_detect_seconds", f"{record['detectSeconds']} (limit {limit.group(1)})"
         )
+    check(
+        record["stoppedPodExit"] != 137,
+        f"{HANG}: the stopped rank's pod was killed (137) at the end of its grace period: the "
+        "launcher did not wake its rank (SIGCONT) to act on the pod's SIGTERM",
+    )
     check(st.get("attempts") == 2, f"{HANG}: {st.get('attempts')} attempts, want 2")
     steps_lost_within(check, st, HANG, CKPT_EVERY)
     perplexity_matches(check, suite, st, HANG)

@@ -56,7 +56,6 @@ class RankProcess(Protocol):
 
     def poll(self) -> int | None: ...
     def send_signal(self, sig: int) -> None: ...
-    def terminate(self) -> None: ...
 
 
 def _run_rank(manifest: Path, env: Mapping[str, str]) -> int:
@@ -133,6 +132,15 @@ def worst_exit(codes: Sequence[int]) -> int:
     return int(ExitCode.RETRYABLE)
 
 
+def _wake_with(proc: RankProcess, sig: int) -> None:
+    """`sig`, then SIGCONT: a stopped rank (SIGSTOP, a debugger's stop) acts on the signal now,
+    instead of holding it until the kubelet's SIGKILL ends the pod's grace period. systemd does
+    the same when it stops a unit."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+
+
 def supervise(procs: Sequence[RankProcess], terminated: threading.Event | None = None) -> int:
     """Wait for every child, forwarding SIGTERM/SIGINT (and noting them in `terminated`); a
     failed child ends its siblings."""
@@ -141,20 +149,25 @@ def supervise(procs: Sequence[RankProcess], terminated: threading.Event | None =
     def forward(signum: int, _frame: FrameType | None) -> None:
         terminated.set()
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+            _wake_with(p, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     failed_at: float | None = None
+    ended_siblings = False
     try:
-        while any(p.poll() is None for p in procs):
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+        # Every child is polled on each turn: `any(p.poll() is None ...)` stops at the first one
+        # that runs, and would never see a rank after it fail.
+        while None in (codes := [p.poll() for p in procs]):
+            if failed_at is None and any(code not in (None, 0) for code in codes):
                 failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+            if (
+                failed_at is not None
+                and not ended_siblings
+                and time.monotonic() - failed_at > FAILURE_GRACE_S
+            ):
                 for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                failed_at = time.monotonic() + 3600  # terminate once; wait() below reaps them
+                    _wake_with(p, signal.SIGTERM)
+                ended_siblings = True
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
@@ -174,6 +187,8 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     preload = allocator_env(job)
     if preload:
         _start_again_with(preload)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupted)
     rdzv = Rendezvous.from_env(job)
     env = dict(os.environ)
     configure_hub_env(job, env)
@@ -188,6 +203,14 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
         return _rejoining(manifest, rdzv, fork)
     finally:
         prefetch.stop()
+
+
+def _interrupted(_signum: int, _frame: FrameType | None) -> NoReturn:
+    """SIGTERM or SIGINT while no rank runs (`supervise` forwards them while ranks do): while
+    the trainer imports, while the prefetch resolves, between two rejoins. Nothing is there to
+    save, so the pod ends now, as interrupted. Without a handler the container's PID 1 would
+    ignore the kubelet's SIGTERM, and the pod would wait out its grace period for SIGKILL."""
+    raise SystemExit(int(ExitCode.INTERRUPTED))
 
 
 def _rejoining(manifest: Path, rdzv: Rendezvous, fork: bool) -> int:

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -63,9 +63,13 @@ class LocalGang:
         nodes: int,
         nproc_per_node: int = 1,
         own_hf_home: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.manifest, self.workdir, self.env, self.nodes = manifest, workdir, dict(env), nodes
         self.nproc_per_node = nproc_per_node
+        # A command that runs each pod's command, as a container runtime does: `unshare --pid
+        # --fork` makes it PID 1 of its own PID namespace.
+        self.wrapper = list(wrapper)
         # Each node its own HF_HOME (node-i/hf), as each pod has its own /tmp emptyDir; by
         # default the nodes share the caller's, which saves the tests' time.
         self.own_hf_home = own_hf_home
@@ -109,7 +113,7 @@ class LocalGang:
         }
         with self.logs[i].open("ab") as log:
             return subprocess.Popen(
-                pod_command(self.manifest),
+                [*self.wrapper, *pod_command(self.manifest)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
