@@ -1055,8 +1055,9 @@ class RunPolicy(ApiModel):
     ttl_seconds_after_finished: int | None = Field(
         None,
         ge=0,
-        description="ttlSecondsAfterFinished deletes the finished Job and pods after this long. "
-        "Mutable.",
+        description="ttlSecondsAfterFinished deletes the finished Job and its pods this long "
+        "after status.completionTime. The operator runs it once it has recorded the outcome "
+        "(not the Job's own TTL, which could delete a Job before its outcome was read). Mutable.",
     )
     queue_name: Annotated[str, StringConstraints(max_length=63)] | None = Field(
         None,

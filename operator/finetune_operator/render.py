@@ -190,8 +190,6 @@ def render_job(
     }
     if policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

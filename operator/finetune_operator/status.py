@@ -133,7 +133,8 @@ def job_patch(spec_job: Obj, run_policy: RunPolicy, start_time: str | None = Non
     spec = spec_job.get("spec") or {}
     want: Obj = {
         "activeDeadlineSeconds": attempt_deadline(spec_job, run_policy, start_time),
-        "ttlSecondsAfterFinished": run_policy.ttl_seconds_after_finished,
+        # Never the Job's own (see _ttl_left): one an earlier version set is removed.
+        "ttlSecondsAfterFinished": None,
     }
     # Kueue owns .spec.suspend of a queued Job; fighting it would evict the workload.
     if not run_policy.queue_name:
@@ -515,7 +516,9 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
     )
 
     if terminal:
-        pass  # a finished FineTuneJob never starts again (even when the Job's TTL removes it)
+        # A finished FineTuneJob never starts again; its Job goes when runPolicy's TTL is up.
+        expiry, requeue_after = _expiry(policy, status, out, observed.now)
+        actions += expiry
     elif (blocker := observed.blocker) is not None:
         if blocker.permanent:
             _finish(status, conds, observed.now, False, blocker.reason, blocker.message)
@@ -549,6 +552,9 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         _timings(status, prev, job, observed)
     status["conditions"] = conds.ordered()
     status["phase"] = str(phase_of(conds))
+    if not terminal and status["phase"] in TERMINAL and out.state is not State.ABSENT:
+        # Finished by this pass: its TTL runs once the verdict is written, from the next pass.
+        requeue_after = _ttl_left(policy, status, observed.now)
     if status.get("evaluation"):
         spec = job.spec.evaluation
         summary = evaluation_summary(status["evaluation"], spec.gates, spec.metrics)
@@ -562,6 +568,33 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         restarted=restarted,
         requeue_after=requeue_after,
     )
+
+
+def _ttl_left(policy: RunPolicy, status: Obj, now: str) -> float | None:
+    """Seconds until runPolicy.ttlSecondsAfterFinished is up for a finished job; None: no TTL.
+
+    The operator runs the TTL itself rather than setting the Job's: the Job controller would
+    delete a finished Job at its TTL even when no pass had read its outcome yet (the operator
+    busy or restarting), and that job would then look as if its Job had never been made, and
+    be made again."""
+    ttl = policy.ttl_seconds_after_finished
+    if ttl is None:
+        return None
+    since = _seconds_between(status.get("completionTime"), now)
+    return max(ttl - (since or 0.0), 0.0)
+
+
+def _expiry(
+    policy: RunPolicy, status: Obj, out: Outcome, now: str
+) -> tuple[list[Action], float | None]:
+    """A finished job's Job: deleted (its pods with it) once runPolicy's TTL is up, else looked
+    at again then."""
+    left = _ttl_left(policy, status, now)
+    if left is None or out.state is State.ABSENT or out.deleting:
+        return [], None
+    if left > 0:
+        return [], left
+    return [Action("delete", attempt=out.attempt, uid=out.uid)], None
 
 
 def _after_failure(

@@ -142,7 +142,8 @@ def test_job_is_an_indexed_gang_that_fails_fast() -> None:
     assert rules[0]["onExitCodes"]["values"] == [3, 4]
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
-    assert spec["ttlSecondsAfterFinished"] == 3600
+    # runPolicy.ttlSecondsAfterFinished (3600 here) is run by the operator, after the verdict.
+    assert "ttlSecondsAfterFinished" not in spec
 
 
 def test_pod_passes_restricted_pod_security() -> None:

@@ -327,6 +327,33 @@ def test_terminal_is_sticky_even_when_the_job_is_gone() -> None:
     assert again.transitions == []
 
 
+def test_the_ttl_deletes_a_finished_job_only_once_its_verdict_is_written() -> None:
+    """runPolicy.ttlSecondsAfterFinished is the operator's to run: a Job the Job controller
+    deleted before a pass read its outcome would be made again."""
+    complete = batch_job(cond=("Complete", "", ""))
+    pods = [pod(0, "Succeeded", 0, OK_MSG), pod(1, "Succeeded", 0)]
+    finishing = plan(ftj({"attempts": 1}, ttlSecondsAfterFinished=30), observed(complete, pods))
+    # The pass that finds it finished writes the verdict and deletes nothing yet.
+    assert finishing.status["phase"] == "Succeeded"
+    assert finishing.actions == []
+    assert finishing.requeue_after == 30
+    done = ftj(finishing.status, ttlSecondsAfterFinished=30)
+    early = plan(done, Observed(now=NOW, job=complete, outcome=observe_job(complete, pods)))
+    assert (early.actions, early.requeue_after) == ([], 30)
+    at_ttl = "2026-01-01T00:00:30Z"
+    due = plan(done, Observed(now=at_ttl, job=complete, outcome=observe_job(complete, pods)))
+    assert due.actions == [Action("delete", attempt=1, uid="job-1")]
+    assert due.status["phase"] == "Succeeded"
+    gone = plan(done, Observed(now=LATER))
+    assert (gone.actions, gone.requeue_after, gone.status["phase"]) == ([], None, "Succeeded")
+    # No TTL: the Job stays, and nothing is asked for later.
+    kept = plan(
+        ftj(finishing.status),
+        Observed(now=LATER, job=complete, outcome=observe_job(complete, pods)),
+    )
+    assert (kept.actions, kept.requeue_after) == ([], None)
+
+
 def test_same_observation_twice_changes_nothing() -> None:
     first = derive_status(ftj({"attempts": 1}), observed(batch_job(), [pod(0, "Running")]))
     second = plan(
