@@ -17,6 +17,12 @@ that cluster. The operator is `python -m finetune_operator` as $PYTHONPATH finds
   has digested the burst (its CPU drops under --settle-busy of a core), apply → Job latency one
   at a time again while the 2,000 exist, their resync timers running.
 
+- restart: --restart-jobs FineTuneJobs finished (their status patched to Succeeded while the
+  operator is down) with their Jobs and pods gone, as ttlSecondsAfterFinished leaves a long
+  history, and one live job whose Job was deleted meanwhile; then the operator starts: the time
+  until it has made the live job's Job again, and the passes it ran by then and until it
+  settled.
+
 Bursts are created from --clients threads. Each reports the operator's peak RSS and CPU seconds
 from /proc. Jobs are seen through a watch, not by polling. Results are merged into
 benchmarks/results/operator_scale.json under --label, so one file holds before and after runs.
@@ -173,6 +179,64 @@ def burst(
     }
 
 
+def finish(kube: Kube, ns: str, name: str, at: str) -> None:
+    """Patch the status of FineTuneJob `name` to what a pass writes when its training ends."""
+    succeeded = {
+        "type": "Succeeded",
+        "status": "True",
+        "reason": "TrainingCompleted",
+        "message": "all ranks succeeded",
+        "lastTransitionTime": at,
+    }
+    status = {"phase": "Succeeded", "completionTime": at, "conditions": [succeeded]}
+    kube.patch("FineTuneJob", name, ns, {"status": status}, subresource="status")
+
+
+def passes(op: Operator) -> int:
+    """Reconcile passes the operator has run (its duration histogram's count)."""
+    for line in op.metrics().splitlines():
+        if line.startswith("finetune_operator_reconcile_duration_seconds_count"):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def restart(
+    kube: Kube, op: Operator, watcher: JobWatcher, ns: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Finished jobs without their Jobs and one live one, whose Job goes while the operator is
+    down; then the time from the operator's start until it has made that Job again."""
+    made = burst(kube, watcher, ns, "done", args.restart_jobs, args.timeout, args.clients)
+    kube.create(ftj_manifest("live", ns, resources={"nodes": 1}))
+    watcher.wait_for({"live"}, args.timeout)
+    settle(op.proc.pid, args.settle_busy)  # type: ignore[union-attr]
+    op.stop()
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(lambda i: finish(kube, ns, f"done-{i}", at), range(args.restart_jobs)))
+    gone = ["live", *(f"done-{i}" for i in range(args.restart_jobs))]
+    with ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(lambda name: kube.delete("Job", name, ns), gone))
+    # Pods too (the garbage collector's): a Pending one's events would each queue a pass.
+    while kube.list("Job", ns) or kube.list("Pod", ns):
+        time.sleep(0.5)
+    again = JobWatcher(kube, ns)
+    again.start()
+    started = time.perf_counter()
+    op.start()
+    ready = time.perf_counter() - started
+    again.wait_for({"live"}, args.timeout)
+    repaired = again.seen.get("live", float("inf")) - started
+    return {
+        "finished_jobs": args.restart_jobs,
+        "jobs_created": made["jobs_created"],
+        "operator_ready_seconds": round(ready, 2),
+        "start_to_live_job_repaired_seconds": round(repaired, 2),
+        "passes_by_then": passes(op),
+        "settle_seconds_after_start": settle(op.proc.pid, args.settle_busy),  # type: ignore[union-attr]
+        "passes_until_settled": passes(op),
+    }
+
+
 def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with control_plane() as kubeconfig:
         # The burst's threads, the watch and the latency loop each hold a connection.
@@ -195,6 +259,8 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 result["burst"] = burst(
                     kube, watcher, ns, "burst", args.burst_jobs, args.timeout, args.clients
                 )
+            elif name == "restart":
+                result.update(restart(kube, op, watcher, ns, args))
             else:
                 result["burst"] = burst(
                     kube, watcher, ns, "scale", args.scale_jobs, args.timeout, args.clients
@@ -222,6 +288,7 @@ def main() -> int:
     parser.add_argument("--burst-jobs", type=int, default=500)
     parser.add_argument("--scale-jobs", type=int, default=2000)
     parser.add_argument("--scale-latency-jobs", type=int, default=50)
+    parser.add_argument("--restart-jobs", type=int, default=500)
     parser.add_argument("--latency-timeout", type=float, default=30)
     parser.add_argument("--clients", type=int, default=4, help="threads creating a burst")
     parser.add_argument("--timeout", type=float, default=600)

@@ -158,7 +158,16 @@ async def _run(namespace: str, name: str, scrape: bool = False) -> None:
 
 @kopf.on.resume(*FTJ, id="reconcile")
 @kopf.on.create(*FTJ, id="reconcile")
-async def reconcile_ftj(namespace: str, name: str, **_: Any) -> None:
+async def reconcile_ftj(
+    status: kopf.Status, spec: kopf.Spec, namespace: str, name: str, **_: Any
+) -> None:
+    if _finished(status) and not spec.get("serve"):
+        # Found at start-up: nothing changes a finished FineTuneJob but an edit (which has a
+        # handler of its own) or its deletion, so it is only counted. A pass each would queue
+        # 2-3 requests per finished job ahead of the live jobs' passes, and after a restart with
+        # a long history a failed gang would wait that long to be seen. Its resync pass comes.
+        reconciler().metrics.observe_job((namespace, name), status)
+        return
     # With a scrape: after an operator restart, a training gang's progress is read at once rather
     # than when the progress timer first fires. A new object has no pods, so nothing to read.
     await _run(namespace, name, scrape=True)
@@ -252,13 +261,17 @@ async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
         _queue(namespace, owner)
 
 
+def _finished(status: kopf.Status) -> bool:
+    return status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
+
+
 def _running(status: kopf.Status) -> bool:
     return status.get("phase") == Phase.RUNNING
 
 
 def _waiting(status: kopf.Status) -> bool:
     """Not finished, and the Job is held back (Created=False) by something the pass found."""
-    if status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
+    if _finished(status):
         return False
     return any(
         c.get("type") == ConditionType.CREATED and c.get("status") == "False"

@@ -6,25 +6,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from fixtures.cluster import (
     condition,
     ftj_manifest,
     ftj_status,
     patch_pod_status,
+    succeed,
     terminated_status,
 )
 from fixtures.kube import Kube
+from fixtures.operator import Operator
 from prometheus_client.parser import text_string_to_metric_families
-
-if TYPE_CHECKING:
-    from fixtures.operator import Operator
 
 pytest_plugins = ["fixtures.operator"]
 
 WaitUntil = Callable[..., Any]
 CRASH = json.dumps({"status": "Failed", "reason": "TrainingFailed", "message": "CUDA error"})
+PUSHED = {"status": "Succeeded", "reason": "PushedToHub", "message": "pushed", "steps": 10}
 
 
 def job_series(operator: Operator, namespace: str, name: str) -> dict[str, Any]:
@@ -102,3 +103,52 @@ def test_per_job_series_follow_a_job_through_a_restart_to_failure(
         timeout=60,
         message="the deleted job's series gone",
     )
+
+
+def passes(operator: Operator) -> int:
+    """The reconcile passes the operator process has run."""
+    for family in text_string_to_metric_families(operator.metrics()):
+        if family.name == "finetune_operator_reconcile_duration_seconds":
+            return int(next(s.value for s in family.samples if s.name.endswith("_count")))
+    raise AssertionError("no finetune_operator_reconcile_duration_seconds")
+
+
+def test_a_restart_counts_finished_jobs_without_a_pass(
+    operator: Operator,
+    kube: Kube,
+    kubeconfig: str,
+    namespace: str,
+    wait_until: WaitUntil,
+    tmp_path: Path,
+) -> None:
+    """An operator that starts over a long history has nothing to do for its finished jobs but
+    count them: a pass each would queue ahead of the live jobs' passes. Their Jobs are gone, as
+    ttlSecondsAfterFinished leaves them: the operator deletes each once it has recorded the
+    outcome (the Job controller's own TTL deleted them unread, and the operator made them
+    again)."""
+    names = [f"done-{i}" for i in range(3)]
+    for name in names:
+        kube.apply(ftj_manifest(name, namespace, runPolicy={"ttlSecondsAfterFinished": 0}))
+        succeed(kube, wait_until, namespace, name, PUSHED)
+    wait_until(lambda: not kube.list("Job", namespace), timeout=60, message="the Jobs' TTL")
+    for name in names:
+        status = ftj_status(kube, namespace, name)
+        assert (status["phase"], status["attempts"]) == ("Succeeded", 1), status
+    operator.stop()
+    # Only this namespace, so that no other test's job gets a pass here.
+    scoped = Operator(
+        kubeconfig, tmp_path / "operator.log", {"FINETUNE_WATCH_NAMESPACES": namespace}
+    )
+    try:
+        scoped.start()
+        want = {n: from_status(kube, namespace, n) for n in names}
+        assert all(w["status"][0] == "Succeeded" for w in want.values()), want
+        got = wait_until(
+            lambda: (s := {n: job_series(scoped, namespace, n) for n in names}) == want and s,
+            timeout=30,
+            message=f"a series for each finished job: {want}",
+        )
+        assert passes(scoped) == 0, (got, scoped.logs()[-5000:])
+    finally:
+        scoped.stop()
+        operator.start()

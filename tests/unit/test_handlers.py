@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import kopf
 import pytest
+from prometheus_client import CollectorRegistry
 
 from finetune_operator import clock, handlers, naming
+from finetune_operator.metrics import OperatorMetrics
 
 
 @pytest.mark.parametrize(
@@ -79,17 +82,37 @@ def test_no_kopf_timers_keep_a_task_and_a_body_per_object() -> None:
     assert [h.id for h in spawning] == []
 
 
-def test_create_and_resume_read_the_gangs_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("status", "spec", "passes"),
+    [
+        ({}, {}, [{"scrape": True}]),  # created
+        ({"phase": "Running"}, {}, [{"scrape": True}]),
+        ({"phase": "Succeeded"}, {"serve": {"enabled": True}}, [{"scrape": True}]),
+        ({"phase": "Succeeded"}, {}, []),
+        ({"phase": "Failed"}, {}, []),
+    ],
+)
+def test_create_and_resume_pass_over_what_is_not_finished(
+    monkeypatch: pytest.MonkeyPatch,
+    status: dict[str, Any],
+    spec: dict[str, Any],
+    passes: list[dict[str, Any]],
+) -> None:
     """After an operator restart, a training gang's status is brought up to date by the resume
-    pass itself, not seconds later by the first progress tick."""
+    pass itself, not seconds later by the first progress tick. A finished job (not serving) has
+    no pass, which would queue ahead of the live ones': it is counted from its status."""
     calls: list[dict[str, Any]] = []
 
     async def fake(namespace: str, name: str, **kwargs: Any) -> None:
         calls.append(kwargs)
 
+    metrics = OperatorMetrics(CollectorRegistry())
     monkeypatch.setattr(handlers, "_reconcile", fake)
-    asyncio.run(handlers.reconcile_ftj(namespace="ns", name="job"))
-    assert calls == [{"scrape": True}]
+    monkeypatch.setitem(handlers._state, "r", SimpleNamespace(metrics=metrics))
+    asyncio.run(handlers.reconcile_ftj(status=status, spec=spec, namespace="ns", name="job"))
+    assert calls == passes
+    counted = metrics.live_jobs().get(("ns", "job"))
+    assert (counted.phase if counted else None) == (None if passes else status["phase"])
 
 
 @pytest.mark.parametrize("handler", [handlers.job_changed, handlers.pod_changed])
