@@ -17,11 +17,12 @@ that cluster. The operator is `python -m finetune_operator` as $PYTHONPATH finds
   has digested the burst (its CPU drops under --settle-busy of a core), apply → Job latency one
   at a time again while the 2,000 exist, their resync timers running.
 
-- restart: --restart-jobs FineTuneJobs finished (their status patched to Succeeded while the
-  operator is down) with their Jobs and pods gone, as ttlSecondsAfterFinished leaves a long
-  history, and one live job whose Job was deleted meanwhile; then the operator starts: the time
-  until it has made the live job's Job again, and the passes it ran by then and until it
-  settled.
+- restart: --restart-jobs FineTuneJobs finished (their pods exit 0, as the tests' kubelet
+  reports) and then their Jobs and pods deleted, as ttlSecondsAfterFinished leaves a long
+  history, and one live job whose Job is deleted while the operator is down; then the operator
+  starts: the time until it has made the live job's Job again, and the passes it ran by then
+  and until it settled. restart-kept: the same with the finished jobs' Jobs and pods kept (no
+  TTL, the default).
 
 Bursts are created from --clients threads. Each reports the operator's peak RSS and CPU seconds
 from /proc. Jobs are seen through a watch, not by polling. Results are merged into
@@ -49,11 +50,17 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "controlplane"))
-from fixtures.cluster import ftj_manifest  # noqa: E402
+from fixtures.cluster import (  # noqa: E402
+    ftj_manifest,
+    patch_pod_status,
+    terminated_status,
+)
 from fixtures.kube import Kube  # noqa: E402
 from fixtures.operator import CRD_FILE, Operator, install_crd  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "operator_scale.json"
+JOB_LABEL = "finetune.dev/job-name"
+PUSHED = {"status": "Succeeded", "reason": "PushedToHub", "message": "pushed", "steps": 10}
 
 
 @contextmanager
@@ -179,17 +186,33 @@ def burst(
     }
 
 
-def finish(kube: Kube, ns: str, name: str, at: str) -> None:
-    """Patch the status of FineTuneJob `name` to what a pass writes when its training ends."""
-    succeeded = {
-        "type": "Succeeded",
-        "status": "True",
-        "reason": "TrainingCompleted",
-        "message": "all ranks succeeded",
-        "lastTransitionTime": at,
+def finish(kube: Kube, ns: str, names: list[str], clients: int, timeout: float) -> None:
+    """Play the kubelet for one-pod jobs: each pod exits 0 with a TrainerResult; the Job
+    controller completes the Job and the operator records the job Succeeded."""
+    deadline = time.perf_counter() + timeout
+    wanted, pods = set(names), {}
+    while wanted - pods.keys():  # the Job controller makes the pods after the Jobs
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"no pods for {sorted(wanted - pods.keys())[:5]}...")
+        for pod in kube.list("Pod", ns, labels=JOB_LABEL):
+            pods.setdefault(pod["metadata"]["labels"][JOB_LABEL], pod)
+        time.sleep(0.5)
+    status = {
+        p["metadata"]["name"]: terminated_status(p, 0, json.dumps(PUSHED))
+        for p in pods.values()
+        if p["metadata"]["labels"][JOB_LABEL] in wanted
     }
-    status = {"phase": "Succeeded", "completionTime": at, "conditions": [succeeded]}
-    kube.patch("FineTuneJob", name, ns, {"status": status}, subresource="status")
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda item: patch_pod_status(kube, ns, *item), status.items()))
+    while time.perf_counter() < deadline:
+        phases = {
+            f["metadata"]["name"]: f.get("status", {}).get("phase")
+            for f in kube.list("FineTuneJob", ns)
+        }
+        if all(phases.get(n) == "Succeeded" for n in names):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"finished jobs not all Succeeded after {timeout}s")
 
 
 def passes(op: Operator) -> int:
@@ -201,23 +224,30 @@ def passes(op: Operator) -> int:
 
 
 def restart(
-    kube: Kube, op: Operator, watcher: JobWatcher, ns: str, args: argparse.Namespace
+    kube: Kube,
+    op: Operator,
+    watcher: JobWatcher,
+    ns: str,
+    args: argparse.Namespace,
+    keep_jobs: bool,
 ) -> dict[str, Any]:
-    """Finished jobs without their Jobs and one live one, whose Job goes while the operator is
-    down; then the time from the operator's start until it has made that Job again."""
+    """Finished jobs (their Jobs kept, or gone) and one live one, whose Job goes while the
+    operator is down; then the time from the operator's start until it has made that Job
+    again."""
     made = burst(kube, watcher, ns, "done", args.restart_jobs, args.timeout, args.clients)
+    done = [f"done-{i}" for i in range(args.restart_jobs)]
+    finish(kube, ns, done, args.clients, args.timeout)
     kube.create(ftj_manifest("live", ns, resources={"nodes": 1}))
     watcher.wait_for({"live"}, args.timeout)
     settle(op.proc.pid, args.settle_busy)  # type: ignore[union-attr]
     op.stop()
-    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with ThreadPoolExecutor(args.clients) as pool:
-        list(pool.map(lambda i: finish(kube, ns, f"done-{i}", at), range(args.restart_jobs)))
-    gone = ["live", *(f"done-{i}" for i in range(args.restart_jobs))]
+    gone = ["live"] if keep_jobs else ["live", *done]
     with ThreadPoolExecutor(args.clients) as pool:
         list(pool.map(lambda name: kube.delete("Job", name, ns), gone))
-    # Pods too (the garbage collector's): a Pending one's events would each queue a pass.
-    while kube.list("Job", ns) or kube.list("Pod", ns):
+    # Their pods too (the garbage collector's), as a TTL leaves none.
+    while any(kube.list("Pod", ns, labels=f"{JOB_LABEL}={name}") for name in gone[:1]) or (
+        not keep_jobs and (kube.list("Job", ns) or kube.list("Pod", ns))
+    ):
         time.sleep(0.5)
     again = JobWatcher(kube, ns)
     again.start()
@@ -259,8 +289,8 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 result["burst"] = burst(
                     kube, watcher, ns, "burst", args.burst_jobs, args.timeout, args.clients
                 )
-            elif name == "restart":
-                result.update(restart(kube, op, watcher, ns, args))
+            elif name in ("restart", "restart-kept"):
+                result.update(restart(kube, op, watcher, ns, args, name == "restart-kept"))
             else:
                 result["burst"] = burst(
                     kube, watcher, ns, "scale", args.scale_jobs, args.timeout, args.clients

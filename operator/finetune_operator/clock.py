@@ -7,6 +7,7 @@ Why a pass is asked for:
 - **soon**: a watch event of a child or a related object (a Job, a pending pod, a Kueue
   Workload) moved. The handler returns at once: an awaited pass would hold the event's body
   (a pod's is several KB) for as long as the pass waits its turn, and a burst queues thousands.
+  A finished FineTuneJob's status is final, so only its serving Deployment's events ask.
 - **follow-up**: a pass asked for another one later (`Plan.requeue_after`, as controller-runtime's
   `RequeueAfter`): `runPolicy.pendingTimeoutSeconds` runs out at a moment only the clock knows.
   One per object, replaced by every later pass: the latest pass saw the latest state.
@@ -76,6 +77,8 @@ class _Entry:
     waiting_at: float
     resync_at: float
     follow_up_at: float | None = None
+    # Succeeded or Failed: its status is final, so a child's event asks it nothing.
+    finished: bool = False
 
 
 def _phase(key: Key) -> float:
@@ -106,13 +109,15 @@ class Clock:
         RESYNC_PASSES_PER_SECOND."""
         return max(self.resync_seconds, len(self._entries) / RESYNC_PASSES_PER_SECOND)
 
-    def track(self, key: Key, *, running: bool, waiting: bool, now: float) -> None:
+    def track(
+        self, key: Key, *, running: bool, waiting: bool, now: float, finished: bool = False
+    ) -> None:
         """Record what the latest watch event says of an object; a new one gets its schedule."""
         entry = self._entry(key, now)
         if waiting and not entry.waiting:
             # Newly held back: the pass that found it has just looked.
             entry.waiting_at = now + self.waiting_seconds
-        entry.running, entry.waiting = running, waiting
+        entry.running, entry.waiting, entry.finished = running, waiting, finished
 
     def forget(self, key: Key) -> None:
         self._entries.pop(key, None)
@@ -126,6 +131,14 @@ class Clock:
         self._soon.add(key)
         if serve:
             self._serve_soon.add(key)
+
+    def idle(self, due: Due) -> bool:
+        """Whether `due` is an event's pass, nothing periodic merged in, for an object known
+        finished by the time the pass is let run: at start-up the Jobs' listing can arrive
+        before their FineTuneJobs', and queue a pass for every finished one (see `due`)."""
+        entry = self._entries.get(due.key)
+        quiet = not (due.periodic or due.scrape or due.children or due.serve)
+        return quiet and entry is not None and entry.finished
 
     def asked(self, key: Key) -> bool:
         """Whether an event asked for a pass of the object that has not run yet."""
@@ -167,6 +180,10 @@ class Clock:
             soon, serve = key in self._soon, key in self._serve_soon
             self._soon.discard(key)
             self._serve_soon.discard(key)
+            # A finished object's Job or pods moved (its Job's start-up listing, say): nothing a
+            # pass could change, where a long history would queue one pass per finished job.
+            # Its serving Deployment's events still count, as do its follow-up and resync.
+            soon = soon and (serve or not entry.finished)
             scrape = children = follow_up = False
             if entry.follow_up_at is not None and entry.follow_up_at <= now:
                 entry.follow_up_at, follow_up = None, True

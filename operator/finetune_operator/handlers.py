@@ -7,7 +7,9 @@ Handler ids are explicit because kopf turns them into annotation keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -101,19 +103,19 @@ async def _reconcile(
     scrape: bool = False,
     children: bool = True,
     serve: bool = True,
+    idle: Callable[[], bool] = lambda: False,
 ) -> PassResult | None:
-    """One pass, once the semaphores admit it (periodic ones through both, always in that order),
-    and the follow-up pass it asks for (replacing any earlier one)."""
-    if periodic:
-        async with _periodic, _passes:
-            result = await reconciler().reconcile(
-                namespace, name, scrape=scrape, children=children, serve=serve
-            )
-    else:
-        async with _passes:
-            result = await reconciler().reconcile(
-                namespace, name, scrape=scrape, children=children, serve=serve
-            )
+    """One pass, once the semaphores admit it (periodic ones through both, always in that order)
+    unless it is `idle` by then, and the follow-up pass it asks for (replacing any earlier one)."""
+    async with contextlib.AsyncExitStack() as admitted:
+        if periodic:
+            await admitted.enter_async_context(_periodic)
+        await admitted.enter_async_context(_passes)
+        if idle():
+            return None
+        result = await reconciler().reconcile(
+            namespace, name, scrape=scrape, children=children, serve=serve
+        )
     if result is None:
         # Gone: e.g. a pass that a late event of a child queued after the deletion.
         _forget(namespace, name)
@@ -134,7 +136,12 @@ async def queued(due: clock.Due) -> None:
     """A pass from the queue: an event's, or the clock's (a follow-up, a wait, a progress read
     or a resync)."""
     await _reconcile(
-        *due.key, periodic=due.periodic, scrape=due.scrape, children=due.children, serve=due.serve
+        *due.key,
+        periodic=due.periodic,
+        scrape=due.scrape,
+        children=due.children,
+        serve=due.serve,
+        idle=lambda: _clock.idle(due),
     )
 
 
@@ -195,7 +202,13 @@ async def track(
         _forget(namespace, name)
         return
     now = asyncio.get_running_loop().time()
-    _clock.track((namespace, name), running=_running(status), waiting=_waiting(status), now=now)
+    _clock.track(
+        (namespace, name),
+        running=_running(status),
+        waiting=_waiting(status),
+        finished=_finished(status),
+        now=now,
+    )
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, id="job")

@@ -151,6 +151,36 @@ def test_only_the_serving_deployments_event_or_a_pass_over_the_children_reads_th
     assert resyncs and all(d.serve for d in resyncs)
 
 
+def test_a_finished_objects_events_ask_nothing_but_its_serving_deployments() -> None:
+    """After a restart over a long history, the Jobs' listing would otherwise queue a pass per
+    finished job ahead of the live jobs' passes."""
+    c = _clock()
+    c.track(KEY, running=False, waiting=False, finished=True, now=0)
+    c.soon(KEY, now=0)  # its Job in the start-up listing, say
+    assert c.due(0.1, timed=False) == [] and not c.asked(KEY)
+    c.soon(KEY, now=1, serve=True)
+    assert c.due(1.1, timed=False) == [Due(KEY, serve=True, periodic=False)]
+    c.follow_up(KEY, 5, now=2)  # its TTL
+    assert [d for _, d in _fired(c, 2, 10)] == [Due(KEY)]
+    resyncs = [d for _, d in _fired(c, 11, 11 + clock.RESYNC_INITIAL_SECONDS + 60)]
+    assert resyncs and all(d.children for d in resyncs)
+    c.track(KEY, running=False, waiting=False, now=200)  # not finished (never, in practice)
+    c.soon(KEY, now=200)
+    assert [d.periodic for d in c.due(200.1, timed=False)] == [False]
+
+
+def test_an_events_pass_for_an_object_found_finished_while_it_waited_is_idle() -> None:
+    c = _clock()
+    c.soon(KEY, now=0)  # its Job listed at start-up before its FineTuneJob
+    (due,) = c.due(0.1, timed=False)
+    assert not c.idle(due)
+    c.track(KEY, running=False, waiting=False, finished=True, now=0.2)
+    assert c.idle(due)
+    # What else was due with it still runs: its serving Deployment's event, a resync.
+    assert not c.idle(Due(KEY, serve=True, periodic=False))
+    assert not c.idle(Due(KEY, children=True, serve=True))
+
+
 def test_an_event_looks_only_at_its_own_object() -> None:
     c = _clock()
     c.track(("ns", "other"), running=True, waiting=False, now=0)

@@ -38,6 +38,7 @@ def test_every_event_tells_the_clock_what_the_object_needs(
         assert due.key == ("ns", "job") and due.scrape is running and due.children
         entry = handlers._clock._entries[("ns", "job")]
         assert (entry.running, entry.waiting) == (running, waiting)
+        assert entry.finished is (status.get("phase") == "Failed")
     finally:
         handlers._clock.forget(("ns", "job"))
 
@@ -71,6 +72,7 @@ def test_a_queued_pass_runs_as_its_reasons_say(
 
     monkeypatch.setattr(handlers, "_reconcile", fake)
     asyncio.run(handlers.queued(due))
+    assert calls[0].pop("idle")() is False  # nothing known of the object: it runs
     assert calls == [
         {"namespace": "ns", "name": "job", "periodic": due.periodic, "scrape": due.scrape,
          "children": due.children, "serve": due.serve}
@@ -113,6 +115,29 @@ def test_create_and_resume_pass_over_what_is_not_finished(
     assert calls == passes
     counted = metrics.live_jobs().get(("ns", "job"))
     assert (counted.phase if counted else None) == (None if passes else status["phase"])
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_queued_pass_for_a_job_found_finished_meanwhile_does_not_run(
+    monkeypatch: pytest.MonkeyPatch, finished: bool
+) -> None:
+    ran: list[tuple[str, str]] = []
+
+    class Reconciler:
+        async def reconcile(self, namespace: str, name: str, **_: Any) -> None:
+            ran.append((namespace, name))  # None: as for an object that is gone
+
+        def forget(self, namespace: str, name: str) -> None:
+            pass
+
+    monkeypatch.setitem(handlers._state, "r", Reconciler())
+    key = ("ns", "done")
+    try:
+        handlers._clock.track(key, running=False, waiting=False, finished=finished, now=0)
+        asyncio.run(handlers.queued(clock.Due(key, periodic=False)))
+    finally:
+        handlers._clock.forget(key)
+    assert ran == ([] if finished else [key])
 
 
 @pytest.mark.parametrize("handler", [handlers.job_changed, handlers.pod_changed])
