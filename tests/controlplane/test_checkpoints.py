@@ -3,7 +3,7 @@ StorageClass, a restart that reports the step it resumed from and the steps it l
 claim left alone, and the Warning when nothing durable can be had.
 
 No kubelet runs here: the tests report pod status as a kubelet would, and a local HTTP server
-plays rank 0's metrics endpoint (the pod IP the tests report is 127.0.0.1).
+plays rank 0's metrics endpoint (on the pod IP the tests report, `Rank0Metrics.ip`).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def default_storage_class(kube: Kube) -> Iterator[str]:
     kube.delete("StorageClass", DEFAULT_CLASS)
 
 
-def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]]) -> None:
+def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]], ip: str) -> None:
     for pod in pods:
-        patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1"))
+        patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, ip))
 
 
 def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
@@ -75,7 +75,7 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
 
     # Attempt 1 trains from scratch to step 37, then its pod dies.
     rank0_metrics.set(step=37, total=100, resumed=0)
-    run_pods(kube, namespace, first)
+    run_pods(kube, namespace, first, rank0_metrics.ip)
     wait_until(
         lambda: ftj_status(kube, namespace, "solo").get("progress", {}).get("step") == 37,
         timeout=60,
@@ -87,7 +87,7 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     volume = next(v for v in second[0]["spec"]["volumes"] if v["name"] == "checkpoints")
     assert volume["persistentVolumeClaim"]["claimName"] == "solo-checkpoints"
     rank0_metrics.set(step=31, total=100, resumed=30)
-    run_pods(kube, namespace, second)
+    run_pods(kube, namespace, second, rank0_metrics.ip)
     status = wait_until(
         lambda: (
             (s := ftj_status(kube, namespace, "solo")).get("checkpoints", {}).get("attempt") == 2

@@ -92,9 +92,10 @@ def hf_secret(kube: Kube, namespace: str) -> str:
 
 
 @pytest.fixture
-def metrics_endpoint(rank0_metrics: Rank0Metrics) -> None:
-    """Rank 0 a quarter of the way through."""
+def metrics_endpoint(rank0_metrics: Rank0Metrics) -> str:
+    """Rank 0 a quarter of the way through; returns the pod IP it answers on."""
     rank0_metrics.set(step=25, total=100, loss=1.5)
+    return rank0_metrics.ip
 
 
 def test_create_renders_children(
@@ -166,7 +167,9 @@ def test_success_progress_and_result(
     kube.apply(ftj_manifest("ok", namespace))
     pod_list = wait_pods(kube, wait_until, namespace, "ok", 1, 2)
     for pod in pod_list:
-        patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1"))
+        patch_pod_status(
+            kube, namespace, pod["metadata"]["name"], running_status(pod, metrics_endpoint)
+        )
     status = wait_phase(kube, wait_until, namespace, "ok", "Running")
     assert status["startTime"]
     status = wait_until(

@@ -134,7 +134,9 @@ def test_a_stopped_pod_is_replaced_and_the_gang_rejoins_it_in_place(
     started = "2026-01-01T00:00:00Z"
     rank0_metrics.set(step=12, total=100, resumed=0, resumed_at=1767225600.0)  # = started
     for pod in first:
-        patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, "127.0.0.1"))
+        patch_pod_status(
+            kube, namespace, pod["metadata"]["name"], running_status(pod, rank0_metrics.ip)
+        )
     wait_until(
         lambda: ftj_status(kube, namespace, "rejoin").get("progress", {}).get("step") == 12,
         timeout=60,
@@ -178,7 +180,7 @@ def test_a_stopped_pod_is_replaced_and_the_gang_rejoins_it_in_place(
     assert live[1]["metadata"]["uid"] != first[1]["metadata"]["uid"]
     assert kube.get("Job", "rejoin", namespace)["metadata"]["uid"] == job_uid
     patch_pod_status(
-        kube, namespace, live[1]["metadata"]["name"], running_status(live[1], "127.0.0.1")
+        kube, namespace, live[1]["metadata"]["name"], running_status(live[1], rank0_metrics.ip)
     )
     # The re-formed gang resumed from step 12 at 00:01:25: a 25 s restart, no step lost.
     rank0_metrics.set(step=13, total=100, resumed=12, resumed_at=1767225685.0)
