@@ -561,12 +561,14 @@ def stepping(suite: Suite, job: str) -> set[str]:
             names = [n for n in others_training(view, job) if not suite.unsettled(n)]
             return {n: int((view.status(n).get("progress") or {}).get("step") or 0) for n in names}
 
-    before = steps()
+    first: dict[str, int] = {}  # the step each job was first seen at, eligible
 
     def advanced() -> set[str] | None:
         now = steps()
+        for n, step in now.items():
+            first.setdefault(n, step)
         # `or None`: an empty set is a value to wait(), which waits only on None or False.
-        return {n for n, step in now.items() if step > before.get(n, step)} or None
+        return {n for n, step in now.items() if step > first[n]} or None
 
     return view.wait("another job stepping", advanced)
 
