@@ -81,6 +81,12 @@ class _Entry:
     finished: bool = False
 
 
+def _asked_by_events(entry: _Entry, serve: bool) -> bool:
+    """Whether events asked this object a pass: any event of an unfinished one; of a finished
+    one, only its serving Deployment's (its status is final)."""
+    return serve or not entry.finished
+
+
 def _phase(key: Key) -> float:
     """Where in each interval this object's periodic passes fall, in [0, 1): stable for a key,
     and spread over keys."""
@@ -137,8 +143,8 @@ class Clock:
         finished by the time the pass is let run: at start-up the Jobs' listing can arrive
         before their FineTuneJobs', and queue a pass for every finished one (see `due`)."""
         entry = self._entries.get(due.key)
-        quiet = not (due.periodic or due.scrape or due.children or due.serve)
-        return quiet and entry is not None and entry.finished
+        quiet = not (due.periodic or due.scrape or due.children)
+        return quiet and entry is not None and not _asked_by_events(entry, due.serve)
 
     def asked(self, key: Key) -> bool:
         """Whether an event asked for a pass of the object that has not run yet."""
@@ -183,7 +189,7 @@ class Clock:
             # A finished object's Job or pods moved (its Job's start-up listing, say): nothing a
             # pass could change, where a long history would queue one pass per finished job.
             # Its serving Deployment's events still count, as do its follow-up and resync.
-            soon = soon and (serve or not entry.finished)
+            soon = soon and _asked_by_events(entry, serve)
             scrape = children = follow_up = False
             if entry.follow_up_at is not None and entry.follow_up_at <= now:
                 entry.follow_up_at, follow_up = None, True

@@ -21,6 +21,7 @@ from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
 from finetune_operator.settings import Settings
+from finetune_operator.status import TERMINAL
 
 log = logging.getLogger(__name__)
 FTJ = (GROUP, VERSION, PLURAL)
@@ -275,7 +276,7 @@ async def workload_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
 
 
 def _finished(status: kopf.Status) -> bool:
-    return status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
+    return status.get("phase") in TERMINAL
 
 
 def _running(status: kopf.Status) -> bool:
