@@ -23,12 +23,16 @@ worker has left it (close_after_suite), so that it does not idle beside the grou
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from finetune_api import pod
+from finetune_trainer.env import omp_threads
 
 # Where a suite writes its timings (tests/kind/conftest.py: <suite>-timings.json).
 RESULTS = Path(__file__).resolve().parents[1] / "test-results"
@@ -48,6 +52,17 @@ OPT_IN_MARKS = {
 def pytest_configure(config: pytest.Config) -> None:
     for mark, what in OPT_IN_MARKS.items():
         config.addinivalue_line("markers", f"{mark}: {what}; left out unless -m names it")
+    # The tests that train in their own process (qlora, precision, the tasks' units) compute
+    # with torch's OpenMP pool, one thread per core unless told. Under `make test` three xdist
+    # workers share the cores, and a pool larger than a worker's share spins at every barrier on
+    # threads that are not running: the qlora tests took 4.6x as long with 2 threads as with 1
+    # on the loaded 2-core machine. So a worker takes its share, as a trainer's ranks do
+    # (env.omp_threads), unless OMP_NUM_THREADS is set. This runs before any test module
+    # imports torch, whose OpenMP runtime reads it once; the local pods that tests start get
+    # one thread each anyway (testing.gang.offline_env).
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        os.environ.setdefault(pod.THREADS_ENV, omp_threads(worker["workercount"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

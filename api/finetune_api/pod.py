@@ -82,6 +82,13 @@ JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"
 # LD_PRELOAD; `finetune train` started any other way preloads it itself where it is installed.
 PRELOAD_ENV: Final = "LD_PRELOAD"
 CPU_ALLOCATOR: Final = "libtcmalloc_minimal.so.4"
+# Threads of each rank process's OpenMP pool (torch's intra-op threads, which size themselves to
+# every core the process sees). The operator sets it to the pod's CPU (its limit, else its
+# request) split over processesPerNode, at least 1, unless template.env names it: on a shared
+# node a pool sized to the node's cores oversubscribes them, and an OpenMP thread that is not
+# running holds the others at every barrier. Where it is unset the trainer splits the cores it
+# sees over its local ranks.
+THREADS_ENV: Final = "OMP_NUM_THREADS"
 # Peak FLOP/s of one accelerator at the training precision; with it the trainer exports MFU.
 PEAK_FLOPS_ENV: Final = "FINETUNE_PEAK_FLOPS_PER_SECOND"
 # The Hub tokens. Only ever env vars: never an argument or file. HF_TOKEN, from

@@ -1,12 +1,15 @@
 """The trainer pod of a FineTuneJob: env for rendezvous, resources, volumes, security. Pure.
 
 Split from render.py so each stays readable; only `pod_spec` and `pod_metadata` are used outside
-this module.
+this module, and `quantities` and `threads_env`, which the serving pod's container shares.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
 
 from finetune_api import pod
 from finetune_api.v1alpha1 import FineTuneJob
@@ -26,7 +29,8 @@ SCRAPE_ANNOTATIONS = {
 }
 
 
-def _quantities(values: dict[str, int | str]) -> dict[str, str]:
+def quantities(values: dict[str, int | str]) -> dict[str, str]:
+    """A requests or limits map as a container takes it: names sorted, quantities as strings."""
     return {k: str(v) for k, v in sorted(values.items())}
 
 
@@ -34,8 +38,8 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     """The job's requests and limits, or the operator's defaults when it sets neither; the
     accelerator's extended resource on top."""
     res = job.spec.resources
-    requests = _quantities(res.requests)
-    limits = _quantities(res.limits)
+    requests = quantities(res.requests)
+    limits = quantities(res.limits)
     if not requests and not limits:
         requests = dict(settings.trainer_default_resources.get("requests", {}))
         limits = dict(settings.trainer_default_resources.get("limits", {}))
@@ -56,8 +60,27 @@ def _resources(job: FineTuneJob, settings: Settings) -> Manifest:
     return out
 
 
-def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[Manifest]:
+def threads_env(resources: Manifest, processes: int, own_names: set[str]) -> dict[str, str]:
+    """pod.THREADS_ENV for a container with these `resources` and torch `processes`: its CPU
+    limit, else its CPU request, split over the processes and rounded down (more threads than
+    the CPU quota are throttled), at least 1. Nothing where the container's own env (the job's
+    template.env, `own_names`) sets it, without a CPU, or with a CPU the API server will refuse
+    anyway. torchrun sets 1 where it starts several processes; this shares out what the pod has."""
+    cpu = resources.get("limits", {}).get("cpu") or resources.get("requests", {}).get("cpu")
+    if cpu is None or pod.THREADS_ENV in own_names:
+        return {}
+    try:
+        cores = parse_quantity(cpu)
+    except ValueError:
+        return {}
+    return {pod.THREADS_ENV: str(max(1, math.floor(cores / processes)))}
+
+
+def _env(
+    job: FineTuneJob, settings: Settings, store: CheckpointStore, resources: Manifest
+) -> list[Manifest]:
     name, spec = job.metadata.name, job.spec
+    own_names = {var.name for var in spec.template.env}
     rendezvous = pod.rendezvous_env(
         nnodes=spec.resources.nodes,
         nproc_per_node=spec.resources.processes_per_node,
@@ -75,10 +98,11 @@ def _env(job: FineTuneJob, settings: Settings, store: CheckpointStore) -> list[M
     }
     if store.hub_branch:
         values[pod.CHECKPOINT_HUB_BRANCH_ENV] = store.hub_branch
-    if pod.preloads_allocator(spec.resources.accelerator.type, (v.name for v in spec.template.env)):
+    if pod.preloads_allocator(spec.resources.accelerator.type, own_names):
         # The image's tcmalloc (pod.CPU_ALLOCATOR): the CPU step's large buffers are reused
         # instead of faulted in again each step. A template.env LD_PRELOAD is the user's choice.
         values[pod.PRELOAD_ENV] = pod.CPU_ALLOCATOR
+    values.update(threads_env(resources, spec.resources.processes_per_node, own_names))
     if store.claim_name:
         # The model and data on the claim too, keyed by repo and commit: fetched once for the
         # job, then read by every pod and attempt (without a claim, rank 0 downloads once per
@@ -142,12 +166,13 @@ def _volumes(
 def _container(
     job: FineTuneJob, settings: Settings, store: CheckpointStore, mounts: list[Manifest]
 ) -> Manifest:
+    resources = _resources(job, settings)
     container: Manifest = {
         "name": pod.CONTAINER_NAME,
         "image": job.spec.template.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["finetune", "train", pod.CONFIG_PATH],
-        "env": _env(job, settings, store),
+        "env": _env(job, settings, store, resources),
         # Every local rank serves its own metrics, so each gets a named port to scrape.
         "ports": [
             *(
@@ -171,7 +196,6 @@ def _container(
             "runAsNonRoot": True,
         },
     }
-    resources = _resources(job, settings)
     if resources:
         container["resources"] = resources
     return container

@@ -23,6 +23,7 @@ from typing import Any
 from finetune_api import pod
 from finetune_api.v1alpha1 import FineTuneJob, SecretKeyRef
 from finetune_operator import naming
+from finetune_operator.podspec import quantities, threads_env
 from finetune_operator.settings import Settings
 
 Manifest = dict[str, Any]
@@ -162,6 +163,11 @@ def _server(job: FineTuneJob, settings: Settings, artifact: str) -> Manifest:
     base, base_revision = _base(job)
     port = {"name": pod.SERVE_PORT_NAME, "containerPort": pod.SERVE_PORT, "protocol": "TCP"}
     container: Manifest = {"name": pod.SERVE_CONTAINER_NAME}
+    resources: Manifest = {}
+    if serve.resources.requests:
+        resources["requests"] = quantities(serve.resources.requests)
+    if serve.resources.limits:
+        resources["limits"] = quantities(serve.resources.limits)
     env: list[Manifest] = []
     if serve.engine == "transformers":
         container["image"] = serve.image or job.spec.template.image or settings.trainer_image
@@ -176,6 +182,10 @@ def _server(job: FineTuneJob, settings: Settings, artifact: str) -> Manifest:
             {"name": "HF_HOME", "value": pod.HF_HOME},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
         ]
+        # One torch process, whose thread pool fits the server's CPU as a trainer rank's does
+        # (the other engines' images start processes of their own, and size them themselves).
+        own_names = {var.name for var in job.spec.template.env}
+        env += [{"name": k, "value": v} for k, v in threads_env(resources, 1, own_names).items()]
         env += [
             var.model_dump(mode="json", by_alias=True, exclude_none=True)
             for var in job.spec.template.env
@@ -231,11 +241,6 @@ def _server(job: FineTuneJob, settings: Settings, artifact: str) -> Manifest:
             },
         }
     )
-    resources: Manifest = {}
-    if serve.resources.requests:
-        resources["requests"] = {k: str(v) for k, v in sorted(serve.resources.requests.items())}
-    if serve.resources.limits:
-        resources["limits"] = {k: str(v) for k, v in sorted(serve.resources.limits.items())}
     if resources:
         container["resources"] = resources
     return container

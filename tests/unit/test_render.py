@@ -132,6 +132,31 @@ def test_cpu_pods_preload_the_images_tcmalloc_unless_the_template_names_ld_prelo
         ]
 
 
+def _threads(resources: dict[str, Any], processes: int = 1, env: Any = ()) -> list[Any]:
+    """The OMP_NUM_THREADS entries of the cpu case's container for these resources."""
+    doc = yaml.safe_load((GOLDEN / "cpu.input.yaml").read_text())
+    doc["spec"]["resources"].update(resources, processesPerNode=processes)
+    doc["spec"]["template"]["env"].extend(env)
+    rendered = render_manifests(parse_manifest(doc), SETTINGS)
+    container = _container(next(d for d in rendered if d["kind"] == "Job"))
+    return [e.get("value") for e in container["env"] if e["name"] == pod.THREADS_ENV]
+
+
+def test_each_process_gets_threads_for_its_share_of_the_pods_cpu() -> None:
+    # The limit, else the request, split over the pod's processes, rounded down, at least 1.
+    assert _threads({"requests": {"cpu": "250m"}, "limits": {}}) == ["1"]
+    assert _threads({"requests": {"cpu": 8}, "limits": {}}, processes=2) == ["4"]
+    assert _threads({"requests": {"cpu": "2"}, "limits": {"cpu": "7500m"}}, processes=2) == ["3"]
+    assert _threads({"requests": {"cpu": "1"}, "limits": {}}, processes=4) == ["1"]
+    # No CPU named: unset, and the trainer splits the cores it sees (env.omp_threads).
+    assert _threads({"requests": {"memory": "1Gi"}, "limits": {}}) == []
+    # A CPU the API server will refuse is left to it: the Job's creation says what is wrong.
+    assert _threads({"requests": {"cpu": "two"}, "limits": {}}) == []
+    # The user's own value is the only one.
+    own = [{"name": "OMP_NUM_THREADS", "value": "6"}]
+    assert _threads({"requests": {"cpu": 2}, "limits": {}}, env=own) == ["6"]
+
+
 def test_job_is_an_indexed_gang_that_fails_fast() -> None:
     spec = _job("cpu")["spec"]
     assert spec["completionMode"] == "Indexed"

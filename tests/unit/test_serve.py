@@ -167,6 +167,8 @@ def test_transformers_merges_the_adapter_and_serves_it_by_repo_id_on_the_trainer
         "requests": {"cpu": "250m", "memory": "1Gi"},
         "limits": {"memory": "2Gi"},
     }
+    # Its one torch process's threads fit its CPU, as a trainer rank's do (podspec.threads_env).
+    assert _env(server)[pod.THREADS_ENV] == "1"
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
@@ -188,6 +190,7 @@ def test_vllm_loads_the_base_at_its_revision_and_the_adapter_through_its_lora_fl
     # never the push token. The prepare step reads the output repo with the push token.
     assert _env(server)[pod.HF_TOKEN_ENV]["secretKeyRef"]["name"] == "hf-read"
     assert pod.MODEL_TOKEN_ENV not in _env(server)
+    assert pod.THREADS_ENV not in _env(server)  # vLLM sizes its own processes' threads
     assert _env(prepare)[pod.HF_TOKEN_ENV]["secretKeyRef"]["name"] == "hf-token"
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]

@@ -55,7 +55,7 @@ def available_cores() -> int:
 
 def omp_threads(local_ranks: int, env: Mapping[str, str] = os.environ) -> str:
     """Threads per rank: oversubscribed cores cost ~17% on CPU, so split them unless told."""
-    return env.get("OMP_NUM_THREADS") or str(max(1, available_cores() // max(1, local_ranks)))
+    return env.get(pod.THREADS_ENV) or str(max(1, available_cores() // max(1, local_ranks)))
 
 
 # Where allocator_env looks for pod.CPU_ALLOCATOR (tcmalloc). glibc's malloc maps every block

@@ -192,7 +192,7 @@ def train_pod(manifest: Path, job: FineTuneJob) -> int:
     rdzv = Rendezvous.from_env(job)
     env = dict(os.environ)
     configure_hub_env(job, env)
-    env["OMP_NUM_THREADS"] = omp_threads(rdzv.nproc_per_node, env)
+    env[pod.THREADS_ENV] = omp_threads(rdzv.nproc_per_node, env)
     # The Hub environment is fixed before anything from Hugging Face is imported (rank.py).
     os.environ.update(env)
     # Rank 0's download overlaps the import; the ranks start once its revisions are resolved.
@@ -263,7 +263,7 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
     base.setdefault(pod.CHECKPOINT_DIR_ENV, str(workdir / "checkpoints"))
     base.setdefault(pod.OUTPUT_DIR_ENV, str(workdir / "output"))
     base.setdefault(pod.METRICS_PORT_ENV, "0")  # many ranks share this host's ports
-    base["OMP_NUM_THREADS"] = omp_threads(res.nodes * res.processes_per_node, base)
+    base[pod.THREADS_ENV] = omp_threads(res.nodes * res.processes_per_node, base)
     base.update(allocator_env(job, base))  # so that no pod starts itself again to preload it
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []

@@ -301,11 +301,12 @@ def _prepare(
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     log.info(
         "weights load in %s (frozen) and %s (trained); strategy %s, gradient checkpointing %s; "
-        "memory from %s",
+        "threads per rank %d; memory from %s",
         sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}) or "-",
         sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
         job.spec.training.strategy,
         modeling.gradient_checkpointing(job.spec),
+        torch.get_num_threads(),
         allocator_in_use(),
     )
     batches = ShardedBatches(

@@ -44,10 +44,10 @@ def offline_env(hf_home: Path) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         HF_HUB_DISABLE_XET="1",
         HF_HOME=str(hf_home),
-        OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    env[pod.THREADS_ENV] = "1"
     return env
 
 
