@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from finetune_trainer.testing.gang import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"
@@ -73,12 +74,6 @@ def helm_binary() -> str | None:
     if out.returncode != 0:
         raise RuntimeError(f"hack/helm.sh failed:\n{out.stderr[-4000:]}")
     return out.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------- files
@@ -241,7 +236,8 @@ class Prometheus:
     """A `prometheus` process on 127.0.0.1 with its own storage, stopped by stop()."""
 
     def __init__(self, binary: str, workdir: Path, config: dict[str, Any]) -> None:
-        self.port = free_port()
+        # Below the ephemeral range, as the gangs' ports are (testing.gang.free_ports).
+        self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "prometheus.yml"

@@ -155,16 +155,12 @@ def test_the_operators_smoke_request_passes_against_the_real_server(
     import urllib.request
 
     from finetune_operator.smoke import chat_smoke
-    from finetune_trainer.serving import (
-        free_port,
-        model_dir,
-        prepare,
-        transformers_serve_command,
-    )
+    from finetune_trainer.serving import model_dir, prepare, transformers_serve_command
+    from finetune_trainer.testing.gang import free_ports
 
     root = tmp_path / "root"
     prepare(adapter_dir, model_dir(root, "tests/tiny-lora"), base=f"file://{tiny_model_dir}")
-    port = free_port()
+    (port,) = free_ports(1)  # the server binds it only once it has imported transformers
     command = transformers_serve_command("tests/tiny-lora", "127.0.0.1", port)
     server = subprocess.Popen(command, cwd=root, env=base_env, stderr=subprocess.DEVNULL)
     try:

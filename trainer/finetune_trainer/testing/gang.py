@@ -7,8 +7,10 @@ SIGKILL of that session.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,12 +25,51 @@ from finetune_trainer.launch import FINETUNE, pod_command
 __all__ = ["FINETUNE", "LocalGang", "free_ports", "offline_env"]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all are held open together, so none is handed out twice."""
-    socks = [socket.socket() for _ in range(n)]
+# Where free_ports looks: below the kernel's ephemeral range, from which it takes every port-0
+# bind and the local port of every outgoing connection on the machine. A local pod binds its
+# ports seconds after they were picked (it imports torch first), and a port from that range
+# may by then be another process's (a port-0 server, such as another local rank's metrics) or
+# the local end of a connection, and the pod's bind fails: a live-scrape run in CI lost rank
+# 1's metrics series so. Above the well-known services a test may start on a fixed port (8000,
+# 8080, 9090, 9400).
+PORT_FLOOR = 20000
+PORT_CEILING = 29000
+
+
+def ephemeral_floor() -> int:
+    """The lowest port of the kernel's ephemeral range."""
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux
+        return 32768
+
+
+def _bind_unused(sock: socket.socket, top: int, pick: random.Random) -> None:
+    """Bind `sock` to a random free port in [PORT_FLOOR, top), or to the kernel's choice where
+    that span is empty."""
+    if top <= PORT_FLOOR:
+        sock.bind(("127.0.0.1", 0))
+        return
+    while True:
+        try:
+            sock.bind(("127.0.0.1", pick.randrange(PORT_FLOOR, top)))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports outside the ephemeral range (PORT_FLOOR), picked at random and
+    held open together, so that none is handed out twice; the kernel's choice (port 0) where
+    that range leaves no room below it."""
+    top = min(PORT_CEILING, ephemeral_floor())
+    pick = random.SystemRandom()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(socket.socket())
+            _bind_unused(socks[-1], top, pick)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
