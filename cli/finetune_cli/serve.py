@@ -111,9 +111,8 @@ def serve_local(
 ) -> int:
     """Prepare `artifact` under `root`, serve it, print a request; with `request`, send that one
     chat completion, print the answer and stop, else serve until interrupted."""
-    from finetune_trainer.env import configure_hub_env
+    from finetune_trainer.env import configure_hub_env, free_port
     from finetune_trainer.serving import (
-        free_port,
         model_dir,
         prepare,
         transformers_serve_command,

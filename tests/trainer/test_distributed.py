@@ -16,6 +16,7 @@ import pytest
 from trainer_helpers import Gang, deep_update
 
 from finetune_api.pod import ExitCode
+from finetune_trainer.store import formed
 
 pytestmark = pytest.mark.slow
 # LoRA dropout draws random numbers every step, so an exact resume needs the RNG state back too.
@@ -177,6 +178,9 @@ def test_sigterm_checkpoints_the_gang_and_only_that_pod_restarts(
         assert time.monotonic() < deadline, pods.log_text()[-4000:]
         assert all(p.poll() is None for p in pods.procs), pods.log_text()[-4000:]
         time.sleep(0.1)
+    # Rank 0 marked its store once the gang formed: a rank rejoining a later gang passes over
+    # this store while it is still there (finetune_trainer.store).
+    assert formed("127.0.0.1", pods.master_port)
     stopped = pods.procs[1]
     stopped.send_signal(signal.SIGTERM)  # node 1's launcher only, as the kubelet does
     assert stopped.wait(timeout=60) == ExitCode.INTERRUPTED == 143, pods.log_text()[-4000:]

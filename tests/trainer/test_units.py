@@ -127,6 +127,9 @@ def test_rendezvous_from_pod_env() -> None:
     }
     with pytest.raises(ManifestError, match="NODE_RANK"):
         Rendezvous.from_env(job, {**env, "NODE_RANK": "3"})
+    # Node 0's ranks reach the store in their own pod on loopback, not through the Service.
+    node0 = Rendezvous.from_env(job, {**env, "NODE_RANK": "0"})
+    assert [node0.rank_env(i)["MASTER_ADDR"] for i in (0, 1)] == ["127.0.0.1", "127.0.0.1"]
 
 
 def test_omp_threads_split_cores_unless_set() -> None:

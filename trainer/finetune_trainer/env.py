@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -91,6 +92,18 @@ def allocator_in_use() -> str:
     return "the C library's malloc"
 
 
+# This machine, for a store in the same pod (or, in local mode, on the same host).
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port on LOOPBACK that nothing holds now (the kernel's pick), for a server of this
+    machine's own processes (local mode's rendezvous, a local model server) to bind next."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass(frozen=True)
 class Rendezvous:
     """Where this pod sits in the gang, from the env the operator gives each pod."""
@@ -124,7 +137,7 @@ class Rendezvous:
             node_rank=integer(pod.NODE_RANK, 0, 0),
             nnodes=integer(pod.NNODES, resources.nodes, 1),
             nproc_per_node=integer(pod.NPROC_PER_NODE, resources.processes_per_node, 1),
-            master_addr=env.get(pod.MASTER_ADDR) or "127.0.0.1",
+            master_addr=env.get(pod.MASTER_ADDR) or LOOPBACK,
             master_port=integer(pod.MASTER_PORT, pod.RENDEZVOUS_PORT, 1),
         )
         if rdzv.node_rank >= rdzv.nnodes:
@@ -134,14 +147,17 @@ class Rendezvous:
         return rdzv
 
     def rank_env(self, local_rank: int) -> dict[str, str]:
-        """The torch.distributed variables of one local rank."""
+        """The torch.distributed variables of one local rank. The ranks of node 0 reach rank 0's
+        store on loopback, since it is in their own pod: not through the rendezvous Service,
+        whose endpoint may still be the pod this one replaced (store.py), and which a pod can
+        reach only where the network lets it reach itself through a Service (hairpin)."""
         return {
             "RANK": str(self.node_rank * self.nproc_per_node + local_rank),
             "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(local_rank),
             "LOCAL_WORLD_SIZE": str(self.nproc_per_node),
             "NODE_RANK": str(self.node_rank),
-            "MASTER_ADDR": self.master_addr,
+            "MASTER_ADDR": LOOPBACK if self.node_rank == 0 else self.master_addr,
             "MASTER_PORT": str(self.master_port),
         }
 

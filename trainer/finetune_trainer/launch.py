@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,11 @@ from typing import NoReturn, Protocol
 from finetune_api import FineTuneJob, pod
 from finetune_api.pod import ExitCode
 from finetune_trainer.env import (
+    LOOPBACK,
     Rendezvous,
     allocator_env,
     configure_hub_env,
+    free_port,
     hide_unused_packages,
     omp_threads,
 )
@@ -246,12 +247,6 @@ def _start_again_with(extra_env: Mapping[str, str]) -> NoReturn:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra_env})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> int:
     """`finetune run`: every pod of the gang on this machine, each the pod's own command
     (`finetune train`) with the env its pod gets."""
@@ -277,7 +272,7 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
                 node_rank=node,
                 nnodes=res.nodes,
                 nproc_per_node=res.processes_per_node,
-                master_addr="127.0.0.1",
+                master_addr=LOOPBACK,
                 master_port=port,
             ),
             pod.RESULT_FILE_ENV: str(results[-1]),

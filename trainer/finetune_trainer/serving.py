@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -124,12 +123,6 @@ def prepare(
     if has_tokenizer and ensure_chat_template(artifact, out):
         log.info("the tokenizer has no chat template: serving with a plain one")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def transformers_serve_command(served_name: str, host: str, port: int) -> list[str]:

@@ -50,6 +50,7 @@ from finetune_trainer.loop import Interrupted, Prepared, train_steps
 from finetune_trainer.result import write_failure, write_result
 from finetune_trainer.scoring import ScorerUnavailable, gate_failures
 from finetune_trainer.sources import SourceNotFound, missing_local
+from finetune_trainer.store import mark_formed, wait_for_store
 from finetune_trainer.tasks import Task, TaskData, task_for
 from finetune_trainer.telemetry import TrainerMetrics
 
@@ -267,6 +268,10 @@ def _start_telemetry(job: FineTuneJob) -> TrainerMetrics:
 
 def _accelerator(spec: FineTuneJobSpec) -> Accelerator:
     """The Accelerator; creating it forms the process group (the gang's rendezvous)."""
+    # The ranks of other pods first reach rank 0's store with short connections of their own
+    # (node 0's ranks reach it on loopback, env.Rendezvous.rank_env).
+    if int(os.environ.get(pod.NODE_RANK, "0")) > 0:
+        wait_for_store(os.environ[pod.MASTER_ADDR], int(os.environ[pod.MASTER_PORT]))
     accelerator = Accelerator(
         # Never a silent fall back to the CPU: check_accelerator failed the pod before this.
         cpu=spec.resources.accelerator.type == "cpu",
@@ -284,6 +289,13 @@ def _accelerator(spec: FineTuneJobSpec) -> Accelerator:
         accelerator.mixed_precision,
         main_process_only=False,
     )
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        # So that a rank rejoining the next gang passes over this store once it goes. Without
+        # the mark such a rank only waits as it did before the mark existed.
+        try:
+            mark_formed(os.environ[pod.MASTER_ADDR], int(os.environ[pod.MASTER_PORT]))
+        except (RuntimeError, OSError) as exc:
+            log.warning("could not mark the rendezvous store as formed: %s", exc)
     return accelerator
 
 
