@@ -107,7 +107,8 @@ def _clip_list(limit: int) -> BeforeValidator:
 
 
 class TrainerResult(BaseModel):
-    """Rank 0's account of one attempt; other ranks report only their rank and status."""
+    """Rank 0's account of one attempt. Other ranks report their rank and status, and repeat a
+    failed verdict's whole account (the Job's failure may show their pod before rank 0's)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
@@ -137,7 +138,8 @@ class TrainerResult(BaseModel):
     # Real (non-pad) tokens per second over all ranks, for this attempt's training loop after
     # its first optimizer step (warm-up and compiling are not throughput).
     tokens_per_second: float | None = Field(None, ge=0)
-    # Set by ranks other than 0, whose result says only that they finished.
+    # Set by ranks other than 0, whose result says only that they finished (or, for a failed
+    # verdict, repeats rank 0's).
     rank: int | None = Field(None, ge=0)
     # Whether another attempt could change a failed verdict, where its reason leaves that open:
     # PushFailed is retryable after 503s but not after a 403. Unset: the reason decides.

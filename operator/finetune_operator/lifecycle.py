@@ -163,7 +163,8 @@ def _quote(text: str) -> str:
 def _trainer_result(pods: list[Obj]) -> TrainerResult | None:
     """The result that decides the attempt. A permanent failure of any rank comes first (rank 1
     may find a bad data shard while rank 0 only sees its peer vanish); else rank 0's, which
-    alone writes the whole account (other ranks report only their rank); else any readable one.
+    alone writes the whole account (other ranks report only their rank, or repeat a failed
+    verdict of rank 0's); else any readable one.
     """
     results = [
         r

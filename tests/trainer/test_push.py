@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from trainer_helpers import Gang, deep_update
 
+from finetune_api.result import TrainerResult
 from finetune_hub_double import HubDouble
 
 pytestmark = pytest.mark.slow
@@ -102,8 +103,9 @@ def test_push_then_read_back_and_gate_blocks_push(
     assert "model-index" in read["card"]
 
     # A missed gate (perplexity is a maximum) pushes nothing and exits 4, on every pod. Each
-    # pod's result carries the verdict: the Job fails as soon as one pod exits 4, and the
-    # operator may read rank 1's pod before rank 0's has ended.
+    # pod's result carries the whole verdict, scores included: the Job fails as soon as one pod
+    # exits 4, and the operator may read rank 1's pod, and finish the job, before rank 0's has
+    # ended (ci on 48335bf: a gated job Failed with no status.evaluation).
     gated = deep_update(
         doc,
         {
@@ -118,12 +120,12 @@ def test_push_then_read_back_and_gate_blocks_push(
     result = pods.result(0)
     assert (result["status"], result["reason"]) == ("Failed", "EvaluationGateFailed")
     assert "perplexity" in result["message"]
-    assert pods.result(1) == {
-        "rank": 1,
-        "status": "Failed",
-        "reason": "EvaluationGateFailed",
-        "message": result["message"],
-    }
+    other = pods.result(1)
+    assert other["rank"] == 1
+    assert other["evaluation"]["perplexity"] == result["evaluation"]["perplexity"]
+    assert TrainerResult.model_validate(other) == TrainerResult.model_validate(
+        {**result, "rank": 1}
+    )
     assert "revision" not in result  # the result message leaves out what is unset
     assert not _repo_exists(hub.endpoint, "tests/gated-lora")
 

@@ -267,6 +267,26 @@ def test_gate_failure_reason_comes_from_the_trainer() -> None:
     assert "accuracy 0.3" in failed["message"]
 
 
+def test_a_gate_failure_read_from_rank_1_first_still_shows_the_scores() -> None:
+    """The Job fails as soon as any pod exits with the gate's code, so a pass may find only rank
+    1's pod ended while rank 0's still runs (serving its last metrics): the status it writes is
+    final, so rank 1's result repeats rank 0's whole verdict."""
+    verdict = {
+        "status": "Failed",
+        "reason": "EvaluationGateFailed",
+        "message": "perplexity 68.2 > 1.0; nothing was pushed",
+        "evaluation": {"perplexity": {"before": 426.7, "after": 68.2}},
+        "steps": 20,
+    }
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 4"))
+    pods = [pod(0, "Running"), pod(1, "Failed", 4, json.dumps({**verdict, "rank": 1}))]
+    status = derive_status(ftj({"attempts": 1}), observed(job, pods))
+    failed = cond(status, "Failed")
+    assert failed is not None and failed["reason"] == "EvaluationGateFailed"
+    assert status["evaluation"] == {"perplexity": {"before": 426.7, "after": 68.2}}
+    assert status["progress"]["step"] == 20
+
+
 def test_permanent_failure_without_a_result_is_final_and_says_the_result_was_lost() -> None:
     # The verdict's reason travels only in the result; the exit code in the Job's message is
     # not parsed. The podFailurePolicy ended the Job, so no attempt is retried either way.

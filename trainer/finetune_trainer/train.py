@@ -223,20 +223,22 @@ def _leave(
     verdict: tuple[ExitCode, TrainerResult] | None,
 ) -> ExitCode:
     """Every rank leaves with rank 0's verdict (`verdict`, on rank 0), so a pod's exit code tells
-    the whole story; each other pod writes a small result of its own. A permanent verdict's
-    reason and message go into it too: the Job fails the moment any pod exits with a permanent
-    code, and the operator may read that pod's result before rank 0's pod (still pushing, or
-    serving its last metrics) has ended."""
+    the whole story. Each other pod writes a small result of its own after a success, and rank
+    0's whole account (the evaluation a gate missed, the push's error, the steps) after a
+    failure: the Job fails the moment any pod fails, and the operator may read that pod's
+    result, and judge the attempt by it, before rank 0's pod (still serving its last metrics)
+    has ended."""
     code, result = verdict if verdict is not None else (None, None)
-    said = None if code is None or result is None else (int(code), result.reason, result.message)
-    number, reason, message = broadcast_object_list([said], from_process=0)[0]
+    said = None if code is None or result is None else (int(code), result.to_message())
+    number, message = broadcast_object_list([said], from_process=0)[0]
     code = ExitCode(number)
     telemetry.set_status("succeeded" if code == ExitCode.OK else "failed")
     if not accelerator.is_main_process and accelerator.is_local_main_process:
         status = "Succeeded" if code == ExitCode.OK else "Failed"
         rank = accelerator.process_index
-        if code in pod.PERMANENT_EXIT_CODES:
-            write_result(TrainerResult(status=status, rank=rank, reason=reason, message=message))
+        theirs = TrainerResult.parse(message) if code != ExitCode.OK else None
+        if theirs is not None:
+            write_result(theirs.model_copy(update={"rank": rank}))
         else:
             write_result(TrainerResult(status=status, rank=rank))
     accelerator.end_training()
