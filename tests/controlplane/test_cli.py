@@ -262,7 +262,7 @@ def test_logs_picks_the_attempts_pods_in_rank_order(
     operator: Operator, kube, namespace, wait_until, finetune, tmp_path
 ) -> None:
     """Without kubelets no container ever starts, so this checks which pods logs reads and in
-    which order; tests/kind/test_cli_logs.py reads real logs."""
+    which order; tests/kind/test_e2e.py reads real logs."""
     assert (
         finetune(
             "submit", str(write(tmp_path / "j.yaml", ftj_manifest("lg", namespace)))

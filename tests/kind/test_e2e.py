@@ -9,8 +9,11 @@ What happens, in a fresh namespace:
    hf://org/tiny-data; the double accepts only that token, for reads too;
 2. examples/tiny-cpu.yaml applied (2 pods x 1 process, CPU, 40 steps), its endpoint pointed at
    the double;
-3. while it runs: `kubectl get ftj` polled (Progress > 0 must show before the end), and the
-   operator's (:8000) and a trainer pod's (:9400) metrics scraped from inside the cluster;
+3. while it runs: `kubectl get ftj` polled (Progress > 0 must show before the end), the
+   operator's (:8000) and a trainer pod's (:9400) metrics scraped from inside the cluster, and
+   `finetune logs -f` following the pods from before they exist (it finds them as the Job
+   controller makes them); then plain `finetune logs` reads them again. In both, the lines of
+   pod N carry `[pod N]`, and the trainer's own `[rank N]` inside them agrees;
 4. at the end: Succeeded, evaluation before/after and the pushed revision in status; the two
    pods on different nodes, one gang (both ranks log world size 2); the revision in the double
    holds the adapter and the model card; the token in no pod log, Event, or the FineTuneJob;
@@ -62,6 +65,9 @@ RANK_LINE = re.compile(r"\[rank (\d+)\].*\brank (\d+) of (\d+) on (\S+)")
 HUB_FILE_GET = re.compile(
     r"^(\S+) .* GET ((?:/datasets)?/org/tiny(?:-data)?/resolve/\S+) 200$", re.M
 )
+# `finetune logs`: a line of pod N, and the trainer's own prefix inside it.
+POD_LINE = re.compile(r"^\[pod (\d+)\] (.*)$")
+RANK_PREFIX = re.compile(r"\[rank (\d+)\]")
 # The trainer's line for the sources rank 0 sent to the other pod, or that pod received.
 SPREAD_LINE = re.compile(r"\b(sent|received) [\d.]+ MiB of sources\b")
 
@@ -390,6 +396,32 @@ def token_free_places(kube: Any, namespace: str, release: dict[str, str]) -> dic
     return places
 
 
+def finetune_cli(kube: Any, namespace: str, *args: str) -> list[str]:
+    """The `finetune` command line for this cluster and namespace."""
+    context = os.environ.get("FINETUNE_KUBE_CONTEXT")
+    flags = ["-n", namespace, *(["--context", context] if context else [])]
+    return [sys.executable, "-m", "finetune_cli", *args, *flags]
+
+
+def pod_prefix_problems(output: str, pods: int) -> list[str]:
+    """What is wrong with `finetune logs` output for a gang of `pods` pods of one rank each:
+    every line carries `[pod N]`, and pod N's trainer lines are rank N's, and only its."""
+    lines: dict[int, list[str]] = {}
+    for line in output.splitlines():
+        match = POD_LINE.match(line)
+        if match is None:
+            return [f"a line without a [pod N] prefix: {line!r}"]
+        lines.setdefault(int(match.group(1)), []).append(match.group(2))
+    if sorted(lines) != list(range(pods)):
+        return [f"the lines are of pods {sorted(lines)}, not 0..{pods - 1}"]
+    return [
+        f"pod {index}'s lines carry ranks {ranks}: {found[:20]}"
+        for index, found in lines.items()
+        if (ranks := {int(m.group(1)) for line in found for m in RANK_PREFIX.finditer(line)})
+        != {index}
+    ]
+
+
 def example_job(namespace: str, endpoint: str, name: str | None = None) -> dict[str, Any]:
     """The example, pushing to `endpoint`; with `name`, renamed, with its own repo and its pods'
     anti-affinity matching its own pods, so that several such jobs can train side by side."""
@@ -412,6 +444,7 @@ def test_finetunejob_end_to_end(
     test_namespace: str,
     diagnostics: dict[str, str],
     timing: Any,
+    tmp_path: Path,
 ) -> None:
     t_test = time.monotonic()
     ns = test_namespace
@@ -428,6 +461,12 @@ def test_finetunejob_end_to_end(
     # ---- run, watching ------------------------------------------------------------------------
     t_apply = time.monotonic()
     kube.apply(job, ns)
+    # To files, not pipes: nothing reads them until the end, and a full pipe would stall it.
+    follow_out, follow_err = tmp_path / "logs-f.out", tmp_path / "logs-f.err"
+    with follow_out.open("w") as out, follow_err.open("w") as err:
+        follower = subprocess.Popen(
+            finetune_cli(kube, ns, "logs", name, "-f"), env=kube.env(), stdout=out, stderr=err
+        )
     phases: list[str] = []
     progress_seen: list[tuple[str, str]] = []  # (Progress, Phase) cells while not finished
     operator_metrics: dict[str, Any] | None = None
@@ -475,6 +514,11 @@ def test_finetunejob_end_to_end(
         )
         time.sleep(POLL_S)
     wall = time.monotonic() - t_apply
+    try:
+        follower.wait(timeout=120)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
     # Now, before the serving pod's merge downloads the base again.
     hub_log = kube("-n", ns, "logs", "deploy/hub", "-c", "hub", "--timestamps")
     timing.record("ftj_wall_apply_to_done", wall)
@@ -520,11 +564,11 @@ def test_finetunejob_end_to_end(
     check(len(pods) == 2, f"expected 2 trainer pods, found {sorted(nodes)}")
     check(len(set(nodes.values())) == 2, f"the pods did not land on two nodes: {nodes}")
     ranks: dict[int, int] = {}
-    allocators: list[str] = []
+    allocators: list[tuple[str, str]] = []
     spread: list[str] = []
     for p in pods:
         log_text = kube("-n", ns, "logs", p["metadata"]["name"], "--all-containers")
-        allocators += re.findall(r"memory from (.+)$", log_text, re.M)
+        allocators += re.findall(r"threads per rank (\d+); memory from (.+)$", log_text, re.M)
         spread += SPREAD_LINE.findall(log_text)
         # The operator's LD_PRELOAD names a library the image has: no loader complaint.
         check(
@@ -536,8 +580,28 @@ def test_finetunejob_end_to_end(
             check(prefix_rank == rank, f"log prefix rank {prefix_rank} != rank {rank}")
             ranks[int(rank)] = int(world)
     check(ranks == {0: 2, 1: 2}, f"not one gang of world size 2 (rank -> world): {ranks}")
-    # A CPU job's pods run on the image's tcmalloc (the operator's LD_PRELOAD); rank 0 says so.
-    check(allocators == ["tcmalloc"], f"rank 0 did not run on tcmalloc: {allocators}")
+    # ---- `finetune logs`: followed while it ran, and read again ------------------------------
+    check(
+        follower.returncode == 0,
+        f"`finetune logs -f` exited {follower.returncode}: {follow_err.read_text()[-2000:]}",
+    )
+    followed = follow_out.read_text()
+    problems += [f"`finetune logs -f`: {p}" for p in pod_prefix_problems(followed, 2)]
+    plain = subprocess.run(
+        finetune_cli(kube, ns, "logs", name), env=kube.env(), capture_output=True, text=True
+    )
+    check(plain.returncode == 0, f"`finetune logs` exited {plain.returncode}: {plain.stderr}")
+    problems += [f"`finetune logs`: {p}" for p in pod_prefix_problems(plain.stdout, 2)]
+    # Without -f the pods come one after the other, in completion-index order.
+    indices = [int(m.group(1)) for x in plain.stdout.splitlines() if (m := POD_LINE.match(x))]
+    check(indices == sorted(indices), "`finetune logs` interleaved the pods' lines")
+    # A CPU job's pods run on the image's tcmalloc (the operator's LD_PRELOAD), and each rank on
+    # its share of the pod's CPU request (the operator's OMP_NUM_THREADS: 250m gives one thread;
+    # the example sets none, and the node shows the pod 2 cores); rank 0 says so.
+    check(
+        allocators == [("1", "tcmalloc")],
+        f"rank 0 did not run on one thread and tcmalloc (threads, allocator): {allocators}",
+    )
 
     # ---- one download per job: rank 0's pod fetched each file and sent it to the other --------
     # The pods share no volume (no claim). Counted up to the pods' end, before serving starts.
