@@ -190,6 +190,14 @@ def test_an_event_looks_only_at_its_own_object() -> None:
     assert c.due(20) == [Due(("ns", "other"), scrape=True)]
 
 
+async def turns(n: int = 50) -> None:
+    """Let the event loop run `n` iterations. Counted in iterations, not seconds: a sleep of
+    50 ms let the test look early on a loaded machine, whose stalled process found the sleep's
+    timer due before the loop had run the pass's callbacks (a CI run saw 1 pass, not 2)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 @pytest.mark.parametrize("fail", [False, True])
 def test_the_loop_runs_an_events_pass_at_once_and_one_per_object_at_a_time(
     fail: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -208,17 +216,17 @@ def test_the_loop_runs_an_events_pass_at_once_and_one_per_object_at_a_time(
         c, wake = _clock(), asyncio.Event()
         loop = asyncio.get_running_loop()
         runner = loop.create_task(clock.run(c, fire, wake))
-        await asyncio.sleep(0.01)
+        await turns()
         c.soon(KEY, loop.time())
         wake.set()
-        await asyncio.sleep(0.05)
+        await turns()
         assert started == [Due(KEY, periodic=False)]  # at once, not at the next tick
         c.soon(KEY, loop.time())  # an event while its pass runs
         wake.set()
-        await asyncio.sleep(0.05)
+        await turns()
         assert len(started) == 1  # not a second pass beside the first
         release.set()
-        await asyncio.sleep(0.05)
+        await turns()
         assert len(started) == 2  # the event's pass, once the first ended
         runner.cancel()
 
