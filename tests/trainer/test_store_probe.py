@@ -24,6 +24,10 @@ from finetune_trainer.store import formed, mark_formed, wait_for_store
 from finetune_trainer.testing.gang import free_ports
 
 HOST = "127.0.0.1"
+# The upper bounds below only tell "reached it soon after it answered" from "waited out
+# give_up_after (30 s)" or one blocking connect (the kernel's 127 s of SYN retries). Seconds of
+# slack, not a speed target: on a loaded machine the first attempt also imports torch.
+SOON_S = 20
 
 
 @contextmanager
@@ -63,7 +67,7 @@ def test_a_refused_store_is_tried_again_until_it_listens() -> None:
     start = time.monotonic()
     attempts = wait_for_store(HOST, port, give_up_after=timedelta(seconds=30))
     later.thread.join()
-    assert 1.0 <= time.monotonic() - start < 10
+    assert 1.0 <= time.monotonic() - start < SOON_S
     assert attempts >= 2  # refused at least once, then accepted
 
 
@@ -78,7 +82,7 @@ def test_an_attempt_without_an_answer_is_abandoned_and_made_again() -> None:
     # A blocking connect would have sat in the kernel's SYN retries for one attempt; the probe
     # gave each attempt 0.3 s and made new ones until it gave up, then let torch take over.
     assert attempts >= 5, attempts
-    assert 2 <= took < 4, took
+    assert 2 <= took < SOON_S, took
 
 
 def test_the_store_is_reached_once_it_answers_again() -> None:
@@ -96,7 +100,7 @@ def test_the_store_is_reached_once_it_answers_again() -> None:
         )
         took = time.monotonic() - start
         later.thread.join()
-    assert attempts >= 2 and 1.0 <= took < 5, (attempts, took)
+    assert attempts >= 2 and 1.0 <= took < SOON_S, (attempts, took)
 
 
 def test_the_store_of_the_gang_that_stopped_is_passed_over(
@@ -119,7 +123,7 @@ def test_the_store_of_the_gang_that_stopped_is_passed_over(
     took = time.monotonic() - start
     later.thread.join()
     # Not accepted before the replacement's store was there, and accepted soon after.
-    assert 1.0 <= took < 5, took
+    assert 1.0 <= took < SOON_S, took
     assert attempts >= 2
     assert "reached the store of the gang that stopped" in caplog.text
     assert later.value is not None and not formed(HOST, port)  # the replacement's, unmarked
