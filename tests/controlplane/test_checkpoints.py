@@ -110,7 +110,6 @@ def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     try:
         wait_until(
             lambda: counts() == ["finetune_operator_restart_seconds_count 1.0"],
-            timeout=10,
             message="the restart's seconds in the operator's metrics",
         )
     except TimeoutError as exc:

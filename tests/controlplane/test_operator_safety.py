@@ -153,7 +153,7 @@ def test_missing_secret_is_one_warning_event_however_many_passes(
     def warnings() -> list[tuple[str, str]]:
         return [e for e in events_of(kube, namespace, "nosecret") if e[0] == "Warning"]
 
-    wait_until(warnings, timeout=10, message="a Warning Event")
+    wait_until(warnings, message="a Warning Event")
     assert warnings() == [("Warning", "SecretNotFound")]
     assert kube.get("Job", "nosecret", namespace) is None
 
