@@ -67,6 +67,8 @@ _FTJ_STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{
 _KUEUE_GROUP_PATH = f"/apis/{kueue.GROUP}"
 _WORKLOADS_PATH = _KUEUE_GROUP_PATH + f"/{{version}}/namespaces/{{namespace}}/{kueue.PLURAL}"
 _WORKLOAD_PATH = _WORKLOADS_PATH + "/{name}"
+_LEASES_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+_LEASE_PATH = _LEASES_PATH + "/{name}"
 
 
 class ApplyRejected(Exception):
@@ -562,3 +564,29 @@ class Kube:
             )
         except Exception as exc:  # events are advisory; never fail a pass on one
             log.debug("event not posted: %s", exc)
+
+    # ---- the leader election's Lease (leader.py) -----------------------------------------------
+
+    async def get_lease(self, namespace: str, name: str) -> Obj | None:
+        return await self._get_path(_LEASE_PATH, namespace=namespace, name=name)
+
+    async def write_lease(self, lease: Obj) -> Obj | None:
+        """Create `lease`, or replace it where it carries the resourceVersion it was read at; None
+        when another writer got there first (409: it exists, or it changed since that read)."""
+        meta = lease["metadata"]
+        replacing = bool(meta.get("resourceVersion"))
+        try:
+            return await self._json(
+                self.api.call_api,
+                _LEASE_PATH if replacing else _LEASES_PATH,
+                "PUT" if replacing else "POST",
+                path_params={"namespace": meta["namespace"], "name": meta["name"]},
+                header_params={"Accept": "application/json", "Content-Type": "application/json"},
+                body=lease,
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise

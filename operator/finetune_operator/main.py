@@ -34,6 +34,7 @@ def run_operator() -> int:
         discovery,
         handlers,  # noqa: F401 - registers the handlers
         kueue,
+        leader,
     )
     from finetune_operator.settings import Settings
 
@@ -47,13 +48,24 @@ def run_operator() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Kueue may be installed after the operator: watch its Workloads as soon as it is served.
     discovery.install({(kueue.GROUP, kueue.PLURAL)})
-    kopf.run(
-        standalone=True,
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=settings.liveness_endpoint,
-    )
-    return 0
+    # kopf runs standalone (no peering): where two operator processes may overlap, the Lease
+    # decides which one acts (leader.py), and this one starts kopf only once it holds it.
+    lease = leader.from_env()
+    if lease is not None:
+        lease.acquire()
+    try:
+        kopf.run(
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=settings.liveness_endpoint,
+        )
+    finally:
+        if lease is not None:
+            lease.release()
+    # A lost lease stopped kopf as SIGTERM does; exit non-zero, so the container is restarted
+    # and waits for the lease again.
+    return 1 if lease is not None and lease.lost.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

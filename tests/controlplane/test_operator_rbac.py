@@ -3,7 +3,8 @@ Secrets, so it cannot check output.hub.tokenSecretRef, and must create the Job a
 missing Secret then shows on the pod).
 
 The operator runs as the chart's ServiceAccount, with a token from the TokenRequest API and the
-Role/ClusterRole that `helm template` renders for one watched namespace.
+Role/ClusterRole that `helm template` renders for one watched namespace, and holds its leader
+election Lease there under the chart's Role for it.
 """
 
 from __future__ import annotations
@@ -106,10 +107,26 @@ def restricted(
             created.append(kube.create(doc, namespace))
         sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
         config = service_account_kubeconfig(kube, kubeconfig, namespace, sa, tmp / "kubeconfig")
-        operator = Operator(
-            config, tmp / "operator.log", extra_env={"FINETUNE_WATCH_NAMESPACES": namespace}
+        # With the chart's leader election (the Deployment's env): it must hold its Lease under
+        # these rules before kopf starts.
+        lease_rule = next(
+            r
+            for d in docs
+            if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election")
+            for r in d["rules"]
+            if r.get("resourceNames")
         )
+        env = {
+            "FINETUNE_WATCH_NAMESPACES": namespace,
+            "FINETUNE_LEADER_ELECTION": "true",
+            "FINETUNE_LEADER_ELECTION_NAMESPACE": namespace,
+            "FINETUNE_LEADER_ELECTION_LEASE": lease_rule["resourceNames"][0],
+        }
+        operator = Operator(config, tmp / "operator.log", extra_env=env)
         operator.start()
+        assert f"holding lease {namespace}/{env['FINETUNE_LEADER_ELECTION_LEASE']}" in (
+            operator.logs()
+        )
         yield namespace
     finally:
         if operator is not None:

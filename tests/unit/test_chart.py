@@ -144,8 +144,10 @@ def test_deployment_runs_one_recreated_replica(helm: Helm) -> None:
 
 
 def test_the_operator_reads_every_setting_the_chart_passes(helm: Helm) -> None:
-    """Each environment variable the Deployment sets is one `Settings.from_env` reads, and the
-    values arrive: a chart value the operator ignored would fail here, not in production."""
+    """Each environment variable the Deployment sets is one `Settings.from_env` or
+    `leader.from_env` reads, and the values arrive: a chart value the operator ignored would
+    fail here, not in production."""
+    from finetune_operator import leader
     from finetune_operator.settings import Settings
 
     container = operator_container(
@@ -160,7 +162,12 @@ def test_the_operator_reads_every_setting_the_chart_passes(helm: Helm) -> None:
             return super().get(key, default)
 
     settings = Settings.from_env(Recording(env))
+    lease = leader.from_env(Recording(env))
     assert set(env) <= read, f"set by the chart, read by nobody: {sorted(set(env) - read)}"
+    # The Lease the chart's Role lets it create and renew, in the release namespace.
+    assert lease is not None
+    assert (lease.namespace, lease.name) == (NAMESPACE, f"{RELEASE}-finetune-operator")
+    assert lease.timing == leader.Timing(15, 10, 2)
     assert settings.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert settings.image_pull_policy == "Always"
     assert settings.trainer_default_resources == {"requests": {"cpu": "2", "memory": "8Gi"}}
@@ -347,8 +354,17 @@ def is_aggregated(doc: dict[str, Any]) -> bool:
     return any(k.startswith(AGGREGATE_LABEL) for k in doc["metadata"].get("labels", {}))
 
 
+LEADER_ELECTION = f"{RELEASE}-finetune-operator-leader-election"
+
+
 def operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in by_kind(docs, kind) if not is_aggregated(doc)]
+    """The roles (or bindings) of the watched workloads: not the aggregated user roles, nor
+    the leader election's own Role."""
+    return [
+        doc
+        for doc in by_kind(docs, kind)
+        if not is_aggregated(doc) and doc["metadata"]["name"] != LEADER_ELECTION
+    ]
 
 
 def rules_of(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -369,7 +385,7 @@ def assert_least_privilege(rules: list[dict[str, Any]]) -> None:
 
 def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
     docs = template(helm)
-    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert not operator_roles(docs, "Role") and not operator_roles(docs, "RoleBinding")
     (role,) = operator_roles(docs, "ClusterRole")
     binding = one(docs, "ClusterRoleBinding")
     assert_least_privilege(role["rules"])
@@ -417,9 +433,9 @@ def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
 
 def test_watch_namespaces_gives_roles_and_no_cluster_wide_workload_rules(helm: Helm) -> None:
     docs = template(helm, "--set", "watchNamespaces={a,b}")
-    roles = by_kind(docs, "Role")
+    roles = operator_roles(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = operator_roles(docs, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["a", "b"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
@@ -550,6 +566,33 @@ def test_network_policy_values(helm: Helm, tmp_path: Path) -> None:
     }
     assert servers["to"][0]["namespaceSelector"] == trainers["to"][0]["namespaceSelector"]
     assert extra == proxy
+
+
+def test_the_leader_election_role_creates_and_renews_only_its_lease(helm: Helm) -> None:
+    for values in ([], ["--set", "watchNamespaces={a}"]):
+        docs = template(helm, *values)
+        (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == LEADER_ELECTION]
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert role["rules"] == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                # The Lease the operator is told to hold (test_the_operator_reads_every_...).
+                "resourceNames": [f"{RELEASE}-finetune-operator"],
+                "verbs": ["get", "update"],
+            },
+        ]
+        (binding,) = [
+            b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["name"] == LEADER_ELECTION
+        ]
+        sa = one(docs, "ServiceAccount")["metadata"]["name"]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}
+        ]
+    off = template(helm, "--set", "leaderElection.enabled=false")
+    assert not by_kind(off, "Role")
+    assert "FINETUNE_LEADER_ELECTION" not in {e["name"] for e in operator_container(off)["env"]}
 
 
 def test_rbac_can_be_left_to_the_installer(helm: Helm) -> None:
