@@ -379,24 +379,34 @@ class Kube:
                     raise
         raise RuntimeError(f"{kind} {meta['namespace']}/{meta['name']} kept changing; retry")
 
-    async def _create(self, manifest: Obj) -> Obj | None:
-        """POST a new child and return it; None when the name is already taken (409)."""
-        kind, meta = manifest["kind"], manifest["metadata"]
+    async def _write(self, method: str, path: str, body: Obj, **path_params: str) -> Obj | None:
+        """POST (create) or PUT (replace) `body` at `path` and return what the API server stored;
+        None on 409: the name is taken, or the object changed since the resourceVersion read."""
         try:
             return await self._json(
                 self.api.call_api,
-                _CREATE_PATHS[kind],
-                "POST",
-                path_params={"namespace": meta["namespace"]},
+                path,
+                method,
+                path_params=path_params,
                 query_params=[("fieldManager", naming.FIELD_MANAGER)],
                 header_params={"Accept": "application/json", "Content-Type": "application/json"},
-                body=manifest,
+                body=body,
                 auth_settings=["BearerToken"],
                 _return_http_data_only=True,
             )
         except ApiException as exc:
             if exc.status == 409:
                 return None
+            raise
+
+    async def _create(self, manifest: Obj) -> Obj | None:
+        """POST a new child and return it; None when the name is already taken (409)."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        try:
+            return await self._write(
+                "POST", _CREATE_PATHS[kind], manifest, namespace=meta["namespace"]
+            )
+        except ApiException as exc:
             if exc.status in (400, 422):
                 raise ApplyRejected(f"{kind} {meta['name']}: {_message(exc)}") from exc
             raise
@@ -573,20 +583,7 @@ class Kube:
     async def write_lease(self, lease: Obj) -> Obj | None:
         """Create `lease`, or replace it where it carries the resourceVersion it was read at; None
         when another writer got there first (409: it exists, or it changed since that read)."""
-        meta = lease["metadata"]
-        replacing = bool(meta.get("resourceVersion"))
-        try:
-            return await self._json(
-                self.api.call_api,
-                _LEASE_PATH if replacing else _LEASES_PATH,
-                "PUT" if replacing else "POST",
-                path_params={"namespace": meta["namespace"], "name": meta["name"]},
-                header_params={"Accept": "application/json", "Content-Type": "application/json"},
-                body=lease,
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            raise
+        namespace, name = lease["metadata"]["namespace"], lease["metadata"]["name"]
+        if lease["metadata"].get("resourceVersion"):
+            return await self._write("PUT", _LEASE_PATH, lease, namespace=namespace, name=name)
+        return await self._write("POST", _LEASES_PATH, lease, namespace=namespace)
