@@ -56,6 +56,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +100,11 @@ CONVERGE_S = 120.0
 PUSH503_COUNT = 3
 
 RESUMED = re.compile(r"resumed from step (\d+)")
+# Lines of a trainer pod's log that mark where a restart's seconds went: the trainer imported
+# (its metrics served), the gang formed (each rank says which it is once its process group is
+# up). The pods log in UTC, to the millisecond, on the clock kind's nodes share with this host.
+IMPORTED = re.compile(r"^(\S+ \S+) .*finetune_trainer\.train: metrics on ", re.M)
+FORMED = re.compile(r"^(\S+ \S+) .*\] rank \d+ of \d+ on ", re.M)
 CHAIN, DRAIN, HANG, P503, P403, REF = (
     "ft-chain",
     "ft-drain",
@@ -337,6 +343,20 @@ class View:
     def log_texts(self) -> dict[str, str]:
         return {f.name: f.read_text(errors="replace") for f in sorted(self.logs.glob("*.log"))}
 
+    def logged_after(self, pods: list[str], line: re.Pattern[str], since: float) -> float | None:
+        """Seconds from `since` (epoch) to the last of these pods' first `line` after it: when
+        the slowest pod got there. None where a pod's log has no such line (yet)."""
+        times = []
+        for pod in pods:
+            path = self.logs / f"{pod}.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            stamps = [log_epoch(m.group(1)) for m in line.finditer(text)]
+            first = next((t for t in stamps if t >= since), None)
+            if first is None:
+                return None
+            times.append(first - since)
+        return round(max(times), 1) if times else None
+
     def resumed_in_log(self, job: str, attempt: int) -> int | None:
         """The step the newest rank-0 pod of `attempt` says it resumed from (its log)."""
         pods = [n for n, m in self.pod_meta.items() if m == (job, attempt, 0)]
@@ -346,6 +366,11 @@ class View:
             if found:
                 return int(found[-1])
         return None
+
+
+def log_epoch(stamp: str) -> float:
+    """Seconds since the epoch of a trainer log line's time ("2026-12-06 01:10:23,714", UTC)."""
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC).timestamp()
 
 
 def pod_index(pod: Obj) -> int:
@@ -526,6 +551,15 @@ class Suite:
                 for p, meta in self.view.pod_meta.items()
                 if meta[:2] == (job, attempt) and p in self.view.running_at
             ]
+            gang = [
+                p
+                for p, meta in self.view.pod_meta.items()
+                if meta[:2] == (job, attempt)
+                and p in self.view.running_at
+                and p in self.view.pods  # not deleted
+                and not self.view.pods[p]["metadata"].get("deletionTimestamp")
+            ]
+            fresh = [p for p in gang if self.view.running_at[p] >= t_fault]
         entry["failureSeenAfter"] = round(seen - t_fault, 1) if seen else None
         # The restart as rank 0 timed it (its resume, to the second), without the operator's
         # progress interval: the figure to compare with the 30 s target.
@@ -534,6 +568,10 @@ class Suite:
             resumed_at = epoch(at)
             entry["trainerResumedAfter"] = round(resumed_at - t_wall, 1)
         entry["podsRunningAfter"] = round(max(starts) - t_fault, 1) if starts else None
+        # Between the pods running and the resume: the new pods' import of the trainer, then
+        # the gang forming (every rank, the pods that stayed too), then loading and restoring.
+        entry["importedAfter"] = self.view.logged_after(fresh, IMPORTED, t_wall)
+        entry["gangFormedAfter"] = self.view.logged_after(gang, FORMED, t_wall)
         self.restarts.append(entry)
         self.timing.record(f"faults_restart_{job}_attempt{attempt}_{fault}", seconds)
         print(f"[faults] {job}: {fault} at step {step} -> attempt {attempt} training {entry}")
