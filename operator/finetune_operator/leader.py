@@ -173,6 +173,8 @@ class LeaseHolder:
         self._seen: Seen | None = None
         self._lease: Obj | None = None
         self._thread: threading.Thread | None = None
+        self._renewed = 0.0  # time.monotonic() of the last renewal
+        self._losing = threading.Lock()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         # The API layer is async (its own thread pool); this holder is not on kopf's loop, so
@@ -218,29 +220,49 @@ class LeaseHolder:
                 waiting_on = holder
             self._pause()
         log.info("holding lease %s/%s as %s", self.namespace, self.name, self.identity)
+        self.hold()
+
+    def hold(self) -> None:
+        """Renew the lease just acquired, from a thread of its own, until `release`."""
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
-        renewed = time.monotonic()
-        while not self._stop.is_set():
+        # The deadline is kept by a thread of its own: a renewal can hang in a request (its
+        # connect and read timeouts, retried) far longer than the lease lasts, and the others
+        # take over once it has expired.
+        threading.Thread(target=self._keep_deadline, name="lease-deadline", daemon=True).start()
+        while not self._stop.is_set() and not self.lost.is_set():
             self._pause()
             if self._stop.is_set():
                 return
             outcome = self._try()
             if outcome is Outcome.HELD:
-                renewed = time.monotonic()
-                continue
-            late = time.monotonic() - renewed
-            if outcome is Outcome.OTHER or late > self.timing.renew_deadline_seconds:
-                holder = self._seen.record[0] if self._seen else ""
-                log.error(
-                    "lost lease %s/%s (held by %r, last renewed %.1fs ago): stopping",
-                    self.namespace, self.name, holder, late,
-                )  # fmt: skip
-                self.lost.set()
-                self.on_lost()
+                self._renewed = time.monotonic()
+            elif outcome is Outcome.OTHER:
+                self._lose()
+
+    def _keep_deadline(self) -> None:
+        while not self._stop.wait(self.timing.retry_seconds / 2):
+            if time.monotonic() - self._renewed > self.timing.renew_deadline_seconds:
+                self._lose()
+            if self.lost.is_set():
                 return
+
+    def _lose(self) -> None:
+        """Stop acting (on_lost), once: another holder has the lease, or it was not renewed
+        within the deadline."""
+        with self._losing:
+            if self.lost.is_set() or self._stop.is_set():
+                return
+            self.lost.set()
+        holder = self._seen.record[0] if self._seen else ""
+        log.error(
+            "lost lease %s/%s (held by %r, last renewed %.1fs ago): stopping",
+            self.namespace, self.name, holder, time.monotonic() - self._renewed,
+        )  # fmt: skip
+        self.on_lost()
 
     def release(self) -> None:
         """Stop renewing and leave the lease free for the next candidate (unless it was lost)."""

@@ -3,10 +3,15 @@ tests/controlplane/test_leader_election.py runs two operators against a real API
 
 from __future__ import annotations
 
+import socket
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator.leader import Seen, Timing, claim, observe, released
+from kubernetes import client
+
+from finetune_operator.apply import Kube
+from finetune_operator.leader import LeaseHolder, Seen, Timing, claim, observe, released
 
 NS, NAME = "finetune-system", "finetune-operator"
 WALL = datetime(2026, 12, 6, 1, 2, 3, 456789, tzinfo=UTC)
@@ -88,3 +93,25 @@ def test_only_the_holder_releases() -> None:
 def test_timing_keeps_client_gos_proportions() -> None:
     assert Timing() == Timing.for_lease(15) == Timing(15, 10, 2)
     assert Timing.for_lease(3) == Timing(3, 2, 0.4)
+
+
+def test_a_holder_whose_renewals_hang_stops_acting_by_its_deadline() -> None:
+    """The API server stops answering: a real listener that takes connections and never
+    replies, so each renewal hangs in its read (the client's timeout is 60 s, retried). The
+    holder still stops acting once it has not renewed for renew_deadline_seconds, before its
+    lease can expire for the other candidates."""
+    timing = Timing.for_lease(1.5)  # renew within 1 s, retry every 0.2 s
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{server.getsockname()[1]}"
+        lost = threading.Event()
+        holder = LeaseHolder(
+            Kube(configuration, max_requests=1), NS, NAME, "a", timing, on_lost=lost.set
+        )
+        holder.hold()
+        # Far sooner than one hung request returns (60 s): seconds of slack for a loaded machine.
+        assert lost.wait(20)
+        assert holder.lost.is_set()
+    holder.release()  # the listener is gone: the hung request ends, and nothing is written
