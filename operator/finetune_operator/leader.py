@@ -184,14 +184,15 @@ class LeaseHolder:
     def _try(self) -> Outcome:
         try:
             lease = self._run(self.kube.get_lease(self.namespace, self.name))
-            self._seen = observe(lease, self._seen, time.monotonic())
+            now = time.monotonic()
+            self._seen = observe(lease, self._seen, now)
             want = claim(
                 lease,
                 self.namespace,
                 self.name,
                 self.identity,
                 self._seen,
-                time.monotonic(),
+                now,
                 datetime.now(UTC),
                 self.timing,
             )
@@ -206,6 +207,11 @@ class LeaseHolder:
         self._lease = written
         return Outcome.HELD
 
+    @property
+    def _holder(self) -> str:
+        """The holder of the lease as last read ("" when none, or not read yet)."""
+        return self._seen.record[0] if self._seen else ""
+
     def _pause(self) -> None:
         # Jittered, as client-go's JitterUntil, so that candidates started together spread out.
         self._stop.wait(self.timing.retry_seconds * (1 + 0.2 * random.random()))
@@ -214,10 +220,11 @@ class LeaseHolder:
         """Block until this process holds the lease."""
         waiting_on = None
         while self._try() is not Outcome.HELD:
-            holder = self._seen.record[0] if self._seen else ""
-            if holder and holder != waiting_on:
-                log.info("waiting for lease %s/%s, held by %s", self.namespace, self.name, holder)
-                waiting_on = holder
+            if self._holder and self._holder != waiting_on:
+                waiting_on = self._holder
+                log.info(
+                    "waiting for lease %s/%s, held by %s", self.namespace, self.name, waiting_on
+                )
             self._pause()
         log.info("holding lease %s/%s as %s", self.namespace, self.name, self.identity)
         self.hold()
@@ -257,10 +264,9 @@ class LeaseHolder:
             if self.lost.is_set() or self._stop.is_set():
                 return
             self.lost.set()
-        holder = self._seen.record[0] if self._seen else ""
         log.error(
             "lost lease %s/%s (held by %r, last renewed %.1fs ago): stopping",
-            self.namespace, self.name, holder, time.monotonic() - self._renewed,
+            self.namespace, self.name, self._holder, time.monotonic() - self._renewed,
         )  # fmt: skip
         self.on_lost()
 
