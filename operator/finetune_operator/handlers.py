@@ -79,7 +79,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
     settings.execution.max_workers = 8
-    reconciler().metrics.serve(SETTINGS.metrics_port)
 
 
 @kopf.on.startup()

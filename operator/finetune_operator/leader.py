@@ -1,9 +1,9 @@
 """Leader election on a coordination.k8s.io/v1 Lease, as client-go's `leaderelection` runs it.
 
-The chart runs one operator (replicas 1, Recreate) and kopf runs standalone, yet two operator
-processes can still run at once: a deleted or evicted operator pod is replaced by its ReplicaSet
-at once, while the old one may still be stopping, and a pod on a node cut off from the control
-plane keeps running while its replacement starts elsewhere. Two operators would both act on every
+kopf runs standalone, and several operator processes can run at once: the chart's
+`replicaCount` standbys, the new pod of a rolling update, a deleted or evicted pod's replacement
+while the old one still stops, and a pod on a node cut off from the control plane, which runs on
+while its replacement starts elsewhere. Two operators would both act on every
 FineTuneJob (two Events per transition, status writes racing each other). With the Lease, an
 operator starts kopf only once it holds it: a second one waits until the first releases it (at
 its exit) or has not renewed it for `lease_seconds`; one that fails to renew stops acting.
@@ -216,10 +216,14 @@ class LeaseHolder:
         # Jittered, as client-go's JitterUntil, so that candidates started together spread out.
         self._stop.wait(self.timing.retry_seconds * (1 + 0.2 * random.random()))
 
-    def acquire(self) -> None:
-        """Block until this process holds the lease."""
-        waiting_on = None
-        while self._try() is not Outcome.HELD:
+    def acquire(self, standing_by: Callable[[], None] = lambda: None) -> None:
+        """Block until this process holds the lease; `standing_by` is called once, when it
+        first finds another holder's lease current."""
+        waiting_on, stood_by = None, False
+        while (outcome := self._try()) is not Outcome.HELD:
+            if outcome is Outcome.OTHER and not stood_by:
+                stood_by = True
+                standing_by()
             if self._holder and self._holder != waiting_on:
                 waiting_on = self._holder
                 log.info(

@@ -1,4 +1,4 @@
-"""`python -m finetune_operator`: run the operator with a liveness endpoint.
+"""`python -m finetune_operator`: run the operator with a liveness endpoint and its metrics.
 
 `python -m finetune_operator render JOB.yaml` prints the children of a manifest instead.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import yaml
@@ -32,11 +33,12 @@ def run_operator() -> int:
 
     from finetune_operator import (
         discovery,
-        handlers,  # noqa: F401 - registers the handlers
+        handlers,  # registers the handlers on import; its reconciler serves the metrics
         kueue,
         leader,
     )
     from finetune_operator.settings import Settings
+    from finetune_operator.standby import StandbyEndpoint
 
     settings = Settings.from_env()
     logging.basicConfig(
@@ -48,24 +50,45 @@ def run_operator() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Kueue may be installed after the operator: watch its Workloads as soon as it is served.
     discovery.install({(kueue.GROUP, kueue.PLURAL)})
-    # kopf runs standalone (no peering): where two operator processes may overlap, the Lease
-    # decides which one acts (leader.py), and this one starts kopf only once it holds it.
+    # Served from the start: a standby is scraped too, its finetune_operator_leader at 0.
+    operator_metrics = handlers.reconciler().metrics
+    operator_metrics.serve(settings.metrics_port)
+    # kopf runs standalone (no peering): where several operator processes run, the Lease decides
+    # which one acts (leader.py). The others stand by, healthy, and start kopf once they hold it.
     lease = leader.from_env()
-    if lease is not None:
-        lease.acquire()
+    signal.signal(signal.SIGTERM, _stop_before_kopf)
     try:
+        if lease is not None:
+            with StandbyEndpoint(settings.liveness_endpoint) as standby:
+                lease.acquire(standing_by=standby.start)
+        operator_metrics.leader.set(1)
         kopf.run(
             standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             liveness_endpoint=settings.liveness_endpoint,
         )
+    except Stopped:
+        logging.getLogger(__name__).info("stopped (SIGTERM) before kopf ran")
     finally:
+        operator_metrics.leader.set(0)
         if lease is not None:
             lease.release()
     # A lost lease stopped kopf as SIGTERM does; exit non-zero, so the container is restarted
     # and waits for the lease again.
     return 1 if lease is not None and lease.lost.is_set() else 0
+
+
+class Stopped(BaseException):
+    """SIGTERM before kopf took it over. A BaseException, so that no `except Exception` on the
+    way (a lease request's) swallows it."""
+
+
+def _stop_before_kopf(signum: int, frame: object) -> None:
+    # As PID 1 of its container the operator would ignore SIGTERM until kopf.run handles it
+    # (the kernel drops a signal that PID 1 has no handler for), and a standby, which may wait
+    # for the Lease for the pod's whole life, would take its full grace period to be deleted.
+    raise Stopped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,13 @@ class OperatorMetrics:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
+        # client-go controllers export the same as leader_election_master_status.
+        self.leader = Gauge(
+            "finetune_operator_leader",
+            "1 while this operator acts on FineTuneJobs (it holds the Lease, or runs without "
+            "leader election); 0 while it stands by for the Lease.",
+            registry=registry,
+        )
         self.jobs = Gauge(
             "finetune_operator_jobs", "FineTuneJobs by phase.", ["phase"], registry=registry
         )
@@ -251,4 +258,5 @@ class OperatorMetrics:
             }
 
     def serve(self, port: int) -> None:
+        """Serve the registry on `port`, from the operator's start: a standby is scraped too."""
         start_http_server(port, registry=self.registry)

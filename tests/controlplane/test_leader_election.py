@@ -62,25 +62,36 @@ def test_only_the_lease_holder_acts_and_the_next_one_takes_over(
     def job_made(name: str) -> Callable[[], bool]:
         return lambda: kube.get("Job", name, ns) is not None
 
-    first, second, third = (candidate(kubeconfig, tmp_path / f"{n}.log", ns) for n in "abc")
+    first, second, third, fourth = (
+        candidate(kubeconfig, tmp_path / f"{n}.log", ns) for n in "abcd"
+    )
     try:
         first.start()
         holder = spec()["holderIdentity"]
         assert f"holding lease {ns}/{DEFAULT_LEASE} as {holder}" in first.logs()
+        # It took the free lease at once: it leads, and kopf answers its probe.
+        assert first.leader_gauge() == 1
 
-        # The second waits for the lease, with kopf not started: it acts on nothing.
+        # The second waits for the lease, with kopf not started: it acts on nothing. It stands
+        # by: its probe answers (a Ready pod, not restarted), and its metrics say it does not
+        # lead.
         second.start(wait=False)
-        wait_until(lambda: f"held by {holder}" in second.logs(), message="the second one waiting")
+        wait_until(second.standing_by, message="the second one standing by")
+        assert f"held by {holder}" in second.logs()
+        assert second.leader_gauge() == 0
         kube.create(ftj_manifest("one", ns))
         wait_until(job_made("one"), message="the holder making job one's Job")
-        assert not second.healthy()
+        assert second.standing_by()
 
         # The holder exits (SIGTERM, a pod's deletion): it releases the lease, and the second
         # takes it without waiting out the lease.
         first.stop()
         assert first.proc is not None and first.proc.returncode == 0, first.logs()[-3000:]
         assert f"released lease {ns}/{DEFAULT_LEASE}" in first.logs()
+        # kopf answers its probe now (the standby's endpoint gave the port up), and its metrics
+        # say it leads.
         wait_until(second.healthy, message="the second one taking over")
+        assert second.leader_gauge() == 1
         taken = spec()
         assert taken["holderIdentity"] not in ("", holder)
         assert taken["leaseTransitions"] == 1
@@ -103,6 +114,15 @@ def test_only_the_lease_holder_acts_and_the_next_one_takes_over(
         final = spec()
         assert final["holderIdentity"] not in ("", "x", taken["holderIdentity"])
         assert final["leaseTransitions"] == 2
+
+        # A standby stops at SIGTERM, at once and cleanly, though kopf, which handles SIGTERM
+        # once it runs, never started (in a container, as PID 1, it would ignore the signal).
+        fourth.start(wait=False)
+        wait_until(fourth.standing_by, message="the fourth one standing by")
+        fourth.stop()
+        assert fourth.proc is not None and fourth.proc.returncode == 0, fourth.logs()[-3000:]
+        assert "stopped (SIGTERM) before kopf ran" in fourth.logs()
+        assert spec()["holderIdentity"] == final["holderIdentity"]
     finally:
-        for op in (first, second, third):
+        for op in (first, second, third, fourth):
             op.stop()
