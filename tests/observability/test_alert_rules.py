@@ -157,7 +157,7 @@ def test_rendered_prometheusrule_passes_promtool(helm: str, promtool: str, tmp_p
     assert pending["for"] == "7m"
     pending["for"] = "15m"
     down = _alert(rendered, "FineTuneOperatorDown")
-    assert 'up{job="platform/finetune-operator"} == 1' in down["expr"]
+    assert 'finetune_operator_leader{job="platform/finetune-operator"} == 1' in down["expr"]
     down["expr"] = down["expr"].replace("platform/finetune-operator", "finetune-operator-metrics")
     for alert in alert_rules(rendered):
         assert alert["annotations"]["runbook_url"] == base + alert["alert"].lower()
@@ -185,7 +185,8 @@ def test_rendered_prometheusrule_defaults_match_values_and_the_file(helm: str) -
     # the Prometheus Operator names it after the Service it scrapes.
     (service,) = [d for d in docs if d["kind"] == "Service"]
     name = service["metadata"]["name"]
-    assert f'up{{job="{name}"}} == 1' in _alert(rendered, "FineTuneOperatorDown")["expr"]
+    down = _alert(rendered, "FineTuneOperatorDown")["expr"]
+    assert f'finetune_operator_leader{{job="{name}"}} == 1' in down
     # <release>-finetune-operator-metrics; a release named finetune-operator is the fullname
     # alone, which gives the file's own job name.
     assert name == "obs-finetune-operator-metrics"

@@ -203,6 +203,7 @@ def live(prometheus_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     run = RealRun(workdir, doc)
     operator = OperatorMetrics(registry=CollectorRegistry())
+    operator.leader.set(1)  # as main.py sets it once it holds the Lease
     op_server, _ = start_http_server(0, addr="127.0.0.1", registry=operator.registry)
     trainer_targets = run.targets
 
@@ -353,7 +354,7 @@ def test_alert_rules_load_and_stay_silent(live: Live) -> None:
     assert set(loaded) == {r["alert"] for r in alert_rules()}
     for name, rule in loaded.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
-    # The healthy job raises nothing, the operator is up (the down alert's job label is the
+    # The healthy job raises nothing, the operator acts (the down alert's job label is the
     # one the ServiceMonitor's targets get); the other job's failure raises exactly
     # FineTuneJobFailed, naming it.
     alerts = live.prom.api("alerts")["alerts"]
