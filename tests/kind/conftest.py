@@ -32,6 +32,7 @@ differently so the two never shadow each other.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -389,10 +390,28 @@ def node_image_records(kube: Kube) -> dict[str, list[tuple[str, str]]]:
     return records
 
 
+def helm_upgrade(kube: Kube, *args: str) -> None:
+    """`helm upgrade` of the operator's release with `args`, waiting (5 minutes at most) for
+    its pods."""
+    helm = run([str(HELM_SH)], timeout=1800).strip()
+    command = [helm, "upgrade", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, *args]
+    command += ["--wait", "--timeout", "5m"]
+    if kube.kubeconfig:
+        command += ["--kubeconfig", kube.kubeconfig]
+    if CONTEXT:
+        command += ["--kube-context", CONTEXT]
+    run(command, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def upgrade_release(kube: Kube) -> Callable[..., None]:
+    """helm_upgrade on this suite's cluster: `upgrade_release("--reuse-values", "--set", ...)`."""
+    return functools.partial(helm_upgrade, kube)
+
+
 @pytest.fixture(scope="session")
 def operator_release(kube: Kube, images: dict[str, str]) -> dict[str, str]:
     """The chart installed with the local images; returns the operator pod's name and more."""
-    helm = run([str(HELM_SH)], timeout=1800).strip()
     op_repo, op_tag = OPERATOR_IMAGE.rsplit(":", 1)
     tr_repo, tr_tag = TRAINER_IMAGE.rsplit(":", 1)
     image_id = images.get(OPERATOR_IMAGE, "external")
@@ -400,14 +419,9 @@ def operator_release(kube: Kube, images: dict[str, str]) -> dict[str, str]:
         # The chart installs and upgrades the CRD itself (crds.install, a template). A CRD left
         # by an earlier install outside this release (kubectl apply, the chart's old crds/) has
         # no helm ownership metadata: --take-ownership adopts it instead of failing.
-        args = [
-            helm,
-            "upgrade",
+        helm_upgrade(
+            kube,
             "--install",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            OPERATOR_NAMESPACE,
             "--create-namespace",
             "--take-ownership",
             # The local images carry no registry: the refs are used as they are.
@@ -433,15 +447,7 @@ def operator_release(kube: Kube, images: dict[str, str]) -> dict[str, str]:
             # A rebuilt image under the same tag must roll the operator pod.
             "--set-string",
             "podAnnotations.finetune\\.dev/image-id=" + image_id.replace(":", "-"),
-            "--wait",
-            "--timeout",
-            "5m",
-        ]
-        if kube.kubeconfig:
-            args += ["--kubeconfig", kube.kubeconfig]
-        if CONTEXT:
-            args += ["--kube-context", CONTEXT]
-        run(args, timeout=600)
+        )
         kube(
             "-n",
             OPERATOR_NAMESPACE,

@@ -130,10 +130,14 @@ def test_every_object_is_well_formed(helm: Helm, values: list[str]) -> None:
             assert doc["metadata"].get("namespace") == NAMESPACE, doc["kind"]
 
 
-def test_deployment_runs_one_recreated_replica(helm: Helm) -> None:
+def test_deployment_runs_one_replica_that_rolls_through_a_standby(helm: Helm) -> None:
     deployment = one(template(helm), "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The new pod stands by before the old one stops (the Lease keeps them from both acting).
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deployment["spec"]["template"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
@@ -595,6 +599,60 @@ def test_the_leader_election_role_creates_and_renews_only_its_lease(helm: Helm) 
     assert "FINETUNE_LEADER_ELECTION" not in {e["name"] for e in operator_container(off)["env"]}
 
 
+def test_standbys_need_the_lease_and_spread_over_nodes(helm: Helm) -> None:
+    deployment = one(template(helm, "--set", "replicaCount=2"), "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    # Scaling changes no pod template: `helm upgrade --set replicaCount=2` adds a standby and
+    # restarts no operator.
+    one_pod = one(template(helm), "Deployment")
+    assert one_pod["spec"]["template"] == deployment["spec"]["template"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert deployment["spec"]["template"]["spec"]["topologySpreadConstraints"] == [
+        {
+            "labelSelector": {"matchLabels": selector},
+            "matchLabelKeys": ["pod-template-hash"],
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+        }
+    ]
+    # The installer's own constraints replace the default; each gets the pods' selector unless
+    # it names one.
+    zone = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone"}
+    own = [
+        {**zone, "whenUnsatisfiable": "DoNotSchedule"},
+        {
+            **zone,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"a": "b"}},
+        },
+    ]
+    spread = one(
+        template(
+            helm,
+            "--set",
+            "replicaCount=3",
+            "--set-json",
+            f"topologySpreadConstraints={json.dumps(own)}",
+        ),
+        "Deployment",
+    )["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == [{**own[0], "labelSelector": {"matchLabels": selector}}, own[1]]
+
+    # Without the Lease, two pods would both act: refused, saying what to change; one pod is
+    # recreated, never rolled.
+    proc = run_helm(
+        helm, "template", RELEASE, str(CHART),
+        "--set", "replicaCount=2", "--set", "leaderElection.enabled=false",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "replicaCount is 2, but leaderElection.enabled is false" in proc.stderr
+    assert "Enable leaderElection, or set replicaCount to 1" in proc.stderr
+    off = one(template(helm, "--set", "leaderElection.enabled=false"), "Deployment")
+    assert (off["spec"]["replicas"], off["spec"]["strategy"]) == (1, {"type": "Recreate"})
+
+
 def test_rbac_can_be_left_to_the_installer(helm: Helm) -> None:
     docs = template(helm, "--set", "rbac.create=false")
     kinds = {d["kind"] for d in docs}
@@ -673,7 +731,8 @@ def test_the_crd_check_covers_the_chart(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     "bad",
     [
-        ["--set", "replicaCount=2"],  # no such key: the operator always runs one replica
+        ["--set", "replicaCount=0"],  # one pod at least
+        ["--set-json", 'topologySpreadConstraints=[{"maxSkew":1}]'],  # no topologyKey
         ["--set", "watchNamespace={a}"],  # typo of watchNamespaces
         ["--set", "watchNamespaces={Team_A}"],  # not a namespace name
         ["--set", "logLevel=verbose"],

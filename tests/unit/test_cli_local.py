@@ -233,10 +233,10 @@ def test_render_refuses_values_the_chart_schema_rejects(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write(tmp_path / "job.yaml", job_doc())
-    typo = write(tmp_path / "v.yaml", {"trainer": {"imagee": {"tag": "x"}}, "replicaCount": 2})
+    typo = write(tmp_path / "v.yaml", {"trainer": {"imagee": {"tag": "x"}}, "replicas": 2})
     assert main(["render", str(job), "-f", str(typo)]) == Exit.USAGE
     err = capsys.readouterr().err
-    assert "trainer.imagee" in err and "replicaCount" in err
+    assert "trainer.imagee" in err and "replicas" in err
 
 
 def test_render_without_a_chart_says_where_to_point(
