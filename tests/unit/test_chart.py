@@ -42,6 +42,7 @@ VALUE_SETS: dict[str, list[str]] = {
         'trainer.defaultResources={"requests":{"cpu":"2","memory":"8Gi"}}',
     ],
     "network-policy": ["--set", "networkPolicy.enabled=true,global.imageRegistry=mirror.example"],
+    "standby": ["--set", "replicaCount=2"],
 }
 RBAC_KINDS = {"Role", "ClusterRole"}
 AGGREGATE_LABEL = "rbac.authorization.k8s.io/aggregate-to-"
@@ -639,6 +640,13 @@ def test_standbys_need_the_lease_and_spread_over_nodes(helm: Helm) -> None:
         "Deployment",
     )["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert spread == [{**own[0], "labelSelector": {"matchLabels": selector}}, own[1]]
+
+    # A drain evicts one at a time, leaving one to act; with one pod, no budget to block it.
+    budget = one(template(helm, "--set", "replicaCount=2"), "PodDisruptionBudget")
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    assert not by_kind(template(helm), "PodDisruptionBudget")
+    no_budget = ["--set", "replicaCount=2", "--set", "podDisruptionBudget.enabled=false"]
+    assert not by_kind(template(helm, *no_budget), "PodDisruptionBudget")
 
     # Without the Lease, two pods would both act: refused, saying what to change; one pod is
     # recreated, never rolled.
