@@ -71,6 +71,9 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     RESTARTING = "Restarting"
+    # Running=False: a pod of the attempt being deleted for a restart outlived its termination
+    # grace period (its node does not answer, or a finalizer holds it); the next attempt waits.
+    POD_STUCK_TERMINATING = "PodStuckTerminating"
     # A child with this FineTuneJob's name exists and is not controlled by it: left untouched.
     NAME_CONFLICT = "NameConflict"
     # A source the Hub (or the endpoint used) says does not exist: retrying cannot help.

@@ -88,6 +88,22 @@ class Leaving:
 
 
 @dataclass(frozen=True)
+class Lingering:
+    """A pod of an attempt whose Job is being deleted that is still there. Its grace period ends
+    (or ended) at `until`; a pod that long outlives it is held by a node that no longer answers
+    (lost, shut down, cut off from the control plane), whose kubelet never confirms the stop, or
+    by a finalizer. The Job's foreground deletion, and so the next attempt, waits for it."""
+
+    pod: str
+    # spec.nodeName; "" for a pod never scheduled.
+    node: str
+    # Its deletionTimestamp (RFC 3339): when its grace period ends.
+    until: str
+    # Further pods of the attempt in the same state.
+    others: int = 0
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One attempt as the cluster shows it."""
 
@@ -119,6 +135,8 @@ class Outcome:
     leaving: Leaving | None = None
     # When the last pod of the gang was scheduled, started and ended (timings.pod_times).
     pod_times: dict[str, float] = field(default_factory=dict)
+    # Set with `deleting`: the pod whose grace period ended first, of those still there.
+    lingering: Lingering | None = None
 
 
 def true_conditions(obj: Obj) -> dict[str, Obj]:
@@ -353,6 +371,17 @@ def _deletion_start(meta: Obj) -> str | None:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _lingering(pods: list[Obj]) -> Lingering | None:
+    """The pod marked for deletion whose grace period ends first (then by index), and how many
+    more are marked."""
+    going = [p for p in pods if (p.get("metadata") or {}).get("deletionTimestamp")]
+    if not going:
+        return None
+    first = min(going, key=lambda p: (p["metadata"]["deletionTimestamp"], _index(p)))
+    node = str((first.get("spec") or {}).get("nodeName") or "")
+    return Lingering(_name(first), node, first["metadata"]["deletionTimestamp"], len(going) - 1)
+
+
 def _parallelism(job: Obj) -> int:
     spec = job.get("spec") or {}
     return int(spec.get("parallelism") or spec.get("completions") or 1)
@@ -451,7 +480,7 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
     )
     if meta.get("deletionTimestamp"):
         # Foreground deletion keeps the Job until its pods are gone: wait, never act on it.
-        return replace(base, deleting=True)
+        return replace(base, deleting=True, lingering=_lingering(pods))
     conds = true_conditions(job)
     if "Complete" in conds:
         result = _trainer_result(pods)

@@ -37,6 +37,7 @@ LIVE = (State.SUSPENDED, State.PENDING, State.RUNNING)
 WARNING_REASONS = frozenset(
     {
         Reason.RESTARTING,
+        Reason.POD_STUCK_TERMINATING,
         Reason.SECRET_NOT_FOUND,
         Reason.NAME_CONFLICT,
         Reason.NO_DURABLE_STORE,
@@ -236,7 +237,7 @@ class Reconciler:
         if blocker is not None and blocker.permanent:
             permanent = blocker.message
         observed = replace(observed, blocker=blocker)
-        result = plan(job, observed)
+        result = self._plan(job, observed)
         # The transitions of the statuses this pass carried forward (each plan's are relative to
         # the status before it).
         transitions: list[tuple[str, str, str]] = []
@@ -249,7 +250,7 @@ class Reconciler:
                 permanent = str(exc)
                 blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
                 observed = replace(observed, blocker=blocker)
-                result = plan(job, observed)
+                result = self._plan(job, observed)
                 break
             if not refused:  # a refused change did not happen: plan again from before it
                 status = FineTuneJobStatus.model_validate(result.status)
@@ -270,12 +271,15 @@ class Reconciler:
             if refused and observed.workload is not None:
                 # Shown in the status, and not tried again in this pass.
                 observed = replace(observed, workload=replace(observed.workload, refused=refused))
-            result = plan(job, replace(observed, blocker=blocker))
+            result = self._plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         result = await self._serve(job, result, look=serve)
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
+
+    def _plan(self, job: FineTuneJob, observed: Observed) -> Plan:
+        return plan(job, observed, stuck_after=self.settings.stuck_terminating_seconds)
 
     async def _serve(self, job: FineTuneJob, result: Plan, look: bool) -> Plan:
         """spec.serve: once the job Succeeded, apply the serving Deployment and Service for the

@@ -67,6 +67,10 @@ class Settings:
     resync_seconds: float = 60.0
     progress_seconds: float = 10.0
     scrape_timeout_seconds: float = 2.0
+    # A pod of a restarting attempt still there this long after its grace period ended is
+    # reported stuck (reason PodStuckTerminating): far longer than a kubelet takes to confirm a
+    # stop, short enough to tell someone about a lost node within minutes.
+    stuck_terminating_seconds: float = 60.0
     # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
     shm_size: str = "1Gi"
     log_level: str = "INFO"
@@ -94,6 +98,7 @@ class Settings:
             resync_seconds=float(env.get("FINETUNE_RESYNC_SECONDS", "60")),
             progress_seconds=float(env.get("FINETUNE_PROGRESS_SECONDS", "10")),
             scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
+            stuck_terminating_seconds=float(env.get("FINETUNE_STUCK_TERMINATING_SECONDS", "60")),
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
             trainer_default_resources=_resources(env.get("FINETUNE_TRAINER_DEFAULT_RESOURCES")),

@@ -27,6 +27,8 @@ TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 # that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
 # cost a pass a minute, not six.
 PENDING_CHECK_SECONDS = (10.0, 60.0)
+# Settings.stuck_terminating_seconds's default.
+STUCK_TERMINATING_SECONDS = 60.0
 # What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
 PENDING_HINTS = {
     Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
@@ -490,7 +492,11 @@ def _timings(status: Obj, prev: Obj, job: FineTuneJob, observed: Observed) -> No
     )
 
 
-def plan(job: FineTuneJob, observed: Observed) -> Plan:
+def plan(
+    job: FineTuneJob, observed: Observed, *, stuck_after: float = STUCK_TERMINATING_SECONDS
+) -> Plan:
+    """The status and the actions of one pass. `stuck_after`: how long after its grace period
+    a pod of a restarting attempt that is still there counts as stuck (_held_back)."""
     prev: Obj = (
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
     )
@@ -531,7 +537,9 @@ def plan(job: FineTuneJob, observed: Observed) -> Plan:
         else:
             actions.append(Action("create", attempt=attempts, deadline=left))
     elif out.deleting:
-        pass  # the old gang is going; its DELETED event brings the next pass
+        # The old gang is going; its Job's DELETED event brings the next pass, unless a pod
+        # outlives its grace period and holds the next attempt back, maybe for good.
+        requeue_after = _held_back(conds, out, attempts, observed.now, stuck_after)
     elif out.attempt < attempts:
         actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
     elif out.state is State.SUCCEEDED:
@@ -582,6 +590,37 @@ def _ttl_left(policy: RunPolicy, status: Obj, now: str) -> float | None:
         return None
     since = _seconds_between(status.get("completionTime"), now)
     return max(ttl - (since or 0.0), 0.0)
+
+
+def _held_back(
+    conds: _Conditions, out: Outcome, attempts: int, now: str, stuck_after: float
+) -> float | None:
+    """A pod of the attempt being deleted still there `stuck_after` seconds after its grace
+    period ended: Running is False with reason PodStuckTerminating, saying what holds it and
+    what to do. Before that, the seconds until then (a second late), to look again: nothing the
+    operator watches changes while a pod is stuck."""
+    pod = out.lingering
+    if pod is None:
+        return None
+    wait = stuck_after - _seconds(pod.until, now)
+    if wait >= 0:
+        return wait + 1
+    where = f" on node {pod.node}" if pod.node else ""
+    more = f" (and {pod.others} more of its pods)" if pod.others else ""
+    node = pod.node or "<node>"
+    conds.set(
+        CT.RUNNING,
+        False,
+        Reason.POD_STUCK_TERMINATING,
+        f"pod {pod.pod}{where}{more} of attempt {out.attempt} is still terminating, although "
+        f"its grace period ended at {pod.until}; attempt {attempts} starts once it is "
+        "gone. A pod stays so while its node does not answer (lost, shut down, or cut off from "
+        f"the control plane): if the node is gone for good, delete it (kubectl delete node "
+        f"{node}) or mark it out of service (kubectl taint nodes {node} "
+        "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute), and Kubernetes removes its "
+        "pods. A finalizer in the pod's metadata.finalizers holds it too.",
+    )
+    return None
 
 
 def _expiry(

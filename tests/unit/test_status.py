@@ -679,6 +679,63 @@ def test_deleting_job_waits() -> None:
     assert observe_job(job, []).deleting
 
 
+def test_a_pod_that_outlives_its_grace_period_holds_the_restart_and_says_so() -> None:
+    """Attempt 1's Job is being deleted for attempt 2 (foreground: it stays until its pods are
+    gone). Rank 1's pod, on a node that stopped answering, is still there after its grace period
+    ended at NOW: the operator looks again when it counts as stuck, then says what holds the
+    restart back and what to do, with a Warning Event."""
+    job = batch_job(attempt=1)
+    job["metadata"]["deletionTimestamp"] = "2025-12-31T23:59:50Z"
+    gone = [pod(0, "Failed", 1), pod(1, "Running"), pod(2, "Running")]
+    ends = ("2025-12-31T23:59:58Z", NOW, NOW)
+    for index, (p, end) in enumerate(zip(gone, ends, strict=True)):
+        p["metadata"].update(name=f"demo-{index}-x", deletionTimestamp=end)
+    gone[1]["spec"] = {"nodeName": "gpu-node-7"}
+    restarting_status = {
+        "attempts": 2,
+        "conditions": [
+            {"type": "Running", "status": "False", "reason": "Restarting", "message": "m"}
+        ],
+    }
+    outcome = observe_job(job, gone)
+    # The earliest deletionTimestamp first: rank 0's pod, which its kubelet is about to remove.
+    assert outcome.lingering is not None and outcome.lingering.until == "2025-12-31T23:59:58Z"
+    assert outcome.lingering.others == 2
+    gone = gone[1:]  # rank 0's went, as it should
+    outcome = observe_job(job, gone)
+    assert outcome.lingering is not None
+    assert (outcome.lingering.pod, outcome.lingering.node) == ("demo-1-x", "gpu-node-7")
+
+    # Within the slack: nothing to say yet; a pass comes back when it is up (a second late).
+    early = plan(ftj(restarting_status), observed(job, gone), stuck_after=60)
+    assert early.actions == []
+    assert cond(early.status, "Running")["reason"] == "Restarting"  # type: ignore[index]
+    assert early.requeue_after == 61
+    # Past it: Running says why the restart waits and what to do; nothing is deleted by force.
+    late = replace(observed(job, gone), now="2026-01-01T00:01:01Z")
+    held = plan(ftj(restarting_status), late, stuck_after=60)
+    assert held.actions == [] and held.requeue_after is None
+    running = cond(held.status, "Running")
+    assert running is not None and running["reason"] == Reason.POD_STUCK_TERMINATING
+    message = running["message"]
+    assert message.startswith(
+        "pod demo-1-x on node gpu-node-7 (and 1 more of its pods) of attempt 1 is still "
+        "terminating, although its grace period ended at 2026-01-01T00:00:00Z; attempt 2 "
+        "starts once it is gone."
+    )
+    assert "kubectl taint nodes gpu-node-7 node.kubernetes.io/out-of-service" in message
+    assert "kubectl delete node gpu-node-7" in message
+    assert held.status["phase"] == "Pending"
+    assert [t[1] for t in held.transitions] == [Reason.POD_STUCK_TERMINATING]
+    # The same observation again: the same status, no second Event.
+    again = plan(ftj(held.status), late, stuck_after=60)
+    assert again.status["conditions"] == held.status["conditions"]
+    assert again.transitions == []
+    # The pod gone, the Job goes: the next attempt is made, and Running moves on.
+    after = plan(ftj(held.status), Observed(now="2026-01-01T00:02:00Z"), stuck_after=60)
+    assert [(a.kind, a.attempt) for a in after.actions] == [("create", 2)]
+
+
 def test_evaluation_summary_prefers_gated_metric() -> None:
     ev = {"f1": {"before": 0.1, "after": 0.2}, "accuracy": {"before": 0.5, "after": 0.8}}
     assert evaluation_summary(ev, {"accuracy": 0.7}, ["f1", "accuracy"]) == "accuracy 0.5→0.8"
