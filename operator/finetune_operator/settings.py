@@ -30,6 +30,10 @@ DEFAULT_TRAINER_IMAGE = image_ref(DEFAULT_TRAINER_REGISTRY, DEFAULT_TRAINER_REPO
 # mode since December 2025; its last release line is 3.3.
 DEFAULT_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.33.0"
 DEFAULT_TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
+# A pod of a restarting attempt still there this long after its grace period ended is reported
+# stuck (reason PodStuckTerminating): far longer than a kubelet takes to confirm a stop, short
+# enough to tell someone about a lost node within minutes.
+STUCK_TERMINATING_SECONDS = 60.0
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -67,10 +71,7 @@ class Settings:
     resync_seconds: float = 60.0
     progress_seconds: float = 10.0
     scrape_timeout_seconds: float = 2.0
-    # A pod of a restarting attempt still there this long after its grace period ended is
-    # reported stuck (reason PodStuckTerminating): far longer than a kubelet takes to confirm a
-    # stop, short enough to tell someone about a lost node within minutes.
-    stuck_terminating_seconds: float = 60.0
+    stuck_terminating_seconds: float = STUCK_TERMINATING_SECONDS
     # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
     shm_size: str = "1Gi"
     log_level: str = "INFO"
@@ -98,7 +99,9 @@ class Settings:
             resync_seconds=float(env.get("FINETUNE_RESYNC_SECONDS", "60")),
             progress_seconds=float(env.get("FINETUNE_PROGRESS_SECONDS", "10")),
             scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
-            stuck_terminating_seconds=float(env.get("FINETUNE_STUCK_TERMINATING_SECONDS", "60")),
+            stuck_terminating_seconds=float(
+                env.get("FINETUNE_STUCK_TERMINATING_SECONDS", STUCK_TERMINATING_SECONDS)
+            ),
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
             trainer_default_resources=_resources(env.get("FINETUNE_TRAINER_DEFAULT_RESOURCES")),

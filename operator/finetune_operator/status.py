@@ -18,6 +18,7 @@ from finetune_operator import naming, timings
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
+from finetune_operator.settings import STUCK_TERMINATING_SECONDS
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
@@ -27,8 +28,6 @@ TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 # that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
 # cost a pass a minute, not six.
 PENDING_CHECK_SECONDS = (10.0, 60.0)
-# Settings.stuck_terminating_seconds's default.
-STUCK_TERMINATING_SECONDS = 60.0
 # What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
 PENDING_HINTS = {
     Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
