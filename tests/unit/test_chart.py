@@ -828,6 +828,20 @@ def test_notes_example_is_a_valid_finetunejob(helm: Helm, tmp_path: Path) -> Non
     assert job.metadata.name in notes.split("describe ftj ")[1]
 
 
+def test_notes_point_at_the_acting_pod_when_some_stand_by(helm: Helm, tmp_path: Path) -> None:
+    """`port-forward deployment/...` picks any pod, a standby's metrics included: with standbys
+    the notes find the Lease's holder instead."""
+    fullname = f"{RELEASE}-finetune-operator"
+    one_pod = render_notes(helm, tmp_path / "one")
+    assert f"port-forward deployment/{fullname} 8000" in one_pod
+    assert "holderIdentity" not in one_pod
+    two = render_notes(helm, tmp_path / "two", "--set", "replicaCount=2")
+    assert f"port-forward deployment/{fullname}" not in two
+    lease = f"get lease {fullname} -o jsonpath='{{.spec.holderIdentity}}' | cut -d_ -f1)"
+    assert lease in two
+    assert 'port-forward "pod/$POD" 8000' in two
+
+
 # ---- README -----------------------------------------------------------------------------------
 
 
