@@ -101,6 +101,9 @@ class Lingering:
     until: str
     # Further pods of the attempt in the same state.
     others: int = 0
+    # What the pod's status says of it, `<reason>: <message>` (the node lifecycle controller's
+    # `NodeLost: Node <node> which was running pod <pod> is unresponsive`); "" for nothing.
+    said: str = ""
 
 
 @dataclass(frozen=True)
@@ -379,7 +382,10 @@ def _lingering(pods: list[Obj]) -> Lingering | None:
         return None
     first = min(going, key=lambda p: (p["metadata"]["deletionTimestamp"], _index(p)))
     node = str((first.get("spec") or {}).get("nodeName") or "")
-    return Lingering(_name(first), node, first["metadata"]["deletionTimestamp"], len(going) - 1)
+    status = first.get("status") or {}
+    said = ": ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
+    until = first["metadata"]["deletionTimestamp"]
+    return Lingering(_name(first), node, until, len(going) - 1, _quote(said) if said else "")
 
 
 def _parallelism(job: Obj) -> int:

@@ -606,13 +606,14 @@ def _held_back(
         return wait + 1
     where = f" on node {pod.node}" if pod.node else ""
     more = f" (and {pod.others} more of its pods)" if pod.others else ""
+    said = f" (its status: {pod.said})" if pod.said else ""
     node = pod.node or "<node>"
     conds.set(
         CT.RUNNING,
         False,
         Reason.POD_STUCK_TERMINATING,
         f"pod {pod.pod}{where}{more} of attempt {out.attempt} is still terminating, although "
-        f"its grace period ended at {pod.until}; attempt {attempts} starts once it is "
+        f"its grace period ended at {pod.until}{said}; attempt {attempts} starts once it is "
         "gone. A pod stays so while its node does not answer (lost, shut down, or cut off from "
         f"the control plane): if the node is gone for good, delete it (kubectl delete node "
         f"{node}) or mark it out of service (kubectl taint nodes {node} "

@@ -691,6 +691,10 @@ def test_a_pod_that_outlives_its_grace_period_holds_the_restart_and_says_so() ->
     for index, (p, end) in enumerate(zip(gone, ends, strict=True)):
         p["metadata"].update(name=f"demo-{index}-x", deletionTimestamp=end)
     gone[1]["spec"] = {"nodeName": "gpu-node-7"}
+    # As the node lifecycle controller marks a pod whose node stopped answering.
+    gone[1]["status"].update(
+        reason="NodeLost", message="Node gpu-node-7 which was running pod demo-1-x is unresponsive"
+    )
     restarting_status = {
         "attempts": 2,
         "conditions": [
@@ -720,7 +724,8 @@ def test_a_pod_that_outlives_its_grace_period_holds_the_restart_and_says_so() ->
     message = running["message"]
     assert message.startswith(
         "pod demo-1-x on node gpu-node-7 (and 1 more of its pods) of attempt 1 is still "
-        "terminating, although its grace period ended at 2026-01-01T00:00:00Z; attempt 2 "
+        "terminating, although its grace period ended at 2026-01-01T00:00:00Z (its status: "
+        "NodeLost: Node gpu-node-7 which was running pod demo-1-x is unresponsive); attempt 2 "
         "starts once it is gone."
     )
     assert "kubectl taint nodes gpu-node-7 node.kubernetes.io/out-of-service" in message
