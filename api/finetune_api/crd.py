@@ -29,6 +29,7 @@ from finetune_api.constants import (
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+    ConditionType,
 )
 from finetune_api.v1alpha1 import NAME_RULE, FineTuneJobSpec, FineTuneJobStatus
 
@@ -259,6 +260,16 @@ def _printer_columns() -> list[Schema]:
             "jsonPath": ".status.result.revision",
             "priority": 0,
         },
+        # With -o wide: why a job is where it is, without a describe.
+        {
+            "name": "Reason",
+            "type": "string",
+            "jsonPath": f'.status.conditions[?(@.type=="{ConditionType.RUNNING}")].reason',
+            "priority": 1,
+            "description": "The Running condition's reason: why the job trains or does not "
+            "(PodsPending, Unschedulable, Restarting, PodStuckTerminating, ...), or how it ended.",
+        },
+        {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

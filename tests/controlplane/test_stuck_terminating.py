@@ -16,6 +16,7 @@ control plane runs no pod garbage collector.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
 
 
 def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
-    kube: Kube, watched: str, wait_until: Callable[..., Any]
+    kube: Kube, kubectl: Any, watched: str, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "lost"
     # A short grace period: the pod counts as stuck 1 + STUCK_AFTER seconds after its deletion.
@@ -104,6 +105,17 @@ def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
     assert f"kubectl taint nodes {NODE} node.kubernetes.io/out-of-service" in message
     status = ftj_status(kube, ns, name)
     assert (status["phase"], status["attempts"]) == ("Pending", 2)
+    # `kubectl get ftj -o wide` says why, without a describe.
+    header, row = kubectl("-n", ns, "get", "ftj", name, "-o", "wide").stdout.splitlines()
+    # Cut at the headers' offsets: empty columns (PROGRESS, LOSS, ...) print as blanks.
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    ends = [*starts[1:], None]
+    cells = {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
+    assert (cells["PHASE"], cells["REASON"], cells["ATTEMPTS"]) == (
+        "Pending",
+        Reason.POD_STUCK_TERMINATING,
+        "2",
+    )
     events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
     warned = [e for e in events if e["reason"] == Reason.POD_STUCK_TERMINATING]
     assert [(e["type"], e["message"]) for e in warned] == [("Warning", message)]

@@ -103,7 +103,11 @@ def test_cel_rules_are_present(schema):
 def test_printer_columns_and_names():
     version = crd.build_crd()["spec"]["versions"][0]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Nodes", "Progress", "Loss", "Eval", "Revision", "Age"]
+    assert columns == [
+        "Phase", "Nodes", "Progress", "Loss", "Eval", "Revision", "Reason", "Attempts", "Age"
+    ]  # fmt: skip
+    # The two before Age show with -o wide only.
+    assert [c.get("priority", 0) for c in version["additionalPrinterColumns"]][-3:] == [1, 1, 0]
     names = crd.build_crd()["spec"]["names"]
     assert names["shortNames"] == ["ftj"] and names["categories"] == ["ml"]
     assert version["subresources"] == {"status": {}}
