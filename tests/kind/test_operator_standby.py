@@ -11,8 +11,9 @@ without waiting for a new pod to be scheduled and started; the ReplicaSet's repl
 deleted pod becomes the new standby. The release goes back to one pod at the end.
 
 The seconds from the deletion to the standby leading and to the new job's status are recorded
-(kind-e2e-timings.json: standby_delete_to_leading, standby_delete_to_status); the fault suite
-records the same restart without a standby (faults_operator_delete_to_ready).
+(kind-e2e-timings.json: standby_delete_to_leading, standby_delete_to_status), and from the
+scale-down to the removed pod gone (standby_scale_down_to_pod_gone: a standby stops at SIGTERM);
+the fault suite records the same restart without a standby (faults_operator_delete_to_ready).
 """
 
 from __future__ import annotations
