@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,6 +24,14 @@ DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 def epoch(rfc3339: str) -> float:
     """Seconds since the epoch of a Kubernetes timestamp ("2026-12-03T16:30:00Z")."""
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    """A pod that is Ready and not being deleted."""
+    return not pod["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
 
 
 def run(args: list[str], timeout: float, input: str | None = None, check: bool = True) -> str:

@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 
 import pytest
 import test_e2e
-from kind_tools import epoch
+from kind_tools import epoch, is_ready
 from test_e2e import example_job, setup_hub, training_key
 
 import conftest
@@ -629,13 +629,6 @@ class Suite:
 def operator_pods(suite: Suite) -> list[Obj]:
     rel = suite.release
     return suite.kube.json("-n", rel["namespace"], "get", "pods", "-l", rel["selector"])["items"]
-
-
-def is_ready(pod: Obj) -> bool:
-    return not pod["metadata"].get("deletionTimestamp") and any(
-        c["type"] == "Ready" and c["status"] == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
-    )
 
 
 def others_training(view: View, job: str) -> dict[str, str]:
