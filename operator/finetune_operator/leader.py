@@ -31,6 +31,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kubernetes import client
+
 from finetune_operator.apply import Kube
 
 log = logging.getLogger(__name__)
@@ -291,6 +293,15 @@ class LeaseHolder:
             self._run(self.kube.close())
 
 
+def lease_client(timing: Timing, configuration: client.Configuration | None = None) -> Kube:
+    """The API client of the lease's requests: one at a time, each given up after the renew
+    deadline and not retried (the loop retries), as client-go's leader election bounds its own
+    client. With the operator's 60 s read timeout, retried, a waiting candidate whose request
+    hung (a connection gone dead) could not take over for minutes."""
+    seconds = timing.renew_deadline_seconds
+    return Kube(configuration, max_requests=1, request_timeout=(seconds, seconds), retries=0)
+
+
 def own_namespace() -> str:
     """The namespace of this pod's service account; `default` outside a cluster."""
     try:
@@ -306,12 +317,13 @@ def from_env(env: Mapping[str, str] = os.environ) -> LeaseHolder | None:
     if env.get("FINETUNE_LEADER_ELECTION", "false").lower() != "true":
         return None
     seconds = float(env.get("FINETUNE_LEADER_ELECTION_LEASE_SECONDS") or DEFAULT_LEASE_SECONDS)
+    timing = Timing.for_lease(seconds)
     return LeaseHolder(
-        Kube(max_requests=1),
+        lease_client(timing),
         env.get("FINETUNE_LEADER_ELECTION_NAMESPACE") or own_namespace(),
         env.get("FINETUNE_LEADER_ELECTION_LEASE") or DEFAULT_LEASE,
         # client-go's identity: the host (the pod's name) and a unique suffix, so that a
         # restarted container is a new candidate, not the holder it replaced.
         f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}",
-        Timing.for_lease(seconds),
+        timing,
     )

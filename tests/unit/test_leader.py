@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 
 from finetune_operator.apply import Kube
-from finetune_operator.leader import LeaseHolder, Seen, Timing, claim, observe, released
+from finetune_operator.leader import (
+    LeaseHolder,
+    Outcome,
+    Seen,
+    Timing,
+    claim,
+    lease_client,
+    observe,
+    released,
+)
 
 NS, NAME = "finetune-system", "finetune-operator"
 WALL = datetime(2026, 12, 6, 1, 2, 3, 456789, tzinfo=UTC)
@@ -115,3 +125,22 @@ def test_a_holder_whose_renewals_hang_stops_acting_by_its_deadline() -> None:
         assert lost.wait(20)
         assert holder.lost.is_set()
     holder.release()  # the listener is gone: the hung request ends, and nothing is written
+
+
+def test_a_candidate_whose_request_hangs_tries_again_after_the_renew_deadline() -> None:
+    """The lease's client gives a request up after the renew deadline, unretried: a standby
+    whose connection went dead tries again (and takes over) within seconds, not after the
+    operator's 60 s read timeout retried three times. The API server: a real listener that
+    takes connections and never replies."""
+    timing = Timing.for_lease(1.5)  # renew deadline 1 s
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{server.getsockname()[1]}"
+        holder = LeaseHolder(lease_client(timing, configuration), NS, NAME, "b", timing)
+        started = time.monotonic()
+        assert holder._try() is Outcome.FAILED
+        # One read timeout of 1 s, not 4 x 60 s; seconds of slack for a loaded machine.
+        assert time.monotonic() - started < 20
+    holder.release()
