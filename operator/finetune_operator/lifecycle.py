@@ -385,7 +385,7 @@ def _lingering(pods: list[Obj]) -> Lingering | None:
     status = first.get("status") or {}
     said = ": ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
     until = first["metadata"]["deletionTimestamp"]
-    return Lingering(_name(first), node, until, len(going) - 1, _quote(said) if said else "")
+    return Lingering(_name(first), node, until, len(going) - 1, _quote(said))
 
 
 def _parallelism(job: Obj) -> int:
