@@ -1041,7 +1041,8 @@ class RunPolicy(ApiModel):
         le=100,
         description="backoffLimit is the number of gang restarts after a failure, each resuming "
         "from the last checkpoint. Restarts after a disruption (a pod evicted, preempted, "
-        "drained or deleted; counted in status.disruptions) do not count. Default 3.",
+        "drained or deleted, or lost with its node; counted in status.disruptions) do not "
+        "count. Default 3.",
     )
     active_deadline_seconds: int | None = Field(
         None,
@@ -1631,7 +1632,8 @@ class FineTuneJobStatus(ApiModel):
         ge=0,
         description="disruptions is the number of gang restarts caused by disruptions (a pod "
         "evicted, preempted, drained or deleted: DisruptionTarget on a pod, or a trainer that "
-        "stopped on SIGTERM with reason Interrupted), which do not count against "
+        "stopped on SIGTERM with reason Interrupted; or a pod lost with its node, whose Ready "
+        "condition is not True, or which was deleted), which do not count against "
         "runPolicy.backoffLimit. 0 until one happens.",
     )
     start_time: Timestamp | None = Field(

@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -267,6 +267,23 @@ class Kube:
                 return []
             raise
         return list(events.get("items") or [])
+
+    async def read_nodes(self, names: Iterable[str]) -> dict[str, Obj | None]:
+        """The Nodes by name, None for one that does not exist. One the operator may not read
+        (RBAC) is left out: nothing is known of it, and a failure it might explain is counted."""
+        found: dict[str, Obj | None] = {}
+        for name in sorted(names):
+            try:
+                found[name] = await self._get(client.CoreV1Api(self.api).read_node, name)
+            except ApiException as exc:
+                if exc.status != 403:
+                    raise
+                log.warning(
+                    "may not read Node %s (RBAC: get nodes): a failed attempt whose pod on it "
+                    "never reported its end is counted, even if the node was lost",
+                    name,
+                )
+        return found
 
     async def secret_key_exists(self, namespace: str, name: str, key: str) -> SecretCheck:
         """Whether the Secret has the key; UNKNOWN when RBAC forbids reading it. Values never

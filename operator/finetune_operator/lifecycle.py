@@ -8,6 +8,7 @@ to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -19,6 +20,9 @@ from finetune_api.result import TrainerResult, scrub
 from finetune_operator import naming, timings
 
 Obj = dict[str, Any]
+# The Nodes the reconciler read (`nodes_to_read`), by name: None for one that does not exist. A
+# node it could not read is left out: nothing is known of it.
+Nodes = Mapping[str, Obj | None]
 # The Job controller's reason for a Job that a podFailurePolicy FailJob rule ended; ours has
 # such rules for the permanent exit codes only.
 POD_FAILURE_POLICY = "PodFailurePolicy"
@@ -128,6 +132,12 @@ class Outcome:
     # and when (RFC 3339; "" if not known), to tell whether an in-place restart counted it.
     disruption: str = ""
     disruption_at: str = ""
+    # Set for a FAILED attempt: when its Job failed (RFC 3339; "" if not known).
+    failed_at: str = ""
+    # Set for a retryable FAILED attempt whose ranks timed out waiting for a peer
+    # (CollectiveTimeout) while a pod of the gang, on a node not known to be lost, has not
+    # reported its end: `pod <name> on node <node>`. Its node may be lost and not marked yet.
+    unheard: str = ""
     # Set for PENDING and RUNNING: a pod that cannot start, and how many pods have not started.
     stuck: Stuck | None = None
     unstarted: int = 0
@@ -249,18 +259,21 @@ def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
     return None
 
 
-def _disruption(pods: list[Obj]) -> tuple[str, str]:
+def _disruption(pods: list[Obj], nodes: Nodes) -> tuple[str, str]:
     """What disrupted the attempt and when, or ("", "") when it failed for its own reasons.
 
-    A pod with DisruptionTarget=True, or a trainer that reported Interrupted (it got SIGTERM,
-    and the gang saved a checkpoint and stopped), is a disruption. But a crash also ends the
-    attempt's Job, whose controller then stops the other pods with SIGTERM: so the first pod to
-    stop decides, and a failure of another kind at the same time or earlier (or at a time not
-    known) wins. The trainer reports Interrupted only after the whole gang agreed to stop,
-    which a gang with a dead rank cannot, so that race is rare; but it must not turn a crash
-    that recurs every attempt into endless free restarts.
+    A pod with DisruptionTarget=True, a trainer that reported Interrupted (it got SIGTERM, and
+    the gang saved a checkpoint and stopped), or a pod lost with its node (`_lost`) is a
+    disruption. But a crash also ends the attempt's Job, whose controller then stops the other
+    pods with SIGTERM: so the first pod to stop decides, and a failure of another kind at the
+    same time or earlier (or at a time not known) wins. The trainer reports Interrupted only
+    after the whole gang agreed to stop, which a gang with a dead rank cannot, so that race is
+    rare; but it must not turn a crash that recurs every attempt into endless free restarts.
+    Ranks that timed out waiting for a lost pod (CollectiveTimeout) only saw it go: they do not
+    count as failures of their own, whenever they gave up.
     """
-    disrupted: list[tuple[str, str]] = []
+    disrupted = _lost(pods, nodes)
+    peer_lost = bool(disrupted)
     other: list[str] = []
     for pod in sorted(pods, key=_index):
         term = _terminated(pod) or {}
@@ -274,6 +287,8 @@ def _disruption(pods: list[Obj]) -> tuple[str, str]:
             what = f"pod {_name(pod)} got SIGTERM and the gang stopped"
             detail = f"{what}: {result.message}" if result.message else what
             disrupted.append((_stopped_at(pod), detail))
+        elif peer_lost and result is not None and result.reason == Reason.COLLECTIVE_TIMEOUT:
+            continue
         elif term.get("exitCode") or (result is not None and not result.succeeded):
             other.append(term.get("finishedAt") or "")
     if not disrupted:
@@ -281,6 +296,54 @@ def _disruption(pods: list[Obj]) -> tuple[str, str]:
     first, what = min(disrupted)
     # "" (no time) sorts first: a failure of unknown time counts as the earlier one.
     return ("", "") if any(t <= first for t in other) else (what, first)
+
+
+def _unheard(pods: list[Obj]) -> list[Obj]:
+    """The pods on a node that have not reported their end: no terminated trainer container, and
+    not Succeeded or Failed. Once its Job failed, a pod so is still stopping, or is on a node
+    that no longer answers."""
+    return [
+        pod
+        for pod in sorted(pods, key=_index)
+        if (pod.get("spec") or {}).get("nodeName")
+        and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        and not _terminated(pod)
+    ]
+
+
+def nodes_to_read(job: Obj | None, pods: list[Obj]) -> set[str]:
+    """The nodes whose state decides a failed attempt: those of its pods that have not reported
+    their end (`_unheard`). Asked only once the Job failed, so a healthy pass reads no Node."""
+    if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
+        return set()
+    if not {"Failed", "FailureTarget"} & set(true_conditions(job)):
+        return set()
+    return {pod["spec"]["nodeName"] for pod in _unheard(pods)}
+
+
+def _lost(pods: list[Obj], nodes: Nodes) -> list[tuple[str, str]]:
+    """(since, what) for each pod that has not reported its end on a node that is gone, or whose
+    Ready condition is not True: the node lifecycle controller marks a node Unknown once its
+    kubelet has been silent for its grace period (kube-controller-manager's
+    --node-monitor-grace-period, 50 s by default), and a kubelet that cannot run pods reports
+    False. Such a pod stopped with its node, as far as anyone can tell."""
+    found: list[tuple[str, str]] = []
+    for pod in _unheard(pods):
+        node_name = pod["spec"]["nodeName"]
+        if node_name not in nodes:
+            continue  # not read: nothing known
+        node = nodes[node_name]
+        if node is None:
+            found.append(("", f"node {node_name} of pod {_name(pod)} was deleted"))
+            continue
+        ready = _condition(node, "Ready") or {}
+        if ready.get("status") == "True":
+            continue
+        said = ": ".join(x for x in (ready.get("reason"), ready.get("message")) if x)
+        state = f"Ready={ready.get('status') or 'unknown'}" + (f", {said}" if said else "")
+        what = f"node {node_name} of pod {_name(pod)} is not ready ({_quote(state)})"
+        found.append((ready.get("lastTransitionTime") or "", what))
+    return found
 
 
 def _stuck(pods: list[Obj]) -> Stuck | None:
@@ -425,9 +488,10 @@ def _create_failure(job: Obj, events: list[Obj]) -> Stuck | None:
     return Stuck(Reason.FAILED_CREATE, f"Job {name}: {_quote(said)}")
 
 
-def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
+def _failure(cond: Obj, pods: list[Obj], nodes: Nodes, base: Outcome) -> Outcome:
     result = _trainer_result(pods)
     job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
+    base = replace(base, failed_at=cond.get("lastTransitionTime") or "")
     final = replace(base, state=State.FAILED, permanent=True, result=result)
     if job_reason == JOB_DEADLINE_EXCEEDED:
         # Each attempt's Job gets what is left of the whole job's budget: no attempt can follow.
@@ -443,7 +507,7 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     # other ranks' results, which only saw their peer vanish.
     if (oom := _oom_kill(pods)) is not None:
         permanent, message = oom
-        disruption, at = ("", "") if permanent else _disruption(pods)
+        disruption, at = ("", "") if permanent else _disruption(pods, nodes)
         return replace(
             final,
             permanent=permanent,
@@ -461,20 +525,31 @@ def _failure(cond: Obj, pods: list[Obj], base: Outcome) -> Outcome:
     message = (result.message if result else "") or _crash_message(pods) or job_message
     prefix = job_reason not in ("", JOB_BACKOFF_LIMIT_EXCEEDED)
     detail = f"{job_reason}: {message}" if prefix else message
-    disruption, at = _disruption(pods)
+    disruption, at = _disruption(pods, nodes)
+    reason = result.reason if result and result.reason else Reason.TRAINING_FAILED
+    unheard = ""
+    if reason == Reason.COLLECTIVE_TIMEOUT and not disruption and (silent := _unheard(pods)):
+        unheard = f"pod {_name(silent[0])} on node {silent[0]['spec']['nodeName']}"
     return replace(
         base,
         state=State.FAILED,
-        reason=(result.reason if result and result.reason else Reason.TRAINING_FAILED),
+        reason=reason,
         message=detail[:1024],
         result=result,
         disruption=disruption,
         disruption_at=at,
+        unheard=unheard,
     )
 
 
-def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = None) -> Outcome:
-    """`events`: the Job's FailedCreate Events, read when `needs_events` says so."""
+def observe_job(
+    job: Obj | None,
+    pods: list[Obj],
+    events: list[Obj] | None = None,
+    nodes: Nodes | None = None,
+) -> Outcome:
+    """`events`: the Job's FailedCreate Events, read when `needs_events` says so; `nodes`: the
+    Nodes `nodes_to_read` names."""
     if job is None:
         return Outcome(State.ABSENT)
     meta = job.get("metadata") or {}
@@ -502,7 +577,7 @@ def observe_job(job: Obj | None, pods: list[Obj], events: list[Obj] | None = Non
         return replace(base, state=State.SUCCEEDED, reason=Reason.TRAINING_COMPLETED, result=result)
     for kind in ("Failed", "FailureTarget"):
         if kind in conds:
-            return _failure(conds[kind], pods, base)
+            return _failure(conds[kind], pods, nodes or {}, base)
     phases = [(p.get("status") or {}).get("phase") for p in pods]
     live = sum(1 for phase in phases if phase not in ("Succeeded", "Failed"))
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]

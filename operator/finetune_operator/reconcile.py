@@ -21,7 +21,14 @@ from finetune_api.validation import ManifestError, parse_manifest
 from finetune_operator import checkpoints, kueue, naming, render, scrape, serve, serve_status
 from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
-from finetune_operator.lifecycle import STUCK_REASONS, Outcome, State, needs_events, observe_job
+from finetune_operator.lifecycle import (
+    STUCK_REASONS,
+    Outcome,
+    State,
+    needs_events,
+    nodes_to_read,
+    observe_job,
+)
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.serve_status import ServeReason
 from finetune_operator.settings import Settings
@@ -188,7 +195,8 @@ class Reconciler:
         if batch is not None and needs_events(batch, pods):
             uid = (batch.get("metadata") or {}).get("uid") or ""
             events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
-        outcome = observe_job(batch, pods, events)
+        nodes = await self.kube.read_nodes(nodes_to_read(batch, pods))
+        outcome = observe_job(batch, pods, events, nodes)
         workload = await self._workload(job, outcome)
         progress, resumed, resumed_at, stamps = None, None, None, {}
         now = now_rfc3339()
@@ -279,7 +287,12 @@ class Reconciler:
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
 
     def _plan(self, job: FineTuneJob, observed: Observed) -> Plan:
-        return plan(job, observed, stuck_after=self.settings.stuck_terminating_seconds)
+        return plan(
+            job,
+            observed,
+            stuck_after=self.settings.stuck_terminating_seconds,
+            node_lost_wait=self.settings.node_lost_wait_seconds,
+        )
 
     async def _serve(self, job: FineTuneJob, result: Plan, look: bool) -> Plan:
         """spec.serve: once the job Succeeded, apply the serving Deployment and Service for the

@@ -34,6 +34,12 @@ DEFAULT_TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
 # stuck (reason PodStuckTerminating): far longer than a kubelet takes to confirm a stop, short
 # enough to tell someone about a lost node within minutes.
 STUCK_TERMINATING_SECONDS = 60.0
+# How long after an attempt failed with CollectiveTimeout the verdict waits for a pod that has
+# not reported its end to stop, or for its node to be marked not ready (a lost node: then the
+# restart is a disruption). At least kube-controller-manager's --node-monitor-grace-period (50 s
+# by default) plus its --node-monitor-period (5 s): the node went silent before the ranks that
+# waited for it gave up.
+NODE_LOST_WAIT_SECONDS = 60.0
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -72,6 +78,7 @@ class Settings:
     progress_seconds: float = 10.0
     scrape_timeout_seconds: float = 2.0
     stuck_terminating_seconds: float = STUCK_TERMINATING_SECONDS
+    node_lost_wait_seconds: float = NODE_LOST_WAIT_SECONDS
     # Size of the /dev/shm emptyDir; torch DataLoader workers and NCCL need more than 64Mi.
     shm_size: str = "1Gi"
     log_level: str = "INFO"
@@ -101,6 +108,9 @@ class Settings:
             scrape_timeout_seconds=float(env.get("FINETUNE_SCRAPE_TIMEOUT_SECONDS", "2")),
             stuck_terminating_seconds=float(
                 env.get("FINETUNE_STUCK_TERMINATING_SECONDS", STUCK_TERMINATING_SECONDS)
+            ),
+            node_lost_wait_seconds=float(
+                env.get("FINETUNE_NODE_LOST_WAIT_SECONDS", NODE_LOST_WAIT_SECONDS)
             ),
             shm_size=env.get("FINETUNE_SHM_SIZE", "1Gi"),
             log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),

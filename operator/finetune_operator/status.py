@@ -18,7 +18,7 @@ from finetune_operator import naming, timings
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
-from finetune_operator.settings import STUCK_TERMINATING_SECONDS
+from finetune_operator.settings import NODE_LOST_WAIT_SECONDS, STUCK_TERMINATING_SECONDS
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
@@ -492,10 +492,16 @@ def _timings(status: Obj, prev: Obj, job: FineTuneJob, observed: Observed) -> No
 
 
 def plan(
-    job: FineTuneJob, observed: Observed, *, stuck_after: float = STUCK_TERMINATING_SECONDS
+    job: FineTuneJob,
+    observed: Observed,
+    *,
+    stuck_after: float = STUCK_TERMINATING_SECONDS,
+    node_lost_wait: float = NODE_LOST_WAIT_SECONDS,
 ) -> Plan:
     """The status and the actions of one pass. `stuck_after`: how long after its grace period
-    a pod of a restarting attempt that is still there counts as stuck (_held_back)."""
+    a pod of a restarting attempt that is still there counts as stuck (_held_back).
+    `node_lost_wait`: how long after an attempt failed a pod that has not reported its end may
+    yet turn out lost with its node (_hearing_out)."""
     prev: Obj = (
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
     )
@@ -546,7 +552,10 @@ def plan(
         _finish(status, conds, observed.now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
     elif out.state is State.FAILED:
         _apply_result(status, out, conds)
-        if (retry := _after_failure(status, prev, conds, policy, out, observed.now)) is not None:
+        requeue_after = _hearing_out(conds, out, observed.now, node_lost_wait)
+        if requeue_after is None and (
+            retry := _after_failure(status, prev, conds, policy, out, observed.now)
+        ):
             actions.append(retry)
             restarted = True
     else:
@@ -634,6 +643,30 @@ def _expiry(
     if left > 0:
         return [], left
     return [Action("delete", attempt=out.attempt, uid=out.uid)], None
+
+
+def _hearing_out(conds: _Conditions, out: Outcome, now: str, wait: float) -> float | None:
+    """A failed attempt whose ranks timed out waiting for a peer whose pod has not reported its
+    end (`Outcome.unheard`) is not counted yet. The pod is either still stopping (a hung rank:
+    the Job controller's SIGTERM ends it within seconds) or on a node that stopped answering,
+    which the node lifecycle controller marks not ready only after its grace period (50 s by
+    default), maybe after the ranks gave up: that is a disruption, which backoffLimit does not
+    bound. So wait until `wait` seconds after the failure, and return the seconds left (the
+    pod's stop, or its Ready condition turning False, brings a pass sooner). Nothing is lost by
+    waiting: the next attempt could not start before that pod is gone anyway. None: decide now."""
+    waited = _seconds_between(out.failed_at, now)
+    if not out.unheard or out.permanent or waited is None or waited >= wait:
+        return None
+    conds.set(
+        CT.RUNNING,
+        False,
+        Reason.RESTARTING,
+        f"attempt {out.attempt} failed ({out.message[:512]}); {out.unheard} has not reported "
+        f"its end: waiting up to {wait:g} s after the failure for it to stop, or for its node "
+        "to be marked not ready (then the restart is a disruption, which does not count against "
+        "runPolicy.backoffLimit)",
+    )
+    return wait - waited
 
 
 def _after_failure(

@@ -17,13 +17,25 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.cluster import condition, ftj_manifest, ftj_status, succeed
+from fixtures.cluster import (
+    bind_pod,
+    condition,
+    create_node,
+    ftj_manifest,
+    ftj_status,
+    patch_pod_status,
+    running_status,
+    set_node_ready,
+    succeed,
+    terminated_status,
+)
 from fixtures.kube import Kube
 from fixtures.operator import Operator
 
 pytest_plugins = ["fixtures.operator"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 for _kind, _scoped in (
     ("Role", True),
@@ -209,3 +221,45 @@ def test_under_the_charts_role_a_succeeded_job_is_served_and_unserved(
         timeout=60,
         message="the serving Deployment and Service deleted",
     )
+
+
+def test_under_the_charts_role_a_lost_nodes_restart_is_a_disruption(
+    restricted: str, kube: Kube, wait_until: Callable[..., Any]
+) -> None:
+    """The chart lets the operator read Nodes (get, cluster-wide): the node of a pod that never
+    reported its end decides whether a failed attempt was lost with it."""
+    namespace, name, node = restricted, "nodeloss", f"{restricted}-node"
+    create_node(kube, node)
+    try:
+        kube.apply(ftj_manifest(name, namespace, runPolicy={"backoffLimit": 0}))
+        pods = wait_until(
+            lambda: (
+                len(p := kube.list("Pod", namespace, labels=f"finetune.dev/job-name={name}")) == 2
+                and sorted(p, key=lambda x: x["metadata"]["labels"][COMPLETION_INDEX])
+            ),
+            timeout=60,
+            message="2 pods",
+        )
+        bind_pod(kube, namespace, pods[1]["metadata"]["name"], node)
+        patch_pod_status(
+            kube, namespace, pods[1]["metadata"]["name"], running_status(pods[1], "10.0.0.3")
+        )
+        set_node_ready(
+            kube, node, "Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status."
+        )
+        hung = '{"status": "Failed", "reason": "CollectiveTimeout", "message": "no step"}'
+        patch_pod_status(
+            kube, namespace, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, hung)
+        )
+        status = wait_until(
+            lambda: (s := ftj_status(kube, namespace, name)).get("disruptions") and s,
+            timeout=30,
+            message="the restart counted as a disruption",
+        )
+        assert (status["phase"], status["attempts"]) == ("Pending", 2)
+        assert (
+            f"node {node} of pod {pods[1]['metadata']['name']} is not ready"
+            in (condition(status, "Running")["message"])
+        )
+    finally:
+        kube.delete("Node", node, missing_ok=True)

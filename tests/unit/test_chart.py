@@ -449,12 +449,12 @@ def test_watch_namespaces_gives_roles_and_no_cluster_wide_workload_rules(helm: H
         assert_least_privilege(role["rules"])
         resources = {r for rule in role["rules"] for r in rule["resources"]}
         assert {"finetunejobs", "jobs", "pods", "configmaps", "services", "workloads"} <= resources
-    # Cluster-wide only reads: what kopf needs to discover things, and the StorageClasses that
-    # decide where a one-node gang's checkpoints go.
+    # Cluster-wide only reads: what kopf needs to discover things, the StorageClasses that
+    # decide where a one-node gang's checkpoints go, and the Nodes that tell a lost node.
     cluster_rules = rules_of(docs, "ClusterRole")
     assert_least_privilege(cluster_rules)
     for rule in cluster_rules:
-        allowed = {"customresourcedefinitions", "namespaces", "storageclasses"}
+        allowed = {"customresourcedefinitions", "namespaces", "storageclasses", "nodes"}
         assert set(rule["resources"]) <= allowed, rule
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
     for binding in by_kind(docs, "ClusterRoleBinding"):

@@ -15,7 +15,7 @@ from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus, SecretKeyRef
 from finetune_api.validation import parse_manifest
 from finetune_operator import kueue
 from finetune_operator.kueue import Lookup, Workload
-from finetune_operator.lifecycle import State, needs_events, observe_job
+from finetune_operator.lifecycle import State, needs_events, nodes_to_read, observe_job
 from finetune_operator.reconcile import name_conflict
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
 from finetune_operator.status import (
@@ -1131,6 +1131,88 @@ def test_sigterm_after_a_crash_is_not_a_disruption(crash_at: str) -> None:
         assert result.status["disruptions"] == 0
         # The message names the crash, not the rank that was only stopped after it.
         assert cond(result.status, "Failed")["message"].endswith("last: CUDA error")  # type: ignore[index]
+
+
+# ---- a node lost under the gang ---------------------------------------------------------------
+
+HUNG = json.dumps({"status": "Failed", "reason": "CollectiveTimeout", "message": "no step after 7"})
+
+
+def on_node(index: int, node: str = "n1") -> dict:
+    """A pod still running (as far as the API knows) on `node`: it never reported its end."""
+    p = pod(index, "Running")
+    p["metadata"]["name"] = f"demo-{index}-abcde"
+    p["spec"] = {"nodeName": node}
+    return p
+
+
+def node(status: str, at: str = NOW) -> dict:
+    reason = {"True": "KubeletReady", "Unknown": "NodeStatusUnknown"}.get(status, "KubeletNotReady")
+    ready = {"type": "Ready", "status": status, "reason": reason, "lastTransitionTime": at}
+    ready["message"] = "Kubelet stopped posting node status." if status == "Unknown" else "ok"
+    return {"metadata": {"name": "n1"}, "status": {"conditions": [ready]}}
+
+
+def failed_at(at: str) -> dict:
+    job = batch_job(cond=FAILED_JOB)
+    job["status"]["conditions"][0]["lastTransitionTime"] = at
+    return job
+
+
+def test_only_a_failed_attempts_silent_pods_have_their_nodes_read() -> None:
+    pods_ = [ended(0, 1, HUNG), on_node(1), pod(2, "Pending")]
+    assert nodes_to_read(failed_at(NOW), pods_) == {"n1"}
+    assert nodes_to_read(batch_job(), pods_) == set()  # running: no Node is read
+    assert nodes_to_read(failed_at(NOW), [ended(0, 1, HUNG), ended(1, 1, HUNG)]) == set()
+
+
+@pytest.mark.parametrize(
+    ("found", "said"),
+    [
+        (node("Unknown", at=LATER), "is not ready (Ready=Unknown, NodeStatusUnknown: Kubelet"),
+        (node("False"), "is not ready (Ready=False, KubeletNotReady: ok)"),
+        (None, "was deleted"),
+    ],
+    ids=["unknown", "not-ready", "deleted"],
+)
+def test_ranks_that_timed_out_on_a_lost_nodes_pod_restart_as_a_disruption(
+    found: dict | None, said: str
+) -> None:
+    # Rank 0 gave up (at NOW) before the node was marked (LATER): still the node's doing.
+    pods_ = [ended(0, 1, HUNG, at=NOW), on_node(1)]
+    out = observe_job(failed_at(NOW), pods_, nodes={"n1": found})
+    assert out.disruption.startswith(f"node n1 of pod demo-1-abcde {said}")
+    assert out.unheard == ""
+    observed_ = Observed(now=NOW, job=failed_at(NOW), outcome=out)
+    result = plan(ftj({"attempts": 1}, backoffLimit=0), observed_)
+    assert [a.kind for a in result.actions] == ["delete"]
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+
+
+def test_a_crash_before_the_node_was_lost_is_still_a_failure() -> None:
+    pods_ = [ended(0, 1, CRASHED, at=NOW), on_node(1)]
+    out = observe_job(failed_at(NOW), pods_, nodes={"n1": node("Unknown", at=LATER)})
+    assert out.disruption == "" and out.reason == "TrainingFailed"
+
+
+def test_a_silent_pod_is_waited_for_then_counted_if_its_node_stays_ready() -> None:
+    job, pods_ = failed_at(NOW), [ended(0, 1, HUNG), on_node(1)]
+    policy = ftj({"attempts": 1}, backoffLimit=0)
+    for nodes in ({}, {"n1": node("True")}):  # not readable, or ready
+        out = observe_job(job, pods_, nodes=nodes)
+        assert out.unheard == "pod demo-1-abcde on node n1" and out.disruption == ""
+        waiting = plan(policy, Observed(now=at_offset(20), job=job, outcome=out))
+        assert waiting.actions == [] and waiting.requeue_after == 40
+        assert waiting.status["attempts"] == 1 and waiting.status["phase"] != "Failed"
+        running = cond(waiting.status, "Running")
+        assert running is not None and running["reason"] == "Restarting"
+        assert "pod demo-1-abcde on node n1 has not reported its end" in running["message"]
+        # The wait is over: the failure counts, and backoffLimit 0 ends the job.
+        done = plan(policy, Observed(now=at_offset(60), job=job, outcome=out), node_lost_wait=60)
+        assert done.status["phase"] == "Failed" and done.status.get("disruptions", 0) == 0
+    # A hung rank's pod stops (the Job controller's SIGTERM): no wait, counted at once.
+    stopped = [ended(0, 1, HUNG), ended(1, 143)]
+    assert observe_job(job, stopped, nodes={}).unheard == ""
 
 
 def test_an_oom_kill_at_the_limit_stays_permanent_despite_an_eviction() -> None:

@@ -207,4 +207,9 @@ kopf.dev clusterkopfpeerings access.
 - apiGroups: [storage.k8s.io]
   resources: [storageclasses]
   verbs: [list]
+# Whether the node of a pod that never reported its end is ready decides whether a failed
+# attempt was lost with its node (a disruption, outside backoffLimit). Read only then.
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get]
 {{- end }}

@@ -1,0 +1,259 @@
+"""A node lost under a running gang: its restart is a disruption, and a restart held back by
+its pod says so and goes on once the pod is gone.
+
+The gang's other ranks time out waiting for the lost node's rank (CollectiveTimeout), perhaps
+before the node lifecycle controller marks the node not ready (Unknown, once its kubelet was
+silent for the controller's grace period). The operator waits, a short while after the failure,
+for the silent pod to stop or its node to be so marked, and then counts the restart as a
+disruption, outside runPolicy.backoffLimit: a job with backoffLimit 0 survives a lost node. A
+silent pod whose node stays ready is counted as the failure it is. The nodes here are Node
+objects that no kubelet runs, marked as the node lifecycle controller marks them (which runs in
+this control plane too, and marks the lost node's pods not ready).
+
+A failed attempt's Job is deleted in the foreground: it stays until its pods are gone, and the
+next attempt waits for it, so that two gangs never train at once. A pod on a lost node (dead,
+shut down, cut off from the control plane) is never confirmed stopped by its kubelet and stays
+Terminating until someone deletes the Node or marks it out of service. Here that node is
+`lost-node`, to which the test binds rank 1's pod: this control plane has no kubelet, so nothing
+ever confirms that pod's stop, as on a lost node. The operator must say what holds the restart
+and what to do (reason PodStuckTerminating, with a Warning Event) instead of showing
+`Restarting` for ever, and start the next attempt once the pod is gone. The removal is the test's
+force delete (grace 0), as the pod garbage collector does for a node marked out of service; this
+control plane runs no pod garbage collector.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.cluster import (
+    bind_pod,
+    condition,
+    create_node,
+    ftj_manifest,
+    ftj_status,
+    patch_pod_status,
+    running_status,
+    set_node_ready,
+    terminated_status,
+    wait_phase,
+)
+from fixtures.kube import Kube
+from fixtures.operator import Operator
+
+from finetune_api.constants import Reason
+
+pytest_plugins = ["fixtures.operator"]
+
+Obj = dict[str, Any]
+NODE = "lost-node"
+# Settings.stuck_terminating_seconds: seconds, not the minute a kubelet is given in a cluster.
+STUCK_AFTER = 2
+# Settings.node_lost_wait_seconds: seconds, not the minute a node lifecycle controller needs.
+NODE_LOST_WAIT = 10
+CRASH = json.dumps({"status": "Failed", "reason": "TrainingFailed", "message": "CUDA error"})
+HUNG = json.dumps(
+    {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step for 60 s after step 7"}
+)
+UNREACHABLE = ("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.")
+
+
+@pytest.fixture
+def watched(kube: Kube, kubeconfig: str, crd: str, tmp_path: Path) -> Iterator[str]:
+    """A namespace with an operator of its own that reports a stuck pod after STUCK_AFTER s and
+    waits NODE_LOST_WAIT s for a silent pod's node to be marked not ready."""
+    ns = kube.create_namespace("ftj-lost")
+    env = {
+        "FINETUNE_STUCK_TERMINATING_SECONDS": str(STUCK_AFTER),
+        "FINETUNE_NODE_LOST_WAIT_SECONDS": str(NODE_LOST_WAIT),
+        "FINETUNE_WATCH_NAMESPACES": ns,
+    }
+    operator = Operator(kubeconfig, tmp_path / "operator.log", env)
+    operator.start()
+    try:
+        yield ns
+    finally:
+        operator.stop()
+        kube.delete("Namespace", ns, missing_ok=True)
+
+
+@pytest.fixture
+def node(kube: Kube, watched: str) -> Iterator[str]:
+    """A Node, Ready, named after the test's namespace; deleted after the test."""
+    name = f"{watched}-node"
+    create_node(kube, name)
+    try:
+        yield name
+    finally:
+        kube.delete("Node", name, missing_ok=True)
+
+
+def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
+    sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
+    return sorted(
+        kube.list("Pod", ns, labels=sel),
+        key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]),
+    )
+
+
+def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
+    kube: Kube, kubectl: Any, watched: str, wait_until: Callable[..., Any]
+) -> None:
+    ns, name = watched, "lost"
+    # A short grace period: the pod counts as stuck 1 + STUCK_AFTER seconds after its deletion.
+    kube.create(ftj_manifest(name, ns, template={"terminationGracePeriodSeconds": 1}))
+    first = wait_until(
+        lambda: len(p := attempt_pods(kube, ns, name, 1)) == 2 and p,
+        timeout=60,
+        message="2 pods of attempt 1",
+    )
+    # Rank 1 runs on lost-node, whose kubelet then stops answering.
+    rank1 = first[1]["metadata"]["name"]
+    bind_pod(kube, ns, rank1, NODE)
+    patch_pod_status(kube, ns, rank1, running_status(first[1], "10.0.0.2"))
+    # Rank 0 crashes (retryable): attempt 1 fails, and the operator deletes its Job for attempt 2.
+    patch_pod_status(kube, ns, first[0]["metadata"]["name"], terminated_status(first[0], 1, CRASH))
+
+    def held() -> Obj | None:
+        running = condition(ftj_status(kube, ns, name), "Running")
+        return running if running.get("reason") == Reason.POD_STUCK_TERMINATING else None
+
+    running = wait_until(held, timeout=60, message="the restart reported held by rank 1's pod")
+    message = running["message"]
+    assert message.startswith(f"pod {rank1} on node {NODE} of attempt 1 is still terminating")
+    assert "attempt 2 starts once it is gone" in message
+    assert f"kubectl delete node {NODE}" in message
+    assert f"kubectl taint nodes {NODE} node.kubernetes.io/out-of-service" in message
+    status = ftj_status(kube, ns, name)
+    assert (status["phase"], status["attempts"]) == ("Pending", 2)
+    # `kubectl get ftj -o wide` says why, without a describe.
+    header, row = kubectl("-n", ns, "get", "ftj", name, "-o", "wide").stdout.splitlines()
+    # Cut at the headers' offsets: empty columns (PROGRESS, LOSS, ...) print as blanks.
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    ends = [*starts[1:], None]
+    cells = {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
+    assert (cells["PHASE"], cells["REASON"], cells["ATTEMPTS"]) == (
+        "Pending",
+        Reason.POD_STUCK_TERMINATING,
+        "2",
+    )
+    events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
+    warned = [e for e in events if e["reason"] == Reason.POD_STUCK_TERMINATING]
+    assert [(e["type"], e["message"]) for e in warned] == [("Warning", message)]
+    # Nothing was forced: the pod is still there, and attempt 1's Job still waits on it.
+    pod = kube.get("Pod", rank1, ns)
+    assert pod is not None and pod["metadata"].get("deletionTimestamp")
+    assert not attempt_pods(kube, ns, name, 2)
+
+    # The node is marked out of service: Kubernetes' pod garbage collector deletes its pods at
+    # once (grace 0), as the test does here.
+    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+    kube.request("DELETE", kube.path("Pod", ns, rank1), delete_now)
+    wait_until(
+        lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
+        timeout=60,
+        message="attempt 2's pods, once the held pod is gone",
+    )
+    running = wait_until(
+        lambda: (
+            (c := condition(ftj_status(kube, ns, name), "Running"))["reason"]
+            != Reason.POD_STUCK_TERMINATING
+            and c
+        ),
+        timeout=30,
+        message="Running moving on from PodStuckTerminating",
+    )
+    assert running["status"] == "False"
+
+
+def start_on(
+    kube: Kube, ns: str, name: str, node: str, wait_until: Callable[..., Any]
+) -> list[Obj]:
+    """Attempt 1's two pods running, rank 1's on `node`."""
+    pods = wait_until(
+        lambda: len(p := attempt_pods(kube, ns, name, 1)) == 2 and p,
+        timeout=60,
+        message="2 pods of attempt 1",
+    )
+    bind_pod(kube, ns, pods[1]["metadata"]["name"], node)
+    for i, pod in enumerate(pods):
+        patch_pod_status(kube, ns, pod["metadata"]["name"], running_status(pod, f"10.0.0.{i + 2}"))
+    return pods
+
+
+def running_reason(kube: Kube, ns: str, name: str, reason: str) -> Callable[[], Obj | None]:
+    def check() -> Obj | None:
+        running = condition(ftj_status(kube, ns, name), "Running")
+        return running if running.get("reason") == reason else None
+
+    return check
+
+
+def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
+    kube: Kube, watched: str, node: str, wait_until: Callable[..., Any]
+) -> None:
+    ns, name = watched, "lost-node"
+    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
+    pods = start_on(kube, ns, name, node, wait_until)
+    rank1 = pods[1]["metadata"]["name"]
+    # Rank 1's node goes silent; rank 0 gives up waiting for it before the node is marked.
+    patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
+    waiting = wait_until(
+        running_reason(kube, ns, name, Reason.RESTARTING),
+        timeout=30,
+        message="the failed attempt waiting on rank 1's pod",
+    )["message"]
+    assert f"pod {rank1} on node {node} has not reported its end" in waiting
+    assert "no step for 60 s after step 7" in waiting
+    status = ftj_status(kube, ns, name)
+    assert status["attempts"] == 1 and not status.get("disruptions")
+    # The node lifecycle controller marks the node, its grace period over.
+    set_node_ready(kube, node, *UNREACHABLE)
+    status = wait_until(
+        lambda: (s := ftj_status(kube, ns, name)).get("disruptions") and s,
+        timeout=NODE_LOST_WAIT + 20,
+        message="the restart counted as a disruption",
+    )
+    assert (status["phase"], status["attempts"], status["disruptions"]) == ("Pending", 2, 1)
+    message = condition(status, "Running")["message"]
+    assert message.startswith(
+        f"attempt 1 was disrupted (node {node} of pod {rank1} is not ready (Ready=Unknown, "
+        "NodeStatusUnknown: Kubelet stopped posting node status.))"
+    ), message
+    assert "does not count against runPolicy.backoffLimit; starting attempt 2" in message
+    # The lost pod goes (the pod garbage collector's force delete, once the node is deleted or
+    # marked out of service): attempt 2 starts.
+    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+    kube.request("DELETE", kube.path("Pod", ns, rank1), delete_now)
+    wait_until(
+        lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
+        timeout=60,
+        message="attempt 2's pods",
+    )
+
+
+def test_a_silent_pod_on_a_ready_node_is_counted_after_the_wait(
+    kube: Kube, watched: str, node: str, wait_until: Callable[..., Any]
+) -> None:
+    ns, name = watched, "hung"
+    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
+    pods = start_on(kube, ns, name, node, wait_until)
+    patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
+    wait_until(
+        running_reason(kube, ns, name, Reason.RESTARTING),
+        timeout=30,
+        message="the failed attempt waiting on rank 1's pod",
+    )
+    # Its node stays Ready: once the wait is over, the failure counts, and backoffLimit 0 ends
+    # the job.
+    status = wait_phase(kube, wait_until, ns, name, "Failed", timeout=NODE_LOST_WAIT + 20)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == Reason.BACKOFF_LIMIT_EXCEEDED
+    assert failed["message"].startswith("1 attempt(s) failed; last: ")
+    assert "no step for 60 s after step 7" in failed["message"]
+    assert not status.get("disruptions")
