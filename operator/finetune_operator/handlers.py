@@ -223,18 +223,30 @@ async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
         _queue(namespace, owner)
 
 
-def _pending(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") in (None, "Pending")
+def _unseen_by_its_job(status: kopf.Status, **_: Any) -> bool:
+    """A pod not started yet, or a running one marked not ready: the node lifecycle controller
+    marks a node's pods so once the node stops answering (`lifecycle._lost`)."""
+    phase = status.get("phase")
+    if phase in (None, "Pending"):
+        return True
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return phase == "Running" and ready.get("status") == "False"
 
 
 @kopf.on.event(
-    "", "v1", "pods", labels={naming.LABEL_MANAGED_BY: naming.MANAGER}, when=_pending, id="pod"
+    "",
+    "v1",
+    "pods",
+    labels={naming.LABEL_MANAGED_BY: naming.MANAGER},
+    when=_unseen_by_its_job,
+    id="pod",
 )
 async def pod_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str, **_: Any) -> None:
-    """A trainer pod that has not started changed: the scheduler found no node for it, or the
-    kubelet cannot pull its image or make its container (`Outcome.stuck`). Nothing else says so
-    (its Job does not change), and without this the operator would have to poll every pending
-    pod to see it get stuck. A pod that starts or ends changes its Job, and arrives there."""
+    """A trainer pod changed in a way its Job does not show: one that has not started (the
+    scheduler found no node for it, or the kubelet cannot pull its image or make its container:
+    `Outcome.stuck`), or one whose node stopped answering (a failed attempt then waits to learn
+    that: `Outcome.unheard`). Without this the operator would have to poll such pods. A pod
+    that starts or ends changes its Job, and arrives there."""
     # ADDED: the Job controller made it, and the Job's own event (active +1) says so.
     if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
         _queue(namespace, owner)

@@ -390,23 +390,38 @@ def node_image_records(kube: Kube) -> dict[str, list[tuple[str, str]]]:
     return records
 
 
-def helm_upgrade(kube: Kube, *args: str) -> None:
-    """`helm upgrade` of the operator's release with `args`, waiting (5 minutes at most) for
-    its pods."""
+def _helm(kube: Kube, *args: str, timeout: float = 600) -> str:
+    """helm on the operator's release, on this suite's cluster."""
     helm = run([str(HELM_SH)], timeout=1800).strip()
-    command = [helm, "upgrade", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, *args]
-    command += ["--wait", "--timeout", "5m"]
+    command = [helm, *args, "--namespace", OPERATOR_NAMESPACE]
     if kube.kubeconfig:
         command += ["--kubeconfig", kube.kubeconfig]
     if CONTEXT:
         command += ["--kube-context", CONTEXT]
-    run(command, timeout=600)
+    return run(command, timeout=timeout)
+
+
+def helm_upgrade(kube: Kube, *args: str) -> None:
+    """`helm upgrade` of the operator's release with `args`, waiting (5 minutes at most) for
+    its pods."""
+    _helm(kube, "upgrade", RELEASE, str(CHART), *args, "--wait", "--timeout", "5m")
 
 
 @pytest.fixture(scope="session")
 def upgrade_release(kube: Kube) -> Callable[..., None]:
     """helm_upgrade on this suite's cluster: `upgrade_release("--reuse-values", "--set", ...)`."""
     return functools.partial(helm_upgrade, kube)
+
+
+@pytest.fixture
+def restore_release(kube: Kube, operator_release: dict[str, str], tmp_path: Path) -> Iterator[None]:
+    """The release's values as they were before the test, whatever it upgraded it to: they are
+    applied with --reset-values, since --reuse-values cannot take a key out of a map (a
+    nodeSelector set for the test would stay)."""
+    values = tmp_path / "release-values.json"
+    values.write_text(_helm(kube, "get", "values", RELEASE, "--output", "json"))
+    yield
+    helm_upgrade(kube, "--reset-values", "--values", str(values))
 
 
 @pytest.fixture(scope="session")

@@ -181,13 +181,17 @@ def test_a_serving_deployments_event_queues_a_pass_that_reads_its_rollout() -> N
     assert queued == [clock.Due(key, serve=True, periodic=False)]
 
 
-def test_only_pods_that_have_not_started_are_watched_for_a_pass() -> None:
-    """A pod that starts or ends changes its Job, whose event brings the pass."""
+def test_only_pods_not_started_or_marked_not_ready_are_watched_for_a_pass() -> None:
+    """A pod that starts or ends changes its Job, whose event brings the pass; one whose node
+    stopped answering does not, but the node lifecycle controller marks it not ready."""
     pod = next(h for h in kopf.get_default_registry()._watching.get_all_handlers() if h.id == "pod")
-    assert pod.when is handlers._pending
-    assert [handlers._pending({"phase": p}) for p in (None, "Pending", "Running", "Failed")] == [
-        True,
-        True,
-        False,
-        False,
-    ]
+    assert pod.when is handlers._unseen_by_its_job
+
+    def status(phase: str | None, ready: str | None = None) -> dict:
+        conditions = [{"type": "Ready", "status": ready}] if ready else []
+        return {"phase": phase, "conditions": conditions}
+
+    cases = [(None, None), ("Pending", None), ("Running", "True"), ("Running", "False"),
+             ("Failed", "False"), ("Succeeded", None)]  # fmt: skip
+    watched = [handlers._unseen_by_its_job(status(*case)) for case in cases]
+    assert watched == [True, True, False, True, False, False]
