@@ -101,6 +101,21 @@ def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
     )
 
 
+def release_lost_pod(
+    kube: Kube, ns: str, name: str, pod: str, wait_until: Callable[..., Any]
+) -> None:
+    """Remove the pod at once (grace 0), as Kubernetes' pod garbage collector does for a node
+    deleted or marked out of service (this control plane runs none), and wait for attempt 2's
+    pods: the restart the pod held back."""
+    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+    kube.request("DELETE", kube.path("Pod", ns, pod), delete_now)
+    wait_until(
+        lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
+        timeout=60,
+        message="attempt 2's pods, once the held pod is gone",
+    )
+
+
 def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
     kube: Kube, kubectl: Any, watched: str, wait_until: Callable[..., Any]
 ) -> None:
@@ -150,15 +165,8 @@ def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
     assert pod is not None and pod["metadata"].get("deletionTimestamp")
     assert not attempt_pods(kube, ns, name, 2)
 
-    # The node is marked out of service: Kubernetes' pod garbage collector deletes its pods at
-    # once (grace 0), as the test does here.
-    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
-    kube.request("DELETE", kube.path("Pod", ns, rank1), delete_now)
-    wait_until(
-        lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
-        timeout=60,
-        message="attempt 2's pods, once the held pod is gone",
-    )
+    # The node is marked out of service: attempt 2 starts once the pod is gone.
+    release_lost_pod(kube, ns, name, rank1, wait_until)
     running = wait_until(
         lambda: (
             (c := condition(ftj_status(kube, ns, name), "Running"))["reason"]
@@ -226,15 +234,8 @@ def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
         "NodeStatusUnknown: Kubelet stopped posting node status.))"
     ), message
     assert "does not count against runPolicy.backoffLimit; starting attempt 2" in message
-    # The lost pod goes (the pod garbage collector's force delete, once the node is deleted or
-    # marked out of service): attempt 2 starts.
-    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
-    kube.request("DELETE", kube.path("Pod", ns, rank1), delete_now)
-    wait_until(
-        lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
-        timeout=60,
-        message="attempt 2's pods",
-    )
+    # The lost pod goes (the node deleted or marked out of service): attempt 2 starts.
+    release_lost_pod(kube, ns, name, rank1, wait_until)
 
 
 def test_a_silent_pod_on_a_ready_node_is_counted_after_the_wait(

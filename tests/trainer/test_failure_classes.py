@@ -1,5 +1,6 @@
 """Failure classes on a real two-pod gang: a user error fails at once and for good, a stopped
-rank ends the attempt as CollectiveTimeout (retryable) long before torch's own timeout."""
+rank ends the attempt as CollectiveTimeout (retryable) long before torch's own timeout, in
+training and in evaluation."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from trainer_helpers import Gang, deep_update
 
 from finetune_api.pod import PERMANENT_EXIT_CODES, ExitCode
+from finetune_trainer.testing.tiny import save_test_text
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,24 @@ def test_missing_text_column_fails_at_once_and_for_good(
     assert not (g.workdir / "checkpoints").exists() or not any(
         (g.workdir / "checkpoints").rglob("*")
     ), "nothing trained, so nothing was checkpointed"
+
+
+def rank_1_stopped_once(g: Gang, line: str) -> str:
+    """Freeze node 1's ranks (SIGSTOP) once rank 0 logged `line`; rank 0 must end the attempt
+    as CollectiveTimeout (retryable) under hangTimeoutSeconds=10. Its result's message."""
+    deadline = time.monotonic() + 180
+    while line not in g.logs[0].read_text(errors="replace"):
+        assert not g.finished() and time.monotonic() < deadline, g.log_text()[-4000:]
+        time.sleep(0.1)
+    os.killpg(g.procs[1].pid, signal.SIGSTOP)
+    # The bound: the 10 s floor plus the watchdog's poll, with room for a loaded machine; torch's
+    # own collective timeout would take 30 minutes.
+    code = g.procs[0].wait(timeout=60)
+    assert code == ExitCode.RETRYABLE, g.log_text()[-4000:]
+    result = g.result(0)
+    assert result["status"] == "Failed" and result["reason"] == "CollectiveTimeout"
+    assert "hangTimeoutSeconds=10" in result["message"]
+    return str(result["message"])
 
 
 # Checkpointing after every step puts the stop in the step after a save, which the watchdog
@@ -63,15 +83,32 @@ def test_a_stopped_rank_ends_the_attempt_as_collective_timeout(
         },
     )
     g = gang(write_manifest(doc)).start()
-    deadline = time.monotonic() + 180
-    while "step=" not in g.logs[0].read_text(errors="replace"):
-        assert not g.finished() and time.monotonic() < deadline, g.log_text()[-4000:]
-        time.sleep(0.2)
-    os.killpg(g.procs[1].pid, signal.SIGSTOP)  # node 1 freezes mid-training
-    # The bound: the 10 s floor plus the watchdog's poll, with room for a loaded machine; torch's
-    # own collective timeout would take 30 minutes.
-    code = g.procs[0].wait(timeout=60)
-    assert code == ExitCode.RETRYABLE, g.log_text()[-4000:]
-    result = g.result(0)
-    assert result["status"] == "Failed" and result["reason"] == "CollectiveTimeout"
-    assert "after step" in result["message"] and "hangTimeoutSeconds=10" in result["message"]
+    message = rank_1_stopped_once(g, "step=")  # node 1 freezes mid-training
+    assert "after step" in message
+
+
+def test_a_rank_stopped_during_evaluation_ends_the_attempt_as_collective_timeout(
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+    tmp_path: Path,
+) -> None:
+    """The evaluation before training gathers after every batch: a rank that stops meanwhile
+    (its node frozen) is caught as in a training step, not after torch's 30 minutes."""
+    # 4,000 held-out rows one per batch: seconds of evaluation, to stop a rank in.
+    data = save_test_text(tmp_path / "text.jsonl", rows=8000)
+    doc = deep_update(
+        causal_manifest,
+        {
+            "spec": {
+                "dataset": {"source": f"file://{data}", "evalFraction": 0.5},
+                "evaluation": {"maxSamples": 4000},
+                "training": {"batchSizePerDevice": 1},
+                "runPolicy": {"hangTimeoutSeconds": 10},
+            }
+        },
+    )
+    g = gang(write_manifest(doc)).start()
+    message = rank_1_stopped_once(g, "evaluating before training")
+    assert message.startswith("no evaluation batch completed in "), message
+    assert "step=" not in g.logs[0].read_text(errors="replace"), "it got past the evaluation"

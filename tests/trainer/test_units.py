@@ -381,6 +381,33 @@ def test_watchdog_times_again_once_the_save_is_over() -> None:
     assert max(dog.durations) == 2.0  # the step after the save, timed from its end
 
 
+def test_watchdog_times_evaluation_batches_only_while_they_are_iterated() -> None:
+    """Evaluation: each batch ends in a gather, so a lost peer stops the batches coming. What
+    comes before (rank 0 alone computing a task's scores) and after them is not timed."""
+    from finetune_trainer.watchdog import HangWatchdog
+
+    now = [0.0]
+    dog = HangWatchdog(floor=10, rank=0, clock=lambda: now[0], what="evaluation batch")
+    dog.pause()
+    batches = dog.timed(["b1", "b2", "b3"])
+    assert dog.check(1000.0) is None  # not asked for yet
+    now[0] = 1000.0
+    assert next(batches) == "b1"
+    message = dog.check(1010.5)  # the first batch's gather never returned
+    assert message is not None and message.startswith("no evaluation batch completed in 10s")
+    assert "for the first batch" in message
+    now[0] = 1001.0
+    assert next(batches) == "b2"
+    message = dog.check(1011.5)
+    assert message is not None and "after batch 1" in message and "p99 batch time" in message
+    now[0] = 1002.0
+    assert next(batches) == "b3"
+    now[0] = 1003.5
+    assert next(batches, None) is None  # run out: what follows is untimed
+    assert dog.check(5000.0) is None
+    assert list(dog.durations) == [1.0, 1.5]  # batch 2 and 3; batch 1 warmed up
+
+
 def _wrapped_timeout() -> None:
     try:
         raise TimeoutError("read timed out")

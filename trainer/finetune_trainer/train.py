@@ -53,6 +53,7 @@ from finetune_trainer.sources import SourceNotFound, missing_local
 from finetune_trainer.store import mark_formed, wait_for_store
 from finetune_trainer.tasks import Task, TaskData, task_for
 from finetune_trainer.telemetry import TrainerMetrics
+from finetune_trainer.watchdog import HangWatchdog
 
 log = get_logger(__name__)
 # Before the Accelerator exists (and when it failed to), accelerate's logger refuses to log.
@@ -146,7 +147,8 @@ def _train(job: FineTuneJob) -> int:
     telemetry.record_resume(resumed_from)
     # A resumed run keeps the before-training scores (and answers) of its first attempt.
     known = state.before_scores
-    state.before_scores = _evaluate(run, telemetry, "before", known)
+    hang_floor = job.spec.run_policy.hang_timeout_seconds
+    state.before_scores = _evaluate(run, telemetry, "before", hang_floor, known)
     if not known:  # evaluated just now
         state.before_answers = [s.after or "" for s in task.generated]
     telemetry.record_phase(phases.EVALUATED_BEFORE)
@@ -157,7 +159,7 @@ def _train(job: FineTuneJob) -> int:
     telemetry.record_last_step()
     accelerator.wait_for_everyone()
 
-    after = _evaluate(run, telemetry, "after")
+    after = _evaluate(run, telemetry, "after", hang_floor)
     telemetry.record_phase(phases.EVALUATED_AFTER)
     _write_param_hash(run)
     final_model = _final_model(run)
@@ -407,14 +409,23 @@ def _evaluate(
     run: Prepared,
     telemetry: TrainerMetrics,
     stage: Literal["before", "after"],
+    hang_floor: float,
     known: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """The task's scores on the evaluation split (or the `known` ones), exported and logged."""
+    """The task's scores on the evaluation split (or the `known` ones), exported and logged.
+    Its batches are timed as training steps are (`HangWatchdog.timed`): a peer lost meanwhile
+    ends the attempt with CollectiveTimeout, not after torch's 30-minute collective timeout."""
     telemetry.set_status("evaluating")
+    log.info("evaluating %s training", stage)
+    watch = HangWatchdog(hang_floor, run.accelerator.process_index, what="evaluation batch")
+    # Not timed until the task asks for the batches: the scores of a task that computes them
+    # on rank 0 alone (sentence-embedding) may take long while the others wait.
+    watch.pause()
     # Uncompiled: evaluation's shapes (generation's growing sequences above all) would each
     # compile the layers again, for a pass that runs twice per job.
-    with torch.compiler.set_stance("force_eager"):
-        scores = known or run.task.evaluate(run.accelerator, run.model, run.eval_dl)
+    with torch.compiler.set_stance("force_eager"), watch as watchdog:
+        batches = watchdog.timed(run.eval_dl)
+        scores = known or run.task.evaluate(run.accelerator, run.model, batches)
     if sharding.is_sharded(run.model):
         sharding.reshard(run.model)
     telemetry.record_eval(stage, scores)

@@ -7,7 +7,10 @@ a completed step at least every `hang_timeout(recent step times, floor)` seconds
 comes it writes this rank's result (reason CollectiveTimeout, retryable) and ends the process
 with `os._exit`: the pod fails, and the operator restarts the gang from its checkpoint.
 
-Only the loop is timed. Loading, evaluation and the push happen outside it. A checkpoint save's
+Evaluation's batches, each of which ends in a gather across ranks, are timed the same way by a
+watchdog of their own (`timed`), so a peer lost during the evaluation before or after training
+is caught as one lost during a step. Loading, generating answers, the scores' broadcast and the
+push are not timed. A checkpoint save's
 gathers are collectives and timed as a step's are; its write pauses the watchdog (rank 0 may
 upload for minutes while the others wait): rank 0 times again as soon as its own write is done,
 the others once every rank is past the save (a barrier), so a rank stopped before, during or
@@ -24,14 +27,16 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_trainer.result import write_failure
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A step this many times slower than the p99 of recent ones is a hang, not a slow step.
 SLOWDOWN = 3.0
@@ -55,7 +60,8 @@ def hang_timeout(durations: Sequence[float], floor: float) -> float:
 
 class HangWatchdog:
     """Times the training loop's steps on one rank; use as a context manager around the loop,
-    calling `step_done` after each optimizer step's collective and `pause` before a save."""
+    calling `step_done` after each optimizer step's collective and `pause` before a save (or
+    iterate evaluation's batches through `timed`)."""
 
     def __init__(
         self,
@@ -64,10 +70,12 @@ class HangWatchdog:
         clock: Callable[[], float] = time.monotonic,
         poll_seconds: float = 1.0,
         first_step_grace: float = 0.0,
+        what: str = "training step",
     ) -> None:
         """`first_step_grace` seconds are added to the first step's limit: a step that compiles
-        (training.compile) is slow once, not hung."""
-        self.floor, self.rank, self.clock = float(floor), rank, clock
+        (training.compile) is slow once, not hung. `what` is timed, for the message: "training
+        step" or "evaluation batch"."""
+        self.floor, self.rank, self.clock, self.what = float(floor), rank, clock, what
         self.first_step_grace = float(first_step_grace)
         self.poll_seconds = min(poll_seconds, self.floor / 10)
         self.durations: deque[float] = deque(maxlen=WINDOW)
@@ -100,6 +108,18 @@ class HangWatchdog:
                 self.durations.append(now - self._last)
             self.step, self._last, self.paused = step, now, False
 
+    def timed(self, items: Iterable[T]) -> Iterator[T]:
+        """`items`, each one's use timed as a step: done when the next is asked for. Only the
+        iteration is timed: pause the watchdog before (a task may never ask for the items), and
+        timing stops once they run out or the consumer stops early."""
+        self.resume()
+        try:
+            for n, item in enumerate(items, start=1):
+                yield item
+                self.step_done(n)
+        finally:
+            self.pause()
+
     def pause(self) -> None:
         """Stop timing until `resume` (or the next `step_done`): a checkpoint save is about to
         start."""
@@ -123,12 +143,13 @@ class HangWatchdog:
             waited = now - self._last
             if waited < limit:
                 return None
-            after = "for the first step" if first else f"after step {self.step}"
+            unit = self.what.rsplit(" ", 1)[-1]
+            after = f"for the first {unit}" if first else f"after {unit} {self.step}"
             compiling = f" + {grace:g}s to compile the layers" if grace else ""
             return (
-                f"no training step completed in {waited:.0f}s {after} (limit {limit:.0f}s: the "
+                f"no {self.what} completed in {waited:.0f}s {after} (limit {limit:.0f}s: the "
                 f"larger of runPolicy.hangTimeoutSeconds={self.floor:g}s and {SLOWDOWN:g} x p99 "
-                f"step time {p99(self.durations):.3g}s{compiling}); a rank is hung in a "
+                f"{unit} time {p99(self.durations):.3g}s{compiling}); a rank is hung in a "
                 "collective or stopped, so the gang restarts from its last checkpoint"
             )
 

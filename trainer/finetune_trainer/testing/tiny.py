@@ -134,9 +134,9 @@ def save_test_llama(out: Path) -> Path:
     )
 
 
-def save_test_text(out: Path) -> Path:
+def save_test_text(out: Path, rows: int = 600) -> Path:
     """The test suites' causal-LM data: 600 sentences as {"text": ...} JSON lines."""
-    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(600, 1)))
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(rows, 1)))
     return out
 
 
