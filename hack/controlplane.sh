@@ -257,6 +257,8 @@ EOF
   # No cloud provider and no nodes: leave out controllers that only manage nodes/clouds. No
   # kubelet either, and the tests play one: the pod garbage collector would mark a deleted pod
   # that a test's kubelet is still stopping Failed, since no pod here was ever scheduled.
+  # The node lifecycle controller runs, on a short clock: a test's Node whose heartbeat (its
+  # Lease) stops is marked Unknown, and its pods not ready, after 6 s instead of 50.
   start_proc kube-controller-manager "${K8S_BIN_DIR}/kube-controller-manager" \
     --kubeconfig="${DIR}/controller-manager.kubeconfig" \
     --authentication-kubeconfig="${DIR}/controller-manager.kubeconfig" \
@@ -272,6 +274,8 @@ EOF
     --cluster-signing-key-file="${pki}/ca.key" \
     --service-cluster-ip-range="${SERVICE_CIDR}" \
     --use-service-account-credentials=true \
+    --node-monitor-period=1s \
+    --node-monitor-grace-period=6s \
     --leader-elect=false \
     --profiling=false \
     --v=1

@@ -74,6 +74,9 @@ class Reason(StrEnum):
     # Running=False: a pod of the attempt being deleted for a restart outlived its termination
     # grace period (its node does not answer, or a finalizer holds it); the next attempt waits.
     POD_STUCK_TERMINATING = "PodStuckTerminating"
+    # Running=False: a running pod's node is not ready (its kubelet stopped answering): its rank
+    # may be lost with it. The other ranks end the attempt after runPolicy.hangTimeoutSeconds.
+    NODE_NOT_READY = "NodeNotReady"
     # A child with this FineTuneJob's name exists and is not controlled by it: left untouched.
     NAME_CONFLICT = "NameConflict"
     # A source the Hub (or the endpoint used) says does not exist: retrying cannot help.

@@ -111,6 +111,18 @@ class Lingering:
 
 
 @dataclass(frozen=True)
+class LostNode:
+    """A pod that has not reported its end, on a node that is not ready or was deleted."""
+
+    node: str
+    # `node <node> of pod <pod> is not ready (Ready=<status>, <reason>: <message>)`, or
+    # `node <node> of pod <pod> was deleted`.
+    what: str
+    # When the node was marked (its Ready condition's transition; RFC 3339, "" if not known).
+    since: str = ""
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One attempt as the cluster shows it."""
 
@@ -146,6 +158,8 @@ class Outcome:
     unmade: int = 0
     # Set for PENDING and RUNNING: a pod that was stopped and is being replaced.
     leaving: Leaving | None = None
+    # Set for RUNNING: a running pod whose node is not ready (`_lost`).
+    node_not_ready: LostNode | None = None
     # When the last pod of the gang was scheduled, started and ended (timings.pod_times).
     pod_times: dict[str, float] = field(default_factory=dict)
     # Set with `deleting`: the pod whose grace period ended first, of those still there.
@@ -272,7 +286,7 @@ def _disruption(pods: list[Obj], nodes: Nodes) -> tuple[str, str]:
     Ranks that timed out waiting for a lost pod (CollectiveTimeout) only saw it go: they do not
     count as failures of their own, whenever they gave up.
     """
-    disrupted = _lost(pods, nodes)
+    disrupted = [(lost.since, lost.what) for lost in _lost(pods, nodes)]
     peer_lost = bool(disrupted)
     other: list[str] = []
     for pod in sorted(pods, key=_index):
@@ -312,37 +326,40 @@ def _unheard(pods: list[Obj]) -> list[Obj]:
 
 
 def nodes_to_read(job: Obj | None, pods: list[Obj]) -> set[str]:
-    """The nodes whose state decides a failed attempt: those of its pods that have not reported
-    their end (`_unheard`). Asked only once the Job failed, so a healthy pass reads no Node."""
+    """The nodes whose state the attempt's verdict or its Running condition needs: once the Job
+    failed, those of its pods that have not reported their end (`_unheard`); while it runs,
+    those of its running pods marked not ready (the node lifecycle controller marks a node's
+    pods so when the node stops answering). A healthy pass reads no Node."""
     if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
         return set()
+    silent = _unheard(pods)
     if not {"Failed", "FailureTarget"} & set(true_conditions(job)):
-        return set()
-    return {pod["spec"]["nodeName"] for pod in _unheard(pods)}
+        silent = [p for p in silent if (_condition(p, "Ready") or {}).get("status") == "False"]
+    return {pod["spec"]["nodeName"] for pod in silent}
 
 
-def _lost(pods: list[Obj], nodes: Nodes) -> list[tuple[str, str]]:
-    """(since, what) for each pod that has not reported its end on a node that is gone, or whose
-    Ready condition is not True: the node lifecycle controller marks a node Unknown once its
-    kubelet has been silent for its grace period (kube-controller-manager's
-    --node-monitor-grace-period, 50 s by default), and a kubelet that cannot run pods reports
-    False. Such a pod stopped with its node, as far as anyone can tell."""
-    found: list[tuple[str, str]] = []
+def _lost(pods: list[Obj], nodes: Nodes) -> list[LostNode]:
+    """Each pod that has not reported its end on a node that is gone, or whose Ready condition
+    is not True: the node lifecycle controller marks a node Unknown once its kubelet has been
+    silent for its grace period (kube-controller-manager's --node-monitor-grace-period, 50 s by
+    default), and a kubelet that cannot run pods reports False. Such a pod stopped with its
+    node, as far as anyone can tell."""
+    found: list[LostNode] = []
     for pod in _unheard(pods):
-        node_name = pod["spec"]["nodeName"]
-        if node_name not in nodes:
+        name = pod["spec"]["nodeName"]
+        if name not in nodes:
             continue  # not read: nothing known
-        node = nodes[node_name]
+        node = nodes[name]
         if node is None:
-            found.append(("", f"node {node_name} of pod {_name(pod)} was deleted"))
+            found.append(LostNode(name, f"node {name} of pod {_name(pod)} was deleted"))
             continue
         ready = _condition(node, "Ready") or {}
         if ready.get("status") == "True":
             continue
         said = ": ".join(x for x in (ready.get("reason"), ready.get("message")) if x)
         state = f"Ready={ready.get('status') or 'unknown'}" + (f", {said}" if said else "")
-        what = f"node {node_name} of pod {_name(pod)} is not ready ({_quote(state)})"
-        found.append((ready.get("lastTransitionTime") or "", what))
+        what = f"node {name} of pod {_name(pod)} is not ready ({_quote(state)})"
+        found.append(LostNode(name, what, ready.get("lastTransitionTime") or ""))
     return found
 
 
@@ -588,6 +605,7 @@ def observe_job(
     rank0 = next((p for p in running if _index(p) == 0), None)
     ip = (rank0.get("status") or {}).get("podIP") if rank0 else None
     state = State.RUNNING if running else State.PENDING
+    lost = _lost(pods, nodes or {})
     stuck = _stuck(pods)
     if stuck is None and events and len(pods) < _parallelism(job):
         stuck = _create_failure(job, events)
@@ -601,4 +619,5 @@ def observe_job(
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),
         leaving=_leaving(pods),
+        node_not_ready=min(lost, key=lambda n: n.since) if running and lost else None,
     )

@@ -45,6 +45,7 @@ WARNING_REASONS = frozenset(
     {
         Reason.RESTARTING,
         Reason.POD_STUCK_TERMINATING,
+        Reason.NODE_NOT_READY,
         Reason.SECRET_NOT_FOUND,
         Reason.NAME_CONFLICT,
         Reason.NO_DURABLE_STORE,

@@ -17,7 +17,7 @@ from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, RunPolicy
 from finetune_operator import naming, timings
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.kueue import Lookup, Workload
-from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
+from finetune_operator.lifecycle import STUCK_REASONS, LostNode, Obj, Outcome, State, Stuck
 from finetune_operator.settings import NODE_LOST_WAIT_SECONDS, STUCK_TERMINATING_SECONDS
 
 CT = ConditionType
@@ -456,7 +456,7 @@ def _resume(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -
             message = f"runPolicy.suspend is false; {wl.where()}"
         message += "; the trainer resumes from its last checkpoint"
         conds.set(CT.SUSPENDED, False, Reason.RESUMED, message)
-    running_reason = (conds.by_type.get(CT.RUNNING) or {}).get("reason")
+    running_reason = _running_reason(conds)
     if out.state is State.RUNNING:
         conds.set(CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running")
     elif queue and out.state is State.SUSPENDED and deactivated:
@@ -780,6 +780,8 @@ def _while_active(
     if out.stuck is not None:
         # Rank 0 may run, but the gang cannot train without the stuck pod.
         conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
+    elif out.node_not_ready and _running_reason(conds) != Reason.RESTARTING:
+        conds.set(CT.RUNNING, False, Reason.NODE_NOT_READY, _node_not_ready(out.node_not_ready))
     elif out.state is State.PENDING and _stuck_reason(conds):
         conds.set(
             CT.RUNNING,
@@ -788,6 +790,21 @@ def _while_active(
             f"{out.unstarted} pod(s) not started yet; none is stuck",
         )
     return _Active(actions, began, _requeue_after(out, policy, waited))
+
+
+def _node_not_ready(lost: LostNode) -> str:
+    """Running's message while a running pod's node is not ready: what that may mean, and what
+    happens next."""
+    since = f" since {lost.since}" if lost.since else ""
+    return (
+        f"{lost.what}{since}: the control plane no longer hears from its kubelet, and its rank "
+        "may be lost with it. If so, the other ranks end the attempt after "
+        "runPolicy.hangTimeoutSeconds and the gang restarts without the node (a disruption, not "
+        "counted against runPolicy.backoffLimit); a one-node gang waits until the node answers "
+        f"again, or is deleted (kubectl delete node {lost.node}) or marked out of service "
+        f"(kubectl taint nodes {lost.node} node.kubernetes.io/out-of-service=nodeshutdown:"
+        "NoExecute) and Kubernetes replaces its pod"
+    )
 
 
 def _previous_condition(prev: Obj, type_: str) -> Obj:
@@ -849,8 +866,12 @@ def _pending_seconds(observed: Observed) -> int | None:
     return max(_seconds(started, observed.now), 0) if started else None
 
 
+def _running_reason(conds: _Conditions) -> str | None:
+    return conds.by_type.get(CT.RUNNING, {}).get("reason")
+
+
 def _stuck_reason(conds: _Conditions) -> bool:
-    return conds.by_type.get(CT.RUNNING, {}).get("reason") in STUCK_REASONS
+    return _running_reason(conds) in STUCK_REASONS
 
 
 def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:

@@ -6,9 +6,11 @@ before the node lifecycle controller marks the node not ready (Unknown, once its
 silent for the controller's grace period). The operator waits, a short while after the failure,
 for the silent pod to stop or its node to be so marked, and then counts the restart as a
 disruption, outside runPolicy.backoffLimit: a job with backoffLimit 0 survives a lost node. A
-silent pod whose node stays ready is counted as the failure it is. The nodes here are Node
-objects that no kubelet runs, marked as the node lifecycle controller marks them (which runs in
-this control plane too, and marks the lost node's pods not ready).
+silent pod whose node stays ready is counted as the failure it is. While the gang still runs,
+a pod on a node marked not ready shows as Running=False, reason NodeNotReady. The nodes here are
+Node objects whose heartbeat (their Lease) the test renews as a kubelet does, and stops to lose
+the node: the real node lifecycle controller then marks the node Unknown and its pods not ready
+(after 6 s here, hack/controlplane.sh; 50 s by default).
 
 A failed attempt's Job is deleted in the foreground: it stays until its pods are gone, and the
 next attempt waits for it, so that two gangs never train at once. A pod on a lost node (dead,
@@ -32,14 +34,13 @@ from typing import Any
 
 import pytest
 from fixtures.cluster import (
+    NodeHeartbeat,
     bind_pod,
     condition,
-    create_node,
     ftj_manifest,
     ftj_status,
     patch_pod_status,
     running_status,
-    set_node_ready,
     terminated_status,
     wait_phase,
 )
@@ -54,13 +55,15 @@ Obj = dict[str, Any]
 NODE = "lost-node"
 # Settings.stuck_terminating_seconds: seconds, not the minute a kubelet is given in a cluster.
 STUCK_AFTER = 2
-# Settings.node_lost_wait_seconds: seconds, not the minute a node lifecycle controller needs.
-NODE_LOST_WAIT = 10
+# Settings.node_lost_wait_seconds: past the node lifecycle controller's grace period here (6 s)
+# and its monitor period (1 s), as the default 60 s is past the default 50 + 5 s.
+NODE_LOST_WAIT = 15
 CRASH = json.dumps({"status": "Failed", "reason": "TrainingFailed", "message": "CUDA error"})
 HUNG = json.dumps(
     {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step for 60 s after step 7"}
 )
-UNREACHABLE = ("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.")
+# What the node lifecycle controller says of a node whose kubelet fell silent.
+UNREACHABLE = "Ready=Unknown, NodeStatusUnknown: Kubelet stopped posting node status."
 
 
 @pytest.fixture
@@ -83,14 +86,13 @@ def watched(kube: Kube, kubeconfig: str, crd: str, tmp_path: Path) -> Iterator[s
 
 
 @pytest.fixture
-def node(kube: Kube, watched: str) -> Iterator[str]:
-    """A Node, Ready, named after the test's namespace; deleted after the test."""
-    name = f"{watched}-node"
-    create_node(kube, name)
+def node(kube: Kube, watched: str) -> Iterator[NodeHeartbeat]:
+    """A Node, Ready while its heartbeat runs, named after the test's namespace."""
+    heartbeat = NodeHeartbeat(kube, f"{watched}-node").start()
     try:
-        yield name
+        yield heartbeat
     finally:
-        kube.delete("Node", name, missing_ok=True)
+        heartbeat.delete()
 
 
 def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
@@ -203,25 +205,25 @@ def running_reason(kube: Kube, ns: str, name: str, reason: str) -> Callable[[], 
 
 
 def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
-    kube: Kube, watched: str, node: str, wait_until: Callable[..., Any]
+    kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "lost-node"
     kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
-    pods = start_on(kube, ns, name, node, wait_until)
+    pods = start_on(kube, ns, name, node.name, wait_until)
     rank1 = pods[1]["metadata"]["name"]
     # Rank 1's node goes silent; rank 0 gives up waiting for it before the node is marked.
+    node.stop()
     patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
     waiting = wait_until(
         running_reason(kube, ns, name, Reason.RESTARTING),
         timeout=30,
         message="the failed attempt waiting on rank 1's pod",
     )["message"]
-    assert f"pod {rank1} on node {node} has not reported its end" in waiting
+    assert f"pod {rank1} on node {node.name} has not reported its end" in waiting
     assert "no step for 60 s after step 7" in waiting
     status = ftj_status(kube, ns, name)
     assert status["attempts"] == 1 and not status.get("disruptions")
-    # The node lifecycle controller marks the node, its grace period over.
-    set_node_ready(kube, node, *UNREACHABLE)
+    # The node lifecycle controller marks the node, its grace period over, and its pods.
     status = wait_until(
         lambda: (s := ftj_status(kube, ns, name)).get("disruptions") and s,
         timeout=NODE_LOST_WAIT + 20,
@@ -230,8 +232,7 @@ def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
     assert (status["phase"], status["attempts"], status["disruptions"]) == ("Pending", 2, 1)
     message = condition(status, "Running")["message"]
     assert message.startswith(
-        f"attempt 1 was disrupted (node {node} of pod {rank1} is not ready (Ready=Unknown, "
-        "NodeStatusUnknown: Kubelet stopped posting node status.))"
+        f"attempt 1 was disrupted (node {node.name} of pod {rank1} is not ready ({UNREACHABLE}))"
     ), message
     assert "does not count against runPolicy.backoffLimit; starting attempt 2" in message
     # The lost pod goes (the node deleted or marked out of service): attempt 2 starts.
@@ -239,11 +240,11 @@ def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
 
 
 def test_a_silent_pod_on_a_ready_node_is_counted_after_the_wait(
-    kube: Kube, watched: str, node: str, wait_until: Callable[..., Any]
+    kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "hung"
     kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
-    pods = start_on(kube, ns, name, node, wait_until)
+    pods = start_on(kube, ns, name, node.name, wait_until)
     patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
     wait_until(
         running_reason(kube, ns, name, Reason.RESTARTING),
@@ -258,3 +259,34 @@ def test_a_silent_pod_on_a_ready_node_is_counted_after_the_wait(
     assert failed["message"].startswith("1 attempt(s) failed; last: ")
     assert "no step for 60 s after step 7" in failed["message"]
     assert not status.get("disruptions")
+
+
+def test_a_running_gangs_node_marked_not_ready_shows_and_its_restart_needs_no_wait(
+    kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
+) -> None:
+    ns, name = watched, "not-ready"
+    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
+    pods = start_on(kube, ns, name, node.name, wait_until)
+    rank1 = pods[1]["metadata"]["name"]
+    # The node stops answering while the gang trains; the node lifecycle controller marks it,
+    # and its pods not ready.
+    node.stop()
+    running = wait_until(
+        running_reason(kube, ns, name, Reason.NODE_NOT_READY),
+        timeout=30,
+        message="Running=False NodeNotReady",
+    )
+    assert running["status"] == "False"
+    assert running["message"].startswith(
+        f"node {node.name} of pod {rank1} is not ready ({UNREACHABLE}) since "
+    ), running["message"]
+    events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
+    assert [e["type"] for e in events if e["reason"] == Reason.NODE_NOT_READY] == ["Warning"]
+    # Rank 0 gives up on rank 1: the node is known lost, so the restart is a disruption at once.
+    patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
+    status = wait_until(
+        lambda: (s := ftj_status(kube, ns, name)).get("disruptions") and s,
+        timeout=30,
+        message="the restart counted as a disruption",
+    )
+    assert (status["phase"], status["attempts"], status["disruptions"]) == ("Pending", 2, 1)

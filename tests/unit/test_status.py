@@ -15,7 +15,13 @@ from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus, SecretKeyRef
 from finetune_api.validation import parse_manifest
 from finetune_operator import kueue
 from finetune_operator.kueue import Lookup, Workload
-from finetune_operator.lifecycle import State, needs_events, nodes_to_read, observe_job
+from finetune_operator.lifecycle import (
+    LostNode,
+    State,
+    needs_events,
+    nodes_to_read,
+    observe_job,
+)
 from finetune_operator.reconcile import name_conflict
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
 from finetune_operator.status import (
@@ -1159,11 +1165,42 @@ def failed_at(at: str) -> dict:
     return job
 
 
-def test_only_a_failed_attempts_silent_pods_have_their_nodes_read() -> None:
+def marked(index: int, node_: str = "n1") -> dict:
+    """A running pod that the node lifecycle controller marked not ready (its node is silent)."""
+    p = on_node(index, node_)
+    p["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    return p
+
+
+def test_nodes_are_read_only_for_silent_pods_of_a_failed_attempt_or_marked_running_ones() -> None:
     pods_ = [ended(0, 1, HUNG), on_node(1), pod(2, "Pending")]
     assert nodes_to_read(failed_at(NOW), pods_) == {"n1"}
-    assert nodes_to_read(batch_job(), pods_) == set()  # running: no Node is read
+    assert nodes_to_read(batch_job(), pods_) == set()  # running and ready: no Node is read
+    assert nodes_to_read(batch_job(), [on_node(0, "n0"), marked(1)]) == {"n1"}
     assert nodes_to_read(failed_at(NOW), [ended(0, 1, HUNG), ended(1, 1, HUNG)]) == set()
+
+
+def test_a_running_pods_node_not_ready_shows_in_running_and_clears_when_it_answers() -> None:
+    job, pods_ = batch_job(), [on_node(0, "n0"), marked(1)]
+    out = observe_job(job, pods_, nodes={"n1": node("Unknown", at=NOW)})
+    assert out.state is State.RUNNING
+    said = "Ready=Unknown, NodeStatusUnknown: Kubelet stopped posting node status."
+    assert out.node_not_ready == LostNode(
+        "n1", f"node n1 of pod demo-1-abcde is not ready ({said})", NOW
+    )
+    result = plan(ftj({"attempts": 1}), Observed(now=LATER, job=job, outcome=out))
+    running = cond(result.status, "Running")
+    assert running is not None and running["status"] == "False"
+    assert running["reason"] == "NodeNotReady" and result.actions == []
+    assert running["message"].startswith(
+        f"node n1 of pod demo-1-abcde is not ready ({said}) since {NOW}: the control plane no"
+    )
+    assert "kubectl taint nodes n1 node.kubernetes.io/out-of-service" in running["message"]
+    assert result.status["attempts"] == 1 and not result.status.get("disruptions")
+    # The node answers again: its pods are ready, and the gang runs.
+    back = observe_job(job, [on_node(0, "n0"), on_node(1)], nodes={})
+    again = plan(ftj(result.status), Observed(now=LATER, job=job, outcome=back))
+    assert cond(again.status, "Running")["reason"] == "PodsRunning"  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
