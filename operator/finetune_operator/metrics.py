@@ -41,6 +41,9 @@ FAILURE_REASONS = (
     Reason.BACKOFF_LIMIT_EXCEEDED,
     Reason.DEADLINE_EXCEEDED,
 )
+# finetune_operator_job_restarts_total's `cause`: a retryable failure spends runPolicy.backoffLimit,
+# a disruption does not (status.disruptions).
+RESTART_CAUSES = ("failure", "disruption")
 # How long a finished FineTuneJob keeps its per-job series: long enough for a few scrapes and
 # rule evaluations to see how it ended (FineTuneJobFailed fires for this long), short enough
 # that a cluster with many finished jobs does not accumulate series.
@@ -165,9 +168,13 @@ class OperatorMetrics:
         )
         self.restarts = Counter(
             "finetune_operator_job_restarts_total",
-            "Gang restarts after a retryable failure or a disruption.",
+            "Gang restarts, by cause: a retryable failure (counted against backoffLimit) or a "
+            "disruption (an eviction, a deleted pod, a lost node: not counted).",
+            ["cause"],
             registry=registry,
         )
+        for cause in RESTART_CAUSES:
+            self.restarts.labels(cause=cause)
         # Per reason (a closed set: the Reason constants), for rates across all jobs; the
         # per-job series below name the jobs.
         self.jobs_failed = Counter(
@@ -226,6 +233,12 @@ class OperatorMetrics:
             phases = Tally(s.phase for s in self._states.values())
         for p in Phase:
             self.jobs.labels(phase=str(p)).set(phases[p])
+
+    def observe_restart(self, previous: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """One gang restart, which this status write records: a disruption when it counted one
+        (status.disruptions went up), else a failure."""
+        more = int(status.get("disruptions") or 0) > int(previous.get("disruptions") or 0)
+        self.restarts.labels(cause="disruption" if more else "failure").inc()
 
     def observe_timings(self, previous: Mapping[str, Any], status: Mapping[str, Any]) -> None:
         """Observe status.startup when its firstStep first appears, and status.finish when its

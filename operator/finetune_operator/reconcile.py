@@ -390,7 +390,7 @@ class Reconciler:
                 elapsed = datetime.now(UTC) - datetime.fromisoformat(created.replace("Z", "+00:00"))
                 self.metrics.time_to_running.observe(max(elapsed.total_seconds(), 0.0))
         if result.restarted:
-            self.metrics.restarts.inc()
+            self.metrics.observe_restart(previous, status)
         if result.restart_seconds is not None:
             self.metrics.restart_seconds.observe(result.restart_seconds)
         for type_, reason, message in result.transitions:

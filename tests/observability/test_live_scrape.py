@@ -159,7 +159,7 @@ class OperatorDriver(threading.Thread):
             if not restarted and step >= 0.3 * total:
                 restarted = True  # the other job's gang fails once and is re-created ...
                 m.job_attempts.inc()
-                m.restarts.inc()
+                m.restarts.labels(cause="failure").inc()
                 m.observe_job(other, job_status("Pending", "Restarting", 2))
             if restarted and not failed and step >= 0.6 * total:
                 failed = True  # ... then runs out of restarts

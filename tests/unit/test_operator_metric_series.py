@@ -188,3 +188,25 @@ def test_a_pass_that_writes_status_feeds_the_per_job_series() -> None:
     assert (found, value) == (labels(*KEY, "Pending", "Unschedulable"), 1.0)
     reconciler.forget(*KEY)
     assert "finetune_operator_job_status" not in scrape(metrics)
+
+
+def test_a_restart_is_counted_by_its_cause() -> None:
+    """A restart the pass counted as a disruption (status.disruptions went up) is one; any other
+    is a failure, which spends backoffLimit. Both series exist from the start."""
+    metrics = new_metrics(Clock())
+    reconciler = Reconciler(RecordingKube(), Settings(), metrics)  # type: ignore[arg-type]
+
+    def restarts() -> dict[str, float]:
+        found = scrape(metrics)["finetune_operator_job_restarts_total"]
+        return {sample["cause"]: value for sample, value in found}
+
+    assert restarts() == {"failure": 0.0, "disruption": 0.0}
+    body = {"metadata": {"namespace": KEY[0], "name": KEY[1]}, "status": {}}
+    for previous, status in (
+        ({"attempts": 1}, {**stuck(attempts=2), "disruptions": 1}),  # a lost node
+        ({"attempts": 2, "disruptions": 1}, {**stuck(attempts=3), "disruptions": 1}),  # a crash
+        ({"attempts": 3, "disruptions": 1}, {**stuck(attempts=3), "disruptions": 2}),  # evicted
+    ):
+        plan = Plan(status=status, actions=[], transitions=[], restarted=True)
+        asyncio.run(reconciler._write({**body, "status": previous}, previous, plan))
+    assert restarts() == {"failure": 1.0, "disruption": 2.0}
