@@ -181,10 +181,10 @@ def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
     assert running["status"] == "False"
 
 
-def start_on(
-    kube: Kube, ns: str, name: str, node: str, wait_until: Callable[..., Any]
-) -> list[Obj]:
-    """Attempt 1's two pods running, rank 1's on `node`."""
+def gang_on(kube: Kube, ns: str, name: str, node: str, wait_until: Callable[..., Any]) -> list[Obj]:
+    """A FineTuneJob with backoffLimit 0 (a failure that counts ends it), its attempt 1's two
+    pods running, rank 1's on `node`."""
+    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
     pods = wait_until(
         lambda: len(p := attempt_pods(kube, ns, name, 1)) == 2 and p,
         timeout=60,
@@ -194,6 +194,11 @@ def start_on(
     for i, pod in enumerate(pods):
         patch_pod_status(kube, ns, pod["metadata"]["name"], running_status(pod, f"10.0.0.{i + 2}"))
     return pods
+
+
+def rank_0_gives_up(kube: Kube, ns: str, rank0: Obj) -> None:
+    """Rank 0 ends with CollectiveTimeout: it waited for rank 1 longer than the hang timeout."""
+    patch_pod_status(kube, ns, rank0["metadata"]["name"], terminated_status(rank0, 1, HUNG))
 
 
 def running_reason(kube: Kube, ns: str, name: str, reason: str) -> Callable[[], Obj | None]:
@@ -208,12 +213,11 @@ def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
     kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "lost-node"
-    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
-    pods = start_on(kube, ns, name, node.name, wait_until)
+    pods = gang_on(kube, ns, name, node.name, wait_until)
     rank1 = pods[1]["metadata"]["name"]
     # Rank 1's node goes silent; rank 0 gives up waiting for it before the node is marked.
     node.stop()
-    patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
+    rank_0_gives_up(kube, ns, pods[0])
     waiting = wait_until(
         running_reason(kube, ns, name, Reason.RESTARTING),
         timeout=30,
@@ -243,9 +247,8 @@ def test_a_silent_pod_on_a_ready_node_is_counted_after_the_wait(
     kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "hung"
-    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
-    pods = start_on(kube, ns, name, node.name, wait_until)
-    patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
+    pods = gang_on(kube, ns, name, node.name, wait_until)
+    rank_0_gives_up(kube, ns, pods[0])
     wait_until(
         running_reason(kube, ns, name, Reason.RESTARTING),
         timeout=30,
@@ -265,8 +268,7 @@ def test_a_running_gangs_node_marked_not_ready_shows_and_its_restart_needs_no_wa
     kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "not-ready"
-    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
-    pods = start_on(kube, ns, name, node.name, wait_until)
+    pods = gang_on(kube, ns, name, node.name, wait_until)
     rank1 = pods[1]["metadata"]["name"]
     # The node stops answering while the gang trains; the node lifecycle controller marks it,
     # and its pods not ready.
@@ -283,7 +285,7 @@ def test_a_running_gangs_node_marked_not_ready_shows_and_its_restart_needs_no_wa
     events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
     assert [e["type"] for e in events if e["reason"] == Reason.NODE_NOT_READY] == ["Warning"]
     # Rank 0 gives up on rank 1: the node is known lost, so the restart is a disruption at once.
-    patch_pod_status(kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, HUNG))
+    rank_0_gives_up(kube, ns, pods[0])
     status = wait_until(
         lambda: (s := ftj_status(kube, ns, name)).get("disruptions") and s,
         timeout=30,
