@@ -267,9 +267,17 @@ def _printer_columns() -> list[Schema]:
             "jsonPath": f'.status.conditions[?(@.type=="{ConditionType.RUNNING}")].reason',
             "priority": 1,
             "description": "The Running condition's reason: why the job trains or does not "
-            "(PodsPending, Unschedulable, Restarting, PodStuckTerminating, ...), or how it ended.",
+            "(PodsPending, Unschedulable, Restarting, NodeNotReady, ...), or how it ended.",
         },
         {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
+        {
+            "name": "Disruptions",
+            "type": "integer",
+            "jsonPath": ".status.disruptions",
+            "priority": 1,
+            "description": "Restarts a disruption caused (an eviction, a deleted pod, a lost "
+            "node), which do not count against runPolicy.backoffLimit.",
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

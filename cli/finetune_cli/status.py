@@ -74,6 +74,7 @@ def summary(obj: Obj) -> Obj:
         "progress": status.get("progress") or {},
         "evaluation": status.get("evaluation") or {},
         "attempts": int(status.get("attempts") or 0),
+        "disruptions": int(status.get("disruptions") or 0),
         "result": result if result.get("revision") else None,
         "startTime": status.get("startTime"),
         "completionTime": status.get("completionTime"),
@@ -128,7 +129,10 @@ def text(obj: Obj) -> str:
     for i, (metric, scores) in enumerate(sorted(s["evaluation"].items())):
         before, after = _score(scores.get("before")), _score(scores.get("after"))
         rows.append(("Evaluation" if i == 0 else "", f"{metric} {before} → {after}"))
-    rows.append(("Attempts", str(s["attempts"])))
+    attempts = str(s["attempts"])
+    if s["disruptions"]:
+        attempts += f" ({s['disruptions']} restart(s) after a disruption, not counted as failures)"
+    rows.append(("Attempts", attempts))
     result = s["result"]
     if result:
         pushed = f"{result.get('repo')}@{result['revision']} ({result.get('artifact', 'adapter')})"

@@ -308,8 +308,10 @@ def _disruption(pods: list[Obj], nodes: Nodes) -> tuple[str, str]:
     if not disrupted:
         return "", ""
     first, what = min(disrupted)
-    # "" (no time) sorts first: a failure of unknown time counts as the earlier one.
-    return ("", "") if any(t <= first for t in other) else (what, first)
+    # "" (no time) sorts first: a failure of unknown time counts as the earlier one, and any
+    # failure counts as earlier than a disruption of unknown time (a deleted node's).
+    earlier = any(t <= first for t in other) or (not first and bool(other))
+    return ("", "") if earlier else (what, first)
 
 
 def _unheard(pods: list[Obj]) -> list[Obj]:

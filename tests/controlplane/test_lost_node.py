@@ -95,6 +95,15 @@ def node(kube: Kube, watched: str) -> Iterator[NodeHeartbeat]:
         heartbeat.delete()
 
 
+def wide_row(kubectl: Any, ns: str, name: str) -> dict[str, str]:
+    """`kubectl get ftj NAME -o wide` as {HEADER: cell}, cut at the headers' offsets: empty
+    columns (PROGRESS, LOSS, ...) print as blanks."""
+    header, row = kubectl("-n", ns, "get", "ftj", name, "-o", "wide").stdout.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    ends = [*starts[1:], None]
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
+
+
 def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
     sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
     return sorted(
@@ -149,15 +158,12 @@ def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
     status = ftj_status(kube, ns, name)
     assert (status["phase"], status["attempts"]) == ("Pending", 2)
     # `kubectl get ftj -o wide` says why, without a describe.
-    header, row = kubectl("-n", ns, "get", "ftj", name, "-o", "wide").stdout.splitlines()
-    # Cut at the headers' offsets: empty columns (PROGRESS, LOSS, ...) print as blanks.
-    starts = [m.start() for m in re.finditer(r"\S+", header)]
-    ends = [*starts[1:], None]
-    cells = {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
-    assert (cells["PHASE"], cells["REASON"], cells["ATTEMPTS"]) == (
+    cells = wide_row(kubectl, ns, name)
+    assert (cells["PHASE"], cells["REASON"], cells["ATTEMPTS"], cells["DISRUPTIONS"]) == (
         "Pending",
         Reason.POD_STUCK_TERMINATING,
         "2",
+        "0",
     )
     events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
     warned = [e for e in events if e["reason"] == Reason.POD_STUCK_TERMINATING]
@@ -210,7 +216,7 @@ def running_reason(kube: Kube, ns: str, name: str, reason: str) -> Callable[[], 
 
 
 def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
-    kube: Kube, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
+    kube: Kube, kubectl: Any, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
 ) -> None:
     ns, name = watched, "lost-node"
     pods = gang_on(kube, ns, name, node.name, wait_until)
@@ -239,6 +245,8 @@ def test_a_node_lost_under_the_gang_is_a_disruption_even_with_backoff_limit_0(
         f"attempt 1 was disrupted (node {node.name} of pod {rank1} is not ready ({UNREACHABLE}))"
     ), message
     assert "does not count against runPolicy.backoffLimit; starting attempt 2" in message
+    cells = wide_row(kubectl, ns, name)
+    assert (cells["ATTEMPTS"], cells["DISRUPTIONS"]) == ("2", "1")
     # The lost pod goes (the node deleted or marked out of service): attempt 2 starts.
     release_lost_pod(kube, ns, name, rank1, wait_until)
 

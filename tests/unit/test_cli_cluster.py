@@ -37,6 +37,7 @@ RUNNING = ftj(
     {
         "phase": "Running",
         "attempts": 2,
+        "disruptions": 1,
         "conditions": [
             cond("Created", "True", "WorkloadCreated"),
             cond("Running", "True", "PodsRunning", "2 of 2 pods running"),
@@ -96,7 +97,7 @@ def test_running_status_shows_progress_and_why() -> None:
     assert "Reason:     PodsRunning (Running=True)" in out
     assert "Message:    2 of 2 pods running" in out
     assert "Progress:   step 25/100 (25%), loss 1.5000, 12,346 tokens/s, eta 2m30s" in out
-    assert "Attempts:   2" in out
+    assert "Attempts:   2 (1 restart(s) after a disruption, not counted as failures)" in out
     assert "Pushed" not in out
 
 

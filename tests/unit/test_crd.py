@@ -104,10 +104,12 @@ def test_printer_columns_and_names():
     version = crd.build_crd()["spec"]["versions"][0]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == [
-        "Phase", "Nodes", "Progress", "Loss", "Eval", "Revision", "Reason", "Attempts", "Age"
+        "Phase", "Nodes", "Progress", "Loss", "Eval", "Revision", "Reason", "Attempts",
+        "Disruptions", "Age"
     ]  # fmt: skip
-    # The two before Age show with -o wide only.
-    assert [c.get("priority", 0) for c in version["additionalPrinterColumns"]][-3:] == [1, 1, 0]
+    # The three before Age show with -o wide only.
+    priorities = [c.get("priority", 0) for c in version["additionalPrinterColumns"]]
+    assert priorities[-4:] == [1, 1, 1, 0]
     names = crd.build_crd()["spec"]["names"]
     assert names["shortNames"] == ["ftj"] and names["categories"] == ["ml"]
     assert version["subresources"] == {"status": {}}

@@ -1230,6 +1230,13 @@ def test_a_crash_before_the_node_was_lost_is_still_a_failure() -> None:
     pods_ = [ended(0, 1, CRASHED, at=NOW), on_node(1)]
     out = observe_job(failed_at(NOW), pods_, nodes={"n1": node("Unknown", at=LATER)})
     assert out.disruption == "" and out.reason == "TrainingFailed"
+    # A node deleted at a time not known: the crash may have come first, and counts.
+    out = observe_job(failed_at(NOW), pods_, nodes={"n1": None})
+    assert out.disruption == "" and out.reason == "TrainingFailed"
+    # A crash after the node was marked is the node's doing.
+    late = [ended(0, 1, CRASHED, at=LATER), on_node(1)]
+    out = observe_job(failed_at(LATER), late, nodes={"n1": node("Unknown", at=NOW)})
+    assert out.disruption.startswith("node n1 of pod demo-1-abcde is not ready")
 
 
 def test_a_silent_pod_is_waited_for_then_counted_if_its_node_stays_ready() -> None:
