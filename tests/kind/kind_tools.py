@@ -19,6 +19,8 @@ CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
 # Debian's CLI matches the daemon (20.10); kind's docker on PATH is newer.
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+# The label (and taint) of kind's control-plane node.
+CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
 
 
 def epoch(rfc3339: str) -> float:
@@ -62,3 +64,10 @@ def poll(what: str, probe: Callable[[], T | None], timeout: float = 600, every: 
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(every)
     return got
+
+
+def worker_node(kube: Callable[..., str]) -> str:
+    """The name of the cluster's one node that is not the control plane (kind's worker)."""
+    names = kube("get", "nodes", "-l", f"!{CONTROL_PLANE}", "-o", "name").split()
+    assert len(names) == 1, f"expected one worker node, found {names}"
+    return names[0].split("/", 1)[1]

@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 
 import pytest
 import test_e2e
-from kind_tools import epoch, is_ready
+from kind_tools import epoch, is_ready, worker_node
 from test_e2e import example_job, setup_hub, training_key
 
 import conftest
@@ -75,7 +75,6 @@ Obj = dict[str, Any]
 JOB_LABEL = "finetune.dev/job-name"
 ATTEMPT_LABEL = "finetune.dev/attempt"
 INDEX = "batch.kubernetes.io/job-completion-index"
-CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
 # A FineTuneJob's phases (and condition types) once it has finished.
 FINISHED = ("Succeeded", "Failed")
 CKPT_EVERY = 5
@@ -983,9 +982,7 @@ def suite(
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     view = View(kube, ns, logs)
-    workers = kube("get", "nodes", "-l", f"!{CONTROL_PLANE}", "-o", "name").split()
-    assert workers, "no worker node"
-    worker = workers[0].split("/", 1)[1]
+    worker = worker_node(kube)
     s: Suite | None = None
     try:
         hub = setup_hub(kube, ns, token, timing, images)

@@ -31,7 +31,7 @@ from typing import Any
 
 import kind_tools
 import pytest
-from kind_tools import poll
+from kind_tools import CONTROL_PLANE, poll, worker_node
 from test_e2e import example_job, setup_hub
 
 from finetune_api.constants import Reason
@@ -40,7 +40,6 @@ pytestmark = [pytest.mark.kind, pytest.mark.extended]
 
 Obj = dict[str, Any]
 NAME = "node-loss"
-CONTROL_PLANE = "node-role.kubernetes.io/control-plane"
 JOB_LABEL = "finetune.dev/job-name"
 INDEX = "batch.kubernetes.io/job-completion-index"
 CKPT_EVERY = 5
@@ -62,12 +61,6 @@ def operator_on_control_plane(restore_release: None, upgrade_release: Callable[.
 
 def docker(*args: str) -> None:
     kind_tools.run([kind_tools.DOCKER, *args], timeout=60)
-
-
-def worker_node(kube: Any) -> str:
-    names = kube("get", "nodes", "-l", f"!{CONTROL_PLANE}", "-o", "name").split()
-    assert len(names) == 1, names
-    return str(names[0].split("/", 1)[1])
 
 
 def test_a_node_lost_under_the_gang_is_a_disruption_and_the_job_finishes(
