@@ -273,7 +273,7 @@ def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
     return None
 
 
-def _disruption(pods: list[Obj], nodes: Nodes) -> tuple[str, str]:
+def _disruption(pods: list[Obj], lost: list[LostNode]) -> tuple[str, str]:
     """What disrupted the attempt and when, or ("", "") when it failed for its own reasons.
 
     A pod with DisruptionTarget=True, a trainer that reported Interrupted (it got SIGTERM, and
@@ -286,8 +286,8 @@ def _disruption(pods: list[Obj], nodes: Nodes) -> tuple[str, str]:
     Ranks that timed out waiting for a lost pod (CollectiveTimeout) only saw it go: they do not
     count as failures of their own, whenever they gave up.
     """
-    disrupted = [(lost.since, lost.what) for lost in _lost(pods, nodes)]
-    peer_lost = bool(disrupted)
+    disrupted = [(node.since, node.what) for node in lost]
+    peer_lost = bool(lost)
     other: list[str] = []
     for pod in sorted(pods, key=_index):
         term = _terminated(pod) or {}
@@ -512,6 +512,7 @@ def _failure(cond: Obj, pods: list[Obj], nodes: Nodes, base: Outcome) -> Outcome
     job_reason, job_message = cond.get("reason", ""), cond.get("message", "")
     base = replace(base, failed_at=cond.get("lastTransitionTime") or "")
     final = replace(base, state=State.FAILED, permanent=True, result=result)
+    lost = _lost(pods, nodes)
     if job_reason == JOB_DEADLINE_EXCEEDED:
         # Each attempt's Job gets what is left of the whole job's budget: no attempt can follow.
         message = "runPolicy.activeDeadlineSeconds (for the whole job) ran out during attempt "
@@ -526,7 +527,7 @@ def _failure(cond: Obj, pods: list[Obj], nodes: Nodes, base: Outcome) -> Outcome
     # other ranks' results, which only saw their peer vanish.
     if (oom := _oom_kill(pods)) is not None:
         permanent, message = oom
-        disruption, at = ("", "") if permanent else _disruption(pods, nodes)
+        disruption, at = ("", "") if permanent else _disruption(pods, lost)
         return replace(
             final,
             permanent=permanent,
@@ -544,10 +545,12 @@ def _failure(cond: Obj, pods: list[Obj], nodes: Nodes, base: Outcome) -> Outcome
     message = (result.message if result else "") or _crash_message(pods) or job_message
     prefix = job_reason not in ("", JOB_BACKOFF_LIMIT_EXCEEDED)
     detail = f"{job_reason}: {message}" if prefix else message
-    disruption, at = _disruption(pods, nodes)
+    disruption, at = _disruption(pods, lost)
     reason = result.reason if result and result.reason else Reason.TRAINING_FAILED
+    known_lost = {node.node for node in lost}
+    silent = [p for p in _unheard(pods) if p["spec"]["nodeName"] not in known_lost]
     unheard = ""
-    if reason == Reason.COLLECTIVE_TIMEOUT and not disruption and (silent := _unheard(pods)):
+    if reason == Reason.COLLECTIVE_TIMEOUT and not disruption and silent:
         unheard = f"pod {_name(silent[0])} on node {silent[0]['spec']['nodeName']}"
     return replace(
         base,

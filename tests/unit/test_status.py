@@ -1233,6 +1233,11 @@ def test_a_crash_before_the_node_was_lost_is_still_a_failure() -> None:
     # A node deleted at a time not known: the crash may have come first, and counts.
     out = observe_job(failed_at(NOW), pods_, nodes={"n1": None})
     assert out.disruption == "" and out.reason == "TrainingFailed"
+    # Rank 0 timed out on rank 1 after rank 2 crashed: counted, and with rank 1's node known
+    # lost there is nothing to wait for.
+    hung_after_crash = [ended(0, 1, HUNG, at=LATER), on_node(1), ended(2, 1, CRASHED, at=NOW)]
+    out = observe_job(failed_at(LATER), hung_after_crash, nodes={"n1": node("Unknown", LATER)})
+    assert (out.reason, out.disruption, out.unheard) == ("CollectiveTimeout", "", "")
     # A crash after the node was marked is the node's doing.
     late = [ended(0, 1, CRASHED, at=LATER), on_node(1)]
     out = observe_job(failed_at(LATER), late, nodes={"n1": node("Unknown", at=NOW)})
