@@ -89,6 +89,11 @@ class Leaving:
     since: str | None
     # Whether one of them is still running (saving its checkpoint, or about to exit).
     terminating: bool = False
+    # Set when the node of one of them is lost (`_lost`; Kubernetes evicts the pods of a node
+    # that stays unreachable, by default 300 s after it is marked): `LostNode.what`. Its rank
+    # went with the node before the gang could save, and the Job does not replace a pod until
+    # its kubelet confirms the stop, so nothing rejoins in place; the gang restarts instead.
+    lost: str = ""
 
 
 @dataclass(frozen=True)
@@ -402,10 +407,10 @@ def _replaced_by_the_job(pod: Obj) -> bool:
     return target.get("status") == "True" or code in REPLACED_EXIT_CODES
 
 
-def _leaving(pods: list[Obj]) -> Leaving | None:
+def _leaving(pods: list[Obj], lost: list[LostNode]) -> Leaving | None:
     """The pods of a running attempt that were stopped and are being replaced (terminating, or
-    ended by a disruption or with an exit code the Job ignores): the first one by index, and
-    when the last of them stopped."""
+    ended by a disruption or with an exit code the Job ignores): the first one by index, when
+    the last of them stopped, and whether one of them was on a lost node."""
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     if any(not _replaced_by_the_job(pod) for pod in failed):
         # A pod failed in a way the Job counts, and the attempt's Job allows none (backoffLimit
@@ -414,12 +419,15 @@ def _leaving(pods: list[Obj]) -> Leaving | None:
         # pod being replaced, and a pass that took it for one counted a second disruption.
         return None
     found: list[Leaving] = []
+    lost_nodes = {node.node: node.what for node in lost}
+    gone = ""
     for pod in sorted(pods, key=_index):
         meta, term = pod.get("metadata") or {}, _terminated(pod) or {}
         target = _condition(pod, DISRUPTION_TARGET) or {}
         terminating = bool(meta.get("deletionTimestamp")) and not term
         if not (terminating or _replaced_by_the_job(pod)):
             continue
+        gone = gone or lost_nodes.get((pod.get("spec") or {}).get("nodeName") or "", "")
         if target.get("status") == "True":
             cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
             what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
@@ -430,7 +438,7 @@ def _leaving(pods: list[Obj]) -> Leaving | None:
         return None
     times = [f.since for f in found if f.since]
     busy = any(f.terminating for f in found)
-    return Leaving(found[0].what, max(times) if times else None, busy)
+    return Leaving(found[0].what, max(times) if times else None, busy, gone)
 
 
 def _stopped_at(pod: Obj) -> str:
@@ -623,6 +631,6 @@ def observe_job(
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),
-        leaving=_leaving(pods),
+        leaving=_leaving(pods, lost),
         node_not_ready=min(lost, key=lambda n: n.since) if running and lost else None,
     )

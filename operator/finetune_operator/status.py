@@ -771,8 +771,10 @@ def _while_active(
         status["startTime"] = status.get("startTime") or now
     # The Job controller waits 10 s before it replaces a failed pod, twice that for the next
     # one of the same Job, and so on: a second stop in one attempt restarts the whole gang as a
-    # new attempt, whose Job has replaced nothing yet.
-    anew = attempts + 1 if _replaced_before(prev, observed.job) else None
+    # new attempt, whose Job has replaced nothing yet. So does a stop on a lost node, which the
+    # Job would not replace, nor could the gang save with it (`Leaving.lost`).
+    lost = out.leaving is not None and bool(out.leaving.lost)
+    anew = attempts + 1 if lost or _replaced_before(prev, observed.job) else None
     began = _restart_in_place(status, prev, conds, out, now, anew)
     if began is not None and anew is not None:
         status["attempts"] = anew
@@ -799,8 +801,10 @@ def _node_not_ready(lost: LostNode) -> str:
     return (
         f"{lost.what}{since}: the control plane no longer hears from its kubelet, and its rank "
         "may be lost with it. If so, the other ranks end the attempt after "
-        "runPolicy.hangTimeoutSeconds and the gang restarts without the node (a disruption, not "
-        "counted against runPolicy.backoffLimit); a one-node gang waits until the node answers "
+        "runPolicy.hangTimeoutSeconds while they train or evaluate, or Kubernetes evicts the pod "
+        "once its toleration of node.kubernetes.io/unreachable runs out (300 s unless the pod "
+        "template sets one), and the gang restarts without the node (a disruption, not counted "
+        "against runPolicy.backoffLimit); a one-node gang waits until the node answers "
         f"again, or is deleted (kubectl delete node {lost.node}) or marked out of service "
         f"(kubectl taint nodes {lost.node} node.kubernetes.io/out-of-service=nodeshutdown:"
         "NoExecute) and Kubernetes replaces its pod"
@@ -840,16 +844,24 @@ def _restart_in_place(
     if leaving is not None and new and not under_way:
         ckpt["lastRestartTime"] = since
         status["disruptions"] = int(prev.get("disruptions") or 0) + 1
-        how = (
-            "the Job replaces that pod, and the rest of the gang rejoins it in place"
-            if anew is None
-            else "a pod of this attempt was replaced before, and the Job controller waits twice "
-            f"as long for each further one, so the gang restarts as attempt {anew}"
-        )
-        began = (
-            f"{leaving.what}: {how}, from the checkpoint the gang saved as it stopped (a "
-            "disruption does not count against runPolicy.backoffLimit)"
-        )
+        saved = "from the checkpoint the gang saved as it stopped"
+        if anew is None:
+            how = (
+                f"the Job replaces that pod, and the rest of the gang rejoins it in place, {saved}"
+            )
+        elif leaving.lost:
+            how = (
+                f"{leaving.lost}, so its rank stopped before the gang could save, and the Job "
+                "replaces the pod only once its kubelet confirms the stop: the gang restarts as "
+                f"attempt {anew}, from its last checkpoint"
+            )
+        else:
+            how = (
+                "a pod of this attempt was replaced before, and the Job controller waits twice "
+                f"as long for each further one, so the gang restarts as attempt {anew}, {saved}"
+            )
+        free = "a disruption does not count against runPolicy.backoffLimit"
+        began = f"{leaving.what}: {how} ({free})"
         conds.set(CT.RUNNING, False, Reason.RESTARTING, began)
     elif under_way and (out.unstarted or (leaving is not None and leaving.terminating)):
         conds.set(CT.RUNNING, False, Reason.RESTARTING, old.get("message") or "")

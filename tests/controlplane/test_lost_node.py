@@ -10,7 +10,9 @@ silent pod whose node stays ready is counted as the failure it is. While the gan
 a pod on a node marked not ready shows as Running=False, reason NodeNotReady. The nodes here are
 Node objects whose heartbeat (their Lease) the test renews as a kubelet does, and stops to lose
 the node: the real node lifecycle controller then marks the node Unknown and its pods not ready
-(after 6 s here, hack/controlplane.sh; 50 s by default).
+(after 6 s here, hack/controlplane.sh; 50 s by default). Where the other ranks never give up
+(a phase the trainer does not time), the real taint eviction controller evicts the lost node's
+pod once its toleration runs out, and the operator restarts the gang as a new attempt.
 
 A failed attempt's Job is deleted in the foreground: it stays until its pods are gone, and the
 next attempt waits for it, so that two gangs never train at once. A pod on a lost node (dead,
@@ -187,10 +189,12 @@ def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
     assert running["status"] == "False"
 
 
-def gang_on(kube: Kube, ns: str, name: str, node: str, wait_until: Callable[..., Any]) -> list[Obj]:
+def gang_on(
+    kube: Kube, ns: str, name: str, node: str, wait_until: Callable[..., Any], **spec: Any
+) -> list[Obj]:
     """A FineTuneJob with backoffLimit 0 (a failure that counts ends it), its attempt 1's two
     pods running, rank 1's on `node`."""
-    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}))
+    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}, **spec))
     pods = wait_until(
         lambda: len(p := attempt_pods(kube, ns, name, 1)) == 2 and p,
         timeout=60,
@@ -300,3 +304,61 @@ def test_a_running_gangs_node_marked_not_ready_shows_and_its_restart_needs_no_wa
         message="the restart counted as a disruption",
     )
     assert (status["phase"], status["attempts"], status["disruptions"]) == ("Pending", 2, 1)
+
+
+@pytest.fixture
+def ready_peer(kube: Kube, watched: str) -> Iterator[NodeHeartbeat]:
+    """A second Node that stays Ready. The node lifecycle controller evicts nothing while every
+    node of a zone is not ready (it takes that for the control plane's own network failing),
+    as the lost node alone would be here."""
+    heartbeat = NodeHeartbeat(kube, f"{watched}-peer").start()
+    try:
+        yield heartbeat
+    finally:
+        heartbeat.delete()
+
+
+@pytest.mark.usefixtures("ready_peer")
+def test_a_pod_evicted_from_a_lost_node_restarts_the_gang_as_a_new_attempt(
+    kube: Kube, kubectl: Any, watched: str, node: NodeHeartbeat, wait_until: Callable[..., Any]
+) -> None:
+    """Rank 0 never gives up here, as in a phase the trainer does not time (a load, a save, a
+    push), where it would wait for torch's collective timeout (30 minutes). Kubernetes evicts
+    rank 1's pod once the node has been unreachable for the pod's toleration of that (300 s by
+    default, which DefaultTolerationSeconds sets; 1 s here, in the spec's pod template): the
+    real taint eviction controller marks it DisruptionTarget and deletes it. No kubelet
+    confirms the stop, so the Job never replaces it and the gang cannot rejoin it in place:
+    the operator restarts the gang as attempt 2, a disruption."""
+    ns, name = watched, "evicted"
+    unreachable = {
+        "key": "node.kubernetes.io/unreachable",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 1,
+    }
+    template = {"tolerations": [unreachable], "terminationGracePeriodSeconds": 1}
+    pods = gang_on(kube, ns, name, node.name, wait_until, template=template)
+    rank1 = pods[1]["metadata"]["name"]
+    node.stop()
+    status = wait_until(
+        lambda: (s := ftj_status(kube, ns, name)).get("attempts") == 2 and s,
+        timeout=30,
+        message="the gang restarted as attempt 2",
+    )
+    assert status["disruptions"] == 1 and status["phase"] != "Failed"
+    message = condition(status, "Running")["message"]
+    assert message.startswith(f"pod {rank1} was disrupted (DeletionByTaintManager"), message
+    assert f"node {node.name} of pod {rank1} is not ready ({UNREACHABLE})" in message
+    assert "the gang restarts as attempt 2, from its last checkpoint" in message
+    evicted = kube.get("Pod", rank1, ns)
+    assert evicted is not None and evicted["metadata"].get("deletionTimestamp")
+    # Attempt 1's Job waits for the pod no kubelet will confirm stopped, and says so; once the
+    # pod is gone (the node deleted, or marked out of service), attempt 2 starts.
+    wait_until(
+        running_reason(kube, ns, name, Reason.POD_STUCK_TERMINATING),
+        timeout=30,
+        message="the restart reported held by rank 1's pod",
+    )
+    cells = wide_row(kubectl, ns, name)
+    assert (cells["ATTEMPTS"], cells["DISRUPTIONS"]) == ("2", "1")
+    release_lost_pod(kube, ns, name, rank1, wait_until)

@@ -1244,6 +1244,49 @@ def test_a_crash_before_the_node_was_lost_is_still_a_failure() -> None:
     assert out.disruption.startswith("node n1 of pod demo-1-abcde is not ready")
 
 
+def evicted_by_the_taint_manager(index: int, node_: str = "n1") -> dict:
+    """A pod on a node marked unreachable, once its toleration of that ran out: the taint
+    eviction controller marked it DisruptionTarget and deleted it, and no kubelet confirms the
+    stop, so it stays Running (as far as the API knows) with a deletionTimestamp."""
+    p = marked(index, node_)
+    p["metadata"]["deletionTimestamp"] = at_offset(390)
+    p["metadata"]["deletionGracePeriodSeconds"] = 30
+    target = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+    target["message"] = "Taint manager: deleting due to NoExecute taint"
+    p["status"]["conditions"].append({**target, "lastTransitionTime": at_offset(360)})
+    return p
+
+
+def test_a_pod_evicted_from_a_lost_node_restarts_the_gang_as_a_new_attempt() -> None:
+    """Its rank went with the node before the gang could save, and the Job replaces a pod only
+    once it is terminal: an in-place restart would wait for a replacement that never comes,
+    while the other ranks wait in whatever they were doing (a load, a save, a push: not timed)
+    until torch's collective timeout."""
+    job = started_job()
+    pods_ = [on_node(0, "n0"), evicted_by_the_taint_manager(1)]
+    lost = observe_job(job, pods_, nodes={"n1": node("Unknown")})
+    assert lost.leaving is not None and lost.leaving.terminating
+    assert lost.leaving.lost.startswith("node n1 of pod demo-1-abcde is not ready (Ready=Unknown")
+    result = plan(ftj(RUNNING_GANG), Observed(now=at_offset(361), job=job, outcome=lost))
+    assert [(a.kind, a.attempt) for a in result.actions] == [("delete", 1)] and result.restarted
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+    running = cond(result.status, "Running")
+    assert running is not None and running["reason"] == "Restarting"
+    assert running["message"].startswith(
+        "pod demo-1-abcde was disrupted (DeletionByTaintManager: Taint manager: deleting due to "
+        "NoExecute taint): node n1 of pod demo-1-abcde is not ready (Ready=Unknown"
+    ), running["message"]
+    assert "the gang restarts as attempt 2, from its last checkpoint" in running["message"]
+    # The same eviction with the node not read (or read Ready, as in a drain): the gang saved,
+    # and the Job replaces the pod in place.
+    for nodes in ({}, {"n1": node("True")}):
+        drained = observe_job(job, pods_, nodes=nodes)
+        assert drained.leaving is not None and drained.leaving.lost == ""
+        in_place = plan(ftj(RUNNING_GANG), Observed(now=at_offset(361), job=job, outcome=drained))
+        assert in_place.actions == [] and in_place.status["attempts"] == 1
+        assert "rejoins it in place" in cond(in_place.status, "Running")["message"]  # type: ignore[index]
+
+
 def test_a_silent_pod_is_waited_for_then_counted_if_its_node_stays_ready() -> None:
     job, pods_ = failed_at(NOW), [ended(0, 1, HUNG), on_node(1)]
     policy = ftj({"attempts": 1}, backoffLimit=0)
