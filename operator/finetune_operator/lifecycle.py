@@ -36,6 +36,9 @@ JOB_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 # delete a pod. The Job's podFailurePolicy ignores such a pod (and replaces it), so the attempt
 # ends only when the rest of the gang stops; the gang restart is then the disruption's doing.
 DISRUPTION_TARGET = "DisruptionTarget"
+# The pod garbage collector's DisruptionTarget reason: it marks Failed and removes at once the
+# pods of a node that was deleted or marked out of service, their ranks gone with the node.
+DELETION_BY_POD_GC = "DeletionByPodGC"
 # Container waiting reasons of a pod that will not start until someone fixes something (the
 # image, a Secret or ConfigMap it references, the container config). ErrImagePull and
 # ImagePullBackOff alternate while the kubelet retries: both read as ImagePullBackOff, so the
@@ -90,9 +93,10 @@ class Leaving:
     # Whether one of them is still running (saving its checkpoint, or about to exit).
     terminating: bool = False
     # Set when the node of one of them is lost (`_lost`; Kubernetes evicts the pods of a node
-    # that stays unreachable, by default 300 s after it is marked): `LostNode.what`. Its rank
-    # went with the node before the gang could save, and the Job does not replace a pod until
-    # its kubelet confirms the stop, so nothing rejoins in place; the gang restarts instead.
+    # that stays unreachable, by default 300 s after it is marked) or gone (the pod garbage
+    # collector removed the pod): what happened to the node. Its rank went with the node before
+    # the gang could save, so the others have nothing to rejoin in place (and the Job does not
+    # replace a pod until its kubelet confirms the stop); the gang restarts instead.
     lost: str = ""
 
 
@@ -169,6 +173,10 @@ class Outcome:
     pod_times: dict[str, float] = field(default_factory=dict)
     # Set with `deleting`: the pod whose grace period ended first, of those still there.
     lingering: Lingering | None = None
+    # Set for PENDING and RUNNING: when each pod that is neither ended nor going was made (RFC
+    # 3339), by name. A pod made after the gang formed replaces a member that left unseen
+    # (`status._replaced_unseen`).
+    made: dict[str, str] = field(default_factory=dict)
 
 
 def true_conditions(obj: Obj) -> dict[str, Obj]:
@@ -427,7 +435,10 @@ def _leaving(pods: list[Obj], lost: list[LostNode]) -> Leaving | None:
         terminating = bool(meta.get("deletionTimestamp")) and not term
         if not (terminating or _replaced_by_the_job(pod)):
             continue
-        gone = gone or lost_nodes.get((pod.get("spec") or {}).get("nodeName") or "", "")
+        node = (pod.get("spec") or {}).get("nodeName") or ""
+        if target.get("reason") == DELETION_BY_POD_GC:
+            gone = gone or f"node {node} of pod {_name(pod)} is gone"
+        gone = gone or lost_nodes.get(node, "")
         if target.get("status") == "True":
             cause = ": ".join(x for x in (target.get("reason"), target.get("message")) if x)
             what = f"pod {_name(pod)} was disrupted" + (f" ({_quote(cause)})" if cause else "")
@@ -632,5 +643,11 @@ def observe_job(
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),
         leaving=_leaving(pods, lost),
+        made={
+            _name(p): _created(p) or ""
+            for p in pods
+            if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and not (p.get("metadata") or {}).get("deletionTimestamp")
+        },
         node_not_ready=min(lost, key=lambda n: n.since) if running and lost else None,
     )

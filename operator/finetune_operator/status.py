@@ -7,17 +7,27 @@ twice gives the same status and the operator writes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
+from finetune_api import phases
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.result import TrainerResult
 from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, RunPolicy
 from finetune_operator import naming, timings
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.kueue import Lookup, Workload
-from finetune_operator.lifecycle import STUCK_REASONS, LostNode, Obj, Outcome, State, Stuck
+from finetune_operator.lifecycle import (
+    STUCK_REASONS,
+    Leaving,
+    LostNode,
+    Obj,
+    Outcome,
+    State,
+    Stuck,
+)
 from finetune_operator.settings import NODE_LOST_WAIT_SECONDS, STUCK_TERMINATING_SECONDS
 
 CT = ConditionType
@@ -28,6 +38,11 @@ TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 # that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
 # cost a pass a minute, not six.
 PENDING_CHECK_SECONDS = (10.0, 60.0)
+# How much later than rank 0's gang formed a pod must be made to be a replacement
+# (`_replaced_unseen`): the stamp is rank 0's node's clock, a pod's creation the API server's;
+# a gang forms seconds after its pods are made, and a replacement comes at least the pod garbage
+# collector's 40 s quarantine after its node went.
+FORMED_SKEW_SECONDS = 10.0
 # What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
 PENDING_HINTS = {
     Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
@@ -738,7 +753,8 @@ def _while_active(
     """An attempt whose Job exists and has not ended: its Job kept in line with the run policy
     (patched, suspended or resumed, its Kueue workload), a pending timeout, an in-place restart
     around a stopped pod, and why it does not run yet."""
-    policy, out, now = job.spec.run_policy, observed.outcome, observed.now
+    policy, now = job.spec.run_policy, observed.now
+    out = _replaced_unseen(observed.outcome, observed.stamps, prev)
     attempts = status["attempts"]
     actions: list[Action] = []
     conds.set(
@@ -792,6 +808,36 @@ def _while_active(
             f"{out.unstarted} pod(s) not started yet; none is stuck",
         )
     return _Active(actions, began, _requeue_after(out, policy, waited))
+
+
+def _replaced_unseen(out: Outcome, stamps: Mapping[str, float], prev: Obj) -> Outcome:
+    """The outcome, with a `Leaving` for a member of the running gang that left unseen: a pod
+    made after rank 0's gang formed (its rendezvous stamp), beside a pod the gang formed with.
+    The Job makes a pod only for an index whose pod is gone, so a member left; and no pass saw
+    it go (nor recorded a restart since the gang formed), so it went at once: removed with its
+    node by the pod garbage collector, whose Failed mark a pass can miss, or force-deleted. Its
+    rank stopped before the gang could save, and the rest waits in its collectives, or, in a
+    phase the trainer does not time (a load, a save, the push), for torch's 30-minute timeout.
+    """
+    formed = stamps.get(phases.RENDEZVOUS)
+    if out.state is not State.RUNNING or out.leaving is not None or formed is None:
+        return out
+    formed_at = datetime.fromtimestamp(formed, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if _later((prev.get("checkpoints") or {}).get("lastRestartTime"), formed_at):
+        return out  # a restart since the gang formed: its replacement is expected
+    made = {name: t.timestamp() for name, at in out.made.items() if (t := _time(at))}
+    members = [name for name, t in made.items() if t <= formed]
+    late = sorted((t, name) for name, t in made.items() if t > formed + FORMED_SKEW_SECONDS)
+    if not members or not late:
+        return out
+    name = late[0][1]
+    leaving = Leaving(
+        f"pod {name} was made at {out.made[name]}, after the gang formed at {formed_at}",
+        out.made[name],
+        lost="the pod it replaces went without the gang stopping with it (removed with its node "
+        "by the pod garbage collector, or force-deleted)",
+    )
+    return replace(out, leaving=leaving)
 
 
 def _node_not_ready(lost: LostNode) -> str:
@@ -851,9 +897,9 @@ def _restart_in_place(
             )
         elif leaving.lost:
             how = (
-                f"{leaving.lost}, so its rank stopped before the gang could save, and the Job "
-                "replaces the pod only once its kubelet confirms the stop: the gang restarts as "
-                f"attempt {anew}, from its last checkpoint"
+                f"{leaving.lost}: its rank stopped before the gang could save, so the others "
+                f"cannot rejoin a replacement in place; the gang restarts as attempt {anew}, from "
+                "its last checkpoint"
             )
         else:
             how = (

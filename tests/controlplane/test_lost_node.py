@@ -12,7 +12,10 @@ Node objects whose heartbeat (their Lease) the test renews as a kubelet does, an
 the node: the real node lifecycle controller then marks the node Unknown and its pods not ready
 (after 6 s here, hack/controlplane.sh; 50 s by default). Where the other ranks never give up
 (a phase the trainer does not time), the real taint eviction controller evicts the lost node's
-pod once its toleration runs out, and the operator restarts the gang as a new attempt.
+pod once its toleration runs out, and the operator restarts the gang as a new attempt. A node
+that is deleted takes its pods at once (the pod garbage collector's doing, done here by the
+test) and the Job replaces them: the operator restarts the gang from what it finds, even when it
+sees only the replacement.
 
 A failed attempt's Job is deleted in the foreground: it stays until its pods are gone, and the
 next attempt waits for it, so that two gangs never train at once. A pod on a lost node (dead,
@@ -30,7 +33,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +52,11 @@ from fixtures.cluster import (
     wait_phase,
 )
 from fixtures.kube import Kube
-from fixtures.operator import Operator
+from fixtures.operator import Operator, Rank0Metrics
 
+from finetune_api import phases
 from finetune_api.constants import Reason
+from finetune_operator.status import FORMED_SKEW_SECONDS
 
 pytest_plugins = ["fixtures.operator"]
 
@@ -65,11 +72,14 @@ HUNG = json.dumps(
     {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step for 60 s after step 7"}
 )
 # What the node lifecycle controller says of a node whose kubelet fell silent.
+INDEX = "batch.kubernetes.io/job-completion-index"
 UNREACHABLE = "Ready=Unknown, NodeStatusUnknown: Kubelet stopped posting node status."
 
 
 @pytest.fixture
-def watched(kube: Kube, kubeconfig: str, crd: str, tmp_path: Path) -> Iterator[str]:
+def watching(
+    kube: Kube, kubeconfig: str, crd: str, tmp_path: Path
+) -> Iterator[tuple[str, Operator]]:
     """A namespace with an operator of its own that reports a stuck pod after STUCK_AFTER s and
     waits NODE_LOST_WAIT s for a silent pod's node to be marked not ready."""
     ns = kube.create_namespace("ftj-lost")
@@ -81,10 +91,15 @@ def watched(kube: Kube, kubeconfig: str, crd: str, tmp_path: Path) -> Iterator[s
     operator = Operator(kubeconfig, tmp_path / "operator.log", env)
     operator.start()
     try:
-        yield ns
+        yield ns, operator
     finally:
         operator.stop()
         kube.delete("Namespace", ns, missing_ok=True)
+
+
+@pytest.fixture
+def watched(watching: tuple[str, Operator]) -> str:
+    return watching[0]
 
 
 @pytest.fixture
@@ -110,7 +125,7 @@ def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
     sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
     return sorted(
         kube.list("Pod", ns, labels=sel),
-        key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]),
+        key=lambda p: int(p["metadata"]["annotations"][INDEX]),
     )
 
 
@@ -190,10 +205,16 @@ def test_a_restart_held_by_a_pod_on_a_lost_node_says_so_then_goes_on(
 
 
 def gang_on(
-    kube: Kube, ns: str, name: str, node: str, wait_until: Callable[..., Any], **spec: Any
+    kube: Kube,
+    ns: str,
+    name: str,
+    node: str,
+    wait_until: Callable[..., Any],
+    rank0_ip: str = "10.0.0.2",
+    **spec: Any,
 ) -> list[Obj]:
     """A FineTuneJob with backoffLimit 0 (a failure that counts ends it), its attempt 1's two
-    pods running, rank 1's on `node`."""
+    pods running, rank 1's on `node`; the operator scrapes rank 0 at `rank0_ip`."""
     kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}, **spec))
     pods = wait_until(
         lambda: len(p := attempt_pods(kube, ns, name, 1)) == 2 and p,
@@ -201,8 +222,8 @@ def gang_on(
         message="2 pods of attempt 1",
     )
     bind_pod(kube, ns, pods[1]["metadata"]["name"], node)
-    for i, pod in enumerate(pods):
-        patch_pod_status(kube, ns, pod["metadata"]["name"], running_status(pod, f"10.0.0.{i + 2}"))
+    for pod, ip in zip(pods, (rank0_ip, "10.0.0.3"), strict=True):
+        patch_pod_status(kube, ns, pod["metadata"]["name"], running_status(pod, ip))
     return pods
 
 
@@ -362,3 +383,89 @@ def test_a_pod_evicted_from_a_lost_node_restarts_the_gang_as_a_new_attempt(
     cells = wide_row(kubectl, ns, name)
     assert (cells["ATTEMPTS"], cells["DISRUPTIONS"]) == ("2", "1")
     release_lost_pod(kube, ns, name, rank1, wait_until)
+
+
+def remove_like_pod_gc(kube: Kube, ns: str, pod: str) -> None:
+    """What the pod garbage collector does to each pod of a deleted Node (this control plane
+    runs none): mark it Failed with DisruptionTarget (DeletionByPodGC), then delete it at once."""
+    gone = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "DeletionByPodGC",
+        "message": "PodGC: node no longer exists",
+        "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    patch_pod_status(kube, ns, pod, {"phase": "Failed", "conditions": [gone]})
+    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+    kube.request("DELETE", kube.path("Pod", ns, pod), delete_now)
+
+
+def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
+    kube: Kube,
+    watching: tuple[str, Operator],
+    wait_until: Callable[..., Any],
+    rank0_metrics: Rank0Metrics,
+) -> None:
+    """Rank 1's node is deleted (by a cloud's node controller, an autoscaler, or kubectl) while
+    the operator is away: the pod garbage collector removes its pod, and the real Job
+    controller replaces it, since its DisruptionTarget is one the Job's podFailurePolicy
+    ignores. Rank 1 left without the gang saving, so nothing rejoins the replacement, and rank 0
+    would wait for rank 1 in its collectives. The operator, back, sees only the replacement:
+    a pod made after rank 0's gang formed (its rendezvous stamp) beside a pod it formed with.
+    It restarts the gang as attempt 2, a disruption."""
+    (ns, operator), name = watching, "node-deleted"
+    pods = gang_on(kube, ns, name, NODE, wait_until, rank0_ip=rank0_metrics.ip)
+    rank1 = pods[1]["metadata"]["name"]
+    made = datetime.fromisoformat(pods[0]["metadata"]["creationTimestamp"]).timestamp()
+    formed = made + 1  # after its pods were made, by the whole seconds they carry
+    rank0_metrics.set(
+        step=12, total=100, resumed=0, resumed_at=formed, stamps={phases.RENDEZVOUS: formed}
+    )
+    wait_until(
+        lambda: ftj_status(kube, ns, name).get("progress", {}).get("step") == 12,
+        timeout=60,
+        message="rank 0's progress, scraped",
+    )
+    operator.stop()
+    # A replacement comes the pod garbage collector's 40 s quarantine after its node went, at
+    # the least: later than the skew the operator allows between the two clocks.
+    time.sleep(max(formed + FORMED_SKEW_SECONDS + 1 - time.time(), 0))
+    remove_like_pod_gc(kube, ns, rank1)
+    replacement = wait_until(
+        lambda: next(
+            (
+                p
+                for p in attempt_pods(kube, ns, name, 1)
+                if p["metadata"]["annotations"][INDEX] == "1" and p["metadata"]["name"] != rank1
+            ),
+            None,
+        ),
+        timeout=60,
+        message="the Job controller's replacement for index 1",
+    )
+    assert kube.get("Pod", rank1, ns) is None
+    # Its kubelet starts it, on another node.
+    patch_pod_status(
+        kube, ns, replacement["metadata"]["name"], running_status(replacement, "10.0.0.4")
+    )
+    operator.start()
+    status = wait_until(
+        lambda: (s := ftj_status(kube, ns, name)).get("attempts") == 2 and s,
+        timeout=60,
+        message="the gang restarted as attempt 2",
+    )
+    assert status["disruptions"] == 1 and status["phase"] != "Failed"
+    # Running now says why attempt 2's pods wait; the restart's Event says what happened.
+    events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
+    (message,) = [e["message"] for e in events if e["reason"] == Reason.RESTARTING]
+    assert message.startswith(
+        f"pod {replacement['metadata']['name']} was made at "
+        f"{replacement['metadata']['creationTimestamp']}, after the gang formed at "
+    ), message
+    assert "the pod it replaces went without the gang stopping with it" in message
+    assert "the gang restarts as attempt 2, from its last checkpoint" in message
+    wait_until(
+        lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
+        timeout=60,
+        message="attempt 2's pods",
+    )

@@ -1287,6 +1287,75 @@ def test_a_pod_evicted_from_a_lost_node_restarts_the_gang_as_a_new_attempt() -> 
         assert "rejoins it in place" in cond(in_place.status, "Running")["message"]  # type: ignore[index]
 
 
+def test_a_pod_the_pod_garbage_collector_removed_with_its_node_restarts_the_gang() -> None:
+    """A deleted node's pods are marked Failed (DisruptionTarget, DeletionByPodGC) and removed
+    at once: the Job replaces such a pod, but its rank left without the gang saving."""
+    job = started_job()
+    gc = on_node(1)  # no kubelet reported its container's end: only the phase is set
+    gc["status"]["phase"] = "Failed"
+    target = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"}
+    target["message"] = "PodGC: node no longer exists"
+    gc["status"]["conditions"] = [{**target, "lastTransitionTime": at_offset(100)}]
+    out = observe_job(job, [on_node(0, "n0"), gc])
+    assert out.leaving is not None and out.leaving.lost == "node n1 of pod demo-1-abcde is gone"
+    result = plan(ftj(RUNNING_GANG), Observed(now=at_offset(101), job=job, outcome=out))
+    assert [a.kind for a in result.actions] == ["delete"]
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+    assert cond(result.status, "Running")["message"].startswith(  # type: ignore[index]
+        "pod demo-1-abcde was disrupted (DeletionByPodGC: PodGC: node no longer exists): node "
+        "n1 of pod demo-1-abcde is gone: its rank stopped before the gang could save, so the "
+        "others cannot rejoin a replacement in place; the gang restarts as attempt 2, from its "
+        "last checkpoint"
+    )
+
+
+def made_at(index: int, seconds: int, suffix: str = "abcde") -> dict:
+    p = on_node(index, f"n{index}")
+    p["metadata"]["name"] = f"demo-{index}-{suffix}"
+    p["metadata"]["creationTimestamp"] = at_offset(seconds)
+    return p
+
+
+def formed_at(seconds: int) -> dict[str, float]:
+    """Rank 0's phase stamps: its gang formed `seconds` after NOW."""
+    return {"rendezvous": datetime(2026, 1, 1, tzinfo=UTC).timestamp() + seconds}
+
+
+def test_a_pod_made_after_the_gang_formed_replaces_one_that_left_unseen() -> None:
+    """The removed pod can be gone before any pass lists it: the Job's replacement, made after
+    rank 0's gang formed beside a member it formed with, says that a member left."""
+    job = started_job()
+    pods_ = [made_at(0, 0), made_at(1, 300, "fghij")]
+    out = observe_job(job, pods_)
+    assert out.leaving is None and out.made["demo-1-fghij"] == at_offset(300)
+    seen = Observed(now=at_offset(301), job=job, outcome=out, stamps=formed_at(20))
+    result = plan(ftj(RUNNING_GANG), seen)
+    assert [(a.kind, a.attempt) for a in result.actions] == [("delete", 1)] and result.restarted
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+    assert result.status["checkpoints"]["lastRestartTime"] == at_offset(300)
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert message.startswith(
+        f"pod demo-1-fghij was made at {at_offset(300)}, after the gang formed at "
+        f"{at_offset(20)}: the pod it replaces went without the gang stopping with it (removed "
+        "with its node by the pod garbage collector, or force-deleted): its rank stopped"
+    ), message
+    # Not a replacement: no stamp (not scraped this pass, or rank 0's own pod is new); a pod
+    # made within the clocks' skew of the formation; every pod made after it (a new gang, as
+    # after a resume); a restart recorded since the gang formed (its replacement is expected).
+    restarted = {**RUNNING_GANG, "checkpoints": {"lastRestartTime": at_offset(200)}}
+    for stamps, listed, previous in (
+        ({}, pods_, RUNNING_GANG),
+        (formed_at(295), pods_, RUNNING_GANG),
+        (formed_at(20), [made_at(0, 30), made_at(1, 300)], RUNNING_GANG),
+        (formed_at(20), pods_, restarted),
+    ):
+        calm = Observed(
+            now=at_offset(301), job=job, outcome=observe_job(job, listed), stamps=stamps
+        )
+        quiet = plan(ftj(previous), calm)
+        assert quiet.actions == [] and quiet.status["attempts"] == 1, (stamps, listed)
+
+
 def test_a_silent_pod_is_waited_for_then_counted_if_its_node_stays_ready() -> None:
     job, pods_ = failed_at(NOW), [ended(0, 1, HUNG), on_node(1)]
     policy = ftj({"attempts": 1}, backoffLimit=0)
