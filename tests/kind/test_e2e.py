@@ -308,24 +308,31 @@ def printer_columns(kube: Any, namespace: str, name: str) -> dict[str, str]:
     return cells
 
 
-def hub_manifests(images: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def hub_manifests(
+    images: dict[str, str] | None = None, placement: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """hub.yaml, with the image refs this session loaded when given (the `images` fixture): the
     seed init container needs the trainer image (torch, transformers), the double runs from its
-    own image. Without them, hub.yaml's own refs (hack/images.sh's default tags)."""
+    own image. Without them, hub.yaml's own refs (hack/images.sh's default tags). `placement`:
+    pod spec fields (nodeSelector, tolerations) that pin the double to a node."""
     docs = [d for d in yaml.safe_load_all((MANIFESTS / "hub.yaml").read_text()) if d]
-    if images is None:
-        return docs
-    refs = {"seed": images["trainer"], "hub": images["hub-double"]}
+    refs = {"seed": images["trainer"], "hub": images["hub-double"]} if images else {}
     for doc in docs:
         if doc["kind"] == "Deployment":
             pod = doc["spec"]["template"]["spec"]
+            pod.update(placement or {})
             for container in pod.get("initContainers", []) + pod["containers"]:
-                container["image"] = refs[container["name"]]
+                container["image"] = refs.get(container["name"], container["image"])
     return docs
 
 
 def setup_hub(
-    kube: Any, namespace: str, token: str, timing: Any, images: dict[str, str] | None = None
+    kube: Any,
+    namespace: str,
+    token: str,
+    timing: Any,
+    images: dict[str, str] | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> HubPod:
     kube.apply(
         {
@@ -346,7 +353,7 @@ def setup_hub(
         },
         namespace,
     )
-    kube.apply(hub_manifests(images), namespace)
+    kube.apply(hub_manifests(images, placement), namespace)
     with timing.stopwatch("hub_double_ready"):
         kube(
             "-n",

@@ -10,15 +10,17 @@ marks the worker's Ready condition Unknown once its kubelet has been silent for 
 grace period (50 s): later than the rank gave up, so the operator waits for it
 (`FINETUNE_NODE_LOST_WAIT_SECONDS`, 60) and then counts the restart as a disruption. The worker
 is then thawed, as a node that comes back; its kubelet confirms the old pod's stop, and attempt
-2 resumes from the last checkpoint and finishes.
+2 resumes from the last checkpoint and finishes. In the second test the frozen worker is also
+deleted, and the rank left behind does not give up: the pod garbage collector and the Job
+controller replace the lost pod, and the operator restarts the gang from what it sees of that.
 
 The operator is moved to the control-plane node for the test (the chart's nodeSelector and
 tolerations), since a frozen operator could not see anything; it is moved back after.
 
 In the `extended` mark (`make test-all`): the control-plane suite proves the same rules against
 a real API server and node lifecycle controller (tests/controlplane/test_lost_node.py), and this
-run's 4 minutes do not fit `make test`'s budget. Its figures go to kind-e2e-timings.json
-(node_loss_*).
+runs' minutes do not fit `make test`'s budget. Their figures go to kind-e2e-timings.json
+(node_loss_*, node_deleted_*).
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ pytestmark = [pytest.mark.kind, pytest.mark.extended]
 
 Obj = dict[str, Any]
 NAME = "node-loss"
+DELETED = "node-deleted"
 JOB_LABEL = "finetune.dev/job-name"
 INDEX = "batch.kubernetes.io/job-completion-index"
 CKPT_EVERY = 5
 HANG_TIMEOUT_S = 10
+# Longer than the test: the rank left behind never gives up on its own.
+PATIENT_HANG_TIMEOUT_S = 900
 WAIT_S = 300
 
 
@@ -63,6 +68,67 @@ def docker(*args: str) -> None:
     kind_tools.run([kind_tools.DOCKER, *args], timeout=60)
 
 
+def ftj_status(kube: Any, ns: str, name: str) -> Obj:
+    return kube.json("-n", ns, "get", "finetunejob", name).get("status") or {}
+
+
+def gang_pods(kube: Any, ns: str, name: str) -> list[Obj]:
+    return kube.json("-n", ns, "get", "pods", "-l", f"{JOB_LABEL}={name}")["items"]
+
+
+def train_past_a_checkpoint(kube: Any, ns: str, job: Obj) -> Obj:
+    """Apply `job` and wait until it trains past its first periodic checkpoint (the restart
+    resumes from it); the pod of the gang on the worker node, and what was known then."""
+    name = job["metadata"]["name"]
+    job["spec"]["training"]["checkpointEverySteps"] = CKPT_EVERY
+    kube.apply(job, ns)
+
+    def step() -> int:
+        return int((ftj_status(kube, ns, name).get("progress") or {}).get("step") or 0)
+
+    poll(f"training past step {CKPT_EVERY + 1}", lambda: step() > CKPT_EVERY or None, WAIT_S)
+    worker = worker_node(kube)
+    on_worker = next(p for p in gang_pods(kube, ns, name) if p["spec"].get("nodeName") == worker)
+    return {
+        "worker": worker,
+        "lostPod": on_worker["metadata"]["name"],
+        "lostRank": on_worker["metadata"]["annotations"][INDEX],
+        "stepAtFault": step(),
+        "resumedBefore": (ftj_status(kube, ns, name).get("checkpoints") or {}).get(
+            "lastResumeTime"
+        ),
+    }
+
+
+def finish_after_the_restart(
+    kube: Any, ns: str, name: str, record: Obj, since: tuple[str, float]
+) -> None:
+    """Attempt 2 resumes (the seconds from `since`, a (record key, monotonic time), into the
+    record) and the job succeeds with backoffLimit 0: the lost node did not count, and at most
+    one checkpoint interval was lost."""
+
+    def resumed_again() -> Obj | None:
+        checkpoints = ftj_status(kube, ns, name).get("checkpoints") or {}
+        again = checkpoints.get("lastResumeTime") not in (None, record["resumedBefore"])
+        return checkpoints if again else None
+
+    resumed = poll("attempt 2 resumed", resumed_again, timeout=WAIT_S)
+    key, t_back = since
+    record[key] = round(time.monotonic() - t_back, 1)
+    record["resumedFromStep"] = resumed.get("resumedFromStep") or 0
+    final = poll(
+        "the job to finish",
+        lambda: (
+            s if (s := ftj_status(kube, ns, name)).get("phase") in ("Succeeded", "Failed") else None
+        ),
+        timeout=WAIT_S,
+    )
+    record["final"] = {k: final.get(k) for k in ("phase", "attempts", "disruptions")}
+    print(f"[node-loss] {json.dumps(record)}")
+    assert record["final"] == {"phase": "Succeeded", "attempts": 2, "disruptions": 1}, final
+    assert record["stepAtFault"] - record["resumedFromStep"] <= CKPT_EVERY, record
+
+
 def test_a_node_lost_under_the_gang_is_a_disruption_and_the_job_finishes(
     kube: Any,
     images: dict[str, str],
@@ -70,44 +136,23 @@ def test_a_node_lost_under_the_gang_is_a_disruption_and_the_job_finishes(
     test_namespace: str,
     timing: Any,
 ) -> None:
-    ns, worker = test_namespace, worker_node(kube)
+    ns = test_namespace
     hub = setup_hub(kube, ns, f"losttok{secrets.token_hex(16)}", timing, images)
     job = example_job(ns, hub.endpoint, NAME)
-    job["spec"]["training"]["checkpointEverySteps"] = CKPT_EVERY
     job["spec"]["runPolicy"] = {"backoffLimit": 0, "hangTimeoutSeconds": HANG_TIMEOUT_S}
-    kube.apply(job, ns)
-
-    def status() -> Obj:
-        return kube.json("-n", ns, "get", "finetunejob", NAME).get("status") or {}
-
-    def pods() -> list[Obj]:
-        return kube.json("-n", ns, "get", "pods", "-l", f"{JOB_LABEL}={NAME}")["items"]
-
-    # Past a periodic checkpoint: the restart resumes from it.
-    def step() -> int:
-        return int((status().get("progress") or {}).get("step") or 0)
-
-    poll(
-        f"training past step {CKPT_EVERY + 1}", lambda: step() > CKPT_EVERY or None, timeout=WAIT_S
-    )
-    on_worker = next(p for p in pods() if p["spec"].get("nodeName") == worker)
-    lost_pod = on_worker["metadata"]["name"]
-    lost_rank = on_worker["metadata"]["annotations"][INDEX]
-    step_at_fault = step()
-    resumed_before = (status().get("checkpoints") or {}).get("lastResumeTime")
-    record: Obj = {"worker": worker, "lostPod": lost_pod, "lostRank": lost_rank,
-                   "stepAtFault": step_at_fault}  # fmt: skip
+    record = train_past_a_checkpoint(kube, ns, job)
+    worker, lost_pod = record["worker"], record["lostPod"]
     t0 = time.monotonic()
     docker("pause", worker)
     try:
         seen: Obj = {}
 
         def disrupted() -> Obj | None:
-            st = status()
+            st = ftj_status(kube, ns, NAME)
             running = next((c for c in st.get("conditions", []) if c["type"] == "Running"), {})
             if "has not reported its end" in running.get("message", ""):
                 seen.setdefault("waitingFrom", round(time.monotonic() - t0, 1))
-            for pod in pods():
+            for pod in gang_pods(kube, ns, NAME):
                 for cs in pod["status"].get("containerStatuses") or []:
                     ended = (cs.get("state") or {}).get("terminated") or {}
                     if cs["name"] == "trainer" and ended.get("message"):
@@ -129,26 +174,76 @@ def test_a_node_lost_under_the_gang_is_a_disruption_and_the_job_finishes(
         assert ready["status"] == "Unknown", ready
     finally:
         docker("unpause", worker)
-    t1 = time.monotonic()
-
-    def resumed_again() -> Obj | None:
-        checkpoints = status().get("checkpoints") or {}
-        again = checkpoints.get("lastResumeTime") not in (None, resumed_before)
-        return checkpoints if again else None
-
-    resumed = poll("attempt 2 resumed", resumed_again, timeout=WAIT_S)
-    record["thawToResumeSeconds"] = round(time.monotonic() - t1, 1)
-    record["resumedFromStep"] = resumed.get("resumedFromStep") or 0
-    final = poll(
-        "the job to finish",
-        lambda: s if (s := status()).get("phase") in ("Succeeded", "Failed") else None,
-        timeout=WAIT_S,
-    )
-    record["final"] = {k: final.get(k) for k in ("phase", "attempts", "disruptions")}
-    print(f"[node-loss] {json.dumps(record)}")
+    finish_after_the_restart(kube, ns, NAME, record, ("thawToResumeSeconds", time.monotonic()))
     for key in ("disruptionSeconds", "thawToResumeSeconds", "resumedFromStep"):
         timing.record(f"node_loss_{key}", record[key])
-    # backoffLimit 0, and the job still finished: the lost node did not count.
-    assert record["final"] == {"phase": "Succeeded", "attempts": 2, "disruptions": 1}, final
-    # At most one checkpoint interval was lost.
-    assert step_at_fault - resumed["resumedFromStep"] <= CKPT_EVERY, record
+
+
+def on_the_control_plane() -> Obj:
+    """Pod spec fields that put a pod on kind's control-plane node, which stays."""
+    return {
+        "nodeSelector": {CONTROL_PLANE: ""},
+        "tolerations": [{"key": CONTROL_PLANE, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
+def node_ready(kube: Any, name: str) -> bool:
+    found = kube.json("get", "nodes")["items"]
+    node = next((n for n in found if n["metadata"]["name"] == name), None)
+    conditions = (node or {}).get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_a_deleted_nodes_pod_is_replaced_and_the_gang_restarts_without_its_hang_timeout(
+    kube: Any,
+    images: dict[str, str],
+    operator_on_control_plane: None,
+    test_namespace: str,
+    timing: Any,
+) -> None:
+    """The worker node dies (`docker pause`) and is deleted, as a cloud's node controller
+    deletes the Node of a VM that is gone. The real pod garbage collector removes its pod (after
+    its 40 s quarantine) and the real Job controller makes a replacement, which cannot be
+    scheduled until the node is back (one pod per node). The rank left on the control-plane
+    node does not give up: its hang timeout (900 s) stands for a phase the trainer does not time
+    (a load, a save, the push), where it would wait for torch's 30-minute timeout. The operator
+    restarts the gang as attempt 2, a disruption, from the pod marked DeletionByPodGC or, when
+    no pass saw it, from its replacement, made after rank 0's gang formed. The worker's kubelet
+    is then restarted (a kubelet registers its Node only as it starts), attempt 2 trains on
+    both nodes again, and the job succeeds with backoffLimit 0. The Hub double runs on the
+    control-plane node, which stays."""
+    ns, name = test_namespace, DELETED
+    token = f"deltok{secrets.token_hex(16)}"
+    hub = setup_hub(kube, ns, token, timing, images, placement=on_the_control_plane())
+    job = example_job(ns, hub.endpoint, name)
+    job["spec"]["runPolicy"] = {"backoffLimit": 0, "hangTimeoutSeconds": PATIENT_HANG_TIMEOUT_S}
+    record = train_past_a_checkpoint(kube, ns, job)
+    worker = record["worker"]
+    t0 = time.monotonic()
+    docker("pause", worker)
+    try:
+        kube("delete", "node", worker, "--wait=false")
+        st = poll(
+            "the gang restarted as attempt 2",
+            lambda: s if (s := ftj_status(kube, ns, name)).get("attempts") == 2 else None,
+            timeout=WAIT_S,
+        )
+        record["restartSeconds"] = round(time.monotonic() - t0, 1)
+        assert st.get("disruptions") == 1 and st.get("phase") != "Failed", st
+        events = kube.json("-n", ns, "get", "events", "--field-selector",
+                           f"involvedObject.name={name}")["items"]  # fmt: skip
+        (message,) = [e["message"] for e in events if e["reason"] == Reason.RESTARTING]
+        record["message"] = message
+        record["seen"] = "replacement" if "after the gang formed" in message else "removed pod"
+        assert "its rank stopped before the gang could save" in message, message
+        assert "the gang restarts as attempt 2, from its last checkpoint" in message, message
+    finally:
+        docker("unpause", worker)
+        docker("exec", worker, "systemctl", "restart", "kubelet")
+        poll(
+            f"node {worker} registered and Ready", lambda: node_ready(kube, worker) or None, WAIT_S
+        )
+    since = ("registeredToResumeSeconds", time.monotonic())
+    finish_after_the_restart(kube, ns, name, record, since)
+    for key in ("restartSeconds", "registeredToResumeSeconds", "resumedFromStep"):
+        timing.record(f"node_deleted_{key}", record[key])
