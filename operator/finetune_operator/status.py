@@ -818,7 +818,12 @@ def _replaced_unseen(out: Outcome, stamps: Mapping[str, float], prev: Obj) -> Ou
     node by the pod garbage collector, whose Failed mark a pass can miss, or force-deleted. Its
     rank stopped before the gang could save, and the rest waits in its collectives, or, in a
     phase the trainer does not time (a load, a save, the push), for torch's 30-minute timeout.
-    """
+
+    Only the stamp of rank 0's running process tells when its gang formed. After a stop the
+    gang saved (an in-place rejoin no pass saw, the operator away), rank 0's process starts
+    again: it has no stamp until the gang re-forms, with the replacement. The last resume in
+    status would date the old gang, and take that replacement for an unseen loss (a kind fault
+    run did). So a replaced rank 0 is not seen here: its new process forms no gang."""
     formed = stamps.get(phases.RENDEZVOUS)
     if out.state is not State.RUNNING or out.leaving is not None or formed is None:
         return out
