@@ -148,6 +148,8 @@ class Outcome:
     # suspended Job, the pods that got SIGTERM and are still saving their checkpoint.
     live_pods: int = 0
     rank0_ip: str | None = None
+    # Set for RUNNING: the name of rank 0's running pod.
+    rank0_pod: str = ""
     deleting: bool = False
     # Set for a retryable FAILED attempt that a disruption ended: what happened, for messages,
     # and when (RFC 3339; "" if not known), to tell whether an in-place restart counted it.
@@ -639,6 +641,7 @@ def observe_job(
         running_pods=len(running),
         live_pods=live,
         rank0_ip=ip,
+        rank0_pod=_name(rank0) if rank0 else "",
         stuck=stuck,
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),

@@ -7,7 +7,7 @@ operator, it just leaves the last known progress in place.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_api.phases import PHASE_GAUGE
 from finetune_api.pod import METRICS_PORT, RESUMED_FROM_STEP_GAUGE, RESUMED_TIMESTAMP_GAUGE
+from finetune_operator import timings
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
@@ -119,7 +120,7 @@ def resumed_at(values: dict[str, float]) -> str | None:
     value = values.get("resumedAt")
     if value is None or not value > 0:
         return None
-    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timings.rfc3339(value)
 
 
 async def scrape(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from finetune_api import phases
@@ -754,7 +754,8 @@ def _while_active(
     (patched, suspended or resumed, its Kueue workload), a pending timeout, an in-place restart
     around a stopped pod, and why it does not run yet."""
     policy, now = job.spec.run_policy, observed.now
-    out = _replaced_unseen(observed.outcome, observed.stamps, prev)
+    hang_timeout = float(policy.hang_timeout_seconds)
+    out = _replaced_unseen(observed.outcome, observed.stamps, prev, hang_timeout, now)
     attempts = status["attempts"]
     actions: list[Action] = []
     conds.set(
@@ -810,39 +811,90 @@ def _while_active(
     return _Active(actions, began, _requeue_after(out, policy, waited))
 
 
-def _replaced_unseen(out: Outcome, stamps: Mapping[str, float], prev: Obj) -> Outcome:
-    """The outcome, with a `Leaving` for a member of the running gang that left unseen: a pod
-    made after rank 0's gang formed (its rendezvous stamp), beside a pod the gang formed with.
-    The Job makes a pod only for an index whose pod is gone, so a member left; and no pass saw
-    it go (nor recorded a restart since the gang formed), so it went at once: removed with its
-    node by the pod garbage collector, whose Failed mark a pass can miss, or force-deleted. Its
-    rank stopped before the gang could save, and the rest waits in its collectives, or, in a
-    phase the trainer does not time (a load, a save, the push), for torch's 30-minute timeout.
-
-    Only the stamp of rank 0's running process tells when its gang formed. After a stop the
-    gang saved (an in-place rejoin no pass saw, the operator away), rank 0's process starts
-    again: it has no stamp until the gang re-forms, with the replacement. The last resume in
-    status would date the old gang, and take that replacement for an unseen loss (a kind fault
-    run did). So a replaced rank 0 is not seen here: its new process forms no gang."""
-    formed = stamps.get(phases.RENDEZVOUS)
-    if out.state is not State.RUNNING or out.leaving is not None or formed is None:
+def _replaced_unseen(
+    out: Outcome, stamps: Mapping[str, float], prev: Obj, hang_timeout: float, now: str
+) -> Outcome:
+    """The outcome, with a `Leaving` for a member of the running gang that left unseen. The Job
+    makes a pod only for an index whose pod is gone, so a pod made after the rest of the gang
+    replaces a member; when no pass saw that member go (nor recorded a restart since), it went
+    at once: removed with its node by the pod garbage collector, whose Failed mark a pass can
+    miss, or force-deleted. Its rank stopped before the gang could save, and the rest waits in
+    its collectives, or, in a phase the trainer does not time (a load, a save, the push), for
+    torch's 30-minute timeout. Rank 0's stamps (this pass's scrape of its running process) tell
+    a replacement the gang cannot rejoin from one it re-formed with (`_member_replaced`,
+    `_rank0_replaced`)."""
+    if out.state is not State.RUNNING or out.leaving is not None:
         return out
-    formed_at = datetime.fromtimestamp(formed, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    if _later((prev.get("checkpoints") or {}).get("lastRestartTime"), formed_at):
-        return out  # a restart since the gang formed: its replacement is expected
-    made = {name: t.timestamp() for name, at in out.made.items() if (t := _time(at))}
+    ckpt = prev.get("checkpoints") or {}
+    made = {name: t for name, at in out.made.items() if (t := timings.unix(at)) is not None}
+    leaving = _member_replaced(out, made, stamps, ckpt) or _rank0_replaced(
+        out, made, stamps, ckpt, hang_timeout, now
+    )
+    return replace(out, leaving=leaving) if leaving is not None else out
+
+
+# What a replacement that no pass saw coming says of the pod it replaces (`_replaced_unseen`).
+GONE_UNSEEN = (
+    "the pod it replaces went without the gang stopping with it (removed with its node by the "
+    "pod garbage collector, or force-deleted)"
+)
+
+
+def _member_replaced(
+    out: Outcome, made: Mapping[str, float], stamps: Mapping[str, float], ckpt: Obj
+) -> Leaving | None:
+    """A pod made after rank 0's running process formed its gang (its rendezvous stamp),
+    beside a pod the gang formed with. Only that process's stamp dates the gang: after a stop
+    the gang saved (an in-place rejoin no pass saw, the operator away), rank 0's process starts
+    again and has no stamp until the gang re-forms, with the replacement. The last resume in
+    status would date the old gang, and take that replacement for an unseen loss (a kind fault
+    run did)."""
+    formed = stamps.get(phases.RENDEZVOUS)
+    if formed is None:
+        return None
+    formed_at = timings.rfc3339(formed)
+    if _later(ckpt.get("lastRestartTime"), formed_at):
+        return None  # a restart since the gang formed: its replacement is expected
     members = [name for name, t in made.items() if t <= formed]
     late = sorted((t, name) for name, t in made.items() if t > formed + FORMED_SKEW_SECONDS)
     if not members or not late:
-        return out
+        return None
     name = late[0][1]
-    leaving = Leaving(
-        f"pod {name} was made at {out.made[name]}, after the gang formed at {formed_at}",
-        out.made[name],
-        lost="the pod it replaces went without the gang stopping with it (removed with its node "
-        "by the pod garbage collector, or force-deleted)",
+    what = f"pod {name} was made at {out.made[name]}, after the gang formed at {formed_at}"
+    return Leaving(what, out.made[name], lost=GONE_UNSEEN)
+
+
+def _rank0_replaced(
+    out: Outcome,
+    made: Mapping[str, float],
+    stamps: Mapping[str, float],
+    ckpt: Obj,
+    hang_timeout: float,
+    now: str,
+) -> Leaving | None:
+    """Rank 0's own pod made after the rest of the gang, its process waiting for a gang that
+    has not formed (a process stamp, no rendezvous stamp) for longer than the hang timeout,
+    while every pod of the gang runs. Members that saved with the old rank 0 rejoin its
+    replacement within seconds; members left in the old gang's collectives never come."""
+    started, mine = stamps.get(phases.PROCESS_STARTED), made.get(out.rank0_pod)
+    others = [t for name, t in made.items() if name != out.rank0_pod]
+    if started is None or phases.RENDEZVOUS in stamps or mine is None or not others:
+        return None
+    if out.unstarted:
+        return None  # a member still starting: rank 0 waits for it, not for a lost gang
+    if mine <= min(others) + FORMED_SKEW_SECONDS:
+        return None  # made with the rest: the gang's first forming
+    if _later(ckpt.get("lastRestartTime"), timings.rfc3339(min(others))):
+        return None  # a restart since the gang's pods were made: its replacement is expected
+    waited = (timings.unix(now) or started) - started
+    if waited <= hang_timeout + FORMED_SKEW_SECONDS:
+        return None
+    name = out.rank0_pod
+    what = (
+        f"pod {name} (rank 0) was made at {out.made[name]}, after the rest of the gang, and has "
+        f"waited {waited:.0f} s for it to form"
     )
-    return replace(out, leaving=leaving)
+    return Leaving(what, out.made[name], lost=GONE_UNSEEN)
 
 
 def _node_not_ready(lost: LostNode) -> str:

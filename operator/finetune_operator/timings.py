@@ -13,7 +13,7 @@ resolution. A value that would be negative (clock skew) is written as 0.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_api import phases
@@ -32,6 +32,11 @@ def unix(timestamp: Any) -> float | None:
         return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def rfc3339(seconds: float) -> str:
+    """The RFC 3339 timestamp, to the second as Kubernetes writes them, of Unix seconds."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _container(pod: Obj) -> Obj:

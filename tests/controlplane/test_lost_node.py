@@ -73,6 +73,7 @@ HUNG = json.dumps(
 )
 # What the node lifecycle controller says of a node whose kubelet fell silent.
 INDEX = "batch.kubernetes.io/job-completion-index"
+JOB_NAME = "finetune.dev/job-name"
 UNREACHABLE = "Ready=Unknown, NodeStatusUnknown: Kubelet stopped posting node status."
 
 
@@ -122,7 +123,7 @@ def wide_row(kubectl: Any, ns: str, name: str) -> dict[str, str]:
 
 
 def attempt_pods(kube: Kube, ns: str, name: str, attempt: int) -> list[Obj]:
-    sel = f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"
+    sel = f"{JOB_NAME}={name},finetune.dev/attempt={attempt}"
     return sorted(
         kube.list("Pod", ns, labels=sel),
         key=lambda p: int(p["metadata"]["annotations"][INDEX]),
@@ -215,7 +216,8 @@ def gang_on(
 ) -> list[Obj]:
     """A FineTuneJob with backoffLimit 0 (a failure that counts ends it), its attempt 1's two
     pods running, rank 1's on `node`; the operator scrapes rank 0 at `rank0_ip`."""
-    kube.create(ftj_manifest(name, ns, runPolicy={"backoffLimit": 0}, **spec))
+    run_policy = {"backoffLimit": 0, **spec.pop("runPolicy", {})}
+    kube.create(ftj_manifest(name, ns, runPolicy=run_policy, **spec))
     pods = wait_until(
         lambda: len(p := attempt_pods(kube, ns, name, 1)) == 2 and p,
         timeout=60,
@@ -411,6 +413,65 @@ def remove_like_pod_gc(kube: Kube, ns: str, pod: str) -> None:
     kube.request("DELETE", kube.path("Pod", ns, pod), delete_now)
 
 
+def a_formed_gang(
+    kube: Kube,
+    ns: str,
+    name: str,
+    wait_until: Callable[..., Any],
+    rank0_metrics: Rank0Metrics,
+    **spec: Any,
+) -> list[Obj]:
+    """gang_on, with rank 0's stand-in saying that its gang formed a second after its pods were
+    made (by the whole seconds they carry), and its progress scraped."""
+    pods = gang_on(kube, ns, name, NODE, wait_until, rank0_ip=rank0_metrics.ip, **spec)
+    formed = datetime.fromisoformat(pods[0]["metadata"]["creationTimestamp"]).timestamp() + 1
+    stamps = {phases.PROCESS_STARTED: formed - 1, phases.RENDEZVOUS: formed}
+    rank0_metrics.set(step=12, total=100, resumed=0, resumed_at=formed, stamps=stamps)
+    wait_until(
+        lambda: ftj_status(kube, ns, name).get("progress", {}).get("step") == 12,
+        timeout=60,
+        message="rank 0's progress, scraped",
+    )
+    return pods
+
+
+def replaced_while_away(
+    kube: Kube,
+    ns: str,
+    operator: Operator,
+    pods: list[Obj],
+    index: int,
+    wait_until: Callable[..., Any],
+) -> Obj:
+    """With the operator stopped, the pod of `index` removed as the pod garbage collector does,
+    and the real Job controller's replacement for it; the operator still stopped."""
+    operator.stop()
+    gone = pods[index]["metadata"]["name"]
+    # A replacement comes the pod garbage collector's 40 s quarantine after its node went, at
+    # the least: later than the skew the operator allows between rank 0's clock and the API
+    # server's.
+    made = datetime.fromisoformat(pods[0]["metadata"]["creationTimestamp"]).timestamp()
+    time.sleep(max(made + FORMED_SKEW_SECONDS + 2 - time.time(), 0))
+    remove_like_pod_gc(kube, ns, gone)
+    name = pods[0]["metadata"]["labels"][JOB_NAME]
+    replacement = wait_until(
+        lambda: next(
+            (
+                p
+                for p in attempt_pods(kube, ns, name, 1)
+                if p["metadata"]["annotations"][INDEX] == str(index)
+                and p["metadata"]["name"] != gone
+            ),
+            None,
+        ),
+        timeout=60,
+        message=f"the Job controller's replacement for index {index}",
+    )
+    # Gone once the Job controller has counted it (and lifted its tracking finalizer).
+    wait_until(lambda: kube.get("Pod", gone, ns) is None, timeout=30, message="the pod gone")
+    return replacement
+
+
 def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
     kube: Kube,
     watching: tuple[str, Operator],
@@ -425,37 +486,8 @@ def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
     a pod made after rank 0's gang formed (its rendezvous stamp) beside a pod it formed with.
     It restarts the gang as attempt 2, a disruption."""
     (ns, operator), name = watching, "node-deleted"
-    pods = gang_on(kube, ns, name, NODE, wait_until, rank0_ip=rank0_metrics.ip)
-    rank1 = pods[1]["metadata"]["name"]
-    made = datetime.fromisoformat(pods[0]["metadata"]["creationTimestamp"]).timestamp()
-    formed = made + 1  # after its pods were made, by the whole seconds they carry
-    rank0_metrics.set(
-        step=12, total=100, resumed=0, resumed_at=formed, stamps={phases.RENDEZVOUS: formed}
-    )
-    wait_until(
-        lambda: ftj_status(kube, ns, name).get("progress", {}).get("step") == 12,
-        timeout=60,
-        message="rank 0's progress, scraped",
-    )
-    operator.stop()
-    # A replacement comes the pod garbage collector's 40 s quarantine after its node went, at
-    # the least: later than the skew the operator allows between the two clocks.
-    time.sleep(max(formed + FORMED_SKEW_SECONDS + 1 - time.time(), 0))
-    remove_like_pod_gc(kube, ns, rank1)
-    replacement = wait_until(
-        lambda: next(
-            (
-                p
-                for p in attempt_pods(kube, ns, name, 1)
-                if p["metadata"]["annotations"][INDEX] == "1" and p["metadata"]["name"] != rank1
-            ),
-            None,
-        ),
-        timeout=60,
-        message="the Job controller's replacement for index 1",
-    )
-    # Gone once the Job controller has counted it (and lifted its tracking finalizer).
-    wait_until(lambda: kube.get("Pod", rank1, ns) is None, timeout=30, message="the pod gone")
+    pods = a_formed_gang(kube, ns, name, wait_until, rank0_metrics)
+    replacement = replaced_while_away(kube, ns, operator, pods, 1, wait_until)
     # Its kubelet starts it, on another node.
     patch_pod_status(
         kube, ns, replacement["metadata"]["name"], running_status(replacement, "10.0.0.4")
@@ -473,3 +505,35 @@ def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
         timeout=60,
         message="attempt 2's pods",
     )
+
+
+def test_rank_0s_pod_removed_unseen_restarts_the_gang_once_its_replacement_waits_too_long(
+    kube: Kube,
+    watching: tuple[str, Operator],
+    wait_until: Callable[..., Any],
+    rank0_metrics: Rank0Metrics,
+) -> None:
+    """The same for rank 0's own pod: its replacement is rank 0, whose new process waits for a
+    gang that never forms (rank 1 waits in the old gang's collectives). A rank 1 that had saved
+    with the old rank 0 would have rejoined within seconds; past runPolicy.hangTimeoutSeconds
+    (10 s here, and 10 s for the clocks) the operator restarts the gang as attempt 2."""
+    (ns, operator), name = watching, "rank0-deleted"
+    pods = a_formed_gang(
+        kube, ns, name, wait_until, rank0_metrics, runPolicy={"hangTimeoutSeconds": 10}
+    )
+    replacement = replaced_while_away(kube, ns, operator, pods, 0, wait_until)
+    # Its kubelet starts it: its process serves its metrics at once, and waits for its gang.
+    started = time.time()
+    rank0_metrics.set(step=12, total=100, stamps={phases.PROCESS_STARTED: started})
+    patch_pod_status(
+        kube, ns, replacement["metadata"]["name"], running_status(replacement, rank0_metrics.ip)
+    )
+    operator.start()
+    message = restarted_as_attempt_2(kube, ns, name, wait_until, timeout=90)
+    assert time.time() - started > 10 + FORMED_SKEW_SECONDS
+    assert message.startswith(
+        f"pod {replacement['metadata']['name']} (rank 0) was made at "
+        f"{replacement['metadata']['creationTimestamp']}, after the rest of the gang, and has "
+        "waited "
+    ), message
+    assert "the gang restarts as attempt 2, from its last checkpoint" in message

@@ -1356,6 +1356,57 @@ def test_a_pod_made_after_the_gang_formed_replaces_one_that_left_unseen() -> Non
         assert quiet.actions == [] and quiet.status["attempts"] == 1, (stamps, listed)
 
 
+def stamped(seconds: int, *phases_: str) -> dict[str, float]:
+    """Rank 0's phase stamps, each `seconds` after NOW."""
+    return {phase: datetime(2026, 1, 1, tzinfo=UTC).timestamp() + seconds for phase in phases_}
+
+
+def test_rank_0s_replacement_that_waits_past_the_hang_timeout_for_its_gang_restarts_it() -> None:
+    """Rank 0's own pod removed unseen: its replacement's process (started at +305 s) waits for
+    members that stay in the old gang's collectives. Members that saved with the old rank 0
+    would have rejoined within seconds; past the hang timeout (60 s, and 10 s for the clocks),
+    the gang restarts."""
+    job = started_job()
+    pods_ = [made_at(0, 300, "fghij"), made_at(1, 0)]
+    out = observe_job(job, pods_)
+    assert out.rank0_pod == "demo-0-fghij"
+    waiting = stamped(305, "process_started")
+
+    def planned(now: int, stamps: dict[str, float], previous: dict = RUNNING_GANG) -> Any:
+        seen = Observed(now=at_offset(now), job=job, outcome=out, stamps=stamps)
+        return plan(ftj(previous), seen)
+
+    result = planned(400, waiting)
+    assert [a.kind for a in result.actions] == ["delete"]
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+    assert cond(result.status, "Running")["message"].startswith(  # type: ignore[index]
+        f"pod demo-0-fghij (rank 0) was made at {at_offset(300)}, after the rest of the gang, and "
+        "has waited 95 s for it to form: the pod it replaces went without the gang stopping"
+    )
+    # Not yet past the hang timeout; formed (with the replacement: a rejoin); a restart
+    # recorded since the gang's pods were made (a stop some pass saw); no stamps (not scraped).
+    restarted = {**RUNNING_GANG, "checkpoints": {"lastRestartTime": at_offset(250)}}
+    for now, stamps, previous in (
+        (370, waiting, RUNNING_GANG),
+        (400, {**waiting, **stamped(310, "rendezvous")}, RUNNING_GANG),
+        (400, waiting, restarted),
+        (400, {}, RUNNING_GANG),
+    ):
+        quiet = planned(now, stamps, previous)
+        assert quiet.actions == [] and quiet.status["attempts"] == 1, (now, stamps, previous)
+    # A member not started yet (pending): rank 0 waits for it.
+    pending = [made_at(0, 300, "fghij"), made_at(1, 0)]
+    pending[1]["status"]["phase"] = "Pending"
+    slow = Observed(now=at_offset(400), job=job, outcome=observe_job(job, pending), stamps=waiting)
+    assert plan(ftj(RUNNING_GANG), slow).actions == []
+    # Made with the rest of the gang: its first forming, however long it waits.
+    first = observe_job(job, [made_at(0, 3, "fghij"), made_at(1, 0)])
+    seen = Observed(
+        now=at_offset(900), job=job, outcome=first, stamps=stamped(5, "process_started")
+    )
+    assert plan(ftj(RUNNING_GANG), seen).actions == []
+
+
 def test_a_silent_pod_is_waited_for_then_counted_if_its_node_stays_ready() -> None:
     job, pods_ = failed_at(NOW), [ended(0, 1, HUNG), on_node(1)]
     policy = ftj({"attempts": 1}, backoffLimit=0)
