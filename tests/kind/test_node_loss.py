@@ -187,6 +187,20 @@ def on_the_control_plane() -> Obj:
     }
 
 
+def register_again(kube: Any, saved: Obj) -> None:
+    """The deleted Node made again as it was (its name, labels, annotations and pod CIDR), for
+    its kubelet to take up. Left to register itself, the kubelet would get the next free pod
+    CIDR, and this cluster's routes and bridge (hack/kind/cluster.sh network) the old one."""
+    meta, spec = saved["metadata"], saved["spec"]
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {k: meta[k] for k in ("name", "labels", "annotations") if k in meta},
+        "spec": {k: spec[k] for k in ("podCIDR", "podCIDRs", "providerID") if k in spec},
+    }
+    kube("create", "-f", "-", input=json.dumps(node))
+
+
 def node_ready(kube: Any, name: str) -> bool:
     found = kube.json("get", "nodes")["items"]
     node = next((n for n in found if n["metadata"]["name"] == name), None)
@@ -208,9 +222,9 @@ def test_a_deleted_nodes_pod_is_replaced_and_the_gang_restarts_without_its_hang_
     node does not give up: its hang timeout (900 s) stands for a phase the trainer does not time
     (a load, a save, the push), where it would wait for torch's 30-minute timeout. The operator
     restarts the gang as attempt 2, a disruption, from the pod marked DeletionByPodGC or, when
-    no pass saw it, from its replacement, made after rank 0's gang formed. The worker's kubelet
-    is then restarted (a kubelet registers its Node only as it starts), attempt 2 trains on
-    both nodes again, and the job succeeds with backoffLimit 0. The Hub double runs on the
+    no pass saw it, from its replacement, made after rank 0's gang formed. The Node is then made
+    again as it was and its kubelet restarted, attempt 2 trains on both nodes again, and the
+    job succeeds with backoffLimit 0. The Hub double runs on the
     control-plane node, which stays."""
     ns, name = test_namespace, DELETED
     token = f"deltok{secrets.token_hex(16)}"
@@ -220,6 +234,7 @@ def test_a_deleted_nodes_pod_is_replaced_and_the_gang_restarts_without_its_hang_
     record = train_past_a_checkpoint(kube, ns, job)
     worker = record["worker"]
     t0 = time.monotonic()
+    saved = kube.json("get", "node", worker)
     docker("pause", worker)
     try:
         kube("delete", "node", worker, "--wait=false")
@@ -238,6 +253,7 @@ def test_a_deleted_nodes_pod_is_replaced_and_the_gang_restarts_without_its_hang_
         assert "its rank stopped before the gang could save" in message, message
         assert "the gang restarts as attempt 2, from its last checkpoint" in message, message
     finally:
+        register_again(kube, saved)
         docker("unpause", worker)
         docker("exec", worker, "systemctl", "restart", "kubelet")
         poll(
