@@ -43,6 +43,11 @@ PENDING_CHECK_SECONDS = (10.0, 60.0)
 # a gang forms seconds after its pods are made, and a replacement comes at least the pod garbage
 # collector's 40 s quarantine after its node went.
 FORMED_SKEW_SECONDS = 10.0
+# What a replacement that no pass saw coming says of the pod it replaces (`_replaced_unseen`).
+GONE_UNSEEN = (
+    "the pod it replaces went without the gang stopping with it (removed with its node by the "
+    "pod garbage collector, or force-deleted)"
+)
 # What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
 PENDING_HINTS = {
     Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
@@ -831,13 +836,6 @@ def _replaced_unseen(
         out, made, stamps, ckpt, hang_timeout, now
     )
     return replace(out, leaving=leaving) if leaving is not None else out
-
-
-# What a replacement that no pass saw coming says of the pod it replaces (`_replaced_unseen`).
-GONE_UNSEEN = (
-    "the pod it replaces went without the gang stopping with it (removed with its node by the "
-    "pod garbage collector, or force-deleted)"
-)
 
 
 def _member_replaced(
