@@ -71,9 +71,9 @@ CRASH = json.dumps({"status": "Failed", "reason": "TrainingFailed", "message": "
 HUNG = json.dumps(
     {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step for 60 s after step 7"}
 )
-# What the node lifecycle controller says of a node whose kubelet fell silent.
 INDEX = "batch.kubernetes.io/job-completion-index"
 JOB_NAME = "finetune.dev/job-name"
+# What the node lifecycle controller says of a node whose kubelet fell silent.
 UNREACHABLE = "Ready=Unknown, NodeStatusUnknown: Kubelet stopped posting node status."
 
 
