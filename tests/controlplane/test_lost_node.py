@@ -334,15 +334,21 @@ def restarted_as_attempt_2(
 ) -> str:
     """Wait for the gang's restart as attempt 2, counted as one disruption (the job goes on
     with backoffLimit 0); the restart's Event message. Running may say by then why attempt 2's
-    pods wait (no node fits them here), so the Event tells what happened."""
+    pods wait (no node fits them here), so the Event tells what happened (the operator posts
+    it after the status write)."""
     status = wait_until(
         lambda: (s := ftj_status(kube, ns, name)).get("attempts") == 2 and s,
         timeout=timeout,
         message="the gang restarted as attempt 2",
     )
     assert status["disruptions"] == 1 and status["phase"] != "Failed"
-    events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
-    (message,) = [e["message"] for e in events if e["reason"] == Reason.RESTARTING]
+
+    def restart_events() -> list[str]:
+        events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
+        return [e["message"] for e in events if e["reason"] == Reason.RESTARTING]
+
+    # Posted once the status is written.
+    (message,) = wait_until(restart_events, timeout=30, message="the restart's Event")
     return str(message)
 
 
