@@ -75,7 +75,8 @@ class Reason(StrEnum):
     # grace period (its node does not answer, or a finalizer holds it); the next attempt waits.
     POD_STUCK_TERMINATING = "PodStuckTerminating"
     # Running=False: a running pod's node is not ready (its kubelet stopped answering): its rank
-    # may be lost with it. The other ranks end the attempt after runPolicy.hangTimeoutSeconds.
+    # may be lost with it. The other ranks end the attempt after runPolicy.hangTimeoutSeconds,
+    # or, in a phase they do not time, the gang restarts once Kubernetes evicts the pod.
     NODE_NOT_READY = "NodeNotReady"
     # A child with this FineTuneJob's name exists and is not controlled by it: left untouched.
     NAME_CONFLICT = "NameConflict"
