@@ -412,7 +412,13 @@ class TrainingSpec(ApiModel):
         100, ge=1, description="checkpointEverySteps saves a resumable checkpoint. Default 100."
     )
     checkpoints_to_keep: int = Field(
-        2, ge=1, le=100, description="checkpointsToKeep: older checkpoints are deleted. Default 2."
+        2,
+        ge=1,
+        le=100,
+        description="checkpointsToKeep: older checkpoints are deleted. The store holds one more "
+        "while the next is written; a store that is full keeps fewer (every checkpoint but the "
+        "newest is deleted, with a warning) and fails the job only when it cannot hold the "
+        "newest and the next. Default 2.",
     )
     # text-to-image only (FineTuneJobSpec's rules say so).
     resolution: int | None = Field(
@@ -613,8 +619,8 @@ class CheckpointStorage(ApiModel):
         "30Gi",
         description="size of the ReadWriteOnce claim the operator creates for a one-node gang, "
         "owned by the FineTuneJob and deleted with it; it holds the hf:// model and dataset "
-        "too (as much as template.cacheSize allows a pod, plus 10Gi of checkpoints). Default "
-        "30Gi.",
+        "too (as much as template.cacheSize allows a pod, plus 10Gi of checkpoints: room for "
+        "training.checkpointsToKeep + 1 of them). Default 30Gi.",
     )
     storage_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
         None,

@@ -71,3 +71,10 @@ def worker_node(kube: Callable[..., str]) -> str:
     names = kube("get", "nodes", "-l", f"!{CONTROL_PLANE}", "-o", "name").split()
     assert len(names) == 1, f"expected one worker node, found {names}"
     return names[0].split("/", 1)[1]
+
+
+def control_plane_node(kube: Callable[..., str]) -> str:
+    """The name of the cluster's control-plane node (kind has one)."""
+    names = kube("get", "nodes", "-l", CONTROL_PLANE, "-o", "name").split()
+    assert len(names) == 1, f"expected one control-plane node, found {names}"
+    return names[0].split("/", 1)[1]

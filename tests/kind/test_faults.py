@@ -27,6 +27,11 @@ The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing ever
 - ft-push503 / ft-push403 (1 node, 10 steps): the double fails the job's commits (scoped to its
   repo) with 503 three times (retried in the pod: Succeeded, one push) or with 403 (Failed,
   PushFailed, no second attempt).
+- ft-full (1 node, 10 steps; on kind's own nodes only): its checkpoints are on a claim of yours,
+  a local PersistentVolume on a tmpfs of the control-plane node's, with room for the model and
+  data it caches there and less than two checkpoints: it fails at once, before training, with
+  InvalidSpec naming spec.output.checkpoints.size (one attempt). Then the tmpfs is made larger,
+  as a claim is expanded, and the job made again on the same claim trains and pushes.
 
 Each 2-node job's perplexity after training must match the uninterrupted run of the same spec:
 test_e2e.py's, when it ran earlier in the session, else an `ft-ref` job trained alongside. At the
@@ -62,7 +67,7 @@ from typing import Any, TypeVar
 
 import pytest
 import test_e2e
-from kind_tools import epoch, is_ready, worker_node
+from kind_tools import DOCKER, control_plane_node, epoch, is_ready, run, worker_node
 from test_e2e import example_job, setup_hub, training_key
 
 import conftest
@@ -97,6 +102,10 @@ PPL_TOLERANCE = 0.02
 # operator's first passes share 2 cores with ten training pods.
 CONVERGE_S = 120.0
 PUSH503_COUNT = 3
+FULL = "ft-full"
+# ft-full's room beside the model and data: less than two of its checkpoints (its LoRA weights
+# and their AdamW moments, 2.8Mi); then room for many.
+FULL_ROOM, LARGER_ROOM = 2 * 2**20, 64 * 2**20
 
 RESUMED = re.compile(r"resumed from step (\d+)")
 # Lines of a trainer pod's log that mark where a restart's seconds went: the trainer imported
@@ -947,6 +956,102 @@ def ref_scenario(suite: Suite, record: Obj) -> None:
     record["final"] = suite.wait_finished(REF)
 
 
+@dataclass
+class SmallClaim:
+    """A claim of yours on a volume that fills up: a local PersistentVolume on a tmpfs that a kind
+    node's container mounts (its writes fail with the kernel's ENOSPC, as a full disk's do), bound
+    to the claim by name."""
+
+    kube: Any
+    ns: str
+    name: str
+    node: str
+
+    @property
+    def volume(self) -> str:
+        """The PersistentVolume's name, and its folder's under /mnt on the node."""
+        return f"{self.ns}-{self.name}"
+
+    @property
+    def path(self) -> str:
+        return f"/mnt/{self.volume}"
+
+    def create(self, size: int) -> None:
+        mount = f"mount -t tmpfs -o size={size},mode=0777 tmpfs {self.path}"
+        run([DOCKER, "exec", self.node, "sh", "-c", f"mkdir -p {self.path} && {mount}"], 60)
+        on_node = {"key": "kubernetes.io/hostname", "operator": "In", "values": [self.node]}
+        terms = [{"matchExpressions": [on_node]}]
+        self.kube.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": self.volume},
+                "spec": {
+                    "capacity": {"storage": str(size)},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "",
+                    "claimRef": {"namespace": self.ns, "name": self.name},
+                    "local": {"path": self.path},
+                    "nodeAffinity": {"required": {"nodeSelectorTerms": terms}},
+                },
+            }
+        )
+        self.kube.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": self.name},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "",
+                    "volumeName": self.volume,
+                    "resources": {"requests": {"storage": str(size)}},
+                },
+            },
+            self.ns,
+        )
+
+    def resize(self, size: int) -> None:
+        """Larger, as `kubectl edit pvc` expands a claim where its StorageClass allows it: the
+        files on it stay."""
+        run([DOCKER, "exec", self.node, "mount", "-o", f"remount,size={size}", self.path], 60)
+
+    def remove(self) -> None:
+        self.kube("delete", "pv", self.volume, "--wait=false", check=False)
+        script = f"umount -l {self.path}; rmdir {self.path}"
+        run([DOCKER, "exec", self.node, "sh", "-c", script], 60, check=False)
+
+
+def full_store_scenario(job: Obj, claim: SmallClaim) -> Callable[[Suite, Obj], None]:
+    def scenario(suite: Suite, record: Obj) -> None:
+        first = record["first"] = suite.wait_finished(FULL)
+        claim.resize(LARGER_ROOM + claim_used(suite))
+        suite.kube("-n", suite.ns, "delete", "finetunejob", FULL, "--wait=true", timeout=WAIT_S)
+        suite.kube.apply(job, suite.ns)
+        uid = first["metadata"]["uid"]
+
+        def again() -> Obj | None:
+            ftj = suite.view.ftjs.get(FULL)
+            made_again = ftj is not None and ftj["metadata"]["uid"] != uid
+            finished = made_again and (ftj.get("status") or {}).get("phase") in FINISHED
+            return ftj if finished else None
+
+        record["final"] = suite.view.wait(f"{FULL} made again to finish", again)
+
+    return scenario
+
+
+def claim_used(suite: Suite) -> int:
+    """What the model and the data that ft-full fetches take (their files in the double)."""
+    used = 0
+    for kind, repo in (("models", "org/tiny"), ("datasets", "org/tiny-data")):
+        got = suite.hub.fetch(f"{suite.hub.endpoint}/api/{kind}/{repo}", auth=True)
+        assert got["status"] == 200, got
+        used += int(json.loads(got["body"])["usedStorage"])
+    return used
+
+
 # ---- jobs ------------------------------------------------------------------------------------
 
 
@@ -984,6 +1089,8 @@ def suite(
     view = View(kube, ns, logs)
     worker = worker_node(kube)
     s: Suite | None = None
+    # `docker exec` reaches kind's own nodes only.
+    full = None if conftest.CONTEXT else SmallClaim(kube, ns, FULL, control_plane_node(kube))
     try:
         hub = setup_hub(kube, ns, token, timing, images)
         s = Suite(kube, ns, hub, token, operator_release, timing, view, worker)
@@ -999,6 +1106,11 @@ def suite(
             P503: fault_job(ns, hub.endpoint, P503, nodes=1),
             P403: fault_job(ns, hub.endpoint, P403, nodes=1),
         }
+        if full is not None:
+            full.create(FULL_ROOM + claim_used(s))
+            jobs[FULL] = fault_job(ns, hub.endpoint, FULL, nodes=1)
+            claim = {"persistentVolumeClaim": {"claimName": FULL}}
+            jobs[FULL]["spec"]["output"]["checkpoints"] = claim
         # Its gate cannot be met: the run ends EvaluationGateFailed, and nothing is pushed.
         jobs[HANG]["spec"]["evaluation"]["gates"] = {"perplexity": 1.0}
         jobs[HANG]["spec"]["template"]["terminationGracePeriodSeconds"] = HANG_GRACE_S
@@ -1014,6 +1126,8 @@ def suite(
         s.run("hang", hang_scenario)
         s.run("push503", push_scenario(P503))
         s.run("push403", push_scenario(P403))
+        if full is not None:
+            s.run("full", full_store_scenario(jobs[FULL], full))
         if REF in jobs:
             s.run("ref", ref_scenario)
         timing.record("faults_setup", time.monotonic() - t0)
@@ -1032,6 +1146,8 @@ def suite(
                 (out / f"operator-{name}.log").write_text(text)
             print(f"\ndiagnostics: {out}")
         kube("uncordon", worker, check=False)
+        if full is not None:
+            full.remove()
         if os.environ.get("FINETUNE_E2E_KEEP") != "1":
             kube("delete", "namespace", ns, "--wait=false", check=False)
         timing.record("faults_module_total", time.monotonic() - t0)
@@ -1308,6 +1424,32 @@ def test_push_403_fails_without_retraining(suite: Suite, check: Checks) -> None:
     check("403" in condition(st, "Failed").get("message", ""), f"{P403}: {condition(st, 'Failed')}")
     nothing_pushed(check, suite, st, P403)
     children_unique(check, suite, P403, 1, claim=True)
+    check.finish()
+
+
+def test_a_full_checkpoint_claim_fails_at_once_and_a_larger_one_trains(
+    suite: Suite, check: Checks
+) -> None:
+    if conftest.CONTEXT:
+        pytest.skip("ft-full's volume is a tmpfs that `docker exec` mounts on a kind node")
+    record = outcome_of(suite, "full")
+    st = finished_as(check, record["first"], "Failed", "InvalidSpec")
+    message = condition(st, "Failed").get("message", "")
+    check(
+        message.startswith(
+            "spec.output.checkpoints.size: no space left for the newest checkpoint and the next"
+        ),
+        f"{FULL}: {message}",
+    )
+    check(st.get("attempts") == 1, f"{FULL}: {st.get('attempts')} attempts: the claim is no larger")
+    step = (st.get("progress") or {}).get("step")
+    check(not step, f"{FULL}: trained to step {step} before it failed")
+    st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
+    check(
+        (st.get("progress") or {}).get("step") == PUSH_STEPS,
+        f"{FULL} made again: {st.get('progress')}",
+    )
+    pushed_once(check, suite, st, FULL)
     check.finish()
 
 

@@ -5,6 +5,7 @@ Everything is offline and runs real processes: `finetune train` started with the
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,24 @@ def gang(tmp_path: Path, base_env: dict[str, str]) -> Iterator[Callable[..., Gan
     yield make
     for g in made:
         g.kill()
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """A real filesystem that fills up: a tmpfs of the given bytes, whose writes fail with the
+    kernel's own ENOSPC, as a full claim's do (mounting needs root, as the kind tests do)."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"volume-{len(mounted)}"
+        where.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(where)],
+            check=True,
+        )
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)

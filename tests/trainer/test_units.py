@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -205,6 +206,116 @@ def test_checkpoints_atomic_discovery_and_rotation(tmp_path: Path) -> None:
     assert loaded.state.step == 30
     assert torch.equal(loaded.trainable["w"], torch.full((2,), 30.0))
     checkpoint.restore_rng(loaded.rng[0])
+
+
+def _checkpoint_of(step: int, trainable_bytes: int) -> Any:
+    import torch
+
+    from finetune_trainer import checkpoint
+
+    return checkpoint.Checkpoint(
+        state=checkpoint.TrainerState(step=step, epoch=0, batches_in_epoch=step, world_size=1),
+        trainable={"w": torch.full((trainable_bytes // 4,), float(step))},
+        optimizer={"state": {}, "param_groups": []},
+        scheduler={"last_epoch": step},
+        rng=[checkpoint.capture_rng()],
+    )
+
+
+def _scratch_left(root: Path) -> list[str]:
+    from finetune_trainer.job_folder import TMP_PREFIX
+
+    return [p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_full_store_deletes_older_checkpoints_and_saves(
+    small_volume: Callable[[int], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from finetune_trainer import checkpoint
+
+    root = small_volume(300 * 1024) / "job"  # room for two checkpoints of 100 KiB, not three
+    for step in (1, 2):
+        checkpoint.save(root, _checkpoint_of(step, 100 * 1024), keep=3)
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.checkpoint"):
+        checkpoint.save(root, _checkpoint_of(3, 100 * 1024), keep=3)
+    assert [s for s, _ in checkpoint.list_complete(root)] == [2, 3]
+    assert "deleting 1 older checkpoint(s)" in caplog.text and "checkpointsToKeep=3" in caplog.text
+    assert _scratch_left(root) == []
+    newest = checkpoint.latest(root)
+    assert newest is not None and checkpoint.load(newest).trainable["w"][0] == 3.0
+
+
+def test_a_store_too_small_for_the_next_checkpoint_fails_as_the_field_that_sizes_it(
+    small_volume: Callable[[int], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from finetune_api import pod
+    from finetune_trainer import checkpoint
+
+    volume = small_volume(200 * 1024)  # room for one checkpoint of 100 KiB, not two
+    monkeypatch.setenv(pod.CHECKPOINT_DIR_ENV, str(volume))
+    root = volume / "job"
+    checkpoint.save(root, _checkpoint_of(1, 100 * 1024), keep=1)
+    free = shutil.disk_usage(volume).free
+    with pytest.raises(ManifestError) as caught:
+        checkpoint.save(root, _checkpoint_of(2, 100 * 1024), keep=1)
+    [error] = caught.value.errors
+    assert error.path == "spec.output.checkpoints.size"
+    # The size to make room for: the trainable 100Ki, and the RNG states beside it.
+    assert re.search(r"checkpoint of step 2 \(about 10\d(\.\d)?Ki\)", error.message)
+    assert "checkpointsToKeep + 1 = 2 checkpoints" in error.message
+    assert error.message.endswith("the one of step 1 is kept")
+    # Nothing is lost, and the partial write does not take the room of the next try.
+    assert [s for s, _ in checkpoint.list_complete(root)] == [1]
+    assert _scratch_left(root) == [] and shutil.disk_usage(volume).free == free
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_a_store_without_room_for_two_checkpoints_is_refused_before_training(
+    small_volume: Callable[[int], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_api import pod
+    from finetune_trainer import checkpoint
+
+    volume = small_volume(300 * 1024)
+    monkeypatch.setenv(pod.CHECKPOINT_DIR_ENV, str(volume))
+    root = volume / "job"
+    # Two of 160Ki do not fit; one is all a run with a single save due ever holds.
+    with pytest.raises(ManifestError) as caught:
+        checkpoint.check_room(root, 160 * 1024, saves=2, keep=2)
+    [error] = caught.value.errors
+    assert error.path == "spec.output.checkpoints.size"
+    assert "the newest checkpoint and the next, about 160Ki each" in error.message
+    assert "with 300Ki free" in error.message and "checkpointsToKeep + 1 = 3" in error.message
+    checkpoint.check_room(root, 160 * 1024, saves=1, keep=2)
+    checkpoint.check_room(root, 140 * 1024, saves=2, keep=2)
+    # What the job's own checkpoints take is room too: all but the newest may go.
+    checkpoint.save(root, _checkpoint_of(1, 100 * 1024), keep=2)
+    checkpoint.save(root, _checkpoint_of(2, 100 * 1024), keep=2)
+    checkpoint.check_room(root, 140 * 1024, saves=1, keep=2)
+    with pytest.raises(ManifestError):
+        checkpoint.check_room(root, 160 * 1024, saves=1, keep=2)
+
+
+def test_saves_due_counts_every_multiple_and_the_last_step() -> None:
+    from finetune_trainer.checkpoint import saves_due
+
+    assert saves_due(0, 6, 2) == 3  # 2, 4, 6
+    assert saves_due(0, 6, 4) == 2  # 4, 6
+    assert saves_due(4, 6, 4) == 1  # 6
+    assert saves_due(0, 3, 5) == 1  # 3
+    assert saves_due(6, 6, 2) == 0
+
+
+def test_quantity_rounds_up_to_what_a_spec_would_say() -> None:
+    from finetune_trainer.job_folder import quantity
+
+    assert quantity(512) == "512"
+    assert quantity(100 * 1024) == "100Ki"
+    assert quantity(100 * 1024 + 1) == "100.1Ki"
+    assert quantity(30 * 2**30) == "30Gi"
+    assert quantity(int(1.55 * 2**40)) == "1.6Ti"
 
 
 def test_sharded_batches_are_disjoint_equal_and_resumable() -> None:

@@ -18,6 +18,7 @@ from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_hub_double import HubDouble
 from finetune_trainer import fetch
+from finetune_trainer.job_folder import no_space
 from finetune_trainer.sources import SourceNotFound
 
 MODEL, DATASET = "org/base", "org/text"
@@ -202,10 +203,10 @@ def test_the_prefetch_resolves_first_then_downloads_and_leaves_a_failure_to_rank
 def test_a_full_cache_is_the_field_that_sizes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same volume would fill again: a spec error naming what to make larger."""
     monkeypatch.delenv(pod.CHECKPOINT_DIR_ENV, raising=False)
-    on_claim = fetch._too_small("model", MODEL, Path(pod.SOURCE_CACHE_DIR))
+    on_claim = no_space(f"the model {MODEL}", Path(pod.SOURCE_CACHE_DIR))
     assert [e.path for e in on_claim.errors] == ["spec.output.checkpoints.size"]
     assert MODEL in str(on_claim) and "larger" in str(on_claim)
-    in_pod = fetch._too_small("dataset", DATASET, Path(pod.HF_HOME) / "hub")
+    in_pod = no_space(f"the dataset {DATASET}", Path(pod.HF_HOME) / "hub")
     assert [e.path for e in in_pod.errors] == ["spec.template.cacheSize"]
 
 

@@ -13,22 +13,31 @@ and `adopt`ed: renamed into place like a saved one, once it is known to be compl
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from finetune_trainer.job_folder import COMPLETE_MARKER, TMP_PREFIX
+from finetune_api import ManifestError
+from finetune_trainer.job_folder import COMPLETE_MARKER, TMP_PREFIX, no_space, quantity
 
 STATE_FILE = "trainer_state.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,21 +121,138 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(root: Path, ckpt: Checkpoint, keep: int) -> Path:
-    """Write a checkpoint atomically and delete the oldest beyond `keep`."""
-    tmp = scratch(root)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in ckpt.trainable.items()},
-        tmp / "trainable.safetensors",
-    )
-    torch.save(ckpt.optimizer, tmp / "optimizer.pt")
-    torch.save(ckpt.scheduler, tmp / "scheduler.pt")
-    torch.save(ckpt.rng, tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(ckpt.state)))
-    (tmp / COMPLETE_MARKER).write_text("")
-    _fsync_dir(tmp)
-    final = _publish(root, tmp, ckpt.state.step)
+    """Write a checkpoint atomically and delete the oldest beyond `keep`.
+
+    A full store first makes room: every checkpoint but the newest goes, and the write is tried
+    once more, so training goes on with fewer kept than `keep`. If the store cannot hold even the
+    newest and this one, the error names the spec field that sizes it: another attempt would
+    only train to the same save and fail there again."""
+    for last_try in (False, True):
+        try:
+            final = _write(root, ckpt)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            older = [folder for _, folder in list_complete(root)[:-1]]
+            if last_try or not older:
+                raise _no_room(root, ckpt, keep) from exc
+            log.warning(
+                "no space left in %s for the checkpoint of step %d: deleting %d older checkpoint(s)"
+                " to keep training; the store holds fewer than checkpointsToKeep=%d",
+                root,
+                ckpt.state.step,
+                len(older),
+                keep,
+            )
+            for folder in older:
+                shutil.rmtree(folder, ignore_errors=True)
     rotate(root, keep)
     return final
+
+
+def _write(root: Path, ckpt: Checkpoint) -> Path:
+    with writing(root) as tmp:
+        _save_tensors(
+            {k: v.detach().cpu().contiguous() for k, v in ckpt.trainable.items()},
+            tmp / "trainable.safetensors",
+        )
+        states = {"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler, "rng": ckpt.rng}
+        for name, state in states.items():
+            _torch_save(state, tmp / f"{name}.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(ckpt.state)))
+        (tmp / COMPLETE_MARKER).write_text("")
+        _fsync_dir(tmp)
+    return _publish(root, tmp, ckpt.state.step)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O errors raised as OSError: its Rust writer reports them as
+    SafetensorError, with the errno only in the text ("No space left on device (os error 28)")."""
+    try:
+        save_file(tensors, path)
+    except SafetensorError as exc:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a failed write raises OSError with its errno: given a
+    path, torch's own writer fails with a RuntimeError that names no cause."""
+    with path.open("wb") as f:
+        torch.save(obj, f)
+
+
+def _no_room(root: Path, ckpt: Checkpoint, keep: int) -> ManifestError:
+    size = quantity(_nbytes([ckpt.trainable, ckpt.optimizer, ckpt.scheduler, ckpt.rng]))
+    kept = [step for step, _ in list_complete(root)]
+    also = f"; the one of step {kept[-1]} is kept" if kept else ""
+    return no_space(
+        f"the checkpoint of step {ckpt.state.step} (about {size})", root, _room_for(keep) + also
+    )
+
+
+def _room_for(keep: int) -> str:
+    return (
+        f", to hold training.checkpointsToKeep + 1 = {keep + 1} checkpoints and the model and data"
+        " cached there, if any (a checkpoint is deleted only once the next is written)"
+    )
+
+
+# AdamW keeps two moments of each trainable weight, in the weight's dtype.
+ADAMW_MOMENTS = 2
+
+
+def expected_size(model: torch.nn.Module) -> int:
+    """About the bytes of one checkpoint of `model`, whole (before it is sharded): its trainable
+    weights and AdamW's moments of them. The scheduler's and the RNG states are small beside."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return (1 + ADAMW_MOMENTS) * weights
+
+
+def saves_due(step: int, total_steps: int, every: int) -> int:
+    """How many checkpoints a run from `step` to `total_steps` writes: at each multiple of
+    `every`, and at the last step."""
+    if total_steps <= step:
+        return 0
+    return total_steps // every - step // every + (1 if total_steps % every else 0)
+
+
+def check_room(root: Path, size: int, saves: int, keep: int) -> None:
+    """Fail before training, not at a save an hour into it, when the store cannot hold what
+    `save` needs at the least: the newest checkpoint and the next, each about `size`, once the
+    run (with `saves` still due) has two. A lower bound, so it refuses no store that would do;
+    `save` handles what it misses."""
+    held = list_complete(root)
+    if saves + min(len(held), 1) < 2:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    # What deleting them frees: the blocks they take.
+    ours = sum(f.stat().st_blocks * 512 for _, folder in held for f in folder.iterdir())
+    room = shutil.disk_usage(root).free + ours
+    if 2 * size > room:
+        raise no_space(
+            f"the newest checkpoint and the next, about {quantity(size)} each (the trainable "
+            f"weights and AdamW's two moments of each), with {quantity(room)} free",
+            root,
+            _room_for(keep),
+        )
+
+
+def _nbytes(obj: Any) -> int:
+    """The bytes of the tensors in `obj` (nested dicts and lists): about its size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _publish(root: Path, folder: Path, step: int) -> Path:
@@ -145,6 +271,18 @@ def scratch(root: Path) -> Path:
     folder = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     folder.mkdir()
     return folder
+
+
+@contextmanager
+def writing(root: Path) -> Iterator[Path]:
+    """A `scratch` folder to write into, deleted if the writing fails: on a full volume its
+    partial files would take the room that the next try needs."""
+    tmp = scratch(root)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def adopt(root: Path, folder: Path) -> Path:

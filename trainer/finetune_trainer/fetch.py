@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from finetune_api import FieldError, ManifestError, pod
 from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.job_folder import no_space
 from finetune_trainer.sources import SourceKind, SourceNotFound, downloading
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class Snapshot:
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            raise _too_small(self.kind, self.repo, _hub_cache()) from exc
+            raise no_space(f"the {self.kind} {self.repo}", _hub_cache()) from exc
 
     def lock(self) -> Any:
         """The file lock that lets one process of all those sharing the cache download it."""
@@ -284,23 +284,6 @@ def _model_files(repo: str, commit: str, token: str | None) -> list[str]:
     info = HfApi(token=token).model_info(repo, revision=commit, token=token)
     files = model_files_to_fetch([s.rfilename for s in info.siblings or []])
     return [glob.escape(f) for f in files]
-
-
-def _too_small(kind: SourceKind, repo: str, cache: Path) -> ManifestError:
-    """A full cache, as the spec field that sizes it: the same volume would fill again."""
-    checkpoints = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
-    field = (
-        "spec.output.checkpoints.size"
-        if cache.is_relative_to(checkpoints)
-        else "spec.template.cacheSize"
-    )
-    what = (
-        "the checkpoint claim (output.checkpoints.size, or your persistentVolumeClaim's size)"
-        if field.endswith(".size")
-        else "template.cacheSize"
-    )
-    message = f"no space left for the {kind} {repo} in {cache}: make {what} larger"
-    return ManifestError([FieldError(field, message)])
 
 
 class Peers(Protocol):

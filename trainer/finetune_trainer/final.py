@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from finetune_api.result import TrainerResult
-from finetune_trainer.checkpoint import _fsync_dir
+from finetune_trainer.checkpoint import _fsync_dir, writing
 
 # Shared with checkpoints: the same marker, and a temporary prefix that checkpoint.rotate sweeps.
 from finetune_trainer.job_folder import COMPLETE_MARKER, FINAL_FOLDER, TMP_PREFIX, final_kept
@@ -47,13 +47,12 @@ class SavedFinal:
 
 def save(root: Path, artifact_dir: Path, result: TrainerResult) -> SavedFinal:
     """Copy `artifact_dir` and `result` into `root/final`, atomically."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{FINAL_FOLDER}-{uuid.uuid4().hex}"
-    shutil.copytree(artifact_dir, tmp / ARTIFACT)
-    # The whole result, not the clipped termination message: every score is kept.
-    (tmp / RESULT_FILE).write_text(result.model_dump_json(by_alias=True, exclude_none=True))
-    (tmp / COMPLETE_MARKER).write_text("")
-    _fsync_dir(tmp)
+    with writing(root) as tmp:
+        shutil.copytree(artifact_dir, tmp / ARTIFACT)
+        # The whole result, not the clipped termination message: every score is kept.
+        (tmp / RESULT_FILE).write_text(result.model_dump_json(by_alias=True, exclude_none=True))
+        (tmp / COMPLETE_MARKER).write_text("")
+        _fsync_dir(tmp)
     final = root / FINAL_FOLDER
     if final.exists():  # one of another artifact kind (see `load`): this one replaces it
         stale = root / f"{TMP_PREFIX}{FINAL_FOLDER}-stale-{uuid.uuid4().hex}"

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
-from finetune_api import FineTuneJob, pod
+from finetune_api import FieldError, FineTuneJob, ManifestError, pod
 
 # Written last into a checkpoint and into the final artifact: a folder without it is not whole.
 COMPLETE_MARKER = "COMPLETE"
@@ -30,7 +31,6 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     default then leaves the folder of a job that does not set it where it was, so an upgrade
     between restarts still resumes.
     """
-    base = Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
     s = job.spec
     # gradientCheckpointing changes memory, and compile the kernels, not what is trained.
     training = s.training.model_dump(
@@ -44,7 +44,33 @@ def checkpoint_root(job: FineTuneJob) -> Path:
         s.resources.processes_per_node,
     ]
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
-    return base / f"{job.metadata.name}-{digest}"
+    return checkpoint_volume() / f"{job.metadata.name}-{digest}"
+
+
+def checkpoint_volume() -> Path:
+    """Where the checkpoint volume is mounted (another folder in local runs and tests)."""
+    return Path(os.environ.get(pod.CHECKPOINT_DIR_ENV) or pod.CHECKPOINT_DIR)
+
+
+def no_space(what: str, where: Path, hint: str = "") -> ManifestError:
+    """A full volume, as the spec field that sizes it: another attempt would fill it again."""
+    if where.is_relative_to(checkpoint_volume()):
+        field = "spec.output.checkpoints.size"
+        size = (
+            "the checkpoint claim (output.checkpoints.size, or your persistentVolumeClaim's size)"
+        )
+    else:
+        field, size = "spec.template.cacheSize", "template.cacheSize"
+    message = f"no space left for {what} in {where}: make {size} larger{hint}"
+    return ManifestError([FieldError(field, message)])
+
+
+def quantity(size: int) -> str:
+    """`size` bytes as a Kubernetes binary quantity, rounded up (what a spec's size would say)."""
+    for unit, scale in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size >= scale:
+            return f"{math.ceil(10 * size / scale) / 10:g}{unit}"
+    return str(size)
 
 
 def final_kept(root: Path) -> bool:

@@ -142,8 +142,13 @@ def _train(job: FineTuneJob) -> int:
     # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
     set_seed(spec.training.seed + accelerator.process_index)
     telemetry.record_phase(phases.MODEL_LOADED)
+    checkpoint_size = checkpoint.expected_size(model)  # whole: _prepare may shard the model
     run = _prepare(job, accelerator, task, data, model)
     state, resumed_from = _resume(run, ckpt_root, mirror)
+    if accelerator.is_main_process:  # the one rank that writes checkpoints
+        t = spec.training
+        saves = checkpoint.saves_due(state.step, run.total_steps, t.checkpoint_every_steps)
+        checkpoint.check_room(ckpt_root, checkpoint_size, saves, t.checkpoints_to_keep)
     telemetry.record_resume(resumed_from)
     # A resumed run keeps the before-training scores (and answers) of its first attempt.
     known = state.before_scores
