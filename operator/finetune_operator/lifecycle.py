@@ -177,7 +177,7 @@ class Outcome:
     lingering: Lingering | None = None
     # Set for PENDING and RUNNING: when each pod that is neither ended nor going was made (RFC
     # 3339), by name. A pod made after the gang formed replaces a member that left unseen
-    # (`status._replaced_unseen`).
+    # (`restarts.replaced_unseen`).
     made: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,34 +1,36 @@
 """`plan(job, observed)`: the next status and the actions that lead there. Pure.
 
-Conditions are the truth; `phase` is a summary of them for the printer column. Each condition
-keeps its lastTransitionTime while its status stays the same, so re-deriving the same situation
-twice gives the same status and the operator writes nothing.
+Conditions are the truth (finetune_operator.conditions); what a pass decides is planned here, with
+two parts in modules of their own: runPolicy.suspend (suspension) and gang restarts and resumes
+(restarts). Re-deriving the same situation twice gives the same status, and the operator writes
+nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_api import phases
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.result import TrainerResult
 from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, RunPolicy
 from finetune_operator import naming, timings
 from finetune_operator.checkpoints import CheckpointStore
+from finetune_operator.conditions import Conditions, phase_of, transitions
 from finetune_operator.kueue import Lookup, Workload
-from finetune_operator.lifecycle import (
-    STUCK_REASONS,
-    Leaving,
-    LostNode,
-    Obj,
-    Outcome,
-    State,
-    Stuck,
+from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
+from finetune_operator.restarts import (
+    node_not_ready,
+    record_resume,
+    replaced_before,
+    replaced_unseen,
+    restart_in_place,
+    with_restart,
 )
 from finetune_operator.settings import NODE_LOST_WAIT_SECONDS, STUCK_TERMINATING_SECONDS
+from finetune_operator.suspension import resume, suspend, workload_patch
+from finetune_operator.timings import later, seconds_between
 
 CT = ConditionType
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
@@ -38,16 +40,6 @@ TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 # that wait on something with no reason to show (a scheduling gate, a slow provisioner) then
 # cost a pass a minute, not six.
 PENDING_CHECK_SECONDS = (10.0, 60.0)
-# How much later than rank 0's gang formed a pod must be made to be a replacement
-# (`_replaced_unseen`): the stamp is rank 0's node's clock, a pod's creation the API server's;
-# a gang forms seconds after its pods are made, and a replacement comes at least the pod garbage
-# collector's 40 s quarantine after its node went.
-FORMED_SKEW_SECONDS = 10.0
-# What a replacement that no pass saw coming says of the pod it replaces (`_replaced_unseen`).
-GONE_UNSEEN = (
-    "the pod it replaces went without the gang stopping with it (removed with its node by the "
-    "pod garbage collector, or force-deleted)"
-)
 # What to fix, by the reason a pod cannot start (the PendingTimeout message ends with it).
 PENDING_HINTS = {
     Reason.IMAGE_PULL_BACK_OFF: "check that the image (spec.template.image, or the operator's "
@@ -178,47 +170,6 @@ class Plan:
     requeue_after: float | None = None
 
 
-class _Conditions:
-    def __init__(self, previous: list[Obj], now: str, generation: int) -> None:
-        self.by_type = {c["type"]: dict(c) for c in previous if "type" in c}
-        self.now, self.generation = now, generation
-
-    def set(self, type_: str, status: bool, reason: str, message: str = "") -> None:
-        value = "True" if status else "False"
-        old = self.by_type.get(type_)
-        changed = old is None or old.get("status") != value
-        self.by_type[type_] = {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message[:32768],
-            "lastTransitionTime": self.now if changed else old.get("lastTransitionTime", self.now),
-            "observedGeneration": self.generation,
-        }
-
-    def is_true(self, type_: str) -> bool:
-        return self.by_type.get(type_, {}).get("status") == "True"
-
-    def ordered(self) -> list[Obj]:
-        order = [str(t) for t in CT]
-        return sorted(
-            self.by_type.values(),
-            key=lambda c: order.index(c["type"]) if c["type"] in order else 99,
-        )
-
-
-def phase_of(conditions: _Conditions) -> Phase:
-    for type_, phase in (
-        (CT.FAILED, Phase.FAILED),
-        (CT.SUCCEEDED, Phase.SUCCEEDED),
-        (CT.SUSPENDED, Phase.SUSPENDED),
-        (CT.RUNNING, Phase.RUNNING),
-    ):
-        if conditions.is_true(type_):
-            return phase
-    return Phase.PENDING
-
-
 def evaluation_summary(
     evaluation: dict[str, Obj], gates: dict[str, float], metrics: list[str]
 ) -> str | None:
@@ -245,7 +196,7 @@ def _pushed_message(result: TrainerResult) -> str:
     return message
 
 
-def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
+def _apply_result(status: Obj, outcome: Outcome, conds: Conditions) -> None:
     result = outcome.result
     if result is None:
         return
@@ -276,7 +227,7 @@ def _apply_result(status: Obj, outcome: Outcome, conds: _Conditions) -> None:
         status["progress"] = progress
 
 
-def _finish(status: Obj, conds: _Conditions, now: str, ok: bool, reason: str, msg: str) -> None:
+def _finish(status: Obj, conds: Conditions, now: str, ok: bool, reason: str, msg: str) -> None:
     conds.set(CT.RUNNING, False, reason, msg)
     conds.set(CT.SUCCEEDED if ok else CT.FAILED, True, reason, msg)
     if conds.by_type.get(CT.SUSPENDED, {}).get("status") == "True":
@@ -284,217 +235,6 @@ def _finish(status: Obj, conds: _Conditions, now: str, ok: bool, reason: str, ms
     status["completionTime"] = status.get("completionTime") or now
     if ok:
         status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}
-
-
-def _seconds_between(earlier: str | None, later: str) -> float | None:
-    a, b = _time(earlier), _time(later)
-    if a is None or b is None:
-        return None
-    return max((b - a).total_seconds(), 0.0)
-
-
-def _checkpoints(
-    status: Obj, prev: Obj, conds: _Conditions, observed: Observed, attempt: int
-) -> tuple[float | None, str | None]:
-    """status.checkpoints and CheckpointsDurable. On each report of a new resume (the gang
-    re-formed: a new attempt, around a replaced pod, or after a suspend): the steps lost since
-    the last step read and, when a restart was under way, the seconds from its failure being
-    seen to the gang training again (rank 0 says when it resumed). Returns those seconds, and
-    the message of a restart that no pass saw begin (a pod replaced while no operator ran)."""
-    ckpt = dict(prev.get("checkpoints") or {})
-    if observed.store is not None:
-        ckpt.update(observed.store.to_status())
-        conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
-    resumed, at = observed.resumed_from_step, observed.resumed_at
-    restart_seconds, unseen = None, None
-    if resumed is not None and _new_resume(ckpt, attempt, resumed, at):
-        last_step = int((prev.get("progress") or {}).get("step") or 0)
-        ckpt["stepsLost"] = int(ckpt.get("stepsLost") or 0) + max(last_step - resumed, 0)
-        if restarting(ckpt, attempt):
-            restart_seconds = _seconds_between(ckpt.get("lastRestartTime"), at or observed.now)
-        elif (
-            at is not None and ckpt.get("attempt") == attempt and not _resumed_by_user(conds, ckpt)
-        ):
-            # The gang re-formed within the attempt, neither after a suspend nor after a stop
-            # some pass saw: a pod was replaced while no operator ran. It is a disruption too.
-            status["disruptions"] = int(prev.get("disruptions") or 0) + 1
-            # When it began is not known; it ended then, and this attempt's Job has replaced
-            # a pod (a second stop restarts the gang as a new attempt, see plan).
-            ckpt["lastRestartTime"] = at
-            unseen = (
-                f"the gang re-formed around a replaced pod and resumed from step {resumed} "
-                "(the pod was stopped while the operator was not running; a disruption does not "
-                "count against runPolicy.backoffLimit)"
-            )
-        ckpt["resumedFromStep"], ckpt["attempt"] = resumed, attempt
-        ckpt["lastResumeTime"] = at or observed.now
-    if ckpt:
-        status["checkpoints"] = ckpt
-    return restart_seconds, unseen
-
-
-def _resumed_by_user(conds: _Conditions, ckpt: Obj) -> bool:
-    """Whether runPolicy.suspend was lifted since the gang last resumed: its new pods resume."""
-    suspended = conds.by_type.get(CT.SUSPENDED) or {}
-    lifted = suspended.get("reason") == Reason.RESUMED
-    return lifted and _later(suspended.get("lastTransitionTime"), ckpt.get("lastResumeTime"))
-
-
-def _new_resume(ckpt: Obj, attempt: int, resumed: int, at: str | None) -> bool:
-    """Whether rank 0's report is a resume not yet recorded."""
-    if ckpt.get("attempt") != attempt:
-        return True
-    if at is None:  # a trainer that does not say when: new pods resume from another step
-        return resumed != ckpt.get("resumedFromStep")
-    return _later(at, ckpt.get("lastResumeTime"))
-
-
-def restarting(ckpt: Obj, attempt: int) -> bool:
-    """Whether a gang restart is under way as attempt `attempt` reports: its failure was seen
-    after the gang last resumed, or the gang last resumed in an earlier attempt (whose end was
-    recorded as this one was made). The attempt decides that case, not the times: they are whole
-    seconds, and a failure seen in the second of the last resume is not later than it."""
-    if ckpt.get("attempt") not in (None, attempt):
-        return True
-    return _later(ckpt.get("lastRestartTime"), ckpt.get("lastResumeTime"))
-
-
-def _later(a: str | None, b: str | None) -> bool:
-    """Whether RFC 3339 time `a` is later than `b` (any time is later than none)."""
-    ta, tb = _time(a), _time(b)
-    return ta is not None and (tb is None or ta > tb)
-
-
-def _time(ts: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
-    except ValueError:
-        return None
-
-
-def _suspended_here(conds: _Conditions) -> bool:
-    """Whether runPolicy.suspend suspended this FineTuneJob (or is suspending it)."""
-    old = conds.by_type.get(CT.SUSPENDED) or {}
-    return old.get("status") == "True" or old.get("reason") == Reason.SUSPENDING
-
-
-def _workload_actions(conds: _Conditions, policy: RunPolicy, wl: Workload) -> list[Action]:
-    """Kueue's half of runPolicy.suspend: its Workload's spec.active, the field Kueue leaves to
-    others (Job.spec.suspend is Kueue's). Deactivated while suspend is true; reactivated only
-    when it was this FineTuneJob's suspend that deactivated it: Kueue deactivates workloads
-    itself too (e.g. past their requeuing limit), and that verdict stands."""
-    if wl.lookup is not Lookup.FOUND or wl.refused:
-        return []
-    if policy.suspend and wl.active:
-        return [Action("activate", uid=wl.uid, name=wl.name, patch={"active": False})]
-    if not policy.suspend and not wl.active and _suspended_here(conds):
-        return [Action("activate", uid=wl.uid, name=wl.name, patch={"active": True})]
-    return []
-
-
-def _suspend(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -> None:
-    """runPolicy.suspend is true. Suspended=True only once the Job is suspended and its pods are
-    gone; until then Suspending, while the pods save their checkpoint (SIGTERM)."""
-    why = "runPolicy.suspend is true"
-    if out.state is State.SUSPENDED and out.live_pods == 0:
-        if not policy.queue_name:
-            message = f"{why}: the Job is suspended and its pods are gone"
-        elif wl.deactivated:
-            message = (
-                f"{why}: Kueue Workload {wl.name} is deactivated (spec.active=false), the Job "
-                "is suspended and its pods are gone"
-            )
-        else:
-            message = f"{why}: the Job is suspended and has no pods; {wl.where()}"
-            if wl.lookup is Lookup.NOT_YET:
-                message += " (it is deactivated as soon as it appears)"
-        conds.set(CT.SUSPENDED, True, Reason.SUSPENDED, message)
-        conds.set(CT.RUNNING, False, Reason.SUSPENDED, "suspended")
-        return
-    if out.state is State.SUSPENDED:
-        message = (
-            f"{why}: the Job is suspended and {out.live_pods} pod(s) are stopping: each got "
-            "SIGTERM and saves a checkpoint before it exits (reason Interrupted)"
-        )
-    elif not policy.queue_name:
-        message = f"{why}: suspending the Job; its pods get SIGTERM and save a checkpoint"
-    elif wl.lookup is Lookup.FOUND and wl.refused:
-        message = f"{why}, but Kueue Workload {wl.name} refused spec.active=false: {wl.refused}"
-    elif wl.lookup is Lookup.FOUND:
-        message = (
-            f"{why}: Kueue Workload {wl.name} is deactivated (spec.active=false); waiting for "
-            "Kueue to evict it and suspend the Job"
-        )
-    else:
-        message = f"{why}, but the Job runs and only Kueue may suspend it: {wl.where()}"
-    conds.set(CT.SUSPENDED, False, Reason.SUSPENDING, message)
-    running = out.running_pods
-    detail = f"{running} pod(s) running until they have saved a checkpoint" if running else why
-    conds.set(CT.RUNNING, running > 0, Reason.SUSPENDING, detail)
-
-
-def _queue_detail(out: Outcome, wl: Workload) -> str:
-    """What keeps a suspended, queued Job waiting, as Kueue reports it."""
-    parts = []
-    if out.live_pods:
-        parts.append(f"{out.live_pods} pod(s) stopping (SIGTERM: saving a checkpoint)")
-    if wl.lookup is not Lookup.FOUND:
-        parts.append(wl.where())
-    else:
-        if wl.evicted:
-            parts.append(f"evicted by Kueue ({wl.evicted[0]}): {wl.evicted[1][:512]}")
-        if wl.quota_reserved and not wl.admitted:
-            parts.append(f"quota reserved in ClusterQueue {wl.cluster_queue}; not admitted yet")
-        elif wl.pending:
-            parts.append(wl.pending)
-    return "; ".join(parts)
-
-
-def _resume(conds: _Conditions, policy: RunPolicy, out: Outcome, wl: Workload) -> None:
-    """runPolicy.suspend is false: Resumed after a suspend, then what runs or waits."""
-    queue = policy.queue_name
-    here = _suspended_here(conds)
-    # A Workload this FineTuneJob deactivated is reactivated in this pass (_workload_actions).
-    deactivated = wl.deactivated and not here
-    if here and queue and wl.refused and wl.deactivated:
-        # Not resumed: the condition stays as it was, so that the next pass tries again.
-        old = conds.by_type[CT.SUSPENDED]
-        message = (
-            f"runPolicy.suspend is false, but Kueue Workload {wl.name} refused "
-            f"spec.active=true: {wl.refused}"
-        )
-        conds.set(CT.SUSPENDED, old["status"] == "True", old["reason"], message)
-    elif here:
-        if not queue:
-            message = "runPolicy.suspend is false: the Job is resumed"
-        elif wl.lookup is Lookup.FOUND:
-            message = (
-                f"runPolicy.suspend is false: Kueue Workload {wl.name} is active again and "
-                f"queues in {queue} for admission"
-            )
-        else:
-            message = f"runPolicy.suspend is false; {wl.where()}"
-        message += "; the trainer resumes from its last checkpoint"
-        conds.set(CT.SUSPENDED, False, Reason.RESUMED, message)
-    running_reason = _running_reason(conds)
-    if out.state is State.RUNNING:
-        conds.set(CT.RUNNING, True, Reason.PODS_RUNNING, f"{out.running_pods} pod(s) running")
-    elif queue and out.state is State.SUSPENDED and deactivated:
-        evicted = f" ({wl.evicted[0]}: {wl.evicted[1][:512]})" if wl.evicted else ""
-        message = (
-            f"Kueue Workload {wl.name} is deactivated (spec.active=false){evicted}, so Kueue "
-            "does not admit it: activate it, or suspend and resume this FineTuneJob"
-        )
-        conds.set(CT.RUNNING, False, Reason.DEACTIVATED, message)
-    elif queue and out.state is State.SUSPENDED:
-        detail = _queue_detail(out, wl)
-        message = f"waiting for Kueue queue {queue}" + (f": {detail}" if detail else "")
-        conds.set(CT.RUNNING, False, Reason.QUEUED, message)
-    elif queue and out.state is State.PENDING and wl.admitted:
-        message = f"admitted by Kueue (ClusterQueue {wl.cluster_queue}); waiting for the pods"
-        conds.set(CT.RUNNING, False, Reason.ADMITTED, message)
-    elif out.state is State.PENDING and running_reason in (Reason.SUSPENDED, Reason.SUSPENDING):
-        conds.set(CT.RUNNING, False, Reason.RESUMED, "resumed; waiting for the pods")
 
 
 def _timings(status: Obj, prev: Obj, job: FineTuneJob, observed: Observed) -> None:
@@ -527,7 +267,7 @@ def plan(
     )
     generation = job.metadata.generation or 0
     name, policy = job.metadata.name, job.spec.run_policy
-    conds = _Conditions(prev.get("conditions") or [], observed.now, generation)
+    conds = Conditions(prev.get("conditions") or [], observed.now, generation)
     status: Obj = {**prev, "observedGeneration": generation}
     status["workload"] = {
         "jobName": naming.batch_job_name(name),
@@ -540,7 +280,18 @@ def plan(
         attempts = out.attempt  # created, then crashed before the status write
     status["attempts"] = attempts
     requeue_after: float | None = None
-    restart_seconds, rejoin = _checkpoints(status, prev, conds, observed, attempts)
+    if observed.store is not None:
+        status["checkpoints"] = {**(prev.get("checkpoints") or {}), **observed.store.to_status()}
+        conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
+    restart_seconds, rejoin = record_resume(
+        status,
+        prev,
+        conds,
+        attempts,
+        observed.resumed_from_step,
+        observed.resumed_at,
+        observed.now,
+    )
     restarted = rejoin is not None
     terminal = prev.get("phase") in TERMINAL and (
         conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
@@ -599,7 +350,7 @@ def plan(
     return Plan(
         status=status,
         actions=actions,
-        transitions=_with_restart(_transitions(prev, status), rejoin),
+        transitions=with_restart(transitions(prev, status), rejoin),
         restart_seconds=restart_seconds,
         restarted=restarted,
         requeue_after=requeue_after,
@@ -616,12 +367,12 @@ def _ttl_left(policy: RunPolicy, status: Obj, now: str) -> float | None:
     ttl = policy.ttl_seconds_after_finished
     if ttl is None:
         return None
-    since = _seconds_between(status.get("completionTime"), now)
+    since = seconds_between(status.get("completionTime"), now)
     return max(ttl - (since or 0.0), 0.0)
 
 
 def _held_back(
-    conds: _Conditions, out: Outcome, attempts: int, now: str, stuck_after: float
+    conds: Conditions, out: Outcome, attempts: int, now: str, stuck_after: float
 ) -> float | None:
     """A pod of the attempt being deleted still there `stuck_after` seconds after its grace
     period ended: Running is False with reason PodStuckTerminating, saying what holds it and
@@ -665,7 +416,7 @@ def _expiry(
     return [Action("delete", attempt=out.attempt, uid=out.uid)], None
 
 
-def _hearing_out(conds: _Conditions, out: Outcome, now: str, wait: float) -> float | None:
+def _hearing_out(conds: Conditions, out: Outcome, now: str, wait: float) -> float | None:
     """A failed attempt whose ranks timed out waiting for a peer whose pod has not reported its
     end (`Outcome.unheard`) is not counted yet. The pod is either still stopping (a hung rank:
     the Job controller's SIGTERM ends it within seconds) or on a node that stopped answering,
@@ -674,7 +425,7 @@ def _hearing_out(conds: _Conditions, out: Outcome, now: str, wait: float) -> flo
     bound. So wait until `wait` seconds after the failure, and return the seconds left (the
     pod's stop, or its Ready condition turning False, brings a pass sooner). Nothing is lost by
     waiting: the next attempt could not start before that pod is gone anyway. None: decide now."""
-    waited = _seconds_between(out.failed_at, now)
+    waited = seconds_between(out.failed_at, now)
     if not out.unheard or out.permanent or waited is None or waited >= wait:
         return None
     conds.set(
@@ -690,7 +441,7 @@ def _hearing_out(conds: _Conditions, out: Outcome, now: str, wait: float) -> flo
 
 
 def _after_failure(
-    status: Obj, prev: Obj, conds: _Conditions, policy: RunPolicy, out: Outcome, now: str
+    status: Obj, prev: Obj, conds: Conditions, policy: RunPolicy, out: Outcome, now: str
 ) -> Action | None:
     """A failed attempt: the FineTuneJob fails (a permanent reason, the deadline spent, the
     backoff limit reached), or the next attempt is recorded and the deletion that starts it is
@@ -721,7 +472,7 @@ def _after_failure(
     # An in-place restart already counted this disruption when its pod stopped no later than
     # that restart (both date a stop by `lifecycle._stopped_at`): the pod's peers stopping too
     # then ends the attempt, and that is still one disruption.
-    counted = bool(out.disruption_at and restarted_at) and not _later(
+    counted = bool(out.disruption_at and restarted_at) and not later(
         out.disruption_at, restarted_at
     )
     if out.disruption and not counted:
@@ -753,14 +504,14 @@ class _Active:
 
 
 def _while_active(
-    job: FineTuneJob, observed: Observed, status: Obj, prev: Obj, conds: _Conditions
+    job: FineTuneJob, observed: Observed, status: Obj, prev: Obj, conds: Conditions
 ) -> _Active:
     """An attempt whose Job exists and has not ended: its Job kept in line with the run policy
     (patched, suspended or resumed, its Kueue workload), a pending timeout, an in-place restart
     around a stopped pod, and why it does not run yet."""
     policy, now = job.spec.run_policy, observed.now
     hang_timeout = float(policy.hang_timeout_seconds)
-    out = _replaced_unseen(observed.outcome, observed.stamps, prev, hang_timeout, now)
+    out = replaced_unseen(observed.outcome, observed.stamps, prev, hang_timeout, now)
     attempts = status["attempts"]
     actions: list[Action] = []
     conds.set(
@@ -783,12 +534,12 @@ def _while_active(
         actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
     # Not looked up (no queue, or a unit test): as if Kueue had not made it yet.
     wl = observed.workload or Workload(Lookup.NOT_YET)
-    if policy.queue_name:
-        actions.extend(_workload_actions(conds, policy, wl))
+    if policy.queue_name and (active := workload_patch(conds, policy, wl)) is not None:
+        actions.append(Action("activate", uid=wl.uid, name=wl.name, patch=active))
     if policy.suspend:
-        _suspend(conds, policy, out, wl)
+        suspend(conds, policy, out, wl)
         return _Active(actions, None, None)
-    _resume(conds, policy, out, wl)
+    resume(conds, policy, out, wl)
     if out.state is State.RUNNING:
         status["startTime"] = status.get("startTime") or now
     # The Job controller waits 10 s before it replaces a failed pod, twice that for the next
@@ -796,16 +547,16 @@ def _while_active(
     # new attempt, whose Job has replaced nothing yet. So does a stop on a lost node, which the
     # Job would not replace, nor could the gang save with it (`Leaving.lost`).
     lost = out.leaving is not None and bool(out.leaving.lost)
-    anew = attempts + 1 if lost or _replaced_before(prev, observed.job) else None
-    began = _restart_in_place(status, prev, conds, out, now, anew)
+    anew = attempts + 1 if lost or replaced_before(prev, observed.job) else None
+    began = restart_in_place(status, prev, conds, out, now, anew)
     if began is not None and anew is not None:
         status["attempts"] = anew
         actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
     if out.stuck is not None:
         # Rank 0 may run, but the gang cannot train without the stuck pod.
         conds.set(CT.RUNNING, False, out.stuck.reason, out.stuck.message)
-    elif out.node_not_ready and _running_reason(conds) != Reason.RESTARTING:
-        conds.set(CT.RUNNING, False, Reason.NODE_NOT_READY, _node_not_ready(out.node_not_ready))
+    elif out.node_not_ready and conds.reason(CT.RUNNING) != Reason.RESTARTING:
+        conds.set(CT.RUNNING, False, Reason.NODE_NOT_READY, node_not_ready(out.node_not_ready))
     elif out.state is State.PENDING and _stuck_reason(conds):
         conds.set(
             CT.RUNNING,
@@ -814,159 +565,6 @@ def _while_active(
             f"{out.unstarted} pod(s) not started yet; none is stuck",
         )
     return _Active(actions, began, _requeue_after(out, policy, waited))
-
-
-def _replaced_unseen(
-    out: Outcome, stamps: Mapping[str, float], prev: Obj, hang_timeout: float, now: str
-) -> Outcome:
-    """The outcome, with a `Leaving` for a member of the running gang that left unseen. The Job
-    makes a pod only for an index whose pod is gone, so a pod made after the rest of the gang
-    replaces a member; when no pass saw that member go (nor recorded a restart since), it went
-    at once: removed with its node by the pod garbage collector, whose Failed mark a pass can
-    miss, or force-deleted. Its rank stopped before the gang could save, and the rest waits in
-    its collectives, or, in a phase the trainer does not time (a load, a save, the push), for
-    torch's 30-minute timeout. Rank 0's stamps (this pass's scrape of its running process) tell
-    a replacement the gang cannot rejoin from one it re-formed with (`_member_replaced`,
-    `_rank0_replaced`)."""
-    if out.state is not State.RUNNING or out.leaving is not None:
-        return out
-    ckpt = prev.get("checkpoints") or {}
-    made = {name: t for name, at in out.made.items() if (t := timings.unix(at)) is not None}
-    leaving = _member_replaced(out, made, stamps, ckpt) or _rank0_replaced(
-        out, made, stamps, ckpt, hang_timeout, now
-    )
-    return replace(out, leaving=leaving) if leaving is not None else out
-
-
-def _member_replaced(
-    out: Outcome, made: Mapping[str, float], stamps: Mapping[str, float], ckpt: Obj
-) -> Leaving | None:
-    """A pod made after rank 0's running process formed its gang (its rendezvous stamp),
-    beside a pod the gang formed with. Only that process's stamp dates the gang: after a stop
-    the gang saved (an in-place rejoin no pass saw, the operator away), rank 0's process starts
-    again and has no stamp until the gang re-forms, with the replacement. The last resume in
-    status would date the old gang, and take that replacement for an unseen loss (a kind fault
-    run did)."""
-    formed = stamps.get(phases.RENDEZVOUS)
-    if formed is None:
-        return None
-    formed_at = timings.rfc3339(formed)
-    if _later(ckpt.get("lastRestartTime"), formed_at):
-        return None  # a restart since the gang formed: its replacement is expected
-    members = [name for name, t in made.items() if t <= formed]
-    late = sorted((t, name) for name, t in made.items() if t > formed + FORMED_SKEW_SECONDS)
-    if not members or not late:
-        return None
-    name = late[0][1]
-    what = f"pod {name} was made at {out.made[name]}, after the gang formed at {formed_at}"
-    return Leaving(what, out.made[name], lost=GONE_UNSEEN)
-
-
-def _rank0_replaced(
-    out: Outcome,
-    made: Mapping[str, float],
-    stamps: Mapping[str, float],
-    ckpt: Obj,
-    hang_timeout: float,
-    now: str,
-) -> Leaving | None:
-    """Rank 0's own pod made after the rest of the gang, its process waiting for a gang that
-    has not formed (a process stamp, no rendezvous stamp) for longer than the hang timeout,
-    while every pod of the gang runs. Members that saved with the old rank 0 rejoin its
-    replacement within seconds; members left in the old gang's collectives never come."""
-    started, mine = stamps.get(phases.PROCESS_STARTED), made.get(out.rank0_pod)
-    others = [t for name, t in made.items() if name != out.rank0_pod]
-    if started is None or phases.RENDEZVOUS in stamps or mine is None or not others:
-        return None
-    if out.unstarted:
-        return None  # a member still starting: rank 0 waits for it, not for a lost gang
-    if mine <= min(others) + FORMED_SKEW_SECONDS:
-        return None  # made with the rest: the gang's first forming
-    if _later(ckpt.get("lastRestartTime"), timings.rfc3339(min(others))):
-        return None  # a restart since the gang's pods were made: its replacement is expected
-    waited = (timings.unix(now) or started) - started
-    if waited <= hang_timeout + FORMED_SKEW_SECONDS:
-        return None
-    name = out.rank0_pod
-    what = (
-        f"pod {name} (rank 0) was made at {out.made[name]}, after the rest of the gang, and has "
-        f"waited {waited:.0f} s for it to form"
-    )
-    return Leaving(what, out.made[name], lost=GONE_UNSEEN)
-
-
-def _node_not_ready(lost: LostNode) -> str:
-    """Running's message while a running pod's node is not ready: what that may mean, and what
-    happens next."""
-    since = f" since {lost.since}" if lost.since else ""
-    return (
-        f"{lost.what}{since}: the control plane no longer hears from its kubelet, and its rank "
-        "may be lost with it. If so, the other ranks end the attempt after "
-        "runPolicy.hangTimeoutSeconds while they train or evaluate, or Kubernetes evicts the pod "
-        "once its toleration of node.kubernetes.io/unreachable runs out (300 s unless the pod "
-        "template sets one), and the gang restarts without the node (a disruption, not counted "
-        "against runPolicy.backoffLimit); a one-node gang waits until the node answers "
-        f"again, or is deleted (kubectl delete node {lost.node}) or marked out of service "
-        f"(kubectl taint nodes {lost.node} node.kubernetes.io/out-of-service=nodeshutdown:"
-        "NoExecute) and Kubernetes replaces its pod"
-    )
-
-
-def _previous_condition(prev: Obj, type_: str) -> Obj:
-    """The condition of `type_` in the status before this pass; {} when it had none."""
-    return next((c for c in prev.get("conditions") or [] if c.get("type") == type_), {})
-
-
-def _restart_in_place(
-    status: Obj, prev: Obj, conds: _Conditions, out: Outcome, now: str, anew: int | None
-) -> str | None:
-    """A pod of the running attempt was stopped (out.leaving): the Job controller replaces it and
-    the rest of the gang rejoins it from the checkpoint the gang saved. The first pass to see it
-    records the restart (a disruption: backoffLimit is not spent) and returns its message (with
-    `anew`, the attempt the gang restarts as instead, whose Job the caller makes); until
-    every pod runs again (the stopped one gone, its replacement running), Running is False with
-    reason Restarting."""
-    ckpt = status.setdefault("checkpoints", {})
-    leaving, began = out.leaving, None
-    old = _previous_condition(prev, CT.RUNNING)
-    under_way = old.get("status") == "False" and old.get("reason") == Reason.RESTARTING
-    since = (leaving.since or now) if leaving is not None else None
-    # A pod stopped after the last restart and resume: a Failed pod that the kubelet evicted
-    # stays listed after its replacement joined, and is not a new restart. Nor is a pod that a
-    # suspension stopped and that is still listed when the pass that resumes the Job looks
-    # again: it stopped while the attempt was Suspended, or before that ended.
-    paused = _previous_condition(prev, CT.SUSPENDED)
-    new = (
-        _later(since, ckpt.get("lastRestartTime"))
-        and _later(since, ckpt.get("lastResumeTime"))
-        and paused.get("status") != "True"
-        and _later(since, paused.get("lastTransitionTime"))
-    )
-    if leaving is not None and new and not under_way:
-        ckpt["lastRestartTime"] = since
-        status["disruptions"] = int(prev.get("disruptions") or 0) + 1
-        saved = "from the checkpoint the gang saved as it stopped"
-        if anew is None:
-            how = (
-                f"the Job replaces that pod, and the rest of the gang rejoins it in place, {saved}"
-            )
-        elif leaving.lost:
-            how = (
-                f"{leaving.lost}: its rank stopped before the gang could save, so the others "
-                f"cannot rejoin a replacement in place; the gang restarts as attempt {anew}, from "
-                "its last checkpoint"
-            )
-        else:
-            how = (
-                "a pod of this attempt was replaced before, and the Job controller waits twice "
-                f"as long for each further one, so the gang restarts as attempt {anew}, {saved}"
-            )
-        free = "a disruption does not count against runPolicy.backoffLimit"
-        began = f"{leaving.what}: {how} ({free})"
-        conds.set(CT.RUNNING, False, Reason.RESTARTING, began)
-    elif under_way and (out.unstarted or (leaving is not None and leaving.terminating)):
-        conds.set(CT.RUNNING, False, Reason.RESTARTING, old.get("message") or "")
-    return began
 
 
 def _pending_seconds(observed: Observed) -> int | None:
@@ -979,12 +577,8 @@ def _pending_seconds(observed: Observed) -> int | None:
     return max(_seconds(started, observed.now), 0) if started else None
 
 
-def _running_reason(conds: _Conditions) -> str | None:
-    return conds.by_type.get(CT.RUNNING, {}).get("reason")
-
-
-def _stuck_reason(conds: _Conditions) -> bool:
-    return _running_reason(conds) in STUCK_REASONS
+def _stuck_reason(conds: Conditions) -> bool:
+    return conds.reason(CT.RUNNING) in STUCK_REASONS
 
 
 def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:
@@ -1021,43 +615,10 @@ def _spent(policy: RunPolicy) -> str:
     )
 
 
-def _replaced_before(prev: Obj, job: Obj | None) -> bool:
-    """Whether the attempt's Job replaced a stopped pod before: the last restart (before this
-    one) began after the Job was made."""
-    made = ((job or {}).get("metadata") or {}).get("creationTimestamp")
-    last = (prev.get("checkpoints") or {}).get("lastRestartTime")
-    return made is not None and _later(last, made)
-
-
-def _with_restart(
-    transitions: list[tuple[str, str, str]], rejoin: str | None
-) -> list[tuple[str, str, str]]:
-    """An in-place restart gets its Event even when a stuck replacement pod's reason took the
-    Running condition in the same pass."""
-    if rejoin is None or any(reason == Reason.RESTARTING for _, reason, _ in transitions):
-        return transitions
-    return [*transitions, (f"Not{CT.RUNNING}", Reason.RESTARTING, rejoin)]
-
-
-def _transitions(prev: Obj, new: Obj) -> list[tuple[str, str, str]]:
-    before = {c["type"]: (c.get("status"), c.get("reason")) for c in prev.get("conditions") or []}
-    out = []
-    for c in new["conditions"]:
-        if before.get(c["type"]) != (c["status"], c["reason"]):
-            out.append(
-                (
-                    c["type"] if c["status"] == "True" else f"Not{c['type']}",
-                    c["reason"],
-                    c["message"],
-                )
-            )
-    return out
-
-
 def invalid_status(prev: Obj, generation: int, now: str, message: str) -> Obj:
     """The status of a FineTuneJob the API server admitted but the models reject: Failed with
     InvalidSpec, nothing else planned (the CRD and the Python rules disagree; say so)."""
-    conds = _Conditions(prev.get("conditions") or [], now, generation)
+    conds = Conditions(prev.get("conditions") or [], now, generation)
     conds.set(CT.FAILED, True, Reason.INVALID_SPEC, message)
     return {
         "phase": str(Phase.FAILED),

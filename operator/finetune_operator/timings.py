@@ -39,6 +39,20 @@ def rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def later(a: str | None, b: str | None) -> bool:
+    """Whether RFC 3339 time `a` is later than `b` (any time is later than none)."""
+    ta, tb = unix(a), unix(b)
+    return ta is not None and (tb is None or ta > tb)
+
+
+def seconds_between(earlier: str | None, until: str) -> float | None:
+    """Seconds from one RFC 3339 time to another, at least 0; None when either is unreadable."""
+    a, b = unix(earlier), unix(until)
+    if a is None or b is None:
+        return None
+    return max(b - a, 0.0)
+
+
 def _container(pod: Obj) -> Obj:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") == CONTAINER_NAME:

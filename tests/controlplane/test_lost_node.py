@@ -56,7 +56,7 @@ from fixtures.operator import Operator, Rank0Metrics
 
 from finetune_api import phases
 from finetune_api.constants import Reason
-from finetune_operator.status import FORMED_SKEW_SECONDS
+from finetune_operator.restarts import FORMED_SKEW_SECONDS
 
 pytest_plugins = ["fixtures.operator"]
 

@@ -23,6 +23,7 @@ from finetune_operator.lifecycle import (
     observe_job,
 )
 from finetune_operator.reconcile import name_conflict
+from finetune_operator.restarts import restarting
 from finetune_operator.scrape import parse_metrics, progress_from_metrics
 from finetune_operator.status import (
     Action,
@@ -31,7 +32,6 @@ from finetune_operator.status import (
     derive_status,
     evaluation_summary,
     plan,
-    restarting,
 )
 
 NOW = "2026-01-01T00:00:00Z"
