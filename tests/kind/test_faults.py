@@ -1444,6 +1444,10 @@ def test_a_full_checkpoint_claim_fails_at_once_and_a_larger_one_trains(
     check(st.get("attempts") == 1, f"{FULL}: {st.get('attempts')} attempts: the claim is no larger")
     step = (st.get("progress") or {}).get("step")
     check(not step, f"{FULL}: trained to step {step} before it failed")
+    made = record["first"]["metadata"]["creationTimestamp"]
+    if st.get("completionTime"):
+        refused = epoch(st["completionTime"]) - epoch(made)
+        suite.timing.record("faults_full_refused_after_seconds", refused)
     st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
     check(
         (st.get("progress") or {}).get("step") == PUSH_STEPS,

@@ -47,6 +47,7 @@ def test_the_expected_alerts_exist() -> None:
         "FineTuneJobStalled",
         "FineTuneJobLossNaN",
         "FineTuneJobLossRising",
+        "FineTuneJobCheckpointStoreFull",
         "FineTuneJobEvaluationGateFailed",
         "FineTuneJobRestartedRepeatedly",
         "FineTuneJobStuckPending",

@@ -230,9 +230,7 @@ def check_room(root: Path, size: int, saves: int, keep: int) -> None:
     if saves + min(len(held), 1) < 2:
         return
     root.mkdir(parents=True, exist_ok=True)
-    # What deleting them frees: the blocks they take.
-    ours = sum(f.stat().st_blocks * 512 for _, folder in held for f in folder.iterdir())
-    room = shutil.disk_usage(root).free + ours
+    room = shutil.disk_usage(root).free + sum(disk_bytes(folder) for _, folder in held)
     if 2 * size > room:
         raise no_space(
             f"the newest checkpoint and the next, about {quantity(size)} each (the trainable "
@@ -240,6 +238,11 @@ def check_room(root: Path, size: int, saves: int, keep: int) -> None:
             root,
             _room_for(keep),
         )
+
+
+def disk_bytes(folder: Path) -> int:
+    """What a checkpoint folder takes in its store, and deleting it frees: its files' blocks."""
+    return sum(f.stat().st_blocks * 512 for f in folder.iterdir() if f.is_file())
 
 
 def _nbytes(obj: Any) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -261,6 +262,7 @@ def _save_checkpoint(
             keep,
         )
         log.info("checkpoint at step %d: %s", state.step, folder)
+        telemetry.record_store(checkpoint.disk_bytes(folder), shutil.disk_usage(root).free)
     telemetry.record_checkpoint(time.perf_counter() - started)
     if folder is not None and after_save is not None:
         after_save(folder)

@@ -226,6 +226,13 @@ class TrainerMetrics:
             RESUMED_TIMESTAMP_GAUGE,
             "Unix time this gang resumed from that step (or started afresh).",
         )
+        self._store_free = gauge(
+            "finetune_checkpoint_store_free_bytes",
+            "Bytes free in the checkpoint store after the last checkpoint was saved.",
+        )
+        self._ckpt_size = gauge(
+            "finetune_checkpoint_size_bytes", "Bytes the last checkpoint takes in its store."
+        )
         self._mirror_stale = gauge(
             "finetune_checkpoint_mirror_stale",
             "1 while the newest checkpoint failed to mirror to the Hub branch, else 0.",
@@ -339,6 +346,12 @@ class TrainerMetrics:
         if self._ckpt_duration is not None:
             self._ckpt_duration.labels(**self.labels).observe(duration_s)
         self._ckpt_last.labels(**self.labels).set(time.time())
+
+    def record_store(self, size: int, free: int) -> None:
+        """The last checkpoint's size and the room left beside it (rank 0, which saves): with
+        less room than one checkpoint takes, the next save must first delete older ones."""
+        self._ckpt_size.labels(**self.labels).set(size)
+        self._store_free.labels(**self.labels).set(free)
 
     def record_resume(self, step: int | None) -> None:
         """The step this gang resumed from, and when; None (a fresh start) is exported as 0."""
