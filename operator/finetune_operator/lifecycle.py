@@ -8,6 +8,7 @@ to do about it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -39,6 +40,15 @@ DISRUPTION_TARGET = "DisruptionTarget"
 # The pod garbage collector's DisruptionTarget reason: it marks Failed and removes at once the
 # pods of a node that was deleted or marked out of service, their ranks gone with the node.
 DELETION_BY_POD_GC = "DeletionByPodGC"
+# A pod's status.reason once its kubelet evicted it; for its local storage, status.message is
+# one of the kubelet's (pkg/kubelet/eviction/helpers.go): an emptyDir past its sizeLimit, or the
+# pod or a container past its ephemeral-storage limit.
+KUBELET_EVICTED = "Evicted"
+EMPTY_DIR_OVER_LIMIT = re.compile(r'Usage of EmptyDir volume "([^"]+)" exceeds the limit')
+EPHEMERAL_OVER_LIMIT = re.compile(
+    r"Pod ephemeral local storage usage exceeds the total limit of containers"
+    r"|Container \S+ exceeded its local ephemeral storage limit"
+)
 # Container waiting reasons of a pod that will not start until someone fixes something (the
 # image, a Secret or ConfigMap it references, the container config). ErrImagePull and
 # ImagePullBackOff alternate while the kubelet retries: both read as ImagePullBackOff, so the
@@ -285,6 +295,33 @@ def _oom_kill(pods: list[Obj]) -> tuple[bool, str] | None:
             f"ran out of memory): set spec.resources.requests.memory and limits.memory to what "
             f"it needs, or {hint}"
         )
+    return None
+
+
+def _storage_eviction(pods: list[Obj]) -> str | None:
+    """The Failed message when the kubelet evicted a trainer pod for its local storage, else
+    None. Such an eviction sets no DisruptionTarget (the kubelet's local-storage checks pass no
+    condition), so the pod just fails; and the same spec on the same data fills the same volume
+    again, so it is permanent, naming the field that sizes what filled up."""
+    for pod in sorted(pods, key=_index):
+        status = pod.get("status") or {}
+        said = " ".join((status.get("message") or "").split())
+        if status.get("reason") != KUBELET_EVICTED or not said:
+            continue
+        evicted = f"the kubelet evicted pod {_name(pod)}: {said}"
+        volume = EMPTY_DIR_OVER_LIMIT.search(said)
+        if volume is not None and volume.group(1) == naming.CACHE_VOLUME:
+            return (
+                f"spec.template.cacheSize: {evicted} That volume (/tmp) holds the Hugging Face "
+                "cache (the base model and dataset, unless the checkpoints are on a claim) and "
+                "the artifact before its push: make template.cacheSize larger than they are "
+                "(with output.hub.merge, the merged weights too)"
+            )
+        if volume is None and EPHEMERAL_OVER_LIMIT.search(said):
+            return (
+                f"spec.resources.limits: {evicted} Raise the ephemeral-storage limit (the /tmp "
+                "volume alone may take template.cacheSize), or leave it out"
+            )
     return None
 
 
@@ -544,6 +581,8 @@ def _failure(cond: Obj, pods: list[Obj], nodes: Nodes, base: Outcome) -> Outcome
         )
     if result is not None and not result.succeeded and result.permanent:
         return replace(final, reason=result.reason, message=result.message)
+    if (evicted := _storage_eviction(pods)) is not None:
+        return replace(final, reason=Reason.INVALID_SPEC, message=evicted[:1024])
     # A permanent verdict of the trainer stands; otherwise an OOM kill says more than the
     # other ranks' results, which only saw their peer vanish.
     if (oom := _oom_kill(pods)) is not None:

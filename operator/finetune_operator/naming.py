@@ -29,6 +29,9 @@ FIELD_MANAGER = MANAGER
 COMPONENT_TRAINER = "trainer"
 # The Job controller's annotation/label carrying a pod's completion index.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# The pods' /tmp emptyDir, sized by spec.template.cacheSize: the Hugging Face cache, and the
+# artifact before its push.
+CACHE_VOLUME = "tmp"
 
 
 def service_name(job_name: str) -> str:

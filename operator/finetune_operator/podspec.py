@@ -147,14 +147,14 @@ def _volumes(
         {"name": "checkpoints", **checkpoints},
         # NCCL and DataLoader workers use shared memory; the runtime default is 64Mi.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": spec.template.cache_size}},
+        {"name": naming.CACHE_VOLUME, "emptyDir": {"sizeLimit": spec.template.cache_size}},
         *spec.template.volumes,
     ]
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": pod.CONFIG_DIR, "readOnly": True},
         {"name": "checkpoints", "mountPath": pod.CHECKPOINT_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": naming.CACHE_VOLUME, "mountPath": "/tmp"},
         *(
             m.model_dump(mode="json", by_alias=True, exclude_none=True)
             for m in spec.template.volume_mounts

@@ -258,13 +258,13 @@ def render_serve_deployment(
     annotations = {naming.ANNOTATION_SERVE_REVISION: revision}
     volumes: list[Manifest] = [
         {"name": "model", "emptyDir": {"sizeLimit": tpl.cache_size}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": tpl.cache_size}},
+        {"name": naming.CACHE_VOLUME, "emptyDir": {"sizeLimit": tpl.cache_size}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
         *tpl.volumes,
     ]
     mounts: list[Manifest] = [
         {"name": "model", "mountPath": pod.SERVE_ROOT},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": naming.CACHE_VOLUME, "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
         *(m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in tpl.volume_mounts),
     ]

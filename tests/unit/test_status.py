@@ -1068,6 +1068,54 @@ def test_an_evicted_pod_restarts_the_gang_without_spending_the_backoff_limit() -
     assert result.status["phase"] == "Pending"
 
 
+def evicted_by_its_kubelet(index: int, message: str, **conds: Any) -> dict:
+    """A pod its kubelet evicted (status.reason Evicted, its message), the container killed
+    first: the other ranks stop after it."""
+    p = ended(index, 137, at=NOW, **conds)
+    p["status"].update(reason="Evicted", message=message)
+    return p
+
+
+CACHE_FULL = 'Usage of EmptyDir volume "tmp" exceeds the limit "20Gi". '
+CONTAINER_FULL = 'Container trainer exceeded its local ephemeral storage limit "30Gi". '
+
+
+@pytest.mark.parametrize(
+    ("said", "field"),
+    [(CACHE_FULL, "spec.template.cacheSize"), (CONTAINER_FULL, "spec.resources.limits")],
+    ids=["cache-volume", "container-limit"],
+)
+def test_a_pod_evicted_for_its_local_storage_fails_the_job_at_once(said: str, field: str) -> None:
+    # The same download or artifact fills the same volume again: no other attempt.
+    pods_ = [ended(0, 1, at=LATER), evicted_by_its_kubelet(1, said)]
+    result = restart_of({"attempts": 1}, 1, pods_, limit=3)
+    assert result.actions == [] and result.status["attempts"] == 1
+    failed = cond(result.status, "Failed")
+    assert result.status["phase"] == "Failed" and failed is not None
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(f"{field}: the kubelet evicted pod demo-1-abcde: {said}")
+
+
+@pytest.mark.parametrize(
+    ("said", "conds"),
+    [
+        # Another emptyDir than the cache: not a field of the spec's to name.
+        ('Usage of EmptyDir volume "scratch" exceeds the limit "1Gi". ', {}),
+        # Node pressure: the node's disk, not this job's; a disruption, as any eviction.
+        (
+            "The node was low on resource: ephemeral-storage. ",
+            {"DisruptionTarget": ("True", "TerminationByKubelet")},
+        ),
+    ],
+    ids=["other-volume", "node-pressure"],
+)
+def test_other_kubelet_evictions_restart_the_gang(said: str, conds: dict) -> None:
+    pods_ = [ended(0, 1, at=LATER), evicted_by_its_kubelet(1, said, **conds)]
+    result = restart_of({"attempts": 1}, 1, pods_, limit=3)
+    assert [a.kind for a in result.actions] == ["delete"] and result.status["attempts"] == 2
+    assert result.status.get("disruptions", 0) == (1 if conds else 0)
+
+
 def test_an_interrupted_trainer_restarts_with_backoff_limit_0_and_counts_a_disruption() -> None:
     # `kubectl delete pod`: no DisruptionTarget, but the gang saved and stopped with Interrupted.
     pods_ = [ended(0, 1, INTERRUPTED, at=NOW), ended(1, 1, INTERRUPTED, at=NOW)]

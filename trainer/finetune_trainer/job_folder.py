@@ -1,4 +1,5 @@
-"""The job's checkpoint folder: where it is, and the names of what is kept in it.
+"""The job's checkpoint folder: where it is, the names of what is kept in it, and what a full
+volume means for the spec (`no_space`: the field that sizes it).
 
 Nothing here imports torch: `finetune train` looks into the folder before it imports the trainer
 (finetune_trainer.prefetch).
