@@ -179,6 +179,11 @@ class Outcome:
     unmade: int = 0
     # Set for PENDING and RUNNING: a pod that was stopped and is being replaced.
     leaving: Leaving | None = None
+    # Set for PENDING and RUNNING: the Failed message when the kubelet evicted a pod of the
+    # attempt for its local storage (`_storage_eviction`). The trainer's SIGTERM save makes it
+    # look like any stopped pod, which the Job replaces; the replacement would fill the same
+    # volume again.
+    evicted: str = ""
     # Set for RUNNING: a running pod whose node is not ready (`_lost`).
     node_not_ready: LostNode | None = None
     # When the last pod of the gang was scheduled, started and ended (timings.pod_times).
@@ -685,6 +690,7 @@ def observe_job(
         unstarted=max(_parallelism(job) - len(running), 0),
         unmade=max(_parallelism(job) - len(pods), 0),
         leaving=_leaving(pods, lost),
+        evicted=_storage_eviction(pods) or "",
         made={
             _name(p): _created(p) or ""
             for p in pods

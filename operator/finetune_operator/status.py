@@ -524,10 +524,12 @@ def _while_active(
         status["progress"] = observed.progress
     waited = _pending_seconds(observed) if not policy.suspend else None
     timed_out = _pending_timeout(out.stuck, policy, waited)
-    if timed_out:
-        # Delete the Job: its pods would hold what they got (a node, an accelerator), and
-        # would train for a Failed FineTuneJob once the cause is fixed.
-        _finish(status, conds, now, False, Reason.PENDING_TIMEOUT, timed_out)
+    if timed_out or out.evicted:
+        # Either ends the job, and its Job is deleted: a pod stuck for good would hold what it
+        # got (a node, an accelerator) and train for a Failed FineTuneJob once the cause is
+        # fixed; a pod evicted for its local storage would be replaced, to fill it again.
+        reason = Reason.PENDING_TIMEOUT if timed_out else Reason.INVALID_SPEC
+        _finish(status, conds, now, False, reason, timed_out or out.evicted)
         return _Active([Action("delete", attempt=out.attempt, uid=out.uid)], None, None)
     patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
     if patch:

@@ -1096,6 +1096,24 @@ def test_a_pod_evicted_for_its_local_storage_fails_the_job_at_once(said: str, fi
     assert failed["message"].startswith(f"{field}: the kubelet evicted pod demo-1-abcde: {said}")
 
 
+def test_a_pod_evicted_for_its_cache_that_saved_on_sigterm_fails_the_job_and_its_job_goes() -> None:
+    # The kubelet's eviction SIGTERMs the container first: a trainer that saves in time exits
+    # 143 (Interrupted), which the Job ignores and replaces, so the Job itself never fails.
+    interrupted = json.dumps({"status": "Failed", "reason": "Interrupted", "message": "SIGTERM"})
+    gone = evicted_by_its_kubelet(1, CACHE_FULL)
+    gone["status"]["containerStatuses"][0]["state"]["terminated"].update(
+        exitCode=143, message=interrupted
+    )
+    pods_ = [pod(0, "Running"), gone, pod(1, "Pending")]
+    result = plan(ftj({"attempts": 1}, backoffLimit=3), observed(batch_job(), pods_))
+    assert [(a.kind, a.uid) for a in result.actions] == [("delete", "job-1")]
+    failed = cond(result.status, "Failed")
+    assert result.status["phase"] == "Failed" and failed is not None
+    assert failed["reason"] == "InvalidSpec" and result.status["attempts"] == 1
+    assert failed["message"].startswith("spec.template.cacheSize: the kubelet evicted pod demo-1")
+    assert result.status.get("disruptions", 0) == 0
+
+
 @pytest.mark.parametrize(
     ("said", "conds"),
     [
