@@ -124,8 +124,7 @@ def test_every_checkpoint_is_mirrored_to_the_branch_and_main_is_not_touched(
     mirrored = {p[len(prefix) :]: f["sha256"] for p, f in head.items() if p.startswith(prefix)}
     # The branch holds exactly rank 0's last local checkpoint, plus which run it belongs to.
     (root,) = reference.checkpoints.iterdir()
-    local = checkpoint.latest(root)
-    assert local is not None
+    local = checkpoint.list_complete(root)[-1][1]
     assert mirrored.pop(RUN_FILE)
     assert mirrored == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in local.iterdir()}
     # main holds the pushed adapter and nothing of the mirror; its head is the push's commit.

@@ -16,6 +16,7 @@ import pytest
 from trainer_helpers import Gang, deep_update
 
 from finetune_api.pod import ExitCode
+from finetune_trainer import checkpoint
 from finetune_trainer.store import formed
 
 pytestmark = pytest.mark.slow
@@ -120,12 +121,14 @@ def test_metrics_endpoint_shows_steps_moving(two_pods: Run) -> None:
     assert moving == sorted(moving)
 
 
+@pytest.mark.parametrize("damaged", [False, True], ids=["whole", "newest-damaged"])
 def test_resume_after_the_gang_is_killed(
     two_pods: Run,
     causal_manifest: dict[str, Any],
     write_manifest: Callable[..., Path],
     gang: Callable[..., Gang],
     tmp_path: Path,
+    damaged: bool,
 ) -> None:
     # The two_pods job, checkpointing more often: checkpoints must not change the training.
     doc = deep_update(
@@ -135,22 +138,28 @@ def test_resume_after_the_gang_is_killed(
     pods = gang(write_manifest(doc)).start()
     deadline = time.monotonic() + 240
     markers: list[Path] = []
-    while not markers:
+    while len(markers) < (2 if damaged else 1):
         assert time.monotonic() < deadline, pods.log_text()[-4000:]
         assert all(p.poll() is None for p in pods.procs), pods.log_text()[-4000:]
         markers = list((tmp_path / "checkpoints").glob("*/checkpoint-*/COMPLETE"))
         time.sleep(0.02)
     pods.kill()  # SIGKILL, mid-training: no chance to clean up
     assert not pods.results[0].exists() or "Succeeded" not in pods.results[0].read_text()
+    [root] = (tmp_path / "checkpoints").iterdir()
+    held = [step for step, _ in checkpoint.list_complete(root)]
+    if damaged:  # the newest cut short in the store, under its marker
+        weights = checkpoint.list_complete(root)[-1][1] / "trainable.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
 
     pods.start()
     assert pods.wait(timeout=240) == [0, 0], pods.log_text()[-4000:]
     result = pods.result(0)
     assert result["status"] == "Succeeded"
     assert result["steps"] == 150
+    assert result["resumedFromStep"] == held[-2 if damaged else -1], (result, held)
     assert 10 <= result["resumedFromStep"] < 150, (result, pods.log_text()[-3000:])
-    assert result["resumedFromStep"] % 10 == 0
     assert f"resumed from step {result['resumedFromStep']}" in pods.log_text()
+    assert (f"the checkpoint of step {held[-1]} does not load" in pods.log_text()) == damaged
     # Weights, optimizer, schedule, data position and RNG all came back: the interrupted run
     # ends bit-identical to the uninterrupted one.
     resumed = (tmp_path / "params-0.sha256").read_text()

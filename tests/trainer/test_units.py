@@ -200,9 +200,9 @@ def test_checkpoints_atomic_discovery_and_rotation(tmp_path: Path) -> None:
     half.mkdir()
     (half / checkpoint.STATE_FILE).write_text(json.dumps({"step": 999}))
     assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [20, 30]
-    newest = checkpoint.latest(tmp_path)
-    assert newest is not None
-    loaded = checkpoint.load(newest)
+    found = checkpoint.load_newest(tmp_path)
+    assert found is not None
+    loaded = found[1]
     assert loaded.state.step == 30
     assert torch.equal(loaded.trainable["w"], torch.full((2,), 30.0))
     checkpoint.restore_rng(loaded.rng[0])
@@ -228,6 +228,28 @@ def _scratch_left(root: Path) -> list[str]:
     return [p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt", "rng.pt"])
+def test_a_checkpoint_that_does_not_load_is_set_aside_for_the_one_before(
+    tmp_path: Path, damaged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from finetune_trainer import checkpoint
+
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, _checkpoint_of(step, 4096), keep=3)
+    newest = checkpoint.list_complete(tmp_path)[-1][1]
+    path = newest / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short in the store
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.checkpoint"):
+        found = checkpoint.load_newest(tmp_path)
+    assert found is not None and found[1].state.step == 2
+    assert "the checkpoint of step 3 does not load" in caplog.text
+    assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [1, 2]
+    # Set aside as a scratch folder, which the next save sweeps.
+    assert _scratch_left(tmp_path) == [f".tmp-unreadable-{newest.name}"]
+    checkpoint.save(tmp_path, _checkpoint_of(3, 4096), keep=3)
+    assert _scratch_left(tmp_path) == []
+
+
 def test_a_full_store_deletes_older_checkpoints_and_saves(
     small_volume: Callable[[int], Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -241,8 +263,8 @@ def test_a_full_store_deletes_older_checkpoints_and_saves(
     assert [s for s, _ in checkpoint.list_complete(root)] == [2, 3]
     assert "deleting 1 older checkpoint(s)" in caplog.text and "checkpointsToKeep=3" in caplog.text
     assert _scratch_left(root) == []
-    newest = checkpoint.latest(root)
-    assert newest is not None and checkpoint.load(newest).trainable["w"][0] == 3.0
+    found = checkpoint.load_newest(root)
+    assert found is not None and found[1].trainable["w"][0] == 3.0
 
 
 def test_a_store_too_small_for_the_next_checkpoint_fails_as_the_field_that_sizes_it(

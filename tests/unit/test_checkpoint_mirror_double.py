@@ -139,7 +139,7 @@ def test_mirror_replaces_the_branch_checkpoint_and_a_new_gang_restores_it(
     restorer, _ = make_mirror(hub.endpoint)
     restored = restorer.restore(fresh)
     assert restored is not None and restorer.mirrored_step == 20
-    assert checkpoint.latest(fresh) == restored
+    assert [folder for _, folder in checkpoint.list_complete(fresh)] == [restored]
     assert [p.name for p in fresh.iterdir()] == [restored.name]  # no scratch folder left
     got, want = checkpoint.load(restored), checkpoint.load(second)
     assert got.state == want.state
@@ -164,7 +164,7 @@ def test_nothing_to_restore_means_a_fresh_start(
     other, _ = make_mirror(hub.endpoint, run="tiny-fedcba987654")
     assert other.upload(save(tmp_path / "other", 30))
     assert mirror.restore(tmp_path / "d") is None
-    assert checkpoint.latest(tmp_path / "d") is None
+    assert checkpoint.list_complete(tmp_path / "d") == []
     assert sleeps == []
 
 

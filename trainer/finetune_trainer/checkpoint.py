@@ -107,11 +107,6 @@ def list_complete(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
 
 
-def latest(root: Path) -> Path | None:
-    complete = list_complete(root)
-    return complete[-1][1] if complete else None
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -305,6 +300,30 @@ def rotate(root: Path, keep: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     for stale in root.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_newest(root: Path) -> tuple[Path, Checkpoint] | None:
+    """The newest checkpoint under `root` that loads, with its folder; None when none does.
+
+    One that does not (a file cut short or damaged in the store, under the marker that says it
+    is whole) is set aside with a warning, as a scratch folder that the next save sweeps, and the
+    one before it is loaded: the restart loses one more interval, where every attempt would
+    otherwise fail at the same load."""
+    for step, folder in reversed(list_complete(root)):
+        try:
+            return folder, load(folder)
+        except Exception as exc:  # safetensors', torch's unpickler's, the OS's: each its own
+            aside = root / f"{TMP_PREFIX}unreadable-{folder.name}"
+            os.rename(folder, aside)
+            log.warning(
+                "the checkpoint of step %d does not load (%s: %s); set aside as %s, resuming "
+                "from the one before it",
+                step,
+                type(exc).__name__,
+                exc,
+                aside.name,
+            )
+    return None
 
 
 def load(folder: Path) -> Checkpoint:

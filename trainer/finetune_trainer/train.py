@@ -381,12 +381,13 @@ def _resume(
     acc = run.accelerator
     payload: list[checkpoint.Checkpoint | None] = [None]
     if acc.is_main_process:
-        folder = checkpoint.latest(root)
-        if folder is None and mirror is not None:  # new pods: the Hub branch may hold one
-            folder = mirror.restore(root)
-        if folder is not None:
-            log.info("resuming from %s", folder)
-            payload[0] = checkpoint.load(folder)
+        found = checkpoint.load_newest(root)
+        # New pods: the Hub branch may hold one.
+        if found is None and mirror is not None and mirror.restore(root) is not None:
+            found = checkpoint.load_newest(root)
+        if found is not None:
+            log.info("resuming from %s", found[0])
+            payload[0] = found[1]
     # Only rank 0 reads the volume; the others get the state over the wire.
     ckpt = broadcast_object_list(payload, from_process=0)[0]
     if ckpt is None:
