@@ -320,6 +320,18 @@ def test_a_store_without_room_for_two_checkpoints_is_refused_before_training(
         checkpoint.check_room(root, 160 * 1024, saves=1, keep=2)
 
 
+def test_a_checkpoint_is_expected_to_hold_the_trained_weights_and_two_moments_of_each() -> None:
+    import torch
+
+    from finetune_trainer.checkpoint import expected_size
+
+    model = torch.nn.Linear(100, 10)  # weight 1,000 floats, bias 10
+    model.weight.requires_grad_(False)  # frozen, as a LoRA base is: never checkpointed
+    assert expected_size(model) == 3 * 10 * 4
+    model.half().bias.requires_grad_(True)
+    assert expected_size(model) == 3 * 10 * 2
+
+
 def test_saves_due_counts_every_multiple_and_the_last_step() -> None:
     from finetune_trainer.checkpoint import saves_due
 

@@ -204,8 +204,7 @@ ADAMW_MOMENTS = 2
 def expected_size(model: torch.nn.Module) -> int:
     """About the bytes of one checkpoint of `model`, whole (before it is sharded): its trainable
     weights and AdamW's moments of them. The scheduler's and the RNG states are small beside."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return (1 + ADAMW_MOMENTS) * weights
+    return (1 + ADAMW_MOMENTS) * _nbytes([p for p in model.parameters() if p.requires_grad])
 
 
 def saves_due(step: int, total_steps: int, every: int) -> int:
