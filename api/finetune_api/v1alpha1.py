@@ -1007,7 +1007,8 @@ class TemplateSpec(ApiModel):
         "Face cache (HF_HOME: the downloaded model and dataset) and the artifact before its "
         "push: its sizeLimit (the kubelet evicts a pod that writes more) and the trainer's "
         "ephemeral-storage request, unless resources.requests or resources.limits name "
-        "ephemeral-storage. A quantity such as 20Gi; it must hold the base model. Default 20Gi.",
+        "ephemeral-storage. A quantity such as 20Gi; it must hold the base model (hf:// sources "
+        "larger than it fail the job before their download). Default 20Gi.",
     )
     termination_grace_period_seconds: int | None = Field(
         None,

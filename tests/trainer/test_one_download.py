@@ -22,6 +22,7 @@ import yaml
 from trainer_helpers import Gang, deep_update
 
 from finetune_api import pod
+from finetune_api.pod import ExitCode
 from finetune_hub_double import HubDouble
 
 pytestmark = pytest.mark.slow
@@ -166,3 +167,21 @@ def _assert_prefetched(log: str) -> None:
     fetched = [line for line in lines if "finetune_trainer.fetch: fetched " in line]
     assert fetched and all("[prefetch]" in line for line in fetched), fetched
     assert any("[rank 0]" in line and "commits resolved before" in line for line in lines), log
+
+
+def test_sources_larger_than_the_cache_fail_every_rank_at_once_before_any_download(
+    seeded: Seeded, causal_manifest: dict[str, Any], base_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Each pod's /tmp holds template.cacheSize: the tiny model alone is larger than 64Ki, so
+    the kubelet would evict a pod that fetched it. Every rank fails as the field, at once."""
+    doc = deep_update(_job(causal_manifest, None), {"spec": {"template": {"cacheSize": "64Ki"}}})
+    gang = seeded.gang(doc, tmp_path, base_env)
+    codes = gang.start().wait(timeout=300)
+    assert codes == [ExitCode.INVALID_SPEC] * 2, gang.log_text()[-4000:]
+    for node in range(gang.nodes):
+        result = gang.result(node)
+        assert result["status"] == "Failed" and result["reason"] == "InvalidSpec", result
+    message = gang.result(0)["message"]
+    assert message.startswith(f"spec.template.cacheSize: no space left for the model {MODEL} ")
+    assert "(template.cacheSize is 64Ki)" in message, message
+    assert not _file_gets(list(seeded.hub.requests)), "nothing was downloaded"

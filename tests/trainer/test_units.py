@@ -352,6 +352,17 @@ def test_quantity_rounds_up_to_what_a_spec_would_say() -> None:
     assert quantity(int(1.55 * 2**40)) == "1.6Ti"
 
 
+def test_quantity_bytes_reads_what_a_spec_may_say() -> None:
+    from finetune_trainer.job_folder import quantity_bytes
+
+    assert quantity_bytes("20Gi") == 20 * 2**30
+    assert quantity_bytes("1.5Gi") == 3 * 2**29
+    assert quantity_bytes("500M") == 500 * 10**6
+    assert quantity_bytes("1e9") == quantity_bytes("1E9") == 10**9
+    assert quantity_bytes("2E") == 2 * 10**18  # exa, not an exponent
+    assert quantity_bytes(".5Ki") == 512 and quantity_bytes(7) == 7
+
+
 def test_sharded_batches_are_disjoint_equal_and_resumable() -> None:
     from finetune_trainer.data import ShardedBatches
 

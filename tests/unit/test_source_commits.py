@@ -6,6 +6,7 @@ mode and Xet. The whole fetch, every rank and pod, is tests/trainer/test_one_dow
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from finetune_api import FineTuneJob, parse_manifest, pod
+from finetune_api import FineTuneJob, ManifestError, parse_manifest, pod
 from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_hub_double import HubDouble
@@ -93,6 +94,46 @@ def test_rank0_resolves_once_and_a_later_attempt_keeps_those_commits(
     other = _seed(hub, "org/other", "o", tmp_path)
     moved = _spec(model={"source": "hf://org/other"})
     assert fetch.kept_or_resolved(moved, root).model == other
+
+
+def test_sources_the_cache_cannot_hold_are_refused_before_any_download(
+    hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod's /tmp cache holds template.cacheSize, past which the kubelet evicts the pod: the
+    job fails at once, as the field, instead of after the download filled it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv(pod.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "tmp" / "hub"))
+    _seed(hub, MODEL, "m" * 30_000, tmp_path)  # and a small .gitattributes
+    _seed(hub, DATASET, "d" * 20_000, tmp_path, "dataset")
+
+    def spec(cache_size: str) -> FineTuneJobSpec:
+        doc = _spec().model_dump(mode="json", by_alias=True, exclude_none=True)
+        return FineTuneJobSpec.model_validate({**doc, "template": {"cacheSize": cache_size}})
+
+    with pytest.raises(ManifestError) as refused:
+        fetch.kept_or_resolved(spec("40Ki"), tmp_path / "checkpoints" / "job")
+    [error] = refused.value.errors
+    assert error.path == "spec.template.cacheSize"
+    said = re.search(
+        rf"the model {MODEL} \((\S+)Ki\) and the dataset {DATASET} \((\S+)Ki\) in .*: make "
+        r"template.cacheSize larger than they take, (\S+)Ki \(template.cacheSize is 40Ki\)$",
+        error.message,
+    )
+    assert said is not None, error.message
+    model_ki, data_ki, total_ki = map(float, said.groups())
+    assert 29.3 < model_ki < 33 and 19.5 < data_ki < 23 and total_ki >= model_ki + data_ki - 0.1
+    assert not [p for m, p, _ in hub.requests if "/resolve/" in p]  # nothing downloaded
+    assert not (tmp_path / "checkpoints" / "job" / fetch.RESOLVED_FILE).exists()
+    commits = fetch.kept_or_resolved(spec("64Ki"), tmp_path / "checkpoints" / "job")
+    # A snapshot already whole in the cache takes no more room.
+    for snap in fetch.snapshots(spec("64Ki"), commits):
+        fetch.download(snap)
+    assert fetch.kept_or_resolved(spec("1Ki"), tmp_path / "checkpoints" / "other") == commits
+    # On the checkpoint claim, the claim's free space is the room (here, this machine's disk).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "checkpoints" / "hub-cache"))
+    assert fetch.kept_or_resolved(spec("1Ki"), tmp_path / "checkpoints" / "third") == commits
 
 
 def test_a_revision_is_resolved_to_its_commit_and_a_missing_one_is_not_found(

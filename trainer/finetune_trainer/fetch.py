@@ -26,14 +26,16 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from finetune_api import ManifestError
 from finetune_api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer.job_folder import no_space
+from finetune_trainer.job_folder import checkpoint_volume, no_space, quantity, quantity_bytes
 from finetune_trainer.sources import SourceKind, SourceNotFound, downloading
 
 log = logging.getLogger(__name__)
@@ -142,15 +144,53 @@ def resolve(spec: FineTuneJobSpec) -> Commits:
     from huggingface_hub import HfApi
 
     found: dict[str, str] = {}
+    sizes: dict[SourceKind, int] = {}
     for kind, (repo, revision) in hub_sources(spec).items():
         with downloading(kind, repo, revision) as token:
             api = HfApi(token=token)
             info: Any = (api.model_info if kind == "model" else api.dataset_info)(
-                repo, revision=revision, token=token
+                repo, revision=revision, token=token, files_metadata=True
             )
         found[kind] = info.sha
+        sizes[kind] = _fetched_bytes(kind, info.siblings or [])
         log.info("%s %s at %s is commit %s", kind, repo, revision or "main", info.sha)
-    return Commits(**found)
+    commits = Commits(**found)
+    _check_room(spec, commits, sizes)
+    return commits
+
+
+def _fetched_bytes(kind: SourceKind, siblings: list[Any]) -> int:
+    """What downloading a source at a commit fetches: a model's files that loading it reads, a
+    dataset's every file."""
+    size = {s.rfilename: s.size or 0 for s in siblings}
+    files = model_files_to_fetch(list(size)) if kind == "model" else list(size)
+    return sum(size[f] for f in files)
+
+
+def _check_room(spec: FineTuneJobSpec, commits: Commits, sizes: dict[SourceKind, int]) -> None:
+    """Refuse, before downloading, sources that cannot fit the hub cache: on a claim, its free
+    space; in a pod's /tmp, template.cacheSize, past which the kubelet evicts the pod. A lower
+    bound (the datasets cache and the artifact come later), so it refuses no cache that would
+    do."""
+    todo = [(s, sizes[s.kind]) for s in snapshots(spec, commits) if not s.is_complete()]
+    need = sum(size for _, size in todo)
+    cache = _hub_cache()
+    on_claim = cache.is_relative_to(checkpoint_volume())
+    if on_claim:
+        room = shutil.disk_usage(_nearest_folder(cache)).free
+        said = f"{quantity(room)} is free there"
+    else:
+        room = quantity_bytes(spec.template.cache_size)
+        said = f"template.cacheSize is {spec.template.cache_size}"
+    if need > room:
+        what = " and ".join(f"the {s.kind} {s.repo} ({quantity(size)})" for s, size in todo)
+        raise no_space(what, cache, f" than they take, {quantity(need)} ({said})")
+
+
+def _nearest_folder(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def kept_or_resolved(spec: FineTuneJobSpec, root: Path) -> Commits:
@@ -327,12 +367,16 @@ def fetch_sources(spec: FineTuneJobSpec, root: Path, peers: Peers) -> Commits:
             said = ("ok", kept_or_resolved(spec, root))
         except SourceNotFound as exc:
             said = ("missing", (exc.field.split(".")[1], str(exc)))
+        except ManifestError as exc:  # sources the cache cannot hold: every rank fails alike
+            said = ("invalid", exc.errors)
         except Exception as exc:  # the Hub unreachable, 5xx: every rank fails alike, retryable
             failure = f"{type(exc).__name__}: {exc}"
             said = ("error", f"resolving the sources' revisions failed: {failure}")
     what, value = peers.broadcast(said)
     if what == "missing":
         raise SourceNotFound(value[0], value[1])
+    if what == "invalid":
+        raise ManifestError(value)
     if what == "error":
         raise RuntimeError(value)
     commits: Commits = value

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from decimal import Decimal
 from pathlib import Path
 
 from finetune_api import FieldError, FineTuneJob, ManifestError, pod
@@ -64,6 +65,24 @@ def no_space(what: str, where: Path, hint: str = "") -> ManifestError:
         field, size = "spec.template.cacheSize", "template.cacheSize"
     message = f"no space left for {what} in {where}: make {size} larger{hint}"
     return ManifestError([FieldError(field, message)])
+
+
+# A Kubernetes quantity's suffixes, as bytes (the spec's sizes allow these: SIZE_PATTERN).
+_SCALES = {
+    **{f"{p}i": 2 ** (10 * (i + 1)) for i, p in enumerate("KMGTPE")},
+    **{p: 10 ** (3 * (i + 1)) for i, p in enumerate("kMGTPE")},
+}
+
+
+def quantity_bytes(size: str | int) -> int:
+    """The bytes a Kubernetes quantity (20Gi, 500M, 1.5Gi, 1e9) names, rounded up."""
+    text = str(size)
+    number, scale = text, 1
+    if text[-2:] in _SCALES:
+        number, scale = text[:-2], _SCALES[text[-2:]]
+    elif text[-1:] in _SCALES:
+        number, scale = text[:-1], _SCALES[text[-1:]]
+    return math.ceil(Decimal(number) * scale)
 
 
 def quantity(size: int) -> str:
