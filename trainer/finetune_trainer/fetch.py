@@ -140,7 +140,8 @@ def fetches(spec: FineTuneJobSpec) -> bool:
 
 def resolve(spec: FineTuneJobSpec) -> Commits:
     """Ask the Hub which commit each hf:// source's revision names (rank 0, once per job). A
-    repo or revision that does not exist raises SourceNotFound."""
+    repo or revision that does not exist raises SourceNotFound; sources larger than the hub
+    cache can hold, ManifestError (`_check_room`)."""
     from huggingface_hub import HfApi
 
     found: dict[str, str] = {}
