@@ -33,7 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune_api import ManifestError
-from finetune_trainer.job_folder import COMPLETE_MARKER, TMP_PREFIX, no_space, quantity
+from finetune_trainer.job_folder import (
+    COMPLETE_MARKER,
+    TMP_PREFIX,
+    free_bytes,
+    no_space,
+    quantity,
+)
 
 STATE_FILE = "trainer_state.json"
 
@@ -223,8 +229,7 @@ def check_room(root: Path, size: int, saves: int, keep: int) -> None:
     held = list_complete(root)
     if saves + min(len(held), 1) < 2:
         return
-    root.mkdir(parents=True, exist_ok=True)
-    room = shutil.disk_usage(root).free + sum(disk_bytes(folder) for _, folder in held)
+    room = free_bytes(root) + sum(disk_bytes(folder) for _, folder in held)
     if 2 * size > room:
         raise no_space(
             f"the newest checkpoint and the next, about {quantity(size)} each (the trainable "

@@ -26,7 +26,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,7 +34,13 @@ from typing import Any, Protocol
 
 from finetune_api import ManifestError
 from finetune_api.v1alpha1 import FineTuneJobSpec
-from finetune_trainer.job_folder import checkpoint_volume, no_space, quantity, quantity_bytes
+from finetune_trainer.job_folder import (
+    checkpoint_volume,
+    free_bytes,
+    no_space,
+    quantity,
+    quantity_bytes,
+)
 from finetune_trainer.sources import SourceKind, SourceNotFound, downloading
 
 log = logging.getLogger(__name__)
@@ -178,7 +183,7 @@ def _check_room(spec: FineTuneJobSpec, commits: Commits, sizes: dict[SourceKind,
     cache = _hub_cache()
     on_claim = cache.is_relative_to(checkpoint_volume())
     if on_claim:
-        room = shutil.disk_usage(_nearest_folder(cache)).free
+        room = free_bytes(cache)
         said = f"{quantity(room)} is free there"
     else:
         room = quantity_bytes(spec.template.cache_size)
@@ -186,12 +191,6 @@ def _check_room(spec: FineTuneJobSpec, commits: Commits, sizes: dict[SourceKind,
     if need > room:
         what = " and ".join(f"the {s.kind} {s.repo} ({quantity(size)})" for s, size in todo)
         raise no_space(what, cache, f" than they take, {quantity(need)} ({said})")
-
-
-def _nearest_folder(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def kept_or_resolved(spec: FineTuneJobSpec, root: Path) -> Commits:

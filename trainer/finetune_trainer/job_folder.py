@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from decimal import Decimal
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def no_space(what: str, where: Path, hint: str = "") -> ManifestError:
         field, size = "spec.template.cacheSize", "template.cacheSize"
     message = f"no space left for {what} in {where}: make {size} larger{hint}"
     return ManifestError([FieldError(field, message)])
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds (or will hold) `path`, which need not exist yet."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 # A Kubernetes quantity's suffixes, as bytes (the spec's sizes allow these: SIZE_PATTERN).

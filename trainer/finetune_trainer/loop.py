@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 from finetune_api import FineTuneJob
 from finetune_api.pod import PEAK_FLOPS_ENV
 from finetune_trainer import checkpoint, data, modeling, sharding
+from finetune_trainer.job_folder import free_bytes
 from finetune_trainer.tasks import Batch, Task, TaskData
 from finetune_trainer.telemetry import TrainerMetrics, flops_per_token
 from finetune_trainer.watchdog import HangWatchdog
@@ -262,7 +262,7 @@ def _save_checkpoint(
             keep,
         )
         log.info("checkpoint at step %d: %s", state.step, folder)
-        telemetry.record_store(checkpoint.disk_bytes(folder), shutil.disk_usage(root).free)
+        telemetry.record_store(checkpoint.disk_bytes(folder), free_bytes(root))
     telemetry.record_checkpoint(time.perf_counter() - started)
     if folder is not None and after_save is not None:
         after_save(folder)
