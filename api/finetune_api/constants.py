@@ -113,3 +113,7 @@ class Reason(StrEnum):
     CHECKPOINT_VOLUME = "CheckpointVolume"
     CHECKPOINT_HUB_BRANCH = "CheckpointHubBranch"
     NO_DURABLE_STORE = "NoDurableStore"
+    # Events about the claim the operator made (output.checkpoints.claimRetentionPolicy): released
+    # from its ended FineTuneJob, and adopted by one made again with the same name.
+    CLAIM_RETAINED = "ClaimRetained"
+    CLAIM_ADOPTED = "ClaimAdopted"

@@ -603,6 +603,30 @@ class PersistentVolumeClaimRef(ApiModel):
     claim_name: ShortStr = Field(description="claimName of a PersistentVolumeClaim.")
 
 
+ClaimRetention = Literal["Retain", "Delete"]
+
+
+class ClaimRetentionPolicy(ApiModel):
+    """What becomes of the claim the operator made for the checkpoints once the FineTuneJob has
+    ended, as a StatefulSet's persistentVolumeClaimRetentionPolicy: Retain releases it from the
+    FineTuneJob's ownership, so that deleting the FineTuneJob leaves it (and what it holds), and
+    a FineTuneJob made again with the same name adopts it and resumes from it."""
+
+    when_failed: ClaimRetention = Field(
+        "Retain",
+        description="whenFailed: Retain keeps the claim of a Failed FineTuneJob when the "
+        "FineTuneJob is deleted, so that one made again with the same name (and training spec) "
+        "resumes from its newest checkpoint, or pushes its kept result without training; "
+        "delete the claim yourself when you do not. Delete: it is deleted with the "
+        "FineTuneJob. Default Retain.",
+    )
+    when_succeeded: ClaimRetention = Field(
+        "Delete",
+        description="whenSucceeded: as whenFailed, for a Succeeded FineTuneJob, whose result "
+        "was pushed. Default Delete.",
+    )
+
+
 class CheckpointStorage(ApiModel):
     """Where rank 0 keeps checkpoints so that a restarted gang resumes. Unset fields pick the
     first durable store available: your claim; for a one-node gang a claim the operator makes
@@ -618,14 +642,22 @@ class CheckpointStorage(ApiModel):
     size: Quantity = Field(
         "30Gi",
         description="size of the ReadWriteOnce claim the operator creates for a one-node gang, "
-        "owned by the FineTuneJob and deleted with it; it holds the hf:// model and dataset "
-        "too (as much as template.cacheSize allows a pod, plus 10Gi of checkpoints: room for "
-        "training.checkpointsToKeep + 1 of them). Default 30Gi.",
+        "owned by the FineTuneJob and deleted with it (unless claimRetentionPolicy keeps it); "
+        "a kept claim that a FineTuneJob of the same name adopts is expanded to this size "
+        "where its StorageClass allows expansion. It holds the hf:// model and "
+        "dataset too (as much as template.cacheSize allows a pod, plus 10Gi of checkpoints: "
+        "room for training.checkpointsToKeep + 1 of them). Default 30Gi.",
     )
     storage_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
         None,
         description="storageClassName of the claim the operator creates. Unset: the cluster's "
         "default StorageClass.",
+    )
+    claim_retention_policy: ClaimRetentionPolicy = Field(
+        ClaimRetentionPolicy(),
+        description="claimRetentionPolicy says whether the claim the operator creates outlives "
+        "the FineTuneJob once it has Failed (whenFailed, default Retain) or Succeeded "
+        "(whenSucceeded, default Delete). Your own persistentVolumeClaim is never deleted.",
     )
     hub_branch: Annotated[
         str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -746,7 +778,10 @@ class EnvVar(ApiModel):
 
 
 class VolumeMount(ApiModel):
-    name: ShortStr = Field(description="name of a volume in template.volumes.")
+    # A volume's name is a DNS-1123 label, as the API server checks it in the pod.
+    name: Annotated[str, StringConstraints(min_length=1, max_length=63)] = Field(
+        description="name of a volume in template.volumes (at most 63 characters)."
+    )
     mount_path: PathStr = Field(description="mountPath in the trainer container.")
     sub_path: PathStr | None = Field(None, description="subPath within the volume.")
     read_only: bool = Field(False, description="readOnly mounts the volume read-only.")
@@ -1494,6 +1529,15 @@ class CheckpointStatus(ApiModel):
         "(lost with the pods; see the CheckpointsDurable condition).",
     )
     claim_name: ShortStr | None = Field(None, description="claimName when store is Volume.")
+    claim_retained: bool | None = Field(
+        None,
+        description="claimRetained, once the FineTuneJob has ended, says whether the claim the "
+        "operator made (claimName) outlives it: true once the operator released it from the "
+        "FineTuneJob's ownership, as output.checkpoints.claimRetentionPolicy asks, so that "
+        "deleting the FineTuneJob leaves it and one made again with the same name adopts it; "
+        "false when it is deleted with the FineTuneJob (or was never made). Unset while the "
+        "job runs, and with a store the operator did not make.",
+    )
     hub_branch: Annotated[str, StringConstraints(max_length=64)] | None = Field(
         None, description="hubBranch of output.hub.repo when store is HubBranch."
     )
@@ -1501,7 +1545,9 @@ class CheckpointStatus(ApiModel):
         None,
         ge=0,
         description="resumedFromStep is the step the attempt in `attempt` resumed from (0: a "
-        "fresh start), as its rank 0 reported it.",
+        "fresh start), as its rank 0 reported it: in its metrics, or in its result for an "
+        "attempt that ended before the operator read them (one that only pushed a kept "
+        "result reports that result's last step).",
     )
     attempt: int | None = Field(
         None, ge=1, description="attempt whose resume resumedFromStep describes."

@@ -478,6 +478,46 @@ class Kube:
         where = f"{meta['namespace']}/{meta['name']}"
         raise RuntimeError(f"PersistentVolumeClaim {where} kept changing; retry")
 
+    async def set_claim_owner(
+        self, claim: Obj, owners: list[Obj], retained_from: str | None
+    ) -> Obj | None:
+        """Merge-patch a claim's ownerReferences (the whole list) and its retained-from label
+        (naming.RETAINED_FROM; None removes it): how the operator releases the claim
+        of an ended FineTuneJob and how a FineTuneJob of the same name adopts it. Pinned to the
+        resourceVersion `claim` was read at, so a claim that changed since is left as it is:
+        None then (or when it is gone), and the caller reads it again."""
+        meta = claim["metadata"]
+        body = {
+            "metadata": {
+                "resourceVersion": meta["resourceVersion"],
+                "ownerReferences": owners,
+                "labels": {naming.RETAINED_FROM: retained_from},
+            }
+        }
+        path = _CHILD_PATHS["PersistentVolumeClaim"]
+        try:
+            return await self._patch(path, meta["namespace"], meta["name"], body, MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return None
+            raise
+
+    async def get_claim(self, namespace: str, name: str) -> Obj | None:
+        return await self._read("PersistentVolumeClaim", namespace, name)
+
+    async def expand_claim(self, namespace: str, name: str, size: str) -> str | None:
+        """Ask for `size` of storage on a claim (its expansion); the API server's refusal (a
+        StorageClass without allowVolumeExpansion, an unbound claim) as its message, or None."""
+        body = {"spec": {"resources": {"requests": {"storage": size}}}}
+        path = _CHILD_PATHS["PersistentVolumeClaim"]
+        try:
+            await self._patch(path, namespace, name, body, MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status in (403, 422):
+                return _message(exc)[:512]
+            raise
+        return None
+
     async def get_child(self, kind: str, namespace: str, name: str) -> Obj | None:
         """A child of `kind` (Deployment, Service, ...) by name; None when there is none."""
         return await self._read(kind, namespace, name)

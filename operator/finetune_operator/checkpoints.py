@@ -16,6 +16,13 @@ store must reach rank 0's pod wherever it lands:
 
 The choice is made once, when the first Job is created, and kept in status.checkpoints: a store
 that changed between attempts would strand the checkpoints written so far.
+
+The claim the operator makes can outlive its FineTuneJob, as a StatefulSet's claims do
+(`output.checkpoints.claimRetentionPolicy`): once the job has ended as the policy says to keep
+it (`retains_claim`), the operator releases the claim, and a FineTuneJob made again with the
+same name adopts it (`adoptable`), so a job made again after a failure resumes where the last
+one stopped instead of at step 0. The job's folder on the claim is keyed by its name and its
+training spec, never by its uid.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from finetune_api.constants import Reason
+from kubernetes.utils.quantity import parse_quantity
+
+from finetune_api.constants import Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
 
@@ -112,3 +121,54 @@ def needs_storage_class_check(job: FineTuneJob) -> bool:
         and ckpt.storage_class_name is None
         and job.spec.resources.nodes == 1
     )
+
+
+def retains_claim(job: FineTuneJob, phase: str | None) -> bool:
+    """Whether the claim the operator made for `job` is to outlive it, now that it is in `phase`
+    (output.checkpoints.claimRetentionPolicy; a job still running keeps its claim owned)."""
+    policy = job.spec.output.checkpoints.claim_retention_policy
+    if phase == Phase.FAILED:
+        return policy.when_failed == "Retain"
+    if phase == Phase.SUCCEEDED:
+        return policy.when_succeeded == "Retain"
+    return False
+
+
+def retained_from(claim: dict[str, Any]) -> str | None:
+    """The uid of the FineTuneJob that released `claim`, while nothing controls it."""
+    meta = claim.get("metadata") or {}
+    if any(ref.get("controller") for ref in meta.get("ownerReferences") or []):
+        return None
+    return (meta.get("labels") or {}).get(naming.RETAINED_FROM) or None
+
+
+def adoptable(claim: dict[str, Any], job_name: str) -> bool:
+    """Whether `claim` is one the operator made for a FineTuneJob named `job_name` and released
+    when it ended, which a FineTuneJob of that name may take as its own."""
+    labels = (claim.get("metadata") or {}).get("labels") or {}
+    ours = all(labels.get(k) == v for k, v in naming.selector_labels(job_name).items())
+    return ours and retained_from(claim) is not None
+
+
+def adoption_refused(claim: dict[str, Any], job: FineTuneJob) -> str | None:
+    """Why `job` may not adopt the kept `claim` (another StorageClass than it names), or None."""
+    wanted = job.spec.output.checkpoints.storage_class_name
+    held = (claim.get("spec") or {}).get("storageClassName")
+    if wanted is None or wanted == held:
+        return None
+    name = claim["metadata"]["name"]
+    return (
+        f"PersistentVolumeClaim {name}, kept from an earlier FineTuneJob named "
+        f"{job.metadata.name}, is of StorageClass {held}, not output.checkpoints."
+        f"storageClassName {wanted}: make the FineTuneJob with storageClassName {held} to "
+        f"resume from what the claim holds, or delete the claim (kubectl delete pvc {name}) "
+        "to start afresh"
+    )
+
+
+def needs_expansion(claim: dict[str, Any], job: FineTuneJob) -> bool:
+    """Whether `job` asks for a larger claim (output.checkpoints.size) than `claim` requests."""
+    requested = ((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}
+    held = requested.get("storage")
+    size = job.spec.output.checkpoints.size
+    return held is not None and parse_quantity(size) > parse_quantity(held)

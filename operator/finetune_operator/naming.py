@@ -32,6 +32,10 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # The pods' /tmp emptyDir, sized by spec.template.cacheSize: the Hugging Face cache, and the
 # artifact before its push.
 CACHE_VOLUME = "tmp"
+# The label on a checkpoint claim the operator released when its FineTuneJob ended
+# (checkpoints.py): the uid of that FineTuneJob. A FineTuneJob made again with the same name
+# adopts such a claim; `kubectl get pvc -l finetune.dev/retained-from` lists the claims kept.
+RETAINED_FROM = "finetune.dev/retained-from"
 
 
 def service_name(job_name: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from finetune_api import phases
 from finetune_api.constants import ConditionType, Reason
+from finetune_api.result import TrainerResult
 from finetune_operator import timings
 from finetune_operator.conditions import Conditions, Obj, previous_condition
 from finetune_operator.lifecycle import Leaving, LostNode, Outcome, State
@@ -72,6 +73,15 @@ def record_resume(
     if ckpt:
         status["checkpoints"] = ckpt
     return restart_seconds, unseen
+
+
+def resume_in_result(result: TrainerResult | None, ckpt: Obj, attempt: int) -> int | None:
+    """The step rank 0's result says attempt `attempt` resumed from, where no scrape recorded
+    that attempt's resume: an attempt too short for one, such as one that found a kept result
+    and only pushed it (it reports the result's last step)."""
+    if result is None or ckpt.get("attempt") == attempt:
+        return None
+    return result.resumed_from_step
 
 
 def _resumed_by_user(conds: Conditions, ckpt: Obj) -> bool:

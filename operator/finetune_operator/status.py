@@ -26,6 +26,7 @@ from finetune_operator.restarts import (
     replaced_before,
     replaced_unseen,
     restart_in_place,
+    resume_in_result,
     with_restart,
 )
 from finetune_operator.settings import NODE_LOST_WAIT_SECONDS, STUCK_TERMINATING_SECONDS
@@ -283,15 +284,7 @@ def plan(
     if observed.store is not None:
         status["checkpoints"] = {**(prev.get("checkpoints") or {}), **observed.store.to_status()}
         conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
-    restart_seconds, rejoin = record_resume(
-        status,
-        prev,
-        conds,
-        attempts,
-        observed.resumed_from_step,
-        observed.resumed_at,
-        observed.now,
-    )
+    restart_seconds, rejoin = _record_resume(status, prev, conds, attempts, observed)
     restarted = rejoin is not None
     terminal = prev.get("phase") in TERMINAL and (
         conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
@@ -355,6 +348,22 @@ def plan(
         restarted=restarted,
         requeue_after=requeue_after,
     )
+
+
+def _record_resume(
+    status: Obj, prev: Obj, conds: Conditions, attempts: int, observed: Observed
+) -> tuple[float | None, str | None]:
+    """`record_resume` of the resume rank 0 reported: scraped from its metrics or, for an
+    attempt no scrape caught resuming (one that only pushed a kept result, say), in its result,
+    which is read at the attempt's end: that one is no measure of a restart's seconds."""
+    out, resumed, late = observed.outcome, observed.resumed_from_step, False
+    if resumed is None and out.attempt == attempts:
+        resumed = resume_in_result(out.result, status.get("checkpoints") or {}, attempts)
+        late = resumed is not None
+    seconds, rejoin = record_resume(
+        status, prev, conds, attempts, resumed, observed.resumed_at, observed.now
+    )
+    return (None if late else seconds), rejoin
 
 
 def _ttl_left(policy: RunPolicy, status: Obj, now: str) -> float | None:

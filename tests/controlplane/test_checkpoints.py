@@ -1,6 +1,8 @@
 """Durable checkpoints on a real API server: the claim a one-node gang gets from the default
 StorageClass, a restart that reports the step it resumed from and the steps it lost, a foreign
-claim left alone, and the Warning when nothing durable can be had.
+claim left alone, the Warning when nothing durable can be had, and the claim a failed job leaves
+behind for one made again with its name (claimRetentionPolicy; the controller manager's garbage
+collector and volume binder are real).
 
 No kubelet runs here: the tests report pod status as a kubelet would, and a local HTTP server
 plays rank 0's metrics endpoint (on the pod IP the tests report, `Rank0Metrics.ip`).
@@ -12,9 +14,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fixtures.cluster import ftj_manifest, patch_pod_status, running_status
+from fixtures.cluster import ftj_manifest, patch_pod_status, running_status, wait_phase
 from fixtures.kube import Kube
 from test_operator import condition, finish_pods, ftj_status, get, wait_pods
+
+from finetune_api.result import TrainerResult
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -23,8 +27,15 @@ pytest_plugins = ["fixtures.operator"]
 
 Kube.register("PersistentVolumeClaim", "v1", "persistentvolumeclaims")
 Kube.register("StorageClass", "storage.k8s.io/v1", "storageclasses", namespaced=False)
+Kube.register("PersistentVolume", "v1", "persistentvolumes", namespaced=False)
 DEFAULT_CLASS = "finetune-test-default"
+EXPANDABLE_CLASS = "finetune-test-expandable"
 ONE_NODE = {"nodes": 1}
+RETAINED_FROM = "finetune.dev/retained-from"
+# What rank 0 reports when the Hub refuses its push: permanent, and its result is kept on the claim.
+PUSH_REFUSED = TrainerResult(
+    status="Failed", reason="PushFailed", message="403 Forbidden", retryable=False
+)
 
 
 @pytest.fixture
@@ -44,6 +55,73 @@ def default_storage_class(kube: Kube) -> Iterator[str]:
     )
     yield DEFAULT_CLASS
     kube.delete("StorageClass", DEFAULT_CLASS)
+
+
+@pytest.fixture
+def expandable_volume(kube: Kube, namespace: str) -> Iterator[str]:
+    """A StorageClass that allows expansion, binding at once, and a volume of it waiting for the
+    claim `kept-checkpoints` (nothing provisions or resizes volumes here: the claim's requested
+    size is what expanding it asks for)."""
+    kube.apply(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": EXPANDABLE_CLASS},
+            "provisioner": "example.com/none",
+            "allowVolumeExpansion": True,
+            "volumeBindingMode": "Immediate",
+        }
+    )
+    volume = f"kept-{namespace}"
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": EXPANDABLE_CLASS,
+                "persistentVolumeReclaimPolicy": "Retain",
+                "claimRef": {"namespace": namespace, "name": "kept-checkpoints"},
+                "hostPath": {"path": "/tmp/finetune-test-kept"},
+            },
+        }
+    )
+    yield EXPANDABLE_CLASS
+    kube.delete("PersistentVolume", volume, missing_ok=True)
+    kube.delete("StorageClass", EXPANDABLE_CLASS, missing_ok=True)
+
+
+def owned_events(kube: Kube, namespace: str, ftj: dict[str, Any]) -> list[tuple[str, str]]:
+    """The Events of this very FineTuneJob (not of an earlier one with its name)."""
+    name, uid = ftj["metadata"]["name"], ftj["metadata"]["uid"]
+    events = kube.list("Event", namespace, fields=f"involvedObject.uid={uid}")
+    return [(e["type"], e["reason"]) for e in events if e["involvedObject"]["name"] == name]
+
+
+def fail_and_delete(
+    kube: Kube, namespace: str, wait_until: Any, name: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Fail the FineTuneJob's one pod as a refused push does, then delete the FineTuneJob and
+    wait for the garbage collector to remove its Job: (the FineTuneJob, its last status, its
+    claim once it is gone)."""
+    ftj = get(kube, namespace, "FineTuneJob", name)
+    assert ftj is not None
+    pod = wait_pods(kube, wait_until, namespace, name, 1, 1)
+    finish_pods(kube, namespace, pod, PUSH_REFUSED.exit_code, PUSH_REFUSED.to_message())
+    status = wait_phase(kube, wait_until, namespace, name, "Failed")
+    assert condition(status, "Failed")["reason"] == "PushFailed"
+    kube.delete("FineTuneJob", name, namespace)
+    wait_until(
+        lambda: (
+            get(kube, namespace, "FineTuneJob", name) is None
+            and get(kube, namespace, "Job", name) is None
+        ),
+        timeout=60,
+        message=f"{name} and its Job deleted",
+    )
+    return ftj, status, get(kube, namespace, "PersistentVolumeClaim", f"{name}-checkpoints")
 
 
 def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]], ip: str) -> None:
@@ -172,3 +250,102 @@ def test_a_gang_with_nowhere_durable_says_so_with_a_warning(
     )
     assert [e["type"] for e in warnings] == ["Warning"]
     assert get(kube, namespace, "Job", "adrift") is not None
+
+
+def test_a_failed_jobs_claim_outlives_it_and_one_made_again_adopts_and_expands_it(
+    operator: Operator, kube: Kube, namespace, wait_until, expandable_volume
+) -> None:
+    checkpoints = {"storageClassName": expandable_volume, "size": "1Gi"}
+    output = {"checkpoints": checkpoints}
+    kube.apply(ftj_manifest("kept", namespace, resources=ONE_NODE, output=output))
+    claim = wait_until(
+        lambda: (
+            (c := get(kube, namespace, "PersistentVolumeClaim", "kept-checkpoints"))
+            and (c.get("status") or {}).get("phase") == "Bound"
+            and c
+        ),
+        timeout=60,
+        message="the claim bound to its volume",
+    )
+    first, status, kept = fail_and_delete(kube, namespace, wait_until, "kept")
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+    # Released when the job failed, before the status said so: its deletion left the claim.
+    assert status["checkpoints"]["claimRetained"] is True
+    assert kept is not None and kept["metadata"]["uid"] == claim["metadata"]["uid"]
+    assert not kept["metadata"].get("ownerReferences")
+    assert kept["metadata"]["labels"][RETAINED_FROM] == first["metadata"]["uid"]
+    listed = kube.list("PersistentVolumeClaim", namespace, labels=RETAINED_FROM)
+    assert [c["metadata"]["name"] for c in listed] == ["kept-checkpoints"]
+    assert ("Normal", "ClaimRetained") in owned_events(kube, namespace, first)
+
+    # Made again with the same name and a larger size: it adopts the claim, expands it, and its
+    # pod mounts it.
+    checkpoints["size"] = "2Gi"
+    kube.apply(ftj_manifest("kept", namespace, resources=ONE_NODE, output=output))
+    again = wait_pods(kube, wait_until, namespace, "kept", 1, 1)
+    volume = next(v for v in again[0]["spec"]["volumes"] if v["name"] == "checkpoints")
+    assert volume["persistentVolumeClaim"]["claimName"] == "kept-checkpoints"
+    second = get(kube, namespace, "FineTuneJob", "kept")
+    adopted = get(kube, namespace, "PersistentVolumeClaim", "kept-checkpoints")
+    assert adopted["metadata"]["uid"] == claim["metadata"]["uid"]
+    assert [r["uid"] for r in adopted["metadata"]["ownerReferences"]] == [second["metadata"]["uid"]]
+    assert adopted["metadata"]["ownerReferences"][0]["controller"] is True
+    assert RETAINED_FROM not in adopted["metadata"]["labels"]
+    assert adopted["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert ("Normal", "ClaimAdopted") in owned_events(kube, namespace, second)
+    assert "claimRetained" not in ftj_status(kube, namespace, "kept").get("checkpoints", {})
+
+
+def test_a_claim_another_storage_class_cannot_be_adopted_and_is_left_as_it_is(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    kube.apply(ftj_manifest("moved", namespace, resources=ONE_NODE))
+    _, _, kept = fail_and_delete(kube, namespace, wait_until, "moved")
+    assert kept is not None and kept["spec"]["storageClassName"] == default_storage_class
+    output = {"checkpoints": {"storageClassName": "another"}}
+    kube.apply(ftj_manifest("moved", namespace, resources=ONE_NODE, output=output))
+    status = wait_phase(kube, wait_until, namespace, "moved", "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "NameConflict"
+    assert (
+        f"is of StorageClass {default_storage_class}, not output.checkpoints" in (failed["message"])
+    )
+    after = get(kube, namespace, "PersistentVolumeClaim", "moved-checkpoints")
+    assert after["metadata"]["resourceVersion"] == kept["metadata"]["resourceVersion"]
+    assert get(kube, namespace, "Job", "moved") is None
+
+
+def test_with_when_failed_delete_the_claim_goes_with_the_failed_job(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    policy = {"claimRetentionPolicy": {"whenFailed": "Delete"}}
+    output = {"checkpoints": policy}
+    kube.apply(ftj_manifest("gone", namespace, resources=ONE_NODE, output=output))
+    _, status, _ = fail_and_delete(kube, namespace, wait_until, "gone")
+    assert status["checkpoints"]["claimRetained"] is False
+    wait_until(
+        lambda: get(kube, namespace, "PersistentVolumeClaim", "gone-checkpoints") is None,
+        timeout=60,
+        message="the claim garbage-collected with its FineTuneJob",
+    )
+
+
+def test_a_kept_claim_its_class_cannot_expand_is_adopted_as_it_is(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    kube.apply(ftj_manifest("small", namespace, resources=ONE_NODE))
+    _, _, kept = fail_and_delete(kube, namespace, wait_until, "small")
+    assert kept is not None and kept["spec"]["resources"]["requests"]["storage"] == "30Gi"
+    output = {"checkpoints": {"size": "40Gi"}}
+    kube.apply(ftj_manifest("small", namespace, resources=ONE_NODE, output=output))
+    wait_pods(kube, wait_until, namespace, "small", 1, 1)
+    again = get(kube, namespace, "FineTuneJob", "small")
+    uid = again["metadata"]["uid"]
+    adopted = get(kube, namespace, "PersistentVolumeClaim", "small-checkpoints")
+    assert [r["uid"] for r in adopted["metadata"]["ownerReferences"]] == [uid]
+    assert adopted["spec"]["resources"]["requests"]["storage"] == "30Gi"
+    events = kube.list("Event", namespace, fields=f"involvedObject.uid={uid}")
+    said = [e["message"] for e in events if e["reason"] == "ClaimAdopted"]
+    # The default class has no allowVolumeExpansion (and the claim is not bound): the API
+    # server's refusal is passed on, and the job goes on with the claim as it is.
+    assert len(said) == 1 and "it stays 30Gi, as it cannot be expanded to output" in said[0]

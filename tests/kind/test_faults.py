@@ -26,7 +26,9 @@ The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing ever
   branch;
 - ft-push503 / ft-push403 (1 node, 10 steps): the double fails the job's commits (scoped to its
   repo) with 503 three times (retried in the pod: Succeeded, one push) or with 403 (Failed,
-  PushFailed, no second attempt).
+  PushFailed, no second attempt). ft-push403 is then deleted and made again, as a user would once
+  the token is fixed: the claim the operator made outlived it (claimRetentionPolicy), and the new
+  one adopts it and pushes the result kept there without training.
 - ft-full (1 node, 10 steps; on kind's own nodes only): its checkpoints are on a claim of yours,
   a local PersistentVolume on a tmpfs of the control-plane node's, with room for the model and
   data it caches there and less than two checkpoints: it fails at once, before training, with
@@ -952,6 +954,46 @@ def push_scenario(job: str) -> Callable[[Suite, Obj], None]:
     return scenario
 
 
+def refused_push_scenario(job: Obj) -> Callable[[Suite, Obj], None]:
+    """ft-push403 fails on the Hub's one 403, keeping its claim (claimRetentionPolicy); made
+    again, as a user would once the token is fixed, it adopts the claim and pushes the result
+    kept there without training."""
+
+    def scenario(suite: Suite, record: Obj) -> None:
+        record["first"] = suite.wait_finished(P403)
+        record["main_after_refusal"] = main_commits(suite, P403)
+        record["claim"] = make_again(suite, job, record["first"], f"{P403}-checkpoints")
+        record["final"] = wait_made_again(suite, P403, record["first"])
+
+    return scenario
+
+
+def make_again(suite: Suite, job: Obj, first: Obj, claim: str | None = None) -> Obj | None:
+    """Delete the finished FineTuneJob (waiting until it is gone) and make it again; the claim
+    named `claim` as its deletion left it, if asked."""
+    name = first["metadata"]["name"]
+    suite.kube("-n", suite.ns, "delete", "finetunejob", name, "--wait=true", timeout=WAIT_S)
+    kept = None
+    if claim is not None:
+        got = suite.kube("-n", suite.ns, "get", "pvc", claim, "--ignore-not-found", "-o", "json")
+        kept = json.loads(got) if got.strip() else None
+    suite.kube.apply(job, suite.ns)
+    return kept
+
+
+def wait_made_again(suite: Suite, name: str, first: Obj) -> Obj:
+    """The FineTuneJob `name` made again after `first`, once it has finished."""
+    uid = first["metadata"]["uid"]
+
+    def again() -> Obj | None:
+        ftj = suite.view.ftjs.get(name)
+        made_again = ftj is not None and ftj["metadata"]["uid"] != uid
+        finished = made_again and (ftj.get("status") or {}).get("phase") in FINISHED
+        return ftj if finished else None
+
+    return suite.view.wait(f"{name} made again to finish", again)
+
+
 def ref_scenario(suite: Suite, record: Obj) -> None:
     record["final"] = suite.wait_finished(REF)
 
@@ -1027,17 +1069,8 @@ def full_store_scenario(job: Obj, claim: SmallClaim) -> Callable[[Suite, Obj], N
     def scenario(suite: Suite, record: Obj) -> None:
         first = record["first"] = suite.wait_finished(FULL)
         claim.resize(LARGER_ROOM + claim_used(suite))
-        suite.kube("-n", suite.ns, "delete", "finetunejob", FULL, "--wait=true", timeout=WAIT_S)
-        suite.kube.apply(job, suite.ns)
-        uid = first["metadata"]["uid"]
-
-        def again() -> Obj | None:
-            ftj = suite.view.ftjs.get(FULL)
-            made_again = ftj is not None and ftj["metadata"]["uid"] != uid
-            finished = made_again and (ftj.get("status") or {}).get("phase") in FINISHED
-            return ftj if finished else None
-
-        record["final"] = suite.view.wait(f"{FULL} made again to finish", again)
+        make_again(suite, job, first)
+        record["final"] = wait_made_again(suite, FULL, first)
 
     return scenario
 
@@ -1125,7 +1158,7 @@ def suite(
         s.run("drain", drain_scenario)
         s.run("hang", hang_scenario)
         s.run("push503", push_scenario(P503))
-        s.run("push403", push_scenario(P403))
+        s.run("push403", refused_push_scenario(jobs[P403]))
         if full is not None:
             s.run("full", full_store_scenario(jobs[FULL], full))
         if REF in jobs:
@@ -1415,14 +1448,31 @@ def test_push_503_retried_then_pushed_once(suite: Suite, check: Checks) -> None:
     check.finish()
 
 
-def test_push_403_fails_without_retraining(suite: Suite, check: Checks) -> None:
+def test_push_403_fails_without_retraining_and_made_again_pushes_what_it_kept(
+    suite: Suite, check: Checks
+) -> None:
     record = outcome_of(suite, "push403")
-    st = finished_as(check, record["final"], "Failed", "PushFailed")
+    st = finished_as(check, record["first"], "Failed", "PushFailed")
     check(st.get("attempts") == 1, f"{P403}: {st.get('attempts')} attempts: a 403 must not retrain")
     fired = suite.hub_faults("GET").get("firedByRepo", {}).get(f"org/{P403}", {})
     check(fired == {"commit": 1}, f"{P403}: faults fired {fired}")
     check("403" in condition(st, "Failed").get("message", ""), f"{P403}: {condition(st, 'Failed')}")
-    nothing_pushed(check, suite, st, P403)
+    check(not (st.get("result") or {}).get("revision"), f"{P403}: pushed: {st.get('result')}")
+    titles = [c["title"] for c in record["main_after_refusal"] or []]
+    check(titles in ([], ["initial commit"]), f"{P403}: main held {titles} after the refusal")
+    # The failed job's claim outlived it (claimRetentionPolicy.whenFailed: Retain)...
+    check((st.get("checkpoints") or {}).get("claimRetained") is True, f"{P403}: {st}")
+    kept = (record["claim"] or {}).get("metadata") or {}
+    check(not kept.get("ownerReferences"), f"{P403}: the claim left after the deletion: {kept}")
+    uid = record["first"]["metadata"]["uid"]
+    retained_from = (kept.get("labels") or {}).get("finetune.dev/retained-from")
+    check(retained_from == uid, f"{P403}: claim labelled {retained_from}, not {uid}")
+    # ...and the job made again adopted it and pushed what the first one kept, untrained.
+    st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
+    resumed = (st.get("checkpoints") or {}).get("resumedFromStep")
+    check(resumed == PUSH_STEPS, f"{P403} made again resumed from {resumed}, not {PUSH_STEPS}")
+    check(st.get("attempts") == 1, f"{P403} made again: {st.get('attempts')} attempts")
+    pushed_once(check, suite, st, P403)
     children_unique(check, suite, P403, 1, claim=True)
     check.finish()
 

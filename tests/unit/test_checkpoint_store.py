@@ -9,6 +9,7 @@ import pytest
 
 from finetune_api import pod
 from finetune_api.constants import ConditionType, Reason
+from finetune_api.result import TrainerResult
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_api.validation import parse_manifest
 from finetune_operator import checkpoints
@@ -214,6 +215,23 @@ def test_a_fresh_start_loses_nothing_and_is_not_a_restart() -> None:
     assert first.restart_seconds is None
 
 
+def test_an_attempt_no_scrape_saw_resume_records_the_step_its_result_reports() -> None:
+    """A FineTuneJob made again on a kept claim finds the result a failed push left there and
+    only pushes it, ending before any scrape: its result says where it resumed."""
+    store = checkpoints.choose(ftj(1), default_storage_class=True)
+    pushed = TrainerResult(status="Succeeded", steps=10, resumed_from_step=10)
+    done = Outcome(State.SUCCEEDED, attempt=1, uid="j1", result=pushed)
+    running = {"phase": "Running", "attempts": 1}
+    ended = plan(ftj(1, status=running), Observed(now=NOW, outcome=done, store=store))
+    ckpt = ended.status["checkpoints"]
+    assert (ckpt["resumedFromStep"], ckpt["attempt"], ckpt["stepsLost"]) == (10, 1, 0)
+    assert ended.restart_seconds is None
+    # A resume a scrape recorded for the attempt stands: the result does not say it again.
+    scraped = {**running, "checkpoints": {"attempt": 1, "resumedFromStep": 5, "stepsLost": 0}}
+    later = plan(ftj(1, status=scraped), Observed(now=NOW, outcome=done, store=store))
+    assert later.status["checkpoints"]["resumedFromStep"] == 5
+
+
 def test_rank0s_resume_gauge_is_scraped() -> None:
     text = (
         f"# TYPE {pod.RESUMED_FROM_STEP_GAUGE} gauge\n"
@@ -225,3 +243,71 @@ def test_rank0s_resume_gauge_is_scraped() -> None:
     at = 'finetune_train_resumed_timestamp_seconds{rank="0"} 1767225685.5\n'
     assert resumed_at(parse_metrics(at)) == "2026-01-01T00:01:25Z"
     assert resumed_at(parse_metrics("")) is None
+
+
+@pytest.mark.parametrize(
+    ("policy", "phase", "kept"),
+    [
+        ({}, "Failed", True),
+        ({}, "Succeeded", False),
+        ({}, "Running", False),
+        ({"whenFailed": "Delete"}, "Failed", False),
+        ({"whenSucceeded": "Retain"}, "Succeeded", True),
+        ({"whenSucceeded": "Retain"}, "Suspended", False),
+    ],
+)
+def test_the_claim_outlives_an_ended_job_as_its_retention_policy_says(
+    policy: dict[str, str], phase: str, kept: bool
+) -> None:
+    job = ftj(checkpoints={"claimRetentionPolicy": policy})
+    assert checkpoints.retains_claim(job, phase) is kept
+
+
+def _kept_claim(**meta: Any) -> dict[str, Any]:
+    job = ftj(checkpoints={"size": "2Gi", "storageClassName": "fast"})
+    claim = render_checkpoint_claim(job, owner_reference("demo", "u1"))
+    labels = {**claim["metadata"]["labels"], "finetune.dev/retained-from": "u0"}
+    claim["metadata"] = {**claim["metadata"], "ownerReferences": [], "labels": labels, **meta}
+    return claim
+
+
+def test_only_a_claim_released_for_a_job_of_the_same_name_is_adoptable() -> None:
+    assert checkpoints.adoptable(_kept_claim(), "demo")
+    assert checkpoints.retained_from(_kept_claim()) == "u0"
+    assert not checkpoints.adoptable(_kept_claim(), "other")
+    unmarked = _kept_claim()
+    del unmarked["metadata"]["labels"]["finetune.dev/retained-from"]
+    assert not checkpoints.adoptable(unmarked, "demo")
+    # Still controlled by its FineTuneJob: nothing released it.
+    owned = _kept_claim(ownerReferences=[owner_reference("demo", "u0")])
+    assert not checkpoints.adoptable(owned, "demo")
+    # Someone's own claim that happens to carry the label, without the operator's others.
+    foreign = {"app": "x", "finetune.dev/retained-from": "u0"}
+    assert not checkpoints.adoptable(_kept_claim(labels=foreign), "demo")
+
+
+@pytest.mark.parametrize(
+    ("held", "size", "expand"),
+    [
+        ("2Gi", "2Gi", False),
+        ("2Gi", "3Gi", True),
+        ("2147483648", "2Gi", False),
+        ("3G", "2.9Gi", True),
+    ],
+)
+def test_a_kept_claim_is_expanded_only_to_a_larger_size(held: str, size: str, expand: bool) -> None:
+    claim = _kept_claim()
+    claim["spec"]["resources"]["requests"]["storage"] = held
+    assert checkpoints.needs_expansion(claim, ftj(checkpoints={"size": size})) is expand
+
+
+def test_a_kept_claim_of_another_storage_class_is_refused_with_what_to_do() -> None:
+    claim = _kept_claim()
+    assert checkpoints.adoption_refused(claim, ftj()) is None  # no class named: any will do
+    assert (
+        checkpoints.adoption_refused(claim, ftj(checkpoints={"storageClassName": "fast"})) is None
+    )
+    refused = checkpoints.adoption_refused(claim, ftj(checkpoints={"storageClassName": "slow"}))
+    assert refused is not None
+    assert "is of StorageClass fast, not output.checkpoints.storageClassName slow" in refused
+    assert "kubectl delete pvc demo-checkpoints" in refused

@@ -148,11 +148,13 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [""]
   resources: [services]
   verbs: [delete]
-# A one-node gang's checkpoint claim: created once (never updated: a bound claim's spec is
-# immutable), read back to check it is ours, garbage-collected with the FineTuneJob.
+# A one-node gang's checkpoint claim: created once, read back to check it is ours,
+# garbage-collected with the FineTuneJob. Patched only for output.checkpoints.
+# claimRetentionPolicy: its ownerReferences, to release it when its FineTuneJob ends and to
+# adopt it into one made again with the same name, and then its requested size, to expand it.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, create]
+  verbs: [get, create, patch]
 # Pods are read only: their status and termination messages carry the trainer's progress and
 # result. The Job controller, not the operator, creates them.
 - apiGroups: [""]
