@@ -50,6 +50,8 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     APPLY_REJECTED = "ApplyRejected"
     SECRET_NOT_FOUND = "SecretNotFound"
+    # Created=False: output.checkpoints.storageClassName names no StorageClass of the cluster.
+    STORAGE_CLASS_NOT_FOUND = "StorageClassNotFound"
     WORKLOAD_CREATED = "WorkloadCreated"
     QUEUED = "Queued"
     PODS_RUNNING = "PodsRunning"

@@ -357,20 +357,23 @@ class Kube:
             return (kueue.Lookup.FOUND if workload else kueue.Lookup.NOT_YET), workload
         return kueue.Lookup.NO_KUEUE, None
 
-    async def default_storage_class_exists(self) -> bool:
-        """Whether the cluster marks a StorageClass as its default. True when the operator may
-        not list them: it cannot tell, and a claim that stays Pending shows on the pod."""
+    async def storage_classes(self) -> dict[str, bool] | None:
+        """The cluster's StorageClasses by name, each with whether it is marked the default.
+        None when the operator may not list them: it cannot tell, and a claim that stays
+        Pending shows on the pod."""
         try:
             classes = await self._json(client.StorageV1Api(self.api).list_storage_class)
         except ApiException as exc:
             if exc.status == 403:
-                return True
+                return None
             raise
-        return any(
-            ((c.get("metadata") or {}).get("annotations") or {}).get(a) == "true"
+        return {
+            c["metadata"]["name"]: any(
+                (c["metadata"].get("annotations") or {}).get(a) == "true"
+                for a in DEFAULT_CLASS_ANNOTATIONS
+            )
             for c in classes.get("items") or []
-            for a in DEFAULT_CLASS_ANNOTATIONS
-        )
+        }
 
     # ---- writes --------------------------------------------------------------------------------
 

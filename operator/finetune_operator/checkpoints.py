@@ -123,6 +123,19 @@ def needs_storage_class_check(job: FineTuneJob) -> bool:
     )
 
 
+def class_not_found(wanted: str, classes: dict[str, bool]) -> str:
+    """What to do about output.checkpoints.storageClassName naming no StorageClass of the
+    cluster (`classes`: each one's name, and whether it is the default)."""
+    names = sorted(classes)
+    have = ", ".join(f"{n} (default)" if classes[n] else n for n in names[:10])
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return (
+        f"StorageClass {wanted} (output.checkpoints.storageClassName) not found; the cluster "
+        f"has {have + more if names else 'none'}. Create it (the job waits for it), or make the "
+        "FineTuneJob again naming one of those, or none for the default"
+    )
+
+
 def retains_claim(job: FineTuneJob, phase: str | None) -> bool:
     """Whether the claim the operator made for `job` is to outlive it, now that it is in `phase`
     (output.checkpoints.claimRetentionPolicy; a job still running keeps its claim owned)."""

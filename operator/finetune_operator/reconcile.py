@@ -47,6 +47,7 @@ WARNING_REASONS = frozenset(
         Reason.POD_STUCK_TERMINATING,
         Reason.NODE_NOT_READY,
         Reason.SECRET_NOT_FOUND,
+        Reason.STORAGE_CLASS_NOT_FOUND,
         Reason.NAME_CONFLICT,
         Reason.NO_DURABLE_STORE,
         *STUCK_REASONS,
@@ -117,7 +118,12 @@ class Reconciler:
             finally:
                 self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
-    async def _blocker(self, job: FineTuneJob) -> Blocker | None:
+    async def _blocker(
+        self, job: FineTuneJob, store: CheckpointStore, first: bool
+    ) -> Blocker | None:
+        """What keeps the job's first Job from being made, checked before it is: a Secret the
+        pods would read, or the StorageClass its claim names, that does not exist. `first`: no
+        attempt was recorded yet (the claim is made then)."""
         # Every Hub token the pods read (the push token, then the sources' read tokens).
         for token in job.spec.token_secrets():
             ref = token.ref
@@ -130,6 +136,12 @@ class Reconciler:
                 return Blocker(Reason.SECRET_NOT_FOUND, message)
         # PRESENT, or UNKNOWN (no RBAC to read Secrets): create the Job; the kubelet refuses a
         # pod whose Secret is missing, and the pod says so.
+        wanted = job.spec.output.checkpoints.storage_class_name
+        if first and store.owned_claim and wanted is not None:
+            classes = await self.kube.storage_classes()
+            if classes is not None and wanted not in classes:
+                message = checkpoints.class_not_found(wanted, classes)
+                return Blocker(Reason.STORAGE_CLASS_NOT_FOUND, message)
         return None
 
     async def _children(
@@ -247,10 +259,10 @@ class Reconciler:
             recorded = job.status.checkpoints.model_dump(mode="json", by_alias=True)
             if (known := checkpoints.from_status(job, recorded)) is not None:
                 return known
-        default_class = (
-            checkpoints.needs_storage_class_check(job)
-            and await self.kube.default_storage_class_exists()
-        )
+        default_class = False
+        if checkpoints.needs_storage_class_check(job):
+            classes = await self.kube.storage_classes()
+            default_class = classes is None or any(classes.values())
         return checkpoints.choose(job, default_class)
 
     async def _workload(self, job: FineTuneJob, outcome: Outcome) -> kueue.Workload | None:
@@ -315,10 +327,10 @@ class Reconciler:
         if terminal:
             blocker = None  # a finished job is never failed again for what it finds now
         elif blocker is None and (children or observed.outcome.state is State.ABSENT):
-            blocker = await self._blocker(job)
+            first = not previous.get("attempts")
+            blocker = await self._blocker(job, store, first)
             if blocker is None:
                 try:
-                    first = not previous.get("attempts")
                     blocker = await self._children(body, job, store, first)
                 except ApplyRejected as exc:
                     blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)

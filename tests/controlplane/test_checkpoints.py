@@ -349,3 +349,44 @@ def test_a_kept_claim_its_class_cannot_expand_is_adopted_as_it_is(
     # The default class has no allowVolumeExpansion (and the claim is not bound): the API
     # server's refusal is passed on, and the job goes on with the claim as it is.
     assert len(said) == 1 and "it stays 30Gi, as it cannot be expanded to output" in said[0]
+
+
+def test_a_claim_of_a_storage_class_that_does_not_exist_waits_for_it_and_says_so(
+    operator: Operator, kube: Kube, namespace, wait_until
+) -> None:
+    missing = f"finetune-test-{namespace}"
+    output = {"checkpoints": {"storageClassName": missing}}
+    kube.apply(ftj_manifest("classless", namespace, resources=ONE_NODE, output=output))
+    status = wait_until(
+        lambda: (
+            (s := ftj_status(kube, namespace, "classless"))
+            and condition(s, "Created").get("reason") == "StorageClassNotFound"
+            and s
+        ),
+        timeout=30,
+        message="Created=False, StorageClassNotFound",
+    )
+    created = condition(status, "Created")
+    assert created["status"] == "False"
+    assert created["message"].startswith(
+        f"StorageClass {missing} (output.checkpoints.storageClassName) not found; the cluster has"
+    )
+    assert get(kube, namespace, "PersistentVolumeClaim", "classless-checkpoints") is None
+    assert get(kube, namespace, "Job", "classless") is None
+    ftj = get(kube, namespace, "FineTuneJob", "classless")
+    assert ("Warning", "StorageClassNotFound") in owned_events(kube, namespace, ftj)
+    # Made (as a platform team would), the class is found at the next check: the job goes on.
+    kube.apply(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": missing},
+            "provisioner": "example.com/none",
+        }
+    )
+    try:
+        wait_pods(kube, wait_until, namespace, "classless", 1, 1)
+        claim = get(kube, namespace, "PersistentVolumeClaim", "classless-checkpoints")
+        assert claim is not None and claim["spec"]["storageClassName"] == missing
+    finally:
+        kube.delete("StorageClass", missing, missing_ok=True)

@@ -311,3 +311,12 @@ def test_a_kept_claim_of_another_storage_class_is_refused_with_what_to_do() -> N
     assert refused is not None
     assert "is of StorageClass fast, not output.checkpoints.storageClassName slow" in refused
     assert "kubectl delete pvc demo-checkpoints" in refused
+
+
+def test_a_storage_class_not_found_names_the_classes_there_are() -> None:
+    said = checkpoints.class_not_found("fsat", {"standard": True, "fast": False})
+    assert said.startswith("StorageClass fsat (output.checkpoints.storageClassName) not found")
+    assert "the cluster has fast, standard (default)." in said
+    many = checkpoints.class_not_found("x", {f"c{i:02}": False for i in range(12)})
+    assert "c09 and 2 more." in many
+    assert "the cluster has none." in checkpoints.class_not_found("x", {})

@@ -13,7 +13,7 @@ import pytest
 from finetune_api.constants import Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus, SecretKeyRef
 from finetune_api.validation import parse_manifest
-from finetune_operator import kueue
+from finetune_operator import checkpoints, kueue
 from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import (
     LostNode,
@@ -2013,7 +2013,8 @@ def test_every_token_secret_is_checked_before_the_job_is_created() -> None:
     def blocker(found: dict[tuple[str, str], SecretCheck]) -> tuple[Any, list[tuple[str, str]]]:
         kube = Secrets(found)
         reconciler = Reconciler(kube, None, None)  # type: ignore[arg-type]
-        return asyncio.run(reconciler._blocker(job)), kube.asked
+        store = checkpoints.choose(job, default_storage_class=False)
+        return asyncio.run(reconciler._blocker(job, store, first=True)), kube.asked
 
     block, asked = blocker({})
     assert block is not None and block.reason == Reason.SECRET_NOT_FOUND

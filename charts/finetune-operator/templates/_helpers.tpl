@@ -205,7 +205,8 @@ kopf.dev clusterkopfpeerings access.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list, watch]
-# Whether the cluster has a default StorageClass decides where a one-node gang's checkpoints go.
+# Whether the cluster has a default StorageClass decides where a one-node gang's checkpoints go,
+# and a claim whose storageClassName names none waits with reason StorageClassNotFound.
 - apiGroups: [storage.k8s.io]
   resources: [storageclasses]
   verbs: [list]
