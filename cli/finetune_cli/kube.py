@@ -224,6 +224,37 @@ class Cluster:
                 )
             )
 
+    def delete(self, obj: Obj) -> None:
+        """Delete exactly this FineTuneJob (uid precondition): one made since under its name is
+        left alone. Gone already is fine."""
+        from kubernetes.client.exceptions import ApiException
+
+        meta = obj["metadata"]
+        options = {"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"}
+        with _api_errors(f"delete {KIND} {meta['namespace']}/{meta['name']}"):
+            try:
+                self.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body=options
+                )
+            except ApiException as exc:
+                if exc.status not in (404, 409):  # gone, or another object holds the name
+                    raise
+
+    def create(self, manifest: Obj) -> Obj:
+        """Create a FineTuneJob (a POST: never an update of one that exists)."""
+        meta = manifest["metadata"]
+        with _api_errors(f"create {KIND} {meta['namespace']}/{meta['name']}"):
+            return dict(
+                self.custom.create_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    meta["namespace"],
+                    PLURAL,
+                    manifest,
+                    field_manager=FIELD_MANAGER,
+                )
+            )
+
     def watch(self, name: str, deadline: float | None) -> Iterator[Obj]:
         """The FineTuneJob now, then again at every change, until `deadline` (monotonic)."""
         from kubernetes import watch

@@ -210,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command(
+        "retry",
+        "finetune_cli.retry:cmd_retry",
+        "make a Failed FineTuneJob again (same name and spec): it resumes where it stopped",
+        description="Delete a Failed FineTuneJob and make it again with the same name, labels "
+        "and spec, once what failed it is fixed (a token, a repo, a quota, a spent "
+        "backoffLimit or deadline). The new job adopts the checkpoint claim the old one kept "
+        "(output.checkpoints.claimRetentionPolicy) and resumes from its newest checkpoint, or "
+        "pushes a result kept there without training. To change the spec, delete the job and "
+        "submit the new manifest under the same name instead.",
+        parents=cluster,
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = command(
         "status",
         "finetune_cli.status:cmd_status",
         "phase and why, progress, evaluation before and after, attempts, the pushed revision",

@@ -62,8 +62,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
             verb = "configured"
         print(f"{SINGULAR}.{GROUP}/{doc.name} {verb} in namespace {namespace}")
         applied.append((doc.name, namespace))
+    print_hints(applied, target)
+    return Exit.OK
+
+
+def print_hints(jobs: list[tuple[str, str]], target: Target) -> None:
+    """How to follow each (name, namespace) FineTuneJob."""
     print("\nFollow it with:")
-    for name, namespace in applied:
+    for name, namespace in jobs:
         for hint in watch_hints(name, namespace, target):
             print(f"  {hint}")
-    return Exit.OK

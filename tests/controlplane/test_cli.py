@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from fixtures.cluster import ftj_manifest, patch_pod_status, terminated_status
+from fixtures.cluster import ftj_manifest, patch_pod_status, terminated_status, wait_phase
 from fixtures.kube import Kube
 from test_operator import RESULT
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 pytest_plugins = ["fixtures.operator"]
 
 WaitUntil = Callable[..., Any]
+Kube.register("PersistentVolumeClaim", "v1", "persistentvolumeclaims")
+Kube.register("StorageClass", "storage.k8s.io/v1", "storageclasses", namespaced=False)
 GATE = {"status": "Failed", "reason": "EvaluationGateFailed", "message": "accuracy 0.30 < 0.90"}
 
 
@@ -277,3 +279,56 @@ def test_logs_picks_the_attempts_pods_in_rank_order(
     assert headers == ["[pod 0]", "[pod 1]"], done.stderr
     none = finetune("logs", "lg", "-n", namespace, "--attempt", "7")
     assert none.returncode == 5 and "no pods of attempt 7" in none.stderr
+
+
+# ---- retry --------------------------------------------------------------------------------------
+
+
+def test_retry_makes_a_failed_job_again_and_it_adopts_the_claim_the_failed_one_kept(
+    operator: Operator, kube, namespace, wait_until, finetune
+) -> None:
+    # A class of its own (nothing provisions it here): no default class shared with other tests.
+    storage_class = f"finetune-test-{namespace}"
+    kube.apply(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": storage_class},
+            "provisioner": "example.com/none",
+        }
+    )
+    try:
+        output = {"checkpoints": {"storageClassName": storage_class}}
+        manifest = ftj_manifest("again", namespace, resources={"nodes": 1}, output=output)
+        manifest["metadata"]["labels"] = {"team": "ml"}
+        kube.apply(manifest)
+        early = finetune("retry", "again", "-n", namespace)
+        assert early.returncode == 2 and "not Failed" in early.stderr, early.stderr
+        refused = {"status": "Failed", "reason": "PushFailed", "message": "403", "retryable": False}
+        finish(kube, namespace, wait_pods(kube, wait_until, namespace, "again", 1), 3, refused)
+        wait_phase(kube, wait_until, namespace, "again", "Failed")
+        old = get(kube, namespace, "FineTuneJob", "again")
+
+        done = finetune("retry", "again", "-n", namespace)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(
+            f"finetunejob.finetune.dev/again made again in namespace {namespace}: it resumes "
+            "from the checkpoints on claim again-checkpoints\n"
+        ), done.stdout
+        new = get(kube, namespace, "FineTuneJob", "again")
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        assert new["metadata"]["labels"] == {"team": "ml"}
+        assert new["spec"] == old["spec"]
+
+        def adopted() -> bool:
+            claim = get(kube, namespace, "PersistentVolumeClaim", "again-checkpoints") or {}
+            owners = (claim.get("metadata") or {}).get("ownerReferences") or []
+            return [o["uid"] for o in owners] == [new["metadata"]["uid"]]
+
+        # At once: made without the operator's bookkeeping of the old one, it gets its create
+        # pass (the resync comes up to a minute later).
+        wait_until(adopted, timeout=15, message="the claim adopted by the job made again")
+        wait_pods(kube, wait_until, namespace, "again", 1)
+
+    finally:
+        kube.delete("StorageClass", storage_class, missing_ok=True)

@@ -13,6 +13,7 @@ import yaml
 from finetune_cli.exits import CommandError, Exit
 from finetune_cli.kube import Cluster, Target, container_started, context_namespace, pod_index
 from finetune_cli.logs import prefix
+from finetune_cli.retry import again, what_survives
 from finetune_cli.status import duration, explaining_condition, one_line, summary, text, verdict
 from finetune_cli.submit import watch_hints
 
@@ -247,3 +248,49 @@ def test_status_output_is_the_summary(
     out = capsys.readouterr().out
     parsed = json.loads(out) if output == "json" else yaml.safe_load(out)
     assert parsed == summary(SUCCEEDED)
+
+
+def test_retry_makes_the_job_again_from_its_name_labels_own_annotations_and_spec() -> None:
+    old = ftj({"phase": "Failed"})
+    old["spec"] = {"model": {"source": "hf://org/m"}}
+    old["metadata"].update(
+        uid="u1",
+        resourceVersion="7",
+        generation=1,
+        finalizers=["finetune.dev/finalizer"],
+        labels={"team": "ml"},
+        annotations={
+            "owner": "ana",
+            "finetune.dev/last-handled-configuration": "{}",
+            "finetune.dev/kopf-managed": "yes",
+            "kopf.zalando.org/last-handled-configuration": "{}",
+            "kubectl.kubernetes.io/last-applied-configuration": "{}",
+        },
+    )
+    assert again(old) == {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {
+            "name": "demo",
+            "namespace": "team-a",
+            "labels": {"team": "ml"},
+            "annotations": {"owner": "ana"},
+        },
+        "spec": {"model": {"source": "hf://org/m"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("checkpoints", "said"),
+    [
+        ({"store": "Volume", "claimName": "c", "claimRetained": True}, "resumes from the "),
+        ({"store": "Volume", "claimName": "mine"}, "checkpoints on claim mine"),
+        ({"store": "Volume", "claimName": "c", "claimRetained": False}, "went with it"),
+        ({"store": "HubBranch", "hubBranch": "ckpt"}, "on branch ckpt of its repo"),
+        ({"store": "Ephemeral"}, "were not durable: the new job starts from step 0"),
+    ],
+)
+def test_retry_says_where_the_new_job_finds_the_old_ones_work(
+    checkpoints: dict[str, Any], said: str
+) -> None:
+    assert said in what_survives(ftj({"phase": "Failed", "checkpoints": checkpoints}))
