@@ -26,9 +26,9 @@ The 2-node jobs are examples/tiny-cpu.yaml (40 steps, seed 7) checkpointing ever
   branch;
 - ft-push503 / ft-push403 (1 node, 10 steps): the double fails the job's commits (scoped to its
   repo) with 503 three times (retried in the pod: Succeeded, one push) or with 403 (Failed,
-  PushFailed, no second attempt). ft-push403 is then deleted and made again, as a user would once
-  the token is fixed: the claim the operator made outlived it (claimRetentionPolicy), and the new
-  one adopts it and pushes the result kept there without training.
+  PushFailed, no second attempt). ft-push403 is then made again with `finetune retry`, as a user
+  would once the token is fixed: the claim the operator made outlived it (claimRetentionPolicy),
+  and the new one adopts it and pushes the result kept there without training.
 - ft-full (1 node, 10 steps; on kind's own nodes only): its checkpoints are on a claim of yours,
   a local PersistentVolume on a tmpfs of the control-plane node's, with room for the model and
   data it caches there and less than two checkpoints: it fails at once, before training, with
@@ -70,7 +70,7 @@ from typing import Any, TypeVar
 import pytest
 import test_e2e
 from kind_tools import DOCKER, control_plane_node, epoch, is_ready, run, worker_node
-from test_e2e import example_job, setup_hub, training_key
+from test_e2e import example_job, finetune_cli, setup_hub, training_key
 
 import conftest
 
@@ -954,31 +954,28 @@ def push_scenario(job: str) -> Callable[[Suite, Obj], None]:
     return scenario
 
 
-def refused_push_scenario(job: Obj) -> Callable[[Suite, Obj], None]:
+def refused_push_scenario(suite: Suite, record: Obj) -> None:
     """ft-push403 fails on the Hub's one 403, keeping its claim (claimRetentionPolicy); made
-    again, as a user would once the token is fixed, it adopts the claim and pushes the result
-    kept there without training."""
+    again with `finetune retry`, as a user would once the token is fixed, it adopts the claim
+    and pushes the result kept there without training."""
+    record["first"] = suite.wait_finished(P403)
+    record["main_after_refusal"] = main_commits(suite, P403)
+    record["claim"] = claim_of(suite, f"{P403}-checkpoints")
+    retry = subprocess.run(
+        finetune_cli(suite.kube, suite.ns, "retry", P403),
+        env=suite.kube.env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    record["retry"] = {"code": retry.returncode, "out": retry.stdout, "err": retry.stderr}
+    record["final"] = wait_made_again(suite, P403, record["first"])
+    record["adopted"] = claim_of(suite, f"{P403}-checkpoints")
 
-    def scenario(suite: Suite, record: Obj) -> None:
-        record["first"] = suite.wait_finished(P403)
-        record["main_after_refusal"] = main_commits(suite, P403)
-        record["claim"] = make_again(suite, job, record["first"], f"{P403}-checkpoints")
-        record["final"] = wait_made_again(suite, P403, record["first"])
 
-    return scenario
-
-
-def make_again(suite: Suite, job: Obj, first: Obj, claim: str | None = None) -> Obj | None:
-    """Delete the finished FineTuneJob (waiting until it is gone) and make it again; the claim
-    named `claim` as its deletion left it, if asked."""
-    name = first["metadata"]["name"]
-    suite.kube("-n", suite.ns, "delete", "finetunejob", name, "--wait=true", timeout=WAIT_S)
-    kept = None
-    if claim is not None:
-        got = suite.kube("-n", suite.ns, "get", "pvc", claim, "--ignore-not-found", "-o", "json")
-        kept = json.loads(got) if got.strip() else None
-    suite.kube.apply(job, suite.ns)
-    return kept
+def claim_of(suite: Suite, name: str) -> Obj | None:
+    got = suite.kube("-n", suite.ns, "get", "pvc", name, "--ignore-not-found", "-o", "json")
+    return json.loads(got) if got.strip() else None
 
 
 def wait_made_again(suite: Suite, name: str, first: Obj) -> Obj:
@@ -1069,7 +1066,8 @@ def full_store_scenario(job: Obj, claim: SmallClaim) -> Callable[[Suite, Obj], N
     def scenario(suite: Suite, record: Obj) -> None:
         first = record["first"] = suite.wait_finished(FULL)
         claim.resize(LARGER_ROOM + claim_used(suite))
-        make_again(suite, job, first)
+        suite.kube("-n", suite.ns, "delete", "finetunejob", FULL, "--wait=true", timeout=WAIT_S)
+        suite.kube.apply(job, suite.ns)
         record["final"] = wait_made_again(suite, FULL, first)
 
     return scenario
@@ -1158,7 +1156,7 @@ def suite(
         s.run("drain", drain_scenario)
         s.run("hang", hang_scenario)
         s.run("push503", push_scenario(P503))
-        s.run("push403", refused_push_scenario(jobs[P403]))
+        s.run("push403", refused_push_scenario)
         if full is not None:
             s.run("full", full_store_scenario(jobs[FULL], full))
         if REF in jobs:
@@ -1462,11 +1460,21 @@ def test_push_403_fails_without_retraining_and_made_again_pushes_what_it_kept(
     check(titles in ([], ["initial commit"]), f"{P403}: main held {titles} after the refusal")
     # The failed job's claim outlived it (claimRetentionPolicy.whenFailed: Retain)...
     check((st.get("checkpoints") or {}).get("claimRetained") is True, f"{P403}: {st}")
+    retry = record["retry"]
+    check(retry["code"] == 0 and "made again" in retry["out"], f"{P403}: finetune retry {retry}")
     kept = (record["claim"] or {}).get("metadata") or {}
-    check(not kept.get("ownerReferences"), f"{P403}: the claim left after the deletion: {kept}")
+    check(not kept.get("ownerReferences"), f"{P403}: the claim the failed job released: {kept}")
     uid = record["first"]["metadata"]["uid"]
     retained_from = (kept.get("labels") or {}).get("finetune.dev/retained-from")
     check(retained_from == uid, f"{P403}: claim labelled {retained_from}, not {uid}")
+    adopted = (record["adopted"] or {}).get("metadata") or {}
+    owners = [r["uid"] for r in adopted.get("ownerReferences") or []]
+    new_uid = record["final"]["metadata"]["uid"]
+    check(
+        adopted.get("uid") == kept.get("uid") and owners == [new_uid],
+        f"{P403}: the claim {adopted.get('uid')} owned by {owners}, not the kept "
+        f"{kept.get('uid')} owned by the new {new_uid}",
+    )
     # ...and the job made again adopted it and pushed what the first one kept, untrained.
     st = finished_as(check, record["final"], "Succeeded", "TrainingCompleted")
     resumed = (st.get("checkpoints") or {}).get("resumedFromStep")
