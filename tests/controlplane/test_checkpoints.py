@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fixtures.cluster import ftj_manifest, patch_pod_status, running_status, wait_phase
+from fixtures.cluster import (
+    ftj_manifest,
+    patch_pod_status,
+    running_status,
+    storage_class,
+    wait_phase,
+)
 from fixtures.kube import Kube
 from test_operator import condition, finish_pods, ftj_status, get, wait_pods
 
@@ -41,18 +47,7 @@ PUSH_REFUSED = TrainerResult(
 @pytest.fixture
 def default_storage_class(kube: Kube) -> Iterator[str]:
     """A StorageClass marked default, as kind's `standard` is (nothing provisions it here)."""
-    kube.apply(
-        {
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {
-                "name": DEFAULT_CLASS,
-                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
-            },
-            "provisioner": "example.com/none",
-            "volumeBindingMode": "WaitForFirstConsumer",
-        }
-    )
+    kube.apply(storage_class(DEFAULT_CLASS, default=True, volumeBindingMode="WaitForFirstConsumer"))
     yield DEFAULT_CLASS
     kube.delete("StorageClass", DEFAULT_CLASS)
 
@@ -62,16 +57,8 @@ def expandable_volume(kube: Kube, namespace: str) -> Iterator[str]:
     """A StorageClass that allows expansion, binding at once, and a volume of it waiting for the
     claim `kept-checkpoints` (nothing provisions or resizes volumes here: the claim's requested
     size is what expanding it asks for)."""
-    kube.apply(
-        {
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {"name": EXPANDABLE_CLASS},
-            "provisioner": "example.com/none",
-            "allowVolumeExpansion": True,
-            "volumeBindingMode": "Immediate",
-        }
-    )
+    expandable = {"allowVolumeExpansion": True, "volumeBindingMode": "Immediate"}
+    kube.apply(storage_class(EXPANDABLE_CLASS, **expandable))
     volume = f"kept-{namespace}"
     kube.create(
         {
@@ -376,14 +363,7 @@ def test_a_claim_of_a_storage_class_that_does_not_exist_waits_for_it_and_says_so
     ftj = get(kube, namespace, "FineTuneJob", "classless")
     assert ("Warning", "StorageClassNotFound") in owned_events(kube, namespace, ftj)
     # Made (as a platform team would), the class is found at the next check: the job goes on.
-    kube.apply(
-        {
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {"name": missing},
-            "provisioner": "example.com/none",
-        }
-    )
+    kube.apply(storage_class(missing))
     try:
         wait_pods(kube, wait_until, namespace, "classless", 1, 1)
         claim = get(kube, namespace, "PersistentVolumeClaim", "classless-checkpoints")

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from fixtures.cluster import ftj_manifest, patch_pod_status, terminated_status, wait_phase
+from fixtures.cluster import (
+    ftj_manifest,
+    patch_pod_status,
+    storage_class,
+    terminated_status,
+    wait_phase,
+)
 from fixtures.kube import Kube
 from test_operator import RESULT
 
@@ -288,17 +294,10 @@ def test_retry_makes_a_failed_job_again_and_it_adopts_the_claim_the_failed_one_k
     operator: Operator, kube, namespace, wait_until, finetune
 ) -> None:
     # A class of its own (nothing provisions it here): no default class shared with other tests.
-    storage_class = f"finetune-test-{namespace}"
-    kube.apply(
-        {
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {"name": storage_class},
-            "provisioner": "example.com/none",
-        }
-    )
+    own_class = f"finetune-test-{namespace}"
+    kube.apply(storage_class(own_class))
     try:
-        output = {"checkpoints": {"storageClassName": storage_class}}
+        output = {"checkpoints": {"storageClassName": own_class}}
         manifest = ftj_manifest("again", namespace, resources={"nodes": 1}, output=output)
         manifest["metadata"]["labels"] = {"team": "ml"}
         kube.apply(manifest)
@@ -331,4 +330,4 @@ def test_retry_makes_a_failed_job_again_and_it_adopts_the_claim_the_failed_one_k
         wait_pods(kube, wait_until, namespace, "again", 1)
 
     finally:
-        kube.delete("StorageClass", storage_class, missing_ok=True)
+        kube.delete("StorageClass", own_class, missing_ok=True)
