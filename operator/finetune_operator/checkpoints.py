@@ -179,9 +179,15 @@ def adoption_refused(claim: dict[str, Any], job: FineTuneJob) -> str | None:
     )
 
 
+def requested_size(claim: dict[str, Any]) -> str | None:
+    """The storage `claim` requests (a quantity: what it was made or last expanded to)."""
+    requests = ((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}
+    held = requests.get("storage")
+    return None if held is None else str(held)
+
+
 def needs_expansion(claim: dict[str, Any], job: FineTuneJob) -> bool:
     """Whether `job` asks for a larger claim (output.checkpoints.size) than `claim` requests."""
-    requested = ((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}
-    held = requested.get("storage")
+    held = requested_size(claim)
     size = job.spec.output.checkpoints.size
     return held is not None and parse_quantity(size) > parse_quantity(held)

@@ -18,7 +18,16 @@ from typing import Any
 from finetune_api.constants import KIND, ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 from finetune_api.validation import ManifestError, parse_manifest
-from finetune_operator import checkpoints, kueue, naming, render, scrape, serve, serve_status
+from finetune_operator import (
+    checkpoints,
+    claims,
+    kueue,
+    naming,
+    render,
+    scrape,
+    serve,
+    serve_status,
+)
 from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import (
@@ -163,95 +172,13 @@ class Reconciler:
         if store.owned_claim:
             claim = render.render_checkpoint_claim(job, owner)
             manifests.append(claim)
-            ensured.append(self._claim(body, job, claim, owner))
+            ensured.append(claims.ensure(self.kube, body, job, claim, owner))
         for manifest, holder in zip(manifests, await asyncio.gather(*ensured), strict=True):
             if isinstance(holder, Blocker):
                 return holder
             if holder is not None:
                 return name_conflict(manifest["kind"], holder, job)
         return None
-
-    async def _claim(
-        self, body: Obj, job: FineTuneJob, manifest: Obj, owner: Obj
-    ) -> Obj | Blocker | None:
-        """As `Kube.ensure` for the checkpoint claim: created once and never applied (a claim's
-        spec is immutable once bound); the object holding its name when it is not ours. A claim
-        an earlier FineTuneJob of this name left behind (claimRetentionPolicy) is adopted, and
-        this job resumes from what it holds; a Blocker when it may not be (checkpoints.
-        adoption_refused)."""
-        claim = await self.kube.create_claim(manifest)
-        if controlled_by(claim, owner["uid"]):
-            return None
-        if not checkpoints.adoptable(claim, job.metadata.name):
-            return claim
-        if (refused := checkpoints.adoption_refused(claim, job)) is not None:
-            return Blocker(Reason.NAME_CONFLICT, refused, permanent=True)
-        before = checkpoints.retained_from(claim)
-        if await self.kube.set_claim_owner(claim, [owner], None) is None:
-            raise RuntimeError(f"{_claim_name(claim)} changed while it was adopted; retry")
-        message = (
-            f"adopted {_claim_name(claim)}, kept from the FineTuneJob of this name with uid "
-            f"{before}: the job resumes from its newest checkpoint, or pushes its kept result"
-        )
-        if checkpoints.needs_expansion(claim, job):
-            size = str(job.spec.output.checkpoints.size)
-            meta = claim["metadata"]
-            refused = await self.kube.expand_claim(meta["namespace"], meta["name"], size)
-            message += (
-                f"; expanding it to output.checkpoints.size {size}"
-                if refused is None
-                else f"; it stays {_claim_size(claim)}, as it cannot be expanded to "
-                f"output.checkpoints.size {size}: {refused}"
-            )
-        log.info("%s/%s: %s", job.metadata.namespace, job.metadata.name, message)
-        await self.kube.post_event(body, "Normal", Reason.CLAIM_ADOPTED, message)
-        return None
-
-    async def _release_claim(self, job: FineTuneJob, store: CheckpointStore, result: Plan) -> Plan:
-        """Once the job has ended, record in status.checkpoints.claimRetained whether the claim
-        the operator made for it outlives it: where claimRetentionPolicy keeps it, it is
-        released from the job's ownership first (and an Event says so), so that deleting the
-        FineTuneJob leaves it. Before the status write, so a lost write means another try."""
-        ckpt = result.status.get("checkpoints") or {}
-        phase = result.status.get("phase")
-        ended = phase in (Phase.SUCCEEDED, Phase.FAILED)
-        if not ended or not store.owned_claim or ckpt.get("claimRetained") is not None:
-            return result
-        claim = None
-        if checkpoints.retains_claim(job, phase):
-            claim = await self._released(job.metadata.namespace, store.claim_name or "", job)
-        status = {**result.status, "checkpoints": {**ckpt, "claimRetained": claim is not None}}
-        if claim is None:
-            return replace(result, status=status)
-        when = "whenFailed" if phase == Phase.FAILED else "whenSucceeded"
-        name = claim["metadata"]["name"]
-        message = (
-            f"PersistentVolumeClaim {name} is kept when this FineTuneJob is deleted "
-            f"(output.checkpoints.claimRetentionPolicy.{when}: Retain): a FineTuneJob made "
-            "again with the same name and training spec adopts it and resumes from what it "
-            f"holds; delete it (kubectl delete pvc {name}) when none will"
-        )
-        event = (ConditionType.CHECKPOINTS_DURABLE, Reason.CLAIM_RETAINED, message)
-        return replace(result, status=status, transitions=[*result.transitions, event])
-
-    async def _released(self, namespace: str, name: str, job: FineTuneJob) -> Obj | None:
-        """Release the job's claim from its ownership: the claim, once released (now or by an
-        earlier pass); None when there is none of its own to keep (it was never made, or the
-        name is someone else's claim)."""
-        uid = job.metadata.uid or ""
-        for _ in range(3):
-            claim = await self.kube.get_claim(namespace, name)
-            if claim is None:
-                return None
-            if checkpoints.retained_from(claim) == uid:
-                return claim
-            if not controlled_by(claim, uid):
-                return None
-            refs = claim["metadata"].get("ownerReferences") or []
-            owners = [ref for ref in refs if ref["uid"] != uid]
-            if (released := await self.kube.set_claim_owner(claim, owners, uid)) is not None:
-                return released
-        raise RuntimeError(f"PersistentVolumeClaim {namespace}/{name} kept changing; retry")
 
     async def _checkpoint_store(self, job: FineTuneJob) -> CheckpointStore:
         """The store recorded when the first Job was made, or the one to choose now."""
@@ -374,7 +301,7 @@ class Reconciler:
             result = self._plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         result = await self._serve(job, result, look=serve)
-        result = await self._release_claim(job, store, result)
+        result = await claims.release_ended(self.kube, job, store, result)
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)
@@ -502,16 +429,6 @@ class Reconciler:
             self.metrics.jobs_failed.labels(reason=Reason.INVALID_SPEC).inc()
             await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         return PassResult(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
-
-
-def _claim_name(claim: Obj) -> str:
-    return f"PersistentVolumeClaim {claim['metadata']['name']}"
-
-
-def _claim_size(claim: Obj) -> str:
-    return str(
-        (((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
-    )
 
 
 def name_conflict(kind: str, holder: Obj, job: FineTuneJob) -> Blocker:

@@ -1,0 +1,108 @@
+"""The checkpoint claim the operator makes for a one-node gang, past its creation: released from
+an ended FineTuneJob that output.checkpoints.claimRetentionPolicy keeps it for, and adopted by
+a FineTuneJob made again with the same name, which resumes from what it holds (checkpoints.py
+has the pure rules; this module carries them out through the one API layer, apply.Kube).
+
+Releasing and adopting are merge patches of the claim's ownerReferences and its retained-from
+label, each pinned to the resourceVersion read, so a claim that changed in between is read
+again rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_api.v1alpha1 import FineTuneJob
+from finetune_operator import checkpoints
+from finetune_operator.apply import Kube, controlled_by
+from finetune_operator.checkpoints import CheckpointStore
+from finetune_operator.status import Blocker, Plan
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+
+async def ensure(
+    kube: Kube, body: Obj, job: FineTuneJob, manifest: Obj, owner: Obj
+) -> Obj | Blocker | None:
+    """As `Kube.ensure` for the checkpoint claim: created once and never applied (a claim's spec
+    is immutable once bound); the object holding its name when it is not ours. A claim an
+    earlier FineTuneJob of this name left behind is adopted, and this job resumes from what it
+    holds; a Blocker when it may not be (checkpoints.adoption_refused)."""
+    claim = await kube.create_claim(manifest)
+    if controlled_by(claim, owner["uid"]):
+        return None
+    if not checkpoints.adoptable(claim, job.metadata.name):
+        return claim
+    if (refused := checkpoints.adoption_refused(claim, job)) is not None:
+        return Blocker(Reason.NAME_CONFLICT, refused, permanent=True)
+    before, name = checkpoints.retained_from(claim), claim["metadata"]["name"]
+    if await kube.set_claim_owner(claim, [owner], None) is None:
+        raise RuntimeError(f"PersistentVolumeClaim {name} changed while it was adopted; retry")
+    message = (
+        f"adopted PersistentVolumeClaim {name}, kept from the FineTuneJob of this name with uid "
+        f"{before}: the job resumes from its newest checkpoint, or pushes its kept result"
+    )
+    if checkpoints.needs_expansion(claim, job):
+        size = str(job.spec.output.checkpoints.size)
+        refused = await kube.expand_claim(job.metadata.namespace, name, size)
+        message += (
+            f"; expanding it to output.checkpoints.size {size}"
+            if refused is None
+            else f"; it stays {checkpoints.requested_size(claim)}, as it cannot be expanded to "
+            f"output.checkpoints.size {size}: {refused}"
+        )
+    log.info("%s/%s: %s", job.metadata.namespace, job.metadata.name, message)
+    await kube.post_event(body, "Normal", Reason.CLAIM_ADOPTED, message)
+    return None
+
+
+async def release_ended(kube: Kube, job: FineTuneJob, store: CheckpointStore, result: Plan) -> Plan:
+    """Once the job has ended, record in status.checkpoints.claimRetained whether the claim the
+    operator made for it outlives it: where claimRetentionPolicy keeps it, it is released from
+    the job's ownership first (and an Event says so), so that deleting the FineTuneJob leaves
+    it. Before the status write, so a lost write means another try."""
+    ckpt = result.status.get("checkpoints") or {}
+    phase = result.status.get("phase")
+    ended = phase in (Phase.SUCCEEDED, Phase.FAILED)
+    if not ended or not store.owned_claim or ckpt.get("claimRetained") is not None:
+        return result
+    claim = None
+    if checkpoints.retains_claim(job, phase):
+        claim = await _release(kube, job, store.claim_name or "")
+    status = {**result.status, "checkpoints": {**ckpt, "claimRetained": claim is not None}}
+    if claim is None:
+        return replace(result, status=status)
+    when = "whenFailed" if phase == Phase.FAILED else "whenSucceeded"
+    name = claim["metadata"]["name"]
+    message = (
+        f"PersistentVolumeClaim {name} is kept when this FineTuneJob is deleted "
+        f"(output.checkpoints.claimRetentionPolicy.{when}: Retain): a FineTuneJob made again "
+        "with the same name and training spec adopts it and resumes from what it holds; "
+        f"delete it (kubectl delete pvc {name}) when none will"
+    )
+    event = (ConditionType.CHECKPOINTS_DURABLE, Reason.CLAIM_RETAINED, message)
+    return replace(result, status=status, transitions=[*result.transitions, event])
+
+
+async def _release(kube: Kube, job: FineTuneJob, name: str) -> Obj | None:
+    """Release the job's claim from its ownership: the claim, once released (now or by an
+    earlier pass); None when there is none of its own to keep (it was never made, or the name
+    is someone else's claim)."""
+    namespace, uid = job.metadata.namespace, job.metadata.uid or ""
+    for _ in range(3):
+        claim = await kube.get_claim(namespace, name)
+        if claim is None:
+            return None
+        if checkpoints.retained_from(claim) == uid:
+            return claim
+        if not controlled_by(claim, uid):
+            return None
+        refs = claim["metadata"].get("ownerReferences") or []
+        owners = [ref for ref in refs if ref["uid"] != uid]
+        if (released := await kube.set_claim_owner(claim, owners, uid)) is not None:
+            return released
+    raise RuntimeError(f"PersistentVolumeClaim {namespace}/{name} kept changing; retry")
