@@ -22,8 +22,8 @@ from finetune_cli.submit import print_hints
 # How long the old object may take to go: kopf's finalizer needs the operator to let it go.
 DELETE_WAIT_S = 120.0
 # What the operator (kopf's bookkeeping, under the API group) and kubectl wrote about the old
-# object: not the new one's. A FineTuneJob made with kopf's last-handled-configuration would
-# look handled already, and wait for the operator's resync instead of its create handler.
+# object: not the new one's. A FineTuneJob made with kopf's last-handled-configuration looks
+# handled already to kopf, which then runs no create handler for it.
 DROPPED_ANNOTATION_PREFIXES = (f"{GROUP}/", "kopf.zalando.org/", "kubectl.kubernetes.io/")
 
 

@@ -40,6 +40,8 @@ PERIODIC_PASSES = 4
 _passes = asyncio.Semaphore(MAX_PASSES)
 # Everything but spec.runPolicy (the one mutable section) is left out of kopf's diff-base.
 DIFFBASE_IGNORED = ("metadata", *(f"spec.{f}" for f in IMMUTABLE_SPEC_FIELDS))
+# The annotation that holds kopf's diff-base: its record of the configuration it handled.
+DIFFBASE_KEY = "last-handled-configuration"
 # A FineTuneJob waiting on something it cannot watch (a Secret, the garbage collection of a
 # predecessor's child) is looked at again this often.
 WAITING_SECONDS = 10.0
@@ -70,7 +72,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # push the annotations past their 256 kB limit, and then kopf could not even remove its
     # finalizer, leaving the FineTuneJob undeletable.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration", ignored_fields=DIFFBASE_IGNORED
+        prefix=GROUP, key=DIFFBASE_KEY, ignored_fields=DIFFBASE_IGNORED
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING
@@ -194,13 +196,23 @@ async def serve_changed(namespace: str, name: str, **_: Any) -> None:
 # async although it does no I/O: kopf runs a sync handler in a thread, a hop on every event.
 @kopf.on.event(*FTJ, id="track")
 async def track(
-    event: kopf.RawEvent, status: kopf.Status, namespace: str, name: str, **_: Any
+    event: kopf.RawEvent,
+    status: kopf.Status,
+    annotations: kopf.Annotations,
+    namespace: str,
+    name: str,
+    **_: Any,
 ) -> None:
     """Every watch event of a FineTuneJob (the start-up listing's too) tells the clock what it
     needs: that the object exists, whether its gang runs, whether it waits."""
     if event.get("type") == "DELETED":
         _forget(namespace, name)
         return
+    if f"{GROUP}/{DIFFBASE_KEY}" in annotations and not status:
+        # kopf's record of a handled configuration on an object no pass has seen: a copy of
+        # another one (`kubectl get -o yaml` applied again, a backup restored). kopf takes it
+        # as handled already and runs no create handler, so it would wait for its resync.
+        _queue(namespace, name)
     now = asyncio.get_running_loop().time()
     _clock.track(
         (namespace, name),

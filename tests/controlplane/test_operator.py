@@ -330,6 +330,44 @@ def test_delete_garbage_collects_children(operator: Operator, kube, namespace, w
         )
 
 
+def test_a_copy_of_a_handled_finetunejob_gets_its_pass_at_once(
+    operator: Operator, kube, namespace, wait_until
+):
+    """A FineTuneJob deleted and made again from its own copy (`kubectl get -o yaml` applied
+    again, a backup restored) carries kopf's record of the configuration it handled: kopf runs
+    no create handler for it, and without the operator's own look it waited for the resync.
+    This one waits for a Secret, so no Job's events bring a pass either."""
+    hub = {"repo": "org/out", "tokenSecretRef": {"name": "absent", "key": "token"}}
+    kube.apply(ftj_manifest("copied", namespace, output={"hub": hub}))
+    diffbase = "finetune.dev/last-handled-configuration"
+
+    def handled() -> dict[str, Any] | None:
+        ftj = get(kube, namespace, "FineTuneJob", "copied") or {}
+        kept = diffbase in (ftj.get("metadata", {}).get("annotations") or {})
+        blocked = condition(ftj.get("status") or {}, "Created").get("reason") == "SecretNotFound"
+        return ftj if kept and blocked else None
+
+    old = wait_until(handled, timeout=30, message="handled, and waiting for its Secret")
+    meta = {k: old["metadata"][k] for k in ("name", "namespace", "annotations")}
+    copy = {"apiVersion": old["apiVersion"], "kind": old["kind"], "metadata": meta}
+    kube.delete("FineTuneJob", "copied", namespace)
+    wait_until(
+        lambda: get(kube, namespace, "FineTuneJob", "copied") is None,
+        timeout=30,
+        message="the old one gone",
+    )
+    made = kube.create({**copy, "spec": old["spec"]})
+
+    def seen() -> bool:
+        ftj = get(kube, namespace, "FineTuneJob", "copied") or {}
+        mine = ftj.get("metadata", {}).get("uid") == made["metadata"]["uid"]
+        status = ftj.get("status") or {}
+        return mine and condition(status, "Created").get("reason") == "SecretNotFound"
+
+    # Well within the resync (60 s), which was the only pass such a copy got.
+    wait_until(seen, timeout=15, message="the copy's first pass")
+
+
 def test_gpu_and_tpu_renders_are_accepted(operator: Operator, kube, namespace, wait_until):
     for case in ("gpu", "tpu"):
         doc = yaml.safe_load((GOLDEN / f"{case}.input.yaml").read_text())

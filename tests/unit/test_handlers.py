@@ -29,7 +29,7 @@ def test_every_event_tells_the_clock_what_the_object_needs(
     event: dict[str, Any], status: dict[str, Any], running: bool, waiting: bool
 ) -> None:
     async def scenario() -> list[clock.Due]:
-        await handlers.track(event=event, status=status, namespace="ns", name="job")
+        await handlers.track(event=event, status=status, annotations={}, namespace="ns", name="job")
         now = asyncio.get_running_loop().time()
         return handlers._clock.due(now + 3600)
 
@@ -45,12 +45,42 @@ def test_every_event_tells_the_clock_what_the_object_needs(
 
 def test_a_deleted_object_leaves_the_clock() -> None:
     async def scenario() -> None:
-        await handlers.track(event={"type": None}, status={}, namespace="ns", name="gone")
-        assert len(handlers._clock) == 1
-        await handlers.track(event={"type": "DELETED"}, status={}, namespace="ns", name="gone")
+        for type_ in (None, "DELETED"):
+            event = {"type": type_}
+            await handlers.track(
+                event=event, status={}, annotations={}, namespace="ns", name="gone"
+            )
+            assert len(handlers._clock) == (1 if type_ is None else 0)
 
     asyncio.run(scenario())
     assert len(handlers._clock) == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "annotations", "queued"),
+    [
+        # A copy of a handled FineTuneJob: kopf's record, and no pass has written a status.
+        ({}, {"finetune.dev/last-handled-configuration": "{}"}, True),
+        # Handled here: its status came before kopf wrote the record.
+        ({"phase": "Pending"}, {"finetune.dev/last-handled-configuration": "{}"}, False),
+        # New: kopf's create handler runs its pass.
+        ({}, {}, False),
+    ],
+)
+def test_a_copy_of_a_handled_object_is_queued_for_a_pass(
+    status: dict[str, Any], annotations: dict[str, str], queued: bool
+) -> None:
+    async def scenario() -> list[clock.Due]:
+        event = {"type": "ADDED"}
+        await handlers.track(
+            event=event, status=status, annotations=annotations, namespace="ns", name="copy"
+        )
+        return handlers._clock.due(asyncio.get_running_loop().time(), timed=False)
+
+    try:
+        assert [d.key for d in asyncio.run(scenario())] == ([("ns", "copy")] if queued else [])
+    finally:
+        handlers._clock.forget(("ns", "copy"))
 
 
 @pytest.mark.parametrize(
