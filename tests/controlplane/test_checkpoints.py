@@ -10,6 +10,7 @@ plays rank 0's metrics endpoint (on the pod IP the tests report, `Rank0Metrics.i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from fixtures.cluster import (
     wait_phase,
 )
 from fixtures.kube import Kube
-from test_operator import condition, finish_pods, ftj_status, get, wait_pods
+from test_operator import RESULT, condition, finish_pods, ftj_status, get, wait_pods
 
 from finetune_api.result import TrainerResult
 
@@ -80,11 +81,21 @@ def expandable_volume(kube: Kube, namespace: str) -> Iterator[str]:
     kube.delete("StorageClass", EXPANDABLE_CLASS, missing_ok=True)
 
 
-def owned_events(kube: Kube, namespace: str, ftj: dict[str, Any]) -> list[tuple[str, str]]:
+def events_of(kube: Kube, namespace: str, ftj: dict[str, Any]) -> list[dict[str, Any]]:
     """The Events of this very FineTuneJob (not of an earlier one with its name)."""
     name, uid = ftj["metadata"]["name"], ftj["metadata"]["uid"]
     events = kube.list("Event", namespace, fields=f"involvedObject.uid={uid}")
-    return [(e["type"], e["reason"]) for e in events if e["involvedObject"]["name"] == name]
+    return [e for e in events if e["involvedObject"]["name"] == name]
+
+
+def owned_events(kube: Kube, namespace: str, ftj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(type, reason) of each Event of this very FineTuneJob."""
+    return [(e["type"], e["reason"]) for e in events_of(kube, namespace, ftj)]
+
+
+def said(kube: Kube, namespace: str, ftj: dict[str, Any], reason: str) -> list[str]:
+    """The messages of this very FineTuneJob's Events with `reason`."""
+    return [e["message"] for e in events_of(kube, namespace, ftj) if e["reason"] == reason]
 
 
 def fail_and_delete(
@@ -331,11 +342,11 @@ def test_a_kept_claim_its_class_cannot_expand_is_adopted_as_it_is(
     adopted = get(kube, namespace, "PersistentVolumeClaim", "small-checkpoints")
     assert [r["uid"] for r in adopted["metadata"]["ownerReferences"]] == [uid]
     assert adopted["spec"]["resources"]["requests"]["storage"] == "30Gi"
-    events = kube.list("Event", namespace, fields=f"involvedObject.uid={uid}")
-    said = [e["message"] for e in events if e["reason"] == "ClaimAdopted"]
+    adopted_said = said(kube, namespace, again, "ClaimAdopted")
     # The default class has no allowVolumeExpansion (and the claim is not bound): the API
     # server's refusal is passed on, and the job goes on with the claim as it is.
-    assert len(said) == 1 and "it stays 30Gi, as it cannot be expanded to output" in said[0]
+    assert len(adopted_said) == 1
+    assert "it stays 30Gi, as it cannot be expanded to output" in adopted_said[0]
 
 
 def test_a_claim_of_a_storage_class_that_does_not_exist_waits_for_it_and_says_so(
@@ -370,3 +381,20 @@ def test_a_claim_of_a_storage_class_that_does_not_exist_waits_for_it_and_says_so
         assert claim is not None and claim["spec"]["storageClassName"] == missing
     finally:
         kube.delete("StorageClass", missing, missing_ok=True)
+
+
+def test_with_when_succeeded_retain_a_succeeded_jobs_claim_outlives_it_too(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    output = {"checkpoints": {"claimRetentionPolicy": {"whenSucceeded": "Retain"}}}
+    kube.apply(ftj_manifest("done", namespace, resources=ONE_NODE, output=output))
+    ftj = get(kube, namespace, "FineTuneJob", "done")
+    pod = wait_pods(kube, wait_until, namespace, "done", 1, 1)
+    finish_pods(kube, namespace, pod, 0, json.dumps(RESULT))
+    status = wait_phase(kube, wait_until, namespace, "done", "Succeeded")
+    assert status["checkpoints"]["claimRetained"] is True
+    claim = get(kube, namespace, "PersistentVolumeClaim", "done-checkpoints")
+    assert not claim["metadata"].get("ownerReferences")
+    assert claim["metadata"]["labels"][RETAINED_FROM] == ftj["metadata"]["uid"]
+    retained = said(kube, namespace, ftj, "ClaimRetained")
+    assert len(retained) == 1 and "claimRetentionPolicy.whenSucceeded: Retain" in retained[0]
