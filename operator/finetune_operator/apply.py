@@ -505,9 +505,6 @@ class Kube:
                 return None
             raise
 
-    async def get_claim(self, namespace: str, name: str) -> Obj | None:
-        return await self._read("PersistentVolumeClaim", namespace, name)
-
     async def expand_claim(self, namespace: str, name: str, size: str) -> str | None:
         """Ask for `size` of storage on a claim (its expansion); the API server's refusal (a
         StorageClass without allowVolumeExpansion, an unbound claim) as its message, or None."""
@@ -522,7 +519,8 @@ class Kube:
         return None
 
     async def get_child(self, kind: str, namespace: str, name: str) -> Obj | None:
-        """A child of `kind` (Deployment, Service, ...) by name; None when there is none."""
+        """A child of `kind` (Deployment, Service, PersistentVolumeClaim, ...) by name; None
+        when there is none."""
         return await self._read(kind, namespace, name)
 
     async def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str) -> None:

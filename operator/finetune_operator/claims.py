@@ -94,7 +94,7 @@ async def _release(kube: Kube, job: FineTuneJob, name: str) -> Obj | None:
     is someone else's claim)."""
     namespace, uid = job.metadata.namespace, job.metadata.uid or ""
     for _ in range(3):
-        claim = await kube.get_claim(namespace, name)
+        claim = await kube.get_child("PersistentVolumeClaim", namespace, name)
         if claim is None:
             return None
         if checkpoints.retained_from(claim) == uid:
