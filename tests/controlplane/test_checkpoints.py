@@ -20,6 +20,7 @@ from fixtures.cluster import (
     patch_pod_status,
     running_status,
     storage_class,
+    wait_condition,
     wait_phase,
 )
 from fixtures.kube import Kube
@@ -225,14 +226,8 @@ def test_a_gang_with_nowhere_durable_says_so_with_a_warning(
     operator: Operator, kube: Kube, namespace, wait_until
 ) -> None:
     kube.apply(ftj_manifest("adrift", namespace))  # two nodes, no hub, no claim
-    status = wait_until(
-        lambda: (
-            (s := ftj_status(kube, namespace, "adrift"))
-            and condition(s, "CheckpointsDurable").get("status") == "False"
-            and s
-        ),
-        timeout=30,
-        message="CheckpointsDurable=False",
+    status = wait_condition(
+        kube, wait_until, namespace, "adrift", "CheckpointsDurable", status="False"
     )
     assert condition(status, "CheckpointsDurable")["reason"] == "NoDurableStore"
     assert status["checkpoints"]["store"] == "Ephemeral"
@@ -355,14 +350,8 @@ def test_a_claim_of_a_storage_class_that_does_not_exist_waits_for_it_and_says_so
     missing = f"finetune-test-{namespace}"
     output = {"checkpoints": {"storageClassName": missing}}
     kube.apply(ftj_manifest("classless", namespace, resources=ONE_NODE, output=output))
-    status = wait_until(
-        lambda: (
-            (s := ftj_status(kube, namespace, "classless"))
-            and condition(s, "Created").get("reason") == "StorageClassNotFound"
-            and s
-        ),
-        timeout=30,
-        message="Created=False, StorageClassNotFound",
+    status = wait_condition(
+        kube, wait_until, namespace, "classless", "Created", reason="StorageClassNotFound"
     )
     created = condition(status, "Created")
     assert created["status"] == "False"

@@ -20,6 +20,7 @@ from fixtures.cluster import (
     patch_pod_status,
     running_status,
     terminated_status,
+    wait_condition,
     wait_phase,
 )
 from fixtures.kube import Kube
@@ -267,14 +268,8 @@ def test_missing_secret_then_created(operator: Operator, kube, namespace, wait_u
         "nosecret", namespace, output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": "hf"}}}
     )
     kube.apply(manifest)
-    status = wait_until(
-        lambda: (
-            (s := ftj_status(kube, namespace, "nosecret"))
-            and condition(s, "Created").get("reason") == "SecretNotFound"
-            and s
-        ),
-        timeout=30,
-        message="SecretNotFound condition",
+    status = wait_condition(
+        kube, wait_until, namespace, "nosecret", "Created", reason="SecretNotFound"
     )
     assert "hf" in condition(status, "Created")["message"]
     assert get(kube, namespace, "Job", "nosecret") is None
@@ -292,14 +287,8 @@ def test_a_missing_read_token_secret_blocks_the_job_too(
         output={"hub": {"repo": "org/x", "tokenSecretRef": {"name": hf_secret}}},
     )
     kube.apply(manifest)
-    status = wait_until(
-        lambda: (
-            (s := ftj_status(kube, namespace, "readtoken"))
-            and condition(s, "Created").get("reason") == "SecretNotFound"
-            and s
-        ),
-        timeout=30,
-        message="SecretNotFound condition",
+    status = wait_condition(
+        kube, wait_until, namespace, "readtoken", "Created", reason="SecretNotFound"
     )
     assert "model.tokenSecretRef" in condition(status, "Created")["message"]
     assert get(kube, namespace, "Job", "readtoken") is None

@@ -28,6 +28,7 @@ from fixtures.cluster import (
     set_node_ready,
     succeed,
     terminated_status,
+    wait_condition,
 )
 from fixtures.kube import Kube
 from fixtures.operator import Operator
@@ -160,15 +161,7 @@ def test_without_secret_access_the_job_is_created_anyway(
     job = wait_until(lambda: kube.get("Job", "blind", namespace), timeout=60, message="the Job")
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
-    status = wait_until(
-        lambda: (
-            (s := ftj_status(kube, namespace, "blind"))
-            and condition(s, "Created").get("status") == "True"
-            and s
-        ),
-        timeout=30,
-        message="Created=True",
-    )
+    status = wait_condition(kube, wait_until, namespace, "blind", "Created", status="True")
     assert condition(status, "Created")["reason"] == "WorkloadCreated"
 
 
