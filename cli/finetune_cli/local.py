@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return Exit.INVALID
-    code = train_pod(args.manifest.resolve(), job)
+    code = train_pod(for_ranks(args.manifest), job)
     # This process imported torch, transformers and peft only to fork its ranks
     # (launch.preload_trainer), and the ranks are done. Tearing that interpreter down took 5-7 s
     # on a busy 2-core node, all of it between rank 0's result and the pod's exit (so
@@ -78,6 +78,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def for_ranks(manifest: Path) -> Path:
+    """The manifest's path for the ranks to read: absolute (they may start in another folder),
+    but not resolved. In a pod it is a ConfigMap volume's job.yaml, a symlink through `..data` to
+    a timestamped folder that the kubelet replaces, and deletes, whenever the ConfigMap changes
+    (an edit of runPolicy, such as a suspend and resume): a resolved path names a folder that
+    may be gone by the time a rank starts or rejoins, and the rank failed as if the spec were
+    invalid (exit 3, which fails the job)."""
+    return manifest.absolute()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -85,11 +95,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job, _ = manifests.load_one(args.manifest, local=True)
     if not args.serve:
-        return run_local(args.manifest.resolve(), job, args.workdir)
+        return run_local(for_ranks(args.manifest), job, args.workdir)
     from finetune_cli.serve import serve_local
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
-    code = run_local(args.manifest.resolve(), job, workdir)
+    code = run_local(for_ranks(args.manifest), job, workdir)
     if code != Exit.OK:
         return code
     workdir = workdir.resolve()

@@ -19,6 +19,7 @@ from finetune_api import parse_manifest
 from finetune_api.pod import ExitCode
 from finetune_api.version import version
 from finetune_cli.exits import Exit
+from finetune_cli.local import for_ranks
 from finetune_cli.main import main
 from finetune_cli.render import merge_values
 
@@ -312,3 +313,30 @@ def test_rank_module_is_the_ranks_entry(tmp_path: Path) -> None:
     from finetune_trainer.launch import rank_command
 
     assert rank_command(bad)[1:] == ["-m", "finetune_trainer.rank", str(bad)]
+
+
+def test_the_ranks_read_the_manifest_through_the_configmap_volumes_symlinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the kubelet lays out a ConfigMap volume, and replaces it when the ConfigMap changes:
+    job.yaml -> ..data/job.yaml, ..data -> a timestamped folder, deleted after the swap. A rank
+    that starts (or rejoins) after a swap reads the new folder's copy."""
+    volume = tmp_path / "etc-finetune"
+    volume.mkdir()
+    first = volume / "..2026_12_06_13_41_00.1"
+    first.mkdir()
+    (first / "job.yaml").write_text("suspend: true\n")
+    (volume / "..data").symlink_to(first.name)
+    (volume / "job.yaml").symlink_to("..data/job.yaml")
+    monkeypatch.chdir(volume)
+    path = for_ranks(Path("job.yaml"))
+    assert path.is_absolute()
+    # The ConfigMap changed: a new folder, ..data swapped to it, the old folder deleted.
+    second = volume / "..2026_12_06_13_42_40.2"
+    second.mkdir()
+    (second / "job.yaml").write_text("suspend: false\n")
+    (volume / "..data_tmp").symlink_to(second.name)
+    (volume / "..data_tmp").replace(volume / "..data")
+    (first / "job.yaml").unlink()
+    first.rmdir()
+    assert path.read_text() == "suspend: false\n"
