@@ -123,6 +123,25 @@ def fail_and_delete(
     return ftj, status, get(kube, namespace, "PersistentVolumeClaim", f"{name}-checkpoints")
 
 
+def adopted_by(
+    kube: Kube, namespace: str, wait_until: Any, name: str, claim: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The FineTuneJob made again as `name`, and `claim` once that one has adopted it: it
+    controls the claim and has said so, its expansion asked for first (waiting for the old
+    job's pods would not do: they may outlive their Job for a moment, on the same claim)."""
+
+    def adopted() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        ftj = get(kube, namespace, "FineTuneJob", name) or {}
+        uid = (ftj.get("metadata") or {}).get("uid")
+        if not uid or not said(kube, namespace, ftj, "ClaimAdopted"):
+            return None
+        held = get(kube, namespace, "PersistentVolumeClaim", claim) or {}
+        owners = (held.get("metadata") or {}).get("ownerReferences") or []
+        return (ftj, held) if [o["uid"] for o in owners] == [uid] else None
+
+    return wait_until(adopted, timeout=30, message=f"{claim} adopted by the new {name}")
+
+
 def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]], ip: str) -> None:
     for pod in pods:
         patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, ip))
@@ -275,11 +294,10 @@ def test_a_failed_jobs_claim_outlives_it_and_one_made_again_adopts_and_expands_i
     # pod mounts it.
     checkpoints["size"] = "2Gi"
     kube.apply(ftj_manifest("kept", namespace, resources=ONE_NODE, output=output))
+    second, adopted = adopted_by(kube, namespace, wait_until, "kept", "kept-checkpoints")
     again = wait_pods(kube, wait_until, namespace, "kept", 1, 1)
     volume = next(v for v in again[0]["spec"]["volumes"] if v["name"] == "checkpoints")
     assert volume["persistentVolumeClaim"]["claimName"] == "kept-checkpoints"
-    second = get(kube, namespace, "FineTuneJob", "kept")
-    adopted = get(kube, namespace, "PersistentVolumeClaim", "kept-checkpoints")
     assert adopted["metadata"]["uid"] == claim["metadata"]["uid"]
     assert [r["uid"] for r in adopted["metadata"]["ownerReferences"]] == [second["metadata"]["uid"]]
     assert adopted["metadata"]["ownerReferences"][0]["controller"] is True
@@ -331,10 +349,8 @@ def test_a_kept_claim_its_class_cannot_expand_is_adopted_as_it_is(
     assert kept is not None and kept["spec"]["resources"]["requests"]["storage"] == "30Gi"
     output = {"checkpoints": {"size": "40Gi"}}
     kube.apply(ftj_manifest("small", namespace, resources=ONE_NODE, output=output))
-    wait_pods(kube, wait_until, namespace, "small", 1, 1)
-    again = get(kube, namespace, "FineTuneJob", "small")
+    again, adopted = adopted_by(kube, namespace, wait_until, "small", "small-checkpoints")
     uid = again["metadata"]["uid"]
-    adopted = get(kube, namespace, "PersistentVolumeClaim", "small-checkpoints")
     assert [r["uid"] for r in adopted["metadata"]["ownerReferences"]] == [uid]
     assert adopted["spec"]["resources"]["requests"]["storage"] == "30Gi"
     adopted_said = said(kube, namespace, again, "ClaimAdopted")
