@@ -377,7 +377,11 @@ def test_a_claim_of_a_storage_class_that_does_not_exist_waits_for_it_and_says_so
     assert get(kube, namespace, "PersistentVolumeClaim", "classless-checkpoints") is None
     assert get(kube, namespace, "Job", "classless") is None
     ftj = get(kube, namespace, "FineTuneJob", "classless")
-    assert ("Warning", "StorageClassNotFound") in owned_events(kube, namespace, ftj)
+    wait_until(
+        lambda: ("Warning", "StorageClassNotFound") in owned_events(kube, namespace, ftj),
+        timeout=15,
+        message="the StorageClassNotFound Event, which follows the status write",
+    )
     # Made (as a platform team would), the class is found at the next check: the job goes on.
     kube.apply(storage_class(missing))
     try:
@@ -401,5 +405,10 @@ def test_with_when_succeeded_retain_a_succeeded_jobs_claim_outlives_it_too(
     claim = get(kube, namespace, "PersistentVolumeClaim", "done-checkpoints")
     assert not claim["metadata"].get("ownerReferences")
     assert claim["metadata"]["labels"][RETAINED_FROM] == ftj["metadata"]["uid"]
-    retained = said(kube, namespace, ftj, "ClaimRetained")
+    # The Event follows the status write that carries the transition, so it is waited for.
+    retained = wait_until(
+        lambda: said(kube, namespace, ftj, "ClaimRetained"),
+        timeout=15,
+        message="the ClaimRetained Event",
+    )
     assert len(retained) == 1 and "claimRetentionPolicy.whenSucceeded: Retain" in retained[0]
