@@ -1067,6 +1067,23 @@ class TemplateSpec(ApiModel):
     )
 
 
+# What may change after creation. These steer the operator (and serve its result), never the
+# trainer: the trainer's copy of the spec leaves them out (the operator's render.trainer_manifest),
+# so that an edit to them does not rewrite what the running pods read.
+MUTABLE_RUN_POLICY_FIELDS = (
+    "suspend",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+    "pendingTimeoutSeconds",
+)
+MUTABLE_SPEC_PATHS = ("serve", *(f"runPolicy.{f}" for f in MUTABLE_RUN_POLICY_FIELDS))
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    """`a, b and c`, as the validation messages list fields."""
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 class RunPolicy(ApiModel):
     suspend: bool = Field(
         False,
@@ -1139,8 +1156,7 @@ class RunPolicy(ApiModel):
             " && self.hangTimeoutSeconds == oldSelf.hangTimeoutSeconds"
             " && has(self.queueName) == has(oldSelf.queueName)"
             " && (!has(self.queueName) || self.queueName == oldSelf.queueName)",
-            message="runPolicy is immutable except suspend, activeDeadlineSeconds, "
-            "ttlSecondsAfterFinished and pendingTimeoutSeconds",
+            message=f"runPolicy is immutable except {_listed(MUTABLE_RUN_POLICY_FIELDS)}",
         ),
     )
 
@@ -1410,9 +1426,7 @@ class FineTuneJobSpec(ApiModel):
         ),
         TransitionRule(
             cel=" && ".join(f"self.{f} == oldSelf.{f}" for f in IMMUTABLE_SPEC_FIELDS),
-            message="spec is immutable except serve, runPolicy.suspend, "
-            "runPolicy.activeDeadlineSeconds, runPolicy.ttlSecondsAfterFinished and "
-            "runPolicy.pendingTimeoutSeconds",
+            message=f"spec is immutable except {_listed(MUTABLE_SPEC_PATHS)}",
         ),
     )
 

@@ -12,7 +12,7 @@ import yaml
 
 from finetune_api import pod
 from finetune_api.constants import API_VERSION, KIND, LABEL_KUEUE_QUEUE
-from finetune_api.v1alpha1 import FineTuneJob
+from finetune_api.v1alpha1 import MUTABLE_RUN_POLICY_FIELDS, FineTuneJob
 from finetune_operator import naming, serve
 from finetune_operator.checkpoints import CheckpointStore, choose
 from finetune_operator.podspec import pod_metadata, pod_spec
@@ -46,13 +46,19 @@ def _metadata(job: FineTuneJob, name: str, owner: Manifest, labels: dict[str, st
 
 
 def trainer_manifest(job: FineTuneJob) -> Manifest:
-    """The document the trainer reads: identity and spec only.
+    """The document the trainer reads: identity and the spec fixed at creation only.
 
     Status is the operator's business, and template.env is dropped because it may carry values
     the user meant only for the container; the env reaches the pod through the pod spec anyway.
+    The fields that may change while the job runs (serve, runPolicy's MUTABLE_RUN_POLICY_FIELDS)
+    steer the operator and are left out: an edit to them (a suspend, a new deadline) must not
+    rewrite the ConfigMap, whose volume the kubelet swaps under the running pods.
     """
     spec = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     spec.get("template", {}).pop("env", None)
+    spec.pop("serve", None)
+    for field in MUTABLE_RUN_POLICY_FIELDS:
+        spec.get("runPolicy", {}).pop(field, None)
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,

@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from finetune_api import pod
-from finetune_api.v1alpha1 import OWN_KEY_PREFIXES, FineTuneJob, SecretKeyRef
+from finetune_api.v1alpha1 import (
+    MUTABLE_RUN_POLICY_FIELDS,
+    OWN_KEY_PREFIXES,
+    FineTuneJob,
+    RunPolicy,
+    SecretKeyRef,
+)
 from finetune_api.validation import ManifestError, load_manifest, parse_manifest
 from finetune_operator import naming
 from finetune_operator.checkpoints import CheckpointStore, choose
@@ -226,12 +232,34 @@ def test_configmap_holds_spec_only_never_status_or_env_values() -> None:
     assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
     assert doc["metadata"] == {"name": "smollm2-news-lora", "namespace": "ml"}
     assert "env" not in doc["spec"]["template"]
-    # The trainer must be able to read it back.
-    from finetune_api.validation import parse_manifest
-
+    # The trainer reads it back as the spec, less the env and the fields it never reads.
+    assert set(doc["spec"]["runPolicy"]) == {"backoffLimit", "hangTimeoutSeconds"}
+    policy = RunPolicy(backoffLimit=2)
     assert parse_manifest(doc).spec == ftj.spec.model_copy(
-        update={"template": ftj.spec.template.model_copy(update={"env": []})}
+        update={
+            "template": ftj.spec.template.model_copy(update={"env": []}),
+            "run_policy": policy,
+        }
     )
+
+
+def test_configmap_is_the_same_whatever_the_mutable_fields_say() -> None:
+    """An edit the API allows while the job runs (a suspend, a deadline, serving) leaves what the
+    pods read as it was: the kubelet would otherwise swap their ConfigMap volume under them."""
+    doc = yaml.safe_load((GOLDEN / "cpu.input.yaml").read_text())
+    before = render_configmap(parse_manifest(doc), owner_reference("x", "uid"))
+    assert set(MUTABLE_RUN_POLICY_FIELDS) < set(RunPolicy.model_json_schema()["properties"])
+    doc["spec"]["runPolicy"].update(
+        suspend=True, activeDeadlineSeconds=60, ttlSecondsAfterFinished=5, pendingTimeoutSeconds=30
+    )
+    assert set(MUTABLE_RUN_POLICY_FIELDS) <= set(doc["spec"]["runPolicy"])
+    doc["spec"]["serve"] = {"engine": "transformers"}
+    edited = parse_manifest(doc)
+    assert edited.spec.run_policy.suspend and edited.spec.serve is not None
+    assert render_configmap(edited, owner_reference("x", "uid")) == before
+    # An immutable field does reach the pods.
+    doc["spec"]["runPolicy"]["hangTimeoutSeconds"] = 120
+    assert render_configmap(parse_manifest(doc), owner_reference("x", "uid")) != before
 
 
 def test_children_are_owned_and_labelled() -> None:
