@@ -481,20 +481,18 @@ class Kube:
         where = f"{meta['namespace']}/{meta['name']}"
         raise RuntimeError(f"PersistentVolumeClaim {where} kept changing; retry")
 
-    async def set_claim_owner(
-        self, claim: Obj, owners: list[Obj], retained_from: str | None
-    ) -> Obj | None:
-        """Merge-patch a claim's ownerReferences (the whole list) and its retained-from label
-        (naming.RETAINED_FROM; None removes it): how the operator releases the claim
-        of an ended FineTuneJob and how a FineTuneJob of the same name adopts it. Pinned to the
-        resourceVersion `claim` was read at, so a claim that changed since is left as it is:
-        None then (or when it is gone), and the caller reads it again."""
+    async def set_claim_owner(self, claim: Obj, owners: list[Obj], marks: Obj) -> Obj | None:
+        """Merge-patch a claim's ownerReferences (the whole list) and the labels and annotations
+        that mark it retained (`marks`, checkpoints.retention_marks): how the operator releases
+        the claim of an ended FineTuneJob and how a FineTuneJob of the same name adopts it.
+        Pinned to the resourceVersion `claim` was read at, so a claim that changed since is left
+        as it is: None then (or when it is gone), and the caller reads it again."""
         meta = claim["metadata"]
         body = {
             "metadata": {
+                **marks,
                 "resourceVersion": meta["resourceVersion"],
                 "ownerReferences": owners,
-                "labels": {naming.RETAINED_FROM: retained_from},
             }
         }
         path = _CHILD_PATHS["PersistentVolumeClaim"]

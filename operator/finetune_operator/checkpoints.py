@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 from kubernetes.utils.quantity import parse_quantity
 
-from finetune_api.constants import Phase, Reason
+from finetune_api.constants import LABEL_JOB_NAME, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import naming
+from finetune_operator.timings import unix
 
 StoreKind = Literal["Volume", "HubBranch", "Ephemeral"]
 
@@ -153,6 +154,46 @@ def retained_from(claim: dict[str, Any]) -> str | None:
     if any(ref.get("controller") for ref in meta.get("ownerReferences") or []):
         return None
     return (meta.get("labels") or {}).get(naming.RETAINED_FROM) or None
+
+
+def retention_marks(uid: str | None, at: str | None) -> dict[str, Any]:
+    """The metadata (a merge patch) that marks a claim released by the FineTuneJob of `uid` at
+    RFC 3339 time `at`, or, with None for both, that clears those marks as a job adopts it."""
+    return {"labels": {naming.RETAINED_FROM: uid}, "annotations": {naming.RETAINED_AT: at}}
+
+
+@dataclass(frozen=True)
+class RetainedClaim:
+    """A claim the operator released and no FineTuneJob has adopted: storage that a platform
+    team sees in the operator's metrics until someone resumes from it or deletes it."""
+
+    namespace: str
+    name: str
+    job_name: str
+    # Its capacity once bound, else what it requests.
+    size_bytes: float
+    # Unix seconds it was released: its retained-at annotation, else (a claim released before
+    # the annotation existed) its creation, the earliest it can have been.
+    since: float
+
+
+def retained_claim(claim: dict[str, Any]) -> RetainedClaim | None:
+    """The RetainedClaim a claim of the operator's is, or None while a FineTuneJob holds it (or
+    it is being deleted)."""
+    meta = claim.get("metadata") or {}
+    if retained_from(claim) is None or meta.get("deletionTimestamp"):
+        return None
+    capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
+    size = capacity or requested_size(claim)
+    annotations = meta.get("annotations") or {}
+    since = unix(annotations.get(naming.RETAINED_AT)) or unix(meta.get("creationTimestamp"))
+    return RetainedClaim(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        job_name=(meta.get("labels") or {}).get(LABEL_JOB_NAME, ""),
+        size_bytes=float(parse_quantity(size)) if size is not None else 0.0,
+        since=since or 0.0,
+    )
 
 
 def adoptable(claim: dict[str, Any], job_name: str) -> bool:

@@ -40,7 +40,8 @@ async def ensure(
     if (refused := checkpoints.adoption_refused(claim, job)) is not None:
         return Blocker(Reason.NAME_CONFLICT, refused, permanent=True)
     before, name = checkpoints.retained_from(claim), claim["metadata"]["name"]
-    if await kube.set_claim_owner(claim, [owner], None) is None:
+    unmarked = checkpoints.retention_marks(None, None)
+    if await kube.set_claim_owner(claim, [owner], unmarked) is None:
         raise RuntimeError(f"PersistentVolumeClaim {name} changed while it was adopted; retry")
     message = (
         f"adopted PersistentVolumeClaim {name}, kept from the FineTuneJob of this name with uid "
@@ -60,11 +61,14 @@ async def ensure(
     return None
 
 
-async def release_ended(kube: Kube, job: FineTuneJob, store: CheckpointStore, result: Plan) -> Plan:
+async def release_ended(
+    kube: Kube, job: FineTuneJob, store: CheckpointStore, result: Plan, now: str
+) -> Plan:
     """Once the job has ended, record in status.checkpoints.claimRetained whether the claim the
     operator made for it outlives it: where claimRetentionPolicy keeps it, it is released from
-    the job's ownership first (and an Event says so), so that deleting the FineTuneJob leaves
-    it. Before the status write, so a lost write means another try."""
+    the job's ownership first, marked retained at `now` (RFC 3339), and an Event says so, so
+    that deleting the FineTuneJob leaves it. Before the status write, so a lost write means
+    another try."""
     ckpt = result.status.get("checkpoints") or {}
     phase = result.status.get("phase")
     ended = phase in (Phase.SUCCEEDED, Phase.FAILED)
@@ -72,7 +76,7 @@ async def release_ended(kube: Kube, job: FineTuneJob, store: CheckpointStore, re
         return result
     claim = None
     if checkpoints.retains_claim(job, phase):
-        claim = await _release(kube, job, store.claim_name or "")
+        claim = await _release(kube, job, store.claim_name or "", now)
     status = {**result.status, "checkpoints": {**ckpt, "claimRetained": claim is not None}}
     if claim is None:
         return replace(result, status=status)
@@ -88,7 +92,7 @@ async def release_ended(kube: Kube, job: FineTuneJob, store: CheckpointStore, re
     return replace(result, status=status, transitions=[*result.transitions, event])
 
 
-async def _release(kube: Kube, job: FineTuneJob, name: str) -> Obj | None:
+async def _release(kube: Kube, job: FineTuneJob, name: str, now: str) -> Obj | None:
     """Release the job's claim from its ownership: the claim, once released (now or by an
     earlier pass); None when there is none of its own to keep (it was never made, or the name
     is someone else's claim)."""
@@ -103,6 +107,7 @@ async def _release(kube: Kube, job: FineTuneJob, name: str) -> Obj | None:
             return None
         refs = claim["metadata"].get("ownerReferences") or []
         owners = [ref for ref in refs if ref["uid"] != uid]
-        if (released := await kube.set_claim_owner(claim, owners, uid)) is not None:
+        marks = checkpoints.retention_marks(uid, now)
+        if (released := await kube.set_claim_owner(claim, owners, marks)) is not None:
             return released
     raise RuntimeError(f"PersistentVolumeClaim {namespace}/{name} kept changing; retry")

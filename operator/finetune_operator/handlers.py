@@ -16,7 +16,7 @@ import kopf
 
 from finetune_api.constants import GROUP, LABEL_JOB_NAME, PLURAL, VERSION, ConditionType, Phase
 from finetune_api.v1alpha1 import IMMUTABLE_SPEC_FIELDS
-from finetune_operator import clock, kueue, naming
+from finetune_operator import checkpoints, clock, kueue, naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
@@ -233,6 +233,23 @@ async def job_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
     # arrive with type None and are reconciled.
     if event.get("type") != "ADDED" and (owner := labels.get(LABEL_JOB_NAME)):
         _queue(namespace, owner)
+
+
+@kopf.on.event(
+    "",
+    "v1",
+    "persistentvolumeclaims",
+    labels={naming.LABEL_MANAGED_BY: naming.MANAGER},
+    id="claim",
+)
+async def claim_changed(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, **_: Any
+) -> None:
+    """A checkpoint claim of the operator's was made, released when its FineTuneJob ended,
+    adopted by one made again, or deleted: the retained-claim series follow (metrics). No pass:
+    each of those moves came from a pass, or from someone deleting a claim no job holds."""
+    kept = None if event.get("type") == "DELETED" else checkpoints.retained_claim(dict(body))
+    reconciler().metrics.observe_claim((namespace, name), kept)
 
 
 def _unseen_by_its_job(status: kopf.Status, **_: Any) -> bool:

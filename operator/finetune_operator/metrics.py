@@ -7,6 +7,12 @@ and has not finished, or finished less than `finished_seconds` (default an hour)
 built at scrape time from the last status each job's pass wrote, so a finished job's series
 go away on time even when no pass runs, and a restarted operator does not bring back jobs that
 finished long ago (the grace period runs from `status.completionTime`).
+
+Two more name each checkpoint claim the operator kept when its FineTuneJob ended and no
+FineTuneJob has adopted since (`finetune_operator_retained_claim_bytes` and
+`..._timestamp_seconds`): storage that outlives its job by design, until someone resumes from
+it or deletes it, which FineTuneCheckpointClaimRetained reminds of. One series each per such
+claim, from a watch of the operator's claims.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from prometheus_client import (
@@ -30,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_operator.checkpoints import RetainedClaim
 from finetune_operator.timings import unix
 
 FAILURE_REASONS = (
@@ -96,38 +104,61 @@ def job_state(status: Mapping[str, Any], before: JobState | None, now: float) ->
     )
 
 
-class _JobSeries(Collector):
-    """Yields the per-job families from a snapshot taken at scrape time."""
+class _ScrapeTimeSeries(Collector):
+    """Gauge families built at scrape time by `build(filled)`: empty for describe (names only,
+    so registering does not take a snapshot), filled from a snapshot for collect."""
 
-    def __init__(self, snapshot: Callable[[], dict[tuple[str, str], JobState]]) -> None:
-        self._snapshot = snapshot
+    def __init__(self, build: Callable[[bool], list[GaugeMetricFamily]]) -> None:
+        self._build = build
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        # Names only, so registering does not call collect().
-        yield from self._families()
+        yield from self._build(False)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        status, attempt = self._families()
-        for (namespace, name), state in sorted(self._snapshot().items()):
-            status.add_metric([namespace, name, state.phase, state.reason], 1)
-            attempt.add_metric([namespace, name], state.attempt)
-        yield status
-        yield attempt
+        yield from self._build(True)
 
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        status = GaugeMetricFamily(
-            "finetune_operator_job_status",
-            "1 for each FineTuneJob's current phase, with the reason of the condition behind "
-            "it; one series per job, kept for an hour after it finished.",
-            labels=[*JOB_LABELS, "phase", "reason"],
-        )
-        attempt = GaugeMetricFamily(
-            "finetune_operator_job_attempt",
-            "Each FineTuneJob's status.attempts: the attempt (batch Job) it is on.",
-            labels=list(JOB_LABELS),
-        )
-        return status, attempt
+
+def _job_families(
+    snapshot: Callable[[], dict[tuple[str, str], JobState]], filled: bool
+) -> list[GaugeMetricFamily]:
+    status = GaugeMetricFamily(
+        "finetune_operator_job_status",
+        "1 for each FineTuneJob's current phase, with the reason of the condition behind "
+        "it; one series per job, kept for an hour after it finished.",
+        labels=[*JOB_LABELS, "phase", "reason"],
+    )
+    attempt = GaugeMetricFamily(
+        "finetune_operator_job_attempt",
+        "Each FineTuneJob's status.attempts: the attempt (batch Job) it is on.",
+        labels=list(JOB_LABELS),
+    )
+    for (namespace, name), state in sorted(snapshot().items()) if filled else ():
+        status.add_metric([namespace, name, state.phase, state.reason], 1)
+        attempt.add_metric([namespace, name], state.attempt)
+    return [status, attempt]
+
+
+def _retained_claim_families(
+    snapshot: Callable[[], list[RetainedClaim]], filled: bool
+) -> list[GaugeMetricFamily]:
+    labels = ["namespace", "persistentvolumeclaim", "finetunejob"]
+    size = GaugeMetricFamily(
+        "finetune_operator_retained_claim_bytes",
+        "Each checkpoint claim the operator kept when its FineTuneJob ended "
+        "(output.checkpoints.claimRetentionPolicy) that no FineTuneJob has adopted since: its "
+        "capacity (what it requests until bound).",
+        labels=labels,
+    )
+    since = GaugeMetricFamily(
+        "finetune_operator_retained_claim_timestamp_seconds",
+        "When each kept checkpoint claim was released from its FineTuneJob (Unix seconds).",
+        labels=labels,
+    )
+    for claim in snapshot() if filled else ():
+        names = [claim.namespace, claim.name, claim.job_name]
+        size.add_metric(names, claim.size_bytes)
+        since.add_metric(names, claim.since)
+    return [size, since]
 
 
 class OperatorMetrics:
@@ -220,7 +251,10 @@ class OperatorMetrics:
         # Written by reconcile passes (the event loop), read by the scrape thread.
         self._lock = threading.Lock()
         self._states: dict[tuple[str, str], JobState] = {}
-        registry.register(_JobSeries(self.live_jobs))
+        # Written by the claim watch (the event loop), read by the scrape thread.
+        self._claims: dict[tuple[str, str], RetainedClaim] = {}
+        registry.register(_ScrapeTimeSeries(partial(_job_families, self.live_jobs)))
+        registry.register(_ScrapeTimeSeries(partial(_retained_claim_families, self.kept_claims)))
 
     def observe_job(self, key: tuple[str, str], status: Mapping[str, Any] | None) -> None:
         """Record the status a pass wrote for FineTuneJob `key` (namespace, name); None: the
@@ -269,6 +303,19 @@ class OperatorMetrics:
                 for key, state in self._states.items()
                 if state.finished_at is None or state.finished_at > horizon
             }
+
+    def observe_claim(self, key: tuple[str, str], claim: RetainedClaim | None) -> None:
+        """Record what checkpoint claim `key` (namespace, name) is now: kept (a RetainedClaim),
+        or held by a FineTuneJob or gone (None)."""
+        with self._lock:
+            if claim is None:
+                self._claims.pop(key, None)
+            else:
+                self._claims[key] = claim
+
+    def kept_claims(self) -> list[RetainedClaim]:
+        with self._lock:
+            return [self._claims[key] for key in sorted(self._claims)]
 
     def serve(self, port: int) -> None:
         """Serve the registry on `port`, from the operator's start: a standby is scraped too."""

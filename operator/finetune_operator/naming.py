@@ -36,6 +36,9 @@ CACHE_VOLUME = "tmp"
 # (checkpoints.py): the uid of that FineTuneJob. A FineTuneJob made again with the same name
 # adopts such a claim; `kubectl get pvc -l finetune.dev/retained-from` lists the claims kept.
 RETAINED_FROM = "finetune.dev/retained-from"
+# ... and the annotation that says when (RFC 3339): the operator's retained-claim metrics and
+# their alert count a kept claim's age from it.
+RETAINED_AT = "finetune.dev/retained-at"
 
 
 def service_name(job_name: str) -> str:

@@ -301,7 +301,7 @@ class Reconciler:
             result = self._plan(job, replace(observed, blocker=blocker))
             result = replace(result, transitions=transitions + result.transitions)
         result = await self._serve(job, result, look=serve)
-        result = await claims.release_ended(self.kube, job, store, result)
+        result = await claims.release_ended(self.kube, job, store, result, now_rfc3339())
         await self._write(body, previous, result)
         temporary = blocker.message if blocker and not blocker.permanent else None
         return PassResult(plan=result, temporary=temporary, permanent=permanent)

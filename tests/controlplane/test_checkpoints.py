@@ -11,6 +11,7 @@ plays rank 0's metrics endpoint (on the pod IP the tests report, `Rank0Metrics.i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,11 @@ from fixtures.cluster import (
     wait_phase,
 )
 from fixtures.kube import Kube
+from prometheus_client.parser import text_string_to_metric_families
 from test_operator import RESULT, condition, finish_pods, ftj_status, get, wait_pods
 
 from finetune_api.result import TrainerResult
+from finetune_operator.timings import unix
 
 if TYPE_CHECKING:
     from fixtures.operator import Operator
@@ -40,6 +43,7 @@ DEFAULT_CLASS = "finetune-test-default"
 EXPANDABLE_CLASS = "finetune-test-expandable"
 ONE_NODE = {"nodes": 1}
 RETAINED_FROM = "finetune.dev/retained-from"
+RETAINED_AT = "finetune.dev/retained-at"
 # What rank 0 reports when the Hub refuses its push: permanent, and its result is kept on the claim.
 PUSH_REFUSED = TrainerResult(
     status="Failed", reason="PushFailed", message="403 Forbidden", retryable=False
@@ -97,6 +101,24 @@ def owned_events(kube: Kube, namespace: str, ftj: dict[str, Any]) -> list[tuple[
 def said(kube: Kube, namespace: str, ftj: dict[str, Any], reason: str) -> list[str]:
     """The messages of this very FineTuneJob's Events with `reason`."""
     return [e["message"] for e in events_of(kube, namespace, ftj) if e["reason"] == reason]
+
+
+def kept_series(operator: Operator, namespace: str) -> dict[str, dict[str, Any]]:
+    """The operator's retained-claim series in `namespace`, by claim: the job it was kept
+    from, its bytes and when it was released."""
+    out: dict[str, dict[str, Any]] = {}
+    for family in text_string_to_metric_families(operator.metrics()):
+        for sample in family.samples:
+            if sample.labels.get("namespace") != namespace:
+                continue
+            field = {
+                "finetune_operator_retained_claim_bytes": "bytes",
+                "finetune_operator_retained_claim_timestamp_seconds": "since",
+            }.get(sample.name)
+            if field:
+                kept = out.setdefault(sample.labels["persistentvolumeclaim"], {})
+                kept.update({"finetunejob": sample.labels["finetunejob"], field: sample.value})
+    return out
 
 
 def fail_and_delete(
@@ -289,6 +311,15 @@ def test_a_failed_jobs_claim_outlives_it_and_one_made_again_adopts_and_expands_i
     listed = kube.list("PersistentVolumeClaim", namespace, labels=RETAINED_FROM)
     assert [c["metadata"]["name"] for c in listed] == ["kept-checkpoints"]
     assert ("Normal", "ClaimRetained") in owned_events(kube, namespace, first)
+    # The operator exports it until a job adopts it: 1Gi, released when the job failed.
+    released = unix(kept["metadata"]["annotations"][RETAINED_AT])
+    assert released is not None and abs(released - time.time()) < 120
+    series = wait_until(
+        lambda: kept_series(operator, namespace).get("kept-checkpoints"),
+        timeout=15,
+        message="the kept claim's series",
+    )
+    assert series == {"finetunejob": "kept", "bytes": 2.0**30, "since": released}
 
     # Made again with the same name and a larger size: it adopts the claim, expands it, and its
     # pod mounts it.
@@ -305,6 +336,12 @@ def test_a_failed_jobs_claim_outlives_it_and_one_made_again_adopts_and_expands_i
     assert adopted["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert ("Normal", "ClaimAdopted") in owned_events(kube, namespace, second)
     assert "claimRetained" not in ftj_status(kube, namespace, "kept").get("checkpoints", {})
+    assert RETAINED_AT not in (adopted["metadata"].get("annotations") or {})
+    wait_until(
+        lambda: "kept-checkpoints" not in kept_series(operator, namespace),
+        timeout=15,
+        message="the adopted claim's series to go",
+    )
 
 
 def test_a_claim_another_storage_class_cannot_be_adopted_and_is_left_as_it_is(

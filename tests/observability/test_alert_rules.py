@@ -51,6 +51,7 @@ def test_the_expected_alerts_exist() -> None:
         "FineTuneJobEvaluationGateFailed",
         "FineTuneJobRestartedRepeatedly",
         "FineTuneJobStuckPending",
+        "FineTuneCheckpointClaimRetained",
         "FineTuneOperatorDown",
         "FineTuneOperatorReconcileErrors",
     }
@@ -137,6 +138,7 @@ def test_rendered_prometheusrule_passes_promtool(helm: str, promtool: str, tmp_p
         helm,
         stalledMinutes=25,
         pendingMinutes=7,
+        retainedClaimDays=30,
         operatorJob="platform/finetune-operator",
         runbookBaseURL=base,
     )
@@ -157,6 +159,9 @@ def test_rendered_prometheusrule_passes_promtool(helm: str, promtool: str, tmp_p
     pending = _alert(rendered, "FineTuneJobStuckPending")
     assert pending["for"] == "7m"
     pending["for"] = "15m"
+    retained = _alert(rendered, "FineTuneCheckpointClaimRetained")
+    assert "> 30 * 86400" in retained["expr"] and "7 * 86400" not in retained["expr"]
+    retained["expr"] = retained["expr"].replace("30 * 86400", "7 * 86400")
     down = _alert(rendered, "FineTuneOperatorDown")
     assert 'finetune_operator_leader{job="platform/finetune-operator"} == 1' in down["expr"]
     down["expr"] = down["expr"].replace("platform/finetune-operator", "finetune-operator-metrics")
@@ -182,6 +187,9 @@ def test_rendered_prometheusrule_defaults_match_values_and_the_file(helm: str) -
     assert "> 10 * 60" in _alert(source, "FineTuneJobStalled")["expr"]
     assert defaults["stalledMinutes"] == 10
     assert _alert(source, "FineTuneJobStuckPending")["for"] == f"{defaults['pendingMinutes']}m"
+    days = f"> {defaults['retainedClaimDays']} * 86400"
+    assert days in _alert(rendered, "FineTuneCheckpointClaimRetained")["expr"]
+    assert days in _alert(source, "FineTuneCheckpointClaimRetained")["expr"]
     # With no operatorJob, the down alert watches the job the ServiceMonitor's targets get:
     # the Prometheus Operator names it after the Service it scrapes.
     (service,) = [d for d in docs if d["kind"] == "Service"]
@@ -204,6 +212,7 @@ def test_rendered_prometheusrule_defaults_match_values_and_the_file(helm: str) -
         ("runbookBaseURL", "ftp://example.com/"),
         ("operatorJob", 'evil"} or vector(1)'),
         ("pendingMinutes", 0),
+        ("retainedClaimDays", 0),
     ],
 )
 def test_values_schema_refuses_bad_rule_settings(helm: str, key: str, value: object) -> None:

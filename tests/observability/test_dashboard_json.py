@@ -169,6 +169,11 @@ def test_the_issue_panels_exist() -> None:
         # the per-job table: phase, reason and attempt of each job
         "max by (cluster, namespace, finetunejob, phase, reason) (finetune_operator_job_status{",
         "max by (cluster, namespace, finetunejob) (finetune_operator_job_attempt{",
+        # the kept checkpoint claims: size and age of each, by claim
+        "max by (cluster, namespace, persistentvolumeclaim, finetunejob) "
+        "(finetune_operator_retained_claim_bytes{",
+        "time() - max by (cluster, namespace, persistentvolumeclaim, finetunejob) "
+        "(finetune_operator_retained_claim_timestamp_seconds{",
     ]:
         assert needle in exprs, needle
 
@@ -247,7 +252,7 @@ def test_per_job_aggregations_keep_jobs_of_different_clusters_apart() -> None:
 
 
 def test_job_table_joins_status_and_attempt_per_job() -> None:
-    (table,) = [p for p in panels(DASHBOARD) if p["type"] == "table"]
+    (table,) = [p for p in panels(DASHBOARD) if p["title"].startswith("FineTuneJobs: phase")]
     assert [t["format"] for t in table["targets"]] == ["table", "table"]
     assert all(t["instant"] and not t["range"] for t in table["targets"])
     assert [t["id"] for t in table["transformations"]] == ["merge", "organize"]

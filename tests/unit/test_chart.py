@@ -403,6 +403,8 @@ def test_default_rbac_is_one_least_privilege_cluster_role(helm: Helm) -> None:
         ("batch", "jobs", "create"),
         ("batch", "jobs", "delete"),
         ("", "pods", "watch"),
+        # The retained-claim metrics follow the operator's checkpoint claims.
+        ("", "persistentvolumeclaims", "watch"),
         ("", "configmaps", "patch"),
         # Read before any write: a name someone else holds is never applied over.
         ("", "configmaps", "get"),
@@ -789,7 +791,7 @@ def test_monitoring_values_contract() -> None:
         },
         "prometheusRule": {
             "enabled": False, "labels": {}, "stalledMinutes": 10, "pendingMinutes": 15,
-            "operatorJob": "", "runbookBaseURL": "",
+            "retainedClaimDays": 7, "operatorJob": "", "runbookBaseURL": "",
         },
         "dashboards": {
             "enabled": True, "label": "grafana_dashboard", "labelValue": "1", "namespace": "",

@@ -18,6 +18,7 @@ from finetune_operator.render import owner_reference, render_checkpoint_claim, r
 from finetune_operator.scrape import parse_metrics, resumed_at, resumed_from_step
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observed, plan
+from finetune_operator.timings import unix
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:00:21Z"
@@ -284,6 +285,36 @@ def test_only_a_claim_released_for_a_job_of_the_same_name_is_adoptable() -> None
     # Someone's own claim that happens to carry the label, without the operator's others.
     foreign = {"app": "x", "finetune.dev/retained-from": "u0"}
     assert not checkpoints.adoptable(_kept_claim(labels=foreign), "demo")
+
+
+def test_a_kept_claim_is_reported_with_its_size_and_when_it_was_released() -> None:
+    released, created = "2026-12-01T10:00:00Z", "2026-11-30T09:00:00Z"
+    marks = checkpoints.retention_marks("u0", released)
+    claim = _kept_claim(annotations=marks["annotations"], creationTimestamp=created)
+    assert claim["metadata"]["labels"]["finetune.dev/retained-from"] == "u0"
+    kept = checkpoints.retained_claim(claim)
+    assert kept == checkpoints.RetainedClaim(
+        namespace="ns",
+        name="demo-checkpoints",
+        job_name="demo",
+        size_bytes=2.0 * 2**30,
+        since=unix(released) or 0,
+    )
+    # Once bound, its capacity, which the provisioner may have rounded up.
+    claim["status"] = {"phase": "Bound", "capacity": {"storage": "3Gi"}}
+    assert (checkpoints.retained_claim(claim) or kept).size_bytes == 3.0 * 2**30
+    # Released by an operator from before the annotation: since its creation, the earliest.
+    del claim["metadata"]["annotations"]["finetune.dev/retained-at"]
+    assert (checkpoints.retained_claim(claim) or kept).since == unix(created)
+    # Adopted (the marks cleared, a controller again), or on its way out: not kept.
+    cleared = checkpoints.retention_marks(None, None)
+    assert cleared == {
+        "labels": {"finetune.dev/retained-from": None},
+        "annotations": {"finetune.dev/retained-at": None},
+    }
+    adopted = _kept_claim(ownerReferences=[owner_reference("demo", "u1")])
+    assert checkpoints.retained_claim(adopted) is None
+    assert checkpoints.retained_claim(_kept_claim(deletionTimestamp=released)) is None
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,13 @@ series, and that a reconcile pass's status write feeds them."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from finetune_operator.checkpoints import RetainedClaim
 from finetune_operator.metrics import FINISHED_SECONDS, OperatorMetrics, job_state
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
@@ -163,6 +165,28 @@ def test_a_deleted_job_loses_its_series_at_once() -> None:
     samples = scrape(metrics)
     assert "finetune_operator_job_status" not in samples
     assert all(v == 0 for _, v in samples["finetune_operator_jobs"])
+
+
+def test_each_kept_claim_has_its_size_and_age_until_it_is_adopted_or_deleted() -> None:
+    metrics = new_metrics(Clock())
+    kept = RetainedClaim("ml", "news-lora-checkpoints", "news-lora", 2.0 * 2**30, T0)
+    other = replace(kept, name="other-checkpoints", job_name="other", since=T0 + 60)
+    for claim in (kept, other):
+        metrics.observe_claim((claim.namespace, claim.name), claim)
+    samples = scrape(metrics)
+    size = "finetune_operator_retained_claim_bytes"
+    since = "finetune_operator_retained_claim_timestamp_seconds"
+    names = [
+        {"namespace": c.namespace, "persistentvolumeclaim": c.name, "finetunejob": c.job_name}
+        for c in (kept, other)
+    ]
+    assert samples[size] == [(names[0], 2.0 * 2**30), (names[1], 2.0 * 2**30)]
+    assert samples[since] == [(names[0], T0), (names[1], T0 + 60)]
+    # Adopted (or deleted): what the claim watch reports as None.
+    metrics.observe_claim(("ml", "news-lora-checkpoints"), None)
+    assert scrape(metrics)[size] == [(names[1], 2.0 * 2**30)]
+    metrics.observe_claim(("ml", "other-checkpoints"), None)
+    assert since not in scrape(metrics)
 
 
 class RecordingKube:

@@ -152,9 +152,10 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 # garbage-collected with the FineTuneJob. Patched only for output.checkpoints.
 # claimRetentionPolicy: its ownerReferences, to release it when its FineTuneJob ends and to
 # adopt it into one made again with the same name, and then its requested size, to expand it.
+# Watched (the operator's claims only, by label) for the retained-claim metrics.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 # Pods are read only: their status and termination messages carry the trainer's progress and
 # result. The Job controller, not the operator, creates them.
 - apiGroups: [""]
