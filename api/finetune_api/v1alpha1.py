@@ -411,6 +411,17 @@ class TrainingSpec(ApiModel):
     checkpoint_every_steps: int = Field(
         100, ge=1, description="checkpointEverySteps saves a resumable checkpoint. Default 100."
     )
+    checkpoint_every_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=86400,
+        description="checkpointEverySeconds also saves a checkpoint at the first step that ends "
+        "this long after the last save (or after this attempt began training), whichever of it "
+        "and checkpointEverySteps comes first: it bounds what a fault costs in time, where the "
+        "length of a step is not known in advance (another GPU, another sequence length). "
+        "Every rank saves at the same step: the step's one collective carries whether any "
+        "rank's interval is up. Unset: by steps only.",
+    )
     checkpoints_to_keep: int = Field(
         2,
         ge=1,
@@ -1581,7 +1592,8 @@ class CheckpointStatus(ApiModel):
         0,
         ge=0,
         description="stepsLost over all restarts: steps trained past the last checkpoint before "
-        "a gang stopped. At most checkpointEverySteps per restart.",
+        "a gang stopped. At most checkpointEverySteps per restart (fewer where "
+        "checkpointEverySeconds saves sooner).",
     )
 
 

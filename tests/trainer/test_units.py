@@ -691,6 +691,9 @@ def test_checkpoint_folder_is_keyed_by_what_shapes_training_and_not_by_defaults(
     assert root() == root({"gradientCheckpointing": True})
     # So do compiled layers: compiling changes the kernels, not the weights or their names.
     assert root() == root({"compile": True}) == root({"compile": False})
+    # And when saves happen by time: a job made again with checkpointEverySeconds (after a
+    # failure that cost an hour of steps) resumes from what the one without it saved.
+    assert root() == root({"checkpointEverySeconds": 600})
     # A field at its default is as if absent, so the fields a version adds with defaults
     # (training.strategy, dataset.anchorField...) keep older jobs' folders where they were.
     assert root() == root({"strategy": "ddp"}) == root(dataset={"anchorField": "anchor"})

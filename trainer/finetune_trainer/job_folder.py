@@ -35,9 +35,12 @@ def checkpoint_root(job: FineTuneJob) -> Path:
     between restarts still resumes.
     """
     s = job.spec
-    # gradientCheckpointing changes memory, and compile the kernels, not what is trained.
+    # gradientCheckpointing changes memory, compile the kernels, and checkpointEverySeconds
+    # when saves happen, not what is trained (a checkpoint resumes bit-identically).
     training = s.training.model_dump(
-        mode="json", exclude_defaults=True, exclude={"gradient_checkpointing", "compile"}
+        mode="json",
+        exclude_defaults=True,
+        exclude={"gradient_checkpointing", "compile", "checkpoint_every_seconds"},
     )
     shape = [
         *(m.model_dump(mode="json", exclude_defaults=True) for m in (s.model, s.dataset, s.peft)),

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from finetune_api import FineTuneJob
 from finetune_api.pod import PEAK_FLOPS_ENV
+from finetune_api.v1alpha1 import TrainingSpec
 from finetune_trainer import checkpoint, data, modeling, sharding
 from finetune_trainer.job_folder import free_bytes
 from finetune_trainer.tasks import Batch, Task, TaskData
@@ -115,6 +116,7 @@ def train_steps(
     loop_started, loop_tokens, warmed_up = started, 0, False
     grace = modeling.FIRST_STEP_COMPILE_S if run.compiled else 0.0
     watch = HangWatchdog(hang_floor, acc.process_index, first_step_grace=grace)
+    last_save = time.monotonic()
     with StopRequest() as stop, watch as watchdog:
         while state.step < run.total_steps:
             for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
@@ -138,11 +140,11 @@ def train_steps(
                     continue
                 run.scheduler.step()
                 state.step += 1
-                # One collective carries the loss and whether any rank got SIGTERM, so every
-                # rank stops after the same step.
-                totals = acc.reduce(
-                    torch.tensor([step_loss, float(stop.requested)], device=acc.device), "sum"
-                )
+                # One collective carries the loss, whether any rank got SIGTERM and whether any
+                # rank's checkpointEverySeconds is up, so every rank stops, and saves, after the
+                # same step (each judges time on its own clock).
+                flags = [float(stop.requested), float(_interval_up(t, last_save))]
+                totals = acc.reduce(torch.tensor([step_loss, *flags], device=acc.device), "sum")
                 mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
                 # Bounded: the history travels in every checkpoint's JSON.
                 state.loss_history = [*state.loss_history[-99:], mean_loss]
@@ -153,7 +155,7 @@ def train_steps(
                 if state.batches_in_epoch == run.batches.batches_per_epoch:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
-                if due or stopping:
+                if due or stopping or totals[2] > 0:
                     _save_checkpoint(
                         run,
                         state,
@@ -163,6 +165,7 @@ def train_steps(
                         watchdog,
                         after_save,
                     )
+                    last_save = time.monotonic()
                 if stopping:
                     raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -175,6 +178,12 @@ def train_steps(
     seconds = time.perf_counter() - loop_started
     total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
     return total / seconds if total and seconds > 0 else None
+
+
+def _interval_up(training: TrainingSpec, last_save: float) -> bool:
+    """Whether training.checkpointEverySeconds has passed on this rank since `last_save`."""
+    every = training.checkpoint_every_seconds
+    return every is not None and time.monotonic() - last_save >= every
 
 
 class _StepReport:
