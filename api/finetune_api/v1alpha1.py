@@ -636,6 +636,17 @@ class ClaimRetentionPolicy(ApiModel):
         description="whenSucceeded: as whenFailed, for a Succeeded FineTuneJob, whose result "
         "was pushed. Default Delete.",
     )
+    when_deleted: ClaimRetention = Field(
+        "Delete",
+        description="whenDeleted: Retain keeps the claim of a FineTuneJob deleted before it "
+        "ended (pending, running or suspended), so that one made again with the same name and "
+        "training spec (another output.hub.repo, say) resumes where it stopped. The operator "
+        "first stops the gang, whose pods save a checkpoint at SIGTERM, then releases the "
+        "claim; until then the FineTuneJob stays, held by the finalizer finetune.dev/finalizer, "
+        "which it carries only while it has not ended and only with this set (a deletion while "
+        "no operator runs waits for one). Delete: it is deleted with the FineTuneJob, as its "
+        "other children. Default Delete.",
+    )
 
 
 class CheckpointStorage(ApiModel):

@@ -524,7 +524,8 @@ class Kube:
     async def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str) -> None:
         """Delete the child `name` only if it carries the FineTuneJob `owner_uid`'s controller
         reference, and only that very object (uid precondition): what spec.serve served, once
-        spec.serve is removed. Gone already (404, 409) is fine."""
+        spec.serve is removed, and the children of a FineTuneJob that keeps its claim as it is
+        deleted (claims.release_deleted). Gone already (404, 409) is fine."""
         existing = await self._read(kind, namespace, name)
         if existing is None or not controlled_by(existing, owner_uid):
             return

@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob
-from finetune_operator import checkpoints
+from finetune_operator import checkpoints, naming
 from finetune_operator.apply import Kube, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.status import Blocker, Plan
@@ -81,15 +81,58 @@ async def release_ended(
     if claim is None:
         return replace(result, status=status)
     when = "whenFailed" if phase == Phase.FAILED else "whenSucceeded"
-    name = claim["metadata"]["name"]
-    message = (
-        f"PersistentVolumeClaim {name} is kept when this FineTuneJob is deleted "
-        f"(output.checkpoints.claimRetentionPolicy.{when}: Retain): a FineTuneJob made again "
-        "with the same name and training spec adopts it and resumes from what it holds; "
-        f"delete it (kubectl delete pvc {name}) when none will"
-    )
+    message = _retained(claim["metadata"]["name"], when)
     event = (ConditionType.CHECKPOINTS_DURABLE, Reason.CLAIM_RETAINED, message)
     return replace(result, status=status, transitions=[*result.transitions, event])
+
+
+async def release_deleted(
+    kube: Kube, body: Obj, job: FineTuneJob, store: CheckpointStore, now: str, wait: bool
+) -> str | None:
+    """For a FineTuneJob deleted before it ended with claimRetentionPolicy.whenDeleted: Retain:
+    stop its gang (a foreground delete of its Job: each pod gets SIGTERM and saves a
+    checkpoint, and the Job goes once its pods have), then release its claim as release_ended
+    does, marked retained at `now`. What it still waits for, or None once the claim is kept
+    (or there is none of its own). `wait=False` releases the claim without waiting for the gang
+    any longer: a pod that never ends (its node is lost) must not keep the FineTuneJob forever,
+    and such a pod writes nothing more."""
+    if not store.owned_claim:
+        return None
+    namespace, name, uid = job.metadata.namespace, job.metadata.name, job.metadata.uid or ""
+    batch = await kube.get_job(namespace, naming.batch_job_name(name))
+    if wait and batch is not None and controlled_by(batch, uid):
+        meta = batch["metadata"]
+        if not meta.get("deletionTimestamp"):
+            await kube.delete_job(namespace, meta["name"], meta["uid"])
+        return (
+            f"stopping the gang of Job {meta['name']}, whose pods save a checkpoint as they "
+            f"go, before keeping PersistentVolumeClaim {store.claim_name} "
+            "(output.checkpoints.claimRetentionPolicy.whenDeleted: Retain)"
+        )
+    claim = await _release(kube, job, store.claim_name or "", now)
+    if claim is not None:
+        message = _retained(claim["metadata"]["name"], "whenDeleted")
+        log.info("%s/%s: %s", namespace, name, message)
+        await kube.post_event(body, "Normal", Reason.CLAIM_RETAINED, message)
+    # Its other children go now rather than with the garbage collector, which may take half a
+    # minute once the FineTuneJob is gone: the one made again waits for their names.
+    for kind, child in (
+        ("ConfigMap", naming.configmap_name(name)),
+        ("Service", naming.service_name(name)),
+        ("Service", naming.rendezvous_service_name(name)),
+    ):
+        await kube.delete_owned(kind, namespace, child, uid)
+    return None
+
+
+def _retained(claim: str, when: str) -> str:
+    """What the ClaimRetained Event says: the claim outlives the FineTuneJob, by `when`."""
+    return (
+        f"PersistentVolumeClaim {claim} is kept when this FineTuneJob is deleted "
+        f"(output.checkpoints.claimRetentionPolicy.{when}: Retain): a FineTuneJob made again "
+        "with the same name and training spec adopts it and resumes from what it holds; "
+        f"delete it (kubectl delete pvc {claim}) when none will"
+    )
 
 
 async def _release(kube: Kube, job: FineTuneJob, name: str, now: str) -> Obj | None:

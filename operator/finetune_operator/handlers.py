@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import kopf
@@ -46,6 +47,10 @@ DIFFBASE_KEY = "last-handled-configuration"
 # predecessor's child) is looked at again this often.
 WAITING_SECONDS = 10.0
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
+# A deleted FineTuneJob that keeps its claim waits this long at most for its gang to stop (the
+# pods' grace period to save a checkpoint, and more), looking this often.
+KEEP_CLAIM_WAIT_SECONDS = 600.0
+KEEP_CLAIM_POLL_SECONDS = 3.0
 _clock = clock.Clock(
     resync_seconds=SETTINGS.resync_seconds,
     progress_seconds=SETTINGS.progress_seconds,
@@ -180,6 +185,34 @@ async def reconcile_ftj(
     # With a scrape: after an operator restart, a training gang's progress is read at once rather
     # than when the progress timer first fires. A new object has no pods, so nothing to read.
     await _run(namespace, name, scrape=True)
+
+
+def _keeps_claim_if_deleted(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """The FineTuneJobs kopf holds its finalizer on: those whose deletion must first keep their
+    checkpoint claim (claimRetentionPolicy.whenDeleted: Retain) and that have not ended (an
+    ended one's claim went as whenFailed or whenSucceeded said, so deleting it waits for
+    nothing). kopf adds and removes the finalizer as this changes."""
+    output = spec.get("output") or {}
+    policy = (output.get("checkpoints") or {}).get("claimRetentionPolicy") or {}
+    return policy.get("whenDeleted") == "Retain" and status.get("phase") not in TERMINAL
+
+
+@kopf.on.delete(*FTJ, id="keep-claim", when=_keeps_claim_if_deleted)
+async def keep_claim(namespace: str, name: str, runtime: timedelta, **_: Any) -> None:
+    """A FineTuneJob deleted before it ended, which keeps its claim: its gang stops and saves,
+    then its claim is released (Reconciler.keep_claim), and kopf removes the finalizer. Past
+    KEEP_CLAIM_WAIT_SECONDS (counted from the handler's first start, across operator restarts)
+    the claim is released without waiting for the gang: the pods left are on a lost node.
+
+    The wait is a loop here rather than kopf's TemporaryError, which would log each look as an
+    error and post it as an Event."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + KEEP_CLAIM_WAIT_SECONDS - runtime.total_seconds()
+    said = None
+    while waiting := await reconciler().keep_claim(namespace, name, loop.time() < give_up):
+        if waiting != said:
+            log.info("%s/%s: %s", namespace, name, said := waiting)
+        await asyncio.sleep(KEEP_CLAIM_POLL_SECONDS)
 
 
 @kopf.on.update(*FTJ, field="spec.runPolicy", id="run-policy")

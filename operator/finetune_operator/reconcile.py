@@ -118,7 +118,9 @@ class Reconciler:
         async with self._locks[(namespace, name)]:
             try:
                 body = await self.kube.get_finetunejob(namespace, name)
-                if body is None:
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    # Deleted, or being deleted (a finalizer holds it: keep_claim): a pass
+                    # would make the Job its deletion is stopping again.
                     return None
                 return await self._reconcile(body, scrape, children, serve)
             except Exception as exc:
@@ -126,6 +128,22 @@ class Reconciler:
                 raise
             finally:
                 self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def keep_claim(self, namespace: str, name: str, wait: bool) -> str | None:
+        """The deletion of a FineTuneJob that keeps its claim (whenDeleted: Retain) before it
+        ended: claims.release_deleted, under the FineTuneJob's lock. What it still waits for,
+        or None once done."""
+        async with self._locks[(namespace, name)]:
+            body = await self.kube.get_finetunejob(namespace, name)
+            if body is None:
+                return None
+            try:
+                job = parse_manifest(body)
+            except ManifestError:
+                return None  # an invalid spec never made a claim
+            store = await self._checkpoint_store(job)
+            now = now_rfc3339()
+            return await claims.release_deleted(self.kube, body, job, store, now, wait)
 
     async def _blocker(
         self, job: FineTuneJob, store: CheckpointStore, first: bool

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from fixtures.cluster import (
+    bind_pod,
+    create_node,
     ftj_manifest,
     patch_pod_status,
     running_status,
@@ -44,6 +46,7 @@ EXPANDABLE_CLASS = "finetune-test-expandable"
 ONE_NODE = {"nodes": 1}
 RETAINED_FROM = "finetune.dev/retained-from"
 RETAINED_AT = "finetune.dev/retained-at"
+FINALIZER = "finetune.dev/finalizer"
 # What rank 0 reports when the Hub refuses its push: permanent, and its result is kept on the claim.
 PUSH_REFUSED = TrainerResult(
     status="Failed", reason="PushFailed", message="403 Forbidden", retryable=False
@@ -449,3 +452,81 @@ def test_with_when_succeeded_retain_a_succeeded_jobs_claim_outlives_it_too(
         message="the ClaimRetained Event",
     )
     assert len(retained) == 1 and "claimRetentionPolicy.whenSucceeded: Retain" in retained[0]
+
+
+def finalizers(kube: Kube, namespace: str, name: str) -> list[str]:
+    return ((get(kube, namespace, "FineTuneJob", name) or {}).get("metadata") or {}).get(
+        "finalizers"
+    ) or []
+
+
+def test_with_when_deleted_retain_a_running_job_deleted_stops_its_gang_then_keeps_its_claim(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    """Deleted while it runs (to fix output.hub.repo, say), the FineTuneJob stays until its
+    gang has stopped, whose pods save a checkpoint at SIGTERM, and only then releases its claim
+    and goes; the one made again adopts the claim. Once a job has ended it holds nothing back."""
+    output = {"checkpoints": {"claimRetentionPolicy": {"whenDeleted": "Retain"}}}
+    kube.apply(ftj_manifest("edit", namespace, resources=ONE_NODE, output=output))
+    (pod,) = wait_pods(kube, wait_until, namespace, "edit", 1, 1)
+    # On a node, so that its deletion waits for the kubelet (this test) to confirm it.
+    node = f"node-{namespace}"
+    create_node(kube, node)
+    try:
+        bind_pod(kube, namespace, pod["metadata"]["name"], node)
+        run_pods(kube, namespace, [pod], "10.0.0.9")
+        wait_until(
+            lambda: FINALIZER in finalizers(kube, namespace, "edit"),
+            timeout=30,
+            message="the finalizer on a running job that keeps its claim",
+        )
+        ftj = get(kube, namespace, "FineTuneJob", "edit")
+        kube.delete("FineTuneJob", "edit", namespace)
+        # The gang is stopped (its Job deleted, foreground) while the FineTuneJob and its
+        # ownership of the claim stay.
+        wait_until(
+            lambda: (
+                (get(kube, namespace, "Pod", pod["metadata"]["name"]) or {})
+                .get("metadata", {})
+                .get("deletionTimestamp")
+            ),
+            timeout=30,
+            message="the gang's pod told to stop",
+        )
+        held = get(kube, namespace, "FineTuneJob", "edit")
+        assert held is not None and held["metadata"].get("deletionTimestamp")
+        claim = get(kube, namespace, "PersistentVolumeClaim", "edit-checkpoints")
+        assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == [ftj["metadata"]["uid"]]
+        # The pod has saved and exited: the kubelet confirms its deletion.
+        delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+        kube.request("DELETE", kube.path("Pod", namespace, pod["metadata"]["name"]), delete_now)
+    finally:
+        kube.delete("Node", node, missing_ok=True)
+    wait_until(
+        lambda: get(kube, namespace, "FineTuneJob", "edit") is None,
+        timeout=60,
+        message="the FineTuneJob gone once its claim is kept",
+    )
+    # Its other children went with it (not later, with the garbage collector).
+    for kind, child in (("ConfigMap", "edit"), ("Service", "edit"), ("Service", "edit-rendezvous")):
+        assert get(kube, namespace, kind, child) is None, (kind, child)
+    kept = get(kube, namespace, "PersistentVolumeClaim", "edit-checkpoints")
+    assert kept is not None and kept["metadata"]["uid"] == claim["metadata"]["uid"]
+    assert not kept["metadata"].get("ownerReferences")
+    assert kept["metadata"]["labels"][RETAINED_FROM] == ftj["metadata"]["uid"]
+    assert RETAINED_AT in kept["metadata"]["annotations"]
+    retained = said(kube, namespace, ftj, "ClaimRetained")
+    assert len(retained) == 1 and "claimRetentionPolicy.whenDeleted: Retain" in retained[0]
+
+    # Made again, it adopts the claim; once it has ended, its finalizer goes, and deleting it
+    # waits for nothing (its claim went as whenSucceeded said: with it).
+    kube.apply(ftj_manifest("edit", namespace, resources=ONE_NODE, output=output))
+    adopted_by(kube, namespace, wait_until, "edit", "edit-checkpoints")
+    (pod,) = wait_pods(kube, wait_until, namespace, "edit", 1, 1)
+    finish_pods(kube, namespace, [pod], 0, json.dumps(RESULT))
+    wait_phase(kube, wait_until, namespace, "edit", "Succeeded")
+    wait_until(
+        lambda: FINALIZER not in finalizers(kube, namespace, "edit"),
+        timeout=30,
+        message="the finalizer gone from the ended job",
+    )

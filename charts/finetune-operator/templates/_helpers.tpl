@@ -133,6 +133,12 @@ finalizers subresource, and Secrets read-only, by name, only when rbac.getSecret
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create, patch]
+# Deleted (uid precondition) by the operator itself only as a FineTuneJob that keeps its claim
+# on deletion (claimRetentionPolicy.whenDeleted: Retain) goes, so that one made again with its
+# name need not wait for the garbage collector.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [delete]
 # The Indexed Job of trainer pods: created once, merge-patched (suspend and other mutable
 # fields), deleted (foreground) before a gang restart, and watched by a kopf event handler.
 - apiGroups: [batch]
