@@ -8,8 +8,8 @@ built at scrape time from the last status each job's pass wrote, so a finished j
 go away on time even when no pass runs, and a restarted operator does not bring back jobs that
 finished long ago (the grace period runs from `status.completionTime`).
 
-Two more name each checkpoint claim the operator kept when its FineTuneJob ended and no
-FineTuneJob has adopted since (`finetune_operator_retained_claim_bytes` and
+Two more name each checkpoint claim the operator kept when its FineTuneJob ended (or was deleted
+before) and no FineTuneJob has adopted since (`finetune_operator_retained_claim_bytes` and
 `..._timestamp_seconds`): storage that outlives its job by design, until someone resumes from
 it or deletes it, which FineTuneCheckpointClaimRetained reminds of. One series each per such
 claim, from a watch of the operator's claims.
@@ -144,7 +144,7 @@ def _retained_claim_families(
     labels = ["namespace", "persistentvolumeclaim", "finetunejob"]
     size = GaugeMetricFamily(
         "finetune_operator_retained_claim_bytes",
-        "Each checkpoint claim the operator kept when its FineTuneJob ended "
+        "Each checkpoint claim the operator kept past its FineTuneJob "
         "(output.checkpoints.claimRetentionPolicy) that no FineTuneJob has adopted since: its "
         "capacity (what it requests until bound).",
         labels=labels,
