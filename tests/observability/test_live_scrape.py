@@ -7,10 +7,11 @@ the main panels are drawn to test-results/dashboards/*.png for a person to look 
 
 The operator's metrics object is driven the way reconcile.py drives it (each pass's status,
 attempts, the time to Running, and reconcile passes timed around the operator's real render
-functions); a real operator needs a cluster, which tests/controlplane has. The rules are the
-PrometheusRule that helm renders, and the targets get the job label and the pod labels that the
-Prometheus Operator and Kubernetes service discovery would give them, so that the chart's alerts
-meet the labels they would meet in a cluster.
+functions), and as its claim watch does (the claim a failed job left); a real operator needs
+a cluster, which tests/controlplane has. The rules are the PrometheusRule that helm renders,
+and the targets get the job label and the pod labels that the Prometheus Operator and
+Kubernetes service discovery would give them, so that the chart's alerts meet the labels they
+would meet in a cluster.
 """
 
 from __future__ import annotations
@@ -121,6 +122,27 @@ def job_status(phase: str, reason: str, attempts: int) -> dict[str, Any]:
     return status
 
 
+def kept_claim(namespace: str, job: str) -> dict[str, Any]:
+    """The checkpoint claim of a failed job, as the operator's claim watch sees it once the
+    operator has released it (claimRetentionPolicy.whenFailed: Retain)."""
+    from finetune_operator import checkpoints, naming
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    marks = checkpoints.retention_marks("uid-of-the-failed-job", now)
+    name = f"{job}-checkpoints"
+    labels = {**naming.child_labels(job), **marks["labels"]}
+    return {
+        "metadata": {
+            "namespace": namespace,
+            "name": name,
+            "labels": labels,
+            "annotations": marks["annotations"],
+        },
+        "spec": {"resources": {"requests": {"storage": "30Gi"}}},
+        "status": {"phase": "Bound", "capacity": {"storage": "30Gi"}},
+    }
+
+
 class OperatorDriver(threading.Thread):
     """Calls OperatorMetrics as reconcile.py does, every half second, until stopped."""
 
@@ -140,6 +162,7 @@ class OperatorDriver(threading.Thread):
 
     def _drive(self) -> None:
         from finetune_api.validation import load_manifest
+        from finetune_operator.checkpoints import retained_claim
         from finetune_operator.render import render_manifests
         from finetune_operator.settings import Settings
 
@@ -162,9 +185,11 @@ class OperatorDriver(threading.Thread):
                 m.restarts.labels(cause="failure").inc()
                 m.observe_job(other, job_status("Pending", "Restarting", 2))
             if restarted and not failed and step >= 0.6 * total:
-                failed = True  # ... then runs out of restarts
+                failed = True  # ... then runs out of restarts, and its claim is kept
                 m.jobs_failed.labels(reason="BackoffLimitExceeded").inc()
                 m.observe_job(other, job_status("Failed", "BackoffLimitExceeded", 2))
+                claim = kept_claim(self.namespace, OTHER_JOB)
+                m.observe_claim((self.namespace, claim["metadata"]["name"]), retained_claim(claim))
             if not running and step:
                 running = True
                 m.time_to_running.observe(time.monotonic() - created)
