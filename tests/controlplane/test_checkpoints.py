@@ -439,6 +439,8 @@ def test_with_when_succeeded_retain_a_succeeded_jobs_claim_outlives_it_too(
     kube.apply(ftj_manifest("done", namespace, resources=ONE_NODE, output=output))
     ftj = get(kube, namespace, "FineTuneJob", "done")
     pod = wait_pods(kube, wait_until, namespace, "done", 1, 1)
+    # whenDeleted is Delete: nothing holds its deletion back, even while it runs.
+    assert finalizers(kube, namespace, "done") == []
     finish_pods(kube, namespace, pod, 0, json.dumps(RESULT))
     status = wait_phase(kube, wait_until, namespace, "done", "Succeeded")
     assert status["checkpoints"]["claimRetained"] is True
