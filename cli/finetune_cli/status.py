@@ -80,6 +80,8 @@ def summary(obj: Obj) -> Obj:
         "completionTime": status.get("completionTime"),
         "conditions": status.get("conditions") or [],
         "serve": status.get("serve"),
+        "checkpoints": status.get("checkpoints") or {},
+        "deleting": bool(meta.get("deletionTimestamp")),
     }
 
 
@@ -109,6 +111,26 @@ def progress_text(progress: Obj) -> str:
     return ", ".join(parts)
 
 
+def checkpoints_text(name: str, ckpt: Obj) -> str | None:
+    """Where the checkpoints are, where the gang last resumed from, and whether the claim
+    outlives the FineTuneJob; None before the operator chose a store."""
+    where = {
+        "Volume": f"PersistentVolumeClaim {ckpt.get('claimName')}",
+        "HubBranch": f"Hub branch {ckpt.get('hubBranch')}",
+        "Ephemeral": "nowhere durable: a restart begins at step 0",
+    }.get(ckpt.get("store") or "")
+    if where is None:
+        return None
+    parts = [where]
+    if ckpt.get("resumedFromStep") is not None:
+        parts.append(f"resumed from step {ckpt['resumedFromStep']}")
+    if ckpt.get("stepsLost"):
+        parts.append(f"{ckpt['stepsLost']} step(s) lost to restarts")
+    if ckpt.get("claimRetained"):
+        parts.append(f"kept past this FineTuneJob: `finetune retry {name}` resumes from it")
+    return ", ".join(parts)
+
+
 def text(obj: Obj) -> str:
     """The human form: the phase and why, progress, scores before → after, attempts, push."""
     s = summary(obj)
@@ -125,7 +147,20 @@ def text(obj: Obj) -> str:
             rows.append(("Message", str(condition["message"])))
     elif not s["reported"]:
         rows.append(("Reason", "no status yet: the operator has not seen this FineTuneJob"))
+    if s["deleting"]:
+        finalizers = (obj.get("metadata") or {}).get("finalizers") or []
+        rows.append(
+            (
+                "Deleting",
+                "the operator stops the gang, then keeps its checkpoint claim "
+                "(claimRetentionPolicy.whenDeleted: Retain)"
+                if finalizers
+                else "its children go with it",
+            )
+        )
     rows.append(("Progress", progress_text(s["progress"])))
+    if (where := checkpoints_text(str(s["name"]), s["checkpoints"])) is not None:
+        rows.append(("Checkpoints", where))
     for i, (metric, scores) in enumerate(sorted(s["evaluation"].items())):
         before, after = _score(scores.get("before")), _score(scores.get("after"))
         rows.append(("Evaluation" if i == 0 else "", f"{metric} {before} → {after}"))
@@ -146,7 +181,7 @@ def text(obj: Obj) -> str:
         revision = served.get("revision") or "no revision yet"
         rows.append(("Serving", f"{served.get('reason')} ({state}), {revision}"))
         rows.append(("", f"{served.get('url')} model {served.get('model')}"))
-    return "\n".join(f"{(k + ':') if k else '':<12}{v}" for k, v in rows)
+    return "\n".join(f"{(k + ':') if k else '':<11} {v}" for k, v in rows)
 
 
 def one_line(obj: Obj) -> str:

@@ -126,6 +126,33 @@ def test_failed_and_blocked_name_their_condition() -> None:
     assert summary(ftj(None))["phase"] == "Pending"
 
 
+def test_status_says_where_the_checkpoints_are_and_what_outlives_the_job() -> None:
+    kept = {
+        "store": "Volume",
+        "claimName": "demo-checkpoints",
+        "resumedFromStep": 40,
+        "stepsLost": 3,
+        "claimRetained": True,
+    }
+    failed = ftj({**FAILED["status"], "checkpoints": kept})
+    assert (
+        "Checkpoints: PersistentVolumeClaim demo-checkpoints, resumed from step 40, 3 step(s) "
+        "lost to restarts, kept past this FineTuneJob: `finetune retry demo` resumes from it"
+    ) in text(failed)
+    branch = ftj({**RUNNING["status"], "checkpoints": {"store": "HubBranch", "hubBranch": "ck"}})
+    assert "Checkpoints: Hub branch ck\n" in text(branch) + "\n"
+    nowhere = ftj({**RUNNING["status"], "checkpoints": {"store": "Ephemeral"}})
+    assert "Checkpoints: nowhere durable: a restart begins at step 0" in text(nowhere)
+    assert "Checkpoints" not in text(RUNNING)  # no store chosen yet
+    # Deleted while it runs, and held until its claim is kept (whenDeleted: Retain).
+    deleting = {**RUNNING, "metadata": {**RUNNING["metadata"], "deletionTimestamp": "t"}}
+    deleting["metadata"]["finalizers"] = ["finetune.dev/finalizer"]
+    assert "Deleting:   the operator stops the gang, then keeps its checkpoint claim" in text(
+        deleting
+    )
+    assert summary(deleting)["deleting"] is True and summary(RUNNING)["deleting"] is False
+
+
 def test_the_summary_is_plain_data() -> None:
     """-o yaml dumps it with safe_dump, which refuses enums and other objects."""
     for obj in (RUNNING, SUCCEEDED, FAILED, BLOCKED, ftj(None)):
