@@ -31,6 +31,13 @@ Obj = dict[str, Any]
 NAME = "remade"
 STEPS = 80
 TRAINED_BEFORE_DELETE = 5
+FINISHED = ("Succeeded", "Failed")
+
+
+def held(ftj: Obj | None) -> Obj | None:
+    """The FineTuneJob once the operator holds its finalizer."""
+    meta = (ftj or {}).get("metadata") or {}
+    return ftj if "finetune.dev/finalizer" in (meta.get("finalizers") or []) else None
 
 
 def test_a_running_job_deleted_and_made_again_resumes_from_its_sigterm_checkpoint(
@@ -94,12 +101,3 @@ def test_a_running_job_deleted_and_made_again_resumes_from_its_sigterm_checkpoin
         timing.record("remade_apply_to_succeeded", round(remade_after, 1))
     finally:
         kube("delete", "namespace", ns, "--wait=false", check=False)
-
-
-FINISHED = ("Succeeded", "Failed")
-
-
-def held(ftj: Obj | None) -> Obj | None:
-    """The FineTuneJob once the operator holds its finalizer."""
-    meta = (ftj or {}).get("metadata") or {}
-    return ftj if "finetune.dev/finalizer" in (meta.get("finalizers") or []) else None
