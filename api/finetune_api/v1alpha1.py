@@ -679,7 +679,8 @@ class CheckpointStorage(ApiModel):
         ClaimRetentionPolicy(),
         description="claimRetentionPolicy says whether the claim the operator creates outlives "
         "the FineTuneJob once it has Failed (whenFailed, default Retain) or Succeeded "
-        "(whenSucceeded, default Delete). Your own persistentVolumeClaim is never deleted.",
+        "(whenSucceeded, default Delete), or when it is deleted before it ended (whenDeleted, "
+        "default Delete). Your own persistentVolumeClaim is never deleted.",
     )
     hub_branch: Annotated[
         str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
