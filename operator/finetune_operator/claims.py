@@ -1,11 +1,12 @@
 """The checkpoint claim the operator makes for a one-node gang, past its creation: released from
-an ended FineTuneJob that output.checkpoints.claimRetentionPolicy keeps it for, and adopted by
-a FineTuneJob made again with the same name, which resumes from what it holds (checkpoints.py
-has the pure rules; this module carries them out through the one API layer, apply.Kube).
+an ended FineTuneJob that output.checkpoints.claimRetentionPolicy keeps it for (or from one
+deleted before it ended, once its gang has stopped: whenDeleted), and adopted by a FineTuneJob
+made again with the same name, which resumes from what it holds (checkpoints.py has the pure
+rules; this module carries them out through the one API layer, apply.Kube).
 
 Releasing and adopting are merge patches of the claim's ownerReferences and its retained-from
-label, each pinned to the resourceVersion read, so a claim that changed in between is read
-again rather than overwritten.
+label and retained-at annotation, each pinned to the resourceVersion read, so a claim that
+changed in between is read again rather than overwritten.
 """
 
 from __future__ import annotations
