@@ -196,12 +196,19 @@ def test_a_stopped_pod_is_replaced_and_the_gang_rejoins_it_in_place(
     assert (status["checkpoints"]["stepsLost"], status["attempts"]) == (0, 1)
     assert condition(status, "Running")["status"] == "True"
     assert status["phase"] == "Running"
-    observed = [
-        line
-        for line in operator.metrics().splitlines()
-        if line.startswith("finetune_operator_restart_seconds_sum")
-    ]
-    assert observed == ["finetune_operator_restart_seconds_sum 25.0"]
+    # Observed right after the status write that records the resume, so it is waited for.
+    wait_until(
+        lambda: (
+            [
+                line
+                for line in operator.metrics().splitlines()
+                if line.startswith("finetune_operator_restart_seconds_sum")
+            ]
+            == ["finetune_operator_restart_seconds_sum 25.0"]
+        ),
+        timeout=15,
+        message="the restart's 25 s in finetune_operator_restart_seconds",
+    )
     assert len(restart_events(kube, namespace, "rejoin")) == 1  # one restart, one Event
 
 
