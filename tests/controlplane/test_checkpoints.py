@@ -19,6 +19,7 @@ import pytest
 from fixtures.cluster import (
     bind_pod,
     create_node,
+    delete_pod_now,
     ftj_manifest,
     patch_pod_status,
     running_status,
@@ -500,8 +501,7 @@ def test_with_when_deleted_retain_a_running_job_deleted_stops_its_gang_then_keep
         claim = get(kube, namespace, "PersistentVolumeClaim", "edit-checkpoints")
         assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == [ftj["metadata"]["uid"]]
         # The pod has saved and exited: the kubelet confirms its deletion.
-        delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
-        kube.request("DELETE", kube.path("Pod", namespace, pod["metadata"]["name"]), delete_now)
+        delete_pod_now(kube, namespace, pod["metadata"]["name"])
     finally:
         kube.delete("Node", node, missing_ok=True)
     wait_until(

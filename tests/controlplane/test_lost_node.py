@@ -44,6 +44,7 @@ from fixtures.cluster import (
     NodeHeartbeat,
     bind_pod,
     condition,
+    delete_pod_now,
     ftj_manifest,
     ftj_status,
     patch_pod_status,
@@ -136,8 +137,7 @@ def release_lost_pod(
     """Remove the pod at once (grace 0), as Kubernetes' pod garbage collector does for a node
     deleted or marked out of service (this control plane runs none), and wait for attempt 2's
     pods: the restart the pod held back."""
-    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
-    kube.request("DELETE", kube.path("Pod", ns, pod), delete_now)
+    delete_pod_now(kube, ns, pod)
     wait_until(
         lambda: len(attempt_pods(kube, ns, name, 2)) == 2,
         timeout=60,
@@ -415,8 +415,7 @@ def remove_like_pod_gc(kube: Kube, ns: str, pod: str) -> None:
         "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     patch_pod_status(kube, ns, pod, {"phase": "Failed", "conditions": [gone]})
-    delete_now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
-    kube.request("DELETE", kube.path("Pod", ns, pod), delete_now)
+    delete_pod_now(kube, ns, pod)
 
 
 def a_formed_gang(

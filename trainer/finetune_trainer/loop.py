@@ -146,6 +146,7 @@ def train_steps(
                 flags = [float(stop.requested), float(_interval_up(t, last_save))]
                 totals = acc.reduce(torch.tensor([step_loss, *flags], device=acc.device), "sum")
                 mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
+                interval_up = bool(totals[2] > 0)
                 # Bounded: the history travels in every checkpoint's JSON.
                 state.loss_history = [*state.loss_history[-99:], mean_loss]
                 epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
@@ -155,7 +156,7 @@ def train_steps(
                 if state.batches_in_epoch == run.batches.batches_per_epoch:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
-                if due or stopping or totals[2] > 0:
+                if due or stopping or interval_up:
                     _save_checkpoint(
                         run,
                         state,
