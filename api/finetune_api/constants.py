@@ -41,6 +41,10 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     # Whether checkpoints outlive the gang (a volume or a Hub branch), so a restart resumes.
     CHECKPOINTS_DURABLE = "CheckpointsDurable"
+    # Whether a stop (SIGTERM: a deletion, eviction, preemption, drain or suspend) can end its
+    # step and save a checkpoint within the pods' termination grace period, from what rank 0
+    # measured; unset until its first save.
+    SAVES_ON_STOP = "SavesOnStop"
 
 
 class Reason(StrEnum):
@@ -115,6 +119,9 @@ class Reason(StrEnum):
     CHECKPOINT_VOLUME = "CheckpointVolume"
     CHECKPOINT_HUB_BRANCH = "CheckpointHubBranch"
     NO_DURABLE_STORE = "NoDurableStore"
+    # SavesOnStop: the last step and save fit in the grace period, or they do not.
+    WITHIN_GRACE_PERIOD = "WithinGracePeriod"
+    GRACE_PERIOD_TOO_SHORT = "GracePeriodTooShort"
     # Events about the claim the operator made (output.checkpoints.claimRetentionPolicy): released
     # from its ended FineTuneJob, and adopted by one made again with the same name.
     CLAIM_RETAINED = "ClaimRetained"

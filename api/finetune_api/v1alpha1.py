@@ -28,7 +28,12 @@ from finetune_api.metrics import (
     metrics_of,
     needs_generation,
 )
-from finetune_api.pod import DATASET_TOKEN_ENV, HF_TOKEN_ENV, MODEL_TOKEN_ENV
+from finetune_api.pod import (
+    DATASET_TOKEN_ENV,
+    HF_TOKEN_ENV,
+    KUBERNETES_GRACE_PERIOD_SECONDS,
+    MODEL_TOKEN_ENV,
+)
 from finetune_api.rules import Rule, TransitionRule
 
 # Bounded building blocks: every string, list and map in a CRD needs a bound, or CEL rules exceed
@@ -1079,7 +1084,8 @@ class TemplateSpec(ApiModel):
         "one save take longer (full fine-tuning of a large model writes its optimizer state "
         "too). A restart after a failure waits for the failed attempt's pods to stop: a frozen "
         "rank (a stopped process) holds it this long, where one stuck in a collective ends "
-        "itself (runPolicy.hangTimeoutSeconds). Unset: Kubernetes' default, 30.",
+        "itself (runPolicy.hangTimeoutSeconds). Unset: Kubernetes' default, 30. The condition "
+        "SavesOnStop says whether the last step and checkpoint would fit in it.",
     )
 
     __rules__ = (
@@ -1088,6 +1094,11 @@ class TemplateSpec(ApiModel):
         _key_format_rule("annotations"),
         _own_key_rule("annotations", OWN_POD_ANNOTATIONS),
     )
+
+    def grace_period_seconds(self) -> int:
+        """The pods' termination grace period: what a stop's step and save must fit in."""
+        grace = self.termination_grace_period_seconds
+        return KUBERNETES_GRACE_PERIOD_SECONDS if grace is None else grace
 
 
 # What may change after creation. These steer the operator (and serve its result), never the

@@ -161,6 +161,10 @@ def text(obj: Obj) -> str:
     rows.append(("Progress", progress_text(s["progress"])))
     if (where := checkpoints_text(str(s["name"]), s["checkpoints"])) is not None:
         rows.append(("Checkpoints", where))
+    stop = _conditions(obj).get(CT.SAVES_ON_STOP) or {}
+    if stop.get("status") == "False":
+        # A SIGTERM would lose the steps since the last save: worth a line while it trains.
+        rows.append(("Warning", f"{stop.get('reason')}: {stop.get('message')}"))
     for i, (metric, scores) in enumerate(sorted(s["evaluation"].items())):
         before, after = _score(scores.get("before")), _score(scores.get("after"))
         rows.append(("Evaluation" if i == 0 else "", f"{metric} {before} → {after}"))

@@ -23,10 +23,14 @@ it (`retains_claim`), the operator releases the claim, and a FineTuneJob made ag
 same name adopts it (`adoptable`), so a job made again after a failure resumes where the last
 one stopped instead of at step 0. The job's folder on the claim is keyed by its name and its
 training spec, never by its uid.
+
+A stop (SIGTERM) saves one more checkpoint, at the step the gang is on, within the pods'
+termination grace period; `saves_on_stop` says whether what rank 0 measured fits in it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -232,3 +236,29 @@ def needs_expansion(claim: dict[str, Any], job: FineTuneJob) -> bool:
     held = requested_size(claim)
     size = job.spec.output.checkpoints.size
     return held is not None and parse_quantity(size) > parse_quantity(held)
+
+
+def saves_on_stop(job: FineTuneJob, stop_seconds: float) -> tuple[bool, Reason, str]:
+    """(status, reason, message) of the SavesOnStop condition, given rank 0's estimate of what a
+    stop takes (its last step plus its last checkpoint's save and upload): whether that fits in
+    the pods' termination grace period, after which the kubelet kills the save."""
+    grace = job.spec.template.grace_period_seconds()
+    need = math.ceil(stop_seconds)
+    if stop_seconds <= grace:
+        return (
+            True,
+            Reason.WITHIN_GRACE_PERIOD,
+            f"a stop ends its step and saves a checkpoint in about {need} s (rank 0's last step "
+            f"and save), within the pods' termination grace period of {grace} s",
+        )
+    # Room for the step and the save to grow, and for the processes' exit after them.
+    suggest = math.ceil(stop_seconds * 2 / 30) * 30
+    return (
+        False,
+        Reason.GRACE_PERIOD_TOO_SHORT,
+        f"a stop needs about {need} s to end its step and save a checkpoint (rank 0's last step "
+        f"and save), more than the pods' termination grace period of {grace} s: a deletion, "
+        "eviction, preemption, drain or suspend kills the save, and the gang resumes from the "
+        "last periodic checkpoint instead. Set spec.template.terminationGracePeriodSeconds well "
+        f"above it (say {suggest}) when this FineTuneJob is next made",
+    )

@@ -59,6 +59,7 @@ WARNING_REASONS = frozenset(
         Reason.STORAGE_CLASS_NOT_FOUND,
         Reason.NAME_CONFLICT,
         Reason.NO_DURABLE_STORE,
+        Reason.GRACE_PERIOD_TOO_SHORT,
         *STUCK_REASONS,
         *serve_status.WARNING_REASONS,
     }
@@ -234,7 +235,7 @@ class Reconciler:
         nodes = await self.kube.read_nodes(nodes_to_read(batch, pods))
         outcome = observe_job(batch, pods, events, nodes)
         workload = await self._workload(job, outcome)
-        progress, resumed, resumed_at, stamps = None, None, None, {}
+        progress, resumed, resumed_at, stamps, stop = None, None, None, {}, None
         now = now_rfc3339()
         if scrape_now and outcome.state is State.RUNNING and outcome.rank0_ip:
             timeout = self.settings.scrape_timeout_seconds
@@ -244,6 +245,7 @@ class Reconciler:
             )
             progress = scrape.progress_from_metrics(values, previous, now)
             resumed, resumed_at = scrape.resumed_from_step(values), scrape.resumed_at(values)
+            stop = scrape.stop_seconds(values)
         return Observed(
             now=now,
             job=batch,
@@ -254,6 +256,7 @@ class Reconciler:
             resumed_at=resumed_at,
             workload=workload,
             stamps=stamps,
+            stop_seconds=stop,
         )
 
     async def _reconcile(

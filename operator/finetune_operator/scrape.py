@@ -14,7 +14,12 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_api.phases import PHASE_GAUGE
-from finetune_api.pod import METRICS_PORT, RESUMED_FROM_STEP_GAUGE, RESUMED_TIMESTAMP_GAUGE
+from finetune_api.pod import (
+    METRICS_PORT,
+    RESUMED_FROM_STEP_GAUGE,
+    RESUMED_TIMESTAMP_GAUGE,
+    STOP_SECONDS_GAUGE,
+)
 from finetune_operator import timings
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ _GAUGES = {
     "finetune_train_tokens_per_second": "tokensPerSecond",
     RESUMED_FROM_STEP_GAUGE: "resumedFromStep",
     RESUMED_TIMESTAMP_GAUGE: "resumedAt",
+    STOP_SECONDS_GAUGE: "stopSeconds",
 }
 
 
@@ -121,6 +127,12 @@ def resumed_at(values: dict[str, float]) -> str | None:
     if value is None or not value > 0:
         return None
     return timings.rfc3339(value)
+
+
+def stop_seconds(values: dict[str, float]) -> float | None:
+    """What rank 0 estimates a stop takes (its last step and save); None before its first save."""
+    value = values.get("stopSeconds")
+    return value if value is not None and value >= 0 else None
 
 
 async def scrape(

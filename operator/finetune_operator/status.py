@@ -15,7 +15,7 @@ from typing import Any
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.result import TrainerResult
 from finetune_api.v1alpha1 import DEFAULT_BRANCH, FineTuneJob, RunPolicy
-from finetune_operator import naming, timings
+from finetune_operator import checkpoints, naming, timings
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.conditions import Conditions, phase_of, transitions
 from finetune_operator.kueue import Lookup, Workload
@@ -90,6 +90,9 @@ class Observed:
     workload: Workload | None = None
     # Rank 0's phase stamps as scraped (finetune_api.phases names, Unix seconds).
     stamps: dict[str, float] = field(default_factory=dict)
+    # What rank 0 estimates a stop takes (its last step and save), as scraped; None before its
+    # first save or without a scrape.
+    stop_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -531,6 +534,10 @@ def _while_active(
     )
     if observed.progress and out.state is State.RUNNING:
         status["progress"] = observed.progress
+    store, stop = observed.store, observed.stop_seconds
+    if stop is not None and out.state is State.RUNNING and store is not None and store.durable:
+        # Without a durable store a stop's checkpoint is lost with the pod whatever the time.
+        conds.set(CT.SAVES_ON_STOP, *checkpoints.saves_on_stop(job, stop))
     waited = _pending_seconds(observed) if not policy.suspend else None
     timed_out = _pending_timeout(out.stuck, policy, waited)
     if timed_out or out.evicted:

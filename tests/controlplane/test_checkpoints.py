@@ -173,6 +173,33 @@ def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]], ip: str) ->
         patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, ip))
 
 
+def test_a_stop_that_would_outlast_the_grace_period_is_a_warning(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class, rank0_metrics
+) -> None:
+    """Rank 0 says what a stop (SIGTERM) would take to end its step and save; the operator
+    holds that against the pods' grace period (Kubernetes' 30 s here) in SavesOnStop, with a
+    Warning Event (test_checkpoint_store has an estimate that fits, and a later pass that posts
+    no second Event)."""
+    kube.apply(ftj_manifest("stops", namespace, resources=ONE_NODE))
+    pods = wait_pods(kube, wait_until, namespace, "stops", 1, 1)
+    rank0_metrics.set(step=20, total=100, resumed=0, stop=41.2)
+    run_pods(kube, namespace, pods, rank0_metrics.ip)
+    status = wait_condition(
+        kube, wait_until, namespace, "stops", "SavesOnStop", reason="GracePeriodTooShort"
+    )
+    slow = condition(status, "SavesOnStop")
+    assert slow["status"] == "False"
+    assert "about 42 s" in slow["message"] and "grace period of 30 s" in slow["message"]
+    ftj = get(kube, namespace, "FineTuneJob", "stops")
+    warned = wait_until(
+        lambda: said(kube, namespace, ftj, "GracePeriodTooShort"),
+        timeout=15,
+        message="the GracePeriodTooShort Event",
+    )
+    assert warned == [slow["message"]]
+    assert ("Warning", "GracePeriodTooShort") in owned_events(kube, namespace, ftj)
+
+
 def test_a_one_node_gang_gets_its_own_claim_and_a_restart_resumes_from_it(
     operator: Operator, kube: Kube, namespace, wait_until, default_storage_class, rank0_metrics
 ) -> None:

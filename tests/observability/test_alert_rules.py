@@ -48,6 +48,7 @@ def test_the_expected_alerts_exist() -> None:
         "FineTuneJobLossNaN",
         "FineTuneJobLossRising",
         "FineTuneJobCheckpointStoreFull",
+        "FineTuneJobStopOutlastsGracePeriod",
         "FineTuneJobEvaluationGateFailed",
         "FineTuneJobRestartedRepeatedly",
         "FineTuneJobStuckPending",

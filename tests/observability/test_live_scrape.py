@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from real_training import RealRun
 
 from finetune_api.constants import LABEL_ATTEMPT
+from finetune_api.pod import GRACE_PERIOD_GAUGE, STOP_SECONDS_GAUGE
 from finetune_trainer.testing.tiny import causal_job, save_test_llama, save_test_text
 
 pytestmark = pytest.mark.observability
@@ -371,6 +372,24 @@ def test_loss_sampled_once_per_scrape_with_the_expected_labels(live: Live) -> No
     assert math.isclose(
         float(loss0["value"][1]), logged[int(float(step[0]["value"][1]))], abs_tol=5e-5
     )
+
+
+def test_each_rank_says_what_a_stop_would_take_against_its_grace_period(live: Live) -> None:
+    """After each save every rank exports the last step's and save's seconds, what a SIGTERM
+    would take, beside the pods' grace period (Kubernetes' 30 s: the template sets none)."""
+    ns = f'namespace="{live.namespace}"'
+
+    def by_rank(name: str) -> dict[str, float]:
+        series = live.prom.instant(f"{name}{{{ns}}}", at=live.end)
+        return {s["metric"]["rank"]: float(s["value"][1]) for s in series}
+
+    stop = by_rank(STOP_SECONDS_GAUGE)
+    assert by_rank(GRACE_PERIOD_GAUGE) == {"0": 30.0, "1": 30.0}
+    assert set(stop) == {"0", "1"} and all(0 < v < 30 for v in stop.values()), stop
+    # At least the save itself: the mean save time the trainer observed.
+    saves = by_rank("finetune_checkpoint_save_duration_seconds_sum")
+    counts = by_rank("finetune_checkpoint_save_duration_seconds_count")
+    assert all(stop[r] >= 0.5 * saves[r] / counts[r] for r in stop), (stop, saves, counts)
 
 
 def test_alert_rules_load_and_stay_silent(live: Live) -> None:

@@ -15,7 +15,7 @@ from finetune_api.validation import parse_manifest
 from finetune_operator import checkpoints
 from finetune_operator.lifecycle import Outcome, State
 from finetune_operator.render import owner_reference, render_checkpoint_claim, render_job
-from finetune_operator.scrape import parse_metrics, resumed_at, resumed_from_step
+from finetune_operator.scrape import parse_metrics, resumed_at, resumed_from_step, stop_seconds
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observed, plan
 from finetune_operator.timings import unix
@@ -233,17 +233,66 @@ def test_an_attempt_no_scrape_saw_resume_records_the_step_its_result_reports() -
     assert later.status["checkpoints"]["resumedFromStep"] == 5
 
 
-def test_rank0s_resume_gauge_is_scraped() -> None:
-    text = (
-        f"# TYPE {pod.RESUMED_FROM_STEP_GAUGE} gauge\n"
-        f'{pod.RESUMED_FROM_STEP_GAUGE}{{rank="1"}} 9\n'
-        f'{pod.RESUMED_FROM_STEP_GAUGE}{{rank="0"}} 40\n'
+def test_rank0s_resume_and_stop_gauges_are_scraped() -> None:
+    text = "".join(
+        f'# TYPE {name} gauge\n{name}{{rank="1"}} 9\n{name}{{rank="0"}} 40\n'
+        for name in (pod.RESUMED_FROM_STEP_GAUGE, pod.STOP_SECONDS_GAUGE)
     )
     assert resumed_from_step(parse_metrics(text)) == 40
+    assert stop_seconds(parse_metrics(text)) == 40.0
     assert resumed_from_step(parse_metrics("")) is None
+    assert stop_seconds(parse_metrics("")) is None
     at = 'finetune_train_resumed_timestamp_seconds{rank="0"} 1767225685.5\n'
     assert resumed_at(parse_metrics(at)) == "2026-01-01T00:01:25Z"
     assert resumed_at(parse_metrics("")) is None
+
+
+def stop_plan(stop: float | None, status: dict[str, Any] | None = None, **job: Any) -> Any:
+    """One pass over a running one-node gang whose rank 0 says a stop takes `stop` seconds;
+    `job`: spec fields beside ftj(1)'s (template, resources), and the store kind."""
+    store = job.pop("store", None)
+    doc = ftj(1, status=status).model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"].update(job)
+    manifest = parse_manifest(doc)
+    running = Outcome(State.RUNNING, attempt=1, uid="j1", running_pods=1)
+    chosen = store or checkpoints.choose(manifest, default_storage_class=True)
+    return plan(manifest, Observed(now=NOW, outcome=running, store=chosen, stop_seconds=stop))
+
+
+def saves_on_stop(status: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in status["conditions"] if c["type"] == "SavesOnStop"), None)
+
+
+def test_a_stop_that_outlasts_the_grace_period_warns_once_and_one_that_fits_says_so() -> None:
+    # Rank 0's last step and save take 41.2 s; the pods have Kubernetes' default 30 s.
+    slow = stop_plan(41.2)
+    cond = saves_on_stop(slow.status)
+    assert cond is not None
+    assert (cond["status"], cond["reason"]) == ("False", Reason.GRACE_PERIOD_TOO_SHORT)
+    assert "about 42 s" in cond["message"] and "grace period of 30 s" in cond["message"]
+    assert "spec.template.terminationGracePeriodSeconds" in cond["message"]
+    assert "say 90" in cond["message"]
+    assert [t[:2] for t in slow.transitions if t[1] == Reason.GRACE_PERIOD_TOO_SHORT] == [
+        ("NotSavesOnStop", Reason.GRACE_PERIOD_TOO_SHORT)
+    ]
+    # The next scrape says the same: no second Event, though the seconds moved.
+    again = stop_plan(43.0, status=slow.status)
+    assert saves_on_stop(again.status)["reason"] == Reason.GRACE_PERIOD_TOO_SHORT
+    assert not [t for t in again.transitions if t[1] == Reason.GRACE_PERIOD_TOO_SHORT]
+    # The same estimate within a grace period of 120 s fits.
+    fits = stop_plan(41.2, template={"terminationGracePeriodSeconds": 120})
+    cond = saves_on_stop(fits.status)
+    assert (cond["status"], cond["reason"]) == ("True", Reason.WITHIN_GRACE_PERIOD)
+    assert "of 120 s" in cond["message"]
+
+
+def test_saves_on_stop_waits_for_a_first_save_and_a_durable_store() -> None:
+    # No save yet (no estimate scraped): nothing is claimed either way.
+    assert saves_on_stop(stop_plan(None).status) is None
+    # In an emptyDir a stop's checkpoint goes with the pod whatever the time: CheckpointsDurable
+    # says so already.
+    ephemeral = checkpoints.CheckpointStore("Ephemeral")
+    assert saves_on_stop(stop_plan(41.2, store=ephemeral).status) is None
 
 
 @pytest.mark.parametrize(

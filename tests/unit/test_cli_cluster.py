@@ -144,6 +144,13 @@ def test_status_says_where_the_checkpoints_are_and_what_outlives_the_job() -> No
     nowhere = ftj({**RUNNING["status"], "checkpoints": {"store": "Ephemeral"}})
     assert "Checkpoints: nowhere durable: a restart begins at step 0" in text(nowhere)
     assert "Checkpoints" not in text(RUNNING)  # no store chosen yet
+    # A stop that would not save in time is a warning of its own; one that would is not.
+    slow = cond("SavesOnStop", "False", "GracePeriodTooShort", "a stop needs about 42 s")
+    tight = ftj({**RUNNING["status"], "conditions": [*RUNNING["status"]["conditions"], slow]})
+    assert "Warning:    GracePeriodTooShort: a stop needs about 42 s" in text(tight)
+    fits = cond("SavesOnStop", "True", "WithinGracePeriod", "about 7 s")
+    roomy = ftj({**RUNNING["status"], "conditions": [*RUNNING["status"]["conditions"], fits]})
+    assert "Warning" not in text(roomy) and "Warning" not in text(RUNNING)
     # Deleted while it runs, and held until its claim is kept (whenDeleted: Retain).
     deleting = {**RUNNING, "metadata": {**RUNNING["metadata"], "deletionTimestamp": "t"}}
     deleting["metadata"]["finalizers"] = ["finetune.dev/finalizer"]

@@ -109,6 +109,7 @@ def train_steps(
     hang_floor = job.spec.run_policy.hang_timeout_seconds
     params = [p for p in run.model.parameters() if p.requires_grad]
     report = _StepReport(run, telemetry, params)
+    stop_budget = StopBudget(job, telemetry)
     run.model.train()
     step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
     # The throughput returned is timed from the end of this run's first optimizer step (see
@@ -150,14 +151,15 @@ def train_steps(
                 # Bounded: the history travels in every checkpoint's JSON.
                 state.loss_history = [*state.loss_history[-99:], mean_loss]
                 epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
-                report(state.step, epoch, mean_loss, grad_norm, tokens, samples, started)
+                step_seconds = time.perf_counter() - started
+                report(state.step, epoch, mean_loss, grad_norm, tokens, samples, step_seconds)
                 watchdog.step_done(state.step)
                 # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
                 if state.batches_in_epoch == run.batches.batches_per_epoch:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 due = state.step % t.checkpoint_every_steps == 0 or state.step == run.total_steps
                 if due or stopping or interval_up:
-                    _save_checkpoint(
+                    save_seconds = _save_checkpoint(
                         run,
                         state,
                         ckpt_root,
@@ -167,6 +169,7 @@ def train_steps(
                         after_save,
                     )
                     last_save = time.monotonic()
+                    stop_budget(step_seconds, save_seconds)
                 if stopping:
                     raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -208,11 +211,10 @@ class _StepReport:
         grad_norm: float | None,
         tokens: int,
         samples: int,
-        started: float,
+        duration: float,
     ) -> None:
-        """`tokens` and `samples` are this rank's for the step that began at `started`."""
+        """`tokens` and `samples` are this rank's for the step, which took `duration` seconds."""
         run, telemetry = self.run, self.telemetry
-        duration = time.perf_counter() - started
         lr = run.scheduler.get_last_lr()[0]
         telemetry.record_step(
             step, epoch, loss, lr, grad_norm, tokens, samples, duration, run.total_steps
@@ -232,6 +234,33 @@ class _StepReport:
             )
 
 
+class StopBudget:
+    """After each save: what a stop (SIGTERM) would take now, which is ending the step the gang
+    is on and saving one more checkpoint, against the pods' termination grace period, past which
+    the kubelet kills the save. Exported (the operator's SavesOnStop condition, an alert), and
+    logged once when it does not fit."""
+
+    def __init__(self, job: FineTuneJob, telemetry: TrainerMetrics) -> None:
+        self.grace = job.spec.template.grace_period_seconds()
+        self.telemetry, self.warned = telemetry, False
+
+    def __call__(self, step_seconds: float, save_seconds: float) -> None:
+        need = step_seconds + save_seconds
+        self.telemetry.record_stop(need, self.grace)
+        if need > self.grace and not self.warned:
+            self.warned = True
+            log.warning(
+                "a stop would not fit in the pods' termination grace period: ending a step "
+                "(%.1f s) and saving a checkpoint (%.1f s) take %.1f s of its %d s, so a SIGTERM "
+                "loses the steps since the last periodic checkpoint; raise "
+                "spec.template.terminationGracePeriodSeconds",
+                step_seconds,
+                save_seconds,
+                need,
+                self.grace,
+            )
+
+
 def _save_checkpoint(
     run: Prepared,
     state: checkpoint.TrainerState,
@@ -240,8 +269,9 @@ def _save_checkpoint(
     telemetry: TrainerMetrics,
     watchdog: HangWatchdog,
     after_save: Callable[[Path], object] | None,
-) -> None:
+) -> float:
     """Every rank gathers what rank 0 saves; rank 0 writes it (and `after_save` uploads it).
+    Returns the seconds the whole save took, upload included (every rank waits for it).
 
     The gathers are collectives, timed as a step's are: a peer stopped after the step would
     otherwise hold rank 0 in them with the watchdog paused, until torch's own timeout (the fault
@@ -280,6 +310,7 @@ def _save_checkpoint(
         watchdog.resume()
     acc.wait_for_everyone()
     watchdog.resume()
+    return time.perf_counter() - started
 
 
 def _peak_memory(acc: Accelerator) -> int:

@@ -39,9 +39,11 @@ from prometheus_client import (
 
 from finetune_api import phases
 from finetune_api.pod import (
+    GRACE_PERIOD_GAUGE,
     HISTOGRAM_MAX_RANKS_ENV,
     RESUMED_FROM_STEP_GAUGE,
     RESUMED_TIMESTAMP_GAUGE,
+    STOP_SECONDS_GAUGE,
 )
 
 log = logging.getLogger(__name__)
@@ -233,6 +235,15 @@ class TrainerMetrics:
         self._ckpt_size = gauge(
             "finetune_checkpoint_size_bytes", "Bytes the last checkpoint takes in its store."
         )
+        self._stop = gauge(
+            STOP_SECONDS_GAUGE,
+            "Seconds a stop (SIGTERM) would take to end its step and save a checkpoint: the "
+            "last step's plus the last save's (its Hub upload included).",
+        )
+        self._grace = gauge(
+            GRACE_PERIOD_GAUGE,
+            "The pods' terminationGracePeriodSeconds, in which a stop's step and save must fit.",
+        )
         self._mirror_stale = gauge(
             "finetune_checkpoint_mirror_stale",
             "1 while the newest checkpoint failed to mirror to the Hub branch, else 0.",
@@ -352,6 +363,11 @@ class TrainerMetrics:
         less room than one checkpoint takes, the next save must first delete older ones."""
         self._ckpt_size.labels(**self.labels).set(size)
         self._store_free.labels(**self.labels).set(free)
+
+    def record_stop(self, seconds: float, grace: float) -> None:
+        """What a stop would take now (the last step and save) and the grace period it has."""
+        self._stop.labels(**self.labels).set(seconds)
+        self._grace.labels(**self.labels).set(grace)
 
     def record_resume(self, step: int | None) -> None:
         """The step this gang resumed from, and when; None (a fresh start) is exported as 0."""
