@@ -648,9 +648,9 @@ class ClaimRetentionPolicy(ApiModel):
         "training spec (another output.hub.repo, say) resumes where it stopped. The operator "
         "first stops the gang, whose pods save a checkpoint at SIGTERM, then releases the "
         "claim; until then the FineTuneJob stays, held by the finalizer finetune.dev/finalizer, "
-        "which it carries only while it has not ended and only with this set (a deletion while "
-        "no operator runs waits for one). Delete: it is deleted with the FineTuneJob, as its "
-        "other children. Default Delete.",
+        "which it carries only while it has not ended, only with this set and only on a claim "
+        "the operator made (a deletion while no operator runs waits for one). Delete: it is "
+        "deleted with the FineTuneJob, as its other children. Default Delete.",
     )
 
 

@@ -31,6 +31,7 @@ termination grace period; `saves_on_stop` says whether what rank 0 measured fits
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,6 +103,16 @@ def choose(job: FineTuneJob, default_storage_class: bool) -> CheckpointStore:
     if spec.output.hub is not None:
         return CheckpointStore("HubBranch", hub_branch=ckpt.hub_branch)
     return CheckpointStore("Ephemeral")
+
+
+def may_own_claim(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """From a FineTuneJob's raw spec and status (a kopf filter's, not parsed): whether its
+    checkpoints are, or may yet be, on a claim the operator makes (`choose`): a one-node gang
+    without a claim of its own, whose store, once recorded, is a volume."""
+    ckpt = (spec.get("output") or {}).get("checkpoints") or {}
+    nodes = (spec.get("resources") or {}).get("nodes", 1)
+    recorded = (status.get("checkpoints") or {}).get("store")
+    return nodes == 1 and not ckpt.get("persistentVolumeClaim") and recorded in (None, "Volume")
 
 
 def from_status(job: FineTuneJob, recorded: dict[str, Any]) -> CheckpointStore | None:

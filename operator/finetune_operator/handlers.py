@@ -189,12 +189,18 @@ async def reconcile_ftj(
 
 def _keeps_claim_if_deleted(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
     """The FineTuneJobs kopf holds its finalizer on: those whose deletion must first keep their
-    checkpoint claim (claimRetentionPolicy.whenDeleted: Retain) and that have not ended (an
-    ended one's claim went as whenFailed or whenSucceeded said, so deleting it waits for
-    nothing). kopf adds and removes the finalizer as this changes."""
+    checkpoint claim (claimRetentionPolicy.whenDeleted: Retain), that have not ended (an ended
+    one's claim went as whenFailed or whenSucceeded said, so deleting it waits for nothing),
+    and whose checkpoints are on a claim the operator makes (the policy says nothing of any
+    other store, and a finalizer would only make their deletion wait for an operator). kopf
+    adds and removes the finalizer as this changes."""
     output = spec.get("output") or {}
     policy = (output.get("checkpoints") or {}).get("claimRetentionPolicy") or {}
-    return policy.get("whenDeleted") == "Retain" and status.get("phase") not in TERMINAL
+    return (
+        policy.get("whenDeleted") == "Retain"
+        and status.get("phase") not in TERMINAL
+        and checkpoints.may_own_claim(spec, status)
+    )
 
 
 @kopf.on.delete(*FTJ, id="keep-claim", when=_keeps_claim_if_deleted)

@@ -490,6 +490,24 @@ def finalizers(kube: Kube, namespace: str, name: str) -> list[str]:
     ) or []
 
 
+def test_with_when_deleted_retain_a_gang_without_a_claim_of_the_operators_holds_nothing_back(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    """Two nodes cannot share the claim the operator makes: the policy has nothing to keep,
+    so no finalizer makes the deletion wait for an operator."""
+    output = {"checkpoints": {"claimRetentionPolicy": {"whenDeleted": "Retain"}}}
+    kube.apply(ftj_manifest("pair", namespace, output=output))
+    wait_pods(kube, wait_until, namespace, "pair", 1, 2)
+    assert ftj_status(kube, namespace, "pair")["checkpoints"]["store"] == "Ephemeral"
+    assert finalizers(kube, namespace, "pair") == []
+    kube.delete("FineTuneJob", "pair", namespace)
+    wait_until(
+        lambda: get(kube, namespace, "FineTuneJob", "pair") is None,
+        timeout=10,
+        message="pair deleted at once",
+    )
+
+
 def test_with_when_deleted_retain_a_running_job_deleted_stops_its_gang_then_keeps_its_claim(
     operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
 ) -> None:

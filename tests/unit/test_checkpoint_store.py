@@ -247,6 +247,30 @@ def test_rank0s_resume_and_stop_gauges_are_scraped() -> None:
     assert resumed_at(parse_metrics("")) is None
 
 
+@pytest.mark.parametrize(
+    ("spec", "status", "may"),
+    [
+        # One node, no claim of its own: the operator makes one (or will, once it has chosen).
+        ({"resources": {"nodes": 1}}, {}, True),
+        ({"resources": {"nodes": 1}}, {"checkpoints": {"store": "Volume"}}, True),
+        # It chose a Hub branch or an emptyDir (no StorageClass to make a claim from).
+        ({"resources": {"nodes": 1}}, {"checkpoints": {"store": "HubBranch"}}, False),
+        ({"resources": {"nodes": 1}}, {"checkpoints": {"store": "Ephemeral"}}, False),
+        # The user's claim, or a gang that cannot share a ReadWriteOnce claim.
+        (
+            {"output": {"checkpoints": {"persistentVolumeClaim": {"claimName": "mine"}}}},
+            {},
+            False,
+        ),
+        ({"resources": {"nodes": 2}}, {}, False),
+    ],
+)
+def test_only_a_one_node_gang_without_a_claim_of_its_own_may_own_the_operators(
+    spec: dict[str, Any], status: dict[str, Any], may: bool
+) -> None:
+    assert checkpoints.may_own_claim(spec, status) is may
+
+
 def stop_plan(stop: float | None, status: dict[str, Any] | None = None, **job: Any) -> Any:
     """One pass over a running one-node gang whose rank 0 says a stop takes `stop` seconds;
     `job`: spec fields beside ftj(1)'s (template, resources), and the store kind."""
