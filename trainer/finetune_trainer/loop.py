@@ -169,7 +169,8 @@ def train_steps(
                         after_save,
                     )
                     last_save = time.monotonic()
-                    stop_budget(step_seconds, save_seconds)
+                    # Not by this run's first step, whose warm-up no later step repeats.
+                    stop_budget(step_seconds if warmed_up else None, save_seconds)
                 if stopping:
                     raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -244,7 +245,11 @@ class StopBudget:
         self.grace = job.spec.template.grace_period_seconds()
         self.telemetry, self.warned = telemetry, False
 
-    def __call__(self, step_seconds: float, save_seconds: float) -> None:
+    def __call__(self, step_seconds: float | None, save_seconds: float) -> None:
+        """`step_seconds`: the step just taken; None for a run's first, which warmed up (the
+        estimate then waits for the next save)."""
+        if step_seconds is None:
+            return
         need = step_seconds + save_seconds
         self.telemetry.record_stop(need, self.grace)
         if need > self.grace and not self.warned:
