@@ -12,7 +12,8 @@
 #   3. cluster.sh load, only where a node lacks the local image ID (the trainer image is ~6 GB)
 #   4. the chart's CRD, then helm upgrade --install into finetune-system, wait for Available
 #   5. namespace $NS: Secret hub-token (random), the Hub-API test double seeded with
-#      hf://org/tiny and hf://org/tiny-data (tests/kind/manifests/hub.yaml)
+#      hf://org/tiny and hf://org/tiny-data (tests/kind/manifests/hub.yaml); an earlier run's
+#      FineTuneJob is deleted and the double restarted empty, so each run trains from step 0
 #   6. examples/tiny-cpu.yaml applied there, watched until Succeeded or Failed
 #   7. the pushed revision's files, as the Hub double lists them
 #
@@ -96,6 +97,14 @@ done_step
 
 step "5. namespace ${NS}: Hub token and the Hub-API test double"
 kc create namespace "$NS" --dry-run=client -o yaml | kc apply -f -
+if kc -n "$NS" get ftj tiny-cpu >/dev/null 2>&1; then
+  # A run before this one: the job goes, and the double (whose store lives as long as its pod)
+  # starts empty below, so that this run trains from step 0 rather than find its last one's
+  # checkpoint branch, or a repo its pod no longer holds.
+  log "   deleting the FineTuneJob of an earlier run, and the Hub double's store with it"
+  kc -n "$NS" delete ftj tiny-cpu --wait --timeout=300s
+  fresh=1
+fi
 if ! kc -n "$NS" get secret hub-token >/dev/null 2>&1; then
   # From stdin: the token is in no command line.
   head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n' | sed 's/^/demo/' \
@@ -107,6 +116,7 @@ kc -n "$NS" create configmap hub-seed --from-file="${ROOT}/tests/kind/manifests/
 sed -e "s#image: finetune-trainer:.*#image: ${TRAINER_IMAGE}#" \
     -e "s#image: finetune-hub-double:.*#image: ${HUB_DOUBLE_IMAGE}#" \
     "${ROOT}/tests/kind/manifests/hub.yaml" | kc -n "$NS" apply -f -
+[[ -z "${fresh:-}" ]] || kc -n "$NS" rollout restart deployment/hub
 kc -n "$NS" rollout status deployment/hub --timeout=600s
 done_step
 
