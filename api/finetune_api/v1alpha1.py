@@ -5,6 +5,7 @@ trainer reads a manifest through them. Field names are the wire (camelCase) name
 contract in docs/api.md. This module imports neither kopf nor torch.
 """
 
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
@@ -364,7 +365,23 @@ class TrainingSpec(ApiModel):
         2.0e-4, gt=0, le=1, description="learningRate is the peak learning rate. Default 2e-4."
     )
     warmup_steps: int = Field(
-        0, ge=0, description="warmupSteps of linear warm-up before linear decay. Default 0."
+        0,
+        ge=0,
+        description="warmupSteps of linear warm-up from 0 to learningRate, before the schedule "
+        "(lrSchedulerType) takes over. Default 0.",
+    )
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="warmupRatio is warmupSteps as a fraction of all optimizer steps, rounded "
+        "up (transformers' warmup_ratio); not with warmupSteps. Unset: warmupSteps.",
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear",
+        description="lrSchedulerType is how the learning rate moves after the warm-up, by "
+        "transformers' scheduler names: linear (down to 0 at the last step), cosine (half a "
+        "cosine down to 0), constant (no warm-up either), constant_with_warmup. Default linear.",
     )
     weight_decay: float = Field(0.0, ge=0, le=1, description="weightDecay for AdamW. Default 0.")
     max_grad_norm: float = Field(
@@ -459,6 +476,33 @@ class TrainingSpec(ApiModel):
         "min(SNR, snrGamma) / SNR at its timestep (Min-SNR weighting; 5 is the recommended "
         "value). Unset: the plain mean squared error.",
     )
+
+    __rules__ = (
+        Rule(
+            cel="!(has(self.warmupRatio) && self.warmupSteps > 0)",
+            message="set warmupSteps or warmupRatio, not both",
+            check=lambda t: t.warmup_ratio is None or t.warmup_steps == 0,
+            field="warmupRatio",
+        ),
+        Rule(
+            cel="self.lrSchedulerType != 'constant' || "
+            "(self.warmupSteps == 0 && !has(self.warmupRatio))",
+            message="lrSchedulerType constant has no warm-up: use constant_with_warmup, or drop "
+            "warmupSteps and warmupRatio",
+            check=lambda t: (
+                t.lr_scheduler_type != "constant"
+                or (t.warmup_steps == 0 and t.warmup_ratio is None)
+            ),
+            field="lrSchedulerType",
+        ),
+    )
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warm-up steps of a run of `total_steps`: warmupSteps, or warmupRatio of the
+        steps rounded up, as transformers' TrainingArguments.get_warmup_steps."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(total_steps * self.warmup_ratio)
 
 
 class ImageSampleSpec(ApiModel):

@@ -120,6 +120,18 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("resolution-on-cls", {**CLS, "spec.training.resolution": 64}, "resolution"),
     ("fsdp-on-embedding", {**EMB, "spec.training.strategy": "fsdp"}, "strategy"),
     ("image-samples-on-causal", {"spec.evaluation.imageSamples": {"count": 1}}, "imageSamples"),
+    (
+        "warmup-steps-and-ratio",
+        {"spec.training.warmupSteps": 10, "spec.training.warmupRatio": 0.03},
+        "warmupRatio",
+    ),
+    (
+        "constant-with-a-warmup",
+        {"spec.training.lrSchedulerType": "constant", "spec.training.warmupRatio": 0.03},
+        "lrSchedulerType",
+    ),
+    ("lr-scheduler-enum", {"spec.training.lrSchedulerType": "polynomial"}, "lrSchedulerType"),
+    ("warmup-ratio-below-1", {"spec.training.warmupRatio": 1.0}, "warmupRatio"),
     ("t2i-full-fine-tune", {**T2I, "spec.peft.method": "none"}, "peft.method"),
     ("t2i-merge", {**T2I, "spec.output.hub": {**OPEN_HUB, "merge": True}}, "merge"),
     ("denoising-loss-on-causal", {"spec.evaluation.metrics": ["denoising_loss"]}, "metrics"),

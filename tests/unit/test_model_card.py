@@ -70,7 +70,7 @@ def test_body_tables() -> None:
     assert "LoRA adapter" in body
     assert "| LoRA r / alpha / dropout | 4 / 8 / 0.05 |" in body
     assert "| Target modules | q_proj, v_proj |" in body
-    assert "| Learning rate | 0.0001 |" in body
+    assert "| Learning rate | 0.0001 (linear) |" in body
     assert "| Global batch size | 4 |" in body  # 2 per device x 2 nodes
     assert "| perplexity (lower is better) | 40 | 21.5 | -18.5 |" in body
     assert "perplexity ≤ 30" in body

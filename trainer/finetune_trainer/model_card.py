@@ -318,8 +318,11 @@ def _training_section(job: FineTuneJob, artifact: str, info: CardInfo) -> list[s
         ]
     rows += [
         ("Epochs", t.epochs if t.max_steps is None else f"max {t.max_steps} steps"),
-        ("Learning rate", f"{t.learning_rate:g}"),
-        ("Warm-up steps", t.warmup_steps),
+        ("Learning rate", f"{t.learning_rate:g} ({t.lr_scheduler_type})"),
+        (
+            "Warm-up",
+            f"{t.warmup_steps} steps" if t.warmup_ratio is None else f"{t.warmup_ratio:g} of steps",
+        ),
         ("Weight decay", t.weight_decay),
         ("Batch size per device", t.batch_size_per_device),
         ("Gradient accumulation", t.gradient_accumulation_steps),

@@ -33,12 +33,13 @@ from accelerate.utils import (
     set_seed,
 )
 from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from finetune_api import FineTuneJob, FineTuneJobSpec, ManifestError, phases, pod
 from finetune_api.constants import Reason
 from finetune_api.pod import ExitCode
 from finetune_api.result import Sample, TrainerResult, scrub
+from finetune_api.v1alpha1 import TrainingSpec
 from finetune_trainer import checkpoint, fetch, final, modeling, sharding, spread
 from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
@@ -308,6 +309,19 @@ def _accelerator(spec: FineTuneJobSpec) -> Accelerator:
     return accelerator
 
 
+def lr_schedule(
+    training: TrainingSpec, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """training.lrSchedulerType after training.warmupSteps (or warmupRatio), over the run's
+    `total_steps` optimizer steps: transformers' own schedulers, as its Trainer builds them."""
+    return get_scheduler(
+        training.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=training.warmup_for(total_steps),
+        num_training_steps=total_steps,
+    )
+
+
 def _prepare(
     job: FineTuneJob,
     accelerator: Accelerator,
@@ -356,7 +370,7 @@ def _prepare(
         weight_decay=t.weight_decay,
     )
     # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step.
-    scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
+    scheduler = lr_schedule(t, optimizer, total_steps)
     if fsdp:
         optimizer, eval_dl = accelerator.prepare(optimizer, eval_dl)
     else:
