@@ -56,6 +56,9 @@ class Reason(StrEnum):
     SECRET_NOT_FOUND = "SecretNotFound"
     # Created=False: output.checkpoints.storageClassName names no StorageClass of the cluster.
     STORAGE_CLASS_NOT_FOUND = "StorageClassNotFound"
+    # Created=False: a ResourceQuota of the namespace refused a child the operator creates (the
+    # Job, its claim, a Service or the ConfigMap); it is tried again until the quota has room.
+    QUOTA_EXCEEDED = "QuotaExceeded"
     WORKLOAD_CREATED = "WorkloadCreated"
     QUEUED = "Queued"
     PODS_RUNNING = "PodsRunning"

@@ -75,6 +75,11 @@ class ApplyRejected(Exception):
     """The API server refused what we rendered (400/422): a render bug, not worth retrying."""
 
 
+class QuotaExceeded(Exception):
+    """The API server refused a create for a ResourceQuota of the namespace (403, its quota
+    admission's `exceeded quota`): the same create passes once the quota has room again."""
+
+
 class SecretCheck(StrEnum):
     """What the operator could learn about a referenced Secret key."""
 
@@ -442,6 +447,8 @@ class Kube:
         except ApiException as exc:
             if exc.status in (400, 422):
                 raise ApplyRejected(f"{kind} {meta['name']}: {_message(exc)}") from exc
+            if exc.status == 403 and "exceeded quota" in (said := _message(exc)):
+                raise QuotaExceeded(said) from exc
             raise
 
     async def apply(self, manifest: Obj) -> None:

@@ -28,7 +28,13 @@ from finetune_operator import (
     serve,
     serve_status,
 )
-from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, controlled_by
+from finetune_operator.apply import (
+    ApplyRejected,
+    Kube,
+    QuotaExceeded,
+    SecretCheck,
+    controlled_by,
+)
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import (
     STUCK_REASONS,
@@ -57,6 +63,7 @@ WARNING_REASONS = frozenset(
         Reason.NODE_NOT_READY,
         Reason.SECRET_NOT_FOUND,
         Reason.STORAGE_CLASS_NOT_FOUND,
+        Reason.QUOTA_EXCEEDED,
         Reason.NAME_CONFLICT,
         Reason.NO_DURABLE_STORE,
         Reason.GRACE_PERIOD_TOO_SHORT,
@@ -280,8 +287,8 @@ class Reconciler:
             if blocker is None:
                 try:
                     blocker = await self._children(body, job, store, first)
-                except ApplyRejected as exc:
-                    blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
+                except (ApplyRejected, QuotaExceeded) as exc:
+                    blocker = refusal(exc)
         if blocker is not None and blocker.permanent:
             permanent = blocker.message
         observed = replace(observed, blocker=blocker)
@@ -294,9 +301,9 @@ class Reconciler:
                 break
             try:
                 created, refused = await self._act(job, result, store)
-            except ApplyRejected as exc:
-                permanent = str(exc)
-                blocker = Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
+            except (ApplyRejected, QuotaExceeded) as exc:
+                blocker = refusal(exc)
+                permanent = blocker.message if blocker.permanent else permanent
                 observed = replace(observed, blocker=blocker)
                 result = self._plan(job, observed)
                 break
@@ -450,6 +457,17 @@ class Reconciler:
             self.metrics.jobs_failed.labels(reason=Reason.INVALID_SPEC).inc()
             await self.kube.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         return PassResult(plan=Plan(status=status, actions=[], transitions=[]), permanent=message)
+
+
+def refusal(exc: ApplyRejected | QuotaExceeded) -> Blocker:
+    """What keeps the job's children from being made when the API server refuses one: a
+    ResourceQuota of the namespace, which the job waits out (looked at again every waiting
+    interval, as the Job controller retries the pods a quota refuses), or a render the API server
+    rejects, which ends it."""
+    if isinstance(exc, QuotaExceeded):
+        message = f"{exc}; created once the namespace's quota has room"
+        return Blocker(Reason.QUOTA_EXCEEDED, message)
+    return Blocker(Reason.APPLY_REJECTED, str(exc), permanent=True)
 
 
 def name_conflict(kind: str, holder: Obj, job: FineTuneJob) -> Blocker:

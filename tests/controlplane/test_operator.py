@@ -50,6 +50,9 @@ RESULT = {
 }
 
 
+Kube.register("ResourceQuota", "v1", "resourcequotas")
+
+
 def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
     return kube.get(kind, name, namespace)
 
@@ -275,6 +278,48 @@ def test_missing_secret_then_created(operator: Operator, kube, namespace, wait_u
     assert get(kube, namespace, "Job", "nosecret") is None
     create_secret(kube, namespace, "hf", "token", "x")
     wait_until(lambda: get(kube, namespace, "Job", "nosecret"), timeout=60, message="Job")
+
+
+def test_a_job_a_resource_quota_refuses_waits_for_room_and_then_runs(
+    operator: Operator, kube, namespace, wait_until
+):
+    """A namespace's ResourceQuota (the API server's quota admission, the controller manager's
+    quota controller: both real) refuses the Job: the FineTuneJob waits, saying so, as the Job
+    controller does for its pods, and runs once the quota has room."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "jobs", "namespace": namespace},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }
+    kube.apply(quota)
+    # The quota admits nothing until its controller has written what is used.
+    wait_until(
+        lambda: ((get(kube, namespace, "ResourceQuota", "jobs") or {}).get("status") or {}).get(
+            "used"
+        ),
+        timeout=30,
+        message="the quota's usage",
+    )
+    kube.apply(ftj_manifest("quota", namespace))
+    status = wait_condition(kube, wait_until, namespace, "quota", "Created", reason="QuotaExceeded")
+    created = condition(status, "Created")
+    assert created["status"] == "False" and status["phase"] == "Pending"
+    assert "exceeded quota: jobs" in created["message"] and "count/jobs.batch" in created["message"]
+    assert get(kube, namespace, "Job", "quota") is None
+    uid = get(kube, namespace, "FineTuneJob", "quota")["metadata"]["uid"]
+
+    def warned() -> list[str]:
+        events = kube.list("Event", namespace, fields=f"involvedObject.uid={uid}")
+        return [e["type"] for e in events if e["reason"] == "QuotaExceeded"]
+
+    # The Event follows the status write that carries the transition: waited for.
+    wait_until(warned, timeout=15, message="the QuotaExceeded Event")
+    assert warned() == ["Warning"]
+    # Room again: the next look (every 10 s while Created=False) makes the Job.
+    kube.patch("ResourceQuota", "jobs", namespace, {"spec": {"hard": {"count/jobs.batch": "1"}}})
+    wait_until(lambda: get(kube, namespace, "Job", "quota"), timeout=60, message="Job")
+    wait_condition(kube, wait_until, namespace, "quota", "Created", status="True")
 
 
 def test_a_missing_read_token_secret_blocks_the_job_too(

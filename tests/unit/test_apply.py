@@ -22,7 +22,13 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.apply import ApplyRejected, Kube, SecretCheck, load_configuration
+from finetune_operator.apply import (
+    ApplyRejected,
+    Kube,
+    QuotaExceeded,
+    SecretCheck,
+    load_configuration,
+)
 
 # kubernetes 34.1.0 builds every ApiException with urllib3 2's deprecated getheaders().
 pytestmark = pytest.mark.filterwarnings(
@@ -285,6 +291,29 @@ def test_create_job_errors(server, code: int, expect: Any) -> None:
     else:
         with pytest.raises(expect):
             run(server, lambda kube: kube.create_job(job))
+
+
+QUOTA = (
+    'jobs.batch "demo" is forbidden: exceeded quota: jobs, requested: count/jobs.batch=1, '
+    "used: count/jobs.batch=2, limited: count/jobs.batch=2"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "expect"), [(QUOTA, QuotaExceeded), ("jobs.batch is forbidden: RBAC", ApiException)]
+)
+def test_a_create_a_resource_quota_refuses_is_quota_exceeded_and_no_other_403(
+    server, message: str, expect: type[Exception]
+) -> None:
+    fake, _ = server
+    fake.routes[("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")] = status(403, message)
+    job = {**manifest("Job"), "apiVersion": "batch/v1"}
+    with pytest.raises(expect) as info:
+        run(server, lambda kube: kube.create_job(job))
+    if expect is QuotaExceeded:
+        assert str(info.value) == QUOTA  # the API server's words: the quota, used and limited
+    else:
+        assert info.value.status == 403 and not isinstance(info.value, QuotaExceeded)
 
 
 def test_patch_job_and_patch_status_are_merge_patches(server) -> None:
