@@ -1749,7 +1749,8 @@ class ServeStatus(ApiModel):
     reason: Annotated[str, StringConstraints(max_length=128)] | None = Field(
         None,
         description="reason is a CamelCase word for the serving state: Waiting (the job has "
-        "not Succeeded), RollingOut, Serving, SmokeFailed, RolloutFailed or NameConflict.",
+        "not Succeeded), RollingOut, Serving, SmokeFailed, RolloutFailed, NameConflict or "
+        "QuotaExceeded.",
     )
     message: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
         None, description="message explains reason."

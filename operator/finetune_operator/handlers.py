@@ -21,7 +21,7 @@ from finetune_operator import checkpoints, clock, kueue, naming
 from finetune_operator.apply import MAX_REQUESTS, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.reconcile import PassResult, Reconciler
-from finetune_operator.settings import Settings
+from finetune_operator.settings import WAITING_SECONDS, Settings
 from finetune_operator.status import TERMINAL
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ _passes = asyncio.Semaphore(MAX_PASSES)
 DIFFBASE_IGNORED = ("metadata", *(f"spec.{f}" for f in IMMUTABLE_SPEC_FIELDS))
 # The annotation that holds kopf's diff-base: its record of the configuration it handled.
 DIFFBASE_KEY = "last-handled-configuration"
-# A FineTuneJob waiting on something it cannot watch (a Secret, the garbage collection of a
-# predecessor's child) is looked at again this often.
-WAITING_SECONDS = 10.0
 _periodic = asyncio.Semaphore(PERIODIC_PASSES)
 # A deleted FineTuneJob that keeps its claim waits this long at most for its gang to stop (the
 # pods' grace period to save a checkpoint, and more), looking this often.

@@ -46,7 +46,7 @@ from finetune_operator.lifecycle import (
 )
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.serve_status import ServeReason
-from finetune_operator.settings import Settings
+from finetune_operator.settings import WAITING_SECONDS, Settings
 from finetune_operator.smoke import chat_smoke
 from finetune_operator.status import Blocker, Observed, Plan, invalid_status, plan
 
@@ -379,6 +379,8 @@ class Reconciler:
                         break
             except ApplyRejected as exc:
                 blocked = (ServeReason.ROLLOUT_FAILED, f"the API server refused it: {exc}")
+            except QuotaExceeded as exc:
+                blocked = (ServeReason.QUOTA_EXCEEDED, f"{exc}; made once the quota has room")
             if blocked is None:
                 deployment = await self.kube.get_child("Deployment", ns, naming.serve_name(name))
                 rollout = serve_status.read_rollout(deployment)
@@ -394,7 +396,12 @@ class Reconciler:
         transitions = list(result.transitions)
         if served.get("reason") not in (before.get("reason"), ServeReason.WAITING):
             transitions.append((SERVE_EVENT_TYPE, served["reason"], served.get("message", "")))
-        return replace(result, status=status_out, transitions=transitions)
+        after = result.requeue_after
+        if blocked is not None and blocked[0] is ServeReason.QUOTA_EXCEEDED:
+            # Nothing it can watch says when the quota has room; a finished job has no other
+            # periodic pass than the resync.
+            after = min(after or WAITING_SECONDS, WAITING_SECONDS)
+        return replace(result, status=status_out, transitions=transitions, requeue_after=after)
 
     async def _act(
         self, job: FineTuneJob, result: Plan, store: CheckpointStore

@@ -29,10 +29,14 @@ class ServeReason(StrEnum):
     SMOKE_FAILED = "SmokeFailed"
     ROLLOUT_FAILED = "RolloutFailed"
     NAME_CONFLICT = "NameConflict"
+    # A ResourceQuota of the namespace refused the Deployment or the Service; tried again.
+    QUOTA_EXCEEDED = "QuotaExceeded"
 
 
 # Reasons worth a Warning Event: someone has to look.
-WARNING_REASONS = frozenset({ServeReason.SMOKE_FAILED, ServeReason.ROLLOUT_FAILED})
+WARNING_REASONS = frozenset(
+    {ServeReason.SMOKE_FAILED, ServeReason.ROLLOUT_FAILED, ServeReason.QUOTA_EXCEEDED}
+)
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,13 @@ def target(job: FineTuneJob) -> Target | None:
 
 def unapplied(job: FineTuneJob) -> bool:
     """Whether there is a revision to serve and nothing was applied for it yet (status.serve
-    still waits for the job): the pass that saw the job succeed makes the Deployment, whose
-    events then bring the passes that follow its rollout."""
+    still waits for the job, or a quota refused it): the pass that saw the job succeed, or the
+    follow-up after a quota's refusal, makes the Deployment, whose events then bring the passes
+    that follow its rollout."""
     if target(job) is None:
         return False
     served = job.status.serve if job.status is not None else None
-    return served is None or served.reason == ServeReason.WAITING
+    return served is None or served.reason in (ServeReason.WAITING, ServeReason.QUOTA_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def derive(
     # The revision named so far stays served while some old pod still answers.
     still = bool(previous.get("ready")) and rollout is not None and rollout.available > 0
     if want is not None and blocked is not None:
-        # A name held by someone else, or a render the API server refused.
+        # A name held by someone else, a quota, or a render the API server refused.
         reason, message = blocked
         ready = still
     elif want is None:

@@ -40,6 +40,9 @@ STUCK_TERMINATING_SECONDS = 60.0
 # by default) plus its --node-monitor-period (5 s): the node went silent before the ranks that
 # waited for it gave up.
 NODE_LOST_WAIT_SECONDS = 60.0
+# A FineTuneJob waiting on something it cannot watch (a Secret, a ResourceQuota, the garbage
+# collection of a predecessor's child) is looked at again this often.
+WAITING_SECONDS = 10.0
 
 
 def _csv(value: str | None) -> tuple[str, ...]:

@@ -17,7 +17,9 @@ from fixtures.cluster import (
     condition,
     ftj_manifest,
     ftj_status,
+    full_quota,
     patch_pod_status,
+    room_in_quota,
     running_status,
     terminated_status,
     wait_condition,
@@ -48,9 +50,6 @@ RESULT = {
     "steps": 30,
     "trainLoss": 0.4,
 }
-
-
-Kube.register("ResourceQuota", "v1", "resourcequotas")
 
 
 def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
@@ -286,21 +285,7 @@ def test_a_job_a_resource_quota_refuses_waits_for_room_and_then_runs(
     """A namespace's ResourceQuota (the API server's quota admission, the controller manager's
     quota controller: both real) refuses the Job: the FineTuneJob waits, saying so, as the Job
     controller does for its pods, and runs once the quota has room."""
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "jobs", "namespace": namespace},
-        "spec": {"hard": {"count/jobs.batch": "0"}},
-    }
-    kube.apply(quota)
-    # The quota admits nothing until its controller has written what is used.
-    wait_until(
-        lambda: ((get(kube, namespace, "ResourceQuota", "jobs") or {}).get("status") or {}).get(
-            "used"
-        ),
-        timeout=30,
-        message="the quota's usage",
-    )
+    quota = full_quota(kube, wait_until, namespace, "count/jobs.batch")
     kube.apply(ftj_manifest("quota", namespace))
     status = wait_condition(kube, wait_until, namespace, "quota", "Created", reason="QuotaExceeded")
     created = condition(status, "Created")
@@ -317,7 +302,7 @@ def test_a_job_a_resource_quota_refuses_waits_for_room_and_then_runs(
     wait_until(warned, timeout=15, message="the QuotaExceeded Event")
     assert warned() == ["Warning"]
     # Room again: the next look (every 10 s while Created=False) makes the Job.
-    kube.patch("ResourceQuota", "jobs", namespace, {"spec": {"hard": {"count/jobs.batch": "1"}}})
+    room_in_quota(kube, namespace, quota, "count/jobs.batch")
     wait_until(lambda: get(kube, namespace, "Job", "quota"), timeout=60, message="Job")
     wait_condition(kube, wait_until, namespace, "quota", "Created", status="True")
 

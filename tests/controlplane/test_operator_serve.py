@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fixtures.cluster import ftj_manifest, ftj_status, succeed
+from fixtures.cluster import ftj_manifest, ftj_status, full_quota, room_in_quota, succeed
 from fixtures.kube import Kube, refusal
 
 from finetune_api.validation import ManifestError, parse_manifest
@@ -153,4 +153,40 @@ def test_a_succeeded_job_serves_its_pushed_revision_until_serve_or_the_job_goes(
         ),
         timeout=90,
         message="the serving Deployment garbage-collected with the FineTuneJob",
+    )
+
+
+def test_a_serving_deployment_a_quota_refuses_is_made_once_the_quota_has_room(
+    operator: Operator, kube: Kube, namespace: str, wait_until: WaitUntil
+) -> None:
+    """The namespace's ResourceQuota (real admission and quota controller) allows no
+    Deployment: status.serve says so, with a Warning, and the job stays Succeeded; the operator
+    looks again by itself (a finished job has no other periodic pass than the resync) and
+    makes it once the quota has room."""
+    name, ns = "quota-srv", namespace
+    quota = full_quota(kube, wait_until, ns, "count/deployments.apps")
+    kube.apply(ftj_manifest(name, ns, output={"hub": OPEN_HUB}, serve={"engine": "transformers"}))
+    succeed(kube, wait_until, ns, name, RESULT)
+    served = wait_until(
+        lambda: (
+            (s := ftj_status(kube, ns, name).get("serve", {})).get("reason") == "QuotaExceeded"
+            and s
+        ),
+        timeout=60,
+        message="status.serve QuotaExceeded",
+    )
+    assert served["ready"] is False and "exceeded quota: deployments" in served["message"]
+    assert ftj_status(kube, ns, name)["phase"] == "Succeeded"
+    uid = kube.get("FineTuneJob", name, ns)["metadata"]["uid"]  # type: ignore[index]
+    wait_until(
+        lambda: any(
+            (e["type"], e["reason"]) == ("Warning", "QuotaExceeded")
+            for e in kube.list("Event", ns, fields=f"involvedObject.uid={uid}")
+        ),
+        timeout=15,
+        message="the serve QuotaExceeded Warning",
+    )
+    room_in_quota(kube, ns, quota, "count/deployments.apps")
+    wait_until(
+        lambda: kube.get("Deployment", f"{name}-serve", ns), timeout=40, message="Deployment"
     )
