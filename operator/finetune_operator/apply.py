@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -72,7 +73,13 @@ _LEASE_PATH = _LEASES_PATH + "/{name}"
 
 
 class ApplyRejected(Exception):
-    """The API server refused what we rendered (400/422): a render bug, not worth retrying."""
+    """The API server refused what we rendered (400/422), or an admission plugin what the spec
+    asks for (403: a LimitRange, a policy webhook): not worth retrying."""
+
+
+# How the API server's authorizer words a denial (`User "..." cannot create resource "jobs" in
+# API group "batch" ...`), unlike an admission plugin's 403.
+RBAC_DENIAL = re.compile(r'cannot \w+ resource "')
 
 
 class QuotaExceeded(Exception):
@@ -445,10 +452,14 @@ class Kube:
                 "POST", _CREATE_PATHS[kind], manifest, namespace=meta["namespace"]
             )
         except ApiException as exc:
-            if exc.status in (400, 422):
-                raise ApplyRejected(f"{kind} {meta['name']}: {_message(exc)}") from exc
-            if exc.status == 403 and "exceeded quota" in (said := _message(exc)):
+            said = _message(exc)
+            if exc.status == 403 and "exceeded quota" in said:
                 raise QuotaExceeded(said) from exc
+            # 403 from an admission plugin or webhook (a LimitRange's maximum, a policy) refuses
+            # what the spec asks for, as 400 and 422 refuse what was rendered; a 403 of RBAC is
+            # the operator's own permissions, which a retry after a fix of the chart cures.
+            if exc.status in (400, 422) or (exc.status == 403 and not RBAC_DENIAL.search(said)):
+                raise ApplyRejected(f"{kind} {meta['name']}: {said}") from exc
             raise
 
     async def apply(self, manifest: Obj) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from finetune_api.constants import ConditionType, Phase, Reason
 from finetune_api.v1alpha1 import FineTuneJob
 from finetune_operator import checkpoints, naming
-from finetune_operator.apply import Kube, controlled_by
+from finetune_operator.apply import ApplyRejected, Kube, controlled_by
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.status import Blocker, Plan
 
@@ -32,8 +32,13 @@ async def ensure(
     """As `Kube.ensure` for the checkpoint claim: created once and never applied (a claim's spec
     is immutable once bound); the object holding its name when it is not ours. A claim an
     earlier FineTuneJob of this name left behind is adopted, and this job resumes from what it
-    holds; a Blocker when it may not be (checkpoints.adoption_refused)."""
-    claim = await kube.create_claim(manifest)
+    holds; a Blocker when it may not be (checkpoints.adoption_refused), or when the API server
+    refuses the claim (a LimitRange's maximum, a policy)."""
+    try:
+        claim = await kube.create_claim(manifest)
+    except ApplyRejected as exc:
+        fields = "spec.output.checkpoints.size and storageClassName make this claim"
+        return Blocker(Reason.APPLY_REJECTED, f"{exc} ({fields})", permanent=True)
     if controlled_by(claim, owner["uid"]):
         return None
     if not checkpoints.adoptable(claim, job.metadata.name):

@@ -173,6 +173,31 @@ def run_pods(kube: Kube, namespace: str, pods: list[dict[str, Any]], ip: str) ->
         patch_pod_status(kube, namespace, pod["metadata"]["name"], running_status(pod, ip))
 
 
+def test_a_claim_a_limit_range_refuses_fails_the_job_at_once_with_the_limit(
+    operator: Operator, kube: Kube, namespace, wait_until, default_storage_class
+) -> None:
+    """The namespace's LimitRange caps a claim at 10Gi (the API server's LimitRanger refuses the
+    operator's 30Gi with a 403): no wait can cure that, so the job fails saying what to lower."""
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "LimitRange",
+            "metadata": {"name": "claims", "namespace": namespace},
+            "spec": {"limits": [{"type": "PersistentVolumeClaim", "max": {"storage": "10Gi"}}]},
+        }
+    )
+    kube.apply(ftj_manifest("capped", namespace, resources=ONE_NODE))
+    status = wait_phase(kube, wait_until, namespace, "capped", "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "ApplyRejected"
+    assert failed["message"].startswith("PersistentVolumeClaim capped-checkpoints: ")
+    assert "maximum storage usage per PersistentVolumeClaim is 10Gi" in failed["message"]
+    assert failed["message"].endswith(
+        "(spec.output.checkpoints.size and storageClassName make this claim)"
+    )
+    assert get(kube, namespace, "Job", "capped") is None
+
+
 def test_a_stop_that_would_outlast_the_grace_period_is_a_warning(
     operator: Operator, kube: Kube, namespace, wait_until, default_storage_class, rank0_metrics
 ) -> None:

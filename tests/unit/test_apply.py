@@ -299,10 +299,19 @@ QUOTA = (
 )
 
 
-@pytest.mark.parametrize(
-    ("message", "expect"), [(QUOTA, QuotaExceeded), ("jobs.batch is forbidden: RBAC", ApiException)]
+RBAC = (
+    'jobs.batch is forbidden: User "system:serviceaccount:finetune-system:finetune-operator" '
+    'cannot create resource "jobs" in API group "batch" in the namespace "team-a"'
 )
-def test_a_create_a_resource_quota_refuses_is_quota_exceeded_and_no_other_403(
+WEBHOOK = 'admission webhook "policy.example.com" denied the request: jobs must name a team'
+
+
+@pytest.mark.parametrize(
+    ("message", "expect"),
+    [(QUOTA, QuotaExceeded), (WEBHOOK, ApplyRejected), (RBAC, ApiException)],
+    ids=["quota", "admission", "rbac"],
+)
+def test_a_403_on_create_is_a_quota_to_wait_out_a_refusal_or_the_operators_own_rbac(
     server, message: str, expect: type[Exception]
 ) -> None:
     fake, _ = server
@@ -312,8 +321,10 @@ def test_a_create_a_resource_quota_refuses_is_quota_exceeded_and_no_other_403(
         run(server, lambda kube: kube.create_job(job))
     if expect is QuotaExceeded:
         assert str(info.value) == QUOTA  # the API server's words: the quota, used and limited
-    else:
-        assert info.value.status == 403 and not isinstance(info.value, QuotaExceeded)
+    elif expect is ApplyRejected:
+        assert str(info.value) == f"Job demo: {WEBHOOK}"
+    else:  # kopf retries it: the chart's RBAC is fixed without touching the FineTuneJob
+        assert info.value.status == 403 and not isinstance(info.value, ApplyRejected)
 
 
 def test_patch_job_and_patch_status_are_merge_patches(server) -> None:
