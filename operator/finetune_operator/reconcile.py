@@ -470,7 +470,7 @@ def refusal(exc: ApplyRejected | QuotaExceeded) -> Blocker:
     """What keeps the job's children from being made when the API server refuses one: a
     ResourceQuota of the namespace, which the job waits out (looked at again every waiting
     interval, as the Job controller retries the pods a quota refuses), or a render the API server
-    rejects, which ends it."""
+    or an admission policy rejects, which ends it."""
     if isinstance(exc, QuotaExceeded):
         message = f"{exc}; created once the namespace's quota has room"
         return Blocker(Reason.QUOTA_EXCEEDED, message)
