@@ -354,6 +354,23 @@ class PeftSpec(ApiModel):
         description="targetModules are module names to adapt. Empty: all linear layers of the "
         "base model except the output head.",
     )
+    use_rslora: bool = Field(
+        False,
+        description="useRslora scales the adapter's update by alpha/sqrt(r) instead of alpha/r "
+        "(rank-stabilized LoRA, peft's use_rslora), so that a larger r learns as fast rather "
+        "than slower; saved in adapter_config.json, which peft, the merge and vLLM read. Not "
+        "with method none, nor with text-to-image (diffusers' LoRA loader scales by alpha/r). "
+        "Default false.",
+    )
+
+    __rules__ = (
+        Rule(
+            cel="!self.useRslora || self.method != 'none'",
+            message="useRslora scales a LoRA: not with method none",
+            check=lambda p: not p.use_rslora or p.method != "none",
+            field="useRslora",
+        ),
+    )
 
 
 class TrainingSpec(ApiModel):
@@ -1355,6 +1372,13 @@ _TEXT_TO_IMAGE_RULES = (
     _text_to_image_only("training.predictionType", "prediction_type"),
     _text_to_image_only("training.snrGamma", "snr_gamma"),
     _text_to_image_only("evaluation.imageSamples", "image_samples"),
+    Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !self.peft.useRslora",
+        message="text-to-image pushes a LoRA that diffusers loads scaled by alpha/r: "
+        "peft.useRslora must be false",
+        check=lambda s: s.model.task != TEXT_TO_IMAGE or not s.peft.use_rslora,
+        field="peft.useRslora",
+    ),
     Rule(
         cel=f"self.model.task != '{TEXT_TO_IMAGE}' || self.peft.method == 'lora'",
         message="text-to-image trains a LoRA on the UNet: peft.method must be lora",

@@ -133,6 +133,8 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("lr-scheduler-enum", {"spec.training.lrSchedulerType": "polynomial"}, "lrSchedulerType"),
     ("warmup-ratio-below-1", {"spec.training.warmupRatio": 1.0}, "warmupRatio"),
     ("t2i-full-fine-tune", {**T2I, "spec.peft.method": "none"}, "peft.method"),
+    ("t2i-rslora", {**T2I, "spec.peft.useRslora": True}, "useRslora"),
+    ("rslora-full-fine-tune", {"spec.peft": {"method": "none", "useRslora": True}}, "useRslora"),
     ("t2i-merge", {**T2I, "spec.output.hub": {**OPEN_HUB, "merge": True}}, "merge"),
     ("denoising-loss-on-causal", {"spec.evaluation.metrics": ["denoising_loss"]}, "metrics"),
     ("perplexity-on-t2i", {**T2I, "spec.evaluation.metrics": ["perplexity"]}, "metrics"),

@@ -72,6 +72,41 @@ def test_lora_config_is_a_pure_function_of_the_spec() -> None:
     assert named.task_type == "SEQ_CLS"
 
 
+def test_rslora_scales_by_the_root_of_r_and_the_saved_adapter_loads_so(tmp_path: Path) -> None:
+    """peft.useRslora: alpha/sqrt(r) rather than alpha/r in the model trained, and in the
+    adapter_config.json that the push carries, which peft (the merge, the serving engines) reads
+    back."""
+    from peft import PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_trainer.modeling import lora_config
+    from finetune_trainer.tasks.causal_lm import CausalLM
+
+    def base() -> LlamaForCausalLM:
+        config = LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    def scaling(model: Any) -> set[float]:
+        # The LoRA layers' (peft.tuners.lora.LoraLayer: a scale per adapter).
+        return {
+            m.scaling["default"]
+            for m in model.modules()
+            if isinstance(getattr(m, "scaling", None), dict)
+        }
+
+    plain = get_peft_model(base(), lora_config(PeftSpec(r=16, alpha=16), CausalLM.peft_task_type))
+    assert scaling(plain) == {1.0}
+    spec = PeftSpec(r=16, alpha=16, use_rslora=True)
+    stable = get_peft_model(base(), lora_config(spec, CausalLM.peft_task_type))
+    assert scaling(stable) == {4.0}
+    stable.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] is True
+    assert scaling(PeftModel.from_pretrained(base(), tmp_path)) == {4.0}
+
+
 @pytest.mark.parametrize(
     ("model", "revision"),
     [

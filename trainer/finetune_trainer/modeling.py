@@ -192,6 +192,7 @@ def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
         lora_dropout=peft.dropout,
         target_modules=list(peft.target_modules) or "all-linear",
         task_type=task_type,
+        use_rslora=peft.use_rslora,
     )
 
 
