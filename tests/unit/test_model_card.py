@@ -70,13 +70,26 @@ def test_body_tables() -> None:
     assert "LoRA adapter" in body
     assert "| LoRA r / alpha / dropout | 4 / 8 / 0.05 |" in body
     assert "| Target modules | q_proj, v_proj |" in body
+    assert "| PEFT method | lora |" in body
     assert "| Learning rate | 0.0001 (linear) |" in body
+    assert "| Warm-up | 0 steps |" in body
     assert "| Global batch size | 4 |" in body  # 2 per device x 2 nodes
     assert "| perplexity (lower is better) | 40 | 21.5 | -18.5 |" in body
     assert "perplexity ≤ 30" in body
     assert "PeftModel.from_pretrained" in body
     # Each built-in score says what it measures, in the contract's words.
     assert f"- perplexity: {METRICS['perplexity'].description}." in body
+    # The schedule and the rank-stabilized scaling, where the spec names them.
+    tuned = make_job(
+        peft={"r": 4, "alpha": 8, "useRslora": True},
+        training={"lrSchedulerType": "cosine", "warmupRatio": 0.03, "learningRate": 1e-4},
+    )
+    tuned_body = render_model_card(tuned, {}, "adapter").split("---\n", 2)[2]
+    assert "| PEFT method | lora (rsLoRA) |" in tuned_body
+    assert (
+        "| Learning rate | 0.0001 (cosine) |" in tuned_body
+        and "| Warm-up | 0.03 of steps |" in tuned_body
+    )
 
 
 def test_classification_merged_and_local_sources() -> None:

@@ -309,7 +309,7 @@ def _training_section(job: FineTuneJob, artifact: str, info: CardInfo) -> list[s
     rows: list[tuple[str, object]] = [
         ("Task", f"{spec.model.task} ({info.pipeline_tag})"),
         ("Artifact", artifact),
-        ("PEFT method", p.method),
+        ("PEFT method", f"{p.method} (rsLoRA)" if p.use_rslora else p.method),
     ]
     if p.method != "none":
         rows += [
