@@ -1792,7 +1792,9 @@ class FineTuneJobStatus(ApiModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="conditions are the source of truth, one per type; phase summarises them.",
+        description="conditions are the source of truth, one per type (Created, Running, "
+        "Evaluated, Pushed, Succeeded, Failed, Suspended, CheckpointsDurable, SavesOnStop); phase "
+        "summarises them.",
         # A map keyed by type, as metav1.Condition lists are: server-side apply and strategic
         # merges then treat each condition as its own entry.
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

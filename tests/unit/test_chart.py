@@ -910,7 +910,12 @@ def test_documented_wait_condition_is_the_api_condition() -> None:
     assert waits == [ConditionType.SUCCEEDED.value]
     api = (ROOT / "docs" / "api.md").read_text()
     listed = re.search(r"conditions: \[\].*types include (.*)$", api, re.M)
-    assert listed and ConditionType.SUCCEEDED.value in listed.group(1).split(", ")
+    assert listed and listed.group(1).split(", ") == [c.value for c in ConditionType]
+    # kubectl explain ftj.status.conditions names every type too.
+    from finetune_api.v1alpha1 import FineTuneJobStatus
+
+    explained = FineTuneJobStatus.model_fields["conditions"].description or ""
+    assert all(c.value in explained for c in ConditionType), explained
     notes = (CHART / "templates" / "NOTES.txt").read_text()
     assert f"--for=condition={ConditionType.SUCCEEDED.value} ftj/" in notes
 
