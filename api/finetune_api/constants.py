@@ -122,7 +122,7 @@ class Reason(StrEnum):
     CHECKPOINT_VOLUME = "CheckpointVolume"
     CHECKPOINT_HUB_BRANCH = "CheckpointHubBranch"
     NO_DURABLE_STORE = "NoDurableStore"
-    # SavesOnStop: the last step and save fit in the grace period, or they do not.
+    # SavesOnStop: a step and a save fit in the grace period, or they do not.
     WITHIN_GRACE_PERIOD = "WithinGracePeriod"
     GRACE_PERIOD_TOO_SHORT = "GracePeriodTooShort"
     # Events about the claim the operator made (output.checkpoints.claimRetentionPolicy): released

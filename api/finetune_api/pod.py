@@ -44,10 +44,10 @@ RESUMED_FROM_STEP_GAUGE: Final = "finetune_train_resumed_from_step"
 # newer value than the operator last saw means the gang re-formed, in place or as a new attempt.
 RESUMED_TIMESTAMP_GAUGE: Final = "finetune_train_resumed_timestamp_seconds"
 
-# Rank 0's estimate of what a stop (SIGTERM) takes: ending the step it is on (the last step's
-# seconds) and saving a checkpoint (the last save's, its Hub upload included). Every rank exports
-# it beside the pods' termination grace period; the operator scrapes rank 0's into the condition
-# SavesOnStop, and the alert FineTuneJobStopOutlastsGracePeriod compares the two.
+# Rank 0's estimate of what a stop (SIGTERM) takes: ending the step it is on (the longest of
+# its recent steps) and saving a checkpoint (the last save, its Hub upload included). Every rank
+# exports it beside the pods' termination grace period; the operator scrapes rank 0's into the
+# condition SavesOnStop, and the alert FineTuneJobStopOutlastsGracePeriod compares the two.
 STOP_SECONDS_GAUGE: Final = "finetune_checkpoint_stop_seconds"
 GRACE_PERIOD_GAUGE: Final = "finetune_termination_grace_period_seconds"
 # A pod's terminationGracePeriodSeconds when its spec sets none (the API server's default).

@@ -251,25 +251,26 @@ def needs_expansion(claim: dict[str, Any], job: FineTuneJob) -> bool:
 
 def saves_on_stop(job: FineTuneJob, stop_seconds: float) -> tuple[bool, Reason, str]:
     """(status, reason, message) of the SavesOnStop condition, given rank 0's estimate of what a
-    stop takes (its last step plus its last checkpoint's save and upload): whether that fits in
-    the pods' termination grace period, after which the kubelet kills the save."""
+    stop takes (its longest recent step plus its last checkpoint's save and upload): whether
+    that fits in the pods' termination grace period, after which the kubelet kills the save."""
     grace = job.spec.template.grace_period_seconds()
     need = math.ceil(stop_seconds)
     if stop_seconds <= grace:
         return (
             True,
             Reason.WITHIN_GRACE_PERIOD,
-            f"a stop ends its step and saves a checkpoint in about {need} s (rank 0's last step "
-            f"and save), within the pods' termination grace period of {grace} s",
+            f"a stop ends its step and saves a checkpoint in about {need} s (rank 0's longest "
+            f"recent step and last save), within the pods' termination grace period of {grace} s",
         )
     # Room for the step and the save to grow, and for the processes' exit after them.
     suggest = math.ceil(stop_seconds * 2 / 30) * 30
     return (
         False,
         Reason.GRACE_PERIOD_TOO_SHORT,
-        f"a stop needs about {need} s to end its step and save a checkpoint (rank 0's last step "
-        f"and save), more than the pods' termination grace period of {grace} s: a deletion, "
-        "eviction, preemption, drain or suspend kills the save, and the gang resumes from the "
-        "last periodic checkpoint instead. Set spec.template.terminationGracePeriodSeconds well "
-        f"above it (say {suggest}) when this FineTuneJob is next made",
+        f"a stop needs about {need} s to end its step and save a checkpoint (rank 0's longest "
+        "recent step and last save), more than the pods' termination grace period of "
+        f"{grace} s: a deletion, eviction, preemption, drain or suspend kills the save, and the "
+        "gang resumes from the last periodic checkpoint instead. Set "
+        f"spec.template.terminationGracePeriodSeconds well above it (say {suggest}) when this "
+        "FineTuneJob is next made",
     )

@@ -130,7 +130,8 @@ def resumed_at(values: dict[str, float]) -> str | None:
 
 
 def stop_seconds(values: dict[str, float]) -> float | None:
-    """What rank 0 estimates a stop takes (its last step and save); None before its first save."""
+    """What rank 0 estimates a stop takes (its longest recent step and its last save); None
+    before its first save."""
     value = values.get("stopSeconds")
     return value if value is not None and value >= 0 else None
 

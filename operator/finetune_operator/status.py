@@ -90,8 +90,8 @@ class Observed:
     workload: Workload | None = None
     # Rank 0's phase stamps as scraped (finetune_api.phases names, Unix seconds).
     stamps: dict[str, float] = field(default_factory=dict)
-    # What rank 0 estimates a stop takes (its last step and save), as scraped; None before its
-    # first save or without a scrape.
+    # What rank 0 estimates a stop takes (its longest recent step and its last save), as
+    # scraped; None before its first save or without a scrape.
     stop_seconds: float | None = None
 
 

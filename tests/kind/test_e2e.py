@@ -558,8 +558,8 @@ def test_finetunejob_end_to_end(
     check(result.get("repo") == repo, f"status.result.repo is not {repo}: {result}")
     check(result.get("artifact") == "adapter", f"status.result.artifact: {result}")
 
-    # ---- a stop would have saved: rank 0's last step and save (with the Hub branch upload),
-    # as the operator scraped them, fit in the pods' grace period (Kubernetes' 30 s) -----------
+    # ---- a stop would have saved: rank 0's longest recent step and last save (with the Hub
+    # branch upload), as the operator scraped them, fit in the pods' grace period (30 s) --------
     stop = next((c for c in status.get("conditions", []) if c["type"] == "SavesOnStop"), {})
     check(
         (stop.get("status"), stop.get("reason")) == ("True", "WithinGracePeriod")

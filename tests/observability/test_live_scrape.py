@@ -375,7 +375,7 @@ def test_loss_sampled_once_per_scrape_with_the_expected_labels(live: Live) -> No
 
 
 def test_each_rank_says_what_a_stop_would_take_against_its_grace_period(live: Live) -> None:
-    """After each save every rank exports the last step's and save's seconds, what a SIGTERM
+    """After each save every rank exports its longest recent step and last save, what a SIGTERM
     would take, beside the pods' grace period (Kubernetes' 30 s: the template sets none)."""
     ns = f'namespace="{live.namespace}"'
 

@@ -288,7 +288,7 @@ def saves_on_stop(status: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def test_a_stop_that_outlasts_the_grace_period_warns_once_and_one_that_fits_says_so() -> None:
-    # Rank 0's last step and save take 41.2 s; the pods have Kubernetes' default 30 s.
+    # Rank 0's longest recent step and last save take 41.2 s; the pods have the default 30 s.
     slow = stop_plan(41.2)
     cond = saves_on_stop(slow.status)
     assert cond is not None

@@ -44,13 +44,16 @@ def test_a_stop_that_does_not_fit_is_exported_and_logged_once(
 ) -> None:
     caplog.set_level(logging.WARNING)
     stop, metrics = budget({"terminationGracePeriodSeconds": 20})
-    stop(4.0, 18.5)
+    # The longest recent step counts: a SIGTERM may come as one begins.
+    for seconds in (3.0, 4.0, 2.5):
+        stop.step(seconds, warm=True)
+    stop.saved(18.5)
     assert gauges(metrics) == {STOP_SECONDS_GAUGE: 22.5, GRACE_PERIOD_GAUGE: 20.0}
     warned = [r.getMessage() for r in caplog.records if "grace period" in r.getMessage()]
     assert len(warned) == 1 and "take 22.5 s of its 20 s" in warned[0]
     assert "spec.template.terminationGracePeriodSeconds" in warned[0]
     # Later saves update the gauges, and the log says it only once.
-    stop(4.0, 30.0)
+    stop.saved(30.0)
     assert gauges(metrics)[STOP_SECONDS_GAUGE] == 34.0
     assert len([r for r in caplog.records if "grace period" in r.getMessage()]) == 1
 
@@ -60,9 +63,11 @@ def test_a_stop_that_fits_kubernetes_default_is_exported_quietly(
 ) -> None:
     caplog.set_level(logging.WARNING)
     stop, metrics = budget({})
-    # A save after a run's first step, which warmed up: no estimate from it.
-    stop(None, 6.0)
+    # A save after a run's first step, which warmed up (40 s: compiling): no estimate from it.
+    stop.step(40.0, warm=False)
+    stop.saved(6.0)
     assert gauges(metrics) == {}
-    stop(1.5, 6.0)
+    stop.step(1.5, warm=True)
+    stop.saved(6.0)
     assert gauges(metrics) == {STOP_SECONDS_GAUGE: 7.5, GRACE_PERIOD_GAUGE: 30.0}
     assert "grace period" not in caplog.text

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,6 +154,8 @@ def train_steps(
                 epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
                 step_seconds = time.perf_counter() - started
                 report(state.step, epoch, mean_loss, grad_norm, tokens, samples, step_seconds)
+                # Not this run's first step, whose warm-up no later step repeats.
+                stop_budget.step(step_seconds, warm=warmed_up)
                 watchdog.step_done(state.step)
                 # An epoch always ends on an optimizer step (ShardedBatches drops partial steps).
                 if state.batches_in_epoch == run.batches.batches_per_epoch:
@@ -169,8 +172,7 @@ def train_steps(
                         after_save,
                     )
                     last_save = time.monotonic()
-                    # Not by this run's first step, whose warm-up no later step repeats.
-                    stop_budget(step_seconds if warmed_up else None, save_seconds)
+                    stop_budget.saved(save_seconds)
                 if stopping:
                     raise Interrupted(state.step, here=stop.requested)
                 step_loss, tokens, samples, started = 0.0, 0, 0, time.perf_counter()
@@ -236,21 +238,33 @@ class _StepReport:
 
 
 class StopBudget:
-    """After each save: what a stop (SIGTERM) would take now, which is ending the step the gang
-    is on and saving one more checkpoint, against the pods' termination grace period, past which
-    the kubelet kills the save. Exported (the operator's SavesOnStop condition, an alert), and
-    logged once when it does not fit."""
+    """What a stop (SIGTERM) would take now, which is ending the step the gang is on and saving
+    one more checkpoint, against the pods' termination grace period, past which the kubelet
+    kills the save: the longest of the recent steps (a SIGTERM may land at the start of one)
+    plus the last save. Exported after each save (the operator's SavesOnStop condition, an
+    alert), and logged once when it does not fit."""
+
+    # Recent steps, of which the longest counts: steps differ with their batches' lengths.
+    STEPS = 20
 
     def __init__(self, job: FineTuneJob, telemetry: TrainerMetrics) -> None:
         self.grace = job.spec.template.grace_period_seconds()
         self.telemetry, self.warned = telemetry, False
+        self.steps: deque[float] = deque(maxlen=self.STEPS)
 
-    def __call__(self, step_seconds: float | None, save_seconds: float) -> None:
-        """`step_seconds`: the step just taken; None for a run's first, which warmed up (the
-        estimate then waits for the next save)."""
-        if step_seconds is None:
+    def step(self, seconds: float, warm: bool) -> None:
+        """A step done; `warm=False` for a run's first, whose warm-up (compiling the layers,
+        growing the allocator) no later step repeats."""
+        if warm:
+            self.steps.append(seconds)
+
+    def saved(self, save_seconds: float) -> None:
+        """A checkpoint saved in `save_seconds` (its upload included); nothing is said until a
+        step after the first is known."""
+        if not self.steps:
             return
-        need = step_seconds + save_seconds
+        step = max(self.steps)
+        need = step + save_seconds
         self.telemetry.record_stop(need, self.grace)
         if need > self.grace and not self.warned:
             self.warned = True
@@ -259,7 +273,7 @@ class StopBudget:
                 "(%.1f s) and saving a checkpoint (%.1f s) take %.1f s of its %d s, so a SIGTERM "
                 "loses the steps since the last periodic checkpoint; raise "
                 "spec.template.terminationGracePeriodSeconds",
-                step_seconds,
+                step,
                 save_seconds,
                 need,
                 self.grace,

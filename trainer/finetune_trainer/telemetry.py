@@ -238,7 +238,7 @@ class TrainerMetrics:
         self._stop = gauge(
             STOP_SECONDS_GAUGE,
             "Seconds a stop (SIGTERM) would take to end its step and save a checkpoint: the "
-            "last step's plus the last save's (its Hub upload included).",
+            "longest of the recent steps plus the last save (its Hub upload included).",
         )
         self._grace = gauge(
             GRACE_PERIOD_GAUGE,
@@ -365,7 +365,8 @@ class TrainerMetrics:
         self._store_free.labels(**self.labels).set(free)
 
     def record_stop(self, seconds: float, grace: float) -> None:
-        """What a stop would take now (the last step and save) and the grace period it has."""
+        """What a stop would take now (the longest recent step and the last save), and the grace
+        period it has."""
         self._stop.labels(**self.labels).set(seconds)
         self._grace.labels(**self.labels).set(grace)
 
