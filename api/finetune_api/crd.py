@@ -267,7 +267,8 @@ def _printer_columns() -> list[Schema]:
             "jsonPath": f'.status.conditions[?(@.type=="{ConditionType.RUNNING}")].reason',
             "priority": 1,
             "description": "The Running condition's reason: why the job trains or does not "
-            "(PodsPending, Unschedulable, Restarting, NodeNotReady, ...), or how it ended.",
+            "(PodsPending, Unschedulable, Restarting, NodeNotReady, QuotaExceeded, "
+            "SecretNotFound, ...), or how it ended.",
         },
         {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
         {

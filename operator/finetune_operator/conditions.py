@@ -68,11 +68,17 @@ def previous_condition(prev: Obj, type_: str) -> Obj:
 
 def transitions(prev: Obj, new: Obj) -> list[tuple[str, str, str]]:
     """(type, reason, message) of each condition whose status or reason changed from `prev` to
-    `new`: one Event each, `Not<type>` for a condition that is now False."""
+    `new`: one Event each, `Not<type>` for a condition that is now False; but one for a job
+    held back, whose Created and Running say the same."""
     before = {c["type"]: (c.get("status"), c.get("reason")) for c in prev.get("conditions") or []}
     out = []
+    held: tuple[str, str] | None = None
     for c in new["conditions"]:
         if before.get(c["type"]) != (c["status"], c["reason"]):
+            if c["status"] == "False" and c["type"] == CT.CREATED:
+                held = (c["reason"], c["message"])
+            elif c["type"] == CT.RUNNING and held == (c["reason"], c["message"]):
+                continue
             out.append(
                 (
                     c["type"] if c["status"] == "True" else f"Not{c['type']}",

@@ -62,6 +62,17 @@ PENDING_HINTS = {
 }
 
 
+# The reasons of a Blocker that the job waits out (Created=False, and Running=False with it).
+BLOCKER_REASONS = frozenset(
+    {
+        Reason.SECRET_NOT_FOUND,
+        Reason.STORAGE_CLASS_NOT_FOUND,
+        Reason.QUOTA_EXCEEDED,
+        Reason.NAME_CONFLICT,
+    }
+)
+
+
 @dataclass(frozen=True)
 class Blocker:
     """A problem found before the Job could be made."""
@@ -301,7 +312,10 @@ def plan(
         if blocker.permanent:
             _finish(status, conds, observed.now, False, blocker.reason, blocker.message)
         else:
+            # Running says it too: it is the condition that explains a Pending job (the Reason
+            # column, the per-job series), and it has no pods yet to say anything else.
             conds.set(CT.CREATED, False, blocker.reason, blocker.message)
+            conds.set(CT.RUNNING, False, blocker.reason, blocker.message)
     elif out.state is State.ABSENT:
         left = deadline_left(policy, status.get("startTime"), observed.now)
         if left is not None and left <= 0:
@@ -596,7 +610,9 @@ def _pending_seconds(observed: Observed) -> int | None:
 
 
 def _stuck_reason(conds: Conditions) -> bool:
-    return conds.reason(CT.RUNNING) in STUCK_REASONS
+    """Whether Running still says why pods could not start or be made (a stuck pod, or what
+    held the Job back), which pods on their way replace."""
+    return conds.reason(CT.RUNNING) in STUCK_REASONS | BLOCKER_REASONS
 
 
 def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:

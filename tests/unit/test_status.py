@@ -668,6 +668,19 @@ def test_missing_secret_blocks_without_failing() -> None:
     assert result.actions == []
     assert cond(result.status, "Created")["reason"] == "SecretNotFound"  # type: ignore[index]
     assert result.status["phase"] == "Pending"
+    # Running, which explains a Pending job (kubectl's Reason column, the per-job series), says
+    # the same; one Event says it once.
+    running = cond(result.status, "Running")
+    assert running is not None and (running["status"], running["reason"]) == (
+        "False",
+        "SecretNotFound",
+    )
+    assert [t[:2] for t in result.transitions] == [("NotCreated", "SecretNotFound")]
+    # The Secret made, the Job's pods on their way: Running says so, not the old blocker.
+    made = plan(ftj(result.status), observed(batch_job(), [pod(0, "Pending"), pod(1, "Pending")]))
+    running = cond(made.status, "Running")
+    assert running is not None and running["reason"] == "PodsPending"
+    assert cond(made.status, "Created")["status"] == "True"  # type: ignore[index]
 
 
 def test_apply_rejected_fails() -> None:
