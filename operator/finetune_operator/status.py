@@ -71,6 +71,8 @@ BLOCKER_REASONS = frozenset(
         Reason.NAME_CONFLICT,
     }
 )
+# Running's reasons that say why no pod runs, which pods on their way (PodsPending) replace.
+_SUPERSEDED_BY_PODS = STUCK_REASONS | BLOCKER_REASONS
 
 
 @dataclass(frozen=True)
@@ -312,10 +314,12 @@ def plan(
         if blocker.permanent:
             _finish(status, conds, observed.now, False, blocker.reason, blocker.message)
         else:
-            # Running says it too: it is the condition that explains a Pending job (the Reason
-            # column, the per-job series), and it has no pods yet to say anything else.
             conds.set(CT.CREATED, False, blocker.reason, blocker.message)
-            conds.set(CT.RUNNING, False, blocker.reason, blocker.message)
+            if out.state is State.ABSENT:
+                # Running says it too: it explains a Pending job (the Reason column, the
+                # per-job series), and there are no pods to say anything else. A Job that
+                # runs already (its Secret deleted since, say) keeps its Running as it is.
+                conds.set(CT.RUNNING, False, blocker.reason, blocker.message)
     elif out.state is State.ABSENT:
         left = deadline_left(policy, status.get("startTime"), observed.now)
         if left is not None and left <= 0:
@@ -612,7 +616,7 @@ def _pending_seconds(observed: Observed) -> int | None:
 def _stuck_reason(conds: Conditions) -> bool:
     """Whether Running still says why pods could not start or be made (a stuck pod, or what
     held the Job back), which pods on their way replace."""
-    return conds.reason(CT.RUNNING) in STUCK_REASONS | BLOCKER_REASONS
+    return conds.reason(CT.RUNNING) in _SUPERSEDED_BY_PODS
 
 
 def _requeue_after(out: Outcome, policy: RunPolicy, waited: int | None) -> float | None:

@@ -681,6 +681,18 @@ def test_missing_secret_blocks_without_failing() -> None:
     running = cond(made.status, "Running")
     assert running is not None and running["reason"] == "PodsPending"
     assert cond(made.status, "Created")["status"] == "True"  # type: ignore[index]
+    # A running job whose Secret is deleted since stays Running: its pods hold the token.
+    going = plan(ftj(), observed(batch_job(), [pod(0, "Running"), pod(1, "Running")]))
+    assert going.status["phase"] == "Running"
+    blocked = Observed(
+        now=NOW,
+        job=batch_job(),
+        outcome=observe_job(batch_job(), [pod(0, "Running"), pod(1, "Running")]),
+        blocker=Blocker(Reason.SECRET_NOT_FOUND, "Secret hf not found"),
+    )
+    still = plan(ftj(going.status), blocked)
+    assert still.status["phase"] == "Running"
+    assert cond(still.status, "Running")["reason"] == "PodsRunning"  # type: ignore[index]
 
 
 def test_apply_rejected_fails() -> None:
