@@ -435,8 +435,9 @@ class TrainingSpec(ApiModel):
     gradient_checkpointing: bool | None = Field(
         None,
         description="gradientCheckpointing recomputes activations in the backward pass instead "
-        "of keeping them: less memory for about a third more compute. Default unset: on for "
-        "peft.method qlora, off otherwise.",
+        "of keeping them (the transformer's layers; for text-to-image, the UNet's blocks): less "
+        "memory for about a third more compute. Default unset: on for peft.method qlora, off "
+        "otherwise.",
     )
     compile: bool | None = Field(
         None,

@@ -213,6 +213,30 @@ def test_loss_equals_sentence_transformers_own_and_training_lowers_it(tiny_st: P
     assert float(task.loss(model, batch).detach()) < first
 
 
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_st: Path, method: str) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        changes = {"training": {"gradientCheckpointing": checkpointing}, "peft": {"method": method}}
+        fields = {"anchorField": "q", "positiveField": "d", "negativeField": "n"}
+        task = task_for(_task_spec(tiny_st, dataset=fields, **changes))
+        data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+        torch.manual_seed(0)  # LoRA's A matrices
+        model = task.load_model(data, torch.device("cpu"))
+        assert model.transformers_model.is_activation_checkpointing is checkpointing
+        model.train()
+        torch.manual_seed(1)  # the same dropout in both
+        task.loss(model, data.collate([data.train[i] for i in range(4)])).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+    # The first layer's gradients come back through the recomputed layers above it.
+    assert any(float(g.abs().sum()) > 0 for n, g in checkpointed.items() if "layer.0." in n)
+
+
 def test_scores_save_and_card(tiny_st: Path, tmp_path: Path) -> None:
     from accelerate import Accelerator
     from sentence_transformers import SentenceTransformer

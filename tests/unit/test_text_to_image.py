@@ -240,6 +240,25 @@ def test_only_the_unet_attention_lora_trains(tiny: tuple[Path, Path]) -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny: tuple[Path, Path]) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        task, data = _task_and_data(_spec(tiny, training={"gradientCheckpointing": checkpointing}))
+        torch.manual_seed(0)  # LoRA's gaussian A matrices
+        model = task.load_model(data, torch.device("cpu"))
+        assert model.unet.is_gradient_checkpointing is checkpointing
+        model.train()
+        torch.manual_seed(1)  # the step's noise and timesteps
+        task.loss(model, data.collate([data.train[i] for i in range(4)])).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().sum()) > 0 for g in checkpointed.values())
+
+
 def test_evaluation_is_the_same_at_fixed_seeds(tiny: tuple[Path, Path]) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader

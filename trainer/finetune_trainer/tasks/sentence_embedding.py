@@ -147,6 +147,10 @@ class SentenceEmbedding(Task):
         else:
             for name in _unused_heads(st):
                 st.transformers_model.get_submodule(name).requires_grad_(False)
+        if modeling.gradient_checkpointing(self.spec):
+            # Non-reentrant, as modeling.load_model: it passes gradients to LoRA's weights
+            # through layers whose own weights are frozen, and keeps DDP's hooks intact.
+            st.gradient_checkpointing_enable({"use_reentrant": False})
         # The loss holds the model only for its own forward, which `loss` does not use: the
         # embeddings come from the prepared (DDP) model. Gathered across ranks, every rank's
         # anchors see every rank's positives (and negatives) as in-batch negatives.

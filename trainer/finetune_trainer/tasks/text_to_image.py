@@ -314,6 +314,10 @@ class TextToImage(Task):
                 target_modules=list(p.target_modules or DEFAULT_TARGET_MODULES),
             )
         )
+        if modeling.gradient_checkpointing(self.spec):
+            # The UNet's activations are most of a step's memory (diffusers' LoRA script offers
+            # the same switch); the VAE and text encoder run without gradients anyway.
+            unet.enable_gradient_checkpointing()
         return DiffusionModel(unet, vae, text_encoder, scheduler)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
