@@ -237,6 +237,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_st: Path, method: 
     assert any(float(g.abs().sum()) > 0 for n, g in checkpointed.items() if "layer.0." in n)
 
 
+def test_bf16_loads_the_lora_base_at_half_the_bytes_and_trains_fp32_weights(
+    tiny_st: Path,
+) -> None:
+    fields = {"anchorField": "q", "positiveField": "d", "negativeField": "n"}
+    models = {}
+    for precision in ("fp32", "bf16"):
+        task = task_for(_task_spec(tiny_st, dataset=fields, training={"precision": precision}))
+        data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+        models[precision] = task.load_model(data, torch.device("cpu"))
+    fp32, bf16 = models["fp32"], models["bf16"]
+
+    def frozen(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if not p.requires_grad]
+
+    assert {p.dtype for p in frozen(bf16)} == {torch.bfloat16}
+    assert sum(p.numel() * p.element_size() for p in frozen(bf16)) * 2 == sum(
+        p.numel() * p.element_size() for p in frozen(fp32)
+    )
+    params = [p for p in bf16.parameters() if p.requires_grad]
+    assert params and {p.dtype for p in params} == {torch.float32}
+    batch = data.collate([data.train[i] for i in range(4)])
+    optimizer = torch.optim.AdamW(params, lr=5e-2)
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate's bf16 does
+            loss = task.loss(bf16, batch)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
 def test_scores_save_and_card(tiny_st: Path, tmp_path: Path) -> None:
     from accelerate import Accelerator
     from sentence_transformers import SentenceTransformer

@@ -259,6 +259,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny: tuple[Path, Path]
     assert any(float(g.abs().sum()) > 0 for g in checkpointed.values())
 
 
+def test_bf16_loads_the_frozen_parts_at_half_the_bytes_and_keeps_lora_fp32(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    models = {}
+    for precision in ("fp32", "bf16"):
+        task, data = _task_and_data(_spec(tiny, training={"precision": precision}))
+        models[precision] = task.load_model(data, torch.device("cpu"))
+    fp32, bf16 = models["fp32"], models["bf16"]
+    frozen = {n: p for n, p in bf16.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+
+    def frozen_bytes(model: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+    assert frozen_bytes(bf16) * 2 == frozen_bytes(fp32)
+    # A step under autocast, as accelerate's bf16 runs it, gives fp32 gradients to LoRA only.
+    batch = data.collate([data.train[i] for i in range(4)])
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = task.loss(bf16, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in bf16.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    # The samples come from the bf16 pipeline too, outside autocast.
+    samples = {"imageSamples": {"prompts": ["a red circle"], "count": 1, "inferenceSteps": 2}}
+    task, data = _task_and_data(_spec(tiny, training={"precision": "bf16"}, evaluation=samples))
+    assert task.save(bf16, data, tmp_path) == "adapter"
+    assert Image.open(tmp_path / "samples" / "00.png").size == (SIZE, SIZE)
+
+
 def test_evaluation_is_the_same_at_fixed_seeds(tiny: tuple[Path, Path]) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader

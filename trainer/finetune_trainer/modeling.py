@@ -283,10 +283,17 @@ def load_model(
         autocast_adapter_dtype=True,
     )
     # What autocast_adapter_dtype leaves out (a classification head's trainable copy) too.
+    trainable_in_fp32(model)
+    return model
+
+
+def trainable_in_fp32(model: torch.nn.Module) -> None:
+    """Upcast the trainable weights of a half-precision base to fp32 in place, so that the
+    optimizer never updates half-precision weights (diffusers' cast_training_params does the
+    same); the frozen base stays at the precision it was loaded in."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    return model
 
 
 def _merged_at_full_precision(model: torch.nn.Module, load_base: BaseLoader) -> PreTrainedModel:

@@ -121,7 +121,9 @@ class SentenceEmbedding(Task):
         limit = getattr(tokenizer, "model_max_length", None) or self.spec.training.max_seq_length
         return min(self.spec.training.max_seq_length, int(limit))
 
-    def _load_base(self, device: torch.device | str = "cpu") -> SentenceTransformer:
+    def _load_base(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> SentenceTransformer:
         model = self.spec.model
         location, revision = modeling.source_location(model.source), modeling.pinned_revision(model)
         with downloading("model", location, revision) as token:
@@ -131,12 +133,15 @@ class SentenceEmbedding(Task):
                 token=token,
                 device=str(device),
                 local_files_only=modeling.cached_only(model),
+                model_kwargs={"dtype": dtype},
             )
         st.max_seq_length = min(st.max_seq_length or math.inf, self.spec.training.max_seq_length)
         return st
 
     def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
-        st = self._load_base(device)
+        # A LoRA's frozen base at the compute precision (training.precision), as causal-lm's.
+        dtype = modeling.weights_dtype(self.spec.training.precision, self.spec.peft.method)
+        st = self._load_base(device, dtype)
         if self.spec.peft.method != "none":
             # LoRA through sentence-transformers' peft support, on the underlying transformer.
             config = modeling.lora_config(self.spec.peft, TaskType.FEATURE_EXTRACTION)
@@ -144,6 +149,7 @@ class SentenceEmbedding(Task):
             # refuses; the pooling of a sentence-transformers model reads the token embeddings.
             config.exclude_modules = _head_linears(st) or None
             st.add_adapter(config)
+            modeling.trainable_in_fp32(st)  # peft made LoRA's weights in the base's dtype
         else:
             for name in _unused_heads(st):
                 st.transformers_model.get_submodule(name).requires_grad_(False)

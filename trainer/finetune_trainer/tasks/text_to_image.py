@@ -295,9 +295,12 @@ class TextToImage(Task):
     def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
         from peft import LoraConfig
 
-        unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=torch.float32)
-        vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=torch.float32)
-        text_encoder = self._from_pretrained(CLIPTextModel, "text_encoder", dtype=torch.float32)
+        # The frozen parts at the compute precision (training.precision), as diffusers' LoRA
+        # script casts them to its weight_dtype: half the memory of fp32 in bf16 or fp16.
+        dtype = modeling.weights_dtype(self.spec.training.precision, self.spec.peft.method)
+        unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=dtype)
+        vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=dtype)
+        text_encoder = self._from_pretrained(CLIPTextModel, "text_encoder", dtype=dtype)
         scheduler = self._from_pretrained(DDPMScheduler, "scheduler")
         if self.spec.training.prediction_type is not None:
             scheduler.register_to_config(prediction_type=self.spec.training.prediction_type)
@@ -314,6 +317,7 @@ class TextToImage(Task):
                 target_modules=list(p.target_modules or DEFAULT_TARGET_MODULES),
             )
         )
+        modeling.trainable_in_fp32(unet)  # peft made LoRA's weights in the UNet's dtype
         if modeling.gradient_checkpointing(self.spec):
             # The UNet's activations are most of a step's memory (diffusers' LoRA script offers
             # the same switch); the VAE and text encoder run without gradients anyway.
