@@ -103,6 +103,9 @@ class Reason(StrEnum):
     ACCELERATOR_UNAVAILABLE = "AcceleratorUnavailable"
     # A trainer container was killed by the kernel for memory (containerStatuses reason).
     OOM_KILLED = "OOMKilled"
+    # torch could not allocate on a rank's device (a GPU's memory full): the same spec peaks the
+    # same way on the same devices, so it is permanent; the message names the fields to lower.
+    DEVICE_OUT_OF_MEMORY = "DeviceOutOfMemory"
     # Running=False while a pod of the attempt cannot start, with the reason Kubernetes gives: a
     # container waiting reason (the kubelet's), PodScheduled=False (the scheduler's; a missing
     # claim is one), or FailedCreate (the Job controller's Event: its pods cannot be created).

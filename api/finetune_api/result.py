@@ -253,6 +253,8 @@ _PERMANENT = {
     Reason.DATASET_NOT_FOUND: ExitCode.INVALID_SPEC,
     # The same pod on the same node sees the same hardware: retrying cannot help.
     Reason.ACCELERATOR_UNAVAILABLE: ExitCode.INVALID_SPEC,
+    # The same spec on the same devices runs out at the same step (device_memory.py).
+    Reason.DEVICE_OUT_OF_MEMORY: ExitCode.INVALID_SPEC,
 }
 
 

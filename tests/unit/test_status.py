@@ -327,6 +327,18 @@ def test_refused_push_and_missing_sources_end_the_job_with_their_reason(
     assert (out.reason, out.message) == (reason, "refused by http://hub")
 
 
+def test_another_ranks_device_out_of_memory_ends_the_job_over_rank_0s_stop() -> None:
+    """Rank 1 ran out of GPU memory (exit 3); rank 0, waiting for it in a collective, got the
+    Job controller's SIGTERM as the Job failed: the out-of-memory verdict is the job's."""
+    oom = {"status": "Failed", "reason": "DeviceOutOfMemory", "rank": 1, "message": "GPU 1"}
+    stopped = {"status": "Failed", "reason": "Interrupted", "message": "SIGTERM"}
+    job = batch_job(cond=("FailureTarget", "PodFailurePolicy", "exit code 3"))
+    pods = [pod(0, "Failed", 143, json.dumps(stopped)), pod(1, "Failed", 3, json.dumps(oom))]
+    out = observe_job(job, pods)
+    assert out.state is State.FAILED and out.permanent
+    assert (out.reason, out.message) == ("DeviceOutOfMemory", "GPU 1")
+
+
 def test_rank0_result_wins_over_other_ranks() -> None:
     rank1 = {"status": "Failed", "reason": "TrainingFailed", "rank": 1}
     gate = {"status": "Failed", "reason": "EvaluationGateFailed", "message": "f1 too low"}
