@@ -91,6 +91,16 @@ JOB_NAMESPACE_ENV: Final = "FINETUNE_JOB_NAMESPACE"
 # LD_PRELOAD; `finetune train` started any other way preloads it itself where it is installed.
 PRELOAD_ENV: Final = "LD_PRELOAD"
 CPU_ALLOCATOR: Final = "libtcmalloc_minimal.so.4"
+# The CUDA caching allocator's setting for a GPU job: expandable segments, so that memory freed by
+# blocks of varying sizes (batches of varying length, evaluation between training steps) is
+# reused instead of splitting the GPU into reserved pieces no new block fits, which torch's own
+# out-of-memory message recommends and TorchTitan trains with. An out-of-memory failure is
+# permanent (reason DeviceOutOfMemory), so fragmentation must not be what causes one. The
+# operator sets it for nvidia.com/gpu pods, and local mode for its ranks, unless either name
+# is set already (PYTORCH_ALLOC_CONF is torch's newer name for it; older torch reads this one).
+CUDA_ALLOC_CONF_ENV: Final = "PYTORCH_CUDA_ALLOC_CONF"
+CUDA_ALLOC_CONF_ENVS: Final = (CUDA_ALLOC_CONF_ENV, "PYTORCH_ALLOC_CONF")
+CUDA_ALLOC_CONF: Final = "expandable_segments:True"
 # Threads of each rank process's OpenMP pool (torch's intra-op threads, which size themselves to
 # every core the process sees). The operator sets it to the pod's CPU (its limit, else its
 # request) split over processesPerNode, at least 1, unless template.env names it: on a shared
@@ -141,6 +151,14 @@ def preloads_allocator(accelerator_type: str, env_names: Iterable[str]) -> bool:
     LD_PRELOAD is among `env_names` already (the user's choice of allocator, an empty one too).
     Accelerator jobs keep the C library's malloc: tcmalloc was not measured there."""
     return accelerator_type == "cpu" and PRELOAD_ENV not in set(env_names)
+
+
+def cuda_allocator_env(accelerator_type: str, env_names: Iterable[str]) -> dict[str, str]:
+    """CUDA_ALLOC_CONF for a GPU job whose env names neither of CUDA_ALLOC_CONF_ENVS (the user's
+    choice, an empty one too); nothing for other jobs."""
+    if accelerator_type != "nvidia.com/gpu" or set(CUDA_ALLOC_CONF_ENVS) & set(env_names):
+        return {}
+    return {CUDA_ALLOC_CONF_ENV: CUDA_ALLOC_CONF}
 
 
 # ---- exit codes ---------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def _env(
         # The image's tcmalloc (pod.CPU_ALLOCATOR): the CPU step's large buffers are reused
         # instead of faulted in again each step. A template.env LD_PRELOAD is the user's choice.
         values[pod.PRELOAD_ENV] = pod.CPU_ALLOCATOR
+    values.update(pod.cuda_allocator_env(spec.resources.accelerator.type, own_names))
     values.update(threads_env(resources, spec.resources.processes_per_node, own_names))
     if store.claim_name:
         # The model and data on the claim too, keyed by repo and commit: fetched once for the

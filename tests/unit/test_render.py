@@ -138,6 +138,27 @@ def test_cpu_pods_preload_the_images_tcmalloc_unless_the_template_names_ld_prelo
         ]
 
 
+def test_gpu_pods_get_expandable_segments_unless_the_template_sets_the_allocator() -> None:
+    setting = {pod.CUDA_ALLOC_CONF_ENV: "expandable_segments:True"}
+    assert _env(_job("gpu"))[pod.CUDA_ALLOC_CONF_ENV] == setting[pod.CUDA_ALLOC_CONF_ENV]
+    for other in ("cpu", "tpu"):
+        assert not set(pod.CUDA_ALLOC_CONF_ENVS) & set(_env(_job(other)))
+    # Either of torch's names in template.env, empty too, is the user's setting and the only one.
+    for name, value in (
+        ("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync"),
+        (pod.CUDA_ALLOC_CONF_ENV, ""),
+    ):
+        doc = yaml.safe_load((GOLDEN / "gpu.input.yaml").read_text())
+        doc["spec"].setdefault("template", {}).setdefault("env", []).append(
+            {"name": name, "value": value}
+        )
+        rendered = render_manifests(parse_manifest(doc), SETTINGS)
+        env = _container(next(d for d in rendered if d["kind"] == "Job"))["env"]
+        assert [e for e in env if e["name"] in pod.CUDA_ALLOC_CONF_ENVS] == [
+            {"name": name, "value": value}
+        ]
+
+
 def _threads(resources: dict[str, Any], processes: int = 1, env: Any = ()) -> list[Any]:
     """The OMP_NUM_THREADS entries of the cpu case's container for these resources."""
     doc = yaml.safe_load((GOLDEN / "cpu.input.yaml").read_text())

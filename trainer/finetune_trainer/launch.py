@@ -260,6 +260,7 @@ def run_local(manifest: Path, job: FineTuneJob, workdir: Path | None = None) -> 
     base.setdefault(pod.METRICS_PORT_ENV, "0")  # many ranks share this host's ports
     base[pod.THREADS_ENV] = omp_threads(res.nodes * res.processes_per_node, base)
     base.update(allocator_env(job, base))  # so that no pod starts itself again to preload it
+    base.update(pod.cuda_allocator_env(res.accelerator.type, base))  # as the operator sets it
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     results = []
