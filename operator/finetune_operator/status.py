@@ -283,36 +283,62 @@ def plan(
         job.status.model_dump(mode="json", by_alias=True, exclude_none=True) if job.status else {}
     )
     generation = job.metadata.generation or 0
-    name, policy = job.metadata.name, job.spec.run_policy
     conds = Conditions(prev.get("conditions") or [], observed.now, generation)
-    status: Obj = {**prev, "observedGeneration": generation}
+    status = _carried_over(job, observed, prev, conds)
+    restart_seconds, rejoin = _record_resume(status, prev, conds, status["attempts"], observed)
+    terminal = prev.get("phase") in TERMINAL and (
+        conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
+    )
+    if terminal:
+        # A finished FineTuneJob never starts again; its Job goes when runPolicy's TTL is up.
+        expiry, requeue_after = _expiry(job.spec.run_policy, status, observed.outcome, observed.now)
+        step = _Step(expiry, requeue_after=requeue_after)
+    else:
+        step = _next_step(job, observed, status, prev, conds, stuck_after, node_lost_wait)
+    requeue_after = _settle(job, observed, status, prev, conds, terminal, step.requeue_after)
+    return Plan(
+        status=status,
+        actions=step.actions,
+        transitions=with_restart(transitions(prev, status), rejoin or step.began),
+        restart_seconds=restart_seconds,
+        restarted=rejoin is not None or step.restarted,
+        requeue_after=requeue_after,
+    )
+
+
+def _carried_over(job: FineTuneJob, observed: Observed, prev: Obj, conds: Conditions) -> Obj:
+    """The status as this pass begins: the last one's, with what the pass knows before it
+    decides anything (the generation, the children's names, the attempt, the store)."""
+    name, out = job.metadata.name, observed.outcome
+    status: Obj = {**prev, "observedGeneration": job.metadata.generation or 0}
     status["workload"] = {
         "jobName": naming.batch_job_name(name),
         "serviceName": naming.service_name(name),
     }
     attempts = max(int(prev.get("attempts") or 0), 1)
-    actions: list[Action] = []
-    out = observed.outcome
     if out.state is not State.ABSENT and out.attempt > attempts:
         attempts = out.attempt  # created, then crashed before the status write
     status["attempts"] = attempts
-    requeue_after: float | None = None
     if observed.store is not None:
         status["checkpoints"] = {**(prev.get("checkpoints") or {}), **observed.store.to_status()}
         conds.set(CT.CHECKPOINTS_DURABLE, *observed.store.condition())
-    restart_seconds, rejoin = _record_resume(status, prev, conds, attempts, observed)
-    restarted = rejoin is not None
-    terminal = prev.get("phase") in TERMINAL and (
-        conds.is_true(CT.SUCCEEDED) or conds.is_true(CT.FAILED)
-    )
+    return status
 
-    if terminal:
-        # A finished FineTuneJob never starts again; its Job goes when runPolicy's TTL is up.
-        expiry, requeue_after = _expiry(policy, status, out, observed.now)
-        actions += expiry
-    elif (blocker := observed.blocker) is not None:
+
+def _next_step(
+    job: FineTuneJob,
+    observed: Observed,
+    status: Obj,
+    prev: Obj,
+    conds: Conditions,
+    stuck_after: float,
+    node_lost_wait: float,
+) -> _Step:
+    """What an unfinished FineTuneJob's pass decides, from what its attempt's Job is doing."""
+    policy, out, now = job.spec.run_policy, observed.outcome, observed.now
+    if (blocker := observed.blocker) is not None:
         if blocker.permanent:
-            _finish(status, conds, observed.now, False, blocker.reason, blocker.message)
+            _finish(status, conds, now, False, blocker.reason, blocker.message)
         else:
             conds.set(CT.CREATED, False, blocker.reason, blocker.message)
             if out.state is State.ABSENT:
@@ -320,55 +346,58 @@ def plan(
                 # per-job series), and there are no pods to say anything else. A Job that
                 # runs already (its Secret deleted since, say) keeps its Running as it is.
                 conds.set(CT.RUNNING, False, blocker.reason, blocker.message)
-    elif out.state is State.ABSENT:
-        left = deadline_left(policy, status.get("startTime"), observed.now)
+        return _Step([])
+    if out.state is State.ABSENT:
+        left = deadline_left(policy, status.get("startTime"), now)
         if left is not None and left <= 0:
-            _finish(status, conds, observed.now, False, Reason.DEADLINE_EXCEEDED, _spent(policy))
-        else:
-            actions.append(Action("create", attempt=attempts, deadline=left))
-    elif out.deleting:
+            _finish(status, conds, now, False, Reason.DEADLINE_EXCEEDED, _spent(policy))
+            return _Step([])
+        return _Step([Action("create", attempt=status["attempts"], deadline=left)])
+    if out.deleting:
         # The old gang is going; its Job's DELETED event brings the next pass, unless a pod
         # outlives its grace period and holds the next attempt back, maybe for good.
-        requeue_after = _held_back(conds, out, attempts, observed.now, stuck_after)
-    elif out.attempt < attempts:
-        actions.append(Action("delete", attempt=out.attempt, uid=out.uid))
-    elif out.state is State.SUCCEEDED:
+        return _Step([], requeue_after=_held_back(conds, out, status["attempts"], now, stuck_after))
+    if out.attempt < status["attempts"]:
+        return _Step([Action("delete", attempt=out.attempt, uid=out.uid)])
+    if out.state is State.SUCCEEDED:
         _apply_result(status, out, conds)
-        _finish(status, conds, observed.now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
-    elif out.state is State.FAILED:
+        _finish(status, conds, now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
+        return _Step([])
+    if out.state is State.FAILED:
         _apply_result(status, out, conds)
-        requeue_after = _hearing_out(conds, out, observed.now, node_lost_wait)
-        if requeue_after is None and (
-            retry := _after_failure(status, prev, conds, policy, out, observed.now)
-        ):
-            actions.append(retry)
-            restarted = True
-    else:
-        active = _while_active(job, observed, status, prev, conds)
-        actions += active.actions
-        rejoin, restarted = rejoin or active.began, restarted or active.began is not None
-        requeue_after = active.requeue_after
+        waiting = _hearing_out(conds, out, now, node_lost_wait)
+        if waiting is not None:
+            return _Step([], requeue_after=waiting)
+        retry = _after_failure(status, prev, conds, policy, out, now)
+        return _Step([retry], retried=True) if retry else _Step([])
+    return _while_active(job, observed, status, prev, conds)
 
+
+def _settle(
+    job: FineTuneJob,
+    observed: Observed,
+    status: Obj,
+    prev: Obj,
+    conds: Conditions,
+    terminal: bool,
+    requeue_after: float | None,
+) -> float | None:
+    """Complete the status from the pass's conditions (the phase, the timings, the evaluation
+    summary); the requeue, which a verdict of this pass replaces with its TTL."""
+    out = observed.outcome
     if out.state is not State.ABSENT and out.attempt:
         _timings(status, prev, job, observed)
     status["conditions"] = conds.ordered()
     status["phase"] = str(phase_of(conds))
     if not terminal and status["phase"] in TERMINAL and out.state is not State.ABSENT:
         # Finished by this pass: its TTL runs once the verdict is written, from the next pass.
-        requeue_after = _ttl_left(policy, status, observed.now)
+        requeue_after = _ttl_left(job.spec.run_policy, status, observed.now)
     if status.get("evaluation"):
         spec = job.spec.evaluation
         summary = evaluation_summary(status["evaluation"], spec.gates, spec.metrics)
         if summary:
             status["evaluationSummary"] = summary[:256]
-    return Plan(
-        status=status,
-        actions=actions,
-        transitions=with_restart(transitions(prev, status), rejoin),
-        restart_seconds=restart_seconds,
-        restarted=restarted,
-        requeue_after=requeue_after,
-    )
+    return requeue_after
 
 
 def _record_resume(
@@ -524,18 +553,25 @@ def _after_failure(
 
 
 @dataclass(frozen=True)
-class _Active:
-    """What a pass decides for an attempt whose Job runs (or waits to)."""
+class _Step:
+    """What a pass decides: its actions, and when to look again (None: at the next event)."""
 
     actions: list[Action]
     # The message of an in-place restart this pass saw begin.
-    began: str | None
-    requeue_after: float | None
+    began: str | None = None
+    requeue_after: float | None = None
+    # Whether this pass starts the next attempt after a failure.
+    retried: bool = False
+
+    @property
+    def restarted(self) -> bool:
+        """Whether this pass restarts the gang: as the next attempt, or in place (`began`)."""
+        return self.retried or self.began is not None
 
 
 def _while_active(
     job: FineTuneJob, observed: Observed, status: Obj, prev: Obj, conds: Conditions
-) -> _Active:
+) -> _Step:
     """An attempt whose Job exists and has not ended: its Job kept in line with the run policy
     (patched, suspended or resumed, its Kueue workload), a pending timeout, an in-place restart
     around a stopped pod, and why it does not run yet."""
@@ -564,7 +600,7 @@ def _while_active(
         # fixed; a pod evicted for its local storage would be replaced, to fill it again.
         reason = Reason.PENDING_TIMEOUT if timed_out else Reason.INVALID_SPEC
         _finish(status, conds, now, False, reason, timed_out or out.evicted)
-        return _Active([Action("delete", attempt=out.attempt, uid=out.uid)], None, None)
+        return _Step([Action("delete", attempt=out.attempt, uid=out.uid)])
     patch = job_patch(observed.job, policy, status.get("startTime")) if observed.job else {}
     if patch:
         actions.append(Action("patch", attempt=out.attempt, uid=out.uid, patch=patch))
@@ -574,7 +610,7 @@ def _while_active(
         actions.append(Action("activate", uid=wl.uid, name=wl.name, patch=active))
     if policy.suspend:
         suspend(conds, policy, out, wl)
-        return _Active(actions, None, None)
+        return _Step(actions)
     resume(conds, policy, out, wl)
     if out.state is State.RUNNING:
         status["startTime"] = status.get("startTime") or now
@@ -600,7 +636,7 @@ def _while_active(
             Reason.PODS_PENDING,
             f"{out.unstarted} pod(s) not started yet; none is stuck",
         )
-    return _Active(actions, began, _requeue_after(out, policy, waited))
+    return _Step(actions, began, _requeue_after(out, policy, waited))
 
 
 def _pending_seconds(observed: Observed) -> int | None:
