@@ -123,16 +123,7 @@ def train_steps(
         while state.step < run.total_steps:
             for index in run.batches.epoch(state.epoch, state.batches_in_epoch):
                 batch = run.micro_batch(index)
-                grad_norm = None
-                with acc.accumulate(run.model):
-                    loss = run.task.loss(run.model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and t.max_grad_norm > 0:
-                        # Sharded (fsdp) gradients give a DTensor norm, the same on every rank.
-                        norm = acc.clip_grad_norm_(params, t.max_grad_norm)
-                        grad_norm = float(sharding.full_tensor(norm))
-                    run.optimizer.step()
-                    run.optimizer.zero_grad()
+                loss, grad_norm = _micro_step(run, batch, params, t.max_grad_norm)
                 state.batches_in_epoch += 1
                 step_loss += float(loss.detach()) / t.gradient_accumulation_steps
                 real_tokens = int(batch["attention_mask"].sum())
@@ -142,13 +133,9 @@ def train_steps(
                     continue
                 run.scheduler.step()
                 state.step += 1
-                # One collective carries the loss, whether any rank got SIGTERM and whether any
-                # rank's checkpointEverySeconds is up, so every rank stops, and saves, after the
-                # same step (each judges time on its own clock).
-                flags = [float(stop.requested), float(_interval_up(t, last_save))]
-                totals = acc.reduce(torch.tensor([step_loss, *flags], device=acc.device), "sum")
-                mean_loss, stopping = float(totals[0]) / acc.num_processes, bool(totals[1] > 0)
-                interval_up = bool(totals[2] > 0)
+                mean_loss, stopping, interval_up = _agree(
+                    acc, step_loss, stop.requested, _interval_up(t, last_save)
+                )
                 # Bounded: the history travels in every checkpoint's JSON.
                 state.loss_history = [*state.loss_history[-99:], mean_loss]
                 epoch = state.epoch + state.batches_in_epoch / run.batches.batches_per_epoch
@@ -185,6 +172,35 @@ def train_steps(
     seconds = time.perf_counter() - loop_started
     total = int(acc.reduce(torch.tensor(loop_tokens, device=acc.device), "sum"))
     return total / seconds if total and seconds > 0 else None
+
+
+def _micro_step(
+    run: Prepared, batch: Batch, params: list[torch.nn.Parameter], max_grad_norm: float
+) -> tuple[torch.Tensor, float | None]:
+    """Forward and backward on one micro-batch; once the accumulation is complete (accelerate
+    skips the optimizer until then), the clip and the update. The loss, and the gradient norm
+    when this micro-batch clipped it."""
+    acc, grad_norm = run.accelerator, None
+    with acc.accumulate(run.model):
+        loss = run.task.loss(run.model, batch)
+        acc.backward(loss)
+        if acc.sync_gradients and max_grad_norm > 0:
+            # Sharded (fsdp) gradients give a DTensor norm, the same on every rank.
+            grad_norm = float(sharding.full_tensor(acc.clip_grad_norm_(params, max_grad_norm)))
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+    return loss, grad_norm
+
+
+def _agree(
+    acc: Accelerator, step_loss: float, stop_requested: bool, interval_up: bool
+) -> tuple[float, bool, bool]:
+    """The gang's mean loss of the step, whether any rank got SIGTERM and whether any rank's
+    checkpointEverySeconds is up, in one collective: every rank stops, and saves, after the
+    same step (each judges time on its own clock)."""
+    flags = [float(stop_requested), float(interval_up)]
+    totals = acc.reduce(torch.tensor([step_loss, *flags], device=acc.device), "sum")
+    return float(totals[0]) / acc.num_processes, bool(totals[1] > 0), bool(totals[2] > 0)
 
 
 def _interval_up(training: TrainingSpec, last_save: float) -> bool:
