@@ -264,9 +264,10 @@ class Kube:
         return list(pods.get("items") or [])
 
     async def job_events(self, namespace: str, job_uid: str, reason: str) -> list[Obj]:
-        """The Events with `reason` about the Job `job_uid` (the Job controller's FailedCreate:
-        its pods cannot be created, which the Job's status never says). [] when the operator
-        may not list Events: it then cannot tell why, and the pod-less Job only waits."""
+        """The Events with `reason` about the Job `job_uid`: the Job controller's FailedCreate
+        (its pods cannot be created, which the Job's status never says) or SuccessfulCreate
+        (when it made each pod). [] when the operator may not list Events: it then cannot tell
+        why, and the pod-less Job only waits, or a failure it might explain is counted."""
         selector = f"involvedObject.uid={job_uid},reason={reason}"
         try:
             events = await self._json(

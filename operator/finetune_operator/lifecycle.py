@@ -40,6 +40,11 @@ DISRUPTION_TARGET = "DisruptionTarget"
 # The pod garbage collector's DisruptionTarget reason: it marks Failed and removes at once the
 # pods of a node that was deleted or marked out of service, their ranks gone with the node.
 DELETION_BY_POD_GC = "DeletionByPodGC"
+# The Job controller's Event for each pod it makes: "Created pod: <name>". It outlasts the pod
+# (Events live an hour by default), so it dates a replacement the Job made and then deleted as
+# the Job failed, before a pass saw it.
+SUCCESSFUL_CREATE = "SuccessfulCreate"
+_CREATED_POD = re.compile(r"^Created pod: (\S+)$")
 # A pod's status.reason once its kubelet evicted it; for its local storage, status.message is
 # one of the kubelet's (pkg/kubelet/eviction/helpers.go): an emptyDir past its sizeLimit, or the
 # pod or a container past its ephemeral-storage limit.
@@ -190,9 +195,9 @@ class Outcome:
     pod_times: dict[str, float] = field(default_factory=dict)
     # Set with `deleting`: the pod whose grace period ended first, of those still there.
     lingering: Lingering | None = None
-    # Set for PENDING and RUNNING: when each pod that is neither ended nor going was made (RFC
-    # 3339), by name. A pod made after the gang formed replaces a member that left unseen
-    # (`restarts.replaced_unseen`).
+    # When pods were made (RFC 3339), by name: for PENDING and RUNNING each pod that is neither
+    # ended nor going, for FAILED every pod. A pod made after the gang formed replaces a member
+    # that left unseen (`restarts.replaced_unseen`, `restarts.departed_unseen`).
     made: dict[str, str] = field(default_factory=dict)
 
 
@@ -549,6 +554,31 @@ def needs_events(job: Obj | None, pods: list[Obj]) -> bool:
     return len(pods) < _parallelism(job)
 
 
+def needs_created_events(job: Obj | None, finished: bool) -> bool:
+    """Whether the pods the Job made are worth reading from its Events: its attempt failed and
+    the FineTuneJob has not `finished`. A pod the Job made and deleted again while no pass
+    looked may have been a replacement for a member that left unseen (`_made_by_events`)."""
+    if job is None or finished or (job.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return bool({"Failed", "FailureTarget"} & set(true_conditions(job)))
+
+
+def _made_by_events(job: Obj, events: list[Obj]) -> dict[str, str]:
+    """When the Job controller made each pod, by name, from its SuccessfulCreate Events."""
+    uid = (job.get("metadata") or {}).get("uid")
+    made: dict[str, str] = {}
+    for event in events:
+        if event.get("reason") != SUCCESSFUL_CREATE:
+            continue
+        if (event.get("involvedObject") or {}).get("uid") != uid:
+            continue
+        match = _CREATED_POD.match(event.get("message") or "")
+        at = event.get("firstTimestamp") or event.get("eventTime")
+        if match and at:
+            made[match.group(1)] = str(at)
+    return made
+
+
 def _create_failure(job: Obj, events: list[Obj]) -> Stuck | None:
     """The Job controller's latest FailedCreate Event about this Job, as a Stuck."""
     uid = (job.get("metadata") or {}).get("uid")
@@ -664,7 +694,10 @@ def observe_job(
         return replace(base, state=State.SUCCEEDED, reason=Reason.TRAINING_COMPLETED, result=result)
     for kind in ("Failed", "FailureTarget"):
         if kind in conds:
-            return _failure(conds[kind], pods, nodes or {}, base)
+            # The pods listed, and those the Job made and deleted since (its Events).
+            made = _made_by_events(job, events or [])
+            made.update({_name(p): _created(p) or "" for p in pods})
+            return _failure(conds[kind], pods, nodes or {}, replace(base, made=made))
     phases = [(p.get("status") or {}).get("phase") for p in pods]
     live = sum(1 for phase in phases if phase not in ("Succeeded", "Failed"))
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]

@@ -38,8 +38,10 @@ from finetune_operator.apply import (
 from finetune_operator.checkpoints import CheckpointStore
 from finetune_operator.lifecycle import (
     STUCK_REASONS,
+    SUCCESSFUL_CREATE,
     Outcome,
     State,
+    needs_created_events,
     needs_events,
     nodes_to_read,
     observe_job,
@@ -48,7 +50,7 @@ from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.serve_status import ServeReason
 from finetune_operator.settings import WAITING_SECONDS, Settings
 from finetune_operator.smoke import chat_smoke
-from finetune_operator.status import Blocker, Observed, Plan, invalid_status, plan
+from finetune_operator.status import TERMINAL, Blocker, Observed, Plan, invalid_status, plan
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -236,9 +238,12 @@ class Reconciler:
             return Observed(now=now_rfc3339(), blocker=blocker, store=store)
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
         events: list[Obj] = []
+        uid = ((batch or {}).get("metadata") or {}).get("uid") or ""
         if batch is not None and needs_events(batch, pods):
-            uid = (batch.get("metadata") or {}).get("uid") or ""
             events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
+        finished = job.status is not None and job.status.phase in TERMINAL
+        if needs_created_events(batch, finished):
+            events = await self.kube.job_events(ns, uid, SUCCESSFUL_CREATE)
         nodes = await self.kube.read_nodes(nodes_to_read(batch, pods))
         outcome = observe_job(batch, pods, events, nodes)
         workload = await self._workload(job, outcome)

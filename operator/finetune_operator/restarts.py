@@ -125,11 +125,40 @@ def replaced_unseen(
     if out.state is not State.RUNNING or out.leaving is not None:
         return out
     ckpt = prev.get("checkpoints") or {}
-    made = {name: t for name, at in out.made.items() if (t := timings.unix(at)) is not None}
+    made = _made_at(out)
     leaving = _member_replaced(out, made, stamps, ckpt) or _rank0_replaced(
         out, made, stamps, ckpt, hang_timeout, now
     )
     return replace(out, leaving=leaving) if leaving is not None else out
+
+
+def departed_unseen(out: Outcome, prev: Obj) -> Outcome:
+    """A failed attempt, as a disruption when a member of its gang left unseen before it
+    failed: the replacement the Job made for it is there, made after rank 0's process formed
+    the gang (the stamp its failure result carries), beside a pod the gang formed with, and no
+    restart was recorded since (`_member_replaced`, as for a running gang). The operator was
+    away while the pod garbage collector removed the member, and the ranks left waiting for it
+    ended the attempt (CollectiveTimeout, or a collective that failed); the attempt's failure
+    is the lost member's, not the spec's, and spends no backoffLimit. A gang that re-formed with
+    the replacement (an in-place rejoin) has a later stamp, and its failure counts."""
+    result = out.result
+    if out.state is not State.FAILED or out.permanent or out.disruption:
+        return out
+    if result is None or result.rank is not None:  # not rank 0's account
+        return out
+    made = _made_at(out)
+    left = _member_replaced(out, made, result.phases, prev.get("checkpoints") or {})
+    if left is None:
+        return out
+    # The replacement may run on (it waits for a gang to form): it is what the failure was
+    # waiting for, not a pod whose node may be lost (`Outcome.unheard`).
+    disruption = f"{left.what}; {left.lost}"
+    return replace(out, disruption=disruption, disruption_at=left.since or "", unheard="")
+
+
+def _made_at(out: Outcome) -> dict[str, float]:
+    """When each pod of `out` was made (Unix seconds), by name."""
+    return {name: t for name, at in out.made.items() if (t := timings.unix(at)) is not None}
 
 
 def _member_replaced(

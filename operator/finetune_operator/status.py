@@ -21,6 +21,7 @@ from finetune_operator.conditions import Conditions, phase_of, transitions
 from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import STUCK_REASONS, Obj, Outcome, State, Stuck
 from finetune_operator.restarts import (
+    departed_unseen,
     node_not_ready,
     record_resume,
     replaced_before,
@@ -364,6 +365,7 @@ def _next_step(
         _finish(status, conds, now, True, Reason.TRAINING_COMPLETED, "all ranks succeeded")
         return _Step([])
     if out.state is State.FAILED:
+        out = departed_unseen(out, prev)
         _apply_result(status, out, conds)
         waiting = _hearing_out(conds, out, now, node_lost_wait)
         if waiting is not None:

@@ -512,6 +512,41 @@ def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
     )
 
 
+def test_a_failure_after_a_member_removed_unseen_is_a_disruption(
+    kube: Kube,
+    watching: tuple[str, Operator],
+    wait_until: Callable[..., Any],
+    rank0_metrics: Rank0Metrics,
+) -> None:
+    """As above, and rank 0 gives up waiting for rank 1 (CollectiveTimeout) before the operator
+    is back, so the Job has failed: rank 0's result carries when its gang formed, which dates
+    the replacement as one for a member that left unseen. The failure is that disruption's, and
+    backoffLimit 0 does not end the job."""
+    (ns, operator), name = watching, "node-deleted-then-hung"
+    pods = a_formed_gang(kube, ns, name, wait_until, rank0_metrics)
+    replacement = replaced_while_away(kube, ns, operator, pods, 1, wait_until)
+    formed = datetime.fromisoformat(pods[0]["metadata"]["creationTimestamp"]).timestamp() + 1
+    hung = {**json.loads(HUNG), "phases": {phases.RENDEZVOUS: formed}}
+    patch_pod_status(
+        kube, ns, pods[0]["metadata"]["name"], terminated_status(pods[0], 1, json.dumps(hung))
+    )
+    wait_until(
+        lambda: any(
+            c["type"] in ("Failed", "FailureTarget") and c["status"] == "True"
+            for c in (kube.get("Job", name, ns) or {}).get("status", {}).get("conditions", [])
+        ),
+        timeout=30,
+        message="the Job failed",
+    )
+    operator.start()
+    message = restarted_as_attempt_2(kube, ns, name, wait_until, timeout=60)
+    assert message.startswith(
+        f"attempt 1 was disrupted (pod {replacement['metadata']['name']} was made at "
+        f"{replacement['metadata']['creationTimestamp']}, after the gang formed at "
+    ), message
+    assert "does not count against runPolicy.backoffLimit; starting attempt 2" in message
+
+
 def test_rank_0s_pod_removed_unseen_restarts_the_gang_once_its_replacement_waits_too_long(
     kube: Kube,
     watching: tuple[str, Operator],

@@ -54,6 +54,8 @@ def rank_1_stopped_once(g: Gang, line: str) -> str:
     result = g.result(0)
     assert result["status"] == "Failed" and result["reason"] == "CollectiveTimeout"
     assert "hangTimeoutSeconds=10" in result["message"]
+    # When rank 0's gang formed, which dates the pods made after it (restarts.departed_unseen).
+    assert result["phases"]["rendezvous"] > result["phases"]["process_started"], result
     return str(result["message"])
 
 

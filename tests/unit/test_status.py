@@ -18,6 +18,7 @@ from finetune_operator.kueue import Lookup, Workload
 from finetune_operator.lifecycle import (
     LostNode,
     State,
+    needs_created_events,
     needs_events,
     nodes_to_read,
     observe_job,
@@ -1457,6 +1458,57 @@ def test_a_pod_made_after_the_gang_formed_replaces_one_that_left_unseen() -> Non
         )
         quiet = plan(ftj(previous), calm)
         assert quiet.actions == [] and quiet.status["attempts"] == 1, (stamps, listed)
+
+
+def test_a_failure_after_a_member_left_unseen_is_a_disruption() -> None:
+    """The operator away: rank 1's pod removed with its node, the Job's replacement made, and
+    rank 0 gave up waiting for rank 1 (CollectiveTimeout) before any pass saw either. Its
+    result's rendezvous stamp dates the gang, and the replacement came after it: a disruption,
+    which backoffLimit 0 does not end."""
+    hung = {"status": "Failed", "reason": "CollectiveTimeout", "message": "no step after 7"}
+    rank0 = made_at(0, 0)
+    rank0["status"] = ended(0, 1, json.dumps({**hung, "phases": formed_at(20)}))["status"]
+    pods_ = [rank0, made_at(1, 300, "fghij")]
+    out = observe_job(failed_at(at_offset(310)), pods_)
+    assert (out.reason, out.disruption) == ("CollectiveTimeout", "")
+    seen = Observed(now=at_offset(311), job=failed_at(at_offset(310)), outcome=out)
+    result = plan(ftj(RUNNING_GANG, backoffLimit=0), seen)
+    assert [a.kind for a in result.actions] == ["delete"] and result.restarted
+    assert (result.status["attempts"], result.status["disruptions"]) == (2, 1)
+    message = cond(result.status, "Running")["message"]  # type: ignore[index]
+    assert message.startswith(
+        f"attempt 1 was disrupted (pod demo-1-fghij was made at {at_offset(300)}, after the "
+        f"gang formed at {at_offset(20)}; the pod it replaces went without the gang stopping"
+    ), message
+    # The Job deleted the replacement as it failed, before a pass listed it: its Event dates it.
+    created = {
+        "reason": "SuccessfulCreate",
+        "involvedObject": {"kind": "Job", "uid": "job-1"},
+        "message": "Created pod: demo-1-fghij",
+        "firstTimestamp": at_offset(300),
+    }
+    job = failed_at(at_offset(310))
+    assert needs_created_events(job, finished=False) and not needs_created_events(job, True)
+    gone = observe_job(job, [rank0], [created, {**created, "involvedObject": {"uid": "job-0"}}])
+    assert gone.made == {"demo-0-abcde": at_offset(0), "demo-1-fghij": at_offset(300)}
+    seen = Observed(now=at_offset(311), job=job, outcome=gone)
+    assert plan(ftj(RUNNING_GANG, backoffLimit=0), seen).status["disruptions"] == 1
+    # Counted, once the wait for the silent replacement is over: a gang that re-formed with the
+    # replacement (a later stamp: an in-place rejoin), a result without the stamp (a rank 0 that
+    # failed before its gang formed), another rank's result, a restart since the gang formed.
+    restarted = {**RUNNING_GANG, "checkpoints": {"lastRestartTime": at_offset(200)}}
+    for result_, previous in (
+        ({**hung, "phases": formed_at(305)}, RUNNING_GANG),
+        (hung, RUNNING_GANG),
+        ({**hung, "rank": 1, "phases": formed_at(20)}, RUNNING_GANG),
+        ({**hung, "phases": formed_at(20)}, restarted),
+    ):
+        rank0["status"] = ended(0, 1, json.dumps(result_))["status"]
+        failed = observe_job(failed_at(at_offset(310)), [rank0, made_at(1, 300, "fghij")])
+        seen = Observed(now=at_offset(371), job=failed_at(at_offset(310)), outcome=failed)
+        counted = plan(ftj(previous, backoffLimit=0), seen)
+        assert counted.actions == [], result_
+        assert cond(counted.status, "Failed")["reason"] == "BackoffLimitExceeded"  # type: ignore[index]
 
 
 def stamped(seconds: int, *phases_: str) -> dict[str, float]:

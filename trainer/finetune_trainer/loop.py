@@ -117,7 +117,9 @@ def train_steps(
     # below), or over the whole run when it has only one step.
     loop_started, loop_tokens, warmed_up = started, 0, False
     grace = modeling.FIRST_STEP_COMPILE_S if run.compiled else 0.0
-    watch = HangWatchdog(hang_floor, acc.process_index, first_step_grace=grace)
+    watch = HangWatchdog(
+        hang_floor, acc.process_index, first_step_grace=grace, phases=telemetry.phases
+    )
     last_save = time.monotonic()
     with StopRequest() as stop, watch as watchdog:
         while state.step < run.total_steps:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from finetune_api import pod
@@ -35,11 +36,16 @@ def write_result(result: TrainerResult, path: Path | None = None) -> Path:
         return fallback
 
 
-def write_failure(rank: int, reason: str, message: str) -> None:
-    """A failed attempt's result. Rank 0's is the whole account; the first rank of every other
-    pod writes its own reason and message, which the operator reads when rank 0 could not write
-    (it was stopped, or killed)."""
+def write_failure(
+    rank: int, reason: str, message: str, phases: Mapping[str, float] | None = None
+) -> None:
+    """A failed attempt's result. Rank 0's is the whole account, with its process's phase
+    stamps (`phases`): when its gang formed dates the pods that came after it, which tells the
+    operator that a member left unseen (restarts.departed_unseen). The first rank of every
+    other pod writes its own reason and message, which the operator reads when rank 0 could not
+    write (it was stopped, or killed)."""
     if rank == 0:
-        write_result(TrainerResult(status="Failed", reason=reason, message=message))
+        stamps = dict(phases or {})
+        write_result(TrainerResult(status="Failed", reason=reason, message=message, phases=stamps))
     elif os.environ.get("LOCAL_RANK", "0") == "0":
         write_result(TrainerResult(status="Failed", reason=reason, message=message, rank=rank))

@@ -65,6 +65,12 @@ plain_log = logging.getLogger(__name__)
 def main(job: FineTuneJob) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(f"rank {rank}")
+    telemetry: TrainerMetrics | None = None
+
+    def fail(reason: str, message: str) -> None:
+        # Rank 0's phase stamps go with its verdict (result.write_failure says why).
+        write_failure(rank, reason, message, telemetry.phases() if telemetry else None)
+
     try:
         missing = missing_local(job)
         if missing is not None:
@@ -73,54 +79,54 @@ def main(job: FineTuneJob) -> int:
         errors = runtime_errors(job)
         if errors:
             raise ManifestError(errors)
-        return _train(job)
+        telemetry = _start_telemetry(job)
+        return _train(job, telemetry)
     except SourceNotFound as exc:
         plain_log.error("%s: %s", exc.field, exc)
-        write_failure(rank, exc.reason, str(exc))
+        fail(exc.reason, str(exc))
         return TrainerResult(status="Failed", reason=exc.reason).exit_code
     except Interrupted as exc:
         plain_log.warning("%s", exc)
-        write_failure(rank, Reason.INTERRUPTED, str(exc))
+        fail(Reason.INTERRUPTED, str(exc))
         # The pod that got SIGTERM goes (the Job controller replaces it, see ExitCode); the
         # others stay, and `finetune train` starts their ranks again to rejoin.
         return ExitCode.INTERRUPTED if exc.here else ExitCode.REJOIN
     except AcceleratorUnavailable as exc:
         plain_log.error("accelerator unavailable: %s", exc)
-        write_failure(rank, Reason.ACCELERATOR_UNAVAILABLE, str(exc))
+        fail(Reason.ACCELERATOR_UNAVAILABLE, str(exc))
         return TrainerResult(status="Failed", reason=Reason.ACCELERATOR_UNAVAILABLE).exit_code
     except ScorerUnavailable as exc:
         # A metric that cannot be computed is the spec's to fix (another name, the Hub, the
         # fields generation needs); no other attempt would compute it.
         plain_log.error("%s", exc)
-        write_failure(rank, Reason.INVALID_SPEC, f"spec.evaluation.metrics: {exc}")
+        fail(Reason.INVALID_SPEC, f"spec.evaluation.metrics: {exc}")
         return ExitCode.INVALID_SPEC
     except ManifestError as exc:
         for error in exc.errors:
             plain_log.error("invalid spec: %s", error)
-        write_failure(rank, Reason.INVALID_SPEC, str(exc))
+        fail(Reason.INVALID_SPEC, str(exc))
         return ExitCode.INVALID_SPEC
     except DatasetError as exc:
         # The result carries the error and what the rank logged before it (the tail is taken
         # first, so the error is not in it twice); the traceback goes to the pod log only.
         message = with_log_tail(str(exc), rank)
         plain_log.error("invalid dataset: %s", scrub(str(exc)), exc_info=exc.__cause__ or exc)
-        write_failure(rank, Reason.INVALID_DATASET, message)
+        fail(Reason.INVALID_DATASET, message)
         return ExitCode.INVALID_SPEC
     except Exception as exc:
         if is_out_of_memory(exc):
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
             message = out_of_memory_message(job.spec, str(exc), world_size)
             plain_log.error("%s", scrub(message), exc_info=exc)
-            write_failure(rank, Reason.DEVICE_OUT_OF_MEMORY, message)
+            fail(Reason.DEVICE_OUT_OF_MEMORY, message)
             return TrainerResult(status="Failed", reason=Reason.DEVICE_OUT_OF_MEMORY).exit_code
         plain_log.error("training failed: %s", scrub(f"{type(exc).__name__}: {exc}"))
-        write_failure(rank, Reason.TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
+        fail(Reason.TRAINING_FAILED, f"{type(exc).__name__}: {exc}")
         return ExitCode.RETRYABLE
 
 
-def _train(job: FineTuneJob) -> int:
+def _train(job: FineTuneJob, telemetry: TrainerMetrics) -> int:
     spec = job.spec
-    telemetry = _start_telemetry(job)
     task = task_for(spec)
     ckpt_root = checkpoint_root(job)
     # Checked on every rank before the rendezvous, so a bad setting fails the whole gang alike.
@@ -444,7 +450,12 @@ def _evaluate(
     ends the attempt with CollectiveTimeout, not after torch's 30-minute collective timeout."""
     telemetry.set_status("evaluating")
     log.info("evaluating %s training", stage)
-    watch = HangWatchdog(hang_floor, run.accelerator.process_index, what="evaluation batch")
+    watch = HangWatchdog(
+        hang_floor,
+        run.accelerator.process_index,
+        what="evaluation batch",
+        phases=telemetry.phases,
+    )
     # Not timed until the task asks for the batches: the scores of a task that computes them
     # on rank 0 alone (sentence-embedding) may take long while the others wait.
     watch.pause()

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -71,11 +71,13 @@ class HangWatchdog:
         poll_seconds: float = 1.0,
         first_step_grace: float = 0.0,
         what: str = "training step",
+        phases: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         """`first_step_grace` seconds are added to the first step's limit: a step that compiles
         (training.compile) is slow once, not hung. `what` is timed, for the message: "training
-        step" or "evaluation batch"."""
+        step" or "evaluation batch". `phases`: this process's phase stamps, for the result."""
         self.floor, self.rank, self.clock, self.what = float(floor), rank, clock, what
+        self.phases = phases
         self.first_step_grace = float(first_step_grace)
         self.poll_seconds = min(poll_seconds, self.floor / 10)
         self.durations: deque[float] = deque(maxlen=WINDOW)
@@ -164,7 +166,7 @@ class HangWatchdog:
         neither an exception nor a signal handler (both run on the main thread) can interrupt."""
         try:
             log.error("rank %d: %s", self.rank, message)
-            write_failure(self.rank, Reason.COLLECTIVE_TIMEOUT, message)
+            write_failure(self.rank, Reason.COLLECTIVE_TIMEOUT, message, self.phases())
         finally:
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
