@@ -477,6 +477,13 @@ def replaced_while_away(
     return replacement
 
 
+def made_after_the_gang(replacement: Obj) -> str:
+    """How the operator names a replacement made after the gang formed (restarts.GONE_UNSEEN's
+    evidence), up to the formation's time."""
+    meta = replacement["metadata"]
+    return f"pod {meta['name']} was made at {meta['creationTimestamp']}, after the gang formed at "
+
+
 def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
     kube: Kube,
     watching: tuple[str, Operator],
@@ -499,10 +506,7 @@ def test_a_pod_removed_with_its_deleted_node_unseen_restarts_the_gang(
     )
     operator.start()
     message = restarted_as_attempt_2(kube, ns, name, wait_until, timeout=60)
-    assert message.startswith(
-        f"pod {replacement['metadata']['name']} was made at "
-        f"{replacement['metadata']['creationTimestamp']}, after the gang formed at "
-    ), message
+    assert message.startswith(made_after_the_gang(replacement)), message
     assert "the pod it replaces went without the gang stopping with it" in message
     assert "the gang restarts as attempt 2, from its last checkpoint" in message
     wait_until(
@@ -540,10 +544,9 @@ def test_a_failure_after_a_member_removed_unseen_is_a_disruption(
     )
     operator.start()
     message = restarted_as_attempt_2(kube, ns, name, wait_until, timeout=60)
-    assert message.startswith(
-        f"attempt 1 was disrupted (pod {replacement['metadata']['name']} was made at "
-        f"{replacement['metadata']['creationTimestamp']}, after the gang formed at "
-    ), message
+    assert message.startswith(f"attempt 1 was disrupted ({made_after_the_gang(replacement)}"), (
+        message
+    )
     assert "does not count against runPolicy.backoffLimit; starting attempt 2" in message
 
 

@@ -13,7 +13,10 @@ the test fixtures:
   gradient checkpointing on by default; with 2 ranks (NCCL) where 2 GPUs are visible, else 1;
 - fsdp-lora and fsdp-full: training.strategy fsdp on the visible GPUs (NCCL), LoRA and a full
   fine-tune, bf16 compute over fp32 shards; fsdp-lora-compiled with compiled layers;
-- ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL.
+- ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL;
+- oom: a text-to-image job at 4096 x 4096 pixels, whose batch cannot fit a GPU's memory, must
+  end at once as DeviceOutOfMemory (exit code 3, torch's CUDA account in the message): its
+  exit counts as a pass only with that reason.
 
 Without CUDA it prints why it skips and exits 0 (or 1 with --require-gpu): never a silent pass.
 Each run's result JSON and log land in OUT_DIR, and a summary (exit codes, wall seconds, the
@@ -162,8 +165,43 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Written after every variant: a machine lent for minutes may stop before the last.
         args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+    if not args.only or OOM in args.only:
+        runs[OOM] = _run(OOM, _oom_job(assets, gpus=1), out, args.timeout)
+        reason = (runs[OOM]["result"] or {}).get("reason")
+        runs[OOM]["expected"] = reason == "DeviceOutOfMemory" and runs[OOM]["exit"] == 3
+        args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     print(f"summary: {args.summary}")
-    return max((abs(r["exit"]) for r in runs.values()), default=0)
+    return max((_exit_of(r) for r in runs.values()), default=0)
+
+
+def _exit_of(run: dict[str, Any]) -> int:
+    """A variant's share of the script's exit code: its own, or for one that must fail (oom),
+    0 when it failed as it must and 1 otherwise."""
+    if "expected" in run:
+        return 0 if run["expected"] else 1
+    return abs(int(run["exit"]))
+
+
+OOM = "oom"
+
+
+def _oom_job(assets: Path, gpus: int) -> dict[str, Any]:
+    """The tiny text-to-image pipeline at 4096 x 4096 pixels, 16 images a batch: its VAE's
+    first activations alone need tens of GiB each, more than any GPU holds."""
+    from finetune_trainer.testing.diffusion import (
+        save_shapes_dataset,
+        save_tiny_pipeline,
+        text_to_image_job,
+    )
+
+    pipeline = save_tiny_pipeline(assets / "t2i-pipe", vae_steps=0, unet_steps=0)
+    doc = text_to_image_job(pipeline, save_shapes_dataset(assets / "t2i-data", train=16, test=16))
+    accelerator = {"type": "nvidia.com/gpu", "count": gpus}
+    resources = {"nodes": 1, "processesPerNode": gpus, "accelerator": accelerator}
+    training = {"resolution": 4096, "batchSizePerDevice": 16, "maxSteps": 2}
+    return trainer_helpers.deep_update(
+        doc, {"spec": {"resources": resources, "training": training}}
+    )
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def train_steps(
     loop_started, loop_tokens, warmed_up = started, 0, False
     grace = modeling.FIRST_STEP_COMPILE_S if run.compiled else 0.0
     watch = HangWatchdog(
-        hang_floor, acc.process_index, first_step_grace=grace, phases=telemetry.phases
+        hang_floor, acc.process_index, first_step_grace=grace, phases=lambda: telemetry.phases
     )
     last_save = time.monotonic()
     with StopRequest() as stop, watch as watchdog:

@@ -69,7 +69,7 @@ def main(job: FineTuneJob) -> int:
 
     def fail(reason: str, message: str) -> None:
         # Rank 0's phase stamps go with its verdict (result.write_failure says why).
-        write_failure(rank, reason, message, telemetry.phases() if telemetry else None)
+        write_failure(rank, reason, message, telemetry.phases if telemetry else None)
 
     try:
         missing = missing_local(job)
@@ -454,7 +454,7 @@ def _evaluate(
         hang_floor,
         run.accelerator.process_index,
         what="evaluation batch",
-        phases=telemetry.phases,
+        phases=lambda: telemetry.phases,
     )
     # Not timed until the task asks for the batches: the scores of a task that computes them
     # on rank 0 alone (sentence-embedding) may take long while the others wait.
