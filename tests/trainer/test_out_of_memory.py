@@ -49,10 +49,13 @@ def test_a_batch_too_large_for_memory_fails_at_once_naming_the_fields(
     result = g.result(0)
     assert (result["status"], result["reason"]) == ("Failed", "DeviceOutOfMemory"), result
     message = result["message"]
-    assert message.startswith("a rank ran out of host memory ("), message
+    # The first batch is the before-training evaluation's: its activations, no gradients.
+    assert message.startswith("a rank ran out of host memory while evaluating before training ("), (
+        message
+    )
     assert "allocate" in message  # the allocator's own account, with the size it asked for
     assert "spec.training.resolution (4096)" in message
     assert "spec.training.batchSizePerDevice (8)" in message
-    assert "spec.training.gradientCheckpointing: true" in message
+    assert "gradientCheckpointing" not in message
     checkpoints = g.workdir / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.rglob("*")), "nothing trained"

@@ -16,9 +16,15 @@ from finetune_api.v1alpha1 import FineTuneJobSpec
 torch = pytest.importorskip("torch")
 
 from finetune_trainer.device_memory import (  # noqa: E402
+    EVALUATING_AFTER,
+    EVALUATING_BEFORE,
+    LOADING,
+    SAVING,
+    TRAINING,
     is_out_of_memory,
     lower_the_peak,
     out_of_memory_message,
+    stage_of,
 )
 
 GPU = {"type": "nvidia.com/gpu", "count": 2}
@@ -65,7 +71,9 @@ def test_device_out_of_memory_is_permanent() -> None:
 def test_the_message_keeps_torchs_figures_and_names_the_fields_with_their_values() -> None:
     spec = _spec(training={"batchSizePerDevice": 8, "maxSeqLength": 4096})
     message = out_of_memory_message(spec, CUDA_OOM, world_size=4)
-    assert message.startswith("a rank ran out of GPU memory (CUDA out of memory. Tried to ")
+    assert message.startswith(
+        "a rank ran out of GPU memory while training (CUDA out of memory. Tried to "
+    )
     assert "1.02 GiB is free" in message and "Memory Management" not in message
     assert "batchSizePerDevice (8)" in message and "maxSeqLength (4096)" in message
     assert "over the 4 ranks" in message
@@ -111,10 +119,39 @@ def test_every_suggested_change_is_one_the_spec_accepts(
         assert fragment in text, text
     for fragment in absent:
         assert fragment not in text, text
+    _accepted(spec, fixes)
+
+
+def _accepted(spec: FineTuneJobSpec, fixes: list[str]) -> None:
+    """Each `set spec.a.b: value` in `fixes`, applied alone, gives a spec the rules (the schema
+    and CEL's twins) accept."""
     for fix in fixes:
         for path, value in _SET.findall(fix):
-            section, field = path.split(".")
+            *parents, field = path.split(".")
             changed = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-            changed[section][field] = value == "true" or value
-            # The rules (schema and CEL's twins) take the suggestion as it stands.
+            owner = changed
+            for part in parents:
+                owner = owner[part]
+            owner[field] = {"true": True, "false": False}.get(value, value)
             parse_manifest({"metadata": {"name": "oom"}, "spec": changed})
+
+
+def test_the_stage_decides_what_lowers_the_peak() -> None:
+    stamps = ["process_started", "model_loaded", "evaluated_before", "last_step", "evaluated_after"]
+    got = [stage_of(dict.fromkeys(stamps[:n], 1.0)) for n in range(1, 6)]
+    assert got == [LOADING, EVALUATING_BEFORE, TRAINING, EVALUATING_AFTER, SAVING]
+    spec = _spec(output={"hub": {"repo": "org/out", "merge": True, "endpoint": "http://hub"}})
+    by_stage = {stage: "; ".join(lower_the_peak(spec, 4, stage)) for stage in got}
+    # Loading holds the weights only: no batch, sequence or checkpointing can help.
+    assert "strategy: fsdp" in by_stage[LOADING] and "qlora" in by_stage[LOADING]
+    assert "batchSizePerDevice" not in by_stage[LOADING]
+    # Evaluating holds a batch's activations, with no gradients or optimizer state.
+    for stage in (EVALUATING_BEFORE, EVALUATING_AFTER):
+        assert "batchSizePerDevice" in by_stage[stage] and "maxSeqLength" in by_stage[stage]
+        assert "fsdp" not in by_stage[stage] and "gradientCheckpointing" not in by_stage[stage]
+    assert "gradientCheckpointing" in by_stage[TRAINING] and "fsdp" in by_stage[TRAINING]
+    # Saving a merged model holds a full-precision base beside it.
+    assert "output.hub.merge: false" in by_stage[SAVING]
+    assert all(text.endswith("run on GPUs with more memory") for text in by_stage.values())
+    for stage in got:
+        _accepted(spec, lower_the_peak(spec, 4, stage))

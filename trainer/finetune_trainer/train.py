@@ -44,7 +44,7 @@ from finetune_trainer import checkpoint, fetch, final, modeling, sharding, sprea
 from finetune_trainer.accelerators import AcceleratorUnavailable, check_accelerator
 from finetune_trainer.checkpoint_mirror import CheckpointMirror
 from finetune_trainer.data import DatasetError, ShardedBatches, load_splits
-from finetune_trainer.device_memory import is_out_of_memory, out_of_memory_message
+from finetune_trainer.device_memory import is_out_of_memory, out_of_memory_message, stage_of
 from finetune_trainer.env import PARAM_HASH_ENV, allocator_in_use, runtime_errors, setup_logging
 from finetune_trainer.job_folder import checkpoint_root
 from finetune_trainer.logtail import with_log_tail
@@ -116,7 +116,8 @@ def main(job: FineTuneJob) -> int:
     except Exception as exc:
         if is_out_of_memory(exc):
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            message = out_of_memory_message(job.spec, str(exc), world_size)
+            stage = stage_of(telemetry.phases if telemetry else {})
+            message = out_of_memory_message(job.spec, str(exc), world_size, stage)
             plain_log.error("%s", scrub(message), exc_info=exc)
             fail(Reason.DEVICE_OUT_OF_MEMORY, message)
             return TrainerResult(status="Failed", reason=Reason.DEVICE_OUT_OF_MEMORY).exit_code
