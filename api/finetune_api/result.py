@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -159,8 +159,8 @@ class TrainerResult(BaseModel):
         """The exit code that carries this verdict to the Job's podFailurePolicy."""
         if self.succeeded:
             return ExitCode.OK
-        if self.reason in _PERMANENT:
-            return _PERMANENT[self.reason]
+        if self.reason in PERMANENT_REASONS:
+            return PERMANENT_REASONS[self.reason]
         # A permanent failure with no code of its own: the spec (its credentials or names) is
         # what has to change, so it exits as an invalid spec does.
         return ExitCode.INVALID_SPEC if self.retryable is False else ExitCode.RETRYABLE
@@ -242,7 +242,8 @@ class TrainerResult(BaseModel):
         return None
 
 
-_PERMANENT = {
+# The trainer's verdicts that no other attempt could change, with the exit code each ends with.
+PERMANENT_REASONS: Final = {
     Reason.INVALID_SPEC: ExitCode.INVALID_SPEC,
     Reason.EVALUATION_GATE_FAILED: ExitCode.GATE_FAILED,
     # Bad input, like a bad spec: exit code 3 already fails the gang at once, and the verdict

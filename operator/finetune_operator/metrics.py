@@ -37,15 +37,20 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from finetune_api.constants import ConditionType, Phase, Reason
+from finetune_api.result import PERMANENT_REASONS
 from finetune_operator.checkpoints import RetainedClaim
 from finetune_operator.timings import unix
 
 FAILURE_REASONS = (
-    Reason.INVALID_SPEC,
+    # The trainer's permanent verdicts (the Failed condition carries them as they are).
+    *PERMANENT_REASONS,
+    # The operator's own.
     Reason.APPLY_REJECTED,
-    Reason.EVALUATION_GATE_FAILED,
+    Reason.NAME_CONFLICT,
+    Reason.OOM_KILLED,
     Reason.PUSH_FAILED,
     Reason.TRAINING_FAILED,
+    Reason.PENDING_TIMEOUT,
     Reason.BACKOFF_LIMIT_EXCEEDED,
     Reason.DEADLINE_EXCEEDED,
 )

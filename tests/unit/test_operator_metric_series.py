@@ -234,3 +234,15 @@ def test_a_restart_is_counted_by_its_cause() -> None:
         plan = Plan(status=status, actions=[], transitions=[], restarted=True)
         asyncio.run(reconciler._write({**body, "status": previous}, previous, plan))
     assert restarts() == {"failure": 1.0, "disruption": 2.0}
+
+
+def test_every_reason_a_job_fails_with_has_its_failure_series_from_the_start() -> None:
+    """increase() sees a reason's first failure only where its series existed before, at 0: the
+    trainer's permanent verdicts (DeviceOutOfMemory among them) and the operator's own."""
+    failed = {
+        sample["reason"]: value
+        for sample, value in scrape(new_metrics(Clock()))["finetune_operator_jobs_failed_total"]
+    }
+    expected = {"DeviceOutOfMemory", "OOMKilled", "InvalidDataset", "AcceleratorUnavailable"}
+    expected |= {"PendingTimeout", "BackoffLimitExceeded", "PushFailed", "NameConflict"}
+    assert expected <= set(failed) and set(failed.values()) == {0.0}
