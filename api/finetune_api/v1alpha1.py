@@ -362,6 +362,15 @@ class PeftSpec(ApiModel):
         "with method none, nor with text-to-image (diffusers' LoRA loader scales by alpha/r). "
         "Default false.",
     )
+    use_dora: bool = Field(
+        False,
+        description="useDora trains a weight-decomposed LoRA (DoRA, peft's use_dora): each "
+        "adapted weight's magnitude is learnt apart from its direction, which the LoRA matrices "
+        "change; often closer to a full fine-tune at the same r, for slower steps. Saved in "
+        "adapter_config.json, which peft and the merge read; vLLM and TGI cannot load such an "
+        "adapter, so serve.engine vllm or tgi needs output.hub.merge. Not with method none, "
+        "strategy fsdp or text-to-image. Default false.",
+    )
 
     __rules__ = (
         Rule(
@@ -369,6 +378,12 @@ class PeftSpec(ApiModel):
             message="useRslora scales a LoRA: not with method none",
             check=lambda p: not p.use_rslora or p.method != "none",
             field="useRslora",
+        ),
+        Rule(
+            cel="!self.useDora || self.method != 'none'",
+            message="useDora decomposes a LoRA: not with method none",
+            check=lambda p: not p.use_dora or p.method != "none",
+            field="useDora",
         ),
     )
 
@@ -1381,6 +1396,13 @@ _TEXT_TO_IMAGE_RULES = (
         field="peft.useRslora",
     ),
     Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !self.peft.useDora",
+        message="text-to-image pushes a plain LoRA for diffusers' loader: peft.useDora must be "
+        "false",
+        check=lambda s: s.model.task != TEXT_TO_IMAGE or not s.peft.use_dora,
+        field="peft.useDora",
+    ),
+    Rule(
         cel=f"self.model.task != '{TEXT_TO_IMAGE}' || self.peft.method == 'lora'",
         message="text-to-image trains a LoRA on the UNet: peft.method must be lora",
         check=lambda s: s.model.task != TEXT_TO_IMAGE or s.peft.method == "lora",
@@ -1455,6 +1477,26 @@ class FineTuneJobSpec(ApiModel):
                 or s.model.task in (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
             ),
             field="training.strategy",
+        ),
+        Rule(
+            cel="self.training.strategy != 'fsdp' || !self.peft.useDora",
+            message="training.strategy fsdp does not support peft.useDora (DoRA's magnitude "
+            "vectors under sharding are not tested here): use ddp, or a plain LoRA with fsdp",
+            check=lambda s: s.training.strategy != "fsdp" or not s.peft.use_dora,
+            field="training.strategy",
+        ),
+        Rule(
+            cel="!self.peft.useDora || !has(self.serve) || self.serve.engine == 'transformers'"
+            " || (has(self.output.hub) && self.output.hub.merge)",
+            message="vLLM and TGI cannot load a DoRA adapter: with peft.useDora and serve.engine "
+            "vllm or tgi, set output.hub.merge true (the merged model is served)",
+            check=lambda s: (
+                not s.peft.use_dora
+                or s.serve is None
+                or s.serve.engine == "transformers"
+                or (s.output.hub is not None and s.output.hub.merge)
+            ),
+            field="serve.engine",
         ),
         Rule(
             cel="self.training.strategy != 'fsdp' || self.training.precision != 'fp16'",

@@ -135,6 +135,22 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("t2i-full-fine-tune", {**T2I, "spec.peft.method": "none"}, "peft.method"),
     ("t2i-rslora", {**T2I, "spec.peft.useRslora": True}, "useRslora"),
     ("rslora-full-fine-tune", {"spec.peft": {"method": "none", "useRslora": True}}, "useRslora"),
+    ("dora-full-fine-tune", {"spec.peft": {"method": "none", "useDora": True}}, "useDora"),
+    ("t2i-dora", {**T2I, "spec.peft.useDora": True}, "useDora"),
+    (
+        "dora-fsdp",
+        {"spec.peft.useDora": True, "spec.training.strategy": "fsdp"},
+        "strategy",
+    ),
+    (
+        "dora-adapter-on-vllm",
+        {
+            "spec.peft.useDora": True,
+            "spec.output.hub": OPEN_HUB,
+            "spec.serve": {"engine": "vllm"},
+        },
+        "serve.engine",
+    ),
     ("t2i-merge", {**T2I, "spec.output.hub": {**OPEN_HUB, "merge": True}}, "merge"),
     ("denoising-loss-on-causal", {"spec.evaluation.metrics": ["denoising_loss"]}, "metrics"),
     ("perplexity-on-t2i", {**T2I, "spec.evaluation.metrics": ["perplexity"]}, "metrics"),
@@ -379,6 +395,21 @@ def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:
     hub = kube.get("FineTuneJob", "bad", namespace)["spec"]["output"]["hub"]
     assert (hub["branch"], hub["createPr"]) == ("experiments/run-1.2", False)  # the default
     assert kube.get("FineTuneJob", "bad-pr", namespace)["spec"]["output"]["hub"]["createPr"]
+
+
+def test_a_dora_is_accepted_and_served_merged_by_vllm(crd: str, kube: Kube, namespace: str) -> None:
+    doc = manifest(
+        {
+            "spec.peft": {"method": "qlora", "useDora": True},
+            "spec.resources.accelerator": {"type": "nvidia.com/gpu", "count": 1},
+            "spec.output.hub": {**OPEN_HUB, "merge": True},
+            "spec.serve": {"engine": "vllm"},
+        },
+        namespace,
+    )
+    assert parse_manifest(doc).spec.peft.use_dora
+    kube.apply(doc)
+    assert kube.get("FineTuneJob", "bad", namespace)["spec"]["peft"]["useDora"] is True
 
 
 def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: str) -> None:

@@ -114,3 +114,43 @@ def test_a_bf16_classifier_trains_its_head_in_fp32(tmp_path: Any) -> None:
     assert any("modules_to_save" in n for n in trained), sorted(trained)
     assert set(trained.values()) == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_a_dora_learns_magnitudes_and_its_adapter_merges_into_the_same_model(
+    causal_manifest: dict[str, Any], tmp_path: Any
+) -> None:
+    """peft.useDora: every adapted layer gets a magnitude vector, which training moves with the
+    LoRA matrices; the saved adapter says use_dora, and merged into a fresh base (what the merge
+    and the transformers serving engine do) it gives the trained model's logits."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    doc = deep_update(causal_manifest, {"spec": {"peft": {"useDora": True, "dropout": 0.0}}})
+    spec = _spec(doc, precision="fp32")
+    model, batch = _model(spec), _batch(spec)
+    magnitudes = {n: p.detach().clone() for n, p in model.named_parameters() if "magnitude" in n}
+    assert magnitudes and all(
+        p.requires_grad for n, p in model.named_parameters() if n in magnitudes
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    trained = dict(model.named_parameters())
+    assert any(not torch.equal(trained[n], before) for n, before in magnitudes.items())
+
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    base = AutoModelForCausalLM.from_pretrained(spec.model.source.removeprefix("file://"))
+    merged = PeftModel.from_pretrained(base, tmp_path).merge_and_unload()
+    model.eval()
+    with torch.no_grad():
+        want, got = model(**batch).logits, merged(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

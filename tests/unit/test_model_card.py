@@ -79,13 +79,13 @@ def test_body_tables() -> None:
     assert "PeftModel.from_pretrained" in body
     # Each built-in score says what it measures, in the contract's words.
     assert f"- perplexity: {METRICS['perplexity'].description}." in body
-    # The schedule and the rank-stabilized scaling, where the spec names them.
+    # The schedule and the LoRA variants (DoRA, the rank-stabilized scaling), where named.
     tuned = make_job(
-        peft={"r": 4, "alpha": 8, "useRslora": True},
+        peft={"r": 4, "alpha": 8, "useRslora": True, "useDora": True},
         training={"lrSchedulerType": "cosine", "warmupRatio": 0.03, "learningRate": 1e-4},
     )
     tuned_body = render_model_card(tuned, {}, "adapter").split("---\n", 2)[2]
-    assert "| PEFT method | lora (rsLoRA) |" in tuned_body
+    assert "| PEFT method | lora (DoRA, rsLoRA) |" in tuned_body
     assert (
         "| Learning rate | 0.0001 (cosine) |" in tuned_body
         and "| Warm-up | 0.03 of steps |" in tuned_body

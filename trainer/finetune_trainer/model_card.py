@@ -17,7 +17,7 @@ from typing import cast, get_args
 
 from finetune_api.metrics import METRICS, display_name, lower_is_better
 from finetune_api.result import Sample
-from finetune_api.v1alpha1 import FineTuneJob
+from finetune_api.v1alpha1 import FineTuneJob, PeftSpec
 from finetune_trainer.fetch import NO_COMMITS, Commits
 from finetune_trainer.tasks import Artifact, CardInfo, task_for
 
@@ -302,6 +302,12 @@ def _data_section(job: FineTuneJob) -> list[str]:
     return lines
 
 
+def _peft_method(peft: PeftSpec) -> str:
+    """The method, with the LoRA variants it trains: "lora (DoRA, rsLoRA)"."""
+    variants = [name for name, on in (("DoRA", peft.use_dora), ("rsLoRA", peft.use_rslora)) if on]
+    return f"{peft.method} ({', '.join(variants)})" if variants else peft.method
+
+
 def _training_section(job: FineTuneJob, artifact: str, info: CardInfo) -> list[str]:
     spec = job.spec
     t, p = spec.training, spec.peft
@@ -309,7 +315,7 @@ def _training_section(job: FineTuneJob, artifact: str, info: CardInfo) -> list[s
     rows: list[tuple[str, object]] = [
         ("Task", f"{spec.model.task} ({info.pipeline_tag})"),
         ("Artifact", artifact),
-        ("PEFT method", f"{p.method} (rsLoRA)" if p.use_rslora else p.method),
+        ("PEFT method", _peft_method(p)),
     ]
     if p.method != "none":
         rows += [

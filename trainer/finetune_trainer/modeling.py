@@ -193,6 +193,7 @@ def lora_config(peft: PeftSpec, task_type: TaskType) -> LoraConfig:
         target_modules=list(peft.target_modules) or "all-linear",
         task_type=task_type,
         use_rslora=peft.use_rslora,
+        use_dora=peft.use_dora,
     )
 
 
