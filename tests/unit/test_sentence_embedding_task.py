@@ -334,3 +334,21 @@ def test_full_fine_tune_and_merged_artifacts(tiny_st: Path, tmp_path: Path) -> N
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     reloaded = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
     assert torch.allclose(torch.as_tensor(reloaded.encode(text)), expected, atol=1e-4)
+
+
+def test_a_dora_trains_the_sentence_transformers_model(tiny_st: Path) -> None:
+    fields = {"anchorField": "q", "positiveField": "d", "negativeField": "n"}
+    task = task_for(_task_spec(tiny_st, dataset=fields, peft={"useDora": True}))
+    data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+    model = task.load_model(data, torch.device("cpu"))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in trained), trained
+    batch = data.collate([data.train[i] for i in range(4)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-2)
+    first = float(task.loss(model, batch).detach())
+    for _ in range(10):
+        task.loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(task.loss(model, batch).detach()) < first
