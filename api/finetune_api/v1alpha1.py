@@ -1383,25 +1383,26 @@ def _text_to_image_only(path: str, wire: str) -> Rule:
     )
 
 
+def _plain_lora_for_text_to_image(wire: str, attr: str, why: str) -> Rule:
+    """A rule that keeps the LoRA variant peft.<wire> off text-to-image, whose pushed LoRA is
+    `why`."""
+    return Rule(
+        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !self.peft.{wire}",
+        message=f"text-to-image pushes a LoRA {why}: peft.{wire} must be false",
+        check=lambda s: s.model.task != TEXT_TO_IMAGE or not getattr(s.peft, attr),
+        field=f"peft.{wire}",
+    )
+
+
 _TEXT_TO_IMAGE_RULES = (
     _text_to_image_only("training.resolution", "resolution"),
     _text_to_image_only("training.predictionType", "prediction_type"),
     _text_to_image_only("training.snrGamma", "snr_gamma"),
     _text_to_image_only("evaluation.imageSamples", "image_samples"),
-    Rule(
-        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !self.peft.useRslora",
-        message="text-to-image pushes a LoRA that diffusers loads scaled by alpha/r: "
-        "peft.useRslora must be false",
-        check=lambda s: s.model.task != TEXT_TO_IMAGE or not s.peft.use_rslora,
-        field="peft.useRslora",
+    _plain_lora_for_text_to_image(
+        "useRslora", "use_rslora", "that diffusers loads scaled by alpha/r"
     ),
-    Rule(
-        cel=f"self.model.task != '{TEXT_TO_IMAGE}' || !self.peft.useDora",
-        message="text-to-image pushes a plain LoRA for diffusers' loader: peft.useDora must be "
-        "false",
-        check=lambda s: s.model.task != TEXT_TO_IMAGE or not s.peft.use_dora,
-        field="peft.useDora",
-    ),
+    _plain_lora_for_text_to_image("useDora", "use_dora", "that diffusers loads as plain LoRA"),
     Rule(
         cel=f"self.model.task != '{TEXT_TO_IMAGE}' || self.peft.method == 'lora'",
         message="text-to-image trains a LoRA on the UNet: peft.method must be lora",

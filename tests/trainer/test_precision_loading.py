@@ -14,7 +14,7 @@ from finetune_api import parse_manifest
 from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.tasks import TaskData
 from finetune_trainer.tasks.causal_lm import CausalLM
-from finetune_trainer.testing.gradients import assert_same_gradients
+from finetune_trainer.testing.gradients import assert_same_gradients, descend
 from finetune_trainer.testing.tiny import sentences
 
 CPU = torch.device("cpu")
@@ -134,14 +134,7 @@ def test_a_dora_learns_magnitudes_and_its_adapter_merges_into_the_same_model(
     assert magnitudes and all(
         p.requires_grad for n, p in model.named_parameters() if n in magnitudes
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
+    losses = descend(lambda: model(**batch).loss, model, steps=15, lr=1e-2)
     assert losses[-1] < losses[0], losses
     trained = dict(model.named_parameters())
     assert any(not torch.equal(trained[n], before) for n, before in magnitudes.items())

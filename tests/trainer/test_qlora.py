@@ -23,6 +23,7 @@ from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer import modeling
 from finetune_trainer.tasks import TaskData
 from finetune_trainer.tasks.causal_lm import CausalLM
+from finetune_trainer.testing.gradients import descend
 from finetune_trainer.testing.tiny import sentences
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the trainer extra")
@@ -63,15 +64,7 @@ def _data(spec: FineTuneJobSpec) -> TaskData:
 
 def _trained(spec: FineTuneJobSpec, batch: dict[str, torch.Tensor]) -> tuple[Any, list[float]]:
     model = CausalLM(spec).load_model(_data(spec), CPU)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return model, losses
+    return model, descend(lambda: model(**batch).loss, model, steps=20, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
