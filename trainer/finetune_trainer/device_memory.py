@@ -4,17 +4,19 @@ torch raises `OutOfMemoryError` when its CUDA caching allocator cannot get a blo
 full); when the host refuses memory (a node with strict overcommit, an address-space limit),
 torch's CPU allocator raises a RuntimeError of its own and numpy or PIL a MemoryError. Without
 such a refusal the kernel's OOM killer ends the container instead, which the operator reads as
-OOMKilled. The same spec on the same devices reaches
-the same peak at the same step, so another attempt would load the model, resume and fail again,
-holding the whole gang each time: the verdict is permanent (reason `DeviceOutOfMemory`). Its
-message keeps torch's own account (what it tried to allocate, the device's capacity and what was
-free) and names the fields that lower the peak, with their values, each only where the spec's
-rules (api/finetune_api/v1alpha1.py) would accept the change.
+OOMKilled. The same spec on the same devices reaches the same peak at the same step, so another
+attempt would load the model, resume and fail again, holding the whole gang each time: the
+verdict is permanent (reason `DeviceOutOfMemory`). Its message keeps torch's own account (what it
+tried to allocate, the device's capacity and what was free), says where the rank was, and names
+the fields that lower the peak there, with their values, each only where the spec's rules
+(api/finetune_api/v1alpha1.py) would accept the change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import torch
 
 from finetune_api import phases
 from finetune_api.v1alpha1 import (
@@ -31,8 +33,6 @@ _CPU_ALLOCATOR = "DefaultCPUAllocator: can't allocate memory"
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` says that an allocation failed, on a GPU or on the host."""
-    import torch
-
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and _CPU_ALLOCATOR in str(exc)
