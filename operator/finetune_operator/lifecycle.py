@@ -563,15 +563,20 @@ def needs_created_events(job: Obj | None, finished: bool) -> bool:
     return bool({"Failed", "FailureTarget"} & set(true_conditions(job)))
 
 
+def _job_events(job: Obj, events: list[Obj], reason: str) -> list[Obj]:
+    """The Events with `reason` about this Job (this uid: not a predecessor of its name)."""
+    uid = (job.get("metadata") or {}).get("uid")
+    return [
+        e
+        for e in events
+        if e.get("reason") == reason and (e.get("involvedObject") or {}).get("uid") == uid
+    ]
+
+
 def _made_by_events(job: Obj, events: list[Obj]) -> dict[str, str]:
     """When the Job controller made each pod, by name, from its SuccessfulCreate Events."""
-    uid = (job.get("metadata") or {}).get("uid")
     made: dict[str, str] = {}
-    for event in events:
-        if event.get("reason") != SUCCESSFUL_CREATE:
-            continue
-        if (event.get("involvedObject") or {}).get("uid") != uid:
-            continue
+    for event in _job_events(job, events, SUCCESSFUL_CREATE):
         match = _CREATED_POD.match(event.get("message") or "")
         at = event.get("firstTimestamp") or event.get("eventTime")
         if match and at:
@@ -581,13 +586,7 @@ def _made_by_events(job: Obj, events: list[Obj]) -> dict[str, str]:
 
 def _create_failure(job: Obj, events: list[Obj]) -> Stuck | None:
     """The Job controller's latest FailedCreate Event about this Job, as a Stuck."""
-    uid = (job.get("metadata") or {}).get("uid")
-    mine = [
-        e
-        for e in events
-        if e.get("reason") == Reason.FAILED_CREATE
-        and (e.get("involvedObject") or {}).get("uid") == uid
-    ]
+    mine = _job_events(job, events, Reason.FAILED_CREATE)
     if not mine:
         return None
 

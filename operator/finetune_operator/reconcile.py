@@ -239,10 +239,11 @@ class Reconciler:
         pods = await self.kube.list_pods(ns, name, naming.attempt_of(batch)) if batch else []
         events: list[Obj] = []
         uid = ((batch or {}).get("metadata") or {}).get("uid") or ""
+        finished = job.status is not None and job.status.phase in TERMINAL
+        # One or the other: a Job short of pods runs; one whose attempt failed has ended.
         if batch is not None and needs_events(batch, pods):
             events = await self.kube.job_events(ns, uid, Reason.FAILED_CREATE)
-        finished = job.status is not None and job.status.phase in TERMINAL
-        if needs_created_events(batch, finished):
+        elif needs_created_events(batch, finished):
             events = await self.kube.job_events(ns, uid, SUCCESSFUL_CREATE)
         nodes = await self.kube.read_nodes(nodes_to_read(batch, pods))
         outcome = observe_job(batch, pods, events, nodes)
