@@ -368,8 +368,8 @@ class PeftSpec(ApiModel):
         "adapted weight's magnitude is learnt apart from its direction, which the LoRA matrices "
         "change; often closer to a full fine-tune at the same r, for slower steps. Saved in "
         "adapter_config.json, which peft and the merge read; vLLM and TGI cannot load such an "
-        "adapter, so serve.engine vllm or tgi needs output.hub.merge. Not with method none, "
-        "strategy fsdp or text-to-image. Default false.",
+        "adapter, so serve.engine vllm or tgi needs output.hub.merge. Works with strategy fsdp; "
+        "not with method none or text-to-image. Default false.",
     )
 
     __rules__ = (
@@ -1477,13 +1477,6 @@ class FineTuneJobSpec(ApiModel):
                 s.training.strategy != "fsdp"
                 or s.model.task in (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
             ),
-            field="training.strategy",
-        ),
-        Rule(
-            cel="self.training.strategy != 'fsdp' || !self.peft.useDora",
-            message="training.strategy fsdp does not support peft.useDora (DoRA's magnitude "
-            "vectors under sharding are not tested here): use ddp, or a plain LoRA with fsdp",
-            check=lambda s: s.training.strategy != "fsdp" or not s.peft.use_dora,
             field="training.strategy",
         ),
         Rule(

@@ -138,11 +138,6 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("dora-full-fine-tune", {"spec.peft": {"method": "none", "useDora": True}}, "useDora"),
     ("t2i-dora", {**T2I, "spec.peft.useDora": True}, "useDora"),
     (
-        "dora-fsdp",
-        {"spec.peft.useDora": True, "spec.training.strategy": "fsdp"},
-        "strategy",
-    ),
-    (
         "dora-adapter-on-vllm",
         {
             "spec.peft.useDora": True,
@@ -397,7 +392,9 @@ def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:
     assert kube.get("FineTuneJob", "bad-pr", namespace)["spec"]["output"]["hub"]["createPr"]
 
 
-def test_a_dora_is_accepted_and_served_merged_by_vllm(crd: str, kube: Kube, namespace: str) -> None:
+def test_a_dora_is_accepted_sharded_and_served_merged_by_vllm(
+    crd: str, kube: Kube, namespace: str
+) -> None:
     doc = manifest(
         {
             "spec.peft": {"method": "qlora", "useDora": True},
@@ -410,6 +407,12 @@ def test_a_dora_is_accepted_and_served_merged_by_vllm(crd: str, kube: Kube, name
     assert parse_manifest(doc).spec.peft.use_dora
     kube.apply(doc)
     assert kube.get("FineTuneJob", "bad", namespace)["spec"]["peft"]["useDora"] is True
+    # Sharded too (tests/trainer/test_sharded_gangs.py trains it).
+    sharded = manifest({"spec.peft.useDora": True, "spec.training.strategy": "fsdp"}, namespace)
+    sharded["metadata"]["name"] = "dora-fsdp"
+    assert parse_manifest(sharded).spec.training.strategy == "fsdp"
+    kube.apply(sharded)
+    assert kube.get("FineTuneJob", "dora-fsdp", namespace)["spec"]["peft"]["useDora"] is True
 
 
 def test_spec_is_immutable_but_suspend_is_not(crd: str, kube: Kube, namespace: str) -> None:

@@ -187,3 +187,58 @@ def test_fsdp_full_fine_tune_saves_the_whole_model(
     ]
     # Every layer trained, not only the shards rank 0 held.
     assert any(".layers.0." in n for n in changed) and any(".layers.1." in n for n in changed)
+
+
+def test_dora_under_fsdp_trains_resumes_and_saves_as_under_ddp(
+    tmp_path_factory: pytest.TempPathFactory,
+    causal_manifest: dict[str, Any],
+    base_env: dict[str, str],
+) -> None:
+    """DoRA's magnitude vectors are sharded, gathered into the checkpoint and the adapter, and
+    restored on resume like the LoRA matrices beside them."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    done = {
+        strategy: _run(
+            tmp_path_factory.mktemp(f"dora-{strategy}"),
+            deep_update(
+                _job(causal_manifest, strategy=strategy), {"spec": {"peft": {"useDora": True}}}
+            ),
+            base_env,
+            nodes=2,
+            nproc=1,
+        )
+        for strategy in ("ddp", "fsdp")
+    }
+    for run in done.values():
+        assert run.codes == [0, 0], run.gang.log_text()[-4000:]
+    fsdp, ddp = done["fsdp"], done["ddp"]
+    assert sorted(fsdp.losses()) == list(range(1, 21))
+    assert fsdp.losses() == pytest.approx(ddp.losses(), rel=1e-3)
+    scores = [d.gang.result(0)["evaluation"]["perplexity"] for d in (fsdp, ddp)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-3)
+    assert scores[0]["after"] < scores[0]["before"]
+
+    adapters = [load_file(d.workdir / "output" / "adapter_model.safetensors") for d in (fsdp, ddp)]
+    magnitudes = {k for k in adapters[0] if "lora_magnitude_vector" in k}
+    assert magnitudes and set(adapters[0]) == set(adapters[1])
+    for key in magnitudes:
+        torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=1e-4, atol=1e-6)
+    config = json.loads((fsdp.workdir / "output" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+
+    # Resumed from step 10's gathered checkpoint, the sharded run ends where it ended.
+    first_hashes, first_losses = fsdp.hashes(), fsdp.losses()
+    [root] = (fsdp.workdir / "checkpoints").iterdir()
+    shutil.rmtree(sorted(root.glob("checkpoint-*"))[-1])
+    shutil.rmtree(fsdp.workdir / "output")
+    assert fsdp.gang.start().wait(timeout=600) == [0, 0], fsdp.gang.log_text()[-4000:]
+    assert fsdp.gang.result(0)["resumedFromStep"] == 10
+    resumed = fsdp.losses()
+    assert {s: resumed[s] for s in range(11, 21)} == pytest.approx(
+        {s: first_losses[s] for s in range(11, 21)}, rel=1e-4
+    )
+    assert fsdp.hashes() == first_hashes
