@@ -242,3 +242,28 @@ def test_dora_under_fsdp_trains_resumes_and_saves_as_under_ddp(
         {s: first_losses[s] for s in range(11, 21)}, rel=1e-4
     )
     assert fsdp.hashes() == first_hashes
+
+
+def test_only_rank_0_reads_the_base_and_every_rank_gets_the_whole_of_it(
+    tmp_path: Path, causal_manifest: dict[str, Any], base_env: dict[str, str]
+) -> None:
+    """Under fsdp the other ranks build the base empty and get their shards, and the buffers no
+    state dict holds (the rotary frequencies), from rank 0: every value as loaded, bit for bit."""
+    import torch
+
+    from finetune_api.validation import parse_manifest
+    from finetune_trainer.testing import sharded_load
+
+    doc = _job(causal_manifest, strategy="fsdp")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    reports = sharded_load.gang(manifest, tmp_path / "out", keep_state=True, env=base_env)
+    assert [r["builtEmpty"] for r in reports] == [False, True]
+    model = sharded_load.load(parse_manifest(doc).spec, sharded_load.CPU)
+    loaded = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert any("rotary_emb" in name for name in loaded)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / "out" / f"rank-{rank}.pt", weights_only=True)
+        assert state.keys() == loaded.keys(), rank
+        for name, value in loaded.items():
+            assert torch.equal(state[name], value.detach()), (rank, name)

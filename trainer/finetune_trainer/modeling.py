@@ -241,6 +241,7 @@ def load_model(
     """The base model, wrapped for PEFT unless the method is `none`.
 
     `device` is where this rank computes; qlora quantizes the base as it loads, straight onto it.
+    The meta device builds the model without reading its weights (an fsdp rank other than 0).
     """
     dtype = weights_dtype(spec.training.precision, spec.peft.method)
     kwargs: dict[str, object] = {"dtype": dtype}
@@ -254,6 +255,9 @@ def load_model(
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": device}
+    elif device.type == "meta":
+        # The base's shapes without its weights (sharding.loading_device); nothing is read.
+        kwargs["device_map"] = "meta"
     model = load_base(**kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id

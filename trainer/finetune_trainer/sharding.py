@@ -9,6 +9,10 @@ transformer layers from `_no_split_modules`, then the root, with a MixedPrecisio
 runs on gloo as on NCCL. The sharded model is not passed to `accelerator.prepare` (which would
 wrap it in DDP); the optimizer and loaders still are.
 
+Only rank 0 reads the base's weights (loading_device): the other ranks build it on the meta
+device, and `shard` gives them their shards of rank 0's, so that a pod holds the base at most
+once in host memory rather than once per rank.
+
 Checkpoints keep the store's contract (only rank 0 writes and reads it, checkpoint.py): every
 rank takes part in gathering the full trainable weights and optimizer state to rank 0's host
 memory, rank 0 writes them in the same format as a DDP run, and on resume every rank loads the
@@ -26,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -37,16 +42,27 @@ from finetune_api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.modeling import transformer_layers
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+META = torch.device("meta")
 
 
 def uses_fsdp(spec: FineTuneJobSpec) -> bool:
     return spec.training.strategy == "fsdp"
 
 
+def loading_device(spec: FineTuneJobSpec, rank: int, device: torch.device) -> torch.device:
+    """Where rank `rank`, computing on `device`, loads the base. Under fsdp only rank 0 reads
+    its weights (into host memory, as every rank does otherwise); the others build it empty on
+    the meta device, and `shard` gives them their shards of rank 0's. A pod of N ranks then
+    holds the base at most once in host memory, not N times, as accelerate's
+    cpu_ram_efficient_loading and TorchTitan load a sharded model."""
+    return META if uses_fsdp(spec) and rank != 0 else device
+
+
 def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) -> torch.nn.Module:
     """Shard `model` in place over every rank of the default process group (the Accelerator
-    made it), each shard moved onto this rank's `device`. The model arrives whole in host memory
-    (from_pretrained loads to the CPU), so no device ever holds more than its shards. With bf16
+    made it), each shard moved onto this rank's `device`. The model arrives whole in rank 0's
+    host memory (from_pretrained loads to the CPU) and empty on the others (loading_device), so
+    no device ever holds more than its shards. With bf16
     mixed precision the shards keep their loaded dtype (fp32 master weights for what trains) and
     each layer computes in bf16, reducing gradients in fp32."""
     layers = transformer_layers(model)
@@ -67,10 +83,27 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
         policy = MixedPrecisionPolicy(
             param_dtype=_HALF[mixed_precision], reduce_dtype=torch.float32
         )
+    # Rank 0's whole weights, as loaded: what every rank's shards are cut from (_fill).
+    whole = model.state_dict() if dist.get_rank() == 0 else {}
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if dist.get_world_size() > 1:
+        _fill(model, whole, device)
     return model
+
+
+def _fill(model: torch.nn.Module, whole: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give every rank its shards of rank 0's `whole` weights: the other ranks built the model
+    empty (loading_device), and their shards are allocated here, on `device`. A collective.
+    The buffers follow from rank 0 too, since a state dict leaves out the non-persistent ones
+    (a Llama's rotary `inv_freq`), which an empty model holds as uninitialised memory."""
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

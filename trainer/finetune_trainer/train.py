@@ -153,7 +153,13 @@ def _train(job: FineTuneJob, telemetry: TrainerMetrics) -> int:
     telemetry.record_phase(phases.DATA_LOADED)
     log.info("%d training and %d evaluation rows", len(data.train), len(data.evaluation))
     with accelerator.local_main_process_first():
-        model = task.load_model(data, accelerator.device)
+        device = sharding.loading_device(spec, accelerator.process_index, accelerator.device)
+        model = task.load_model(data, device)
+    if device == sharding.META:
+        log.info(
+            "the base is built empty here: its shards come from rank 0 (fsdp)",
+            main_process_only=False,
+        )
     # Same seed everywhere made the initial weights equal; now let dropout differ per rank.
     set_seed(spec.training.seed + accelerator.process_index)
     telemetry.record_phase(phases.MODEL_LOADED)

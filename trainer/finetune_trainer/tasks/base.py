@@ -93,7 +93,8 @@ class Task(ABC):
     def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
         """The base model for this data, wrapped for PEFT unless the spec's method is none.
 
-        `device` is where this rank computes; a quantized base is loaded straight onto it.
+        `device` is where this rank computes; a quantized base is loaded straight onto it. On
+        the meta device the model has its shapes but no weights (sharding.loading_device).
         """
 
     @abstractmethod
