@@ -10,7 +10,9 @@ election Lease there under the chart's Role for it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,33 +49,38 @@ for _kind, _scoped in (
     Kube.register(_kind, "rbac.authorization.k8s.io/v1", _kind.lower() + "s", namespaced=_scoped)
 
 
-def chart_rbac(namespace: str, release: str, tmp: Path) -> list[dict[str, Any]]:
-    """The ServiceAccount and RBAC the chart renders to watch `namespace`, without Secrets."""
+def render_chart(namespace: str, release: str, tmp: Path, *args: str) -> list[dict[str, Any]]:
+    """`helm template` of the chart as release `release` in `namespace`, with `args`."""
     helm = subprocess.run(
         [str(REPO_ROOT / "hack" / "helm.sh")], capture_output=True, text=True, timeout=1800
     )
     assert helm.returncode == 0, f"hack/helm.sh failed:\n{helm.stderr[-3000:]}"
     home = {v: str(tmp / v.lower()) for v in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME")}
+    chart = str(REPO_ROOT / "charts" / "finetune-operator")
     proc = subprocess.run(
-        [
-            helm.stdout.strip().splitlines()[-1],
-            "template",
-            release,
-            str(REPO_ROOT / "charts" / "finetune-operator"),
-            "--namespace",
-            namespace,
-            "--set",
-            "rbac.getSecrets=false",
-            "--set",
-            f"watchNamespaces={{{namespace}}}",
-        ],
+        [helm.stdout.strip().splitlines()[-1], "template", release, chart, "-n", namespace, *args],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, **home, "KUBECONFIG": str(tmp / "none")},
     )
     assert proc.returncode == 0, proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in RBAC_KINDS]
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def chart_rbac(namespace: str, release: str, tmp: Path) -> list[dict[str, Any]]:
+    """The ServiceAccount and RBAC the chart renders to watch `namespace`, without Secrets."""
+    docs = render_chart(
+        namespace,
+        release,
+        tmp,
+        "--skip-tests",
+        "--set",
+        "rbac.getSecrets=false",
+        "--set",
+        f"watchNamespaces={{{namespace}}}",
+    )
+    docs = [d for d in docs if d["kind"] in RBAC_KINDS]
     rules = [r for d in docs if d["kind"] == "Role" for r in d["rules"]]
     assert rules and not any("secrets" in r["resources"] for r in rules)
     return docs
@@ -256,3 +263,75 @@ def test_under_the_charts_role_a_lost_nodes_restart_is_a_disruption(
         )
     finally:
         kube.delete("Node", node, missing_ok=True)
+
+
+# ---- helm test: the chart's test Pod's program, under the chart's Role for it ----------------
+
+
+HELM_TEST_LABEL = "app.kubernetes.io/component=helm-test"
+
+
+def as_helm_test(
+    kube: Kube, admin: str, release: str, release_ns: str, watched: str, tmp: Path
+) -> str:
+    """The RBAC that `helm test` makes for `release` in `release_ns`, whose operator watches
+    `watched`, created (all but the Pod, whose program the test runs here); a kubeconfig of
+    its ServiceAccount."""
+    docs = render_chart(
+        release_ns,
+        release,
+        tmp,
+        "--show-only",
+        "templates/tests/operator-reconciles.yaml",
+        "--set",
+        f"watchNamespaces={{{watched}}}",
+    )
+    for doc in docs:
+        if doc["kind"] != "Pod":
+            kube.create(doc)
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    return service_account_kubeconfig(kube, admin, release_ns, sa, tmp / "test-kubeconfig")
+
+
+def selftest(config: str, namespace: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "finetune_operator.selftest"]
+    return subprocess.run(
+        [*command, "--namespace", namespace, "--timeout", str(timeout)],
+        env={**os.environ, "KUBECONFIG": config},
+        capture_output=True,
+        text=True,
+        timeout=2 * timeout + 60,
+    )
+
+
+def test_helm_test_passes_under_its_own_role_against_the_charts_operator(
+    restricted: str, kube: Kube, kubeconfig: str, tmp_path: Path
+) -> None:
+    config = as_helm_test(kube, kubeconfig, "t-pass", restricted, restricted, tmp_path)
+    done = selftest(config, restricted, 30)
+    assert done.returncode == 0, done.stderr
+    created, reconciled, deleted, verdict = done.stdout.splitlines()
+    assert re.fullmatch(
+        rf"created FineTuneJob {restricted}/helm-test-[0-9a-f]{{6}} \(runPolicy.suspend: true\)",
+        created,
+    )
+    assert re.fullmatch(r"reconciled in [\d.]+s: phase Suspended, observedGeneration 1", reconciled)
+    assert re.fullmatch(r"deleted in [\d.]+s", deleted)
+    assert verdict == f"PASSED: the operator reconciles FineTuneJobs in {restricted}"
+    assert not kube.list("FineTuneJob", restricted, labels=HELM_TEST_LABEL)
+
+
+def test_helm_test_fails_saying_what_to_check_where_no_operator_watches(
+    restricted: str, kube: Kube, kubeconfig: str, tmp_path: Path
+) -> None:
+    unwatched = kube.create_namespace("ftj-unwatched")
+    try:
+        config = as_helm_test(kube, kubeconfig, "t-fail", restricted, unwatched, tmp_path)
+        done = selftest(config, unwatched, 3)
+        assert done.returncode == 1, done.stdout
+        assert f"FAILED: the operator did not reconcile FineTuneJob {unwatched}/" in done.stderr
+        assert f"watchNamespaces include {unwatched}" in done.stderr
+        # It deleted what it made, even so.
+        assert not kube.list("FineTuneJob", unwatched, labels=HELM_TEST_LABEL)
+    finally:
+        kube.delete("Namespace", unwatched, missing_ok=True)

@@ -413,6 +413,13 @@ def upgrade_release(kube: Kube) -> Callable[..., None]:
     return functools.partial(helm_upgrade, kube)
 
 
+@pytest.fixture(scope="session")
+def release_helm(kube: Kube) -> Callable[..., str]:
+    """helm on this suite's cluster, in the release's namespace: `release_helm("test", RELEASE)`;
+    its output."""
+    return functools.partial(_helm, kube)
+
+
 @pytest.fixture
 def restore_release(kube: Kube, operator_release: dict[str, str], tmp_path: Path) -> Iterator[None]:
     """The release's values as they were before the test, whatever it upgraded it to: they are

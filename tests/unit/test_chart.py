@@ -79,8 +79,12 @@ def run_helm(helm: Helm, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def template(helm: Helm, *args: str, chart: Path = CHART) -> list[dict[str, Any]]:
-    proc = run_helm(helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *args)
+def template(
+    helm: Helm, *args: str, chart: Path = CHART, tests: bool = False
+) -> list[dict[str, Any]]:
+    """The chart's objects as `helm install` makes them; with `tests`, also `helm test`'s."""
+    skip = [] if tests else ["--skip-tests"]
+    proc = run_helm(helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *skip, *args)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc is not None]
 
@@ -666,9 +670,85 @@ def test_standbys_need_the_lease_and_spread_over_nodes(helm: Helm) -> None:
 
 
 def test_rbac_can_be_left_to_the_installer(helm: Helm) -> None:
-    docs = template(helm, "--set", "rbac.create=false")
+    docs = template(helm, "--set", "rbac.create=false", tests=True)
     kinds = {d["kind"] for d in docs}
     assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    # Nor `helm test`'s: it would need a Role of its own.
+    assert not [d for d in docs if hook_of(d)]
+
+
+# ---- helm test ---------------------------------------------------------------------------------
+
+
+def hook_of(doc: dict[str, Any]) -> str | None:
+    return (doc["metadata"].get("annotations") or {}).get("helm.sh/hook")
+
+
+def test_helm_test_reconciles_a_job_as_a_user_that_may_do_only_that(helm: Helm) -> None:
+    docs = template(helm, tests=True)
+    tests = [d for d in docs if hook_of(d) == "test"]
+    assert sorted(d["kind"] for d in tests) == ["Pod", "Role", "RoleBinding", "ServiceAccount"]
+    pod, role, binding, account = (
+        one(tests, k) for k in ("Pod", "Role", "RoleBinding", "ServiceAccount")
+    )
+    # What a user does with a FineTuneJob, and nothing else.
+    assert role["rules"] == [
+        {
+            "apiGroups": ["finetune.dev"],
+            "resources": ["finetunejobs"],
+            "verbs": ["create", "get", "delete"],
+        }
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    [container] = pod["spec"]["containers"]
+    assert container["image"] == operator_container(template(helm))["image"]
+    assert container["command"] == ["python", "-m", "finetune_operator.selftest"]
+    assert container["args"] == ["--namespace", NAMESPACE, "--timeout", "60"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The RBAC goes once the test passed; the Pod stays for `helm test --logs`.
+    for doc in (role, binding, account):
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook-weight"] == "-1"
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    # Nothing of the operator's selects the test Pod: not the Deployment, its metrics Service,
+    # its PodDisruptionBudget or its NetworkPolicy.
+    labels = pod["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "helm-test"
+    installed = template(helm, "--set", "networkPolicy.enabled=true", "--set", "replicaCount=2")
+    selectors = [
+        one(installed, "Deployment")["spec"]["selector"]["matchLabels"],
+        one(installed, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        one(installed, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+        *(s["spec"]["selector"] for s in by_kind(installed, "Service")),
+    ]
+    assert len(selectors) >= 4
+    for selector in selectors:
+        assert not selector.items() <= labels.items(), selector
+
+
+@pytest.mark.parametrize(
+    ("watched", "target"),
+    [(["a", "b"], "a"), (["a", NAMESPACE], NAMESPACE), ([], NAMESPACE)],
+)
+def test_helm_test_runs_where_the_operator_watches(
+    helm: Helm, watched: list[str], target: str
+) -> None:
+    rendered = template(helm, "--set-json", f"watchNamespaces={json.dumps(watched)}", tests=True)
+    docs = [d for d in rendered if hook_of(d)]
+    assert one(docs, "Role")["metadata"]["namespace"] == target
+    assert one(docs, "RoleBinding")["metadata"]["namespace"] == target
+    assert one(docs, "Pod")["metadata"]["namespace"] == NAMESPACE
+    assert one(docs, "Pod")["spec"]["containers"][0]["args"][:2] == ["--namespace", target]
+
+
+def test_helm_test_can_be_left_out(helm: Helm) -> None:
+    docs = template(helm, "--set", "tests.enabled=false", tests=True)
+    assert not [d for d in docs if hook_of(d)]
 
 
 # ---- CRD --------------------------------------------------------------------------------------

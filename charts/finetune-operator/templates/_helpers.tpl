@@ -30,12 +30,23 @@ already contains the chart name, or .Values.fullnameOverride.
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels on every object of the release. */}}
+{{/* Labels on every object of the release but the `helm test` ones. */}}
 {{- define "finetune-operator.labels" -}}
-helm.sh/chart: {{ include "finetune-operator.chart" . }}
-{{ include "finetune-operator.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{ include "finetune-operator.componentLabels" (dict "root" . "component" "operator") }}
+{{- end }}
+
+{{/*
+The release's labels with app.kubernetes.io/component set to .component: "operator" (whose pod
+the selectorLabels select), or "helm-test" for the test Pod, which nothing of the operator's may
+select. Call with (dict "root" . "component" "...").
+*/}}
+{{- define "finetune-operator.componentLabels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" .root }}
+app.kubernetes.io/name: {{ include "finetune-operator.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 app.kubernetes.io/part-of: finetune-operator
 {{- end }}
 
