@@ -12,8 +12,8 @@ the test fixtures:
 - qlora: the 4-bit base through bitsandbytes' CUDA kernels (where bitsandbytes is installed),
   gradient checkpointing on by default; with 2 ranks (NCCL) where 2 GPUs are visible, else 1;
 - fsdp-lora and fsdp-full: training.strategy fsdp on the visible GPUs (NCCL), LoRA and a full
-  fine-tune, bf16 compute over fp32 shards; fsdp-lora-compiled with compiled layers, fsdp-dora
-  with DoRA's magnitude vectors sharded;
+  fine-tune (its layers checkpointed), bf16 compute over fp32 shards; fsdp-lora-compiled with
+  compiled layers, fsdp-dora with DoRA's magnitude vectors sharded;
 - ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL;
 - oom: a text-to-image job at 4096 x 4096 pixels, whose batch cannot fit a GPU's memory, must
   end at once as DeviceOutOfMemory (exit code 3, torch's CUDA account in the message): its
@@ -93,7 +93,12 @@ def variants(gpus: int, bitsandbytes: bool) -> dict[str, dict[str, Any]]:
         "fsdp-full": {
             **on(ranks),
             "peft": {"method": "none"},
-            "training": {"strategy": "fsdp", "precision": "bf16", "learningRate": 1e-3},
+            "training": {
+                "strategy": "fsdp",
+                "precision": "bf16",
+                "learningRate": 1e-3,
+                "gradientCheckpointing": True,
+            },
         },
     }
     if gpus >= 2:

@@ -159,7 +159,7 @@ def test_a_sharded_checkpoint_resumes_where_the_run_was(fsdp_2x2: Done) -> None:
     assert fsdp_2x2.hashes() == first_hashes
 
 
-def test_fsdp_full_fine_tune_saves_the_whole_model(
+def test_fsdp_full_fine_tune_with_checkpointing_saves_the_whole_model(
     tmp_path_factory: pytest.TempPathFactory,
     causal_manifest: dict[str, Any],
     base_env: dict[str, str],
@@ -168,8 +168,10 @@ def test_fsdp_full_fine_tune_saves_the_whole_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    # With the layers recomputed in the backward pass, as a model too large for its GPUs
+    # trains (the DoRA test above shows that this changes nothing learnt).
     doc = deep_update(
-        _job(causal_manifest, strategy="fsdp", learningRate=1e-3),
+        _job(causal_manifest, strategy="fsdp", learningRate=1e-3, gradientCheckpointing=True),
         {"spec": {"peft": {"method": "none"}}},
     )
     done = _run(tmp_path_factory.mktemp("fsdp-full"), doc, base_env, nodes=2, nproc=1)
@@ -189,13 +191,14 @@ def test_fsdp_full_fine_tune_saves_the_whole_model(
     assert any(".layers.0." in n for n in changed) and any(".layers.1." in n for n in changed)
 
 
-def test_dora_under_fsdp_trains_resumes_and_saves_as_under_ddp(
+def test_dora_under_fsdp_with_checkpointing_trains_resumes_and_saves_as_under_ddp(
     tmp_path_factory: pytest.TempPathFactory,
     causal_manifest: dict[str, Any],
     base_env: dict[str, str],
 ) -> None:
     """DoRA's magnitude vectors are sharded, gathered into the checkpoint and the adapter, and
-    restored on resume like the LoRA matrices beside them."""
+    restored on resume like the LoRA matrices beside them. The sharded run also recomputes its
+    layers in the backward pass (gradientCheckpointing), which must change nothing learnt."""
     import json
 
     import torch
@@ -205,7 +208,8 @@ def test_dora_under_fsdp_trains_resumes_and_saves_as_under_ddp(
         strategy: _run(
             tmp_path_factory.mktemp(f"dora-{strategy}"),
             deep_update(
-                _job(causal_manifest, strategy=strategy), {"spec": {"peft": {"useDora": True}}}
+                _job(causal_manifest, strategy=strategy, gradientCheckpointing=strategy == "fsdp"),
+                {"spec": {"peft": {"useDora": True}}},
             ),
             base_env,
             nodes=2,
@@ -213,6 +217,7 @@ def test_dora_under_fsdp_trains_resumes_and_saves_as_under_ddp(
         )
         for strategy in ("ddp", "fsdp")
     }
+    assert "strategy fsdp, gradient checkpointing True" in done["fsdp"].gang.log_text()
     for run in done.values():
         assert run.codes == [0, 0], run.gang.log_text()[-4000:]
     fsdp, ddp = done["fsdp"], done["ddp"]
