@@ -165,6 +165,24 @@ def load_state(
     )
 
 
+def fill_plain(
+    plain: torch.nn.Module, weights: dict[str, torch.Tensor], sharded: torch.nn.Module
+) -> None:
+    """Make `plain`, a model built empty (on the meta device), the whole of what `weights`
+    holds: every weight of `sharded`, gathered (gather_weights, everything). The gathered
+    tensors become its parameters as they are, so the model is not copied again; its buffers,
+    which no state dict holds whole (a Llama's rotary `inv_freq`), are `sharded`'s."""
+    plain.load_state_dict(weights, strict=True, assign=True)
+    for name, buffer in sharded.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        setattr(plain.get_submodule(module_name), buffer_name, buffer.detach().cpu().clone())
+    # A head tied to the embedding is one tensor; the gathered state holds it under both names.
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    if empty := [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]:
+        raise RuntimeError(f"the gathered weights left {empty[:5]} unset")
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a collective), or the tensor itself."""
     return value.full_tensor() if isinstance(value, DTensor) else value

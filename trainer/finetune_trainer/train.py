@@ -214,10 +214,11 @@ def _train(job: FineTuneJob, telemetry: TrainerMetrics) -> int:
 
 def _final_model(run: Prepared) -> torch.nn.Module | None:
     """The trained model as rank 0 saves it (None on the other ranks). A sharded one is
-    gathered: every rank gives its shards of what trained (everything, for a full fine-tune),
-    and rank 0 loads them into a plain copy of the model built on its CPU from the base, as
-    accelerate's FULL_STATE_DICT with rank0_only and CPU offload would; that copy needs the
-    host memory of the whole model, but no device ever holds all of it."""
+    gathered: every rank gives its shards of what trained (everything, for a full fine-tune) to
+    rank 0's CPU, as accelerate's FULL_STATE_DICT with rank0_only and CPU offload would. A LoRA's
+    go into a plain copy of the model built there from the base; a full fine-tune's are the
+    whole model, so they fill one built empty, without reading the base again: rank 0 needs the
+    host memory of the model once, and no device ever holds all of it."""
     acc = run.accelerator
     if not sharding.is_sharded(run.model):
         return acc.unwrap_model(run.model) if acc.is_main_process else None
@@ -225,6 +226,10 @@ def _final_model(run: Prepared) -> torch.nn.Module | None:
     weights = sharding.gather_weights(run.model, trainable_only=not full)
     if not acc.is_main_process:
         return None
+    if full:
+        plain = run.task.load_model(run.data, sharding.META)
+        sharding.fill_plain(plain, weights, run.model)
+        return plain
     plain = run.task.load_model(run.data, torch.device("cpu"))
     result = plain.load_state_dict(weights, strict=False)
     trained = {n for n, p in plain.named_parameters() if p.requires_grad}
