@@ -10,7 +10,8 @@
 #   2. hack/images.sh operator|trainer|hub-double, each only when its sources changed since its
 #      last build                               (SKIP_BUILD=1 to use the local images as they are)
 #   3. cluster.sh load, only where a node lacks the local image ID (the trainer image is ~6 GB)
-#   4. the chart's CRD, then helm upgrade --install into finetune-system, wait for Available
+#   4. the chart's CRD, then helm upgrade --install into finetune-system, wait for Available,
+#      and `helm test`: the operator reconciles a FineTuneJob
 #   5. namespace $NS: Secret hub-token (random), the Hub-API test double seeded with
 #      hf://org/tiny and hf://org/tiny-data (tests/kind/manifests/hub.yaml); an earlier run's
 #      FineTuneJob is deleted and the double restarted empty, so each run trains from step 0
@@ -93,6 +94,8 @@ image_id=$("$DOCKER" image inspect -f '{{.Id}}' "$OPERATOR_IMAGE")
   --set-string "podAnnotations.finetune\.dev/image-id=${image_id/:/-}" \
   --wait --timeout 5m
 kc -n finetune-system wait --for=condition=Available deployment/finetune-operator --timeout=300s
+# The chart's own test: the operator reconciles (and deletes) a suspended FineTuneJob.
+"$HELM" test finetune-operator --namespace finetune-system --logs --timeout 3m >&2
 done_step
 
 step "5. namespace ${NS}: Hub token and the Hub-API test double"
