@@ -746,9 +746,13 @@ def test_helm_test_runs_where_the_operator_watches(
     assert one(docs, "Pod")["spec"]["containers"][0]["args"][:2] == ["--namespace", target]
 
 
-def test_helm_test_can_be_left_out(helm: Helm) -> None:
+def test_helm_test_can_be_left_out(helm: Helm, tmp_path: Path) -> None:
     docs = template(helm, "--set", "tests.enabled=false", tests=True)
     assert not [d for d in docs if hook_of(d)]
+    # The notes name `helm test` only where there is one.
+    command = f"helm test {RELEASE} -n {NAMESPACE} --logs"
+    assert command in render_notes(helm, tmp_path / "with")
+    assert command not in render_notes(helm, tmp_path / "without", "--set", "tests.enabled=false")
 
 
 # ---- CRD --------------------------------------------------------------------------------------
