@@ -62,9 +62,9 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
     """Shard `model` in place over every rank of the default process group (the Accelerator
     made it), each shard moved onto this rank's `device`. The model arrives whole in rank 0's
     host memory (from_pretrained loads to the CPU) and empty on the others (loading_device), so
-    no device ever holds more than its shards. With bf16
-    mixed precision the shards keep their loaded dtype (fp32 master weights for what trains) and
-    each layer computes in bf16, reducing gradients in fp32."""
+    no device ever holds more than its shards. With bf16 mixed precision the shards keep their
+    loaded dtype (fp32 master weights for what trains) and each layer computes in bf16,
+    reducing gradients in fp32."""
     layers = transformer_layers(model)
     if not layers:
         # The same model fails the same way every attempt: an invalid spec, not a retry.
