@@ -630,15 +630,28 @@ class Kube:
         await self._patch(_FTJ_STATUS_PATH, namespace, name, {"status": status}, MERGE_PATCH)
 
     async def post_event(
-        self, owner: Obj, type_: str, reason: str, message: str, action: str = "Reconcile"
+        self,
+        owner: Obj,
+        type_: str,
+        reason: str,
+        message: str,
+        action: str = "Reconcile",
+        once: str | None = None,
     ) -> None:
-        """Best effort: a lost Event must never fail a reconcile."""
+        """Best effort: a lost Event must never fail a reconcile. `once` names an Event that
+        happens once in the owner's life (a lowercase key): it is named after the owner's uid
+        and the key, so a pass repeated after a restart finds it posted (409) and adds none."""
         meta = owner["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        name = (
+            {"generateName": f"{meta['name']}."}
+            if once is None
+            else {"name": f"{meta['name']}.{(meta.get('uid') or '')[:8]}.{once}"}
+        )
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {**name, "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": owner.get("apiVersion"),
                 "kind": owner.get("kind"),
@@ -661,6 +674,9 @@ class Kube:
             await self._json(
                 client.CoreV1Api(self.api).create_namespaced_event, meta["namespace"], event
             )
+        except ApiException as exc:
+            if once is None or exc.status != 409:  # 409: a `once` Event posted before
+                log.debug("event not posted: %s", exc)
         except Exception as exc:  # events are advisory; never fail a pass on one
             log.debug("event not posted: %s", exc)
 

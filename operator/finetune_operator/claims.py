@@ -119,7 +119,8 @@ async def release_deleted(
     if claim is not None:
         message = _retained(claim["metadata"]["name"], "whenDeleted")
         log.info("%s/%s: %s", namespace, name, message)
-        await kube.post_event(body, "Normal", Reason.CLAIM_RETAINED, message)
+        # Once: a pass repeated after a restart mid-deletion finds the claim released already.
+        await kube.post_event(body, "Normal", Reason.CLAIM_RETAINED, message, once="claim-retained")
     # Its other children go now rather than with the garbage collector, which may take half a
     # minute once the FineTuneJob is gone: the one made again waits for their names.
     for kind, child in (

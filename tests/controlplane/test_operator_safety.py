@@ -244,3 +244,36 @@ def test_children_in_place_are_only_read(
     owner = render.owner_reference("steady", job.metadata.uid or "")
     for manifest in (render.render_configmap(job, owner), render.render_service(job, owner)):
         assert covers(kube.get(manifest["kind"], "steady", namespace), manifest), manifest["kind"]
+
+
+def test_an_event_that_happens_once_is_posted_once_however_many_passes(
+    kubeconfig: str, kube: Kube, namespace: str
+) -> None:
+    """A pass repeated after a restart (a deletion that kept the claim, say) posts its `once`
+    Event again: the API server refuses the second by its name, and the object has one."""
+    import asyncio
+
+    from kubernetes import client, config
+
+    from finetune_operator.apply import Kube as OperatorKube
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    owner = kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}},
+                        namespace)  # fmt: skip
+
+    async def two_passes() -> None:
+        operator_kube = OperatorKube(configuration)
+        try:
+            for _ in range(2):
+                await operator_kube.post_event(
+                    owner, "Normal", "ClaimRetained", "kept", once="claim-retained"
+                )
+                await operator_kube.post_event(owner, "Normal", "Progress", "each pass")
+        finally:
+            await operator_kube.close()
+
+    asyncio.run(two_passes())
+    uid = owner["metadata"]["uid"]
+    events = kube.list("Event", namespace, fields=f"involvedObject.uid={uid}")
+    assert sorted(e["reason"] for e in events) == ["ClaimRetained", "Progress", "Progress"]
