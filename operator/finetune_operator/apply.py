@@ -643,7 +643,8 @@ class Kube:
         and the key, so a pass repeated after a restart finds it posted (409) and adds none."""
         meta = owner["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        name = (
+        # The API server names a plain Event; a `once` Event has its own name.
+        identity = (
             {"generateName": f"{meta['name']}."}
             if once is None
             else {"name": f"{meta['name']}.{(meta.get('uid') or '')[:8]}.{once}"}
@@ -651,7 +652,7 @@ class Kube:
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {**name, "namespace": meta["namespace"]},
+            "metadata": {**identity, "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": owner.get("apiVersion"),
                 "kind": owner.get("kind"),
