@@ -176,7 +176,7 @@ class ModelSpec(ApiModel):
         "sequence-classification (a new classification head), sentence-embedding (a "
         "sentence-transformers model trained on anchor/positive(/negative) rows with "
         "MultipleNegativesRankingLoss), or text-to-image (LoRA on the UNet attention of a "
-        "diffusers Stable Diffusion pipeline, trained on captioned images; source is the "
+        "diffusers Stable Diffusion or SDXL pipeline, trained on captioned images; source is the "
         "pipeline's folder or Hub repo). Default causal-lm.",
     )
     num_labels: int | None = Field(

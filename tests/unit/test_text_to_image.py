@@ -25,6 +25,7 @@ from finetune_trainer.testing.diffusion import (
     reference_colours,
     save_shapes_dataset,
     save_tiny_pipeline,
+    save_tiny_xl_pipeline,
     shape_image,
     text_to_image_job,
 )
@@ -213,7 +214,7 @@ def test_data_rows_collate_to_pixels_and_padded_captions(tiny: tuple[Path, Path]
     assert len(data.train) == 16 and len(data.evaluation) == 6
     batch = data.collate([data.evaluation[i] for i in range(3)])
     assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE)
-    assert batch["input_ids"].shape == (3, data.processor.model_max_length)
+    assert batch["input_ids"].shape == (3, data.processor["tokenizer"].model_max_length)
     # "a red circle": bos, three words, eos; the rest is padding.
     assert batch["attention_mask"].sum(dim=1).tolist() == [5, 5, 5]
     assert batch["timesteps"].tolist() == data.evaluation["timestep"][:3]
@@ -403,4 +404,134 @@ def test_the_example_manifest_is_a_valid_text_to_image_job() -> None:
     assert (
         job.spec.evaluation.image_samples is not None
         and job.spec.evaluation.image_samples.count == 4
+    )
+
+
+# ---- SDXL -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[Path, Path]) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("t2i-xl")
+    return save_tiny_xl_pipeline(root / "pipe"), tiny[1]
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
+def test_sdxl_rows_carry_both_tokenizers_ids_and_each_images_time_ids(
+    tiny_xl: tuple[Path, Path], tiny: tuple[Path, Path]
+) -> None:
+    task, data = _task_and_data(_spec(tiny_xl))
+    assert task.pipeline.class_name == "StableDiffusionXLPipeline"
+    assert set(data.processor) == {"tokenizer", "tokenizer_2"}
+    batch = data.collate([data.evaluation[i] for i in range(3)])
+    assert batch["input_ids_2"].shape == batch["input_ids"].shape == (3, 16)
+    # (original height, width, crop top, left, target height, width): the shapes are squares.
+    assert batch["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 3
+    # A wide image is resized to 32x16 and its middle 16 kept: the crop starts 8 pixels in.
+    wide = {**data.train[0], "image": Image.new("RGB", (64, 32), (255, 0, 0))}
+    assert data.collate([wide])["time_ids"].tolist() == [[32, 64, 0, 8, SIZE, SIZE]]
+    # Stable Diffusion's UNet takes neither.
+    _, sd = _task_and_data(_spec(tiny))
+    assert not {"input_ids_2", "time_ids"} & set(sd.collate([sd.train[0]]))
+
+
+def test_the_sdxl_unet_lora_trains_on_both_encoders_pooled_text_and_time_ids(
+    tiny_xl: tuple[Path, Path],
+) -> None:
+    task, data = _task_and_data(_spec(tiny_xl))
+    model = task.load_model(data, torch.device("cpu"))
+    assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("unet.") and "lora_" in n for n in trainable)
+    torch.manual_seed(0)
+    loss = task.loss(model, data.collate([data.train[i] for i in range(4)]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    # Each conditioning reaches the UNet: at fixed noise, changing one changes the prediction.
+    batch = data.collate([data.evaluation[i] for i in range(2)])
+    with torch.no_grad():
+
+        def predict(**changes: torch.Tensor) -> torch.Tensor:
+            return model(**{**batch, **changes})[0]
+
+        plain = predict()
+        assert torch.equal(plain, predict())
+        assert not torch.allclose(plain, predict(time_ids=batch["time_ids"] * 4))
+        other = data.collate([data.evaluation[i] for i in (3, 4)])  # other captions
+        assert not torch.allclose(plain, predict(input_ids_2=other["input_ids_2"]))
+        assert not torch.allclose(plain, predict(input_ids=other["input_ids"]))
+
+
+def test_sdxl_saves_a_lora_its_pipeline_loads_and_a_card_that_names_it(
+    tiny_xl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    spec = _spec(tiny_xl, evaluation={"imageSamples": {"prompts": ["a red circle"], "count": 2,
+                                                  "inferenceSteps": 2}})  # fmt: skip
+    task, data = _task_and_data(spec)
+    model = task.load_model(data, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    assert task.save(model, data, tmp_path) == "adapter"
+    saved = Image.open(tmp_path / "samples" / "00.png")
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(tiny_xl[0]))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def sample() -> Image.Image:
+        # At the spec's guidance scale (7.5), not SDXL's own default (5).
+        return pipeline("a red circle", num_inference_steps=2, height=SIZE, width=SIZE,
+                        guidance_scale=7.5, generator=torch.Generator().manual_seed(7),
+                        ).images[0]  # fmt: skip
+
+    base = sample()
+    pipeline.load_lora_weights(str(tmp_path))
+    again = sample()
+
+    def distance(a: Image.Image, b: Image.Image) -> int:
+        return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+    # The pushed LoRA redraws sample 0 from its seed; without it the base draws another image.
+    assert distance(again, saved) <= 2 and distance(base, saved) > 2
+
+    card = task.card("adapter", "me/xl-lora")
+    assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers"} <= set(card.tags)
+    assert "StableDiffusionXLPipeline.from_pretrained(" in card.usage
+
+
+def test_an_sdxl_vae_kept_in_fp32_beside_a_half_unet_still_draws_samples(
+    tiny_xl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SDXL's VAE stays fp32 under fp16 (it overflows in half precision), a GPU-only setting; the
+    same mix on the CPU in bf16 goes through the sampling's autocast."""
+    samples = {"imageSamples": {"prompts": ["a red circle"], "count": 1, "inferenceSteps": 2}}
+    task, data = _task_and_data(_spec(tiny_xl, evaluation=samples))
+    model = task.load_model(data, torch.device("cpu"))
+    for part in (model.unet, *model.text_encoders):
+        part.to(torch.bfloat16)
+    assert model.vae.dtype == torch.float32
+    task.save(model, data, tmp_path)
+    assert Image.open(tmp_path / "samples" / "00.png").size == (SIZE, SIZE)
+
+
+def test_a_pipeline_other_than_stable_diffusion_or_sdxl_is_refused_by_name(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    index = json.loads((tiny[0] / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    task, _ = _task_and_data(_spec(tiny))
+    task = type(task)(_spec((tmp_path, tiny[1])))
+    with pytest.raises(ManifestError) as caught:
+        task.pipeline  # noqa: B018
+    assert str(caught.value) == (
+        f"model.source: file://{tmp_path} is a FluxPipeline; text-to-image fine-tunes a "
+        "StableDiffusionPipeline or StableDiffusionXLPipeline"
     )

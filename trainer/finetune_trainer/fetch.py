@@ -71,12 +71,33 @@ _OTHER_FORMATS = re.compile(
     r"|(^|/)(flax|tf|rust)_model[^/]*$"
 )
 _VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema)([.-]|$)")
+# A diffusers pipeline repo has this at its root; it names the folders of the pipeline's parts.
+PIPELINE_INDEX = "model_index.json"
+_WEIGHTS = re.compile(r"\.(safetensors|bin|ckpt|pt|pth)$")
 
 
-def model_files_to_fetch(files: list[str]) -> list[str]:
+def pipeline_parts(model_index: dict[str, Any]) -> set[str]:
+    """The part folders a model_index.json names (unet, vae, text_encoder...), as
+    `DiffusionPipeline.download` reads them: every key whose value is [library, class]."""
+    return {k for k, v in model_index.items() if isinstance(v, list) and not k.startswith("_")}
+
+
+def model_files_to_fetch(files: list[str], parts: set[str] | None = None) -> list[str]:
     """The files of a model repo that loading it reads (or may read): everything but other
     formats' weights, and a folder's `.bin` weights and variant files where that folder has
-    plain safetensors."""
+    plain safetensors.
+
+    In a diffusers pipeline repo (`parts`: the folders its model_index.json names), only those
+    folders and the root's files other than weights: `from_pretrained` reads nothing else, and a
+    pipeline repo's root and extra folders often hold the same weights again, as single-file
+    checkpoints (Stable Diffusion 1.5's root has four, 4 to 7.7 GB each; SDXL base's two of
+    6.9 GB, plus a second VAE folder)."""
+    if parts is not None:
+        files = [
+            f
+            for f in files
+            if f.split("/", 1)[0] in parts or ("/" not in f and not _WEIGHTS.search(f))
+        ]
     with_safetensors = {
         posixpath.dirname(f)
         for f in files
@@ -319,11 +340,15 @@ def download(snap: Snapshot) -> Path:
 
 def _model_files(repo: str, commit: str, token: str | None) -> list[str]:
     """allow_patterns naming exactly the files to fetch (escaped: the patterns are fnmatch's)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, hf_hub_download
 
     info = HfApi(token=token).model_info(repo, revision=commit, token=token)
-    files = model_files_to_fetch([s.rfilename for s in info.siblings or []])
-    return [glob.escape(f) for f in files]
+    files = [s.rfilename for s in info.siblings or []]
+    parts = None
+    if PIPELINE_INDEX in files:
+        index = hf_hub_download(repo, PIPELINE_INDEX, revision=commit, token=token)
+        parts = pipeline_parts(json.loads(Path(index).read_text()))
+    return [glob.escape(f) for f in model_files_to_fetch(files, parts)]
 
 
 class Peers(Protocol):

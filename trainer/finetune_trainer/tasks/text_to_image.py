@@ -1,7 +1,8 @@
-"""text-to-image: LoRA on the UNet attention of a diffusers Stable Diffusion pipeline, trained on
-captioned images, as diffusers' examples/text_to_image/train_text_to_image_lora.py trains it.
+"""text-to-image: LoRA on the UNet attention of a diffusers Stable Diffusion or SDXL pipeline,
+trained on captioned images, as diffusers' examples/text_to_image/train_text_to_image_lora.py
+and train_text_to_image_lora_sdxl.py train them (diffusion_pipelines.py: what differs).
 
-The VAE and the text encoder are frozen; each step encodes the images into latents, noises them
+The VAE and the text encoders are frozen; each step encodes the images into latents, noises them
 at random timesteps of the pipeline's noise scheduler, and trains the UNet's LoRA to predict the
 noise (epsilon) or the velocity (v_prediction), by mean squared error, optionally Min-SNR
 weighted (`training.snrGamma`). The held-out score, `denoising_loss`, is the same error on the
@@ -10,13 +11,15 @@ it (`pytorch_lora_weights.safetensors`, `save_lora_weights`) plus sample images 
 the fine-tuned pipeline at fixed seeds (`samples/NN.png`, listed in `samples/samples.jsonl`),
 which the model card shows.
 
-`model.source` is a pipeline folder (or Hub repo) as `StableDiffusionPipeline.from_pretrained`
-loads it: unet/, vae/, text_encoder/, tokenizer/ and scheduler/. The "tokens" the loop counts
-for telemetry are the captions' real (non-pad) tokens.
+`model.source` is a pipeline folder (or Hub repo) as `DiffusionPipeline.from_pretrained` loads
+it: model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/, and for SDXL
+text_encoder_2/ and tokenizer_2/. The "tokens" the loop counts for telemetry are the captions'
+real (non-pad) tokens, as the first tokenizer splits them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -31,7 +34,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from finetune_api.v1alpha1 import TEXT_TO_IMAGE, FineTuneJobSpec, ImageSampleSpec
 from finetune_trainer import data, modeling
@@ -40,6 +43,13 @@ from finetune_trainer.model_card import source_id
 from finetune_trainer.scoring import ScorerUnavailable
 from finetune_trainer.sources import downloading
 from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+from finetune_trainer.tasks.diffusion_pipelines import (
+    Pipeline,
+    encode_prompt,
+    part_class,
+    pipeline_of,
+    time_ids,
+)
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -48,6 +58,7 @@ __all__ = [
     "Collator",
     "DiffusionModel",
     "TextToImage",
+    "crop_top_left",
     "denoising_loss",
     "eval_schedule",
     "pixel_values",
@@ -58,23 +69,33 @@ DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX = "samples.jsonl"
-# Columns of the rows build_data makes: the image, its caption's token ids and mask, and for the
-# evaluation rows the fixed noise seed and timestep.
+# Columns of the rows build_data makes: the image, its caption's token ids and mask (and for
+# SDXL its second tokenizer's ids), and for the evaluation rows the fixed noise seed and timestep.
 IMAGE, CAPTION = "image", "caption"
+# The batch keys DiffusionModel.forward takes besides the evaluation rows' seeds and timesteps.
+MODEL_INPUTS = ("pixel_values", "input_ids", "input_ids_2", "time_ids")
+
+
+def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """An image's (width, height) once its shorter side is resized to `resolution`."""
+    scale = resolution / min(size)
+    return max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale))
+
+
+def crop_top_left(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """Where pixel_values' centre crop of an image of `size` (width, height) starts in the
+    resized image, as (top, left): what SDXL is conditioned on."""
+    width, height = _resized(size, resolution)
+    return (height - resolution) // 2, (width - resolution) // 2
 
 
 def pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
     """An image as the VAE takes it: RGB, the shorter side resized to `resolution` and
     centre-cropped to a square, channels first, in -1..1."""
     image = image.convert("RGB")
-    scale = resolution / min(image.size)
-    if scale != 1:
-        size = (
-            max(resolution, round(image.width * scale)),
-            max(resolution, round(image.height * scale)),
-        )
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    if min(image.size) != resolution:
+        image = image.resize(_resized(image.size, resolution), Image.Resampling.BILINEAR)
+    top, left = crop_top_left(image.size, resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -114,17 +135,20 @@ def denoising_loss(
 class DiffusionModel(torch.nn.Module):
     """The pipeline parts one training step runs, as one module: one `accelerate.prepare` (DDP)
     wraps it, and its forward is the step's forward, so DDP syncs the UNet's LoRA gradients. The
-    VAE and the text encoder are frozen and stay in eval mode."""
+    VAE and the text encoders are frozen and stay in eval mode."""
 
     def __init__(
         self,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
+        text_encoder: torch.nn.Module,
         scheduler: DDPMScheduler,
+        text_encoder_2: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        # SDXL's second encoder (CLIPTextModelWithProjection); None for Stable Diffusion.
+        self.text_encoder_2 = text_encoder_2
         self.scheduler = scheduler
         self.register_buffer(
             "alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False
@@ -134,29 +158,38 @@ class DiffusionModel(torch.nn.Module):
     def prediction_type(self) -> str:
         return str(self.scheduler.config.prediction_type)
 
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
     def train(self, mode: bool = True) -> DiffusionModel:
         super().train(mode)
-        self.vae.eval()
-        self.text_encoder.eval()
+        for part in (self.vae, *self.text_encoders):
+            part.eval()
         return self
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
+        input_ids_2: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
         noise_seeds: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         **_: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The UNet's prediction, its target and the timesteps, for images and caption ids.
-        Without `noise_seeds` and `timesteps` (training), noise and timesteps are drawn from the
-        rank's seeded generator; with them (evaluation), each row's are fixed."""
+        """The UNet's prediction, its target and the timesteps, for images and caption ids (and
+        for SDXL the second tokenizer's ids and the images' time ids). Without `noise_seeds` and
+        `timesteps` (training), noise and timesteps are drawn from the rank's seeded generator;
+        with them (evaluation), each row's are fixed."""
         with torch.no_grad():
             posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
             # Training samples the posterior, as the recipe does; evaluation takes its mode.
             latents = posterior.mode() if noise_seeds is not None else posterior.sample()
             latents = latents * self.vae.config.scaling_factor
-            encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
+            ids = [i for i in (input_ids, input_ids_2) if i is not None]
+            encoder_hidden_states, pooled = encode_prompt(self.text_encoders, ids)
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
         if noise_seeds is None or timesteps is None:
             noise = torch.randn_like(latents)
             timesteps = torch.randint(
@@ -180,25 +213,36 @@ class DiffusionModel(torch.nn.Module):
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        prediction = self.unet(
+            noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]
         return prediction, target, timesteps
 
 
 @dataclass
 class Collator:
-    """Rows (an image and its caption's ids) -> pixel values and padded ids, plus the fixed
-    noise seeds and timesteps of evaluation rows."""
+    """Rows (an image and its caption's ids) -> pixel values and padded ids, plus SDXL's time ids
+    (`micro_conditioned`) and the fixed noise seeds and timesteps of evaluation rows."""
 
     resolution: int
+    micro_conditioned: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         # Captions come padded to the tokenizer's length, as the pipeline pads its prompts: the
         # UNet cross-attends to every position, pad ones included.
         batch = {
-            "input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
-            "attention_mask": torch.tensor([r["attention_mask"] for r in rows], dtype=torch.long),
+            key: torch.tensor([r[key] for r in rows], dtype=torch.long)
+            for key in ("input_ids", "attention_mask", "input_ids_2")
+            if key in rows[0]
         }
-        batch["pixel_values"] = torch.stack([pixel_values(r[IMAGE], self.resolution) for r in rows])
+        images = [r[IMAGE] for r in rows]
+        batch["pixel_values"] = torch.stack([pixel_values(i, self.resolution) for i in images])
+        if self.micro_conditioned:
+            r = self.resolution
+            conditions = [
+                time_ids((i.height, i.width), crop_top_left(i.size, r), r) for i in images
+            ]
+            batch["time_ids"] = torch.tensor(conditions, dtype=torch.float32)
         if "noise_seed" in rows[0]:
             batch["noise_seeds"] = torch.tensor([r["noise_seed"] for r in rows], dtype=torch.long)
             batch["timesteps"] = torch.tensor([r["timestep"] for r in rows], dtype=torch.long)
@@ -237,7 +281,11 @@ class TextToImage(Task):
                 **kwargs,
             )
 
-    def _config(self, cls: Any, subfolder: str) -> dict[str, Any]:
+    def _part(self, part: str, **kwargs: Any) -> Any:
+        """A part of the class model_index.json names for it (CLIPTokenizer, CLIPTextModel...)."""
+        return self._from_pretrained(part_class(self.model_index, part), part, **kwargs)
+
+    def _config(self, cls: Any, subfolder: str | None) -> dict[str, Any]:
         with downloading("model", self.location, self.revision) as token:
             return dict(
                 cls.load_config(
@@ -249,6 +297,18 @@ class TextToImage(Task):
                 )
             )
 
+    @functools.cached_property
+    def model_index(self) -> dict[str, Any]:
+        """The pipeline's model_index.json: its class and each part's."""
+        from diffusers import DiffusionPipeline
+
+        return self._config(DiffusionPipeline, None)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """Stable Diffusion or SDXL; another pipeline is InvalidSpec (pipeline_of)."""
+        return pipeline_of(self.model_index, self.spec.model.source)
+
     def resolution(self) -> int:
         """training.resolution, else the pipeline's: the UNet's sample size times the VAE's
         downscaling factor."""
@@ -259,33 +319,48 @@ class TextToImage(Task):
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
     def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
-        tokenizer = self._from_pretrained(AutoTokenizer, "tokenizer")
+        pipeline = self.pipeline
+        # The pipeline's tokenizers by part name (tokenizer, tokenizer_2), as it takes them, each
+        # of the class model_index names, as the pipeline loads them: AutoTokenizer would look
+        # for a config.json that a pipeline's tokenizer folder does not have, and fail offline.
+        tokenizers = {t: self._part(t) for t in pipeline.tokenizers}
         resolution = self.resolution()
         steps = int(self._config(DDPMScheduler, "scheduler").get("num_train_timesteps", 1000))
-        with data.dataset_errors():  # the tokenizer is the model's; from here on, the data's
-            rows = self._rows(train, tokenizer)
-            eval_rows = self._rows(evaluation, tokenizer)
+        with data.dataset_errors():  # the tokenizers are the model's; from here on, the data's
+            rows = self._rows(train, tokenizers)
+            eval_rows = self._rows(evaluation, tokenizers)
             seeds, timesteps = eval_schedule(len(eval_rows), steps, self.spec.training.seed)
             eval_rows = eval_rows.add_column("noise_seed", seeds).add_column("timestep", timesteps)
         return TaskData(
-            processor=tokenizer,
+            processor=tokenizers,
             train=rows,
             evaluation=eval_rows,
-            collate=Collator(resolution),
+            collate=Collator(resolution, pipeline.micro_conditioned),
         )
 
-    def _rows(self, ds: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-        """The image (decoded lazily, as a `datasets` Image) and its caption's token ids."""
+    def _rows(self, ds: Dataset, tokenizers: dict[str, PreTrainedTokenizerBase]) -> Dataset:
+        """The image (decoded lazily, as a `datasets` Image) and its caption's token ids: the
+        first tokenizer's as input_ids (and its attention_mask), the second's as input_ids_2."""
         d = self.spec.dataset
         data.require_columns(ds, {"imageField": d.image_field, "captionField": d.caption_field})
         if not isinstance(ds.features[d.image_field], ImageFeature):
             ds = ds.cast_column(d.image_field, ImageFeature())  # paths or bytes
-        max_len = tokenizer.model_max_length
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
             captions = [str(c) for c in batch[d.caption_field]]
-            enc = tokenizer(captions, truncation=True, max_length=max_len, padding="max_length")
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            out: dict[str, list[Any]] = {}
+            for part, tokenizer in tokenizers.items():
+                enc = tokenizer(
+                    captions,
+                    truncation=True,
+                    max_length=tokenizer.model_max_length,
+                    padding="max_length",
+                )
+                suffix = part.removeprefix("tokenizer")  # "" or "_2"
+                out[f"input_ids{suffix}"] = enc["input_ids"]
+                if not suffix:
+                    out["attention_mask"] = enc["attention_mask"]
+            return out
 
         ds = ds.select_columns([d.image_field, d.caption_field])
         ds = ds.map(encode, batched=True)
@@ -297,14 +372,18 @@ class TextToImage(Task):
 
         # The frozen parts at the compute precision (training.precision), as diffusers' LoRA
         # script casts them to its weight_dtype: half the memory of fp32 in bf16 or fp16.
+        pipeline = self.pipeline
         dtype = modeling.weights_dtype(self.spec.training.precision, self.spec.peft.method)
         unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=dtype)
-        vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=dtype)
-        text_encoder = self._from_pretrained(CLIPTextModel, "text_encoder", dtype=dtype)
+        vae_dtype = torch.float32 if pipeline.vae_in_fp32 and dtype == torch.float16 else dtype
+        vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=vae_dtype)
+        encoders = [self._part(part, dtype=dtype) for part in pipeline.text_encoders]
+        # The pipeline's own scheduler config (SDXL's is Euler's) read as DDPM's, the training
+        # noise schedule, as both of diffusers' scripts read it.
         scheduler = self._from_pretrained(DDPMScheduler, "scheduler")
         if self.spec.training.prediction_type is not None:
             scheduler.register_to_config(prediction_type=self.spec.training.prediction_type)
-        for part in (unet, vae, text_encoder):
+        for part in (unet, vae, *encoders):
             part.requires_grad_(False)
         p = self.spec.peft
         # Gaussian init, as the recipe: B is zero, so the first step starts from the base.
@@ -322,12 +401,10 @@ class TextToImage(Task):
             # The UNet's activations are most of a step's memory (diffusers' LoRA script offers
             # the same switch); the VAE and text encoder run without gradients anyway.
             unet.enable_gradient_checkpointing()
-        return DiffusionModel(unet, vae, text_encoder, scheduler)
+        return DiffusionModel(unet, vae, encoders[0], scheduler, *encoders[1:])
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        prediction, target, timesteps = model(
-            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]
-        )
+        prediction, target, timesteps = model(**_inputs(batch))
         inner = _inner(model)
         return denoising_loss(
             prediction,
@@ -346,8 +423,7 @@ class TextToImage(Task):
         with evaluating(model):
             for batch in batches:
                 prediction, target, timesteps = model(
-                    pixel_values=batch["pixel_values"],
-                    input_ids=batch["input_ids"],
+                    **_inputs(batch),
                     noise_seeds=batch["noise_seeds"],
                     timesteps=batch["timesteps"],
                 )
@@ -370,13 +446,12 @@ class TextToImage(Task):
 
     def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
         """The UNet's LoRA as diffusers saves it, and the sample images."""
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         assert isinstance(model, DiffusionModel)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
-        StableDiffusionPipeline.save_lora_weights(
+        self.pipeline.load_class().save_lora_weights(
             save_directory=out, unet_lora_layers=layers, safe_serialization=True
         )
         self._samples(model, data, out)
@@ -384,31 +459,20 @@ class TextToImage(Task):
 
     def _samples(self, model: DiffusionModel, data: TaskData, out: Path) -> None:
         """`evaluation.imageSamples.count` images of the fine-tuned pipeline, at seeds seed + i."""
-        from diffusers import StableDiffusionPipeline
-
         samples = self.sample_spec
         prompts = list(samples.prompts) or _distinct(data.evaluation[CAPTION])
         if samples.count == 0 or not prompts:
             return
         # The pipeline's own inference scheduler (its model_index), the trained parts in place.
-        with downloading("model", self.location, self.revision) as token:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                self.location,
-                revision=self.revision,
-                token=token,
-                **self._cached,
-                unet=model.unet,
-                vae=model.vae,
-                text_encoder=model.text_encoder,
-                tokenizer=data.processor,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+        scheduler = self._part("scheduler")
         if self.spec.training.prediction_type is not None:
-            pipeline.scheduler = type(pipeline.scheduler).from_config(
-                pipeline.scheduler.config, prediction_type=self.spec.training.prediction_type
+            scheduler = type(scheduler).from_config(
+                scheduler.config, prediction_type=self.spec.training.prediction_type
             )
+        kind = self.pipeline
+        encoders = dict(zip(kind.text_encoders, model.text_encoders, strict=True))
+        parts = {"unet": model.unet, "vae": model.vae, "scheduler": scheduler}
+        pipeline = kind.assemble(self.model_index, {**parts, **encoders, **data.processor})
         pipeline.set_progress_bar_config(disable=True)
         model.eval()
         folder = out / SAMPLES_DIR
@@ -416,9 +480,13 @@ class TextToImage(Task):
         resolution = data.collate.resolution  # type: ignore[attr-defined]
         index = []
         device = next(model.unet.parameters()).device
+        # An SDXL VAE kept in fp32 beside a half-precision UNet (load_model) decodes half
+        # latents only under autocast, as diffusers' SDXL script makes its validation images.
+        mixed = model.vae.dtype != model.unet.dtype
         for i in range(samples.count):
             prompt, seed = prompts[i % len(prompts)], self.spec.training.seed + i
-            with torch.no_grad():
+            autocast = torch.autocast(device.type, dtype=model.unet.dtype, enabled=mixed)
+            with torch.no_grad(), autocast:
                 image = pipeline(
                     prompt,
                     num_inference_steps=samples.inference_steps,
@@ -438,13 +506,13 @@ class TextToImage(Task):
             pipeline_tag="text-to-image",
             task_name="Text-to-Image",
             library_name="diffusers",
-            usage=_usage(source_id(self.spec.model.source), repo),
+            usage=_usage(self.pipeline.class_name, source_id(self.spec.model.source), repo),
             settings=(
                 ("Resolution", t.resolution or "the pipeline's"),
                 ("Prediction type", t.prediction_type or "the scheduler's"),
                 ("SNR gamma", t.snr_gamma if t.snr_gamma is not None else "none (plain MSE)"),
             ),
-            tags=("diffusers", "diffusers-training", "stable-diffusion"),
+            tags=("diffusers", "diffusers-training", *self.pipeline.tags),
         )
 
     def card_extras(self, artifact_dir: Path) -> tuple[dict[str, object], list[str]]:
@@ -471,6 +539,11 @@ class TextToImage(Task):
         return {"widget": widget}, lines
 
 
+def _inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The batch's tensors that DiffusionModel.forward takes, as a training step passes them."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
 def _inner(model: torch.nn.Module) -> DiffusionModel:
     """The DiffusionModel inside a prepared (DDP-wrapped) one."""
     inner = getattr(model, "module", model)
@@ -487,13 +560,13 @@ def _distinct(captions: Iterable[Any]) -> list[str]:
     return list(dict.fromkeys(str(c) for c in captions))
 
 
-def _usage(base_id: str | None, repo: str) -> str:
+def _usage(pipeline_class: str, base_id: str | None, repo: str) -> str:
     return "\n".join(
         [
             "import torch",
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline_class}",
             "",
-            f'pipeline = StableDiffusionPipeline.from_pretrained("{base_id or "<base pipeline>"}")',
+            f'pipeline = {pipeline_class}.from_pretrained("{base_id or "<base pipeline>"}")',
             f'pipeline.load_lora_weights("{repo}")',
             'image = pipeline("<prompt>").images[0]',
         ]

@@ -1,0 +1,150 @@
+"""text-to-image on an SDXL pipeline, end to end: two real ranks fetch a tiny SDXL pipeline from
+the Hub double, train its UNet's LoRA with SDXL's conditioning (both text encoders, the pooled
+embedding, the time ids), and push a LoRA that diffusers' StableDiffusionXLPipeline loads.
+
+The pipeline is random (testing/diffusion.py: save_tiny_xl_pipeline), so this proves the mechanics
+on real parts. That LoRA learns to draw captions is test_text_to_image_training's, on Stable
+Diffusion. The repo also holds what a real SDXL repo holds besides its parts (a single-file
+checkpoint at the root, a second VAE folder), which the fetch must leave on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from trainer_helpers import Gang, deep_update
+
+from finetune_hub_double import HubDouble
+from finetune_trainer.testing.diffusion import (
+    SIZE,
+    save_shapes_dataset,
+    save_tiny_xl_pipeline,
+    text_to_image_job,
+)
+
+pytestmark = pytest.mark.slow
+TOKEN = "hf_sdxltesttoken0123456789abcdef"
+BASE, REPO = "tests/tiny-sdxl", "tests/tiny-sdxl-lora"
+# Files of a real SDXL repo that from_pretrained never reads (fetch.model_files_to_fetch).
+UNREAD = ("sd_xl_base_1.0.safetensors", "vae_1_0/diffusion_pytorch_model.safetensors")
+SAMPLES = {
+    "prompts": ["a red circle", "a blue square"],
+    "count": 2,
+    "inferenceSteps": 2,
+    "guidanceScale": 7.5,
+}
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    tmp_path_factory: pytest.TempPathFactory, base_env: dict[str, str]
+) -> Iterator[dict[str, Any]]:
+    workdir = tmp_path_factory.mktemp("t2i-xl")
+    base = save_tiny_xl_pipeline(workdir / "base")
+    seeded = workdir / "seeded"
+    seeded.mkdir()
+    for path in base.rglob("*"):
+        if path.is_file():
+            (seeded / path.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+            (seeded / path.relative_to(base)).write_bytes(path.read_bytes())
+    for name in UNREAD:
+        (seeded / name).parent.mkdir(parents=True, exist_ok=True)
+        (seeded / name).write_bytes(b"\0" * 1024)
+    data = save_shapes_dataset(workdir / "data", train=16, test=8)
+    with HubDouble(workdir / "hub", tokens=[TOKEN]) as hub:
+        commit = hub.seed(BASE, seeded)
+        doc = deep_update(
+            text_to_image_job(base, data, name="tiny-sdxl", max_steps=6, checkpoint_every=3),
+            {
+                "spec": {
+                    "model": {"source": f"hf://{BASE}"},
+                    "training": {"batchSizePerDevice": 4},
+                    "evaluation": {"imageSamples": SAMPLES},
+                    "output": {"hub": {"repo": REPO, "endpoint": hub.endpoint}},
+                }
+            },
+        )
+        manifest = workdir / "job.yaml"
+        manifest.write_text(yaml.safe_dump(doc))
+        online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN}
+        gang = Gang(manifest, workdir, {**base_env, **online}, nodes=2).start()
+        codes = gang.wait(timeout=600)
+        assert codes == [0, 0], gang.log_text()[-4000:]
+        result = gang.result(0)
+        # The pushed commit's files, as the double stores them (this process is offline).
+        local = workdir / "pushed"
+        repo = hub.store.get("model", REPO)
+        for name, entry in repo["commits"][result["revision"]]["files"].items():
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(hub.store.blob_path(entry["sha256"]).read_bytes())
+        yield {
+            "base": base,
+            "commit": commit,
+            "gang": gang,
+            "workdir": workdir,
+            "result": result,
+            "requests": list(hub.requests),
+            "local": local,
+        }
+
+
+def test_two_ranks_train_the_same_sdxl_lora_and_push_it(pushed: dict[str, Any]) -> None:
+    result = pushed["result"]
+    assert (result["status"], result["reason"], result["steps"]) == (
+        "Succeeded",
+        "PushedToHub",
+        6,
+    )
+    assert result["modelRevision"] == pushed["commit"]
+    workdir = pushed["workdir"]
+    assert len({(workdir / f"params-{r}.sha256").read_text() for r in range(2)}) == 1
+    assert TOKEN not in pushed["gang"].log_text()
+
+
+def test_the_fetch_takes_the_parts_that_model_index_names_and_nothing_else(
+    pushed: dict[str, Any],
+) -> None:
+    fetched = {
+        path.split("/resolve/", 1)[1].split("/", 1)[1]
+        for method, path, _ in pushed["requests"]
+        if method == "GET" and f"/{BASE}/resolve/" in path
+    }
+    # (A file whose bytes another fetched file has, such as tokenizer_2's, comes from the cache's
+    # blob without a GET.)
+    parts = {"unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"}
+    assert {"model_index.json", *parts} <= fetched
+    assert not fetched & set(UNREAD)
+
+
+def test_sdxl_loads_the_pushed_lora_and_redraws_its_samples(pushed: dict[str, Any]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    local = pushed["local"]
+    rows = [json.loads(line) for line in (local / "samples" / "samples.jsonl").open()]
+    assert [r["prompt"] for r in rows] == SAMPLES["prompts"]
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(pushed["base"]))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(str(local))
+    for row in rows:
+        again = pipeline(
+            row["prompt"],
+            num_inference_steps=SAMPLES["inferenceSteps"],
+            guidance_scale=SAMPLES["guidanceScale"],
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(row["seed"]),
+        ).images[0]
+        saved = Image.open(local / row["file"])
+        diff = np.abs(np.asarray(again, dtype=np.int16) - np.asarray(saved, dtype=np.int16))
+        assert diff.max() <= 2, row
+
+    card = (local / "README.md").read_text()
+    assert "- stable-diffusion-xl" in card and "- diffusers-training" in card
+    assert f'StableDiffusionXLPipeline.from_pretrained("{BASE}")' in card
