@@ -1,10 +1,11 @@
-"""text-to-image on an SDXL pipeline, end to end: two real ranks fetch a tiny SDXL pipeline from
-the Hub double, train its UNet's LoRA with SDXL's conditioning (both text encoders, the pooled
-embedding, the time ids), and push a LoRA that diffusers' StableDiffusionXLPipeline loads.
+"""text-to-image on an SDXL pipeline, end to end: two real ranks (one pod) fetch a tiny SDXL
+pipeline from the Hub double, train its UNet's LoRA with SDXL's conditioning (both text encoders,
+the pooled embedding, the time ids), and push a LoRA that diffusers' StableDiffusionXLPipeline
+loads.
 
-The pipeline is random (testing/diffusion.py: save_tiny_xl_pipeline), so this proves the mechanics
-on real parts. That LoRA learns to draw captions is test_text_to_image_training's, on Stable
-Diffusion. The repo also holds what a real SDXL repo holds besides its parts (a single-file
+The pipeline is random (testing/diffusion_xl.py), so this proves the mechanics on real parts.
+That LoRA learns to draw captions is test_text_to_image_training's, on Stable Diffusion, across
+two pods. The repo also holds what a real SDXL repo holds besides its parts (a single-file
 checkpoint at the root, a second VAE folder), which the fetch must leave on the Hub.
 """
 
@@ -25,9 +26,9 @@ from finetune_hub_double import HubDouble
 from finetune_trainer.testing.diffusion import (
     SIZE,
     save_shapes_dataset,
-    save_tiny_xl_pipeline,
     text_to_image_job,
 )
+from finetune_trainer.testing.diffusion_xl import save_tiny_xl_pipeline
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_sdxltesttoken0123456789abcdef"
@@ -68,13 +69,15 @@ def pushed(
                     "training": {"batchSizePerDevice": 4},
                     "evaluation": {"imageSamples": SAMPLES},
                     "output": {"hub": {"repo": REPO, "endpoint": hub.endpoint}},
+                    "resources": {"nodes": 1, "processesPerNode": 2},
                 }
             },
         )
         manifest = workdir / "job.yaml"
         manifest.write_text(yaml.safe_dump(doc))
         online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN}
-        gang = Gang(manifest, workdir, {**base_env, **online}, nodes=2).start()
+        # One pod of two ranks: test_text_to_image_training runs the task across pods.
+        gang = Gang(manifest, workdir, {**base_env, **online}, nodes=1, nproc_per_node=2).start()
         codes = gang.wait(timeout=600)
         assert codes == [0, 0], gang.log_text()[-4000:]
         result = gang.result(0)

@@ -298,47 +298,33 @@ def test_a_pipeline_is_fetched_as_its_model_index_names_its_parts() -> None:
     parts = fetch.pipeline_parts(index)
     assert parts == {"unet", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
                      "tokenizer_2"}  # fmt: skip
-    files = [
+    read = [
         ".gitattributes",
         "LICENSE.md",
         "README.md",
         "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer_2/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    never_read = [
         "sd_xl_base_1.0.safetensors",  # the whole pipeline again, as one file
         "sd_xl_base_1.0_0.9vae.safetensors",
         "sd_xl_offset_example-lora_1.0.safetensors",
-        "scheduler/scheduler_config.json",
-        "text_encoder/config.json",
         "text_encoder/model.fp16.safetensors",
-        "text_encoder/model.safetensors",
         "text_encoder/openvino_model.bin",
-        "text_encoder_2/config.json",
-        "text_encoder_2/model.safetensors",
-        "tokenizer/vocab.json",
-        "tokenizer_2/vocab.json",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
         "vae_1_0/diffusion_pytorch_model.safetensors",  # a folder model_index does not name
         "vae_decoder/model.onnx",
     ]
-    assert fetch.model_files_to_fetch(files, parts) == [
-        ".gitattributes",
-        "LICENSE.md",
-        "README.md",
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "text_encoder/config.json",
-        "text_encoder/model.safetensors",
-        "text_encoder_2/config.json",
-        "text_encoder_2/model.safetensors",
-        "tokenizer/vocab.json",
-        "tokenizer_2/vocab.json",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-    ]
+    assert fetch.model_files_to_fetch(sorted(read + never_read), parts) == sorted(read)
     # Stable Diffusion 1.5's root: the same weights four times over, as .ckpt and .safetensors.
     root = ["v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "model_index.json"]
     assert fetch.model_files_to_fetch(root, {"unet"}) == ["model_index.json"]

@@ -25,10 +25,10 @@ from finetune_trainer.testing.diffusion import (
     reference_colours,
     save_shapes_dataset,
     save_tiny_pipeline,
-    save_tiny_xl_pipeline,
     shape_image,
     text_to_image_job,
 )
+from finetune_trainer.testing.diffusion_xl import save_tiny_xl_pipeline
 from finetune_trainer.testing.gradients import assert_same_gradients
 
 

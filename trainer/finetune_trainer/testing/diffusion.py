@@ -1,5 +1,4 @@
-"""A tiny Stable Diffusion pipeline (and a tiny SDXL one) and captioned coloured shapes, for tests
-and the example.
+"""A tiny Stable Diffusion pipeline and captioned coloured shapes, for tests and the example.
 
 No diffusion weights exist on PyPI, so the pipeline is built from config the way diffusers' own
 tests build theirs (`get_dummy_components`): a `UNet2DConditionModel`, an `AutoencoderKL` and a
@@ -41,7 +40,6 @@ __all__ = [
     "reference_colours",
     "save_shapes_dataset",
     "save_tiny_pipeline",
-    "save_tiny_xl_pipeline",
     "shape_image",
     "text_to_image_job",
 ]
@@ -183,56 +181,15 @@ def _clip_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, s
     return vocab, merges
 
 
-def _tiny_tokenizer() -> Any:
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocab(["a", *COLOURS, *SHAPES])
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-
-
-def _tiny_text_config(tokenizer: Any, **extra: Any) -> Any:
-    from transformers import CLIPTextConfig
-
-    vocab = tokenizer.get_vocab()
-    return CLIPTextConfig(
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[EOS],
-        hidden_size=32,
-        intermediate_size=64,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=MAX_TOKENS,
-        **extra,
-    )
-
-
-def _tiny_vae(seed: int) -> Any:
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SIZE,
-    )
-
-
 def tiny_components(seed: int = 0) -> dict[str, Any]:
     """The pipeline's parts, random and seeded (as diffusers' get_dummy_components)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tokenizer = _tiny_tokenizer()
+    words = ["a", *COLOURS, *SHAPES]
+    vocab, merges = _clip_vocab(words)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -246,9 +203,32 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = _tiny_vae(seed)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab[BOS],
+            eos_token_id=vocab[EOS],
+            pad_token_id=vocab[EOS],
+            hidden_size=32,
+            intermediate_size=64,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=MAX_TOKENS,
+        )
+    )
     scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -355,65 +335,6 @@ def save_tiny_pipeline(
         _teach_unet(parts, unet_steps, seed)
     pipeline = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipeline.save_pretrained(out)
-    return out
-
-
-def save_tiny_xl_pipeline(out: Path, *, seed: int = 0) -> Path:
-    """A tiny, random StableDiffusionXLPipeline saved to `out`, built as diffusers' SDXL tests
-    build theirs: two CLIP text encoders (the second with a projection, whose pooled embedding
-    the UNet takes with the six time ids), a UNet with SDXL's `text_time` added conditioning, and
-    SDXL's Euler scheduler (epsilon). For tests of the mechanics; nothing in it is taught."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = _tiny_tokenizer()
-    time_dim, projection = 8, 32
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        # Six time ids and the second encoder's pooled embedding.
-        projection_class_embeddings_input_dim=6 * time_dim + projection,
-        # The two encoders' hidden states side by side.
-        cross_attention_dim=2 * 32,
-        norm_num_groups=8,
-    )
-    vae = _tiny_vae(seed)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        _tiny_text_config(tokenizer, projection_dim=projection)
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=_tiny_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
     )
     pipeline.save_pretrained(out)
     return out
