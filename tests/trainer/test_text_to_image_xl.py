@@ -79,7 +79,7 @@ def pushed(
         # One pod of two ranks: test_text_to_image_training runs the task across pods.
         gang = Gang(manifest, workdir, {**base_env, **online}, nodes=1, nproc_per_node=2).start()
         codes = gang.wait(timeout=600)
-        assert codes == [0, 0], gang.log_text()[-4000:]
+        assert codes == [0], gang.log_text()[-4000:]
         result = gang.result(0)
         # The pushed commit's files, as the double stores them (this process is offline).
         local = workdir / "pushed"
