@@ -12,6 +12,7 @@ checkpoint at the root, a second VAE folder), which the fetch must leave on the 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,12 +50,7 @@ def pushed(
 ) -> Iterator[dict[str, Any]]:
     workdir = tmp_path_factory.mktemp("t2i-xl")
     base = save_tiny_xl_pipeline(workdir / "base")
-    seeded = workdir / "seeded"
-    seeded.mkdir()
-    for path in base.rglob("*"):
-        if path.is_file():
-            (seeded / path.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
-            (seeded / path.relative_to(base)).write_bytes(path.read_bytes())
+    seeded = shutil.copytree(base, workdir / "seeded")
     for name in UNREAD:
         (seeded / name).parent.mkdir(parents=True, exist_ok=True)
         (seeded / name).write_bytes(b"\0" * 1024)

@@ -53,7 +53,8 @@ class Pipeline:
     # What the pipeline for samples is built with in place of parts that a training image has
     # no use for (SD's safety checker, SDXL's invisible watermark).
     sampling_kwargs: tuple[tuple[str, Any], ...]
-    # SDXL's VAE overflows in fp16 (diffusers' SDXL script keeps it fp32 for that reason).
+    # Whether the VAE stays fp32 when the rest loads in fp16: SDXL's overflows in fp16, and
+    # diffusers' SDXL script keeps it fp32 for that reason (bf16 has fp32's range).
     vae_in_fp32: bool = False
 
     @property
