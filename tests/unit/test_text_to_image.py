@@ -416,10 +416,6 @@ def tiny_xl(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[Path, Path]) -
     return save_tiny_xl_pipeline(root / "pipe"), tiny[1]
 
 
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
-
-
 def test_sdxl_rows_carry_both_tokenizers_ids_and_each_images_time_ids(
     tiny_xl: tuple[Path, Path], tiny: tuple[Path, Path]
 ) -> None:
