@@ -1,6 +1,6 @@
-"""Serving a tuned model for real: `finetune serve` (local mode) answers a chat completion from a
-merged LoRA adapter, and `finetune serve-prepare` (the serving pod's init container) takes
-exactly the pushed revision from a Hub (the Hub-API test double)."""
+"""Serving a tuned model for real: `finetune run --serve` (local mode) trains, pushes, and answers
+a chat completion from the merged LoRA adapter, and `finetune serve-prepare` (the serving pod's
+init container) takes exactly the pushed revision from a Hub (the Hub-API test double)."""
 
 from __future__ import annotations
 
@@ -37,49 +37,6 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
-
-
-def _job(causal_manifest: dict[str, Any], tmp_path: Path) -> Path:
-    doc = json.loads(json.dumps(causal_manifest))
-    doc["spec"]["output"] = {"hub": {"repo": "tests/tiny-lora", "endpoint": "http://127.0.0.1:9"}}
-    doc["spec"]["serve"] = {"engine": "transformers"}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def test_finetune_serve_answers_a_chat_completion_from_the_merged_adapter(
-    causal_manifest: dict[str, Any],
-    adapter_dir: Path,
-    base_env: dict[str, str],
-    tmp_path: Path,
-) -> None:
-    manifest = _job(causal_manifest, tmp_path)
-    done = subprocess.run(
-        [*CLI, "serve", str(manifest), "--model-dir", str(adapter_dir), "--request", "red"],
-        env=base_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
-    # The request a user can paste names the served model by the output repo id.
-    assert "curl -s http://127.0.0.1:" in out and "/v1/chat/completions" in out
-    assert '"model": "tests/tiny-lora"' in out
-    assert 'InferenceClient(base_url="http://127.0.0.1:' in out
-    # Then the answer to --request: text that came back from the server (its log is on stderr).
-    answer = out.rstrip("\n").split("EOF\n")[-1]
-    assert answer.strip() and "HTTP/1.1" not in answer, out
-    # What was served is the merge, not the adapter: one plain model with the tokenizer's own
-    # chat template (the test tokenizer has one; PLAIN_CHAT_TEMPLATE is for those without).
-    served = adapter_dir.parent / "serve" / "tests" / "tiny-lora"
-    assert (served / "model.safetensors").is_file()
-    assert not (served / ADAPTER_CONFIG).exists()
-    config = json.loads((served / "tokenizer_config.json").read_text())
-    template = config.get("chat_template") or (served / "chat_template.jinja").read_text()
-    assert "message['role']" in template and template != PLAIN_CHAT_TEMPLATE
 
 
 def test_merge_changes_the_model_as_the_adapter_does(
@@ -209,6 +166,19 @@ def test_finetune_run_serve_trains_pushes_then_serves_the_result(
             timeout=900,
         )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert '"model": "tests/run-serve"' in done.stdout
-    assert done.stdout.rstrip("\n").split("EOF\n")[-1].strip(), done.stdout
-    assert (tmp_path / "work" / "serve" / "tests" / "run-serve" / "model.safetensors").is_file()
+    out = done.stdout
+    # The request a user can paste names the served model by the output repo id.
+    assert "curl -s http://127.0.0.1:" in out and "/v1/chat/completions" in out
+    assert '"model": "tests/run-serve"' in out
+    assert 'InferenceClient(base_url="http://127.0.0.1:' in out
+    # Then the answer to --request: text that came back from the server (its log is on stderr).
+    answer = out.rstrip("\n").split("EOF\n")[-1]
+    assert answer.strip() and "HTTP/1.1" not in answer, out
+    # What was served is the merge, not the adapter: one plain model with the tokenizer's own
+    # chat template (the test tokenizer has one; PLAIN_CHAT_TEMPLATE is for those without).
+    served = tmp_path / "work" / "serve" / "tests" / "run-serve"
+    assert (served / "model.safetensors").is_file()
+    assert not (served / ADAPTER_CONFIG).exists()
+    config = json.loads((served / "tokenizer_config.json").read_text())
+    template = config.get("chat_template") or (served / "chat_template.jinja").read_text()
+    assert "message['role']" in template and template != PLAIN_CHAT_TEMPLATE
