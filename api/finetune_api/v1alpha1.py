@@ -492,9 +492,22 @@ class TrainingSpec(ApiModel):
         ge=8,
         le=4096,
         description="resolution (text-to-image only) in pixels: images are resized (shorter "
-        "side) and centre-cropped to resolution x resolution, and samples are generated at it "
-        "(the pipeline wants a multiple of 8). Unset: the pipeline's own, the UNet's sample "
-        "size times the VAE's downscaling factor.",
+        "side) and cropped to resolution x resolution (centerCrop), and samples are generated "
+        "at it (the pipeline wants a multiple of 8). Unset: the pipeline's own, the UNet's "
+        "sample size times the VAE's downscaling factor.",
+    )
+    center_crop: bool | None = Field(
+        None,
+        description="centerCrop (text-to-image only): true cuts each resized training image's "
+        "square from its centre; false from a place drawn at random each time the image is "
+        "used (diffusers' --center_crop). Evaluation images are always cut from the centre. "
+        "Unset: true.",
+    )
+    random_flip: bool | None = Field(
+        None,
+        description="randomFlip (text-to-image only): true mirrors each training image left to "
+        "right with probability 0.5 each time it is used (diffusers' --random_flip). Unset: "
+        "false.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None,
@@ -552,12 +565,12 @@ class ImageSampleSpec(ApiModel):
     inference_steps: int = Field(
         25, ge=1, le=500, description="inferenceSteps of the pipeline per sample. Default 25."
     )
-    guidance_scale: float = Field(
-        7.5,
+    guidance_scale: float | None = Field(
+        None,
         ge=0,
         le=50,
         description="guidanceScale of classifier-free guidance; 1 or less turns it off. "
-        "Default 7.5, the pipeline's.",
+        "Unset: the pipeline's own, 7.5 for Stable Diffusion and 5 for SDXL.",
     )
 
 
@@ -1396,6 +1409,8 @@ def _plain_lora_for_text_to_image(wire: str, attr: str, why: str) -> Rule:
 
 _TEXT_TO_IMAGE_RULES = (
     _text_to_image_only("training.resolution", "resolution"),
+    _text_to_image_only("training.centerCrop", "center_crop"),
+    _text_to_image_only("training.randomFlip", "random_flip"),
     _text_to_image_only("training.predictionType", "prediction_type"),
     _text_to_image_only("training.snrGamma", "snr_gamma"),
     _text_to_image_only("evaluation.imageSamples", "image_samples"),

@@ -118,6 +118,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     # text-to-image: its fields only with it, LoRA only, no merge, its own metric.
     ("snr-gamma-on-causal", {"spec.training.snrGamma": 5.0}, "snrGamma"),
     ("resolution-on-cls", {**CLS, "spec.training.resolution": 64}, "resolution"),
+    ("random-flip-on-causal", {"spec.training.randomFlip": True}, "randomFlip"),
     ("fsdp-on-embedding", {**EMB, "spec.training.strategy": "fsdp"}, "strategy"),
     ("image-samples-on-causal", {"spec.evaluation.imageSamples": {"count": 1}}, "imageSamples"),
     (

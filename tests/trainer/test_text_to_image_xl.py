@@ -1,7 +1,8 @@
 """text-to-image on an SDXL pipeline, end to end: two real ranks (one pod) fetch a tiny SDXL
 pipeline from the Hub double, train its UNet's LoRA with SDXL's conditioning (both text encoders,
 the pooled embedding, the time ids), and push a LoRA that diffusers' StableDiffusionXLPipeline
-loads.
+loads. It crops and mirrors its images at random, as diffusers' SDXL recipe does, and a run
+resumed from a checkpoint draws the same crops and mirrors.
 
 The pipeline is random (testing/diffusion_xl.py), so this proves the mechanics on real parts.
 That LoRA learns to draw captions is test_text_to_image_training's, on Stable Diffusion, across
@@ -24,6 +25,7 @@ from PIL import Image
 from trainer_helpers import Gang, deep_update
 
 from finetune_hub_double import HubDouble
+from finetune_trainer.job_folder import FINAL_FOLDER
 from finetune_trainer.testing.diffusion import (
     SIZE,
     save_shapes_dataset,
@@ -62,7 +64,8 @@ def pushed(
             {
                 "spec": {
                     "model": {"source": f"hf://{BASE}"},
-                    "training": {"batchSizePerDevice": 4},
+                    # diffusers' SDXL recipe: a random crop, mirrored at random.
+                    "training": {"batchSizePerDevice": 4, "centerCrop": False, "randomFlip": True},
                     "evaluation": {"imageSamples": SAMPLES},
                     "output": {"hub": {"repo": REPO, "endpoint": hub.endpoint}},
                     "resources": {"nodes": 1, "processesPerNode": 2},
@@ -147,3 +150,21 @@ def test_sdxl_loads_the_pushed_lora_and_redraws_its_samples(pushed: dict[str, An
     card = (local / "README.md").read_text()
     assert "- stable-diffusion-xl" in card and "- diffusers-training" in card
     assert f'StableDiffusionXLPipeline.from_pretrained("{BASE}")' in card
+
+
+def test_a_resumed_run_draws_the_same_crops_and_mirrors_and_ends_with_the_same_lora(
+    pushed: dict[str, Any],
+) -> None:
+    """The crops and mirrors come from each rank's Python RNG, which a checkpoint keeps: resumed
+    from step 3's checkpoint, the run trains steps 4 to 6 on the same pixels. (Last in the module:
+    it trains again in the same folder.)"""
+    workdir, gang = pushed["workdir"], pushed["gang"]
+    first = [(workdir / f"params-{r}.sha256").read_text() for r in range(2)]
+    [root] = (workdir / "checkpoints").iterdir()
+    shutil.rmtree(sorted(root.glob("checkpoint-*"))[-1])
+    # The pushed result, kept for a retry of the push, would be pushed again without training.
+    shutil.rmtree(root / FINAL_FOLDER)
+    shutil.rmtree(workdir / "output")
+    assert gang.start().wait(timeout=600) == [0], gang.log_text()[-4000:]
+    assert gang.result(0)["resumedFromStep"] == 3
+    assert [(workdir / f"params-{r}.sha256").read_text() for r in range(2)] == first

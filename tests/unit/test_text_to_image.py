@@ -56,6 +56,7 @@ def test_text_to_image_defaults() -> None:
     assert spec.dataset.image_field == "image" and spec.dataset.caption_field == "text"
     assert spec.training.resolution is None and spec.training.prediction_type is None
     assert spec.training.snr_gamma is None and spec.evaluation.image_samples is None
+    assert spec.training.center_crop is None and spec.training.random_flip is None
     assert effective_metrics(spec.model.task, spec.evaluation.metrics) == ["denoising_loss"]
     assert DEFAULT_METRICS["text-to-image"] == ["denoising_loss"]
     assert lower_is_better("denoising_loss")
@@ -84,6 +85,8 @@ def test_text_to_image_fields_and_gate_parse() -> None:
         ("training", "resolution", 64),
         ("training", "predictionType", "epsilon"),
         ("training", "snrGamma", 5.0),
+        ("training", "centerCrop", False),
+        ("training", "randomFlip", True),
         ("evaluation", "imageSamples", {"count": 1}),
     ],
 )
@@ -179,6 +182,71 @@ def test_pixel_values_resize_crop_and_scale() -> None:
     assert values.shape == (3, 16, 16)
     assert torch.allclose(values[0], torch.ones(16, 16))
     assert torch.allclose(values[1], -torch.ones(16, 16))
+
+
+def _columns(image: Image.Image) -> Image.Image:
+    """An image whose red channel is 5 x its column, so that a crop shows where it starts and
+    whether it was mirrored."""
+    width, height = image.size
+    red = np.tile(np.arange(width, dtype=np.uint8) * 5, (height, 1))
+    return Image.fromarray(np.stack([red, red * 0, red * 0], axis=-1))
+
+
+def _first_column_and_mirrored(values: torch.Tensor) -> tuple[int, bool]:
+    """Back from pixel values in -1..1 to the source column of the square's first column, and
+    whether its columns run backwards."""
+    columns = [round((float(v) + 1) * 127.5 / 5) for v in values[0, 0]]
+    return columns[0], columns[1] < columns[0]
+
+
+def test_training_images_are_cropped_and_mirrored_as_the_spec_says_and_evaluation_ones_not(
+) -> None:  # fmt: skip
+    import random
+
+    from finetune_trainer.tasks.text_to_image import Collator
+
+    image = _columns(Image.new("RGB", (48, 16)))  # resized as it is: its shorter side is 16
+    row = {"image": image, "input_ids": [1, 2]}
+    collate = Collator(16, micro_conditioned=True, center_crop=False, random_flip=True)
+    random.seed(3)
+    batch = collate([row] * 12)
+    # Drawn from Python's RNG, which a checkpoint keeps: the same state draws the same crops.
+    random.seed(3)
+    assert torch.equal(collate([row] * 12)["pixel_values"], batch["pixel_values"])
+    seen = set()
+    for values, conditions in zip(batch["pixel_values"], batch["time_ids"].tolist(), strict=True):
+        first, mirrored = _first_column_and_mirrored(values)
+        # SDXL's crop (top, left) is where the square starts in the resized image as the UNet
+        # sees it: in a mirrored one, the square's first column was source column 47 - left.
+        left = 47 - first if mirrored else first
+        assert conditions == [16, 48, 0, left, 16, 16]
+        seen.add((left, mirrored))
+    assert {m for _, m in seen} == {True, False} and len({lf for lf, _ in seen}) > 3
+
+    # Evaluation rows keep their centre square, unmirrored, and draw nothing.
+    scored = {**row, "noise_seed": 1, "timestep": 10}
+    state = random.getstate()
+    evaluated = collate([scored] * 4)
+    assert random.getstate() == state
+    for values in evaluated["pixel_values"]:
+        assert _first_column_and_mirrored(values) == (16, False)
+    # The defaults (centre, no mirror) draw nothing either: runs without them train as before.
+    plain = Collator(16, micro_conditioned=True)([row] * 4)
+    assert random.getstate() == state
+    assert plain["time_ids"].tolist() == [[16, 48, 0, 16, 16, 16]] * 4
+
+
+def test_the_spec_sets_the_crop_and_the_mirror_and_the_card_says_so(
+    tiny: tuple[Path, Path],
+) -> None:
+    for training, collator, card in (
+        ({"centerCrop": False, "randomFlip": True}, (False, True), ("random", "yes")),
+        ({}, (True, False), ("centre", "no")),
+    ):
+        task, data = _task_and_data(_spec(tiny, training=training))
+        assert (data.collate.center_crop, data.collate.random_flip) == collator
+        settings = dict(task.card("adapter", "me/shapes-lora").settings)
+        assert (settings["Crop"], settings["Random flip"]) == card
 
 
 def test_eval_schedule_spreads_timesteps_and_fixes_seeds() -> None:
@@ -483,10 +551,9 @@ def test_sdxl_saves_a_lora_its_pipeline_loads_and_a_card_that_names_it(
     pipeline.set_progress_bar_config(disable=True)
 
     def sample() -> Image.Image:
-        # At the spec's guidance scale (7.5), not SDXL's own default (5).
+        # At SDXL's own default guidance scale (5), which an unset guidanceScale takes.
         return pipeline("a red circle", num_inference_steps=2, height=SIZE, width=SIZE,
-                        guidance_scale=7.5, generator=torch.Generator().manual_seed(7),
-                        ).images[0]  # fmt: skip
+                        generator=torch.Generator().manual_seed(7)).images[0]  # fmt: skip
 
     base = sample()
     pipeline.load_lora_weights(str(tmp_path))

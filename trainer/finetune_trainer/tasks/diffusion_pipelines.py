@@ -53,6 +53,8 @@ class Pipeline:
     # What the pipeline for samples is built with in place of parts that a training image has
     # no use for (SD's safety checker, SDXL's invisible watermark).
     sampling_kwargs: tuple[tuple[str, Any], ...]
+    # The pipeline's own default guidance_scale, for samples whose spec leaves it unset.
+    guidance_scale: float
     # Whether the VAE stays fp32 when the rest loads in fp16: SDXL's overflows in fp16, and
     # diffusers' SDXL script keeps it fp32 for that reason (bf16 has fp32's range).
     vae_in_fp32: bool = False
@@ -90,6 +92,7 @@ STABLE_DIFFUSION = Pipeline(
         ("feature_extractor", None),
         ("requires_safety_checker", False),
     ),
+    guidance_scale=7.5,
 )
 STABLE_DIFFUSION_XL = Pipeline(
     class_name="StableDiffusionXLPipeline",
@@ -97,6 +100,7 @@ STABLE_DIFFUSION_XL = Pipeline(
     tokenizers=("tokenizer", "tokenizer_2"),
     tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
     sampling_kwargs=(("add_watermarker", False),),
+    guidance_scale=5.0,
     vae_in_fp32=True,
 )
 PIPELINES: dict[str, Pipeline] = {p.class_name: p for p in (STABLE_DIFFUSION, STABLE_DIFFUSION_XL)}

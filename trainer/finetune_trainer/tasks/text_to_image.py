@@ -19,13 +19,15 @@ real (non-pad) tokens, as the first tokenizer splits them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -56,9 +58,9 @@ __all__ = [
     "LORA_WEIGHTS",
     "SAMPLES_DIR",
     "Collator",
+    "Crop",
     "DiffusionModel",
     "TextToImage",
-    "crop_top_left",
     "denoising_loss",
     "eval_schedule",
     "pixel_values",
@@ -82,21 +84,69 @@ def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale))
 
 
-def crop_top_left(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """Where pixel_values' centre crop of an image of `size` (width, height) starts in the
-    resized image, as (top, left): what SDXL is conditioned on."""
-    width, height = _resized(size, resolution)
-    return (height - resolution) // 2, (width - resolution) // 2
+class Draws(Protocol):
+    """What cropping draws from: Python's `random` module, or a `random.Random`."""
+
+    def randint(self, a: int, b: int) -> int: ...
+    def random(self) -> float: ...
 
 
-def pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
-    """An image as the VAE takes it: RGB, the shorter side resized to `resolution` and
-    centre-cropped to a square, channels first, in -1..1."""
+@dataclass(frozen=True)
+class Crop:
+    """Where an image's square is cut from it once resized, as (top, left), and whether the
+    square is then mirrored left to right."""
+
+    top: int
+    left: int
+    flip: bool = False
+
+    @classmethod
+    def centre(cls, size: tuple[int, int], resolution: int) -> Crop:
+        """The centre square of an image of `size` (width, height): every evaluation image's,
+        and a training image's under training.centerCrop."""
+        width, height = _resized(size, resolution)
+        return cls((height - resolution) // 2, (width - resolution) // 2)
+
+    @classmethod
+    def drawn(
+        cls,
+        size: tuple[int, int],
+        resolution: int,
+        *,
+        center: bool,
+        flip: bool,
+        rng: Draws,
+    ) -> Crop:
+        """A training image's crop, drawn as diffusers' scripts draw it: the centre, or a place
+        at random (RandomCrop); then, with `flip`, a coin for the mirror."""
+        if center:
+            crop = cls.centre(size, resolution)
+        else:
+            width, height = _resized(size, resolution)
+            crop = cls(rng.randint(0, height - resolution), rng.randint(0, width - resolution))
+        return dataclasses.replace(crop, flip=flip and rng.random() < 0.5)
+
+    def top_left(self, size: tuple[int, int], resolution: int) -> tuple[int, int]:
+        """What SDXL is conditioned on: where the square starts in the resized image as the UNet
+        sees it, mirrored with the square. (diffusers' SDXL scripts give a mirrored square
+        `resolution - left`, which is that only when the crop is centred on a square image.)"""
+        if not self.flip:
+            return self.top, self.left
+        width, _ = _resized(size, resolution)
+        return self.top, width - resolution - self.left
+
+
+def pixel_values(image: Image.Image, resolution: int, crop: Crop | None = None) -> torch.Tensor:
+    """An image as the VAE takes it: RGB, the shorter side resized to `resolution`, the square
+    `crop` cut from it (default its centre) and mirrored if the crop says so, channels first, in
+    -1..1."""
     image = image.convert("RGB")
     if min(image.size) != resolution:
         image = image.resize(_resized(image.size, resolution), Image.Resampling.BILINEAR)
-    top, left = crop_top_left(image.size, resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    crop = crop or Crop.centre(image.size, resolution)
+    image = image.crop((crop.left, crop.top, crop.left + resolution, crop.top + resolution))
+    if crop.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -222,10 +272,17 @@ class DiffusionModel(torch.nn.Module):
 @dataclass
 class Collator:
     """Rows (an image and its caption's ids) -> pixel values and padded ids, plus SDXL's time ids
-    (`micro_conditioned`) and the fixed noise seeds and timesteps of evaluation rows."""
+    (`micro_conditioned`) and the fixed noise seeds and timesteps of evaluation rows.
+
+    Training images are cropped and mirrored as training.centerCrop and randomFlip say, drawn
+    from Python's `random`, which each rank seeds with seed + rank and a checkpoint keeps, so a
+    resumed run draws what the uninterrupted one would have. Evaluation rows are always the centre
+    square, unmirrored, so that the score before and after is of the same pixels."""
 
     resolution: int
     micro_conditioned: bool = False
+    center_crop: bool = True
+    random_flip: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         # Captions come padded to the tokenizer's length, as the pipeline pads its prompts: the
@@ -235,15 +292,26 @@ class Collator:
             for key in ("input_ids", "attention_mask", "input_ids_2")
             if key in rows[0]
         }
-        images = [r[IMAGE] for r in rows]
-        batch["pixel_values"] = torch.stack([pixel_values(i, self.resolution) for i in images])
+        images, size = [row[IMAGE] for row in rows], self.resolution
+        evaluation = "noise_seed" in rows[0]
+        crops = [
+            Crop.centre(i.size, size)
+            if evaluation
+            else Crop.drawn(
+                i.size, size, center=self.center_crop, flip=self.random_flip, rng=random
+            )
+            for i in images
+        ]
+        batch["pixel_values"] = torch.stack(
+            [pixel_values(i, size, c) for i, c in zip(images, crops, strict=True)]
+        )
         if self.micro_conditioned:
-            r = self.resolution
             conditions = [
-                time_ids((i.height, i.width), crop_top_left(i.size, r), r) for i in images
+                time_ids((i.height, i.width), c.top_left(i.size, size), size)
+                for i, c in zip(images, crops, strict=True)
             ]
             batch["time_ids"] = torch.tensor(conditions, dtype=torch.float32)
-        if "noise_seed" in rows[0]:
+        if evaluation:
             batch["noise_seeds"] = torch.tensor([r["noise_seed"] for r in rows], dtype=torch.long)
             batch["timesteps"] = torch.tensor([r["timestep"] for r in rows], dtype=torch.long)
         return batch
@@ -268,6 +336,12 @@ class TextToImage(Task):
     @property
     def sample_spec(self) -> ImageSampleSpec:
         return self.spec.evaluation.image_samples or ImageSampleSpec()
+
+    @property
+    def guidance_scale(self) -> float:
+        """The samples' guidanceScale, else the pipeline's own default."""
+        given = self.sample_spec.guidance_scale
+        return self.pipeline.guidance_scale if given is None else given
 
     def _from_pretrained(self, cls: Any, subfolder: str, **kwargs: Any) -> Any:
         """One part of the pipeline (its subfolder); a missing source is ModelNotFound."""
@@ -335,7 +409,12 @@ class TextToImage(Task):
             processor=tokenizers,
             train=rows,
             evaluation=eval_rows,
-            collate=Collator(resolution, pipeline.micro_conditioned),
+            collate=Collator(
+                resolution,
+                pipeline.micro_conditioned,
+                center_crop=self.spec.training.center_crop is not False,
+                random_flip=bool(self.spec.training.random_flip),
+            ),
         )
 
     def _rows(self, ds: Dataset, tokenizers: dict[str, PreTrainedTokenizerBase]) -> Dataset:
@@ -490,7 +569,7 @@ class TextToImage(Task):
                 image = pipeline(
                     prompt,
                     num_inference_steps=samples.inference_steps,
-                    guidance_scale=samples.guidance_scale,
+                    guidance_scale=self.guidance_scale,
                     height=resolution,
                     width=resolution,
                     generator=torch.Generator(device).manual_seed(seed),
@@ -509,6 +588,8 @@ class TextToImage(Task):
             usage=_usage(self.pipeline.class_name, source_id(self.spec.model.source), repo),
             settings=(
                 ("Resolution", t.resolution or "the pipeline's"),
+                ("Crop", "random" if t.center_crop is False else "centre"),
+                ("Random flip", "yes" if t.random_flip else "no"),
                 ("Prediction type", t.prediction_type or "the scheduler's"),
                 ("SNR gamma", t.snr_gamma if t.snr_gamma is not None else "none (plain MSE)"),
             ),
@@ -527,7 +608,7 @@ class TextToImage(Task):
             "",
             "Generated by the fine-tuned pipeline after training "
             f"({self.sample_spec.inference_steps} steps, guidance scale "
-            f"{self.sample_spec.guidance_scale:g}):",
+            f"{self.guidance_scale:g}):",
             "",
             "| Prompt | Seed | Image |",
             "|---|---|---|",
