@@ -477,3 +477,32 @@ def test_pod_settings_are_accepted_and_render_a_job_kubernetes_accepts(
     assert pod["terminationGracePeriodSeconds"] == 300
     labels = accepted["spec"]["template"]["metadata"]["labels"]
     assert labels["sidecar.istio.io/inject"] == "false"
+
+
+REPO = Path(__file__).resolve().parents[2]
+# The examples users apply (examples/) and those `finetune example NAME` prints.
+EXAMPLES = sorted(REPO.glob("examples/*.yaml")) + sorted(
+    REPO.glob("trainer/finetune_trainer/examples/*.yaml")
+)
+
+
+def test_every_example_is_accepted_and_renders_children_kubernetes_accepts(
+    crd: str, kube: Kube, namespace: str
+) -> None:
+    """Each example, created as `kubectl apply` would (a dry run, strict field validation), is
+    accepted by the schema and CEL and defaulted as the models default it, and every child the
+    operator renders for it (the Job, the Services, a claim, a serving Deployment) passes the
+    API server's own validation: GPU counts, tolerations and resources included."""
+    assert len(EXAMPLES) >= 8, EXAMPLES
+    query = {"dryRun": "All", "fieldValidation": "Strict", "fieldManager": "controlplane-tests"}
+    for path in EXAMPLES:
+        doc = yaml.safe_load(path.read_text())
+        doc["metadata"]["namespace"] = namespace
+        accepted = kube.request("POST", kube.path("FineTuneJob", namespace), doc, query)
+        job = parse_manifest(accepted)
+        assert job.spec == parse_manifest(doc).spec, path.name
+        kinds = []
+        for child in render_manifests(job, Settings()):
+            kube.request("POST", kube.path(child["kind"], namespace), child, query)
+            kinds.append(child["kind"])
+        assert "Job" in kinds, (path.name, kinds)
