@@ -16,6 +16,9 @@ the test fixtures:
   compiled layers (DoRA under fsdp is not a variant: the CPU suite trains it, a hand run did
   in bf16, and the variants already take most of hack/gpu-checks.sh's 240 s for the smoke);
 - ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL;
+- sdxl-fp16: text-to-image on a tiny SDXL pipeline in fp16 with its VAE kept fp32 (the recipe's
+  mix, which a CPU cannot run in fp16) and the samples drawn under autocast, random crops and
+  mirrors as in diffusers' SDXL recipe;
 - oom: a text-to-image job at 4096 x 4096 pixels, whose batch cannot fit a GPU's memory, must
   end at once as DeviceOutOfMemory (exit code 3, torch's CUDA account in the message): its
   exit counts as a pass only with that reason.
@@ -172,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Written after every variant: a machine lent for minutes may stop before the last.
         args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+    if not args.only or SDXL in args.only:
+        from finetune_trainer.testing.diffusion import save_shapes_dataset
+        from finetune_trainer.testing.diffusion_xl import save_tiny_xl_pipeline
+
+        pipeline = save_tiny_xl_pipeline(assets / "sdxl-pipe")
+        data = save_shapes_dataset(assets / "sdxl-data", train=16, test=8)
+        runs[SDXL] = _run(SDXL, sdxl_job(pipeline, data), out, args.timeout)
+        args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     if not args.only or OOM in args.only:
         runs[OOM] = _run(OOM, _oom_job(assets, gpus=1), out, args.timeout)
         reason = (runs[OOM]["result"] or {}).get("reason")
@@ -189,7 +200,27 @@ def _exit_of(run: dict[str, Any]) -> int:
     return abs(int(run["exit"]))
 
 
-OOM = "oom"
+OOM, SDXL = "oom", "sdxl-fp16"
+
+
+def sdxl_job(pipeline: Path, data: Path) -> dict[str, Any]:
+    """A tiny SDXL pipeline in fp16 on one GPU, as examples/sdxl-lora-gpu.yaml trains SDXL."""
+    from finetune_trainer.testing.diffusion import text_to_image_job
+
+    accelerator = {"type": "nvidia.com/gpu", "count": 1}
+    change = {
+        "resources": {"nodes": 1, "processesPerNode": 1, "accelerator": accelerator},
+        "training": {
+            "precision": "fp16",
+            "maxSteps": 6,
+            "batchSizePerDevice": 4,
+            "centerCrop": False,
+            "randomFlip": True,
+        },
+        "evaluation": {"imageSamples": {"count": 2, "inferenceSteps": 2}},
+    }
+    doc = text_to_image_job(pipeline, data, name="sdxl-fp16", max_steps=6, checkpoint_every=3)
+    return trainer_helpers.deep_update(doc, {"spec": change})
 
 
 def _oom_job(assets: Path, gpus: int) -> dict[str, Any]:

@@ -750,6 +750,8 @@ def test_gpu_smoke_variants_are_valid_specs(gpus: int, bnb: bool) -> None:
     for name, change in gpu_smoke.variants(gpus, bnb).items():
         spec = parse_manifest(deep_update(base, {"spec": change})).spec
         assert spec.resources.processes_per_node <= gpus, name
+    sdxl = parse_manifest(gpu_smoke.sdxl_job(Path("/p"), Path("/d"))).spec
+    assert (sdxl.training.precision, sdxl.resources.accelerator.type) == ("fp16", "nvidia.com/gpu")
 
 
 def test_compile_without_a_compiler_is_said_at_once(
