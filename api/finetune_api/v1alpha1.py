@@ -543,6 +543,11 @@ class TrainingSpec(ApiModel):
         ),
     )
 
+    @property
+    def crops_centre(self) -> bool:
+        """Whether text-to-image cuts a training image's centre square: centerCrop, unset true."""
+        return self.center_crop is not False
+
     def warmup_for(self, total_steps: int) -> int:
         """The warm-up steps of a run of `total_steps`: warmupSteps, or warmupRatio of the
         steps rounded up, as transformers' TrainingArguments.get_warmup_steps."""

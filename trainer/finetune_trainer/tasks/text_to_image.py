@@ -412,7 +412,7 @@ class TextToImage(Task):
             collate=Collator(
                 resolution,
                 pipeline.micro_conditioned,
-                center_crop=self.spec.training.center_crop is not False,
+                center_crop=self.spec.training.crops_centre,
                 random_flip=bool(self.spec.training.random_flip),
             ),
         )
@@ -588,7 +588,7 @@ class TextToImage(Task):
             usage=_usage(self.pipeline.class_name, source_id(self.spec.model.source), repo),
             settings=(
                 ("Resolution", t.resolution or "the pipeline's"),
-                ("Crop", "random" if t.center_crop is False else "centre"),
+                ("Crop", "centre" if t.crops_centre else "random"),
                 ("Random flip", "yes" if t.random_flip else "no"),
                 ("Prediction type", t.prediction_type or "the scheduler's"),
                 ("SNR gamma", t.snr_gamma if t.snr_gamma is not None else "none (plain MSE)"),
