@@ -199,8 +199,7 @@ def _first_column_and_mirrored(values: torch.Tensor) -> tuple[int, bool]:
     return columns[0], columns[1] < columns[0]
 
 
-def test_training_images_are_cropped_and_mirrored_as_the_spec_says_and_evaluation_ones_not(
-) -> None:  # fmt: skip
+def test_crops_and_mirrors_are_drawn_for_training_and_never_for_evaluation() -> None:
     import random
 
     from finetune_trainer.tasks.text_to_image import Collator
