@@ -212,7 +212,6 @@ def sdxl_job(pipeline: Path, data: Path) -> dict[str, Any]:
         "resources": {"nodes": 1, "processesPerNode": 1, "accelerator": accelerator},
         "training": {
             "precision": "fp16",
-            "maxSteps": 6,
             "batchSizePerDevice": 4,
             "centerCrop": False,
             "randomFlip": True,

@@ -7,7 +7,6 @@ must match DDP's; a resumed run must end where the whole run ended."""
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,8 +144,7 @@ def test_a_sharded_checkpoint_resumes_where_the_run_was(fsdp_2x2: Done) -> None:
     saved = sorted(root.glob("checkpoint-*"))
     assert [p.name[:19] for p in saved] == ["checkpoint-00000010", "checkpoint-00000020"]
     # As if the gang had been lost after step 10's checkpoint.
-    shutil.rmtree(saved[-1])
-    shutil.rmtree(fsdp_2x2.workdir / "output")
+    fsdp_2x2.gang.lose_the_newest_checkpoint()
     gang = fsdp_2x2.gang.start()
     codes = gang.wait(timeout=600)
     assert codes == [0, 0], gang.log_text()[-4000:]
@@ -237,9 +235,7 @@ def test_dora_under_fsdp_with_checkpointing_trains_resumes_and_saves_as_under_dd
 
     # Resumed from step 10's gathered checkpoint, the sharded run ends where it ended.
     first_hashes, first_losses = fsdp.hashes(), fsdp.losses()
-    [root] = (fsdp.workdir / "checkpoints").iterdir()
-    shutil.rmtree(sorted(root.glob("checkpoint-*"))[-1])
-    shutil.rmtree(fsdp.workdir / "output")
+    fsdp.gang.lose_the_newest_checkpoint()
     assert fsdp.gang.start().wait(timeout=600) == [0, 0], fsdp.gang.log_text()[-4000:]
     assert fsdp.gang.result(0)["resumedFromStep"] == 10
     resumed = fsdp.losses()

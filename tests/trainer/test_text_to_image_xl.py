@@ -25,7 +25,6 @@ from PIL import Image
 from trainer_helpers import Gang, deep_update
 
 from finetune_hub_double import HubDouble
-from finetune_trainer.job_folder import FINAL_FOLDER
 from finetune_trainer.testing.diffusion import (
     SIZE,
     save_shapes_dataset,
@@ -160,11 +159,7 @@ def test_a_resumed_run_draws_the_same_crops_and_mirrors_and_ends_with_the_same_l
     it trains again in the same folder.)"""
     workdir, gang = pushed["workdir"], pushed["gang"]
     first = [(workdir / f"params-{r}.sha256").read_text() for r in range(2)]
-    [root] = (workdir / "checkpoints").iterdir()
-    shutil.rmtree(sorted(root.glob("checkpoint-*"))[-1])
-    # The pushed result, kept for a retry of the push, would be pushed again without training.
-    shutil.rmtree(root / FINAL_FOLDER)
-    shutil.rmtree(workdir / "output")
+    gang.lose_the_newest_checkpoint()
     assert gang.start().wait(timeout=600) == [0], gang.log_text()[-4000:]
     assert gang.result(0)["resumedFromStep"] == 3
     assert [(workdir / f"params-{r}.sha256").read_text() for r in range(2)] == first

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from finetune_trainer.job_folder import FINAL_FOLDER
 from finetune_trainer.testing.gang import FINETUNE, LocalGang, free_ports
 
 __all__ = ["FINETUNE", "Gang", "deep_update", "free_ports"]
@@ -27,3 +29,12 @@ class Gang(LocalGang):
     def start(self, extra_env: Mapping[str, str] | None = None) -> Gang:
         hashes = {"FINETUNE_DEBUG_PARAM_HASH_FILE": str(self.workdir / "params-{rank}.sha256")}
         return super().start({**hashes, **(extra_env or {})})
+
+    def lose_the_newest_checkpoint(self) -> None:
+        """As if the gang had been lost after its checkpoint before last: the newest checkpoint,
+        the result kept for a retry of its push (where it pushes) and the output are deleted, so
+        that the next start resumes from that checkpoint and trains to the end again."""
+        [root] = (self.workdir / "checkpoints").iterdir()
+        shutil.rmtree(sorted(root.glob("checkpoint-*"))[-1])
+        shutil.rmtree(root / FINAL_FOLDER, ignore_errors=True)
+        shutil.rmtree(self.workdir / "output")
