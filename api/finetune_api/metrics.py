@@ -9,7 +9,8 @@ Task names are spelled here as on the wire (`v1alpha1.Task`): v1alpha1 imports t
 this one cannot import it back. tests/unit/test_tasks.py checks the two agree.
 """
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Final
 
 _CAUSAL_LM: Final = "causal-lm"
@@ -183,9 +184,44 @@ def foreign_metrics(task: str) -> tuple[str, ...]:
     return tuple(m.name for m in BUILTIN_METRICS if task not in m.tasks)
 
 
-def effective_metrics(task: str, requested: list[str]) -> list[str]:
-    """The scores a job computes: `evaluation.metrics`, or the task's defaults when empty."""
-    return list(requested or DEFAULT_METRICS[task])
+# The sentence-embedding score reported for each training.matryoshkaDims size when
+# evaluation.metrics is empty: the one sentence-transformers' Matryoshka examples tabulate.
+MATRYOSHKA_DEFAULT_METRIC: Final = "cosine_ndcg@10"
+# sentence-transformers' own key for an evaluator named dim_<d>: its score with the embedding
+# cut to its first d dimensions (`truncate_dim`). The size has at most 5 digits (matryoshkaDims
+# <= 65536), so that the CRD's CEL may convert it to an int without overflow.
+TRUNCATED_PREFIX_PATTERN: Final = "dim_([1-9][0-9]{0,4})_"
+_TRUNCATED = re.compile(TRUNCATED_PREFIX_PATTERN + "(.+)")
+
+
+def truncated(dim: int, name: str) -> str:
+    """The key of score `name` of the embedding cut to its first `dim` dimensions, as
+    sentence-transformers' evaluators spell it with name=f"dim_{dim}" (dim_64_cosine_ndcg@10)."""
+    return f"dim_{dim}_{name}"
+
+
+def split_truncated(name: str) -> tuple[int | None, str]:
+    """(dim, score) of a `truncated` key; (None, name) for any other name."""
+    found = _TRUNCATED.fullmatch(name)
+    return (int(found[1]), found[2]) if found else (None, name)
+
+
+def embedding_metrics(matryoshka_dims: list[int] | None) -> tuple[str, ...]:
+    """Every name sentence-embedding computes: its built-in scores, and with
+    training.matryoshkaDims each of them again per size (`truncated`)."""
+    builtin = metrics_of(_SENTENCE_EMBEDDING)
+    return builtin + tuple(truncated(d, m) for d in matryoshka_dims or () for m in builtin)
+
+
+def effective_metrics(
+    task: str, requested: list[str], matryoshka_dims: list[int] | None = None
+) -> list[str]:
+    """The scores a job computes: `evaluation.metrics`, or the task's defaults when empty (for
+    sentence-embedding with training.matryoshkaDims, also MATRYOSHKA_DEFAULT_METRIC per size)."""
+    if requested:
+        return list(requested)
+    per_size = [truncated(d, MATRYOSHKA_DEFAULT_METRIC) for d in matryoshka_dims or ()]
+    return DEFAULT_METRICS[task] + per_size
 
 
 def needs_generation(metrics: list[str]) -> bool:
@@ -193,12 +229,28 @@ def needs_generation(metrics: list[str]) -> bool:
     return any(name in GENERATION_METRICS for name in metrics)
 
 
+def builtin_metric(name: str) -> Metric | None:
+    """The built-in score `name` names, a `truncated` one included (as its score, described at
+    its size); None for a Hub metric."""
+    dim, base = split_truncated(name)
+    found = METRICS.get(base)
+    if found is None or dim is None:
+        return found if dim is None else None
+    return replace(
+        found,
+        name=name,
+        display_name=f"{found.display_name} ({dim} dims)",
+        description=f"{found.description}; the embedding cut to its first {dim} dimensions",
+    )
+
+
 def lower_is_better(name: str) -> bool:
     """Whether a smaller score is the better one; False for names outside the vocabulary."""
-    return name in LOWER_IS_BETTER
+    found = builtin_metric(name)
+    return found is not None and found.lower_is_better
 
 
 def display_name(name: str) -> str:
     """The display name of a score: "Perplexity" for perplexity, a Hub metric's own name as is."""
-    metric = METRICS.get(name)
-    return metric.display_name if metric else name
+    found = builtin_metric(name)
+    return found.display_name if found else name

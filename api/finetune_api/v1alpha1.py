@@ -24,7 +24,10 @@ from finetune_api.constants import (
 from finetune_api.metrics import (
     DEFAULT_METRICS,
     GENERATION_METRICS,
+    MATRYOSHKA_DEFAULT_METRIC,
+    TRUNCATED_PREFIX_PATTERN,
     effective_metrics,
+    embedding_metrics,
     foreign_metrics,
     metrics_of,
     needs_generation,
@@ -522,6 +525,24 @@ class TrainingSpec(ApiModel):
         "min(SNR, snrGamma) / SNR at its timestep (Min-SNR weighting; 5 is the recommended "
         "value). Unset: the plain mean squared error.",
     )
+    # sentence-embedding only.
+    matryoshka_dims: (
+        Annotated[
+            list[Annotated[int, Field(ge=1, le=65536)]],
+            Field(min_length=1, max_length=8),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="matryoshkaDims (sentence-embedding only) trains Matryoshka embeddings, "
+        "as sentence-transformers' MatryoshkaLoss: the loss is the sum of "
+        "MultipleNegativesRankingLoss over the embedding cut to each of these leading sizes "
+        "(and normalised), so that SentenceTransformer(repo, truncate_dim=d) keeps most of its "
+        "quality at a size d. List the model's full size too (768 for a base model): only "
+        "the listed sizes are trained. Every size must be at most the model's; a larger one "
+        "fails the job with InvalidSpec. Each size is scored as dim_<size>_<metric> in "
+        "evaluation.metrics. Unset: the whole embedding only.",
+    )
 
     __rules__ = (
         Rule(
@@ -541,12 +562,24 @@ class TrainingSpec(ApiModel):
             ),
             field="lrSchedulerType",
         ),
+        Rule(
+            cel="!has(self.matryoshkaDims) || "
+            "self.matryoshkaDims.all(d, self.matryoshkaDims.exists_one(e, e == d))",
+            message="matryoshkaDims lists each size once",
+            check=lambda t: len(set(t.matryoshka_sizes)) == len(t.matryoshka_sizes),
+            field="matryoshkaDims",
+        ),
     )
 
     @property
     def crops_centre(self) -> bool:
         """Whether text-to-image cuts a training image's centre square: centerCrop, unset true."""
         return self.center_crop is not False
+
+    @property
+    def matryoshka_sizes(self) -> tuple[int, ...]:
+        """matryoshkaDims largest first, as MatryoshkaLoss orders them; () when unset."""
+        return tuple(sorted(self.matryoshka_dims or (), reverse=True))
 
     def warmup_for(self, total_steps: int) -> int:
         """The warm-up steps of a run of `total_steps`: warmupSteps, or warmupRatio of the
@@ -588,11 +621,14 @@ class EvaluationSpec(ApiModel):
         "promptField/responseField or messagesField: scored on text generated for the "
         "evaluation prompts); accuracy, f1, precision, recall (sequence-classification); "
         "cosine_ndcg@10, cosine_mrr@10, cosine_map@100, cosine_accuracy@1, cosine_recall@10, "
-        "spearman_cosine (sentence-embedding, sentence-transformers' evaluator keys); "
-        "denoising_loss (text-to-image). Other names load through `evaluate` from the Hub. "
-        "Empty: perplexity for causal-lm, accuracy for sequence-classification, "
-        "cosine_ndcg@10, cosine_mrr@10 and cosine_accuracy@1 for sentence-embedding, "
-        "denoising_loss for text-to-image.",
+        "spearman_cosine (sentence-embedding, sentence-transformers' evaluator keys; with "
+        "training.matryoshkaDims also each at a size d, as dim_<d>_<name>, "
+        "e.g. dim_64_cosine_ndcg@10); denoising_loss (text-to-image). Other names load "
+        "through `evaluate` from the Hub, for causal-lm and sequence-classification. Empty: "
+        "perplexity for causal-lm, accuracy for sequence-classification, cosine_ndcg@10, "
+        "cosine_mrr@10 and cosine_accuracy@1 for sentence-embedding (and "
+        "dim_<d>_cosine_ndcg@10 for each size d of training.matryoshkaDims), denoising_loss "
+        "for text-to-image.",
     )
     gates: dict[Annotated[str, StringConstraints(max_length=128)], float] = Field(
         default_factory=dict,
@@ -1368,37 +1404,76 @@ def _cel_by_task(lists: dict[str, list[str]]) -> str:
 
 
 _TASKS: tuple[str, ...] = get_args(Task)
-_METRICS_CEL = (
-    "(size(self.evaluation.metrics) > 0 ? self.evaluation.metrics : "
-    f"{_cel_by_task({t: DEFAULT_METRICS[t] for t in _TASKS})})"
+
+
+def _truncated_cel(name: str, scores: str) -> str:
+    """CEL: whether the string `name` is metrics.truncated(d, s) for a size d of
+    training.matryoshkaDims and a score s in the CEL list `scores`. It takes the name apart
+    rather than spelling each size's names: the API server's cost estimate of a string built
+    from a number is unbounded."""
+    size_end = f"{name}.indexOf('_', 4)"
+    return (
+        f"(has(self.training.matryoshkaDims) && {name}.matches('^{TRUNCATED_PREFIX_PATTERN}') "
+        f"&& int({name}.substring(4, {size_end})) in self.training.matryoshkaDims "
+        f"&& {name}.substring({size_end} + 1) in {scores})"
+    )
+
+
+# Whether the metric named `k` is computed (metrics.effective_metrics): one of those listed, or
+# with none listed one of the task's defaults.
+_COMPUTED_CEL = (
+    "(size(self.evaluation.metrics) > 0 ? k in self.evaluation.metrics : "
+    f"(k in {_cel_by_task({t: DEFAULT_METRICS[t] for t in _TASKS})} || "
+    f"{_truncated_cel('k', _cel_list([MATRYOSHKA_DEFAULT_METRIC]))}))"
 )
-_FOREIGN_METRICS_CEL = _cel_by_task({t: list(foreign_metrics(t)) for t in _TASKS})
+# The tasks whose every score is their own library's evaluator (sentence-transformers',
+# diffusers' UNet loss): no other name means anything to them, where causal-lm and
+# sequence-classification load any other name through `evaluate`.
+_LIBRARY_SCORED = (SENTENCE_EMBEDDING, TEXT_TO_IMAGE)
+_LIBRARY_SCORES_CEL = _cel_by_task({t: list(metrics_of(t)) for t in _LIBRARY_SCORED})
+_FOREIGN_METRICS_CEL = _cel_by_task(
+    {t: list(foreign_metrics(t)) for t in _TASKS if t not in _LIBRARY_SCORED}
+)
 _FOREIGN_METRICS_MESSAGE = (
     "evaluation.metrics names a built-in metric of another task; "
     + "; ".join(f"{t} computes {', '.join(metrics_of(t))}" for t in _TASKS)
 )
+
+
+def _library_scores(spec: Any) -> tuple[str, ...]:
+    """What a _LIBRARY_SCORED task can compute, for the spec's task and matryoshkaDims."""
+    task = spec.model.task
+    if task == SENTENCE_EMBEDDING:
+        return embedding_metrics(spec.training.matryoshka_dims)
+    return metrics_of(task)
+
+
 # output.hub.endpoint when it names huggingface.co itself (the default when it is unset): one
 # regular expression for CEL (RE2) and Python, with no backslash for CEL's string escapes.
 _HUGGINGFACE_CO = "^https?://(www[.])?huggingface[.]co/?$"
 
 
-def _text_to_image_only(path: str, wire: str) -> Rule:
+def _only_for_task(task: str, path: str, wire: str) -> Rule:
     """`path` (a wire path under spec, Python attribute `wire` of its parent) is set only with
-    model.task text-to-image."""
+    model.task `task`."""
     parent, _, _ = path.rpartition(".")
 
     def check(spec: Any) -> bool:
         owner = spec
         for part in parent.split("."):
             owner = getattr(owner, part)
-        return getattr(owner, wire) is None or spec.model.task == TEXT_TO_IMAGE
+        return getattr(owner, wire) is None or spec.model.task == task
 
     return Rule(
-        cel=f"!has(self.{path}) || self.model.task == '{TEXT_TO_IMAGE}'",
-        message=f"{path} is only for model.task {TEXT_TO_IMAGE}",
+        cel=f"!has(self.{path}) || self.model.task == '{task}'",
+        message=f"{path} is only for model.task {task}",
         check=check,
         field=path,
     )
+
+
+def _text_to_image_only(path: str, wire: str) -> Rule:
+    return _only_for_task(TEXT_TO_IMAGE, path, wire)
 
 
 def _plain_lora_for_text_to_image(wire: str, attr: str, why: str) -> Rule:
@@ -1538,20 +1613,40 @@ class FineTuneJobSpec(ApiModel):
             field="output.hub.tokenSecretRef",
         ),
         Rule(
-            cel=f"self.evaluation.gates.all(k, k in {_METRICS_CEL})",
+            cel=f"self.evaluation.gates.all(k, {_COMPUTED_CEL})",
             message="every evaluation.gates key must be a computed metric (see evaluation.metrics)",
             check=lambda s: all(
-                k in effective_metrics(s.model.task, s.evaluation.metrics)
+                k
+                in effective_metrics(s.model.task, s.evaluation.metrics, s.training.matryoshka_dims)
                 for k in s.evaluation.gates
             ),
             field="evaluation.gates",
         ),
         Rule(
-            cel=f"self.evaluation.metrics.all(m, !(m in {_FOREIGN_METRICS_CEL}))",
+            cel=f"self.model.task in {_cel_list(_LIBRARY_SCORED)} || "
+            f"self.evaluation.metrics.all(m, !(m in {_FOREIGN_METRICS_CEL}))",
             message=_FOREIGN_METRICS_MESSAGE,
-            check=lambda s: not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task)),
+            check=lambda s: (
+                s.model.task in _LIBRARY_SCORED
+                or not set(s.evaluation.metrics) & set(foreign_metrics(s.model.task))
+            ),
             field="evaluation.metrics",
         ),
+        Rule(
+            cel=f"!(self.model.task in {_cel_list(_LIBRARY_SCORED)}) || "
+            f"self.evaluation.metrics.all(m, m in {_LIBRARY_SCORES_CEL} || "
+            f"{_truncated_cel('m', _LIBRARY_SCORES_CEL)})",
+            message=f"{SENTENCE_EMBEDDING} computes only "
+            f"{_spelled(metrics_of(SENTENCE_EMBEDDING))} (sentence-transformers' evaluator "
+            "keys), and with training.matryoshkaDims each of them at a size d as dim_<d>_<name>; "
+            f"{TEXT_TO_IMAGE} computes only {_spelled(metrics_of(TEXT_TO_IMAGE))}",
+            check=lambda s: (
+                s.model.task not in _LIBRARY_SCORED
+                or set(s.evaluation.metrics) <= set(_library_scores(s))
+            ),
+            field="evaluation.metrics",
+        ),
+        _only_for_task(SENTENCE_EMBEDDING, "training.matryoshkaDims", "matryoshka_dims"),
         Rule(
             cel="!has(self.serve) || has(self.output.hub)",
             message="serve deploys the revision the job pushes: it needs a push target, output.hub",

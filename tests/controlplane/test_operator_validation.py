@@ -120,6 +120,28 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("resolution-on-cls", {**CLS, "spec.training.resolution": 64}, "resolution"),
     ("random-flip-on-causal", {"spec.training.randomFlip": True}, "randomFlip"),
     ("fsdp-on-embedding", {**EMB, "spec.training.strategy": "fsdp"}, "strategy"),
+    # sentence-embedding: Matryoshka sizes only with it, each once, scored only as listed.
+    ("matryoshka-on-causal", {"spec.training.matryoshkaDims": [64]}, "matryoshkaDims"),
+    ("matryoshka-size-twice", {**EMB, "spec.training.matryoshkaDims": [64, 64]}, "each size once"),
+    ("unknown-embedding-metric", {**EMB, "spec.evaluation.metrics": ["cosine_ndcg@5"]}, "only"),
+    (
+        "metric-of-an-untrained-size",
+        {
+            **EMB,
+            "spec.training.matryoshkaDims": [64],
+            "spec.evaluation.metrics": ["dim_32_cosine_ndcg@10"],
+        },
+        "dim_<d>_<name>",
+    ),
+    (
+        "gate-on-an-unscored-size",
+        {
+            **EMB,
+            "spec.training.matryoshkaDims": [64],
+            "spec.evaluation.gates": {"dim_32_cosine_ndcg@10": 0.5},
+        },
+        "gates",
+    ),
     ("image-samples-on-causal", {"spec.evaluation.imageSamples": {"count": 1}}, "imageSamples"),
     (
         "warmup-steps-and-ratio",
@@ -363,14 +385,17 @@ def test_sentence_embedding_is_accepted(crd: str, kube: Kube, namespace: str) ->
             "spec.dataset.anchorField": "query",
             "spec.dataset.positiveField": "document",
             "spec.dataset.negativeField": "hard",
-            "spec.evaluation.gates": {"cosine_ndcg@10": 0.5, "cosine_mrr@10": 0.4},
+            "spec.training.matryoshkaDims": [384, 64],
+            # Gates on the default metrics, a Matryoshka size's among them.
+            "spec.evaluation.gates": {"cosine_ndcg@10": 0.5, "dim_64_cosine_ndcg@10": 0.4},
         },
         namespace,
     )
     parse_manifest(doc)
     kube.apply(doc)
-    dataset = kube.get("FineTuneJob", "bad", namespace)["spec"]["dataset"]
-    assert (dataset["anchorField"], dataset["negativeField"]) == ("query", "hard")
+    spec = kube.get("FineTuneJob", "bad", namespace)["spec"]
+    assert (spec["dataset"]["anchorField"], spec["dataset"]["negativeField"]) == ("query", "hard")
+    assert spec["training"]["matryoshkaDims"] == [384, 64]
 
 
 def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:

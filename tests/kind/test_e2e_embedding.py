@@ -9,8 +9,10 @@ on HumanEval pairs and pushes a sentence-transformers repo to the in-cluster Hub
 2. examples/embedding-cpu.yaml applied (2 pods x 1 process, 12 steps), its endpoint pointed at
    the double, and watched until it ends;
 3. at the end: Succeeded, cosine_ndcg@10 before and after in status and in the EVAL printer
-   column, the pods on two nodes, and the pushed revision holding the sentence-transformers
-   files and a card with `library_name: sentence-transformers`.
+   column, and so for the Matryoshka size 64 (dim_64_cosine_ndcg@10, the embedding cut to its
+   first 64 of 384 values), the pods on two nodes, and the pushed revision holding the
+   sentence-transformers files and a card with `library_name: sentence-transformers` that says
+   how to load the cut embedding.
 """
 
 from __future__ import annotations
@@ -81,11 +83,18 @@ def test_sentence_embedding_end_to_end(
     status = ftj["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
 
-    ndcg = status["evaluation"]["cosine_ndcg@10"]
-    assert ndcg["before"] is not None and ndcg["after"] is not None, status["evaluation"]
-    assert ndcg["after"] > ndcg["before"], ndcg
     assert set(status["evaluation"]) == set(job["spec"]["evaluation"]["metrics"])
-    timing.record("embedding_ndcg@10", f"{ndcg['before']:.4f} -> {ndcg['after']:.4f}")
+    # The whole embedding and its first 64 values (trained with matryoshkaDims) both improve;
+    # the cut one scores lower before (measured 0.747, against 0.778).
+    for metric in ("cosine_ndcg@10", "dim_64_cosine_ndcg@10"):
+        ndcg = status["evaluation"][metric]
+        assert ndcg["before"] is not None and ndcg["after"] is not None, status["evaluation"]
+        assert ndcg["after"] > ndcg["before"], (metric, ndcg)
+        timing.record(f"embedding_{metric}", f"{ndcg['before']:.4f} -> {ndcg['after']:.4f}")
+    whole, cut = (
+        status["evaluation"][m]["before"] for m in ("cosine_ndcg@10", "dim_64_cosine_ndcg@10")
+    )
+    assert cut < whole, status["evaluation"]
     # The printer column shows the main metric, before→after.
     assert printer_columns(kube, ns, name)["EVAL"].startswith("cosine_ndcg@10 ")
 
@@ -100,3 +109,4 @@ def test_sentence_embedding_end_to_end(
     assert {"modules.json", "adapter_config.json", "adapter_model.safetensors"} <= files, files
     card = hub.fetch(f"{hub.endpoint}/{repo}/resolve/{revision}/README.md", auth=True)
     assert "library_name: sentence-transformers" in card.get("body", ""), card
+    assert f'SentenceTransformer("{repo}", truncate_dim=64)' in card["body"], card

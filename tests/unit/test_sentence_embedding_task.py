@@ -40,6 +40,10 @@ def _doc(**spec: Any) -> dict[str, Any]:
     return {"metadata": {"name": "unit"}, "spec": base}
 
 
+# Matryoshka sizes, in no particular order: the spec keeps them as written.
+MATRYOSHKA = {"training": {"matryoshkaDims": [16, 64]}}
+
+
 def _errors(doc: dict[str, Any]) -> str:
     with pytest.raises(ManifestError) as caught:
         parse_manifest(doc)
@@ -68,7 +72,18 @@ def test_gates_on_the_evaluator_keys_are_accepted() -> None:
         ({"dataset": {"negativeField": "hard"}, "model": {"task": "causal-lm"}}, "negativeField"),
         ({"dataset": {"anchorField": "q", "positiveField": "q"}}, "different columns"),
         ({"dataset": {"negativeField": "positive"}}, "different columns"),
-        ({"evaluation": {"metrics": ["accuracy"]}}, "another task"),
+        ({"evaluation": {"metrics": ["accuracy"]}}, "sentence-embedding computes only"),
+        # Not a key of sentence-transformers' evaluators: it would be no score at all.
+        ({"evaluation": {"metrics": ["cosine_ndcg@5"]}}, "sentence-embedding computes only"),
+        ({"evaluation": {"metrics": ["dim_64_cosine_ndcg@10"]}}, "dim_<d>_<name>"),
+        (
+            {"evaluation": {"metrics": ["dim_32_cosine_ndcg@10"]}, **MATRYOSHKA},
+            "dim_<d>_<name>",
+        ),
+        ({"evaluation": {"gates": {"dim_32_cosine_ndcg@10": 0.5}}, **MATRYOSHKA}, "computed"),
+        ({"training": {"matryoshkaDims": [64, 16, 64]}}, "each size once"),
+        ({"training": {"matryoshkaDims": [0]}}, "matryoshkaDims"),
+        ({**MATRYOSHKA, "model": {"task": "causal-lm"}}, "only for model.task sentence-embedding"),
         (
             {"evaluation": {"metrics": ["cosine_ndcg@10"]}, "model": {"task": "causal-lm"}},
             "another",
@@ -78,6 +93,22 @@ def test_gates_on_the_evaluator_keys_are_accepted() -> None:
 )
 def test_sentence_embedding_rules(changes: dict[str, Any], message: str) -> None:
     assert message in _errors(_doc(**changes))
+
+
+def test_matryoshka_sizes_are_scored_by_default_and_gated_by_their_keys() -> None:
+    doc = _doc(**MATRYOSHKA, evaluation={"gates": {"dim_16_cosine_ndcg@10": 0.5}})
+    spec = parse_manifest(doc).spec
+    assert spec.training.matryoshka_sizes == (64, 16)
+    assert task_for(spec).metrics == [
+        *DEFAULT_METRICS[SENTENCE_EMBEDDING],
+        "dim_16_cosine_ndcg@10",
+        "dim_64_cosine_ndcg@10",
+    ]
+    listed = {"metrics": ["spearman_cosine", "dim_16_spearman_cosine", "dim_64_cosine_mrr@10"]}
+    assert (
+        parse_manifest(_doc(**MATRYOSHKA, evaluation=listed)).spec.evaluation.metrics
+        == (listed["metrics"])
+    )
 
 
 # ---- the HumanEval pairs ---------------------------------------------------------------------
@@ -214,6 +245,40 @@ def test_loss_equals_sentence_transformers_own_and_training_lowers_it(tiny_st: P
     assert float(task.loss(model, batch).detach()) < first
 
 
+def test_matryoshka_loss_equals_sentence_transformers_own(tiny_st: Path) -> None:
+    from sentence_transformers.sentence_transformer.losses import (
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    fields = {"anchorField": "q", "positiveField": "d", "negativeField": "n"}
+    sizes = [8, 32, 16]  # the tiny BERT's embedding has 32
+    task = task_for(_task_spec(tiny_st, dataset=fields, training={"matryoshkaDims": sizes}))
+    data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+    model = task.load_model(data, torch.device("cpu"))
+    rows = [data.train[i] for i in range(4)]
+    batch = data.collate(rows)
+    model.eval()
+    columns = [
+        {k: v for k, v in model.preprocess([r[c] for r in rows]).items() if torch.is_tensor(v)}
+        for c in ("anchor", "positive", "negative")
+    ]
+    plain = MultipleNegativesRankingLoss(model)
+    theirs = MatryoshkaLoss(model, plain, sizes)(columns, labels=None)
+    ours = task.loss(model, batch)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # Not the whole embedding's loss three times: the smaller sizes score differently.
+    assert not torch.allclose(ours, 3 * plain(columns, labels=None), atol=1e-3)
+
+
+def test_a_matryoshka_size_past_the_embedding_fails_naming_the_field(tiny_st: Path) -> None:
+    fields = {"anchorField": "q", "positiveField": "d"}
+    task = task_for(_task_spec(tiny_st, dataset=fields, training={"matryoshkaDims": [32, 48]}))
+    data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+    with pytest.raises(ManifestError, match=r"matryoshkaDims.*48 is larger than.*32 dimensions"):
+        task.load_model(data, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("method", ["lora", "none"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_st: Path, method: str) -> None:
     grads = []
@@ -296,6 +361,39 @@ def test_scores_save_and_card(tiny_st: Path, tmp_path: Path) -> None:
         "sentence-similarity",
     )
     assert 'SentenceTransformer("me/code-search")' in card.usage
+    assert "truncate_dim" not in card.usage
+
+
+def test_matryoshka_sizes_are_scored_truncated_and_the_card_says_how_to_load_one(
+    tiny_st: Path,
+) -> None:
+    from accelerate import Accelerator
+
+    metrics = ["cosine_ndcg@10", "dim_32_cosine_ndcg@10", "dim_4_cosine_ndcg@10"]
+    metrics += ["spearman_cosine", "dim_4_spearman_cosine"]
+    spec = _task_spec(
+        tiny_st,
+        dataset={"anchorField": "q", "positiveField": "d", "negativeField": "n"},
+        training={"matryoshkaDims": [32, 4]},
+        evaluation={"metrics": metrics},
+    )
+    task = task_for(spec)
+    data = task.build_data(Dataset.from_dict(ROWS), Dataset.from_dict(ROWS))
+    model = task.load_model(data, torch.device("cpu"))
+    scores = task.evaluate(Accelerator(cpu=True), model, [])
+    assert list(scores) == metrics
+    # 32 is the whole embedding; 4 is what the model gives when it is loaded cut to 4.
+    assert scores["dim_32_cosine_ndcg@10"] == scores["cosine_ndcg@10"]
+    model.truncate_dim = 4
+    model.eval()
+    cut = task._scores_at(model, {"cosine_ndcg@10", "spearman_cosine"}, None)
+    assert scores["dim_4_cosine_ndcg@10"] == pytest.approx(cut["cosine_ndcg@10"])
+    assert scores["dim_4_spearman_cosine"] == pytest.approx(cut["spearman_cosine"])
+    assert scores["dim_4_spearman_cosine"] != pytest.approx(scores["spearman_cosine"])
+
+    card = task.card("adapter", "me/code-search")
+    assert 'SentenceTransformer("me/code-search", truncate_dim=4)' in card.usage
+    assert dict(card.settings)["loss"].startswith("MatryoshkaLoss (32, 4 dimensions) over")
 
 
 def test_full_fine_tune_and_merged_artifacts(tiny_st: Path, tmp_path: Path) -> None:

@@ -20,8 +20,13 @@ from finetune_api.metrics import (
     CLASSIFICATION_METRICS,
     DEFAULT_METRICS,
     LOWER_IS_BETTER,
+    builtin_metric,
+    display_name,
     foreign_metrics,
+    lower_is_better,
     metrics_of,
+    split_truncated,
+    truncated,
 )
 from finetune_api.v1alpha1 import FineTuneJobSpec, Task
 from finetune_trainer.tasks import REGISTRY, TaskData, task_class, task_for
@@ -59,6 +64,21 @@ def test_metric_vocabulary_speaks_of_the_schema_tasks() -> None:
     assert {"perplexity", "loss", "denoising_loss"} == LOWER_IS_BETTER
     # The CRD's CEL rule lists these, in this order: changing it changes the CRD.
     assert CLASSIFICATION_METRICS == ("accuracy", "f1", "precision", "recall")
+
+
+def test_a_score_at_a_matryoshka_size_reads_as_its_score_at_that_size() -> None:
+    name = truncated(64, "cosine_ndcg@10")
+    assert name == "dim_64_cosine_ndcg@10"  # sentence-transformers' key for name="dim_64"
+    assert split_truncated(name) == (64, "cosine_ndcg@10")
+    assert split_truncated("cosine_ndcg@10") == (None, "cosine_ndcg@10")
+    assert split_truncated("dim_0_cosine_ndcg@10") == (None, "dim_0_cosine_ndcg@10")
+    assert display_name(name) == "NDCG@10 (64 dims)"
+    found = builtin_metric(name)
+    assert found is not None and found.name == name
+    assert found.description.endswith("cut to its first 64 dimensions")
+    assert not lower_is_better(name) and lower_is_better("perplexity")
+    # A size of a name that is no score of its own is a Hub metric's name, as it is.
+    assert builtin_metric("dim_64_bleu2") is None and display_name("dim_64_bleu2") == "dim_64_bleu2"
 
 
 @pytest.fixture(scope="module")

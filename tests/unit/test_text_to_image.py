@@ -106,8 +106,10 @@ def test_text_to_image_refuses_other_peft_merge_and_foreign_metrics() -> None:
     assert "spec.peft.method" in _errors(_job({"peft": {"method": "none"}}))
     hub = {"hub": {"repo": "me/x", "endpoint": "http://127.0.0.1:1", "merge": True}}
     assert "spec.output.hub.merge" in _errors(_job({"output": hub}))
-    errors = _errors(_job({"evaluation": {"metrics": ["perplexity"]}}))
-    assert "text-to-image computes denoising_loss" in errors["spec.evaluation.metrics"]
+    # Another task's metric, or any other name: the UNet's loss is all it computes.
+    for name in ("perplexity", "clip_score"):
+        errors = _errors(_job({"evaluation": {"metrics": [name]}}))
+        assert "text-to-image computes only denoising_loss" in errors["spec.evaluation.metrics"]
     causal = _job(task="causal-lm")
     causal["spec"]["evaluation"] = {"metrics": ["denoising_loss"]}
     assert "spec.evaluation.metrics" in _errors(causal)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import cast, get_args
 
-from finetune_api.metrics import METRICS, display_name, lower_is_better
+from finetune_api.metrics import builtin_metric, display_name, lower_is_better
 from finetune_api.result import Sample
 from finetune_api.v1alpha1 import FineTuneJob, PeftSpec
 from finetune_trainer.fetch import NO_COMMITS, Commits
@@ -360,7 +360,7 @@ def _evaluation_section(
             f"{m} {'≤' if lower_is_better(m) else '≥'} {v:g}" for m, v in gates.items()
         ) + "."]  # fmt: skip
     # What each built-in score measures; a Hub metric's own card says what it does.
-    defined = [m for m in scores if m in METRICS]
+    defined = [found for m in scores if (found := builtin_metric(m)) is not None]
     if defined:
-        lines += ["", *(f"- {m}: {METRICS[m].description}." for m in defined)]
+        lines += ["", *(f"- {m.name}: {m.description}." for m in defined)]
     return lines

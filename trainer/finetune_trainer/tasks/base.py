@@ -76,7 +76,9 @@ class Task(ABC):
             raise ValueError(f"{type(self).__name__} serves {self.name}, not {spec.model.task}")
         self.spec = spec
         # The scores `evaluate` returns, by name.
-        self.metrics = effective_metrics(spec.model.task, spec.evaluation.metrics)
+        self.metrics = effective_metrics(
+            spec.model.task, spec.evaluation.metrics, spec.training.matryoshka_dims
+        )
         # What the last `evaluate` generated for the first evaluation.samples prompts, as
         # Sample(after=answer), the same on every rank; empty for a task or job that generates
         # nothing. The run pairs the before and after evaluations' samples.

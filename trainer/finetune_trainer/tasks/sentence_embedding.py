@@ -1,8 +1,10 @@
 """sentence-embedding: a sentence-transformers model trained on (anchor, positive[, negative])
 rows with MultipleNegativesRankingLoss, LoRA through sentence-transformers' own peft support
-(`add_adapter`) or in full. Scored by sentence-transformers' evaluators on the held-out rows:
-InformationRetrievalEvaluator (each anchor queries the held-out positives and negatives) and
-EmbeddingSimilarityEvaluator (spearman_cosine), under the evaluators' own metric keys."""
+(`add_adapter`) or in full; with training.matryoshkaDims, as MatryoshkaLoss trains it: that loss
+summed over the embedding's leading sizes. Scored by sentence-transformers' evaluators on the
+held-out rows: InformationRetrievalEvaluator (each anchor queries the held-out positives and
+negatives) and EmbeddingSimilarityEvaluator (spearman_cosine), under the evaluators' own metric
+keys, and at a Matryoshka size d (their `truncate_dim`) as dim_<d>_<key>."""
 
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ from sentence_transformers.sentence_transformer.evaluation import (
     InformationRetrievalEvaluator,
 )
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses.matryoshka import shrink
 from sentence_transformers.util import cos_sim
 from transformers import PreTrainedTokenizerBase
 
 from finetune_api import FieldError, ManifestError
+from finetune_api.metrics import split_truncated, truncated
 from finetune_api.v1alpha1 import SENTENCE_EMBEDDING, FineTuneJobSpec
 from finetune_trainer import data, modeling
 from finetune_trainer.evaluation import evaluating, scores_from_main
@@ -103,6 +107,8 @@ class SentenceEmbedding(Task):
         # build_data keeps it here (every rank builds it; rank 0 evaluates).
         self.held_out: Dataset | None = None
         self._loss: MultipleNegativesRankingLoss | None = None
+        # matryoshkaDims, largest first; () trains the whole embedding only.
+        self.sizes = spec.training.matryoshka_sizes
 
     def build_data(self, train: Dataset, evaluation: Dataset) -> TaskData:
         tokenizer = modeling.load_tokenizer(self.spec.model)
@@ -142,6 +148,7 @@ class SentenceEmbedding(Task):
         # A LoRA's frozen base at the compute precision (training.precision), as causal-lm's.
         dtype = modeling.weights_dtype(self.spec.training.precision, self.spec.peft.method)
         st = self._load_base(device, dtype)
+        self._check_sizes(st)
         if self.spec.peft.method != "none":
             # LoRA through sentence-transformers' peft support, on the underlying transformer.
             config = modeling.lora_config(self.spec.peft, TaskType.FEATURE_EXTRACTION)
@@ -163,12 +170,35 @@ class SentenceEmbedding(Task):
         self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
         return st
 
+    def _check_sizes(self, st: SentenceTransformer) -> None:
+        """A Matryoshka size past the model's embedding is the spec's to fix, before training
+        (MatryoshkaLoss would raise a ValueError at the first step)."""
+        full = st.get_embedding_dimension()
+        too_large = [d for d in self.sizes if full is not None and d > full]
+        if too_large:
+            raise ManifestError(
+                [
+                    FieldError(
+                        "spec.training.matryoshkaDims",
+                        f"{too_large[0]} is larger than the model's embedding ({full} dimensions)",
+                    )
+                ]
+            )
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if self._loss is None:
             raise RuntimeError("load_model first: the loss is built with the model")
         embeddings = model(dict(batch))["sentence_embedding"]
         by_column = list(embeddings.chunk(len(self.names)))
-        return self._loss.compute_loss_from_embeddings(by_column, labels=None)  # type: ignore[arg-type]
+        if not self.sizes:
+            return self._loss.compute_loss_from_embeddings(by_column, labels=None)  # type: ignore[arg-type]
+        # MatryoshkaLoss's sum, each size weighted 1: the loss of the leading `d` values of each
+        # embedding, normalised again (its `shrink`), all from the one forward pass.
+        losses = [
+            self._loss.compute_loss_from_embeddings([shrink(e, d) for e in by_column], labels=None)  # type: ignore[arg-type]
+            for d in self.sizes
+        ]
+        return torch.stack(losses).sum()
 
     def evaluate(
         self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
@@ -178,13 +208,29 @@ class SentenceEmbedding(Task):
             return scores_from_main(accelerator, lambda: self._scores(st))
 
     def _scores(self, st: SentenceTransformer) -> dict[str, float]:
+        # The evaluators run once per embedding size that a metric asks for (None: whole).
+        by_size: dict[int | None, set[str]] = {}
+        for name in self.metrics:
+            size, score = split_truncated(name)
+            by_size.setdefault(size, set()).add(score)
+        found: dict[str, float] = {}
+        for size, scores in by_size.items():
+            at = self._scores_at(st, scores, size)
+            found |= at if size is None else {truncated(size, k): v for k, v in at.items()}
+        return {name: float(found.get(name, math.nan)) for name in self.metrics}
+
+    def _scores_at(
+        self, st: SentenceTransformer, scores: set[str], size: int | None
+    ) -> dict[str, float]:
+        """The evaluators' `scores` (their own keys) with every embedding cut to its first
+        `size` values (`truncate_dim`; None: whole)."""
         if self.held_out is None:
             raise RuntimeError("build_data first: it keeps the held-out split")
         rows = self.held_out
         anchors, positives = list(rows[ANCHOR]), list(rows[POSITIVE])
         negatives = list(rows[NEGATIVE]) if NEGATIVE in rows.column_names else None
         found: dict[str, float] = {}
-        if set(self.metrics) - _SIMILARITY_METRICS:
+        if scores - _SIMILARITY_METRICS:
             corpus = {f"p{i}": text for i, text in enumerate(positives)}
             corpus |= {f"n{i}": text for i, text in enumerate(negatives or [])}
             ir = InformationRetrievalEvaluator(
@@ -196,9 +242,10 @@ class SentenceEmbedding(Task):
                 score_functions={"cosine": cos_sim},
                 write_csv=False,
                 batch_size=32,
+                truncate_dim=size,
             )
             found |= ir(st)
-        if set(self.metrics) & _SIMILARITY_METRICS:
+        if scores & _SIMILARITY_METRICS:
             # Matching pairs score 1, others 0: the anchor with its negative, or without a
             # negative column with the next row's positive.
             others = negatives or positives[1:] + positives[:1]
@@ -209,9 +256,10 @@ class SentenceEmbedding(Task):
                 similarity_fn_names=["cosine"],
                 write_csv=False,
                 batch_size=32,
+                truncate_dim=size,
             )
             found |= similarity(st)
-        return {name: float(found.get(name, math.nan)) for name in self.metrics}
+        return found
 
     def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
         kind = modeling.artifact_kind(self.spec)
@@ -243,13 +291,22 @@ class SentenceEmbedding(Task):
         ]
         if artifact == "adapter":
             usage.insert(2, f"# the adapter loads over its base, {base}")
+        loss = "MultipleNegativesRankingLoss (in-batch negatives gathered across ranks)"
+        if self.sizes:
+            sizes = ", ".join(str(d) for d in self.sizes)
+            loss = f"MatryoshkaLoss ({sizes} dimensions) over {loss}"
+            usage += [
+                "",
+                "# Matryoshka: the leading dimensions alone are an embedding too",
+                f'small = SentenceTransformer("{repo}", truncate_dim={self.sizes[-1]})',
+            ]
         return CardInfo(
             pipeline_tag="sentence-similarity",
             task_name="Semantic Similarity",
             library_name="sentence-transformers",
             usage="\n".join(usage),
             settings=(
-                ("loss", "MultipleNegativesRankingLoss (in-batch negatives gathered across ranks)"),
+                ("loss", loss),
                 ("columns", ", ".join(columns(self.spec).values())),
             ),
         )
