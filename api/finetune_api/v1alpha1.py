@@ -525,6 +525,16 @@ class TrainingSpec(ApiModel):
         "min(SNR, snrGamma) / SNR at its timestep (Min-SNR weighting; 5 is the recommended "
         "value). Unset: the plain mean squared error.",
     )
+    noise_offset: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="noiseOffset (text-to-image only) adds to each training example's noise one "
+        "value per latent channel, drawn from a normal distribution of this standard deviation "
+        "(diffusers' --noise_offset, offset noise; 0.05 to 0.1 are usual), so that the LoRA can "
+        "learn images darker or brighter overall than the base draws. Evaluation noise is left "
+        "plain. Unset: none.",
+    )
     # sentence-embedding only.
     matryoshka_dims: (
         Annotated[
@@ -1493,6 +1503,7 @@ _TEXT_TO_IMAGE_RULES = (
     _text_to_image_only("training.randomFlip", "random_flip"),
     _text_to_image_only("training.predictionType", "prediction_type"),
     _text_to_image_only("training.snrGamma", "snr_gamma"),
+    _text_to_image_only("training.noiseOffset", "noise_offset"),
     _text_to_image_only("evaluation.imageSamples", "image_samples"),
     _plain_lora_for_text_to_image(
         "useRslora", "use_rslora", "that diffusers loads scaled by alpha/r"

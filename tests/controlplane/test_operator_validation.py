@@ -119,6 +119,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("snr-gamma-on-causal", {"spec.training.snrGamma": 5.0}, "snrGamma"),
     ("resolution-on-cls", {**CLS, "spec.training.resolution": 64}, "resolution"),
     ("random-flip-on-causal", {"spec.training.randomFlip": True}, "randomFlip"),
+    ("noise-offset-on-cls", {**CLS, "spec.training.noiseOffset": 0.1}, "noiseOffset"),
     ("fsdp-on-embedding", {**EMB, "spec.training.strategy": "fsdp"}, "strategy"),
     # sentence-embedding: Matryoshka sizes only with it, each once, scored only as listed.
     ("matryoshka-on-causal", {"spec.training.matryoshkaDims": [64]}, "matryoshkaDims"),

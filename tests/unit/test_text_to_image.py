@@ -17,6 +17,7 @@ from PIL import Image
 from finetune_api import ManifestError, parse_manifest
 from finetune_api.metrics import DEFAULT_METRICS, effective_metrics, lower_is_better
 from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.tasks.text_to_image import training_noise
 from finetune_trainer.testing.diffusion import (
     COLOURS,
     SIZE,
@@ -57,6 +58,7 @@ def test_text_to_image_defaults() -> None:
     assert spec.training.resolution is None and spec.training.prediction_type is None
     assert spec.training.snr_gamma is None and spec.evaluation.image_samples is None
     assert spec.training.center_crop is None and spec.training.random_flip is None
+    assert spec.training.noise_offset is None
     assert effective_metrics(spec.model.task, spec.evaluation.metrics) == ["denoising_loss"]
     assert DEFAULT_METRICS["text-to-image"] == ["denoising_loss"]
     assert lower_is_better("denoising_loss")
@@ -85,6 +87,7 @@ def test_text_to_image_fields_and_gate_parse() -> None:
         ("training", "resolution", 64),
         ("training", "predictionType", "epsilon"),
         ("training", "snrGamma", 5.0),
+        ("training", "noiseOffset", 0.1),
         ("training", "centerCrop", False),
         ("training", "randomFlip", True),
         ("evaluation", "imageSamples", {"count": 1}),
@@ -358,6 +361,43 @@ def test_bf16_loads_the_frozen_parts_at_half_the_bytes_and_keeps_lora_fp32(
     task, data = _task_and_data(_spec(tiny, training={"precision": "bf16"}, evaluation=samples))
     assert task.save(bf16, data, tmp_path) == "adapter"
     assert Image.open(tmp_path / "samples" / "00.png").size == (SIZE, SIZE)
+
+
+def test_offset_noise_is_diffusers_formula_and_only_in_training(tiny: tuple[Path, Path]) -> None:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    latents = torch.zeros(3, 4, 8, 8)
+    torch.manual_seed(3)
+    # diffusers' train_text_to_image_lora.py (and _sdxl.py) for --noise_offset 0.1, as written:
+    expected = torch.randn_like(latents)
+    expected += 0.1 * torch.randn((latents.shape[0], latents.shape[1], 1, 1))
+    torch.manual_seed(3)
+    assert torch.equal(training_noise(latents, 0.1), expected)
+    torch.manual_seed(3)
+    plain = torch.randn_like(latents)
+    torch.manual_seed(3)
+    assert torch.equal(training_noise(latents, None), plain)  # unset: the same draws as before
+    # The offset is one value per example and channel: constant over the image.
+    shift = expected - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))
+    assert float(shift.abs().max()) > 0
+
+    losses, scores = [], []
+    for offset in (None, 0.5):
+        training = {} if offset is None else {"noiseOffset": offset}
+        task, data = _task_and_data(_spec(tiny, training=training))
+        torch.manual_seed(0)
+        model = task.load_model(data, torch.device("cpu"))
+        assert model.noise_offset == offset
+        torch.manual_seed(1)
+        losses.append(float(task.loss(model, data.collate([data.train[i] for i in range(4)]))))
+        loader = DataLoader(data.evaluation, batch_size=4, collate_fn=data.collate)
+        scores.append(task.evaluate(Accelerator(cpu=True), model, loader))
+        settings = dict(task.card("adapter", "me/shapes-lora").settings)
+        assert settings["Noise offset"] == (offset or "none")
+    assert losses[0] != pytest.approx(losses[1])  # the same seed, other noise
+    assert scores[0] == scores[1]  # evaluation noise stays plain: before and after compare alike
 
 
 def test_evaluation_is_the_same_at_fixed_seeds(tiny: tuple[Path, Path]) -> None:

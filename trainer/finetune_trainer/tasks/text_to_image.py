@@ -64,6 +64,7 @@ __all__ = [
     "denoising_loss",
     "eval_schedule",
     "pixel_values",
+    "training_noise",
 ]
 
 # The UNet's attention projections, as diffusers' LoRA script adapts them.
@@ -182,6 +183,19 @@ def denoising_loss(
     return error * weight
 
 
+def training_noise(latents: torch.Tensor, offset: float | None) -> torch.Tensor:
+    """A training step's noise, from the rank's seeded generator: standard normal, plus with
+    `offset` one value per example and latent channel of standard deviation `offset` (offset
+    noise, as diffusers' scripts add it for --noise_offset). Plain noise never averages far
+    from zero over an image, so the base can only learn images of mid brightness."""
+    noise = torch.randn_like(latents)
+    if offset:
+        noise += offset * torch.randn(
+            (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype
+        )
+    return noise
+
+
 class DiffusionModel(torch.nn.Module):
     """The pipeline parts one training step runs, as one module: one `accelerate.prepare` (DDP)
     wraps it, and its forward is the step's forward, so DDP syncs the UNet's LoRA gradients. The
@@ -194,12 +208,14 @@ class DiffusionModel(torch.nn.Module):
         text_encoder: torch.nn.Module,
         scheduler: DDPMScheduler,
         text_encoder_2: torch.nn.Module | None = None,
+        noise_offset: float | None = None,
     ) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         # SDXL's second encoder (CLIPTextModelWithProjection); None for Stable Diffusion.
         self.text_encoder_2 = text_encoder_2
         self.scheduler = scheduler
+        self.noise_offset = noise_offset  # training.noiseOffset
         self.register_buffer(
             "alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False
         )
@@ -241,7 +257,7 @@ class DiffusionModel(torch.nn.Module):
             encoder_hidden_states, pooled = encode_prompt(self.text_encoders, ids)
         added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
         if noise_seeds is None or timesteps is None:
-            noise = torch.randn_like(latents)
+            noise = training_noise(latents, self.noise_offset)
             timesteps = torch.randint(
                 0,
                 self.scheduler.config.num_train_timesteps,
@@ -480,7 +496,10 @@ class TextToImage(Task):
             # The UNet's activations are most of a step's memory (diffusers' LoRA script offers
             # the same switch); the VAE and text encoder run without gradients anyway.
             unet.enable_gradient_checkpointing()
-        return DiffusionModel(unet, vae, encoders[0], scheduler, *encoders[1:])
+        text_encoder_2 = encoders[1] if len(encoders) > 1 else None
+        return DiffusionModel(
+            unet, vae, encoders[0], scheduler, text_encoder_2, self.spec.training.noise_offset
+        )
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         prediction, target, timesteps = model(**_inputs(batch))
@@ -592,6 +611,7 @@ class TextToImage(Task):
                 ("Random flip", "yes" if t.random_flip else "no"),
                 ("Prediction type", t.prediction_type or "the scheduler's"),
                 ("SNR gamma", t.snr_gamma if t.snr_gamma is not None else "none (plain MSE)"),
+                ("Noise offset", t.noise_offset or "none"),
             ),
             tags=("diffusers", "diffusers-training", *self.pipeline.tags),
         )
