@@ -128,10 +128,11 @@ class TrainerResult(BaseModel):
     pr_revision: Annotated[str, _clipped(64)] | None = None
     pr_url: Annotated[str, _clipped(2048)] | None = None
     artifact: Literal["adapter", "merged", "full"] = "adapter"
-    # The commits the hf:// model and dataset were loaded at (every rank loads the same one);
-    # unset for a file:// source (status.sources has the same fields).
+    # The commits the hf:// model, dataset and model.vae were loaded at (every rank loads the
+    # same one); unset for a file:// source (status.sources has the same fields).
     model_revision: Annotated[str, _clipped(64)] | None = None
     dataset_revision: Annotated[str, _clipped(64)] | None = None
+    vae_revision: Annotated[str, _clipped(64)] | None = None
     steps: int | None = Field(None, ge=0)
     train_loss: float | None = None
     resumed_from_step: int | None = Field(None, ge=0)

@@ -162,6 +162,21 @@ def _read_token_rule() -> Rule:
     )
 
 
+class VaeSpec(ApiModel):
+    source: Annotated[str, StringConstraints(max_length=1024, pattern=SOURCE_PATTERN)] = Field(
+        description="source is the VAE: hf://<repo id> of a repo whose root is a diffusers "
+        "AutoencoderKL (config.json and its weights), or file:///<path> to such a folder. "
+        "Required."
+    )
+    revision: Revision | None = Field(
+        None,
+        description="revision is the Hub branch, tag or commit of an hf:// VAE, resolved to a "
+        "commit once as model.revision (status.sources.vaeRevision). Unset: main.",
+    )
+
+    __rules__ = (_hub_id_rule("source"),)
+
+
 class ModelSpec(ApiModel):
     source: Annotated[str, StringConstraints(max_length=1024, pattern=SOURCE_PATTERN)] = Field(
         description="source is the base model: hf://<repo id> on the Hub (or the endpoint in "
@@ -193,8 +208,17 @@ class ModelSpec(ApiModel):
         None,
         description="tokenSecretRef names the Secret key holding the Hub token that downloads "
         "an hf:// model (a read token is enough). It reaches the pods as FINETUNE_MODEL_TOKEN "
-        "and is used for the model alone. Unset: the push token of "
+        "and is used for the model (and model.vae) alone. Unset: the push token of "
         "output.hub.tokenSecretRef, else none.",
+    )
+    vae: VaeSpec | None = Field(
+        None,
+        description="vae (text-to-image only) replaces the pipeline's own VAE, as diffusers' "
+        "--pretrained_vae_model_name_or_path: for SDXL in fp16, the fp16-fix VAE "
+        "(hf://madebyollin/sdxl-vae-fp16-fix), which runs in fp16 where SDXL's own VAE "
+        "overflows and so is kept in fp32. It loads at the precision of the other frozen parts, "
+        "with the model's token, encodes the training and evaluation images, decodes the "
+        "samples, and the card names it. Unset: the pipeline's vae folder.",
     )
 
     __rules__ = (
@@ -1504,6 +1528,7 @@ _TEXT_TO_IMAGE_RULES = (
     _text_to_image_only("training.predictionType", "prediction_type"),
     _text_to_image_only("training.snrGamma", "snr_gamma"),
     _text_to_image_only("training.noiseOffset", "noise_offset"),
+    _text_to_image_only("model.vae", "vae"),
     _text_to_image_only("evaluation.imageSamples", "image_samples"),
     _plain_lora_for_text_to_image(
         "useRslora", "use_rslora", "that diffusers loads scaled by alpha/r"
@@ -1798,6 +1823,11 @@ class SourcesStatus(ApiModel):
         None,
         description="datasetRevision is the commit sha the hf:// dataset was loaded at, "
         "resolved as modelRevision. Unset: a file:// dataset, or not reported yet.",
+    )
+    vae_revision: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None,
+        description="vaeRevision is the commit sha the hf:// model.vae was loaded at, resolved "
+        "as modelRevision. Unset: no model.vae, a file:// one, or not reported yet.",
     )
 
 

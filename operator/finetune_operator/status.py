@@ -218,7 +218,11 @@ def _apply_result(status: Obj, outcome: Outcome, conds: Conditions) -> None:
     result = outcome.result
     if result is None:
         return
-    sources = {"modelRevision": result.model_revision, "datasetRevision": result.dataset_revision}
+    sources = {
+        "modelRevision": result.model_revision,
+        "datasetRevision": result.dataset_revision,
+        "vaeRevision": result.vae_revision,
+    }
     if any(sources.values()):
         status["sources"] = {k: v for k, v in sources.items() if v}
     if result.evaluation:

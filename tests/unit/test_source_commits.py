@@ -76,7 +76,7 @@ def test_rank0_resolves_once_and_a_later_attempt_keeps_those_commits(
     root = tmp_path / "checkpoints" / "job-abc"
     assert fetch.kept_or_resolved(_spec(), root) == fetch.Commits(model, data)
     kept = json.loads((root / fetch.RESOLVED_FILE).read_text())
-    assert kept["commits"] == {"model": model, "dataset": data}
+    assert kept["commits"] == {"model": model, "dataset": data, "vae": None}
 
     # main moves on; the next attempt on the same store loads what the first loaded, and asks
     # the Hub nothing.
@@ -152,6 +152,53 @@ def test_a_revision_is_resolved_to_its_commit_and_a_missing_one_is_not_found(
     assert "no-such-branch" in str(err.value) and hub.endpoint in str(err.value)
 
 
+def test_a_vae_of_its_own_is_resolved_fetched_read_with_the_model_token_and_kept(
+    hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """text-to-image's model.vae: a model repo of its own, a third source beside the model and
+    the dataset, read with the model's token (the dataset's is another)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch, "_fetched", {})  # what fetch_sources records, for this test only
+    read, other = "hf_modelreadtoken0123456789abcdef", "hf_datareadtoken0123456789abcdefg"
+    hub.read_tokens.update({read: "model-reader", other: "data-reader"})
+    vae_repo = "org/vae-fp16-fix"
+    _seed(hub, MODEL, "m", tmp_path)
+    _seed(hub, DATASET, "d", tmp_path, "dataset")
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"w" * 64)
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"b" * 64)  # safetensors shadow it
+    vae = hub.seed(vae_repo, folder)
+    hub.require_auth_for_read = True  # so every request says whose token it carried
+    monkeypatch.setenv(pod.MODEL_TOKEN_ENV, read)
+    monkeypatch.setenv(pod.DATASET_TOKEN_ENV, other)
+    spec = _spec(model={"task": "text-to-image", "vae": {"source": f"hf://{vae_repo}"}})
+    root = tmp_path / "checkpoints" / "job"
+    commits = fetch.kept_or_resolved(spec, root)
+    assert commits.vae == vae and commits.model is not None
+    assert json.loads((root / fetch.RESOLVED_FILE).read_text())["commits"]["vae"] == vae
+    [snap] = [s for s in fetch.snapshots(spec, commits) if s.kind == "vae"]
+    folder = fetch.download(snap)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".gitattributes",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    asked = [(p, t) for m, p, t in hub.requests if vae_repo in p]
+    assert asked and {user for _, user in asked} == {"model-reader"}
+    # The loaders then read that commit from the cache.
+    fetch.fetch_sources(spec, root, fetch.Alone())
+    assert fetch.revision_to_load("vae", f"hf://{vae_repo}", None) == vae
+    # A VAE the endpoint does not have is the field that names it.
+    gone = _spec(model={"task": "text-to-image", "vae": {"source": "hf://org/no-such-vae"}})
+    with pytest.raises(SourceNotFound) as err:
+        fetch.resolve(gone)
+    assert (err.value.reason, err.value.field) == (Reason.MODEL_NOT_FOUND, "spec.model.vae.source")
+
+
 def test_file_sources_have_no_commit_and_load_as_the_spec_says(tmp_path: Path) -> None:
     spec = _spec(
         model={"source": "file:///models/base", "revision": "main"},
@@ -213,7 +260,7 @@ def test_the_prefetch_resolves_first_then_downloads_and_leaves_a_failure_to_rank
     try:
         prefetch.wait_resolved()
         kept = json.loads((checkpoint_root(job) / fetch.RESOLVED_FILE).read_text())
-        assert kept["commits"] == {"model": model, "dataset": data}
+        assert kept["commits"] == {"model": model, "dataset": data, "vae": None}
         snaps = fetch.snapshots(job.spec, fetch.Commits(model, data))
         deadline = time.monotonic() + 60
         while not all(s.is_complete() for s in snaps) and time.monotonic() < deadline:

@@ -2165,6 +2165,13 @@ def test_status_records_the_commits_the_sources_were_loaded_at() -> None:
         ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, json.dumps(local))])
     )
     assert status["sources"] == {"modelRevision": "a" * 40}
+    # text-to-image's model.vae, a third source.
+    with_vae = {**loaded, "vaeRevision": "c" * 40}
+    status = derive_status(
+        ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, json.dumps(with_vae))])
+    )
+    assert status["sources"]["vaeRevision"] == "c" * 40
+    FineTuneJobStatus.model_validate(status)
     # Neither (file:// sources, or a trainer from before these fields): no sources at all.
     status = derive_status(ftj({"attempts": 1}), observed(job, [pod(0, "Succeeded", 0, OK_MSG)]))
     assert "sources" not in status

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_api import ManifestError, parse_manifest
+from finetune_api import FineTuneJob, ManifestError, parse_manifest
 from finetune_api.metrics import DEFAULT_METRICS, effective_metrics, lower_is_better
 from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.sources import missing_local
 from finetune_trainer.tasks.text_to_image import training_noise
 from finetune_trainer.testing.diffusion import (
     COLOURS,
@@ -88,6 +89,7 @@ def test_text_to_image_fields_and_gate_parse() -> None:
         ("training", "predictionType", "epsilon"),
         ("training", "snrGamma", 5.0),
         ("training", "noiseOffset", 0.1),
+        ("model", "vae", {"source": "hf://madebyollin/sdxl-vae-fp16-fix"}),
         ("training", "centerCrop", False),
         ("training", "randomFlip", True),
         ("evaluation", "imageSamples", {"count": 1}),
@@ -624,6 +626,39 @@ def test_an_sdxl_vae_kept_in_fp32_beside_a_half_unet_still_draws_samples(
     assert model.vae.dtype == torch.float32
     task.save(model, data, tmp_path)
     assert Image.open(tmp_path / "samples" / "00.png").size == (SIZE, SIZE)
+
+
+def test_a_vae_of_its_own_replaces_the_pipelines_at_the_other_parts_precision(
+    tiny_xl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """model.vae, as diffusers' --pretrained_vae_model_name_or_path: SDXL's fp16-fix VAE runs in
+    fp16, where the pipeline's own is kept in fp32."""
+    from diffusers import AutoencoderKL
+
+    own = AutoencoderKL.from_pretrained(tiny_xl[0] / "vae")
+    with torch.no_grad():  # another VAE of the same shape
+        for param in own.parameters():
+            param.mul_(1.5)
+    own.save_pretrained(tmp_path / "vae")
+    given = {"vae": {"source": f"file://{tmp_path / 'vae'}"}}
+    for model_changes, vae_dtype in (({}, torch.float32), (given, torch.float16)):
+        spec = _spec(tiny_xl, model=model_changes, training={"precision": "fp16"})
+        task, data = _task_and_data(spec)
+        model = task.load_model(data, torch.device("cpu"))
+        assert (model.unet.dtype, model.vae.dtype) == (torch.float16, vae_dtype)
+
+    task, data = _task_and_data(_spec(tiny_xl, model=given))
+    model = task.load_model(data, torch.device("cpu"))
+    theirs = own.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.vae.state_dict().items())
+    card = task.card("adapter", "me/xl-lora")
+    assert f'vae = AutoencoderKL.from_pretrained("{tmp_path / "vae"}")' in card.usage
+    assert '.from_pretrained("<base pipeline>", vae=vae)' in card.usage
+    # A VAE that is not there fails before anything loads, naming its field.
+    doc = text_to_image_job(*tiny_xl)
+    doc["spec"]["model"]["vae"] = {"source": "file:///no/such/vae"}
+    missing = missing_local(FineTuneJob.model_validate(doc))
+    assert missing is not None and missing.field == "spec.model.vae.source"
 
 
 def test_a_pipeline_other_than_stable_diffusion_or_sdxl_is_refused_by_name(

@@ -28,7 +28,7 @@ import posixpath
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,9 +56,11 @@ class Commits:
 
     model: str | None = None
     dataset: str | None = None
+    vae: str | None = None  # text-to-image's model.vae
 
     def of(self, kind: SourceKind) -> str | None:
-        return self.model if kind == "model" else self.dataset
+        commit: str | None = getattr(self, kind)
+        return commit
 
 
 # Model files that transformers, sentence-transformers and diffusers never load from a repo that
@@ -149,10 +151,13 @@ def revision_to_load(kind: SourceKind, source: str, revision: str | None) -> str
 def hub_sources(spec: FineTuneJobSpec) -> dict[SourceKind, tuple[str, str | None]]:
     """kind -> (repo id, revision asked for) of the spec's hf:// sources."""
     out: dict[SourceKind, tuple[str, str | None]] = {}
-    for kind, section in (("model", spec.model), ("dataset", spec.dataset)):
+    sections: list[tuple[SourceKind, Any]] = [("model", spec.model), ("dataset", spec.dataset)]
+    if spec.model.vae is not None:
+        sections.append(("vae", spec.model.vae))
+    for kind, section in sections:
         repo = hub_repo(section.source)
         if repo is not None:
-            out[kind] = (repo, section.revision)  # type: ignore[index]
+            out[kind] = (repo, section.revision)
     return out
 
 
@@ -175,7 +180,7 @@ def resolve(spec: FineTuneJobSpec) -> Commits:
     for kind, (repo, revision) in hub_sources(spec).items():
         with downloading(kind, repo, revision) as token:
             api = HfApi(token=token)
-            info: Any = (api.model_info if kind == "model" else api.dataset_info)(
+            info: Any = (api.dataset_info if kind == "dataset" else api.model_info)(
                 repo, revision=revision, token=token, files_metadata=True
             )
         found[kind] = info.sha
@@ -190,7 +195,7 @@ def _fetched_bytes(kind: SourceKind, siblings: list[Any]) -> int:
     """What downloading a source at a commit fetches: a model's files that loading it reads, a
     dataset's every file."""
     size = {s.rfilename: s.size or 0 for s in siblings}
-    files = model_files_to_fetch(list(size)) if kind == "model" else list(size)
+    files = list(size) if kind == "dataset" else model_files_to_fetch(list(size))
     return sum(size[f] for f in files)
 
 
@@ -242,7 +247,7 @@ def _read_kept(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     commits = kept.get("commits") if isinstance(kept, dict) else None
-    if not isinstance(commits, dict) or set(commits) - {"model", "dataset"}:
+    if not isinstance(commits, dict) or set(commits) - {f.name for f in fields(Commits)}:
         return None
     if not all(v is None or isinstance(v, str) for v in commits.values()):
         return None
@@ -257,6 +262,11 @@ class Snapshot:
     kind: SourceKind
     repo: str
     commit: str
+
+    @property
+    def repo_type(self) -> str:
+        """The Hub's kind of repo: a VAE's is a model repo."""
+        return "dataset" if self.kind == "dataset" else "model"
 
     @property
     def folder(self) -> Path:
@@ -294,7 +304,7 @@ class Snapshot:
     def _repo_folder(self) -> str:
         from huggingface_hub.file_download import repo_folder_name
 
-        return repo_folder_name(repo_id=self.repo, repo_type=self.kind)
+        return repo_folder_name(repo_id=self.repo, repo_type=self.repo_type)
 
     @property
     def _mark(self) -> Path:
@@ -329,9 +339,14 @@ def download(snap: Snapshot) -> Path:
             with snap.filling(), downloading(kind, repo, commit) as token:
                 # A model's file list at that commit decides what to fetch; a dataset is
                 # fetched whole (its builder picks its files).
-                wanted = _model_files(repo, commit, token) if kind == "model" else None
+                model = snap.repo_type == "model"
+                wanted = _model_files(repo, commit, token) if model else None
                 snapshot_download(
-                    repo, repo_type=kind, revision=commit, token=token, allow_patterns=wanted
+                    repo,
+                    repo_type=snap.repo_type,
+                    revision=commit,
+                    token=token,
+                    allow_patterns=wanted,
                 )
             snap.mark_complete()
             log.info("fetched %s %s at %s into %s", kind, repo, commit, _hub_cache())
@@ -391,7 +406,7 @@ def fetch_sources(spec: FineTuneJobSpec, root: Path, peers: Peers) -> Commits:
         try:
             said = ("ok", kept_or_resolved(spec, root))
         except SourceNotFound as exc:
-            said = ("missing", (exc.field.split(".")[1], str(exc)))
+            said = ("missing", (exc.kind, str(exc)))
         except ManifestError as exc:  # sources the cache cannot hold: every rank fails alike
             said = ("invalid", exc.errors)
         except Exception as exc:  # the Hub unreachable, 5xx: every rank fails alike, retryable

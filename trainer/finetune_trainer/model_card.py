@@ -194,7 +194,7 @@ def render_model_card(
     output.hub.license is unset; `artifact_dir`, the folder being pushed, lets the task describe
     what else it saved there (`Task.card_extras`, e.g. sample images); `samples` are evaluation
     prompts with the answers generated before and after training (a Samples section when there
-    are any); `commits` are the commits the hf:// model and dataset were loaded at (the
+    are any); `commits` are the commits the hf:// model, dataset and VAE were loaded at (the
     Hub's card metadata has no place for them: `base_model` and `datasets` are repo ids, so the
     body says them).
     """
@@ -208,13 +208,17 @@ def render_model_card(
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
     spec = job.spec
     title = spec.output.hub.repo if spec.output.hub else job.metadata.name
-    base = spec.model.source
-    base_id = source_id(base)
-    base_ref = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base}`"
+    base_id = source_id(spec.model.source)
+    base_ref = _source_ref(spec.model.source)
     base_ref += _at(spec.model.revision if base_id else None, commits.model)
     data_ref = f"`{_cell(spec.dataset.source)}`"
     data_id = source_id(spec.dataset.source)
     data_ref += _at(spec.dataset.revision if data_id else None, commits.dataset)
+    if spec.model.vae is not None:  # text-to-image: a VAE of its own in place of the base's
+        base_ref += f" with the VAE {_source_ref(spec.model.vae.source)}"
+        base_ref += _at(
+            spec.model.vae.revision if source_id(spec.model.vae.source) else None, commits.vae
+        )
     kind = {
         "adapter": f"a {_METHOD_NAMES[spec.peft.method]} adapter for",
         "merged": f"{_METHOD_NAMES[spec.peft.method]}-fine-tuned and merged into",
@@ -247,6 +251,12 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _source_ref(source: str) -> str:
+    """A model source as the card names it: a link to its Hub page, or its path."""
+    repo = source_id(source)
+    return f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{source}`"
 
 
 def _at(revision: str | None, commit: str | None) -> str:

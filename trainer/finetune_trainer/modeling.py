@@ -21,9 +21,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune_api import FieldError, ManifestError
-from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec
+from finetune_api.v1alpha1 import FineTuneJobSpec, ModelSpec, PeftSpec, VaeSpec
 from finetune_trainer import fetch
-from finetune_trainer.sources import downloading
+from finetune_trainer.sources import SourceKind, downloading
 from finetune_trainer.tasks.base import Artifact
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,16 @@ def source_location(source: str) -> str:
     raise ValueError(f"unsupported source {source!r}")
 
 
-def pinned_revision(spec: ModelSpec) -> str | None:
-    """The revision the model loads at: the commit rank 0 resolved (fetch.py), else model.revision;
-    None for a file:// model."""
-    return fetch.revision_to_load("model", spec.source, spec.revision)
+def pinned_revision(spec: ModelSpec | VaeSpec, kind: SourceKind = "model") -> str | None:
+    """The revision the model (or model.vae) loads at: the commit rank 0 resolved (fetch.py), else
+    its revision field; None for a file:// one."""
+    return fetch.revision_to_load(kind, spec.source, spec.revision)
 
 
-def cached_only(spec: ModelSpec) -> bool:
-    """Whether the model's commit is in the hub cache already (fetch.py): then every rank reads
-    it there and asks the Hub nothing."""
-    return fetch.pinned("model", spec.source) is not None
+def cached_only(spec: ModelSpec | VaeSpec, kind: SourceKind = "model") -> bool:
+    """Whether the model's (or model.vae's) commit is in the hub cache already (fetch.py): then
+    every rank reads it there and asks the Hub nothing."""
+    return fetch.pinned(kind, spec.source) is not None
 
 
 def _cuda_bf16() -> bool:

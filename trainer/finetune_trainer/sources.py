@@ -22,12 +22,27 @@ from typing import Literal
 from finetune_api import FineTuneJob, pod
 from finetune_api.constants import Reason
 
-SourceKind = Literal["model", "dataset"]
-_REASON = {"model": Reason.MODEL_NOT_FOUND, "dataset": Reason.DATASET_NOT_FOUND}
+# The model, the dataset, and text-to-image's model.vae (a part of the model from a repo of its
+# own: read with the model's token, missing as the model is).
+SourceKind = Literal["model", "dataset", "vae"]
+_REASON = {
+    "model": Reason.MODEL_NOT_FOUND,
+    "dataset": Reason.DATASET_NOT_FOUND,
+    "vae": Reason.MODEL_NOT_FOUND,
+}
+_FIELD = {
+    "model": "spec.model.source",
+    "dataset": "spec.dataset.source",
+    "vae": "spec.model.vae.source",
+}
 
 
 # The read token of each source (from spec.<kind>.tokenSecretRef).
-_READ_TOKEN_ENV = {"model": pod.MODEL_TOKEN_ENV, "dataset": pod.DATASET_TOKEN_ENV}
+_READ_TOKEN_ENV = {
+    "model": pod.MODEL_TOKEN_ENV,
+    "dataset": pod.DATASET_TOKEN_ENV,
+    "vae": pod.MODEL_TOKEN_ENV,
+}
 
 
 def read_token(kind: SourceKind, env: Mapping[str, str] = os.environ) -> str | None:
@@ -46,8 +61,9 @@ class SourceNotFound(Exception):
 
     def __init__(self, kind: SourceKind, message: str) -> None:
         super().__init__(message)
+        self.kind = kind
         self.reason = _REASON[kind]
-        self.field = f"spec.{kind}.source"
+        self.field = _FIELD[kind]
 
 
 def endpoint_in_use() -> str:
@@ -59,10 +75,12 @@ def endpoint_in_use() -> str:
 
 def missing_local(job: FineTuneJob) -> SourceNotFound | None:
     """The first file:// source whose path does not exist, model first."""
-    sources: tuple[tuple[SourceKind, str], ...] = (
+    sources: list[tuple[SourceKind, str]] = [
         ("model", job.spec.model.source),
         ("dataset", job.spec.dataset.source),
-    )
+    ]
+    if job.spec.model.vae is not None:
+        sources.append(("vae", job.spec.model.vae.source))
     for kind, source in sources:
         path = source.removeprefix("file://")
         if source.startswith("file://") and not os.path.exists(path):

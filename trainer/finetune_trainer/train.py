@@ -199,6 +199,7 @@ def _train(job: FineTuneJob, telemetry: TrainerMetrics) -> int:
         artifact=modeling.artifact_kind(spec),
         model_revision=commits.model,
         dataset_revision=commits.dataset,
+        vae_revision=commits.vae,
         steps=state.step,
         train_loss=_recent_loss(state.loss_history),
         resumed_from_step=resumed_from,
@@ -599,7 +600,7 @@ def _push(job: FineTuneJob, out: Path, result: TrainerResult) -> ExitCode:
 
     try:
         scores = {name: score.model_dump() for name, score in result.evaluation.items()}
-        commits = fetch.Commits(result.model_revision, result.dataset_revision)
+        commits = fetch.Commits(result.model_revision, result.dataset_revision, result.vae_revision)
         pushed = push_to_hub(
             job, out, scores, result.artifact, samples=result.samples, commits=commits
         )

@@ -371,6 +371,29 @@ class TextToImage(Task):
                 **kwargs,
             )
 
+    def _vae(self, dtype: torch.dtype) -> AutoencoderKL:
+        """The pipeline's VAE, or model.vae in its place."""
+        own = self.spec.model.vae
+        if own is None:
+            fp32 = self.pipeline.vae_in_fp32 and dtype == torch.float16
+            return self._from_pretrained(
+                AutoencoderKL, "vae", torch_dtype=torch.float32 if fp32 else dtype
+            )
+        # At the other parts' precision, as diffusers' scripts load a VAE given to them: it is
+        # given to run where the pipeline's cannot (SDXL's fp16-fix VAE in fp16).
+        location, revision = (
+            modeling.source_location(own.source),
+            modeling.pinned_revision(own, "vae"),
+        )
+        with downloading("vae", location, revision) as token:
+            return AutoencoderKL.from_pretrained(
+                location,
+                revision=revision,
+                token=token,
+                local_files_only=modeling.cached_only(own, "vae"),
+                torch_dtype=dtype,
+            )
+
     def _part(self, part: str, **kwargs: Any) -> Any:
         """A part of the class model_index.json names for it (CLIPTokenizer, CLIPTextModel...)."""
         return self._from_pretrained(part_class(self.model_index, part), part, **kwargs)
@@ -470,8 +493,7 @@ class TextToImage(Task):
         pipeline = self.pipeline
         dtype = modeling.weights_dtype(self.spec.training.precision, self.spec.peft.method)
         unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=dtype)
-        vae_dtype = torch.float32 if pipeline.vae_in_fp32 and dtype == torch.float16 else dtype
-        vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=vae_dtype)
+        vae = self._vae(dtype)
         encoders = [self._part(part, dtype=dtype) for part in pipeline.text_encoders]
         # The pipeline's own scheduler config (SDXL's is Euler's) read as DDPM's, the training
         # noise schedule, as both of diffusers' scripts read it.
@@ -604,7 +626,12 @@ class TextToImage(Task):
             pipeline_tag="text-to-image",
             task_name="Text-to-Image",
             library_name="diffusers",
-            usage=_usage(self.pipeline.class_name, source_id(self.spec.model.source), repo),
+            usage=_usage(
+                self.pipeline.class_name,
+                source_id(self.spec.model.source),
+                repo,
+                self.spec.model.vae.source if self.spec.model.vae else None,
+            ),
             settings=(
                 ("Resolution", t.resolution or "the pipeline's"),
                 ("Crop", "centre" if t.crops_centre else "random"),
@@ -661,13 +688,19 @@ def _distinct(captions: Iterable[Any]) -> list[str]:
     return list(dict.fromkeys(str(c) for c in captions))
 
 
-def _usage(pipeline_class: str, base_id: str | None, repo: str) -> str:
+def _usage(pipeline_class: str, base_id: str | None, repo: str, vae: str | None = None) -> str:
+    """How to draw with the LoRA; `vae` is model.vae's source, which the pipeline loads with."""
+    load, imported, vae_lines = f'"{base_id or "<base pipeline>"}"', pipeline_class, []
+    if vae is not None:
+        load, imported = f"{load}, vae=vae", f"AutoencoderKL, {pipeline_class}"
+        vae_lines = [f'vae = AutoencoderKL.from_pretrained("{modeling.source_location(vae)}")']
     return "\n".join(
         [
             "import torch",
-            f"from diffusers import {pipeline_class}",
+            f"from diffusers import {imported}",
             "",
-            f'pipeline = {pipeline_class}.from_pretrained("{base_id or "<base pipeline>"}")',
+            *vae_lines,
+            f"pipeline = {pipeline_class}.from_pretrained({load})",
             f'pipeline.load_lora_weights("{repo}")',
             'image = pipeline("<prompt>").images[0]',
         ]
