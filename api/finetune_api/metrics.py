@@ -190,14 +190,15 @@ MATRYOSHKA_DEFAULT_METRIC: Final = "cosine_ndcg@10"
 # sentence-transformers' own key for an evaluator named dim_<d>: its score with the embedding
 # cut to its first d dimensions (`truncate_dim`). The size has at most 5 digits (matryoshkaDims
 # <= 65536), so that the CRD's CEL may convert it to an int without overflow.
-TRUNCATED_PREFIX_PATTERN: Final = "dim_([1-9][0-9]{0,4})_"
+TRUNCATED_PREFIX: Final = "dim_"
+TRUNCATED_PREFIX_PATTERN: Final = TRUNCATED_PREFIX + "([1-9][0-9]{0,4})_"
 _TRUNCATED = re.compile(TRUNCATED_PREFIX_PATTERN + "(.+)")
 
 
 def truncated(dim: int, name: str) -> str:
     """The key of score `name` of the embedding cut to its first `dim` dimensions, as
     sentence-transformers' evaluators spell it with name=f"dim_{dim}" (dim_64_cosine_ndcg@10)."""
-    return f"dim_{dim}_{name}"
+    return f"{TRUNCATED_PREFIX}{dim}_{name}"
 
 
 def split_truncated(name: str) -> tuple[int | None, str]:

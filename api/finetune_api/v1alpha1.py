@@ -25,6 +25,7 @@ from finetune_api.metrics import (
     DEFAULT_METRICS,
     GENERATION_METRICS,
     MATRYOSHKA_DEFAULT_METRIC,
+    TRUNCATED_PREFIX,
     TRUNCATED_PREFIX_PATTERN,
     effective_metrics,
     embedding_metrics,
@@ -1445,10 +1446,11 @@ def _truncated_cel(name: str, scores: str) -> str:
     training.matryoshkaDims and a score s in the CEL list `scores`. It takes the name apart
     rather than spelling each size's names: the API server's cost estimate of a string built
     from a number is unbounded."""
-    size_end = f"{name}.indexOf('_', 4)"
+    start = len(TRUNCATED_PREFIX)
+    size_end = f"{name}.indexOf('_', {start})"
     return (
         f"(has(self.training.matryoshkaDims) && {name}.matches('^{TRUNCATED_PREFIX_PATTERN}') "
-        f"&& int({name}.substring(4, {size_end})) in self.training.matryoshkaDims "
+        f"&& int({name}.substring({start}, {size_end})) in self.training.matryoshkaDims "
         f"&& {name}.substring({size_end} + 1) in {scores})"
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 from finetune_api import FineTuneJob, pod
@@ -25,23 +26,19 @@ from finetune_api.constants import Reason
 # The model, the dataset, and text-to-image's model.vae (a part of the model from a repo of its
 # own: read with the model's token, missing as the model is).
 SourceKind = Literal["model", "dataset", "vae"]
-_REASON = {
-    "model": Reason.MODEL_NOT_FOUND,
-    "dataset": Reason.DATASET_NOT_FOUND,
-    "vae": Reason.MODEL_NOT_FOUND,
-}
-_FIELD = {
-    "model": "spec.model.source",
-    "dataset": "spec.dataset.source",
-    "vae": "spec.model.vae.source",
-}
 
 
-# The read token of each source (from spec.<kind>.tokenSecretRef).
-_READ_TOKEN_ENV = {
-    "model": pod.MODEL_TOKEN_ENV,
-    "dataset": pod.DATASET_TOKEN_ENV,
-    "vae": pod.MODEL_TOKEN_ENV,
+@dataclass(frozen=True)
+class _Source:
+    field: str  # the spec field that names it
+    token_env: str  # its read token (the pod contract's name for its tokenSecretRef)
+    missing: Reason  # the Failed reason when it does not exist
+
+
+_SOURCES: dict[SourceKind, _Source] = {
+    "model": _Source("spec.model.source", pod.MODEL_TOKEN_ENV, Reason.MODEL_NOT_FOUND),
+    "dataset": _Source("spec.dataset.source", pod.DATASET_TOKEN_ENV, Reason.DATASET_NOT_FOUND),
+    "vae": _Source("spec.model.vae.source", pod.MODEL_TOKEN_ENV, Reason.MODEL_NOT_FOUND),
 }
 
 
@@ -52,7 +49,7 @@ def read_token(kind: SourceKind, env: Mapping[str, str] = os.environ) -> str | N
     Pass it to every download explicitly (`token=`): given None, huggingface_hub sends HF_TOKEN
     by itself, and a source with a read token must never be sent the push token.
     """
-    return env.get(_READ_TOKEN_ENV[kind]) or env.get(pod.HF_TOKEN_ENV) or None
+    return env.get(_SOURCES[kind].token_env) or env.get(pod.HF_TOKEN_ENV) or None
 
 
 class SourceNotFound(Exception):
@@ -62,8 +59,8 @@ class SourceNotFound(Exception):
     def __init__(self, kind: SourceKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-        self.reason = _REASON[kind]
-        self.field = _FIELD[kind]
+        self.reason = _SOURCES[kind].missing
+        self.field = _SOURCES[kind].field
 
 
 def endpoint_in_use() -> str:
