@@ -184,9 +184,10 @@ def foreign_metrics(task: str) -> tuple[str, ...]:
     return tuple(m.name for m in BUILTIN_METRICS if task not in m.tasks)
 
 
-# The sentence-embedding score reported for each training.matryoshkaDims size when
-# evaluation.metrics is empty: the one sentence-transformers' Matryoshka examples tabulate.
-MATRYOSHKA_DEFAULT_METRIC: Final = "cosine_ndcg@10"
+# sentence-embedding's scores of scored pairs (dataset.scoreField): the rank correlation of the
+# cosine with the pairs' own scores. Retrieval needs an anchor's one matching text, which a
+# scored pair need not be.
+SCORED_PAIR_METRICS: Final = ("spearman_cosine",)
 # sentence-transformers' own key for an evaluator named dim_<d>: its score with the embedding
 # cut to its first d dimensions (`truncate_dim`). The size has at most 5 digits (matryoshkaDims
 # <= 65536), so that the CRD's CEL may convert it to an int without overflow.
@@ -207,22 +208,34 @@ def split_truncated(name: str) -> tuple[int | None, str]:
     return (int(found[1]), found[2]) if found else (None, name)
 
 
-def embedding_metrics(matryoshka_dims: list[int] | None) -> tuple[str, ...]:
-    """Every name sentence-embedding computes: its built-in scores, and with
-    training.matryoshkaDims each of them again per size (`truncated`)."""
-    builtin = metrics_of(_SENTENCE_EMBEDDING)
+def embedding_metrics(matryoshka_dims: list[int] | None, scored: bool = False) -> tuple[str, ...]:
+    """Every name sentence-embedding computes: its built-in scores (SCORED_PAIR_METRICS for
+    scored pairs), and with training.matryoshkaDims each of them again per size (`truncated`)."""
+    builtin = SCORED_PAIR_METRICS if scored else metrics_of(_SENTENCE_EMBEDDING)
     return builtin + tuple(truncated(d, m) for d in matryoshka_dims or () for m in builtin)
 
 
+def default_metrics(task: str, scored: bool = False) -> list[str]:
+    """What an empty `evaluation.metrics` means for `task` (`scored`: sentence-embedding's pairs
+    carry scores, dataset.scoreField)."""
+    if scored and task == _SENTENCE_EMBEDDING:
+        return list(SCORED_PAIR_METRICS)
+    return DEFAULT_METRICS[task]
+
+
 def effective_metrics(
-    task: str, requested: list[str], matryoshka_dims: list[int] | None = None
+    task: str,
+    requested: list[str],
+    matryoshka_dims: list[int] | None = None,
+    scored: bool = False,
 ) -> list[str]:
-    """The scores a job computes: `evaluation.metrics`, or the task's defaults when empty (for
-    sentence-embedding with training.matryoshkaDims, also MATRYOSHKA_DEFAULT_METRIC per size)."""
+    """The scores a job computes: `evaluation.metrics`, or the task's defaults when empty, and
+    with training.matryoshkaDims the first of them again at each size (the headline score that
+    sentence-transformers' Matryoshka examples tabulate per size)."""
     if requested:
         return list(requested)
-    per_size = [truncated(d, MATRYOSHKA_DEFAULT_METRIC) for d in matryoshka_dims or ()]
-    return DEFAULT_METRICS[task] + per_size
+    defaults = default_metrics(task, scored)
+    return defaults + [truncated(d, defaults[0]) for d in matryoshka_dims or ()]
 
 
 def needs_generation(metrics: list[str]) -> bool:

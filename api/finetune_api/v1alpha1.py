@@ -24,7 +24,7 @@ from finetune_api.constants import (
 from finetune_api.metrics import (
     DEFAULT_METRICS,
     GENERATION_METRICS,
-    MATRYOSHKA_DEFAULT_METRIC,
+    SCORED_PAIR_METRICS,
     TRUNCATED_PREFIX,
     TRUNCATED_PREFIX_PATTERN,
     effective_metrics,
@@ -307,6 +307,16 @@ class DatasetSpec(ApiModel):
         description="negativeField is an optional column of a hard negative for each anchor, "
         "sentence-embedding only. Unset: pairs, with the other rows' positives as negatives.",
     )
+    score_field: ColumnName | None = Field(
+        None,
+        description="scoreField (sentence-embedding only) is the column of each pair's "
+        "similarity score, from 0 (unrelated) to 1 (the same meaning), as STS benchmarks give "
+        "it normalised: the rows are then scored pairs of anchorField and positiveField, "
+        "trained with sentence-transformers' CoSENTLoss (which it recommends for them over "
+        "CosineSimilarityLoss) in place of MultipleNegativesRankingLoss, and scored by "
+        "spearman_cosine "
+        "against those scores. Not with negativeField. Unset: every pair is a match.",
+    )
     image_field: ColumnName = Field(
         "image",
         description="imageField is the image column for text-to-image: a `datasets` Image "
@@ -353,6 +363,20 @@ class DatasetSpec(ApiModel):
                 == (3 if d.negative_field else 2)
             ),
             field="positiveField",
+        ),
+        Rule(
+            cel="!has(self.scoreField) || (!has(self.negativeField) && "
+            "self.scoreField != self.anchorField && self.scoreField != self.positiveField)",
+            message="scoreField scores (anchorField, positiveField) pairs: a column of its own, "
+            "not with negativeField",
+            check=lambda d: (
+                d.score_field is None
+                or (
+                    d.negative_field is None
+                    and d.score_field not in (d.anchor_field, d.positive_field)
+                )
+            ),
+            field="scoreField",
         ),
         Rule(
             cel="!(has(self.messagesField) && has(self.promptField))",
@@ -1455,18 +1479,27 @@ def _truncated_cel(name: str, scores: str) -> str:
     )
 
 
+# sentence-embedding's rows are scored pairs (dataset.scoreField).
+_SCORED_CEL = f"(self.model.task == '{SENTENCE_EMBEDDING}' && has(self.dataset.scoreField))"
+# metrics.default_metrics, in CEL.
+_DEFAULTS_CEL = (
+    f"({_SCORED_CEL} ? {_cel_list(SCORED_PAIR_METRICS)} : "
+    f"{_cel_by_task({t: DEFAULT_METRICS[t] for t in _TASKS})})"
+)
 # Whether the metric named `k` is computed (metrics.effective_metrics): one of those listed, or
-# with none listed one of the task's defaults.
+# with none listed one of the task's defaults, or the first of them at a Matryoshka size.
 _COMPUTED_CEL = (
     "(size(self.evaluation.metrics) > 0 ? k in self.evaluation.metrics : "
-    f"(k in {_cel_by_task({t: DEFAULT_METRICS[t] for t in _TASKS})} || "
-    f"{_truncated_cel('k', _cel_list([MATRYOSHKA_DEFAULT_METRIC]))}))"
+    f"(k in {_DEFAULTS_CEL} || {_truncated_cel('k', f'[{_DEFAULTS_CEL}[0]]')}))"
 )
 # The tasks whose every score is their own library's evaluator (sentence-transformers',
 # diffusers' UNet loss): no other name means anything to them, where causal-lm and
 # sequence-classification load any other name through `evaluate`.
 _LIBRARY_SCORED = (SENTENCE_EMBEDDING, TEXT_TO_IMAGE)
-_LIBRARY_SCORES_CEL = _cel_by_task({t: list(metrics_of(t)) for t in _LIBRARY_SCORED})
+_LIBRARY_SCORES_CEL = (
+    f"({_SCORED_CEL} ? {_cel_list(SCORED_PAIR_METRICS)} : "
+    f"{_cel_by_task({t: list(metrics_of(t)) for t in _LIBRARY_SCORED})})"
+)
 _FOREIGN_METRICS_CEL = _cel_by_task(
     {t: list(foreign_metrics(t)) for t in _TASKS if t not in _LIBRARY_SCORED}
 )
@@ -1480,7 +1513,9 @@ def _library_scores(spec: Any) -> tuple[str, ...]:
     """What a _LIBRARY_SCORED task can compute, for the spec's task and matryoshkaDims."""
     task = spec.model.task
     if task == SENTENCE_EMBEDDING:
-        return embedding_metrics(spec.training.matryoshka_dims)
+        return embedding_metrics(
+            spec.training.matryoshka_dims, spec.dataset.score_field is not None
+        )
     return metrics_of(task)
 
 
@@ -1653,11 +1688,7 @@ class FineTuneJobSpec(ApiModel):
         Rule(
             cel=f"self.evaluation.gates.all(k, {_COMPUTED_CEL})",
             message="every evaluation.gates key must be a computed metric (see evaluation.metrics)",
-            check=lambda s: all(
-                k
-                in effective_metrics(s.model.task, s.evaluation.metrics, s.training.matryoshka_dims)
-                for k in s.evaluation.gates
-            ),
+            check=lambda s: all(k in s.computed_metrics() for k in s.evaluation.gates),
             field="evaluation.gates",
         ),
         Rule(
@@ -1676,7 +1707,8 @@ class FineTuneJobSpec(ApiModel):
             f"{_truncated_cel('m', _LIBRARY_SCORES_CEL)})",
             message=f"{SENTENCE_EMBEDDING} computes only "
             f"{_spelled(metrics_of(SENTENCE_EMBEDDING))} (sentence-transformers' evaluator "
-            "keys), and with training.matryoshkaDims each of them at a size d as dim_<d>_<name>; "
+            f"keys; of scored pairs, dataset.scoreField, only {_spelled(SCORED_PAIR_METRICS)}), "
+            "and with training.matryoshkaDims each of them at a size d as dim_<d>_<name>; "
             f"{TEXT_TO_IMAGE} computes only {_spelled(metrics_of(TEXT_TO_IMAGE))}",
             check=lambda s: (
                 s.model.task not in _LIBRARY_SCORED
@@ -1685,6 +1717,7 @@ class FineTuneJobSpec(ApiModel):
             field="evaluation.metrics",
         ),
         _only_for_task(SENTENCE_EMBEDDING, "training.matryoshkaDims", "matryoshka_dims"),
+        _only_for_task(SENTENCE_EMBEDDING, "dataset.scoreField", "score_field"),
         Rule(
             cel="!has(self.serve) || has(self.output.hub)",
             message="serve deploys the revision the job pushes: it needs a push target, output.hub",
@@ -1721,6 +1754,15 @@ class FineTuneJobSpec(ApiModel):
             message=f"spec is immutable except {_listed(MUTABLE_SPEC_PATHS)}",
         ),
     )
+
+    def computed_metrics(self) -> list[str]:
+        """The scores the job computes before and after training (metrics.effective_metrics)."""
+        return effective_metrics(
+            self.model.task,
+            self.evaluation.metrics,
+            self.training.matryoshka_dims,
+            scored=self.dataset.score_field is not None,
+        )
 
     def token_secrets(self) -> list[TokenSecret]:
         """The Hub tokens the pods read from Secrets, push token first: what the operator

@@ -136,6 +136,17 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         },
         "dim_<d>_<name>",
     ),
+    ("score-on-causal", {"spec.dataset.scoreField": "s"}, "scoreField"),
+    (
+        "score-and-negatives",
+        {**EMB, "spec.dataset.scoreField": "s", "spec.dataset.negativeField": "n"},
+        "scoreField",
+    ),
+    (
+        "retrieval-of-scored-pairs",
+        {**EMB, "spec.dataset.scoreField": "s", "spec.evaluation.metrics": ["cosine_ndcg@10"]},
+        "of scored pairs",
+    ),
     (
         "gate-on-an-unscored-size",
         {
@@ -399,6 +410,25 @@ def test_sentence_embedding_is_accepted(crd: str, kube: Kube, namespace: str) ->
     spec = kube.get("FineTuneJob", "bad", namespace)["spec"]
     assert (spec["dataset"]["anchorField"], spec["dataset"]["negativeField"]) == ("query", "hard")
     assert spec["training"]["matryoshkaDims"] == [384, 64]
+
+
+def test_scored_pairs_are_accepted_and_gated_at_a_size(
+    crd: str, kube: Kube, namespace: str
+) -> None:
+    doc = manifest(
+        {
+            **EMB,
+            "spec.dataset.scoreField": "similarity",
+            "spec.training.matryoshkaDims": [384, 64],
+            # Gates on the default metrics of scored pairs, a Matryoshka size's among them.
+            "spec.evaluation.gates": {"spearman_cosine": 0.5, "dim_64_spearman_cosine": 0.4},
+        },
+        namespace,
+    )
+    parse_manifest(doc)
+    kube.apply(doc)
+    spec = kube.get("FineTuneJob", "bad", namespace)["spec"]
+    assert spec["dataset"]["scoreField"] == "similarity"
 
 
 def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:

@@ -42,6 +42,7 @@ def _doc(**spec: Any) -> dict[str, Any]:
 
 # Matryoshka sizes, in no particular order: the spec keeps them as written.
 MATRYOSHKA = {"training": {"matryoshkaDims": [16, 64]}}
+SCORED = {"dataset": {"scoreField": "similarity"}}
 
 
 def _errors(doc: dict[str, Any]) -> str:
@@ -84,6 +85,12 @@ def test_gates_on_the_evaluator_keys_are_accepted() -> None:
         ({"training": {"matryoshkaDims": [64, 16, 64]}}, "each size once"),
         ({"training": {"matryoshkaDims": [0]}}, "matryoshkaDims"),
         ({**MATRYOSHKA, "model": {"task": "causal-lm"}}, "only for model.task sentence-embedding"),
+        # Scored pairs: a score column of their own, no negatives, scored by spearman_cosine.
+        ({**SCORED, "model": {"task": "causal-lm"}}, "only for model.task sentence-embedding"),
+        ({"dataset": {"scoreField": "positive"}}, "a column of its own"),
+        ({"dataset": {"scoreField": "s", "negativeField": "n"}}, "not with negativeField"),
+        ({**SCORED, "evaluation": {"metrics": ["cosine_ndcg@10"]}}, "of scored pairs"),
+        ({**SCORED, "evaluation": {"gates": {"cosine_ndcg@10": 0.5}}}, "computed metric"),
         (
             {"evaluation": {"metrics": ["cosine_ndcg@10"]}, "model": {"task": "causal-lm"}},
             "another",
@@ -93,6 +100,16 @@ def test_gates_on_the_evaluator_keys_are_accepted() -> None:
 )
 def test_sentence_embedding_rules(changes: dict[str, Any], message: str) -> None:
     assert message in _errors(_doc(**changes))
+
+
+def test_scored_pairs_are_scored_by_spearman_at_each_matryoshka_size() -> None:
+    doc = _doc(
+        dataset=SCORED["dataset"],
+        training={"matryoshkaDims": [32]},
+        evaluation={"gates": {"dim_32_spearman_cosine": 0.5}},
+    )
+    spec = parse_manifest(doc).spec
+    assert task_for(spec).metrics == ["spearman_cosine", "dim_32_spearman_cosine"]
 
 
 def test_matryoshka_sizes_are_scored_by_default_and_gated_by_their_keys() -> None:
@@ -269,6 +286,71 @@ def test_matryoshka_loss_equals_sentence_transformers_own(tiny_st: Path) -> None
     assert torch.allclose(ours, theirs, atol=1e-5)
     # Not the whole embedding's loss three times: the smaller sizes score differently.
     assert not torch.allclose(ours, 3 * plain(columns, labels=None), atol=1e-3)
+
+
+SCORED_ROWS = {
+    "q": ["sum two numbers", "reverse a string", "count vowels", "sort a list"],
+    "d": ["return a + b", "return a - b", "return len(s)", "sorted(x)"],
+    "s": [1.0, 0.4, 0.2, 0.9],
+}
+
+
+def _scored(tiny_st: Path, sizes: list[int] | None = None) -> tuple[Any, TaskData]:
+    fields = {"anchorField": "q", "positiveField": "d", "scoreField": "s"}
+    changes: dict[str, Any] = {"evaluation": {"metrics": ["spearman_cosine"]}}
+    if sizes:
+        changes["training"] = {"matryoshkaDims": sizes}
+    task = task_for(_task_spec(tiny_st, dataset=fields, **changes))
+    rows = Dataset.from_dict(SCORED_ROWS)
+    return task, task.build_data(rows, rows)
+
+
+@pytest.mark.parametrize("sizes", [None, [32, 8]])
+def test_scored_pairs_train_with_sentence_transformers_cosent_loss(
+    tiny_st: Path, sizes: list[int] | None
+) -> None:
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MatryoshkaLoss
+
+    task, data = _scored(tiny_st, sizes)
+    model = task.load_model(data, torch.device("cpu"))
+    rows = [data.train[i] for i in range(4)]
+    batch = data.collate(rows)
+    assert batch["labels"].tolist() == pytest.approx(SCORED_ROWS["s"])
+    assert batch["input_ids"].shape[0] == 8  # the anchors, then their pairs' texts
+    model.eval()
+    columns = [
+        {k: v for k, v in model.preprocess([r[c] for r in rows]).items() if torch.is_tensor(v)}
+        for c in ("anchor", "positive")
+    ]
+    loss = CoSENTLoss(model)
+    theirs = (MatryoshkaLoss(model, loss, sizes) if sizes else loss)(columns, batch["labels"])
+    assert torch.allclose(task.loss(model, batch), theirs, atol=1e-5)
+
+
+def test_scored_pairs_are_checked_scored_by_their_scores_and_named_on_the_card(
+    tiny_st: Path,
+) -> None:
+    from accelerate import Accelerator
+    from sentence_transformers.sentence_transformer.evaluation import (
+        EmbeddingSimilarityEvaluator,
+    )
+
+    task, data = _scored(tiny_st, [32, 8])
+    assert data.train.column_names == ["anchor", "positive", "score"]
+    model = task.load_model(data, torch.device("cpu"))
+    scores = task.evaluate(Accelerator(cpu=True), model, [])
+    model.eval()
+    theirs = EmbeddingSimilarityEvaluator(
+        SCORED_ROWS["q"], SCORED_ROWS["d"], SCORED_ROWS["s"], similarity_fn_names=["cosine"]
+    )(model)
+    assert scores["spearman_cosine"] == pytest.approx(theirs["spearman_cosine"])
+    settings = dict(task.card("adapter", "me/sts").settings)
+    assert settings["loss"].startswith("MatryoshkaLoss (32, 8 dimensions) over CoSENTLoss")
+    assert settings["columns"] == "q, d, s"
+    for bad in (["high", "low", "", "x"], [0.5, 1.5, 0.2, 0.1], [0.5, None, 0.2, 0.1], [True] * 4):
+        rows = Dataset.from_dict({**SCORED_ROWS, "s": bad})
+        with pytest.raises(Exception, match=r"scoreField.*no score from 0 to 1 in column 's'"):
+            task.build_data(rows, rows)
 
 
 def test_a_matryoshka_size_past_the_embedding_fails_naming_the_field(tiny_st: Path) -> None:

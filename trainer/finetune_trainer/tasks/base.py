@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from finetune_api.metrics import effective_metrics
 from finetune_api.result import Sample
 
 if TYPE_CHECKING:
@@ -76,9 +75,7 @@ class Task(ABC):
             raise ValueError(f"{type(self).__name__} serves {self.name}, not {spec.model.task}")
         self.spec = spec
         # The scores `evaluate` returns, by name.
-        self.metrics = effective_metrics(
-            spec.model.task, spec.evaluation.metrics, spec.training.matryoshka_dims
-        )
+        self.metrics = spec.computed_metrics()
         # What the last `evaluate` generated for the first evaluation.samples prompts, as
         # Sample(after=answer), the same on every rank; empty for a task or job that generates
         # nothing. The run pairs the before and after evaluations' samples.

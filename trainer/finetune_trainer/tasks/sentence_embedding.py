@@ -1,5 +1,6 @@
 """sentence-embedding: a sentence-transformers model trained on (anchor, positive[, negative])
-rows with MultipleNegativesRankingLoss, LoRA through sentence-transformers' own peft support
+rows with MultipleNegativesRankingLoss, or on scored (anchor, positive, score) pairs with
+CoSENTLoss (dataset.scoreField), LoRA through sentence-transformers' own peft support
 (`add_adapter`) or in full; with training.matryoshkaDims, as MatryoshkaLoss trains it: that loss
 summed over the embedding's leading sizes. Scored by sentence-transformers' evaluators on the
 held-out rows: InformationRetrievalEvaluator (each anchor queries the held-out positives and
@@ -24,7 +25,10 @@ from sentence_transformers.sentence_transformer.evaluation import (
     EmbeddingSimilarityEvaluator,
     InformationRetrievalEvaluator,
 )
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import (
+    CoSENTLoss,
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.sentence_transformer.losses.matryoshka import shrink
 from sentence_transformers.util import cos_sim
 from transformers import PreTrainedTokenizerBase
@@ -43,6 +47,8 @@ __all__ = ["Collator", "SentenceEmbedding", "columns", "text_rows"]
 # The canonical column names inside TaskData, whatever the spec calls them (sentence-transformers'
 # own convention for (anchor, positive, negative) datasets).
 ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
+# A scored pair's similarity (dataset.scoreField), 0..1, and the batch key it travels under.
+SCORE, LABELS = "score", "labels"
 _SIMILARITY_METRICS = frozenset({"spearman_cosine"})
 
 
@@ -67,16 +73,27 @@ def text_rows(ds: Dataset, spec: FineTuneJobSpec) -> Dataset:
     for field, column in zip(named, (ANCHOR, POSITIVE, NEGATIVE), strict=False):
         values = list(rows[column])
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
-        if bad:
-            raise ManifestError(
-                [
-                    FieldError(
-                        f"spec.dataset.{field}",
-                        f"{len(bad)} rows have no text in column {named[field]!r} (row {bad[0]})",
-                    )
-                ]
-            )
-    return rows
+        _refuse(field, bad, f"no text in column {named[field]!r}")
+    score = spec.dataset.score_field
+    if score is None:
+        return rows
+    data.require_columns(ds, {"scoreField": score})
+    values = list(ds[score])
+    bad = [i for i, v in enumerate(values) if not _is_score(v)]
+    _refuse("scoreField", bad, f"no score from 0 to 1 in column {score!r}")
+    return rows.add_column(SCORE, [float(v) for v in values])
+
+
+def _is_score(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _refuse(field: str, rows: list[int], what: str) -> None:
+    """The rows that are not what `field` says, as an InvalidDataset naming it; none: nothing."""
+    if rows:
+        raise ManifestError(
+            [FieldError(f"spec.dataset.{field}", f"{len(rows)} rows have {what} (row {rows[0]})")]
+        )
 
 
 @dataclass
@@ -88,13 +105,17 @@ class Collator:
     tokenizer: PreTrainedTokenizerBase
     max_length: int
     names: tuple[str, ...]
+    scored: bool = False  # the rows carry a SCORE, which the batch carries as LABELS
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         texts = [row[name] for name in self.names for row in rows]
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        batch = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        if self.scored:
+            batch[LABELS] = torch.tensor([row[SCORE] for row in rows], dtype=torch.float32)
+        return batch
 
 
 class SentenceEmbedding(Task):
@@ -106,7 +127,8 @@ class SentenceEmbedding(Task):
         # The evaluators need the whole held-out split as text, not sharded token batches:
         # build_data keeps it here (every rank builds it; rank 0 evaluates).
         self.held_out: Dataset | None = None
-        self._loss: MultipleNegativesRankingLoss | None = None
+        self.scored = spec.dataset.score_field is not None
+        self._loss: MultipleNegativesRankingLoss | CoSENTLoss | None = None
         # matryoshkaDims, largest first; () trains the whole embedding only.
         self.sizes = spec.training.matryoshka_sizes
 
@@ -119,7 +141,7 @@ class SentenceEmbedding(Task):
             processor=tokenizer,
             train=rows,
             evaluation=self.held_out,
-            collate=Collator(tokenizer, self._max_length(tokenizer), self.names),
+            collate=Collator(tokenizer, self._max_length(tokenizer), self.names, self.scored),
         )
 
     def _max_length(self, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -166,8 +188,12 @@ class SentenceEmbedding(Task):
             st.gradient_checkpointing_enable({"use_reentrant": False})
         # The loss holds the model only for its own forward, which `loss` does not use: the
         # embeddings come from the prepared (DDP) model. Gathered across ranks, every rank's
-        # anchors see every rank's positives (and negatives) as in-batch negatives.
-        self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
+        # anchors see every rank's positives (and negatives) as in-batch negatives. CoSENT
+        # ranks the pairs of a rank's own batch by their scores; DDP averages the ranks' losses.
+        if self.scored:
+            self._loss = CoSENTLoss(st)
+        else:
+            self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
         return st
 
     def _check_sizes(self, st: SentenceTransformer) -> None:
@@ -188,14 +214,16 @@ class SentenceEmbedding(Task):
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if self._loss is None:
             raise RuntimeError("load_model first: the loss is built with the model")
-        embeddings = model(dict(batch))["sentence_embedding"]
+        features = {k: v for k, v in batch.items() if k != LABELS}
+        labels = batch.get(LABELS)  # a scored pair's score; None for MultipleNegativesRanking
+        embeddings = model(features)["sentence_embedding"]
         by_column = list(embeddings.chunk(len(self.names)))
         if not self.sizes:
-            return self._loss.compute_loss_from_embeddings(by_column, labels=None)  # type: ignore[arg-type]
+            return self._loss.compute_loss_from_embeddings(by_column, labels)  # type: ignore[arg-type]
         # MatryoshkaLoss's sum, each size weighted 1: the loss of the leading `d` values of each
         # embedding, normalised again (its `shrink`), all from the one forward pass.
         losses = [
-            self._loss.compute_loss_from_embeddings([shrink(e, d) for e in by_column], labels=None)  # type: ignore[arg-type]
+            self._loss.compute_loss_from_embeddings([shrink(e, d) for e in by_column], labels)  # type: ignore[arg-type]
             for d in self.sizes
         ]
         return torch.stack(losses).sum()
@@ -246,13 +274,21 @@ class SentenceEmbedding(Task):
             )
             found |= ir(st)
         if scores & _SIMILARITY_METRICS:
-            # Matching pairs score 1, others 0: the anchor with its negative, or without a
-            # negative column with the next row's positive.
-            others = negatives or positives[1:] + positives[:1]
+            if SCORE in rows.column_names:  # scored pairs: against their own scores
+                pairs = (anchors, positives, list(rows[SCORE]))
+            else:
+                # Matching pairs score 1, others 0: the anchor with its negative, or without a
+                # negative column with the next row's positive.
+                others = negatives or positives[1:] + positives[:1]
+                pairs = (
+                    anchors + anchors,
+                    positives + others,
+                    [1.0] * len(anchors) + [0.0] * len(anchors),
+                )
             similarity = EmbeddingSimilarityEvaluator(
-                sentences1=anchors + anchors,
-                sentences2=positives + others,
-                scores=[1.0] * len(anchors) + [0.0] * len(anchors),
+                sentences1=pairs[0],
+                sentences2=pairs[1],
+                scores=pairs[2],
                 similarity_fn_names=["cosine"],
                 write_csv=False,
                 batch_size=32,
@@ -260,6 +296,11 @@ class SentenceEmbedding(Task):
             )
             found |= similarity(st)
         return found
+
+    def _column_names(self) -> list[str]:
+        """The dataset's columns the job reads: its texts, and a scored pair's score."""
+        score = self.spec.dataset.score_field
+        return [*columns(self.spec).values(), *([score] if score else [])]
 
     def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
         kind = modeling.artifact_kind(self.spec)
@@ -292,6 +333,8 @@ class SentenceEmbedding(Task):
         if artifact == "adapter":
             usage.insert(2, f"# the adapter loads over its base, {base}")
         loss = "MultipleNegativesRankingLoss (in-batch negatives gathered across ranks)"
+        if self.scored:
+            loss = "CoSENTLoss (pairs ranked by their scores)"
         if self.sizes:
             sizes = ", ".join(str(d) for d in self.sizes)
             loss = f"MatryoshkaLoss ({sizes} dimensions) over {loss}"
@@ -307,7 +350,7 @@ class SentenceEmbedding(Task):
             usage="\n".join(usage),
             settings=(
                 ("loss", loss),
-                ("columns", ", ".join(columns(self.spec).values())),
+                ("columns", ", ".join(self._column_names())),
             ),
         )
 
