@@ -2,8 +2,10 @@
 that computes each, and the defaults of `spec.evaluation.metrics`.
 
 "metrics" here means evaluation scores, as the spec field is named; the trainer's Prometheus
-series are its telemetry and have names of their own. Any other name in `evaluation.metrics` is
-loaded by the trainer through `evaluate` from the Hub and counts as higher-is-better.
+series are its telemetry and have names of their own. For causal-lm and sequence-classification,
+any other name in `evaluation.metrics` is loaded by the trainer through `evaluate` from the Hub
+and counts as higher-is-better; sentence-embedding and text-to-image compute their own scores
+only (sentence-embedding also at each Matryoshka size, `truncated`).
 
 Task names are spelled here as on the wire (`v1alpha1.Task`): v1alpha1 imports this module, so
 this one cannot import it back. tests/unit/test_tasks.py checks the two agree.

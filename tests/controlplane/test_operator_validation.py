@@ -392,43 +392,37 @@ def test_valid_base_is_accepted(crd: str, kube: Kube, namespace: str) -> None:
     assert kube.get("FineTuneJob", "bad", namespace) is not None
 
 
-def test_sentence_embedding_is_accepted(crd: str, kube: Kube, namespace: str) -> None:
-    doc = manifest(
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # Triplets, gated on the default metrics, a Matryoshka size's among them.
         {
-            **EMB,
             "spec.dataset.anchorField": "query",
             "spec.dataset.positiveField": "document",
             "spec.dataset.negativeField": "hard",
-            "spec.training.matryoshkaDims": [384, 64],
-            # Gates on the default metrics, a Matryoshka size's among them.
             "spec.evaluation.gates": {"cosine_ndcg@10": 0.5, "dim_64_cosine_ndcg@10": 0.4},
         },
-        namespace,
-    )
-    parse_manifest(doc)
-    kube.apply(doc)
-    spec = kube.get("FineTuneJob", "bad", namespace)["spec"]
-    assert (spec["dataset"]["anchorField"], spec["dataset"]["negativeField"]) == ("query", "hard")
-    assert spec["training"]["matryoshkaDims"] == [384, 64]
-
-
-def test_scored_pairs_are_accepted_and_gated_at_a_size(
-    crd: str, kube: Kube, namespace: str
-) -> None:
-    doc = manifest(
+        # Scored pairs, gated on their default metric, at a Matryoshka size too.
         {
-            **EMB,
             "spec.dataset.scoreField": "similarity",
-            "spec.training.matryoshkaDims": [384, 64],
-            # Gates on the default metrics of scored pairs, a Matryoshka size's among them.
             "spec.evaluation.gates": {"spearman_cosine": 0.5, "dim_64_spearman_cosine": 0.4},
         },
-        namespace,
-    )
+    ],
+    ids=["triplets", "scored-pairs"],
+)
+def test_sentence_embedding_is_accepted(
+    crd: str, kube: Kube, namespace: str, changes: dict[str, Any]
+) -> None:
+    doc = manifest({**EMB, "spec.training.matryoshkaDims": [384, 64], **changes}, namespace)
     parse_manifest(doc)
     kube.apply(doc)
-    spec = kube.get("FineTuneJob", "bad", namespace)["spec"]
-    assert spec["dataset"]["scoreField"] == "similarity"
+    stored = kube.get("FineTuneJob", "bad", namespace)
+    assert stored["spec"]["training"]["matryoshkaDims"] == [384, 64]
+    for path, value in changes.items():  # stored as sent
+        node = stored
+        for key in path.split("."):
+            node = node[key]
+        assert node == value, path
 
 
 def test_hub_options_are_accepted(crd: str, kube: Kube, namespace: str) -> None:
