@@ -18,7 +18,8 @@ the test fixtures:
 - ddp-lora-bf16-multi (2+ GPUs only): processesPerNode 2 under DDP and NCCL;
 - sdxl-fp16: text-to-image on a tiny SDXL pipeline in fp16 with its VAE kept fp32 (the recipe's
   mix, which a CPU cannot run in fp16) and the samples drawn under autocast, random crops and
-  mirrors as in diffusers' SDXL recipe;
+  mirrors as in diffusers' SDXL recipe; sdxl-fp16-vae the same with a VAE of its own
+  (model.vae, as examples/sdxl-lora-gpu.yaml gives the fp16-fix VAE), which runs in fp16 too;
 - oom: a text-to-image job at 4096 x 4096 pixels, whose batch cannot fit a GPU's memory, must
   end at once as DeviceOutOfMemory (exit code 3, torch's CUDA account in the message): its
   exit counts as a pass only with that reason.
@@ -175,14 +176,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Written after every variant: a machine lent for minutes may stop before the last.
         args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
-    if not args.only or SDXL in args.only:
+    sdxl = [name for name in (SDXL, SDXL_VAE) if not args.only or name in args.only]
+    if sdxl:
         from finetune_trainer.testing.diffusion import save_shapes_dataset
         from finetune_trainer.testing.diffusion_xl import save_tiny_xl_pipeline
 
         pipeline = save_tiny_xl_pipeline(assets / "sdxl-pipe")
         data = save_shapes_dataset(assets / "sdxl-data", train=16, test=8)
-        runs[SDXL] = _run(SDXL, sdxl_job(pipeline, data), out, args.timeout)
-        args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+        for name in sdxl:
+            # The pipeline's own VAE folder, given as a VAE of its own: it then runs in fp16.
+            vae = pipeline / "vae" if name == SDXL_VAE else None
+            runs[name] = _run(name, sdxl_job(pipeline, data, vae), out, args.timeout)
+            summary = {"machine": machine, "runs": runs}
+            args.summary.write_text(json.dumps(summary, indent=2) + "\n")
     if not args.only or OOM in args.only:
         runs[OOM] = _run(OOM, _oom_job(assets, gpus=1), out, args.timeout)
         reason = (runs[OOM]["result"] or {}).get("reason")
@@ -200,11 +206,12 @@ def _exit_of(run: dict[str, Any]) -> int:
     return abs(int(run["exit"]))
 
 
-OOM, SDXL = "oom", "sdxl-fp16"
+OOM, SDXL, SDXL_VAE = "oom", "sdxl-fp16", "sdxl-fp16-vae"
 
 
-def sdxl_job(pipeline: Path, data: Path) -> dict[str, Any]:
-    """A tiny SDXL pipeline in fp16 on one GPU, as examples/sdxl-lora-gpu.yaml trains SDXL."""
+def sdxl_job(pipeline: Path, data: Path, vae: Path | None = None) -> dict[str, Any]:
+    """A tiny SDXL pipeline in fp16 on one GPU, as examples/sdxl-lora-gpu.yaml trains SDXL; with
+    `vae`, that folder as model.vae."""
     from finetune_trainer.testing.diffusion import text_to_image_job
 
     accelerator = {"type": "nvidia.com/gpu", "count": 1}
@@ -218,7 +225,10 @@ def sdxl_job(pipeline: Path, data: Path) -> dict[str, Any]:
         },
         "evaluation": {"imageSamples": {"count": 2, "inferenceSteps": 2}},
     }
-    doc = text_to_image_job(pipeline, data, name="sdxl-fp16", max_steps=6, checkpoint_every=3)
+    if vae is not None:
+        change["model"] = {"vae": {"source": f"file://{vae}"}}
+    name = SDXL if vae is None else SDXL_VAE
+    doc = text_to_image_job(pipeline, data, name=name, max_steps=6, checkpoint_every=3)
     return trainer_helpers.deep_update(doc, {"spec": change})
 
 

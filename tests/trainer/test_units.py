@@ -752,6 +752,9 @@ def test_gpu_smoke_variants_are_valid_specs(gpus: int, bnb: bool) -> None:
         assert spec.resources.processes_per_node <= gpus, name
     sdxl = parse_manifest(gpu_smoke.sdxl_job(Path("/p"), Path("/d"))).spec
     assert (sdxl.training.precision, sdxl.resources.accelerator.type) == ("fp16", "nvidia.com/gpu")
+    own = parse_manifest(gpu_smoke.sdxl_job(Path("/p"), Path("/d"), Path("/p/vae"))).spec
+    assert own.model.vae is not None and own.model.vae.source == "file:///p/vae"
+    assert own.training.precision == "fp16"
 
 
 def test_compile_without_a_compiler_is_said_at_once(
