@@ -584,6 +584,13 @@ class TrainingSpec(ApiModel):
         "learn images darker or brighter overall than the base draws. Evaluation noise is left "
         "plain. Unset: none.",
     )
+    train_text_encoder: bool | None = Field(
+        None,
+        description="trainTextEncoder (text-to-image only) also trains a LoRA on the attention "
+        "of the text encoder (both of SDXL's), as diffusers' --train_text_encoder: q_proj, "
+        "k_proj, v_proj and out_proj at peft.r and peft.alpha. The pushed LoRA file holds the "
+        "encoders' layers beside the UNet's, and load_lora_weights loads them all. Unset: false.",
+    )
     # sentence-embedding only.
     matryoshka_dims: (
         Annotated[
@@ -1565,6 +1572,7 @@ _TEXT_TO_IMAGE_RULES = (
     _text_to_image_only("training.predictionType", "prediction_type"),
     _text_to_image_only("training.snrGamma", "snr_gamma"),
     _text_to_image_only("training.noiseOffset", "noise_offset"),
+    _text_to_image_only("training.trainTextEncoder", "train_text_encoder"),
     _text_to_image_only("model.vae", "vae"),
     _text_to_image_only("evaluation.imageSamples", "image_samples"),
     _plain_lora_for_text_to_image(

@@ -4,7 +4,8 @@ the pooled embedding, the time ids), and push a LoRA that diffusers' StableDiffu
 loads. It crops and mirrors its images at random, as diffusers' SDXL recipe does, and a run
 resumed from a checkpoint draws the same crops and mirrors. As that recipe gives SDXL the
 fp16-fix VAE, the job names a VAE repo of its own (model.vae), fetched once beside the pipeline,
-which encodes the images and decodes the samples.
+which encodes the images and decodes the samples. Its text encoders train a LoRA too
+(training.trainTextEncoder), which the pushed file holds beside the UNet's.
 
 The pipeline is random (testing/diffusion_xl.py), so this proves the mechanics on real parts.
 That LoRA learns to draw captions is test_text_to_image_training's, on Stable Diffusion, across
@@ -68,8 +69,14 @@ def pushed(
             {
                 "spec": {
                     "model": {"source": f"hf://{BASE}", "vae": {"source": f"hf://{VAE}"}},
-                    # diffusers' SDXL recipe: a random crop, mirrored at random.
-                    "training": {"batchSizePerDevice": 4, "centerCrop": False, "randomFlip": True},
+                    # diffusers' SDXL recipe: a random crop, mirrored at random, and its
+                    # --train_text_encoder (a LoRA on both text encoders too).
+                    "training": {
+                        "batchSizePerDevice": 4,
+                        "centerCrop": False,
+                        "randomFlip": True,
+                        "trainTextEncoder": True,
+                    },
                     "evaluation": {"imageSamples": SAMPLES},
                     "output": {"hub": {"repo": REPO, "endpoint": hub.endpoint}},
                     "resources": {"nodes": 1, "processesPerNode": 2},
@@ -177,6 +184,11 @@ def test_sdxl_loads_the_pushed_lora_and_redraws_its_samples(pushed: dict[str, An
             found.append(int(np.abs(np.asarray(again, dtype=np.int16) - saved).max()))
         return found
 
+    # The UNet's LoRA and both text encoders', as diffusers' SDXL script saves them.
+    from safetensors.torch import load_file
+
+    parts = {key.split(".", 1)[0] for key in load_file(local / "pytorch_lora_weights.safetensors")}
+    assert parts == {"unet", "text_encoder", "text_encoder_2"}
     # Drawn with model.vae: the pipeline given that VAE redraws them, its own VAE does not.
     assert max(largest_difference(AutoencoderKL.from_pretrained(pushed["vae"]))) <= 2
     assert max(largest_difference(None)) > 2

@@ -90,6 +90,7 @@ def test_text_to_image_fields_and_gate_parse() -> None:
         ("training", "snrGamma", 5.0),
         ("training", "noiseOffset", 0.1),
         ("model", "vae", {"source": "hf://madebyollin/sdxl-vae-fp16-fix"}),
+        ("training", "trainTextEncoder", True),
         ("training", "centerCrop", False),
         ("training", "randomFlip", True),
         ("evaluation", "imageSamples", {"count": 1}),
@@ -659,6 +660,50 @@ def test_a_vae_of_its_own_replaces_the_pipelines_at_the_other_parts_precision(
     doc["spec"]["model"]["vae"] = {"source": "file:///no/such/vae"}
     missing = missing_local(FineTuneJob.model_validate(doc))
     assert missing is not None and missing.field == "spec.model.vae.source"
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_a_text_encoder_lora_trains_every_read_layer_and_the_pipeline_loads_it(
+    tiny: tuple[Path, Path], tiny_xl: tuple[Path, Path], tmp_path: Path, xl: bool
+) -> None:
+    """training.trainTextEncoder, as diffusers' --train_text_encoder: a LoRA on each encoder's
+    attention, saved beside the UNet's in the one file load_lora_weights reads."""
+    from diffusers import DiffusionPipeline
+
+    base = tiny_xl if xl else tiny
+    task, data = _task_and_data(_spec(base, training={"trainTextEncoder": True}))
+    model = task.load_model(data, torch.device("cpu"))
+    model.train()
+    assert all(e.training for e in model.text_encoders) and not model.vae.training
+    task.loss(model, data.collate([data.train[i] for i in range(4)])).backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # Every LoRA weight gets a gradient (DDP waits for each): none on a layer nothing reads.
+    assert all(p.grad is not None for p in trained.values())
+    for i, encoder in enumerate(model.text_encoders):
+        last = encoder.config.num_hidden_layers - 1
+        lora = [n for n in trained if n.startswith(("text_encoder.", "text_encoder_2.")[i])]
+        projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+        assert lora and all(n.split(".lora_")[0].endswith(projections) for n in lora)
+        on_last = any(f"layers.{last}." in n for n in lora)
+        assert on_last is (not xl or i == 1)  # SDXL's first encoder: its penultimate layer read
+    assert dict(task.card("adapter", "me/x").settings)["Text encoder"] == "LoRA trained"
+
+    with torch.no_grad():  # a LoRA that changes the encoders' output, as a trained one would
+        for name, p in trained.items():
+            if "lora_B" in name and name.startswith("text_encoder"):
+                p.normal_(std=0.5)
+    task.save(model, data, tmp_path)
+    pipeline = DiffusionPipeline.from_pretrained(str(base[0]))
+    ids = data.collate([data.train[0]])["input_ids"]
+    encoders = [pipeline.text_encoder, *([pipeline.text_encoder_2] if xl else [])]
+    with torch.no_grad():
+        before = [e(ids)[0] for e in encoders]
+    pipeline.load_lora_weights(str(tmp_path))
+    model.eval()
+    with torch.no_grad():
+        for loaded, trained, base_out in zip(encoders, model.text_encoders, before, strict=True):
+            assert torch.allclose(loaded(ids)[0], trained(ids)[0], atol=1e-5)
+            assert not torch.allclose(base_out, trained(ids)[0], atol=1e-3)
 
 
 def test_a_pipeline_other_than_stable_diffusion_or_sdxl_is_refused_by_name(

@@ -35,6 +35,7 @@ __all__ = [
     "encode_prompt",
     "part_class",
     "pipeline_of",
+    "reads_last_layer",
     "time_ids",
 ]
 
@@ -148,6 +149,12 @@ def encode_prompt(
         pooled = out[0]
         states.append(out.hidden_states[-2])
     return torch.cat(states, dim=-1), pooled
+
+
+def reads_last_layer(index: int, count: int) -> bool:
+    """Whether encode_prompt reads the last layer of text encoder `index` of `count`: not that of
+    every encoder but SDXL's last, whose penultimate hidden states it takes."""
+    return count == 1 or index == count - 1
 
 
 def time_ids(

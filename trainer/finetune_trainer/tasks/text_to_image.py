@@ -19,6 +19,7 @@ real (non-pad) tokens, as the first tokenizer splits them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -50,6 +51,7 @@ from finetune_trainer.tasks.diffusion_pipelines import (
     encode_prompt,
     part_class,
     pipeline_of,
+    reads_last_layer,
     time_ids,
 )
 
@@ -69,6 +71,8 @@ __all__ = [
 
 # The UNet's attention projections, as diffusers' LoRA script adapts them.
 DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+# A CLIP text encoder's, as its --train_text_encoder adapts them.
+TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX = "samples.jsonl"
@@ -228,9 +232,15 @@ class DiffusionModel(torch.nn.Module):
     def text_encoders(self) -> list[torch.nn.Module]:
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
+    @property
+    def trained_text_encoders(self) -> bool:
+        """Whether the text encoders carry a LoRA that trains (training.trainTextEncoder)."""
+        return any(p.requires_grad for e in self.text_encoders for p in e.parameters())
+
     def train(self, mode: bool = True) -> DiffusionModel:
         super().train(mode)
-        for part in (self.vae, *self.text_encoders):
+        frozen = [self.vae] if self.trained_text_encoders else [self.vae, *self.text_encoders]
+        for part in frozen:
             part.eval()
         return self
 
@@ -253,7 +263,8 @@ class DiffusionModel(torch.nn.Module):
             # Training samples the posterior, as the recipe does; evaluation takes its mode.
             latents = posterior.mode() if noise_seeds is not None else posterior.sample()
             latents = latents * self.vae.config.scaling_factor
-            ids = [i for i in (input_ids, input_ids_2) if i is not None]
+        ids = [i for i in (input_ids, input_ids_2) if i is not None]
+        with contextlib.nullcontext() if self.trained_text_encoders else torch.no_grad():
             encoder_hidden_states, pooled = encode_prompt(self.text_encoders, ids)
         added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
         if noise_seeds is None or timesteps is None:
@@ -514,10 +525,17 @@ class TextToImage(Task):
             )
         )
         modeling.trainable_in_fp32(unet)  # peft made LoRA's weights in the UNet's dtype
+        if self.spec.training.train_text_encoder:
+            for encoder, config in zip(encoders, self._text_encoder_loras(encoders), strict=True):
+                encoder.add_adapter(config)
+                modeling.trainable_in_fp32(encoder)
         if modeling.gradient_checkpointing(self.spec):
             # The UNet's activations are most of a step's memory (diffusers' LoRA script offers
             # the same switch); the VAE and text encoder run without gradients anyway.
             unet.enable_gradient_checkpointing()
+            if self.spec.training.train_text_encoder:
+                for encoder in encoders:
+                    encoder.gradient_checkpointing_enable({"use_reentrant": False})
         text_encoder_2 = encoders[1] if len(encoders) > 1 else None
         return DiffusionModel(
             unet, vae, encoders[0], scheduler, text_encoder_2, self.spec.training.noise_offset
@@ -564,15 +582,51 @@ class TextToImage(Task):
             scores[name] = total / count if count else math.nan
         return scores
 
+    def _text_encoder_loras(self, encoders: list[Any]) -> list[Any]:
+        """Per text encoder, the LoRA diffusers' --train_text_encoder gives it: its attention
+        projections, gaussian init as the UNet's. SDXL reads its first encoder's penultimate
+        hidden states, so that encoder's last layer adds nothing to the loss: it gets no LoRA,
+        whose weights DDP would wait on for gradients that never come."""
+        from peft import LoraConfig
+
+        p = self.spec.peft
+        out = []
+        for i, encoder in enumerate(encoders):
+            layers = encoder.config.num_hidden_layers
+            unread = not reads_last_layer(i, len(encoders))
+            out.append(
+                LoraConfig(
+                    r=p.r,
+                    lora_alpha=p.alpha,
+                    lora_dropout=p.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(TEXT_ENCODER_TARGET_MODULES),
+                    layers_to_transform=list(range(layers - 1)) if unread else None,
+                    layers_pattern="layers" if unread else None,
+                )
+            )
+        return out
+
     def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
-        """The UNet's LoRA as diffusers saves it, and the sample images."""
+        """The LoRA as diffusers saves it (the UNet's, and the text encoders' when they train),
+        and the sample images."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         assert isinstance(model, DiffusionModel)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+
+        def layers(part: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return convert_state_dict_to_diffusers(get_peft_model_state_dict(part))
+
+        encoders = {}
+        if model.trained_text_encoders:  # text_encoder_lora_layers, text_encoder_2_lora_layers
+            named = zip(self.pipeline.text_encoders, model.text_encoders, strict=True)
+            encoders = {f"{name}_lora_layers": layers(part) for name, part in named}
         self.pipeline.load_class().save_lora_weights(
-            save_directory=out, unet_lora_layers=layers, safe_serialization=True
+            save_directory=out,
+            unet_lora_layers=layers(model.unet),
+            safe_serialization=True,
+            **encoders,
         )
         self._samples(model, data, out)
         return "adapter"
@@ -639,6 +693,7 @@ class TextToImage(Task):
                 ("Prediction type", t.prediction_type or "the scheduler's"),
                 ("SNR gamma", t.snr_gamma if t.snr_gamma is not None else "none (plain MSE)"),
                 ("Noise offset", t.noise_offset or "none"),
+                ("Text encoder", "LoRA trained" if t.train_text_encoder else "frozen"),
             ),
             tags=("diffusers", "diffusers-training", *self.pipeline.tags),
         )
