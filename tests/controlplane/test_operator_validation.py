@@ -121,6 +121,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("random-flip-on-causal", {"spec.training.randomFlip": True}, "randomFlip"),
     ("noise-offset-on-cls", {**CLS, "spec.training.noiseOffset": 0.1}, "noiseOffset"),
     ("vae-on-causal", {"spec.model.vae": {"source": "hf://madebyollin/sdxl-vae"}}, "vae"),
+    ("text-encoder-on-causal", {"spec.training.trainTextEncoder": True}, "trainTextEncoder"),
     ("vae-repo-id", {**T2I, "spec.model.vae": {"source": "hf://org/a--b"}}, "'--'"),
     ("fsdp-on-embedding", {**EMB, "spec.training.strategy": "fsdp"}, "strategy"),
     # sentence-embedding: Matryoshka sizes only with it, each once, scored only as listed.
