@@ -497,7 +497,6 @@ class TextToImage(Task):
         return ds.rename_columns({old: new for old, new in names.items() if old != new})
 
     def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
-        from peft import LoraConfig
 
         # The frozen parts at the compute precision (training.precision), as diffusers' LoRA
         # script casts them to its weight_dtype: half the memory of fp32 in bf16 or fp16.
@@ -513,17 +512,7 @@ class TextToImage(Task):
             scheduler.register_to_config(prediction_type=self.spec.training.prediction_type)
         for part in (unet, vae, *encoders):
             part.requires_grad_(False)
-        p = self.spec.peft
-        # Gaussian init, as the recipe: B is zero, so the first step starts from the base.
-        unet.add_adapter(
-            LoraConfig(
-                r=p.r,
-                lora_alpha=p.alpha,
-                lora_dropout=p.dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(p.target_modules or DEFAULT_TARGET_MODULES),
-            )
-        )
+        unet.add_adapter(self._lora(self.spec.peft.target_modules or DEFAULT_TARGET_MODULES))
         modeling.trainable_in_fp32(unet)  # peft made LoRA's weights in the UNet's dtype
         if self.spec.training.train_text_encoder:
             for encoder, config in zip(encoders, self._text_encoder_loras(encoders), strict=True):
@@ -582,29 +571,32 @@ class TextToImage(Task):
             scores[name] = total / count if count else math.nan
         return scores
 
-    def _text_encoder_loras(self, encoders: list[Any]) -> list[Any]:
-        """Per text encoder, the LoRA diffusers' --train_text_encoder gives it: its attention
-        projections, gaussian init as the UNet's. SDXL reads its first encoder's penultimate
-        hidden states, so that encoder's last layer adds nothing to the loss: it gets no LoRA,
-        whose weights DDP would wait on for gradients that never come."""
+    def _lora(self, target_modules: Iterable[str], **which_layers: Any) -> Any:
+        """A LoRA at peft.r, alpha and dropout, gaussian init as the recipes give it: B is zero,
+        so the first step starts from the base."""
         from peft import LoraConfig
 
         p = self.spec.peft
+        return LoraConfig(
+            r=p.r,
+            lora_alpha=p.alpha,
+            lora_dropout=p.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(target_modules),
+            **which_layers,
+        )
+
+    def _text_encoder_loras(self, encoders: list[Any]) -> list[Any]:
+        """Per text encoder, the LoRA diffusers' --train_text_encoder gives it: its attention
+        projections. SDXL reads its first encoder's penultimate hidden states, so that encoder's
+        last layer adds nothing to the loss: it gets no LoRA, whose weights DDP would wait on for
+        gradients that never come."""
         out = []
         for i, encoder in enumerate(encoders):
-            layers = encoder.config.num_hidden_layers
+            read = range(encoder.config.num_hidden_layers - 1)
             unread = not reads_last_layer(i, len(encoders))
-            out.append(
-                LoraConfig(
-                    r=p.r,
-                    lora_alpha=p.alpha,
-                    lora_dropout=p.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(TEXT_ENCODER_TARGET_MODULES),
-                    layers_to_transform=list(range(layers - 1)) if unread else None,
-                    layers_pattern="layers" if unread else None,
-                )
-            )
+            which = {"layers_to_transform": list(read), "layers_pattern": "layers"}
+            out.append(self._lora(TEXT_ENCODER_TARGET_MODULES, **(which if unread else {})))
         return out
 
     def save(self, model: torch.nn.Module, data: TaskData, out: Path) -> Artifact:
