@@ -159,8 +159,6 @@ BUILTIN_METRICS: Final[tuple[Metric, ...]] = (
 )
 METRICS: Final[dict[str, Metric]] = {m.name: m for m in BUILTIN_METRICS}
 
-# A gate on one of these is a maximum, not a minimum.
-LOWER_IS_BETTER: Final = frozenset(m.name for m in BUILTIN_METRICS if m.lower_is_better)
 # The scores only sequence-classification computes, in the order the CRD's CEL rule lists them.
 CLASSIFICATION_METRICS: Final = tuple(
     m.name for m in BUILTIN_METRICS if m.tasks == (_SEQUENCE_CLASSIFICATION,)
