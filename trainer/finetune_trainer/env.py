@@ -198,10 +198,20 @@ def ensure_writable_hf_home(env: MutableMapping[str, str] = os.environ) -> None:
     env["HF_HOME"] = os.path.join(tempfile.gettempdir(), "hf-home")
 
 
+# (message start, module that warns): peft's get_peft_model reads
+# PreTrainedModel.is_gradient_checkpointing, which transformers 5 deprecated; sentence-transformers
+# gathers embeddings across ranks with torch.distributed.nn.all_gather, which torch deprecated.
+_LIBRARY_DEPRECATIONS = (
+    ("`is_gradient_checkpointing` is deprecated", "transformers.modeling_utils"),
+    ("torch.distributed.nn.functional.all_gather is deprecated", "sentence_transformers"),
+)
+
+
 def setup_logging(who: str) -> None:
     """One format for every process of a pod ("rank 0", "prefetch"), so interleaved pod and
     local-mode logs stay attributable."""
     import logging
+    import warnings
 
     logging.basicConfig(
         format=f"%(asctime)s [{who}] %(levelname)s %(name)s: %(message)s",
@@ -210,6 +220,10 @@ def setup_logging(who: str) -> None:
     )
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Deprecations inside the libraries, one line in every pod's log that nobody running a job
+    # can act on.
+    for message, module in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message, FutureWarning, module)
     # basicConfig(force=True) removed every root handler: keep the tail for failure messages.
     from finetune_trainer import logtail
 
