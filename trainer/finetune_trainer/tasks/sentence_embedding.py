@@ -2,13 +2,16 @@
 rows with MultipleNegativesRankingLoss, or on scored (anchor, positive, score) pairs with
 CoSENTLoss (dataset.scoreField), LoRA through sentence-transformers' own peft support
 (`add_adapter`) or in full; with training.matryoshkaDims, as MatryoshkaLoss trains it: that loss
-summed over the embedding's leading sizes. Scored by sentence-transformers' evaluators on the
-held-out rows: InformationRetrievalEvaluator (each anchor queries the held-out positives and
-negatives) and EmbeddingSimilarityEvaluator (spearman_cosine), under the evaluators' own metric
-keys, and at a Matryoshka size d (their `truncate_dim`) as dim_<d>_<key>."""
+summed over the embedding's leading sizes; with training.cachedMiniBatchSize, with gradient
+caching (GradCache: sentence-transformers' CachedMultipleNegativesRankingLoss). Scored by
+sentence-transformers' evaluators on the held-out rows: InformationRetrievalEvaluator (each anchor
+queries the held-out positives and negatives) and EmbeddingSimilarityEvaluator
+(spearman_cosine), under the evaluators' own metric keys, and at a Matryoshka size d (their
+`truncate_dim`) as dim_<d>_<key>."""
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Iterable
@@ -26,7 +29,9 @@ from sentence_transformers.sentence_transformer.evaluation import (
     InformationRetrievalEvaluator,
 )
 from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
     CoSENTLoss,
+    MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
 from sentence_transformers.sentence_transformer.losses.matryoshka import shrink
@@ -43,6 +48,8 @@ from finetune_trainer.sources import downloading
 from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
 
 __all__ = ["Collator", "SentenceEmbedding", "columns", "text_rows"]
+
+log = logging.getLogger(__name__)
 
 # The canonical column names inside TaskData, whatever the spec calls them (sentence-transformers'
 # own convention for (anchor, positive, negative) datasets).
@@ -129,6 +136,9 @@ class SentenceEmbedding(Task):
         self.held_out: Dataset | None = None
         self.scored = spec.dataset.score_field is not None
         self._loss: MultipleNegativesRankingLoss | CoSENTLoss | None = None
+        # With cachedMiniBatchSize, sentence-transformers' own cached loss (wrapped in its
+        # MatryoshkaLoss with sizes): it embeds the mini-batches itself, twice.
+        self._cached: CachedMultipleNegativesRankingLoss | MatryoshkaLoss | None = None
         # matryoshkaDims, largest first; () trains the whole embedding only.
         self.sizes = spec.training.matryoshka_sizes
 
@@ -194,6 +204,13 @@ class SentenceEmbedding(Task):
             self._loss = CoSENTLoss(st)
         else:
             self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
+        mini_batch = self.spec.training.cached_mini_batch_size
+        if mini_batch is not None:
+            cached = CachedMultipleNegativesRankingLoss(
+                st, mini_batch_size=mini_batch, gather_across_devices=True
+            )
+            self._cached = MatryoshkaLoss(st, cached, list(self.sizes)) if self.sizes else cached
+        log.info("loss: %s", self.loss_name())
         return st
 
     def _check_sizes(self, st: SentenceTransformer) -> None:
@@ -215,6 +232,8 @@ class SentenceEmbedding(Task):
         if self._loss is None:
             raise RuntimeError("load_model first: the loss is built with the model")
         features = {k: v for k, v in batch.items() if k != LABELS}
+        if self._cached is not None:
+            return self._cached_loss(model, features)
         labels = batch.get(LABELS)  # a scored pair's score; None for MultipleNegativesRanking
         embeddings = model(features)["sentence_embedding"]
         by_column = list(embeddings.chunk(len(self.names)))
@@ -227,6 +246,23 @@ class SentenceEmbedding(Task):
             for d in self.sizes
         ]
         return torch.stack(losses).sum()
+
+    def _cached_loss(self, model: torch.nn.Module, features: Batch) -> torch.Tensor:
+        """GradCache: the loss of the whole batch, with a hook on it that embeds each mini-batch
+        again, with gradients, when the loop's backward pass reaches it."""
+        if self._cached is None:
+            raise RuntimeError("load_model first: the loss is built with the model")
+        cached = self._cached.loss if isinstance(self._cached, MatryoshkaLoss) else self._cached
+        # The prepared model (DDP), not the one the loss was built with: the replay then runs
+        # every mini-batch but the last under no_sync, and the last one's backward pass
+        # all-reduces the accumulated gradients once, as one forward pass's would.
+        cached.model = model
+        # The collator's one batch, column after column, as the per-column features that
+        # sentence-transformers' losses take (the padding the columns share is cut per
+        # mini-batch).
+        per_column = zip(*(v.chunk(len(self.names)) for v in features.values()), strict=True)
+        columns = [dict(zip(features, parts, strict=True)) for parts in per_column]
+        return self._cached(columns, None)
 
     def evaluate(
         self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
@@ -321,6 +357,23 @@ class SentenceEmbedding(Task):
         base[0].model = merged
         return base
 
+    def loss_name(self) -> str:
+        """The loss that trains the job, as the card and the log name it."""
+        mini_batch = self.spec.training.cached_mini_batch_size
+        if self.scored:
+            loss = "CoSENTLoss (pairs ranked by their scores)"
+        elif mini_batch is not None:
+            loss = (
+                f"CachedMultipleNegativesRankingLoss (GradCache, mini-batches of {mini_batch}; "
+                "in-batch negatives gathered across ranks)"
+            )
+        else:
+            loss = "MultipleNegativesRankingLoss (in-batch negatives gathered across ranks)"
+        if self.sizes:
+            sizes = ", ".join(str(d) for d in self.sizes)
+            loss = f"MatryoshkaLoss ({sizes} dimensions) over {loss}"
+        return loss
+
     def card(self, artifact: Artifact, repo: str) -> CardInfo:
         base = source_id(self.spec.model.source) or "<base model>"
         usage = [
@@ -332,12 +385,7 @@ class SentenceEmbedding(Task):
         ]
         if artifact == "adapter":
             usage.insert(2, f"# the adapter loads over its base, {base}")
-        loss = "MultipleNegativesRankingLoss (in-batch negatives gathered across ranks)"
-        if self.scored:
-            loss = "CoSENTLoss (pairs ranked by their scores)"
         if self.sizes:
-            sizes = ", ".join(str(d) for d in self.sizes)
-            loss = f"MatryoshkaLoss ({sizes} dimensions) over {loss}"
             usage += [
                 "",
                 "# Matryoshka: the leading dimensions alone are an embedding too",
@@ -349,7 +397,7 @@ class SentenceEmbedding(Task):
             library_name="sentence-transformers",
             usage="\n".join(usage),
             settings=(
-                ("loss", loss),
+                ("loss", self.loss_name()),
                 ("columns", ", ".join(self._column_names())),
             ),
         )
