@@ -66,6 +66,7 @@ test-kueue: prereqs
 bench: prereqs
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/fsdp_loading.py
+	$(PY) benchmarks/gradient_cache.py
 	$(PY) benchmarks/operator_scale.py
 	$(PY) -m pytest -m bench -s tests/kind/test_restart_time.py tests/kind/test_startup_time.py
 
