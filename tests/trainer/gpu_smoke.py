@@ -20,6 +20,9 @@ the test fixtures:
   mix, which a CPU cannot run in fp16) and the samples drawn under autocast, random crops and
   mirrors as in diffusers' SDXL recipe; sdxl-fp16-vae the same with a VAE of its own
   (model.vae, as examples/sdxl-lora-gpu.yaml gives the fp16-fix VAE), which runs in fp16 too;
+- embedding-bf16-cached: sentence-embedding in bf16 with gradient caching
+  (training.cachedMiniBatchSize, as examples/bge-matryoshka-gpu.yaml trains BGE): the mini-batches
+  replay their CUDA random state and take their gradients under autocast;
 - oom: a text-to-image job at 4096 x 4096 pixels, whose batch cannot fit a GPU's memory, must
   end at once as DeviceOutOfMemory (exit code 3, torch's CUDA account in the message): its
   exit counts as a pass only with that reason.
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = _run(name, sdxl_job(pipeline, data, vae), out, args.timeout)
             summary = {"machine": machine, "runs": runs}
             args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    if not args.only or EMBEDDING in args.only:
+        runs[EMBEDDING] = _run(EMBEDDING, embedding_cached_job(assets), out, args.timeout)
+        args.summary.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     if not args.only or OOM in args.only:
         runs[OOM] = _run(OOM, _oom_job(assets, gpus=1), out, args.timeout)
         reason = (runs[OOM]["result"] or {}).get("reason")
@@ -207,6 +213,7 @@ def _exit_of(run: dict[str, Any]) -> int:
 
 
 OOM, SDXL, SDXL_VAE = "oom", "sdxl-fp16", "sdxl-fp16-vae"
+EMBEDDING = "embedding-bf16-cached"
 
 
 def sdxl_job(pipeline: Path, data: Path, vae: Path | None = None) -> dict[str, Any]:
@@ -229,6 +236,24 @@ def sdxl_job(pipeline: Path, data: Path, vae: Path | None = None) -> dict[str, A
         change["model"] = {"vae": {"source": f"file://{vae}"}}
     name = SDXL if vae is None else SDXL_VAE
     doc = text_to_image_job(pipeline, data, name=name, max_steps=6, checkpoint_every=3)
+    return trainer_helpers.deep_update(doc, {"spec": change})
+
+
+def embedding_cached_job(assets: Path) -> dict[str, Any]:
+    """The tiny BERT sentence-transformers model trained in full in bf16 on one GPU, its batch
+    of 16 embedded 4 rows at a time (GradCache), with dropout (the replay's random state)."""
+    from finetune_trainer.example_data import write_code_search_splits
+    from finetune_trainer.testing.embedding import embedding_job, save_tiny_bert
+
+    model = save_tiny_bert(assets / "tiny-bert")
+    write_code_search_splits(assets / "pairs")
+    doc = embedding_job(model, assets / "pairs", name=EMBEDDING)
+    accelerator = {"type": "nvidia.com/gpu", "count": 1}
+    change = {
+        "peft": {"method": "none"},
+        "training": {"precision": "bf16", "batchSizePerDevice": 16, "cachedMiniBatchSize": 4},
+        "resources": {"nodes": 1, "processesPerNode": 1, "accelerator": accelerator},
+    }
     return trainer_helpers.deep_update(doc, {"spec": change})
 
 
