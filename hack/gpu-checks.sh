@@ -5,7 +5,8 @@
 #   hack/gpu-checks.sh OUT_DIR       # there, in the repository root, with a torch that sees CUDA
 # 1. tests/trainer/gpu_smoke.py: bf16 LoRA (auto and asked for), qlora, FSDP LoRA and full, on
 #    the visible GPUs (NCCL between 2 ranks where 2 GPUs are visible), SDXL text-to-image in
-#    fp16, and last a batch too large for the GPU ending as DeviceOutOfMemory;
+#    fp16, sentence-embedding in bf16 with gradient caching, and last a batch too large for the
+#    GPU ending as DeviceOutOfMemory;
 # 2. NCCL with 2 ranks: an all_reduce, each rank on its own GPU where there are 2 (on one GPU
 #    both ranks share it, which NCCL refuses: the log says so);
 # 3. benchmarks/gpu_throughput.py: the Llama-3.1-8B-shaped LoRA run against Trainer and TRL.
