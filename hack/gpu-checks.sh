@@ -33,6 +33,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_XET=1 PYTHONUNBUFFE
 import importlib.metadata as m, platform, torch
 print("python", platform.python_version(), "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
 for name in ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes",
+             "diffusers", "sentence-transformers",
              "huggingface-hub", "tokenizers", "pyarrow", "numpy"):
     try:
         print(name, m.version(name))
