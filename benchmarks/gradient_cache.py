@@ -34,7 +34,6 @@ from typing import Any
 import contenders
 
 HERE = Path(__file__).resolve().parent
-MIB = 1024 * 1024
 WAYS = ("one_pass", "cached")
 
 
@@ -130,7 +129,7 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     from datasets import load_dataset
 
     from finetune_api import parse_manifest
-    from finetune_trainer.example_data import _minilm
+    from finetune_trainer.example_data import minilm_dir
     from finetune_trainer.tasks import task_for
 
     torch.set_num_threads(1)
@@ -140,13 +139,16 @@ def _step(args: argparse.Namespace) -> dict[str, float]:
     doc = {
         "metadata": {"name": "bench"},
         "spec": {
-            "model": {"source": f"file://{_minilm()}", "task": "sentence-embedding"},
-            "dataset": {"source": f"file://{args.data}", "anchorField": "query"},
+            "model": {"source": f"file://{minilm_dir()}", "task": "sentence-embedding"},
+            "dataset": {
+                "source": f"file://{args.data}",
+                "anchorField": "query",
+                "positiveField": "document",
+            },
             "peft": {"r": 16, "alpha": 32, "dropout": 0.0},
             "training": training,
         },
     }
-    doc["spec"]["dataset"]["positiveField"] = "document"
     task = task_for(parse_manifest(doc).spec)
     rows = load_dataset("json", data_files=str(args.data / "train.jsonl"), split="train")
     data = task.build_data(rows, rows)

