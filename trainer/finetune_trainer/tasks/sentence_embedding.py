@@ -200,16 +200,17 @@ class SentenceEmbedding(Task):
         # embeddings come from the prepared (DDP) model. Gathered across ranks, every rank's
         # anchors see every rank's positives (and negatives) as in-batch negatives. CoSENT
         # ranks the pairs of a rank's own batch by their scores; DDP averages the ranks' losses.
-        if self.scored:
-            self._loss = CoSENTLoss(st)
-        else:
-            self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
+        # The schema keeps cachedMiniBatchSize off scored pairs: one of the three losses trains.
         mini_batch = self.spec.training.cached_mini_batch_size
         if mini_batch is not None:
             cached = CachedMultipleNegativesRankingLoss(
                 st, mini_batch_size=mini_batch, gather_across_devices=True
             )
             self._cached = MatryoshkaLoss(st, cached, list(self.sizes)) if self.sizes else cached
+        elif self.scored:
+            self._loss = CoSENTLoss(st)
+        else:
+            self._loss = MultipleNegativesRankingLoss(st, gather_across_devices=True)
         log.info("loss: %s", self.loss_name())
         return st
 
@@ -229,11 +230,11 @@ class SentenceEmbedding(Task):
             )
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        if self._loss is None:
-            raise RuntimeError("load_model first: the loss is built with the model")
         features = {k: v for k, v in batch.items() if k != LABELS}
         if self._cached is not None:
-            return self._cached_loss(model, features)
+            return _cached_loss(self._cached, model, features, len(self.names))
+        if self._loss is None:
+            raise RuntimeError("load_model first: the loss is built with the model")
         labels = batch.get(LABELS)  # a scored pair's score; None for MultipleNegativesRanking
         embeddings = model(features)["sentence_embedding"]
         by_column = list(embeddings.chunk(len(self.names)))
@@ -246,23 +247,6 @@ class SentenceEmbedding(Task):
             for d in self.sizes
         ]
         return torch.stack(losses).sum()
-
-    def _cached_loss(self, model: torch.nn.Module, features: Batch) -> torch.Tensor:
-        """GradCache: the loss of the whole batch, with a hook on it that embeds each mini-batch
-        again, with gradients, when the loop's backward pass reaches it."""
-        if self._cached is None:
-            raise RuntimeError("load_model first: the loss is built with the model")
-        cached = self._cached.loss if isinstance(self._cached, MatryoshkaLoss) else self._cached
-        # The prepared model (DDP), not the one the loss was built with: the replay then runs
-        # every mini-batch but the last under no_sync, and the last one's backward pass
-        # all-reduces the accumulated gradients once, as one forward pass's would.
-        cached.model = model
-        # The collator's one batch, column after column, as the per-column features that
-        # sentence-transformers' losses take (the padding the columns share is cut per
-        # mini-batch).
-        per_column = zip(*(v.chunk(len(self.names)) for v in features.values()), strict=True)
-        columns = [dict(zip(features, parts, strict=True)) for parts in per_column]
-        return self._cached(columns, None)
 
     def evaluate(
         self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
@@ -401,6 +385,25 @@ class SentenceEmbedding(Task):
                 ("columns", ", ".join(self._column_names())),
             ),
         )
+
+
+def _cached_loss(
+    loss: CachedMultipleNegativesRankingLoss | MatryoshkaLoss,
+    model: torch.nn.Module,
+    features: Batch,
+    columns: int,
+) -> torch.Tensor:
+    """GradCache: the loss of the whole batch, with a hook on it that embeds each mini-batch
+    again, with gradients, when the loop's backward pass reaches it."""
+    cached = loss.loss if isinstance(loss, MatryoshkaLoss) else loss
+    # The prepared model (DDP), not the one the loss was built with: the replay then runs every
+    # mini-batch but the last under no_sync, and the last one's backward pass all-reduces the
+    # accumulated gradients once, as one forward pass's would.
+    cached.model = model
+    # The collator's one batch, column after column, as the per-column features that
+    # sentence-transformers' losses take (the padding the columns share is cut per mini-batch).
+    per_column = zip(*(v.chunk(columns) for v in features.values()), strict=True)
+    return loss([dict(zip(features, parts, strict=True)) for parts in per_column], None)
 
 
 def _unused_heads(st: SentenceTransformer) -> list[str]:
