@@ -268,3 +268,30 @@ def test_only_rank_0_reads_the_base_and_every_rank_gets_the_whole_of_it(
         assert state.keys() == loaded.keys(), rank
         for name, value in loaded.items():
             assert torch.equal(state[name], value.detach()), (rank, name)
+
+
+def test_a_sharded_model_generates_what_the_whole_one_does(
+    tmp_path: Path, causal_manifest: dict[str, Any], base_env: dict[str, str]
+) -> None:
+    """Evaluation by generation under fsdp: a LoRA model sharded over 2 ranks answers exactly as
+    the whole model, though one rank's only batch ends at its first token while the other's
+    two go on, and a fresh model generates before any forward through the root. Before, the
+    ranks' forwards did not pair up (a hang until the watchdog), generating before training
+    failed on the root's weights, left as shards (`aten.embedding.default got mixed
+    torch.Tensor and DTensor`), and a layer that ran forward before the root took itself for
+    the root and failed training's first step."""
+    from finetune_trainer.testing import sharded_load
+
+    doc = _job(causal_manifest, strategy="fsdp")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    reports = sharded_load.gang(
+        manifest, tmp_path / "out", generate=True, env=base_env, timeout=300
+    )
+    assert reports[0] == reports[1], "every rank returns every answer, in prompt order"
+    whole, sharded = reports[0]["whole"], reports[0]["sharded"]
+    assert len(whole) == 5 and whole[3] == whole[4] == reports[0]["eos"], whole
+    assert all(len(answer) > len(whole[3]) for answer in whole[:3]), whole
+    assert sharded == whole
+    # And the next forward through the root (training's) still works, on the same weights.
+    assert reports[0]["logitsDiff"] < 1e-5

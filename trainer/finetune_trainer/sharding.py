@@ -22,6 +22,8 @@ would need a store that every pod of the gang can reach, which a multi-node gang
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -108,6 +110,26 @@ def _fill(model: torch.nn.Module, whole: dict[str, torch.Tensor], device: torch.
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def whole_root(model: torch.nn.Module, token: torch.Tensor) -> Iterator[None]:
+    """The root unit's weights (embeddings, final norm, head) gathered for the block, when
+    `model` is sharded; a collective. `generate` calls the inner model's forward (a PeftModel's
+    base model's), which passes by the root's hooks, so they would stay shards, and a layer
+    that ran forward before the root would take itself for the root (FSDP2 makes the first unit
+    to run forward the root) and fail the next forward through the real one. So `token`, the
+    input ids of one token (shape 1 x 1), goes through the root first: its forward gathers the
+    root's weights and, waiting for a backward, keeps them; the layers gather their own as the
+    inner model calls them."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model(input_ids=token)
+    try:
+        yield
+    finally:
+        reshard(model)
 
 
 def reshard(model: torch.nn.Module) -> None:
