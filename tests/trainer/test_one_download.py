@@ -11,6 +11,7 @@ although the branch has moved on meanwhile."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ class Seeded:
     model_sha: str
     data_sha: str
 
-    def gang(self, doc: dict[str, Any], workdir: Path, env: dict[str, str]) -> Gang:
-        """2 pods x 2 ranks online against the double, each pod with its own HF_HOME."""
+    def gang(self, doc: dict[str, Any], workdir: Path, env: dict[str, str], nproc: int = 2) -> Gang:
+        """2 pods x `nproc` ranks online against the double, each pod with its own HF_HOME."""
         manifest = workdir / "job.yaml"
         manifest.write_text(yaml.safe_dump(doc))
         online = {
@@ -48,7 +49,7 @@ class Seeded:
             "HF_ENDPOINT": self.hub.endpoint,
             "HF_TOKEN": TOKEN,
         }
-        return Gang(manifest, workdir, {**env, **online}, 2, 2, own_hf_home=True)
+        return Gang(manifest, workdir, {**env, **online}, 2, nproc, own_hf_home=True)
 
 
 @pytest.fixture
@@ -153,6 +154,43 @@ def test_without_a_shared_cache_rank_0_downloads_each_file_once_and_sends_it(
         folder = Path("hub", f"{kind}--{repo.replace('/', '--')}", "snapshots", sha)
         copies = [_files(gang.results[i].parent / "hf" / folder) for i in range(gang.nodes)]
         assert copies[0] and copies[0] == copies[1], (repo, sorted(copies[0]), sorted(copies[1]))
+
+
+def test_under_fsdp_the_other_pods_get_the_model_without_its_weights(
+    seeded: Seeded, causal_manifest: dict[str, Any], base_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Only rank 0 reads the base's weights under fsdp (the other ranks build the model empty
+    and get their shards from it), so the copy to the other pod leaves them out: it gets the
+    config and tokenizer, and the whole dataset."""
+    doc = deep_update(
+        _job(causal_manifest, None),
+        {"spec": {"training": {"strategy": "fsdp"}, "resources": {"processesPerNode": 1}}},
+    )
+    gang = seeded.gang(doc, tmp_path, base_env, nproc=1)
+    results = _run(gang)
+    assert results[0]["status"] == "Succeeded", results[0]
+    assert set(_file_gets(list(seeded.hub.requests)).values()) == {1}
+    model = Path("hub", f"models--{MODEL.replace('/', '--')}", "snapshots", seeded.model_sha)
+    rank_0, other = (_files(gang.results[i].parent / "hf" / model) for i in range(2))
+    assert "model.safetensors" in rank_0 and "config.json" in other, sorted(other)
+    assert other == {name: data for name, data in rank_0.items() if name != "model.safetensors"}
+    data = Path("hub", f"datasets--{DATASET.replace('/', '--')}", "snapshots", seeded.data_sha)
+    assert _files(gang.results[1].parent / "hf" / data) == _files(
+        gang.results[0].parent / "hf" / data
+    )
+    marks = sorted(
+        p.name
+        for p in (gang.results[1].parent / "hf" / "hub" / ".finetune-fetched").glob("*.complete")
+    )
+    assert marks == [
+        f"datasets--{DATASET.replace('/', '--')}--{seeded.data_sha}.complete",
+        f"models--{MODEL.replace('/', '--')}--{seeded.model_sha}.no-weights.complete",
+    ]
+    log = gang.log_text()
+    assert "the base is built empty here" in log, log[-4000:]
+    sent = re.search(r"sent ([\d.]+) MiB of sources", log)
+    weights = len(rank_0["model.safetensors"]) / (1 << 20)
+    assert sent and float(sent[1]) < weights, (sent, weights)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

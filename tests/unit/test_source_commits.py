@@ -53,7 +53,7 @@ def _spec(**sections: Any) -> FineTuneJobSpec:
         "dataset": {"source": f"hf://{DATASET}"},
     }
     for name, changes in sections.items():
-        doc[name] = {**doc[name], **changes}
+        doc[name] = {**doc.get(name, {}), **changes}
     return FineTuneJobSpec.model_validate(doc)
 
 
@@ -286,6 +286,37 @@ def test_the_prefetch_resolves_first_then_downloads_and_leaves_a_failure_to_rank
     prefetch.wait_resolved()
     prefetch.stop()
     assert not (checkpoint_root(missing) / fetch.RESOLVED_FILE).exists()
+
+
+def test_under_fsdp_a_rank_other_than_0_reads_and_fetches_the_model_without_its_weights(
+    hub: HubDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "weighty"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "sub/extra.bin"):
+        (folder / name).write_text(name)
+    model, data = hub.seed(MODEL, folder), _seed(hub, DATASET, "d1", tmp_path, "dataset")
+    commits = fetch.Commits(model, data)
+    fsdp = _spec(training={"strategy": "fsdp"})
+    for spec, rank_0, weights in ((_spec(), False, True), (fsdp, True, True), (fsdp, False, False)):
+        snaps = {s.kind: s.weights for s in fetch.snapshots(spec, commits, rank_0=rank_0)}
+        assert snaps == {"model": weights, "dataset": True}, (spec.training.strategy, rank_0)
+
+    light = fetch.Snapshot("model", MODEL, model, weights=False)
+    whole = fetch.Snapshot("model", MODEL, model)
+    fetch.download(light)
+    got = {p.relative_to(light.folder).as_posix() for p in light.folder.rglob("*")}
+    assert got == {".gitattributes", "config.json", "tokenizer.json"}, got
+    gets = {p for m, p, _ in hub.requests if m == "GET" and f"/resolve/{model}/" in p}
+    assert gets == {f"/{MODEL}/resolve/{model}/{name}" for name in got}, gets
+    assert light.is_complete() and not whole.is_complete()
+    # A whole copy (rank 0's, on the pod it shares with other ranks) serves both.
+    fetch.download(whole)
+    assert (whole.folder / "model.safetensors").read_text() == "model.safetensors"
+    assert whole.is_complete() and light.is_complete()
 
 
 def test_a_full_cache_is_the_field_that_sizes_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ import posixpath
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -254,14 +254,27 @@ def _read_kept(path: Path) -> dict[str, Any] | None:
     return kept
 
 
+def reads_base_weights(spec: FineTuneJobSpec, rank_0: bool) -> bool:
+    """Whether a rank reads the base model's weights. Under fsdp only rank 0 does: the others
+    build the model empty and get their shards from it (sharding.loading_device), so a pod
+    without rank 0 needs the model's config and tokenizer but not its weights."""
+    return spec.training.strategy != "fsdp" or rank_0
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """One source's files at one commit in this process's hub cache (HF_HUB_CACHE): the folder the
-    loaders read, and the mark that says it is whole."""
+    loaders read, and the mark that says it is whole. Without `weights`, whole means every file
+    but the weights (`holds`): what a rank that builds the model empty reads."""
 
     kind: SourceKind
     repo: str
     commit: str
+    weights: bool = True
+
+    def holds(self, relative: str) -> bool:
+        """Whether the file at `relative` in the folder is one of this snapshot's."""
+        return self.weights or not _WEIGHTS.search(relative)
 
     @property
     def repo_type(self) -> str:
@@ -273,7 +286,8 @@ class Snapshot:
         return _hub_cache() / self._repo_folder / "snapshots" / self.commit
 
     def is_complete(self) -> bool:
-        return self._mark.is_file()
+        # A whole copy holds what a copy without the weights would.
+        return self._mark.is_file() or replace(self, weights=True)._mark.is_file()
 
     def mark_complete(self) -> None:
         """Mark the folder whole. Written last and renamed into place, so a process killed
@@ -308,7 +322,8 @@ class Snapshot:
 
     @property
     def _mark(self) -> Path:
-        return _hub_cache() / _MARKS / f"{self._repo_folder}--{self.commit}.complete"
+        kept = "" if self.weights else ".no-weights"
+        return _hub_cache() / _MARKS / f"{self._repo_folder}--{self.commit}{kept}.complete"
 
 
 def _hub_cache() -> Path:
@@ -317,10 +332,12 @@ def _hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def snapshots(spec: FineTuneJobSpec, commits: Commits) -> list[Snapshot]:
-    """The snapshot of each hf:// source at the commit it resolved to."""
+def snapshots(spec: FineTuneJobSpec, commits: Commits, rank_0: bool = True) -> list[Snapshot]:
+    """The snapshot of each hf:// source at the commit it resolved to, as rank 0 reads them or,
+    with `rank_0` False, any other rank (reads_base_weights)."""
+    weights = reads_base_weights(spec, rank_0)
     return [
-        Snapshot(kind, repo, commit)
+        Snapshot(kind, repo, commit, weights=weights or kind != "model")
         for kind, (repo, _) in hub_sources(spec).items()
         if (commit := commits.of(kind)) is not None
     ]
@@ -340,7 +357,7 @@ def download(snap: Snapshot) -> Path:
                 # A model's file list at that commit decides what to fetch; a dataset is
                 # fetched whole (its builder picks its files).
                 model = snap.repo_type == "model"
-                wanted = _model_files(repo, commit, token) if model else None
+                wanted = _model_files(snap, token) if model else None
                 snapshot_download(
                     repo,
                     repo_type=snap.repo_type,
@@ -353,17 +370,18 @@ def download(snap: Snapshot) -> Path:
     return snap.folder
 
 
-def _model_files(repo: str, commit: str, token: str | None) -> list[str]:
+def _model_files(snap: Snapshot, token: str | None) -> list[str]:
     """allow_patterns naming exactly the files to fetch (escaped: the patterns are fnmatch's)."""
     from huggingface_hub import HfApi, hf_hub_download
 
+    repo, commit = snap.repo, snap.commit
     info = HfApi(token=token).model_info(repo, revision=commit, token=token)
     files = [s.rfilename for s in info.siblings or []]
     parts = None
     if PIPELINE_INDEX in files:
         index = hf_hub_download(repo, PIPELINE_INDEX, revision=commit, token=token)
         parts = pipeline_parts(json.loads(Path(index).read_text()))
-    return [glob.escape(f) for f in model_files_to_fetch(files, parts)]
+    return [glob.escape(f) for f in model_files_to_fetch(files, parts) if snap.holds(f)]
 
 
 class Peers(Protocol):
@@ -376,7 +394,8 @@ class Peers(Protocol):
         ...
 
     def share(self, snapshots: list[Snapshot]) -> None:
-        """Rank 0's complete snapshots, copied to every pod whose hub cache lacks them."""
+        """Rank 0's copy of `snapshots` (what a rank other than 0 reads), sent to every pod
+        whose hub cache lacks them."""
         ...
 
 
@@ -420,12 +439,12 @@ def fetch_sources(spec: FineTuneJobSpec, root: Path, peers: Peers) -> Commits:
     if what == "error":
         raise RuntimeError(value)
     commits: Commits = value
-    snaps = snapshots(spec, commits)
     if peers.is_main:
-        for snap in snaps:
+        for snap in snapshots(spec, commits):
             download(snap)
-    peers.share(snaps)
-    for snap in snaps:
+    # Every pod but rank 0's reads what a rank other than 0 reads: under fsdp, not the weights.
+    peers.share(snapshots(spec, commits, rank_0=False))
+    for snap in snapshots(spec, commits, rank_0=peers.is_main):
         # Complete by now: rank 0's download, or the copy `share` sent. (A cache that still
         # lacked it would download its own.)
         _fetched[snap.kind] = (snap.repo, snap.commit, download(snap))

@@ -1,18 +1,17 @@
 """What every transformers task shares about its model: the tokenizer, the precision, the PEFT
 wrapping (LoRA, QLoRA's 4-bit base, or none) and the saved artifact.
 
-A task module says which auto class and arguments load its base (`base_loader`); the rest is here.
+A task module says which auto class and arguments load its base (`BaseLoader`); the rest is here.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
 import sysconfig
 import tempfile
-from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +28,6 @@ from finetune_trainer.tasks.base import Artifact
 log = logging.getLogger(__name__)
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
-# `from_pretrained` of a task's auto class with the source, revision and task arguments bound;
-# called with the dtype and quantization arguments.
-BaseLoader = Callable[..., PreTrainedModel]
 
 
 def source_location(source: str) -> str:
@@ -210,25 +206,57 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def base_loader(auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> BaseLoader:
-    """`auto_class.from_pretrained` for the spec's source and revision, with the task's own
-    arguments (e.g. the labels of a classification head) bound. A source that does not exist
-    raises SourceNotFound."""
-    location, revision = source_location(spec.source), pinned_revision(spec)
-    cached: dict[str, Any] = {}
-    if cached_only(spec):
-        # The auto classes look for an adapter config without local_files_only: pass it to them.
-        cached = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
-    load = functools.partial(
-        auto_class.from_pretrained, location, revision=revision, **cached, **task_kwargs
-    )
+class BaseLoader:
+    """A task's base model: its auto class with the spec's source, revision and the task's own
+    arguments (e.g. the labels of a classification head) bound. Called with the dtype and
+    quantization arguments, it is `from_pretrained`; `empty` builds it without its weights. A
+    source that does not exist raises SourceNotFound."""
 
-    def load_base(**kwargs: Any) -> PreTrainedModel:
+    def __init__(self, auto_class: Any, spec: ModelSpec, **task_kwargs: object) -> None:
+        self._auto_class = auto_class
+        self._location, self._revision = source_location(spec.source), pinned_revision(spec)
+        self._task_kwargs = task_kwargs
+        # Fetched into the hub cache (fetch.py): read there, with no Hub request.
+        self._local = cached_only(spec)
+
+    def __call__(self, **kwargs: Any) -> PreTrainedModel:
+        cached: dict[str, Any] = {}
+        if self._local:
+            # The auto classes look for an adapter config without local_files_only: pass it.
+            cached = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
+        with self._token() as token:
+            return self._auto_class.from_pretrained(
+                self._location,
+                revision=self._revision,
+                token=token,
+                **cached,
+                **self._task_kwargs,
+                **kwargs,
+            )
+
+    def empty(self, dtype: torch.dtype) -> PreTrainedModel:
+        """The base's shapes on the meta device, from its config alone: nothing reads or needs
+        its weights (an fsdp rank other than 0, whose pod may hold the config without them:
+        fetch.reads_base_weights). Its generation settings are the checkpoint's, as
+        `from_pretrained` reads them, so that every rank generates alike."""
+        from transformers import AutoConfig, GenerationConfig
+
+        with self._token() as token:
+            source = {"revision": self._revision, "token": token, "local_files_only": self._local}
+            config = AutoConfig.from_pretrained(self._location, **source, **self._task_kwargs)
+            with torch.device("meta"):
+                model = self._auto_class.from_config(config, dtype=dtype)
+            # Without generation_config.json (OSError), the one made from the config stays.
+            with suppress(OSError):
+                if model.can_generate():
+                    model.generation_config = GenerationConfig.from_pretrained(
+                        self._location, **source
+                    )
+        return model
+
+    def _token(self) -> AbstractContextManager[str | None]:
         # The model's own token, never the push token when it has one (sources.downloading).
-        with downloading("model", location, revision) as token:
-            return load(token=token, **kwargs)
-
-    return load_base
+        return downloading("model", self._location, self._revision)
 
 
 def load_model(
@@ -241,7 +269,8 @@ def load_model(
     """The base model, wrapped for PEFT unless the method is `none`.
 
     `device` is where this rank computes; qlora quantizes the base as it loads, straight onto it.
-    The meta device builds the model without reading its weights (an fsdp rank other than 0).
+    The meta device builds the model from its config, without its weights (an fsdp rank other
+    than 0).
     """
     dtype = weights_dtype(spec.training.precision, spec.peft.method)
     kwargs: dict[str, object] = {"dtype": dtype}
@@ -255,10 +284,10 @@ def load_model(
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": device}
-    elif device.type == "meta":
+    model = (
         # The base's shapes without its weights (sharding.loading_device); nothing is read.
-        kwargs["device_map"] = "meta"
-    model = load_base(**kwargs)
+        load_base.empty(dtype) if device.type == "meta" else load_base(**kwargs)
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     checkpointing = gradient_checkpointing(spec)

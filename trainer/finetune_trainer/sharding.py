@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from finetune_api import FieldError, ManifestError
 from finetune_api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.fetch import reads_base_weights
 from finetune_trainer.modeling import transformer_layers
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,8 +57,9 @@ def loading_device(spec: FineTuneJobSpec, rank: int, device: torch.device) -> to
     its weights (into host memory, as every rank does otherwise); the others build it empty on
     the meta device, and `shard` gives them their shards of rank 0's. A pod of N ranks then
     holds the base at most once in host memory, not N times, as accelerate's
-    cpu_ram_efficient_loading and TorchTitan load a sharded model."""
-    return META if uses_fsdp(spec) and rank != 0 else device
+    cpu_ram_efficient_loading and TorchTitan load a sharded model; and a pod without rank 0
+    need not hold the weights at all (fetch.reads_base_weights)."""
+    return device if reads_base_weights(spec, rank_0=rank == 0) else META
 
 
 def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) -> torch.nn.Module:

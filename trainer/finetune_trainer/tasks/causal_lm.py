@@ -317,7 +317,7 @@ class CausalLM(Task):
         return any(name not in _LOGIT_METRICS for name in self.metrics)
 
     def _load_base(self) -> modeling.BaseLoader:
-        return modeling.base_loader(AutoModelForCausalLM, self.spec.model)
+        return modeling.BaseLoader(AutoModelForCausalLM, self.spec.model)
 
     def load_model(self, data: TaskData, device: torch.device) -> torch.nn.Module:
         pad = data.processor.pad_token_id

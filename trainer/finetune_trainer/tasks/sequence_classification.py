@@ -118,7 +118,7 @@ class SequenceClassification(Task):
 
     def _load_base(self, labels: list[str] | None) -> modeling.BaseLoader:
         names = labels or [str(i) for i in range(self.num_labels)]
-        return modeling.base_loader(
+        return modeling.BaseLoader(
             AutoModelForSequenceClassification,
             self.spec.model,
             num_labels=self.spec.model.num_labels,

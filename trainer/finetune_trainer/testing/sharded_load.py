@@ -49,7 +49,7 @@ def load(spec: FineTuneJobSpec, where: torch.device) -> torch.nn.Module:
     """The job's base model as `finetune train` loads a causal-lm job's onto `where` (without
     compiling it): after the job's seed, as there, so that a fresh LoRA is the same."""
     set_seed(spec.training.seed)
-    loader = modeling.base_loader(AutoModelForCausalLM, spec.model)
+    loader = modeling.BaseLoader(AutoModelForCausalLM, spec.model)
     return modeling.load_model(spec, loader, 0, TaskType.CAUSAL_LM, where)
 
 
