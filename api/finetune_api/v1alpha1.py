@@ -1461,7 +1461,9 @@ class ServeSpec(ApiModel):
         "transformers",
         description="engine is transformers (`transformers serve`, runs on CPU, from the "
         "trainer image), vllm (LoRA through --enable-lora --lora-modules) or tgi "
-        "(LORA_ADAPTERS; requests name the adapter with adapter_id). Default transformers.",
+        "(LORA_ADAPTERS; requests name the adapter with adapter_id). vllm and tgi shard the "
+        "model over every GPU of resources' nvidia.com/gpu (--tensor-parallel-size, NUM_SHARD). "
+        "Default transformers.",
     )
     replicas: int = Field(
         1, ge=1, le=64, description="replicas of the serving Deployment. Default 1."

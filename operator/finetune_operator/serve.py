@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_api import pod
-from finetune_api.v1alpha1 import FineTuneJob, SecretKeyRef
+from finetune_api.v1alpha1 import FineTuneJob, SecretKeyRef, ServeSpec
 from finetune_operator import naming
 from finetune_operator.podspec import quantities, threads_env
 from finetune_operator.settings import Settings
@@ -32,6 +32,7 @@ Manifest = dict[str, Any]
 PROGRESS_DEADLINE_SECONDS = 600
 # vLLM sizes its LoRA slots by --max-lora-rank, and accepts only these values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+GPU = "nvidia.com/gpu"
 
 
 def served_model(job: FineTuneJob) -> str:
@@ -155,6 +156,13 @@ def _vllm_lora_rank(r: int) -> int:
     return next((v for v in VLLM_LORA_RANKS if v >= r), VLLM_LORA_RANKS[-1])
 
 
+def _gpus(serve: ServeSpec) -> int:
+    """The GPUs of the serving container: its nvidia.com/gpu limit (or request: for an extended
+    resource they are equal), else 1."""
+    amount = str(serve.resources.limits.get(GPU, serve.resources.requests.get(GPU, 1)))
+    return int(amount) if amount.isdigit() else 1
+
+
 def _server(job: FineTuneJob, settings: Settings, artifact: str) -> Manifest:
     """The engine's container: its image, command or env, and its probe."""
     serve = job.spec.serve
@@ -208,6 +216,9 @@ def _server(job: FineTuneJob, settings: Settings, artifact: str) -> Manifest:
                 "--max-lora-rank",
                 str(_vllm_lora_rank(job.spec.peft.r)),
             ]
+        if (gpus := _gpus(serve)) > 1:
+            # One model over all of the container's GPUs, not one GPU used and the rest idle.
+            args += ["--tensor-parallel-size", str(gpus)]
         container["command"], container["args"] = command, args
         env = _hub_env(job, engine=True)
     else:  # tgi
@@ -221,6 +232,8 @@ def _server(job: FineTuneJob, settings: Settings, artifact: str) -> Manifest:
                 values["REVISION"] = base_revision
             # Requests pick the adapter with adapter_id (the chat route: `model`).
             values["LORA_ADAPTERS"] = f"{model}={path}"
+        if (gpus := _gpus(serve)) > 1:
+            values["NUM_SHARD"] = str(gpus)  # tensor parallel, as vLLM's above
         env = [{"name": k, "value": v} for k, v in values.items()] + _hub_env(job, engine=True)
     container.update(
         {

@@ -223,6 +223,22 @@ def test_tgi_names_the_adapter_in_lora_adapters() -> None:
     assert "LORA_ADAPTERS" not in merged
 
 
+@pytest.mark.parametrize("where", ["limits", "requests"])
+def test_vllm_and_tgi_shard_the_model_over_every_gpu_of_the_container(where: str) -> None:
+    """A 70B model on 4 GPUs is one model over the 4 (tensor parallel), not one GPU's worth of
+    it failing to load while 3 GPUs idle. One GPU keeps the engines' own default."""
+
+    def server(engine: str, gpus: int) -> dict[str, Any]:
+        doc = yaml.safe_load((GOLDEN / f"{engine}.input.yaml").read_text())
+        doc["spec"]["serve"]["resources"] = {where: {"nvidia.com/gpu": gpus, "cpu": "8"}}
+        return _server(_render(parse_manifest(doc))[0])
+
+    assert server("vllm", 4)["args"][-2:] == ["--tensor-parallel-size", "4"]
+    assert "--tensor-parallel-size" not in server("vllm", 1)["args"]
+    assert _env(server("tgi", 4))["NUM_SHARD"] == "4"
+    assert "NUM_SHARD" not in _env(server("tgi", 1))
+
+
 def test_engine_images_come_from_the_chart_values() -> None:
     values = yaml.safe_load(Path("charts/finetune-operator/values.yaml").read_text())
     settings = Settings.from_chart_values(values, app_version="1.0.0")
