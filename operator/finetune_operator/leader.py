@@ -223,14 +223,16 @@ class LeaseHolder:
         first finds another holder's lease current."""
         waiting_on, stood_by = None, False
         while (outcome := self._try()) is not Outcome.HELD:
-            if outcome is Outcome.OTHER and not stood_by:
-                stood_by = True
-                standing_by()
+            # Said before the standby answers its probes, so that whoever sees it stand by can
+            # read why in the log.
             if self._holder and self._holder != waiting_on:
                 waiting_on = self._holder
                 log.info(
                     "waiting for lease %s/%s, held by %s", self.namespace, self.name, waiting_on
                 )
+            if outcome is Outcome.OTHER and not stood_by:
+                stood_by = True
+                standing_by()
             self._pause()
         log.info("holding lease %s/%s as %s", self.namespace, self.name, self.identity)
         self.hold()
