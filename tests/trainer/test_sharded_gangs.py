@@ -270,6 +270,28 @@ def test_only_rank_0_reads_the_base_and_every_rank_gets_the_whole_of_it(
             assert torch.equal(state[name], value.detach()), (rank, name)
 
 
+def test_a_module_the_checkpoint_keeps_in_fp32_is_fp32_on_every_rank(
+    tmp_path: Path, causal_manifest: dict[str, Any], base_env: dict[str, str]
+) -> None:
+    """Under bf16 `from_pretrained` keeps some models' modules in fp32, and building a model
+    from its config (the other ranks) does not: their shards take rank 0's dtypes."""
+    import torch
+
+    from finetune_trainer.testing import sharded_load
+
+    doc = _job(causal_manifest, strategy="fsdp", precision="bf16")
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    sharded_load.gang(manifest, out, keep_state=True, keep_fp32="lm_head", env=base_env)
+    states = [torch.load(out / f"rank-{rank}.pt", weights_only=True) for rank in (0, 1)]
+    head = "base_model.model.lm_head.weight"
+    assert states[0][head].dtype == torch.float32
+    assert states[0]["base_model.model.model.embed_tokens.weight"].dtype == torch.bfloat16
+    for name, value in states[0].items():
+        assert states[1][name].dtype == value.dtype and torch.equal(states[1][name], value), name
+
+
 def test_a_sharded_model_generates_what_the_whole_one_does(
     tmp_path: Path, causal_manifest: dict[str, Any], base_env: dict[str, str]
 ) -> None:

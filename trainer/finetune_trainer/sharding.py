@@ -89,12 +89,28 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
         )
     # Rank 0's whole weights, as loaded: what every rank's shards are cut from (_fill).
     whole = model.state_dict() if dist.get_rank() == 0 else {}
+    if dist.get_world_size() > 1:
+        _match_dtypes(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if dist.get_world_size() > 1:
         _fill(model, whole, device)
     return model
+
+
+def _match_dtypes(model: torch.nn.Module) -> None:
+    """Every rank's parameters in rank 0's dtypes; a collective. Rank 0 loaded the base with
+    `from_pretrained`, which keeps some models' modules in fp32 under bf16 (transformers'
+    `_keep_in_fp32_modules_strict`: Mistral 4's, Nemotron-H's, ERNIE 4.5 MoE's), and the others
+    built it from its config, which does not; the shards of one parameter must agree. The
+    others' parameters are empty (meta), so the cast costs nothing."""
+    box = [{n: p.dtype for n, p in model.named_parameters()} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    dtypes: dict[str, torch.dtype] = box[0]  # type: ignore[assignment]
+    for name, param in model.named_parameters():
+        if param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
 
 
 def _fill(model: torch.nn.Module, whole: dict[str, torch.Tensor], device: torch.device) -> None:

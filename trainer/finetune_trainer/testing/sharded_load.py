@@ -2,13 +2,16 @@
 it, on a real gloo process group: what each rank then holds, to check it and to measure it.
 
     python -m finetune_trainer.testing.sharded_load JOB_YAML OUT_DIR [--every-rank-loads] [--state]
+        [--keep-fp32 MODULE]
     python -m finetune_trainer.testing.sharded_load JOB_YAML OUT_DIR --generate
 
 `gang(...)` starts the ranks as one pod's processes. Each rank writes OUT_DIR/rank-N.json:
 whether it built the base empty (on the meta device), and its peak resident memory by the end
 of sharding (VmHWM: loading is the peak). With `--state` it also writes OUT_DIR/rank-N.pt,
 the whole value of every parameter and buffer after sharding. `--every-rank-loads` is the
-baseline: every rank reads the weights, as before sharding.loading_device.
+baseline: every rank reads the weights, as before sharding.loading_device. `--keep-fp32 MODULE`
+loads the tiny Llama as a model class that keeps MODULE in fp32 under bf16 would (transformers'
+`_keep_in_fp32_modules_strict`).
 
 `--generate` instead answers the same prompts by evaluation's generation (`generate_answers`)
 twice on every rank, with the whole base and then with it sharded, and writes both answer
@@ -59,7 +62,13 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state | {name: b.detach().clone() for name, b in model.named_buffers()}
 
 
-def _rank(job_yaml: Path, out: Path, every_rank_loads: bool, keep_state: bool) -> None:
+def _rank(
+    job_yaml: Path, out: Path, every_rank_loads: bool, keep_state: bool, keep_fp32: str | None
+) -> None:
+    if keep_fp32:  # as a model class that keeps that module in fp32 under bf16 would
+        from transformers import LlamaForCausalLM
+
+        LlamaForCausalLM._keep_in_fp32_modules_strict = {keep_fp32}
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     spec = parse_manifest(yaml.safe_load(job_yaml.read_text())).spec
@@ -141,6 +150,7 @@ def gang(
     ranks: int = 2,
     every_rank_loads: bool = False,
     keep_state: bool = False,
+    keep_fp32: str | None = None,
     generate: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 600,
@@ -151,7 +161,7 @@ def gang(
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", __name__, str(job_yaml), str(out)]
     cmd += ["--every-rank-loads"] * every_rank_loads + ["--state"] * keep_state
-    cmd += ["--generate"] * generate
+    cmd += ["--generate"] * generate + (["--keep-fp32", keep_fp32] if keep_fp32 else [])
     procs = []
     for rank in range(ranks):
         rank_env = {
@@ -178,11 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every-rank-loads", action="store_true")
     parser.add_argument("--state", action="store_true")
     parser.add_argument("--generate", action="store_true")
+    parser.add_argument("--keep-fp32", metavar="MODULE")
     args = parser.parse_args(argv)
     if args.generate:
         _generate(args.job, args.out)
     else:
-        _rank(args.job, args.out, args.every_rank_loads, args.state)
+        _rank(args.job, args.out, args.every_rank_loads, args.state, args.keep_fp32)
 
 
 if __name__ == "__main__":
