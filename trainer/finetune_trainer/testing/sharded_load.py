@@ -17,7 +17,7 @@ loads the tiny Llama as a model class that keeps MODULE in fp32 under bf16 would
 twice on every rank, with the whole base and then with it sharded, and writes both answer
 lists (`whole`, `sharded`) and how far the logits of a forward through the root after each
 differ (`logitsDiff`). The prompts are such that one rank's batch ends at its first token
-(`generation_prompts`) while the other's goes on, and the ranks have unequal numbers of batches.
+(`_generation_prompts`) while the other's goes on, and the ranks have unequal numbers of batches.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _rank(
     dist.destroy_process_group()
 
 
-def generation_prompts(model: torch.nn.Module, vocab: int) -> tuple[list[list[int]], int]:
+def _generation_prompts(model: torch.nn.Module, vocab: int) -> tuple[list[list[int]], int]:
     """Five prompts of random tokens and an end-of-sequence token: the last two are one prompt,
     whose first greedy token is that token, and the first three begin otherwise. Split over two
     ranks in batches of 2, rank 0 answers [0, 1] and [2] and rank 1 answers [3, 4], which ends
@@ -110,7 +110,7 @@ def _generate(job_yaml: Path, out: Path) -> None:
     spec = parse_manifest(yaml.safe_load(job_yaml.read_text())).spec
     tokenizer = modeling.load_tokenizer(spec.model)
     model = load(spec, CPU)
-    prompts, eos = generation_prompts(model, len(tokenizer))
+    prompts, eos = _generation_prompts(model, len(tokenizer))
     settings = GenerationSettings(
         max_new_tokens=8,
         batch_size=2,
