@@ -1389,8 +1389,9 @@ class RunPolicy(ApiModel):
         "complete before it deems the gang hung (a rank stuck in a collective or stopped): the "
         "limit is the larger of this and 3 x the p99 of recent step times. The rank then ends "
         "the attempt with reason CollectiveTimeout and the gang restarts from its checkpoint. "
-        "Evaluation's batches are timed the same way. Loading, generating answers, writing a "
-        "checkpoint and the push are not (a checkpoint's gathers across ranks are). Default 60.",
+        "Evaluation's batches, and the forward of each token it generates, are timed the same "
+        "way. Loading, writing a checkpoint and the push are not (a checkpoint's gathers across "
+        "ranks are). Default 60.",
     )
     pending_timeout_seconds: int = Field(
         600,

@@ -1,9 +1,10 @@
 """Failure classes on a real two-pod gang: a user error fails at once and for good, a stopped
 rank ends the attempt as CollectiveTimeout (retryable) long before torch's own timeout, in
-training and in evaluation."""
+training, in evaluation and while evaluation generates answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ import pytest
 from trainer_helpers import Gang, deep_update
 
 from finetune_api.pod import PERMANENT_EXIT_CODES, ExitCode
-from finetune_trainer.testing.tiny import save_test_text
+from finetune_trainer.testing.tiny import WORDS, save_test_text
 
 pytestmark = pytest.mark.slow
 
@@ -112,5 +113,41 @@ def test_a_rank_stopped_during_evaluation_ends_the_attempt_as_collective_timeout
     )
     g = gang(write_manifest(doc)).start()
     message = rank_1_stopped_once(g, "evaluating before training")
-    assert message.startswith("no evaluation batch completed in "), message
+    assert message.startswith("no evaluation step completed in "), message
     assert "step=" not in g.logs[0].read_text(errors="replace"), "it got past the evaluation"
+
+
+def test_a_rank_stopped_while_answers_are_generated_ends_the_attempt_as_collective_timeout(
+    causal_manifest: dict[str, Any],
+    write_manifest: Callable[..., Path],
+    gang: Callable[..., Gang],
+    tmp_path: Path,
+) -> None:
+    """Evaluation by generation runs the ranks in lockstep, each generated token a step of the
+    gang: a rank that stops meanwhile is caught as in a training step. Before, the others went
+    on with their own prompts and then waited in the final gather, untimed, for torch's 30
+    minutes."""
+    rows = [{"prompt": w, "response": f"you said {w}"} for w in WORDS * 40]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    doc = deep_update(
+        causal_manifest,
+        {
+            "spec": {
+                "dataset": {
+                    "source": f"file://{data}",
+                    "evalFraction": 0.5,
+                    "promptField": "prompt",
+                    "responseField": "response",
+                },
+                # Only a score of generated text: the evaluation begins by generating.
+                "evaluation": {"metrics": ["exact_match"], "maxNewTokens": 64, "maxSamples": 400},
+                "training": {"batchSizePerDevice": 1, "packing": False},
+                "runPolicy": {"hangTimeoutSeconds": 10},
+            }
+        },
+    )
+    g = gang(write_manifest(doc)).start()
+    message = rank_1_stopped_once(g, "evaluating before training")
+    assert message.startswith("no evaluation step completed in "), message
+    assert "before training:" not in g.logs[0].read_text(errors="replace"), "it scored the answers"

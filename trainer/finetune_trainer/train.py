@@ -459,14 +459,15 @@ def _evaluate(
     known: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """The task's scores on the evaluation split (or the `known` ones), exported and logged.
-    Its batches are timed as training steps are (`HangWatchdog.timed`): a peer lost meanwhile
-    ends the attempt with CollectiveTimeout, not after torch's 30-minute collective timeout."""
+    Its batches, and the forwards of generated tokens, are timed as training steps are
+    (`HangWatchdog.timed`): a peer lost meanwhile ends the attempt with CollectiveTimeout, not
+    after torch's 30-minute collective timeout."""
     telemetry.set_status("evaluating")
     log.info("evaluating %s training", stage)
     watch = HangWatchdog(
         hang_floor,
         run.accelerator.process_index,
-        what="evaluation batch",
+        what="evaluation step",
         phases=lambda: telemetry.phases,
     )
     # Not timed until the task asks for the batches: the scores of a task that computes them
@@ -476,7 +477,7 @@ def _evaluate(
     # compile the layers again, for a pass that runs twice per job.
     with torch.compiler.set_stance("force_eager"), watch as watchdog:
         batches = watchdog.timed(run.eval_dl)
-        scores = known or run.task.evaluate(run.accelerator, run.model, batches)
+        scores = known or run.task.evaluate(run.accelerator, run.model, batches, watchdog.timed)
     if sharding.is_sharded(run.model):
         sharding.reshard(run.model)
     telemetry.record_eval(stage, scores)

@@ -7,10 +7,11 @@ a completed step at least every `hang_timeout(recent step times, floor)` seconds
 comes it writes this rank's result (reason CollectiveTimeout, retryable) and ends the process
 with `os._exit`: the pod fails, and the operator restarts the gang from its checkpoint.
 
-Evaluation's batches, each of which ends in a gather across ranks, are timed the same way by a
+Evaluation's batches, each of which ends in a gather across ranks, and the forwards of the
+tokens it generates (in lockstep across ranks, generation.py) are timed the same way by a
 watchdog of their own (`timed`), so a peer lost during the evaluation before or after training
-is caught as one lost during a step. Loading, generating answers, the scores' broadcast and the
-push are not timed. A checkpoint save's
+is caught as one lost during a step. Loading, the scores' broadcast and the push are not
+timed. A checkpoint save's
 gathers are collectives and timed as a step's are; its write pauses the watchdog (rank 0 may
 upload for minutes while the others wait): rank 0 times again as soon as its own write is done,
 the others once every rank is past the save (a barrier), so a rank stopped before, during or
@@ -75,7 +76,7 @@ class HangWatchdog:
     ) -> None:
         """`first_step_grace` seconds are added to the first step's limit: a step that compiles
         (training.compile) is slow once, not hung. `what` is timed, for the message: "training
-        step" or "evaluation batch". `phases`: this process's phase stamps, for the result."""
+        step" or "evaluation step". `phases`: this process's phase stamps, for the result."""
         self.floor, self.rank, self.clock, self.what = float(floor), rank, clock, what
         self.phases = phases
         self.first_step_grace = float(first_step_grace)

@@ -9,7 +9,7 @@ job's spec. This module imports no torch, so the registry stays cheap to import.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -23,12 +23,15 @@ if TYPE_CHECKING:
 
     from finetune_api.v1alpha1 import FineTuneJobSpec
 
-__all__ = ["Artifact", "Batch", "CardInfo", "Collate", "Task", "TaskData"]
+__all__ = ["Artifact", "Batch", "CardInfo", "Collate", "Task", "TaskData", "Timed"]
 
 Artifact = Literal["adapter", "merged", "full"]
 Batch = dict[str, "torch.Tensor"]
 # Rows of a tokenised dataset -> one padded micro-batch of tensors.
 Collate = Callable[[list[dict[str, Any]]], Batch]
+# Work items -> the same items, the hang watchdog timing each one's use until the next is asked
+# for (watchdog.HangWatchdog.timed); `iter` where nothing times them.
+Timed = Callable[[Iterable[Any]], Iterator[Any]]
 
 
 @dataclass
@@ -102,12 +105,18 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(
-        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        batches: Iterable[Batch],
+        timed: Timed = iter,
     ) -> dict[str, float]:
         """`self.metrics` on the whole evaluation split, the same on every rank.
 
         `batches` is a prepared loader: use `gather_for_metrics`, which drops the rows that even
-        sharding duplicated.
+        sharding duplicated. Its batches are timed already; `timed` times other work that every
+        rank does together (a forward of each generated token), so that a rank lost meanwhile
+        is caught as in a training step.
         """
 
     @abstractmethod

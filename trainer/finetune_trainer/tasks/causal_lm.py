@@ -27,7 +27,7 @@ from finetune_trainer.generation import GenerationSettings, generate_answers
 from finetune_trainer.map_cache import map_fingerprint
 from finetune_trainer.model_card import source_id, transformers_usage
 from finetune_trainer.scoring import ScorerUnavailable, load_scorer, mean_loss, perplexity
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
 
 __all__ = [
     "IGNORE_INDEX",
@@ -328,7 +328,11 @@ class CausalLM(Task):
         return model(**batch).loss
 
     def evaluate(
-        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        batches: Iterable[Batch],
+        timed: Timed = iter,
     ) -> dict[str, float]:
         nll_sum, token_count = 0.0, 0
         answers: list[str] = []
@@ -342,7 +346,7 @@ class CausalLM(Task):
                     nll_sum += float(nll.double().sum())
                     token_count += int(tokens.sum())
             if self._data is not None and self._data.prompts is not None:
-                answers = self._generate(accelerator, model, self._data)
+                answers = self._generate(accelerator, model, self._data, timed)
         references = list(self._data.prompts["reference"]) if answers and self._data else []
         self.generated = self._samples(answers)
         return scores_from_main(
@@ -352,7 +356,9 @@ class CausalLM(Task):
     # The data build_data made: evaluation generates from its prompts.
     _data: TaskData | None = None
 
-    def _generate(self, accelerator: Accelerator, model: torch.nn.Module, d: TaskData) -> list[str]:
+    def _generate(
+        self, accelerator: Accelerator, model: torch.nn.Module, d: TaskData, timed: Timed
+    ) -> list[str]:
         assert d.prompts is not None
         tokenizer, e = d.processor, self.spec.evaluation
         settings = GenerationSettings(
@@ -362,7 +368,8 @@ class CausalLM(Task):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        answers = generate_answers(accelerator, model, tokenizer, d.prompts["prompt_ids"], settings)
+        prompts = d.prompts["prompt_ids"]
+        answers = generate_answers(accelerator, model, tokenizer, prompts, settings, timed)
         # The end of the generation prompt that the prompt's tokens left to the model.
         return [a.removeprefix(p) for a, p in zip(answers, d.prompts["answer_prefix"], strict=True)]
 

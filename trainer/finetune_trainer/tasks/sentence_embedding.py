@@ -45,7 +45,7 @@ from finetune_trainer import data, modeling
 from finetune_trainer.evaluation import evaluating, scores_from_main
 from finetune_trainer.model_card import source_id
 from finetune_trainer.sources import downloading
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
 
 __all__ = ["Collator", "SentenceEmbedding", "columns", "text_rows"]
 
@@ -249,7 +249,11 @@ class SentenceEmbedding(Task):
         return torch.stack(losses).sum()
 
     def evaluate(
-        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        batches: Iterable[Batch],
+        timed: Timed = iter,
     ) -> dict[str, float]:
         st = accelerator.unwrap_model(model)
         with evaluating(model):

@@ -45,7 +45,7 @@ from finetune_trainer.evaluation import evaluating, scores_from_main
 from finetune_trainer.model_card import source_id
 from finetune_trainer.scoring import ScorerUnavailable
 from finetune_trainer.sources import downloading
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData
+from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
 from finetune_trainer.tasks.diffusion_pipelines import (
     Pipeline,
     encode_prompt,
@@ -543,7 +543,11 @@ class TextToImage(Task):
         ).mean()
 
     def evaluate(
-        self, accelerator: Accelerator, model: torch.nn.Module, batches: Iterable[Batch]
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        batches: Iterable[Batch],
+        timed: Timed = iter,
     ) -> dict[str, float]:
         total, count = 0.0, 0
         inner = _inner(model)
