@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from finetune_trainer import sharding
+from finetune_trainer.tasks.base import Timed, untimed
 
 __all__ = ["GenerationSettings", "generate_answers", "left_pad"]
 
@@ -59,7 +60,7 @@ def generate_answers(
     tokenizer: object,
     prompts: Sequence[Sequence[int]],
     settings: GenerationSettings,
-    timed: Callable[[Iterable[int]], Iterator[int]] = iter,
+    timed: Timed = untimed,
 ) -> list[str]:
     """Greedy answers to every prompt, in order, the same list on every rank.
 
@@ -105,8 +106,7 @@ def generate_answers(
         answers = dict(gather_object(mine) if ranks > 1 else mine)
     finally:
         each_forward.remove()
-        # The watchdog's `timed` is a generator, which stops timing when closed.
-        getattr(steps, "close", lambda: None)()
+        steps.close()  # timing stops
     return [answers[i] for i in range(len(prompts))]
 
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -111,7 +111,7 @@ class HangWatchdog:
                 self.durations.append(now - self._last)
             self.step, self._last, self.paused = step, now, False
 
-    def timed(self, items: Iterable[T]) -> Iterator[T]:
+    def timed(self, items: Iterable[T]) -> Generator[T, None, None]:
         """`items`, each one's use timed as a step: done when the next is asked for. Only the
         iteration is timed: pause the watchdog before (a task may never ask for the items), and
         timing stops once they run out or the consumer stops early."""

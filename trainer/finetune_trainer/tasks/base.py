@@ -9,7 +9,7 @@ job's spec. This module imports no torch, so the registry stays cheap to import.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -23,15 +23,20 @@ if TYPE_CHECKING:
 
     from finetune_api.v1alpha1 import FineTuneJobSpec
 
-__all__ = ["Artifact", "Batch", "CardInfo", "Collate", "Task", "TaskData", "Timed"]
+__all__ = ["Artifact", "Batch", "CardInfo", "Collate", "Task", "TaskData", "Timed", "untimed"]
 
 Artifact = Literal["adapter", "merged", "full"]
 Batch = dict[str, "torch.Tensor"]
 # Rows of a tokenised dataset -> one padded micro-batch of tensors.
 Collate = Callable[[list[dict[str, Any]]], Batch]
 # Work items -> the same items, the hang watchdog timing each one's use until the next is asked
-# for (watchdog.HangWatchdog.timed); `iter` where nothing times them.
-Timed = Callable[[Iterable[Any]], Iterator[Any]]
+# for, and no longer once closed (watchdog.HangWatchdog.timed); `untimed` where nothing does.
+Timed = Callable[[Iterable[Any]], Generator[Any, None, None]]
+
+
+def untimed(items: Iterable[Any]) -> Generator[Any, None, None]:
+    """The items, timed by nothing."""
+    yield from items
 
 
 @dataclass
@@ -109,7 +114,7 @@ class Task(ABC):
         accelerator: Accelerator,
         model: torch.nn.Module,
         batches: Iterable[Batch],
-        timed: Timed = iter,
+        timed: Timed = untimed,
     ) -> dict[str, float]:
         """`self.metrics` on the whole evaluation split, the same on every rank.
 

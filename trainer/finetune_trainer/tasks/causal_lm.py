@@ -27,7 +27,15 @@ from finetune_trainer.generation import GenerationSettings, generate_answers
 from finetune_trainer.map_cache import map_fingerprint
 from finetune_trainer.model_card import source_id, transformers_usage
 from finetune_trainer.scoring import ScorerUnavailable, load_scorer, mean_loss, perplexity
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
+from finetune_trainer.tasks.base import (
+    Artifact,
+    Batch,
+    CardInfo,
+    Task,
+    TaskData,
+    Timed,
+    untimed,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -332,7 +340,7 @@ class CausalLM(Task):
         accelerator: Accelerator,
         model: torch.nn.Module,
         batches: Iterable[Batch],
-        timed: Timed = iter,
+        timed: Timed = untimed,
     ) -> dict[str, float]:
         nll_sum, token_count = 0.0, 0
         answers: list[str] = []

@@ -45,7 +45,15 @@ from finetune_trainer import data, modeling
 from finetune_trainer.evaluation import evaluating, scores_from_main
 from finetune_trainer.model_card import source_id
 from finetune_trainer.sources import downloading
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
+from finetune_trainer.tasks.base import (
+    Artifact,
+    Batch,
+    CardInfo,
+    Task,
+    TaskData,
+    Timed,
+    untimed,
+)
 
 __all__ = ["Collator", "SentenceEmbedding", "columns", "text_rows"]
 
@@ -253,7 +261,7 @@ class SentenceEmbedding(Task):
         accelerator: Accelerator,
         model: torch.nn.Module,
         batches: Iterable[Batch],
-        timed: Timed = iter,
+        timed: Timed = untimed,
     ) -> dict[str, float]:
         st = accelerator.unwrap_model(model)
         with evaluating(model):

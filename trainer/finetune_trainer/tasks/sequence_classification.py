@@ -22,7 +22,15 @@ from finetune_trainer.evaluation import evaluating, scores_from_main
 from finetune_trainer.map_cache import map_fingerprint
 from finetune_trainer.model_card import source_id, transformers_usage
 from finetune_trainer.scoring import mean_loss, score
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
+from finetune_trainer.tasks.base import (
+    Artifact,
+    Batch,
+    CardInfo,
+    Task,
+    TaskData,
+    Timed,
+    untimed,
+)
 
 __all__ = ["Collator", "SequenceClassification", "label_names", "tokenize"]
 
@@ -144,7 +152,7 @@ class SequenceClassification(Task):
         accelerator: Accelerator,
         model: torch.nn.Module,
         batches: Iterable[Batch],
-        timed: Timed = iter,
+        timed: Timed = untimed,
     ) -> dict[str, float]:
         nll_sum, count = 0.0, 0
         predictions: list[torch.Tensor] = []

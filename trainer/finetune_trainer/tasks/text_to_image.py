@@ -45,7 +45,15 @@ from finetune_trainer.evaluation import evaluating, scores_from_main
 from finetune_trainer.model_card import source_id
 from finetune_trainer.scoring import ScorerUnavailable
 from finetune_trainer.sources import downloading
-from finetune_trainer.tasks.base import Artifact, Batch, CardInfo, Task, TaskData, Timed
+from finetune_trainer.tasks.base import (
+    Artifact,
+    Batch,
+    CardInfo,
+    Task,
+    TaskData,
+    Timed,
+    untimed,
+)
 from finetune_trainer.tasks.diffusion_pipelines import (
     Pipeline,
     encode_prompt,
@@ -547,7 +555,7 @@ class TextToImage(Task):
         accelerator: Accelerator,
         model: torch.nn.Module,
         batches: Iterable[Batch],
-        timed: Timed = iter,
+        timed: Timed = untimed,
     ) -> dict[str, float]:
         total, count = 0.0, 0
         inner = _inner(model)
