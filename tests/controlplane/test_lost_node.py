@@ -317,8 +317,14 @@ def test_a_running_gangs_node_marked_not_ready_shows_and_its_restart_needs_no_wa
     assert running["message"].startswith(
         f"node {node.name} of pod {rank1} is not ready ({UNREACHABLE}) since "
     ), running["message"]
-    events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
-    assert [e["type"] for e in events if e["reason"] == Reason.NODE_NOT_READY] == ["Warning"]
+
+    def not_ready_events() -> list[str]:
+        events = kube.list("Event", ns, fields=f"involvedObject.name={name}")
+        return [e["type"] for e in events if e["reason"] == Reason.NODE_NOT_READY]
+
+    # Posted once the status is written, so it may follow the condition by a moment.
+    wait_until(not_ready_events, timeout=30, message="the NodeNotReady Event")
+    assert not_ready_events() == ["Warning"]
     # Rank 0 gives up on rank 1: the node is known lost, so the restart is a disruption at once.
     rank_0_gives_up(kube, ns, pods[0])
     status = wait_until(
